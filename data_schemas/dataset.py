@@ -28,6 +28,7 @@ QUARANTINE_FILE = "quarantine.csv"
 PRIVATE_DIR = "private"
 PRIVATE_INDEX_FILE = "private/index.csv"
 UNLABELED_FILE = "private/unlabeled.csv"
+CACHE_DIR = "private/cache"
 
 
 class QuarantineReason(str, Enum):
@@ -165,3 +166,31 @@ class DatasetCard(BaseModel):
     n_unlabeled_images: int
     fingerprint: DatasetFingerprint
     content_hash: str = Field(description="SHA-256 over images.npy bytes and manifest.csv: the dataset's identity")
+
+
+class DecodedFileRecord(BaseModel):
+    """Result of reading one source file (cached per content hash in private/cache). Private: holds raw UIDs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    relative_path: str
+    content_sha256: str = ""
+    accepted: bool
+    reason: QuarantineReason | None = None
+    message: str = ""
+    patient_id: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    instance_number: int | None = None
+    n_frames: int = 0
+    rows: int = 0
+    columns: int = 0
+    pixel_spacing_mm: float | None = None
+    slice_thickness_mm: float | None = None
+    manufacturer: str = ""
+    model_name: str = ""
+    kvp: float | None = None
+    transfer_syntax: str = ""
+    photometric_interpretation: str = ""
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)

@@ -1,0 +1,127 @@
+"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts; and `ctcompare ingest`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
+
+from data_schemas.dataset import CACHE_DIR, WindowSpec
+from flows.runners import running_task_runner
+from reports.ingest_summary import dataset_card_markdown, quarantine_table
+from tasks.ingest import (
+    IngestError,
+    IngestResult,
+    assemble_dataset,
+    chunk_sources,
+    decode_chunk,
+    discover_files,
+    preprocessing_signature,
+    read_labels,
+)
+from tasks.preprocess import parse_window
+
+WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
+ImageSize = Annotated[int, Field(ge=16, le=1024, description="output images are size x size pixels")]
+WindowOption = Annotated[str, Field(pattern=WINDOW_PATTERN, description="lung, mediastinal, bone, none, or 'LEVEL,WIDTH' in HU")]
+
+
+def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, window: str) -> WindowSpec:
+    """Refuse bad arguments with one sentence before any work starts."""
+    if not src_dir.is_dir():
+        raise ValueError(f"source folder {src_dir} does not exist or is not a folder.")
+    if labels is not None and not labels.is_file():
+        raise ValueError(f"labels file {labels} does not exist.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a folder.")
+    parent = out_dir if out_dir.exists() else next((p for p in out_dir.parents if p.exists()), Path("/"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError:
+        raise ValueError(f"output folder {out_dir} cannot be written (checked {parent}).") from None
+    return parse_window(window)
+
+
+@flow(name="ingest")
+def ingest_flow(
+    src_dir: str,
+    out_dir: str,
+    labels: str | None = None,
+    size: ImageSize = 224,
+    window: WindowOption = "lung",
+    workers: Annotated[int, Field(ge=0, le=256)] = 0,
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset."""
+    logger = get_run_logger()
+    src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
+    window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
+    label_table = read_labels(Path(labels)) if labels else None
+
+    sources, discovery_rejects = discover_files(src)
+    logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
+    cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
+    n_workers = workers or os.cpu_count() or 1
+    chunks = chunk_sources(sources, n_workers)
+    with running_task_runner(1 if len(sources) < 32 else n_workers, dask_address) as runner:
+        futures = [
+            runner.submit(decode_chunk, {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec})
+            for i, chunk in enumerate(chunks)
+        ]
+        records = [record for future in futures for record in future.result()]
+
+    result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table)
+    card = result.card
+    logger.info(
+        "%s %d image(s) of %d patient(s); %d file(s) quarantined",
+        "Unchanged:" if result.skipped else "Wrote", card.n_images, card.n_patients, card.n_files_quarantined,
+    )
+    create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card), description="Ingested CT dataset")
+    create_table_artifact(key="ctcompare-ingest-quarantine", table=quarantine_table(card) or [{"reason": "none", "files": 0}], description="Quarantined files by reason")
+    return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from flows.cli import UsageError
+
+    try:
+        check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
+        if args.labels:
+            read_labels(Path(args.labels))
+        if not 16 <= args.size <= 1024:
+            raise ValueError(f"--size must be between 16 and 1024 pixels, got {args.size}.")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address)
+    except IngestError as error:
+        print(f"ctcompare ingest: {error}")
+        return 1
+    card = summary["card"]
+    state = "unchanged" if summary["skipped"] else "written"
+    print(
+        f"Dataset {state}: {summary['dataset_dir']} - {card['n_images']} images from {card['n_patients']} patients; "
+        f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see quarantine.csv); "
+        f"labels: {card['label_distribution'] or 'none'}"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `ctcompare ingest`."""
+    parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset", description=ingest_flow.__doc__)
+    parser.add_argument("src_dir", help="folder of DICOM files (searched recursively, any extension)")
+    parser.add_argument("--out", required=True, help="dataset folder to write (re-running into it is incremental)")
+    parser.add_argument("--labels", help="CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid or path) and 'label'")
+    parser.add_argument("--size", type=int, default=224, help="output size in pixels (default 224)")
+    parser.add_argument("--window", default="lung", help="lung, mediastinal, bone, none, or LEVEL,WIDTH in HU (default lung)")
+    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
+    parser.add_argument("--dask-address", default=None, help="run the decode chunks on this Dask scheduler (e.g. tcp://host:8786)")
+    parser.set_defaults(handler=_run_ingest)

@@ -1,0 +1,36 @@
+"""Keyed pseudonyms (HMAC-SHA256) for patient, study, series and image identifiers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+HMAC_KEY_ENV = "CTCOMPARE_HMAC_KEY"
+KEY_FILE_NAME = "hmac.key"
+PSEUDONYM_HEX_CHARS = 20  # 80 bits: collisions are negligible for any realistic archive
+
+
+def load_or_create_secret(private_dir: Path) -> bytes:
+    """The pseudonymization secret: $CTCOMPARE_HMAC_KEY if set, else private/hmac.key (created 0600 on first use)."""
+    from_env = os.environ.get(HMAC_KEY_ENV)
+    if from_env:
+        return from_env.encode("utf-8")
+    private_dir.mkdir(parents=True, exist_ok=True)
+    key_path = private_dir / KEY_FILE_NAME
+    if key_path.exists():
+        return key_path.read_bytes().strip()
+    secret = secrets.token_hex(32).encode("ascii")
+    # O_EXCL + 0600: never readable by others, never overwritten by a concurrent run.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
+def pseudonym(secret: bytes, kind: str, value: str) -> str:
+    """Keyed hash of one identifier; `kind` separates namespaces so equal strings of different kinds differ."""
+    digest = hmac.new(secret, f"{kind}\x00{value}".encode("utf-8"), hashlib.sha256).hexdigest()
+    return digest[:PSEUDONYM_HEX_CHARS]
