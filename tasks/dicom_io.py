@@ -85,6 +85,21 @@ def _slice_thickness(ds: pydicom.Dataset) -> float | None:
     return value
 
 
+def _check_parsed_to_end(ds: pydicom.Dataset, file_size: int, relative_path: str) -> None:
+    """pydicom stops quietly at a cut; a file whose last element does not end at end-of-file is truncated."""
+    if not len(ds):
+        return
+    last = ds.get_item(max(ds.keys()))
+    value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if value_tell is None or length is None or length == 0xFFFFFFFF:
+        return  # already parsed or undefined length (encapsulated): nothing to compare
+    if value_tell + length != file_size:
+        raise Rejected(
+            QuarantineReason.TRUNCATED,
+            f"{relative_path}: file is truncated ({file_size} bytes; its last element needs {value_tell + length})",
+        )
+
+
 def read_header(path: Path, relative_path: str) -> pydicom.Dataset:
     """Parse a file's header, deferring large values (the pixel data) until the checks have passed."""
     try:
@@ -96,11 +111,15 @@ def read_header(path: Path, relative_path: str) -> pydicom.Dataset:
     if size == 0:
         raise Rejected(QuarantineReason.EMPTY_FILE, f"{relative_path}: empty file (0 bytes)")
     try:
-        return pydicom.dcmread(path, defer_size="256 KB")
+        ds = pydicom.dcmread(path, defer_size="256 KB")
+        _check_parsed_to_end(ds, size, relative_path)
+        return ds
     except InvalidDicomError:
         pass  # no preamble/'DICM': accept only if a forced read finds real SOP identity tags
     except PermissionError as error:
         raise Rejected(QuarantineReason.UNREADABLE, f"{relative_path}: cannot be read ({error.strerror})") from None
+    except Rejected:
+        raise
     except (EOFError, OSError) as error:
         raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: file ends inside the DICOM header ({type(error).__name__})") from None
     except Exception as error:  # pydicom raises many kinds of errors on corrupt headers

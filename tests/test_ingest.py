@@ -1,0 +1,178 @@
+"""Ingest on real DICOM: pydicom's own test files, files built here, and every kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_schemas.dataset import DatasetCard, ManifestRow, QuarantineRow, WindowSpec
+from flows.ingest import ingest_flow
+from tasks.dataset_store import load_dataset
+from tasks.ingest import IngestError
+from tasks.io import read_models_csv
+from tasks.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
+from tests.dicom_factory import ct_variant, multiframe_ct, pydicom_file, write_bad_inputs
+
+
+def quarantine_reasons(dataset: Path) -> dict[str, str]:
+    return {row.relative_path: row.reason.value for row in read_models_csv(dataset / "quarantine.csv", QuarantineRow)}
+
+
+def test_window_maps_level_and_edges_to_unit_range() -> None:
+    """Lung window (-600, 1500): -1350 HU -> 0, -600 -> 0.5, 150 -> 1, outside clipped."""
+    window = parse_window("lung")
+    values = window_to_unit_range(np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0]), window)
+    np.testing.assert_allclose(values, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    custom = parse_window("40,400")
+    assert (custom.level, custom.width) == (40.0, 400.0)
+
+
+@pytest.mark.parametrize("bad", ["lungs", "40", "40,-10", "", "a,b"])
+def test_bad_window_lists_valid_choices(bad: str) -> None:
+    with pytest.raises(ValueError, match="lung, mediastinal, bone, none"):
+        parse_window(bad)
+
+
+def test_monochrome1_is_inverted_and_padding_recorded() -> None:
+    hu = np.full((40, 60), -600.0, dtype=np.float32)
+    hu[:, :10] = 150.0
+    window = WindowSpec(name="lung", level=-600.0, width=1500.0)
+    normal, pads = hu_frame_to_image(hu, window, 30, monochrome1=False)
+    inverted, _ = hu_frame_to_image(hu, window, 30, monochrome1=True)
+    assert pads == (10, 10, 0, 0)
+    assert normal.shape == (30, 30) and normal.dtype == np.float32
+    # Interior pixels: inversion maps v to 1 - v (the zero padding is not part of the image and stays 0).
+    np.testing.assert_allclose(inverted[15, 15], 1.0 - normal[15, 15], atol=1e-5)
+    assert pad_to_square(np.zeros((5, 5)))[1] == (0, 0, 0, 0)
+
+
+def test_pydicom_test_files_ct_accepted_everything_else_quarantined(tmp_path: Path) -> None:
+    """pydicom's shipped files: the CT ones (incl. JPEG 2000) become images, MR/US/RT/SR/DICOMDIR do not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "MR_small.dcm", "MR_truncated.dcm",
+                 "examples_jpeg2k.dcm", "rtplan.dcm", "rtdose.dcm", "rtstruct.dcm",
+                 "test-SR.dcm", "examples_palette.dcm", "SC_rgb_rle.dcm"]:
+        shutil.copy(pydicom_file(name), src / name)
+    shutil.copy(pydicom_file("DICOMDIR"), src / "DICOMDIR")
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=64, workers=1)
+    card = DatasetCard.model_validate(summary["card"])
+    assert card.n_images == 3
+    assert card.n_files_seen == 13 and card.n_files_quarantined == 10
+    reasons = quarantine_reasons(out)
+    assert reasons["DICOMDIR"] == "dicomdir"
+    assert reasons["MR_small.dcm"] == "not_ct"
+    assert reasons["MR_truncated.dcm"] in {"not_ct", "truncated"}
+    assert reasons["rtplan.dcm"] == "not_ct"
+    assert set(reasons) | {"CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"} == {p.name for p in src.iterdir()}
+    dataset = load_dataset(out)
+    assert dataset.images.shape == (3, 1, 64, 64) and dataset.images.dtype == np.float16
+    assert 0.0 <= float(dataset.images.min()) and float(dataset.images.max()) <= 1.0
+    assert "JPEG 2000 Image Compression" in card.fingerprint.transfer_syntaxes
+    assert card.fingerprint.hounsfield_units.min < -500  # lung/air present in real CT
+
+
+def test_every_bad_input_gets_its_own_reason_and_the_run_goes_on(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    ct_variant(src / "good/ct1.dcm", patient_id="P1")
+    multiframe_ct(src / "good/multi", frames=3)
+    expected = write_bad_inputs(src)
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    reasons = quarantine_reasons(out)
+    for rel, reason in expected.items():
+        assert reasons.get(rel) == reason, f"{rel}: expected {reason}, got {reasons.get(rel)}"
+    card = DatasetCard.model_validate(summary["card"])
+    # ct1 + the kept copy of the duplicate (1 image each) + 3 frames of the multi-frame file.
+    assert card.n_images == 5
+    manifest = read_models_csv(out / "manifest.csv", ManifestRow)
+    assert sorted(row.frame for row in manifest) == [0, 0, 0, 1, 2]
+    assert card.n_files_seen == card.n_files_ingested + card.n_files_quarantined
+    assert len({row.image_key for row in manifest}) == 5
+    assert [row.index for row in manifest] == list(range(5))
+
+
+def write_labels(path: Path, rows: list[tuple[str, str]], key: str = "patient_id") -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([key, "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_labels_are_matched_and_unlabeled_images_listed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i, patient in enumerate(["P1", "P1", "P2", "P3"]):
+        ct_variant(src / f"{patient}_{i}.dcm", patient_id=patient)
+    labels = write_labels(tmp_path / "labels.csv", [("P1", "nodule"), ("P2", "normal"), ("P9", "normal")])
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), labels=str(labels), size=32, workers=1)
+    card = DatasetCard.model_validate(summary["card"])
+    assert card.label_distribution == {"nodule": 2, "normal": 1}
+    assert card.n_unlabeled_images == 1
+    assert (out / "private/unlabeled.csv").read_text().splitlines() == ["relative_path", "P3_3.dcm"]
+
+
+def test_label_file_errors_are_one_sentence(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    ct_variant(src / "a.dcm", patient_id="P1")
+    bad_key = write_labels(tmp_path / "k.csv", [("P1", "x")], key="mrn")
+    with pytest.raises(IngestError, match="exactly one key column, one of patient_id"):
+        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o1"), labels=str(bad_key), size=32, workers=1)
+    conflict = write_labels(tmp_path / "c.csv", [("P1", "nodule"), ("P1", "normal")])
+    with pytest.raises(IngestError, match=r"rows 2 and 3 give the same patient_id different labels"):
+        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o2"), labels=str(conflict), size=32, workers=1)
+    nomatch = write_labels(tmp_path / "n.csv", [("P7", "nodule")])
+    with pytest.raises(IngestError, match="matches any of the 1 ingested file"):
+        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o3"), labels=str(nomatch), size=32, workers=1)
+
+
+def test_incremental_reingest_decodes_only_new_files_and_equals_a_clean_run(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(4):
+        ct_variant(src / f"first/{i}.dcm", patient_id=f"P{i % 2}", InstanceNumber=i)
+    out = tmp_path / "incremental"
+    ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    cache_files = {p: p.stat().st_mtime_ns for p in (out / "private/cache").rglob("*.npz")}
+    assert len(cache_files) == 4
+    for i in range(3):
+        ct_variant(src / f"second/{i}.dcm", patient_id=f"Q{i}", InstanceNumber=i)
+    second = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    after = {p: p.stat().st_mtime_ns for p in (out / "private/cache").rglob("*.npz")}
+    assert len(after) == 7
+    assert all(after[p] == mtime for p, mtime in cache_files.items()), "old files were decoded again"
+    clean = tmp_path / "clean"
+    ingest_flow(src_dir=str(src), out_dir=str(clean), size=32, workers=1)
+    assert (out / "manifest.csv").read_bytes() == (clean / "manifest.csv").read_bytes()
+    assert np.array_equal(np.load(out / "images.npy"), np.load(clean / "images.npy"))
+    assert second["card"]["content_hash"] == json.loads((clean / "dataset.json").read_text())["content_hash"]
+    third = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert third["skipped"] is True
+
+
+def test_no_image_at_all_fails_with_one_sentence(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readme.txt").write_text("nothing here")
+    with pytest.raises(IngestError, match=r"no CT image could be ingested from 1 file\(s\)"):
+        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "out"), size=32, workers=1)
+    assert (tmp_path / "out/quarantine.csv").is_file()
+
+
+def test_hmac_key_file_is_private_when_no_env_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CTCOMPARE_HMAC_KEY")
+    src = tmp_path / "src"
+    ct_variant(src / "a.dcm", patient_id="P1")
+    out = tmp_path / "dataset"
+    ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    key = out / "private/hmac.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = (out / "manifest.csv").read_text()
+    ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "other"), size=32, workers=1)
+    assert (tmp_path / "other/manifest.csv").read_text() != first  # another dataset, another secret
