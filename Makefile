@@ -1,0 +1,31 @@
+# Everything installs into .venv at the project root; all state (Prefect, matplotlib cache) stays in .ctcompare/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PREFECT_HOME ?= $(CURDIR)/.ctcompare/prefect
+export MPLCONFIGDIR ?= $(CURDIR)/.ctcompare/matplotlib
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install demo test bench server deploy worker clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/ctcompare demo --out demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/cost.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf .ctcompare demo
