@@ -19,9 +19,11 @@ from tasks.ingest import (
     IngestError,
     IngestResult,
     assemble_dataset,
+    chunk_is_cached_on_disk,
     chunk_sources,
     decode_chunk,
     discover_files,
+    load_cached_records,
     preprocessing_signature,
     read_labels,
 )
@@ -72,10 +74,16 @@ def ingest_flow(
     chunks = chunk_sources(sources, n_workers)
     with running_task_runner(1 if len(sources) < 32 else n_workers, dask_address) as runner:
         futures = [
-            runner.submit(decode_chunk, {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec})
+            runner.submit(
+                # A cached chunk result is trusted only while its decoded files are still on disk.
+                decode_chunk if chunk_is_cached_on_disk(chunk, cache_dir) else decode_chunk.with_options(refresh_cache=True),
+                {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
+            )
             for i, chunk in enumerate(chunks)
         ]
-        records = [record for future in futures for record in future.result()]
+        for future in futures:
+            future.result()
+    records = load_cached_records(sources, cache_dir)
 
     result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table)
     card = result.card

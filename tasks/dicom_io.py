@@ -8,7 +8,6 @@ length; only then is the pixel data decoded.
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,10 +225,3 @@ def read_ct_file(path: Path, relative_path: str) -> DecodedFile:
     )
     return DecodedFile(record=record, hu_frames=hu)
 
-
-def is_regular_file(path: Path) -> bool:
-    """True for regular files (following symlinks); FIFOs, sockets and devices are never opened."""
-    try:
-        return os.stat(path).st_mode & 0o170000 == 0o100000
-    except OSError:
-        return False

@@ -8,9 +8,11 @@ preprocessing settings, so a re-run decodes only new or changed files and assemb
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,7 +39,7 @@ from data_schemas.dataset import (
 )
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
 from tasks.dataset_store import write_dataset
-from tasks.dicom_io import Rejected, is_regular_file, read_ct_file
+from tasks.dicom_io import Rejected, read_ct_file
 from tasks.io import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
 from tasks.preprocess import hu_frame_to_image, window_level_width
 from tasks.pseudonymize import load_or_create_secret, pseudonym
@@ -54,10 +56,11 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A discovered file: absolute path and path relative to the source folder (POSIX separators)."""
+    """A discovered file: absolute path, path relative to the source folder (POSIX) and content hash."""
 
     path: str
     relative_path: str
+    content_sha256: str
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -65,47 +68,50 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]]:
-    """Walk src_dir recursively (following directory links once), whatever the file extensions."""
+    """Walk src_dir recursively (following folder links once), whatever the extensions, and hash each file."""
     files: list[SourceFile] = []
     rejected: list[QuarantineRow] = []
-    visited: set[tuple[int, int]] = set()
+
+    def reject(relative: str, reason: QuarantineReason, text: str) -> None:
+        rejected.append(QuarantineRow(relative_path=relative, reason=reason, message=f"{relative}: {text}"))
+
     root_stat = src_dir.stat()
-    visited.add((root_stat.st_dev, root_stat.st_ino))
+    visited: set[tuple[int, int]] = {(root_stat.st_dev, root_stat.st_ino)}
     stack = [src_dir]
     while stack:
         directory = stack.pop()
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError as error:
-            rejected.append(QuarantineRow(relative_path=_relative(directory, src_dir) or ".", reason=QuarantineReason.UNREADABLE, message=f"folder cannot be listed ({error.strerror})"))
+            reject(_relative(directory, src_dir) or ".", QuarantineReason.UNREADABLE, f"folder cannot be listed ({error.strerror})")
             continue
         for entry in entries:
             path = Path(entry.path)
             relative = _relative(path, src_dir)
             try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                info = path.stat()
-                identity = (info.st_dev, info.st_ino)
-                if identity in visited:
-                    rejected.append(QuarantineRow(relative_path=relative, reason=QuarantineReason.SYMLINK_LOOP, message=f"{relative}: link to a folder already visited (symbolic link loop)"))
-                    continue
-                visited.add(identity)
-                stack.append(path)
+                info = os.stat(path)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    reject(relative, QuarantineReason.SYMLINK_LOOP, "symbolic link loop")
+                else:
+                    reject(relative, QuarantineReason.UNREADABLE, f"cannot be read ({error.strerror})")
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if (info.st_dev, info.st_ino) in visited:
+                    reject(relative, QuarantineReason.SYMLINK_LOOP, "link to a folder already visited (symbolic link loop)")
+                else:
+                    visited.add((info.st_dev, info.st_ino))
+                    stack.append(path)
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                reject(relative, QuarantineReason.UNREADABLE, "not a regular file (pipe, socket or device)")
                 continue
             try:
-                os.stat(path)
+                content_sha256 = sha256_file(path)
             except OSError as error:
-                reason = QuarantineReason.SYMLINK_LOOP if error.errno == 40 else QuarantineReason.UNREADABLE
-                text = "symbolic link loop" if reason is QuarantineReason.SYMLINK_LOOP else f"cannot be read ({error.strerror})"
-                rejected.append(QuarantineRow(relative_path=relative, reason=reason, message=f"{relative}: {text}"))
+                reject(relative, QuarantineReason.UNREADABLE, f"cannot be read ({error.strerror})")
                 continue
-            if not is_regular_file(path):
-                rejected.append(QuarantineRow(relative_path=relative, reason=QuarantineReason.UNREADABLE, message=f"{relative}: not a regular file (pipe, socket or device)"))
-                continue
-            files.append(SourceFile(path=str(path), relative_path=relative))
+            files.append(SourceFile(path=str(path), relative_path=relative, content_sha256=content_sha256))
     files.sort(key=lambda item: item.relative_path)
     return files, rejected
 
@@ -115,16 +121,17 @@ def preprocessing_signature(size: int, window: WindowSpec) -> str:
     return sha256_json({"size": size, "window": window.model_dump(), "version": PREPROCESS_VERSION})[:16]
 
 
-def _cache_path(cache_dir: Path, content_sha256: str) -> Path:
-    return cache_dir / content_sha256[:2] / f"{content_sha256}.npz"
+def cache_path(cache_dir: Path, content_sha256: str) -> Path:
+    """Where one file's decoded result lives: private/cache/<recipe>/<sha[:2]>/<sha>.npz."""
+    return Path(cache_dir) / content_sha256[:2] / f"{content_sha256}.npz"
 
 
-def _decode_to_cache(source: SourceFile, content_sha256: str, cache_file: Path, size: int, window: WindowSpec) -> DecodedFileRecord:
-    """Decode one file and store its images, HU sample and record in the cache."""
+def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> None:
+    """Decode one file and store its images, HU sample and record (or its rejection) in the cache."""
     try:
         decoded = read_ct_file(Path(source.path), source.relative_path)
     except Rejected as rejected:
-        record = DecodedFileRecord(relative_path=source.relative_path, content_sha256=content_sha256, accepted=False, reason=rejected.reason, message=rejected.message)
+        record = DecodedFileRecord(relative_path=source.relative_path, content_sha256=source.content_sha256, accepted=False, reason=rejected.reason, message=rejected.message)
         images = np.zeros((0, size, size), np.float16)
         hu_sample = np.zeros(0, np.float32)
     else:
@@ -132,40 +139,36 @@ def _decode_to_cache(source: SourceFile, content_sha256: str, cache_file: Path, 
         converted = [hu_frame_to_image(frame, window, size, monochrome1) for frame in decoded.hu_frames]
         images = np.stack([image for image, _ in converted]).astype(np.float16)
         hu_sample = decoded.hu_frames[:, ::HU_SAMPLE_STRIDE, ::HU_SAMPLE_STRIDE].ravel().astype(np.float32)
-        record = decoded.record.model_copy(update={"content_sha256": content_sha256, "pads": converted[0][1]})
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+        record = decoded.record.model_copy(update={"content_sha256": source.content_sha256, "pads": converted[0][1]})
     buffer = io.BytesIO()
     np.savez(buffer, images=images, hu_sample=hu_sample, record=np.array(record.model_dump_json()))
     atomic_write_bytes(cache_file, buffer.getvalue())
-    return record
 
 
-def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[DecodedFileRecord]:
-    """Hash, validate and decode a chunk of files, reusing cached results by content hash."""
-    records: list[DecodedFileRecord] = []
-    cache_root = Path(cache_dir)
+def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
+    """Validate and decode the files not yet in the content-addressed cache; returns the hashes covered."""
     for source in sources:
-        try:
-            content_sha256 = sha256_file(Path(source.path))
-        except OSError as error:
-            records.append(DecodedFileRecord(relative_path=source.relative_path, accepted=False, reason=QuarantineReason.UNREADABLE, message=f"{source.relative_path}: cannot be read ({error.strerror})"))
-            continue
-        cache_file = _cache_path(cache_root, content_sha256)
-        if cache_file.exists():
-            try:
-                with np.load(cache_file) as cached:
-                    record = DecodedFileRecord.model_validate_json(str(cached["record"]))
-                records.append(record.model_copy(update={"relative_path": source.relative_path}))
-                continue
-            except Exception:
-                cache_file.unlink(missing_ok=True)  # a damaged cache entry is simply recomputed
-        records.append(_decode_to_cache(source, content_sha256, cache_file, size, window))
-    return records
+        cache_file = cache_path(Path(cache_dir), source.content_sha256)
+        if not cache_file.exists():
+            _decode_to_cache(source, cache_file, size, window)
+    return [source.content_sha256 for source in sources]
 
 
-@task(name="decode-chunk", retries=2, retry_delay_seconds=2, task_run_name="decode-chunk-{chunk_index}")
-def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[DecodedFileRecord]:
-    """Decode one chunk of files into the content-addressed cache."""
+def chunk_cache_key(context: object, parameters: dict) -> str:
+    """Prefect cache key of a chunk: its files' content hashes, the recipe and the cache location (no paths)."""
+    return sha256_json({
+        "files": sorted(source.content_sha256 for source in parameters["sources"]),
+        "cache_dir": parameters["cache_dir"],
+        "size": parameters["size"],
+        "window": parameters["window"].model_dump(),
+        "version": PREPROCESS_VERSION,
+    })
+
+
+@task(name="decode-chunk", retries=2, retry_delay_seconds=2, task_run_name="decode-chunk-{chunk_index}",
+      cache_key_fn=chunk_cache_key, persist_result=True)
+def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
+    """Decode one chunk of files into the dataset's private cache; the result holds only content hashes."""
     # One thread per worker process: parallelism comes from the chunks.
     import torch
 
@@ -180,6 +183,21 @@ def chunk_sources(sources: list[SourceFile], workers: int, max_chunk: int = 64) 
     n_chunks = max(workers * 4, -(-len(sources) // max_chunk))
     n_chunks = min(n_chunks, len(sources))
     return [sources[i::n_chunks] for i in range(n_chunks)]
+
+
+def chunk_is_cached_on_disk(sources: list[SourceFile], cache_dir: Path) -> bool:
+    """True when every file of the chunk has its decoded result in the cache (a Prefect cache hit is trusted only then)."""
+    return all(cache_path(cache_dir, source.content_sha256).exists() for source in sources)
+
+
+def load_cached_records(sources: list[SourceFile], cache_dir: Path) -> list[DecodedFileRecord]:
+    """Read each file's record from the cache, with its current relative path."""
+    records = []
+    for source in sources:
+        with np.load(cache_path(cache_dir, source.content_sha256)) as cached:
+            record = DecodedFileRecord.model_validate_json(str(cached["record"]))
+        records.append(record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)}))
+    return records
 
 
 @dataclass
@@ -343,7 +361,7 @@ def assemble_dataset(
     image_blocks: list[np.ndarray] = []
     hu_samples: list[np.ndarray] = []
     for patient_key, study_key, series_key, _, sop_key, record in keyed:
-        with np.load(_cache_path(cache_dir, record.content_sha256)) as cached:
+        with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
             frames = cached["images"]
             hu_samples.append(cached["hu_sample"])
         label = ""
