@@ -1,0 +1,450 @@
+"""Render a ComparisonResults as report.html (self-contained), report.md and results.json; keep an index.html.
+
+Imports only data_schemas, jinja2 and matplotlib (never tasks): a report can be re-rendered from a
+results.json alone, on a machine without torch or the dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pydantic import ValidationError
+
+from data_schemas.report import (
+    FIGURES_DIR,
+    METRIC_NAMES,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    RESULTS_FILE,
+    ArmResult,
+    ComparisonResults,
+    MetricValue,
+)
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+INDEX_FILE = "index.html"
+DPI = 80
+
+METRIC_LABELS: dict[str, str] = {
+    "roc_auc": "ROC AUC",
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "f1": "F1",
+    "brier": "Brier score (lower is better)",
+    "ece": "ECE (lower is better)",
+}
+
+SECTION_IDS: tuple[str, ...] = (
+    "recommendation",
+    "dataset",
+    "split",
+    "cost",
+    "metrics",
+    "comparisons",
+    "learning-curves",
+    "roc",
+    "calibration",
+    "confusion",
+    "convergence",
+    "folds",
+    "data-efficiency",
+    "reproducibility",
+)
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file and os.replace (same recipe as tasks.io, which reports may not import)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with `digits` decimals, '—' when missing or not finite."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def fmt_ci(mv: MetricValue | None, digits: int = 3) -> str:
+    """'0.912 (0.871–0.944)', or just the value when the interval is missing."""
+    if mv is None or mv.value is None:
+        return "—"
+    if mv.ci_low is None or mv.ci_high is None or not (math.isfinite(mv.ci_low) and math.isfinite(mv.ci_high)):
+        return fmt(mv.value, digits)
+    return f"{mv.value:.{digits}f} ({mv.ci_low:.{digits}f}–{mv.ci_high:.{digits}f})"
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """'42 s', '12.5 min', '3.1 h' or '—'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def fmt_si(value: float | None, unit: str = "") -> str:
+    """'4.1 G' style engineering notation, '—' when missing."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.1f} {prefix}{unit}"
+    return f"{value:.1f} {unit}".rstrip()
+
+
+def fmt_p(p_value: float | None) -> str:
+    """'0.004', '0.41' or '< 0.001'."""
+    if p_value is None:
+        return "—"
+    if p_value < 0.001:
+        return "< 0.001"
+    return f"{p_value:.3f}" if p_value < 0.01 else f"{p_value:.2f}"
+
+
+def fmt_pct(value: float | None) -> str:
+    """'31%' or '—'."""
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def fmt_ratio(actual: float | None, estimate: float | None) -> str:
+    """actual / estimate as '1.09×', '—' when either is missing."""
+    if actual is None or not estimate:
+        return "—"
+    return f"{actual / estimate:.2f}×"
+
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclass
+class RenderedFigure:
+    """One PNG figure: file name under figures/, alt text, and its bytes."""
+
+    name: str
+    alt: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        """The PNG as a data: URI for <img src>."""
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+def _png(fig: Figure) -> bytes:
+    """Figure as PNG bytes (Agg, no pyplot state)."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _roc_figure(arms: Sequence[ArmResult]) -> bytes:
+    """ROC curves of all completed arms on one axes."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="chance")
+    for i, arm in enumerate(arms):
+        auc = arm.test_metrics.roc_auc if arm.test_metrics else None
+        ax.plot(
+            [p.fpr for p in arm.roc],
+            [p.tpr for p in arm.roc],
+            color=_COLORS[i % len(_COLORS)],
+            lw=2,
+            label=f"{arm.name} (AUC {fmt_ci(auc, 2)})",
+        )
+    ax.set(xlabel="1 − specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           xlim=(0, 1), ylim=(0, 1.01), title="Test ROC curves")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def _calibration_figure(arms: Sequence[ArmResult]) -> bytes:
+    """Reliability diagram of all completed arms; marker area follows bin size."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="perfectly calibrated")
+    for i, arm in enumerate(arms):
+        if not arm.calibration:
+            continue
+        total = sum(b.count for b in arm.calibration) or 1
+        ece = arm.test_metrics.ece.value if arm.test_metrics else None
+        color = _COLORS[i % len(_COLORS)]
+        ax.plot([b.mean_predicted for b in arm.calibration], [b.fraction_positive for b in arm.calibration],
+                color=color, lw=1.5, label=f"{arm.name} (ECE {fmt(ece, 3)})")
+        ax.scatter([b.mean_predicted for b in arm.calibration], [b.fraction_positive for b in arm.calibration],
+                   s=[20 + 300 * b.count / total for b in arm.calibration], color=color, alpha=0.6)
+    ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.04), title="Calibration (10 equal-width bins)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def _learning_figure(arm: ArmResult, color: str) -> bytes:
+    """Loss and AUC per epoch of one arm, best epoch and early stop marked."""
+    fig = Figure(figsize=(9, 3.2))
+    ax_loss, ax_auc = fig.subplots(1, 2)
+    epochs = [r.epoch for r in arm.learning_curve]
+    series = (
+        (ax_loss, "train_loss", "val_loss", "loss"),
+        (ax_auc, "train_auc", "val_auc", "ROC AUC"),
+    )
+    for ax, train_key, val_key, ylabel in series:
+        train = [getattr(r, train_key) for r in arm.learning_curve]
+        val = [getattr(r, val_key) for r in arm.learning_curve]
+        if any(v is not None for v in train):
+            ax.plot(epochs, [math.nan if v is None else v for v in train], color=color, ls="--", label="train")
+        if any(v is not None for v in val):
+            ax.plot(epochs, [math.nan if v is None else v for v in val], color=color, marker="o", ms=3, label="val")
+        if arm.best_epoch is not None:
+            ax.axvline(arm.best_epoch, color="#2a2", lw=1.2, ls=":", label=f"best epoch {arm.best_epoch}")
+        if arm.early_stopped and arm.stopped_epoch is not None:
+            ax.axvline(arm.stopped_epoch, color="#c22", lw=1.2, ls="-.", label=f"early stop {arm.stopped_epoch}")
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    gap = f", overfitting gap {fmt(arm.overfitting_gap, 3)}" if arm.overfitting_gap is not None else ""
+    fig.suptitle(f"{arm.name}{gap}", fontsize=10)
+    return _png(fig)
+
+
+def _efficiency_figure(results: ComparisonResults) -> bytes:
+    """Test AUC versus fraction of training patients, per arm, with CI error bars."""
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    points = results.data_efficiency or []
+    names = list(dict.fromkeys(p.arm for p in points))
+    span = max((p.n_train_patients for p in points), default=1) or 1
+    for i, name in enumerate(names):
+        offset = (i - (len(names) - 1) / 2) * 0.012 * span  # side by side so error bars do not hide each other
+        pts = sorted((p for p in points if p.arm == name), key=lambda p: p.fraction)
+        pts = [p for p in pts if p.test_auc.value is not None]
+        xs = [p.n_train_patients + offset for p in pts]
+        ys = [p.test_auc.value or 0.0 for p in pts]
+        lo = [y - (p.test_auc.ci_low if p.test_auc.ci_low is not None else y) for y, p in zip(ys, pts)]
+        hi = [(p.test_auc.ci_high if p.test_auc.ci_high is not None else y) - y for y, p in zip(ys, pts)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=_COLORS[i % len(_COLORS)], label=name)
+    ax.set(xlabel="training patients", ylabel="test ROC AUC (95% CI)", title="Data efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
+    """Every figure the report shows, keyed by role ('roc', 'calibration', 'learning:<arm>', 'data_efficiency')."""
+    done = results.completed_arms
+    figures: dict[str, RenderedFigure] = {}
+    if any(arm.roc for arm in done):
+        figures["roc"] = RenderedFigure(
+            "roc.png", "ROC curves of all completed arms on the test set", _roc_figure(done)
+        )
+    if any(arm.calibration for arm in done):
+        figures["calibration"] = RenderedFigure(
+            "calibration.png", "Calibration plot of all completed arms", _calibration_figure(done)
+        )
+    for i, arm in enumerate(results.arms):
+        if arm.learning_curve:
+            figures[f"learning:{arm.name}"] = RenderedFigure(
+                f"learning_{_safe(arm.name)}.png",
+                f"Learning curves of {arm.name}: loss and AUC per epoch",
+                _learning_figure(arm, _COLORS[i % len(_COLORS)]),
+            )
+    if results.data_efficiency:
+        figures["data_efficiency"] = RenderedFigure(
+            "data_efficiency.png", "Test AUC versus number of training patients", _efficiency_figure(results)
+        )
+    return figures
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of an arm name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _environment(autoescape: bool) -> jinja2.Environment:
+    """Jinja environment over reports/templates with the formatting filters."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        fmt=fmt, fmt_ci=fmt_ci, fmt_seconds=fmt_seconds, fmt_si=fmt_si, fmt_p=fmt_p, fmt_pct=fmt_pct,
+        md=_md_cell,
+    )
+    env.globals.update(fmt_ratio=fmt_ratio, metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES)
+    return env
+
+
+def _md_cell(value: object) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> dict[str, Any]:
+    """Values shared by the HTML and Markdown templates."""
+    by_part = {part.name: part for part in results.split.parts}
+    classes = results.dataset.classes
+    not_completed = [arm for arm in results.arms if arm.status != "completed"]
+    confusion_max = max(
+        (max((max(row) for row in arm.confusion.counts), default=0) for arm in results.completed_arms if arm.confusion),
+        default=0,
+    )
+    return {
+        "r": results,
+        "card": results.dataset.card,
+        "fp": results.dataset.card.fingerprint,
+        "parts": [by_part[name] for name in ("train", "val", "test") if name in by_part],
+        "classes": classes,
+        "completed": results.completed_arms,
+        "not_completed": not_completed,
+        "figures": figures,
+        "confusion_max": confusion_max or 1,
+        "section_ids": SECTION_IDS,
+    }
+
+
+def render_report(results: ComparisonResults, out_dir: Path) -> dict[str, Path]:
+    """Write report.html (self-contained), report.md with figures/*.png, and results.json into out_dir.
+
+    Returns the written paths keyed "html", "markdown", "results" and "figure:<name>".
+    """
+    results = ComparisonResults.model_validate(results.model_dump())  # re-validate whatever was built
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(results)
+    context = _context(results, figures)
+
+    paths: dict[str, Path] = {}
+    for fig in figures.values():
+        path = out_dir / FIGURES_DIR / fig.name
+        _atomic_write_bytes(path, fig.png)
+        paths[f"figure:{fig.name}"] = path
+    results_path = out_dir / RESULTS_FILE
+    _atomic_write_text(results_path, results.model_dump_json(indent=2) + "\n")
+    paths["results"] = results_path
+    md_path = out_dir / REPORT_MD_FILE
+    _atomic_write_text(md_path, _environment(False).get_template("report.md.j2").render(**context))
+    paths["markdown"] = md_path
+    html_path = out_dir / REPORT_HTML_FILE
+    _atomic_write_text(html_path, _environment(True).get_template("report.html.j2").render(**context))
+    paths["html"] = html_path
+    return paths
+
+
+def load_results(path: Path) -> ComparisonResults:
+    """Read and validate a results.json."""
+    return ComparisonResults.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def _headline_aucs(results: ComparisonResults) -> list[str]:
+    """'scratch 0.912' per arm, or 'imagenet skipped'."""
+    out = []
+    for arm in results.arms:
+        if arm.status == "completed" and arm.test_metrics is not None:
+            out.append(f"{arm.name} {fmt(arm.test_metrics.roc_auc.value, 3)}")
+        else:
+            out.append(f"{arm.name} {arm.status}")
+    return out
+
+
+def update_index(reports_root: Path) -> Path:
+    """Write reports_root/index.html listing every run below it (each folder holding a results.json), newest first."""
+    root = Path(reports_root)
+    root.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    broken: list[dict[str, str]] = []
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        if path.parent == root:
+            continue
+        rel_dir = path.parent.relative_to(root).as_posix()
+        try:
+            results = load_results(path)
+        except (ValidationError, ValueError, OSError) as exc:
+            broken.append({"folder": rel_dir, "error": type(exc).__name__})
+            continue
+        has_report = (path.parent / REPORT_HTML_FILE).is_file()
+        runs.append(
+            {
+                "run_id": results.run_id,
+                "created_at": results.created_at,
+                "date": results.created_at.replace("T", " ")[:16],
+                "dataset": results.dataset.name,
+                "dataset_hash": results.dataset.card.content_hash[:12],
+                "arms": [arm.name for arm in results.arms],
+                "aucs": _headline_aucs(results),
+                "recommendation": results.recommendation.headline,
+                "link": f"{rel_dir}/{REPORT_HTML_FILE}" if has_report else None,
+                "folder": rel_dir,
+            }
+        )
+    runs.sort(key=lambda run: run["created_at"], reverse=True)
+    html = _environment(True).get_template("index.html.j2").render(runs=runs, broken=broken)
+    index = root / INDEX_FILE
+    _atomic_write_text(index, html)
+    return index
+
+
+def metrics_table(results: ComparisonResults) -> list[dict[str, str]]:
+    """One row per arm: status and each test metric as 'value (CI)'; for a Prefect table artifact."""
+    rows: list[dict[str, str]] = []
+    for arm in results.arms:
+        row = {"arm": arm.name, "status": arm.status}
+        tm = arm.test_metrics
+        for name in METRIC_NAMES:
+            row[name] = fmt_ci(getattr(tm, name), 3) if tm is not None else "—"
+        row["train_time"] = fmt_seconds(arm.cost.actual_seconds)
+        row["note"] = arm.reason
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(results: ComparisonResults) -> str:
+    """Short Markdown: headline recommendation, per-arm metric table, paired tests; for a Prefect artifact."""
+    return _environment(False).get_template("summary.md.j2").render(
+        r=results, rows=metrics_table(results), metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES
+    )

@@ -1,0 +1,172 @@
+"""Tests of reports.render and the ComparisonResults schema, on synthetic results."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from data_schemas.report import ArmResult, ComparisonResults, PairedComparison
+from reports.render import SECTION_IDS, load_results, metrics_table, render_report, summary_markdown, update_index
+from report_fixtures import SKIP_REASON, make_example_results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Collector(HTMLParser):
+    """Collects element ids, <img> sources, <a> links, every attribute value and the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
+        self.attr_values: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.append(values["id"] or "")
+        if tag == "img":
+            self.images.append(values)
+        if tag == "a" and values.get("href"):
+            self.links.append(values["href"] or "")
+        self.attr_values.extend(v for v in values.values() if v)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _parse(path: Path) -> _Collector:
+    collector = _Collector()
+    collector.feed(path.read_text(encoding="utf-8"))
+    collector.close()
+    return collector
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[ComparisonResults, dict[str, Path]]:
+    results = make_example_results()
+    return results, render_report(results, tmp_path_factory.mktemp("report") / "run1")
+
+
+def test_html_has_every_section_and_embedded_plots(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
+    results, paths = rendered
+    page = _parse(paths["html"])
+    for section in SECTION_IDS:
+        assert section in page.ids, f"section #{section} missing"
+    assert len(page.ids) == len(set(page.ids)), "duplicate ids"
+    # roc, calibration, one learning-curve figure per arm, data efficiency
+    assert len(page.images) == 3 + len(results.completed_arms)
+    for img in page.images:
+        src = img["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+        assert img.get("alt")
+    for link in page.links:
+        assert link.startswith("#"), f"non-local link {link}"
+    raw = paths["html"].read_text(encoding="utf-8")
+    assert "http://" not in raw and "https://" not in raw and "url(" not in raw
+    text = " ".join(page.text)
+    assert results.recommendation.headline in text
+    assert results.comparisons[0].plain_words in text
+    assert raw.index('id="recommendation"') < raw.index('id="dataset"')
+
+
+def test_markdown_and_figures(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
+    results, paths = rendered
+    md = paths["markdown"].read_text(encoding="utf-8")
+    for heading in ("## Recommendation", "## Dataset card", "## Split", "## Cost", "## Test metrics",
+                    "## Paired comparisons", "## Learning curves", "## ROC curves", "## Calibration",
+                    "## Confusion matrices", "## Convergence", "## Cross-validation folds", "## Data efficiency",
+                    "## Reproducibility"):
+        assert heading in md
+    figures = [p for k, p in paths.items() if k.startswith("figure:")]
+    assert figures and all(p.read_bytes().startswith(PNG_MAGIC) for p in figures)
+    for fig in figures:
+        assert f"(figures/{fig.name})" in md
+    assert results.dataset.card.content_hash in md
+
+
+def test_results_json_round_trips(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
+    results, paths = rendered
+    assert load_results(paths["results"]) == results
+    data = json.loads(paths["results"].read_text(encoding="utf-8"))
+    assert data["schema_version"] == "1.0"
+    assert "patient_key" not in paths["results"].read_text(encoding="utf-8")
+
+
+def test_skipped_arm_shows_its_reason(tmp_path: Path) -> None:
+    results = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    paths = render_report(results, tmp_path / "run")
+    page = _parse(paths["html"])
+    text = " ".join(page.text)
+    assert "imagenet: skipped" in text and SKIP_REASON in text
+    assert "folds" not in page.ids and "data-efficiency" not in page.ids
+    assert len(page.images) == 3  # roc, calibration, scratch's learning curves
+    assert SKIP_REASON in paths["markdown"].read_text(encoding="utf-8")
+    assert results.recommendation.basis == "single_arm"
+
+
+def test_text_is_escaped(tmp_path: Path) -> None:
+    results = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    arms = [results.arms[0], ArmResult(name="imagenet", status="failed", reason="<script>alert(1)</script> & co")]
+    paths = render_report(results.model_copy(update={"arms": arms}), tmp_path / "run")
+    raw = paths["html"].read_text(encoding="utf-8")
+    assert "<script>" not in raw and "&lt;script&gt;" in raw
+
+
+def test_index_lists_runs(tmp_path: Path) -> None:
+    first = make_example_results(run_id="run-a", created_at="2025-01-01T10:00:00+00:00")
+    second = make_example_results(run_id="run-b", created_at="2025-02-01T10:00:00+00:00", skip_imagenet=True,
+                                  with_folds=False, with_data_efficiency=False)
+    render_report(first, tmp_path / "dataset1" / "run-a")
+    render_report(second, tmp_path / "run-b")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "results.json").write_text("{}", encoding="utf-8")
+    index = update_index(tmp_path)
+    page = _parse(index)
+    assert page.links == ["run-b/report.html", "dataset1/run-a/report.html"]  # newest first
+    for link in page.links:
+        assert (tmp_path / link).is_file()
+    text = " ".join(page.text)
+    assert "imagenet skipped" in text and "junk" in text
+    raw = index.read_text(encoding="utf-8")
+    assert "http://" not in raw and "https://" not in raw
+
+
+def test_summary_markdown_and_metrics_table() -> None:
+    results = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    md = summary_markdown(results)
+    assert md.startswith("## ") and results.recommendation.headline in md
+    assert "| scratch | completed |" in md and SKIP_REASON in md
+    rows = metrics_table(results)
+    assert [r["arm"] for r in rows] == ["scratch", "imagenet"]
+    assert rows[0]["roc_auc"].count("(") == 1 and rows[1]["roc_auc"] == "—"
+    assert rows[1]["note"] == SKIP_REASON
+
+
+def test_schema_guards() -> None:
+    results = make_example_results(with_folds=False, with_data_efficiency=False)
+    data = results.model_dump()
+    with pytest.raises(ValidationError, match="identifier"):
+        bad = json.loads(json.dumps(data))
+        bad["arms"][0]["config"]["patient_key"] = "abc"
+        ComparisonResults.model_validate(bad)
+    with pytest.raises(ValidationError, match="extra"):
+        ComparisonResults.model_validate({**data, "predictions": []})
+    with pytest.raises(ValidationError, match="valid arms"):
+        ComparisonResults.model_validate(
+            {**data, "comparisons": [PairedComparison(arm_a="imagenet", arm_b="nope").model_dump()]}
+        )
+    with pytest.raises(ValidationError, match="no test_metrics"):
+        ArmResult(name="x", status="completed")
+    with pytest.raises(ValidationError, match="reason"):
+        ArmResult(name="x", status="skipped")
+    with pytest.raises(ValueError, match="valid arms"):
+        results.arm("resnet18")
