@@ -16,6 +16,9 @@ from pathlib import Path
 COMMAND_MODULES = (
     "flows.synth",
     "flows.ingest",
+    "flows.cost",
+    "flows.train",
+    "flows.compare",
 )
 
 

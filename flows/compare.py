@@ -1,0 +1,229 @@
+"""The main job: DICOM folder (or dataset) -> ingest -> cost -> train every arm on one split -> evaluate -> report.
+
+`ctcompare compare SOURCE --out REPORT_DIR` and `ctcompare demo`. REPORT_DIR holds the report (report.html,
+report.md, results.json, figures/), the stage files it was built from (cost.json, splits.csv, runs/<arm>/) and,
+when SOURCE is a DICOM folder, the dataset; index.html in REPORT_DIR's parent lists every report there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from data_schemas.cost import ARM_NAMES, ArmName
+from data_schemas.report import REPORT_HTML_FILE, ComparisonResults
+from data_schemas.training import SPLITS_FILE, load_profiles, resolve_train_config
+from flows.cost import cost_flow
+from flows.ingest import ingest_flow
+from reports.render import metrics_table, render_report, summary_markdown, update_index
+from tasks.dataset_store import load_dataset
+from tasks.evaluate import build_results
+from tasks.splits import ensure_splits
+from tasks.train import train_arm_task
+
+ProfileName = Literal["smoke", "cpu", "full"]
+DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
+SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
+
+
+@task(name="prepare-split", cache_policy=NO_CACHE)
+def prepare_split(dataset_dir: Path, splits_path: Path, seed: int, profile: str, overrides: dict[str, str], folds: int | None) -> int:
+    """Make (or reuse) the one patient-level split every arm shares; returns the number of training images."""
+    dataset = load_dataset(dataset_dir, in_memory=False)
+    config = resolve_train_config(profile, "scratch", overrides)
+    rows, _ = ensure_splits(dataset.manifest, dataset.card.content_hash, splits_path, seed, config.val_fraction, config.test_fraction, folds)
+    return sum(1 for row in rows if row.part == "train")
+
+
+@task(name="evaluate-arms", cache_policy=NO_CACHE)
+def evaluate_arms(dataset_dir: Path, splits_path: Path, run_dirs: dict[str, Path], cost_path: Path, run_id: str, seed: int, n_bootstrap: int, command: str) -> ComparisonResults:
+    """Test metrics with patient-level intervals and paired tests, from the arms' validated outputs."""
+    return build_results(dataset_dir, splits_path, run_dirs, cost_path, run_id, seed, n_bootstrap, command)
+
+
+@task(name="render-report", cache_policy=NO_CACHE)
+def write_report(results: ComparisonResults, report_dir: Path) -> Path:
+    """report.html, report.md, results.json and the index of every report beside this one."""
+    paths = render_report(results, report_dir)
+    update_index(report_dir.parent)
+    return paths["html"]
+
+
+def check_compare_arguments(source: Path, report_dir: Path, labels: Path | None, weights: Path | None, arms: list[str], profile: str, overrides: dict[str, str]) -> None:
+    """Refuse bad arguments with one sentence before any work starts."""
+    if not source.exists():
+        raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
+    if labels is not None and not labels.is_file():
+        raise ValueError(f"labels file {labels} does not exist.")
+    if weights is not None and not weights.is_file():
+        raise ValueError(f"weights file {weights} does not exist.")
+    unknown = [arm for arm in arms if arm not in ARM_NAMES]
+    if unknown or not arms:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARM_NAMES)}.")
+    for arm in arms:
+        resolve_train_config(profile, arm, overrides)  # raises on an unknown profile or setting
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ValueError(f"output {report_dir} exists and is not a folder.")
+
+
+@flow(name="compare")
+def compare_flow(
+    source: str,
+    out_dir: str,
+    labels: str | None = None,
+    profile: ProfileName = "cpu",
+    arms: list[ArmName] = DEFAULT_ARMS,
+    weights: str | None = None,
+    seed: Annotated[int, Field(ge=0)] = 0,
+    folds: Annotated[int, Field(ge=2, le=20)] | None = None,
+    settings: dict[str, str] | None = None,
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 224,
+    bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000,
+    calibrate: bool = True,
+    parallel_arms: Annotated[int, Field(ge=1, le=16)] = 1,
+) -> dict[str, Any]:
+    """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins."""
+    logger = get_run_logger()
+    overrides = dict(settings or {})
+    src, report_dir = Path(source).resolve(), Path(out_dir).resolve()
+    check_compare_arguments(src, report_dir, Path(labels) if labels else None, Path(weights) if weights else None, list(arms), profile, overrides)
+    report_dir.mkdir(parents=True, exist_ok=True)
+
+    if (src / "dataset.json").is_file():
+        dataset_dir = src
+    else:
+        dataset_dir = report_dir / "dataset"
+        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=image_size)
+
+    splits_path = report_dir / SPLITS_FILE
+    n_train = prepare_split(dataset_dir, splits_path, seed, profile, overrides, folds)
+    plan = resolve_train_config(profile, "imagenet", overrides)
+    cost_flow(
+        n_images=n_train, image_size=plan.image_size, channels=1, epochs=plan.epochs, batch_size=plan.batch_size,
+        arms=list(arms), head_warmup_epochs=min(plan.freeze_epochs, plan.epochs), out_dir=report_dir, calibrate=calibrate,
+    )
+
+    fold_list = list(range(folds)) if folds else [None]
+    runs: dict[str, Path] = {}
+    with ThreadPoolTaskRunner(max_workers=parallel_arms) as runner:
+        futures = []
+        for arm in arms:
+            for fold in fold_list:
+                run_dir = report_dir / "runs" / (arm if fold is None else f"{arm}-fold{fold}")
+                runs[arm if fold is None else f"{arm}-fold{fold}"] = run_dir
+                futures.append(runner.submit(train_arm_task, {
+                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
+                    "overrides": overrides, "weights_path": Path(weights) if weights else None, "seed": seed,
+                    "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
+                }))
+        for future in futures:
+            summary = future.result(raise_on_failure=False)
+            if not hasattr(summary, "status"):
+                logger.warning("An arm failed: %s", str(summary).splitlines()[0] if str(summary) else type(summary).__name__)
+
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    command = f"ctcompare compare --profile {profile} --arms {' '.join(arms)} --seed {seed}" + (f" --folds {folds}" if folds else "")
+    results = evaluate_arms(dataset_dir, splits_path, runs, report_dir / "cost.json", run_id, seed, bootstrap, command)
+    html = write_report(results, report_dir)
+
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results), description="Comparison summary and recommendation")
+    create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by patient)")
+    create_link_artifact(key=LINK_KEY, link=html.as_uri(), link_text="report.html", description="The full comparison report")
+    logger.info("Report written: %s", html)
+    logger.info("%s", results.recommendation.headline)
+    return {"report": str(html), "report_dir": str(report_dir), "recommendation": results.recommendation.headline,
+            "arms": {arm.name: arm.status for arm in results.arms}}
+
+
+def _comma_list(values: list[str] | None) -> list[str]:
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+def _settings(pairs: list[str] | None) -> dict[str, str]:
+    from flows.cli import UsageError
+
+    settings = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set takes key=value, got {pair!r}.")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from flows.cli import UsageError
+
+    arms = _comma_list(args.arms) or list(DEFAULT_ARMS)
+    settings = _settings(args.set)
+    try:
+        check_compare_arguments(Path(args.source).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None,
+                                Path(args.weights) if args.weights else None, arms, args.profile, settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    summary = compare_flow(
+        source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
+        seed=args.seed, folds=args.folds, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
+        parallel_arms=args.parallel_arms,
+    )
+    print(f"Report: {summary['report']}")
+    print(summary["recommendation"])
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from flows.synth import synth_flow
+
+    root = Path(args.out).resolve()
+    cohort = root / "cohort"
+    synth_flow(out_dir=str(cohort), patients=args.patients, slices_per_patient=args.slices_per_patient, seed=args.seed)
+    dataset = root / "dataset"
+    ingest_flow(src_dir=str(cohort / "dicom"), out_dir=str(dataset), labels=str(cohort / "labels.csv"), size=224)
+    summary = compare_flow(
+        source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
+        arms=_comma_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed,
+    )
+    print(f"Report: {summary['report']}")
+    print(f"Index of every report: {root / 'reports' / 'index.html'}")
+    print(summary["recommendation"])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `ctcompare compare` and `ctcompare demo`."""
+    profiles = tuple(load_profiles())
+    parser = subparsers.add_parser("compare", help="the whole comparison: ingest, cost, train every arm, report", description=compare_flow.__doc__)
+    parser.add_argument("source", help="a DICOM folder (ingested into OUT/dataset) or a dataset folder from 'ctcompare ingest'")
+    parser.add_argument("--out", required=True, help="report folder; index.html in its parent lists every report")
+    parser.add_argument("--labels", help="labels CSV for a DICOM source (see 'ctcompare ingest --help')")
+    parser.add_argument("--profile", default="cpu", choices=profiles)
+    parser.add_argument("--arms", nargs="+", help=f"arms to train (default all): {', '.join(ARM_NAMES)}")
+    parser.add_argument("--weights", help="ImageNet (or other torchvision-format) ResNet-50 state dict for the pretrained arms")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=None, help="K-fold cross-validation on the non-test patients")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")
+    parser.add_argument("--parallel-arms", type=int, default=1, help="arms trained at once (default 1: each arm uses every core)")
+    parser.set_defaults(handler=_run_compare)
+
+    demo = subparsers.add_parser("demo", help="synthetic demo cohort + the whole comparison (cpu profile)")
+    demo.add_argument("--out", default="demo", help="demo folder (cohort/, dataset/, reports/); default ./demo")
+    demo.add_argument("--profile", default="cpu", choices=profiles)
+    demo.add_argument("--arms", nargs="+", help=f"arms (default all): {', '.join(ARM_NAMES)}")
+    demo.add_argument("--weights", help="ImageNet ResNet-50 weights file; without it the pretrained arms are skipped offline")
+    demo.add_argument("--patients", type=int, default=150)
+    demo.add_argument("--slices-per-patient", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_run_demo)
