@@ -25,6 +25,7 @@ COMMAND_MODULES = (
 def configure_local_state(base: Path | None = None) -> None:
     """Keep Prefect's home and matplotlib's cache inside the working folder unless the user chose otherwise."""
     base = Path(base or Path.cwd() / ".ctcompare")
+    base.mkdir(parents=True, exist_ok=True)  # Prefect creates its home folder but not the parents
     os.environ.setdefault("PREFECT_HOME", str(base / "prefect"))
     os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,261 @@
+"""Schemas of the cost stage: the device catalogue (devices.json) and the estimate file (cost.json).
+
+Conventions used everywhere in the cost stage:
+    FLOPs       floating-point operations as counted by torch.utils.flop_counter.FlopCounterMode, i.e. 2 per
+                multiply-add. ResNet-50 at 224 x 224 x 3 is ~4.1 G multiply-adds = ~8.2 GFLOPs forward.
+    TFLOPS      peak rates in 10^12 FLOP/s, as vendors quote them (also 2 per fused multiply-add).
+    bytes       memory in bytes; GB in the catalogue means 10^9 bytes as vendors quote it.
+
+cost.json is written once by the cost stage; the training stage later fills `ArmCost.actual` for each arm it ran
+(tasks.cost.record_actual), so one file holds estimate and actual side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+COST_SCHEMA_VERSION = "1.0"
+COST_FILE = "cost.json"
+DEVICE_CATALOGUE_FILE = "devices.json"
+THIS_MACHINE = "this-machine"
+
+ArmName = Literal["scratch", "imagenet", "imagenet-linear"]
+ARM_NAMES: tuple[str, ...] = get_args(ArmName)
+
+ARM_DESCRIPTIONS: dict[str, str] = {
+    "scratch": "ResNet-50 from random initialisation, every layer trained",
+    "imagenet": "ResNet-50 from ImageNet weights, fully fine-tuned (optional head-only warm-up epochs first)",
+    "imagenet-linear": "frozen ImageNet ResNet-50: one forward pass for 2048-d features, then logistic regression",
+}
+
+Precision = Literal["fp32", "tf32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OptimizerName = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+
+
+# --------------------------------------------------------------------------------------------- device catalogue
+
+
+class DeviceRate(BaseModel):
+    """One precision on one device: the vendor's peak and the fraction of it ResNet-50 training achieves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peak_tflops: float = Field(gt=0, description="vendor peak in 10^12 FLOP/s (dense, no sparsity)")
+    utilisation: float = Field(gt=0, le=1, description="assumed achievable fraction of peak for ResNet-50 training")
+
+    @property
+    def effective_flops_per_second(self) -> float:
+        return self.peak_tflops * 1e12 * self.utilisation
+
+
+class DeviceSpec(BaseModel):
+    """One accelerator (or this computer's CPU) in the catalogue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable key, e.g. 'a100'")
+    label: str = Field(min_length=1, description="what a person calls it, for tables")
+    kind: Literal["gpu", "cpu"]
+    memory_gb: float = Field(gt=0, description="device memory in 10^9 bytes (RAM for a CPU)")
+    rates: dict[Precision, DeviceRate] = Field(description="peak and utilisation per supported precision; fp32 required")
+    source: str = Field(min_length=1, description="where the peak figures come from")
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _fp32_required(self) -> "DeviceSpec":
+        if "fp32" not in self.rates:
+            raise ValueError(f"device {self.name!r} has no 'fp32' rate; every device needs one as the fallback")
+        return self
+
+
+class DeviceCatalogue(BaseModel):
+    """devices.json: the devices the estimate is priced on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1.0"] = "1.0"
+    devices: list[DeviceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DeviceCatalogue":
+        names = [d.name for d in self.devices]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"device names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def get(self, name: str) -> DeviceSpec:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(f"no device {name!r} in the catalogue; known: {', '.join(d.name for d in self.devices)}")
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+class Calibration(BaseModel):
+    """What a short measurement on this computer found (cached in calibration.json by its key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="sha256 of the fields that make a calibration reusable")
+    torch_version: str
+    cpu_model: str
+    threads: int
+    image_size: int
+    channels: int
+    precision: Precision = Field(description="precision actually used: bf16 autocast where the CPU supports it")
+    matmul_flops_per_second: float = Field(gt=0, description="square matrix product rate, used as this machine's peak")
+    train_batch_size: int
+    train_steps: int
+    train_images_per_second: float = Field(gt=0)
+    train_flops_per_image: float = Field(gt=0, description="counted FLOPs of one forward + backward per image")
+    train_flops_per_second: float = Field(gt=0, description="achieved: images/s x FLOPs per image")
+    utilisation: float = Field(gt=0, description="train_flops_per_second / matmul_flops_per_second")
+    warmup_seconds: float = Field(
+        default=0.0, ge=0, description="extra time of the first training step (kernel selection, allocation): paid once per run"
+    )
+    seconds_taken: float
+    measured_at: str
+
+
+class CalibrationCache(BaseModel):
+    """calibration.json: calibrations by key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1.0"] = "1.0"
+    entries: dict[str, Calibration] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- cost.json
+
+
+class CostInputs(BaseModel):
+    """What the estimate is for. Every field is part of the config hash."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_images: int = Field(ge=1, description="training images per epoch")
+    image_size: int = Field(ge=32, le=2048, description="square input side in pixels")
+    channels: int = Field(ge=1, le=3, description="input channels (1 for CT)")
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(ge=1, le=65_536)
+    precision: Precision = "bf16"
+    arms: list[ArmName] = Field(default_factory=lambda: list(ARM_NAMES), min_length=1)
+    num_classes: int = Field(default=2, ge=2)
+    optimizer: OptimizerName = "adam"
+    head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs, within `epochs`")
+    linear_fit_iterations: int = Field(default=100, ge=1, description="imagenet-linear arm: logistic-regression iterations")
+    device_memory_gb: float | None = Field(default=None, gt=0, description="also report the largest batch for this memory")
+    dataset_content_hash: str | None = Field(default=None, description="dataset.json content_hash when read from a dataset")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CostInputs":
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError("each arm may be listed once")
+        if self.head_warmup_epochs > self.epochs:
+            raise ValueError(f"head_warmup_epochs ({self.head_warmup_epochs}) cannot exceed epochs ({self.epochs})")
+        return self
+
+
+class MemoryEstimate(BaseModel):
+    """Training memory on the device, in bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights_bytes: int = Field(ge=0, description="all parameters and buffers in fp32")
+    gradients_bytes: int = Field(ge=0, description="fp32 gradient per trainable parameter")
+    optimizer_bytes: int = Field(ge=0, description="Adam: 2 x trainable fp32 (m, v); SGD momentum: 1 x")
+    activations_bytes_per_image: int = Field(ge=0, description="measured tensors kept for backward, per image")
+    activations_fixed_bytes: int = Field(ge=0, description="measured batch-independent saved tensors (autocast weight copies)")
+    activations_bytes: int = Field(ge=0, description="for the configured batch size")
+    total_bytes: int = Field(ge=0)
+    method: str = Field(description="how activations were measured")
+
+
+class DeviceEstimate(BaseModel):
+    """One arm priced on one device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    precision: Precision = Field(description="precision used on this device (falls back to fp32 when unsupported)")
+    peak_flops_per_second: float
+    utilisation: float
+    effective_flops_per_second: float
+    seconds_per_epoch: float
+    overhead_seconds: float = Field(default=0.0, ge=0, description="fixed start-up time (this machine: calibrated warm-up)")
+    seconds: float = Field(description="estimated wall time for the planned run: flops_total / effective rate + overhead")
+    max_batch_size: int = Field(ge=0, description="largest batch whose training memory fits (90% of device memory)")
+    batch_fits: bool
+
+
+class ActualCost(BaseModel):
+    """What training really took, filled in by the training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default=THIS_MACHINE, description="catalogue name of the device it ran on")
+    wall_seconds: float = Field(gt=0)
+    epochs_run: int = Field(ge=0)
+    images_per_second: float = Field(ge=0)
+    achieved_flops_per_second: float | None = Field(default=None, ge=0)
+    utilisation: float | None = Field(default=None, ge=0, description="achieved / peak of the device at that precision")
+    precision: Precision | None = None
+    recorded_at: str | None = None
+    estimated_seconds: float | None = Field(default=None, description="estimate for the epochs actually run")
+    actual_over_estimate: float | None = Field(default=None, description="wall_seconds / estimated_seconds")
+
+
+class ArmCost(BaseModel):
+    """The estimate for one arm (and, once training ran, what it really took)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arm: ArmName
+    description: str
+    params_total: int
+    params_trainable: int
+    forward_flops_per_image: float
+    train_flops_per_image: float = Field(description="FLOPs per image per epoch of the main training phase")
+    head_phase_flops_per_image: float | None = Field(default=None, description="imagenet arm: per image in a head-only epoch")
+    classifier_fit_flops: float = Field(default=0.0, description="imagenet-linear arm: logistic-regression fit")
+    flops_per_epoch: float = Field(description="linear arm: the single feature-extraction pass")
+    flops_total: float
+    epochs_effective: int = Field(description="passes over the data: epochs, or 1 for the linear arm")
+    memory: MemoryEstimate
+    max_batch_for_given_memory: int | None = Field(default=None, description="for inputs.device_memory_gb, when given")
+    devices: list[DeviceEstimate]
+    formulas: list[str] = Field(default_factory=list)
+    actual: ActualCost | None = None
+
+
+class CostReport(BaseModel):
+    """cost.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal["1.0"] = COST_SCHEMA_VERSION
+    created_at: str
+    ctcompare_version: str
+    config_hash: str = Field(description="sha256 of inputs, catalogue and calibration choice: equal hash, same estimate")
+    flop_convention: str
+    inputs: CostInputs
+    calibrated: bool
+    calibration: Calibration | None = None
+    catalogue_sha256: str
+    devices: list[DeviceSpec] = Field(description="the catalogue as priced (this-machine after calibration)")
+    arms: list[ArmCost]
+    notes: list[str] = Field(default_factory=list)
+
+    def arm(self, name: str) -> ArmCost:
+        for arm in self.arms:
+            if arm.arm == name:
+                return arm
+        raise KeyError(f"cost.json has no arm {name!r}; it has {', '.join(a.arm for a in self.arms)}")
