@@ -29,3 +29,13 @@ bench: install
 
 clean:
 	rm -rf .ctcompare demo
+
+# Operating it the Prefect way (docs/operations.md): three terminals, in this order. State: .ctcompare/prefect.
+server: install  ## Prefect server (API + UI) on http://127.0.0.1:4200 (CTCOMPARE_PREFECT_PORT to change)
+	scripts/prefect_local.sh server
+
+deploy: install  ## process work pool ctcompare-local + every deployment in prefect.yaml
+	scripts/prefect_local.sh deploy
+
+worker: install  ## a process worker on ctcompare-local, one flow run at a time (CTCOMPARE_WORKER_LIMIT)
+	scripts/prefect_local.sh worker

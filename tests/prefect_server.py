@@ -1,0 +1,219 @@
+"""A real local Prefect stack for tests: `prefect server`, the deployments from prefect.yaml and a process worker.
+
+Everything is started through scripts/prefect_local.sh (the same commands `make server`, `make deploy` and
+`make worker` run), each in its own session, with an explicit environment: a temporary PREFECT_HOME, a free
+loopback port, and no PREFECT_* setting inherited from the test process (whose session-wide test harness is not
+used here). `stop()` ends every process it started by its PID (SIGTERM twice, then SIGKILL), and then whatever is
+left in those processes' groups (flow-run processes started by the worker).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "prefect_local.sh"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+UUID_LINE = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM; a second SIGTERM (a worker may ignore its first); SIGKILL; then anything left in its group."""
+    for sig in (signal.SIGTERM, signal.SIGTERM):
+        if process.poll() is not None:
+            break
+        try:
+            process.send_signal(sig)
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=grace_s)
+    # Each process was started as the leader of its own session: its group id is its PID.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class PrefectStack:
+    """One Prefect server (+ optionally a worker) under `state_dir`; use as a context manager or call stop()."""
+
+    def __init__(self, state_dir: Path, port: int | None = None, pool: str = "ctcompare-local") -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.pool = pool
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        self.env = {
+            **base,
+            "CTCOMPARE_ROOT": str(ROOT),
+            "CTCOMPARE_PREFECT_PORT": str(self.port),
+            "CTCOMPARE_WORK_POOL": pool,
+            "PREFECT_HOME": str(self.state_dir / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "MPLCONFIGDIR": str(self.state_dir / "matplotlib"),
+            "TORCH_HOME": str(self.state_dir / "torch"),
+            "PREFECT": str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect",
+        }
+        self.client = httpx.Client(base_url=self.api_url, timeout=30)
+
+    # -- processes -----------------------------------------------------------------------------------------------
+    def _start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.state_dir / f"{name}.log"
+        handle = open(log, "wb")
+        process = subprocess.Popen(
+            [str(SCRIPT), *args], cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        handle.close()
+        self.processes[name], self.logs[name] = process, log
+        return process
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        path = self.logs.get(name)
+        if path is None or not path.exists():
+            return f"(no {name} log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def start_server(self, timeout_s: float = 180) -> None:
+        server = self._start("server", "server")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {server.returncode}:\n{self.log_tail('server')}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail('server')}")
+
+    def deploy(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """`scripts/prefect_local.sh deploy [ARGS]`: the work pool, then `prefect deploy --all` (or ARGS)."""
+        result = self.cli(str(SCRIPT), "deploy", *args, timeout_s=timeout_s)
+        if result.returncode != 0:
+            raise RuntimeError(f"deploy failed ({result.returncode}):\n{result.stdout[-4000:]}")
+        return result
+
+    def start_worker(self) -> None:
+        self._start("worker", "worker")
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            stop_process(self.processes[name])
+        self.client.close()
+
+    def __enter__(self) -> PrefectStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- commands and the API ------------------------------------------------------------------------------------
+    def cli(self, *argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """Run a command with the stack's environment (stdout and stderr together in .stdout)."""
+        return subprocess.run(
+            list(argv), cwd=ROOT, env={**self.env, "COLUMNS": "200"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+        )
+
+    def prefect(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        return self.cli(self.env["PREFECT"], *args, timeout_s=timeout_s)
+
+    def run_deployment(self, name: str, parameters: dict[str, str]) -> tuple[subprocess.CompletedProcess, str | None]:
+        """`prefect deployment run NAME --param k=v ...`; returns the result and the new flow run's id (or None)."""
+        argv = ["deployment", "run", name]
+        for key, value in parameters.items():
+            argv += ["--param", f"{key}={value}"]
+        result = self.prefect(*argv)
+        match = UUID_LINE.search(result.stdout)
+        return result, match.group(1) if match else None
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = self.client.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> Any:
+        response = self.client.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for_flow_run(self, flow_run_id: str, timeout_s: float = 300) -> dict[str, Any]:
+        """Poll the flow run until it is in a terminal state; fails with the worker's log on a timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            flow_run = self.get(f"/flow_runs/{flow_run_id}")
+            state = (flow_run.get("state") or {}).get("type")
+            if state in TERMINAL_STATES:
+                return flow_run
+            worker = self.processes.get("worker")
+            if worker is not None and worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with {worker.returncode}:\n{self.log_tail('worker')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout_s:.0f} s:\n{self.log_tail('worker')}")
+            time.sleep(1)
+
+    def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
+        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+
+    def final_task_runs(self, flow_run_id: str, name_prefix: str = "", timeout_s: float = 60) -> list[dict[str, Any]]:
+        """The flow run's task runs once all are in a terminal state (task states reach the API as events, a bit
+        after the flow run itself finished)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            runs = [t for t in self.task_runs(flow_run_id) if t["name"].startswith(name_prefix)]
+            if runs and all((t.get("state") or {}).get("type") in TERMINAL_STATES for t in runs):
+                return runs
+            if time.monotonic() > deadline:
+                return runs
+            time.sleep(1)
+
+    def artifacts(self, flow_run_id: str) -> list[dict[str, Any]]:
+        return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+
+    def log_messages(self, flow_run_id: str) -> list[str]:
+        messages: list[str] = []
+        while True:
+            rows = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                                              "limit": 200, "offset": len(messages)})
+            messages += [row["message"] for row in rows]
+            if len(rows) < 200:
+                return messages
+
+    def flow_runs_of(self, deployment: str) -> list[dict[str, Any]]:
+        flow_name, deployment_name = deployment.split("/", 1)
+        return self.post("/flow_runs/filter", {
+            "flows": {"name": {"any_": [flow_name]}}, "deployments": {"name": {"any_": [deployment_name]}},
+        })
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        flow_name, deployment_name = name.split("/", 1)
+        return self.get(f"/deployments/name/{flow_name}/{deployment_name}")

@@ -1,0 +1,144 @@
+"""Operating ctcompare the Prefect way, end to end on a real local stack (no test harness, no ephemeral API).
+
+One `prefect server` on a free loopback port with its own temporary PREFECT_HOME, the process work pool and every
+deployment of prefect.yaml (through scripts/prefect_local.sh, as `make server/deploy/worker` do), one process worker;
+then `prefect deployment run` as a user would type it, and the checks through the server's REST API. Every process
+is stopped by its PID at the end of the module, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.dicom_factory import ct_variant
+from tests.prefect_server import ROOT, PrefectStack
+
+HAS_COMPARE = (ROOT / "flows" / "compare.py").is_file()
+REPORT_ARTIFACT_KEYS = {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"}
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
+    prefect = PrefectStack(tmp_path_factory.mktemp("prefect-stack"))
+    try:
+        prefect.start_server()
+        prefect.start_worker()  # polls until the pool exists; starting it now overlaps its start-up with the deploy
+        prefect.deploy(*(() if HAS_COMPARE else ("--name", "nightly")))
+        yield prefect
+    finally:
+        prefect.stop()
+
+
+def _strings(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_prefect_yaml_is_portable_with_inactive_schedules() -> None:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    absolute = [s for s in _strings(config) if s.startswith(("/", "~")) or str(ROOT) in s]
+    assert not absolute, f"absolute paths in prefect.yaml: {absolute}"
+    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTCOMPARE_ROOT }}"}}]
+    deployments = {(d["entrypoint"].split(":")[1], d["name"]): d for d in config["deployments"]}
+    nightly = deployments["ingest_flow", "nightly"]
+    weekly = deployments["compare_flow", "weekly"]
+    on_demand = deployments["compare_flow", "on-demand"]
+    assert [(s["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", False)]
+    assert [(s["cron"], s["active"]) for s in weekly["schedules"]] == [("0 3 * * 0", False)]
+    assert not on_demand.get("schedules")
+    for deployment in config["deployments"]:
+        assert deployment["enforce_parameter_schema"] is True
+        assert deployment["work_pool"]["name"] == "ctcompare-local"
+        for value in (deployment.get("parameters") or {}).values():
+            assert not (isinstance(value, str) and value.startswith("/"))
+
+
+def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack) -> None:
+    pool = stack.get(f"/work_pools/{stack.pool}")
+    assert pool["type"] == "process"
+    nightly = stack.deployment("ingest/nightly")
+    assert nightly["enforce_parameter_schema"] is True
+    assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", False)]
+    # The pull step keeps its placeholder: each worker fills in its own checkout at run time.
+    assert nightly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $CTCOMPARE_ROOT }}"
+    assert str(ROOT) not in json.dumps(nightly)
+    # The form in the UI: typed fields with bounds and defaults.
+    size = nightly["parameter_openapi_schema"]["properties"]["size"]
+    assert (size["minimum"], size["maximum"], size["default"]) == (16, 1024, 224)
+    if HAS_COMPARE:
+        on_demand = stack.deployment("compare/on-demand")
+        assert on_demand["schedules"] == []
+        assert set(on_demand["parameter_openapi_schema"]["properties"]["profile"]["enum"]) >= {"smoke", "cpu", "full"}
+        weekly = stack.deployment("compare/weekly")
+        assert [(s["schedule"]["cron"], s["active"]) for s in weekly["schedules"]] == [("0 3 * * 0", False)]
+
+
+def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -> None:
+    before = len(stack.flow_runs_of("ingest/nightly"))
+    result, flow_run_id = stack.run_deployment("ingest/nightly", {"size": "-5"})
+    assert result.returncode != 0 and flow_run_id is None, result.stdout
+    assert "Validation failed for field 'size'" in result.stdout and "minimum of 16" in result.stdout, result.stdout
+    result, flow_run_id = stack.run_deployment("ingest/nightly", {"window": "lungs"})
+    assert result.returncode != 0 and flow_run_id is None, result.stdout
+    assert "'window'" in result.stdout, result.stdout
+    assert len(stack.flow_runs_of("ingest/nightly")) == before  # refused before any run was even created
+
+
+def test_second_nightly_ingest_on_unchanged_input_hits_the_cache(stack: PrefectStack, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    for patient in range(3):
+        for instance in range(2):
+            ct_variant(incoming / f"p{patient}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1)
+    parameters = {"src_dir": str(incoming), "out_dir": str(tmp_path / "dataset"), "size": "32"}
+    states = []
+    for _ in range(2):
+        result, flow_run_id = stack.run_deployment("ingest/nightly", parameters)
+        assert result.returncode == 0 and flow_run_id, result.stdout
+        flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=180)
+        assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
+        chunks = stack.final_task_runs(flow_run_id, "decode-chunk")
+        assert chunks
+        states.append({t["state"]["name"] for t in chunks})
+    assert states[0] == {"Completed"}
+    assert states[1] == {"Cached"}, states
+    assert (tmp_path / "dataset" / "dataset.json").is_file()
+
+
+@pytest.mark.skipif(not HAS_COMPARE, reason="flows/compare.py is not there yet")
+def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack, tmp_path: Path) -> None:
+    from tasks.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=0, matrix_sizes=(64,))
+    out_dir = tmp_path / "reports" / "smoke"
+    result, flow_run_id = stack.run_deployment("compare/on-demand", {
+        "source": str(cohort.dicom_dir), "labels": str(cohort.labels_path), "out_dir": str(out_dir),
+        "profile": "smoke", "arms": '["scratch"]', "image_size": "64", "bootstrap": "10", "calibrate": "false",
+    })
+    assert result.returncode == 0 and flow_run_id, result.stdout
+    flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=300)
+    assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
+
+    artifacts = {a["key"]: a for a in stack.artifacts(flow_run_id) if a.get("key")}
+    assert REPORT_ARTIFACT_KEYS <= set(artifacts), sorted(artifacts)
+    assert "report.html" in str(artifacts["ctcompare-report-link"]["data"])  # Prefect stores a link as markdown
+    assert (out_dir / "report.html").is_file()
+
+    messages = stack.log_messages(flow_run_id)
+    assert any("epoch 1/" in message for message in messages), messages[-20:]
+    identifiers = [value for value in cohort.identifiers if len(value) >= 6]
+    leaked = [value for value in identifiers if any(value in message for message in messages)]
+    assert not leaked, "identifiers in the run's logs"
