@@ -9,6 +9,7 @@ from pathlib import Path
 _STATE = Path(tempfile.mkdtemp(prefix="ctcompare-tests-"))
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
 os.environ["TORCH_HOME"] = str(_STATE / "torch")
@@ -25,3 +26,23 @@ def prefect_backend():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def resnet50_weights_file(tmp_path_factory: pytest.TempPathFactory):
+    """A torchvision-format ResNet-50 state dict named like torchvision's files (SHA-256 prefix in the name).
+
+    Random weights: no test touches the network, and the loading code is the same as for the real file.
+    """
+    import torch
+    from torchvision.models import resnet50
+
+    from tasks.io import sha256_file
+
+    directory = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(7)
+    tmp = directory / "resnet50.tmp"
+    torch.save(resnet50(weights=None).state_dict(), tmp)
+    path = directory / f"resnet50-{sha256_file(tmp)[:8]}.pth"
+    tmp.rename(path)
+    return path

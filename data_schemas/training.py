@@ -1,0 +1,365 @@
+"""Schemas of the training stage: profiles and arm configs (inputs), and every file a run writes (outputs).
+
+A run folder (one arm, one fold) holds, all validated by the classes below:
+    config.json         RunConfig: the resolved config (profile + arm defaults + --set overrides), seed, dataset
+                        hash, split file hash, weights identity, device, precision, and its own config_hash
+    metrics.csv         EpochMetrics rows, one per finished epoch (rewritten atomically from the checkpoint)
+    checkpoint_last.pt  torch checkpoint after every finished epoch (atomic; model, optimizer, step, history,
+                        early-stopping state, best weights when they are not the current ones)
+    best.pt             {"state_dict", "epoch", "val_auc", "config_hash", "arm"}: weights of the best epoch
+    predictions.csv     PredictionRow per test image (hashed keys only)
+    timing.json         TimingInfo
+    linear_model.json   LinearProbeModel (imagenet-linear arm only)
+    status.json         RunSummary; written last. Only status == "completed" means the outputs are final.
+
+The split file (splits.csv, SplitRow rows, plus splits.json, SplitsInfo) is shared by every arm of a comparison.
+Profiles live in profiles.json beside this file: {"profile": {"base": {...}, "arms": {"arm": {...}}}}; any key can
+be overridden with `--set key=value` (dotted for nested keys, e.g. augment.rotate_deg=5).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+try:  # the cost stage owns the arm names; fall back to the same literal if it is absent
+    from data_schemas.cost import ARM_NAMES, ArmName
+except ImportError:  # pragma: no cover - only when data_schemas/cost.py is missing
+    from typing import get_args
+
+    ArmName = Literal["scratch", "imagenet", "imagenet-linear"]  # type: ignore[misc]
+    ARM_NAMES = get_args(ArmName)
+
+TRAINING_SCHEMA_VERSION = "1.0"
+SPLITS_SCHEMA_VERSION = "1.0"
+
+PROFILES_FILE = Path(__file__).with_name("profiles.json")
+PROFILE_NAMES: tuple[str, ...] = ("smoke", "cpu", "full")
+PRETRAINED_ARMS: tuple[str, ...] = ("imagenet", "imagenet-linear")
+
+SPLITS_FILE = "splits.csv"
+SPLITS_INFO_FILE = "splits.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT_FILE = "checkpoint_last.pt"
+BEST_FILE = "best.pt"
+PREDICTIONS_FILE = "predictions.csv"
+TIMING_FILE = "timing.json"
+STATUS_FILE = "status.json"
+LINEAR_MODEL_FILE = "linear_model.json"
+FEATURES_FILE = "features.npz"
+
+# Grey-level input normalisation used by every arm: the mean of ImageNet's per-channel means and stds. The
+# pretrained conv1 is folded so that, on every position whose 7x7 window lies inside the image, it computes
+# exactly what the RGB network computes on the grey image replicated to 3 channels and normalised per channel.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+GRAY_MEAN: float = sum(IMAGENET_MEAN) / 3
+GRAY_STD: float = sum(IMAGENET_STD) / 3
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+class AugmentConfig(_Strict):
+    """Batched on-the-fly augmentation (one affine warp per batch on the in-memory tensor)."""
+
+    enabled: bool = True
+    rotate_deg: float = Field(default=10.0, ge=0, le=180, description="uniform rotation in +-rotate_deg")
+    scale_min: float = Field(default=0.9, gt=0)
+    scale_max: float = Field(default=1.1, gt=0)
+    translate: float = Field(default=0.05, ge=0, le=0.5, description="shift as a fraction of the image size")
+    hflip: bool = Field(default=False, description="left-right flip; off by default: CT left/right is anatomical")
+    brightness: float = Field(default=0.05, ge=0, description="additive intensity jitter, +-brightness")
+    contrast: float = Field(default=0.1, ge=0, description="multiplicative contrast jitter around the image mean")
+    noise_std: float = Field(default=0.01, ge=0, description="Gaussian noise std (in [0, 1] intensity units)")
+
+
+class LinearProbeConfig(_Strict):
+    """The imagenet-linear arm: logistic regression on frozen 2048-d features."""
+
+    Cs: int = Field(default=10, ge=1, description="number of C values on a log grid (LogisticRegressionCV)")
+    cv_folds: int = Field(default=5, ge=2, description="patient-grouped CV folds for choosing C")
+    max_iter: int = Field(default=2000, ge=10)
+
+
+class TrainConfig(_Strict):
+    """Every hyper-parameter and overfitting control of one arm; recorded whole in config.json."""
+
+    image_size: int = Field(ge=16, le=1024, description="the in-memory tensor is resized once to this size")
+    epochs: int = Field(ge=1, description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(ge=2)
+    eval_batch_size: int = Field(default=64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(gt=0, description="peak learning rate of the head (and of the backbone for scratch)")
+    backbone_lr_mult: float = Field(default=1.0, ge=0, description="backbone lr = lr * backbone_lr_mult")
+    freeze_epochs: int = Field(default=0, ge=0, description="head-only warm-up epochs (fastai fine_tune)")
+    weight_decay: float = Field(default=0.05, ge=0, description="not applied to norm and bias parameters")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=1.0, ge=0, description="linear warm-up at the start of each phase")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="dropout before the classifier")
+    class_balance: Literal["none", "loss_weights", "sampler"] = "loss_weights"
+    mixup_alpha: float = Field(default=0.0, ge=0, description="0 disables mixup")
+    early_stopping_patience: int | None = Field(default=3, ge=1, description="None disables early stopping")
+    early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    linear: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    test_fraction: float = Field(default=0.15, gt=0, lt=1)
+    positive_label: str | None = Field(default=None, description="None: the other label of one named like normal/negative/benign/0, else the last sorted label")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None keeps torch's default")
+    download_weights: bool = Field(default=True, description="try torchvision's download when the cache is empty")
+
+
+class ProfileSpec(_Strict):
+    """One profile in profiles.json: base values, then per-arm values on top."""
+
+    description: str = ""
+    base: dict[str, Any]
+    arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class WeightsInfo(_Strict):
+    """Where the pretrained weights of a run came from."""
+
+    source: Literal["file", "torch_hub_cache", "download"]
+    path: str
+    file_name: str
+    sha256: str
+    hash_checked: bool = Field(description="True when the file name carries a hash prefix and it matched")
+
+
+class RunConfig(_Strict):
+    """config.json of one run."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    arm: ArmName
+    profile: str
+    overrides: dict[str, str] = Field(default_factory=dict, description="--set key=value pairs as given")
+    seed: int
+    fold: int = Field(ge=0, description="the fold used for validation (0 without --folds)")
+    folds: int = Field(ge=1, description="folds in the split file (non-test patients)")
+    train: TrainConfig
+    dataset_hash: str
+    dataset_image_size: int
+    splits_path: str
+    splits_sha256: str
+    classes: list[str] = Field(description="[negative, positive] label names")
+    positive_label: str
+    n_train_images: int
+    n_val_images: int
+    n_test_images: int
+    n_train_patients: int
+    n_val_patients: int
+    n_test_patients: int
+    patient_overlap: int = Field(description="patients found in two parts (checked; must be 0)")
+    weights: WeightsInfo | None = None
+    device: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    channels_last: bool
+    num_threads: int
+    torch_version: str
+    torchvision_version: str
+    config_hash: str = Field(description="SHA-256 of everything above except run-local paths: the run's identity")
+    created_at: str
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+
+
+class EpochMetrics(_Strict):
+    """One row of metrics.csv."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    epoch: int = Field(ge=1)
+    phase: Literal["head", "full", "linear"]
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_auc: float | None = Field(default=None, description="None when the validation part has a single class")
+    lr_head: float | None = None
+    lr_backbone: float | None = None
+    images_per_second: float | None = Field(default=None, description="training images per second this epoch")
+    epoch_seconds: float
+    elapsed_seconds: float = Field(description="training wall time since the run first started, across resumes")
+    is_best: bool
+
+
+class PredictionRow(_Strict):
+    """One row of predictions.csv: a test image."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    image_key: str
+    patient_key: str
+    label: str
+    target: int = Field(ge=0, le=1, description="1 for the positive label")
+    prob_positive: float = Field(ge=0, le=1)
+
+
+class TimingInfo(_Strict):
+    """timing.json."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    wall_seconds: float = Field(description="whole run, this invocation plus resumed ones (training + eval)")
+    train_seconds: float = Field(description="time inside training epochs")
+    eval_seconds: float
+    feature_seconds: float | None = Field(default=None, description="imagenet-linear: the feature pass")
+    epochs_run: int
+    train_images_seen: int
+    images_per_second: float = Field(description="training images per second (imagenet-linear: feature pass)")
+    forward_flops_per_image: float = Field(description="FlopCounterMode count at the run's image size")
+    train_flops_per_image: float = Field(description="3x forward for a training step; forward only for linear")
+    achieved_flops_per_second: float
+    device: str
+    precision: str
+
+
+class LinearProbeModel(_Strict):
+    """linear_model.json: the fitted standardiser + logistic regression of the imagenet-linear arm."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    C: float
+    Cs_tried: list[float]
+    feature_mean: list[float]
+    feature_scale: list[float]
+    coef: list[float]
+    intercept: float
+    class_weight: str | None
+
+
+class RunSummary(_Strict):
+    """status.json, and what train_arm returns."""
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    arm: ArmName
+    status: Literal["running", "completed", "skipped", "failed"]
+    reason: str = ""
+    run_dir: str
+    fold: int = 0
+    config_hash: str = ""
+    epochs_run: int = 0
+    best_epoch: int | None = None
+    best_val_auc: float | None = None
+    test_auc: float | None = None
+    wall_seconds: float | None = None
+    updated_at: str
+
+
+# ------------------------------------------------------------------------------------------------------- splits
+
+
+class SplitRow(_Strict):
+    """One row of splits.csv (hashed keys only)."""
+
+    schema_version: Literal["1.0"] = SPLITS_SCHEMA_VERSION
+    image_key: str
+    patient_key: str
+    label: str
+    part: Literal["train", "val", "test"] = Field(description="the default hold-out: val is fold 0")
+    fold: int | None = Field(default=None, ge=0, description="CV fold of a non-test patient; None for test")
+
+
+class PartCounts(_Strict):
+    images: int
+    patients: int
+    labels: dict[str, int]
+
+
+class SplitsInfo(_Strict):
+    """splits.json, beside splits.csv: how the split was made and the overlap check."""
+
+    schema_version: Literal["1.0"] = SPLITS_SCHEMA_VERSION
+    dataset_hash: str
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    folds: int = Field(ge=1, description="CV folds over non-test patients (--folds K, else round((1-test)/val))")
+    folds_requested: int | None = None
+    splitter: str
+    parts: dict[str, PartCounts]
+    n_unlabeled_excluded: int
+    patient_overlap: int = Field(description="patients in two parts or two folds; checked, must be 0")
+    splits_sha256: str
+    created_at: str
+
+
+# ----------------------------------------------------------------------------------------------------- profiles
+
+
+def load_profiles(path: Path = PROFILES_FILE) -> dict[str, ProfileSpec]:
+    """Read profiles.json."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {name: ProfileSpec.model_validate(spec) for name, spec in raw.items() if not name.startswith("_")}
+
+
+def parse_override_value(text: str) -> Any:
+    """`--set` values: JSON when it parses (numbers, true/false, null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _apply_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"setting '{key}': '{part}' is not a group of settings")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+KNOWN_SETTINGS: tuple[str, ...] = tuple(_known_keys(TrainConfig))
+
+
+def resolve_train_config(profile: str, arm: str, overrides: dict[str, str] | None = None) -> TrainConfig:
+    """profile base -> profile arm section -> overrides (dotted keys, values parsed as JSON when possible).
+
+    Raises ValueError with one sentence for an unknown profile, arm, key, or a value that does not validate.
+    """
+    profiles = load_profiles()
+    if profile not in profiles:
+        raise ValueError(f"unknown profile '{profile}'; choose one of {', '.join(profiles)}.")
+    if arm not in ARM_NAMES:
+        raise ValueError(f"unknown arm '{arm}'; choose one of {', '.join(ARM_NAMES)}.")
+    spec = profiles[profile]
+    values: dict[str, Any] = json.loads(json.dumps(spec.base))
+    for key, value in spec.arms.get(arm, {}).items():
+        _apply_dotted(values, key, value)
+    for key, text in (overrides or {}).items():
+        if key not in KNOWN_SETTINGS:
+            raise ValueError(f"unknown setting '{key}' in --set; known settings: {', '.join(KNOWN_SETTINGS)}.")
+        _apply_dotted(values, key, parse_override_value(text))
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"invalid setting '{where}' for profile '{profile}': {first['msg']}.") from None

@@ -1,0 +1,88 @@
+"""The imagenet-linear arm: frozen ImageNet features computed once, then logistic regression with a
+cross-validated regularisation strength (patient-grouped folds inside the training part)."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.preprocessing import StandardScaler
+
+from data_schemas.training import LinearProbeConfig, LinearProbeModel
+from tasks.augment import normalise
+
+
+@torch.inference_mode()
+def extract_features(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> np.ndarray:
+    """(N, 1, S, S) [0, 1] images -> (N, 2048) float32 pooled features of a model whose fc is Identity."""
+    model.eval()
+    out = np.empty((images.shape[0], 2048), dtype=np.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for start in range(0, images.shape[0], batch_size):
+        x = normalise(images[start : start + batch_size]).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with context:
+            features = model(x)
+        out[start : start + x.shape[0]] = features.float().cpu().numpy()
+    return out
+
+
+def fit_linear_probe(
+    features: np.ndarray,
+    targets: np.ndarray,
+    groups: list[str],
+    config: LinearProbeConfig,
+    balanced: bool,
+    seed: int,
+) -> LinearProbeModel:
+    """Standardise, then LogisticRegressionCV (ROC AUC, log grid of Cs) with patient-grouped stratified folds."""
+    scaler = StandardScaler().fit(features)
+    z = scaler.transform(features)
+    n_groups_per_class = min(len({g for g, t in zip(groups, targets) if t == c}) for c in (0, 1))
+    n_splits = max(2, min(config.cv_folds, n_groups_per_class))
+    folds = list(
+        StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(z, targets, groups)
+    )
+    classifier = LogisticRegressionCV(
+        Cs=config.Cs,
+        cv=folds,
+        scoring="roc_auc",
+        class_weight="balanced" if balanced else None,
+        max_iter=config.max_iter,
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        classifier.fit(z, targets)
+    return LinearProbeModel(
+        C=float(np.ravel(classifier.C_)[0]),
+        Cs_tried=[float(c) for c in classifier.Cs_],
+        feature_mean=[float(v) for v in scaler.mean_],
+        feature_scale=[float(v) for v in scaler.scale_],
+        coef=[float(v) for v in classifier.coef_.ravel()],
+        intercept=float(np.ravel(classifier.intercept_)[0]),
+        class_weight="balanced" if balanced else None,
+    )
+
+
+def predict_linear_probe(model: LinearProbeModel, features: np.ndarray) -> np.ndarray:
+    """Probability of the positive class."""
+    z = (features - np.asarray(model.feature_mean)) / np.asarray(model.feature_scale)
+    logits = z @ np.asarray(model.coef) + model.intercept
+    return 1.0 / (1.0 + np.exp(-logits))

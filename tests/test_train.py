@@ -1,0 +1,266 @@
+"""Training stage end to end on a small synthetic dataset (smoke profile, CPU, no network)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_schemas.dataset import DatasetCard, DatasetFingerprint, ManifestRow, NumericSummary, WindowSpec
+from data_schemas.training import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    EpochMetrics,
+    LinearProbeModel,
+    PredictionRow,
+    RunConfig,
+    RunSummary,
+    SplitRow,
+    TimingInfo,
+)
+from flows.cli import UsageError
+from tasks.dataset_store import write_dataset
+from tasks.io import read_model_json, read_models_csv, sha256_file
+from tasks.train import TrainingInterrupted, _state_copy, predict_probs, choose_runtime, train_arm
+from data_schemas.training import resolve_train_config
+
+N_PATIENTS, PER_PATIENT, SIZE = 18, 3, 40
+
+
+def make_synthetic_dataset(root: Path, seed: int = 0) -> DatasetCard:
+    """Positive images carry a bright blob; negatives are noise. Keys look hashed, never real identifiers."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    images, rows = [], []
+    for p in range(N_PATIENTS):
+        label = "abnormal" if p % 2 else "normal"
+        for _ in range(PER_PATIENT):
+            img = 0.3 + 0.08 * rng.standard_normal((SIZE, SIZE))
+            if label == "abnormal":
+                cy, cx = rng.integers(SIZE // 4, 3 * SIZE // 4, 2)
+                img += 0.6 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (SIZE / 8) ** 2))
+            images.append(np.clip(img, 0, 1)[None])
+            i = len(rows)
+            rows.append(ManifestRow(
+                index=i, image_key=f"{i:064x}", patient_key=f"{p + 1000:064x}", study_key=f"s{p}", series_key=f"r{p}",
+                frame=0, label=label, rows=SIZE, columns=SIZE,
+            ))
+    stats = NumericSummary(count=0)
+    card = DatasetCard(
+        created_at="2024-01-01T00:00:00+00:00", ctcompare_version="test", image_size=SIZE, value_mapping="window",
+        window=WindowSpec(name="soft", level=40, width=400), interpolation="area", padding="zero",
+        n_images=len(rows), n_patients=N_PATIENTS, n_studies=N_PATIENTS, n_series=N_PATIENTS, n_files_seen=len(rows),
+        n_files_ingested=len(rows), n_files_quarantined=0, quarantine_reasons={},
+        label_distribution={"abnormal": len(rows) // 2, "normal": len(rows) // 2}, n_unlabeled_images=0,
+        fingerprint=DatasetFingerprint(matrix_sizes={f"{SIZE}x{SIZE}": len(rows)}, pixel_spacing_mm=stats,
+                                       slice_thickness_mm=stats, hounsfield_units=stats, manufacturers={},
+                                       transfer_syntaxes={}, kvp=stats),
+        content_hash="",
+    )
+    return write_dataset(root, np.stack(images).astype(np.float16), rows, card)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dataset")
+    make_synthetic_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights_file(resnet50_weights_file) -> Path:
+    """conftest's torchvision-style ResNet-50 state dict (random weights, hash prefix in the name)."""
+    return resnet50_weights_file
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def _cli(argv: list[str]) -> int:
+    from flows import train as train_flow_module
+
+    parser = argparse.ArgumentParser(prog="ctcompare")
+    train_flow_module.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError:
+        return 2
+
+
+def _metrics(run_dir: Path) -> list[EpochMetrics]:
+    return read_models_csv(run_dir / "metrics.csv", EpochMetrics)
+
+
+def _check_outputs(run_dir: Path) -> RunSummary:
+    summary = read_model_json(run_dir / "status.json", RunSummary)
+    assert summary.status == "completed", summary.reason
+    config = read_model_json(run_dir / "config.json", RunConfig)
+    assert config.patient_overlap == 0 and config.config_hash == summary.config_hash
+    read_model_json(run_dir / "timing.json", TimingInfo)
+    predictions = read_models_csv(run_dir / "predictions.csv", PredictionRow)
+    splits = read_models_csv(Path(config.splits_path), SplitRow)
+    test_keys = {r.image_key for r in splits if r.part == "test"}
+    assert {p.image_key for p in predictions} == test_keys
+    assert all(0.0 <= p.prob_positive <= 1.0 for p in predictions)
+    assert len(_metrics(run_dir)) == summary.epochs_run
+    return summary
+
+
+def test_scratch_arm_end_to_end_via_cli(dataset_dir, runs, capsys):
+    run_dir = runs / "scratch"
+    code = _cli(["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke", "--seed", "0"])
+    assert code == 0
+    summary = _check_outputs(run_dir)
+    assert summary.epochs_run == 2
+    config = read_model_json(run_dir / "config.json", RunConfig)
+    assert config.train.image_size == 32 and config.dataset_image_size == SIZE  # resized once in memory
+    assert config.weights is None and config.classes == ["normal", "abnormal"]
+    assert (runs / "splits.csv").is_file() and (runs / "splits.json").is_file()
+    metrics = _metrics(run_dir)
+    assert all(m.train_loss is not None and m.images_per_second > 0 and m.lr_head is not None for m in metrics)
+    assert "completed" in capsys.readouterr().out
+
+    # a second run with the same configuration is not trained again
+    stamp = (run_dir / CHECKPOINT_FILE).stat().st_mtime_ns
+    assert _cli(["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke"]) == 0
+    assert (run_dir / CHECKPOINT_FILE).stat().st_mtime_ns == stamp
+
+
+def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):
+    run_dir = runs / "scratch"  # made by the test above
+    metrics = _metrics(run_dir)
+    aucs = [m.val_auc for m in metrics]
+    best_epoch = 1 + int(np.argmax(aucs))  # first maximum: later ties are not improvements
+    best = torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)
+    assert best["epoch"] == best_epoch
+    assert [m.epoch for m in metrics if m.is_best][-1] == best_epoch
+    # the test predictions were made with exactly these weights
+    config = read_model_json(run_dir / "config.json", RunConfig)
+    from tasks.models import scratch_resnet50
+    from tasks.augment import images_to_tensor
+    from tasks.dataset_store import load_dataset
+
+    model = scratch_resnet50(dropout=config.train.dropout)
+    model.load_state_dict(best["state_dict"])
+    predictions = read_models_csv(run_dir / "predictions.csv", PredictionRow)
+    dataset = load_dataset(dataset_dir)
+    index_of = {r.image_key: r.index for r in dataset.manifest}
+    x = images_to_tensor(dataset.images[[index_of[p.image_key] for p in predictions]], config.train.image_size)
+    runtime = choose_runtime(config.train)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    probs, _ = predict_probs(model, x, runtime, 64)
+    assert np.allclose(probs, [p.prob_positive for p in predictions], atol=1e-5)
+
+
+def test_best_state_is_a_real_copy():
+    model = torch.nn.Linear(3, 2)
+    copy = _state_copy(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not torch.equal(copy["weight"], model.weight)
+
+
+def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset_dir, runs, monkeypatch):
+    """A crash after epoch 1; the task's Prefect retry resumes (as --resume does) and finishes epoch 2 only."""
+    from prefect import flow
+
+    import tasks.train as train_module
+
+    reference = _metrics(runs / "scratch")  # uninterrupted, same seed and config
+    run_dir = runs / "scratch-interrupted"
+    calls: list[dict] = []
+    real_train_arm = train_module.train_arm
+
+    def flaky_train_arm(*args, **kwargs):
+        record = {"resume": args[7], "epochs": []}
+        calls.append(record)
+
+        def on_epoch_end(epoch: int) -> None:
+            record["epochs"].append(epoch)
+            if len(calls) == 1:
+                assert len(_metrics(run_dir)) == 1 and (run_dir / CHECKPOINT_FILE).is_file()
+                raise TrainingInterrupted("simulated crash after epoch 1")
+
+        return real_train_arm(*args, on_epoch_end=on_epoch_end, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_arm", flaky_train_arm)
+
+    @flow
+    def one_arm():
+        return train_module.train_arm_task(dataset_dir, "scratch", run_dir, "smoke", None, None, 0, False)
+
+    summary = one_arm()
+    assert summary.status == "completed"
+    assert [c["resume"] for c in calls] == [False, True]
+    assert calls[0]["epochs"] == [1] and calls[1]["epochs"] == [2]  # epoch 1 was not trained again
+    resumed = _metrics(run_dir)
+    assert [m.epoch for m in resumed] == [1, 2]
+    # same seed, same split: the same first-epoch loss on the CPU; and the resumed epoch equals the uninterrupted one
+    assert resumed[0].train_loss == pytest.approx(reference[0].train_loss, rel=1e-4)
+    assert resumed[1].train_loss == pytest.approx(reference[1].train_loss, rel=1e-4)
+    assert resumed[1].val_auc == pytest.approx(reference[1].val_auc, abs=1e-6)
+
+
+def test_imagenet_arm_uses_weights_file(dataset_dir, runs, weights_file):
+    run_dir = runs / "imagenet"
+    summary = train_arm(dataset_dir, "imagenet", run_dir, profile="smoke", seed=0, weights_path=weights_file)
+    assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 2
+    config = read_model_json(run_dir / "config.json", RunConfig)
+    assert config.weights is not None and config.weights.sha256 == sha256_file(weights_file) and config.weights.hash_checked
+    assert config.splits_sha256 == read_model_json(runs / "scratch" / "config.json", RunConfig).splits_sha256
+    metrics = _metrics(run_dir)
+    assert metrics[0].phase == "head" and metrics[0].lr_backbone == 0.0  # head-only warm-up epoch
+    assert metrics[1].phase == "full" and 0 < metrics[1].lr_backbone < metrics[1].lr_head
+
+
+def test_linear_arm(dataset_dir, runs, weights_file):
+    run_dir = runs / "linear"
+    summary = train_arm(dataset_dir, "imagenet-linear", run_dir, profile="smoke", seed=0, weights_path=weights_file)
+    assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 1
+    probe = read_model_json(run_dir / "linear_model.json", LinearProbeModel)
+    assert len(probe.coef) == 2048 and probe.C in probe.Cs_tried
+    assert _metrics(run_dir)[0].phase == "linear"
+
+
+def test_pretrained_arm_without_weights_is_skipped(dataset_dir, runs, capsys):
+    run_dir = runs / "imagenet-offline"
+    code = _cli(["train", str(dataset_dir), "--arm", "imagenet", "--out", str(run_dir), "--profile", "smoke",
+                 "--set", "download_weights=false"])
+    assert code == 0
+    summary = read_model_json(run_dir / "status.json", RunSummary)
+    assert summary.status == "skipped" and "--weights" in summary.reason
+    assert "skipped" in capsys.readouterr().out
+    assert not (run_dir / "predictions.csv").exists()
+
+
+def test_bad_weights_file_is_a_clear_error(dataset_dir, runs, weights_file, tmp_path, capsys):
+    truncated = tmp_path / "broken.pth"
+    truncated.write_bytes(weights_file.read_bytes()[:1000])
+    run_dir = runs / "imagenet-broken"
+    code = _cli(["train", str(dataset_dir), "--arm", "imagenet", "--out", str(run_dir), "--profile", "smoke",
+                 "--weights", str(truncated)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "not a readable PyTorch state dict" in err and str(truncated) in err
+    assert read_model_json(run_dir / "status.json", RunSummary).status == "failed"
+
+
+def test_bad_arguments_are_usage_errors(dataset_dir, runs, tmp_path):
+    base = ["train", str(dataset_dir), "--arm", "scratch", "--out", str(runs / "x"), "--profile", "smoke"]
+    assert _cli(base + ["--set", "no_such_key=1"]) == 2
+    assert _cli(base + ["--set", "epochs=zero"]) == 2
+    assert _cli(base + ["--set", "epochs"]) == 2
+    assert _cli(["train", str(tmp_path), "--arm", "scratch", "--out", str(runs / "x")]) == 2
+    assert _cli(base + ["--weights", str(tmp_path / "missing.pth")]) == 2
+
+
+def test_overrides_are_recorded():
+    config = resolve_train_config("smoke", "imagenet", {"augment.hflip": "true", "mixup_alpha": "0.2"})
+    assert config.augment.hflip is True and config.mixup_alpha == 0.2 and config.freeze_epochs == 1
