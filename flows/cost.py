@@ -30,7 +30,7 @@ from tasks.cost import (
     resolve_cost_inputs,
     write_task,
 )
-from tasks.io import sha256_file
+from data_schemas.files import sha256_file
 
 ARTIFACT_KEY = "ctcompare-cost"
 

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from data_schemas.dataset import CACHE_DIR, WindowSpec
+from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
 from flows.runners import running_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
@@ -69,6 +69,7 @@ def ingest_flow(
 
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
+    (out / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
     n_workers = workers or os.cpu_count() or 1
     chunks = chunk_sources(sources, n_workers)

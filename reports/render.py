@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import ValidationError
 
+from data_schemas.files import atomic_write_bytes, atomic_write_text
 from data_schemas.report import (
     FIGURES_DIR,
     METRIC_NAMES,
@@ -65,26 +64,6 @@ SECTION_IDS: tuple[str, ...] = (
 )
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file and os.replace (same recipe as tasks.io, which reports may not import)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write UTF-8 text."""
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------- formatting
@@ -362,16 +341,16 @@ def render_report(results: ComparisonResults, out_dir: Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for fig in figures.values():
         path = out_dir / FIGURES_DIR / fig.name
-        _atomic_write_bytes(path, fig.png)
+        atomic_write_bytes(path, fig.png)
         paths[f"figure:{fig.name}"] = path
     results_path = out_dir / RESULTS_FILE
-    _atomic_write_text(results_path, results.model_dump_json(indent=2) + "\n")
+    atomic_write_text(results_path, results.model_dump_json(indent=2) + "\n")
     paths["results"] = results_path
     md_path = out_dir / REPORT_MD_FILE
-    _atomic_write_text(md_path, _environment(False).get_template("report.md.j2").render(**context))
+    atomic_write_text(md_path, _environment(False).get_template("report.md.j2").render(**context))
     paths["markdown"] = md_path
     html_path = out_dir / REPORT_HTML_FILE
-    _atomic_write_text(html_path, _environment(True).get_template("report.html.j2").render(**context))
+    atomic_write_text(html_path, _environment(True).get_template("report.html.j2").render(**context))
     paths["html"] = html_path
     return paths
 
@@ -425,7 +404,7 @@ def update_index(reports_root: Path) -> Path:
     runs.sort(key=lambda run: run["created_at"], reverse=True)
     html = _environment(True).get_template("index.html.j2").render(runs=runs, broken=broken)
     index = root / INDEX_FILE
-    _atomic_write_text(index, html)
+    atomic_write_text(index, html)
     return index
 
 

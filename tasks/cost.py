@@ -57,7 +57,7 @@ from data_schemas.cost import (
     MemoryEstimate,
     Precision,
 )
-from tasks.io import read_model_json, sha256_file, sha256_json, write_model_json
+from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 MEMORY_USABLE_FRACTION = 0.9  # leave 10% of device memory for the framework, kernels' workspace and fragmentation

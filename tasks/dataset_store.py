@@ -15,7 +15,7 @@ from data_schemas.dataset import (
     DatasetCard,
     ManifestRow,
 )
-from tasks.io import read_model_json, read_models_csv, write_model_json, write_models_csv
+from data_schemas.files import read_model_json, read_models_csv, write_model_json, write_models_csv
 
 
 @dataclass

@@ -54,7 +54,7 @@ from data_schemas.training import (
     TimingInfo,
 )
 from tasks.cost import estimated_seconds_for
-from tasks.io import read_model_json, read_models_csv
+from data_schemas.files import read_model_json, read_models_csv
 from tasks.statistics import (
     ArmSummary,
     binary_metrics,

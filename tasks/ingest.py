@@ -40,7 +40,7 @@ from data_schemas.dataset import (
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
 from tasks.dataset_store import write_dataset
 from tasks.dicom_io import Rejected, read_ct_file
-from tasks.io import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
+from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
 from tasks.preprocess import hu_frame_to_image, window_level_width
 from tasks.pseudonymize import load_or_create_secret, pseudonym
 

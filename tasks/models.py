@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models import ResNet, ResNet50_Weights, resnet50
 
 from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, WeightsInfo
-from tasks.io import sha256_file
+from data_schemas.files import sha256_file
 
 FEATURE_DIM = 2048
 IMAGENET_WEIGHTS = (ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1)

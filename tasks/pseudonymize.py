@@ -18,7 +18,7 @@ def load_or_create_secret(private_dir: Path) -> bytes:
     from_env = os.environ.get(HMAC_KEY_ENV)
     if from_env:
         return from_env.encode("utf-8")
-    private_dir.mkdir(parents=True, exist_ok=True)
+    private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # only the owner may read the private part
     key_path = private_dir / KEY_FILE_NAME
     if key_path.exists():
         return key_path.read_bytes().strip()

@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from data_schemas.dataset import ManifestRow
 from data_schemas.training import SPLITS_INFO_FILE, PartCounts, SplitRow, SplitsInfo
-from tasks.io import read_model_json, read_models_csv, sha256_file, write_model_json, write_models_csv
+from data_schemas.files import read_model_json, read_models_csv, sha256_file, write_model_json, write_models_csv
 
 
 class SplitsMismatchError(ValueError):

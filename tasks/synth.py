@@ -54,10 +54,10 @@ from data_schemas.synth import (
     SynthParameters,
     ValueRange,
 )
-from tasks.io import atomic_write_bytes, read_model_json, write_model_json, write_models_csv
+from data_schemas.files import atomic_write_bytes, read_model_json, write_model_json, write_models_csv
 
 # Bump when the rendering or header content changes: an existing cohort.json with another version is stale.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 DEFAULT_MATRIX_SIZES: tuple[int, ...] = (512, 256)
 MAX_PATIENTS = 20_000
@@ -340,9 +340,10 @@ def _draw_nodules(rng: np.random.Generator, plan: PatientPlan) -> tuple[Nodule, 
     attempts = 0
     while len(nodules) < count:
         attempts += 1
-        # Small nodules are the common case; big ones are easy, so they are rarer.
-        diameter = float(np.clip(3.0 + rng.gamma(2.0, 2.2), 3.0, 15.0 if attempts < 200 else 5.0))
-        solid = rng.random() < 0.6
+        # 8-26 mm (mean ~14 mm): at the cpu profile's 112-128 px a pixel is ~3 mm, so smaller nodules would be
+        # invisible to the model; bigger ones are easy, so they are rarer. Vessels (<= 7.4 mm) remain decoys.
+        diameter = float(np.clip(8.0 + rng.gamma(2.0, 3.0), 8.0, 26.0 if attempts < 200 else 10.0))
+        solid = rng.random() < 0.75
         radius = math.sqrt(rng.random()) * 0.75
         theta = rng.uniform(0, 2 * math.pi)
         candidate = Nodule(

@@ -51,7 +51,7 @@ from data_schemas.training import (
 )
 from tasks.augment import augment_batch, images_to_tensor, mixup, normalise
 from tasks.dataset_store import load_dataset
-from tasks.io import atomic_write_bytes, read_model_json, sha256_json, write_model_json, write_models_csv
+from data_schemas.files import atomic_write_bytes, read_model_json, sha256_json, write_model_json, write_models_csv
 from tasks.linear_probe import extract_features, fit_linear_probe, predict_linear_probe
 from tasks.models import (
     WeightsUnavailableError,

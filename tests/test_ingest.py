@@ -14,7 +14,7 @@ from data_schemas.dataset import DatasetCard, ManifestRow, QuarantineRow, Window
 from flows.ingest import ingest_flow
 from tasks.dataset_store import load_dataset
 from tasks.ingest import IngestError
-from tasks.io import read_models_csv
+from data_schemas.files import read_models_csv
 from tasks.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
 from tests.dicom_factory import ct_variant, multiframe_ct, pydicom_file, write_bad_inputs
 
@@ -176,3 +176,12 @@ def test_hmac_key_file_is_private_when_no_env_secret(tmp_path: Path, monkeypatch
     first = (out / "manifest.csv").read_text()
     ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "other"), size=32, workers=1)
     assert (tmp_path / "other/manifest.csv").read_text() != first  # another dataset, another secret
+
+
+def test_private_part_is_owner_only_and_shareable_files_are_readable(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    ct_variant(src / "a.dcm", patient_id="P1")
+    out = tmp_path / "dataset"
+    ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert (out / "private").stat().st_mode & 0o077 == 0
+    assert (out / "manifest.csv").stat().st_mode & 0o044 == 0o044

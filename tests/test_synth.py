@@ -16,7 +16,7 @@ from pydicom.uid import CTImageStorage, RLELossless
 
 from data_schemas.synth import COHORT_CARD_FILE, CohortCard, IdentifiersFile, LabelRow
 from flows.cli import main
-from tasks.io import read_model_json, read_models_csv
+from data_schemas.files import read_model_json, read_models_csv
 from tasks.synth import (
     CohortMismatchError,
     plan_cohort,
@@ -113,7 +113,7 @@ def test_every_slice_of_a_nodule_patient_shows_a_nodule_inside_the_lung():
             changed = np.abs(with_nodule - without) > 100
             assert changed.sum() >= 3  # visible in this slice
             assert np.median(without[changed]) < -500  # and drawn on lung, not on the mediastinum
-        assert all(3.0 <= n.diameter_mm <= 15.0 and -300 <= n.core_hu <= 100 for n in plan.nodules)
+        assert all(8.0 <= n.diameter_mm <= 26.0 and -300 <= n.core_hu <= 100 for n in plan.nodules)
 
 
 def test_identifiers_are_in_headers_and_in_the_private_file(cohort, datasets):

@@ -1,4 +1,5 @@
-"""Small file helpers shared by every stage: atomic writes, schema-validated JSON and CSV, content hashes."""
+"""Reading and writing schema files, shared by every stage and the report: atomic writes, validated JSON and CSV,
+content hashes. Standard library and pydantic only, so that `reports` can use it too."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; give the file the permissions an ordinary open() would (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
