@@ -114,6 +114,7 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     linear: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    train_fraction: float = Field(default=1.0, gt=0, le=1, description="share of training patients used (data-efficiency curves)")
     test_fraction: float = Field(default=0.15, gt=0, lt=1)
     positive_label: str | None = Field(default=None, description="None: the other label of one named like normal/negative/benign/0, else the last sorted label")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -47,9 +47,12 @@ def prepare_split(dataset_dir: Path, splits_path: Path, seed: int, profile: str,
 
 
 @task(name="evaluate-arms", cache_policy=NO_CACHE)
-def evaluate_arms(dataset_dir: Path, splits_path: Path, run_dirs: dict[str, Path], cost_path: Path, run_id: str, seed: int, n_bootstrap: int, command: str) -> ComparisonResults:
+def evaluate_arms(
+    dataset_dir: Path, splits_path: Path, run_dirs: dict[str, Path], cost_path: Path, run_id: str, seed: int, n_bootstrap: int,
+    command: str, fold_dirs: dict[str, list[Path]] | None, fraction_dirs: dict[str, dict[float, Path]] | None,
+) -> ComparisonResults:
     """Test metrics with patient-level intervals and paired tests, from the arms' validated outputs."""
-    return build_results(dataset_dir, splits_path, run_dirs, cost_path, run_id, seed, n_bootstrap, command)
+    return build_results(dataset_dir, splits_path, run_dirs, cost_path, run_id, seed, n_bootstrap, command, fold_dirs, fraction_dirs)
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -87,6 +90,7 @@ def compare_flow(
     weights: str | None = None,
     seed: Annotated[int, Field(ge=0)] = 0,
     folds: Annotated[int, Field(ge=2, le=20)] | None = None,
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = None,
     settings: dict[str, str] | None = None,
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224,
     bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000,
@@ -114,27 +118,37 @@ def compare_flow(
         arms=list(arms), head_warmup_epochs=min(plan.freeze_epochs, plan.epochs), out_dir=report_dir, calibrate=calibrate,
     )
 
-    fold_list = list(range(folds)) if folds else [None]
-    runs: dict[str, Path] = {}
+    # Every training run of the comparison: (arm, fold, fraction) -> run folder. The main run of an arm is
+    # fold 0 on all training patients; folds and fractions add runs beside it.
+    plan_runs: dict[tuple[str, int | None, float], Path] = {}
+    for arm in arms:
+        for fold in (range(folds) if folds else [None]):
+            plan_runs[(arm, fold, 1.0)] = report_dir / "runs" / arm / ("main" if not fold else f"fold-{fold}")
+        for fraction in fractions or []:
+            if fraction < 1.0:
+                plan_runs[(arm, None, fraction)] = report_dir / "runs" / arm / f"fraction-{fraction:g}"
     with ThreadPoolTaskRunner(max_workers=parallel_arms) as runner:
-        futures = []
-        for arm in arms:
-            for fold in fold_list:
-                run_dir = report_dir / "runs" / (arm if fold is None else f"{arm}-fold{fold}")
-                runs[arm if fold is None else f"{arm}-fold{fold}"] = run_dir
-                futures.append(runner.submit(train_arm_task, {
-                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
-                    "overrides": overrides, "weights_path": Path(weights) if weights else None, "seed": seed,
-                    "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
-                }))
+        futures = [
+            runner.submit(train_arm_task, {
+                "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
+                "overrides": {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides,
+                "weights_path": Path(weights) if weights else None, "seed": seed,
+                "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
+            })
+            for (arm, fold, fraction), run_dir in plan_runs.items()
+        ]
         for future in futures:
-            summary = future.result(raise_on_failure=False)
-            if not hasattr(summary, "status"):
-                logger.warning("An arm failed: %s", str(summary).splitlines()[0] if str(summary) else type(summary).__name__)
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
 
+    main_runs = {arm: plan_runs[(arm, 0 if folds else None, 1.0)] for arm in arms}
+    fold_dirs = {arm: [plan_runs[(arm, k, 1.0)] for k in range(folds)] for arm in arms} if folds else None
+    fraction_dirs = {arm: {f: plan_runs.get((arm, None, f), main_runs[arm]) for f in fractions} for arm in arms} if fractions else None
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     command = f"ctcompare compare --profile {profile} --arms {' '.join(arms)} --seed {seed}" + (f" --folds {folds}" if folds else "")
-    results = evaluate_arms(dataset_dir, splits_path, runs, report_dir / "cost.json", run_id, seed, bootstrap, command)
+    command += f" --fractions {','.join(f'{f:g}' for f in fractions)}" if fractions else ""
+    results = evaluate_arms(dataset_dir, splits_path, main_runs, report_dir / "cost.json", run_id, seed, bootstrap, command, fold_dirs, fraction_dirs)
     html = write_report(results, report_dir)
 
     create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results), description="Comparison summary and recommendation")
@@ -162,11 +176,26 @@ def _settings(pairs: list[str] | None) -> dict[str, str]:
     return settings
 
 
+def _fractions(text: str | None) -> list[float] | None:
+    from flows.cli import UsageError
+
+    if not text:
+        return None
+    try:
+        values = sorted({float(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}.") from None
+    if not values or values[0] <= 0 or values[-1] > 1:
+        raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}.")
+    return values
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from flows.cli import UsageError
 
     arms = _comma_list(args.arms) or list(DEFAULT_ARMS)
     settings = _settings(args.set)
+    fractions = _fractions(args.fractions)
     try:
         check_compare_arguments(Path(args.source).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None,
                                 Path(args.weights) if args.weights else None, arms, args.profile, settings)
@@ -174,7 +203,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     summary = compare_flow(
         source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
-        seed=args.seed, folds=args.folds, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
+        seed=args.seed, folds=args.folds, fractions=fractions, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
         parallel_arms=args.parallel_arms,
     )
     print(f"Report: {summary['report']}")
@@ -212,6 +241,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", help="ImageNet (or other torchvision-format) ResNet-50 state dict for the pretrained arms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=None, help="K-fold cross-validation on the non-test patients")
+    parser.add_argument("--fractions", help="data-efficiency curve: train each arm on these shares of the training patients, e.g. 0.1,0.25,0.5,1.0")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")

@@ -22,8 +22,11 @@ from data_schemas.cost import THIS_MACHINE, CostReport as CostFile
 from data_schemas.dataset import DatasetCard
 from data_schemas.report import (
     ArmResult,
+    ArmFolds,
     CalibrationBin,
     ComparisonResults,
+    DataEfficiencyPoint,
+    FoldMetrics,
     ConfusionMatrix,
     Convergence,
     CostReport,
@@ -178,18 +181,14 @@ def read_arm(arm: str, run_dir: Path, cost_file: CostFile | None, n_bootstrap: i
         "profile": config.profile, "overrides": config.overrides, "train": config.train.model_dump(mode="json"),
         "precision": config.precision, "channels_last": config.channels_last, "device": config.device,
         "weights": None if config.weights is None else {"file": config.weights.file_name, "sha256": config.weights.sha256, "source": config.weights.source},
-        "config_hash": config.config_hash,
+        "classes": config.classes, "config_hash": config.config_hash,
     }
     if status.status != "completed":
         reason = status.reason or f"the run ended as {status.status}"
         return ArmResult(name=arm, status="skipped" if status.status == "skipped" else "failed", reason=reason,
                          config=config_dict, seed=None if config is None else config.seed), None
 
-    rows = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
-    predictions = ArmPredictions(
-        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
-        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows]),
-    )
+    _, predictions = _read_predictions(run_dir)
     history = read_models_csv(run_dir / METRICS_FILE, EpochMetrics) if (run_dir / METRICS_FILE).is_file() else []
     timing = read_model_json(run_dir / TIMING_FILE, TimingInfo) if (run_dir / TIMING_FILE).is_file() else None
     val_aucs = [m.val_auc for m in history]
@@ -241,6 +240,57 @@ def paired_comparisons(predictions: dict[str, ArmPredictions]) -> tuple[list[Pai
     return comparisons, delongs
 
 
+def _read_predictions(run_dir: Path) -> tuple[RunConfig | None, ArmPredictions] | None:
+    """A completed run's config and test predictions; None for a run that did not complete."""
+    status_path = run_dir / STATUS_FILE
+    if not status_path.is_file() or read_model_json(status_path, RunSummary).status != "completed":
+        return None
+    rows = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
+    config = read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None
+    return config, ArmPredictions(
+        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
+        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows]),
+    )
+
+
+def fold_summary(arm: str, fold_dirs: list[Path]) -> ArmFolds | None:
+    """Test metrics of each cross-validation fold's model, and their mean and standard deviation (ddof=1)."""
+    per_fold = []
+    for fold, run_dir in enumerate(fold_dirs):
+        found = _read_predictions(run_dir)
+        if found is None:
+            continue
+        config, predictions = found
+        metrics = {k: v for k, v in binary_metrics(predictions.targets, predictions.probs).items() if math.isfinite(v)}
+        per_fold.append(FoldMetrics(fold=fold, n_train_patients=config.n_train_patients if config else None,
+                                    n_test_patients=len(set(predictions.patient_keys)), metrics=metrics))
+    if not per_fold:
+        return None
+    names = sorted(set.intersection(*(set(f.metrics) for f in per_fold)))
+    values = {name: np.array([f.metrics[name] for f in per_fold]) for name in names}
+    return ArmFolds(
+        arm=arm, per_fold=per_fold, mean={n: float(v.mean()) for n, v in values.items()},
+        std={n: float(v.std(ddof=1)) if v.size > 1 else 0.0 for n, v in values.items()},
+    )
+
+
+def efficiency_points(arm: str, fraction_dirs: dict[float, Path], n_bootstrap: int, seed: int) -> list[DataEfficiencyPoint]:
+    """Test AUC (patient-level 95% CI) of the arm trained on each fraction of the training patients."""
+    points = []
+    for fraction, run_dir in sorted(fraction_dirs.items()):
+        found = _read_predictions(run_dir)
+        if found is None:
+            continue
+        config, predictions = found
+        auc = bootstrap_ci(predictions.targets, predictions.probs, predictions.patient_keys, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
+        points.append(DataEfficiencyPoint(
+            arm=arm, fraction=fraction, n_train_patients=config.n_train_patients if config else 0,
+            n_train_images=config.n_train_images if config else None,
+            test_auc=MetricValue(value=_finite(auc.value), ci_low=_finite(auc.ci_low), ci_high=_finite(auc.ci_high)),
+        ))
+    return points
+
+
 def build_results(
     dataset_dir: Path,
     splits_path: Path,
@@ -250,8 +300,14 @@ def build_results(
     seed: int = 0,
     n_bootstrap: int = 1000,
     command: str = "",
+    fold_dirs: dict[str, list[Path]] | None = None,
+    fraction_dirs: dict[str, dict[float, Path]] | None = None,
 ) -> ComparisonResults:
-    """Assemble every number of the report from the validated files of the earlier stages."""
+    """Assemble every number of the report from the validated files of the earlier stages.
+
+    run_dirs: the main run of each arm (fold 0, all training patients); fold_dirs: every fold's run per arm
+    (--folds K); fraction_dirs: runs on fractions of the training patients per arm (--fractions).
+    """
     card = read_model_json(Path(dataset_dir) / "dataset.json", DatasetCard)
     rows = read_models_csv(splits_path, SplitRow)
     info = read_model_json(splits_path.with_suffix(".json"), SplitsInfo)
@@ -277,14 +333,15 @@ def build_results(
         )
         for a in arms
     ]
-    labels = sorted({r.label for r in rows})
-    positive = next((a.config.get("train", {}).get("positive_label") for a in arms if a.config.get("train", {}).get("positive_label")), None)
-    classes = labels if positive is None else [label for label in labels if label != positive] + [positive]
+    # [negative, positive] as the training stage resolved them; any run of the comparison will do.
+    classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return ComparisonResults(
         run_id=run_id, created_at=created,
         dataset=DatasetSummary(card=card, classes=classes, positive_class=classes[-1], name=Path(dataset_dir).name),
         split=split_summary(rows, info), arms=arms, comparisons=comparisons,
+        folds=[f for arm, dirs in (fold_dirs or {}).items() if (f := fold_summary(arm, dirs)) is not None] or None,
+        data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, n_bootstrap, seed)] or None,
         recommendation=recommend(summaries, delongs),
         reproducibility=Reproducibility(
             run_id=run_id, created_at=created, dataset_hash=card.content_hash,

@@ -117,6 +117,25 @@ def parts_for_fold(rows: Sequence[SplitRow], fold: int | None = None) -> dict[st
     return parts
 
 
+def subsample_patients(rows: Sequence[SplitRow], fraction: float, seed: int) -> list[SplitRow]:
+    """Keep a share of the patients (all their images), per label so the class balance stays; deterministic.
+
+    Used for data-efficiency curves: the same seed gives nested subsets (the 25% patients include the 10%).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}.")
+    if fraction == 1:
+        return list(rows)
+    label_of = {row.patient_key: row.label for row in rows}
+    keep: set[str] = set()
+    for label in sorted(set(label_of.values())):
+        patients = sorted(p for p, lab in label_of.items() if lab == label)
+        order = np.random.default_rng([seed, len(patients)]).permutation(len(patients))
+        n_keep = max(1, int(round(fraction * len(patients))))
+        keep.update(patients[i] for i in order[:n_keep])
+    return [row for row in rows if row.patient_key in keep]
+
+
 def _counts(rows: Sequence[SplitRow]) -> PartCounts:
     return PartCounts(
         images=len(rows), patients=len({r.patient_key for r in rows}), labels=dict(sorted(Counter(r.label for r in rows).items()))

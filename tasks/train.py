@@ -63,7 +63,7 @@ from tasks.models import (
     resolve_imagenet_weights,
     scratch_resnet50,
 )
-from tasks.splits import count_patient_overlap, ensure_splits, n_folds, parts_for_fold
+from tasks.splits import count_patient_overlap, ensure_splits, n_folds, parts_for_fold, subsample_patients
 
 CHECKPOINT_FORMAT = 1
 NEGATIVE_LABEL_NAMES = frozenset({"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"})
@@ -668,6 +668,7 @@ def train_arm(
     )
     fold_index = fold or 0
     parts = parts_for_fold(rows, fold_index)
+    parts["train"] = subsample_patients(parts["train"], config.train_fraction, seed)
     classes, positive = _classes(rows, config.positive_label)
     overlap = count_patient_overlap(rows)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,20 @@ def test_overlap_is_detected():
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(ValueError, match="too few"):
         make_splits(_manifest(3), seed=0, val_fraction=0.2, test_fraction=0.2)
+
+
+def test_subsample_patients_keeps_whole_patients_per_label_and_nests() -> None:
+    from data_schemas.training import SplitRow
+    from tasks.splits import subsample_patients
+
+    rows = [
+        SplitRow(image_key=f"i{p}-{k}", patient_key=f"p{p}", label="nodule" if p % 2 else "normal", part="train", fold=0)
+        for p in range(20) for k in range(3)
+    ]
+    small = subsample_patients(rows, 0.2, seed=1)
+    larger = subsample_patients(rows, 0.5, seed=1)
+    patients_small = {r.patient_key for r in small}
+    assert len(patients_small) == 4 and len(small) == 12  # 2 per label, every image of each
+    assert {r.label for r in small} == {"nodule", "normal"}
+    assert patients_small <= {r.patient_key for r in larger}
+    assert subsample_patients(rows, 1.0, seed=1) == rows

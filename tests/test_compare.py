@@ -1,0 +1,151 @@
+"""The main job end to end on the smoke profile: DICOM folder -> dataset -> cost -> arms -> report, plus privacy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.sorting import FlowRunSort
+
+from data_schemas.report import ComparisonResults
+from flows.cli import main
+from reports.render import SECTION_IDS
+from tasks.synth import synthesize_cohort
+
+SHAREABLE_SUFFIXES = {".html", ".md", ".json", ".csv", ".txt"}
+ALWAYS_PRESENT_SECTIONS = [s for s in SECTION_IDS if s not in {"folds", "data-efficiency"}]
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.add(values["id"])
+        if tag == "img":
+            self.images.append(values.get("src") or "")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory):
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=12, slices_per_patient=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def full_run(cohort, resnet50_weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reports") / "run-all-arms"
+    code = main([
+        "compare", str(cohort.dicom_dir), "--labels", str(cohort.labels_path), "--out", str(out), "--profile", "smoke",
+        "--weights", str(resnet50_weights_file), "--no-calibrate", "--bootstrap", "50", "--set", "download_weights=false",
+    ])
+    assert code == 0
+    return out
+
+
+def shareable_files(root: Path) -> list[Path]:
+    """Every text file a reviewer may receive: all but the dataset's private part and quarantine list."""
+    return [
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in SHAREABLE_SUFFIXES and "private" not in p.parts and p.name != "quarantine.csv"
+    ]
+
+
+def test_compare_writes_a_complete_report(full_run: Path) -> None:
+    results = ComparisonResults.model_validate_json((full_run / "results.json").read_text())
+    assert {arm.name: arm.status for arm in results.arms} == {"scratch": "completed", "imagenet": "completed", "imagenet-linear": "completed"}
+    assert results.split.no_patient_overlap
+    assert len(results.comparisons) == 3
+    for comparison in results.comparisons:
+        assert comparison.delong is not None and 0 <= comparison.delong.p_value <= 1
+        assert comparison.mcnemar is not None and comparison.plain_words
+    for arm in results.arms:
+        auc = arm.test_metrics.roc_auc
+        assert auc.ci_low is None or auc.ci_low <= auc.value <= auc.ci_high
+    assert results.dataset.positive_class == "nodule"
+
+    parser = _Collector()
+    parser.feed((full_run / "report.html").read_text())
+    assert set(ALWAYS_PRESENT_SECTIONS) <= parser.ids
+    assert len(parser.images) >= 4 and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert (full_run / "report.md").is_file()
+    assert "run-all-arms" in (full_run.parent / "index.html").read_text()
+    cost = json.loads((full_run / "cost.json").read_text())
+    assert {a["arm"] for a in cost["arms"]} == {"scratch", "imagenet", "imagenet-linear"}
+
+
+async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+        flows = {f.id: f.name for f in await client.read_flows()}
+        run = next(r for r in runs if flows.get(r.flow_id) == flow_name)
+        artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return {a.key: json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in artifacts if a.key}, [log.message for log in logs]
+
+
+def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: Path, cohort) -> None:
+    artifacts, logs = asyncio.run(_latest_flow_run_data("compare"))
+    assert {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"} <= set(artifacts)
+    identifiers = [value for value in cohort.identifiers if len(value) >= 4]
+    assert identifiers, "the synthetic cohort must carry identifiers for this test to mean anything"
+    texts = {str(p): p.read_text(errors="replace") for p in shareable_files(full_run)}
+    assert any(p.endswith("manifest.csv") for p in texts) and any(p.endswith("report.html") for p in texts)
+    texts.update({f"artifact {key}": data for key, data in artifacts.items()})
+    texts["logs of the compare flow run"] = "\n".join(logs)
+    leaks = [(where, value) for where, text in texts.items() for value in identifiers if value in text]
+    assert not leaks, f"identifiers found in shareable outputs: {leaks[:5]}"
+
+
+def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "no-weights"
+    code = main([
+        "compare", str(full_run / "dataset"), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
+        "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
+    ])
+    assert code == 0
+    results = ComparisonResults.model_validate_json((out / "results.json").read_text())
+    imagenet = results.arm("imagenet")
+    assert imagenet.status == "skipped" and "--weights" in imagenet.reason
+    html = (out / "report.html").read_text()
+    assert "skipped" in html and "--weights" in html
+    assert results.recommendation.basis == "single_arm"
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--profile", "smoke"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "src").mkdir()
+    assert main(["compare", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--arms", "resnet18"]) == 2
+    assert "choose from scratch, imagenet, imagenet-linear" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--set", "epochz=3"]) == 2
+    assert "unknown setting" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "folds"
+    code = main([
+        "compare", str(full_run / "dataset"), "--out", str(out), "--profile", "smoke", "--arms", "scratch",
+        "--folds", "2", "--fractions", "0.5,1.0", "--no-calibrate", "--bootstrap", "20",
+    ])
+    assert code == 0
+    results = ComparisonResults.model_validate_json((out / "results.json").read_text())
+    (folds,) = results.folds
+    assert folds.arm == "scratch" and [f.fold for f in folds.per_fold] == [0, 1]
+    assert min(f.metrics["roc_auc"] for f in folds.per_fold) <= folds.mean["roc_auc"] <= max(f.metrics["roc_auc"] for f in folds.per_fold)
+    points = sorted(results.data_efficiency, key=lambda p: p.fraction)
+    assert [p.fraction for p in points] == [0.5, 1.0]
+    assert points[0].n_train_patients < points[1].n_train_patients
+    parser = _Collector()
+    parser.feed((out / "report.html").read_text())
+    assert {"folds", "data-efficiency"} <= parser.ids
+    assert main(["compare", str(full_run / "dataset"), "--out", str(out), "--fractions", "0,2"]) == 2
