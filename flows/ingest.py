@@ -73,14 +73,17 @@ def ingest_flow(
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
     n_workers = workers or os.cpu_count() or 1
     chunks = chunk_sources(sources, n_workers)
-    with running_task_runner(1 if len(sources) < 32 else n_workers, dask_address) as runner:
+    on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
+    # A process pool pays for itself only when there is decoding to do: small or fully cached inputs stay in-process.
+    runner_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
+    with running_task_runner(runner_workers, dask_address) as runner:
         futures = [
             runner.submit(
                 # A cached chunk result is trusted only while its decoded files are still on disk.
-                decode_chunk if chunk_is_cached_on_disk(chunk, cache_dir) else decode_chunk.with_options(refresh_cache=True),
+                decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
                 {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
             )
-            for i, chunk in enumerate(chunks)
+            for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
         ]
         for future in futures:
             future.result()

@@ -100,7 +100,7 @@ def _check_parsed_to_end(ds: pydicom.Dataset, file_size: int, relative_path: str
 
 
 def read_header(path: Path, relative_path: str) -> pydicom.Dataset:
-    """Parse a file's header, deferring large values (the pixel data) until the checks have passed."""
+    """Parse a file; pixel data stays raw bytes until the checks have passed."""
     try:
         size = path.stat().st_size
     except OSError as error:
@@ -110,7 +110,9 @@ def read_header(path: Path, relative_path: str) -> pydicom.Dataset:
     if size == 0:
         raise Rejected(QuarantineReason.EMPTY_FILE, f"{relative_path}: empty file (0 bytes)")
     try:
-        ds = pydicom.dcmread(path, defer_size="256 KB")
+        # Read whole (bounded by the file's real size); nothing is allocated from the header's claims until the
+        # checks below have passed.
+        ds = pydicom.dcmread(path)
         _check_parsed_to_end(ds, size, relative_path)
         return ds
     except InvalidDicomError:
@@ -124,7 +126,7 @@ def read_header(path: Path, relative_path: str) -> pydicom.Dataset:
     except Exception as error:  # pydicom raises many kinds of errors on corrupt headers
         raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: unreadable DICOM header ({type(error).__name__})") from None
     try:
-        ds = pydicom.dcmread(path, defer_size="256 KB", force=True)
+        ds = pydicom.dcmread(path, force=True)
         if "SOPClassUID" in ds and "SOPInstanceUID" in ds and "PixelData" in ds or "Modality" in ds and "SOPClassUID" in ds:
             return ds
     except Exception:

@@ -142,7 +142,8 @@ def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: Wi
         record = decoded.record.model_copy(update={"content_sha256": source.content_sha256, "pads": converted[0][1]})
     buffer = io.BytesIO()
     np.savez(buffer, images=images, hu_sample=hu_sample, record=np.array(record.model_dump_json()))
-    atomic_write_bytes(cache_file, buffer.getvalue())
+    # No fsync: a cache entry lost in a crash is simply decoded again; the rename still keeps it whole.
+    atomic_write_bytes(cache_file, buffer.getvalue(), durable=False)
 
 
 def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
@@ -277,7 +278,10 @@ def mark_duplicates(records: list[DecodedFileRecord]) -> list[DecodedFileRecord]
 
 def summarize(values: list[float] | np.ndarray) -> NumericSummary:
     """Count, range, 5/50/95th percentiles, mean and standard deviation of the non-missing values."""
-    array = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if isinstance(values, np.ndarray):
+        array = values.astype(np.float64, copy=False).ravel()
+    else:
+        array = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if array.size == 0:
         return NumericSummary(count=0)
     p05, median, p95 = np.percentile(array, [5, 50, 95])
