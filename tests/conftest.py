@@ -37,7 +37,7 @@ def resnet50_weights_file(tmp_path_factory: pytest.TempPathFactory):
     import torch
     from torchvision.models import resnet50
 
-    from tasks.io import sha256_file
+    from data_schemas.files import sha256_file
 
     directory = tmp_path_factory.mktemp("weights")
     torch.manual_seed(7)

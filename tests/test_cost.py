@@ -23,7 +23,7 @@ from data_schemas.cost import (
     CostReport,
 )
 from tasks import cost as C
-from tasks.io import read_model_json
+from data_schemas.files import read_model_json
 
 DAY = 86_400.0
 

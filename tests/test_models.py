@@ -10,7 +10,7 @@ import torch
 from torchvision.models import resnet18, resnet50
 
 from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
-from tasks.io import sha256_file
+from data_schemas.files import sha256_file
 from tasks.models import (
     WeightsFileError,
     WeightsUnavailableError,

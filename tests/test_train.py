@@ -23,7 +23,7 @@ from data_schemas.training import (
 )
 from flows.cli import UsageError
 from tasks.dataset_store import write_dataset
-from tasks.io import read_model_json, read_models_csv, sha256_file
+from data_schemas.files import read_model_json, read_models_csv, sha256_file
 from tasks.train import TrainingInterrupted, _state_copy, predict_probs, choose_runtime, train_arm
 from data_schemas.training import resolve_train_config
 
