@@ -185,3 +185,25 @@ def test_private_part_is_owner_only_and_shareable_files_are_readable(tmp_path: P
     ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     assert (out / "private").stat().st_mode & 0o077 == 0
     assert (out / "manifest.csv").stat().st_mode & 0o044 == 0o044
+
+
+def test_cli_exit_codes_and_one_sentence_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    assert main(["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    src = tmp_path / "src"
+    ct_variant(src / "a.dcm", patient_id="P1")
+    assert main(["ingest", str(src), "--out", str(tmp_path / "o"), "--window", "lungs"]) == 2
+    err = capsys.readouterr().err
+    assert "valid choices are lung, mediastinal, bone, none" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert main(["ingest", str(src), "--out", str(tmp_path / "file")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["ingest", str(src), "--out", str(tmp_path / "ok"), "--size", "32", "--workers", "1"]) == 0
+    assert "1 images from 1 patients" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images")
+    assert main(["ingest", str(empty), "--out", str(tmp_path / "none")]) == 1
+    assert "no CT image could be ingested" in capsys.readouterr().out
