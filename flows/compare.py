@@ -29,7 +29,7 @@ from flows.ingest import ingest_flow
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.dataset_store import load_dataset
 from tasks.evaluate import build_results
-from tasks.splits import ensure_splits
+from tasks.splits import SplitsMismatchError, ensure_splits
 from tasks.train import train_arm_task
 
 ProfileName = Literal["smoke", "cpu", "full"]
@@ -42,7 +42,13 @@ def prepare_split(dataset_dir: Path, splits_path: Path, seed: int, profile: str,
     """Make (or reuse) the one patient-level split every arm shares; returns the number of training images."""
     dataset = load_dataset(dataset_dir, in_memory=False)
     config = resolve_train_config(profile, "scratch", overrides)
-    rows, _ = ensure_splits(dataset.manifest, dataset.card.content_hash, splits_path, seed, config.val_fraction, config.test_fraction, folds)
+    try:
+        rows, _ = ensure_splits(dataset.manifest, dataset.card.content_hash, splits_path, seed, config.val_fraction, config.test_fraction, folds)
+    except SplitsMismatchError as error:
+        raise SplitsMismatchError(
+            f"{splits_path.parent} holds a comparison made with other data or settings ({error}); "
+            "give another output folder, or set new_folder_per_run for a new folder per run."
+        ) from None
     return sum(1 for row in rows if row.part == "train")
 
 
@@ -96,11 +102,19 @@ def compare_flow(
     bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000,
     calibrate: bool = True,
     parallel_arms: Annotated[int, Field(ge=1, le=16)] = 1,
+    new_folder_per_run: bool = False,
 ) -> dict[str, Any]:
-    """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins."""
+    """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
+
+    new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
+    (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the arms already trained there.
+    """
     logger = get_run_logger()
     overrides = dict(settings or {})
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     src, report_dir = Path(source).resolve(), Path(out_dir).resolve()
+    if new_folder_per_run:
+        report_dir = report_dir / run_id
     check_compare_arguments(src, report_dir, Path(labels) if labels else None, Path(weights) if weights else None, list(arms), profile, overrides)
     report_dir.mkdir(parents=True, exist_ok=True)
 
@@ -145,7 +159,6 @@ def compare_flow(
     main_runs = {arm: plan_runs[(arm, 0 if folds else None, 1.0)] for arm in arms}
     fold_dirs = {arm: [plan_runs[(arm, k, 1.0)] for k in range(folds)] for arm in arms} if folds else None
     fraction_dirs = {arm: {f: plan_runs.get((arm, None, f), main_runs[arm]) for f in fractions} for arm in arms} if fractions else None
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     command = f"ctcompare compare --profile {profile} --arms {' '.join(arms)} --seed {seed}" + (f" --folds {folds}" if folds else "")
     command += f" --fractions {','.join(f'{f:g}' for f in fractions)}" if fractions else ""
     results = evaluate_arms(dataset_dir, splits_path, main_runs, report_dir / "cost.json", run_id, seed, bootstrap, command, fold_dirs, fraction_dirs)

@@ -149,3 +149,14 @@ def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None
     parser.feed((out / "report.html").read_text())
     assert {"folds", "data-efficiency"} <= parser.ids
     assert main(["compare", str(full_run / "dataset"), "--out", str(out), "--fractions", "0,2"]) == 2
+
+
+def test_new_folder_per_run_keeps_every_report(full_run: Path, tmp_path: Path) -> None:
+    from flows.compare import compare_flow
+
+    root = tmp_path / "weekly"
+    first = compare_flow(source=str(full_run / "dataset"), out_dir=str(root), profile="smoke", arms=["scratch"],
+                         bootstrap=20, calibrate=False, new_folder_per_run=True)
+    report_dir = Path(first["report_dir"])
+    assert report_dir.parent == root and (report_dir / "results.json").is_file()
+    assert report_dir.name in (root / "index.html").read_text()
