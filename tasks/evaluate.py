@@ -230,7 +230,8 @@ def paired_comparisons(predictions: dict[str, ArmPredictions]) -> tuple[list[Pai
         y = a.targets[ia]
         if y.min() == y.max():
             continue
-        dl = delong_test(y, a.probs[ia], b.probs[ib])
+        # Patients as clusters: a patient's slices are correlated (Obuchowski's extension of DeLong).
+        dl = delong_test(y, a.probs[ia], b.probs[ib], groups=[a.patient_keys[i] for i in ia])
         mc = mcnemar_test(y, (a.probs[ia] >= 0.5).astype(int), (b.probs[ib] >= 0.5).astype(int))
         delongs[(arm_a, arm_b)] = dl
         comparisons.append(PairedComparison(

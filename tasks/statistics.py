@@ -260,15 +260,50 @@ def _structural_components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.
     return float(auc), v10, v01
 
 
-def delong_test(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, level: float = 0.95) -> DeLongTest:
+def _clustered_covariance(
+    y: np.ndarray, v10: list[np.ndarray], v01: list[np.ndarray], aucs: list[float], groups: np.ndarray
+) -> np.ndarray:
+    """Covariance of correlated AUCs with clustered images (Obuchowski 1997, Biometrics 53:567-578, eq. 3-5).
+
+    Per cluster i (a patient): A_i = sum of V10 over its positive images, B_i = sum of V01 over its negatives,
+    m_i / n_i its positive / negative counts; M, N the totals; I10 / I01 the clusters with positives / negatives.
+    S10 = I10 / ((I10 - 1) M) sum (A_i - m_i AUC)(A_i' - m_i AUC'),  S01 likewise with B, n, N, I01,
+    S11 = I / (I - 1) sum (A_i - m_i AUC)(B_i' - n_i AUC');  cov = S10 / M + S01 / N + (S11 + S11') / (M N).
+    With one image per cluster it reduces to DeLong's covariance exactly.
+    """
+    _, cluster = np.unique(groups, return_inverse=True)
+    n_clusters = int(cluster.max()) + 1
+    pos_cluster, neg_cluster = cluster[y == 1], cluster[y == 0]
+    m_i = np.bincount(pos_cluster, minlength=n_clusters).astype(float)
+    n_i = np.bincount(neg_cluster, minlength=n_clusters).astype(float)
+    big_m, big_n = float(m_i.sum()), float(n_i.sum())
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    a_dev = [np.bincount(pos_cluster, weights=v, minlength=n_clusters) - m_i * auc for v, auc in zip(v10, aucs)]
+    b_dev = [np.bincount(neg_cluster, weights=v, minlength=n_clusters) - n_i * auc for v, auc in zip(v01, aucs)]
+    k = len(aucs)
+    cov = np.zeros((k, k))
+    for r in range(k):
+        for t in range(k):
+            s10 = i10 / ((i10 - 1) * big_m) * float(a_dev[r] @ a_dev[t]) if i10 > 1 else 0.0
+            s01 = i01 / ((i01 - 1) * big_n) * float(b_dev[r] @ b_dev[t]) if i01 > 1 else 0.0
+            s11_rt = n_clusters / (n_clusters - 1) * float(a_dev[r] @ b_dev[t])
+            s11_tr = n_clusters / (n_clusters - 1) * float(a_dev[t] @ b_dev[r])
+            cov[r, t] = s10 / big_m + s01 / big_n + (s11_rt + s11_tr) / (big_m * big_n)
+    return cov
+
+
+def delong_test(
+    y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, level: float = 0.95, groups: Sequence[Hashable] | None = None
+) -> DeLongTest:
     """Two-sided test of AUC_a = AUC_b on the same images (DeLong, DeLong & Clarke-Pearson 1988).
 
     Structural components V10, V01 and their covariances S10, S01 computed in O(n log n) with midranks
     (Sun & Xu 2014, IEEE Signal Process. Lett. 21(11)); var(AUC_a - AUC_b) = c' (S10/m + S01/n) c with
     c = (1, -1); z = diff / sqrt(var); p = 2 (1 - Phi(|z|)); CI = diff -/+ z_(1-alpha/2) sqrt(var).
     Identical predictors give z = 0, p = 1. A zero variance with a nonzero difference gives p = 0.
-    Note: images are treated as independent here; with several images per patient the p-value is
-    optimistic (see bootstrap_ci for patient-level intervals).
+    groups (the patient of each image): images of one patient are correlated, so the covariance is
+    Obuchowski's clustered extension (see _clustered_covariance); without groups, images count as independent,
+    which makes the p-value optimistic when patients contribute several images.
     """
     y = _as_binary(y_true)
     a = _as_prob(prob_a, y.size)
@@ -279,9 +314,13 @@ def delong_test(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, level: 
         raise ValueError(f"delong_test needs at least 2 positive and 2 negative images, got {m} and {n}")
     auc_a, v10_a, v01_a = _structural_components(a[y == 1], a[y == 0])
     auc_b, v10_b, v01_b = _structural_components(b[y == 1], b[y == 0])
-    s10 = np.cov(np.vstack([v10_a, v10_b]))
-    s01 = np.cov(np.vstack([v01_a, v01_b]))
-    cov = s10 / m + s01 / n
+    if groups is None:
+        cov = np.cov(np.vstack([v10_a, v10_b])) / m + np.cov(np.vstack([v01_a, v01_b])) / n
+    else:
+        group_array = np.asarray(groups)
+        if group_array.shape != y.shape:
+            raise ValueError(f"groups must give one patient per image: {group_array.shape} for {y.shape} images")
+        cov = _clustered_covariance(y, [v10_a, v10_b], [v01_a, v01_b], [auc_a, auc_b], group_array)
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     diff = auc_a - auc_b
     zq = float(stats.norm.ppf(0.5 + level / 2.0))

@@ -225,3 +225,30 @@ def test_recommend_follows_the_numbers() -> None:
     rec = st.recommend([arms[0], st.ArmSummary("imagenet", "skipped", reason="no weights file")], {})
     assert rec.basis == "single_arm" and rec.headline.startswith("Only scratch completed")
     assert st.recommend([], {}).basis == "none"
+
+
+def test_clustered_delong_equals_delong_with_one_image_per_patient() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    a, b = (rng.random(60) + 0.3 * y) / 1.3, (rng.random(60) + 0.1 * y) / 1.1
+    plain = st.delong_test(y, a, b)
+    clustered = st.delong_test(y, a, b, groups=[f"p{i}" for i in range(60)])
+    assert clustered.z == pytest.approx(plain.z, rel=1e-9)
+    assert clustered.p_value == pytest.approx(plain.p_value, rel=1e-9)
+
+
+def test_clustered_delong_counts_a_patients_copies_once() -> None:
+    """Each image copied 5 times within its patient: Obuchowski's variance equals DeLong's on the originals
+    exactly, while the naive image-level test would claim far more certainty."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 40)
+    a, b = (rng.random(40) + 0.4 * y) / 1.4, (rng.random(40) + 0.2 * y) / 1.2
+    original = st.delong_test(y, a, b)
+    reps = 5
+    y5, a5, b5 = np.repeat(y, reps), np.repeat(a, reps), np.repeat(b, reps)
+    patients = np.repeat(np.arange(40), reps)
+    clustered = st.delong_test(y5, a5, b5, groups=patients)
+    naive = st.delong_test(y5, a5, b5)
+    assert clustered.z == pytest.approx(original.z, rel=1e-9)
+    assert clustered.p_value == pytest.approx(original.p_value, rel=1e-9)
+    assert naive.p_value < clustered.p_value
