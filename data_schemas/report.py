@@ -267,7 +267,7 @@ class McNemarResult(_Strict):
     c: int = Field(ge=0, description="images arm_a got wrong and arm_b got right")
     statistic: float
     p_value: float = Field(ge=0, le=1)
-    method: Literal["exact", "chi2_cc"]
+    method: Literal["exact", "chi2_cc", "clustered"]
 
 
 class PairedComparison(_Strict):

@@ -231,8 +231,9 @@ def paired_comparisons(predictions: dict[str, ArmPredictions]) -> tuple[list[Pai
         if y.min() == y.max():
             continue
         # Patients as clusters: a patient's slices are correlated (Obuchowski's extension of DeLong).
-        dl = delong_test(y, a.probs[ia], b.probs[ib], groups=[a.patient_keys[i] for i in ia])
-        mc = mcnemar_test(y, (a.probs[ia] >= 0.5).astype(int), (b.probs[ib] >= 0.5).astype(int))
+        patients = [a.patient_keys[i] for i in ia]
+        dl = delong_test(y, a.probs[ia], b.probs[ib], groups=patients)
+        mc = mcnemar_test(y, (a.probs[ia] >= 0.5).astype(int), (b.probs[ib] >= 0.5).astype(int), groups=patients)
         delongs[(arm_a, arm_b)] = dl
         comparisons.append(PairedComparison(
             arm_a=arm_a, arm_b=arm_b, delong=DeLongResult(**dl._asdict()), mcnemar=McNemarResult(**mc._asdict()),

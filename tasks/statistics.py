@@ -18,7 +18,7 @@ from data_schemas.report import METRIC_NAMES, Recommendation
 ArrayLike = Sequence[float] | np.ndarray
 
 ECE_MODES = ("top_label", "positive_class")
-MCNEMAR_METHODS = ("auto", "exact", "chi2_cc")
+MCNEMAR_METHODS = ("auto", "exact", "chi2_cc", "clustered")
 MCNEMAR_EXACT_BELOW = 25
 
 
@@ -342,9 +342,15 @@ def mcnemar_test(
     y_true: ArrayLike,
     pred_a: ArrayLike,
     pred_b: ArrayLike,
-    method: Literal["auto", "exact", "chi2_cc"] = "auto",
+    method: Literal["auto", "exact", "chi2_cc", "clustered"] = "auto",
+    groups: Sequence[Hashable] | None = None,
 ) -> McNemarTest:
     """McNemar's test of paired decisions (McNemar 1947; Edwards 1948 continuity correction).
+
+    With groups (the patient of each image), method "auto" becomes "clustered": Durkalski et al. 2003
+    (Stat. Med. 22:2417-2428), X2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 over patients k against
+    chi-square with 1 df, which allows for correlated images within a patient; with one image per patient it
+    is McNemar's (b - c)^2 / (b + c).
 
     b = images A got right and B wrong, c = A wrong and B right. "exact": two-sided binomial test of b
     out of b + c at 1/2, p = min(1, 2 * P(X <= min(b, c))), statistic = min(b, c). "chi2_cc":
@@ -362,6 +368,19 @@ def mcnemar_test(
     b = int(np.sum(right_a & ~right_b))
     c = int(np.sum(~right_a & right_b))
     n = b + c
+    if method == "clustered" or (method == "auto" and groups is not None):
+        if groups is None:
+            raise ValueError("method 'clustered' needs groups (the patient of each image)")
+        _, cluster = np.unique(np.asarray(groups), return_inverse=True)
+        if cluster.shape != y.shape:
+            raise ValueError(f"groups must give one patient per image: {cluster.shape} for {y.shape} images")
+        per_patient = np.bincount(cluster, weights=(right_a & ~right_b).astype(float)) - np.bincount(
+            cluster, weights=(~right_a & right_b).astype(float))
+        denominator = float(np.sum(per_patient**2))
+        if denominator == 0:
+            return McNemarTest(b, c, 0.0, 1.0, "clustered")
+        statistic = float(per_patient.sum()) ** 2 / denominator
+        return McNemarTest(b, c, statistic, float(stats.chi2.sf(statistic, df=1)), "clustered")
     chosen = ("exact" if n < MCNEMAR_EXACT_BELOW else "chi2_cc") if method == "auto" else method
     if n == 0:
         return McNemarTest(b, c, 0.0, 1.0, chosen)

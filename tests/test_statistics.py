@@ -252,3 +252,17 @@ def test_clustered_delong_counts_a_patients_copies_once() -> None:
     assert clustered.z == pytest.approx(original.z, rel=1e-9)
     assert clustered.p_value == pytest.approx(original.p_value, rel=1e-9)
     assert naive.p_value < clustered.p_value
+
+
+def test_clustered_mcnemar_reduces_to_mcnemar_and_discounts_copies() -> None:
+    """Durkalski's statistic: (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2; one image per patient gives
+    (b - c)^2 / (b + c): b = 10, c = 2 -> 64 / 12 = 5.33."""
+    y = np.ones(12, dtype=int)
+    a = np.array([1] * 10 + [0] * 2)
+    b = np.array([0] * 10 + [1] * 2)
+    single = st.mcnemar_test(y, a, b, groups=list(range(12)))
+    assert single.method == "clustered" and single.statistic == pytest.approx(64 / 12)
+    copies = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4), groups=np.repeat(np.arange(12), 4))
+    assert copies.statistic == pytest.approx(single.statistic)  # 4 copies of a patient are still one patient
+    naive = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4))
+    assert naive.p_value < copies.p_value
