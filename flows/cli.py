@@ -1,8 +1,9 @@
 """The `ctcompare` console script: one sub-command per Prefect flow.
 
-Each flow module in COMMAND_MODULES exposes `register(subparsers)`, which adds its sub-command and sets
-`handler=<function(args) -> int>`. Flows run against PREFECT_API_URL when it is set (and show up in that
-server's UI), and in Prefect's ephemeral mode otherwise.
+Each flow module named in COMMANDS exposes `register(subparsers)`, which adds its sub-commands and sets
+`handler=<function(args) -> int>`. Only the module of the command being run is imported (the others pull in
+torch and friends for nothing); `ctcompare --help` lists COMMANDS without importing any. Flows run against
+PREFECT_API_URL when it is set (and show up in that server's UI), and in Prefect's ephemeral mode otherwise.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = (
-    "flows.synth",
-    "flows.ingest",
-    "flows.cost",
-    "flows.train",
-    "flows.compare",
-)
+# command -> (module that registers it, one-line help for the top-level listing)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("flows.synth", "write a synthetic chest-CT demo cohort (DICOM + labels.csv)"),
+    "ingest": ("flows.ingest", "DICOM folder -> pseudonymized tensor dataset"),
+    "cost": ("flows.cost", "estimate FLOPs, memory and training time of each arm before training"),
+    "train": ("flows.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
+    "compare": ("flows.compare", "the whole comparison: ingest, cost, train every arm, report"),
+    "demo": ("flows.compare", "synthetic demo cohort + the whole comparison (cpu profile)"),
+}
 
 
 def configure_local_state(base: Path | None = None) -> None:
@@ -37,20 +40,31 @@ class UsageError(Exception):
     """A bad argument: reported as one sentence before any work starts."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command` fully defined (its module imported), or a light listing of every command."""
     parser = argparse.ArgumentParser(
         prog="ctcompare",
         description="ResNet-50 from scratch vs ImageNet weights on DICOM CT: ingest, cost, train, compare.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register(subparsers)
+    else:
+        for name, (_, help_text) in COMMANDS.items():
+            subparsers.add_parser(name, help=help_text)
     return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named in argv (the first word that is not an option), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_local_state()
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -268,7 +268,6 @@ def test_flow_writes_cost_json_artifact_and_skips_same_inputs(tmp_path):
 def _cli(monkeypatch, argv):
     import flows.cli as cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("flows.cost",))
     return cli.main(argv)
 
 
