@@ -26,6 +26,7 @@ from data_schemas.report import REPORT_HTML_FILE, ComparisonResults
 from data_schemas.training import SPLITS_FILE, load_profiles, resolve_train_config
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
+from flows.train import parse_overrides
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.dataset_store import load_dataset
 from tasks.evaluate import build_results
@@ -50,6 +51,16 @@ def prepare_split(dataset_dir: Path, splits_path: Path, seed: int, profile: str,
             "give another output folder, or set new_folder_per_run for a new folder per run."
         ) from None
     return sum(1 for row in rows if row.part == "train")
+
+
+@task(name="train-on-pool", cache_policy=NO_CACHE, task_run_name="train-on-pool-{label}")
+def train_on_pool(deployment: str, label: str, parameters: dict[str, Any]) -> str:
+    """One training run as its own flow run of `deployment` on a work pool; waits for it and returns its state."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(name=deployment, parameters=parameters, timeout=None)
+    state = flow_run.state
+    return state.name if state is not None else "UNKNOWN"
 
 
 @task(name="evaluate-arms", cache_policy=NO_CACHE)
@@ -103,11 +114,15 @@ def compare_flow(
     calibrate: bool = True,
     parallel_arms: Annotated[int, Field(ge=1, le=16)] = 1,
     new_folder_per_run: bool = False,
+    train_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
     new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
     (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the arms already trained there.
+    train_deployment: run every training run (arm, fold, fraction) as a flow run of this deployment (e.g.
+    "train/arm") so that the work pool's workers, on several machines or GPUs, take them at once; the dataset and
+    OUT_DIR must then be at the same path on every worker. Without it, the arms train in this flow run.
     """
     logger = get_run_logger()
     overrides = dict(settings or {})
@@ -141,16 +156,28 @@ def compare_flow(
         for fraction in fractions or []:
             if fraction < 1.0:
                 plan_runs[(arm, None, fraction)] = report_dir / "runs" / arm / f"fraction-{fraction:g}"
-    with ThreadPoolTaskRunner(max_workers=parallel_arms) as runner:
-        futures = [
-            runner.submit(train_arm_task, {
-                "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
-                "overrides": {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides,
-                "weights_path": Path(weights) if weights else None, "seed": seed,
-                "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
-            })
-            for (arm, fold, fraction), run_dir in plan_runs.items()
-        ]
+    def run_overrides(fraction: float) -> dict[str, str]:
+        return {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides
+
+    with ThreadPoolTaskRunner(max_workers=len(plan_runs) if train_deployment else parallel_arms) as runner:
+        if train_deployment:
+            futures = [
+                runner.submit(train_on_pool, {"deployment": train_deployment, "label": run_dir.relative_to(report_dir / "runs").as_posix().replace("/", "-"), "parameters": {
+                    "dataset_dir": str(dataset_dir), "arm": arm, "run_dir": str(run_dir), "profile": profile,
+                    "overrides": run_overrides(fraction), "weights": weights and str(Path(weights).resolve()), "seed": seed,
+                    "resume": True, "splits": str(splits_path), "fold": fold, "folds": folds,
+                }})
+                for (arm, fold, fraction), run_dir in plan_runs.items()
+            ]
+        else:
+            futures = [
+                runner.submit(train_arm_task, {
+                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
+                    "overrides": run_overrides(fraction), "weights_path": Path(weights) if weights else None,
+                    "seed": seed, "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
+                })
+                for (arm, fold, fraction), run_dir in plan_runs.items()
+            ]
         for future in futures:
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
@@ -177,18 +204,6 @@ def _comma_list(values: list[str] | None) -> list[str]:
     return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
 
 
-def _settings(pairs: list[str] | None) -> dict[str, str]:
-    from flows.cli import UsageError
-
-    settings = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--set takes key=value, got {pair!r}.")
-        settings[key.strip()] = value.strip()
-    return settings
-
-
 def _fractions(text: str | None) -> list[float] | None:
     from flows.cli import UsageError
 
@@ -207,7 +222,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from flows.cli import UsageError
 
     arms = _comma_list(args.arms) or list(DEFAULT_ARMS)
-    settings = _settings(args.set)
+    settings = parse_overrides(args.set)
     fractions = _fractions(args.fractions)
     try:
         check_compare_arguments(Path(args.source).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None,
@@ -217,7 +232,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     summary = compare_flow(
         source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
         seed=args.seed, folds=args.folds, fractions=fractions, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
-        parallel_arms=args.parallel_arms,
+        parallel_arms=args.parallel_arms, train_deployment=args.train_deployment,
     )
     print(f"Report: {summary['report']}")
     print(summary["recommendation"])
@@ -259,6 +274,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")
     parser.add_argument("--parallel-arms", type=int, default=1, help="arms trained at once (default 1: each arm uses every core)")
+    parser.add_argument("--train-deployment", help="run each training run as a flow run of this deployment (e.g. train/arm) on its work pool")
     parser.set_defaults(handler=_run_compare)
 
     demo = subparsers.add_parser("demo", help="synthetic demo cohort + the whole comparison (cpu profile)")

@@ -29,10 +29,18 @@ def train_flow(
     seed: int = 0,
     resume: bool = False,
     splits: Path | None = None,
+    fold: int | None = None,
 ) -> list[RunSummary]:
-    """One arm; with folds=K, K runs in RUN_DIR/fold-<k> (fold k validates, the others train; test is shared)."""
+    """One arm; with folds=K, K runs in RUN_DIR/fold-<k> (fold k validates, the others train; test is shared).
+
+    fold=k with folds=K trains that fold alone into RUN_DIR: how a comparison hands its folds to a work pool.
+    """
     from tasks.train import train_arm_task
 
+    if fold is not None:
+        if folds is not None and not 0 <= fold < folds:
+            raise ValueError(f"fold must be between 0 and {folds - 1} for {folds} folds, got {fold}.")
+        return [train_arm_task(dataset_dir, arm, run_dir, profile, overrides, weights, seed, resume, splits, fold, folds)]
     if folds is None:
         return [
             train_arm_task(dataset_dir, arm, run_dir, profile, overrides, weights, seed, resume, splits, None, None)

@@ -76,6 +76,8 @@ class PrefectStack:
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # Two slots: a comparison that hands its arms to `train/arm` waits on them while they run.
+            "CTCOMPARE_WORKER_LIMIT": "2",
             "PREFECT_LOGGING_LEVEL": "INFO",
             "MPLCONFIGDIR": str(self.state_dir / "matplotlib"),
             "TORCH_HOME": str(self.state_dir / "torch"),

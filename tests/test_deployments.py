@@ -142,3 +142,25 @@ def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack,
     identifiers = [value for value in cohort.identifiers if len(value) >= 6]
     leaked = [value for value in identifiers if any(value in message for message in messages)]
     assert not leaked, "identifiers in the run's logs"
+
+
+@pytest.mark.skipif(not HAS_COMPARE, reason="flows/compare.py is not there yet")
+def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: PrefectStack, tmp_path: Path) -> None:
+    from tasks.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=1, matrix_sizes=(64,))
+    out_dir = tmp_path / "reports" / "on-pool"
+    before = {run["id"] for run in stack.flow_runs_of("train/arm")}
+    result, flow_run_id = stack.run_deployment("compare/on-demand", {
+        "source": str(cohort.dicom_dir), "labels": str(cohort.labels_path), "out_dir": str(out_dir),
+        "profile": "smoke", "arms": '["scratch"]', "image_size": "64", "bootstrap": "10", "calibrate": "false",
+        "train_deployment": "train/arm",
+    })
+    assert result.returncode == 0 and flow_run_id, result.stdout
+    flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=300)
+    assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
+    train_runs = [run for run in stack.flow_runs_of("train/arm") if run["id"] not in before]
+    assert len(train_runs) == 1 and train_runs[0]["state"]["type"] == "COMPLETED"
+    assert train_runs[0]["parameters"]["arm"] == "scratch"
+    results = json.loads((out_dir / "results.json").read_text())
+    assert [arm["status"] for arm in results["arms"]] == ["completed"]
