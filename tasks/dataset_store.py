@@ -63,6 +63,9 @@ def write_dataset(root: Path, images: np.ndarray, manifest: list[ManifestRow], c
     root.mkdir(parents=True, exist_ok=True)
     if images.ndim != 4 or images.shape[1] != 1 or images.shape[0] != len(manifest):
         raise ValueError(f"images must be (N, 1, S, S) with N == len(manifest); got {images.shape} and {len(manifest)}")
+    # No dataset.json while the pair below is being replaced: a crash in between leaves a folder that every
+    # reader refuses (and a re-run rebuilds), never a card that describes other images.
+    (root / DATASET_CARD_FILE).unlink(missing_ok=True)
     write_images_npy(root / IMAGES_FILE, images)
     write_models_csv(root / MANIFEST_FILE, manifest, ManifestRow)
     card = card.model_copy(update={"content_hash": dataset_content_hash(root / IMAGES_FILE, root / MANIFEST_FILE)})

@@ -207,3 +207,25 @@ def test_cli_exit_codes_and_one_sentence_errors(tmp_path: Path, capsys: pytest.C
     (empty / "notes.txt").write_text("no images")
     assert main(["ingest", str(empty), "--out", str(tmp_path / "none")]) == 1
     assert "no CT image could be ingested" in capsys.readouterr().out
+
+
+def test_a_crash_while_rewriting_leaves_no_card_that_readers_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.dataset_store as store
+
+    src = tmp_path / "src"
+    ct_variant(src / "a.dcm", patient_id="P1")
+    out = tmp_path / "dataset"
+    ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    ct_variant(src / "b.dcm", patient_id="P2")
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed while writing the manifest")
+
+    monkeypatch.setattr(store, "write_models_csv", crash)
+    with pytest.raises(BaseException):
+        ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    with pytest.raises(FileNotFoundError, match="run 'ctcompare ingest' first"):
+        load_dataset(out)
+    monkeypatch.undo()
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert summary["card"]["n_images"] == 2 and load_dataset(out).images.shape[0] == 2
