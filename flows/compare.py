@@ -136,7 +136,8 @@ def compare_flow(
     if (src / "dataset.json").is_file():
         dataset_dir = src
     else:
-        dataset_dir = report_dir / "dataset"
+        # Beside the report (above the per-run folders with new_folder_per_run): re-runs ingest incrementally.
+        dataset_dir = Path(out_dir).resolve() / "dataset"
         ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=image_size)
 
     splits_path = report_dir / SPLITS_FILE
