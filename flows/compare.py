@@ -97,6 +97,63 @@ def check_compare_arguments(source: Path, report_dir: Path, labels: Path | None,
         raise ValueError(f"output {report_dir} exists and is not a folder.")
 
 
+RunKey = tuple[str, int | None, float]  # (arm, fold, fraction of the training patients)
+
+
+def plan_training_runs(arms: list[str], folds: int | None, fractions: list[float] | None, report_dir: Path) -> dict[RunKey, Path]:
+    """Every training run of a comparison and its folder: the main run of an arm is fold 0 on all training
+    patients (runs/<arm>/main); folds and fractions add runs beside it."""
+    plan: dict[RunKey, Path] = {}
+    for arm in arms:
+        for fold in range(folds) if folds else [None]:
+            plan[(arm, fold, 1.0)] = report_dir / "runs" / arm / ("main" if not fold else f"fold-{fold}")
+        for fraction in fractions or []:
+            if fraction < 1.0:
+                plan[(arm, None, fraction)] = report_dir / "runs" / arm / f"fraction-{fraction:g}"
+    return plan
+
+
+def train_all(
+    plan: dict[RunKey, Path], dataset_dir: Path, report_dir: Path, splits_path: Path, profile: str,
+    overrides: dict[str, str], weights: str | None, seed: int, folds: int | None, parallel_arms: int,
+    train_deployment: str | None,
+) -> None:
+    """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
+    logged and show up in the report from each run's status.json."""
+    logger = get_run_logger()
+
+    def run_overrides(fraction: float) -> dict[str, str]:
+        return {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides
+
+    with ThreadPoolTaskRunner(max_workers=len(plan) if train_deployment else parallel_arms) as runner:
+        if train_deployment:
+            futures = [
+                runner.submit(train_on_pool, {
+                    "deployment": train_deployment,
+                    "label": run_dir.relative_to(report_dir / "runs").as_posix().replace("/", "-"),
+                    "parameters": {
+                        "dataset_dir": str(dataset_dir), "arm": arm, "run_dir": str(run_dir), "profile": profile,
+                        "overrides": run_overrides(fraction), "weights": weights and str(Path(weights).resolve()),
+                        "seed": seed, "resume": True, "splits": str(splits_path), "fold": fold, "folds": folds,
+                    },
+                })
+                for (arm, fold, fraction), run_dir in plan.items()
+            ]
+        else:
+            futures = [
+                runner.submit(train_arm_task, {
+                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
+                    "overrides": run_overrides(fraction), "weights_path": Path(weights) if weights else None,
+                    "seed": seed, "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
+                })
+                for (arm, fold, fraction), run_dir in plan.items()
+            ]
+        for future in futures:
+            outcome = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
+
+
 @flow(name="compare")
 def compare_flow(
     source: str,
@@ -142,47 +199,15 @@ def compare_flow(
 
     splits_path = report_dir / SPLITS_FILE
     n_train = prepare_split(dataset_dir, splits_path, seed, profile, overrides, folds)
-    plan = resolve_train_config(profile, "imagenet", overrides)
+    # The imagenet arm's settings include the head-only warm-up the cost stage prices separately.
+    config = resolve_train_config(profile, "imagenet", overrides)
     cost_flow(
-        n_images=n_train, image_size=plan.image_size, channels=1, epochs=plan.epochs, batch_size=plan.batch_size,
-        arms=list(arms), head_warmup_epochs=min(plan.freeze_epochs, plan.epochs), out_dir=report_dir, calibrate=calibrate,
+        n_images=n_train, image_size=config.image_size, channels=1, epochs=config.epochs, batch_size=config.batch_size,
+        arms=list(arms), head_warmup_epochs=min(config.freeze_epochs, config.epochs), out_dir=report_dir, calibrate=calibrate,
     )
 
-    # Every training run of the comparison: (arm, fold, fraction) -> run folder. The main run of an arm is
-    # fold 0 on all training patients; folds and fractions add runs beside it.
-    plan_runs: dict[tuple[str, int | None, float], Path] = {}
-    for arm in arms:
-        for fold in (range(folds) if folds else [None]):
-            plan_runs[(arm, fold, 1.0)] = report_dir / "runs" / arm / ("main" if not fold else f"fold-{fold}")
-        for fraction in fractions or []:
-            if fraction < 1.0:
-                plan_runs[(arm, None, fraction)] = report_dir / "runs" / arm / f"fraction-{fraction:g}"
-    def run_overrides(fraction: float) -> dict[str, str]:
-        return {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides
-
-    with ThreadPoolTaskRunner(max_workers=len(plan_runs) if train_deployment else parallel_arms) as runner:
-        if train_deployment:
-            futures = [
-                runner.submit(train_on_pool, {"deployment": train_deployment, "label": run_dir.relative_to(report_dir / "runs").as_posix().replace("/", "-"), "parameters": {
-                    "dataset_dir": str(dataset_dir), "arm": arm, "run_dir": str(run_dir), "profile": profile,
-                    "overrides": run_overrides(fraction), "weights": weights and str(Path(weights).resolve()), "seed": seed,
-                    "resume": True, "splits": str(splits_path), "fold": fold, "folds": folds,
-                }})
-                for (arm, fold, fraction), run_dir in plan_runs.items()
-            ]
-        else:
-            futures = [
-                runner.submit(train_arm_task, {
-                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
-                    "overrides": run_overrides(fraction), "weights_path": Path(weights) if weights else None,
-                    "seed": seed, "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
-                })
-                for (arm, fold, fraction), run_dir in plan_runs.items()
-            ]
-        for future in futures:
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
+    plan_runs = plan_training_runs(list(arms), folds, fractions, report_dir)
+    train_all(plan_runs, dataset_dir, report_dir, splits_path, profile, overrides, weights, seed, folds, parallel_arms, train_deployment)
 
     main_runs = {arm: plan_runs[(arm, 0 if folds else None, 1.0)] for arm in arms}
     fold_dirs = {arm: [plan_runs[(arm, k, 1.0)] for k in range(folds)] for arm in arms} if folds else None
