@@ -972,11 +972,11 @@ def format_table(report: CostReport) -> str:
             f"{a.flops_total / 1e15:>10.2f}{_gb(a.memory.total_bytes):>11}"
         )
     names = [d.name for d in report.devices]
-    short = {d.name: d.label.replace("Tesla ", "").replace(" SXM2", "").replace(" SXM 80GB", "").replace(" SXM", "")
-             for d in report.devices}
+    short = {d.name: d.label.replace("Tesla ", "").replace("GeForce ", "").replace("GTX ", "").replace(" SXM2", "")
+             .replace(" SXM 80GB", "").replace(" SXM", "") for d in report.devices}
     short[THIS_MACHINE] = "this"
-    width = 9
-    lines += ["", "estimated time" + " " * 2 + "".join(f"{short[n][:width - 1]:>{width}}" for n in names)]
+    width = max(9, 2 + max(len(label) for label in short.values()))
+    lines += ["", "estimated time" + " " * 2 + "".join(f"{short[n]:>{width}}" for n in names)]
     for a in report.arms:
         by = {d.device: d for d in a.devices}
         lines.append(f"{a.arm:<16}" + "".join(f"{format_duration(by[n].seconds):>{width}}" for n in names))
