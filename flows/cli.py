@@ -36,6 +36,11 @@ def configure_local_state(base: Path | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+def arm_list(values: list[str] | None) -> list[str]:
+    """--arms as given on the command line: 'scratch imagenet' and 'scratch,imagenet' both work."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
 class UsageError(Exception):
     """A bad argument: reported as one sentence before any work starts."""
 

@@ -24,6 +24,7 @@ from pydantic import Field
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.report import REPORT_HTML_FILE, ComparisonResults
 from data_schemas.training import SPLITS_FILE, load_profiles, resolve_train_config
+from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
 from flows.train import parse_overrides
@@ -226,13 +227,7 @@ def compare_flow(
             "arms": {arm.name: arm.status for arm in results.arms}}
 
 
-def _comma_list(values: list[str] | None) -> list[str]:
-    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
-
-
 def _fractions(text: str | None) -> list[float] | None:
-    from flows.cli import UsageError
-
     if not text:
         return None
     try:
@@ -245,9 +240,7 @@ def _fractions(text: str | None) -> list[float] | None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from flows.cli import UsageError
-
-    arms = _comma_list(args.arms) or list(DEFAULT_ARMS)
+    arms = arm_list(args.arms) or list(DEFAULT_ARMS)
     settings = parse_overrides(args.set)
     fractions = _fractions(args.fractions)
     try:
@@ -275,7 +268,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     ingest_flow(src_dir=str(cohort / "dicom"), out_dir=str(dataset), labels=str(cohort / "labels.csv"), size=224)
     summary = compare_flow(
         source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
-        arms=_comma_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed,
+        arms=arm_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed,
     )
     print(f"Report: {summary['report']}")
     print(f"Index of every report: {root / 'reports' / 'index.html'}")

@@ -90,15 +90,8 @@ def cost_flow(
 # ============================================================================================ CLI
 
 
-def _arms(values: list[str] | None) -> list[str] | None:
-    """--arms accepts 'scratch imagenet' and 'scratch,imagenet'."""
-    if not values:
-        return None
-    return [a.strip() for v in values for a in v.split(",") if a.strip()]
-
-
 def run_cost(args: argparse.Namespace) -> int:
-    from flows.cli import UsageError
+    from flows.cli import UsageError, arm_list
 
     try:
         inputs = resolve_cost_inputs(
@@ -108,7 +101,7 @@ def run_cost(args: argparse.Namespace) -> int:
             channels=args.channels,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            arms=_arms(args.arms),
+            arms=arm_list(args.arms) or None,
             precision=args.precision,
             optimizer=args.optimizer,
             head_warmup_epochs=args.head_warmup_epochs,

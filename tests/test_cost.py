@@ -266,9 +266,9 @@ def test_flow_writes_cost_json_artifact_and_skips_same_inputs(tmp_path):
 
 
 def _cli(monkeypatch, argv):
-    import flows.cli as cli
+    from flows.cli import main
 
-    return cli.main(argv)
+    return main(argv)
 
 
 def test_cli_json_output_parses(tmp_path, monkeypatch, capsys):
