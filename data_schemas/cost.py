@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from data_schemas.base import StrictModel
 
 COST_SCHEMA_VERSION = "1.0"
 COST_FILE = "cost.json"
@@ -39,10 +41,9 @@ OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 # --------------------------------------------------------------------------------------------- device catalogue
 
 
-class DeviceRate(BaseModel):
+class DeviceRate(StrictModel):
     """One precision on one device: the vendor's peak and the fraction of it ResNet-50 training achieves."""
 
-    model_config = ConfigDict(extra="forbid")
 
     peak_tflops: float = Field(gt=0, description="vendor peak in 10^12 FLOP/s (dense, no sparsity)")
     utilisation: float = Field(gt=0, le=1, description="assumed achievable fraction of peak for ResNet-50 training")
@@ -52,10 +53,9 @@ class DeviceRate(BaseModel):
         return self.peak_tflops * 1e12 * self.utilisation
 
 
-class DeviceSpec(BaseModel):
+class DeviceSpec(StrictModel):
     """One accelerator (or this computer's CPU) in the catalogue."""
 
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="stable key, e.g. 'a100'")
     label: str = Field(min_length=1, description="what a person calls it, for tables")
@@ -72,10 +72,9 @@ class DeviceSpec(BaseModel):
         return self
 
 
-class DeviceCatalogue(BaseModel):
+class DeviceCatalogue(StrictModel):
     """devices.json: the devices the estimate is priced on."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = "1.0"
     devices: list[DeviceSpec] = Field(min_length=1)
@@ -98,10 +97,9 @@ class DeviceCatalogue(BaseModel):
 # --------------------------------------------------------------------------------------------- calibration
 
 
-class Calibration(BaseModel):
+class Calibration(StrictModel):
     """What a short measurement on this computer found (cached in calibration.json by its key)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     key: str = Field(description="sha256 of the fields that make a calibration reusable")
     torch_version: str
@@ -124,10 +122,9 @@ class Calibration(BaseModel):
     measured_at: str
 
 
-class CalibrationCache(BaseModel):
+class CalibrationCache(StrictModel):
     """calibration.json: calibrations by key."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = "1.0"
     entries: dict[str, Calibration] = Field(default_factory=dict)
@@ -136,10 +133,9 @@ class CalibrationCache(BaseModel):
 # --------------------------------------------------------------------------------------------- cost.json
 
 
-class CostInputs(BaseModel):
+class CostInputs(StrictModel):
     """What the estimate is for. Every field is part of the config hash."""
 
-    model_config = ConfigDict(extra="forbid")
 
     n_images: int = Field(ge=1, description="training images per epoch")
     image_size: int = Field(ge=32, le=2048, description="square input side in pixels")
@@ -164,10 +160,9 @@ class CostInputs(BaseModel):
         return self
 
 
-class MemoryEstimate(BaseModel):
+class MemoryEstimate(StrictModel):
     """Training memory on the device, in bytes."""
 
-    model_config = ConfigDict(extra="forbid")
 
     weights_bytes: int = Field(ge=0, description="all parameters and buffers in fp32")
     gradients_bytes: int = Field(ge=0, description="fp32 gradient per trainable parameter")
@@ -179,10 +174,9 @@ class MemoryEstimate(BaseModel):
     method: str = Field(description="how activations were measured")
 
 
-class DeviceEstimate(BaseModel):
+class DeviceEstimate(StrictModel):
     """One arm priced on one device."""
 
-    model_config = ConfigDict(extra="forbid")
 
     device: str
     precision: Precision = Field(description="precision used on this device (falls back to fp32 when unsupported)")
@@ -196,10 +190,9 @@ class DeviceEstimate(BaseModel):
     batch_fits: bool
 
 
-class ActualCost(BaseModel):
+class ActualCost(StrictModel):
     """What training really took, filled in by the training stage."""
 
-    model_config = ConfigDict(extra="forbid")
 
     device: str = Field(default=THIS_MACHINE, description="catalogue name of the device it ran on")
     wall_seconds: float = Field(gt=0)
@@ -213,10 +206,9 @@ class ActualCost(BaseModel):
     actual_over_estimate: float | None = Field(default=None, description="wall_seconds / estimated_seconds")
 
 
-class ArmCost(BaseModel):
+class ArmCost(StrictModel):
     """The estimate for one arm (and, once training ran, what it really took)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     arm: ArmName
     description: str
@@ -236,10 +228,9 @@ class ArmCost(BaseModel):
     actual: ActualCost | None = None
 
 
-class CostReport(BaseModel):
+class CostReport(StrictModel):
     """cost.json."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = COST_SCHEMA_VERSION
     created_at: str

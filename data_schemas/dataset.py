@@ -17,7 +17,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from data_schemas.base import StrictModel
 
 DATASET_SCHEMA_VERSION = "1.0"
 
@@ -51,20 +53,18 @@ class QuarantineReason(str, Enum):
     INVALID_HEADER = "invalid_header"
 
 
-class QuarantineRow(BaseModel):
+class QuarantineRow(StrictModel):
     """One rejected file. Private: the path may contain patient names."""
 
-    model_config = ConfigDict(extra="forbid")
 
     relative_path: str
     reason: QuarantineReason
     message: str
 
 
-class ManifestRow(BaseModel):
+class ManifestRow(StrictModel):
     """One image (one CT slice or one frame of a multi-frame CT). Shareable: no identifiers."""
 
-    model_config = ConfigDict(extra="forbid")
 
     index: int = Field(ge=0, description="row in images.npy")
     image_key: str = Field(description="HMAC of SOP Instance UID and frame number")
@@ -88,10 +88,9 @@ class ManifestRow(BaseModel):
     pad_right: int = 0
 
 
-class PrivateIndexRow(BaseModel):
+class PrivateIndexRow(StrictModel):
     """Links a pseudonymous image key back to its source file. Private."""
 
-    model_config = ConfigDict(extra="forbid")
 
     image_key: str
     relative_path: str
@@ -99,20 +98,18 @@ class PrivateIndexRow(BaseModel):
     frame: int
 
 
-class WindowSpec(BaseModel):
+class WindowSpec(StrictModel):
     """A CT intensity window: HU in [level - width/2, level + width/2] maps linearly to [0, 1]."""
 
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     level: float | None = Field(default=None, description="window level (centre) in HU; None for 'none'")
     width: float | None = Field(default=None, gt=0, description="window width in HU; None for 'none'")
 
 
-class NumericSummary(BaseModel):
+class NumericSummary(StrictModel):
     """Distribution summary of one fingerprint quantity."""
 
-    model_config = ConfigDict(extra="forbid")
 
     count: int
     min: float | None = None
@@ -124,10 +121,9 @@ class NumericSummary(BaseModel):
     std: float | None = None
 
 
-class DatasetFingerprint(BaseModel):
+class DatasetFingerprint(StrictModel):
     """The numbers to check before training, as nnU-Net's dataset fingerprint."""
 
-    model_config = ConfigDict(extra="forbid")
 
     matrix_sizes: dict[str, int] = Field(description="'ROWSxCOLS' -> image count")
     pixel_spacing_mm: NumericSummary
@@ -138,10 +134,9 @@ class DatasetFingerprint(BaseModel):
     kvp: NumericSummary
 
 
-class DatasetCard(BaseModel):
+class DatasetCard(StrictModel):
     """dataset.json: how the images were made and what the dataset holds."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = DATASET_SCHEMA_VERSION
     created_at: str
@@ -168,10 +163,9 @@ class DatasetCard(BaseModel):
     content_hash: str = Field(description="SHA-256 over images.npy bytes and manifest.csv: the dataset's identity")
 
 
-class DecodedFileRecord(BaseModel):
+class DecodedFileRecord(StrictModel):
     """Result of reading one source file (cached per content hash in private/cache). Private: holds raw UIDs."""
 
-    model_config = ConfigDict(extra="forbid")
 
     relative_path: str
     content_sha256: str = ""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from data_schemas.base import StrictModel
 
 from data_schemas.dataset import DatasetCard
 
@@ -44,11 +46,9 @@ FORBIDDEN_KEYS = frozenset(
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class MetricValue(_Strict):
+class MetricValue(StrictModel):
     """A point estimate with its confidence interval (None where undefined, e.g. AUC with one class)."""
 
     value: float | None = None
@@ -56,7 +56,7 @@ class MetricValue(_Strict):
     ci_high: float | None = None
 
 
-class DatasetSummary(_Strict):
+class DatasetSummary(StrictModel):
     """The dataset the run used: the shareable dataset card, embedded unchanged, plus the class roles.
 
     Args:
@@ -79,7 +79,7 @@ class DatasetSummary(_Strict):
         return self
 
 
-class SplitPart(_Strict):
+class SplitPart(StrictModel):
     """One part of the patient-level split."""
 
     name: SplitPartName
@@ -89,7 +89,7 @@ class SplitPart(_Strict):
     images_per_class: dict[str, int] = Field(default_factory=dict)
 
 
-class SplitSummary(_Strict):
+class SplitSummary(StrictModel):
     """How patients were divided into train / val / test.
 
     Args:
@@ -107,7 +107,7 @@ class SplitSummary(_Strict):
     n_folds: int | None = None
 
 
-class CostReport(_Strict):
+class ArmCostSummary(StrictModel):
     """Estimated versus measured cost of training one arm; every field optional."""
 
     estimated_seconds: float | None = None
@@ -120,7 +120,7 @@ class CostReport(_Strict):
     device: str = ""
 
 
-class TestMetrics(_Strict):
+class TestMetrics(StrictModel):
     """Test-set metrics of one arm, each with a patient-level bootstrap confidence interval."""
 
     __test__ = False  # not a pytest test class
@@ -153,7 +153,7 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
-class EpochRecord(_Strict):
+class EpochRecord(StrictModel):
     """One epoch of a learning curve."""
 
     epoch: int = Field(ge=1)
@@ -165,7 +165,7 @@ class EpochRecord(_Strict):
     seconds: float | None = Field(default=None, description="wall-clock seconds of this epoch")
 
 
-class Convergence(_Strict):
+class Convergence(StrictModel):
     """How quickly an arm got close to its best validation AUC."""
 
     fraction: float = 0.95
@@ -174,7 +174,7 @@ class Convergence(_Strict):
     seconds_to_fraction: float | None = None
 
 
-class RocPoint(_Strict):
+class RocPoint(StrictModel):
     """One point of a test ROC curve."""
 
     fpr: float
@@ -182,7 +182,7 @@ class RocPoint(_Strict):
     threshold: float
 
 
-class CalibrationBin(_Strict):
+class CalibrationBin(StrictModel):
     """One equal-width bin of a reliability diagram of the positive-class probability."""
 
     bin_low: float
@@ -192,7 +192,7 @@ class CalibrationBin(_Strict):
     count: int = Field(ge=0)
 
 
-class ConfusionMatrix(_Strict):
+class ConfusionMatrix(StrictModel):
     """Counts of test images: counts[i][j] = true labels[i] predicted as labels[j]."""
 
     labels: list[str]
@@ -200,7 +200,7 @@ class ConfusionMatrix(_Strict):
     threshold: float = 0.5
 
 
-class ArmResult(_Strict):
+class ArmResult(StrictModel):
     """One training arm (e.g. "scratch" or "imagenet") and everything measured about it.
 
     Args:
@@ -227,7 +227,7 @@ class ArmResult(_Strict):
     reason: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = None
-    cost: CostReport = Field(default_factory=CostReport)
+    cost: ArmCostSummary = Field(default_factory=ArmCostSummary)
     test_metrics: TestMetrics | None = None
     learning_curve: list[EpochRecord] = Field(default_factory=list)
     best_epoch: int | None = None
@@ -248,7 +248,7 @@ class ArmResult(_Strict):
         return self
 
 
-class DeLongResult(_Strict):
+class DeLongResult(StrictModel):
     """DeLong test of two correlated ROC AUCs on the same test images."""
 
     auc_a: float
@@ -260,7 +260,7 @@ class DeLongResult(_Strict):
     level: float = 0.95
 
 
-class McNemarResult(_Strict):
+class McNemarResult(StrictModel):
     """McNemar test of paired correct/incorrect decisions at the threshold."""
 
     b: int = Field(ge=0, description="images arm_a got right and arm_b got wrong")
@@ -270,7 +270,7 @@ class McNemarResult(_Strict):
     method: Literal["exact", "chi2_cc", "clustered"]
 
 
-class PairedComparison(_Strict):
+class PairedComparison(StrictModel):
     """Two arms compared on the same test images."""
 
     arm_a: str
@@ -280,7 +280,7 @@ class PairedComparison(_Strict):
     plain_words: str = ""
 
 
-class FoldMetrics(_Strict):
+class FoldMetrics(StrictModel):
     """Test metrics of one arm on one cross-validation fold."""
 
     fold: int = Field(ge=0)
@@ -289,7 +289,7 @@ class FoldMetrics(_Strict):
     metrics: dict[str, float]
 
 
-class ArmFolds(_Strict):
+class ArmFolds(StrictModel):
     """Cross-validation results of one arm: per fold, and mean and standard deviation over folds."""
 
     arm: str
@@ -298,7 +298,7 @@ class ArmFolds(_Strict):
     std: dict[str, float]
 
 
-class DataEfficiencyPoint(_Strict):
+class DataEfficiencyPoint(StrictModel):
     """Test AUC of one arm trained on a fraction of the training patients."""
 
     arm: str
@@ -308,7 +308,7 @@ class DataEfficiencyPoint(_Strict):
     test_auc: MetricValue
 
 
-class Recommendation(_Strict):
+class Recommendation(StrictModel):
     """What the numbers say to do, derived from them by tasks.statistics.recommend.
 
     Args:
@@ -326,7 +326,7 @@ class Recommendation(_Strict):
     basis: Literal["significant", "tied_cost", "single_arm", "none"]
 
 
-class Reproducibility(_Strict):
+class Reproducibility(StrictModel):
     """What is needed to rerun and to check that a rerun matched."""
 
     run_id: str
@@ -342,7 +342,7 @@ class Reproducibility(_Strict):
     command: str = Field(default="", description="CLI command line of the run, without private paths")
 
 
-class ComparisonResults(_Strict):
+class ComparisonResults(StrictModel):
     """results.json: the complete set of numbers behind one comparison report.
 
     Args:

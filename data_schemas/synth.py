@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from data_schemas.base import StrictModel
 
 SYNTH_SCHEMA_VERSION = "1.0"
 
@@ -24,19 +26,17 @@ LABEL_NORMAL = "normal"
 SynthLabel = Literal["nodule", "normal"]
 
 
-class LabelRow(BaseModel):
+class LabelRow(StrictModel):
     """One row of labels.csv. Private: patient_id is the raw PatientID in the DICOM headers."""
 
-    model_config = ConfigDict(extra="forbid")
 
     patient_id: str
     label: SynthLabel
 
 
-class SynthParameters(BaseModel):
+class SynthParameters(StrictModel):
     """Everything that determines a cohort's bytes: equal parameters mean an identical cohort."""
 
-    model_config = ConfigDict(extra="forbid")
 
     patients: int = Field(ge=2)
     slices_per_patient: int = Field(ge=1)
@@ -45,29 +45,26 @@ class SynthParameters(BaseModel):
     generator_version: str
 
 
-class ValueRange(BaseModel):
+class ValueRange(StrictModel):
     """Smallest and largest value of one quantity over the cohort."""
 
-    model_config = ConfigDict(extra="forbid")
 
     min: float
     max: float
 
 
-class NoduleSummary(BaseModel):
+class NoduleSummary(StrictModel):
     """Ground-truth nodule statistics, for judging how hard the task is."""
 
-    model_config = ConfigDict(extra="forbid")
 
     n_nodules: int
     diameter_mm: ValueRange
     core_hu: ValueRange
 
 
-class CohortCard(BaseModel):
+class CohortCard(StrictModel):
     """cohort.json: how a synthetic cohort was made and what it holds. Shareable: no identifiers."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = SYNTH_SCHEMA_VERSION
     generator: str = "ctcompare.synth"
@@ -85,10 +82,9 @@ class CohortCard(BaseModel):
     nodules: NoduleSummary | None = None
 
 
-class PatientIdentifiers(BaseModel):
+class PatientIdentifiers(StrictModel):
     """The fake identifiers of one patient, exactly as written into the headers. Private."""
 
-    model_config = ConfigDict(extra="forbid")
 
     patient_id: str
     patient_name: str
@@ -102,10 +98,9 @@ class PatientIdentifiers(BaseModel):
     series_instance_uid: str
 
 
-class IdentifiersFile(BaseModel):
+class IdentifiersFile(StrictModel):
     """identifiers.json: PRIVATE list of the identifier strings embedded in the cohort, for leak tests."""
 
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal["1.0"] = SYNTH_SCHEMA_VERSION
     notice: str = "PRIVATE: fake identifiers embedded in the synthetic DICOM headers; no output may contain them."

@@ -23,7 +23,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from data_schemas.base import StrictModel
 
 try:  # the cost stage owns the arm names; fall back to the same literal if it is absent
     from data_schemas.cost import ARM_NAMES, ArmName
@@ -47,6 +49,7 @@ METRICS_FILE = "metrics.csv"
 CHECKPOINT_FILE = "checkpoint_last.pt"
 BEST_FILE = "best.pt"
 PREDICTIONS_FILE = "predictions.csv"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"  # PredictionRow per validation image: the operating point is chosen on it
 TIMING_FILE = "timing.json"
 STATUS_FILE = "status.json"
 LINEAR_MODEL_FILE = "linear_model.json"
@@ -61,14 +64,12 @@ GRAY_MEAN: float = sum(IMAGENET_MEAN) / 3
 GRAY_STD: float = sum(IMAGENET_STD) / 3
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Batched on-the-fly augmentation (one affine warp per batch on the in-memory tensor)."""
 
     enabled: bool = True
@@ -82,7 +83,7 @@ class AugmentConfig(_Strict):
     noise_std: float = Field(default=0.01, ge=0, description="Gaussian noise std (in [0, 1] intensity units)")
 
 
-class LinearProbeConfig(_Strict):
+class LinearProbeConfig(StrictModel):
     """The imagenet-linear arm: logistic regression on frozen 2048-d features."""
 
     Cs: int = Field(default=10, ge=1, description="number of C values on a log grid (LogisticRegressionCV)")
@@ -90,7 +91,7 @@ class LinearProbeConfig(_Strict):
     max_iter: int = Field(default=2000, ge=10)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Every hyper-parameter and overfitting control of one arm; recorded whole in config.json."""
 
     image_size: int = Field(ge=16, le=1024, description="the in-memory tensor is resized once to this size")
@@ -111,6 +112,12 @@ class TrainConfig(_Strict):
     mixup_alpha: float = Field(default=0.0, ge=0, description="0 disables mixup")
     early_stopping_patience: int | None = Field(default=3, ge=1, description="None disables early stopping")
     early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    early_stopping_monitor: Literal["val_loss", "val_auc_ema"] = Field(
+        default="val_loss",
+        description="quantity that selects the best epoch and stops training: plain validation cross-entropy "
+        "(stable on small validation sets) or an exponential moving average of validation AUC",
+    )
+    min_epochs: int = Field(default=3, ge=1, description="no early stop before this many epochs (capped at epochs)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     linear: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
@@ -124,7 +131,7 @@ class TrainConfig(_Strict):
     download_weights: bool = Field(default=True, description="try torchvision's download when the cache is empty")
 
 
-class ProfileSpec(_Strict):
+class ProfileSpec(StrictModel):
     """One profile in profiles.json: base values, then per-arm values on top."""
 
     description: str = ""
@@ -132,7 +139,7 @@ class ProfileSpec(_Strict):
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-class WeightsInfo(_Strict):
+class WeightsInfo(StrictModel):
     """Where the pretrained weights of a run came from."""
 
     source: Literal["file", "torch_hub_cache", "download"]
@@ -142,7 +149,7 @@ class WeightsInfo(_Strict):
     hash_checked: bool = Field(description="True when the file name carries a hash prefix and it matched")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """config.json of one run."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -180,7 +187,7 @@ class RunConfig(_Strict):
 # ------------------------------------------------------------------------------------------------------ outputs
 
 
-class EpochMetrics(_Strict):
+class EpochMetrics(StrictModel):
     """One row of metrics.csv."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -188,6 +195,11 @@ class EpochMetrics(_Strict):
     phase: Literal["head", "full", "linear"]
     train_loss: float | None = None
     val_loss: float | None = None
+    train_eval_loss: float | None = Field(
+        default=None,
+        description="plain cross-entropy on the training images in eval mode, no augmentation, no smoothing or "
+        "class weights: the like-for-like partner of val_loss for the overfitting gap",
+    )
     val_auc: float | None = Field(default=None, description="None when the validation part has a single class")
     lr_head: float | None = None
     lr_backbone: float | None = None
@@ -197,7 +209,7 @@ class EpochMetrics(_Strict):
     is_best: bool
 
 
-class PredictionRow(_Strict):
+class PredictionRow(StrictModel):
     """One row of predictions.csv: a test image."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -208,7 +220,7 @@ class PredictionRow(_Strict):
     prob_positive: float = Field(ge=0, le=1)
 
 
-class TimingInfo(_Strict):
+class TimingInfo(StrictModel):
     """timing.json."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -226,7 +238,7 @@ class TimingInfo(_Strict):
     precision: str
 
 
-class LinearProbeModel(_Strict):
+class LinearProbeModel(StrictModel):
     """linear_model.json: the fitted standardiser + logistic regression of the imagenet-linear arm."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -239,7 +251,7 @@ class LinearProbeModel(_Strict):
     class_weight: str | None
 
 
-class RunSummary(_Strict):
+class RunSummary(StrictModel):
     """status.json, and what train_arm returns."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
@@ -260,7 +272,7 @@ class RunSummary(_Strict):
 # ------------------------------------------------------------------------------------------------------- splits
 
 
-class SplitRow(_Strict):
+class SplitRow(StrictModel):
     """One row of splits.csv (hashed keys only)."""
 
     schema_version: Literal["1.0"] = SPLITS_SCHEMA_VERSION
@@ -271,13 +283,13 @@ class SplitRow(_Strict):
     fold: int | None = Field(default=None, ge=0, description="CV fold of a non-test patient; None for test")
 
 
-class PartCounts(_Strict):
+class PartCounts(StrictModel):
     images: int
     patients: int
     labels: dict[str, int]
 
 
-class SplitsInfo(_Strict):
+class SplitsInfo(StrictModel):
     """splits.json, beside splits.csv: how the split was made and the overlap check."""
 
     schema_version: Literal["1.0"] = SPLITS_SCHEMA_VERSION

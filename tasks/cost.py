@@ -58,6 +58,7 @@ from data_schemas.cost import (
     Precision,
 )
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
+from reports.formatting import format_duration  # the cost tables move to reports/ (one-way imports)
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 MEMORY_USABLE_FRACTION = 0.9  # leave 10% of device memory for the framework, kernels' workspace and fragmentation
@@ -357,13 +358,10 @@ def estimate_seconds(flops: float, device: DeviceSpec, precision: str) -> float:
 
 
 def bf16_supported() -> bool:
-    """True when this CPU runs bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    import torch
+    """True when this CPU runs bf16 natively; the one check training uses too (tasks.runtime)."""
+    from tasks.runtime import cpu_has_fast_bf16
 
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - older/odd builds
-        return False
+    return cpu_has_fast_bf16()
 
 
 def cpu_model() -> str:
@@ -933,19 +931,6 @@ def record_actual(cost_path: Path, arm: str, actual: ActualCost) -> CostReport:
 
 
 # ============================================================================================ presentation
-
-
-def format_duration(seconds: float) -> str:
-    """Short human duration: 42 s, 13 min, 2.5 h, 13.4 d, 2.1 y."""
-    if seconds < 90:
-        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds < 730 * 86400:
-        return f"{seconds / 86400:.1f} d"
-    return f"{seconds / (365.25 * 86400):.1f} y"
 
 
 def _gb(n: float) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_schemas.cost import THIS_MACHINE, CostReport as CostFile
+from data_schemas.cost import THIS_MACHINE, CostReport
 from data_schemas.dataset import DatasetCard
 from data_schemas.report import (
     ArmResult,
@@ -29,7 +29,7 @@ from data_schemas.report import (
     FoldMetrics,
     ConfusionMatrix,
     Convergence,
-    CostReport,
+    ArmCostSummary,
     DatasetSummary,
     DeLongResult,
     EpochRecord,
@@ -141,9 +141,9 @@ def _learning_curve(history: list[EpochMetrics]) -> list[EpochRecord]:
     ]
 
 
-def _cost(arm: str, timing: TimingInfo | None, cost_file: CostFile | None) -> CostReport:
+def _cost(arm: str, timing: TimingInfo | None, cost_file: CostReport | None) -> ArmCostSummary:
     if timing is None:
-        return CostReport()
+        return ArmCostSummary()
     estimated = None
     flops_total = None
     if cost_file is not None:
@@ -163,14 +163,14 @@ def _cost(arm: str, timing: TimingInfo | None, cost_file: CostFile | None) -> Co
                 rate = device.rates.get(timing.precision) or device.rates.get("fp32")
                 peak = rate.peak_tflops * 1e12 if rate else None
     utilisation = timing.achieved_flops_per_second / peak if peak else None
-    return CostReport(
+    return ArmCostSummary(
         estimated_seconds=estimated, actual_seconds=timing.wall_seconds, images_per_second=timing.images_per_second,
         flops_per_image=timing.forward_flops_per_image, total_flops=flops_total,
         utilisation=None if utilisation is None else min(1.0, utilisation), device=f"{timing.device} ({timing.precision})",
     )
 
 
-def read_arm(arm: str, run_dir: Path, cost_file: CostFile | None, n_bootstrap: int, seed: int) -> tuple[ArmResult, ArmPredictions | None]:
+def read_arm(arm: str, run_dir: Path, cost_file: CostReport | None, n_bootstrap: int, seed: int) -> tuple[ArmResult, ArmPredictions | None]:
     """One arm's ArmResult (and its test predictions when it completed)."""
     status_path = run_dir / STATUS_FILE
     if not status_path.is_file():
@@ -313,7 +313,7 @@ def build_results(
     card = read_model_json(Path(dataset_dir) / "dataset.json", DatasetCard)
     rows = read_models_csv(splits_path, SplitRow)
     info = read_model_json(splits_path.with_suffix(".json"), SplitsInfo)
-    cost_file = read_model_json(cost_path, CostFile) if cost_path is not None and cost_path.is_file() else None
+    cost_file = read_model_json(cost_path, CostReport) if cost_path is not None and cost_path.is_file() else None
 
     arms, predictions, configs, seeds = [], {}, {}, {}
     for arm, run_dir in run_dirs.items():

@@ -63,6 +63,7 @@ from tasks.models import (
     resolve_imagenet_weights,
     scratch_resnet50,
 )
+from tasks.runtime import Runtime, choose_runtime, cpu_has_fast_bf16  # noqa: F401 - re-exported for callers
 from tasks.splits import count_patient_overlap, ensure_splits, n_folds, parts_for_fold, subsample_patients
 
 CHECKPOINT_FORMAT = 1
@@ -86,58 +87,6 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 class TrainingInterrupted(Exception):
     """Raised by an on_epoch_end hook to stop a run after a finished epoch (used by tests to simulate a kill)."""
-
-
-# ----------------------------------------------------------------------------------------------- runtime choice
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 autocast is faster than fp32 on this CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        flags = ""
-    if "amx_bf16" in flags or "avx512_bf16" in flags:
-        return True
-    return "AMX" in str(torch.backends.cpu.get_cpu_capability())
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16
-    channels_last: bool
-    num_threads: int
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-    def autocast(self):
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def choose_runtime(config: TrainConfig) -> Runtime:
-    """Device, precision and memory format from the config's "auto" choices and the hardware."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not cuda:
-        raise ValueError("device 'cuda' was requested but no CUDA device is available.")
-    device = torch.device("cuda" if (config.device == "cuda" or (config.device == "auto" and cuda)) else "cpu")
-    precision = config.precision
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision 'fp16' is for GPUs; use bf16 or fp32 on a CPU.")
-    channels_last = config.channels_last == "on" or (
-        config.channels_last == "auto" and (device.type == "cuda" or precision == "bf16")
-    )
-    return Runtime(device, precision, channels_last, torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------------- the data

@@ -12,7 +12,7 @@ from data_schemas.report import (
     ComparisonResults,
     Convergence,
     ConfusionMatrix,
-    CostReport,
+    ArmCostSummary,
     DataEfficiencyPoint,
     DatasetSummary,
     DeLongResult,
@@ -121,7 +121,7 @@ def _arm(
         status="completed",
         config={"pretrained": name == "imagenet", "lr": 1e-3, "batch_size": 32, "epochs": 12, "optimizer": "AdamW"},
         seed=seed,
-        cost=CostReport(
+        cost=ArmCostSummary(
             estimated_seconds=secs * 11,
             actual_seconds=secs * stop,
             estimated_images_per_second=95.0,
