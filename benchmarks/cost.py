@@ -30,7 +30,7 @@ from tasks import cost as C  # noqa: E402
 
 def train_for_real(n_images: int, size: int, epochs: int, batch_size: int, precision: str) -> tuple[float, list[float]]:
     torch.manual_seed(0)
-    model = C._resnet50_for_counting(1, 2).to(memory_format=torch.channels_last).train()
+    model = C.phase_model("full", 1).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.rand(n_images, 1, size, size)
     labels = torch.arange(n_images) % 2

@@ -6,8 +6,8 @@ Conventions used everywhere in the cost stage:
     TFLOPS      peak rates in 10^12 FLOP/s, as vendors quote them (also 2 per fused multiply-add).
     bytes       memory in bytes; GB in the catalogue means 10^9 bytes as vendors quote it.
 
-cost.json is written once by the cost stage; the training stage later fills `ArmCost.actual` for each arm it ran
-(tasks.cost.record_actual), so one file holds estimate and actual side by side.
+cost.json is written once, by the cost stage, and holds estimates only. What a run really took lives in that run's
+timing.json; evaluation sets the two side by side (tasks.cost.estimated_seconds_for prices the epochs actually run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from data_schemas.base import StrictModel
 
-COST_SCHEMA_VERSION = "1.0"
+COST_SCHEMA_VERSION = "1.1"  # 1.1: estimates only (no `actual`), ArmCost.n_images and head_warmup_epochs
 COST_FILE = "cost.json"
 DEVICE_CATALOGUE_FILE = "devices.json"
 THIS_MACHINE = "this-machine"
@@ -190,24 +190,8 @@ class DeviceEstimate(StrictModel):
     batch_fits: bool
 
 
-class ActualCost(StrictModel):
-    """What training really took, filled in by the training stage."""
-
-
-    device: str = Field(default=THIS_MACHINE, description="catalogue name of the device it ran on")
-    wall_seconds: float = Field(gt=0)
-    epochs_run: int = Field(ge=0)
-    images_per_second: float = Field(ge=0)
-    achieved_flops_per_second: float | None = Field(default=None, ge=0)
-    utilisation: float | None = Field(default=None, ge=0, description="achieved / peak of the device at that precision")
-    precision: Precision | None = None
-    recorded_at: str | None = None
-    estimated_seconds: float | None = Field(default=None, description="estimate for the epochs actually run")
-    actual_over_estimate: float | None = Field(default=None, description="wall_seconds / estimated_seconds")
-
-
 class ArmCost(StrictModel):
-    """The estimate for one arm (and, once training ran, what it really took)."""
+    """The estimate for one arm on every device of the catalogue."""
 
 
     arm: ArmName
@@ -218,21 +202,22 @@ class ArmCost(StrictModel):
     train_flops_per_image: float = Field(description="FLOPs per image per epoch of the main training phase")
     head_phase_flops_per_image: float | None = Field(default=None, description="imagenet arm: per image in a head-only epoch")
     classifier_fit_flops: float = Field(default=0.0, description="imagenet-linear arm: logistic-regression fit")
-    flops_per_epoch: float = Field(description="linear arm: the single feature-extraction pass")
+    n_images: int = Field(ge=1, description="training images priced per epoch")
+    head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs at the start, within epochs")
+    flops_per_epoch: float = Field(description="n_images x train_flops_per_image; linear arm: the single feature pass")
     flops_total: float
     epochs_effective: int = Field(description="passes over the data: epochs, or 1 for the linear arm")
     memory: MemoryEstimate
     max_batch_for_given_memory: int | None = Field(default=None, description="for inputs.device_memory_gb, when given")
     devices: list[DeviceEstimate]
     formulas: list[str] = Field(default_factory=list)
-    actual: ActualCost | None = None
 
 
 class CostReport(StrictModel):
     """cost.json."""
 
 
-    schema_version: Literal["1.0"] = COST_SCHEMA_VERSION
+    schema_version: Literal["1.1"] = COST_SCHEMA_VERSION
     created_at: str
     ctcompare_version: str
     config_hash: str = Field(description="sha256 of inputs, catalogue and calibration choice: equal hash, same estimate")

@@ -2,8 +2,9 @@
 
 Estimates, before training, what each arm (scratch, imagenet, imagenet-linear) costs in FLOPs, memory and wall
 time on a catalogue of devices and on this machine (calibrated), and writes cost.json plus a markdown artifact
-(key "ctcompare-cost"). The training stage later records actual time into the same cost.json
-(tasks.cost.record_actual). All the work lives in tasks/cost.py; this module only orchestrates.
+(key "ctcompare-cost"). cost.json holds estimates only: each training run measures itself in its timing.json and
+evaluation compares the two. All the work lives in tasks/cost.py, the tables in reports/cost_tables.py; this
+module only orchestrates.
 """
 
 from __future__ import annotations
@@ -11,78 +12,48 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Annotated
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import Field
 
-from data_schemas.cost import ARM_NAMES, OPTIMIZERS, PRECISIONS, ArmName, CostReport, OptimizerName, Precision
+from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs, CostReport
+from data_schemas.files import sha256_file
+from reports.cost_tables import format_table, markdown_table
 from tasks.cost import (
     calibrate_task,
     config_hash,
     default_catalogue_path,
     estimate_task,
     existing_report,
-    format_table,
-    markdown_table,
-    report_json,
     resolve_cost_inputs,
     write_task,
 )
-from data_schemas.files import sha256_file
 
 ARTIFACT_KEY = "ctcompare-cost"
 
 
 @flow(name="cost", validate_parameters=True)
-def cost_flow(
-    n_images: Annotated[int, Field(ge=1)] | None = None,
-    dataset: Path | None = None,
-    image_size: Annotated[int, Field(ge=32, le=2048)] | None = None,
-    channels: Annotated[int, Field(ge=1, le=3)] | None = None,
-    epochs: Annotated[int, Field(ge=1)] = 100,
-    batch_size: Annotated[int, Field(ge=1)] = 32,
-    arms: list[ArmName] | None = None,
-    precision: Precision = "bf16",
-    optimizer: OptimizerName = "adam",
-    head_warmup_epochs: Annotated[int, Field(ge=0)] = 0,
-    device_memory_gb: Annotated[float, Field(gt=0)] | None = None,
-    out_dir: Path | None = None,
-    calibrate: bool = True,
-    force: bool = False,
-) -> CostReport:
-    """Estimate each arm's cost and write cost.json into out_dir (default: the dataset folder, else the cwd).
+def cost_flow(*, inputs: CostInputs, out_dir: Path, calibrate: bool = True, force: bool = False) -> CostReport:
+    """Estimate each arm's cost for `inputs` and write cost.json into out_dir.
 
-    Parameters are validated before any work (Prefect + CostInputs); a cost.json made from the same inputs,
-    catalogue and calibration choice is reused (and its recorded actuals kept) unless force=True.
+    inputs: what to price (tasks.cost.resolve_cost_inputs builds it from a dataset folder or an image count);
+    n_images must be the training images only. calibrate: measure this machine (cached) instead of using the
+    catalogue's guess. A cost.json made from the same inputs, catalogue and calibration choice is reused unless
+    force=True.
     """
-    inputs = resolve_cost_inputs(
-        dataset=dataset,
-        n_images=n_images,
-        image_size=image_size,
-        channels=channels,
-        epochs=epochs,
-        batch_size=batch_size,
-        arms=arms,
-        precision=precision,
-        optimizer=optimizer,
-        head_warmup_epochs=head_warmup_epochs,
-        device_memory_gb=device_memory_gb,
-    )
-    out = Path(out_dir) if out_dir is not None else (Path(dataset) if dataset is not None else Path.cwd())
+    out_dir = Path(out_dir)
     expected = config_hash(inputs, sha256_file(default_catalogue_path()), calibrate)
-    report = None if force else existing_report(out, expected)
+    report = None if force else existing_report(out_dir, expected)
     if report is None:
         calibration = (
             calibrate_task(inputs.image_size, inputs.channels, inputs.precision, inputs.batch_size) if calibrate else None
         )
         report = estimate_task(inputs, calibration)
-        write_task(out, report)
+        write_task(out_dir, report)
     create_markdown_artifact(
         key=ARTIFACT_KEY,
         markdown=markdown_table(report),
-        description=f"ResNet-50 cost estimate per arm and device ({out / 'cost.json'})",
+        description=f"ResNet-50 cost estimate per arm and device ({out_dir / COST_FILE})",
     )
     return report
 
@@ -90,55 +61,48 @@ def cost_flow(
 # ============================================================================================ CLI
 
 
+def inputs_from_args(args: argparse.Namespace) -> CostInputs:
+    """CostInputs from the command line; ValueError (one sentence) for a bad argument."""
+    from flows.cli import arm_list
+
+    return resolve_cost_inputs(
+        dataset=args.dataset,
+        n_images=args.images,
+        image_size=args.size,
+        channels=args.channels,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        arms=arm_list(args.arms) or None,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        head_warmup_epochs=args.head_warmup_epochs,
+        device_memory_gb=args.device_memory_gb,
+    )
+
+
 def run_cost(args: argparse.Namespace) -> int:
-    from flows.cli import UsageError, arm_list
+    """`ctcompare cost`: check the arguments, run the flow, print the table (or cost.json with --json)."""
+    from flows.cli import UsageError
 
     try:
-        inputs = resolve_cost_inputs(
-            dataset=args.dataset,
-            n_images=args.images,
-            image_size=args.size,
-            channels=args.channels,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            arms=arm_list(args.arms) or None,
-            precision=args.precision,
-            optimizer=args.optimizer,
-            head_warmup_epochs=args.head_warmup_epochs,
-            device_memory_gb=args.device_memory_gb,
-        )
+        inputs = inputs_from_args(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    out = args.out if args.out is not None else (args.dataset if args.dataset is not None else Path.cwd())
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder; give a folder for cost.json.")
+    out = Path(args.out if args.out is not None else (args.dataset if args.dataset is not None else Path.cwd()))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder; give a folder for {COST_FILE}.")
     print(
         "ctcompare cost: counting FLOPs and measuring memory"
         + ("; calibrating this machine (about 20 s the first time, cached after)" if not args.no_calibrate else "")
         + " ...",
         file=sys.stderr,
     )
-    report = cost_flow(
-        n_images=inputs.n_images,
-        image_size=inputs.image_size,
-        channels=inputs.channels,
-        epochs=inputs.epochs,
-        batch_size=inputs.batch_size,
-        arms=list(inputs.arms),
-        precision=inputs.precision,
-        optimizer=inputs.optimizer,
-        head_warmup_epochs=inputs.head_warmup_epochs,
-        device_memory_gb=inputs.device_memory_gb,
-        dataset=args.dataset,
-        out_dir=Path(out),
-        calibrate=not args.no_calibrate,
-        force=args.force,
-    )
+    report = cost_flow(inputs=inputs, out_dir=out, calibrate=not args.no_calibrate, force=args.force)
     if args.json:
-        print(report_json(report))
+        print(report.model_dump_json(indent=2))
     else:
         print(format_table(report))
-        print(f"\nwrote {Path(out) / 'cost.json'}")
+        print(f"\nwrote {out / COST_FILE}")
     return 0
 
 

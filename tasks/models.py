@@ -250,7 +250,11 @@ def pretrained_resnet50(backbone: Mapping[str, torch.Tensor], num_classes: int =
 
 def feature_extractor(backbone: Mapping[str, torch.Tensor]) -> ResNet:
     """The imagenet-linear arm: the pretrained backbone returning 2048-d pooled features, frozen, in eval mode."""
-    model = build_resnet50(1, 2, 0.0, backbone)
+    return as_feature_extractor(build_resnet50(1, 2, 0.0, backbone))
+
+
+def as_feature_extractor(model: ResNet) -> ResNet:
+    """`model` with fc replaced by Identity (2048-d pooled features out), every parameter frozen, in eval mode."""
     model.fc = nn.Identity()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -267,18 +271,37 @@ def is_no_decay_parameter(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim <= 1
 
 
-@lru_cache(maxsize=16)
-def forward_flops_per_image(image_size: int, in_channels: int = 1, num_classes: int = 2) -> float:
-    """FLOPs (2 per multiply-add, FlopCounterMode convention) of one forward pass of one image."""
+def count_flops(model: nn.Module, image_size: int, in_channels: int, *, backward: bool = False, batch: int = 2) -> float:
+    """FLOPs per image of one forward pass (and, with `backward`, its backward pass): the one FLOP counter.
+
+    Counted by torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add; only matmul/conv-type ops are
+    counted, so BatchNorm, ReLU, pooling and the optimizer step count 0). A convolution costs
+    2 x C_in x C_out x k x k x H_out x W_out per image forward; its input gradient and its weight gradient cost the
+    same again each. The pass runs on the model's device (the meta device makes it free: shapes only). Backward
+    runs only if some parameter requires grad, and autograd computes only what the trainable parameters need: a
+    frozen layer gets no weight gradient, a frozen prefix no backward at all, and the input never requires grad,
+    so conv1 has no input gradient. Counted at `batch` (BatchNorm in train mode refuses a single value per channel)
+    and divided by it: FLOPs are linear in the batch.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = next(model.parameters()).device
+    x = torch.zeros(batch, in_channels, image_size, image_size, device=device)
+    needs_backward = backward and any(p.requires_grad for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(needs_backward):
+            out = model(x)
+        if needs_backward:
+            out.float().sum().backward()
+    return counter.get_total_flops() / batch
+
+
+@lru_cache(maxsize=16)
+def forward_flops_per_image(image_size: int, in_channels: int = 1, num_classes: int = 2) -> float:
+    """FLOPs of one forward pass of one image through the arms' ResNet-50 (count_flops on the meta device)."""
     with torch.device("meta"):
         model = _build(in_channels, num_classes, 0.0, None).eval()
-        x = torch.zeros(1, in_channels, image_size, image_size)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(x)
-    return float(counter.get_total_flops())
+    return count_flops(model, image_size, in_channels)
 
 
 def describe_init(model: nn.Module) -> dict[str, float]:
