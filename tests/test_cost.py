@@ -1,37 +1,29 @@
-"""Cost stage: FLOP counts of the real model, freezing, the device catalogue, the classic figures, cost.json, CLI.
+"""Cost stage: every figure against independent arithmetic, the device catalogue, cost.json, the flow and the CLI.
 
-FLOP convention throughout: torch's FlopCounterMode, 2 FLOPs per multiply-add (MAC). ResNet-50 at 224x224x3 is
-~4.1 G MAC = ~8.2 GFLOPs forward. Counts run on the meta device (shapes only) and mostly at 64 px to stay fast;
-exactly one count is made at 224 px. No test calibrates this machine (calibration is measured by
-benchmarks/cost.py; here it is replaced by a fixed Calibration).
+Expected values come from tests/resnet50_by_hand.py (ResNet-50 counted from its architecture table with
+2 x C_in x C_out x k x k x H_out x W_out per conv), from devices.json figures written out here, and from a fixed
+Calibration: never from the function under test. FLOP counts run on the meta device (shapes only), mostly at
+64 px; no test calibrates this machine (benchmarks/cost.py measures that).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from data_schemas.cost import (
-    ARM_NAMES,
-    COST_FILE,
-    ActualCost,
-    Calibration,
-    CostReport,
-)
-from tasks import cost as C
+import resnet50_by_hand as hand
+from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport
 from data_schemas.files import read_model_json
+from reports.cost_tables import format_table, markdown_table
+from tasks import cost as C
+from tasks.models import count_flops, forward_flops_per_image
 
 DAY = 86_400.0
-
-
-def _fwd_flops(module: nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
-        module(x)
-    return counter.get_total_flops()
+RATE = 50e9  # the fixed calibration's achieved training FLOP/s on this machine
+WARMUP = 7.5  # the fixed calibration's first-step warm-up, seconds
 
 
 @pytest.fixture(scope="module")
@@ -40,110 +32,232 @@ def imagenet_counts() -> C.PhaseCounts:
     return C.count_phase("full", 224, 3, 1000)
 
 
-# ============================================================================================ counts
+def _calibration(image_size: int = 64, warmup: float = WARMUP) -> Calibration:
+    """A fixed calibration: peak 200 GFLOP/s, achieved RATE, so this machine's effective rate is exactly RATE."""
+    key, fields = C._calibration_key(image_size, 1, C.this_machine_precision("bf16"))
+    per_image = hand.full_training_flops(image_size, 1, 2)
+    return Calibration(
+        key=key, **fields, matmul_flops_per_second=200e9, train_batch_size=16, train_steps=3,
+        train_images_per_second=RATE / per_image, train_flops_per_image=per_image, train_flops_per_second=RATE,
+        utilisation=RATE / 200e9, warmup_seconds=warmup, seconds_taken=1.0, measured_at="2025-01-01T00:00:00+00:00",
+    )
 
 
-def test_resnet50_224x3_forward_is_4_1_gmac_8_2_gflops(imagenet_counts):
-    """ResNet-50 at 224x224x3: ~4.1e9 multiply-adds = ~8.2e9 FLOPs (FlopCounterMode counts 2 per MAC);
-    25.56 M parameters; full training (fwd + input grads + weight grads) ~3x forward, slightly under because the
-    input image needs no gradient: 3 x 8.18 - 2 x 0.118 (conv1 input grad) = 24.3 GFLOPs."""
-    fwd = imagenet_counts.forward_flops_per_image
-    assert 8.0e9 < fwd < 8.4e9
-    assert 4.0e9 < fwd / 2 < 4.2e9  # multiply-adds
-    assert imagenet_counts.params_total == 25_557_032
-    ratio = imagenet_counts.train_flops_per_image / fwd
-    assert 2.9 < ratio < 3.0
+def _this_machine(arm) -> object:
+    return next(d for d in arm.devices if d.device == THIS_MACHINE)
 
 
-def test_conv1_one_channel_costs_one_third_of_three_channels():
-    """conv1 FLOPs = 2 x out_pixels x 64 x (C_in x 7 x 7): C_in 1 vs 3 is exactly 1/3, so grayscale saves
-    2/3 of conv1 (0.236 GFLOPs at 224 px, ~3% of the net) and nothing else."""
-    x1, x3 = torch.zeros(1, 1, 64, 64, device="meta"), torch.zeros(1, 3, 64, 64, device="meta")
-    one = _fwd_flops(nn.Conv2d(1, 64, 7, 2, 3, bias=False).to("meta"), x1)
-    three = _fwd_flops(nn.Conv2d(3, 64, 7, 2, 3, bias=False).to("meta"), x3)
-    assert one * 3 == three
+# ============================================================================================ counts by hand
+
+
+def test_stem_conv_flops_by_hand():
+    """conv1 at 64 px, 1 channel: 7x7, stride 2 -> 32 x 32 outputs; 2 x 1 x 64 x 7 x 7 x 32 x 32 = 6,422,528."""
+    model = C.phase_model("full", 1, device="meta")
+    assert count_flops(model.conv1, 64, 1) == 2 * 1 * 64 * 7 * 7 * 32 * 32 == 6_422_528
+    # grey input: the whole net differs from RGB by conv1 alone, 2 x (3 - 1) x 64 x 49 x 32 x 32
     whole_1 = C.count_phase("full", 64, 1).forward_flops_per_image
     whole_3 = C.count_phase("full", 64, 3).forward_flops_per_image
-    assert whole_3 - whole_1 == pytest.approx(three - one)
+    assert whole_3 - whole_1 == 2 * 2 * 64 * 49 * 32 * 32
 
 
-def test_flops_scale_with_pixel_count():
-    """Convolutions cost per output pixel: 128 px has 4x the pixels of 64 px and ~4x the FLOPs (fc is fixed)."""
-    f64 = C.count_phase("full", 64, 1).forward_flops_per_image
-    f128 = C.count_phase("full", 128, 1).forward_flops_per_image
-    assert f128 / f64 == pytest.approx(4.0, rel=0.03)
+def test_every_phase_matches_the_architecture_counted_by_hand():
+    """64 px, 1 channel, 2 classes: forward = all convs + fc; full training = 3F - conv1; head-only = F + fc's
+    weight gradient; feature extraction = F - fc, no backward; parameters and buffers from the table."""
+    size, ch, k = 64, 1, 2
+    forward = hand.forward_flops(size, ch, k)
+    full, head, features = (C.count_phase(p, size, ch, k) for p in ("full", "head", "features"))
+    assert full.forward_flops_per_image == forward == 654_450_688
+    assert full.train_flops_per_image == hand.full_training_flops(size, ch, k)
+    assert head.train_flops_per_image == hand.head_only_training_flops(size, ch, k) == forward + 2 * 2048 * 2
+    assert features.forward_flops_per_image == features.train_flops_per_image == forward - 2 * 2048 * 2
+    assert full.params_total == full.params_trainable == hand.parameters(ch, k) == 23_505_858
+    assert head.params_trainable == 2048 * 2 + 2 and features.params_trainable == 0
+    assert full.buffers == hand.buffers() == 53_173
+
+
+def test_resnet50_224x3_is_8_2_gflops_and_25_6m_parameters(imagenet_counts):
+    """The textbook figures: 4.09 G multiply-adds = 8.18 GFLOPs forward, 25,557,032 parameters, training
+    3 x 8.18 - 0.24 (conv1 input gradient not needed) = 24.30 GFLOPs."""
+    assert imagenet_counts.forward_flops_per_image == hand.forward_flops(224, 3, 1000) == 8_178_368_512
+    assert imagenet_counts.params_total == hand.parameters(3, 1000) == 25_557_032
+    assert imagenet_counts.train_flops_per_image == hand.full_training_flops(224, 3, 1000) == 24_299_077_632
+
+
+def test_one_flop_counter_for_training_and_cost():
+    """tasks.models.forward_flops_per_image (training's timing.json) and the cost stage give the same count."""
+    assert forward_flops_per_image(64) == C.count_phase("full", 64, 1).forward_flops_per_image
+    assert forward_flops_per_image(96, 1, 2) == hand.forward_flops(96, 1, 2)
 
 
 # ============================================================================================ freezing
 
 
 def test_frozen_layer_computes_no_weight_gradient():
-    """Freezing layer4 (the last stage) keeps its input gradients (layer3 still learns) but drops its weight
-    gradients: training FLOPs fall by ~ layer4's forward FLOPs (weight grad of a conv ~= its forward)."""
-    model = C._resnet50_for_counting(1, 2, device="meta")
-    full = C.count_flops(model, 64, 1, backward=True)
-    layer4_fwd = _fwd_flops(model.layer4, torch.zeros(2, 1024, 4, 4, device="meta")) / 2
+    """Freezing layer4 drops exactly its weight gradients (= its forward FLOPs); its input gradients stay."""
+    model = C.phase_model("full", 1, device="meta")
+    full = count_flops(model, 64, 1, backward=True)
+    layer4 = hand.convs(64, 1)[-10:]  # 3 blocks: 3 convs each + the first block's projection
     C.freeze_modules(model, ("layer4",))
-    frozen = C.count_flops(model, 64, 1, backward=True)
-    assert frozen < full
-    assert full - frozen == pytest.approx(layer4_fwd, rel=0.05)
+    assert full - count_flops(model, 64, 1, backward=True) == sum(conv.flops for conv in layer4)
 
 
-def test_frozen_prefix_and_frozen_backbone_need_no_backward_there():
-    """Frozen stem+layer1 get neither weight nor input gradients; head-only training is forward + fc backward;
-    the frozen feature extractor of imagenet-linear has no backward at all (train FLOPs == forward FLOPs)."""
-    model = C._resnet50_for_counting(1, 2, device="meta")
-    full = C.count_flops(model, 64, 1, backward=True)
+def test_frozen_prefix_needs_no_backward_there():
+    """Frozen stem + layer1 get neither weight nor input gradients: training saves 2 x their forward FLOPs, plus
+    layer2's first input gradients (layer1's output needs none), minus nothing else."""
+    model = C.phase_model("full", 1, device="meta")
+    full = count_flops(model, 64, 1, backward=True)
     C.freeze_modules(model, ("conv1", "bn1", "layer1"))
-    prefix_frozen = C.count_flops(model, 64, 1, backward=True)
-    head = C.count_phase("head", 64, 1)
-    features = C.count_phase("features", 64, 1)
-    assert head.train_flops_per_image < prefix_frozen < full
-    assert head.train_flops_per_image - head.forward_flops_per_image < 1e-3 * head.forward_flops_per_image
-    assert features.train_flops_per_image == features.forward_flops_per_image
-    assert head.params_trainable == 2048 * 2 + 2
-    assert features.params_trainable == 0
+    frozen = count_flops(model, 64, 1, backward=True)
+    convs = hand.convs(64, 1)
+    stem, layer1, layer2_inputs = convs[0], convs[1:11], (convs[11], convs[14])  # conv1 and projection read it
+    saved = stem.flops + 2 * sum(c.flops for c in layer1) + sum(c.flops for c in layer2_inputs)
+    assert full - frozen == saved
+
+
+# ============================================================================================ arms
+
+
+def test_scratch_arm_total_is_epochs_times_training_images_times_training_flops():
+    """flops_total = epochs x n x (3F - conv1), priced on exactly the n training images it is given."""
+    inputs = C.resolve_cost_inputs(n_images=37, image_size=64, epochs=5, arms=["scratch"])
+    arm = C.estimate_arm("scratch", inputs, C.load_catalogue())
+    per_image = hand.full_training_flops(64, 1, 2)
+    assert arm.n_images == 37 and arm.flops_per_epoch == 37 * per_image
+    assert arm.flops_total == 5 * 37 * per_image
+
+
+def test_head_only_warmup_is_priced_separately():
+    """imagenet, 10 epochs of which 3 head-only: 3 x n x (F + fc weight grad) + 7 x n x (3F - conv1); the scratch
+    arm ignores the warm-up (it has no pretrained backbone to protect)."""
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, epochs=10, head_warmup_epochs=3)
+    catalogue = C.load_catalogue()
+    imagenet = C.estimate_arm("imagenet", inputs, catalogue)
+    scratch = C.estimate_arm("scratch", inputs, catalogue)
+    head, full = hand.head_only_training_flops(64, 1, 2), hand.full_training_flops(64, 1, 2)
+    assert imagenet.flops_total == 100 * (3 * head + 7 * full)
+    assert imagenet.head_warmup_epochs == 3 and imagenet.head_phase_flops_per_image == head
+    assert scratch.flops_total == 10 * 100 * full
 
 
 def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
-    """imagenet-linear: n x forward + iterations x 4 x n x 2048 (binary: one weight vector); no epochs."""
+    """imagenet-linear: n x (F - fc) + iterations x 4 x n x 2048 (binary: one weight vector); no epochs."""
     inputs = C.resolve_cost_inputs(n_images=1500, image_size=64, epochs=100, arms=["imagenet-linear"])
     arm = C.estimate_arm("imagenet-linear", inputs, C.load_catalogue())
     fit = 100 * 4 * 1500 * 2048
     assert arm.classifier_fit_flops == fit
-    assert arm.flops_total == pytest.approx(1500 * arm.forward_flops_per_image + fit)
+    assert arm.flops_total == 1500 * (hand.forward_flops(64, 1, 2) - 2 * 2048 * 2) + fit
     assert arm.params_trainable == 2049 and arm.epochs_effective == 1
     assert arm.memory.gradients_bytes == 0 and arm.memory.optimizer_bytes == 0
 
 
-def test_head_warmup_epochs_are_cheaper():
-    """imagenet with w head-only epochs: w x n x (fwd + fc bwd) + (E - w) x n x (fwd + full bwd)."""
-    cat = C.load_catalogue()
-    base = C.estimate_arm("imagenet", C.resolve_cost_inputs(n_images=100, image_size=64, epochs=10), cat)
-    warm = C.estimate_arm("imagenet", C.resolve_cost_inputs(n_images=100, image_size=64, epochs=10, head_warmup_epochs=3), cat)
-    expected = 3 * 100 * warm.head_phase_flops_per_image + 7 * 100 * warm.train_flops_per_image
-    assert warm.flops_total == pytest.approx(expected)
-    assert warm.flops_total < base.flops_total
+# ============================================================================================ time
+
+
+def test_this_machine_time_is_flops_over_the_calibrated_rate_plus_its_warmup():
+    """this-machine: seconds = flops_total / achieved rate + the calibrated first-step warm-up (once per run);
+    catalogue GPUs: flops_total / (peak x utilisation) with no warm-up."""
+    inputs = C.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch"])
+    report = C.build_cost_report(inputs, calibration=_calibration())
+    arm = report.arm("scratch")
+    total = 3 * 64 * hand.full_training_flops(64, 1, 2)
+    mine = _this_machine(arm)
+    assert mine.overhead_seconds == WARMUP
+    assert mine.seconds == pytest.approx(total / RATE + WARMUP, rel=1e-12)
+    m40 = next(d for d in arm.devices if d.device == "m40")
+    assert m40.overhead_seconds == 0 and m40.seconds == pytest.approx(total / (7.0e12 * 0.35), rel=1e-12)
+
+
+def test_estimate_for_the_epochs_actually_run():
+    """A run stopped early is priced for the epochs it ran, head-only epochs at the head-only rate, warm-up once."""
+    inputs = C.resolve_cost_inputs(n_images=50, image_size=64, epochs=10, head_warmup_epochs=3)
+    report = C.build_cost_report(inputs, calibration=_calibration())
+    head, full = 50 * hand.head_only_training_flops(64, 1, 2), 50 * hand.full_training_flops(64, 1, 2)
+    scratch, imagenet, linear = (report.arm(a) for a in ARM_NAMES)
+    assert C.estimated_seconds_for(scratch, THIS_MACHINE, 4) == pytest.approx(4 * full / RATE + WARMUP, rel=1e-12)
+    assert C.estimated_seconds_for(scratch, THIS_MACHINE) == pytest.approx(10 * full / RATE + WARMUP, rel=1e-12)
+    assert C.estimated_seconds_for(imagenet, THIS_MACHINE, 2) == pytest.approx(2 * head / RATE + WARMUP, rel=1e-12)
+    assert C.estimated_seconds_for(imagenet, THIS_MACHINE, 5) == pytest.approx((3 * head + 2 * full) / RATE + WARMUP, rel=1e-12)
+    assert C.estimated_seconds_for(linear, THIS_MACHINE, 7) == C.estimated_seconds_for(linear, THIS_MACHINE)
+    with pytest.raises(KeyError, match="no estimate for device"):
+        C.estimated_seconds_for(scratch, "tpu-v9", 1)
+
+
+def test_imagenet_90_epochs_is_1e18_mac_and_about_two_weeks_on_m40(imagenet_counts):
+    """1.28e6 images x 90 epochs x 24.30 GFLOPs = 2.80e18 FLOPs = 1.40e18 multiply-adds (the literature's
+    "~10^18 single-precision operations"); at 7 TFLOP/s x 0.35: 2.80e18 / 2.45e12 = 1.14e6 s = 13.2 days
+    (You et al. 2018: "14 days")."""
+    total = 1.28e6 * 90 * hand.full_training_flops(224, 3, 1000)
+    seconds = C.estimate_seconds(1.28e6 * 90 * imagenet_counts.train_flops_per_image, C.load_catalogue().get("m40"), "bf16")
+    assert seconds == pytest.approx(total / (7.0e12 * 0.35), rel=1e-12)
+    assert 13.1 < seconds / DAY < 13.3
+
+
+def test_1500_images_100_epochs_on_1080ti_is_13_minutes(imagenet_counts):
+    """1,500 x 100 image-passes x 24.30 GFLOPs = 3.64e15 FLOPs / (11.3e12 x 0.40, bf16 falls back to fp32)
+    = 806 s = 13.4 minutes."""
+    total = 1500 * 100 * hand.full_training_flops(224, 3, 1000)
+    seconds = C.estimate_seconds(1500 * 100 * imagenet_counts.train_flops_per_image, C.load_catalogue().get("gtx-1080-ti"), "bf16")
+    assert seconds == pytest.approx(total / (11.3e12 * 0.40), rel=1e-12)
+    assert 800 < seconds < 812
 
 
 # ============================================================================================ memory
 
 
+def test_activation_memory_per_image_is_every_saved_tensor_counted_by_hand():
+    """fp32, 64 px: input + conv outputs + ReLU outputs + max-pool output and indices + pooled features
+    = 6,987,776 bytes per image (tests/resnet50_by_hand.py), measured exactly."""
+    fixed, per_image = C.measure_activation_memory("full", 64, 1, "fp32")
+    assert per_image == hand.fp32_saved_bytes_per_image(64, 1) == 6_987_776
+    # batch-independent: each BatchNorm saves its running mean and variance and its batch mean and 1/std
+    assert fixed == 4 * 4 * hand.batchnorm_channels()
+    bf16_fixed, bf16_per_image = C.measure_activation_memory("full", 64, 1, "bf16")
+    assert bf16_per_image < per_image  # bf16 autocast stores most activations in 2 bytes
+
+
 def test_memory_breakdown_and_max_batch():
-    """weights 4 B x (params + buffers), grads 4 B x trainable, Adam 8 B x trainable (SGD 4 B); activations
-    measured per image; max batch = floor((0.9 x memory - fixed) / per image)."""
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, device_memory_gb=4)
+    """weights 4 B x (params + buffers), grads 4 B x trainable, Adam 8 B x trainable; activations fixed + batch x
+    per image; max batch = floor((0.9 x memory - everything batch-independent) / per image)."""
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, device_memory_gb=4, precision="fp32")
+    m = C.estimate_arm("scratch", inputs, C.load_catalogue()).memory
+    params = hand.parameters(1, 2)
+    per_image = hand.fp32_saved_bytes_per_image(64, 1)
+    assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (4 * (params + hand.buffers()), 4 * params, 8 * params)
+    assert m.activations_bytes_per_image == per_image
+    assert m.activations_bytes == m.activations_fixed_bytes + 8 * per_image
+    assert m.total_bytes == 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes + 8 * per_image
     arm = C.estimate_arm("scratch", inputs, C.load_catalogue())
-    m = arm.memory
-    assert m.gradients_bytes == 4 * arm.params_trainable
-    assert m.optimizer_bytes == 8 * arm.params_trainable
-    assert m.activations_bytes == m.activations_fixed_bytes + 8 * m.activations_bytes_per_image
-    assert m.activations_bytes_per_image > 1e6  # ResNet-50 keeps MBs per 64 px image for backward
-    fixed = m.weights_bytes + m.gradients_bytes + m.optimizer_bytes + m.activations_fixed_bytes
-    assert arm.max_batch_for_given_memory == int((0.9 * 4e9 - fixed) // m.activations_bytes_per_image)
+    fixed = 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes
+    assert arm.max_batch_for_given_memory == int((0.9 * 4e9 - fixed) // per_image)
+    sgd = C.estimate_arm("scratch", inputs.model_copy(update={"optimizer": "sgd"}), C.load_catalogue()).memory
+    assert sgd.optimizer_bytes == 4 * params
     assert C.max_batch_size(1e6, 10**9, 10) == 0
-    fp32 = C.measure_activation_memory("full", 64, 1, "fp32")[1]
-    assert m.activations_bytes_per_image < fp32  # bf16 autocast stores less per image than fp32
+
+
+# ============================================================================================ calibration
+
+
+def test_calibration_arithmetic_from_timed_steps(monkeypatch):
+    """4 timed steps of batch 16 in 2.0 s after a 3.0 s first step: 32 img/s, achieved = 32 x train FLOPs per
+    image, utilisation = achieved / matmul peak, warm-up = 3.0 - 2.0 / 4 = 2.5 s."""
+    monkeypatch.setattr(C, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(C, "_time_training_steps", lambda *a, **k: C.StepTimes(3.0, 4, 2.0))
+    calibration = C.calibrate_this_machine(64, 1, "bf16", batch_size=16)
+    achieved = 32 * hand.full_training_flops(64, 1, 2)
+    assert calibration.train_batch_size == 16 and calibration.train_images_per_second == 32
+    assert calibration.train_flops_per_second == achieved
+    assert calibration.utilisation == pytest.approx(achieved / 400e9, rel=1e-12)
+    assert calibration.warmup_seconds == 2.5
+
+
+def test_calibration_is_cached(tmp_path, monkeypatch):
+    """The second call reads calibration.json instead of measuring."""
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
+    first = C.load_or_calibrate(64, 1, "bf16", 16)
+    second = C.load_or_calibrate(64, 1, "bf16", 16)
+    assert len(calls) == 1 and first == second and (tmp_path / "calibration.json").is_file()
 
 
 # ============================================================================================ catalogue
@@ -185,71 +299,38 @@ def test_broken_catalogue_entry_raises_clear_error(tmp_path, breakage, message):
     assert str(path) in str(info.value)
 
 
-# ============================================================================================ classic figures
+# ============================================================================================ cost.json, tables
 
 
-def test_imagenet_90_epochs_is_1e18_mac_and_about_two_weeks_on_m40(imagenet_counts):
-    """1.28e6 images x 90 epochs x 24.3 GFLOPs = 2.8e18 FLOPs = 1.4e18 multiply-adds (the literature's
-    "~10^18 single-precision operations"); on an M40 at 7 TFLOP/s x 0.35 utilisation:
-    2.8e18 / 2.45e12 = 1.15e6 s = 13.3 days (You et al. 2018: "14 days")."""
-    total = 1.28e6 * 90 * imagenet_counts.train_flops_per_image
-    assert 1e18 <= total / 2 < 2e18
-    days = C.estimate_seconds(total, C.load_catalogue().get("m40"), "fp32") / DAY
-    assert 11 < days < 16
-
-
-def test_1500_images_100_epochs_on_1080ti_is_minutes_to_hours_not_days(imagenet_counts):
-    """1,500 x 100 = 1.5e5 image-passes, ~8,500x fewer than ImageNet's 1.15e8; at <= 24.3 GFLOPs each (3-channel,
-    an upper bound on 1-channel) that is 3.6e15 FLOPs / (11.3e12 x 0.40) = ~800 s = ~13 minutes."""
-    total = 1500 * 100 * imagenet_counts.train_flops_per_image
-    seconds = C.estimate_seconds(total, C.load_catalogue().get("gtx-1080-ti"), "bf16")
-    assert 5 * 60 < seconds < 24 * 3600
-
-
-# ============================================================================================ calibration
-
-
-def _fake_calibration(image_size=64, rate=50e9) -> Calibration:
-    key, fields = C._calibration_key(image_size, 1, C.this_machine_precision("bf16"))
-    per_image = C.count_phase("full", image_size, 1).train_flops_per_image
-    return Calibration(
-        key=key, **fields, matmul_flops_per_second=200e9, train_batch_size=16, train_steps=3,
-        train_images_per_second=rate / per_image, train_flops_per_image=per_image, train_flops_per_second=rate,
-        utilisation=rate / 200e9, seconds_taken=1.0, measured_at="2025-01-01T00:00:00+00:00",
-    )
-
-
-def test_calibration_is_cached_and_prices_this_machine(tmp_path, monkeypatch):
-    """The this-machine estimate reproduces the calibrated throughput: seconds = FLOPs / (matmul peak x
-    (achieved / peak)) = FLOPs / achieved; the second call reads calibration.json instead of measuring."""
-    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _fake_calibration())
-    first = C.load_or_calibrate(64, 1, "bf16", 16)
-    second = C.load_or_calibrate(64, 1, "bf16", 16)
-    assert len(calls) == 1 and first == second and (tmp_path / "calibration.json").is_file()
-    report = C.build_cost_report(C.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch"]), calibration=first)
-    est = next(d for d in report.arm("scratch").devices if d.device == "this-machine")
-    assert est.seconds == pytest.approx(report.arm("scratch").flops_total / 50e9)
-
-
-# ============================================================================================ cost.json, flow, CLI
-
-
-def test_cost_json_round_trip_and_recorded_actual(tmp_path):
+def test_cost_json_round_trip_and_an_older_file_is_recomputed(tmp_path):
     inputs = C.resolve_cost_inputs(n_images=200, image_size=64, epochs=4, arms=["scratch", "imagenet-linear"])
     report = C.build_cost_report(inputs)
     path = C.write_cost_report(tmp_path, report)
     assert read_model_json(path, CostReport) == report
-    est = C.estimated_seconds_for(report.arm("scratch"), "this-machine", epochs_run=2)
-    actual = ActualCost(device="this-machine", wall_seconds=est * 1.2, epochs_run=2, images_per_second=10.0)
-    updated = C.record_actual(path, "scratch", actual)
-    recorded = read_model_json(path, CostReport).arm("scratch").actual
-    assert recorded == updated.arm("scratch").actual
-    assert recorded.actual_over_estimate == pytest.approx(1.2)
-    assert C.estimate_vs_actual(report.arm("scratch"), actual) == pytest.approx(1.2)
-    assert recorded.achieved_flops_per_second > 0 and recorded.utilisation > 0
-    assert "actual / estimate" in C.markdown_table(updated)
+    assert C.existing_report(tmp_path, report.config_hash) == report
+    older = json.loads(path.read_text())
+    older["schema_version"] = "1.0"
+    older["arms"][0]["actual"] = None
+    path.write_text(json.dumps(older))
+    assert C.existing_report(tmp_path, report.config_hash) is None
+
+
+def test_tables_show_every_arm_device_and_duration():
+    """The terminal table and the artifact name each arm and device; durations go through format_duration."""
+    inputs = C.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch", "imagenet"], device_memory_gb=8)
+    report = C.build_cost_report(inputs, calibration=_calibration())
+    seconds = _this_machine(report.arm("scratch")).seconds
+    total = 3 * 64 * hand.full_training_flops(64, 1, 2) / RATE + WARMUP
+    minutes = f"{total / 60:.1f} min" if total >= 120 else f"{total:.0f} s"
+    assert seconds == pytest.approx(total)
+    table, markdown = format_table(report), markdown_table(report)
+    assert "V100" in table and "1080 Ti" in table and "max batch in 8 GB: scratch" in table
+    assert minutes in table and minutes in markdown
+    assert "| scratch | 23.5 M (23.5 M) |" in markdown and "Tesla M40" in markdown
+    assert "first-step warm-up 8 s" in markdown
+
+
+# ============================================================================================ flow and CLI
 
 
 def test_flow_writes_cost_json_artifact_and_skips_same_inputs(tmp_path):
@@ -257,27 +338,31 @@ def test_flow_writes_cost_json_artifact_and_skips_same_inputs(tmp_path):
 
     from flows.cost import ARTIFACT_KEY, cost_flow
 
-    first = cost_flow(n_images=100, image_size=64, epochs=2, out_dir=tmp_path, calibrate=False)
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, epochs=2)
+    first = cost_flow(inputs=inputs, out_dir=tmp_path, calibrate=False)
     assert (tmp_path / COST_FILE).is_file() and [a.arm for a in first.arms] == list(ARM_NAMES)
-    second = cost_flow(n_images=100, image_size=64, epochs=2, out_dir=tmp_path, calibrate=False)
+    assert first.arm("scratch").flops_total == 2 * 100 * hand.full_training_flops(64, 1, 2)
+    second = cost_flow(inputs=inputs, out_dir=tmp_path, calibrate=False)
     assert second.created_at == first.created_at  # reused, not recomputed
     artifact = Artifact.get(ARTIFACT_KEY)
     assert artifact is not None and "scratch" in artifact.data
+    with pytest.raises(TypeError):
+        cost_flow(inputs, tmp_path)  # keyword-only: the flow's callers name what they pass
 
 
-def _cli(monkeypatch, argv):
+def _cli(argv: list[str]) -> int:
     from flows.cli import main
 
     return main(argv)
 
 
-def test_cli_json_output_parses(tmp_path, monkeypatch, capsys):
-    rc = _cli(monkeypatch, ["cost", "--images", "150", "--size", "64", "--epochs", "2", "--arms", "scratch,imagenet",
-                            "--no-calibrate", "--json", "--out", str(tmp_path)])
+def test_cli_json_output_parses(tmp_path, capsys):
+    rc = _cli(["cost", "--images", "150", "--size", "64", "--epochs", "2", "--arms", "scratch,imagenet",
+               "--no-calibrate", "--json", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads(capsys.readouterr().out)
-    report = CostReport.model_validate(data)
+    report = CostReport.model_validate(json.loads(capsys.readouterr().out))
     assert [a.arm for a in report.arms] == ["scratch", "imagenet"] and report.inputs.n_images == 150
+    assert report.arm("scratch").flops_total == 2 * 150 * hand.full_training_flops(64, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -291,21 +376,33 @@ def test_cli_json_output_parses(tmp_path, monkeypatch, capsys):
     ],
     ids=["size-0", "unknown-arm", "no-images", "no-source", "warmup>epochs"],
 )
-def test_bad_argument_exits_2_with_one_sentence(tmp_path, monkeypatch, capsys, argv, fragment):
-    rc = _cli(monkeypatch, ["cost", *argv, "--no-calibrate", "--out", str(tmp_path)])
+def test_bad_argument_exits_2_with_one_sentence(tmp_path, capsys, argv, fragment):
+    rc = _cli(["cost", *argv, "--no-calibrate", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and fragment in err and err.startswith("ctcompare cost: ")
+    assert err.strip().count("\n") == 0
     assert not (tmp_path / COST_FILE).exists()
 
 
-def test_cost_from_dataset_folder_uses_its_card(tmp_path, monkeypatch):
-    """--dataset reads dataset.json: labelled image count, image size, classes."""
-    card = {"n_images": 40, "n_unlabeled_images": 10, "image_size": 96, "channels": 1,
-            "label_distribution": {"a": 10, "b": 10, "c": 10}, "content_hash": "abc"}
+def test_out_that_is_a_file_is_refused_before_work(tmp_path, capsys):
+    out = tmp_path / "not-a-folder"
+    out.write_text("x")
+    rc = _cli(["cost", "--images", "10", "--size", "64", "--no-calibrate", "--out", str(out)])
+    assert rc == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypatch):
+    """--dataset reads dataset.json: labelled image count (40 - 10 unlabelled), image size, classes."""
     from data_schemas.dataset import DatasetCard
 
-    full = DatasetCard.model_construct(**card)
-    monkeypatch.setattr(C, "read_model_json", lambda path, model: full)
+    card = {"n_images": 40, "n_unlabeled_images": 10, "image_size": 96, "channels": 1,
+            "label_distribution": {"a": 10, "b": 10, "c": 10}, "content_hash": "abc"}
+    monkeypatch.setattr(C, "read_model_json", lambda path, model: DatasetCard.model_construct(**card))
     (tmp_path / "dataset.json").write_text("{}")
     inputs = C.resolve_cost_inputs(dataset=tmp_path)
     assert (inputs.n_images, inputs.image_size, inputs.num_classes, inputs.dataset_content_hash) == (30, 96, 3, "abc")
+    assert C.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64
+    with pytest.raises(ValueError, match="unknown cost setting 'size'"):
+        C.resolve_cost_inputs(dataset=tmp_path, size=64)
+    with pytest.raises(ValueError, match="dataset.json is missing"):
+        C.resolve_cost_inputs(dataset=Path(tmp_path / "nowhere"))
