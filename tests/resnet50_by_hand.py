@@ -37,19 +37,24 @@ class Conv:
         return self.c_in * self.c_out * self.k * self.k
 
 
+def out_side(h: int, stride: int) -> int:
+    """floor((h + 2p - k) / s) + 1 with the padding ResNet uses (p = k // 2: 7x7 p3, 3x3 p1, 1x1 p0) = ceil(h / s)."""
+    return (h - 1) // stride + 1
+
+
 def stem(size: int, channels: int) -> Conv:
-    """conv1: 7x7, stride 2, padding 3 -> ceil(size / 2) output side."""
-    return Conv(channels, 64, 7, (size + 1) // 2)
+    """conv1: 7x7, stride 2, padding 3."""
+    return Conv(channels, 64, 7, out_side(size, 2))
 
 
 def convs(size: int, channels: int) -> list[Conv]:
     """Every convolution of ResNet-50 at `size` px (stem first)."""
     first = stem(size, channels)
-    out, h, c = [first], (first.h_out + 1) // 2, 64  # 3x3/2 max-pool with padding 1
+    out, h, c = [first], out_side(first.h_out, 2), 64  # 3x3/2 max-pool with padding 1
     for width, blocks, stride in STAGES:
         for block in range(blocks):
             s = stride if block == 0 else 1
-            h_out = h // s
+            h_out = out_side(h, s)
             out += [Conv(c, width, 1, h), Conv(width, width, 3, h_out), Conv(width, 4 * width, 1, h_out)]
             if block == 0:
                 out.append(Conv(c, 4 * width, 1, h_out, projection=True))
@@ -102,7 +107,7 @@ def fp32_saved_bytes_per_image(size: int, channels: int) -> int:
     all_convs = convs(size, channels)
     conv_outputs = sum(conv.c_out * conv.h_out**2 for conv in all_convs)
     relu_outputs = sum(conv.c_out * conv.h_out**2 for conv in all_convs if not conv.projection)
-    pool_side = (all_convs[0].h_out + 1) // 2
+    pool_side = out_side(all_convs[0].h_out, 2)
     pooled = 64 * pool_side**2
     floats = channels * size * size + conv_outputs + relu_outputs + pooled + FEATURES
     return 4 * floats + 8 * pooled

@@ -11,7 +11,9 @@ from torchvision.models import resnet18, resnet50
 
 from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from data_schemas.files import sha256_file
+import resnet50_by_hand as hand
 from tasks.models import (
+    as_feature_extractor,
     WeightsFileError,
     WeightsUnavailableError,
     build_resnet50,
@@ -169,7 +171,23 @@ def test_feature_extractor_is_frozen(rgb_state):
         assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2048)
 
 
-def test_flops_count():
+def test_flops_count_matches_the_architecture_by_hand():
+    """One forward pass of the arms' ResNet-50 (1-channel stem, 2 classes) = every conv's
+    2 x C_in x C_out x k x k x H_out x W_out + fc (tests/resnet50_by_hand.py): 8.02 GFLOPs at 224 px, the
+    textbook 8.18 less two thirds of the RGB stem (2 x 2 x 64 x 49 x 112 x 112)."""
     flops = forward_flops_per_image(224)
-    assert 7.5e9 < flops < 8.3e9  # ~4.1 G multiply-adds, a bit less with the 1-channel stem
-    assert forward_flops_per_image(112) < flops / 3
+    assert flops == hand.forward_flops(224, 1, 2) == 8_016_928_768
+    assert hand.forward_flops(224, 3, 1000) - flops == 2 * 2 * 64 * 49 * 112 * 112 + 2 * 2048 * 998
+    assert forward_flops_per_image(112) == hand.forward_flops(112, 1, 2)
+
+
+def test_feature_extractor_of_a_built_model_drops_only_the_head():
+    """as_feature_extractor keeps the backbone's weights, outputs the 2048 pooled features, trains nothing."""
+    torch.manual_seed(0)
+    model = build_resnet50()
+    conv = model.layer2[0].conv2.weight.clone()
+    features = as_feature_extractor(model)
+    assert torch.equal(features.layer2[0].conv2.weight, conv) and not features.training
+    assert not any(p.requires_grad for p in features.parameters())
+    with torch.no_grad():
+        assert features(torch.rand(2, 1, 32, 32)).shape == (2, 2048)
