@@ -115,14 +115,6 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
     return model
 
 
-def freeze_modules(model, prefixes: tuple[str, ...]):
-    """Freeze every parameter whose name starts with one of `prefixes` (e.g. ("conv1", "bn1", "layer1"))."""
-    for name, parameter in model.named_parameters():
-        if name.startswith(prefixes):
-            parameter.requires_grad_(False)
-    return model
-
-
 # ============================================================================================ counting FLOPs
 
 
