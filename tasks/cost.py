@@ -308,7 +308,8 @@ def measure_activation_memory(
 
 
 def optimizer_state_bytes(trainable_params: int, optimizer: str) -> int:
-    """Adam keeps two fp32 moments per trainable parameter (8 bytes); SGD with momentum one (4 bytes)."""
+    """bytes = trainable x 8 for Adam (two fp32 moments: torch.optim.Adam's exp_avg and exp_avg_sq) or x 4 for SGD
+    with momentum (one fp32 momentum_buffer)."""
     per_param = {"adam": 8, "sgd": 4}[optimizer]
     return trainable_params * per_param
 
