@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data_schemas.report import ArmResult, DeLongResult, MetricValue, PairedComparison, Recommendation
+from data_schemas.report import ArmResult, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
 from reports.formatting import fmt, fmt_p, format_duration
 
 
@@ -140,3 +140,35 @@ def recommendation_sentences(
               f"if the observed difference and variance held." if rec.patients_needed else "")
     return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the others, "
             f"and no cheaper arm is shown non-inferior within {margin} AUC ({level} level).{pair_text}{needed}", details)
+
+
+def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
+    """How the numbers were produced: the mode, what it means for interval width, aggregation and operating point."""
+    runs = sorted(set(ev.runs_per_arm.values()))
+    tested = f"{ev.n_test_patients} test patients ({ev.n_test_images} slices)"
+    if ev.mode == "cross-validated":
+        mode = (f"Cross-validated: {'/'.join(map(str, runs))} outer folds per arm, each labelled patient tested once by a "
+                f"model that never saw it; the out-of-fold predictions are pooled, so every metric, interval and test uses "
+                f"{tested}.")
+    else:
+        mode = f"Hold-out: one fixed test part, {tested} of {ev.n_labelled_patients} labelled patients."
+    width = ""
+    if ev.n_labelled_patients and ev.n_test_patients:
+        ratio = (ev.n_labelled_patients / ev.n_test_patients) ** 0.5
+        if ev.mode == "holdout" and ratio > 1.05:
+            width = (f" Interval width shrinks as 1/√n: scoring all {ev.n_labelled_patients} labelled patients "
+                     f"(cross-validated mode) would make these intervals about {ratio:.1f}× narrower.")
+        elif ev.mode == "cross-validated":
+            width = (" Interval width shrinks as 1/√n: a hold-out test part of the default 15% of the "
+                     f"patients would give intervals about {(1 / 0.15) ** 0.5:.1f}× wider than these (√(1/0.15)).")
+    return [
+        mode + width,
+        f"Patient probability: the {ev.aggregation} of the patient's slice probabilities (option: "
+        f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC tests.",
+        f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
+        f"separately) and applied unchanged to its test predictions; thresholds per arm are listed below.",
+        f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples). AUC tests: "
+        f"{ev.auc_test} for slices, DeLong with one unit per patient for patients. Decision tests: {ev.decision_test}, or an "
+        f"exact sign-flip (binomial) test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
+        f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",
+    ]

@@ -3,6 +3,7 @@ stage (tasks.evaluate.build_results), for evaluation, report and flow tests. No 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ def write_comparison(root: Path, *, arms: tuple[str, ...], mode: str, folds: int
     return dataset_dir, splits, arm_runs
 
 
+@functools.lru_cache(maxsize=8)  # the same arguments give the same (immutable, copied-on-update) results
 def make_example_results(
     run_id: str = "20250101-120000-example",
     created_at: str = "2025-01-01T12:00:00+00:00",
