@@ -136,6 +136,9 @@ def recommendation_sentences(
         if test is not None and test.diff is not None:
             pair_text = (f" AUC({rec.deciding_arms[0]}) − AUC({rec.deciding_arms[1]}) = {difference_text(test)}: the interval "
                          f"does not exclude a loss larger than the margin.")
+    reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
+    if reasons:
+        pair_text += f" The AUC comparison is {'; '.join(reasons)}."
     needed = (f" Roughly {rec.patients_needed} patients (now {n_patients}) would be needed for the interval to settle it, "
               f"if the observed difference and variance held." if rec.patients_needed else "")
     return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the others, "

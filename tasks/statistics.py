@@ -740,11 +740,13 @@ def recommend(
     """The arm the statistics support, never more: pairwise DeLong p-values Holm-adjusted over all pairs.
 
     1. best = highest AUC. If its Holm-adjusted p against every other arm is < alpha (and it is higher), use it.
-    2. Otherwise, among the arms not significantly worse than best, ordered by measured training time: the
-       cheapest is preferred if it is best itself ("best_and_cheapest"), or if it is non-inferior: the lower bound
-       of the 95% CI of AUC(cheaper) - AUC(best) lies above -margin ("non_inferior"; the CI is two-sided at 95%,
-       i.e. a one-sided 2.5% non-inferiority test). "Not significant" is never read as "equivalent".
-    3. Else "inconclusive", with patients_needed() from the deciding pair's SE, scaled by sqrt(n).
+    2. Otherwise, among the arms not significantly worse than best and cheaper than it (measured training time),
+       the cheapest that is non-inferior is preferred: the lower bound of the 95% CI of AUC(cheaper) - AUC(best)
+       lies above -margin ("non_inferior"; two-sided 95% CI, i.e. a one-sided 2.5% non-inferiority test). With no
+       cheaper candidate, best is preferred on cost ("best_and_cheapest"). "Not significant" never reads as
+       "equivalent".
+    3. Else "inconclusive", with patients_needed() from the deciding pair's SE, scaled by sqrt(n). A pair with the
+       best arm that is not estimable (too few patients of a class) also makes the verdict inconclusive.
     """
     completed = [a for a in arms if a.status == "completed" and a.auc is not None and math.isfinite(a.auc)]
     if not completed:
@@ -766,6 +768,8 @@ def recommend(
         return None
 
     others = {a.name: against_best(a.name) for a in completed if a is not best}
+    if any(pair is None or not pair.test.estimable for pair in others.values()):
+        return Verdict("inconclusive", None, best.name, margin, alpha, pairs)  # too few patients to compare at all
     worse = {n for n, pr in others.items() if pr is not None and pr.test.estimable and pr.p_holm < alpha and pr.test.diff < 0}
     if len(worse) == len(others):
         return Verdict("significant", best.name, best.name, margin, alpha, pairs)
