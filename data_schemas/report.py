@@ -387,6 +387,8 @@ class EvaluationSummary(StrictModel):
     n_labelled_patients: int = 0
     auc_test: str = "clustered DeLong (Obuchowski 1997)"
     decision_test: str = "clustered McNemar (Durkalski 2003)"
+    notes: list[str] = Field(default_factory=list, description="the mode, interval width between modes, aggregation, "
+                             "operating point and tests, in words (written by reports.wording)")
 
 
 class FoldMetrics(StrictModel):

@@ -269,7 +269,7 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> 
         "figures": figures,
         "confusion_max": confusion_max or 1,
         "section_ids": SECTION_IDS,
-        "evaluation_lines": evaluation_sentences(results.evaluation),
+        "evaluation_lines": results.evaluation.notes or evaluation_sentences(results.evaluation),
     }
 
 
@@ -307,11 +307,11 @@ def load_results(path: Path) -> ComparisonResults:
 
 
 def _headline_aucs(results: ComparisonResults) -> list[str]:
-    """'scratch 0.912' per arm, or 'imagenet skipped'."""
+    """'scratch 0.912' per arm (patient-level AUC, the recommendation's), or 'imagenet skipped'."""
     out = []
     for arm in results.arms:
-        if arm.status == "completed" and arm.test_metrics is not None:
-            out.append(f"{arm.name} {fmt(arm.test_metrics.roc_auc.value, 3)}")
+        if arm.status == "completed" and arm.patient_metrics is not None:
+            out.append(f"{arm.name} {fmt(arm.patient_metrics.roc_auc.value, 3)}")
         else:
             out.append(f"{arm.name} {arm.status}")
     return out

@@ -68,7 +68,7 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
-from reports.wording import comparison_sentence, recommendation_sentences
+from reports.wording import comparison_sentence, evaluation_sentences, recommendation_sentences
 from tasks import statistics as st
 from tasks.cost import estimated_seconds_for
 
@@ -518,14 +518,16 @@ def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: di
 
 
 def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow]) -> EvaluationSummary:
+    """How the numbers were produced, with the same in words."""
     done = [a for a in arms if a.status == "completed" and a.patient_metrics is not None]
-    return EvaluationSummary(
+    summary = EvaluationSummary(
         mode=evaluation.mode, runs_per_arm={a.name: a.n_runs for a in arms}, aggregation=evaluation.aggregation,
         operating_point=evaluation.operating_point, non_inferiority_margin=evaluation.non_inferiority_margin,
         n_bootstrap=evaluation.n_bootstrap, n_test_patients=done[0].patient_metrics.n_patients if done else 0,  # type: ignore[union-attr]
         n_test_images=done[0].patient_metrics.n_images if done else 0,  # type: ignore[union-attr]
         n_labelled_patients=len({r.patient_key for r in rows}),
     )
+    return summary.model_copy(update={"notes": evaluation_sentences(summary)})
 
 
 def _check_runs(arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings) -> None:

@@ -53,6 +53,8 @@ def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs
         assert [len(f.per_fold) for f in results.folds] == [3, 3]
         assert [f.n_test_patients for f in results.folds[0].per_fold] == [12, 12, 12]
     assert results.recommendation.margin == 0.02 and results.recommendation.headline
+    assert results.evaluation.notes[0].startswith("Cross-validated" if n_runs > 1 else "Hold-out")
+    assert "1/√n" in results.evaluation.notes[0]  # how interval width differs between the modes
     assert "patient_key" not in results.model_dump_json()
 
 
