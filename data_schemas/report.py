@@ -428,20 +428,21 @@ class Recommendation(StrictModel):
         details: supporting sentences (per-pair tests, costs, caveats).
         preferred_arm: the arm recommended, None when no arm can be recommended.
         basis: "significant" (best AUC significantly higher than every other, Holm-adjusted), "non_inferior" (a
-            cheaper arm within the margin: lower 95% bound of its AUC difference > -margin), "best_and_cheapest"
-            (the highest AUC is also the cheapest of the arms not shown worse), "inconclusive" (nothing settled at
-            this sample size), "single_arm" (only one arm completed), "none" (nothing completed).
+            cheaper arm within the margin of every dearer arm not shown worse: lower 95% bound of its AUC difference
+            > -margin), "inconclusive" (nothing settled at this sample size), "single_arm" (only one arm
+            completed), "none" (nothing completed).
         best_arm: the arm with the highest AUC point estimate.
         margin: the non-inferiority margin used, in AUC.
         level: "patient" or "slice": whose AUC comparisons decided.
         patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.statistics).
-        deciding_arms: the pair whose interval decided a non-inferior or inconclusive verdict.
+        deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior or inconclusive verdict
+            (the preferred or cheapest arm first).
     """
 
     headline: str
     details: list[str] = Field(default_factory=list)
     preferred_arm: str | None = None
-    basis: Literal["significant", "non_inferior", "best_and_cheapest", "inconclusive", "single_arm", "none"]
+    basis: Literal["significant", "non_inferior", "inconclusive", "single_arm", "none"]
     best_arm: str | None = None
     margin: float | None = None
     level: UnitLevel = "patient"

@@ -118,24 +118,21 @@ def recommendation_sentences(
         return (f"Use {best}: its {level}-level test AUC {_auc_of(arms, best, level)} is significantly higher than "
                 f"every other arm's ({beaten}).", details)
     if rec.basis == "non_inferior":
-        pc = _find(comparisons, rec.preferred_arm, best)
+        other = rec.deciding_arms[1] if len(rec.deciding_arms) == 2 else best
+        pc = _find(comparisons, rec.preferred_arm, other)
         test = _oriented(pc, rec.preferred_arm or "", level) if pc else None
-        cheap, dear = _arm(arms, rec.preferred_arm), _arm(arms, best)
+        cheap, dear = _arm(arms, rec.preferred_arm), _arm(arms, other)
         cost = (f"; it trained in {format_duration(cheap.cost.actual_seconds)} against "
                 f"{format_duration(dear.cost.actual_seconds)}") if cheap and dear else ""
-        return (f"Prefer the cheaper {rec.preferred_arm}: it is non-inferior to {best} within a margin of {margin} AUC "
-                f"({level} level, AUC difference {difference_text(test) if test else 'not estimable'}, lower bound above "
-                f"−{margin}){cost}.", details)
-    if rec.basis == "best_and_cheapest":
-        return (f"{best} has the highest {level}-level test AUC, {_auc_of(arms, best, level)}, and is also the cheapest of "
-                f"the arms not shown worse; no arm was shown significantly better or worse than another, so this is a "
-                f"preference on cost, not a proven difference.", details)
+        return (f"Prefer the cheaper {rec.preferred_arm}: it is non-inferior within a margin of {margin} AUC to every dearer "
+                f"arm not shown worse; against {other}, the closest call, the {level}-level AUC difference is "
+                f"{difference_text(test) if test else 'not estimable'}, lower bound above −{margin}{cost}.", details)
     pair_text = ""
     if len(rec.deciding_arms) == 2 and (pc := _find(comparisons, *rec.deciding_arms)) is not None:
         test = _oriented(pc, rec.deciding_arms[0], level)
         if test is not None and test.diff is not None:
             pair_text = (f" AUC({rec.deciding_arms[0]}) − AUC({rec.deciding_arms[1]}) = {difference_text(test)}: the interval "
-                         f"does not exclude a loss larger than the margin.")
+                         f"includes losses larger than the margin.")
     reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
     if reasons:
         pair_text += f" The AUC comparison is {'; '.join(reasons)}."

@@ -707,8 +707,7 @@ class Verdict(NamedTuple):
     """What the statistics support: basis, the preferred arm (or None), and the numbers behind it.
 
     basis: "significant" (best arm beats every other, Holm-adjusted), "non_inferior" (a cheaper arm is within the
-    margin of the best), "best_and_cheapest" (the best point estimate is also the cheapest of the arms not shown
-    worse), "inconclusive", "single_arm", "none".
+    margin of every dearer arm not shown worse), "inconclusive", "single_arm", "none".
     """
 
     basis: str
@@ -739,14 +738,15 @@ def recommend(
 ) -> Verdict:
     """The arm the statistics support, never more: pairwise DeLong p-values Holm-adjusted over all pairs.
 
-    1. best = highest AUC. If its Holm-adjusted p against every other arm is < alpha (and it is higher), use it.
-    2. Otherwise, among the arms not significantly worse than best and cheaper than it (measured training time),
-       the cheapest that is non-inferior is preferred: the lower bound of the 95% CI of AUC(cheaper) - AUC(best)
-       lies above -margin ("non_inferior"; two-sided 95% CI, i.e. a one-sided 2.5% non-inferiority test). With no
-       cheaper candidate, best is preferred on cost ("best_and_cheapest"). "Not significant" never reads as
-       "equivalent".
-    3. Else "inconclusive", with patients_needed() from the deciding pair's SE, scaled by sqrt(n). A pair with the
-       best arm that is not estimable (too few patients of a class) also makes the verdict inconclusive.
+    1. By measured training time, the cheapest arm that is non-inferior to every dearer arm is preferred
+       ("non_inferior"): the lower bound of the 95% CI of AUC(cheaper) - AUC(dearer) lies above -margin (two-sided
+       95% CI, i.e. a one-sided 2.5% non-inferiority test; Blackwelder 1982). A loss within the margin is accepted
+       for a lower cost. The dearest arm is never preferred this way.
+    2. Otherwise, best = highest AUC: if its Holm-adjusted p against every other arm is < alpha (and it is
+       higher), use it ("significant"; also when the arm found in 1 is best and beats every other significantly).
+    3. Otherwise "inconclusive": "not significant" never reads as "equivalent". It names the cheapest arm's
+       weakest comparison and patients_needed() from its SE scaled by sqrt(n). A comparison with the best arm that
+       is not estimable, or a training time not measured, also leaves the non-inferiority step out.
     """
     completed = [a for a in arms if a.status == "completed" and a.auc is not None and math.isfinite(a.auc)]
     if not completed:
@@ -756,41 +756,41 @@ def recommend(
     names = [a.name for a in completed]
     keys = [(x, y) for i, x in enumerate(names) for y in names[i + 1:] if (x, y) in comparisons or (y, x) in comparisons]
     raw = [comparisons[k] if k in comparisons else _oriented(comparisons[(k[1], k[0])], True) for k in keys]
-    adjusted = holm_adjust([t.p_value for t in raw])
-    pairs = [PairDecision(k[0], k[1], t, p) for k, t, p in zip(keys, raw, adjusted)]
+    pairs = [PairDecision(k[0], k[1], t, p) for k, t, p in zip(keys, raw, holm_adjust([t.p_value for t in raw]))]
     best = max(completed, key=lambda a: a.auc or 0.0)
-
-    def against_best(name: str) -> PairDecision | None:
-        for pair in pairs:
-            if {pair.arm_a, pair.arm_b} == {name, best.name}:
-                swap = pair.arm_a != name
-                return pair._replace(arm_a=name, arm_b=best.name, test=_oriented(pair.test, swap))
-        return None
-
-    others = {a.name: against_best(a.name) for a in completed if a is not best}
-    if any(pair is None or not pair.test.estimable for pair in others.values()):
+    others = [_between(pairs, a.name, best.name) for a in completed if a is not best]
+    if any(pair is None or not pair.test.estimable for pair in others):
         return Verdict("inconclusive", None, best.name, margin, alpha, pairs)  # too few patients to compare at all
-    worse = {n for n, pr in others.items() if pr is not None and pr.test.estimable and pr.p_holm < alpha and pr.test.diff < 0}
-    if len(worse) == len(others):
+    best_wins = all(pair is not None and pair.p_holm < alpha and pair.test.diff < 0 for pair in others)
+    ranked = sorted(completed, key=lambda a: (a.seconds or 0.0, a.name))
+    timed = all(a.seconds is not None for a in completed)
+    for i, arm in enumerate(ranked[:-1] if timed else []):
+        checks = [_between(pairs, arm.name, dearer.name) for dearer in ranked[i + 1:]]
+        if all(c is not None and c.test.estimable and c.test.ci_of_diff[0] > -margin for c in checks):
+            if arm is best and best_wins:
+                break
+            weakest = min(checks, key=lambda c: c.test.ci_of_diff[0])  # type: ignore[union-attr]
+            return Verdict("non_inferior", arm.name, best.name, margin, alpha, pairs, weakest)
+    if best_wins:
         return Verdict("significant", best.name, best.name, margin, alpha, pairs)
-    candidates = [a for a in completed if a.name not in worse]
-    if any(a.seconds is None for a in candidates):
-        return _inconclusive(best.name, [others[a.name] for a in candidates if a is not best], margin, alpha, pairs, n_patients)
-    cheaper = sorted((a for a in candidates if (a.seconds or 0.0) < (best.seconds or 0.0)), key=lambda a: a.seconds or 0.0)
-    if not cheaper:
-        return Verdict("best_and_cheapest", best.name, best.name, margin, alpha, pairs)
-    for arm in cheaper:
-        pair = others[arm.name]
-        if pair is not None and pair.test.estimable and pair.test.ci_of_diff[0] > -margin:
-            return Verdict("non_inferior", arm.name, best.name, margin, alpha, pairs, pair)
-    return _inconclusive(best.name, [others[a.name] for a in cheaper], margin, alpha, pairs, n_patients)
+    open_pairs = [_between(pairs, ranked[0].name, other.name) for other in ranked[1:]]
+    usable = sorted((p for p in open_pairs if p is not None and p.test.estimable), key=lambda p: p.test.ci_of_diff[0])
+    return _inconclusive(best.name, usable, margin, alpha, pairs, n_patients)
+
+
+def _between(pairs: Sequence[PairDecision], first: str, second: str) -> PairDecision | None:
+    """The comparison of two arms oriented as first vs second (diff = AUC(first) - AUC(second)); None if untested."""
+    for pair in pairs:
+        if {pair.arm_a, pair.arm_b} == {first, second}:
+            return pair._replace(arm_a=first, arm_b=second, test=_oriented(pair.test, pair.arm_a != first))
+    return None
 
 
 def _inconclusive(
     best: str, open_pairs: Sequence[PairDecision | None], margin: float, alpha: float, pairs: list[PairDecision],
     n_patients: int,
 ) -> Verdict:
-    """An inconclusive verdict: the first unresolved pair (cheapest alternative first) and the patients it needs."""
+    """An inconclusive verdict: the first unresolved pair (weakest first) and the patients it needs."""
     usable = [p for p in open_pairs if p is not None and p.test.estimable]
     for pair in usable:
         needed = patients_needed(n_patients, pair.test.se, pair.test.diff, margin, pair.test.level)

@@ -442,6 +442,9 @@ def test_recommend_follows_the_statistics() -> None:
     sig = {("imagenet", "scratch"): _test(0.07, 0.02, 0.12, 0.004)}
     v = st.recommend(arms, sig, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm) == ("significant", "imagenet") and v.pairs[0].p_holm == pytest.approx(0.004)
+    # Significantly better and also the cheaper arm: still reported as a significant winner.
+    swapped = [arms[0]._replace(seconds=1800.0), arms[1]._replace(seconds=600.0)]
+    assert st.recommend(swapped, sig, margin=0.02, n_patients=150).basis == "significant"
     # Not significant, and the cheaper arm's loss may exceed the margin: inconclusive, with a sample size.
     loose = {("scratch", "imagenet"): _test(-0.07, -0.20, 0.06, 0.27)}
     v = st.recommend(arms, loose, margin=0.02, n_patients=150)
@@ -454,10 +457,20 @@ def test_recommend_follows_the_statistics() -> None:
     probe = [st.ArmSummary("imagenet", "completed", 0.85, 1800.0), st.ArmSummary("imagenet-linear", "completed", 0.75, 60.0)]
     v = st.recommend(probe, {("imagenet", "imagenet-linear"): _test(0.10, -0.02, 0.22, 0.09)}, margin=0.02, n_patients=22)
     assert v.basis == "inconclusive" and v.preferred_arm is None
-    # The best point estimate is also the cheapest: preferred on cost, no claim of a difference.
+    # The best point estimate is also the cheapest, but the dearer arm may be far better: still inconclusive.
     cheap_best = [st.ArmSummary("scratch", "completed", 0.84, 1800.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0)]
     v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.05, 0.09, 0.5)}, margin=0.02, n_patients=150)
-    assert (v.basis, v.preferred_arm) == ("best_and_cheapest", "imagenet")
+    assert (v.basis, v.preferred_arm) == ("inconclusive", None)
+    v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.01, 0.05, 0.2)}, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm) == ("non_inferior", "imagenet")
+    # Three arms: the cheapest is not shown non-inferior; the middle one is non-inferior to the dearest (though
+    # significantly worse, by less than the margin): the middle one.
+    three = [st.ArmSummary("imagenet-linear", "completed", 0.80, 60.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0),
+             st.ArmSummary("scratch", "completed", 0.87, 1800.0)]
+    tests3 = {("imagenet-linear", "scratch"): _test(-0.07, -0.2, 0.06, 0.3), ("imagenet-linear", "imagenet"): _test(-0.06, -0.19, 0.07, 0.4),
+              ("imagenet", "scratch"): _test(-0.01, -0.015, -0.005, 0.01)}
+    v = st.recommend(three, tests3, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm, v.deciding_pair.arm_b) == ("non_inferior", "imagenet", "scratch")
     # Not estimable tests never support a claim.
     na = st.DeLongTest(*([float("nan")] * 5), (float("nan"), float("nan")), 0.95, "x", "not estimable: 1 positive")
     assert st.recommend(arms, {("scratch", "imagenet"): na}, margin=0.02, n_patients=3).basis == "inconclusive"
@@ -492,8 +505,9 @@ def test_simulated_null_claims_a_winner_at_most_at_the_nominal_rate() -> None:
         arms = [st.ArmSummary("a", "completed", test.auc_a, 100.0), st.ArmSummary("b", "completed", test.auc_b, 200.0)]
         verdict = st.recommend(arms, {("a", "b"): test}, margin=margin, n_patients=30)
         claims += verdict.basis == "significant"
-        if verdict.basis == "non_inferior":
+        if verdict.preferred_arm is not None:  # any preference: only a significant winner or a non-inferior arm
             pair = verdict.deciding_pair
-            preferred_outside += not (pair.arm_a == verdict.preferred_arm and pair.test.ci_of_diff[0] > -margin)
+            ok = verdict.basis == "significant" or (pair.arm_a == verdict.preferred_arm and pair.test.ci_of_diff[0] > -margin)
+            preferred_outside += not ok
     assert claims / 200 <= 0.09  # nominal 5%; 0.09 is about 3 binomial SDs above it
     assert preferred_outside == 0
