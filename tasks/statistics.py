@@ -194,13 +194,19 @@ def binary_metrics(y_true: ArrayLike, prob: ArrayLike, threshold: float | ArrayL
 MetricFn = Callable[[np.ndarray, np.ndarray], float | Mapping[str, float]]
 
 
-def _group_members(groups: np.ndarray) -> list[np.ndarray]:
-    """Indices of the images of each group, in order of first sorted group value."""
-    _, inverse = np.unique(groups, return_inverse=True)
+def _group_members(groups: np.ndarray, y: np.ndarray, p: np.ndarray) -> list[np.ndarray]:
+    """Indices of the images of each group, groups ordered by their content (mean probability, positives, size).
+
+    Ordering by content rather than by the group key keeps the resamples, and so the intervals, the same whatever
+    the pseudonymization key that named the patients; the key only breaks exact ties.
+    """
+    keys, inverse = np.unique(groups, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     counts = np.bincount(inverse)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return [order[s : s + c] for s, c in zip(starts, counts)]
+    members = [np.sort(order[s : s + c]) for s, c in zip(starts, counts)]
+    signature = [(float(p[m].mean()), int(y[m].sum()), m.size, str(keys[i])) for i, m in enumerate(members)]
+    return [members[i] for i in sorted(range(len(members)), key=signature.__getitem__)]
 
 
 def bootstrap_ci(
@@ -245,7 +251,7 @@ def bootstrap_ci(
     point = evaluate(y, p, thr)
     if y.size == 0:
         return {k: Interval(NAN, NAN, NAN, 0, n_resamples) for k in point}
-    members = _group_members(g)
+    members = _group_members(g, y, p)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(n_resamples):

@@ -96,6 +96,16 @@ def test_bootstrap_covers_point_and_shrinks() -> None:
     assert again["roc_auc"] == small["roc_auc"]  # seeded
 
 
+def test_bootstrap_does_not_depend_on_patient_names_or_row_order() -> None:
+    """Another pseudonymization key renames (and reorders) the patients: the intervals stay the same."""
+    y, p, g = _synthetic(30, seed=5)
+    renamed = np.array([f"{(7919 * int(k)) % 1000:03d}" for k in g])  # another key, another sort order
+    order = np.random.default_rng(1).permutation(y.size)
+    first = st.bootstrap_ci(y, p, g, ["roc_auc", "sensitivity"], n_resamples=200, seed=3)
+    again = st.bootstrap_ci(y[order], p[order], renamed[order], ["roc_auc", "sensitivity"], n_resamples=200, seed=3)
+    assert first == again
+
+
 def test_bootstrap_resamples_patients_and_counts_skips() -> None:
     # 3 patients: two negatives and one positive -> some resamples lack the positive patient.
     y = np.array([0, 0, 0, 0, 1, 1])
