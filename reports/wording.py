@@ -112,7 +112,7 @@ def recommendation_sentences(
     others = [a.name for a in arms if a.status == "completed" and a.name != best]
     if rec.basis == "significant":
         beaten = "; ".join(
-            f"{o}: difference {difference_text(t)}" for o in others
+            f"AUC({best}) − AUC({o}) = {difference_text(t)}" for o in others
             if (pc := _find(comparisons, best, o)) is not None and (t := _oriented(pc, best or "", level)) is not None
         )
         return (f"Use {best}: its {level}-level test AUC {_auc_of(arms, best, level)} is significantly higher than "

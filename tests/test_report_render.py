@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from data_schemas.report import ArmResult, ComparisonResults, PairedComparison
+from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, PairedComparison, Recommendation
 from reports.formatting import md_escape
+from reports.wording import recommendation_sentences
 from reports.render import SECTION_IDS, load_results, metrics_table, render_report, summary_markdown, update_index
 from report_fixtures import SKIP_REASON, make_example_results
 
@@ -208,3 +209,30 @@ def test_schema_guards() -> None:
         ArmResult(name="x", status="skipped")
     with pytest.raises(ValueError, match="valid arms"):
         results.arm("resnet18")
+
+
+def _pair(diff: float, low: float, high: float, p: float, holm: float) -> PairedComparison:
+    test = DeLongResult(auc_a=0.8 + diff, auc_b=0.8, diff=diff, z=1.0, p_value=p, p_holm=holm, ci_of_diff=(low, high), method="DeLong")
+    return PairedComparison(arm_a="imagenet-linear", arm_b="imagenet", patient_delong=test, delong=test)
+
+
+@pytest.mark.parametrize(
+    "basis, pair, must, must_not",
+    [
+        ("non_inferior", _pair(-0.004, -0.015, 0.007, 0.4, 0.4), ["Prefer the cheaper imagenet-linear", "non-inferior", "0.02", "-0.015"], ["significantly"]),
+        ("inconclusive", _pair(-0.10, -0.22, 0.02, 0.09, 0.09), ["Inconclusive", "-0.220", "400 patients", "margin"], ["Prefer", "Use "]),
+        ("significant", _pair(-0.10, -0.18, -0.02, 0.01, 0.01), ["Use imagenet", "significantly higher", "AUC(imagenet) − AUC(imagenet-linear) = 0.100", "0.020 to 0.180"], ["Inconclusive"]),
+    ],
+)
+def test_headline_agrees_with_its_interval(basis: str, pair: PairedComparison, must: list[str], must_not: list[str]) -> None:
+    results = make_example_results(with_folds=False, with_data_efficiency=False)
+    arms = [a.model_copy(update={"name": n}) for a, n in zip(results.completed_arms, ("imagenet-linear", "imagenet"))]
+    preferred = {"non_inferior": "imagenet-linear", "significant": "imagenet"}.get(basis)
+    rec = Recommendation(headline="", basis=basis, preferred_arm=preferred, best_arm="imagenet", margin=0.02,
+                         patients_needed=400 if basis == "inconclusive" else None, deciding_arms=["imagenet-linear", "imagenet"])
+    headline, details = recommendation_sentences(rec, arms, [pair], n_patients=36)
+    for text in must:
+        assert text in headline, (text, headline)
+    for text in must_not:
+        assert text not in headline, (text, headline)
+    assert any("Holm-adjusted" in line for line in details) and any("−0.02" in line for line in details)
