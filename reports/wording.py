@@ -166,7 +166,8 @@ def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
         f"Patient probability: the {ev.aggregation} of the patient's slice probabilities (option: "
         f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC tests.",
         f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
-        f"separately) and applied unchanged to its test predictions; thresholds per arm are listed below.",
+        f"separately) and applied unchanged to its test predictions; a run without usable validation predictions uses "
+        f"the fixed 0.5, labelled 'fallback'. Thresholds per arm are listed below.",
         f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples). AUC tests: "
         f"{ev.auc_test} for slices, DeLong with one unit per patient for patients. Decision tests: {ev.decision_test}, or an "
         f"exact sign-flip (binomial) test over discordant patients when fewer than 25 disagree. Pairwise p-values are "

@@ -169,7 +169,7 @@ def operating_points(val: Predictions | None, evaluation: EvaluationSettings) ->
         fixed = st.OperatingPoint(float(target or 0.5), "fixed", target)
         return fixed, fixed
     if val is None or not val.targets.size:
-        note = f"no {VAL_PREDICTIONS_FILE} in the run folder (a run made before they were saved): fixed 0.5 used"
+        note = f"no {VAL_PREDICTIONS_FILE} in the run folder (a run made before they were saved)"
         fallback = st.OperatingPoint(st.FALLBACK_THRESHOLD, "fallback", target, note)
         return fallback, fallback
     by_slice = st.choose_operating_point(val.targets, val.probs, rule, target)
@@ -443,7 +443,7 @@ def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
     ka, kb = np.array([pos_a[k] for k in keys]), np.array([pos_b[k] for k in keys])
     yp = a.patients.targets[ka]
     qa, qb = a.patients.probs[ka], b.patients.probs[kb]
-    patient_auc = st.delong_test(yp, qa, qb)
+    patient_auc = st.delong_test(yp, qa, qb, unit="patients")
     patient_decision = st.mcnemar_test(
         yp, (qa >= a.patient_thresholds[ka]).astype(int), (qb >= b.patient_thresholds[kb]).astype(int), groups=keys)
     return PairTests(len(shared), len(keys), slice_auc, slice_decision, patient_auc, patient_decision)

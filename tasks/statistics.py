@@ -336,15 +336,16 @@ def _clustered_covariance(
     return cov
 
 
-def not_estimable_reason(y_true: ArrayLike, groups: Sequence[Hashable] | np.ndarray | None = None) -> str:
+def not_estimable_reason(y_true: ArrayLike, groups: Sequence[Hashable] | np.ndarray | None = None, unit: str = "images") -> str:
     """Why an AUC variance cannot be estimated ('' when it can): fewer than 2 positive or 2 negative units.
 
     A unit is a patient when groups are given (a patient with a positive image counts as a positive unit, one
-    with a negative image as a negative unit), else an image. One patient, or one class, fails the check.
+    with a negative image as a negative unit), else one row, named `unit` (e.g. "patients" for rows that are
+    already one per patient). One patient, or one class, fails the check.
     """
     y = _as_binary(y_true)
     if groups is None:
-        n_pos, n_neg, unit = int(y.sum()), int(y.size - y.sum()), "images"
+        n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     else:
         g = np.asarray(groups)
         n_pos, n_neg, unit = len(set(g[y == 1].tolist())), len(set(g[y == 0].tolist())), "patients"
@@ -359,7 +360,12 @@ def _not_estimable_delong(reason: str, level: float, method: str) -> DeLongTest:
 
 
 def delong_test(
-    y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, level: float = 0.95, groups: Sequence[Hashable] | None = None
+    y_true: ArrayLike,
+    prob_a: ArrayLike,
+    prob_b: ArrayLike,
+    level: float = 0.95,
+    groups: Sequence[Hashable] | None = None,
+    unit: str = "images",
 ) -> DeLongTest:
     """Two-sided test of AUC_a = AUC_b on the same images (DeLong, DeLong & Clarke-Pearson 1988).
 
@@ -369,7 +375,8 @@ def delong_test(
     Identical predictors give z = 0, p = 1. A zero variance with a nonzero difference gives p = 0.
     groups (the patient of each image): images of one patient are correlated, so the covariance is
     Obuchowski's clustered extension (see _clustered_covariance); without groups, images count as independent.
-    Fewer than 2 positive or 2 negative units (patients with groups): not estimable (NaN numbers, a reason).
+    Fewer than 2 positive or 2 negative units (patients with groups, else rows called `unit`): not estimable
+    (NaN numbers, a reason).
     """
     y = _as_binary(y_true)
     a = _as_prob(prob_a, y.size)
@@ -378,7 +385,7 @@ def delong_test(
     group_array = None if groups is None else np.asarray(groups)
     if group_array is not None and group_array.shape != y.shape:
         raise ValueError(f"groups must give one patient per image: {group_array.shape} for {y.shape} images")
-    reason = not_estimable_reason(y, group_array)
+    reason = not_estimable_reason(y, group_array, unit)
     if reason:
         return _not_estimable_delong(reason, level, method)
     m, n = int(y.sum()), int(y.size - y.sum())
@@ -639,7 +646,7 @@ def choose_operating_point(y_val: ArrayLike, p_val: ArrayLike, rule: str, target
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos == 0 or n_neg == 0:
         return OperatingPoint(FALLBACK_THRESHOLD, "fallback", target,
-                              f"validation part has {n_pos} positive and {n_neg} negative images; fixed 0.5 used")
+                              f"the validation part has {n_pos} positive and {n_neg} negative units")
     thresholds = _candidate_thresholds(p)  # descending
     predicted = p[None, :] >= thresholds[:, None]
     sens = (predicted & (y == 1)).sum(axis=1) / n_pos

@@ -122,7 +122,7 @@ def test_one_patient_is_not_estimable_not_a_crash(tmp_path: Path) -> None:
     results = _single_positive_cohort(tmp_path, [Patient("only" + "c" * 20, 1, 4, 0.0)])
     arm = results.arm("scratch")
     assert arm.test_metrics.roc_auc.value is None and arm.patient_metrics.n_patients == 1
-    assert "not estimable" in results.comparisons[0].patient_delong.reason
+    assert "not estimable: 1 positive and 0 negative patients" in results.comparisons[0].patient_delong.reason
 
 
 def test_skipped_arm_keeps_its_reason(tmp_path: Path) -> None:

@@ -421,7 +421,7 @@ def test_operating_point_rules() -> None:
     assert spec.threshold == pytest.approx(0.65)  # the lowest threshold with specificity 1
     assert st.choose_operating_point(y, p, "fixed", 0.3).threshold == 0.3
     fallback = st.choose_operating_point([1, 1, 1], [0.2, 0.5, 0.9], "youden")
-    assert fallback.rule == "fallback" and fallback.threshold == 0.5 and "0.5" in fallback.note
+    assert fallback.rule == "fallback" and fallback.threshold == 0.5 and "3 positive and 0 negative" in fallback.note
 
 
 def test_holm_adjustment() -> None:
