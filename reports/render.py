@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from data_schemas.report import (
     METRIC_NAMES,
     REPORT_HTML_FILE,
     REPORT_MD_FILE,
+    REPORT_SCHEMA_VERSION,
     RESULTS_FILE,
     ArmResult,
     ComparisonResults,
@@ -317,6 +319,17 @@ def _headline_aucs(results: ComparisonResults) -> list[str]:
     return out
 
 
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """'results.json of schema 1.0; this version reads 2.0' for an older report, else the error's type."""
+    try:
+        version = json.loads(path.read_text(encoding="utf-8")).get("schema_version")
+    except (ValueError, OSError, AttributeError):
+        version = None
+    if version and version != REPORT_SCHEMA_VERSION:
+        return f"results.json of schema {version}; this version reads {REPORT_SCHEMA_VERSION} (re-run the comparison to update it)"
+    return type(error).__name__
+
+
 def update_index(reports_root: Path) -> Path:
     """Write reports_root/index.html listing every run below it (each folder holding a results.json), newest first."""
     root = Path(reports_root)
@@ -330,7 +343,7 @@ def update_index(reports_root: Path) -> Path:
         try:
             results = load_results(path)
         except (ValidationError, ValueError, OSError) as exc:
-            broken.append({"folder": rel_dir, "error": type(exc).__name__})
+            broken.append({"folder": rel_dir, "error": _why_unreadable(path, exc)})
             continue
         has_report = (path.parent / REPORT_HTML_FILE).is_file()
         runs.append(

@@ -168,13 +168,15 @@ def test_index_lists_runs(tmp_path: Path) -> None:
     render_report(second, tmp_path / "run-b")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "results.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text('{"schema_version": "1.0"}', encoding="utf-8")
     index = update_index(tmp_path)
     page = _parse(index)
     assert page.links == ["run-b/report.html", "dataset1/run-a/report.html"]  # newest first
     for link in page.links:
         assert (tmp_path / link).is_file()
     text = " ".join(page.text)
-    assert "imagenet skipped" in text and "junk" in text
+    assert "imagenet skipped" in text and "junk" in text and "schema 1.0; this version reads 2.0" in text
     raw = index.read_text(encoding="utf-8")
     assert "http://" not in raw and "https://" not in raw
 
