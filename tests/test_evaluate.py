@@ -12,6 +12,7 @@ from data_schemas.files import read_models_csv
 from data_schemas.report import ComparisonResults
 from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, EpochMetrics, PredictionRow
 from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
+from reports.render import render_report
 from tasks import statistics as st
 from tasks.evaluate import build_results
 
@@ -116,6 +117,10 @@ def test_exactly_one_positive_image_is_not_estimable_not_a_crash(tmp_path: Path)
         assert test_result.diff is None and test_result.p_value is None and "not estimable" in test_result.reason
     assert results.recommendation.basis == "inconclusive" and results.recommendation.preferred_arm is None
     assert results.arm("scratch").test_metrics.roc_auc.value is not None  # the AUC itself exists; its test does not
+    paths = render_report(results, tmp_path / "report")
+    for key in ("html", "markdown"):
+        text = paths[key].read_text(encoding="utf-8")
+        assert "not estimable: 1 positive and 5 negative patients" in text and "nan" not in text.lower().split()
 
 
 def test_one_patient_is_not_estimable_not_a_crash(tmp_path: Path) -> None:
