@@ -33,7 +33,6 @@ from data_schemas.report import (
     RESULTS_FILE,
     ArmResult,
     ComparisonResults,
-    MetricValue,
 )
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
