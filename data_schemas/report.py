@@ -3,22 +3,24 @@
 The report stage renders report.html / report.md from one ComparisonResults and nothing else, so the
 numbers in the browser, in the Prefect UI and in results.json are always the same numbers.
 
-Privacy: no patient, study, series or image keys appear here. Image-level predictions stay in the
-run folders; only aggregates (counts, metrics, curves) are copied into this file. A validator rejects
-any mapping key that looks like an identifier column (see FORBIDDEN_KEYS).
+Privacy: no patient, study, series or image keys appear here as identifier columns. Image-level predictions
+stay in the run folders; aggregates (counts, metrics, curves) are copied into this file, plus one row per test
+patient (PatientRow) named only by a short prefix of its HMAC pseudonym, the same pseudonym the shareable
+manifest uses, so that a reviewer can look the patient's images up without learning who it is. A validator
+rejects any mapping key that looks like an identifier column (see FORBIDDEN_KEYS).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from data_schemas.base import StrictModel
 
 from data_schemas.dataset import DatasetCard
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "2.0"
 
 RESULTS_FILE = "results.json"
 REPORT_HTML_FILE = "report.html"
@@ -26,6 +28,8 @@ REPORT_MD_FILE = "report.md"
 FIGURES_DIR = "figures"
 
 ArmStatus = Literal["completed", "skipped", "failed"]
+EvaluationMode = Literal["holdout", "cross-validated"]
+UnitLevel = Literal["slice", "patient"]
 SplitPartName = Literal["train", "val", "test"]
 
 FORBIDDEN_KEYS = frozenset(
@@ -121,13 +125,19 @@ class ArmCostSummary(StrictModel):
 
 
 class TestMetrics(StrictModel):
-    """Test-set metrics of one arm, each with a patient-level bootstrap confidence interval."""
+    """Test-set metrics of one arm at one level (slices, or patients after aggregation), each with a
+    patient-level bootstrap confidence interval, on the pooled test predictions of every run of the arm.
+
+    threshold: the decision threshold when every run used the same one; None when each outer fold used its own
+    (see ArmResult.operating_point). ece: positive-class ECE, the quantity the reliability diagram plots.
+    """
 
     __test__ = False  # not a pytest test class
 
+    level: UnitLevel = "slice"
     n_images: int = Field(ge=0)
     n_patients: int = Field(ge=0)
-    threshold: float = 0.5
+    threshold: float | None = None
     ci_level: float = 0.95
     n_bootstrap: int = 0
     n_bootstrap_skipped_auc: int = Field(default=0, description="resamples with a single class, left out of the AUC CI")
@@ -159,6 +169,7 @@ class EpochRecord(StrictModel):
     epoch: int = Field(ge=1)
     train_loss: float | None = None
     val_loss: float | None = None
+    train_eval_loss: float | None = Field(default=None, description="plain cross-entropy on training images, eval mode")
     train_auc: float | None = None
     val_auc: float | None = None
     lr: float | None = None
@@ -193,11 +204,40 @@ class CalibrationBin(StrictModel):
 
 
 class ConfusionMatrix(StrictModel):
-    """Counts of test images: counts[i][j] = true labels[i] predicted as labels[j]."""
+    """Counts of test images (or patients): counts[i][j] = true labels[i] predicted as labels[j]."""
 
     labels: list[str]
     counts: list[list[int]]
-    threshold: float = 0.5
+    threshold: float | None = None
+    level: UnitLevel = "slice"
+
+
+class OperatingPointChoice(StrictModel):
+    """The decision thresholds of one arm and how they were chosen.
+
+    Args:
+        rule: the setting, e.g. "youden", "sensitivity:0.9", "fixed:0.3".
+        source: "validation" (chosen on each run's validation predictions), "fixed" (given), or "fallback"
+            (no usable validation predictions: the fixed 0.5, labelled as such).
+        slice_thresholds: one per run (outer fold), chosen on that run's validation slices.
+        patient_thresholds: one per run, chosen on that run's validation patients (aggregated probabilities).
+        note: why a fallback was used.
+    """
+
+    rule: str
+    source: Literal["validation", "fixed", "fallback"]
+    slice_thresholds: list[float]
+    patient_thresholds: list[float]
+    note: str = ""
+
+
+class EarlyStoppingInfo(StrictModel):
+    """Which quantity selected the best epoch and stopped training, from the run's config.json."""
+
+    monitor: str
+    patience: int | None = None
+    min_epochs: int | None = None
+    why: str = ""
 
 
 class ArmResult(StrictModel):
@@ -215,7 +255,12 @@ class ArmResult(StrictModel):
         best_epoch: epoch whose weights were kept (best validation AUC).
         stopped_epoch: last epoch trained; less than the configured maximum when early stopping fired.
         early_stopped: True when training stopped before the configured number of epochs.
-        overfitting_gap: val_loss - train_loss at best_epoch (positive: the model fits train better).
+        overfitting_gap: val_loss - train_eval_loss at best_epoch, both plain cross-entropy in eval mode
+            (positive: the model fits train better); None when the run did not record train_eval_loss.
+        patient_metrics: test metrics per patient (aggregated slice probabilities); None unless completed.
+        operating_point: the thresholds used and how they were chosen.
+        n_runs: runs pooled (1 in hold-out mode, the outer folds in cross-validated mode).
+        early_stopping: the monitored quantity and why; learning curves show the first run.
         convergence: epochs and seconds to reach a fraction of the best validation AUC.
         roc: test ROC curve points.
         calibration: test reliability diagram bins.
@@ -229,6 +274,10 @@ class ArmResult(StrictModel):
     seed: int | None = None
     cost: ArmCostSummary = Field(default_factory=ArmCostSummary)
     test_metrics: TestMetrics | None = None
+    patient_metrics: TestMetrics | None = None
+    operating_point: OperatingPointChoice | None = None
+    n_runs: int = Field(default=1, ge=0)
+    early_stopping: EarlyStoppingInfo | None = None
     learning_curve: list[EpochRecord] = Field(default_factory=list)
     best_epoch: int | None = None
     stopped_epoch: int | None = None
@@ -249,48 +298,111 @@ class ArmResult(StrictModel):
 
 
 class DeLongResult(StrictModel):
-    """DeLong test of two correlated ROC AUCs on the same test images."""
+    """Test of two correlated ROC AUCs on the same test units; numbers None and a reason when not estimable.
 
-    auc_a: float
-    auc_b: float
-    diff: float = Field(description="auc_a - auc_b")
-    z: float
-    p_value: float = Field(ge=0, le=1)
-    ci_of_diff: tuple[float, float]
+    method names what was computed: "clustered DeLong (Obuchowski 1997)" on slices clustered by patient, or
+    DeLong 1988 with one unit per patient at the patient level. p_holm: Holm-adjusted over all arm pairs.
+    """
+
+    auc_a: float | None = None
+    auc_b: float | None = None
+    diff: float | None = Field(default=None, description="auc_a - auc_b")
+    z: float | None = None
+    p_value: float | None = Field(default=None, ge=0, le=1)
+    p_holm: float | None = Field(default=None, ge=0, le=1)
+    ci_of_diff: tuple[float, float] | None = None
     level: float = 0.95
+    method: str = ""
+    reason: str = Field(default="", description="why the test is not estimable; empty when it is")
 
 
 class McNemarResult(StrictModel):
-    """McNemar test of paired correct/incorrect decisions at the threshold."""
+    """McNemar-type test of paired right/wrong decisions at each arm's operating point.
 
-    b: int = Field(ge=0, description="images arm_a got right and arm_b got wrong")
-    c: int = Field(ge=0, description="images arm_a got wrong and arm_b got right")
-    statistic: float
-    p_value: float = Field(ge=0, le=1)
-    method: Literal["exact", "chi2_cc", "clustered"]
+    method: "clustered" (Durkalski 2003, chi-square, no continuity correction), "exact_permutation" (exact
+    sign-flip test over discordant patients, used when few patients disagree), "exact" (binomial), "chi2_cc",
+    or "not_estimable". method_label spells it out for the report.
+    """
+
+    b: int = Field(ge=0, description="units arm_a got right and arm_b got wrong")
+    c: int = Field(ge=0, description="units arm_a got wrong and arm_b got right")
+    statistic: float | None = None
+    p_value: float | None = Field(default=None, ge=0, le=1)
+    p_holm: float | None = Field(default=None, ge=0, le=1)
+    method: Literal["exact", "chi2_cc", "clustered", "exact_permutation", "not_estimable"]
+    method_label: str = ""
+    n_discordant_units: int = Field(default=0, ge=0, description="patients (or images) whose decisions differ")
+    reason: str = ""
 
 
 class PairedComparison(StrictModel):
-    """Two arms compared on the same test images."""
+    """Two arms compared on the same pooled test predictions, per slice and per patient."""
 
     arm_a: str
     arm_b: str
+    n_images: int = Field(default=0, ge=0)
+    n_patients: int = Field(default=0, ge=0)
     delong: DeLongResult | None = None
     mcnemar: McNemarResult | None = None
+    patient_delong: DeLongResult | None = None
+    patient_mcnemar: McNemarResult | None = None
     plain_words: str = ""
 
 
+class PatientRow(StrictModel):
+    """One test patient of the per-patient table: pseudonym prefix, label, probability and verdict per arm."""
+
+    pseudonym: str = Field(description="first characters of the HMAC pseudonym of the shareable manifest")
+    label: str
+    n_images: int = Field(ge=1)
+    probs: dict[str, float] = Field(default_factory=dict, description="aggregated probability per arm")
+    correct: dict[str, bool] = Field(default_factory=dict, description="right at the arm's patient threshold")
+
+
+class EvaluationSummary(StrictModel):
+    """How the numbers were produced.
+
+    Args:
+        mode: "holdout" (one fixed test part) or "cross-validated" (outer folds, each patient tested once, pooled).
+        runs_per_arm: runs pooled per arm.
+        aggregation: how slice probabilities become a patient probability ("mean" or "max").
+        operating_point: the threshold rule, chosen on validation predictions.
+        non_inferiority_margin: delta of the recommendation rule, in AUC.
+        primary_level: the level whose AUC comparisons drive the recommendation.
+        n_test_patients / n_test_images: pooled test units (of the first completed arm).
+        n_labelled_patients: labelled patients in the split (all of them are tested once in cross-validated mode).
+    """
+
+    mode: EvaluationMode
+    runs_per_arm: dict[str, int] = Field(default_factory=dict)
+    aggregation: Literal["mean", "max"] = "mean"
+    operating_point: str = "youden"
+    non_inferiority_margin: float = 0.02
+    n_bootstrap: int = 0
+    ci_level: float = 0.95
+    alpha: float = 0.05
+    primary_level: UnitLevel = "patient"
+    n_test_patients: int = 0
+    n_test_images: int = 0
+    n_labelled_patients: int = 0
+    auc_test: str = "clustered DeLong (Obuchowski 1997)"
+    decision_test: str = "clustered McNemar (Durkalski 2003)"
+    notes: list[str] = Field(default_factory=list, description="the mode, interval width between modes, aggregation, "
+                             "operating point and tests, in words (written by reports.wording)")
+
+
 class FoldMetrics(StrictModel):
-    """Test metrics of one arm on one cross-validation fold."""
+    """Test metrics of one arm on one outer fold's test patients, at that fold's own threshold."""
 
     fold: int = Field(ge=0)
     n_train_patients: int | None = None
     n_test_patients: int | None = None
+    threshold: float | None = None
     metrics: dict[str, float]
 
 
 class ArmFolds(StrictModel):
-    """Cross-validation results of one arm: per fold, and mean and standard deviation over folds."""
+    """Outer-fold results of one arm: per fold, and mean and standard deviation (ddof=1) over folds."""
 
     arm: str
     per_fold: list[FoldMetrics]
@@ -315,15 +427,27 @@ class Recommendation(StrictModel):
         headline: one or two sentences shown first in the report.
         details: supporting sentences (per-pair tests, costs, caveats).
         preferred_arm: the arm recommended, None when no arm can be recommended.
-        basis: "significant" (a significantly better AUC), "tied_cost" (AUCs not significantly
-            different, cheaper arm preferred), "single_arm" (only one arm completed), "none" (nothing
-            completed).
+        basis: "significant" (best AUC significantly higher than every other, Holm-adjusted), "non_inferior" (a
+            cheaper arm within the margin of every dearer arm not shown worse: lower 95% bound of its AUC difference
+            > -margin), "inconclusive" (nothing settled at this sample size), "single_arm" (only one arm
+            completed), "none" (nothing completed).
+        best_arm: the arm with the highest AUC point estimate.
+        margin: the non-inferiority margin used, in AUC.
+        level: "patient" or "slice": whose AUC comparisons decided.
+        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.statistics).
+        deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior or inconclusive verdict
+            (the preferred or cheapest arm first).
     """
 
     headline: str
     details: list[str] = Field(default_factory=list)
     preferred_arm: str | None = None
-    basis: Literal["significant", "tied_cost", "single_arm", "none"]
+    basis: Literal["significant", "non_inferior", "inconclusive", "single_arm", "none"]
+    best_arm: str | None = None
+    margin: float | None = None
+    level: UnitLevel = "patient"
+    patients_needed: int | None = None
+    deciding_arms: list[str] = Field(default_factory=list, description="[arm, best arm] of the pair that decided")
 
 
 class Reproducibility(StrictModel):
@@ -346,28 +470,32 @@ class ComparisonResults(StrictModel):
     """results.json: the complete set of numbers behind one comparison report.
 
     Args:
-        schema_version: "1.0".
+        schema_version: "2.0".
         run_id: the run's identifier (also the run folder name).
         created_at: ISO-8601 time the results were assembled.
         title: report title.
         dataset: dataset card and class roles.
         split: patient-level split summary with the no-overlap check.
         arms: every arm, including skipped and failed ones.
-        comparisons: paired tests between completed arms.
-        folds: cross-validation results per arm, when run.
+        evaluation: mode, aggregation, operating-point rule, margin: how the numbers were produced.
+        comparisons: paired tests between completed arms, per slice and per patient.
+        patients: the per-patient table (pseudonym prefix, label, probability and verdict per arm).
+        folds: per-outer-fold results per arm, in cross-validated mode.
         data_efficiency: test AUC versus training fraction, when run.
         recommendation: the headline recommendation.
         reproducibility: versions, seeds, configs and dataset hash.
     """
 
-    schema_version: Literal["1.0"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["2.0"] = REPORT_SCHEMA_VERSION
     run_id: str
     created_at: str
     title: str = "ResNet-50: from scratch vs ImageNet weights"
     dataset: DatasetSummary
     split: SplitSummary
+    evaluation: EvaluationSummary
     arms: list[ArmResult]
     comparisons: list[PairedComparison] = Field(default_factory=list)
+    patients: list[PatientRow] = Field(default_factory=list)
     folds: list[ArmFolds] | None = None
     data_efficiency: list[DataEfficiencyPoint] | None = None
     recommendation: Recommendation

@@ -70,3 +70,14 @@ def fmt_ratio(actual: float | None, estimate: float | None) -> str:
     if actual is None or not estimate:
         return "—"
     return f"{actual / estimate:.2f}×"
+
+
+_MD_SPECIAL = "\\`*_[]|~"  # inline emphasis, code, links, tables, strikethrough
+
+
+def md_escape(value: object) -> str:
+    """User-supplied text made inert in Markdown: HTML characters as entities, Markdown punctuation backslash-escaped,
+    newlines as spaces, so a label name or a reason can neither inject HTML nor break a table."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in text)
+    return " ".join(text.splitlines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from data_schemas.dataset import DatasetCard, NumericSummary
+from reports.formatting import md_escape
 
 
 def _fmt(summary: NumericSummary, unit: str) -> str:
@@ -26,24 +27,24 @@ def dataset_card_markdown(card: DatasetCard) -> str:
         "",
         "| label | images |",
         "| --- | ---: |",
-        *[f"| {label} | {count} |" for label, count in card.label_distribution.items()],
+        *[f"| {md_escape(label)} | {count} |" for label, count in card.label_distribution.items()],
         f"| (unlabelled) | {card.n_unlabeled_images} |",
         "",
         "## Quarantine",
         "",
         "| reason | files |",
         "| --- | ---: |",
-        *[f"| {reason} | {count} |" for reason, count in card.quarantine_reasons.items()],
+        *[f"| {md_escape(reason)} | {count} |" for reason, count in card.quarantine_reasons.items()],
         "",
         "## Fingerprint",
         "",
-        f"- Matrix sizes: {', '.join(f'{k} ({v})' for k, v in fp.matrix_sizes.items())}",
+        f"- Matrix sizes: {', '.join(f'{md_escape(k)} ({v})' for k, v in fp.matrix_sizes.items())}",
         f"- Pixel spacing: {_fmt(fp.pixel_spacing_mm, 'mm')}",
         f"- Slice thickness: {_fmt(fp.slice_thickness_mm, 'mm')}",
         f"- HU (pixel sample): {_fmt(fp.hounsfield_units, 'HU')}",
         f"- kVp: {_fmt(fp.kvp, 'kV')}",
-        f"- Manufacturers: {', '.join(f'{k} ({v})' for k, v in fp.manufacturers.items())}",
-        f"- Transfer syntaxes: {', '.join(f'{k} ({v})' for k, v in fp.transfer_syntaxes.items())}",
+        f"- Manufacturers: {', '.join(f'{md_escape(k)} ({v})' for k, v in fp.manufacturers.items())}",
+        f"- Transfer syntaxes: {', '.join(f'{md_escape(k)} ({v})' for k, v in fp.transfer_syntaxes.items())}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,17 +21,18 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
-from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si
+from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, md_escape
 from reports.formatting import format_duration as fmt_seconds
+from reports.wording import evaluation_sentences
 from data_schemas.report import (
     FIGURES_DIR,
     METRIC_NAMES,
     REPORT_HTML_FILE,
     REPORT_MD_FILE,
+    REPORT_SCHEMA_VERSION,
     RESULTS_FILE,
     ArmResult,
     ComparisonResults,
-    MetricValue,
 )
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -45,16 +47,19 @@ METRIC_LABELS: dict[str, str] = {
     "specificity": "Specificity",
     "f1": "F1",
     "brier": "Brier score (lower is better)",
-    "ece": "ECE (lower is better)",
+    "ece": "ECE, positive class as in the calibration plot (lower is better)",
+    "patient_roc_auc": "Patient ROC AUC",
 }
 
 SECTION_IDS: tuple[str, ...] = (
     "recommendation",
+    "evaluation",
     "dataset",
     "split",
     "cost",
     "metrics",
     "comparisons",
+    "patients",
     "learning-curves",
     "roc",
     "calibration",
@@ -127,7 +132,7 @@ def _calibration_figure(arms: Sequence[ArmResult]) -> bytes:
         ece = arm.test_metrics.ece.value if arm.test_metrics else None
         color = _COLORS[i % len(_COLORS)]
         ax.plot([b.mean_predicted for b in arm.calibration], [b.fraction_positive for b in arm.calibration],
-                color=color, lw=1.5, label=f"{arm.name} (ECE {fmt(ece, 3)})")
+                color=color, lw=1.5, label=f"{arm.name} (positive-class ECE {fmt(ece, 3)})")
         ax.scatter([b.mean_predicted for b in arm.calibration], [b.fraction_positive for b in arm.calibration],
                    s=[20 + 300 * b.count / total for b in arm.calibration], color=color, alpha=0.6)
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive",
@@ -151,7 +156,12 @@ def _learning_figure(arm: ArmResult, color: str) -> bytes:
         train = [getattr(r, train_key) for r in arm.learning_curve]
         val = [getattr(r, val_key) for r in arm.learning_curve]
         if any(v is not None for v in train):
-            ax.plot(epochs, [math.nan if v is None else v for v in train], color=color, ls="--", label="train")
+            ax.plot(epochs, [math.nan if v is None else v for v in train], color=color, ls="--", lw=0.8,
+                    label="train (with augmentation, smoothing)" if train_key == "train_loss" else "train")
+        eval_loss = [r.train_eval_loss for r in arm.learning_curve] if train_key == "train_loss" else []
+        if any(v is not None for v in eval_loss):
+            ax.plot(epochs, [math.nan if v is None else v for v in eval_loss], color=color, ls=":", lw=1.5,
+                    label="train, eval mode (plain cross-entropy)")
         if any(v is not None for v in val):
             ax.plot(epochs, [math.nan if v is None else v for v in val], color=color, marker="o", ms=3, label="val")
         if arm.best_epoch is not None:
@@ -234,15 +244,10 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     )
     env.filters.update(
         fmt=fmt, fmt_ci=fmt_ci, fmt_seconds=fmt_seconds, fmt_si=fmt_si, fmt_p=fmt_p, fmt_pct=fmt_pct,
-        md=_md_cell,
+        md=md_escape,
     )
     env.globals.update(fmt_ratio=fmt_ratio, metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES)
     return env
-
-
-def _md_cell(value: object) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> dict[str, Any]:
@@ -265,6 +270,7 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> 
         "figures": figures,
         "confusion_max": confusion_max or 1,
         "section_ids": SECTION_IDS,
+        "evaluation_lines": results.evaluation.notes or evaluation_sentences(results.evaluation),
     }
 
 
@@ -302,14 +308,25 @@ def load_results(path: Path) -> ComparisonResults:
 
 
 def _headline_aucs(results: ComparisonResults) -> list[str]:
-    """'scratch 0.912' per arm, or 'imagenet skipped'."""
+    """'scratch 0.912' per arm (patient-level AUC, the recommendation's), or 'imagenet skipped'."""
     out = []
     for arm in results.arms:
-        if arm.status == "completed" and arm.test_metrics is not None:
-            out.append(f"{arm.name} {fmt(arm.test_metrics.roc_auc.value, 3)}")
+        if arm.status == "completed" and arm.patient_metrics is not None:
+            out.append(f"{arm.name} {fmt(arm.patient_metrics.roc_auc.value, 3)}")
         else:
             out.append(f"{arm.name} {arm.status}")
     return out
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """'results.json of schema 1.0; this version reads 2.0' for an older report, else the error's type."""
+    try:
+        version = json.loads(path.read_text(encoding="utf-8")).get("schema_version")
+    except (ValueError, OSError, AttributeError):
+        version = None
+    if version and version != REPORT_SCHEMA_VERSION:
+        return f"results.json of schema {version}; this version reads {REPORT_SCHEMA_VERSION} (re-run the comparison to update it)"
+    return type(error).__name__
 
 
 def update_index(reports_root: Path) -> Path:
@@ -325,7 +342,7 @@ def update_index(reports_root: Path) -> Path:
         try:
             results = load_results(path)
         except (ValidationError, ValueError, OSError) as exc:
-            broken.append({"folder": rel_dir, "error": type(exc).__name__})
+            broken.append({"folder": rel_dir, "error": _why_unreadable(path, exc)})
             continue
         has_report = (path.parent / REPORT_HTML_FILE).is_file()
         runs.append(
@@ -357,6 +374,7 @@ def metrics_table(results: ComparisonResults) -> list[dict[str, str]]:
         tm = arm.test_metrics
         for name in METRIC_NAMES:
             row[name] = fmt_ci(getattr(tm, name), 3) if tm is not None else "—"
+        row["patient_roc_auc"] = fmt_ci(arm.patient_metrics.roc_auc, 3) if arm.patient_metrics is not None else "—"
         row["train_time"] = fmt_seconds(arm.cost.actual_seconds)
         row["note"] = arm.reason
         rows.append(row)

@@ -1,7 +1,11 @@
 """Evaluate: the run folders of every arm -> one ComparisonResults (results.json) for the report stage.
 
-Reads only validated files (dataset.json, splits.csv/.json, each arm's status/config/metrics/predictions/timing,
-cost.json); copies aggregates only, never a patient or image key, into the results.
+Each arm contributes a list of runs whose test predictions are pooled: one run in hold-out mode, one run per
+outer fold (disjoint test patients) in cross-validated mode. Every metric, bootstrap interval (by patient) and
+paired test is computed on the pooled predictions, per slice and per patient (slice probabilities aggregated by
+mean or max). Each run's decision threshold is chosen on its own validation predictions and applied unchanged to
+its test predictions. Reads only validated files; copies aggregates, plus a short pseudonym prefix per test
+patient for the per-patient table, never an original identifier.
 """
 
 from __future__ import annotations
@@ -20,22 +24,29 @@ import numpy as np
 
 from data_schemas.cost import THIS_MACHINE, CostReport
 from data_schemas.dataset import DatasetCard
+from data_schemas.evaluation import EvaluationSettings, parse_operating_point
+from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.report import (
-    ArmResult,
+    ArmCostSummary,
     ArmFolds,
+    ArmResult,
     CalibrationBin,
     ComparisonResults,
-    DataEfficiencyPoint,
-    FoldMetrics,
     ConfusionMatrix,
     Convergence,
-    ArmCostSummary,
+    DataEfficiencyPoint,
     DatasetSummary,
     DeLongResult,
+    EarlyStoppingInfo,
     EpochRecord,
+    EvaluationSummary,
+    FoldMetrics,
     McNemarResult,
     MetricValue,
+    OperatingPointChoice,
     PairedComparison,
+    PatientRow,
+    Recommendation,
     Reproducibility,
     RocPoint,
     SplitPart,
@@ -48,6 +59,7 @@ from data_schemas.training import (
     PREDICTIONS_FILE,
     STATUS_FILE,
     TIMING_FILE,
+    VAL_PREDICTIONS_FILE,
     EpochMetrics,
     PredictionRow,
     RunConfig,
@@ -56,35 +68,54 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
+from reports.wording import comparison_sentence, evaluation_sentences, recommendation_sentences
+from tasks import statistics as st
 from tasks.cost import estimated_seconds_for
-from data_schemas.files import read_model_json, read_models_csv
-from tasks.statistics import (
-    ArmSummary,
-    binary_metrics,
-    bootstrap_ci,
-    calibration_curve_points,
-    confusion,
-    delong_test,
-    epochs_to_fraction_of_best,
-    mcnemar_test,
-    plain_words_comparison,
-    recommend,
-    roc_curve_points,
-    seconds_to_epoch,
-)
-
 
 REPORTED_PACKAGES = ("ctcompare", "torch", "torchvision", "monai", "prefect", "pydicom", "scikit-learn", "numpy", "scipy")
+PSEUDONYM_CHARS = 12
+MONITOR_WHY = {
+    "val_loss": "plain validation cross-entropy: it uses every validation image's probability, so it moves smoothly "
+    "on a small validation set where AUC jumps with a single patient",
+    "val_auc_ema": "an exponential moving average of validation AUC: smoothing keeps one noisy epoch from "
+    "selecting the model or stopping training",
+}
 
 
 @dataclass
-class ArmPredictions:
-    """Test predictions of one completed arm, aligned by image key (kept out of results.json)."""
+class Predictions:
+    """Predictions of one part (test or validation), aligned row by row; kept out of results.json."""
 
     image_keys: list[str]
     patient_keys: list[str]
     targets: np.ndarray
     probs: np.ndarray
+
+
+@dataclass
+class RunData:
+    """One completed run: its files, test and (when saved) validation predictions, and its thresholds."""
+
+    run_dir: Path
+    status: RunSummary
+    config: RunConfig | None
+    history: list[EpochMetrics]
+    timing: TimingInfo | None
+    test: Predictions
+    val: Predictions | None
+    slice_point: st.OperatingPoint
+    patient_point: st.OperatingPoint
+
+
+@dataclass
+class PooledArm:
+    """An arm's pooled test predictions with each image's and each patient's own threshold."""
+
+    slices: Predictions
+    slice_thresholds: np.ndarray
+    patients: st.PatientLevel
+    patient_thresholds: np.ndarray
+    patient_images: dict[str, int]
 
 
 def package_versions() -> dict[str, str]:
@@ -119,236 +150,444 @@ def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
     )
 
 
-def test_metrics(predictions: ArmPredictions, n_bootstrap: int, seed: int) -> TestMetrics:
-    """Point metrics with patient-level bootstrap 95% intervals."""
-    point = binary_metrics(predictions.targets, predictions.probs)
-    intervals = bootstrap_ci(predictions.targets, predictions.probs, predictions.patient_keys, n_resamples=n_bootstrap, seed=seed)
+# ---------------------------------------------------------------- reading runs
+
+
+def read_predictions(path: Path) -> Predictions:
+    """predictions.csv or val_predictions.csv as aligned arrays."""
+    rows = read_models_csv(path, PredictionRow)
+    return Predictions(
+        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
+        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows], dtype=np.float64),
+    )
+
+
+def operating_points(val: Predictions | None, evaluation: EvaluationSettings) -> tuple[st.OperatingPoint, st.OperatingPoint]:
+    """The slice and patient thresholds of one run, chosen on its validation predictions by the settings' rule."""
+    rule, target = parse_operating_point(evaluation.operating_point)
+    if rule == "fixed":
+        fixed = st.OperatingPoint(float(target or 0.5), "fixed", target)
+        return fixed, fixed
+    if val is None or not val.targets.size:
+        note = f"no {VAL_PREDICTIONS_FILE} in the run folder (a run made before they were saved)"
+        fallback = st.OperatingPoint(st.FALLBACK_THRESHOLD, "fallback", target, note)
+        return fallback, fallback
+    by_slice = st.choose_operating_point(val.targets, val.probs, rule, target)
+    patients = st.aggregate_by_patient(val.patient_keys, val.targets, val.probs, evaluation.aggregation)
+    by_patient = st.choose_operating_point(patients.targets, patients.probs, rule, target)
+    return by_slice, by_patient
+
+
+def read_run(run_dir: Path, evaluation: EvaluationSettings) -> RunData | RunSummary | None:
+    """A completed run's data; its RunSummary when it did not complete; None when it never started."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STATUS_FILE).is_file():
+        return None
+    status = read_model_json(run_dir / STATUS_FILE, RunSummary)
+    if status.status != "completed":
+        return status
+    val_path = run_dir / VAL_PREDICTIONS_FILE
+    val = read_predictions(val_path) if val_path.is_file() else None
+    slice_point, patient_point = operating_points(val, evaluation)
+    return RunData(
+        run_dir=run_dir, status=status,
+        config=read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None,
+        history=read_models_csv(run_dir / METRICS_FILE, EpochMetrics) if (run_dir / METRICS_FILE).is_file() else [],
+        timing=read_model_json(run_dir / TIMING_FILE, TimingInfo) if (run_dir / TIMING_FILE).is_file() else None,
+        test=read_predictions(run_dir / PREDICTIONS_FILE), val=val, slice_point=slice_point, patient_point=patient_point,
+    )
+
+
+def pool_runs(arm: str, runs: list[RunData], aggregation: str) -> PooledArm:
+    """Concatenate the runs' test predictions; ValueError when two runs test the same patient."""
+    owner: dict[str, int] = {}
+    for index, run in enumerate(runs):
+        for patient in set(run.test.patient_keys):
+            if patient in owner:
+                raise ValueError(
+                    f"arm {arm!r}: runs {runs[owner[patient]].run_dir.name} and {run.run_dir.name} both test the same "
+                    f"patient; pooled runs must be outer folds with disjoint test patients."
+                )
+            owner[patient] = index
+    slices = Predictions(
+        image_keys=[k for r in runs for k in r.test.image_keys], patient_keys=[k for r in runs for k in r.test.patient_keys],
+        targets=np.concatenate([r.test.targets for r in runs]), probs=np.concatenate([r.test.probs for r in runs]),
+    )
+    slice_thresholds = np.concatenate([np.full(r.test.targets.size, r.slice_point.threshold) for r in runs])
+    patients = st.aggregate_by_patient(slices.patient_keys, slices.targets, slices.probs, aggregation)  # type: ignore[arg-type]
+    patient_thresholds = np.array([runs[owner[p]].patient_point.threshold for p in patients.patients])
+    return PooledArm(slices, slice_thresholds, patients, patient_thresholds, dict(Counter(slices.patient_keys)))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def metric_block(
+    targets: np.ndarray, probs: np.ndarray, groups: list[str], thresholds: np.ndarray, *, level: str, n_bootstrap: int, seed: int
+) -> TestMetrics:
+    """Point metrics at the given per-unit thresholds with patient-level bootstrap 95% intervals."""
+    intervals = st.bootstrap_ci(targets, probs, groups, n_resamples=n_bootstrap, seed=seed, threshold=thresholds)
     values = {
-        name: MetricValue(value=_finite(point[name]), ci_low=_finite(intervals[name].ci_low), ci_high=_finite(intervals[name].ci_high))
-        for name in point
+        name: MetricValue(value=_finite(iv.value), ci_low=_finite(iv.ci_low), ci_high=_finite(iv.ci_high))
+        for name, iv in intervals.items()
     }
+    distinct = np.unique(thresholds)
     return TestMetrics(
-        n_images=len(predictions.targets), n_patients=len(set(predictions.patient_keys)), n_bootstrap=n_bootstrap,
+        level=level, n_images=int(targets.size) if level == "slice" else 0, n_patients=len(set(groups)),  # type: ignore[arg-type]
+        threshold=float(distinct[0]) if distinct.size == 1 else None, n_bootstrap=n_bootstrap,
         n_bootstrap_skipped_auc=intervals["roc_auc"].n_skipped, **values,
     )
 
 
+def pooled_metrics(pooled: PooledArm, n_bootstrap: int, seed: int) -> tuple[TestMetrics, TestMetrics]:
+    """Slice-level and patient-level test metrics of one arm's pooled predictions."""
+    s = pooled.slices
+    by_slice = metric_block(s.targets, s.probs, s.patient_keys, pooled.slice_thresholds, level="slice", n_bootstrap=n_bootstrap, seed=seed)
+    p = pooled.patients
+    by_patient = metric_block(p.targets, p.probs, p.patients, pooled.patient_thresholds, level="patient", n_bootstrap=n_bootstrap, seed=seed)
+    by_patient = by_patient.model_copy(update={"n_images": int(s.targets.size)})
+    return by_slice, by_patient
+
+
+def fold_summary(arm: str, runs: list[RunData], aggregation: str) -> ArmFolds | None:
+    """Each outer fold's test metrics at its own threshold (slice level, plus patient AUC); mean and std (ddof=1)."""
+    if len(runs) < 2:
+        return None
+    per_fold = []
+    for fold, run in enumerate(runs):
+        t = run.test
+        metrics = {k: v for k, v in st.binary_metrics(t.targets, t.probs, run.slice_point.threshold).items() if math.isfinite(v)}
+        patients = st.aggregate_by_patient(t.patient_keys, t.targets, t.probs, aggregation)  # type: ignore[arg-type]
+        patient_auc = st.roc_auc(patients.targets, patients.probs)
+        if math.isfinite(patient_auc):
+            metrics["patient_roc_auc"] = patient_auc
+        per_fold.append(FoldMetrics(fold=fold, n_train_patients=run.config.n_train_patients if run.config else None,
+                                    n_test_patients=len(patients.patients), threshold=run.slice_point.threshold, metrics=metrics))
+    names = sorted(set.intersection(*(set(f.metrics) for f in per_fold)))
+    values = {name: np.array([f.metrics[name] for f in per_fold]) for name in names}
+    return ArmFolds(arm=arm, per_fold=per_fold, mean={n: float(v.mean()) for n, v in values.items()},
+                    std={n: float(v.std(ddof=1)) for n, v in values.items()})
+
+
+def _operating_point_choice(runs: list[RunData], evaluation: EvaluationSettings) -> OperatingPointChoice:
+    """The thresholds of every run and how they were chosen."""
+    rules = {r.slice_point.rule for r in runs}
+    source = "fixed" if rules == {"fixed"} else "fallback" if "fallback" in rules | {r.patient_point.rule for r in runs} else "validation"
+    notes = sorted({r.slice_point.note or r.patient_point.note for r in runs} - {""})
+    return OperatingPointChoice(
+        rule=evaluation.operating_point, source=source,  # type: ignore[arg-type]
+        slice_thresholds=[r.slice_point.threshold for r in runs], patient_thresholds=[r.patient_point.threshold for r in runs],
+        note="; ".join(notes),
+    )
+
+
+# ---------------------------------------------------------------- one arm
+
+
 def _learning_curve(history: list[EpochMetrics]) -> list[EpochRecord]:
     return [
-        EpochRecord(epoch=m.epoch, train_loss=m.train_loss, val_loss=m.val_loss, val_auc=m.val_auc,
-                    lr=m.lr_head, seconds=m.epoch_seconds)
+        EpochRecord(epoch=m.epoch, train_loss=m.train_loss, val_loss=m.val_loss, train_eval_loss=m.train_eval_loss,
+                    val_auc=m.val_auc, lr=m.lr_head, seconds=m.epoch_seconds)
         for m in history
     ]
 
 
-def _cost(arm: str, timing: TimingInfo | None, cost_file: CostReport | None) -> ArmCostSummary:
-    if timing is None:
+def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> ArmCostSummary:
+    """Estimated and measured cost of all of an arm's runs (seconds and FLOPs summed over outer folds)."""
+    if not timings:
         return ArmCostSummary()
+    first = timings[0]
     estimated = None
-    flops_total = None
     if cost_file is not None:
         try:
             arm_cost = cost_file.arm(arm)
-            estimated = estimated_seconds_for(arm_cost, THIS_MACHINE, timing.epochs_run)
+            estimated = sum(estimated_seconds_for(arm_cost, THIS_MACHINE, t.epochs_run) for t in timings)
         except KeyError:
             pass
-    if timing.epochs_run and arm != "imagenet-linear":
-        flops_total = timing.train_flops_per_image * timing.train_images_seen
-    elif arm == "imagenet-linear":
-        flops_total = timing.forward_flops_per_image * timing.train_images_seen
+    per_image = (lambda t: t.forward_flops_per_image) if arm == "imagenet-linear" else (lambda t: t.train_flops_per_image)
+    flops_total = sum(per_image(t) * t.train_images_seen for t in timings)
     peak = None
-    if cost_file is not None:
-        for device in cost_file.devices:
-            if device.name == THIS_MACHINE:
-                rate = device.rates.get(timing.precision) or device.rates.get("fp32")
-                peak = rate.peak_tflops * 1e12 if rate else None
-    utilisation = timing.achieved_flops_per_second / peak if peak else None
+    for device in cost_file.devices if cost_file is not None else []:
+        if device.name == THIS_MACHINE:
+            rate = device.rates.get(first.precision) or device.rates.get("fp32")
+            peak = rate.peak_tflops * 1e12 if rate else None
+    utilisation = first.achieved_flops_per_second / peak if peak else None
     return ArmCostSummary(
-        estimated_seconds=estimated, actual_seconds=timing.wall_seconds, images_per_second=timing.images_per_second,
-        flops_per_image=timing.forward_flops_per_image, total_flops=flops_total,
-        utilisation=None if utilisation is None else min(1.0, utilisation), device=f"{timing.device} ({timing.precision})",
+        estimated_seconds=estimated, actual_seconds=sum(t.wall_seconds for t in timings), images_per_second=first.images_per_second,
+        flops_per_image=first.forward_flops_per_image, total_flops=flops_total or None,
+        utilisation=None if utilisation is None else min(1.0, utilisation), device=f"{first.device} ({first.precision})",
     )
 
 
-def read_arm(arm: str, run_dir: Path, cost_file: CostReport | None, n_bootstrap: int, seed: int) -> tuple[ArmResult, ArmPredictions | None]:
-    """One arm's ArmResult (and its test predictions when it completed)."""
-    status_path = run_dir / STATUS_FILE
-    if not status_path.is_file():
-        return ArmResult(name=arm, status="failed", reason=f"no {STATUS_FILE} in its run folder: the arm never started"), None
-    status = read_model_json(status_path, RunSummary)
-    config = read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None
-    config_dict = {} if config is None else {
+def _config_dict(config: RunConfig | None) -> dict:
+    """The shareable part of a run's config.json."""
+    if config is None:
+        return {}
+    return {
         "profile": config.profile, "overrides": config.overrides, "train": config.train.model_dump(mode="json"),
         "precision": config.precision, "channels_last": config.channels_last, "device": config.device,
         "weights": None if config.weights is None else {"file": config.weights.file_name, "sha256": config.weights.sha256, "source": config.weights.source},
         "classes": config.classes, "config_hash": config.config_hash,
     }
-    if status.status != "completed":
-        reason = status.reason or f"the run ended as {status.status}"
-        return ArmResult(name=arm, status="skipped" if status.status == "skipped" else "failed", reason=reason,
-                         config=config_dict, seed=None if config is None else config.seed), None
 
-    _, predictions = _read_predictions(run_dir)
-    history = read_models_csv(run_dir / METRICS_FILE, EpochMetrics) if (run_dir / METRICS_FILE).is_file() else []
-    timing = read_model_json(run_dir / TIMING_FILE, TimingInfo) if (run_dir / TIMING_FILE).is_file() else None
+
+def _training_story(arm: str, run: RunData) -> dict:
+    """Learning curve, best and stopping epoch, like-for-like overfitting gap and early-stopping monitor of one run."""
+    history, config = run.history, run.config
     val_aucs = [m.val_auc for m in history]
-    epochs_to = epochs_to_fraction_of_best(val_aucs) if any(v is not None for v in val_aucs) else None
-    best = next((m for m in history if m.epoch == status.best_epoch), None)
-    gap = None if best is None or best.val_loss is None or best.train_loss is None else best.val_loss - best.train_loss
-    classes = config.classes if config else ["negative", "positive"]
-    pred = (predictions.probs >= 0.5).astype(np.int64)
+    epochs_to = st.epochs_to_fraction_of_best(val_aucs) if any(v is not None for v in val_aucs) else None
+    best = next((m for m in history if m.epoch == run.status.best_epoch), None)
+    # Like for like: plain eval-mode cross-entropy on both sides (train_loss carries smoothing, weights, augmentation).
+    gap = None if best is None or best.val_loss is None or best.train_eval_loss is None else best.val_loss - best.train_eval_loss
     max_epochs = config.train.epochs if config else None
-    result = ArmResult(
-        name=arm, status="completed", config=config_dict, seed=None if config is None else config.seed,
-        cost=_cost(arm, timing, cost_file),
-        test_metrics=test_metrics(predictions, n_bootstrap, seed),
-        learning_curve=_learning_curve(history), best_epoch=status.best_epoch,
+    stopping = None if config is None or arm == "imagenet-linear" else EarlyStoppingInfo(
+        monitor=config.train.early_stopping_monitor, patience=config.train.early_stopping_patience,
+        min_epochs=config.train.min_epochs, why=MONITOR_WHY.get(config.train.early_stopping_monitor, ""),
+    )
+    return dict(
+        learning_curve=_learning_curve(history), best_epoch=run.status.best_epoch,
         stopped_epoch=history[-1].epoch if history else None,
         early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and arm != "imagenet-linear"),
-        overfitting_gap=gap,
+        overfitting_gap=gap, early_stopping=stopping,
         convergence=Convergence(
-            best_val_auc=_finite(max((v for v in val_aucs if v is not None), default=None)),
-            epochs_to_fraction=epochs_to, seconds_to_fraction=seconds_to_epoch([m.epoch_seconds for m in history], epochs_to),
+            best_val_auc=_finite(max((v for v in val_aucs if v is not None), default=None)), epochs_to_fraction=epochs_to,
+            seconds_to_fraction=st.seconds_to_epoch([m.epoch_seconds for m in history], epochs_to),
         ) if history else None,
-        roc=[RocPoint(**p) for p in roc_curve_points(predictions.targets, predictions.probs)],
-        calibration=[CalibrationBin(**p) for p in calibration_curve_points(predictions.targets, predictions.probs)],
-        confusion=ConfusionMatrix(labels=classes, counts=confusion(predictions.targets, pred)),
     )
-    return result, predictions
 
 
-def paired_comparisons(predictions: dict[str, ArmPredictions]) -> tuple[list[PairedComparison], dict]:
-    """DeLong and McNemar for every pair of completed arms, on the test images both predicted."""
-    comparisons, delongs = [], {}
-    for arm_a, arm_b in combinations(sorted(predictions), 2):
-        a, b = predictions[arm_a], predictions[arm_b]
-        index_b = {key: i for i, key in enumerate(b.image_keys)}
-        shared = [(i, index_b[key]) for i, key in enumerate(a.image_keys) if key in index_b]
-        if len(shared) < 2:
-            continue
-        ia, ib = np.array([s[0] for s in shared]), np.array([s[1] for s in shared])
-        y = a.targets[ia]
-        if y.min() == y.max():
-            continue
-        # Patients as clusters: a patient's slices are correlated (Obuchowski's extension of DeLong).
-        patients = [a.patient_keys[i] for i in ia]
-        dl = delong_test(y, a.probs[ia], b.probs[ib], groups=patients)
-        mc = mcnemar_test(y, (a.probs[ia] >= 0.5).astype(int), (b.probs[ib] >= 0.5).astype(int), groups=patients)
-        delongs[(arm_a, arm_b)] = dl
-        comparisons.append(PairedComparison(
-            arm_a=arm_a, arm_b=arm_b, delong=DeLongResult(**dl._asdict()), mcnemar=McNemarResult(**mc._asdict()),
-            plain_words=plain_words_comparison(arm_a, arm_b, dl, mc),
-        ))
-    return comparisons, delongs
+def read_arm(
+    arm: str, run_dirs: list[Path], evaluation: EvaluationSettings, cost_file: CostReport | None, seed: int
+) -> tuple[ArmResult, PooledArm | None, list[RunData]]:
+    """One arm's ArmResult from its pooled runs, with the pooled predictions when every run completed."""
+    found = [read_run(Path(d), evaluation) for d in run_dirs]
+    configs = [f.config if isinstance(f, RunData) else None for f in found]
+    config = next((c for c in configs if c is not None), None)
+    common = dict(name=arm, config=_config_dict(config), seed=None if config is None else config.seed, n_runs=len(run_dirs))
+    unfinished = [(i, f) for i, f in enumerate(found) if not isinstance(f, RunData)]
+    if not run_dirs or unfinished:
+        where = (lambda i: f"run {i + 1} of {len(run_dirs)}: ") if len(run_dirs) > 1 else (lambda i: "")
+        i, summary = unfinished[0] if unfinished else (0, None)
+        if summary is None:
+            reason = f"{where(i)}no {STATUS_FILE} in its run folder: the arm never started"
+        else:
+            reason = where(i) + (summary.reason or f"the run ended as {summary.status}")
+        skipped = bool(unfinished) and all(isinstance(f, RunSummary) and f.status == "skipped" for _, f in unfinished)
+        return ArmResult(status="skipped" if skipped else "failed", reason=reason, **common), None, []
+    runs: list[RunData] = found  # type: ignore[assignment]
+    pooled = pool_runs(arm, runs, evaluation.aggregation)
+    by_slice, by_patient = pooled_metrics(pooled, evaluation.n_bootstrap, seed)
+    s = pooled.slices
+    pred = (s.probs >= pooled.slice_thresholds).astype(np.int64)
+    classes = config.classes if config else ["negative", "positive"]
+    result = ArmResult(
+        status="completed", cost=_cost(arm, [r.timing for r in runs if r.timing is not None], cost_file),
+        test_metrics=by_slice, patient_metrics=by_patient, operating_point=_operating_point_choice(runs, evaluation),
+        roc=[RocPoint(**p) for p in st.roc_curve_points(s.targets, s.probs)],
+        calibration=[CalibrationBin(**p) for p in st.calibration_curve_points(s.targets, s.probs)],
+        confusion=ConfusionMatrix(labels=classes, counts=st.confusion(s.targets, pred), threshold=by_slice.threshold),
+        **_training_story(arm, runs[0]), **common,
+    )
+    return result, pooled, runs
 
 
-def _read_predictions(run_dir: Path) -> tuple[RunConfig | None, ArmPredictions] | None:
-    """A completed run's config and test predictions; None for a run that did not complete."""
-    status_path = run_dir / STATUS_FILE
-    if not status_path.is_file() or read_model_json(status_path, RunSummary).status != "completed":
+# ---------------------------------------------------------------- pairs
+
+
+def _delong_result(test: st.DeLongTest, p_holm: float) -> DeLongResult:
+    return DeLongResult(
+        auc_a=_finite(test.auc_a), auc_b=_finite(test.auc_b), diff=_finite(test.diff),
+        z=_finite(test.z),
+        p_value=_finite(test.p_value), p_holm=_finite(p_holm),
+        ci_of_diff=None if test.reason else (float(test.ci_of_diff[0]), float(test.ci_of_diff[1])),
+        level=test.level, method=test.method, reason=test.reason,
+    )
+
+
+def _mcnemar_result(test: st.McNemarTest, p_holm: float) -> McNemarResult:
+    return McNemarResult(
+        b=test.b, c=test.c, statistic=_finite(test.statistic), p_value=_finite(test.p_value), p_holm=_finite(p_holm),
+        method=test.method, method_label=st.METHOD_LABELS.get(test.method, test.method),  # type: ignore[arg-type]
+        n_discordant_units=test.n_discordant_units, reason=test.reason,
+    )
+
+
+@dataclass
+class PairTests:
+    """The four tests of one pair: AUC and decisions, per slice and per patient."""
+
+    n_images: int
+    n_patients: int
+    slice_auc: st.DeLongTest
+    slice_decision: st.McNemarTest
+    patient_auc: st.DeLongTest
+    patient_decision: st.McNemarTest
+
+
+def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
+    """DeLong and McNemar per slice (clustered by patient) and per patient, on the test images both arms scored."""
+    index_b = {key: i for i, key in enumerate(b.slices.image_keys)}
+    shared = [(i, index_b[key]) for i, key in enumerate(a.slices.image_keys) if key in index_b]
+    if not shared:
         return None
-    rows = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
-    config = read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None
-    return config, ArmPredictions(
-        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
-        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows]),
-    )
+    ia, ib = np.array([s[0] for s in shared]), np.array([s[1] for s in shared])
+    y = a.slices.targets[ia]
+    patients = [a.slices.patient_keys[i] for i in ia]
+    pa, pb = a.slices.probs[ia], b.slices.probs[ib]
+    slice_auc = st.delong_test(y, pa, pb, groups=patients)
+    slice_decision = st.mcnemar_test(y, (pa >= a.slice_thresholds[ia]).astype(int), (pb >= b.slice_thresholds[ib]).astype(int), groups=patients)
+    # Patient level: the patients both arms scored, each arm's aggregated probability and patient threshold.
+    pos_a = {k: i for i, k in enumerate(a.patients.patients)}
+    pos_b = {k: i for i, k in enumerate(b.patients.patients)}
+    keys = sorted(set(patients))
+    ka, kb = np.array([pos_a[k] for k in keys]), np.array([pos_b[k] for k in keys])
+    yp = a.patients.targets[ka]
+    qa, qb = a.patients.probs[ka], b.patients.probs[kb]
+    patient_auc = st.delong_test(yp, qa, qb, unit="patients")
+    patient_decision = st.mcnemar_test(
+        yp, (qa >= a.patient_thresholds[ka]).astype(int), (qb >= b.patient_thresholds[kb]).astype(int), groups=keys)
+    return PairTests(len(shared), len(keys), slice_auc, slice_decision, patient_auc, patient_decision)
 
 
-def fold_summary(arm: str, fold_dirs: list[Path]) -> ArmFolds | None:
-    """Test metrics of each cross-validation fold's model, and their mean and standard deviation (ddof=1)."""
-    per_fold = []
-    for fold, run_dir in enumerate(fold_dirs):
-        found = _read_predictions(run_dir)
-        if found is None:
-            continue
-        config, predictions = found
-        metrics = {k: v for k, v in binary_metrics(predictions.targets, predictions.probs).items() if math.isfinite(v)}
-        per_fold.append(FoldMetrics(fold=fold, n_train_patients=config.n_train_patients if config else None,
-                                    n_test_patients=len(set(predictions.patient_keys)), metrics=metrics))
-    if not per_fold:
-        return None
-    names = sorted(set.intersection(*(set(f.metrics) for f in per_fold)))
-    values = {name: np.array([f.metrics[name] for f in per_fold]) for name in names}
-    return ArmFolds(
-        arm=arm, per_fold=per_fold, mean={n: float(v.mean()) for n, v in values.items()},
-        std={n: float(v.std(ddof=1)) if v.size > 1 else 0.0 for n, v in values.items()},
-    )
+def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedComparison], dict[tuple[str, str], st.DeLongTest]]:
+    """Every pair of completed arms, with Holm-adjusted p-values per family (test and level) over all pairs."""
+    pairs = [(x, y, t) for x, y in combinations(sorted(pooled), 2) if (t := pair_tests(pooled[x], pooled[y])) is not None]
+    families = ("slice_auc", "slice_decision", "patient_auc", "patient_decision")
+    holm = {f: st.holm_adjust([getattr(t, f).p_value for _, _, t in pairs]) for f in families}
+    comparisons = []
+    for k, (x, y, t) in enumerate(pairs):
+        pc = PairedComparison(
+            arm_a=x, arm_b=y, n_images=t.n_images, n_patients=t.n_patients,
+            delong=_delong_result(t.slice_auc, holm["slice_auc"][k]), mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
+            patient_delong=_delong_result(t.patient_auc, holm["patient_auc"][k]),
+            patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
+        )
+        comparisons.append(pc.model_copy(update={"plain_words": comparison_sentence(pc)}))
+    return comparisons, {(x, y): t.patient_auc for x, y, t in pairs}
 
 
-def efficiency_points(arm: str, fraction_dirs: dict[float, Path], n_bootstrap: int, seed: int) -> list[DataEfficiencyPoint]:
+def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[PatientRow]:
+    """One row per pooled test patient: pseudonym prefix, label, images, probability and right/wrong per arm."""
+    rows: dict[str, PatientRow] = {}
+    for arm in sorted(pooled):
+        p = pooled[arm]
+        for i, key in enumerate(p.patients.patients):
+            row = rows.setdefault(key, PatientRow(pseudonym=key[:PSEUDONYM_CHARS], label=classes[int(p.patients.targets[i])],
+                                                  n_images=p.patient_images[key]))
+            row.probs[arm] = round(float(p.patients.probs[i]), 4)
+            row.correct[arm] = bool((p.patients.probs[i] >= p.patient_thresholds[i]) == bool(p.patients.targets[i]))
+    return [rows[k] for k in sorted(rows)]
+
+
+def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: EvaluationSettings, seed: int) -> list[DataEfficiencyPoint]:
     """Test AUC (patient-level 95% CI) of the arm trained on each fraction of the training patients."""
     points = []
     for fraction, run_dir in sorted(fraction_dirs.items()):
-        found = _read_predictions(run_dir)
-        if found is None:
+        run = read_run(Path(run_dir), evaluation)
+        if not isinstance(run, RunData):
             continue
-        config, predictions = found
-        auc = bootstrap_ci(predictions.targets, predictions.probs, predictions.patient_keys, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
+        t = run.test
+        auc = st.bootstrap_ci(t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap, seed=seed)["roc_auc"]
         points.append(DataEfficiencyPoint(
-            arm=arm, fraction=fraction, n_train_patients=config.n_train_patients if config else 0,
-            n_train_images=config.n_train_images if config else None,
+            arm=arm, fraction=fraction, n_train_patients=run.config.n_train_patients if run.config else 0,
+            n_train_images=run.config.n_train_images if run.config else None,
             test_auc=MetricValue(value=_finite(auc.value), ci_low=_finite(auc.ci_low), ci_high=_finite(auc.ci_high)),
         ))
     return points
 
 
+# ---------------------------------------------------------------- assembly
+
+
+def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], st.DeLongTest],
+           evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
+    """The recommendation rule of tasks.statistics on the patient-level AUC tests, worded by reports.wording."""
+    summaries = [
+        st.ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
+        for a in arms
+    ]
+    verdict = st.recommend(summaries, tests, margin=evaluation.non_inferiority_margin, n_patients=n_patients)
+    deciding = verdict.deciding_pair
+    rec = Recommendation(
+        headline="", basis=verdict.basis, preferred_arm=verdict.preferred_arm,  # type: ignore[arg-type]
+        best_arm=verdict.best_arm, margin=verdict.margin, level="patient", patients_needed=verdict.patients_needed,
+        deciding_arms=[deciding.arm_a, deciding.arm_b] if deciding else [],
+    )
+    headline, details = recommendation_sentences(rec, arms, comparisons, n_patients)
+    return rec.model_copy(update={"headline": headline, "details": details})
+
+
+def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow]) -> EvaluationSummary:
+    """How the numbers were produced, with the same in words."""
+    done = [a for a in arms if a.status == "completed" and a.patient_metrics is not None]
+    summary = EvaluationSummary(
+        mode=evaluation.mode, runs_per_arm={a.name: a.n_runs for a in arms}, aggregation=evaluation.aggregation,
+        operating_point=evaluation.operating_point, non_inferiority_margin=evaluation.non_inferiority_margin,
+        n_bootstrap=evaluation.n_bootstrap, n_test_patients=done[0].patient_metrics.n_patients if done else 0,  # type: ignore[union-attr]
+        n_test_images=done[0].patient_metrics.n_images if done else 0,  # type: ignore[union-attr]
+        n_labelled_patients=len({r.patient_key for r in rows}),
+    )
+    return summary.model_copy(update={"notes": evaluation_sentences(summary)})
+
+
+def _check_runs(arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings) -> None:
+    """Refuse run lists that do not match the evaluation mode."""
+    if evaluation.mode == "holdout":
+        several = sorted(arm for arm, dirs in arm_runs.items() if len(dirs) > 1)
+        if several:
+            raise ValueError(f"hold-out mode scores one run per arm, but {', '.join(several)} has several; "
+                             f"use mode 'cross-validated' to pool outer folds.")
+
+
 def build_results(
+    *,
     dataset_dir: Path,
     splits_path: Path,
-    run_dirs: dict[str, Path],
-    cost_path: Path | None,
+    arm_runs: dict[str, list[Path]],
+    evaluation: EvaluationSettings,
+    cost_path: Path,
     run_id: str,
-    seed: int = 0,
-    n_bootstrap: int = 1000,
-    command: str = "",
-    fold_dirs: dict[str, list[Path]] | None = None,
+    seed: int,
+    command: str,
     fraction_dirs: dict[str, dict[float, Path]] | None = None,
 ) -> ComparisonResults:
     """Assemble every number of the report from the validated files of the earlier stages.
 
-    run_dirs: the main run of each arm (fold 0, all training patients); fold_dirs: every fold's run per arm
-    (--folds K); fraction_dirs: runs on fractions of the training patients per arm (--fractions).
+    arm_runs: per arm, the runs whose test predictions are pooled (one in hold-out mode, the outer folds in
+    cross-validated mode); fraction_dirs: runs on fractions of the training patients per arm (--fractions).
     """
+    _check_runs(arm_runs, evaluation)
     card = read_model_json(Path(dataset_dir) / "dataset.json", DatasetCard)
     rows = read_models_csv(splits_path, SplitRow)
     info = read_model_json(splits_path.with_suffix(".json"), SplitsInfo)
-    cost_file = read_model_json(cost_path, CostReport) if cost_path is not None and cost_path.is_file() else None
+    cost_file = read_model_json(cost_path, CostReport) if cost_path is not None and Path(cost_path).is_file() else None
 
-    arms, predictions, configs, seeds = [], {}, {}, {}
-    for arm, run_dir in run_dirs.items():
-        result, preds = read_arm(arm, Path(run_dir), cost_file, n_bootstrap, seed)
+    arms, pooled, folds = [], {}, []
+    for arm, run_dirs in arm_runs.items():
+        result, pooled_arm, runs = read_arm(arm, list(run_dirs), evaluation, cost_file, seed)
         arms.append(result)
-        configs[arm] = result.config
-        if result.seed is not None:
-            seeds[arm] = result.seed
-        if preds is not None:
-            predictions[arm] = preds
-    comparisons, delongs = paired_comparisons(predictions)
-    summaries = [
-        ArmSummary(
-            name=a.name, status=a.status,
-            auc=a.test_metrics.roc_auc.value if a.test_metrics else None,
-            auc_ci=(a.test_metrics.roc_auc.ci_low, a.test_metrics.roc_auc.ci_high)
-            if a.test_metrics and a.test_metrics.roc_auc.ci_low is not None else None,
-            seconds=a.cost.actual_seconds, reason=a.reason,
-        )
-        for a in arms
-    ]
+        if pooled_arm is not None:
+            pooled[arm] = pooled_arm
+            if (summary := fold_summary(arm, runs, evaluation.aggregation)) is not None:
+                folds.append(summary)
+    comparisons, tests = paired_comparisons(pooled)
     # [negative, positive] as the training stage resolved them; any run of the comparison will do.
     classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
+    summary_eval = _evaluation_summary(evaluation, arms, rows)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    versions = package_versions()
     return ComparisonResults(
         run_id=run_id, created_at=created,
         dataset=DatasetSummary(card=card, classes=classes, positive_class=classes[-1], name=Path(dataset_dir).name),
-        split=split_summary(rows, info), arms=arms, comparisons=comparisons,
-        folds=[f for arm, dirs in (fold_dirs or {}).items() if (f := fold_summary(arm, dirs)) is not None] or None,
-        data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, n_bootstrap, seed)] or None,
-        recommendation=recommend(summaries, delongs),
+        split=split_summary(rows, info), evaluation=summary_eval, arms=arms, comparisons=comparisons,
+        patients=patient_table(pooled, classes), folds=folds or None,
+        data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)] or None,
+        recommendation=decide(arms, comparisons, tests, evaluation, summary_eval.n_test_patients),
         reproducibility=Reproducibility(
             run_id=run_id, created_at=created, dataset_hash=card.content_hash,
-            ctcompare_version=package_versions().get("ctcompare", ""), package_versions=package_versions(),
-            seeds={"split": info.seed, **seeds}, configs=configs, python_version=sys.version.split()[0],
+            ctcompare_version=versions.get("ctcompare", ""), package_versions=versions,
+            seeds={"split": info.seed, **{a.name: a.seed for a in arms if a.seed is not None}},
+            configs={a.name: a.config for a in arms}, python_version=sys.version.split()[0],
             platform=platform.platform(terse=True), command=command,
         ),
     )

@@ -1,33 +1,39 @@
-"""Factory of realistic ComparisonResults from synthetic predictions, for report and flow tests."""
+"""Run folders written directly with the schemas, and ComparisonResults built from them by the real evaluation
+stage (tasks.evaluate.build_results), for evaluation, report and flow tests. No training code is involved."""
 
 from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from data_schemas.dataset import DatasetCard, DatasetFingerprint, NumericSummary, WindowSpec
-from data_schemas.report import (
-    ArmFolds,
-    ArmResult,
-    CalibrationBin,
-    ComparisonResults,
-    Convergence,
-    ConfusionMatrix,
-    ArmCostSummary,
-    DataEfficiencyPoint,
-    DatasetSummary,
-    DeLongResult,
-    EpochRecord,
-    FoldMetrics,
-    McNemarResult,
-    MetricValue,
-    PairedComparison,
-    Reproducibility,
-    RocPoint,
-    SplitPart,
-    SplitSummary,
-    TestMetrics,
+from data_schemas.evaluation import EvaluationSettings
+from data_schemas.files import write_model_json, write_models_csv
+from data_schemas.report import ComparisonResults
+from data_schemas.training import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SPLITS_FILE,
+    SPLITS_INFO_FILE,
+    STATUS_FILE,
+    TIMING_FILE,
+    VAL_PREDICTIONS_FILE,
+    EpochMetrics,
+    PartCounts,
+    PredictionRow,
+    RunConfig,
+    RunSummary,
+    SplitRow,
+    SplitsInfo,
+    TimingInfo,
+    TrainConfig,
 )
-from tasks import statistics as st
+from tasks.evaluate import build_results
 
 SKIP_REASON = (
     "no ImageNet weights file found; put resnet50-11ad3fa6.pth in $TORCH_HOME/hub/checkpoints "
@@ -70,96 +76,126 @@ def make_example_card(content_hash: str = "ab12cd34" * 8) -> DatasetCard:
     )
 
 
-def _metric_values(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> tuple[TestMetrics, int]:
-    """TestMetrics with bootstrap CIs of synthetic predictions."""
-    ci = st.bootstrap_ci(y, p, groups, n_resamples=100, seed=0)
-    values = {k: MetricValue(value=iv.value, ci_low=iv.ci_low, ci_high=iv.ci_high) for k, iv in ci.items()}
-    return (
-        TestMetrics(
-            n_images=int(y.size),
-            n_patients=int(np.unique(groups).size),
-            n_bootstrap=100,
-            n_bootstrap_skipped_auc=ci["roc_auc"].n_skipped,
-            **values,
-        ),
-        ci["roc_auc"].n_skipped,
+CLASSES = ["normal", "lesion"]
+ARM_STRENGTH = {"scratch": 0.7, "imagenet": 1.3, "imagenet-linear": 0.9}
+ARM_SECONDS = {"scratch": 600.0, "imagenet": 640.0, "imagenet-linear": 90.0}
+
+
+@dataclass
+class Patient:
+    """A synthetic test or validation patient: pseudonymous key, label, slice count and a patient effect."""
+
+    key: str
+    target: int
+    n_slices: int
+    effect: float
+
+
+def make_patients(n: int, *, seed: int, prefix: str = "p", slices: tuple[int, int] = (3, 6)) -> list[Patient]:
+    """n patients, alternating labels, 3 to 6 slices each, with a shared per-patient effect (clustered slices)."""
+    rng = np.random.default_rng(seed)
+    return [Patient(f"{prefix}{i:03d}" + "ab" * 16, i % 2, int(rng.integers(slices[0], slices[1] + 1)), float(rng.normal(0, 0.6)))
+            for i in range(n)]
+
+
+def prediction_rows(patients: list[Patient], strength: float, seed: int) -> list[PredictionRow]:
+    """Slice predictions: logit = strength (2y - 1) + patient effect + slice noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in patients:
+        for j in range(p.n_slices):
+            logit = strength * (2 * p.target - 1) + p.effect + rng.normal(0, 1.0)
+            rows.append(PredictionRow(image_key=f"{p.key[:8]}-img{j}", patient_key=p.key, label=CLASSES[p.target],
+                                      target=p.target, prob_positive=float(1 / (1 + np.exp(-logit)))))
+    return rows
+
+
+def _history(epochs: int, best: int) -> list[EpochMetrics]:
+    """A learning curve whose validation loss is lowest at `best`."""
+    return [
+        EpochMetrics(epoch=e, phase="full", train_loss=0.8 - 0.05 * e, val_loss=0.7 - 0.04 * min(e, best) + 0.02 * max(0, e - best),
+                     train_eval_loss=0.68 - 0.05 * e, val_auc=0.6 + 0.03 * min(e, best), lr_head=1e-3, epoch_seconds=10.0,
+                     elapsed_seconds=10.0 * e, is_best=e == best)
+        for e in range(1, epochs + 1)
+    ]
+
+
+def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient] | None, seed: int,
+              status: str = "completed", reason: str = "", n_train_patients: int = 80) -> Path:
+    """A run folder as the training stage writes it: status, config, metrics, timing, test and validation predictions.
+
+    val None: a run made before validation predictions were saved (no val_predictions.csv).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train = TrainConfig(image_size=32, epochs=8, batch_size=8, lr=1e-3)
+    config = RunConfig(
+        arm=arm, profile="smoke", seed=seed, fold=0, folds=1, train=train, dataset_hash="ab12cd34" * 8, dataset_image_size=32,
+        splits_path="splits.csv", splits_sha256="0" * 64, classes=CLASSES, positive_label=CLASSES[1], n_train_images=400,
+        n_val_images=60, n_test_images=sum(p.n_slices for p in test), n_train_patients=n_train_patients, n_val_patients=len(val or []),
+        n_test_patients=len(test), patient_overlap=0, device="cpu", precision="fp32", channels_last=False, num_threads=1,
+        torch_version="2", torchvision_version="0", config_hash="c" * 64, created_at="2025-01-01T10:00:00+00:00",
     )
+    write_model_json(run_dir / CONFIG_FILE, config)
+    if status != "completed":
+        write_model_json(run_dir / STATUS_FILE, RunSummary(arm=arm, status=status, reason=reason, run_dir=str(run_dir), updated_at="t"))
+        return run_dir
+    strength = ARM_STRENGTH.get(arm, 1.0)
+    write_models_csv(run_dir / PREDICTIONS_FILE, prediction_rows(test, strength, seed), PredictionRow)
+    if val is not None:
+        write_models_csv(run_dir / VAL_PREDICTIONS_FILE, prediction_rows(val, strength, seed + 1000), PredictionRow)
+    history = _history(8, best=5)
+    write_models_csv(run_dir / METRICS_FILE, history, EpochMetrics)
+    seconds = ARM_SECONDS.get(arm, 100.0)
+    write_model_json(run_dir / TIMING_FILE, TimingInfo(
+        wall_seconds=seconds, train_seconds=seconds * 0.9, eval_seconds=seconds * 0.1, epochs_run=8, train_images_seen=3200,
+        images_per_second=40.0, forward_flops_per_image=4.1e9, train_flops_per_image=1.23e10, achieved_flops_per_second=5e11,
+        device="cpu", precision="fp32"))
+    write_model_json(run_dir / STATUS_FILE, RunSummary(arm=arm, status="completed", run_dir=str(run_dir), epochs_run=8,
+                                                       best_epoch=5, updated_at="2025-01-01T10:00:00+00:00"))
+    return run_dir
 
 
-def _curve(n_epochs: int, final_auc: float, speed: float, seconds: float) -> list[EpochRecord]:
-    """A learning curve that rises to final_auc and starts overfitting near the end."""
-    out = []
-    for e in range(1, n_epochs + 1):
-        frac = 1 - np.exp(-speed * e)
-        train_loss = 0.7 - 0.5 * frac - 0.01 * e
-        val_loss = 0.7 - 0.4 * frac + 0.004 * max(0, e - n_epochs + 4) ** 2
-        out.append(
-            EpochRecord(
-                epoch=e,
-                train_loss=round(train_loss, 4),
-                val_loss=round(val_loss, 4),
-                train_auc=round(min(0.999, 0.5 + (final_auc - 0.45) * frac + 0.005 * e), 4),
-                val_auc=round(0.5 + (final_auc - 0.5) * frac - 0.004 * max(0, e - n_epochs + 4) ** 2, 4),
-                lr=1e-3 * 0.5 * (1 + np.cos(np.pi * (e - 1) / n_epochs)),
-                seconds=seconds,
-            )
-        )
-    return out
+def write_dataset_and_split(root: Path, test: list[Patient], others: list[Patient]) -> tuple[Path, Path]:
+    """dataset.json and splits.csv/.json: `test` in the test part, `others` split between train and val."""
+    dataset_dir = root / "dataset"
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    write_model_json(dataset_dir / "dataset.json", make_example_card())
+    rows = [SplitRow(image_key=f"{p.key[:8]}-img{j}", patient_key=p.key, label=CLASSES[p.target], part=part, fold=None if part == "test" else 0)
+            for group, part in ((test, "test"), (others[: len(others) // 5], "val"), (others[len(others) // 5:], "train"))
+            for p in group for j in range(p.n_slices)]
+    splits = root / SPLITS_FILE
+    write_models_csv(splits, rows, SplitRow)
+    parts = {part: PartCounts(images=sum(1 for r in rows if r.part == part), patients=len({r.patient_key for r in rows if r.part == part}),
+                              labels={}) for part in ("train", "val", "test")}
+    write_model_json(root / SPLITS_INFO_FILE, SplitsInfo(
+        dataset_hash="ab12cd34" * 8, seed=0, val_fraction=0.15, test_fraction=0.15, folds=1, splitter="StratifiedGroupKFold",
+        parts=parts, n_unlabeled_excluded=0, patient_overlap=0, splits_sha256="0" * 64, created_at="2025-01-01T10:00:00+00:00"))
+    return dataset_dir, splits
 
 
-def _arm(
-    name: str, y: np.ndarray, p: np.ndarray, groups: np.ndarray, seed: int, speed: float, secs: float, stop: int
-) -> ArmResult:
-    """A completed arm with every section filled in from synthetic predictions; trained `stop` of 12 epochs."""
-    metrics, _ = _metric_values(y, p, groups)
-    curve = _curve(12, metrics.roc_auc.value or 0.5, speed, secs)[:stop]
-    best = max(curve, key=lambda r: r.val_auc or 0)
-    epochs = st.epochs_to_fraction_of_best([r.val_auc for r in curve], 0.95)
-    pred = (p >= 0.5).astype(int)
-    return ArmResult(
-        name=name,
-        status="completed",
-        config={"pretrained": name == "imagenet", "lr": 1e-3, "batch_size": 32, "epochs": 12, "optimizer": "AdamW"},
-        seed=seed,
-        cost=ArmCostSummary(
-            estimated_seconds=secs * 11,
-            actual_seconds=secs * stop,
-            estimated_images_per_second=95.0,
-            images_per_second=88.0,
-            flops_per_image=4.1e9,
-            total_flops=4.1e9 * 3 * 1000 * 12,
-            utilisation=0.31,
-            device="cpu",
-        ),
-        test_metrics=metrics,
-        learning_curve=curve,
-        best_epoch=best.epoch,
-        stopped_epoch=stop,
-        early_stopped=stop < 12,
-        overfitting_gap=round((best.val_loss or 0) - (best.train_loss or 0), 4),
-        convergence=Convergence(
-            fraction=0.95,
-            best_val_auc=best.val_auc,
-            epochs_to_fraction=epochs,
-            seconds_to_fraction=st.seconds_to_epoch([r.seconds for r in curve], epochs),
-        ),
-        roc=[RocPoint(**pt) for pt in st.roc_curve_points(y, p, max_points=60)],
-        calibration=[CalibrationBin(**b) for b in st.calibration_curve_points(y, p)],
-        confusion=ConfusionMatrix(labels=["normal", "lesion"], counts=st.confusion(y, pred)),
-    )
+def write_comparison(root: Path, *, arms: tuple[str, ...], mode: str, folds: int = 3, n_patients: int = 36, seed: int = 0,
+                     skip: tuple[str, ...] = (), without_val: bool = False) -> tuple[Path, Path, dict[str, list[Path]]]:
+    """Dataset, split and run folders of a comparison: one run per arm (holdout) or `folds` outer folds (cross-validated)."""
+    patients = make_patients(n_patients, seed=seed)
+    val = make_patients(16, seed=seed + 1, prefix="v")
+    if mode == "holdout":
+        groups = [patients[: n_patients // 3]]
+    else:
+        groups = [patients[k::folds] for k in range(folds)]
+    tested = [p for g in groups for p in g]
+    dataset_dir, splits = write_dataset_and_split(root, groups[0], [p for p in patients if p not in groups[0]] + val)
+    arm_runs: dict[str, list[Path]] = {}
+    for a, arm in enumerate(arms):
+        arm_runs[arm] = [
+            write_run(root / "runs" / arm / f"fold-{k}", arm=arm, test=group, val=None if without_val else val, seed=seed + 10 * a + k,
+                      status="skipped" if arm in skip else "completed", reason=SKIP_REASON if arm in skip else "")
+            for k, group in enumerate(groups)
+        ]
+    assert len({p.key for p in tested}) == len(tested)
+    return dataset_dir, splits, arm_runs
 
 
-def _part(name: str, patients: dict[str, int], images: dict[str, int]) -> SplitPart:
-    """One split part from per-class counts."""
-    return SplitPart(
-        name=name,  # type: ignore[arg-type]
-        n_patients=sum(patients.values()),
-        n_images=sum(images.values()),
-        patients_per_class=patients,
-        images_per_class=images,
-    )
-
-
+@functools.lru_cache(maxsize=8)  # the same arguments give the same (immutable, copied-on-update) results
 def make_example_results(
     run_id: str = "20250101-120000-example",
     created_at: str = "2025-01-01T12:00:00+00:00",
@@ -168,120 +204,24 @@ def make_example_results(
     with_data_efficiency: bool = True,
     seed: int = 0,
 ) -> ComparisonResults:
-    """A complete ComparisonResults: scratch vs imagenet (or imagenet skipped), from synthetic predictions."""
-    rng = np.random.default_rng(seed)
-    n_patients, per = 24, 6
-    labels = np.array([0, 1] * (n_patients // 2))
-    y = np.repeat(labels, per)
-    groups = np.repeat(np.arange(n_patients), per)
-    noise = rng.normal(0, 1, y.size)
-    p_scratch = 1 / (1 + np.exp(-(0.7 * (2 * y - 1) + 1.1 * noise)))
-    p_imagenet = 1 / (1 + np.exp(-(1.2 * (2 * y - 1) + 0.8 * noise + 0.7 * rng.normal(0, 1, y.size))))
-
-    card = make_example_card()
-    scratch = _arm("scratch", y, p_scratch, groups, seed=1, speed=0.25, secs=50.0, stop=12)
-    arms = [scratch]
-    comparisons: list[PairedComparison] = []
-    if skip_imagenet:
-        arms.append(ArmResult(name="imagenet", status="skipped", reason=SKIP_REASON, config={"pretrained": True}))
-    else:
-        imagenet = _arm("imagenet", y, p_imagenet, groups, seed=1, speed=0.6, secs=52.0, stop=10)
-        arms.append(imagenet)
-        dl = st.delong_test(y, p_imagenet, p_scratch)
-        mc = st.mcnemar_test(y, (p_imagenet >= 0.5).astype(int), (p_scratch >= 0.5).astype(int))
-        comparisons.append(
-            PairedComparison(
-                arm_a="imagenet",
-                arm_b="scratch",
-                delong=DeLongResult(**dl._asdict()),
-                mcnemar=McNemarResult(**mc._asdict()),
-                plain_words=st.plain_words_comparison("imagenet", "scratch", dl, mc),
-            )
+    """A complete ComparisonResults built by build_results from synthetic run folders: scratch vs imagenet (or imagenet
+    skipped), cross-validated over 3 outer folds when with_folds, else hold-out."""
+    mode = "cross-validated" if with_folds else "holdout"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dataset_dir, splits, arm_runs = write_comparison(root, arms=("scratch", "imagenet"), mode=mode, seed=seed,
+                                                         skip=("imagenet",) if skip_imagenet else ())
+        fractions = None
+        if with_data_efficiency:
+            test = make_patients(36, seed=seed)[:12]
+            fractions = {arm: {f: write_run(root / "fractions" / arm / f"{f:g}", arm=arm, test=test, val=None, seed=seed + int(100 * f),
+                                            n_train_patients=int(80 * f)) for f in (0.25, 0.5, 1.0)}
+                         for arm in arm_runs if not (skip_imagenet and arm == "imagenet")}
+        results = build_results(
+            dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
+            evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=100), cost_path=root / "cost.json",
+            run_id=run_id, seed=seed, command="ctcompare compare --dataset DATASET --profile smoke", fraction_dirs=fractions,
         )
-    summaries = [
-        st.ArmSummary(
-            a.name,
-            a.status,
-            a.test_metrics.roc_auc.value if a.test_metrics else None,
-            (a.test_metrics.roc_auc.ci_low, a.test_metrics.roc_auc.ci_high) if a.test_metrics else None,
-            a.cost.actual_seconds,
-            a.reason,
-        )
-        for a in arms
-    ]
-    delongs = {
-        (c.arm_a, c.arm_b): st.DeLongTest(**c.delong.model_dump()) for c in comparisons if c.delong is not None
-    }
-    completed = [a.name for a in arms if a.status == "completed"]
-
-    folds = None
-    if with_folds:
-        folds = []
-        for k, name in enumerate(completed):
-            per_fold = [
-                FoldMetrics(
-                    fold=f,
-                    n_train_patients=80,
-                    n_test_patients=20,
-                    metrics={"roc_auc": 0.8 + 0.05 * k + 0.01 * f, "accuracy": 0.74 + 0.04 * k + 0.01 * f},
-                )
-                for f in range(5)
-            ]
-            keys = per_fold[0].metrics
-            folds.append(
-                ArmFolds(
-                    arm=name,
-                    per_fold=per_fold,
-                    mean={m: float(np.mean([f.metrics[m] for f in per_fold])) for m in keys},
-                    std={m: float(np.std([f.metrics[m] for f in per_fold], ddof=1)) for m in keys},
-                )
-            )
-    efficiency = None
-    if with_data_efficiency:
-        efficiency = [
-            DataEfficiencyPoint(
-                arm=name,
-                fraction=frac,
-                n_train_patients=int(80 * frac),
-                test_auc=MetricValue(
-                    value=auc, ci_low=auc - 0.1 * (1.2 - frac), ci_high=min(1.0, auc + 0.1 * (1.2 - frac))
-                ),
-            )
-            for k, name in enumerate(completed)
-            for frac in (0.25, 0.5, 1.0)
-            for auc in [0.62 + 0.12 * k * (1 - frac) + 0.2 * frac]
-        ]
-
-    return ComparisonResults(
-        run_id=run_id,
-        created_at=created_at,
-        dataset=DatasetSummary(card=card, classes=["normal", "lesion"], positive_class="lesion", name="example-ct"),
-        split=SplitSummary(
-            parts=[
-                _part("train", {"normal": 38, "lesion": 34}, {"normal": 456, "lesion": 408}),
-                _part("val", {"normal": 13, "lesion": 11}, {"normal": 152, "lesion": 136}),
-                _part("test", {"normal": 12, "lesion": 12}, {"normal": 72, "lesion": 72}),
-            ],
-            no_patient_overlap=True,
-            strategy="patient-level, stratified by label",
-            seed=0,
-        ),
-        arms=arms,
-        comparisons=comparisons,
-        folds=folds,
-        data_efficiency=efficiency,
-        recommendation=st.recommend(summaries, delongs),
-        reproducibility=Reproducibility(
-            run_id=run_id,
-            created_at=created_at,
-            dataset_hash=card.content_hash,
-            ctcompare_version="0.1.0",
-            package_versions={"torch": "2.14.1", "torchvision": "0.29.1", "monai": "1.6.1", "numpy": "2.4.6"},
-            seeds={"split": 0, **{a.name: a.seed for a in arms if a.seed is not None}},
-            configs={a.name: a.config for a in arms},
-            config_hash="0f" * 32,
-            python_version="3.12.3",
-            platform="Linux-x86_64",
-            command="ctcompare compare --dataset DATASET --epochs 12",
-        ),
-    )
+    return results.model_copy(update={"created_at": created_at, "reproducibility": results.reproducibility.model_copy(
+        update={"created_at": created_at, "package_versions": {"torch": "2.14.1", "numpy": "2.4.6"}, "platform": "Linux-x86_64",
+                "python_version": "3.12.3", "ctcompare_version": "0.1.0"})})

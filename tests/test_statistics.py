@@ -59,7 +59,18 @@ def test_ece_hand_case() -> None:
     # conf 0.6 right, 0.6 right -> bin (0.5, 0.6]: |1 - 0.6| * 2/4. ECE = 0.2 + 0.2 = 0.4.
     y = np.array([1, 0, 1, 0])
     p = np.array([0.9, 0.9, 0.6, 0.4])
+    assert st.expected_calibration_error(y, p, mode="top_label") == pytest.approx(0.4)
+    # Positive class (the default, as the reliability diagram): bin (0.8, 0.9]: |0.5 - 0.9| * 2/4 = 0.2;
+    # bin (0.5, 0.6]: |1 - 0.6| * 1/4 = 0.1; bin (0.3, 0.4]: |0 - 0.4| * 1/4 = 0.1. ECE = 0.4.
     assert st.expected_calibration_error(y, p) == pytest.approx(0.4)
+    y2, p2 = np.array([1, 0, 0, 0]), np.array([0.2, 0.2, 0.2, 0.2])
+    # Positive class: |0.25 - 0.2| = 0.05; top label: conf 0.8, all predicted negative, 3/4 right: |0.75 - 0.8| = 0.05.
+    assert st.expected_calibration_error(y2, p2) == pytest.approx(0.05)
+    # They differ when a top-label bin merges p and 1 - p: p = 0.2 and 0.8, both positive.
+    # Positive class: |1 - 0.2| / 2 + |1 - 0.8| / 2 = 0.5; top label: conf 0.8 for both, half right: |0.5 - 0.8| = 0.3.
+    y3, p3 = np.array([1, 1]), np.array([0.2, 0.8])
+    assert st.expected_calibration_error(y3, p3) == pytest.approx(0.5)
+    assert st.expected_calibration_error(y3, p3, mode="top_label") == pytest.approx(0.3)
     perfect = st.expected_calibration_error(np.array([1, 1, 0, 0]), np.array([1.0, 1.0, 0.0, 0.0]))
     assert perfect == pytest.approx(0.0)
     with pytest.raises(ValueError, match="top_label"):
@@ -83,6 +94,16 @@ def test_bootstrap_covers_point_and_shrinks() -> None:
         assert big[name].ci_high - big[name].ci_low < small[name].ci_high - small[name].ci_low
     again = st.bootstrap_ci(y, p, g, ["roc_auc"], n_resamples=300, seed=1)
     assert again["roc_auc"] == small["roc_auc"]  # seeded
+
+
+def test_bootstrap_does_not_depend_on_patient_names_or_row_order() -> None:
+    """Another pseudonymization key renames (and reorders) the patients: the intervals stay the same."""
+    y, p, g = _synthetic(30, seed=5)
+    renamed = np.array([f"{(7919 * int(k)) % 1000:03d}" for k in g])  # another key, another sort order
+    order = np.random.default_rng(1).permutation(y.size)
+    first = st.bootstrap_ci(y, p, g, ["roc_auc", "sensitivity"], n_resamples=200, seed=3)
+    again = st.bootstrap_ci(y[order], p[order], renamed[order], ["roc_auc", "sensitivity"], n_resamples=200, seed=3)
+    assert first == again
 
 
 def test_bootstrap_resamples_patients_and_counts_skips() -> None:
@@ -196,37 +217,6 @@ def test_convergence() -> None:
     assert st.epochs_to_fraction_of_best([None, float("nan")]) is None
 
 
-def test_plain_words() -> None:
-    sig = st.DeLongTest(0.91, 0.84, 0.07, 2.9, 0.004, (0.02, 0.12), 0.95)
-    text = st.plain_words_comparison("imagenet", "scratch", sig)
-    assert text == (
-        "imagenet's AUC is 0.07 higher than scratch's (95% CI 0.02 to 0.12, DeLong p = 0.004): "
-        "a significant difference."
-    )
-    ns = st.DeLongTest(0.85, 0.86, -0.01, -0.8, 0.41, (-0.05, 0.03), 0.95)
-    text = st.plain_words_comparison("imagenet", "scratch", ns, st.McNemarTest(3, 5, 3.0, 0.73, "exact"))
-    assert "0.01 lower" in text and "no significant difference (" not in text
-    assert "DeLong p = 0.41): no significant difference." in text and "McNemar p = 0.73" in text
-
-
-def test_recommend_follows_the_numbers() -> None:
-    arms = [
-        st.ArmSummary("scratch", "completed", 0.84, (0.80, 0.88), 600.0),
-        st.ArmSummary("imagenet", "completed", 0.91, (0.88, 0.94), 1800.0),
-    ]
-    sig = {("imagenet", "scratch"): st.DeLongTest(0.91, 0.84, 0.07, 2.9, 0.004, (0.02, 0.12), 0.95)}
-    rec = st.recommend(arms, sig)
-    assert rec.basis == "significant" and rec.preferred_arm == "imagenet"
-    assert rec.headline.startswith("Use imagenet")
-    tied = {("scratch", "imagenet"): st.DeLongTest(0.84, 0.91, -0.07, -1.1, 0.27, (-0.2, 0.05), 0.95)}
-    rec = st.recommend(arms, tied)
-    assert rec.basis == "tied_cost" and rec.preferred_arm == "scratch"
-    assert "No significant difference" in rec.headline and "10.0 min" in rec.headline
-    rec = st.recommend([arms[0], st.ArmSummary("imagenet", "skipped", reason="no weights file")], {})
-    assert rec.basis == "single_arm" and rec.headline.startswith("Only scratch completed")
-    assert st.recommend([], {}).basis == "none"
-
-
 def test_clustered_delong_equals_delong_with_one_image_per_patient() -> None:
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
@@ -260,9 +250,274 @@ def test_clustered_mcnemar_reduces_to_mcnemar_and_discounts_copies() -> None:
     y = np.ones(12, dtype=int)
     a = np.array([1] * 10 + [0] * 2)
     b = np.array([0] * 10 + [1] * 2)
-    single = st.mcnemar_test(y, a, b, groups=list(range(12)))
+    single = st.mcnemar_test(y, a, b, method="clustered", groups=list(range(12)))
     assert single.method == "clustered" and single.statistic == pytest.approx(64 / 12)
-    copies = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4), groups=np.repeat(np.arange(12), 4))
+    copies = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4), method="clustered",
+                             groups=np.repeat(np.arange(12), 4))
     assert copies.statistic == pytest.approx(single.statistic)  # 4 copies of a patient are still one patient
     naive = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4))
     assert naive.p_value < copies.p_value
+
+
+# ---------------------------------------------------------------- McNemar against scipy
+
+
+def test_mcnemar_few_discordant_patients_is_exact_binomial() -> None:
+    """b = 5, c = 0, one image per patient: the issue's case. The chi-square would give p = 0.025; exact is 0.0625."""
+    y = np.ones(8, dtype=int)
+    a = np.array([1] * 5 + [1] * 3)
+    b = np.array([0] * 5 + [1] * 3)
+    r = st.mcnemar_test(y, a, b, groups=[f"p{i}" for i in range(8)])
+    assert r.method == "exact_permutation" and (r.b, r.c, r.n_discordant_units) == (5, 0, 5)
+    assert r.p_value == pytest.approx(stats.binomtest(5, 5, 0.5).pvalue) == pytest.approx(0.0625)
+    for b_count, c_count in [(7, 2), (3, 9), (10, 10), (1, 0)]:
+        n = b_count + c_count
+        yy = np.zeros(n, dtype=int)
+        pa = np.array([0] * b_count + [1] * c_count)
+        r = st.mcnemar_test(yy, pa, 1 - pa, groups=np.arange(n))
+        assert r.p_value == pytest.approx(stats.binomtest(b_count, n, 0.5).pvalue)
+
+
+def test_mcnemar_many_discordant_patients_is_durkalski_chi_square() -> None:
+    """40 vs 20 discordant patients, one image each: X2 = (b - c)^2 / (b + c) = 6.67 against chi-square(1)."""
+    y = np.zeros(70, dtype=int)
+    a = np.array([0] * 40 + [1] * 20 + [0] * 10)
+    b = np.array([1] * 40 + [0] * 20 + [0] * 10)
+    r = st.mcnemar_test(y, a, b, groups=np.arange(70))
+    assert r.method == "clustered" and r.n_discordant_units == 60
+    assert r.statistic == pytest.approx(400 / 60)
+    assert r.p_value == pytest.approx(stats.chi2.sf(400 / 60, df=1))
+    assert "Durkalski 2003" in st.METHOD_LABELS[r.method] and "no continuity correction" in st.METHOD_LABELS[r.method]
+
+
+def test_sign_flip_p_value_matches_enumeration() -> None:
+    """Per-patient differences of several sizes: the convolution equals brute force over all 2^k sign patterns."""
+    d = np.array([3, -1, 2, 2, 1, -4, 1])
+    signs = np.array(np.meshgrid(*[[-1, 1]] * d.size)).reshape(d.size, -1).T
+    sums = np.abs(signs @ np.abs(d))
+    assert st.sign_flip_p_value(d) == pytest.approx(np.mean(sums >= abs(d.sum())))
+    assert st.sign_flip_p_value([0, 0]) == 1.0
+
+
+# ---------------------------------------------------------------- DeLong and Obuchowski by brute force
+
+
+def _obuchowski_direct(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray) -> float:
+    """var(AUC_a - AUC_b) by Obuchowski 1997 written out with O(mn) kernels and explicit loops over patients."""
+    patients = sorted(set(groups.tolist()))
+    m, n, big_i = int(y.sum()), int((1 - y).sum()), len(patients)
+    parts = []
+    for p in (a, b):
+        pos, neg = p[y == 1], p[y == 0]
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        auc = psi.mean()
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        pos_g, neg_g = groups[y == 1], groups[y == 0]
+        big_a = np.array([v10[pos_g == k].sum() - auc * (pos_g == k).sum() for k in patients])
+        big_b = np.array([v01[neg_g == k].sum() - auc * (neg_g == k).sum() for k in patients])
+        parts.append((big_a, big_b, sum((pos_g == k).any() for k in patients), sum((neg_g == k).any() for k in patients)))
+
+    def cov(r: int, t: int) -> float:
+        ar, br, i10, i01 = parts[r]
+        at, bt = parts[t][0], parts[t][1]
+        s10 = i10 / ((i10 - 1) * m) * float(ar @ at)
+        s01 = i01 / ((i01 - 1) * n) * float(br @ bt)
+        s11 = big_i / (big_i - 1) * (float(ar @ bt) + float(at @ br))
+        return s10 / m + s01 / n + s11 / (m * n)
+
+    return cov(0, 0) + cov(1, 1) - 2 * cov(0, 1)
+
+
+def test_clustered_delong_matches_brute_force_obuchowski() -> None:
+    y, a, groups = _synthetic(30, images_per_patient=3, seed=7)
+    b = np.clip(a + np.random.default_rng(8).normal(0, 0.15, a.size), 0, 1)
+    r = st.delong_test(y, a, b, groups=groups)
+    var = _obuchowski_direct(y, a, b, groups)
+    assert r.method == "clustered DeLong (Obuchowski 1997)"
+    assert r.z == pytest.approx(r.diff / math.sqrt(var))
+    assert r.auc_a == pytest.approx(skm.roc_auc_score(y, a))
+
+
+# ---------------------------------------------------------------- degenerate cases: not estimable
+
+
+@pytest.mark.parametrize(
+    "y, groups, why",
+    [
+        ([1, 1, 0, 0], [1, 1, 1, 1], "one patient"),
+        ([1, 1, 1, 1], [1, 2, 3, 4], "one class"),
+        ([1, 1, 1, 0, 0, 0], [1, 1, 1, 2, 3, 4], "one positive patient with several slices"),
+        ([0] * 10 + [1, 1, 1], [0] * 10 + [1, 2, 3], "one negative patient with 10 slices (gave p = 0.0015)"),
+        ([1, 0, 0, 0, 0], [1, 2, 3, 4, 5], "exactly one positive image"),
+    ],
+)
+def test_degenerate_cohorts_are_not_estimable(y: list[int], groups: list[int], why: str) -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.random(len(y)), rng.random(len(y))
+    r = st.delong_test(y, a, b, groups=groups)
+    assert not r.estimable and "not estimable" in r.reason, why
+    assert all(math.isnan(v) for v in (r.diff, r.z, r.p_value))
+    plain = st.delong_test(y, a, b) if sum(y) < 2 or len(y) - sum(y) < 2 else None
+    assert plain is None or not plain.estimable
+    mc = st.mcnemar_test(np.array(y), (a > 0.5).astype(int), (b > 0.5).astype(int), groups=groups)
+    assert 0 <= mc.p_value <= 1  # the decision test needs only discordant patients, never a crash
+
+
+def test_single_patient_and_empty_inputs_do_not_crash() -> None:
+    ci = st.bootstrap_ci([1, 1], [0.2, 0.9], ["a", "a"], n_resamples=20)
+    assert math.isnan(ci["roc_auc"].value) and ci["roc_auc"].n_skipped == 20
+    assert ci["sensitivity"].value == pytest.approx(0.5)
+    assert st.mcnemar_test([], [], [], groups=[]).method == "not_estimable"
+
+
+# ---------------------------------------------------------------- bootstrap interval coverage
+
+
+def test_bootstrap_interval_width_matches_its_nominal_level() -> None:
+    """A 95% percentile interval of a mean is 2 * 1.96 * SE wide; a 90% one (2 * 1.645 * SE, 16% narrower) fails
+    the same 8% tolerance, so an interval mislabelled 95% is caught."""
+    rng = np.random.default_rng(11)
+    n = 400
+    values = rng.normal(0.5, 0.1, n).clip(0, 1)
+    y = np.zeros(n, dtype=int)
+    se = values.std(ddof=1) / math.sqrt(n)
+
+    def width(level: float) -> float:
+        iv = st.bootstrap_ci(y, values, np.arange(n), lambda yy, pp: float(np.mean(pp)), n_resamples=3000, seed=2, level=level)
+        return iv["metric"].ci_high - iv["metric"].ci_low
+
+    assert width(0.95) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.08)
+    assert abs(width(0.90) / (2 * 1.96 * se) - 1.0) > 0.08
+
+
+# ---------------------------------------------------------------- patients, operating point, Holm
+
+
+def test_patient_aggregation_mean_and_max() -> None:
+    patients = ["b", "a", "b", "a", "c"]
+    y = [1, 0, 1, 0, 1]
+    p = [0.9, 0.2, 0.5, 0.4, 0.6]
+    mean = st.aggregate_by_patient(patients, y, p, "mean")
+    assert mean.patients == ["a", "b", "c"]
+    assert mean.probs.tolist() == pytest.approx([0.3, 0.7, 0.6]) and mean.targets.tolist() == [0, 1, 1]
+    assert st.aggregate_by_patient(patients, y, p, "max").probs.tolist() == pytest.approx([0.4, 0.9, 0.6])
+    shuffled = st.aggregate_by_patient(patients[::-1], y[::-1], p[::-1], "mean")
+    assert shuffled.probs.tolist() == pytest.approx(mean.probs.tolist())
+    assert st.aggregate_by_patient(["x", "x"], [0, 1], [0.1, 0.2]).targets.tolist() == [1]  # any positive slice
+    with pytest.raises(ValueError, match="mean"):
+        st.aggregate_by_patient(patients, y, p, "median")  # type: ignore[arg-type]
+
+
+def test_operating_point_rules() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    youden = st.choose_operating_point(y, p, "youden")
+    # J = 0.75 at thresholds 0.65 (sens 3/4, spec 4/4) and 0.35 (sens 4/4, spec 3/4): the higher one is taken.
+    assert youden.threshold == pytest.approx(0.65) and youden.rule == "youden"
+    sens = st.choose_operating_point(y, p, "sensitivity", 0.9)
+    assert sens.threshold == pytest.approx(0.35)  # the highest threshold with sensitivity >= 0.9
+    assert ((p >= sens.threshold) & (y == 1)).sum() / 4 >= 0.9
+    spec = st.choose_operating_point(y, p, "specificity", 1.0)
+    assert spec.threshold == pytest.approx(0.65)  # the lowest threshold with specificity 1
+    assert st.choose_operating_point(y, p, "fixed", 0.3).threshold == 0.3
+    fallback = st.choose_operating_point([1, 1, 1], [0.2, 0.5, 0.9], "youden")
+    assert fallback.rule == "fallback" and fallback.threshold == 0.5 and "3 positive and 0 negative" in fallback.note
+
+
+def test_holm_adjustment() -> None:
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.03), max(0.06, 1 * 0.04)
+    assert st.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = st.holm_adjust([0.2, float("nan"), 0.6])
+    assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+    assert st.holm_adjust([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_patients_needed_scales_the_standard_error_by_sqrt_n() -> None:
+    # Non-inferiority: n = 100 * (1.96 * 0.05 / (0.0 + 0.02))^2 = 2401.
+    assert st.patients_needed(100, 0.05, 0.0, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.02) ** 2)
+    # A difference beyond the margin cannot become non-inferior: the n that shows the difference instead.
+    assert st.patients_needed(100, 0.05, -0.1, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.1) ** 2)
+    assert st.patients_needed(100, float("nan"), 0.0, 0.02) is None
+
+
+# ---------------------------------------------------------------- the recommendation rule
+
+
+def _test(diff: float, low: float, high: float, p: float) -> st.DeLongTest:
+    return st.DeLongTest(0.8 + diff, 0.8, diff, 2.0, p, (low, high), 0.95)
+
+
+def test_recommend_follows_the_statistics() -> None:
+    arms = [st.ArmSummary("scratch", "completed", 0.84, 600.0), st.ArmSummary("imagenet", "completed", 0.91, 1800.0)]
+    sig = {("imagenet", "scratch"): _test(0.07, 0.02, 0.12, 0.004)}
+    v = st.recommend(arms, sig, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm) == ("significant", "imagenet") and v.pairs[0].p_holm == pytest.approx(0.004)
+    # Significantly better and also the cheaper arm: still reported as a significant winner.
+    swapped = [arms[0]._replace(seconds=1800.0), arms[1]._replace(seconds=600.0)]
+    assert st.recommend(swapped, sig, margin=0.02, n_patients=150).basis == "significant"
+    # Not significant, and the cheaper arm's loss may exceed the margin: inconclusive, with a sample size.
+    loose = {("scratch", "imagenet"): _test(-0.07, -0.20, 0.06, 0.27)}
+    v = st.recommend(arms, loose, margin=0.02, n_patients=150)
+    assert v.basis == "inconclusive" and v.preferred_arm is None and v.patients_needed and v.patients_needed > 150
+    # Non-inferior: the lower bound of the cheaper arm's difference is above -margin.
+    tight = {("scratch", "imagenet"): _test(-0.005, -0.015, 0.005, 0.33)}
+    v = st.recommend(arms, tight, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm, v.deciding_pair.arm_a) == ("non_inferior", "scratch", "scratch")
+    # The issue's case: linear probe 0.10 lower, CI of the difference -0.02 to 0.22 (imagenet - linear): not preferred.
+    probe = [st.ArmSummary("imagenet", "completed", 0.85, 1800.0), st.ArmSummary("imagenet-linear", "completed", 0.75, 60.0)]
+    v = st.recommend(probe, {("imagenet", "imagenet-linear"): _test(0.10, -0.02, 0.22, 0.09)}, margin=0.02, n_patients=22)
+    assert v.basis == "inconclusive" and v.preferred_arm is None
+    # The best point estimate is also the cheapest, but the dearer arm may be far better: still inconclusive.
+    cheap_best = [st.ArmSummary("scratch", "completed", 0.84, 1800.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0)]
+    v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.05, 0.09, 0.5)}, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm) == ("inconclusive", None)
+    v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.01, 0.05, 0.2)}, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm) == ("non_inferior", "imagenet")
+    # Three arms: the cheapest is not shown non-inferior; the middle one is non-inferior to the dearest (though
+    # significantly worse, by less than the margin): the middle one.
+    three = [st.ArmSummary("imagenet-linear", "completed", 0.80, 60.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0),
+             st.ArmSummary("scratch", "completed", 0.87, 1800.0)]
+    tests3 = {("imagenet-linear", "scratch"): _test(-0.07, -0.2, 0.06, 0.3), ("imagenet-linear", "imagenet"): _test(-0.06, -0.19, 0.07, 0.4),
+              ("imagenet", "scratch"): _test(-0.01, -0.015, -0.005, 0.01)}
+    v = st.recommend(three, tests3, margin=0.02, n_patients=150)
+    assert (v.basis, v.preferred_arm, v.deciding_pair.arm_b) == ("non_inferior", "imagenet", "scratch")
+    # Not estimable tests never support a claim.
+    na = st.DeLongTest(*([float("nan")] * 5), (float("nan"), float("nan")), 0.95, "x", "not estimable: 1 positive")
+    assert st.recommend(arms, {("scratch", "imagenet"): na}, margin=0.02, n_patients=3).basis == "inconclusive"
+    assert st.recommend([arms[0], st.ArmSummary("imagenet", "skipped")], {}, margin=0.02, n_patients=1).basis == "single_arm"
+    assert st.recommend([], {}, margin=0.02, n_patients=0).basis == "none"
+
+
+def test_recommend_holm_adjusts_over_all_pairs() -> None:
+    """Best beats one arm at raw p = 0.03 and another at p = 0.02: raw, both significant; Holm (0.04, 0.04)... but
+    with a third pair at p = 0.5 the adjusted values are 0.06 and 0.06 and no winner is claimed."""
+    arms = [st.ArmSummary(n, "completed", auc, s) for n, auc, s in (("a", 0.90, 300.0), ("b", 0.80, 200.0), ("c", 0.79, 100.0))]
+    tests = {("a", "b"): _test(0.10, 0.01, 0.19, 0.03), ("a", "c"): _test(0.11, 0.02, 0.20, 0.02),
+             ("b", "c"): _test(0.01, -0.08, 0.10, 0.5)}
+    v = st.recommend(arms, tests, margin=0.02, n_patients=100)
+    assert [p.p_holm for p in v.pairs] == pytest.approx([0.06, 0.06, 0.5])
+    assert v.basis != "significant"
+
+
+def test_simulated_null_claims_a_winner_at_most_at_the_nominal_rate() -> None:
+    """200 small cohorts (30 patients x 4 correlated slices), two arms with the same score distribution: the rule
+    claims a significant winner in about 5% of them, and never prefers an arm whose interval crosses -margin."""
+    rng = np.random.default_rng(2026)
+    margin, claims, preferred_outside = 0.02, 0, 0
+    for _ in range(200):
+        labels = np.array([0, 1] * 15)
+        signal = 1.0 * (2 * labels - 1) + rng.normal(0, 1.0, 30)  # patient-level truth both arms see
+        y = np.repeat(labels, 4)
+        groups = np.repeat(np.arange(30), 4)
+        probs = [1 / (1 + np.exp(-(np.repeat(signal, 4) + rng.normal(0, 1.0, 120)))) for _ in range(2)]
+        pa, pb = (st.aggregate_by_patient(groups.astype(str), y, p) for p in probs)
+        test = st.delong_test(pa.targets, pa.probs, pb.probs)
+        arms = [st.ArmSummary("a", "completed", test.auc_a, 100.0), st.ArmSummary("b", "completed", test.auc_b, 200.0)]
+        verdict = st.recommend(arms, {("a", "b"): test}, margin=margin, n_patients=30)
+        claims += verdict.basis == "significant"
+        if verdict.preferred_arm is not None:  # any preference: only a significant winner or a non-inferior arm
+            pair = verdict.deciding_pair
+            ok = verdict.basis == "significant" or (pair.arm_a == verdict.preferred_arm and pair.test.ci_of_diff[0] > -margin)
+            preferred_outside += not ok
+    assert claims / 200 <= 0.09  # nominal 5%; 0.09 is about 3 binomial SDs above it
+    assert preferred_outside == 0

@@ -1,0 +1,175 @@
+"""Plain-language sentences built from the numbers of results.json: the recommendation and each paired comparison.
+
+The statistics stage (tasks/) computes numbers and decisions only; every sentence that carries a p-value, an
+interval or a duration is written here, through reports.formatting, so a figure reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from data_schemas.report import ArmResult, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
+from reports.formatting import fmt, fmt_p, format_duration
+
+
+def auc_with_ci(metric: MetricValue | None, level: float = 0.95) -> str:
+    """'0.82 (95% CI 0.71 to 0.90)', or 'not estimable'."""
+    if metric is None or metric.value is None:
+        return "not estimable"
+    if metric.ci_low is None or metric.ci_high is None:
+        return fmt(metric.value, 2)
+    return f"{fmt(metric.value, 2)} ({round(100 * level)}% CI {fmt(metric.ci_low, 2)} to {fmt(metric.ci_high, 2)})"
+
+
+def p_text(p_value: float | None) -> str:
+    """'p = 0.004', 'p < 0.001' or 'p not estimable'."""
+    if p_value is None:
+        return "p not estimable"
+    text = fmt_p(p_value)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
+def difference_text(test: DeLongResult) -> str:
+    """'−0.03 (95% CI −0.09 to 0.03; p = 0.33, Holm-adjusted p = 0.66)', or the reason it is not estimable."""
+    if test.diff is None or test.ci_of_diff is None:
+        return test.reason or "not estimable"
+    low, high = test.ci_of_diff
+    holm = f", Holm-adjusted {p_text(test.p_holm)}" if test.p_holm is not None else ""
+    return f"{fmt(test.diff, 3)} ({round(100 * test.level)}% CI {fmt(low, 3)} to {fmt(high, 3)}; {p_text(test.p_value)}{holm})"
+
+
+def comparison_sentence(pc: PairedComparison) -> str:
+    """One or two sentences on a pair: the patient-level AUC difference, then the slice-level one."""
+    parts = []
+    for level, test in (("patient", pc.patient_delong), ("slice", pc.delong)):
+        if test is None:
+            continue
+        if test.diff is None:
+            parts.append(f"At the {level} level the AUC test is {test.reason or 'not estimable'}.")
+        else:
+            verdict = "a significant difference" if test.p_holm is not None and test.p_holm < 0.05 else "no significant difference"
+            parts.append(
+                f"At the {level} level, AUC({pc.arm_a}) − AUC({pc.arm_b}) = {difference_text(test)} by {test.method}: {verdict}."
+            )
+    mc = pc.patient_mcnemar
+    if mc is not None and mc.p_value is not None:
+        parts.append(
+            f"At their operating points the two arms disagree on {mc.b + mc.c} patients ({pc.arm_a} right on {mc.b}, "
+            f"{pc.arm_b} right on {mc.c}; {mc.method_label}, {p_text(mc.p_value)})."
+        )
+    return " ".join(parts)
+
+
+def _arm(arms: Sequence[ArmResult], name: str | None) -> ArmResult | None:
+    return next((a for a in arms if a.name == name), None)
+
+
+def _auc_of(arms: Sequence[ArmResult], name: str | None, level: str) -> str:
+    arm = _arm(arms, name)
+    if arm is None:
+        return "not estimable"
+    metrics = arm.patient_metrics if level == "patient" else arm.test_metrics
+    return auc_with_ci(metrics.roc_auc if metrics else None)
+
+
+def _oriented(pc: PairedComparison, first: str, level: str) -> DeLongResult | None:
+    """The pair's AUC test at `level` with `first` as arm A (difference and interval negated when swapped)."""
+    test = pc.patient_delong if level == "patient" else pc.delong
+    if test is None or pc.arm_a == first or test.diff is None or test.ci_of_diff is None:
+        return test
+    low, high = test.ci_of_diff
+    return test.model_copy(update={"auc_a": test.auc_b, "auc_b": test.auc_a, "diff": -test.diff,
+                                   "z": None if test.z is None else -test.z, "ci_of_diff": (-high, -low)})
+
+
+def _find(comparisons: Sequence[PairedComparison], a: str | None, b: str | None) -> PairedComparison | None:
+    return next((c for c in comparisons if {c.arm_a, c.arm_b} == {a, b}), None)
+
+
+def recommendation_sentences(
+    rec: Recommendation, arms: Sequence[ArmResult], comparisons: Sequence[PairedComparison], n_patients: int
+) -> tuple[str, list[str]]:
+    """The headline and supporting sentences of a decided Recommendation; every claim matches its interval."""
+    level, margin = rec.level, fmt(rec.margin, 2)
+    best = rec.best_arm
+    details = [
+        f"{a.name} vs {b.name} ({level} level): AUC difference {difference_text(t)}."
+        for pc in comparisons
+        for a, b, t in [(_arm(arms, pc.arm_a), _arm(arms, pc.arm_b), pc.patient_delong if level == "patient" else pc.delong)]
+        if a is not None and b is not None and t is not None
+    ]
+    timed = [f"{a.name} {format_duration(a.cost.actual_seconds)}" for a in arms if a.status == "completed" and a.cost.actual_seconds]
+    if timed:
+        details.append(f"Measured training time: {', '.join(timed)}.")
+    details.append(
+        f"Rule: a cheaper arm is preferred only when non-inferior, i.e. the lower bound of the 95% CI of its AUC "
+        f"difference to the best arm lies above −{margin} (the margin); p-values are Holm-adjusted over all pairs."
+    )
+    if rec.basis == "none":
+        return "No arm completed, so there is nothing to recommend.", details
+    if rec.basis == "single_arm":
+        return f"Only {best} completed, with {level}-level test AUC {_auc_of(arms, best, level)}; no comparison is possible.", details
+    others = [a.name for a in arms if a.status == "completed" and a.name != best]
+    if rec.basis == "significant":
+        beaten = "; ".join(
+            f"AUC({best}) − AUC({o}) = {difference_text(t)}" for o in others
+            if (pc := _find(comparisons, best, o)) is not None and (t := _oriented(pc, best or "", level)) is not None
+        )
+        return (f"Use {best}: its {level}-level test AUC {_auc_of(arms, best, level)} is significantly higher than "
+                f"every other arm's ({beaten}).", details)
+    if rec.basis == "non_inferior":
+        other = rec.deciding_arms[1] if len(rec.deciding_arms) == 2 else best
+        pc = _find(comparisons, rec.preferred_arm, other)
+        test = _oriented(pc, rec.preferred_arm or "", level) if pc else None
+        cheap, dear = _arm(arms, rec.preferred_arm), _arm(arms, other)
+        cost = (f"; it trained in {format_duration(cheap.cost.actual_seconds)} against "
+                f"{format_duration(dear.cost.actual_seconds)}") if cheap and dear else ""
+        return (f"Prefer the cheaper {rec.preferred_arm}: it is non-inferior within a margin of {margin} AUC to every dearer "
+                f"arm not shown worse; against {other}, the closest call, the {level}-level AUC difference is "
+                f"{difference_text(test) if test else 'not estimable'}, lower bound above −{margin}{cost}.", details)
+    pair_text = ""
+    if len(rec.deciding_arms) == 2 and (pc := _find(comparisons, *rec.deciding_arms)) is not None:
+        test = _oriented(pc, rec.deciding_arms[0], level)
+        if test is not None and test.diff is not None:
+            pair_text = (f" AUC({rec.deciding_arms[0]}) − AUC({rec.deciding_arms[1]}) = {difference_text(test)}: the interval "
+                         f"includes losses larger than the margin.")
+    reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
+    if reasons:
+        pair_text += f" The AUC comparison is {'; '.join(reasons)}."
+    needed = (f" Roughly {rec.patients_needed} patients (now {n_patients}) would be needed for the interval to settle it, "
+              f"if the observed difference and variance held." if rec.patients_needed else "")
+    return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the others, "
+            f"and no cheaper arm is shown non-inferior within {margin} AUC ({level} level).{pair_text}{needed}", details)
+
+
+def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
+    """How the numbers were produced: the mode, what it means for interval width, aggregation and operating point."""
+    runs = sorted(set(ev.runs_per_arm.values()))
+    tested = f"{ev.n_test_patients} test patients ({ev.n_test_images} slices)"
+    if ev.mode == "cross-validated":
+        mode = (f"Cross-validated: {'/'.join(map(str, runs))} outer folds per arm, each labelled patient tested once by a "
+                f"model that never saw it; the out-of-fold predictions are pooled, so every metric, interval and test uses "
+                f"{tested}.")
+    else:
+        mode = f"Hold-out: one fixed test part, {tested} of {ev.n_labelled_patients} labelled patients."
+    width = ""
+    if ev.n_labelled_patients and ev.n_test_patients:
+        ratio = (ev.n_labelled_patients / ev.n_test_patients) ** 0.5
+        if ev.mode == "holdout" and ratio > 1.05:
+            width = (f" Interval width shrinks as 1/√n: scoring all {ev.n_labelled_patients} labelled patients "
+                     f"(cross-validated mode) would make these intervals about {ratio:.1f}× narrower.")
+        elif ev.mode == "cross-validated":
+            width = (" Interval width shrinks as 1/√n: a hold-out test part of the default 15% of the "
+                     f"patients would give intervals about {(1 / 0.15) ** 0.5:.1f}× wider than these (√(1/0.15)).")
+    return [
+        mode + width,
+        f"Patient probability: the {ev.aggregation} of the patient's slice probabilities (option: "
+        f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC tests.",
+        f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
+        f"separately) and applied unchanged to its test predictions; a run without usable validation predictions uses "
+        f"the fixed 0.5, labelled 'fallback'. Thresholds per arm are listed below.",
+        f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples). AUC tests: "
+        f"{ev.auc_test} for slices, DeLong with one unit per patient for patients. Decision tests: {ev.decision_test}, or an "
+        f"exact sign-flip (binomial) test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
+        f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",
+    ]

@@ -1,0 +1,147 @@
+"""Tests of tasks.evaluate.build_results on run folders written directly with the schemas (no training code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_schemas.evaluation import EvaluationSettings
+from data_schemas.files import read_models_csv
+from data_schemas.report import ComparisonResults
+from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, EpochMetrics, PredictionRow
+from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
+from reports.render import render_report
+from tasks import statistics as st
+from tasks.evaluate import build_results
+
+
+def _build(root: Path, arm_runs: dict[str, list[Path]], mode: str, dataset_dir: Path, splits: Path, **settings) -> ComparisonResults:
+    return build_results(
+        dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
+        evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=50, **settings), cost_path=root / "cost.json",
+        run_id="test-run", seed=0, command="ctcompare compare",
+    )
+
+
+def _test_patients(run_dirs: list[Path]) -> list[str]:
+    return [key for d in run_dirs for key in sorted({r.patient_key for r in read_models_csv(d / PREDICTIONS_FILE, PredictionRow)})]
+
+
+@pytest.mark.parametrize("mode, n_runs", [("holdout", 1), ("cross-validated", 3)])
+def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs: int) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode=mode)
+    results = _build(tmp_path, arm_runs, mode, dataset_dir, splits)
+    ComparisonResults.model_validate_json(results.model_dump_json())  # what results.json holds validates again
+    assert results.evaluation.mode == mode and results.evaluation.runs_per_arm == {"scratch": n_runs, "imagenet": n_runs}
+    tested = _test_patients(arm_runs["scratch"])
+    assert len(tested) == len(set(tested)) == (12 if mode == "holdout" else 36)
+    n_images = sum(len(read_models_csv(d / PREDICTIONS_FILE, PredictionRow)) for d in arm_runs["scratch"])
+    for arm in results.completed_arms:
+        assert arm.n_runs == n_runs
+        assert arm.test_metrics.n_images == n_images and arm.test_metrics.n_patients == len(tested)
+        assert arm.patient_metrics.level == "patient" and arm.patient_metrics.n_patients == len(tested)
+        assert len(arm.operating_point.slice_thresholds) == n_runs and arm.operating_point.source == "validation"
+    assert sorted(row.pseudonym for row in results.patients) == sorted(key[:12] for key in tested)
+    assert all(set(row.probs) == {"scratch", "imagenet"} for row in results.patients)
+    (pair,) = results.comparisons
+    assert pair.n_patients == len(tested) and pair.n_images == n_images
+    assert pair.delong.method == "clustered DeLong (Obuchowski 1997)" and pair.patient_delong.p_holm is not None
+    assert pair.mcnemar.method in ("clustered", "exact_permutation") and "Durkalski" in results.evaluation.decision_test
+    assert (results.folds is not None) == (mode == "cross-validated")
+    if results.folds:
+        assert [len(f.per_fold) for f in results.folds] == [3, 3]
+        assert [f.n_test_patients for f in results.folds[0].per_fold] == [12, 12, 12]
+    assert results.recommendation.margin == 0.02 and results.recommendation.headline
+    assert results.evaluation.notes[0].startswith("Cross-validated" if n_runs > 1 else "Hold-out")
+    assert "1/√n" in results.evaluation.notes[0]  # how interval width differs between the modes
+    assert "patient_key" not in results.model_dump_json()
+
+
+def test_each_fold_applies_its_own_validation_threshold(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="cross-validated")
+    results = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits, operating_point="sensitivity:0.8")
+    arm = results.arm("scratch")
+    hits = positives = 0
+    for k, run_dir in enumerate(arm_runs["scratch"]):
+        val = read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow)
+        expected = st.choose_operating_point([r.target for r in val], [r.prob_positive for r in val], "sensitivity", 0.8)
+        assert arm.operating_point.slice_thresholds[k] == pytest.approx(expected.threshold)
+        test = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
+        hits += sum(r.target == 1 and r.prob_positive >= expected.threshold for r in test)
+        positives += sum(r.target == 1 for r in test)
+    assert arm.test_metrics.sensitivity.value == pytest.approx(hits / positives)
+    assert arm.operating_point.rule == "sensitivity:0.8" and arm.test_metrics.threshold is None  # three thresholds
+
+
+def test_runs_without_validation_predictions_fall_back_to_a_labelled_half(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="holdout", without_val=True)
+    arm = _build(tmp_path, arm_runs, "holdout", dataset_dir, splits).arm("scratch")
+    assert arm.operating_point.source == "fallback" and arm.operating_point.slice_thresholds == [0.5]
+    assert VAL_PREDICTIONS_FILE in arm.operating_point.note and arm.test_metrics.threshold == 0.5
+
+
+def test_overlapping_or_surplus_runs_are_refused(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="cross-validated")
+    twice = {"scratch": [arm_runs["scratch"][0], arm_runs["scratch"][0]]}
+    with pytest.raises(ValueError, match="both test the same patient"):
+        _build(tmp_path, twice, "cross-validated", dataset_dir, splits)
+    with pytest.raises(ValueError, match="cross-validated"):
+        _build(tmp_path, arm_runs, "holdout", dataset_dir, splits)
+
+
+def test_like_for_like_overfitting_gap_and_stopping_monitor(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="holdout")
+    arm = _build(tmp_path, arm_runs, "holdout", dataset_dir, splits).arm("scratch")
+    history = read_models_csv(arm_runs["scratch"][0] / METRICS_FILE, EpochMetrics)
+    best = next(m for m in history if m.epoch == arm.best_epoch)
+    assert arm.overfitting_gap == pytest.approx(best.val_loss - best.train_eval_loss)
+    assert arm.overfitting_gap != pytest.approx(best.val_loss - best.train_loss)
+    assert arm.early_stopping.monitor == "val_loss" and "small validation set" in arm.early_stopping.why
+    assert arm.learning_curve[0].train_eval_loss == history[0].train_eval_loss
+
+
+def _single_positive_cohort(tmp_path: Path, test: list[Patient]) -> ComparisonResults:
+    val = make_patients(10, seed=5, prefix="v")
+    dataset_dir, splits = write_dataset_and_split(tmp_path, test, val)
+    arm_runs = {arm: [write_run(tmp_path / "runs" / arm, arm=arm, test=test, val=val, seed=i)] for i, arm in enumerate(("scratch", "imagenet"))}
+    return _build(tmp_path, arm_runs, "holdout", dataset_dir, splits)
+
+
+def test_exactly_one_positive_image_is_not_estimable_not_a_crash(tmp_path: Path) -> None:
+    test = [Patient("pos" + "a" * 20, 1, 1, 0.0)] + [Patient(f"neg{i}" + "b" * 20, 0, 3, 0.0) for i in range(5)]
+    results = _single_positive_cohort(tmp_path, test)
+    (pair,) = results.comparisons
+    for test_result in (pair.delong, pair.patient_delong):
+        assert test_result.diff is None and test_result.p_value is None and "not estimable" in test_result.reason
+    assert results.recommendation.basis == "inconclusive" and results.recommendation.preferred_arm is None
+    assert results.arm("scratch").test_metrics.roc_auc.value is not None  # the AUC itself exists; its test does not
+    paths = render_report(results, tmp_path / "report")
+    for key in ("html", "markdown"):
+        text = paths[key].read_text(encoding="utf-8")
+        assert "not estimable: 1 positive and 5 negative patients" in text and "nan" not in text.lower().split()
+
+
+def test_one_patient_is_not_estimable_not_a_crash(tmp_path: Path) -> None:
+    results = _single_positive_cohort(tmp_path, [Patient("only" + "c" * 20, 1, 4, 0.0)])
+    arm = results.arm("scratch")
+    assert arm.test_metrics.roc_auc.value is None and arm.patient_metrics.n_patients == 1
+    assert "not estimable: 1 positive and 0 negative patients" in results.comparisons[0].patient_delong.reason
+
+
+def test_skipped_arm_keeps_its_reason(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="cross-validated", skip=("imagenet",))
+    results = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits)
+    imagenet = results.arm("imagenet")
+    assert imagenet.status == "skipped" and SKIP_REASON in imagenet.reason and imagenet.reason.startswith("run 1 of 3")
+    assert results.recommendation.basis == "single_arm" and not results.comparisons
+
+
+def test_same_inputs_give_the_same_numbers(tmp_path: Path) -> None:
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="cross-validated")
+    first = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits)
+    again = _build(tmp_path, {k: list(v) for k, v in reversed(list(arm_runs.items()))}, "cross-validated", dataset_dir, splits)
+    assert first.arm("scratch").patient_metrics == again.arm("scratch").patient_metrics
+    assert first.comparisons[0].patient_delong == again.comparisons[0].patient_delong
+    assert np.isfinite(first.comparisons[0].patient_delong.p_value)
