@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data_schemas.report import ArmResult, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
+from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
 from reports.formatting import fmt, fmt_p, format_duration
 
 
@@ -173,3 +173,17 @@ def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
         f"exact sign-flip (binomial) test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
         f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",
     ]
+
+
+def word_results(results: ComparisonResults) -> ComparisonResults:
+    """The results with every sentence filled in: each paired comparison, the recommendation and the evaluation notes.
+
+    The evaluation stage (tasks.evaluate) returns numbers and decisions only; the flow words them here, once, before
+    the report, results.json and the Prefect artifacts are written.
+    """
+    comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc)}) for pc in results.comparisons]
+    n_patients = results.evaluation.n_test_patients
+    headline, details = recommendation_sentences(results.recommendation, results.arms, comparisons, n_patients)
+    recommendation = results.recommendation.model_copy(update={"headline": headline, "details": details})
+    evaluation = results.evaluation.model_copy(update={"notes": evaluation_sentences(results.evaluation)})
+    return results.model_copy(update={"comparisons": comparisons, "recommendation": recommendation, "evaluation": evaluation})

@@ -68,7 +68,6 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
-from reports.wording import comparison_sentence, evaluation_sentences, recommendation_sentences
 from tasks import statistics as st
 from tasks.cost import estimated_seconds_for
 
@@ -462,7 +461,7 @@ def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedCompari
             patient_delong=_delong_result(t.patient_auc, holm["patient_auc"][k]),
             patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
         )
-        comparisons.append(pc.model_copy(update={"plain_words": comparison_sentence(pc)}))
+        comparisons.append(pc)
     return comparisons, {(x, y): t.patient_auc for x, y, t in pairs}
 
 
@@ -501,7 +500,7 @@ def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: Ev
 
 def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], st.DeLongTest],
            evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
-    """The recommendation rule of tasks.statistics on the patient-level AUC tests, worded by reports.wording."""
+    """The recommendation rule of tasks.statistics on the patient-level AUC tests (reports.wording words it)."""
     summaries = [
         st.ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
         for a in arms
@@ -513,12 +512,11 @@ def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: di
         best_arm=verdict.best_arm, margin=verdict.margin, level="patient", patients_needed=verdict.patients_needed,
         deciding_arms=[deciding.arm_a, deciding.arm_b] if deciding else [],
     )
-    headline, details = recommendation_sentences(rec, arms, comparisons, n_patients)
-    return rec.model_copy(update={"headline": headline, "details": details})
+    return rec
 
 
 def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow]) -> EvaluationSummary:
-    """How the numbers were produced, with the same in words."""
+    """How the numbers were produced (reports.wording says it in words)."""
     done = [a for a in arms if a.status == "completed" and a.patient_metrics is not None]
     summary = EvaluationSummary(
         mode=evaluation.mode, runs_per_arm={a.name: a.n_runs for a in arms}, aggregation=evaluation.aggregation,
@@ -527,7 +525,7 @@ def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], r
         n_test_images=done[0].patient_metrics.n_images if done else 0,  # type: ignore[union-attr]
         n_labelled_patients=len({r.patient_key for r in rows}),
     )
-    return summary.model_copy(update={"notes": evaluation_sentences(summary)})
+    return summary
 
 
 def _check_runs(arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings) -> None:

@@ -33,6 +33,7 @@ from data_schemas.training import (
     TimingInfo,
     TrainConfig,
 )
+from reports.wording import word_results
 from tasks.evaluate import build_results
 
 SKIP_REASON = (
@@ -217,11 +218,11 @@ def make_example_results(
             fractions = {arm: {f: write_run(root / "fractions" / arm / f"{f:g}", arm=arm, test=test, val=None, seed=seed + int(100 * f),
                                             n_train_patients=int(80 * f)) for f in (0.25, 0.5, 1.0)}
                          for arm in arm_runs if not (skip_imagenet and arm == "imagenet")}
-        results = build_results(
+        results = word_results(build_results(
             dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
             evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=100), cost_path=root / "cost.json",
             run_id=run_id, seed=seed, command="ctcompare compare --dataset DATASET --profile smoke", fraction_dirs=fractions,
-        )
+        ))
     return results.model_copy(update={"created_at": created_at, "reproducibility": results.reproducibility.model_copy(
         update={"created_at": created_at, "package_versions": {"torch": "2.14.1", "numpy": "2.4.6"}, "platform": "Linux-x86_64",
                 "python_version": "3.12.3", "ctcompare_version": "0.1.0"})})

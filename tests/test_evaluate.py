@@ -14,15 +14,16 @@ from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTION
 from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
 from reports.render import render_report
 from tasks import statistics as st
+from reports.wording import word_results
 from tasks.evaluate import build_results
 
 
 def _build(root: Path, arm_runs: dict[str, list[Path]], mode: str, dataset_dir: Path, splits: Path, **settings) -> ComparisonResults:
-    return build_results(
+    return word_results(build_results(
         dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
         evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=50, **settings), cost_path=root / "cost.json",
         run_id="test-run", seed=0, command="ctcompare compare",
-    )
+    ))
 
 
 def _test_patients(run_dirs: list[Path]) -> list[str]:
