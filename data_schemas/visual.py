@@ -24,6 +24,9 @@ VISUAL_SCHEMA_VERSION = "1.0"
 
 LESIONS_SIDECAR_FILE = "lesions.csv"
 DATASET_LESIONS_FILE = "lesions.csv"
+# Only inline PNGs: a report never loads anything from elsewhere, and nothing but an image can sit in src="...".
+PNG_DATA_URI_PREFIX = "data:image/png;base64,"
+PNG_DATA_URI_PATTERN = r"^data:image/png;base64,[A-Za-z0-9+/]+={0,2}$"
 
 GRADCAM_MEANS = (
     "A GradCAM map shows which regions of the last convolutional stage's features raised the network's "
@@ -100,7 +103,7 @@ class Thumbnail(StrictModel):
         caption: plain text with pseudonymous keys only; the renderer escapes it.
     """
 
-    data_uri: str
+    data_uri: str = Field(pattern=PNG_DATA_URI_PATTERN)
     caption: str
 
 
