@@ -63,7 +63,7 @@ def test_pointing_game_of_a_tiny_cnn_that_learned_the_disc_is_far_above_the_disc
     x, y, _ = _disc_set(160, seed=1)
     model = TinyCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(6):
+    for _ in range(3):
         for start in range(0, len(x), 16):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x[start:start + 16]), y[start:start + 16]).backward()
