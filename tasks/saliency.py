@@ -198,9 +198,12 @@ def build_visual_summary(*, dataset_dir: Path, arm_runs: dict[str, Path], n_slic
     """
     if not arm_runs:
         raise ValueError("build_visual_summary needs at least one arm's run folder.")
+    finished = {arm: Path(run) for arm, run in arm_runs.items() if (Path(run) / PREDICTIONS_FILE).is_file()}
+    if not finished:
+        raise ValueError(f"none of the run folders of {', '.join(arm_runs)} holds test predictions ({PREDICTIONS_FILE}).")
     dataset = load_dataset(Path(dataset_dir), in_memory=False)
     index_of = {row.image_key: i for i, row in enumerate(dataset.manifest)}
-    predictions = {arm: read_run_predictions(run) for arm, run in arm_runs.items()}
+    predictions = {arm: read_run_predictions(run) for arm, run in finished.items()}
     slices = select_slices(predictions, n=n_slices, seed=seed)
     images = np.asarray(dataset.images[[index_of[s.image_key] for s in slices]], dtype=np.float32)
     lesions = load_lesions(Path(dataset_dir))
@@ -213,7 +216,11 @@ def build_visual_summary(*, dataset_dir: Path, arm_runs: dict[str, Path], n_slic
                         np.stack([lesion_mask(lesions[r.image_key], size) for r in rows]),
                         [r.patient_key for r in rows])
     arms = []
-    for arm, run_dir in arm_runs.items():
+    for arm in arm_runs:
+        if arm not in finished:
+            arms.append(ArmSaliency(arm=arm, available=False, note=f"No map for {arm}: its run has no test predictions."))
+            continue
+        run_dir = finished[arm]
         by_key = {row.image_key: row.prob_positive for row in predictions[arm]}
         arms.append(_arm_panel(arm, Path(run_dir), images=images, slices=slices,
                                probs=[round(by_key[s.image_key], 4) for s in slices], pointing=pointing, seed=seed))

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_schemas.files import read_model_json, read_models_csv, write_model_json, write_models_csv
+from benchmarks.saliency import write_untrained_run
+from data_schemas.files import read_model_json, read_models_csv, write_models_csv
 from data_schemas.synth import IdentifiersFile
-from data_schemas.training import (
-    BEST_FILE,
-    CONFIG_FILE,
-    PREDICTIONS_FILE,
-    PredictionRow,
-    RunConfig,
-    resolve_train_config,
-)
 from data_schemas.visual import LESIONS_SIDECAR_FILE, ImageLesionRow, LesionSidecarRow, VisualSummary
 from flows.ingest import ingest_flow
 from reports.gallery import render_visual_html, render_visual_md
@@ -46,38 +39,14 @@ def dataset_dir(cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _run_folder(root: Path, arm: str, dataset_dir: Path, state: dict[str, torch.Tensor]) -> Path:
-    """A run folder in the training stage's format: config.json, predictions.csv and (network arms) best.pt."""
-    run = root / arm
-    run.mkdir(parents=True)
-    dataset = load_dataset(dataset_dir, in_memory=False)
-    train = resolve_train_config("smoke", arm).model_copy(update={"image_size": MODEL_SIZE})
-    n = len(dataset.manifest)
-    config = RunConfig(arm=arm, profile="smoke", seed=0, fold=0, folds=1, train=train,
-                       dataset_hash=dataset.card.content_hash, dataset_image_size=dataset.card.image_size,
-                       splits_path="splits.csv", splits_sha256="0" * 64, classes=["normal", "nodule"],
-                       positive_label="nodule", n_train_images=0, n_val_images=0, n_test_images=n,
-                       n_train_patients=0, n_val_patients=0, n_test_patients=dataset.card.n_patients,
-                       patient_overlap=0, device="cpu", precision="fp32", channels_last=False, num_threads=1,
-                       torch_version=torch.__version__, torchvision_version="test", config_hash="0" * 64,
-                       created_at="2026-01-01T00:00:00Z")
-    write_model_json(run / CONFIG_FILE, config)
-    rng = np.random.default_rng(len(arm))
-    rows = [PredictionRow(image_key=r.image_key, patient_key=r.patient_key, label=r.label,
-                          target=int(r.label == "nodule"), prob_positive=float(rng.uniform()))
-            for r in dataset.manifest]
-    write_models_csv(run / PREDICTIONS_FILE, rows, PredictionRow)
-    if arm != "imagenet-linear":
-        torch.save({"state_dict": state, "epoch": 1, "val_auc": None, "arm": arm}, run / BEST_FILE)
-    return run
-
-
 @pytest.fixture(scope="module")
 def arm_runs(dataset_dir, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     state = build_resnet50(in_channels=1, num_classes=2, weights=None).state_dict()
     root = tmp_path_factory.mktemp("runs")
-    return {arm: _run_folder(root, arm, dataset_dir, state) for arm in (*NETWORK_ARMS, "imagenet-linear")}
+    runs = {arm: write_untrained_run(root, arm, dataset_dir, state, MODEL_SIZE) for arm in NETWORK_ARMS}
+    runs["imagenet-linear"] = write_untrained_run(root, "imagenet-linear", dataset_dir, None, MODEL_SIZE)
+    return runs
 
 
 @pytest.fixture(scope="module")
