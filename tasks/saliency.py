@@ -18,8 +18,10 @@ at random hits with probability equal to the lesions' area fraction, given besid
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +59,29 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
     return scaled.view_as(maps)
 
 
+@contextmanager
+def _gradients_only_through(model: torch.nn.Module, target_layer: str) -> Iterator[None]:
+    """Let only the target layer's weights require gradients while inside, then restore every flag.
+
+    GradCAM needs the gradient at the target layer's output only. With the earlier layers frozen, backward stops
+    there instead of running through the whole network: the maps are identical, about 3x faster for layer4 of
+    ResNet-50 at 112 px (measured on this project's CPU). A target layer without weights keeps the full pass.
+    """
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    own = {f"{target_layer}.{name}" for name, _ in model.get_submodule(target_layer).named_parameters()}
+    try:
+        if own:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name in own)
+        with warnings.catch_warnings():
+            # expected here: MONAI's full backward hook fires on the layer's output since no input needs a gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            yield
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+
+
 def saliency_maps(model: torch.nn.Module, images: torch.Tensor, target_layer: str, *,
                   class_index: int = POSITIVE_CLASS, batch_size: int = 8) -> np.ndarray:
     """GradCAM maps (N, H, W) in [0, 1] at the input's spatial size, for the class `class_index`.
@@ -66,7 +91,7 @@ def saliency_maps(model: torch.nn.Module, images: torch.Tensor, target_layer: st
     model.eval()
     cam = GradCAM(nn_module=model, target_layers=target_layer, postprocessing=_unit_range)
     out = []
-    with torch.enable_grad():
+    with torch.enable_grad(), _gradients_only_through(model, target_layer):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].detach().float()
             out.append(cam(x=batch, class_idx=class_index).detach()[:, 0].numpy())

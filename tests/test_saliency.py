@@ -23,11 +23,31 @@ DISC_RADIUS = 3.0
 def test_gradcam_maps_have_the_input_size_and_are_finite_in_unit_range():
     torch.manual_seed(0)
     model = build_resnet50(in_channels=1, num_classes=2, weights=None)
-    images = torch.randn(3, 1, 64, 48)
+    with torch.no_grad():  # a fresh ResNet starts with zeroed residual branches: its maps would be flat
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    images = torch.randn(3, 1, 96, 64)
     maps = saliency_maps(model, images, "layer4")
-    assert maps.shape == (3, 64, 48)
+    assert maps.shape == (3, 96, 64)
+    assert sum(m.max() == 1.0 and m.min() == 0.0 for m in maps) >= 2  # not flat: the comparison below means something
     assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
     assert not model.training
+    assert all(p.requires_grad for p in model.parameters())  # the frozen-for-speed flags are restored
+    np.testing.assert_allclose(maps, _reference_gradcam(model, images), atol=1e-4)
+
+
+def _reference_gradcam(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """GradCAM written out by hand (full backward pass, no MONAI), rescaled to [0, 1] per map."""
+    store: dict[str, torch.Tensor] = {}
+    handle = model.layer4.register_forward_hook(lambda _m, _i, out: store.update(acts=out))
+    logits = model(images)
+    handle.remove()
+    grads = torch.autograd.grad(logits[:, 1].sum(), store["acts"])[0]
+    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * store["acts"]).sum(1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low = cam.flatten(1).min(1).values[:, None, None]
+    high = cam.flatten(1).max(1).values[:, None, None]
+    return np.nan_to_num(((cam - low) / (high - low)).detach().numpy(), nan=0.0)  # a flat map is all zeros
 
 
 class TinyCNN(nn.Module):
