@@ -2,6 +2,9 @@
 
     dicom/            the CT slices (real DICOM files; headers carry fake identifiers)
     labels.csv        LabelRow per patient: patient_id (raw PatientID), label ("nodule" / "normal")
+    lesions.csv       LesionSidecarRow (data_schemas/visual.py) per nodule cross-section: the true centre and
+                      enclosing radius in the stored pixel grid, keyed by the file's path under dicom/
+                      (docs/lesions.md); input-side like labels.csv, since the path starts with the PatientID
     cohort.json       CohortCard: parameters and counts, no identifiers; written last, marks a complete cohort
     identifiers.json  IdentifiersFile: PRIVATE, every fake identifier embedded in the headers, for leak tests
 """

@@ -1,9 +1,8 @@
-"""`ctcompare synth OUT_DIR`: write a synthetic chest-CT demo cohort (real DICOM files plus labels.csv)."""
+"""`ctcompare synth OUT_DIR`: write a synthetic chest-CT demo cohort (real DICOM files, labels.csv, lesions.csv)."""
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -13,38 +12,30 @@ from tasks.synth import (
     CohortMismatchError,
     CohortSummary,
     check_output_dir,
-    finish_cohort_task,
-    patient_batches,
-    plan_cohort_task,
-    start_cohort_task,
     summarize_existing,
-    summarize_new,
     synth_parameters,
+    synthesize_cohort,
     validate_synth_parameters,
     write_patient_batch_task,
 )
 
 
 @flow(name="synth", log_prints=False)
-def synth_flow(out_dir: str, patients: int = 150, slices_per_patient: int = 10, seed: int = 0) -> CohortSummary:
+def synth_flow(out_dir: str, patients: int = 150, slices_per_patient: int = 10, seed: int = 0,
+               matrix_sizes: list[int] | None = None) -> CohortSummary:
     """Write a synthetic cohort to out_dir; a complete cohort with the same parameters is kept as it is."""
-    started = time.perf_counter()
     logger = get_run_logger()
-    root = Path(out_dir)
-    validate_synth_parameters(patients, slices_per_patient, DEFAULT_MATRIX_SIZES)
-    parameters = synth_parameters(patients, slices_per_patient, seed, DEFAULT_MATRIX_SIZES)
-    if check_output_dir(root, parameters) == "complete":
-        logger.info("Complete cohort with the same parameters found; nothing to do.")
-        return summarize_existing(root, time.perf_counter() - started)
-    plans = plan_cohort_task(patients, slices_per_patient, seed, list(DEFAULT_MATRIX_SIZES))
-    dicom_dir = start_cohort_task(root, parameters)
-    written = 0
-    for batch in patient_batches(plans):
-        written += write_patient_batch_task(batch, dicom_dir)
+
+    def log_progress(written: int, total: int) -> None:
         # Counts only: identifiers never go to the logs.
-        logger.info("Wrote %d of %d slices.", written, patients * slices_per_patient)
-    card = finish_cohort_task(root, parameters, plans)
-    return summarize_new(root, card, time.perf_counter() - started)
+        logger.info("Wrote %d of %d slices.", written, total)
+
+    summary = synthesize_cohort(Path(out_dir), patients, slices_per_patient, seed,
+                                list(matrix_sizes or DEFAULT_MATRIX_SIZES),
+                                write_batch=write_patient_batch_task, on_progress=log_progress)
+    if summary.skipped:
+        logger.info("Complete cohort with the same parameters found; nothing to do.")
+    return summary
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -69,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare synth`."""
     parser = subparsers.add_parser(
         "synth",
-        help="write a synthetic chest-CT demo cohort (DICOM + labels.csv)",
+        help="write a synthetic chest-CT demo cohort (DICOM + labels.csv + lesions.csv)",
         description="Write a realistic synthetic chest-CT cohort as DICOM files with fake identifiers, plus "
-                    "labels.csv (patient_id,label: nodule/normal). Deterministic for a given seed; an existing "
+                    "labels.csv (patient_id,label: nodule/normal) and lesions.csv (true nodule discs per slice, "
+                    "see docs/lesions.md). Deterministic for a given seed; an existing "
                     "complete cohort with the same parameters is kept.",
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the cohort into")

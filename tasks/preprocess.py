@@ -78,6 +78,19 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return resized[0, 0].clamp_(0.0, 1.0).numpy()
 
 
+def source_point_to_image(row: float, col: float, *, rows: int, pads: tuple[int, int, int, int],
+                           size: int) -> tuple[float, float, float]:
+    """Where a stored pixel position lands after pad_to_square and resize_square: (row, col, scale factor).
+
+    pads is (top, bottom, left, right) as pad_to_square returned it (and the manifest records). Pixel centres
+    map as resize_square's align_corners=False sampling does: x' = (x + pad + 0.5) * size / side - 0.5; a length
+    (a lesion radius) scales by size / side.
+    """
+    side = rows + pads[0] + pads[1]
+    scale = size / side
+    return (row + pads[0] + 0.5) * scale - 0.5, (col + pads[2] + 0.5) * scale - 0.5, scale
+
+
 def hu_frame_to_image(
     hu: np.ndarray, window: WindowSpec, size: int, monochrome1: bool
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:

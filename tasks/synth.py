@@ -3,7 +3,7 @@
 Layout under OUT_DIR (see data_schemas/synth.py for the side files):
     dicom/<PatientID>/ST<study UID tail>/SE<series number>/IM0001.dcm   one study, one series per patient;
                                                                          some series have no .dcm extension
-    labels.csv, cohort.json, identifiers.json (PRIVATE)
+    labels.csv, lesions.csv (true nodule discs per slice), cohort.json, identifiers.json (PRIVATE)
 
 Everything is a pure function of (parameters, seed): UIDs come from generate_uid with seeded entropy and no
 wall-clock value is written, so two runs with the same seed give byte-identical files.
@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from prefect import task
@@ -55,6 +55,7 @@ from data_schemas.synth import (
     ValueRange,
 )
 from data_schemas.files import atomic_write_bytes, read_model_json, write_model_json, write_models_csv
+from data_schemas.visual import LESIONS_SIDECAR_FILE, LesionSidecarRow
 
 # Bump when the rendering or header content changes: an existing cohort.json with another version is stale.
 GENERATOR_VERSION = "2"
@@ -317,6 +318,46 @@ def _nodule_center(nodule: Nodule, geometry: SliceGeometry, offset_mm: float) ->
     u = nodule.u + nodule.du_per_mm * offset_mm
     v = nodule.v + nodule.dv_per_mm * offset_mm
     return lung.cx + u * lung.ax, lung.cy + v * lung.ay
+
+
+def _nodule_cross_sections(plan: PatientPlan, slice_index: int,
+                           geometry: SliceGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres x, y (mm) and minor semi-axes (mm) of every nodule's cross-section in one slice."""
+    offset_mm = slice_index * plan.slice_thickness_mm
+    centers = [_nodule_center(n, geometry, offset_mm) for n in plan.nodules]
+    # Real nodules change a little in cross-section from slice to slice.
+    wobble = np.array([1.0 - 0.12 * abs(math.sin(0.35 * slice_index + n.lobe_phase)) for n in plan.nodules])
+    radius = np.array([n.diameter_mm / 2 for n in plan.nodules]) * wobble
+    return np.array([c[0] for c in centers]), np.array([c[1] for c in centers]), radius
+
+
+def nodule_discs(plan: PatientPlan, slice_index: int) -> list[tuple[float, float, float]]:
+    """(centre row, centre column, radius) in pixels of the stored matrix for every nodule drawn in one slice.
+
+    The radius is that of the circle enclosing the drawn nodule: major semi-axis times (1 + lobulation), the
+    soft edge left out. Pixel (0, 0) is the first stored pixel; coordinates are of pixel centres.
+    """
+    if not plan.nodules:
+        return []
+    cx, cy, radius = _nodule_cross_sections(plan, slice_index, slice_geometry(plan, slice_index))
+    grid = _Grid(plan.matrix, plan.pixel_spacing_mm)
+    return [
+        (grid.index(float(y)), grid.index(float(x)), float(r) * max(n.aspect, 1.0) * (1 + n.lobulation) / grid.spacing)
+        for x, y, r, n in zip(cx, cy, radius, plan.nodules)
+    ]
+
+
+def lesion_rows(plans: Sequence[PatientPlan]) -> list[LesionSidecarRow]:
+    """One lesions.csv row per nodule cross-section, keyed by the file's path under dicom/ (see tasks/lesions.py)."""
+    rows: list[LesionSidecarRow] = []
+    for plan in plans:
+        series = plan.series_dir(Path()).as_posix()
+        for j in range(plan.slices):
+            for lesion, (row, col, radius) in enumerate(nodule_discs(plan, j)):
+                rows.append(LesionSidecarRow(path=f"{series}/{plan.file_name(j)}", frame=0, lesion=lesion,
+                                             center_row=round(row, 3), center_col=round(col, 3),
+                                             radius_px=round(radius, 3)))
+    return rows
 
 
 def _nodule_visible_everywhere(plan: PatientPlan, nodule: Nodule) -> bool:
@@ -679,12 +720,9 @@ def _render_slice(plan: PatientPlan, slice_index: int, grid: _Grid, static: _Sta
                np.full_like(cx, 0.5), where=lung_mask)
 
     if include_nodules and plan.nodules:
-        centers = [_nodule_center(n, geometry, offset_mm) for n in plan.nodules]
-        # Real nodules change a little in cross-section from slice to slice.
-        wobble = np.array([1.0 - 0.12 * abs(math.sin(0.35 * slice_index + n.lobe_phase)) for n in plan.nodules])
-        radius = np.array([n.diameter_mm / 2 for n in plan.nodules]) * wobble
+        cx, cy, radius = _nodule_cross_sections(plan, slice_index, geometry)
         aspect = np.array([n.aspect for n in plan.nodules])
-        _blobs(image, grid, np.array([c[0] for c in centers]), np.array([c[1] for c in centers]), radius * aspect,
+        _blobs(image, grid, cx, cy, radius * aspect,
                radius, np.array([n.angle for n in plan.nodules]), np.array([n.core_hu for n in plan.nodules]),
                np.array([n.edge_mm for n in plan.nodules]), where=lung_mask,
                lobulation=np.array([n.lobulation for n in plan.nodules]),
@@ -916,7 +954,7 @@ def existing_cohort_state(out_dir: Path, parameters: SynthParameters) -> str:
         return "different"
     if not card.complete:
         return "incomplete"
-    for name in (LABELS_FILE, IDENTIFIERS_FILE):
+    for name in (LABELS_FILE, LESIONS_SIDECAR_FILE, IDENTIFIERS_FILE):
         if not (Path(out_dir) / name).is_file():
             return "incomplete"
     dicom_files = sum(len(files) for _, _, files in os.walk(Path(out_dir) / DICOM_DIR))
@@ -948,9 +986,10 @@ def start_cohort(out_dir: Path, parameters: SynthParameters) -> Path:
 
 
 def finish_cohort(out_dir: Path, parameters: SynthParameters, plans: Sequence[PatientPlan]) -> CohortCard:
-    """Write labels.csv, identifiers.json and finally the complete cohort.json."""
+    """Write labels.csv, lesions.csv, identifiers.json and finally the complete cohort.json."""
     out_dir = Path(out_dir)
     write_models_csv(out_dir / LABELS_FILE, [LabelRow(patient_id=p.patient_id, label=p.label) for p in plans], LabelRow)
+    write_models_csv(out_dir / LESIONS_SIDECAR_FILE, lesion_rows(plans), LesionSidecarRow)
     patients = [p.identifiers for p in plans]
     strings = set()
     for ids in patients:
@@ -1027,8 +1066,14 @@ def write_patient_batch(plans: Sequence[PatientPlan], dicom_dir: Path) -> int:
 
 
 def synthesize_cohort(out_dir: Path, patients: int = 150, slices_per_patient: int = 10, seed: int = 0,
-                      matrix_sizes: Sequence[int] = DEFAULT_MATRIX_SIZES) -> CohortSummary:
-    """Write a synthetic chest-CT cohort to out_dir, or reuse a complete one made with the same parameters."""
+                      matrix_sizes: Sequence[int] = DEFAULT_MATRIX_SIZES, *,
+                      write_batch: Callable[[list[PatientPlan], Path], int] = write_patient_batch,
+                      on_progress: Callable[[int, int], None] | None = None) -> CohortSummary:
+    """Write a synthetic chest-CT cohort to out_dir, or reuse a complete one made with the same parameters.
+
+    The one path: `synth_flow` calls this with write_batch=write_patient_batch_task (one Prefect task run per
+    batch of patients) and on_progress logging (slices written, slices in total).
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     validate_synth_parameters(patients, slices_per_patient, matrix_sizes)
@@ -1037,8 +1082,11 @@ def synthesize_cohort(out_dir: Path, patients: int = 150, slices_per_patient: in
         return summarize_existing(out_dir, time.perf_counter() - started)
     plans = plan_cohort(patients, slices_per_patient, seed, matrix_sizes)
     dicom_dir = start_cohort(out_dir, parameters)
+    written = 0
     for batch in patient_batches(plans):
-        write_patient_batch(batch, dicom_dir)
+        written += write_batch(batch, dicom_dir)
+        if on_progress is not None:
+            on_progress(written, patients * slices_per_patient)
     card = finish_cohort(out_dir, parameters, plans)
     return summarize_new(out_dir, card, time.perf_counter() - started)
 
@@ -1052,25 +1100,7 @@ def summarize_new(out_dir: Path, card: CohortCard, seconds: float) -> CohortSumm
 # ----------------------------------------------------------------------------------------------- Prefect tasks
 
 
-@task(name="plan-synthetic-cohort", cache_policy=NO_CACHE)
-def plan_cohort_task(patients: int, slices_per_patient: int, seed: int, matrix_sizes: list[int]) -> list[PatientPlan]:
-    """Draw every patient's identifiers, geometry and nodules from the seed."""
-    return plan_cohort(patients, slices_per_patient, seed, matrix_sizes)
-
-
-@task(name="start-synthetic-cohort", cache_policy=NO_CACHE)
-def start_cohort_task(out_dir: Path, parameters: SynthParameters) -> Path:
-    """Mark the cohort as in progress and create dicom/."""
-    return start_cohort(out_dir, parameters)
-
-
 @task(name="write-patient-series", cache_policy=NO_CACHE)
 def write_patient_batch_task(plans: list[PatientPlan], dicom_dir: Path) -> int:
     """Render and write a batch of patients' DICOM series."""
     return write_patient_batch(plans, dicom_dir)
-
-
-@task(name="finish-synthetic-cohort", cache_policy=NO_CACHE)
-def finish_cohort_task(out_dir: Path, parameters: SynthParameters, plans: list[PatientPlan]) -> CohortCard:
-    """Write labels.csv, identifiers.json and the complete cohort.json."""
-    return finish_cohort(out_dir, parameters, plans)

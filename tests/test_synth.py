@@ -15,6 +15,7 @@ from pydicom.pixels import apply_rescale
 from pydicom.uid import CTImageStorage, RLELossless
 
 from data_schemas.synth import COHORT_CARD_FILE, CohortCard, IdentifiersFile, LabelRow
+from data_schemas.visual import LESIONS_SIDECAR_FILE, LesionSidecarRow
 from flows.cli import main
 from data_schemas.files import read_model_json, read_models_csv
 from tasks.synth import (
@@ -116,6 +117,30 @@ def test_every_slice_of_a_nodule_patient_shows_a_nodule_inside_the_lung():
         assert all(8.0 <= n.diameter_mm <= 26.0 and -300 <= n.core_hu <= 100 for n in plan.nodules)
 
 
+def test_lesion_sidecar_gives_every_nodule_slice_its_discs_in_the_stored_pixel_grid(cohort, datasets):
+    rows = read_models_csv(cohort.out_dir / LESIONS_SIDECAR_FILE, LesionSidecarRow)
+    plans = {p.patient_id: p for p in plan_cohort(PATIENTS, SLICES, SEED)}
+    by_path = {path.relative_to(cohort.dicom_dir).as_posix(): ds for path, ds in datasets}
+    nodule_files = {path for path, ds in by_path.items() if plans[ds.PatientID].label == "nodule"}
+    assert {row.path for row in rows} == nodule_files  # every nodule slice, no normal slice
+    for row in rows:
+        ds = by_path[row.path]
+        plan = plans[ds.PatientID]
+        # Rendered HU before storage: the stored pixel grid, without the clipping that differs with the scanner.
+        hu = list(render_patient_hu(plan))[ds.InstanceNumber - 1]
+        without = list(render_patient_hu(plan, include_nodules=False))[ds.InstanceNumber - 1]
+        assert hu.shape == (ds.Rows, ds.Columns)
+        r, c = round(row.center_row), round(row.center_col)
+        assert hu[r, c] - without[r, c] > 100  # the centre pixel is on the drawn nodule
+        assert 4.0 / 2 / 0.9 <= row.radius_px <= 26.0 * 1.12 * 1.6 / 2 / (0.6 * 512 / ds.Rows) + 1
+        yy, xx = np.ogrid[:ds.Rows, :ds.Columns]
+        changed = np.abs(hu - without) > 100
+        outside = changed & ((yy - row.center_row) ** 2 + (xx - row.center_col) ** 2 > (row.radius_px + 1.5) ** 2)
+        others = [o for o in rows if o.path == row.path and o is not row]
+        if not others:
+            assert not outside.any()  # the disc encloses the whole visible nodule
+
+
 def test_identifiers_are_in_headers_and_in_the_private_file(cohort, datasets):
     private = read_model_json(cohort.identifiers_path, IdentifiersFile)
     assert private.identifiers == cohort.identifiers
@@ -170,6 +195,7 @@ def test_cli_writes_a_cohort_and_logs_no_identifiers(tmp_path, capsys):
     assert not any(identifier in printed.out + printed.err for identifier in identifiers)
     assert read_model_json(out / COHORT_CARD_FILE, CohortCard).complete
     assert len(_dicom_files(out / "dicom")) == 3
+    assert (out / LESIONS_SIDECAR_FILE).read_text().startswith("path,frame,lesion,center_row,center_col,radius_px\n")
     assert main(["synth", str(out), "--patients", "3", "--slices-per-patient", "1", "--seed", "5"]) == 0
     assert "kept existing" in capsys.readouterr().out
 
