@@ -9,8 +9,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.data
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+BINARY_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "OF", "OD", "OL", "UN", "AT"}
 
 
 def pydicom_file(name: str) -> Path:
@@ -86,3 +91,35 @@ def write_bad_inputs(root: Path) -> dict[str, str]:
     put("loops/self", "symlink_loop").symlink_to(root / "loops/self")
     shutil.copy(pydicom_file("DICOMDIR"), put("DICOMDIR", "dicomdir"))
     return expected
+
+
+def with_raw_element(dest: Path, keyword: str, vr: str, raw: bytes, source: Path | None = None) -> Path:
+    """Write a CT file (CT_small, or `source`) whose element `keyword` holds exactly these bytes under this VR.
+
+    The bytes bypass pydicom's value checks on writing, so a file can hold what a broken writer would produce:
+    'NaN' in an IS, garbage in a US, a string where a number belongs.
+    """
+    ds = pydicom.dcmread(source or pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    tag = Tag(tag_for_keyword(keyword))
+    if len(raw) % 2:
+        raw += b"\x00" if vr in BINARY_VRS else b" "
+    target = ds.file_meta if tag.group == 0x0002 else ds
+    target[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def deflated_ct(dest: Path, **changes: object) -> Path:
+    """CT_small re-encoded as Deflated Explicit VR Little Endian (the whole dataset zlib-compressed)."""
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
