@@ -41,6 +41,7 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 MAX_MATRIX_SIDE = 4096
 MAX_TOTAL_PIXELS = 2_000 * 1024 * 1024 // 2  # 2 GiB of 16-bit samples per file
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+KNOWN_PHOTOMETRIC = GRAYSCALE | {"PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
 # Secondary Capture (single- and multi-frame): screenshots and derived pictures that may carry burned-in text.
 SECONDARY_CAPTURE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7",
@@ -281,14 +282,14 @@ def _check_image_header(ds: Dataset, relative_path: str) -> str:
         raise Rejected(QuarantineReason.DICOMDIR, f"{relative_path}: DICOMDIR (a media index, not an image)")
     modality = _text(ds, "Modality", relative_path, 16).upper()
     if modality != "CT" and sop_class not in CT_SOP_CLASSES:
-        shown = "missing" if not modality else modality if modality.isalnum() else "not a modality code"
+        shown = "missing" if not modality else modality if modality.isalnum() and len(modality) <= 4 else "not a modality code"
         raise Rejected(QuarantineReason.NOT_CT, f"{relative_path}: modality is {shown}, not CT")
     if "PixelData" not in ds:
         raise Rejected(QuarantineReason.NO_PIXEL_DATA, f"{relative_path}: CT object without pixel data")
     photometric = _text(ds, "PhotometricInterpretation", relative_path, 16).upper()
     samples = header_value(ds, "SamplesPerPixel", integer_in(1, 4), relative_path) or 1
     if photometric not in GRAYSCALE or samples != 1:
-        shown = photometric if photometric.replace(" ", "").isalnum() else "unknown"
+        shown = photometric if photometric in KNOWN_PHOTOMETRIC else "unknown"
         raise Rejected(
             QuarantineReason.NOT_GRAYSCALE,
             f"{relative_path}: {shown or 'unknown'} image with {samples} samples per pixel; only grayscale CT is used",
@@ -357,6 +358,14 @@ def _check_pixel_data(ds: Dataset, layout: PixelLayout, syntax: UID, relative_pa
             )
 
 
+def _yes_or_no(value: object) -> bool:
+    """Converter for a YES/NO flag such as BurnedInAnnotation; anything else is invalid (so never taken as NO)."""
+    flag = text_up_to(3)(value).upper()
+    if flag not in {"YES", "NO"}:
+        raise ValueError("not YES or NO")
+    return flag == "YES"
+
+
 def _slope(value: object) -> float:
     """Converter for Rescale Slope: finite, non-zero, within SLOPE_LIMIT."""
     slope = real_in(-SLOPE_LIMIT, SLOPE_LIMIT)(value)
@@ -403,7 +412,7 @@ def _file_record(ds: Dataset, layout: PixelLayout, syntax: UID, sop_class: str, 
         kvp=header_value(ds, "KVP", real_in(*KVP_RANGE), relative_path),
         transfer_syntax=syntax.name if syntax else "",
         photometric_interpretation=_text(ds, "PhotometricInterpretation", relative_path, 16).upper(),
-        burned_in_annotation=_text(ds, "BurnedInAnnotation", relative_path, 16).upper() == "YES",
+        burned_in_annotation=header_value(ds, "BurnedInAnnotation", _yes_or_no, relative_path) is True,
         secondary_capture=sop_class in SECONDARY_CAPTURE_SOP_CLASSES,
     )
 
