@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from filelock import FileLock
 from prefect.client.orchestration import get_client
