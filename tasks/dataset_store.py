@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from data_schemas.dataset import (
+    CACHE_DIR,
     DATASET_CARD_FILE,
     DATASET_LOCK_FILE,
     IMAGES_FILE,
@@ -60,7 +62,7 @@ def dataset_write_lock(root: Path, timeout_s: float) -> Iterator[None]:
     try:
         remove_stale_temp_files(root, any_writer=True)
         remove_stale_temp_files(root / PRIVATE_DIR, any_writer=True)
-        remove_stale_temp_files(root / PRIVATE_DIR / "cache", recursive=True)
+        remove_stale_temp_files(root / CACHE_DIR, recursive=True)
         yield
     finally:
         lock.release()
@@ -70,19 +72,22 @@ def ensure_private_dir(root: Path) -> Path:
     """Create the private folder if needed and force it to 0700 and every file in it to 0600, even if it existed."""
     private = Path(root) / PRIVATE_DIR
     private.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    _chmod_if_needed(private, PRIVATE_DIR_MODE)  # first: closed before anything inside is looked at
     for directory, subdirs, files in os.walk(private):
         for name in subdirs:
             _chmod_if_needed(Path(directory) / name, PRIVATE_DIR_MODE)
         for name in files:
             _chmod_if_needed(Path(directory) / name, PRIVATE_FILE_MODE)
-    _chmod_if_needed(private, PRIVATE_DIR_MODE)
     return private
 
 
 def _chmod_if_needed(path: Path, mode: int) -> None:
-    info = path.lstat()
-    if (info.st_mode & 0o777) != mode and not os.path.islink(path):
-        os.chmod(path, mode)
+    try:
+        info = path.lstat()
+        if (info.st_mode & 0o777) != mode and not stat.S_ISLNK(info.st_mode):
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass  # a concurrent decoder's temp file, renamed meanwhile (its final file is written 0600)
 
 
 @dataclass
