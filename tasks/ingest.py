@@ -3,6 +3,8 @@
 Work is split in chunks of files; each chunk is one Prefect task run by the flow's task runner (processes
 locally, or a Dask cluster). Each file's result is cached under private/cache by content hash and
 preprocessing settings, so a re-run decodes only new or changed files and assembles the same dataset.
+A file that cannot become an image is quarantined with a reason (convert_file never raises for what a file
+holds). Assembly runs under the dataset folder's write lock and orders rows by content, never by pseudonym.
 """
 
 from __future__ import annotations
