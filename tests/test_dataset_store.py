@@ -59,13 +59,30 @@ def assert_consistent(out: Path) -> DatasetCard:
     return dataset.card
 
 
+# The real CLI, with pauses around writing images.npy that make two unlocked writers interleave for sure: the
+# 32 px run writes its images first and its manifest and card last, the 48 px run writes everything in between.
+# Unlocked, the card would describe 32 px images beside 48 px ones; locked, the second run waits its turn.
+SLOW_WRITER = """
+import sys, time
+import tasks.dataset_store as store
+write, first = store.write_images_npy, sys.argv[sys.argv.index("--size") + 1] == "32"
+def slow_write(path, images):
+    time.sleep(0 if first else 3)
+    write(path, images)
+    time.sleep(8 if first else 0)
+store.write_images_npy = slow_write
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_two_concurrent_ingests_of_different_sizes_end_in_one_consistent_dataset(tmp_path: Path) -> None:
     src = small_cohort(tmp_path / "src")
     out = tmp_path / "dataset"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     runs = [
         subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "ingest", str(src), "--out", str(out), "--size", str(size), "--workers", "1"],
+            [sys.executable, "-c", SLOW_WRITER, "ingest", str(src), "--out", str(out), "--size", str(size), "--workers", "1"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for size in (32, 48)
