@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -107,12 +106,24 @@ def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(tmp_pat
         ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     assert not (out / "dataset.json").exists()
     monkeypatch.setattr(tasks.ingest, "DATASET_LOCK_TIMEOUT_S", 120.0)
-    releaser = threading.Timer(1.0, holder.release)
+    released = threading.Event()
+    entered_after_release: list[bool] = []
+    assemble = tasks.ingest._assemble_locked
+
+    def spy(*args: object, **kwargs: object) -> object:
+        entered_after_release.append(released.is_set())
+        return assemble(*args, **kwargs)
+
+    def release() -> None:
+        released.set()
+        holder.release()
+
+    monkeypatch.setattr(tasks.ingest, "_assemble_locked", spy)
+    releaser = threading.Timer(1.0, release)
     releaser.start()
-    started = time.monotonic()
     ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     releaser.join()
-    assert time.monotonic() - started >= 1.0  # it waited for the holder, then wrote
+    assert entered_after_release == [True]  # it waited for the holder, then wrote
     assert_consistent(out)
 
 
