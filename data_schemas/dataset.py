@@ -9,7 +9,11 @@ Private part (never shared, never read by reports):
     private/index.csv       PrivateIndexRow: image key -> source path and content hash
     private/hmac.key        the pseudonymization secret (0600), unless CTCOMPARE_HMAC_KEY is set
     private/cache/          decoded per-file results keyed by content hash, for incremental re-ingest
-    quarantine.csv          QuarantineRow per rejected file (paths may contain names)
+    private/quarantine.csv  QuarantineRow per rejected file (paths may contain names); dataset.json keeps
+                            only the count per reason
+    private/write.lock      held by the one run writing the dataset folder
+
+The private folder is 0700 and its files 0600, enforced on every ingest.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ DATASET_SCHEMA_VERSION = "1.0"
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.csv"
 DATASET_CARD_FILE = "dataset.json"
-QUARANTINE_FILE = "quarantine.csv"
 PRIVATE_DIR = "private"
+QUARANTINE_FILE = "private/quarantine.csv"
+# Where datasets written before quarantine.csv moved under private/ kept it; removed by the next ingest.
+LEGACY_QUARANTINE_FILE = "quarantine.csv"
+DATASET_LOCK_FILE = "private/write.lock"
 PRIVATE_INDEX_FILE = "private/index.csv"
 UNLABELED_FILE = "private/unlabeled.csv"
 CACHE_DIR = "private/cache"
@@ -51,6 +58,8 @@ class QuarantineReason(str, Enum):
     DICOMDIR = "dicomdir"
     DECODE_ERROR = "decode_error"
     INVALID_HEADER = "invalid_header"
+    BURNED_IN_ANNOTATION = "burned_in_annotation"
+    SECONDARY_CAPTURE = "secondary_capture"
 
 
 class QuarantineRow(StrictModel):
@@ -187,4 +196,6 @@ class DecodedFileRecord(StrictModel):
     kvp: float | None = None
     transfer_syntax: str = ""
     photometric_interpretation: str = ""
+    burned_in_annotation: bool = Field(default=False, description="header says BurnedInAnnotation YES")
+    secondary_capture: bool = Field(default=False, description="a Secondary Capture object, not a scanner image")
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)

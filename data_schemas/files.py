@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
 from pathlib import Path
 from typing import Iterable, TypeVar
 
@@ -17,19 +19,69 @@ from pydantic import BaseModel
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+TEMP_SUFFIX = ".tmp"
+# .NAME.RANDOM.PID@HOST.tmp: unique per call, and a later run can tell whether the writer still lives.
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")
+
+
+def temp_path_for(path: Path) -> Path:
+    """A temp file name beside `path`, unique per host, process and call: .NAME.RANDOM.PID@HOST.tmp."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{os.getpid()}@{socket.gethostname()}{TEMP_SUFFIX}")
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True when a temp file's writer, named in it, was a process of this host that no longer runs."""
+    match = _TEMP_NAME.match(name)
+    if match is None or match["host"] != socket.gethostname():
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
+
+
+def remove_stale_temp_files(folder: Path, *, recursive: bool = False, any_writer: bool = False) -> int:
+    """Delete temp files left by killed writers (their process is gone); return how many were removed.
+
+    any_writer=True also removes temp files of unknown or live writers: only for folders written under a lock
+    that the caller holds, where no other writer can be at work.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    candidates = folder.rglob(f".*{TEMP_SUFFIX}") if recursive else folder.glob(f".*{TEMP_SUFFIX}")
+    removed = 0
+    for candidate in candidates:
+        match = _TEMP_NAME.match(candidate.name)
+        if match and match["host"] == socket.gethostname() and int(match["pid"]) == os.getpid():
+            continue  # this process's own write in progress
+        if candidate.is_file() and (any_writer or _writer_is_gone(candidate.name)):
+            candidate.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True, *, mode: int | None = None) -> None:
     """Write bytes so that readers see the old file or the whole new one, never a half-written file.
 
     durable=False skips the fsync: for files that are cheap to recreate (caches), where speed matters more.
+    mode: permissions of the new file (default: what an ordinary open() gives, 0666 minus the umask); 0o600 for
+    private files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_path_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
-        # mkstemp creates 0600; give the file the permissions an ordinary open() would (0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if mode is not None:
+            os.fchmod(fd, mode)  # exact, whatever the umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -37,13 +89,13 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Atomically write UTF-8 text (mode as in atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def write_model_json(path: Path, model: BaseModel) -> None:
@@ -56,8 +108,8 @@ def read_model_json(path: Path, model_type: type[ModelT]) -> ModelT:
     return model_type.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
-def write_models_csv(path: Path, rows: Iterable[BaseModel], model_type: type[BaseModel]) -> None:
-    """Atomically write pydantic rows as CSV, columns in the model's field order."""
+def write_models_csv(path: Path, rows: Iterable[BaseModel], model_type: type[BaseModel], *, mode: int | None = None) -> None:
+    """Atomically write pydantic rows as CSV, columns in the model's field order (mode as in atomic_write_bytes)."""
     fields = list(model_type.model_fields)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
@@ -65,7 +117,7 @@ def write_models_csv(path: Path, rows: Iterable[BaseModel], model_type: type[Bas
     for row in rows:
         data = row.model_dump(mode="json")
         writer.writerow({k: ("" if data[k] is None else data[k]) for k in fields})
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), mode=mode)
 
 
 def read_models_csv(path: Path, model_type: type[ModelT]) -> list[ModelT]:

@@ -42,13 +42,17 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
         raise ValueError(f"labels file {labels} does not exist.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a folder.")
+    spec = parse_window(window)
+    # Checked without creating anything: a refused ingest leaves no folder behind.
     parent = out_dir if out_dir.exists() else next((p for p in out_dir.parents if p.exists()), Path("/"))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError
+        if parent == out_dir:
+            tempfile.TemporaryFile(dir=out_dir).close()  # the real test where the folder exists (read-only mounts)
     except OSError:
         raise ValueError(f"output folder {out_dir} cannot be written (checked {parent}).") from None
-    return parse_window(window)
+    return spec
 
 
 @flow(name="ingest")
@@ -60,8 +64,13 @@ def ingest_flow(
     window: WindowOption = "lung",
     workers: Annotated[int, Field(ge=0, le=256)] = 0,
     dask_address: str | None = None,
+    allow_burned_in: bool = False,
 ) -> dict[str, Any]:
-    """Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset."""
+    """Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset.
+
+    allow_burned_in includes files whose header says BurnedInAnnotation YES and Secondary Capture objects,
+    whose pixels may show names; by default they are quarantined.
+    """
     logger = get_run_logger()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
     window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
@@ -69,7 +78,7 @@ def ingest_flow(
 
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
-    (out / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)  # source paths, UIDs and the key: owner only
+    (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
     n_workers = workers or os.cpu_count() or 1
     chunks = chunk_sources(sources, n_workers)
@@ -89,7 +98,7 @@ def ingest_flow(
             future.result()
     records = load_cached_records(sources, cache_dir)
 
-    result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table)
+    result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
     card = result.card
     logger.info(
         "%s %d image(s) of %d patient(s); %d file(s) quarantined",
@@ -112,7 +121,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:
-        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address)
+        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address, allow_burned_in=args.allow_burned_in)
     except IngestError as error:
         print(f"ctcompare ingest: {error}")
         return 1
@@ -120,7 +129,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
     state = "unchanged" if summary["skipped"] else "written"
     print(
         f"Dataset {state}: {summary['dataset_dir']} - {card['n_images']} images from {card['n_patients']} patients; "
-        f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see quarantine.csv); "
+        f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see private/quarantine.csv); "
         f"labels: {card['label_distribution'] or 'none'}"
     )
     return 0
@@ -136,4 +145,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--window", default="lung", help="lung, mediastinal, bone, none, or LEVEL,WIDTH in HU (default lung)")
     parser.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
     parser.add_argument("--dask-address", default=None, help="run the decode chunks on this Dask scheduler (e.g. tcp://host:8786)")
+    parser.add_argument("--allow-burned-in", action="store_true", help="include files marked BurnedInAnnotation YES and Secondary Capture objects (their pixels may show names); quarantined by default")
     parser.set_defaults(handler=_run_ingest)

@@ -1,21 +1,93 @@
-"""Reading and writing the shareable part of a dataset folder (images.npy, manifest.csv, dataset.json)."""
+"""A dataset folder: reading and writing its shareable part (images.npy, manifest.csv, dataset.json), the lock
+that keeps two writers apart, and the permissions of its private part."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from data_schemas.dataset import (
+    CACHE_DIR,
     DATASET_CARD_FILE,
+    DATASET_LOCK_FILE,
     IMAGES_FILE,
     MANIFEST_FILE,
+    PRIVATE_DIR,
     DatasetCard,
     ManifestRow,
 )
-from data_schemas.files import read_model_json, read_models_csv, write_model_json, write_models_csv
+from data_schemas.files import (
+    read_model_json,
+    read_models_csv,
+    remove_stale_temp_files,
+    temp_path_for,
+    write_model_json,
+    write_models_csv,
+)
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+class DatasetBusyError(RuntimeError):
+    """Another run holds the dataset folder's write lock for longer than this run will wait."""
+
+
+@contextlib.contextmanager
+def dataset_write_lock(root: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the dataset folder's write lock (private/write.lock, via filelock); wait at most timeout_s for it.
+
+    On entry, temp files that an earlier, killed writer left in the folder and its private part are removed:
+    under the lock no other writer can be at work there. The decode cache is shared by concurrent decoders, so
+    only temp files whose writing process is gone are removed from it.
+    """
+    root = Path(root)
+    ensure_private_dir(root)
+    lock = FileLock(root / DATASET_LOCK_FILE, timeout=timeout_s, mode=PRIVATE_FILE_MODE)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DatasetBusyError(
+            f"dataset folder {root} is being written by another ctcompare run (waited {timeout_s:g} s); "
+            "run again when it has finished."
+        ) from None
+    try:
+        remove_stale_temp_files(root, any_writer=True)
+        remove_stale_temp_files(root / PRIVATE_DIR, any_writer=True)
+        remove_stale_temp_files(root / CACHE_DIR, recursive=True)
+        yield
+    finally:
+        lock.release()
+
+
+def ensure_private_dir(root: Path) -> Path:
+    """Create the private folder if needed and force it to 0700 and every file in it to 0600, even if it existed."""
+    private = Path(root) / PRIVATE_DIR
+    private.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    _chmod_if_needed(private, PRIVATE_DIR_MODE)  # first: closed before anything inside is looked at
+    for directory, subdirs, files in os.walk(private):
+        for name in subdirs:
+            _chmod_if_needed(Path(directory) / name, PRIVATE_DIR_MODE)
+        for name in files:
+            _chmod_if_needed(Path(directory) / name, PRIVATE_FILE_MODE)
+    return private
+
+
+def _chmod_if_needed(path: Path, mode: int) -> None:
+    try:
+        info = path.lstat()
+        if (info.st_mode & 0o777) != mode and not stat.S_ISLNK(info.st_mode):
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass  # a concurrent decoder's temp file, renamed meanwhile (its final file is written 0600)
 
 
 @dataclass
@@ -49,12 +121,16 @@ def dataset_content_hash(images_path: Path, manifest_path: Path) -> str:
 def write_images_npy(path: Path, images: np.ndarray) -> None:
     """Write images.npy atomically (temp file + rename) as a memory-mappable .npy."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=images.shape)
-    array[...] = images
-    array.flush()
-    del array
-    tmp.replace(path)
+    tmp = temp_path_for(path)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=images.shape)
+        array[...] = images
+        array.flush()
+        del array
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_dataset(root: Path, images: np.ndarray, manifest: list[ManifestRow], card: DatasetCard) -> DatasetCard:

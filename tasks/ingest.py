@@ -3,17 +3,22 @@
 Work is split in chunks of files; each chunk is one Prefect task run by the flow's task runner (processes
 locally, or a Dask cluster). Each file's result is cached under private/cache by content hash and
 preprocessing settings, so a re-run decodes only new or changed files and assembles the same dataset.
+A file that cannot become an image is quarantined with a reason (convert_file never raises for what a file
+holds). Assembly runs under the dataset folder's write lock and orders rows by content, never by pseudonym.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
 import stat
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -21,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
+from prefect.states import State
 
 from data_schemas.dataset import (
+    DATASET_CARD_FILE,
+    IMAGES_FILE,
+    LEGACY_QUARANTINE_FILE,
+    MANIFEST_FILE,
     PRIVATE_DIR,
     PRIVATE_INDEX_FILE,
     QUARANTINE_FILE,
@@ -38,20 +48,28 @@ from data_schemas.dataset import (
     WindowSpec,
 )
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
-from tasks.dataset_store import write_dataset
+from tasks.dataset_store import PRIVATE_FILE_MODE, DatasetBusyError, dataset_content_hash, dataset_write_lock, write_dataset
 from tasks.dicom_io import Rejected, read_ct_file
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
 from tasks.preprocess import hu_frame_to_image, window_level_width
 from tasks.pseudonymize import load_or_create_secret, pseudonym
 
 # Bump when the conversion recipe changes: it invalidates every cached decode.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: every header value validated; burned-in annotation and secondary capture recorded
 HU_SAMPLE_STRIDE = 8
 INGEST_STATE_FILE = "private/ingest_state.json"
+# How long a second ingest into the same dataset folder waits for the first to finish writing.
+DATASET_LOCK_TIMEOUT_S = 600.0
+# Errors that mean "this folder cannot take more bytes": reported as one sentence naming the folder, never retried.
+UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class IngestError(ValueError):
     """Ingest cannot go on (bad labels file, nothing ingested): one sentence for the user."""
+
+
+class OutputWriteError(IngestError):
+    """The dataset folder cannot be written (disk full, read-only, busy): one sentence naming the folder."""
 
 
 @dataclass(frozen=True)
@@ -126,24 +144,46 @@ def cache_path(cache_dir: Path, content_sha256: str) -> Path:
     return Path(cache_dir) / content_sha256[:2] / f"{content_sha256}.npz"
 
 
-def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> None:
-    """Decode one file and store its images, HU sample and record (or its rejection) in the cache."""
+@dataclass
+class ConvertedFile:
+    """One file after validation and conversion: its record, and its images and HU sample (empty if rejected)."""
+
+    record: DecodedFileRecord
+    images: np.ndarray  # (F, size, size) float16 in [0, 1]
+    hu_sample: np.ndarray  # float32
+
+
+def _rejected_file(source: SourceFile, size: int, reason: QuarantineReason, message: str) -> ConvertedFile:
+    record = DecodedFileRecord(relative_path=source.relative_path, content_sha256=source.content_sha256, accepted=False, reason=reason, message=message)
+    return ConvertedFile(record=record, images=np.zeros((0, size, size), np.float16), hu_sample=np.zeros(0, np.float32))
+
+
+def convert_file(source: SourceFile, size: int, window: WindowSpec) -> ConvertedFile:
+    """Validate, decode and convert one file; never raises for anything the file holds (it is quarantined instead)."""
     try:
         decoded = read_ct_file(Path(source.path), source.relative_path)
-    except Rejected as rejected:
-        record = DecodedFileRecord(relative_path=source.relative_path, content_sha256=source.content_sha256, accepted=False, reason=rejected.reason, message=rejected.message)
-        images = np.zeros((0, size, size), np.float16)
-        hu_sample = np.zeros(0, np.float32)
-    else:
         monochrome1 = decoded.record.photometric_interpretation == "MONOCHROME1"
         converted = [hu_frame_to_image(frame, window, size, monochrome1) for frame in decoded.hu_frames]
         images = np.stack([image for image, _ in converted]).astype(np.float16)
-        hu_sample = decoded.hu_frames[:, ::HU_SAMPLE_STRIDE, ::HU_SAMPLE_STRIDE].ravel().astype(np.float32)
-        record = decoded.record.model_copy(update={"content_sha256": source.content_sha256, "pads": converted[0][1]})
+    except Rejected as rejected:
+        return _rejected_file(source, size, rejected.reason, rejected.message)
+    except MemoryError:
+        raise  # the machine, not the file: let the task fail and be retried
+    except Exception as error:  # a kind of broken file no check above foresaw: one file, not the whole run
+        message = f"{source.relative_path}: could not be converted ({type(error).__name__})"
+        return _rejected_file(source, size, QuarantineReason.DECODE_ERROR, message)
+    hu_sample = decoded.hu_frames[:, ::HU_SAMPLE_STRIDE, ::HU_SAMPLE_STRIDE].ravel().astype(np.float32)
+    record = decoded.record.model_copy(update={"content_sha256": source.content_sha256, "pads": converted[0][1]})
+    return ConvertedFile(record=record, images=images, hu_sample=hu_sample)
+
+
+def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> None:
+    """Convert one file and store its images, HU sample and record (or its rejection) in the private cache."""
+    converted = convert_file(source, size, window)
     buffer = io.BytesIO()
-    np.savez(buffer, images=images, hu_sample=hu_sample, record=np.array(record.model_dump_json()))
+    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(converted.record.model_dump_json()))
     # No fsync: a cache entry lost in a crash is simply decoded again; the rename still keeps it whole.
-    atomic_write_bytes(cache_file, buffer.getvalue(), durable=False)
+    atomic_write_bytes(cache_file, buffer.getvalue(), durable=False, mode=PRIVATE_FILE_MODE)
 
 
 def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
@@ -151,8 +191,24 @@ def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: W
     for source in sources:
         cache_file = cache_path(Path(cache_dir), source.content_sha256)
         if not cache_file.exists():
-            _decode_to_cache(source, cache_file, size, window)
+            try:
+                _decode_to_cache(source, cache_file, size, window)
+            except OSError as error:
+                if error.errno not in UNWRITABLE_ERRNOS:
+                    raise
+                raise OutputWriteError(f"cannot write decoded images into {cache_dir} ({error.strerror or error}).") from None
     return [source.content_sha256 for source in sources]
+
+
+def _retry_unless_output_unwritable(task: object, task_run: object, state: State) -> bool:
+    """Retry a failed chunk, except when the output folder cannot be written: retrying cannot help then."""
+    try:
+        state.result()
+    except OutputWriteError:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def chunk_cache_key(context: object, parameters: dict) -> str:
@@ -167,7 +223,7 @@ def chunk_cache_key(context: object, parameters: dict) -> str:
 
 
 @task(name="decode-chunk", retries=2, retry_delay_seconds=2, task_run_name="decode-chunk-{chunk_index}",
-      cache_key_fn=chunk_cache_key, persist_result=True)
+      cache_key_fn=chunk_cache_key, persist_result=True, retry_condition_fn=_retry_unless_output_unwritable)
 def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
     """Decode one chunk of files into the dataset's private cache; the result holds only content hashes."""
     # One thread per worker process: parallelism comes from the chunks.
@@ -308,105 +364,139 @@ class IngestResult:
     quarantine: list[QuarantineRow]
 
 
-def _input_signature(records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow], settings_sig: str, labels: LabelTable | None) -> str:
+def _input_signature(
+    records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow], settings: dict[str, object], labels: LabelTable | None
+) -> str:
     return sha256_json({
         "files": [(r.relative_path, r.content_sha256, r.accepted) for r in records],
         "rejects": [(q.relative_path, q.reason.value) for q in discovery_rejects],
-        "settings": settings_sig,
+        "settings": settings,
         "labels": None if labels is None else {"key": labels.key_column, "labels": sorted(labels.labels.items())},
     })
 
 
-def assemble_dataset(
-    records: list[DecodedFileRecord],
-    discovery_rejects: list[QuarantineRow],
-    out_dir: Path,
-    cache_dir: Path,
-    size: int,
-    window: WindowSpec,
-    labels: LabelTable | None,
-) -> IngestResult:
-    """Pseudonymize, order deterministically, label, fingerprint and write the dataset folder."""
-    private_dir = out_dir / PRIVATE_DIR
-    signature = _input_signature(records, discovery_rejects, preprocessing_signature(size, window), labels)
-    state_path = out_dir / INGEST_STATE_FILE
-    card_path = out_dir / "dataset.json"
-    if state_path.is_file() and card_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state.get("signature") == signature:
-            card = DatasetCard.model_validate_json(card_path.read_text())
-            return IngestResult(card=card, out_dir=out_dir, skipped=True, quarantine=read_models_csv(out_dir / QUARANTINE_FILE, QuarantineRow))
+def apply_burned_in_policy(records: list[DecodedFileRecord], allow_burned_in: bool) -> list[DecodedFileRecord]:
+    """Quarantine files whose pixels may carry text (BurnedInAnnotation YES, Secondary Capture) unless allowed."""
+    if allow_burned_in:
+        return records
+    result = []
+    for record in records:
+        if record.accepted and record.burned_in_annotation:
+            record = record.model_copy(update={
+                "accepted": False, "reason": QuarantineReason.BURNED_IN_ANNOTATION,
+                "message": f"{record.relative_path}: header says BurnedInAnnotation YES (text in the pixels); use --allow-burned-in to include it knowingly",
+            })
+        elif record.accepted and record.secondary_capture:
+            record = record.model_copy(update={
+                "accepted": False, "reason": QuarantineReason.SECONDARY_CAPTURE,
+                "message": f"{record.relative_path}: Secondary Capture object (may show burned-in text); use --allow-burned-in to include it knowingly",
+            })
+        result.append(record)
+    return result
 
-    records = mark_duplicates(records)
-    accepted = [r for r in records if r.accepted]
-    quarantine = sorted(
-        discovery_rejects + [QuarantineRow(relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message) for r in records if not r.accepted],
-        key=lambda q: q.relative_path,
-    )
-    n_files_seen = len(records) + len(discovery_rejects)
-    if not accepted:
-        write_models_csv(out_dir / QUARANTINE_FILE, quarantine, QuarantineRow)
-        raise IngestError(f"no CT image could be ingested from {n_files_seen} file(s); see {out_dir / QUARANTINE_FILE} for the reason of each.")
 
-    secret = load_or_create_secret(private_dir)
-    keyed = []
-    for record in accepted:
-        patient_key = pseudonym(secret, "patient", record.patient_id or f"study:{record.study_instance_uid}")
+def _patient_identity(record: DecodedFileRecord) -> str:
+    return record.patient_id or f"study:{record.study_instance_uid}"
+
+
+@dataclass
+class LoadedFile:
+    """An accepted file's cached images and HU sample, with the SHA-256 of its images (its content key)."""
+
+    record: DecodedFileRecord
+    images: np.ndarray
+    hu_sample: np.ndarray
+    image_sha256: str
+
+
+def order_by_content(records: list[DecodedFileRecord], cache_dir: Path) -> list[LoadedFile]:
+    """Load the accepted files and order them by content alone, whatever the pseudonymization key.
+
+    Files are grouped by patient, study and series; each group is ordered by a content key, the SHA-256 of the
+    sorted image hashes of its files (an image hash is the SHA-256 of the file's converted float16 images), then
+    by instance number, image hash and file hash. No identifier and no HMAC key decides the order.
+    """
+    loaded = []
+    for record in records:
+        with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
+            images, hu_sample = cached["images"], cached["hu_sample"]
+        loaded.append(LoadedFile(record, images, hu_sample, hashlib.sha256(images.tobytes()).hexdigest()))
+    identities = {
+        "patient": lambda r: (_patient_identity(r),),
+        "study": lambda r: (_patient_identity(r), r.study_instance_uid),
+        "series": lambda r: (_patient_identity(r), r.study_instance_uid, r.series_instance_uid),
+    }
+    content_keys: dict[str, dict[tuple[str, ...], str]] = {}
+    for level, identity in identities.items():
+        groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+        for item in loaded:
+            groups[identity(item.record)].append(item.image_sha256)
+        content_keys[level] = {group: sha256_json(sorted(hashes)) for group, hashes in groups.items()}
+    return sorted(loaded, key=lambda item: (
+        *(content_keys[level][identity(item.record)] for level, identity in identities.items()),
+        item.record.instance_number or 0, item.image_sha256, item.record.content_sha256,
+    ))
+
+
+@dataclass
+class DatasetRows:
+    """What the ordered files become: the manifest, the private index, the images, HU samples and unlabelled paths."""
+
+    manifest: list[ManifestRow] = field(default_factory=list)
+    index: list[PrivateIndexRow] = field(default_factory=list)
+    image_blocks: list[np.ndarray] = field(default_factory=list)
+    hu_samples: list[np.ndarray] = field(default_factory=list)
+    unlabeled_paths: list[str] = field(default_factory=list)
+    label_hits: int = 0
+
+
+def build_rows(ordered: list[LoadedFile], secret: bytes, labels: LabelTable | None) -> DatasetRows:
+    """Pseudonymize and label the ordered files: one manifest row (and private index row) per frame."""
+    rows = DatasetRows()
+    for item in ordered:
+        record, frames = item.record, item.images
+        patient_key = pseudonym(secret, "patient", _patient_identity(record))
         study_key = pseudonym(secret, "study", record.study_instance_uid)
         series_key = pseudonym(secret, "series", record.series_instance_uid)
         sop_key = pseudonym(secret, "image", record.sop_instance_uid or record.content_sha256)
-        keyed.append((patient_key, study_key, series_key, record.instance_number or 0, sop_key, record))
-    keyed.sort(key=lambda item: item[:5])
-
-    label_hits = 0
-    manifest: list[ManifestRow] = []
-    index_rows: list[PrivateIndexRow] = []
-    unlabeled_paths: list[str] = []
-    image_blocks: list[np.ndarray] = []
-    hu_samples: list[np.ndarray] = []
-    for patient_key, study_key, series_key, _, sop_key, record in keyed:
-        with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
-            frames = cached["images"]
-            hu_samples.append(cached["hu_sample"])
         label = ""
         if labels is not None:
             label = labels.labels.get(_label_key(record, labels.key_column), "")
             if label:
-                label_hits += 1
+                rows.label_hits += 1
             else:
-                unlabeled_paths.append(record.relative_path)
+                rows.unlabeled_paths.append(record.relative_path)
         pad_top, pad_bottom, pad_left, pad_right = record.pads
         for frame_number in range(frames.shape[0]):
             image_key = pseudonym(secret, "frame", f"{sop_key}/{frame_number}") if frames.shape[0] > 1 else sop_key
-            manifest.append(ManifestRow(
-                index=len(manifest), image_key=image_key, patient_key=patient_key, study_key=study_key,
+            rows.manifest.append(ManifestRow(
+                index=len(rows.manifest), image_key=image_key, patient_key=patient_key, study_key=study_key,
                 series_key=series_key, frame=frame_number, label=label, rows=record.rows, columns=record.columns,
                 pixel_spacing_mm=record.pixel_spacing_mm, slice_thickness_mm=record.slice_thickness_mm,
                 manufacturer=record.manufacturer, model_name=record.model_name, kvp=record.kvp,
                 transfer_syntax=record.transfer_syntax, photometric_interpretation=record.photometric_interpretation,
                 pad_top=pad_top, pad_bottom=pad_bottom, pad_left=pad_left, pad_right=pad_right,
             ))
-            index_rows.append(PrivateIndexRow(image_key=image_key, relative_path=record.relative_path, content_sha256=record.content_sha256, frame=frame_number))
-        image_blocks.append(frames)
-    if labels is not None and label_hits == 0:
-        raise IngestError(
-            f"no {labels.key_column} in labels file {labels.source_name} matches any of the {len(accepted)} ingested file(s); "
-            "check that the key column holds the values stored in the DICOM headers."
-        )
+            rows.index.append(PrivateIndexRow(image_key=image_key, relative_path=record.relative_path, content_sha256=record.content_sha256, frame=frame_number))
+        rows.image_blocks.append(frames)
+        rows.hu_samples.append(item.hu_sample)
+    return rows
 
-    images = np.concatenate(image_blocks)[:, None]
-    label_counts = Counter(row.label for row in manifest if row.label)
+
+def build_card(rows: DatasetRows, *, size: int, window: WindowSpec, labels: LabelTable | None, n_files_seen: int, n_accepted: int, quarantine: list[QuarantineRow]) -> DatasetCard:
+    """The dataset card (content_hash left empty: write_dataset fills it from the files it writes)."""
+    manifest = rows.manifest
     level, width = window_level_width(window)
     fingerprint = DatasetFingerprint(
         matrix_sizes=dict(sorted(Counter(f"{r.rows}x{r.columns}" for r in manifest).items())),
         pixel_spacing_mm=summarize([r.pixel_spacing_mm for r in manifest]),
         slice_thickness_mm=summarize([r.slice_thickness_mm for r in manifest]),
-        hounsfield_units=summarize(np.concatenate(hu_samples)),
+        hounsfield_units=summarize(np.concatenate(rows.hu_samples)),
         manufacturers=dict(sorted(Counter(r.manufacturer or "unknown" for r in manifest).items())),
         transfer_syntaxes=dict(sorted(Counter(r.transfer_syntax or "unknown" for r in manifest).items())),
         kvp=summarize([r.kvp for r in manifest]),
     )
-    card = DatasetCard(
+    return DatasetCard(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         ctcompare_version=_package_version(),
         image_size=size,
@@ -422,19 +512,106 @@ def assemble_dataset(
         n_studies=len({r.study_key for r in manifest}),
         n_series=len({r.series_key for r in manifest}),
         n_files_seen=n_files_seen,
-        n_files_ingested=len(accepted),
+        n_files_ingested=n_accepted,
         n_files_quarantined=len(quarantine),
         quarantine_reasons=dict(sorted(Counter(q.reason.value for q in quarantine).items())),
         labels_source=None if labels is None else labels.key_column,
-        label_distribution=dict(sorted(label_counts.items())),
+        label_distribution=dict(sorted(Counter(row.label for row in manifest if row.label).items())),
         n_unlabeled_images=sum(1 for r in manifest if not r.label),
         fingerprint=fingerprint,
         content_hash="",
     )
+
+
+@contextlib.contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """Turn an OSError while writing (disk full, read-only, no permission) into one sentence naming the folder."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise OutputWriteError(f"cannot write the dataset into {folder} ({error.strerror or error}).") from None
+
+
+def _unchanged_dataset(out_dir: Path, signature: str) -> IngestResult | None:
+    """The existing dataset when it was built from the same inputs and its files still match its card."""
+    state_path, card_path = out_dir / INGEST_STATE_FILE, out_dir / DATASET_CARD_FILE
+    if not (state_path.is_file() and card_path.is_file() and (out_dir / IMAGES_FILE).is_file() and (out_dir / MANIFEST_FILE).is_file()):
+        return None
+    state = json.loads(state_path.read_text())
+    card = DatasetCard.model_validate_json(card_path.read_text())
+    if state.get("signature") != signature or state.get("content_hash") != card.content_hash:
+        return None
+    if dataset_content_hash(out_dir / IMAGES_FILE, out_dir / MANIFEST_FILE) != card.content_hash:
+        return None
+    return IngestResult(card=card, out_dir=out_dir, skipped=True, quarantine=read_models_csv(out_dir / QUARANTINE_FILE, QuarantineRow))
+
+
+def _write_private_files(out_dir: Path, quarantine: list[QuarantineRow], rows: DatasetRows | None) -> None:
+    """The private part: quarantine list, index and unlabelled list, owner-only; the old shared quarantine.csv goes."""
+    write_models_csv(out_dir / QUARANTINE_FILE, quarantine, QuarantineRow, mode=PRIVATE_FILE_MODE)
+    (out_dir / LEGACY_QUARANTINE_FILE).unlink(missing_ok=True)  # source paths never stay where shared files go
+    if rows is not None:
+        write_models_csv(out_dir / PRIVATE_INDEX_FILE, rows.index, PrivateIndexRow, mode=PRIVATE_FILE_MODE)
+        unlabeled = "relative_path\n" + "".join(f"{p}\n" for p in sorted(rows.unlabeled_paths))
+        atomic_write_text(out_dir / UNLABELED_FILE, unlabeled, mode=PRIVATE_FILE_MODE)
+
+
+def assemble_dataset(
+    records: list[DecodedFileRecord],
+    discovery_rejects: list[QuarantineRow],
+    out_dir: Path,
+    cache_dir: Path,
+    size: int,
+    window: WindowSpec,
+    labels: LabelTable | None,
+    *,
+    allow_burned_in: bool = False,
+) -> IngestResult:
+    """Under the dataset folder's write lock: pseudonymize, order by content, label, fingerprint and write the folder.
+
+    A second run into the same folder waits up to DATASET_LOCK_TIMEOUT_S for the first, then refuses with one
+    sentence; an unwritable folder (disk full, read-only) also gives one sentence naming it.
+    """
+    try:
+        with _writing_into(out_dir), dataset_write_lock(out_dir, DATASET_LOCK_TIMEOUT_S):
+            return _assemble_locked(records, discovery_rejects, out_dir, cache_dir, size, window, labels, allow_burned_in)
+    except DatasetBusyError as error:
+        raise OutputWriteError(str(error)) from None
+
+
+def _assemble_locked(
+    records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow], out_dir: Path, cache_dir: Path,
+    size: int, window: WindowSpec, labels: LabelTable | None, allow_burned_in: bool,
+) -> IngestResult:
+    """assemble_dataset's work, with the lock held."""
+    settings = {"recipe": preprocessing_signature(size, window), "allow_burned_in": allow_burned_in}
+    signature = _input_signature(records, discovery_rejects, settings, labels)
+    unchanged = _unchanged_dataset(out_dir, signature)
+    if unchanged is not None:
+        return unchanged
+
+    records = mark_duplicates(apply_burned_in_policy(records, allow_burned_in))
+    accepted = [r for r in records if r.accepted]
+    quarantine = sorted(
+        discovery_rejects + [QuarantineRow(relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message) for r in records if not r.accepted],
+        key=lambda q: q.relative_path,
+    )
+    n_files_seen = len(records) + len(discovery_rejects)
+    if not accepted:
+        _write_private_files(out_dir, quarantine, None)
+        raise IngestError(f"no CT image could be ingested from {n_files_seen} file(s); see {out_dir / QUARANTINE_FILE} for the reason of each.")
+
+    rows = build_rows(order_by_content(accepted, cache_dir), load_or_create_secret(out_dir / PRIVATE_DIR), labels)
+    if labels is not None and rows.label_hits == 0:
+        raise IngestError(
+            f"no {labels.key_column} in labels file {labels.source_name} matches any of the {len(accepted)} ingested file(s); "
+            "check that the key column holds the values stored in the DICOM headers."
+        )
+    card = build_card(rows, size=size, window=window, labels=labels, n_files_seen=n_files_seen, n_accepted=len(accepted), quarantine=quarantine)
     # Private files first, the shareable dataset last (dataset.json marks completion), then the state.
-    write_models_csv(out_dir / QUARANTINE_FILE, quarantine, QuarantineRow)
-    write_models_csv(out_dir / PRIVATE_INDEX_FILE, index_rows, PrivateIndexRow)
-    atomic_write_text(out_dir / UNLABELED_FILE, "relative_path\n" + "".join(f"{p}\n" for p in sorted(unlabeled_paths)))
-    card = write_dataset(out_dir, images, manifest, card)
-    atomic_write_text(state_path, json.dumps({"signature": signature, "content_hash": card.content_hash}) + "\n")
+    _write_private_files(out_dir, quarantine, rows)
+    card = write_dataset(out_dir, np.concatenate(rows.image_blocks)[:, None], rows.manifest, card)
+    atomic_write_text(out_dir / INGEST_STATE_FILE, json.dumps({"signature": signature, "content_hash": card.content_hash}) + "\n", mode=PRIVATE_FILE_MODE)
     return IngestResult(card=card, out_dir=out_dir, skipped=False, quarantine=quarantine)

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from data_schemas.files import atomic_write_bytes
+
 HMAC_KEY_ENV = "CTCOMPARE_HMAC_KEY"
 KEY_FILE_NAME = "hmac.key"
 PSEUDONYM_HEX_CHARS = 20  # 80 bits: collisions are negligible for any realistic archive
@@ -20,13 +22,13 @@ def load_or_create_secret(private_dir: Path) -> bytes:
         return from_env.encode("utf-8")
     private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # only the owner may read the private part
     key_path = private_dir / KEY_FILE_NAME
-    if key_path.exists():
-        return key_path.read_bytes().strip()
+    existing = key_path.read_bytes().strip() if key_path.exists() else b""
+    if existing:
+        return existing
+    # Created whole or not at all (a run killed mid-write never leaves an empty key), 0600. Callers hold the
+    # dataset folder's write lock, so no concurrent run creates another.
     secret = secrets.token_hex(32).encode("ascii")
-    # O_EXCL + 0600: never readable by others, never overwritten by a concurrent run.
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret)
+    atomic_write_bytes(key_path, secret, mode=0o600)
     return secret
 
 

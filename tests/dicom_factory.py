@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pydicom.data
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+BINARY_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "OF", "OD", "OL", "UN", "AT"}
 
 
 def pydicom_file(name: str) -> Path:
@@ -86,3 +94,58 @@ def write_bad_inputs(root: Path) -> dict[str, str]:
     put("loops/self", "symlink_loop").symlink_to(root / "loops/self")
     shutil.copy(pydicom_file("DICOMDIR"), put("DICOMDIR", "dicomdir"))
     return expected
+
+
+def with_raw_element(dest: Path, keyword: str, vr: str, raw: bytes, source: Path | None = None) -> Path:
+    """Write a CT file (CT_small, or `source`) whose element `keyword` holds exactly these bytes under this VR.
+
+    The bytes bypass pydicom's value checks on writing, so a file can hold what a broken writer would produce:
+    'NaN' in an IS, garbage in a US, a string where a number belongs.
+    """
+    ds = pydicom.dcmread(source or pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    tag = Tag(tag_for_keyword(keyword))
+    if len(raw) % 2:
+        raw += b"\x00" if vr in BINARY_VRS else b" "
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if tag.group == 0x0002:  # pydicom will not write a broken file meta: encode it here
+        body = io.BytesIO()
+        ds.save_as(body, enforce_file_format=True)
+        meta_end = 132 + 12 + int.from_bytes(body.getvalue()[140:144], "little")
+        meta = {t: (e.VR, bytes(e.value, "ascii") if isinstance(e.value, str) else bytes(e.value))
+                for t, e in ds.file_meta.items() if t != 0x00020000}
+        meta[tag] = (vr, raw)
+        dest.write_bytes(b"\x00" * 128 + b"DICM" + _explicit_le_group(meta) + body.getvalue()[meta_end:])
+        return dest
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+    # Encoding given explicitly: pydicom need not check the raw value against the file meta.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(dest, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    return dest
+
+
+def _explicit_le_group(elements: dict[int, tuple[str, bytes]]) -> bytes:
+    """File meta elements in Explicit VR Little Endian, led by their group length."""
+    encoded = b""
+    for tag, (vr, value) in sorted(elements.items()):
+        if len(value) % 2:
+            value += b"\x00"
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+        long_form = vr in {"OB", "OW", "OF", "OD", "OL", "SQ", "UC", "UN", "UR", "UT"}
+        encoded += head + (b"\x00\x00" + struct.pack("<I", len(value)) if long_form else struct.pack("<H", len(value))) + value
+    return struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(encoded)) + encoded
+
+
+def deflated_ct(dest: Path, **changes: object) -> Path:
+    """CT_small re-encoded as Deflated Explicit VR Little Endian (the whole dataset zlib-compressed)."""
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_schemas.dataset import QUARANTINE_FILE
 from flows.ingest import ingest_flow
 from tasks.dataset_store import load_dataset
 from tests.dicom_factory import ct_variant, write_bad_inputs
@@ -39,4 +40,4 @@ def test_ingest_on_a_local_dask_cluster_equals_the_default_runner(tmp_path: Path
     a, b = load_dataset(tmp_path / "local"), load_dataset(tmp_path / "dask")
     np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
     assert [row.model_dump() for row in a.manifest] == [row.model_dump() for row in b.manifest]
-    assert (tmp_path / "local" / "quarantine.csv").read_text() == (tmp_path / "dask" / "quarantine.csv").read_text()
+    assert (tmp_path / "local" / QUARANTINE_FILE).read_text() == (tmp_path / "dask" / QUARANTINE_FILE).read_text()

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_schemas.dataset import DatasetCard, ManifestRow, QuarantineRow, WindowSpec
+from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, ManifestRow, QuarantineRow, WindowSpec
 from flows.ingest import ingest_flow
 from tasks.dataset_store import load_dataset
 from tasks.ingest import IngestError
 from data_schemas.files import read_models_csv
 from tasks.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
-from tests.dicom_factory import ct_variant, multiframe_ct, pydicom_file, write_bad_inputs
+from tests.dicom_factory import ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element, write_bad_inputs
 
 
 def quarantine_reasons(dataset: Path) -> dict[str, str]:
-    return {row.relative_path: row.reason.value for row in read_models_csv(dataset / "quarantine.csv", QuarantineRow)}
+    return {row.relative_path: row.reason.value for row in read_models_csv(dataset / QUARANTINE_FILE, QuarantineRow)}
 
 
 def test_window_maps_level_and_edges_to_unit_range() -> None:
@@ -162,7 +162,7 @@ def test_no_image_at_all_fails_with_one_sentence(tmp_path: Path) -> None:
     (src / "readme.txt").write_text("nothing here")
     with pytest.raises(IngestError, match=r"no CT image could be ingested from 1 file\(s\)"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "out"), size=32, workers=1)
-    assert (tmp_path / "out/quarantine.csv").is_file()
+    assert (tmp_path / "out" / QUARANTINE_FILE).is_file() and not (tmp_path / "out/quarantine.csv").exists()
 
 
 def test_hmac_key_file_is_private_when_no_env_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,3 +229,56 @@ def test_a_crash_while_rewriting_leaves_no_card_that_readers_trust(tmp_path: Pat
     monkeypatch.undo()
     summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     assert summary["card"]["n_images"] == 2 and load_dataset(out).images.shape[0] == 2
+
+
+def test_a_malformed_header_value_quarantines_its_file_naming_the_element(tmp_path: Path) -> None:
+    """NaN, 1e999 and text in numeric elements: that file is quarantined as invalid_header, the run goes on."""
+    src = tmp_path / "src"
+    ct_variant(src / "good.dcm", patient_id="P1")
+    bad = {
+        "nan_instance.dcm": ("InstanceNumber", "IS", b"NaN"),
+        "inf_instance.dcm": ("InstanceNumber", "IS", b"1e999"),
+        "text_slope.dcm": ("RescaleSlope", "DS", b"abc"),
+        "garbage_rows.dcm": ("Rows", "US", b"\x01\x02\x03"),
+        "long_patient_id.dcm": ("PatientID", "LO", b"SECRET" * 20),
+    }
+    for name, (keyword, vr, raw) in bad.items():
+        with_raw_element(src / name, keyword, vr, raw)
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert summary["card"]["n_images"] == 1 and summary["card"]["quarantine_reasons"] == {"invalid_header": 5}
+    rows = {row.relative_path: row for row in read_models_csv(out / QUARANTINE_FILE, QuarantineRow)}
+    for name, (keyword, _, raw) in bad.items():
+        assert rows[name].reason.value == "invalid_header"
+        assert f"header element {keyword}" in rows[name].message
+        assert raw.decode("latin-1").strip() not in rows[name].message.split(":", 1)[1]
+
+
+def test_deflated_explicit_vr_little_endian_is_accepted(tmp_path: Path) -> None:
+    """Offsets in a deflated file count inflated bytes: the end-of-file check must not call it truncated."""
+    src = tmp_path / "src"
+    deflated_ct(src / "deflated.dcm", PatientID="P1")
+    plain = ct_variant(src / "plain.dcm", patient_id="P2")
+    cut = deflated_ct(tmp_path / "whole.dcm").read_bytes()
+    (src / "deflated_cut.dcm").write_bytes(cut[: len(cut) - 400])
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert summary["card"]["n_images"] == 2
+    assert quarantine_reasons(out) == {"deflated_cut.dcm": "truncated"}
+    assert "Deflated Explicit VR Little Endian" in summary["card"]["fingerprint"]["transfer_syntaxes"]
+    images = load_dataset(out).images
+    assert plain.is_file() and np.array_equal(images[0], images[1])  # same pixels, whatever the encoding
+
+
+def test_burned_in_annotation_and_secondary_capture_are_quarantined_unless_allowed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    ct_variant(src / "plain.dcm", patient_id="P1")
+    ct_variant(src / "burned.dcm", patient_id="P2", BurnedInAnnotation="YES")
+    ct_variant(src / "screenshot.dcm", patient_id="P3", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    out = tmp_path / "dataset"
+    summary = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
+    assert summary["card"]["n_images"] == 1
+    assert quarantine_reasons(out) == {"burned.dcm": "burned_in_annotation", "screenshot.dcm": "secondary_capture"}
+    allowed = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1, allow_burned_in=True)
+    assert allowed["card"]["n_images"] == 3 and allowed["card"]["n_files_quarantined"] == 0
+    assert not read_models_csv(out / QUARANTINE_FILE, QuarantineRow)
