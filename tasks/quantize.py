@@ -15,6 +15,7 @@ torch.load(weights_only=True); int8_model() rebuilds the quantized module around
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -82,7 +83,11 @@ def int8_model(meta: ModelPackageMeta, state: Mapping[str, Any]) -> nn.Module:
     with _quiet():
         model(torch.zeros(1, 1, meta.recipe.train_image_size, meta.recipe.train_image_size))  # observers need a pass
         tq.convert(model, inplace=True)
-        model.load_state_dict(dict(state))
+        # Quantized modules read their state by format version, kept in a state dict's _metadata, which a plain
+        # dict in the package does not carry: the freshly converted skeleton has the same versions.
+        loaded = OrderedDict(state)
+        loaded._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+        model.load_state_dict(loaded)
     return model.eval()
 
 
