@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from data_schemas.files import write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, DeploymentCost
 from tasks.models import forward_flops_per_image
-from tasks.package import float_architecture, load_package, package_file
+from tasks.package import float_architecture, load_package, package_file, write_card
 from tasks.predict import PackagedModel, prepare_model
 
 DEFAULT_WARMUP_RUNS = 10
@@ -84,6 +84,14 @@ def parameter_count(model: PackagedModel) -> int:
     return count + (len(meta.linear_probe.coef) + 1 if meta.linear_probe is not None else 0)
 
 
+def time_model(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> tuple[np.ndarray, float]:
+    """Batch-1 forward times in ms (each timed alone) and batch-32 images per second, as the module doc says."""
+    latency_ms = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
+    big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
+    batch_times = forward_seconds(model, big, warmup=2, runs=batches)
+    return latency_ms, THROUGHPUT_BATCH_SIZE * batches / sum(batch_times)
+
+
 def measure_deployment_cost(package_path: Path, *, precision: str = "auto", threads: int | None = None,
                             warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
                             batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
@@ -92,26 +100,28 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
         raise ValueError(f"warmup must be >= 0 and runs, batches >= 1; got {warmup}, {runs}, {batches}.")
     package = load_package(package_path)
     model = prepare_model(package, precision, threads)
-    latency = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
-    big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    batch_times = forward_seconds(model, big, warmup=2, runs=batches)
+    latency, images_per_second = time_model(model, warmup=warmup, runs=runs, batches=batches)
     meta = package.meta
     return DeploymentCost(
         arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
         package_bytes=package.path.stat().st_size, image_size=meta.recipe.train_image_size,
         forward_gflops_per_image=forward_flops_per_image(meta.recipe.train_image_size) / 1e9,
         latency_ms_median=float(np.median(latency)), latency_ms_p90=float(np.percentile(latency, 90)),
-        throughput_images_per_second=THROUGHPUT_BATCH_SIZE * batches / sum(batch_times),
-        throughput_batch_size=THROUGHPUT_BATCH_SIZE, warmup_runs=warmup, timed_runs=runs,
-        threads=model.runtime.num_threads, precision=model.precision, channels_last=model.runtime.channels_last,
-        cpu=cpu_name(), torch_version=torch.__version__,
+        throughput_images_per_second=images_per_second, throughput_batch_size=THROUGHPUT_BATCH_SIZE,
+        warmup_runs=warmup, timed_runs=runs, threads=model.runtime.num_threads, precision=model.precision,
+        channels_last=model.runtime.channels_last, cpu=cpu_name(), torch_version=torch.__version__,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
 @task(name="deploy-cost", cache_policy=NO_CACHE)
 def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None) -> DeploymentCost:
-    """Measure a package and write deploy_cost.json beside its model.pt (one at a time: timings need the CPU alone)."""
+    """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card.
+
+    Run one at a time: the timings need the CPU to themselves.
+    """
     cost = measure_deployment_cost(package_path, precision=precision, threads=threads)
-    write_model_json(package_file(package_path).parent / DEPLOY_COST_FILE, cost)
+    folder = package_file(package_path).parent
+    write_model_json(folder / DEPLOY_COST_FILE, cost)
+    write_card(folder, load_package(folder).meta, cost)
     return cost

@@ -22,6 +22,7 @@ from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json, sha256_file
 from data_schemas.package import (
     CHECKSUMS_FILE,
+    DeploymentCost,
     MODEL_CARD_FILE,
     PACKAGE_DIR,
     PACKAGE_FILE,
@@ -183,15 +184,22 @@ def save_package_file(path: Path, meta: ModelPackageMeta, state: Mapping[str, An
     return path
 
 
-def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> Path:
-    """model.pt, MODEL_CARD.md and SHA256SUMS in out_dir; returns the model.pt path."""
+def write_card(out_dir: Path, meta: ModelPackageMeta, cost: DeploymentCost | None = None) -> Path:
+    """(Re)write MODEL_CARD.md beside model.pt, then SHA256SUMS over both; returns the card's path."""
     from reports.model_card import render_model_card
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = save_package_file(out_dir / PACKAGE_FILE, meta, state)
-    atomic_write_text(out_dir / MODEL_CARD_FILE, render_model_card(meta, package_bytes=model_path.stat().st_size))
+    card = out_dir / MODEL_CARD_FILE
+    atomic_write_text(card, render_model_card(meta, package_bytes=(out_dir / PACKAGE_FILE).stat().st_size, cost=cost))
     sums = "".join(f"{sha256_file(out_dir / name)}  {name}\n" for name in (PACKAGE_FILE, MODEL_CARD_FILE))
     atomic_write_text(out_dir / CHECKSUMS_FILE, sums)
+    return card
+
+
+def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> Path:
+    """model.pt, MODEL_CARD.md and SHA256SUMS in out_dir; returns the model.pt path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = save_package_file(out_dir / PACKAGE_FILE, meta, state)
+    write_card(out_dir, meta)
     return model_path
 
 

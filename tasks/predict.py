@@ -9,6 +9,7 @@ recipe again, then predict and write the files described in data_schemas/package
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -139,13 +140,21 @@ def check_ingested(meta: ModelPackageMeta, card: DatasetCard) -> None:
 # -------------------------------------------------------------------------------------------------- inference
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on. Set explicitly: ingest's decode tasks leave torch at one thread."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: int | None = None) -> Runtime:
     """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.runtime), else fp32."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISION_CHOICES)}.")
+    threads = threads or default_threads()
     if meta.weights_variant == "int8":  # int8 kernels take fp32 activations; autocast does not apply
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         return Runtime(torch.device("cpu"), "fp32", False, torch.get_num_threads())
     config = meta.run_config.train.model_copy(update={
         "device": "cpu", "precision": precision, "channels_last": "auto", "num_threads": threads,

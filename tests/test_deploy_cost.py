@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_schemas.files import read_models_csv
-from data_schemas.package import PACKAGE_FILE, ImagePrediction
+from data_schemas.files import read_model_json, read_models_csv
+from data_schemas.package import DEPLOY_COST_FILE, PACKAGE_FILE, DeploymentCost, ImagePrediction
 from flows.predict import predict_flow
 from data_schemas.training import SplitRow
 from tasks.dataset_store import load_dataset
-from tasks.deploy_cost import measure_deployment_cost, parameter_count
+from tasks.deploy_cost import deploy_cost_task, measure_deployment_cost, parameter_count
 from tasks.models import forward_flops_per_image, scratch_resnet50
 from tasks.package import load_package
 from tasks.predict import predict_images, prepare_model
@@ -95,3 +95,11 @@ def test_auc_change_is_judged_against_the_interval(shipped: ShippedRun) -> None:
     assert outside.inside_interval is False and "outside" in outside.statement
     unknown = compare_compression(full, small, auc_full=None, auc_compressed=0.8, interval=(-0.04, 0.04))
     assert unknown.inside_interval is None and "unknown" in unknown.statement
+
+
+def test_deploy_cost_task_writes_the_figures_and_adds_them_to_the_card(shipped: ShippedRun) -> None:
+    cost = deploy_cost_task.fn(shipped.package_dir, "fp32", 1)
+    assert read_model_json(shipped.package_dir / DEPLOY_COST_FILE, DeploymentCost) == cost
+    card = (shipped.package_dir / "MODEL_CARD.md").read_text()
+    assert f"{cost.latency_ms_median:.1f} ms median" in card and "1 threads (fp32)" in card
+    load_package(shipped.package_dir)  # SHA256SUMS rewritten with the new card
