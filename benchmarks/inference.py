@@ -79,14 +79,16 @@ def compare(package: Path, args: argparse.Namespace) -> tuple[DeploymentCost, fl
                                    runs=args.runs, batches=args.batches)
     model = prepare_model(load_package(package), args.precision, args.threads)
     one, big = sample_input(model, 1), sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    measured, bare = [], []
+    measured, bare, pooled = [], [], []
     for _ in range(args.rounds):
         latency, images_per_second = time_model(model, warmup=2, runs=args.runs, batches=args.batches)
         measured.append((float(np.median(latency)), images_per_second))
+        pooled.extend(latency)
         bare.append((1e3 * bare_loop(model, one, warmup=2, runs=args.runs),
                      THROUGHPUT_BATCH_SIZE / bare_loop(model, big, warmup=1, runs=args.batches)))
     latency_ms, ips = (float(np.median(column)) for column in zip(*measured))
-    cost = cost.model_copy(update={"latency_ms_median": latency_ms, "throughput_images_per_second": ips})
+    cost = cost.model_copy(update={"latency_ms_median": latency_ms, "throughput_images_per_second": ips,
+                                   "latency_ms_p90": float(np.percentile(pooled, 90))})
     bare_ms, bare_ips = (float(np.median(column)) for column in zip(*bare))
     return cost, bare_ms, bare_ips
 
