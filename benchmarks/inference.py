@@ -110,6 +110,7 @@ def report(label: str, cost: DeploymentCost, bare_ms: float, bare_ips: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build or read a package, print the comparison; exit 1 when a figure disagrees."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, help="a model package (default: build one at --size)")
     parser.add_argument("--dataset", type=Path, help="its training dataset (for --int8 calibration with --package)")

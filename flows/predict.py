@@ -40,6 +40,7 @@ def check_predict_arguments(package: Path, dicom_dir: Path, out_dir: Path, *, la
 
 
 def _copy_quarantine(out: Path) -> None:
+    """PRED_DIR/quarantine.csv: the ingest's list of rejected files (private: paths), beside the predictions."""
     source = out / PREDICT_DATASET_DIR / QUARANTINE_FILE
     if source.is_file():
         shutil.copyfile(source, out / QUARANTINE_FILE)
@@ -55,7 +56,6 @@ def predict_flow(
     size: Annotated[int, Field(ge=16, le=1024)] | None = None,
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
     precision: PrecisionOption = "auto",
-    workers: Annotated[int, Field(ge=0, le=256)] = 1,
 ) -> dict[str, Any]:
     """Predict new DICOM files with a model package, converted with exactly the package's recipe."""
     logger = get_run_logger()
@@ -65,7 +65,7 @@ def predict_flow(
     dataset_dir = out / PREDICT_DATASET_DIR
     try:
         ingest_flow(src_dir=dicom_dir, out_dir=str(dataset_dir), labels=labels, size=checked["size"],
-                    window=checked["window"], workers=workers)
+                    window=checked["window"], workers=0)  # ingest's own policy: a pool only for 32+ files
     finally:
         _copy_quarantine(out)
     summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision)
@@ -82,6 +82,7 @@ def predict_flow(
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    """`ctcompare predict`: refuse bad arguments as one sentence (exit 2), run the flow, print one summary line."""
     from flows.cli import UsageError
 
     out = Path(args.out).resolve()
@@ -93,7 +94,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     try:
         result = predict_flow(package=args.package, dicom_dir=args.dicom_dir, out_dir=str(out), labels=args.labels,
                               window=args.window, size=args.size, batch_size=args.batch_size,
-                              precision=args.precision, workers=args.workers)
+                              precision=args.precision)
     except (IngestError, ValueError) as error:
         print(f"ctcompare predict: {str(error).splitlines()[0]}")
         return 1
@@ -119,5 +120,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 where the CPU runs it natively, else fp32")
-    parser.add_argument("--workers", type=int, default=1, help="ingest worker processes (default 1)")
     parser.set_defaults(handler=_run_predict)

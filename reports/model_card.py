@@ -58,6 +58,7 @@ def _limits(meta: ModelPackageMeta) -> list[str]:
 
 
 def _context(meta: ModelPackageMeta, package_bytes: int | None, cost: DeploymentCost | None) -> dict[str, Any]:
+    """Everything the template reads."""
     train = meta.run_config
     overrides = " ".join(f"--set {key}={value}" for key, value in sorted(train.overrides.items()))
     return {

@@ -95,6 +95,7 @@ def tensors_sha256(state: Mapping[str, Any]) -> str:
 
 
 def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a state-dict value (quantized linear layers keep a (weight, bias) tuple)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
@@ -127,6 +128,7 @@ def training_data_summary(card: DatasetCard) -> TrainingDataSummary:
 
 
 def _completed_config(run_dir: Path) -> RunConfig:
+    """config.json of a run whose status.json says completed; PackageError otherwise."""
     status_path = run_dir / STATUS_FILE
     if not status_path.is_file():
         raise PackageError(f"{run_dir} is not a run folder: {STATUS_FILE} is missing.")
@@ -137,6 +139,7 @@ def _completed_config(run_dir: Path) -> RunConfig:
 
 
 def _network_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The best epoch's weights (best.pt, read weights-only)."""
     best = torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)
     return {k: v.detach().clone() for k, v in best["state_dict"].items()}
 
@@ -253,6 +256,7 @@ def package_file(path: Path) -> Path:
 
 
 def _verify_checksums(model_path: Path, digest: str) -> None:
+    """Compare model.pt with SHA256SUMS beside it, when there is one (a bare model.pt has none)."""
     sums = model_path.parent / CHECKSUMS_FILE
     if not sums.is_file():
         return

@@ -86,10 +86,12 @@ def window_argument(window: WindowSpec) -> str:
 
 
 def _plain(value: float) -> str:
+    """A number as ingest's window pattern accepts it: no exponent, no trailing zeros."""
     return f"{value:.6f}".rstrip("0").rstrip(".")
 
 
 def _same_window(a: WindowSpec, b: WindowSpec) -> bool:
+    """Equal level and width (names aside: 'lung' and '-600,1500' are the same window)."""
     return all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(window_level_width(a), window_level_width(b)))
 
 

@@ -108,6 +108,7 @@ def training_images(dataset_dir: Path, meta: ModelPackageMeta, limit: int = DEFA
 
 @torch.inference_mode()
 def _calibrate(model: nn.Module, meta: ModelPackageMeta, images: np.ndarray, batch_size: int) -> None:
+    """Run the observed model over the calibration images, preprocessed exactly as for prediction."""
     recipe = meta.recipe
     x = images_to_tensor(images, recipe.train_image_size)
     for start in range(0, x.shape[0], batch_size):
