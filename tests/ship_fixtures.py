@@ -58,6 +58,16 @@ def build_shipped_run(root: Path, arm: str = "scratch", weights_path: Path | Non
     return ShippedRun(cohort=cohort, dataset_dir=dataset_dir, run_dir=run_dir, package_dir=package_dir)
 
 
+_BUILT: dict[str, ShippedRun] = {}
+
+
+def shared_shipped_run(tmp_path_factory) -> ShippedRun:
+    """One scratch run per test session, shared by the shipping test modules (each build trains for seconds)."""
+    if "scratch" not in _BUILT:
+        _BUILT["scratch"] = build_shipped_run(tmp_path_factory.mktemp("ship"))
+    return _BUILT["scratch"]
+
+
 def copy_test_patient_files(shipped: ShippedRun, dest: Path) -> dict[str, str]:
     """Copy the DICOM files of the run's test patients to dest; returns relative path -> training image key."""
     splits = read_models_csv(shipped.run_dir.parent / "splits.csv", SplitRow)

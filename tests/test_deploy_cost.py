@@ -18,14 +18,14 @@ from tasks.models import forward_flops_per_image, scratch_resnet50
 from tasks.package import load_package
 from tasks.predict import predict_images, prepare_model
 from tasks.quantize import compare_compression, int8_engine, training_images, write_compressed_package
-from tests.ship_fixtures import ShippedRun, build_shipped_run, copy_test_patient_files
+from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files
 
 QUICK = {"warmup": 1, "runs": 3, "batches": 1}
 
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
-    return build_shipped_run(tmp_path_factory.mktemp("ship"))
+    return shared_shipped_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from reports.model_card import CARD_SECTIONS
 from tasks.package import PackageError, load_package, write_package
 from tests.ship_fixtures import (
     ShippedRun,
-    build_shipped_run,
+    shared_shipped_run,
     copy_test_patient_files,
     paths_of,
     run_probabilities,
@@ -27,7 +27,7 @@ from tests.ship_fixtures import (
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
-    return build_shipped_run(tmp_path_factory.mktemp("ship"))
+    return shared_shipped_run(tmp_path_factory)
 
 
 def _predicted_by_path(pred_dir: Path) -> dict[str, float]:

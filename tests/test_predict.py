@@ -18,12 +18,12 @@ from tasks.predict import RecipeConflict, check_request, window_argument
 from tasks.package import load_package
 from data_schemas.dataset import WindowSpec
 from tests.dicom_factory import write_bad_inputs
-from tests.ship_fixtures import ShippedRun, build_shipped_run, copy_test_patient_files, paths_of
+from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files, paths_of
 
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
-    return build_shipped_run(tmp_path_factory.mktemp("ship"))
+    return shared_shipped_run(tmp_path_factory)
 
 
 def _one_sentence(text: str) -> None:
