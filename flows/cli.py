@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("flows.ingest", "DICOM folder -> pseudonymized tensor dataset"),
     "cost": ("flows.cost", "estimate FLOPs, memory and training time of each arm before training"),
     "train": ("flows.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
+    "predict": ("flows.predict", "run a model package on new DICOM files (same recipe, threshold, patient level)"),
     "compare": ("flows.compare", "the whole comparison: ingest, cost, train every arm, report"),
     "demo": ("flows.compare", "synthetic demo cohort + the whole comparison (cpu profile)"),
 }

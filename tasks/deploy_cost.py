@@ -1,0 +1,127 @@
+"""What a packaged model costs to run on this machine's CPU: size, FLOPs, batch-1 latency and batch-32 throughput.
+
+Methods (each figure of data_schemas.package.DeploymentCost):
+- parameters: sum of numel() over the float model's parameters (the int8 variant has the same count); a linear
+  probe adds its 2048 coefficients + 1 intercept.
+- package_bytes: os.stat size of model.pt (weights + metadata, as shipped).
+- forward_gflops_per_image: tasks.models.forward_flops_per_image(train_image_size) / 1e9, torch's FlopCounterMode
+  on the ResNet-50 at the trained size (2 FLOPs per multiply-add; convolutions and matmuls only). A linear probe's
+  head differs by < 1e-5 of the total; int8 executes the same multiply-adds in int8.
+- latency_ms_median / latency_ms_p90: `warmup_runs` untimed batch-1 forwards (oneDNN/fbgemm pick kernels and
+  allocate on the first calls), then `timed_runs` forwards of one image, each timed alone with
+  time.perf_counter() around the forward under torch.inference_mode() and the package's autocast; median and the
+  90th percentile (numpy linear interpolation) of those times. The image is seeded noise, already normalised:
+  ResNet-50's cost does not depend on pixel values.
+- throughput_images_per_second: 2 untimed batches, then `batches` forwards of `throughput_batch_size` images timed
+  together; images / seconds.
+- threads, precision, channels_last: the runtime the figures were measured with (tasks.predict.prepare_model:
+  bf16 autocast + channels-last where tasks.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_schemas.files import write_model_json
+from data_schemas.package import DEPLOY_COST_FILE, DeploymentCost
+from tasks.models import forward_flops_per_image
+from tasks.package import float_architecture, load_package, package_file, write_card
+from tasks.predict import PackagedModel, prepare_model
+
+DEFAULT_WARMUP_RUNS = 10
+DEFAULT_TIMED_RUNS = 50
+THROUGHPUT_BATCH_SIZE = 32
+DEFAULT_THROUGHPUT_BATCHES = 5
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, else platform's answer."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def sample_input(model: PackagedModel, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded, normalised batch at the trained size in the runtime's memory format."""
+    recipe = model.package.meta.recipe
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, 1, recipe.train_image_size, recipe.train_image_size, generator=generator)
+    x = (x - recipe.normalisation_mean) / recipe.normalisation_std
+    return x.contiguous(memory_format=torch.channels_last) if model.runtime.channels_last else x
+
+
+@torch.inference_mode()
+def forward_seconds(model: PackagedModel, x: torch.Tensor, *, warmup: int, runs: int) -> list[float]:
+    """Seconds of each of `runs` forwards of x after `warmup` untimed ones (one perf_counter pair per forward)."""
+    for _ in range(warmup):
+        with model.runtime.autocast():
+            model.module(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        with model.runtime.autocast():
+            model.module(x)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def parameter_count(model: PackagedModel) -> int:
+    """Parameters of the float architecture (+ a linear probe's coefficients and intercept)."""
+    meta = model.package.meta
+    count = sum(p.numel() for p in float_architecture(meta).parameters())
+    return count + (len(meta.linear_probe.coef) + 1 if meta.linear_probe is not None else 0)
+
+
+def time_model(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> tuple[np.ndarray, float]:
+    """Batch-1 forward times in ms (each timed alone) and batch-32 images per second, as the module doc says."""
+    latency_ms = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
+    big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
+    batch_times = forward_seconds(model, big, warmup=2, runs=batches)
+    return latency_ms, THROUGHPUT_BATCH_SIZE * batches / sum(batch_times)
+
+
+def measure_deployment_cost(package_path: Path, *, precision: str = "auto", threads: int | None = None,
+                            warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
+                            batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
+    """Measure one package as the module docstring describes."""
+    if warmup < 0 or runs < 1 or batches < 1:
+        raise ValueError(f"warmup must be >= 0 and runs, batches >= 1; got {warmup}, {runs}, {batches}.")
+    package = load_package(package_path)
+    model = prepare_model(package, precision, threads)
+    latency, images_per_second = time_model(model, warmup=warmup, runs=runs, batches=batches)
+    meta = package.meta
+    return DeploymentCost(
+        arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
+        package_bytes=package.path.stat().st_size, image_size=meta.recipe.train_image_size,
+        forward_gflops_per_image=forward_flops_per_image(meta.recipe.train_image_size) / 1e9,
+        latency_ms_median=float(np.median(latency)), latency_ms_p90=float(np.percentile(latency, 90)),
+        throughput_images_per_second=images_per_second, throughput_batch_size=THROUGHPUT_BATCH_SIZE,
+        warmup_runs=warmup, timed_runs=runs, threads=model.runtime.num_threads, precision=model.precision,
+        channels_last=model.runtime.channels_last, cpu=cpu_name(), torch_version=torch.__version__,
+        measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+@task(name="deploy-cost", cache_policy=NO_CACHE)
+def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None) -> DeploymentCost:
+    """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card.
+
+    Run one at a time: the timings need the CPU to themselves.
+    """
+    cost = measure_deployment_cost(package_path, precision=precision, threads=threads)
+    folder = package_file(package_path).parent
+    write_model_json(folder / DEPLOY_COST_FILE, cost)
+    write_card(folder, load_package(folder).meta, cost)
+    return cost

@@ -1,0 +1,281 @@
+"""Running a model package on newly ingested images: recipe checks, batched inference, predictions per image and patient.
+
+The new DICOM files are ingested by the ordinary ingest flow with the package's own window and size (flows/predict.py),
+so validation, quarantine, pseudonymization and conversion are the ones the model was trained with. Here: refuse a
+request that would not reproduce the recipe (one sentence, before any work), check the ingested dataset's recorded
+recipe again, then predict and write the files described in data_schemas/package.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data_schemas.dataset import DatasetCard, WindowSpec
+from data_schemas.files import write_model_json, write_models_csv
+from data_schemas.package import (
+    PATIENT_PREDICTIONS_FILE,
+    PREDICT_SUMMARY_FILE,
+    PREDICTIONS_FILE,
+    ImagePrediction,
+    ModelPackageMeta,
+    PatientPrediction,
+    PredictSummary,
+)
+from tasks.augment import images_to_tensor
+from tasks.dataset_store import load_dataset
+from tasks.ingest import PREPROCESS_VERSION
+from tasks.linear_probe import predict_linear_probe
+from tasks.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
+from tasks.preprocess import NAMED_WINDOWS, parse_window, window_level_width
+from tasks.quantize import int8_model
+from tasks.runtime import Runtime, choose_runtime
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+RESIZE_CHUNK = 256  # images resized to the training size at a time: bounds memory on large folders
+
+
+class RecipeConflict(ValueError):
+    """The package's preprocessing recipe cannot be reproduced for this request: one sentence."""
+
+
+@dataclass
+class PackagedModel:
+    """A package ready to run: the torch module, how to turn its output into probabilities, and its runtime.
+
+    Args:
+        package: the loaded package.
+        module: the network (classifier, or feature extractor for a linear probe).
+        runtime: device, autocast precision, memory format and threads.
+        precision: the compute precision as reported (fp32, bf16 or int8).
+    """
+
+    package: LoadedPackage
+    module: torch.nn.Module
+    runtime: Runtime
+    precision: str
+
+    def probabilities(self, outputs: torch.Tensor) -> np.ndarray:
+        """Positive-class probabilities from the module's outputs (logits, or features for a linear probe)."""
+        probe = self.package.meta.linear_probe
+        if probe is not None:
+            return predict_linear_probe(probe, outputs.float().numpy())
+        return torch.softmax(outputs.float(), dim=1)[:, 1].numpy()
+
+
+# ---------------------------------------------------------------------------------------------- recipe checks
+
+
+def window_argument(window: WindowSpec) -> str:
+    """The ingest --window text that reproduces a recorded window (a name when it is a named one, else LEVEL,WIDTH)."""
+    level, width = window_level_width(window)
+    if window.name in NAMED_WINDOWS and NAMED_WINDOWS[window.name] == (level, width) or window.name == "none":
+        return window.name
+    return f"{_plain(level)},{_plain(width)}"
+
+
+def _plain(value: float) -> str:
+    """A number as ingest's window pattern accepts it: no exponent, no trailing zeros."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _same_window(a: WindowSpec, b: WindowSpec) -> bool:
+    """Equal level and width (names aside: 'lung' and '-600,1500' are the same window)."""
+    return all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(window_level_width(a), window_level_width(b)))
+
+
+def check_request(meta: ModelPackageMeta, *, window: str | None = None, size: int | None = None,
+                  label_names: set[str] | None = None) -> None:
+    """Refuse, before any work, a request the package's recipe cannot serve (RecipeConflict, one sentence)."""
+    recipe = meta.recipe
+    if recipe.preprocess_version != PREPROCESS_VERSION or recipe.resize_method != TRAIN_RESIZE_METHOD:
+        raise RecipeConflict(
+            f"this model was trained with conversion recipe version {recipe.preprocess_version} and this ctcompare "
+            f"converts with version {PREPROCESS_VERSION}, so its input cannot be reproduced here."
+        )
+    if window is not None and not _same_window(parse_window(window), recipe.window):
+        level, width = window_level_width(recipe.window)
+        raise RecipeConflict(
+            f"this model was trained on the {recipe.window.name} window (level {_plain(level)}, width "
+            f"{_plain(width)} HU), not {window!r}; leave --window out to use the model's own."
+        )
+    if size is not None and size != recipe.ingest_image_size:
+        raise RecipeConflict(
+            f"this model's images were ingested at {recipe.ingest_image_size} px (trained at "
+            f"{recipe.train_image_size} px), not {size} px; leave --size out to use the model's own."
+        )
+    unknown = sorted((label_names or set()) - set(meta.classes))
+    if unknown:
+        raise RecipeConflict(
+            f"the labels file names {', '.join(unknown)}, which this model does not know; its classes are "
+            f"{', '.join(meta.classes)}."
+        )
+
+
+def check_ingested(meta: ModelPackageMeta, card: DatasetCard) -> None:
+    """The ingested dataset must record the package's recipe exactly (window, size, mapping, filter, padding)."""
+    recipe = meta.recipe
+    recorded = {
+        "window": _same_window(card.window, recipe.window), "image size": card.image_size == recipe.ingest_image_size,
+        "value mapping": card.value_mapping == recipe.value_mapping,
+        "interpolation": card.interpolation == recipe.interpolation, "padding": card.padding == recipe.padding,
+    }
+    differing = [name for name, same in recorded.items() if not same]
+    if differing:
+        raise RecipeConflict(
+            f"the new files were converted with another {' and '.join(differing)} than the model was trained with, "
+            "so its predictions would not mean what its metrics say."
+        )
+
+
+# -------------------------------------------------------------------------------------------------- inference
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on. Set explicitly: ingest's decode tasks leave torch at one thread."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: int | None = None) -> Runtime:
+    """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.runtime), else fp32."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISION_CHOICES)}.")
+    threads = threads or default_threads()
+    if meta.weights_variant == "int8":  # int8 kernels take fp32 activations; autocast does not apply
+        torch.set_num_threads(threads)
+        return Runtime(torch.device("cpu"), "fp32", False, torch.get_num_threads())
+    config = meta.run_config.train.model_copy(update={
+        "device": "cpu", "precision": precision, "channels_last": "auto", "num_threads": threads,
+    })
+    return choose_runtime(config)
+
+
+def prepare_model(package: LoadedPackage, precision: str = "auto", threads: int | None = None) -> PackagedModel:
+    """Build the package's module for its weights variant and put it in the runtime's memory format."""
+    meta = package.meta
+    runtime = predict_runtime(meta, precision, threads)
+    if meta.weights_variant == "int8":
+        return PackagedModel(package, int8_model(meta, package.state_dict), runtime, "int8")
+    module = float_model(meta, package.state_dict)
+    if runtime.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return PackagedModel(package, module, runtime, runtime.precision)
+
+
+@torch.inference_mode()
+def forward_batches(model: PackagedModel, x: torch.Tensor, batch_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Probabilities of (N, 1, S, S) images in [0, 1] at the training size, normalised by the package's recipe."""
+    recipe, runtime = model.package.meta.recipe, model.runtime
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = (x[start : start + batch_size] - recipe.normalisation_mean) / recipe.normalisation_std
+        if runtime.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            outputs = model.module(xb)
+        out.append(model.probabilities(outputs.float()))
+        if on_batch is not None:
+            on_batch(xb.shape[0])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def predict_images(model: PackagedModel, images: np.ndarray, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Probabilities of ingested images (N, 1, S, S) float16: resized to the training size in chunks, batched."""
+    size = model.package.meta.recipe.train_image_size
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=images.shape[0], desc="predict", unit="img")
+    probs = []
+    for start in range(0, images.shape[0], RESIZE_CHUNK):
+        x = images_to_tensor(images[start : start + RESIZE_CHUNK], size)
+        probs.append(forward_batches(model, x, batch_size, bar.update if bar is not None else None))
+    if bar is not None:
+        bar.close()
+    return np.clip(np.concatenate(probs) if probs else np.zeros(0), 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def decide(meta: ModelPackageMeta, probability: float) -> str:
+    """The class the operating threshold implies."""
+    return meta.positive_label if probability >= meta.operating_point.threshold else meta.classes[0]
+
+
+def aggregate_patients(meta: ModelPackageMeta, rows: list[ImagePrediction]) -> list[PatientPrediction]:
+    """One row per patient: mean (or max, as the package says) of its slice probabilities, then the threshold."""
+    by_patient: dict[str, list[ImagePrediction]] = defaultdict(list)
+    for row in rows:
+        by_patient[row.patient_key].append(row)
+    reduce = np.max if meta.operating_point.aggregation == "max" else np.mean
+    patients = []
+    for key in sorted(by_patient):
+        group = by_patient[key]
+        prob = float(reduce([r.prob_positive for r in group]))
+        labels = sorted({r.label for r in group if r.label})
+        patients.append(PatientPrediction(
+            patient_key=key, n_images=len(group), label=labels[0] if len(labels) == 1 else "", prob_positive=prob,
+            aggregation=meta.operating_point.aggregation, threshold=meta.operating_point.threshold,
+            decision=decide(meta, prob),
+        ))
+    return patients
+
+
+def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, batch_size: int = 32,
+                    precision: str = "auto", threads: int | None = None) -> PredictSummary:
+    """Predict every image of an ingested dataset folder; write predictions, patient predictions and predict.json."""
+    started = time.perf_counter()
+    package = load_package(package_path)
+    dataset = load_dataset(dataset_dir, in_memory=True)
+    check_ingested(package.meta, dataset.card)
+    model = prepare_model(package, precision, threads)
+    probs = predict_images(model, dataset.images, batch_size)
+    meta = package.meta
+    rows = [
+        ImagePrediction(
+            image_key=row.image_key, patient_key=row.patient_key, frame=row.frame, label=row.label,
+            prob_positive=float(p), threshold=meta.operating_point.threshold, decision=decide(meta, float(p)),
+        )
+        for row, p in zip(dataset.manifest, probs)
+    ]
+    patients = aggregate_patients(meta, rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_models_csv(out_dir / PREDICTIONS_FILE, rows, ImagePrediction)
+    write_models_csv(out_dir / PATIENT_PREDICTIONS_FILE, patients, PatientPrediction)
+    card = dataset.card
+    summary = PredictSummary(
+        package_sha256=package.sha256, arm=meta.arm, weights_variant=meta.weights_variant,
+        n_files_seen=card.n_files_seen, n_files_quarantined=card.n_files_quarantined,
+        quarantine_reasons=card.quarantine_reasons, n_images=len(rows), n_patients=len(patients),
+        n_positive_patients=sum(p.decision == meta.positive_label for p in patients),
+        threshold=meta.operating_point.threshold, aggregation=meta.operating_point.aggregation,
+        precision=model.precision, threads=model.runtime.num_threads, batch_size=batch_size,
+        seconds=time.perf_counter() - started,
+    )
+    write_model_json(out_dir / PREDICT_SUMMARY_FILE, summary)
+    return summary
+
+
+@task(name="predict-dataset", cache_policy=NO_CACHE)
+def predict_dataset_task(package_path: Path, dataset_dir: Path, out_dir: Path, batch_size: int = 32,
+                         precision: str = "auto", threads: int | None = None) -> PredictSummary:
+    """Prefect task around predict_dataset."""
+    return predict_dataset(package_path, dataset_dir, out_dir, batch_size=batch_size, precision=precision,
+                           threads=threads)

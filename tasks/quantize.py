@@ -1,0 +1,173 @@
+"""One compressed variant of a package: post-training static int8 quantization with PyTorch's own tooling.
+
+Method: PyTorch eager-mode static quantization (torch.ao.quantization) on torchvision's quantizable ResNet-50
+(torchvision.models.quantization: residual adds through FloatFunctional, QuantStub/DeQuantStub): conv+bn(+relu)
+fused, the "x86" backend's default qconfig (per-channel symmetric int8 weights, histogram-observed uint8 activations
+with reduce_range), calibrated on training images only (the run's own training part of its split), then converted.
+Eager mode runs on the fbgemm/x86 int8 kernels without torch.compile, which matters on a CPU-only machine; the
+PT2E X86InductorQuantizer path needs inductor compilation to be fast. Where no x86/fbgemm engine exists (e.g. an ARM
+build with qnnpack only) the variant falls back to bf16 weights (half the size; computed in fp32/bf16) and says so.
+
+The int8 state dict holds quantized tensors only (plus their scales), so the package still loads with
+torch.load(weights_only=True); int8_model() rebuilds the quantized module around it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+from torchvision.models.quantization.resnet import QuantizableBottleneck, QuantizableResNet
+
+from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
+from data_schemas.files import read_model_json
+from data_schemas.package import CompressionComparison, DeploymentCost, ModelPackageMeta
+from tasks.augment import images_to_tensor
+from tasks.dataset_store import load_dataset
+from tasks.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
+from tasks.splits import parts_for_fold, read_splits
+
+INT8_ENGINES = ("x86", "fbgemm")
+DEFAULT_CALIBRATION_IMAGES = 256
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.ao.quantization warns about its own deprecation on every call; one note in the module doc suffices."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def int8_engine() -> str | None:
+    """The int8 backend this torch build offers for x86 CPUs, or None (then: bf16 fallback)."""
+    supported = torch.backends.quantized.supported_engines
+    return next((engine for engine in INT8_ENGINES if engine in supported), None)
+
+
+def _quantizable(meta: ModelPackageMeta) -> QuantizableResNet:
+    """torchvision's quantizable ResNet-50 with the package's stem (1 channel) and head."""
+    reference = float_architecture(meta)
+    model = QuantizableResNet(QuantizableBottleneck, [3, 4, 6, 3])
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    model.fc = reference.fc
+    return model.eval()
+
+
+def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    """Fused and observed (not yet converted) model; float weights loaded when given."""
+    model = _quantizable(meta)
+    if float_state is not None:
+        model.load_state_dict({k: v.float() for k, v in float_state.items()})
+    torch.backends.quantized.engine = engine
+    with _quiet():
+        model.fuse_model(is_qat=False)
+        model.qconfig = tq.get_default_qconfig(engine)
+        tq.prepare(model, inplace=True)
+    return model
+
+
+def int8_model(meta: ModelPackageMeta, state: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the converted int8 module of a package and load its quantized state."""
+    engine = int8_engine()
+    if engine is None:
+        raise PackageError("this torch build has no x86/fbgemm int8 engine; use the full-precision package.")
+    model = _prepared(meta, engine, None)
+    with _quiet():
+        model(torch.zeros(1, 1, meta.recipe.train_image_size, meta.recipe.train_image_size))  # observers need a pass
+        tq.convert(model, inplace=True)
+        # Quantized modules read their state by format version, kept in a state dict's _metadata, which a plain
+        # dict in the package does not carry: the freshly converted skeleton has the same versions.
+        loaded = OrderedDict(state)
+        loaded._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+        model.load_state_dict(loaded)
+    return model.eval()
+
+
+def training_images(dataset_dir: Path, meta: ModelPackageMeta, limit: int = DEFAULT_CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to `limit` images of the run's training part (never validation or test), evenly spaced, in split order."""
+    config = meta.run_config
+    card = read_model_json(Path(dataset_dir) / DATASET_CARD_FILE, DatasetCard)
+    if card.content_hash != config.dataset_hash:
+        raise PackageError("calibration needs the dataset the model was trained on; this one has another content hash.")
+    rows, _ = read_splits(Path(config.splits_path))
+    train = parts_for_fold(rows, config.fold)["train"]
+    dataset = load_dataset(Path(dataset_dir), in_memory=False)
+    index_of = {row.image_key: row.index for row in dataset.manifest}
+    picks = np.linspace(0, len(train) - 1, num=min(limit, len(train))).round().astype(int)
+    indices = sorted({index_of[train[i].image_key] for i in picks})
+    return np.asarray(dataset.images[indices])
+
+
+@torch.inference_mode()
+def _calibrate(model: nn.Module, meta: ModelPackageMeta, images: np.ndarray, batch_size: int) -> None:
+    """Run the observed model over the calibration images, preprocessed exactly as for prediction."""
+    recipe = meta.recipe
+    x = images_to_tensor(images, recipe.train_image_size)
+    for start in range(0, x.shape[0], batch_size):
+        model((x[start : start + batch_size] - recipe.normalisation_mean) / recipe.normalisation_std)
+
+
+def quantize_state(package: LoadedPackage, calibration: np.ndarray, batch_size: int = 32) -> tuple[ModelPackageMeta, dict[str, Any]]:
+    """The compressed variant's metadata and state: int8 when an engine exists, else bf16 weights."""
+    meta = package.meta
+    if meta.weights_variant != "fp32":
+        raise PackageError(f"the package is already {meta.weights_variant}; compress the full-precision one.")
+    engine = int8_engine()
+    if engine is None:
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in package.state_dict.items()}
+        note = "bf16 weights: this torch build has no x86/fbgemm int8 engine, so int8 quantization is unsupported"
+        variant = "bf16"
+    else:
+        model = _prepared(meta, engine, package.state_dict)
+        with _quiet():
+            _calibrate(model, meta, calibration, batch_size)
+            tq.convert(model, inplace=True)
+        state = dict(model.state_dict())
+        note = (f"post-training static int8 ({engine} engine, eager mode, per-channel weights), calibrated on "
+                f"{calibration.shape[0]} training images")
+        variant = "int8"
+    new_meta = meta.model_copy(update={"weights_variant": variant, "compression": note,
+                                       "weights_sha256": tensors_sha256(state)})
+    return new_meta, state
+
+
+def write_compressed_package(package: LoadedPackage, dataset_dir: Path, out_dir: Path, *,
+                             calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> Path:
+    """Quantize a full-precision package on its training images and write it as a package of its own."""
+    calibration = training_images(dataset_dir, package.meta, calibration_images)
+    meta, state = quantize_state(package, calibration)
+    return write_package_folder(Path(out_dir), meta, state)
+
+
+def compare_compression(full: DeploymentCost, compressed: DeploymentCost, *, auc_full: float | None,
+                        auc_compressed: float | None, interval: tuple[float, float] | None) -> CompressionComparison:
+    """Size, latency and AUC side by side, and whether the AUC change lies inside `interval`.
+
+    interval: the bootstrap interval that measures the noise in the AUC change (the caller's choice, e.g. the
+    95% interval of a paired bootstrap of the difference, or the full model's 95% AUC interval minus its point
+    estimate). Inside means low <= change <= high.
+    """
+    change = None if auc_full is None or auc_compressed is None else auc_compressed - auc_full
+    inside = None if change is None or interval is None else interval[0] <= change <= interval[1]
+    size_ratio = compressed.package_bytes / full.package_bytes
+    speed = full.latency_ms_median / compressed.latency_ms_median
+    head = (f"The {compressed.weights_variant} variant is {size_ratio:.0%} of the full-precision size and "
+            f"{speed:.2f}x as fast at batch 1")
+    if change is None:
+        statement = f"{head}; its AUC change is unknown (an AUC is missing)."
+    elif inside is None:
+        statement = f"{head}; its test AUC changes by {change:+.3f} (no interval given to judge it)."
+    else:
+        where = "inside" if inside else "outside"
+        statement = (f"{head}; its test AUC is {auc_compressed:.3f} against {auc_full:.3f} (change {change:+.3f}), "
+                     f"{where} the bootstrap interval ({interval[0]:+.3f} to {interval[1]:+.3f}).")
+    return CompressionComparison(full=full, compressed=compressed, auc_full=auc_full, auc_compressed=auc_compressed,
+                                 auc_change=change, interval=interval, inside_interval=inside, statement=statement)
