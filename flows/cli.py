@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flows.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
     "compare": ("flows.compare", "the whole comparison: ingest, cost, train every arm, report"),
     "demo": ("flows.compare", "synthetic demo cohort + the whole comparison (cpu profile)"),
+    "serve": ("flows.serve", "serve report folders read-only over HTTP on loopback"),
 }
 
 
