@@ -25,6 +25,9 @@ REPORT_SCHEMA_VERSION = "2.0"
 RESULTS_FILE = "results.json"
 REPORT_HTML_FILE = "report.html"
 REPORT_MD_FILE = "report.md"
+# Configuration dumps, package versions and seeds: linked from the report, kept out of its way.
+REPORT_APPENDIX_HTML_FILE = "report-appendix.html"
+REPORT_APPENDIX_MD_FILE = "report-appendix.md"
 FIGURES_DIR = "figures"
 
 ArmStatus = Literal["completed", "skipped", "failed"]
@@ -240,6 +243,23 @@ class EarlyStoppingInfo(StrictModel):
     why: str = ""
 
 
+class ArmWeights(StrictModel):
+    """The pretrained weights file an arm started from: shareable name and hash, never its path.
+
+    Args:
+        file_name: the weights file's name (what --weights was given, without its folder).
+        sha256: SHA-256 of the file.
+        source: "file" (--weights), "torch_hub_cache" or "download".
+        hash_checked: True when the file name carries a hash prefix and the SHA-256 matched it (torchvision style);
+            False means nothing checked that these are the published ImageNet weights.
+    """
+
+    file_name: str
+    sha256: str
+    source: str = "file"
+    hash_checked: bool = False
+
+
 class ArmResult(StrictModel):
     """One training arm (e.g. "scratch" or "imagenet") and everything measured about it.
 
@@ -265,6 +285,8 @@ class ArmResult(StrictModel):
         roc: test ROC curve points.
         calibration: test reliability diagram bins.
         confusion: test confusion matrix at the decision threshold.
+        profile: the training profile of the arm's runs (config.json), e.g. "smoke"; empty when unknown.
+        weights: the pretrained weights file the arm started from; None for random initialisation or when unknown.
     """
 
     name: str = Field(min_length=1)
@@ -287,6 +309,8 @@ class ArmResult(StrictModel):
     roc: list[RocPoint] = Field(default_factory=list)
     calibration: list[CalibrationBin] = Field(default_factory=list)
     confusion: ConfusionMatrix | None = None
+    profile: str = ""
+    weights: ArmWeights | None = None
 
     @model_validator(mode="after")
     def _completed_has_metrics(self) -> ArmResult:

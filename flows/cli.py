@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("flows.predict", "run a model package on new DICOM files (same recipe, threshold, patient level)"),
     "compare": ("flows.compare", "the whole comparison: ingest, cost, train every arm, report"),
     "demo": ("flows.compare", "synthetic demo cohort + the whole comparison (cpu profile)"),
+    "serve": ("flows.serve", "serve report folders read-only over HTTP on loopback"),
 }
 
 

@@ -1,5 +1,9 @@
 """Render a ComparisonResults as report.html (self-contained), report.md and results.json; keep an index.html.
 
+Each report opens with banners for whatever makes its numbers less than they seem (smoke profile, random or
+unverified weights, AUC intervals that include 0.5, requested arms that did not complete); configuration dumps,
+package versions and seeds sit in report-appendix.html / .md beside it, linked from the report.
+
 Imports only data_schemas, jinja2 and matplotlib (never tasks): a report can be re-rendered from a
 results.json alone, on a machine without torch or the dataset.
 """
@@ -16,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import matplotlib
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
 from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, md_escape
 from reports.formatting import format_duration as fmt_seconds
-from reports.wording import evaluation_sentences
+from reports.wording import auc_with_ci, evaluation_sentences
 from data_schemas.report import (
     FIGURES_DIR,
     METRIC_NAMES,
+    REPORT_APPENDIX_HTML_FILE,
+    REPORT_APPENDIX_MD_FILE,
     REPORT_HTML_FILE,
     REPORT_MD_FILE,
     REPORT_SCHEMA_VERSION,
@@ -34,10 +43,18 @@ from data_schemas.report import (
     ArmResult,
     ComparisonResults,
 )
+from data_schemas.training import PRETRAINED_ARMS
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 INDEX_FILE = "index.html"
-DPI = 80
+DPI = 100
+# Sized for reading: every figure is at least 8 in x 100 dpi = 800 px wide before the tight crop (>= 700 px after),
+# with 11-13 pt text, so legends stay legible when the browser shows the PNG at its natural size.
+FIGURE_STYLE: dict[str, Any] = {
+    "font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 11,
+    "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 13,
+}
+SMOKE_PROFILE = "smoke"
 
 METRIC_LABELS: dict[str, str] = {
     "roc_auc": "ROC AUC",
@@ -100,7 +117,7 @@ def _png(fig: Figure) -> bytes:
 
 def _roc_figure(arms: Sequence[ArmResult]) -> bytes:
     """ROC curves of all completed arms on one axes."""
-    fig = Figure(figsize=(5, 5))
+    fig = Figure(figsize=(9, 9))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="chance")
     for i, arm in enumerate(arms):
@@ -116,13 +133,13 @@ def _roc_figure(arms: Sequence[ArmResult]) -> bytes:
            xlim=(0, 1), ylim=(0, 1.01), title="Test ROC curves")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right")
     return _png(fig)
 
 
 def _calibration_figure(arms: Sequence[ArmResult]) -> bytes:
     """Reliability diagram of all completed arms; marker area follows bin size."""
-    fig = Figure(figsize=(5, 5))
+    fig = Figure(figsize=(9, 9))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1, label="perfectly calibrated")
     for i, arm in enumerate(arms):
@@ -139,13 +156,18 @@ def _calibration_figure(arms: Sequence[ArmResult]) -> bytes:
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.04), title="Calibration (10 equal-width bins)")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left")
     return _png(fig)
 
 
-def _learning_figure(arm: ArmResult, color: str) -> bytes:
-    """Loss and AUC per epoch of one arm, best epoch and early stop marked."""
-    fig = Figure(figsize=(9, 3.2))
+def _integer_epochs(ax: Axes) -> None:
+    """Epoch axis with whole-number ticks only (no 'epoch 2.5')."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def learning_plot(arm: ArmResult, color: str) -> Figure:
+    """Loss and AUC per epoch of one arm, best epoch and early stop marked, epochs as whole numbers."""
+    fig = Figure(figsize=(13, 5))
     ax_loss, ax_auc = fig.subplots(1, 2)
     epochs = [r.epoch for r in arm.learning_curve]
     series = (
@@ -169,16 +191,17 @@ def _learning_figure(arm: ArmResult, color: str) -> bytes:
         if arm.early_stopped and arm.stopped_epoch is not None:
             ax.axvline(arm.stopped_epoch, color="#c22", lw=1.2, ls="-.", label=f"early stop {arm.stopped_epoch}")
         ax.set(xlabel="epoch", ylabel=ylabel)
+        _integer_epochs(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend()
     gap = f", overfitting gap {fmt(arm.overfitting_gap, 3)}" if arm.overfitting_gap is not None else ""
-    fig.suptitle(f"{arm.name}{gap}", fontsize=10)
-    return _png(fig)
+    fig.suptitle(f"{arm.name}{gap}")
+    return fig
 
 
 def _efficiency_figure(results: ComparisonResults) -> bytes:
     """Test AUC versus fraction of training patients, per arm, with CI error bars."""
-    fig = Figure(figsize=(6, 3.6))
+    fig = Figure(figsize=(9, 5.5))
     ax = fig.add_subplot()
     points = results.data_efficiency or []
     names = list(dict.fromkeys(p.arm for p in points))
@@ -194,12 +217,18 @@ def _efficiency_figure(results: ComparisonResults) -> bytes:
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=_COLORS[i % len(_COLORS)], label=name)
     ax.set(xlabel="training patients", ylabel="test ROC AUC (95% CI)", title="Data efficiency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return _png(fig)
 
 
 def make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
     """Every figure the report shows, keyed by role ('roc', 'calibration', 'learning:<arm>', 'data_efficiency')."""
+    with matplotlib.rc_context(FIGURE_STYLE):
+        return _make_figures(results)
+
+
+def _make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
+    """make_figures under the reading style."""
     done = results.completed_arms
     figures: dict[str, RenderedFigure] = {}
     if any(arm.roc for arm in done):
@@ -215,7 +244,7 @@ def make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
             figures[f"learning:{arm.name}"] = RenderedFigure(
                 f"learning_{_safe(arm.name)}.png",
                 f"Learning curves of {arm.name}: loss and AUC per epoch",
-                _learning_figure(arm, _COLORS[i % len(_COLORS)]),
+                _png(learning_plot(arm, _COLORS[i % len(_COLORS)])),
             )
     if results.data_efficiency:
         figures["data_efficiency"] = RenderedFigure(
@@ -227,6 +256,86 @@ def make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
 def _safe(name: str) -> str:
     """A file-name-safe version of an arm name."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# ---------------------------------------------------------------- banners
+
+
+@dataclass(frozen=True)
+class Banner:
+    """A warning the report, report.md and the summary artifact open with.
+
+    Args:
+        kind: "smoke", "weights", "chance" or "partial" (also the HTML class).
+        title: fixed wording, e.g. "Smoke profile".
+        text: the sentence; carries user-supplied names, so templates escape it.
+    """
+
+    kind: str
+    title: str
+    text: str
+
+
+def _smoke_banner(results: ComparisonResults) -> Banner | None:
+    """The smoke profile: seconds of training on tiny images, a test of the plumbing, not of the models."""
+    smoke = [arm.name for arm in results.arms if arm.profile == SMOKE_PROFILE]
+    if not smoke:
+        return None
+    return Banner("smoke", "Smoke profile", f"for testing: numbers not meaningful. {', '.join(smoke)} ran with the "
+                  f"'{SMOKE_PROFILE}' profile (tiny images, a couple of epochs); use --profile cpu or full for a real comparison.")
+
+
+def _weights_banner(results: ComparisonResults) -> Banner | None:
+    """Completed pretrained arms that started from no weights file, or from a file whose hash nothing checked."""
+    lines = []
+    for arm in results.completed_arms:
+        if arm.name not in PRETRAINED_ARMS:
+            continue
+        if arm.weights is None:
+            lines.append(f"{arm.name} records no pretrained weights file, so it may have started from randomly initialised weights")
+        elif not arm.weights.hash_checked:
+            lines.append(f"{arm.name} used the weights file {arm.weights.file_name} (SHA-256 {arm.weights.sha256}), whose "
+                         f"name carries no hash that was checked: nothing shows these are the published ImageNet weights")
+    if not lines:
+        return None
+    return Banner("weights", "Randomly initialised or unverified weights", "; ".join(lines) + ".")
+
+
+def _chance_banner(results: ComparisonResults) -> Banner | None:
+    """Arms whose primary-level test AUC interval includes 0.5 (not shown better than chance)."""
+    level = results.evaluation.primary_level
+    hits = []
+    for arm in results.completed_arms:
+        metrics = arm.patient_metrics if level == "patient" and arm.patient_metrics is not None else arm.test_metrics
+        auc = metrics.roc_auc if metrics is not None else None
+        if auc is not None and auc.ci_low is not None and auc.ci_high is not None and auc.ci_low <= 0.5 <= auc.ci_high:
+            hits.append(f"{arm.name} {metrics.level}-level AUC {auc_with_ci(auc, metrics.ci_level)}")  # type: ignore[union-attr]
+    if not hits:
+        return None
+    return Banner("chance", "AUC interval includes 0.5", "; ".join(hits) + ". These arms are not shown to rank patients "
+                  "better than chance at this sample size.")
+
+
+def _partial_banner(results: ComparisonResults) -> Banner | None:
+    """Requested arms that were skipped or failed, by name."""
+    missing = [arm for arm in results.arms if arm.status != "completed"]
+    if not missing:
+        return None
+    names = ", ".join(f"{arm.name} ({arm.status})" for arm in missing)
+    return Banner("partial", "Partial result", f"{len(missing)} of {len(results.arms)} requested arms did not complete: "
+                  f"{names}. The reasons are under Recommendation; the comparison covers the completed arms only.")
+
+
+def report_banners(results: ComparisonResults) -> list[Banner]:
+    """Every banner that applies, in reading order: smoke profile, weights, AUC intervals including 0.5, partial."""
+    checks = (_smoke_banner, _weights_banner, _chance_banner, _partial_banner)
+    return [banner for check in checks if (banner := check(results)) is not None]
+
+
+def dataset_label(results: ComparisonResults) -> str:
+    """The dataset's own name for headers, or '' when it is only the generic folder name 'dataset'."""
+    name = results.dataset.name.strip()
+    return "" if name.lower() in ("", "dataset") else name
 
 
 # ---------------------------------------------------------------- rendering
@@ -271,13 +380,20 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> 
         "confusion_max": confusion_max or 1,
         "section_ids": SECTION_IDS,
         "evaluation_lines": results.evaluation.notes or evaluation_sentences(results.evaluation),
+        "banners": report_banners(results),
+        "dataset_label": dataset_label(results),
+        "weighted_arms": [arm for arm in results.arms if arm.weights is not None],
+        "appendix_html": REPORT_APPENDIX_HTML_FILE,
+        "appendix_md": REPORT_APPENDIX_MD_FILE,
     }
 
 
 def render_report(results: ComparisonResults, out_dir: Path) -> dict[str, Path]:
-    """Write report.html (self-contained), report.md with figures/*.png, and results.json into out_dir.
+    """Write report.html (self-contained), report.md with figures/*.png, results.json, and the appendix
+    (report-appendix.html / .md: configurations, package versions, seeds) into out_dir.
 
-    Returns the written paths keyed "html", "markdown", "results" and "figure:<name>".
+    Returns the written paths keyed "html", "markdown", "results", "appendix_html", "appendix_markdown" and
+    "figure:<name>".
     """
     results = ComparisonResults.model_validate(results.model_dump())  # re-validate whatever was built
     out_dir = Path(out_dir)
@@ -293,6 +409,10 @@ def render_report(results: ComparisonResults, out_dir: Path) -> dict[str, Path]:
     results_path = out_dir / RESULTS_FILE
     atomic_write_text(results_path, results.model_dump_json(indent=2) + "\n")
     paths["results"] = results_path
+    for key, template, name, autoescape in (("appendix_markdown", "appendix.md.j2", REPORT_APPENDIX_MD_FILE, False),
+                                            ("appendix_html", "appendix.html.j2", REPORT_APPENDIX_HTML_FILE, True)):
+        paths[key] = out_dir / name
+        atomic_write_text(paths[key], _environment(autoescape).get_template(template).render(**context))
     md_path = out_dir / REPORT_MD_FILE
     atomic_write_text(md_path, _environment(False).get_template("report.md.j2").render(**context))
     paths["markdown"] = md_path
@@ -350,7 +470,7 @@ def update_index(reports_root: Path) -> Path:
                 "run_id": results.run_id,
                 "created_at": results.created_at,
                 "date": results.created_at.replace("T", " ")[:16],
-                "dataset": results.dataset.name,
+                "dataset": dataset_label(results),
                 "dataset_hash": results.dataset.card.content_hash[:12],
                 "arms": [arm.name for arm in results.arms],
                 "aucs": _headline_aucs(results),
@@ -381,8 +501,10 @@ def metrics_table(results: ComparisonResults) -> list[dict[str, str]]:
     return rows
 
 
-def summary_markdown(results: ComparisonResults) -> str:
-    """Short Markdown: headline recommendation, per-arm metric table, paired tests; for a Prefect artifact."""
+def summary_markdown(results: ComparisonResults, report_link: str | None = None) -> str:
+    """Short Markdown for a Prefect artifact: banners, headline recommendation, per-arm metric table, paired tests,
+    and a link to the full report when report_link (e.g. flows.serve.report_url) is given."""
     return _environment(False).get_template("summary.md.j2").render(
-        r=results, rows=metrics_table(results), metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES
+        r=results, rows=metrics_table(results), metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES,
+        banners=report_banners(results), report_link=report_link,
     )

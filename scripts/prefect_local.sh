@@ -5,6 +5,12 @@
 #   scripts/prefect_local.sh deploy    # create work pool ctcompare-local (type process) and `prefect deploy --all`
 #   scripts/prefect_local.sh worker    # a process worker on ctcompare-local (runs one flow run at a time)
 #   scripts/prefect_local.sh env       # print the environment the others use (eval "$(... env)" to reuse it)
+#   scripts/prefect_local.sh serve     # the reports folder ($CTCOMPARE_REPORTS_ROOT, out/reports) read-only over HTTP
+#                                      # on http://127.0.0.1:$CTCOMPARE_REPORTS_PORT (8765): report links in the UI open
+#
+# Report links: while `serve` runs, the comparison's link artifact is an http:// address on it. To link a shared web
+# location instead (one that publishes the reports folder), set CTCOMPARE_REPORT_BASE_URL=https://host/path/ for the
+# worker; without either, links are file:// paths, which browsers refuse to open from the UI.
 #
 # All state stays in the checkout: PREFECT_HOME=<checkout>/.ctcompare/prefect (server database, results of cached
 # tasks), MPLCONFIGDIR=<checkout>/.ctcompare/matplotlib. Every variable below may be set beforehand to override it.
@@ -66,13 +72,20 @@ case "$command" in
         # The flow-run processes inherit this environment; the pull step in prefect.yaml moves them to $CTCOMPARE_ROOT.
         exec "$PREFECT" worker start --pool "$CTCOMPARE_WORK_POOL" --type process --limit "$CTCOMPARE_WORKER_LIMIT" "$@"
         ;;
+    serve)
+        # Deployments write their reports under out/reports of the checkout (prefect.yaml); serve that folder.
+        CTCOMPARE_REPORTS_ROOT="${CTCOMPARE_REPORTS_ROOT:-$ROOT/out/reports}"
+        mkdir -p "$CTCOMPARE_REPORTS_ROOT"
+        if [[ -x "$ROOT/.venv/bin/ctcompare" ]]; then CTCOMPARE="$ROOT/.venv/bin/ctcompare"; else CTCOMPARE="ctcompare"; fi
+        exec "$CTCOMPARE" serve "$CTCOMPARE_REPORTS_ROOT" --port "${CTCOMPARE_REPORTS_PORT:-8765}" "$@"
+        ;;
     env)
         for name in CTCOMPARE_ROOT PREFECT_HOME MPLCONFIGDIR PREFECT_SERVER_ANALYTICS_ENABLED PREFECT_API_URL; do
             printf 'export %s=%q\n' "$name" "${!name}"
         done
         ;;
     *)
-        echo "usage: scripts/prefect_local.sh server|deploy|worker|env [extra prefect arguments]" >&2
+        echo "usage: scripts/prefect_local.sh server|deploy|worker|env|serve [extra arguments]" >&2
         exit 2
         ;;
 esac

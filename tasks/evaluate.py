@@ -30,6 +30,7 @@ from data_schemas.report import (
     ArmCostSummary,
     ArmFolds,
     ArmResult,
+    ArmWeights,
     CalibrationBin,
     ComparisonResults,
     ConfusionMatrix,
@@ -330,6 +331,14 @@ def _config_dict(config: RunConfig | None) -> dict:
     }
 
 
+def _arm_weights(config: RunConfig | None) -> ArmWeights | None:
+    """The weights file of a run's config.json by name and hash (its path stays out of results.json)."""
+    if config is None or config.weights is None:
+        return None
+    w = config.weights
+    return ArmWeights(file_name=w.file_name, sha256=w.sha256, source=w.source, hash_checked=w.hash_checked)
+
+
 def _training_story(arm: str, run: RunData) -> dict:
     """Learning curve, best and stopping epoch, like-for-like overfitting gap and early-stopping monitor of one run."""
     history, config = run.history, run.config
@@ -362,7 +371,8 @@ def read_arm(
     found = [read_run(Path(d), evaluation) for d in run_dirs]
     configs = [f.config if isinstance(f, RunData) else None for f in found]
     config = next((c for c in configs if c is not None), None)
-    common = dict(name=arm, config=_config_dict(config), seed=None if config is None else config.seed, n_runs=len(run_dirs))
+    common = dict(name=arm, config=_config_dict(config), seed=None if config is None else config.seed, n_runs=len(run_dirs),
+                  profile="" if config is None else config.profile, weights=_arm_weights(config))
     unfinished = [(i, f) for i, f in enumerate(found) if not isinstance(f, RunData)]
     if not run_dirs or unfinished:
         where = (lambda i: f"run {i + 1} of {len(run_dirs)}: ") if len(run_dirs) > 1 else (lambda i: "")

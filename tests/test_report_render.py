@@ -10,10 +10,27 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, PairedComparison, Recommendation
+from data_schemas.report import (
+    ArmResult,
+    ArmWeights,
+    ComparisonResults,
+    DeLongResult,
+    MetricValue,
+    PairedComparison,
+    Recommendation,
+)
 from reports.formatting import md_escape
 from reports.wording import recommendation_sentences
-from reports.render import SECTION_IDS, load_results, metrics_table, render_report, summary_markdown, update_index
+from reports.render import (
+    SECTION_IDS,
+    learning_plot,
+    load_results,
+    metrics_table,
+    render_report,
+    report_banners,
+    summary_markdown,
+    update_index,
+)
 from report_fixtures import SKIP_REASON, make_example_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +88,7 @@ def test_html_has_every_section_and_embedded_plots(rendered: tuple[ComparisonRes
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
         assert img.get("alt")
     for link in page.links:
-        assert link.startswith("#"), f"non-local link {link}"
+        assert link.startswith("#") or link == "report-appendix.html", f"non-local link {link}"
     raw = paths["html"].read_text(encoding="utf-8")
     assert "http://" not in raw and "https://" not in raw and "url(" not in raw
     text = " ".join(page.text)
@@ -238,3 +255,141 @@ def test_headline_agrees_with_its_interval(basis: str, pair: PairedComparison, m
     for text in must_not:
         assert text not in headline, (text, headline)
     assert any("Holm-adjusted" in line for line in details) and any("−0.02" in line for line in details)
+
+
+# ---------------------------------------------------------------- banners, appendix, command, readability
+
+
+def _with_arms(results: ComparisonResults, **updates_by_arm: dict) -> ComparisonResults:
+    """results with arm fields replaced, e.g. _with_arms(r, imagenet={"profile": "cpu"})."""
+    arms = [arm.model_copy(update=updates_by_arm.get(arm.name.replace("-", "_"), {})) for arm in results.arms]
+    return results.model_copy(update={"arms": arms})
+
+
+def _banner_kinds(results: ComparisonResults) -> list[str]:
+    return [b.kind for b in report_banners(results)]
+
+
+UNCHECKED = ArmWeights(file_name="random_resnet50.pt", sha256="9f" * 32, source="file", hash_checked=False)
+CHECKED = ArmWeights(file_name="resnet50-11ad3fa6.pth", sha256="11ad3fa6" + "0" * 56, source="file", hash_checked=True)
+
+
+def test_banners_name_what_makes_numbers_less_than_they_seem() -> None:
+    base = make_example_results(with_folds=False, with_data_efficiency=False)
+    assert {arm.profile for arm in base.arms} == {"smoke"}  # from each run's config.json
+    real = _with_arms(base, scratch={"profile": "cpu"}, imagenet={"profile": "cpu", "weights": CHECKED})
+    assert "smoke" in _banner_kinds(base) and "smoke" not in _banner_kinds(real)
+    assert "weights" not in _banner_kinds(real)  # a checked torchvision file is not flagged
+
+    unverified = _with_arms(real, imagenet={"weights": UNCHECKED})
+    (banner,) = [b for b in report_banners(unverified) if b.kind == "weights"]
+    assert "random_resnet50.pt" in banner.text and UNCHECKED.sha256 in banner.text and "imagenet" in banner.text
+    random_init = _with_arms(real, imagenet={"weights": None})
+    assert "randomly initialised" in [b for b in report_banners(random_init) if b.kind == "weights"][0].text
+
+    chance_auc = MetricValue(value=0.56, ci_low=0.41, ci_high=0.70)
+    scratch = real.arm("scratch")
+    near_chance = _with_arms(real, scratch={"patient_metrics": scratch.patient_metrics.model_copy(update={"roc_auc": chance_auc})})
+    (chance,) = [b for b in report_banners(near_chance) if b.kind == "chance"]
+    assert "scratch" in chance.text and "0.41 to 0.70" in chance.text and "imagenet" not in chance.text
+    clear = _with_arms(real, scratch={"patient_metrics": scratch.patient_metrics.model_copy(
+        update={"roc_auc": MetricValue(value=0.9, ci_low=0.51, ci_high=0.97)})})
+    assert "chance" not in _banner_kinds(clear)
+
+    partial = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    (part,) = [b for b in report_banners(partial) if b.kind == "partial"]
+    assert "imagenet (skipped)" in part.text and "1 of 2" in part.text
+    assert "partial" not in _banner_kinds(base)
+
+
+def test_banners_open_report_markdown_and_summary(tmp_path: Path) -> None:
+    base = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    evil = ArmWeights(file_name="<b>w</b>.pt", sha256="ab" * 32, hash_checked=False)
+    results = _with_arms(base, scratch={"profile": "smoke"})
+    results = results.model_copy(update={"arms": [results.arms[0].model_copy(update={"name": "imagenet-linear", "weights": evil}),
+                                                  results.arms[1]]})
+    kinds = _banner_kinds(results)
+    assert kinds == ["smoke", "weights", "partial"] or kinds == ["smoke", "weights", "chance", "partial"]
+    paths = render_report(results, tmp_path / "run")
+    raw = paths["html"].read_text(encoding="utf-8")
+    assert raw.count('class="banner ') == len(kinds)
+    assert raw.index("for testing: numbers not meaningful") < raw.index('id="recommendation"')
+    assert "&lt;b&gt;w&lt;/b&gt;.pt" in raw and "<b>w</b>" not in raw and "ab" * 32 in raw
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert md.index("for testing: numbers not meaningful") < md.index("## Recommendation")
+    assert "<b>" not in md and "imagenet (skipped)" in md
+    summary = summary_markdown(results, report_link="http://127.0.0.1:8765/run/report.html")
+    assert summary.index("for testing: numbers not meaningful") < summary.index("| Arm |")
+    assert "<b>" not in summary and "ab" * 32 in summary
+    assert summary.rstrip().endswith("(http://127.0.0.1:8765/run/report.html)")
+
+
+def test_configuration_dumps_live_in_the_appendix(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
+    results, paths = rendered
+    md = paths["markdown"].read_text(encoding="utf-8")
+    raw = paths["html"].read_text(encoding="utf-8")
+    for text in (md, raw):
+        assert '"weight_decay"' not in text and "```json" not in text  # no config dump in the report itself
+    assert "(report-appendix.md)" in md and 'href="report-appendix.html"' in raw
+    appendix_md = paths["appendix_markdown"].read_text(encoding="utf-8")
+    appendix_html = paths["appendix_html"].read_text(encoding="utf-8")
+    assert paths["appendix_markdown"].parent == paths["markdown"].parent
+    for arm in results.arms:
+        assert f"### {arm.name}" in appendix_md and f"<h3>{arm.name} " in appendix_html
+    assert appendix_md.count('"weight_decay"') == len(results.arms) and "numpy" in appendix_html
+
+
+def test_reproducibility_command_is_shown_as_given(tmp_path: Path) -> None:
+    base = make_example_results(with_folds=False, with_data_efficiency=False)
+    command = ("ctcompare compare 'scans/chest ct' --labels labels.csv --out reports/trial-1 --profile cpu "
+               "--arms scratch imagenet --seed 0 --weights resnet50-11ad3fa6.pth --set 'lr=0.0005'")
+    results = _with_arms(base, imagenet={"weights": CHECKED}).model_copy(
+        update={"reproducibility": base.reproducibility.model_copy(update={"command": command})})
+    paths = render_report(results, tmp_path / "run")
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert f"```sh\n{command}\n```" in md
+    assert f"{md_escape(CHECKED.file_name)}, SHA-256 `{CHECKED.sha256}` (hash checked)" in md
+    page = _parse(paths["html"])
+    assert command in page.text and CHECKED.sha256 in page.text
+
+
+def _png_width(path: Path) -> int:
+    """Pixel width from a PNG's IHDR chunk."""
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_figures_are_wide_enough_and_epochs_are_whole(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
+    results, paths = rendered
+    figures = [p for k, p in paths.items() if k.startswith("figure:")]
+    assert len(figures) == 3 + len(results.completed_arms)
+    for fig in figures:
+        assert _png_width(fig) >= 700, fig.name
+    plot = learning_plot(results.completed_arms[0], "#1f77b4")
+    for ax in plot.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        legend = ax.get_legend()
+        assert legend is not None and min(t.get_fontsize() for t in legend.get_texts()) >= 10
+
+
+@pytest.mark.parametrize("name, shown", [("dataset", None), ("lung-cohort-2024", "lung-cohort-2024")])
+def test_header_names_the_dataset_once(tmp_path: Path, name: str, shown: str | None) -> None:
+    base = make_example_results(with_folds=False, with_data_efficiency=False)
+    results = base.model_copy(update={"dataset": base.dataset.model_copy(update={"name": name})})
+    paths = render_report(results, tmp_path / "run")
+    for path, end in ((paths["markdown"], "## Recommendation"), (paths["html"], "<nav>")):
+        text = path.read_text(encoding="utf-8")
+        header = " ".join(text[: text.index(end)].replace("`", "").lower().split())
+        assert "dataset dataset" not in header
+        if shown:
+            assert f"dataset {shown}" in header
+
+
+def test_index_shows_the_report_folder_name(tmp_path: Path) -> None:
+    results = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
+    render_report(results, tmp_path / "trial-lr-0.0005")
+    page = _parse(update_index(tmp_path))
+    assert page.links == ["trial-lr-0.0005/report.html"]
+    assert "trial-lr-0.0005" in page.text and "Report folder" in page.text
