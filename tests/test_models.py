@@ -197,6 +197,8 @@ def test_feature_extractor_of_a_built_model_drops_only_the_head():
 
 import math  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from torchvision.models import get_model  # noqa: E402
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES, ArmSpec, canonical_arm_name, parse_arm, parse_arms  # noqa: E402
@@ -381,3 +383,24 @@ def test_resize_is_antialiased_bicubic_and_stays_in_range():
     assert unclamped.max() > 1  # the clamp is needed
     assert abs(float(small.mean()) - 0.5) < 0.02
     assert resize_images(edge, 64) is edge
+
+
+def test_probe_extraction_in_batches_gives_every_depth_and_the_top_features():
+    """tasks.linear_probe: three depths over 5 images in batches of 2 (one pass per batch) equal one whole pass;
+    the deepest equals the single-depth extraction of the same frozen ResNet-18 (its head is Identity)."""
+    from tasks.augment import normalise
+    from tasks.linear_probe import extract_features, extract_multi_depth_features
+
+    torch.manual_seed(3)
+    net = as_feature_extractor(build_model("resnet18"))
+    images = torch.rand(5, 1, 48, 48)
+    cpu = torch.device("cpu")
+    depths = probe_depths("resnet18")
+    batched = extract_multi_depth_features(net, images, depths, batch_size=2, device=cpu)
+    with torch.no_grad():
+        whole = multi_depth_features(net, normalise(images), depths)
+    assert {d: f.shape for d, f in batched.items()} == {"layer2": (5, 128), "layer3": (5, 256), "layer4": (5, 512)}
+    for depth in depths:
+        assert batched[depth].dtype == np.float32 and np.allclose(batched[depth], whole[depth].numpy(), atol=1e-5)
+    top = extract_features(net, images, 2, cpu)
+    assert top.shape == (5, 512) and np.allclose(top, batched["layer4"], atol=1e-5)
