@@ -244,8 +244,11 @@ class CostReport(StrictModel):
     notes: list[str] = Field(default_factory=list)
 
     def arm(self, name: str) -> ArmCost:
-        """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch')."""
-        name = canonical_arm_name(name)
+        """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch'); KeyError if absent."""
+        try:
+            name = canonical_arm_name(name)
+        except ValueError:
+            pass  # not an arm name at all: reported as absent below, as callers expect a KeyError
         for arm in self.arms:
             if arm.arm == name:
                 return arm

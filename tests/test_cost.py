@@ -168,6 +168,12 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     assert mobile.forward_flops_per_image < resnet18.forward_flops_per_image < report.arm("scratch").forward_flops_per_image
     assert mobile.memory.optimizer_bytes == 0 and mobile.memory.activations_bytes_per_image > 0
     assert any("ResNet-50's" in note for note in report.notes)
+    assert report.arm("resnet50:scratch") == report.arms[0]
+    with pytest.raises(KeyError):
+        report.arm("vgg16:scratch")
+    older = report.model_dump(mode="json")  # a cost.json written before arms named their model
+    del older["arms"][0]["model"]
+    assert CostReport.model_validate(older).arms[0].model == "resnet50"
     table, markdown = format_table(report), markdown_table(report)
     assert "mobilenet_v3_large:imagenet-linear  MobileNetV3-Large" in table and "| resnet18:imagenet | ResNet-18 |" in markdown
 

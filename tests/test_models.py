@@ -1,4 +1,4 @@
-"""Model builders and weights loading for every supported model: grey stem folding, head split, probe depths, checks on files, no network."""
+"""Model builders and weights loading for every supported model: grey stem, head split, probe depths, file checks."""
 
 from __future__ import annotations
 
