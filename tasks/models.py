@@ -41,9 +41,9 @@ from torchvision.models import (
     ResNet50_Weights,
     mobilenet_v3_large,
     resnet18,
+    WeightsEnum,
     resnet50,
 )
-from torchvision.models._api import WeightsEnum
 
 from data_schemas.arms import LEGACY_MODEL, MODEL_LABELS, MODEL_NAMES, ArmSpec, parse_arm
 from data_schemas.files import sha256_file
@@ -83,24 +83,29 @@ class ModelDef:
 
 
 _RESNET_DEPTHS = ("layer2", "layer3", "layer4")
+_ZERO_INIT_RESIDUAL = (("zero_init_residual", True),)  # each residual branch's last BN scale starts at 0: identity
 _MODELS: dict[str, ModelDef] = {
-    # zero_init_residual: the last BN scale of every residual branch starts at 0 (each block starts as identity).
     "resnet50": ModelDef(
-        resnet50, ResNet, (ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1), "conv1", "bn1", "fc", "",
-        _RESNET_DEPTHS, (("zero_init_residual", True),),
+        builder=resnet50, family=ResNet, weights=(ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1),
+        stem="conv1", stem_norm="bn1", head="fc", dropout_before_head="", probe_depths=_RESNET_DEPTHS,
+        scratch_kwargs=_ZERO_INIT_RESIDUAL,
     ),
     "resnet18": ModelDef(
-        resnet18, ResNet, (ResNet18_Weights.IMAGENET1K_V1,), "conv1", "bn1", "fc", "", _RESNET_DEPTHS,
-        (("zero_init_residual", True),),
+        builder=resnet18, family=ResNet, weights=(ResNet18_Weights.IMAGENET1K_V1,),
+        stem="conv1", stem_norm="bn1", head="fc", dropout_before_head="", probe_depths=_RESNET_DEPTHS,
+        scratch_kwargs=_ZERO_INIT_RESIDUAL,
     ),
-    # Depths at strides 8, 16, 32 like ResNet's layer2-4: the last 40-, 112- and 960-channel blocks.
+    # Probe depths at strides 8, 16, 32 like ResNet's layer2-4: the last 40-, 112- and 960-channel blocks. The head
+    # is the last Linear (1280 -> classes); the pretrained 960 -> 1280 Linear before it stays in the backbone.
     "mobilenet_v3_large": ModelDef(
-        mobilenet_v3_large, MobileNetV3,
-        (MobileNet_V3_Large_Weights.IMAGENET1K_V2, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
-        "features.0.0", "features.0.1", "classifier.3", "classifier.2", ("features.6", "features.12", "features.16"),
+        builder=mobilenet_v3_large, family=MobileNetV3,
+        weights=(MobileNet_V3_Large_Weights.IMAGENET1K_V2, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+        stem="features.0.0", stem_norm="features.0.1", head="classifier.3", dropout_before_head="classifier.2",
+        probe_depths=("features.6", "features.12", "features.16"),
     ),
 }
-assert tuple(_MODELS) == MODEL_NAMES, "tasks.models._MODELS and data_schemas.arms.MODEL_NAMES must agree"
+if tuple(_MODELS) != MODEL_NAMES:  # pragma: no cover - a model added on one side only
+    raise RuntimeError("tasks.models._MODELS and data_schemas.arms.MODEL_NAMES must list the same models")
 IMAGENET_WEIGHTS = _MODELS[LEGACY_MODEL].weights
 
 
@@ -467,13 +472,31 @@ def is_no_decay_parameter(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim <= 1
 
 
+def _conv_backward_flops(
+    grad_out_shape: Sequence[int], x_shape: Sequence[int], w_shape: Sequence[int], _bias: Any, _stride: Any,
+    _padding: Any, _dilation: Any, transposed: bool, _output_padding: Any, _groups: int, output_mask: Sequence[bool],
+    out_shape: Any, **_: Any,
+) -> int:
+    """FLOPs of a convolution's backward: its forward count once for the input gradient and once for the weight
+    gradient (each pairs every forward multiply-add with one of its own), as requested by output_mask.
+
+    Replaces torch.utils.flop_counter's conv_backward_flop, whose weight-gradient term ignores `groups` and so
+    counts a depthwise convolution's weight gradient `groups` times too high (MobileNetV3's training would read
+    ~28x its forward; pytorch/pytorch PR 183405 fixes it upstream). For groups = 1 the two agree exactly.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_flops(model: nn.Module, image_size: int, in_channels: int, *, backward: bool = False, batch: int = 2) -> float:
     """FLOPs per image of one forward pass (and, with `backward`, its backward pass): the one FLOP counter.
 
     Counted by torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add; only matmul/conv-type ops are
     counted, so BatchNorm, ReLU, pooling and the optimizer step count 0). A convolution costs
-    2 x C_in x C_out x k x k x H_out x W_out per image forward; its input gradient and its weight gradient cost the
-    same again each. The pass runs on the model's device (the meta device makes it free: shapes only). Backward
+    2 x C_in/groups x C_out x k x k x H_out x W_out per image forward; its input gradient and its weight gradient cost
+    the same again each (_conv_backward_flops corrects torch's count for grouped convolutions). The pass runs on the model's device (the meta device makes it free: shapes only). Backward
     runs only if some parameter requires grad, and autograd computes only what the trainable parameters need: a
     frozen layer gets no weight gradient, a frozen prefix no backward at all, and the input never requires grad,
     so conv1 has no input gradient. Counted at `batch` (BatchNorm in train mode refuses a single value per channel)
@@ -484,7 +507,8 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int, *, backward
     device = next(model.parameters()).device
     x = torch.zeros(batch, in_channels, image_size, image_size, device=device)
     needs_backward = backward and any(p.requires_grad for p in model.parameters())
-    with FlopCounterMode(display=False) as counter:
+    corrected = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=corrected) as counter:
         with torch.set_grad_enabled(needs_backward):
             out = model(x)
         if needs_backward:

@@ -146,6 +146,26 @@ def test_every_model_at_224_matches_torchvision_published_multiply_adds(model):
     assert counts.params_total == weights.meta["num_params"]
 
 
+def test_depthwise_convolution_backward_is_counted_by_hand():
+    """A depthwise 3x3 conv (64 channels, groups 64) at 16 x 16 after a 1x1 conv 1 -> 64: forward
+    2 x 64 x 256 + 2 x 64 x 9 x 256 = 327,680; training adds the 1x1 weight gradient (32,768; the image needs no
+    gradient) and the depthwise input and weight gradients (294,912 each) = 950,272. torch's own counter would count
+    the depthwise weight gradient 64 times."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 1, bias=False), torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False))
+    assert count_flops(net, 16, 1) == 2 * 64 * 256 + 2 * 64 * 9 * 256 == 327_680
+    assert count_flops(net, 16, 1, backward=True) == 327_680 + 2 * 64 * 256 + 2 * (2 * 64 * 9 * 256) == 950_272
+
+
+def test_mobilenet_training_is_three_forwards_less_the_stem():
+    """MobileNetV3-Large, 1 channel, 64 px: full training = 3F - stem (3x3/2 conv 1 -> 16: 2 x 16 x 9 x 32 x 32),
+    as for the ResNets: every weight gradient and every input gradient but the stem's."""
+    counts = C.count_phase("full", 64, 1, 2, "mobilenet_v3_large")
+    stem = 2 * 1 * 16 * 9 * 32 * 32
+    assert counts.train_flops_per_image == 3 * counts.forward_flops_per_image - stem
+
+
 def test_arms_of_every_model_are_priced_by_their_own_model():
     """Mixed arms: each ArmCost names its model and is counted on it (ResNet-18 fine-tuning = n x epochs x (3F - stem);
     the MobileNetV3 probe fits 1280 features), the note says utilisation is ResNet-50's, and the tables name the
