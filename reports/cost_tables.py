@@ -46,7 +46,7 @@ def format_table(report: CostReport) -> str:
     """Compact terminal table: one row of counts per arm, then estimated time per arm x device and max batch."""
     names = [d.name for d in report.devices]
     short = {name: _short_label(report, name) for name in names}
-    width = max(9, 2 + max(len(label) for label in short.values()))
+    width = max(11, 2 + max(len(label) for label in short.values()))  # "109.0 min" + two spaces
     arm_w = _arm_width(report)
     lines = [
         _inputs_line(report) + ("" if report.calibrated else "  (this-machine not calibrated)"),
