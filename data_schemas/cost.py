@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from data_schemas.arms import ARM_MODES, LEGACY_MODEL, ArmMode, ModelName, canonical_arm_name, default_arms, parse_arms
 from data_schemas.base import StrictModel
 
 COST_SCHEMA_VERSION = "1.1"  # 1.1: estimates only (no `actual`), ArmCost.n_images and head_warmup_epochs
@@ -23,14 +24,12 @@ COST_FILE = "cost.json"
 DEVICE_CATALOGUE_FILE = "devices.json"
 THIS_MACHINE = "this-machine"
 
-ArmName = Literal["scratch", "imagenet", "imagenet-linear"]
-ARM_NAMES: tuple[str, ...] = get_args(ArmName)
+# The ResNet-50 arms' legacy names (= the modes); any arm, e.g. "resnet18:imagenet", validates through
+# data_schemas.arms.parse_arm.
+ArmName = ArmMode
+ARM_NAMES: tuple[str, ...] = ARM_MODES
 
-ARM_DESCRIPTIONS: dict[str, str] = {
-    "scratch": "ResNet-50 from random initialisation, every layer trained",
-    "imagenet": "ResNet-50 from ImageNet weights, fully fine-tuned (optional head-only warm-up epochs first)",
-    "imagenet-linear": "frozen ImageNet ResNet-50: one forward pass for 2048-d features, then logistic regression",
-}
+ARM_DESCRIPTIONS: dict[str, str] = {spec.name: spec.description for spec in default_arms()}
 
 Precision = Literal["fp32", "tf32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -143,7 +142,11 @@ class CostInputs(StrictModel):
     epochs: int = Field(ge=1, le=100_000)
     batch_size: int = Field(ge=1, le=65_536)
     precision: Precision = "bf16"
-    arms: list[ArmName] = Field(default_factory=lambda: list(ARM_NAMES), min_length=1)
+    arms: list[str] = Field(
+        default_factory=lambda: [spec.name for spec in default_arms()],
+        min_length=1,
+        description="canonical arm names (data_schemas.arms.parse_arm): 'scratch', 'resnet18:imagenet', ...",
+    )
     num_classes: int = Field(default=2, ge=2)
     optimizer: OptimizerName = "adam"
     head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs, within `epochs`")
@@ -151,10 +154,15 @@ class CostInputs(StrictModel):
     device_memory_gb: float | None = Field(default=None, gt=0, description="also report the largest batch for this memory")
     dataset_content_hash: str | None = Field(default=None, description="dataset.json content_hash when read from a dataset")
 
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _canonical_arms(cls, value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return [spec.name for spec in parse_arms(value)]  # ValueError: bad name or an arm listed twice
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "CostInputs":
-        if len(set(self.arms)) != len(self.arms):
-            raise ValueError("each arm may be listed once")
         if self.head_warmup_epochs > self.epochs:
             raise ValueError(f"head_warmup_epochs ({self.head_warmup_epochs}) cannot exceed epochs ({self.epochs})")
         return self
@@ -193,8 +201,13 @@ class DeviceEstimate(StrictModel):
 class ArmCost(StrictModel):
     """The estimate for one arm on every device of the catalogue."""
 
+    @field_validator("arm")
+    @classmethod
+    def _canonical_arm(cls, value: str) -> str:
+        return canonical_arm_name(value)
 
-    arm: ArmName
+    arm: str = Field(description="canonical arm name (data_schemas.arms.parse_arm)")
+    model: ModelName = Field(default=LEGACY_MODEL, description="torchvision model of the arm")
     description: str
     params_total: int
     params_trainable: int
@@ -231,6 +244,11 @@ class CostReport(StrictModel):
     notes: list[str] = Field(default_factory=list)
 
     def arm(self, name: str) -> ArmCost:
+        """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch'); KeyError if absent."""
+        try:
+            name = canonical_arm_name(name)
+        except ValueError:
+            pass  # not an arm name at all: reported as absent below, as callers expect a KeyError
         for arm in self.arms:
             if arm.arm == name:
                 return arm

@@ -1,6 +1,7 @@
 """The cost stage: `ctcompare cost` and the Prefect flow "cost".
 
-Estimates, before training, what each arm (scratch, imagenet, imagenet-linear) costs in FLOPs, memory and wall
+Estimates, before training, what each arm (a model and a mode: scratch, imagenet, imagenet-linear; e.g.
+"resnet18:imagenet", bare modes meaning ResNet-50) costs in FLOPs, memory and wall
 time on a catalogue of devices and on this machine (calibrated), and writes cost.json plus a markdown artifact
 (key "ctcompare-cost"). cost.json holds estimates only: each training run measures itself in its timing.json and
 evaluation compares the two. All the work lives in tasks/cost.py, the tables in reports/cost_tables.py; this
@@ -16,6 +17,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from data_schemas.arms import ARM_MODES, MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs, CostReport
 from data_schemas.files import sha256_file
 from reports.cost_tables import format_table, markdown_table
@@ -53,7 +55,7 @@ def cost_flow(*, inputs: CostInputs, out_dir: Path, calibrate: bool = True, forc
     create_markdown_artifact(
         key=ARTIFACT_KEY,
         markdown=markdown_table(report),
-        description=f"ResNet-50 cost estimate per arm and device ({out_dir / COST_FILE})",
+        description=f"cost estimate per arm and device ({out_dir / COST_FILE})",
     )
     return report
 
@@ -111,8 +113,8 @@ def register(subparsers) -> None:
         "cost",
         help="estimate FLOPs, memory and training time of each arm before training",
         description=(
-            "Count ResNet-50 FLOPs at your size and channel count, measure memory, and estimate training time per "
-            "arm on a catalogue of GPUs and on this machine (calibrated in seconds, cached). Writes cost.json."
+            "Count each arm's model FLOPs at your size and channel count, measure memory, and estimate training time "
+            "per arm on a catalogue of GPUs and on this machine (calibrated in seconds, cached). Writes cost.json."
         ),
     )
     source = parser.add_mutually_exclusive_group()
@@ -122,7 +124,15 @@ def register(subparsers) -> None:
     parser.add_argument("--channels", type=int, default=None, help="input channels (default 1)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--arms", nargs="+", metavar="ARM", help=f"arms to estimate (default all: {', '.join(ARM_NAMES)})")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        metavar="ARM",
+        help=(
+            f"arms to estimate, MODEL:MODE (MODEL one of {', '.join(MODEL_NAMES)}; MODE one of {', '.join(ARM_MODES)}; "
+            f"a bare MODE means resnet50), e.g. resnet18:imagenet (default: {', '.join(ARM_NAMES)})"
+        ),
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision (default bf16)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="for optimizer-state memory")
     parser.add_argument("--head-warmup-epochs", type=int, default=0, help="imagenet arm: head-only epochs first")

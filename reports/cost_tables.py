@@ -5,6 +5,7 @@ Numbers become text through reports/formatting.py, so a duration or a size reads
 
 from __future__ import annotations
 
+from data_schemas.arms import MODEL_LABELS
 from data_schemas.cost import THIS_MACHINE, ArmCost, CostReport
 from reports.formatting import fmt_si, format_duration
 
@@ -15,6 +16,11 @@ _LABEL_NOISE = ("Tesla ", "GeForce ", "GTX ", " SXM2", " SXM 80GB", " SXM")
 def _params(arm: ArmCost) -> str:
     """'25.6 M (25.6 M)': parameters, trainable ones in brackets."""
     return f"{fmt_si(arm.params_total)} ({fmt_si(arm.params_trainable)})"
+
+
+def _arm_width(report: CostReport) -> int:
+    """Width of the arm column: the longest arm name ('mobilenet_v3_large:imagenet-linear') plus two spaces."""
+    return max(16, 2 + max(len(a.arm) for a in report.arms))
 
 
 def _short_label(report: CostReport, name: str) -> str:
@@ -40,23 +46,25 @@ def format_table(report: CostReport) -> str:
     """Compact terminal table: one row of counts per arm, then estimated time per arm x device and max batch."""
     names = [d.name for d in report.devices]
     short = {name: _short_label(report, name) for name in names}
-    width = max(9, 2 + max(len(label) for label in short.values()))
+    width = max(11, 2 + max(len(label) for label in short.values()))  # "109.0 min" + two spaces
+    arm_w = _arm_width(report)
     lines = [
         _inputs_line(report) + ("" if report.calibrated else "  (this-machine not calibrated)"),
         "",
-        f"{'arm':<16}{'params (train)':>19}{'fwd GF/img':>11}{'train GF/img':>13}{'total PF':>10}{'mem@batch':>11}",
+        f"{'arm':<{arm_w}}{'model':<19}{'params (train)':>19}{'fwd GF/img':>11}{'train GF/img':>13}{'total PF':>10}"
+        f"{'mem@batch':>11}",
     ]
     for a in report.arms:
         lines.append(
-            f"{a.arm:<16}{_params(a):>19}{a.forward_flops_per_image / 1e9:>11.2f}{a.train_flops_per_image / 1e9:>13.2f}"
-            f"{a.flops_total / 1e15:>10.2f}{fmt_si(a.memory.total_bytes, 'B'):>11}"
+            f"{a.arm:<{arm_w}}{MODEL_LABELS[a.model]:<19}{_params(a):>19}{a.forward_flops_per_image / 1e9:>11.2f}"
+            f"{a.train_flops_per_image / 1e9:>13.2f}{a.flops_total / 1e15:>10.2f}{fmt_si(a.memory.total_bytes, 'B'):>11}"
         )
-    lines += ["", f"{'estimated time':<16}" + "".join(f"{short[n]:>{width}}" for n in names)]
+    lines += ["", f"{'estimated time':<{arm_w}}" + "".join(f"{short[n]:>{width}}" for n in names)]
     for a in report.arms:
         seconds = {d.device: d.seconds for d in a.devices}
-        lines.append(f"{a.arm:<16}" + "".join(f"{format_duration(seconds[n]):>{width}}" for n in names))
+        lines.append(f"{a.arm:<{arm_w}}" + "".join(f"{format_duration(seconds[n]):>{width}}" for n in names))
     smallest = {n: min(d.max_batch_size for a in report.arms for d in a.devices if d.device == n) for n in names}
-    lines.append(f"{'max batch':<16}" + "".join(f"{smallest[n]:>{width}}" for n in names))
+    lines.append(f"{'max batch':<{arm_w}}" + "".join(f"{smallest[n]:>{width}}" for n in names))
     given = [a for a in report.arms if a.max_batch_for_given_memory is not None]
     if given:
         lines.append(
@@ -75,12 +83,12 @@ def markdown_table(report: CostReport) -> str:
         "",
         f"{_inputs_line(report)}. {report.flop_convention}",
         "",
-        "| arm | params (trainable) | fwd GFLOPs/img | train GFLOPs/img | total PFLOPs | memory @ batch |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| arm | model | params (trainable) | fwd GFLOPs/img | train GFLOPs/img | total PFLOPs | memory @ batch |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for a in report.arms:
         out.append(
-            f"| {a.arm} | {_params(a)} | {a.forward_flops_per_image / 1e9:.2f} | {a.train_flops_per_image / 1e9:.2f} | "
+            f"| {a.arm} | {MODEL_LABELS[a.model]} | {_params(a)} | {a.forward_flops_per_image / 1e9:.2f} | {a.train_flops_per_image / 1e9:.2f} | "
             f"{a.flops_total / 1e15:.3f} | {fmt_si(a.memory.total_bytes, 'B')} |"
         )
     out += ["", "| arm | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---:|" * len(names)]

@@ -4,9 +4,10 @@ The classic back-of-envelope ("ResNet-50 on ImageNet took ~14 days on one M40, ~
 10,000x smaller costs 10,000x less per epoch; grayscale makes conv1 3x cheaper; cost scales with pixel count") is
 done here from the actual model and dataset:
 
-    forward FLOPs per image   counted by tasks.models.count_flops (FlopCounterMode) on the arms' own ResNet-50
-                              (tasks.models.build_resnet50) at the configured size and channel count, on the meta
-                              device: shapes only, no arithmetic is done.
+    forward FLOPs per image   counted by tasks.models.count_flops (FlopCounterMode) on each arm's own model
+                              (tasks.models.build_model: ResNet-50, ResNet-18 or MobileNetV3-Large, the arm's
+                              ArmSpec.model) at the configured size and channel count, on the meta device: shapes
+                              only, no arithmetic is done.
     training FLOPs per image  counted the same way over a real forward + backward with the arm's freezing applied,
                               so a frozen layer contributes no weight gradient and a frozen prefix no backward at
                               all. For full backprop this is 3 x forward - conv1 (forward F, input gradients F
@@ -15,7 +16,8 @@ done here from the actual model and dataset:
     time                      FLOPs / (peak FLOP/s at the precision x utilisation) + overhead, nanoGPT
                               estimate_mfu inverted, with peak and utilisation per device from
                               data_schemas/devices.json; for this machine both, and the overhead, come from a short
-                              calibration.
+                              calibration (of ResNet-50 training: other models are priced at ResNet-50's share of
+                              peak, an assumption the report's notes state).
 
 FLOP convention: FlopCounterMode counts 2 FLOPs per multiply-add (MAC). ResNet-50 at 224 x 224 x 3 is ~4.1 G MAC =
 ~8.2 GFLOPs forward. The "10^18 single-precision operations" for 90 ImageNet epochs in You et al. 2018 ("ImageNet
@@ -49,9 +51,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from data_schemas.arms import LEGACY_MODEL, ArmSpec, default_arms, parse_arm, parse_arms
 from data_schemas.cost import (
-    ARM_DESCRIPTIONS,
-    ARM_NAMES,
     COST_FILE,
     COST_SCHEMA_VERSION,
     THIS_MACHINE,
@@ -93,8 +94,8 @@ PHASES = ("full", "head", "features")
 # ============================================================================================ the model
 
 
-def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "cpu"):
-    """The arms' ResNet-50 (tasks.models.build_resnet50, random weights) set up for one training phase.
+def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "cpu", model: str = LEGACY_MODEL):
+    """The arm's `model` (tasks.models.build_model, random weights) set up for one training phase.
 
     phase: "full" every parameter trainable (scratch, imagenet fine-tuning);
            "head" only the classifier head trainable (imagenet head-only warm-up epochs, as training freezes it);
@@ -102,17 +103,17 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
     """
     import torch
 
-    from tasks.models import as_feature_extractor, build_resnet50, is_head_parameter
+    from tasks.models import as_feature_extractor, build_model, is_head_parameter
 
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use {', '.join(PHASES)}")
     with torch.device(device):
-        model = build_resnet50(channels, num_classes).train()
+        net = build_model(model, num_classes=num_classes, in_channels=channels).train()
     if phase == "features":
-        return as_feature_extractor(model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(phase == "full" or is_head_parameter(name))
-    return model
+        return as_feature_extractor(net)
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(phase == "full" or is_head_parameter(name, model))
+    return net
 
 
 # ============================================================================================ counting FLOPs
@@ -120,7 +121,7 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
 
 @dataclass(frozen=True)
 class PhaseCounts:
-    """Counts for one training phase of ResNet-50 at one size and channel count.
+    """Counts for one training phase of one model at one size and channel count.
 
     Args:
         phase: "full", "head" or "features" (see phase_model).
@@ -139,24 +140,25 @@ class PhaseCounts:
     buffers: int
 
 
-@functools.lru_cache(maxsize=64)
-def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2) -> PhaseCounts:
-    """FLOPs and parameter counts of one phase, counted on the meta device (tasks.models.count_flops).
+@functools.lru_cache(maxsize=128)
+def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = LEGACY_MODEL) -> PhaseCounts:
+    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.models.count_flops).
 
-    full: train = 3 x forward - conv1 (every weight gradient, every input gradient but conv1's);
-    head: train = forward + 2 x 2048 x classes (fc's weight gradient only; nothing below fc needs a gradient);
-    features: no backward, fc removed: forward = full forward - 2 x 2048 x classes.
+    full: train = 3 x forward - stem conv (every weight gradient, every input gradient but the first conv's);
+    head: train = forward + 2 x D x classes (the head's weight gradient only; nothing below it needs a gradient),
+          D = the pooled feature width (tasks.models.feature_dim: ResNet-50 2048);
+    features: no backward, head removed: forward = full forward - 2 x D x classes.
     """
     from tasks.models import count_flops
 
-    model = phase_model(phase, channels, num_classes, device="meta")
+    net = phase_model(phase, channels, num_classes, device="meta", model=model)
     return PhaseCounts(
         phase=phase,
-        forward_flops_per_image=count_flops(model, image_size, channels),
-        train_flops_per_image=count_flops(model, image_size, channels, backward=True),
-        params_total=sum(p.numel() for p in model.parameters()),
-        params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        buffers=sum(b.numel() for b in model.buffers()),
+        forward_flops_per_image=count_flops(net, image_size, channels),
+        train_flops_per_image=count_flops(net, image_size, channels, backward=True),
+        params_total=sum(p.numel() for p in net.parameters()),
+        params_trainable=sum(p.numel() for p in net.parameters() if p.requires_grad),
+        buffers=sum(b.numel() for b in net.buffers()),
     )
 
 
@@ -193,7 +195,7 @@ def training_flops(
 def arm_flops_for_epochs(arm: ArmCost, epochs: int) -> float:
     """FLOPs of `arm` after `epochs` epochs (training_flops); the linear arm is one pass: flops_total whatever
     `epochs` is."""
-    if arm.arm == "imagenet-linear":
+    if parse_arm(arm.arm).mode == "imagenet-linear":
         return arm.flops_total
     return training_flops(
         n_images=arm.n_images,
@@ -248,6 +250,16 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _is_residual_block(module) -> bool:
+    """A block whose input stays alive for a skip connection: ResNet's blocks, MobileNetV3's residual ones."""
+    from torchvision.models.mobilenetv3 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return isinstance(module, (BasicBlock, Bottleneck)) or (
+        isinstance(module, InvertedResidual) and module.use_res_connect
+    )
+
+
 def _inference_peak_bytes(model, x, precision: str) -> int:
     """Approximate live activation bytes of a no-grad forward: max over leaf modules of input + output, plus the
     largest residual-block input (kept alive for the skip connection)."""
@@ -262,10 +274,10 @@ def _inference_peak_bytes(model, x, precision: str) -> int:
         peaks["block"] = max(peaks["block"], _nbytes(inputs))
 
     handles = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         if len(list(module.children())) == 0:
             handles.append(module.register_forward_hook(leaf_hook))
-        elif name.count(".") == 1 and name.startswith("layer"):
+        elif _is_residual_block(module):
             handles.append(module.register_forward_hook(block_hook))
     dtype = _autocast_dtype(precision)
     try:
@@ -277,15 +289,16 @@ def _inference_peak_bytes(model, x, precision: str) -> int:
     return peaks["leaf"] + peaks["block"]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def measure_activation_memory(
-    phase: str, image_size: int, channels: int, precision: str, num_classes: int = 2
+    phase: str, image_size: int, channels: int, precision: str, num_classes: int = 2, model: str = LEGACY_MODEL
 ) -> tuple[int, int]:
-    """(fixed bytes, bytes per image) of activations for one phase, measured on this CPU.
+    """(fixed bytes, bytes per image) of activations for one phase of `model`, measured on this CPU.
 
     Training phases: the distinct tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks),
     at the precision's autocast (bf16/fp16 -> CPU bf16 autocast, which keeps some fp32 copies: measured, not
-    assumed halved), parameters excluded. In fp32 this is, per image, 4 bytes x (the input + every conv output,
+    assumed halved), parameters excluded. For ResNet-50 in fp32 this is, per image, 4 bytes x (the input + every
+    conv output,
     which BatchNorm saves + every ReLU output + the max-pool output + the 2048 pooled features) + 8 bytes x the
     max-pool indices. Measured at batch 2 and 4: per image = (b4 - b2) / 2; fixed = the batch-independent rest
     (BatchNorm running statistics, autocast's low-precision weight copies). The feature phase has no backward:
@@ -296,12 +309,12 @@ def measure_activation_memory(
 
     measure_size = min(image_size, ACTIVATION_MEASURE_MAX_SIZE)
     scale = (image_size / measure_size) ** 2
-    model = phase_model(phase, channels, num_classes).to(memory_format=torch.channels_last)
+    net = phase_model(phase, channels, num_classes, model=model).to(memory_format=torch.channels_last)
     measure = _inference_peak_bytes if phase == "features" else _saved_tensor_bytes
     results = []
     for batch in (2, 4):
         x = torch.zeros(batch, channels, measure_size, measure_size).to(memory_format=torch.channels_last)
-        results.append(measure(model, x, precision))
+        results.append(measure(net, x, precision))
     per_image = max(0, (results[1] - results[0]) // 2)
     fixed = max(0, results[0] - 2 * per_image)
     return fixed, int(per_image * scale)
@@ -614,14 +627,18 @@ def price_this_machine(catalogue: DeviceCatalogue, calibration: Calibration | No
 # ============================================================================================ the estimate
 
 
-def _linear_arm_work(inputs: CostInputs) -> dict[str, Any]:
-    """ArmCost's FLOP fields for imagenet-linear: n x forward(backbone, no grad) + linear_fit_flops(n); one pass."""
-    counts = count_phase("features", inputs.image_size, inputs.channels, inputs.num_classes)
-    fit = linear_fit_flops(inputs.n_images, inputs.num_classes, inputs.linear_fit_iterations)
+def _linear_arm_work(spec: ArmSpec, inputs: CostInputs) -> dict[str, Any]:
+    """ArmCost's FLOP fields for an imagenet-linear arm: n x forward(backbone, no grad) + linear_fit_flops(n, D);
+    one pass, D = the model's pooled feature width."""
+    from tasks.models import feature_dim
+
+    dim = feature_dim(spec.model)
+    counts = count_phase("features", inputs.image_size, inputs.channels, inputs.num_classes, spec.model)
+    fit = linear_fit_flops(inputs.n_images, inputs.num_classes, inputs.linear_fit_iterations, dim)
     per_epoch = inputs.n_images * counts.forward_flops_per_image
     return {
-        "params_total": counts.params_total + classifier_params(inputs.num_classes),
-        "params_trainable": classifier_params(inputs.num_classes),
+        "params_total": counts.params_total + classifier_params(inputs.num_classes, dim),
+        "params_trainable": classifier_params(inputs.num_classes, dim),
         "forward_flops_per_image": counts.forward_flops_per_image,
         "train_flops_per_image": counts.forward_flops_per_image,
         "classifier_fit_flops": fit,
@@ -630,16 +647,16 @@ def _linear_arm_work(inputs: CostInputs) -> dict[str, Any]:
         "epochs_effective": 1,
         "formulas": [
             "flops_total = n_images x forward_flops_per_image (one no-grad feature pass) + classifier_fit_flops",
-            f"classifier_fit_flops = iterations ({inputs.linear_fit_iterations}) x 4 x n x 2048 x classes(1 if binary)",
+            f"classifier_fit_flops = iterations ({inputs.linear_fit_iterations}) x 4 x n x {dim} x classes(1 if binary)",
         ],
     }
 
 
-def _trained_arm_work(arm: str, inputs: CostInputs) -> dict[str, Any]:
-    """ArmCost's FLOP fields for scratch and imagenet (training_flops; imagenet's warm-up epochs are head-only)."""
-    counts = count_phase("full", inputs.image_size, inputs.channels, inputs.num_classes)
-    warmup = inputs.head_warmup_epochs if arm == "imagenet" else 0
-    head = count_phase("head", inputs.image_size, inputs.channels, inputs.num_classes) if warmup else None
+def _trained_arm_work(spec: ArmSpec, inputs: CostInputs) -> dict[str, Any]:
+    """ArmCost's FLOP fields for scratch and imagenet arms (training_flops; imagenet's warm-up epochs are head-only)."""
+    counts = count_phase("full", inputs.image_size, inputs.channels, inputs.num_classes, spec.model)
+    warmup = inputs.head_warmup_epochs if spec.mode == "imagenet" else 0
+    head = count_phase("head", inputs.image_size, inputs.channels, inputs.num_classes, spec.model) if warmup else None
     head_per_image = head.train_flops_per_image if head else None
     total = training_flops(
         n_images=inputs.n_images, epochs=inputs.epochs, train_per_image=counts.train_flops_per_image,
@@ -662,12 +679,14 @@ def _trained_arm_work(arm: str, inputs: CostInputs) -> dict[str, Any]:
     }
 
 
-def _arm_memory(arm: str, inputs: CostInputs) -> MemoryEstimate:
+def _arm_memory(spec: ArmSpec, inputs: CostInputs) -> MemoryEstimate:
     """memory_estimate of the arm's heaviest phase: full training, or the frozen feature pass (no gradients, no
     optimizer state) for imagenet-linear."""
-    phase = "features" if arm == "imagenet-linear" else "full"
-    counts = count_phase(phase, inputs.image_size, inputs.channels, inputs.num_classes)
-    activations = measure_activation_memory(phase, inputs.image_size, inputs.channels, inputs.precision, inputs.num_classes)
+    phase = "features" if spec.mode == "imagenet-linear" else "full"
+    counts = count_phase(phase, inputs.image_size, inputs.channels, inputs.num_classes, spec.model)
+    activations = measure_activation_memory(
+        phase, inputs.image_size, inputs.channels, inputs.precision, inputs.num_classes, spec.model
+    )
     autocast = "bf16 autocast" if inputs.precision in ("bf16", "fp16") else "fp32"
     method = (
         "no-grad forward: peak of live tensors (max leaf input+output plus the residual input), measured on CPU"
@@ -712,9 +731,9 @@ def _batch_independent_bytes(memory: MemoryEstimate) -> int:
 
 
 def estimate_arm(
-    arm: str, inputs: CostInputs, catalogue: DeviceCatalogue, overheads: dict[str, float] | None = None
+    arm: str | ArmSpec, inputs: CostInputs, catalogue: DeviceCatalogue, overheads: dict[str, float] | None = None
 ) -> ArmCost:
-    """The full estimate of one arm on every catalogue device.
+    """The full estimate of one arm (any name parse_arm accepts: its model and mode) on every catalogue device.
 
     scratch          total = epochs x n x train(full)
     imagenet         total = warmup x n x train(head) + (epochs - warmup) x n x train(full); a head-only epoch
@@ -724,8 +743,9 @@ def estimate_arm(
                      this machine (`overheads` by device name), 0 elsewhere
     """
     overheads = overheads or {}
-    work = _linear_arm_work(inputs) if arm == "imagenet-linear" else _trained_arm_work(arm, inputs)
-    memory = _arm_memory(arm, inputs)
+    spec = parse_arm(arm)
+    work = _linear_arm_work(spec, inputs) if spec.mode == "imagenet-linear" else _trained_arm_work(spec, inputs)
+    memory = _arm_memory(spec, inputs)
     work["formulas"] += [
         "seconds = flops / (peak FLOP/s at precision x utilisation) + overhead (this machine: warm-up)",
         "max_batch = floor((0.9 x device memory - weights - gradients - optimizer - fixed) / per-image activations)",
@@ -739,7 +759,7 @@ def estimate_arm(
         _device_estimate(device, work, memory, inputs, overheads.get(device.name, 0.0)) for device in catalogue.devices
     ]
     return ArmCost(
-        arm=arm, description=ARM_DESCRIPTIONS[arm], n_images=inputs.n_images, memory=memory,
+        arm=spec.name, model=spec.model, description=spec.description, n_images=inputs.n_images, memory=memory,
         max_batch_for_given_memory=given, devices=devices, **work,
     )
 
@@ -798,6 +818,12 @@ def build_cost_report(
     ]
     if calibration is None:
         notes.append("this-machine uses catalogue defaults (not calibrated): expect a large error.")
+    if any(parse_arm(arm).model != LEGACY_MODEL for arm in inputs.arms):
+        notes.append(
+            "Utilisation (this machine's calibration and the catalogue's figures) is ResNet-50's: other models are "
+            "priced at the same share of peak, which likely overstates the speed of depthwise-convolution networks "
+            "(MobileNetV3), whose low arithmetic intensity reaches a smaller share of peak."
+        )
     return CostReport(
         created_at=_now(),
         ctcompare_version=_version(),
@@ -925,10 +951,7 @@ def resolve_cost_inputs(*, dataset: Path | None = None, n_images: int | None = N
         raise ValueError("give --dataset DATASET_DIR (an ingested dataset folder) or --images N (how many images).")
     source = _dataset_facts(dataset) if dataset is not None else {"n_images": n_images}
     fields = {**INPUT_DEFAULTS, **source, **{k: v for k, v in settings.items() if v is not None}}
-    fields["arms"] = list(fields.get("arms") or ARM_NAMES)
-    bad_arms = [arm for arm in fields["arms"] if arm not in ARM_NAMES]
-    if bad_arms:
-        raise ValueError(f"unknown arm {bad_arms[0]!r}; valid arms are {', '.join(ARM_NAMES)}.")
+    fields["arms"] = [spec.name for spec in parse_arms(fields.get("arms") or default_arms())]  # ValueError: one sentence
     try:
         return CostInputs(**fields)
     except ValidationError as error:

@@ -1,10 +1,12 @@
-"""The imagenet-linear arm: frozen ImageNet features computed once, then logistic regression with a
-cross-validated regularisation strength (patient-grouped folds inside the training part)."""
+"""The imagenet-linear arm: frozen ImageNet features computed once (at one depth, or at several depths from the
+same forward pass), then logistic regression with a cross-validated regularisation strength (patient-grouped folds
+inside the training part)."""
 
 from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
+from typing import Any, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +17,19 @@ from sklearn.preprocessing import StandardScaler
 
 from data_schemas.training import LinearProbeConfig, LinearProbeModel
 from tasks.augment import normalise
+from tasks.models import multi_depth_features
+
+
+def _batches(
+    images: torch.Tensor, batch_size: int, device: torch.device, precision: str, channels_last: bool
+) -> Iterator[tuple[int, torch.Tensor, ContextManager[Any]]]:
+    """(start, normalised batch on `device`, its autocast context) for every batch of [0, 1] images."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for start in range(0, images.shape[0], batch_size):
+        x = normalise(images[start : start + batch_size]).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield start, x, torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.inference_mode()
@@ -26,19 +41,40 @@ def extract_features(
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> np.ndarray:
-    """(N, 1, S, S) [0, 1] images -> (N, 2048) float32 pooled features of a model whose fc is Identity."""
+    """(N, 1, S, S) [0, 1] images -> (N, D) float32 pooled features of a model whose head is Identity (ResNet-50:
+    D = 2048)."""
     model.eval()
-    out = np.empty((images.shape[0], 2048), dtype=np.float32)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    for start in range(0, images.shape[0], batch_size):
-        x = normalise(images[start : start + batch_size]).to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    out: np.ndarray | None = None
+    for start, x, context in _batches(images, batch_size, device, precision, channels_last):
         with context:
-            features = model(x)
-        out[start : start + x.shape[0]] = features.float().cpu().numpy()
-    return out
+            features = model(x).float().cpu().numpy()
+        if out is None:
+            out = np.empty((images.shape[0], features.shape[1]), dtype=np.float32)
+        out[start : start + x.shape[0]] = features
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+@torch.inference_mode()
+def extract_multi_depth_features(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    depths: Sequence[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> dict[str, np.ndarray]:
+    """{depth: (N, C_depth) float32 pooled features} of [0, 1] images, every depth from the same forward pass of each
+    batch (tasks.models.multi_depth_features; depths e.g. tasks.models.probe_depths(model_name))."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {depth: [] for depth in depths}
+    for _start, x, context in _batches(images, batch_size, device, precision, channels_last):
+        with context:
+            features = multi_depth_features(model, x, depths)
+        for depth, value in features.items():
+            parts[depth].append(value.cpu().numpy())
+    return {depth: np.concatenate(chunks).astype(np.float32, copy=False) for depth, chunks in parts.items()}
 
 
 def fit_linear_probe(

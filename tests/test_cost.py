@@ -96,6 +96,108 @@ def test_one_flop_counter_for_training_and_cost():
     assert forward_flops_per_image(96, 1, 2) == hand.forward_flops(96, 1, 2)
 
 
+# ============================================================================================ other models
+
+
+def _resnet18_convs(size: int, channels: int) -> list[hand.Conv]:
+    """ResNet-18 by hand (He et al. 2016, Table 1): 7x7/2 stem with 64 outputs, 3x3/2 max-pool, four stages of two
+    basic blocks (3x3 in->w at stride s, 3x3 w->w) of widths 64, 128, 256, 512 at strides 1, 2, 2, 2, with a 1x1/s
+    projection on the first block of each stage whose width or stride changes; fc 512 -> classes."""
+    stem = hand.stem(size, channels)
+    out, h, c = [stem], hand.out_side(stem.h_out, 2), 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            s = stride if block == 0 else 1
+            h_out = hand.out_side(h, s)
+            out += [hand.Conv(c, width, 3, h_out), hand.Conv(width, width, 3, h_out)]
+            if block == 0 and (s != 1 or c != width):
+                out.append(hand.Conv(c, width, 1, h_out, projection=True))
+            c, h = width, h_out
+    return out
+
+
+def test_resnet18_stem_and_forward_flops_by_hand():
+    """ResNet-18 at 64 px, 1 channel, 2 classes: stem 2 x 1 x 64 x 49 x 32 x 32 = 6,422,528; whole forward
+    = stem + stage 1 (4 x 2 x 64 x 64 x 9 x 16 x 16) + three stages of 67,108,864 each + fc 2 x 512 x 2
+    = 283,248,640; training = 3F - stem; the grey stem costs a third of the RGB one."""
+    convs = _resnet18_convs(64, 1)
+    by_hand = sum(conv.flops for conv in convs) + 2 * 512 * 2
+    assert convs[0].flops == 6_422_528 and by_hand == 283_248_640
+    model = C.phase_model("full", 1, device="meta", model="resnet18")
+    assert count_flops(model.conv1, 64, 1) == convs[0].flops
+    counts = C.count_phase("full", 64, 1, 2, "resnet18")
+    assert counts.forward_flops_per_image == by_hand == forward_flops_per_image(64, model="resnet18")
+    assert counts.train_flops_per_image == 3 * by_hand - convs[0].flops
+    rgb = C.count_phase("full", 64, 3, 2, "resnet18").forward_flops_per_image
+    assert rgb - by_hand == 2 * convs[0].flops
+    assert counts.params_total == sum(conv.weights for conv in convs) + 2 * sum(conv.c_out for conv in convs) + 512 * 2 + 2
+
+
+@pytest.mark.parametrize("model", ["resnet50", "resnet18", "mobilenet_v3_large"])
+def test_every_model_at_224_matches_torchvision_published_multiply_adds(model):
+    """Forward FLOPs of each torchvision model at 224 x 224 x 3, 1000 classes = 2 x the multiply-adds its weights
+    enum publishes (meta '_ops', in G multiply-adds, 3 decimals: ResNet-50 4.089, ResNet-18 1.814, MobileNetV3-Large
+    0.217), and the parameter count is the enum's num_params."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(model).IMAGENET1K_V1
+    counts = C.count_phase("full", 224, 3, 1000, model)
+    assert counts.forward_flops_per_image / 2e9 == pytest.approx(weights.meta["_ops"], abs=0.0015)
+    assert counts.params_total == weights.meta["num_params"]
+
+
+def test_depthwise_convolution_backward_is_counted_by_hand():
+    """A depthwise 3x3 conv (64 channels, groups 64) at 16 x 16 after a 1x1 conv 1 -> 64: forward
+    2 x 64 x 256 + 2 x 64 x 9 x 256 = 327,680; training adds the 1x1 weight gradient (32,768; the image needs no
+    gradient) and the depthwise input and weight gradients (294,912 each) = 950,272. torch's own counter would count
+    the depthwise weight gradient 64 times."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 1, bias=False), torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False))
+    assert count_flops(net, 16, 1) == 2 * 64 * 256 + 2 * 64 * 9 * 256 == 327_680
+    assert count_flops(net, 16, 1, backward=True) == 327_680 + 2 * 64 * 256 + 2 * (2 * 64 * 9 * 256) == 950_272
+
+
+def test_mobilenet_training_is_three_forwards_less_the_stem():
+    """MobileNetV3-Large, 1 channel, 64 px: full training = 3F - stem (3x3/2 conv 1 -> 16: 2 x 16 x 9 x 32 x 32),
+    as for the ResNets: every weight gradient and every input gradient but the stem's."""
+    counts = C.count_phase("full", 64, 1, 2, "mobilenet_v3_large")
+    stem = 2 * 1 * 16 * 9 * 32 * 32
+    assert counts.train_flops_per_image == 3 * counts.forward_flops_per_image - stem
+
+
+def test_arms_of_every_model_are_priced_by_their_own_model():
+    """Mixed arms: each ArmCost names its model and is counted on it (ResNet-18 fine-tuning = n x epochs x (3F - stem);
+    the MobileNetV3 probe fits 1280 features), the note says utilisation is ResNet-50's, and the tables name the
+    models."""
+    arms = ["scratch", "resnet18:imagenet", "mobilenet_v3_large:imagenet-linear"]
+    inputs = C.resolve_cost_inputs(n_images=10, image_size=64, epochs=2, arms=["resnet50:scratch", *arms[1:]])
+    assert inputs.arms == arms
+    report = C.build_cost_report(inputs)
+    assert [(a.arm, a.model) for a in report.arms] == [
+        ("scratch", "resnet50"), ("resnet18:imagenet", "resnet18"), ("mobilenet_v3_large:imagenet-linear", "mobilenet_v3_large"),
+    ]
+    resnet18 = report.arm("resnet18:imagenet")
+    convs = _resnet18_convs(64, 1)
+    forward = sum(conv.flops for conv in convs) + 2 * 512 * 2
+    assert resnet18.flops_total == 2 * 10 * (3 * forward - convs[0].flops)
+    assert "ResNet-18 from ImageNet weights" in resnet18.description
+    mobile = report.arm("mobilenet_v3_large:imagenet-linear")
+    assert mobile.params_trainable == 1280 + 1 and mobile.classifier_fit_flops == 100 * 4 * 10 * 1280
+    assert mobile.forward_flops_per_image == C.count_phase("features", 64, 1, 2, "mobilenet_v3_large").forward_flops_per_image
+    assert mobile.forward_flops_per_image < resnet18.forward_flops_per_image < report.arm("scratch").forward_flops_per_image
+    assert mobile.memory.optimizer_bytes == 0 and mobile.memory.activations_bytes_per_image > 0
+    assert any("ResNet-50's" in note for note in report.notes)
+    assert report.arm("resnet50:scratch") == report.arms[0]
+    with pytest.raises(KeyError):
+        report.arm("vgg16:scratch")
+    older = report.model_dump(mode="json")  # a cost.json written before arms named their model
+    del older["arms"][0]["model"]
+    assert CostReport.model_validate(older).arms[0].model == "resnet50"
+    table, markdown = format_table(report), markdown_table(report)
+    assert "mobilenet_v3_large:imagenet-linear  MobileNetV3-Large" in table and "| resnet18:imagenet | ResNet-18 |" in markdown
+
+
 # ============================================================================================ freezing
 
 
@@ -333,7 +435,7 @@ def test_tables_show_every_arm_device_and_duration():
     table, markdown = format_table(report), markdown_table(report)
     assert "V100" in table and "1080 Ti" in table and "max batch in 8 GB: scratch" in table
     assert minutes in table and minutes in markdown
-    assert "| scratch | 23.5 M (23.5 M) |" in markdown and "Tesla M40" in markdown
+    assert "| scratch | ResNet-50 | 23.5 M (23.5 M) |" in markdown and "Tesla M40" in markdown
     assert "first-step warm-up 8 s" in markdown
 
 
@@ -376,12 +478,14 @@ def test_cli_json_output_parses(tmp_path, capsys):
     "argv, fragment",
     [
         (["--images", "10", "--size", "0"], "--size must be between 32 and 2048"),
-        (["--images", "10", "--arms", "scratch", "transfer"], "valid arms are scratch, imagenet, imagenet-linear"),
+        (["--images", "10", "--arms", "scratch", "transfer"], "MODE one of scratch, imagenet, imagenet-linear"),
+        (["--images", "10", "--arms", "vgg16:scratch"], "MODEL one of resnet50, resnet18, mobilenet_v3_large"),
+        (["--images", "10", "--arms", "scratch", "resnet50:scratch"], "each arm may be listed once"),
         (["--images", "0"], "--images must be at least 1"),
         (["--size", "64"], "give --dataset DATASET_DIR"),
         (["--images", "10", "--epochs", "2", "--head-warmup-epochs", "3"], "cannot exceed epochs"),
     ],
-    ids=["size-0", "unknown-arm", "no-images", "no-source", "warmup>epochs"],
+    ids=["size-0", "unknown-arm", "unknown-model", "same-arm-twice", "no-images", "no-source", "warmup>epochs"],
 )
 def test_bad_argument_exits_2_with_one_sentence(tmp_path, capsys, argv, fragment):
     rc = _cli(["cost", *argv, "--no-calibrate", "--out", str(tmp_path)])
