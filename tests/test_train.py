@@ -24,8 +24,11 @@ from data_schemas.training import (
 from flows.cli import UsageError
 from tasks.dataset_store import write_dataset
 from data_schemas.files import read_model_json, read_models_csv, sha256_file
-from tasks.train import TrainingInterrupted, _state_copy, predict_probs, choose_runtime, train_arm
-from data_schemas.training import resolve_train_config
+from data_schemas.plan import build_run_plan, write_plan
+from data_schemas.training import VAL_PREDICTIONS_FILE, resolve_train_config
+from tasks.runtime import choose_runtime
+from tasks.train import TrainingInterrupted, train_arm
+from tasks.train_loop import predict_probs, state_copy
 
 N_PATIENTS, PER_PATIENT, SIZE = 18, 3, 40
 
@@ -93,6 +96,12 @@ def _cli(argv: list[str]) -> int:
         return 2
 
 
+def one_run_plan(run_dir: Path, arm: str, settings: dict[str, str] | None = None, profile: str = "smoke") -> Path:
+    """RUN_DIR/plan.json of one run with the split beside RUN_DIR, as `ctcompare train` writes it."""
+    plan = build_run_plan(profile=profile, arms=[arm], seed=0, settings=settings, layout="single-arm")
+    return write_plan(run_dir, plan.model_copy(update={"splits_file": "../splits.csv"}))
+
+
 def _metrics(run_dir: Path) -> list[EpochMetrics]:
     return read_models_csv(run_dir / "metrics.csv", EpochMetrics)
 
@@ -104,9 +113,10 @@ def _check_outputs(run_dir: Path) -> RunSummary:
     assert config.patient_overlap == 0 and config.config_hash == summary.config_hash
     read_model_json(run_dir / "timing.json", TimingInfo)
     predictions = read_models_csv(run_dir / "predictions.csv", PredictionRow)
+    val_predictions = read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow)
     splits = read_models_csv(Path(config.splits_path), SplitRow)
-    test_keys = {r.image_key for r in splits if r.part == "test"}
-    assert {p.image_key for p in predictions} == test_keys
+    assert {p.image_key for p in predictions} == {r.image_key for r in splits if r.part == "test"}
+    assert {p.image_key for p in val_predictions} == {r.image_key for r in splits if r.part == "val"}
     assert all(0.0 <= p.prob_positive <= 1.0 for p in predictions)
     assert len(_metrics(run_dir)) == summary.epochs_run
     return summary
@@ -135,8 +145,7 @@ def test_scratch_arm_end_to_end_via_cli(dataset_dir, runs, capsys):
 def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):
     run_dir = runs / "scratch"  # made by the test above
     metrics = _metrics(run_dir)
-    aucs = [m.val_auc for m in metrics]
-    best_epoch = 1 + int(np.argmax(aucs))  # first maximum: later ties are not improvements
+    best_epoch = 1 + int(np.argmin([m.val_loss for m in metrics]))  # default monitor; first minimum wins ties
     best = torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)
     assert best["epoch"] == best_epoch
     assert [m.epoch for m in metrics if m.is_best][-1] == best_epoch
@@ -161,7 +170,7 @@ def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):
 
 def test_best_state_is_a_real_copy():
     model = torch.nn.Linear(3, 2)
-    copy = _state_copy(model)
+    copy = state_copy(model)
     with torch.no_grad():
         model.weight.add_(1.0)
     assert not torch.equal(copy["weight"], model.weight)
@@ -179,7 +188,7 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
     real_train_arm = train_module.train_arm
 
     def flaky_train_arm(*args, **kwargs):
-        record = {"resume": args[7], "epochs": []}
+        record = {"resume": kwargs["resume"], "epochs": []}
         calls.append(record)
 
         def on_epoch_end(epoch: int) -> None:
@@ -192,9 +201,11 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
 
     monkeypatch.setattr(train_module, "train_arm", flaky_train_arm)
 
+    plan_path = one_run_plan(run_dir, "scratch")
+
     @flow
     def one_arm():
-        return train_module.train_arm_task(dataset_dir, "scratch", run_dir, "smoke", None, None, 0, False)
+        return train_module.train_arm_task(dataset_dir=dataset_dir, plan_path=plan_path, run=".", resume=False)
 
     summary = one_arm()
     assert summary.status == "completed"
@@ -210,7 +221,7 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
 
 def test_imagenet_arm_uses_weights_file(dataset_dir, runs, weights_file):
     run_dir = runs / "imagenet"
-    summary = train_arm(dataset_dir, "imagenet", run_dir, profile="smoke", seed=0, weights_path=weights_file)
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet"), run=".", weights_path=weights_file)
     assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 2
     config = read_model_json(run_dir / "config.json", RunConfig)
     assert config.weights is not None and config.weights.sha256 == sha256_file(weights_file) and config.weights.hash_checked
@@ -222,7 +233,7 @@ def test_imagenet_arm_uses_weights_file(dataset_dir, runs, weights_file):
 
 def test_linear_arm(dataset_dir, runs, weights_file):
     run_dir = runs / "linear"
-    summary = train_arm(dataset_dir, "imagenet-linear", run_dir, profile="smoke", seed=0, weights_path=weights_file)
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet-linear"), run=".", weights_path=weights_file)
     assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 1
     probe = read_model_json(run_dir / "linear_model.json", LinearProbeModel)
     assert len(probe.coef) == 2048 and probe.C in probe.Cs_tried
