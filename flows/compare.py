@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +25,7 @@ from pydantic import Field
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
-from data_schemas.report import REPORT_HTML_FILE, ComparisonResults
+from data_schemas.report import ComparisonResults
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow

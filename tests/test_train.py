@@ -275,3 +275,123 @@ def test_bad_arguments_are_usage_errors(dataset_dir, runs, tmp_path):
 def test_overrides_are_recorded():
     config = resolve_train_config("smoke", "imagenet", {"augment.hflip": "true", "mixup_alpha": "0.2"})
     assert config.augment.hflip is True and config.mixup_alpha == 0.2 and config.freeze_epochs == 1
+
+
+# ---------------------------------------------------------------------------------- model selection and freezing
+
+
+def _part_tensor(dataset_dir: Path, keys: list[str], size: int) -> torch.Tensor:
+    from tasks.augment import images_to_tensor
+    from tasks.dataset_store import load_dataset
+
+    dataset = load_dataset(dataset_dir)
+    index_of = {r.image_key: r.index for r in dataset.manifest}
+    return images_to_tensor(dataset.images[[index_of[k] for k in keys]], size)
+
+
+def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, runs):
+    """A run stopped early whose best epoch is not its last: predictions and logged validation figures come from
+    best.pt on the validation part (never the test part, never the last epoch's weights)."""
+    import torch.nn.functional as F
+
+    from data_schemas.plan import read_plan
+    from data_schemas.training import SplitRow
+    from tasks.models import scratch_resnet50
+    from tasks.splits import parts_for_fold, read_splits
+    from tasks.train_loop import auc_or_none
+
+    run_dir = runs / "early-stop"
+    # no later epoch can improve the validation loss by 10: epoch 1 stays best, patience 1 would stop after epoch 2,
+    # min_epochs 3 holds it to epoch 3, long before the 12 allowed epochs
+    settings = {"epochs": "12", "early_stopping_patience": "1", "early_stopping_min_delta": "10", "min_epochs": "3"}
+    plan_path = one_run_plan(run_dir, "scratch", settings)
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=".")
+    assert summary.status == "completed" and summary.epochs_run == 3 and summary.best_epoch == 1
+    metrics = _metrics(run_dir)
+    assert [m.is_best for m in metrics] == [True, False, False]
+    assert all(m.train_eval_loss is not None and m.train_eval_loss > 0 for m in metrics)
+    config = read_model_json(run_dir / "config.json", RunConfig)
+    assert "val_loss" in config.model_selection and config.train.early_stopping_monitor == "val_loss"
+
+    best = torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1
+    model = scratch_resnet50(dropout=config.train.dropout)
+    model.load_state_dict(best["state_dict"])
+    runtime = choose_runtime(config.train)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    rows, _ = read_splits(Path(config.splits_path))
+    parts = parts_for_fold(rows, 0, read_plan(plan_path).split)
+    val_rows = read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow)
+    assert [r.image_key for r in val_rows] == [r.image_key for r in parts["val"]]  # the validation part, in order
+    for file, expected in (("predictions.csv", parts["test"]), (VAL_PREDICTIONS_FILE, parts["val"])):
+        predicted = read_models_csv(run_dir / file, PredictionRow)
+        x = _part_tensor(dataset_dir, [r.image_key for r in predicted], config.train.image_size)
+        probs, logits = predict_probs(model, x, runtime, config.train.eval_batch_size)
+        assert np.allclose(probs, [p.prob_positive for p in predicted], atol=1e-5), file
+        if file == VAL_PREDICTIONS_FILE:
+            targets = torch.tensor([p.target for p in predicted])
+            assert metrics[0].val_loss == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-4, abs=1e-6)
+            assert metrics[0].val_auc == pytest.approx(auc_or_none(targets.numpy(), probs), abs=1e-6)
+    assert {r.image_key for r in expected} == {p.image_key for p in predicted}
+
+
+def test_head_only_phase_freezes_the_backbone(weights_file):
+    """In the head-only epoch the backbone is bit-identical afterwards, has requires_grad False, no gradient and
+    no optimizer state; the head does learn."""
+    from tasks.models import is_head_parameter, resolve_imagenet_weights
+    from tasks.train_loop import make_setup, train_one_epoch
+
+    config = resolve_train_config("smoke", "imagenet", {"augment.enabled": "false"})
+    assert config.freeze_epochs == 1
+    runtime = choose_runtime(config)
+    backbone, _ = resolve_imagenet_weights(weights_file, allow_download=False)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 32, 32, generator=generator), torch.arange(16) % 2
+    setup = make_setup(config=config, runtime=runtime, backbone=backbone, seed=0, y_train=y)
+    before = state_copy(setup.model)
+    train_one_epoch(setup, x, y, epoch=0)
+    named = dict(setup.model.named_parameters())
+    backbone_names = [n for n in named if not is_head_parameter(n)]
+    head_names = [n for n in named if is_head_parameter(n)]
+    assert backbone_names and head_names
+    for name in backbone_names:
+        assert torch.equal(named[name].detach().cpu(), before[name]), name
+        assert not named[name].requires_grad and named[name].grad is None, name
+        assert named[name] not in setup.optimizer.state, name
+    assert any(not torch.equal(named[n].detach().cpu(), before[n]) for n in head_names)
+    train_one_epoch(setup, x, y, epoch=1)  # the full phase trains the backbone again
+    assert all(named[n].requires_grad for n in backbone_names)
+    assert any(not torch.equal(named[n].detach().cpu(), before[n]) for n in backbone_names)
+
+
+# ------------------------------------------------------------------------------ independence of the pseudonyms
+
+
+def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, monkeypatch):
+    """The same DICOM ingested with two HMAC keys: other pseudonyms and row order, the same split by pixel content
+    and the same per-epoch training losses."""
+    from flows.ingest import ingest_flow
+    from tasks.dataset_store import load_dataset
+    from tasks.pseudonymize import HMAC_KEY_ENV
+    from tasks.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=10, slices_per_patient=2, seed=5, matrix_sizes=(64,))
+    outcomes = []
+    for key in ("first-secret", "second-secret"):
+        monkeypatch.setenv(HMAC_KEY_ENV, key)
+        dataset_dir = tmp_path / key / "dataset"
+        ingest_flow(src_dir=str(cohort.dicom_dir), out_dir=str(dataset_dir), labels=str(cohort.labels_path), size=32)
+        run_dir = tmp_path / key / "runs" / "scratch"
+        summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "scratch"), run=".")
+        assert summary.status == "completed"
+        dataset = load_dataset(dataset_dir)
+        pixels = {r.image_key: dataset.images[r.index].tobytes() for r in dataset.manifest}
+        split = [(pixels[r.image_key], r.part, r.fold) for r in read_models_csv(tmp_path / key / "runs" / "splits.csv", SplitRow)]
+        losses = [(m.train_loss, m.val_loss, m.train_eval_loss) for m in _metrics(run_dir)]
+        outcomes.append((set(pixels), {r.patient_key for r in dataset.manifest}, split, losses))
+    (keys_a, patients_a, split_a, losses_a), (keys_b, patients_b, split_b, losses_b) = outcomes
+    assert not (keys_a & keys_b) and not (patients_a & patients_b)  # the pseudonyms really differ
+    assert split_a == split_b
+    assert losses_a == losses_b
