@@ -90,6 +90,11 @@ def test_compare_writes_a_complete_report(full_run: Path) -> None:
     assert "run-all-arms" in (full_run.parent / "index.html").read_text()
     cost = json.loads((full_run / "cost.json").read_text())
     assert {a["arm"] for a in cost["arms"]} == {"scratch", "imagenet", "imagenet-linear"}
+    # the plan prices the main run's training images and the imagenet arm's head-only warm-up
+    plan = read_plan(full_run / "plan.json")
+    main_config = json.loads((full_run / "runs" / "scratch" / "main" / "config.json").read_text())
+    assert plan.cost is not None and plan.cost.n_images == main_config["n_train_images"]
+    assert plan.cost.head_warmup_epochs == plan.main_run("imagenet").config.freeze_epochs == 1
 
 
 async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:

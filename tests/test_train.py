@@ -395,3 +395,36 @@ def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, mo
     assert not (keys_a & keys_b) and not (patients_a & patients_b)  # the pseudonyms really differ
     assert split_a == split_b
     assert losses_a == losses_b
+
+
+# ------------------------------------------------------------------------------------------------------- the plan
+
+
+def test_plan_resolves_settings_once_with_one_set_of_names():
+    from data_schemas.plan import EVALUATION_SETTING_KEYS, build_run_plan, with_cost_inputs
+
+    plan = build_run_plan(profile="smoke", arms=["scratch", "imagenet"], seed=4,
+                          settings={"epochs": "3", "operating_point": "sensitivity:0.9", "aggregation": "max"},
+                          fractions=[0.5, 1.0])
+    assert plan.overrides == {"epochs": "3"} and not set(plan.overrides) & set(EVALUATION_SETTING_KEYS)
+    assert plan.evaluation.operating_point == "sensitivity:0.9" and plan.evaluation.aggregation == "max"
+    assert plan.split.mode == "holdout" and plan.split.outer_folds == 1 and plan.split.seed == 4
+    assert [r.run_dir for r in plan.runs] == ["runs/scratch/main", "runs/scratch/fraction-0.5", "runs/imagenet/main", "runs/imagenet/fraction-0.5"]
+    assert all(r.config.epochs == 3 for r in plan.runs) and plan.run("runs/imagenet/main").config.freeze_epochs == 1
+    assert plan.run("runs/scratch/fraction-0.5").config.train_fraction == 0.5
+    costed = with_cost_inputs(plan, n_train_images=40).cost
+    assert (costed.n_images, costed.epochs, costed.head_warmup_epochs, costed.arms) == (40, 3, 1, ["scratch", "imagenet"])
+
+    cross = build_run_plan(profile="smoke", arms=["scratch"], seed=0, folds=3)
+    assert cross.split.mode == cross.evaluation.mode == "cross-validated" and cross.split.outer_folds == 3
+    assert [r.run_dir for r in cross.pooled_runs("scratch")] == ["runs/scratch/main", "runs/scratch/fold-1", "runs/scratch/fold-2"]
+    single = build_run_plan(profile="smoke", arms=["scratch"], seed=0, folds=2, layout="single-arm")
+    assert [r.run_dir for r in single.runs] == ["fold-0", "fold-1"]
+    full = build_run_plan(profile="full", arms=["scratch"], seed=0)
+    assert (full.evaluation.mode, full.split.outer_folds, len(full.runs)) == ("cross-validated", 5, 5)
+    with pytest.raises(ValueError, match="operating_point"):
+        build_run_plan(profile="smoke", arms=["scratch"], seed=0, settings={"operating_point": "best"})
+    with pytest.raises(ValueError, match="known settings: .*non_inferiority_margin"):
+        build_run_plan(profile="smoke", arms=["scratch"], seed=0, settings={"epochz": "3"})
+    with pytest.raises(ValueError, match="choose one of smoke, cpu, full"):
+        build_run_plan(profile="gpu", arms=["scratch"], seed=0)
