@@ -43,9 +43,11 @@ from data_schemas.training import (
     RunSummary,
     SplitRow,
     TimingInfo,
+    TrainConfig,
+    WeightsInfo,
 )
 from tasks.augment import images_to_tensor
-from tasks.dataset_store import load_dataset
+from tasks.dataset_store import LoadedDataset, load_dataset
 from tasks.linear_probe import extract_features, fit_linear_probe, predict_linear_probe
 from tasks.models import WeightsUnavailableError, feature_extractor, forward_flops_per_image, resolve_imagenet_weights
 from tasks.run_folder import (
@@ -65,6 +67,7 @@ from tasks.runtime import Runtime, choose_runtime
 from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
 from tasks.train_loop import (
     FitData,
+    FitSetup,
     TrainState,
     auc_or_none,
     describe_selection,
@@ -204,7 +207,7 @@ def _fit_data(ctx: RunContext) -> FitData:
     return FitData(x_train=x_train, y_train=y_train, x_val=data.x["val"], y_val=data.y["val"], x_train_eval=x_eval, y_train_eval=y_eval)
 
 
-def _start_state(ctx: RunContext, setup: Any, resume: bool) -> TrainState:
+def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
     """A fresh TrainState, or the checkpoint's when resuming (then best.pt and metrics.csv are repaired)."""
     log = _logger()
     if resume:
@@ -227,7 +230,7 @@ def _start_state(ctx: RunContext, setup: Any, resume: bool) -> TrainState:
     return TrainState()
 
 
-def _epoch_saver(ctx: RunContext, setup: Any, on_epoch_end: Callable[[int], None] | None) -> Callable[[TrainState, bool], None]:
+def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int], None] | None) -> Callable[[TrainState, bool], None]:
     """What happens after each epoch: checkpoint, then best.pt and metrics.csv from the same state, a log line."""
     log, cfg = _logger(), ctx.config.train
 
@@ -333,8 +336,8 @@ def _train_linear(ctx: RunContext) -> RunSummary:
 # ------------------------------------------------------------------------------------------------ entry points
 
 
-def _run_config(plan: RunPlan, run: PlannedRun, *, dataset: Any, splits_path: Path, splits_sha256: str,
-                parts: dict[str, list[SplitRow]], classes: list[str], weights: Any, runtime: Runtime) -> RunConfig:
+def _run_config(plan: RunPlan, run: PlannedRun, *, dataset: LoadedDataset, splits_path: Path, splits_sha256: str,
+                parts: dict[str, list[SplitRow]], classes: list[str], weights: WeightsInfo | None, runtime: Runtime) -> RunConfig:
     """config.json of the run, with its config_hash (the run's identity)."""
     def patients(name: str) -> int:
         return len({r.patient_key for r in parts[name]})
@@ -353,7 +356,8 @@ def _run_config(plan: RunPlan, run: PlannedRun, *, dataset: Any, splits_path: Pa
     return config.model_copy(update={"config_hash": sha256_json(_config_identity(config))})
 
 
-def _backbone(arm: str, run_dir: Path, config: Any, weights_path: Path | None, fold: int) -> tuple[Any, Any, str | None]:
+def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights_path: Path | None, fold: int,
+              ) -> tuple[dict[str, torch.Tensor] | None, WeightsInfo | None, str | None]:
     """(backbone state, WeightsInfo, skip reason) of a pretrained arm; (None, None, None) for scratch."""
     if arm not in PRETRAINED_ARMS:
         return None, None, None
