@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 from data_schemas.training import resolve_train_config  # noqa: E402
 from tasks.augment import normalise  # noqa: E402
 from tasks.models import forward_flops_per_image, scratch_resnet50  # noqa: E402
-from tasks.train import Runtime, _make_optimizer, _param_groups, choose_runtime, train_one_epoch  # noqa: E402
+from tasks.runtime import Runtime, choose_runtime  # noqa: E402
+from tasks.train_loop import FitSetup, make_optimizer, param_groups, train_one_epoch  # noqa: E402
 
 
 def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
@@ -41,17 +42,18 @@ def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
 
 def pipeline_loop(x, y, cfg, rt, warmup_steps: int) -> float:
     model = _model(rt, rt.channels_last)
-    optimizer = _make_optimizer(_param_groups(model, cfg, 1.0), cfg)
+    optimizer = make_optimizer(param_groups(model, cfg, 1.0), cfg)
+    setup = FitSetup(model=model, optimizer=optimizer, config=cfg, runtime=rt, seed=0, head_epochs=0)
     n_warm = warmup_steps * cfg.batch_size
-    train_one_epoch(model, optimizer, x[:n_warm], y[:n_warm], cfg, rt, 0, 0)
+    train_one_epoch(setup, x[:n_warm], y[:n_warm], 0)
     start = time.perf_counter()
-    result = train_one_epoch(model, optimizer, x, y, cfg, rt, 1, 0)
+    result = train_one_epoch(setup, x, y, 1)
     return result.images / (time.perf_counter() - start)
 
 
 def bare_loop(x, y, cfg, rt, warmup_steps: int) -> float:
     model = _model(rt, rt.channels_last).train()
-    optimizer = _make_optimizer(_param_groups(model, cfg, 1.0), cfg)
+    optimizer = make_optimizer(param_groups(model, cfg, 1.0), cfg)
     b = cfg.batch_size
 
     def step(i: int) -> None:

@@ -6,13 +6,16 @@ A run folder (one arm, one fold) holds, all validated by the classes below:
     metrics.csv         EpochMetrics rows, one per finished epoch (rewritten atomically from the checkpoint)
     checkpoint_last.pt  torch checkpoint after every finished epoch (atomic; model, optimizer, step, history,
                         early-stopping state, best weights when they are not the current ones)
-    best.pt             {"state_dict", "epoch", "val_auc", "config_hash", "arm"}: weights of the best epoch
-    predictions.csv     PredictionRow per test image (hashed keys only)
+    best.pt             {"state_dict", "epoch", "val_auc", "val_loss", "config_hash", "arm", "classes"}: weights
+                        of the best epoch (chosen by TrainConfig.early_stopping_monitor)
+    predictions.csv     PredictionRow per test image (hashed keys only), from the best epoch's weights
+    val_predictions.csv PredictionRow per validation image, same weights: the operating point is chosen on it
     timing.json         TimingInfo
     linear_model.json   LinearProbeModel (imagenet-linear arm only)
     status.json         RunSummary; written last. Only status == "completed" means the outputs are final.
 
-The split file (splits.csv, SplitRow rows, plus splits.json, SplitsInfo) is shared by every arm of a comparison.
+The split file (splits.csv, SplitRow rows, plus splits.json, SplitsInfo) is shared by every arm of a comparison;
+the run plan (plan.json beside it, data_schemas/plan.py) holds every run's resolved TrainConfig.
 Profiles live in profiles.json beside this file: {"profile": {"base": {...}, "arms": {"arm": {...}}}}; any key can
 be overridden with `--set key=value` (dotted for nested keys, e.g. augment.rotate_deg=5).
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -30,8 +33,6 @@ from data_schemas.base import StrictModel
 try:  # the cost stage owns the arm names; fall back to the same literal if it is absent
     from data_schemas.cost import ARM_NAMES, ArmName
 except ImportError:  # pragma: no cover - only when data_schemas/cost.py is missing
-    from typing import get_args
-
     ArmName = Literal["scratch", "imagenet", "imagenet-linear"]  # type: ignore[misc]
     ARM_NAMES = get_args(ArmName)
 
@@ -39,7 +40,8 @@ TRAINING_SCHEMA_VERSION = "1.0"
 SPLITS_SCHEMA_VERSION = "1.0"
 
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
-PROFILE_NAMES: tuple[str, ...] = ("smoke", "cpu", "full")
+ProfileName = Literal["smoke", "cpu", "full"]  # the one list of profile names; profiles.json must define each
+PROFILE_NAMES: tuple[str, ...] = get_args(ProfileName)
 PRETRAINED_ARMS: tuple[str, ...] = ("imagenet", "imagenet-linear")
 
 SPLITS_FILE = "splits.csv"
@@ -137,6 +139,7 @@ class ProfileSpec(StrictModel):
     description: str = ""
     base: dict[str, Any]
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="EvaluationSettings defaults of this profile")
 
 
 class WeightsInfo(StrictModel):
@@ -157,8 +160,8 @@ class RunConfig(StrictModel):
     profile: str
     overrides: dict[str, str] = Field(default_factory=dict, description="--set key=value pairs as given")
     seed: int
-    fold: int = Field(ge=0, description="the fold used for validation (0 without --folds)")
-    folds: int = Field(ge=1, description="folds in the split file (non-test patients)")
+    fold: int = Field(ge=0, description="the outer fold whose patients are this run's test part (0 in hold-out mode)")
+    folds: int = Field(ge=1, description="outer folds of the split (1 in hold-out mode)")
     train: TrainConfig
     dataset_hash: str
     dataset_image_size: int
@@ -173,6 +176,7 @@ class RunConfig(StrictModel):
     n_val_patients: int
     n_test_patients: int
     patient_overlap: int = Field(description="patients found in two parts (checked; must be 0)")
+    model_selection: str = Field(default="", description="which quantity chose the best epoch and stopped training, and why")
     weights: WeightsInfo | None = None
     device: str
     precision: Literal["fp32", "bf16", "fp16"]
@@ -197,8 +201,9 @@ class EpochMetrics(StrictModel):
     val_loss: float | None = None
     train_eval_loss: float | None = Field(
         default=None,
-        description="plain cross-entropy on the training images in eval mode, no augmentation, no smoothing or "
-        "class weights: the like-for-like partner of val_loss for the overfitting gap",
+        description="plain cross-entropy in eval mode, no augmentation, no smoothing or class weights, on a fixed "
+        "subsample of at most 512 training images (the same images every epoch of a run): the like-for-like "
+        "partner of val_loss for the overfitting gap",
     )
     val_auc: float | None = Field(default=None, description="None when the validation part has a single class")
     lr_head: float | None = None
@@ -210,7 +215,7 @@ class EpochMetrics(StrictModel):
 
 
 class PredictionRow(StrictModel):
-    """One row of predictions.csv: a test image."""
+    """One row of predictions.csv (a test image) or val_predictions.csv (a validation image)."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
     image_key: str
@@ -279,8 +284,11 @@ class SplitRow(StrictModel):
     image_key: str
     patient_key: str
     label: str
-    part: Literal["train", "val", "test"] = Field(description="the default hold-out: val is fold 0")
-    fold: int | None = Field(default=None, ge=0, description="CV fold of a non-test patient; None for test")
+    part: Literal["train", "val", "test"] = Field(description="the patient's part in the run of outer fold 0")
+    fold: int | None = Field(
+        default=None, ge=0,
+        description="the outer fold in which the patient is tested; None for a patient never tested (hold-out mode)",
+    )
 
 
 class PartCounts(StrictModel):
@@ -297,8 +305,14 @@ class SplitsInfo(StrictModel):
     seed: int
     val_fraction: float
     test_fraction: float
-    folds: int = Field(ge=1, description="CV folds over non-test patients (--folds K, else round((1-test)/val))")
+    mode: Literal["holdout", "cross-validated"] = "holdout"
+    folds: int = Field(ge=1, description="outer folds, each a test part (1 in hold-out mode, K with --folds K)")
     folds_requested: int | None = None
+    ordering: str = Field(
+        default="",
+        description="how patients are ordered before splitting: by a hash of their pixel content, so the split does "
+        "not depend on the pseudonymization key",
+    )
     splitter: str
     parts: dict[str, PartCounts]
     n_unlabeled_excluded: int

@@ -1,19 +1,20 @@
-"""The main job: DICOM folder (or dataset) -> ingest -> cost -> train every arm on one split -> evaluate -> report.
+"""The main job: DICOM folder (or dataset) -> ingest -> plan + split -> cost -> train every run -> evaluate -> report.
 
 `ctcompare compare SOURCE --out REPORT_DIR` and `ctcompare demo`. REPORT_DIR holds the report (report.html,
-report.md, results.json, figures/), the stage files it was built from (cost.json, splits.csv, runs/<arm>/) and,
-when SOURCE is a DICOM folder, the dataset; index.html in REPORT_DIR's parent lists every report there.
+report.md, results.json, figures/) and the stage files it was built from: plan.json (every setting, resolved once),
+splits.csv, cost.json and runs/<arm>/<run>/. When SOURCE is a DICOM folder the dataset is ingested BESIDE the report
+folder, never inside it (REPORT_DIR/../<name>-dataset; with new_folder_per_run, OUT_DIR/dataset above the per-run
+folders), so nothing private lies under a folder meant to be shared. index.html in REPORT_DIR's parent lists every
+report there.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import sys
+import inspect
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -22,8 +23,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from data_schemas.cost import ARM_NAMES, ArmName
-from data_schemas.report import REPORT_HTML_FILE, ComparisonResults
-from data_schemas.training import SPLITS_FILE, load_profiles, resolve_train_config
+from data_schemas.evaluation import EvaluationSettings
+from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
+from data_schemas.report import ComparisonResults
+from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
@@ -31,27 +34,26 @@ from flows.train import parse_overrides
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.dataset_store import load_dataset
 from tasks.evaluate import build_results
-from tasks.splits import SplitsMismatchError, ensure_splits
+from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
 from tasks.train import train_arm_task
 
-ProfileName = Literal["smoke", "cpu", "full"]
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
 
 
 @task(name="prepare-split", cache_policy=NO_CACHE)
-def prepare_split(dataset_dir: Path, splits_path: Path, seed: int, profile: str, overrides: dict[str, str], folds: int | None) -> int:
-    """Make (or reuse) the one patient-level split every arm shares; returns the number of training images."""
+def prepare_split(*, dataset_dir: Path, splits_path: Path, settings: SplitSettings) -> int:
+    """Make (or reuse) the one patient-level split every arm shares; returns the main run's training images."""
     dataset = load_dataset(dataset_dir, in_memory=False)
-    config = resolve_train_config(profile, "scratch", overrides)
     try:
-        rows, _ = ensure_splits(dataset.manifest, dataset.card.content_hash, splits_path, seed, config.val_fraction, config.test_fraction, folds)
+        rows, _ = ensure_splits(manifest_rows=dataset.manifest, images=dataset.images, dataset_hash=dataset.card.content_hash,
+                                splits_path=splits_path, settings=settings)
     except SplitsMismatchError as error:
         raise SplitsMismatchError(
             f"{splits_path.parent} holds a comparison made with other data or settings ({error}); "
             "give another output folder, or set new_folder_per_run for a new folder per run."
         ) from None
-    return sum(1 for row in rows if row.part == "train")
+    return len(parts_for_fold(rows, 0, settings)["train"])
 
 
 @task(name="train-on-pool", cache_policy=NO_CACHE, task_run_name="train-on-pool-{label}")
@@ -64,13 +66,31 @@ def train_on_pool(deployment: str, label: str, parameters: dict[str, Any]) -> st
     return state.name if state is not None else "UNKNOWN"
 
 
-@task(name="evaluate-arms", cache_policy=NO_CACHE)
-def evaluate_arms(
-    dataset_dir: Path, splits_path: Path, run_dirs: dict[str, Path], cost_path: Path, run_id: str, seed: int, n_bootstrap: int,
-    command: str, fold_dirs: dict[str, list[Path]] | None, fraction_dirs: dict[str, dict[float, Path]] | None,
+def _build_results(
+    *, dataset_dir: Path, splits_path: Path, arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings,
+    cost_path: Path, run_id: str, seed: int, command: str, fraction_dirs: dict[str, dict[float, Path]] | None,
 ) -> ComparisonResults:
-    """Test metrics with patient-level intervals and paired tests, from the arms' validated outputs."""
-    return build_results(dataset_dir, splits_path, run_dirs, cost_path, run_id, seed, n_bootstrap, command, fold_dirs, fraction_dirs)
+    """build_results with the interface of the evaluation stage (arm_runs pooled per arm)."""
+    if "arm_runs" in inspect.signature(build_results).parameters:
+        return build_results(dataset_dir=dataset_dir, splits_path=splits_path, arm_runs=arm_runs, evaluation=evaluation,
+                             cost_path=cost_path, run_id=run_id, seed=seed, command=command, fraction_dirs=fraction_dirs)
+    # TEMP until evaluate lands: the old build_results scores the first run of each arm (outer fold 0) and lists
+    # the other outer folds as folds; remove this branch once tasks/evaluate.py takes arm_runs.
+    fold_dirs = {arm: runs for arm, runs in arm_runs.items()} if any(len(r) > 1 for r in arm_runs.values()) else None
+    return build_results(dataset_dir, splits_path, {arm: runs[0] for arm, runs in arm_runs.items()}, cost_path, run_id,
+                         seed, evaluation.n_bootstrap, command, fold_dirs, fraction_dirs)
+
+
+@task(name="evaluate-arms", cache_policy=NO_CACHE)
+def evaluate_arms(*, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str) -> ComparisonResults:
+    """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
+    fractions = {arm: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(arm)} for arm in plan.arms}
+    return _build_results(
+        dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
+        arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
+        evaluation=plan.evaluation, cost_path=report_dir / "cost.json", run_id=run_id, seed=plan.seed, command=command,
+        fraction_dirs=fractions if any(len(runs) > 1 for runs in fractions.values()) else None,
+    )
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -81,78 +101,59 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
     return paths["html"]
 
 
-def check_compare_arguments(source: Path, report_dir: Path, labels: Path | None, weights: Path | None, arms: list[str], profile: str, overrides: dict[str, str]) -> None:
-    """Refuse bad arguments with one sentence before any work starts."""
+def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, weights: Path | None) -> None:
+    """Refuse missing inputs and an unusable output folder with one sentence before any work starts."""
     if not source.exists():
         raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
     if weights is not None and not weights.is_file():
         raise ValueError(f"weights file {weights} does not exist.")
-    unknown = [arm for arm in arms if arm not in ARM_NAMES]
-    if unknown or not arms:
-        raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARM_NAMES)}.")
-    for arm in arms:
-        resolve_train_config(profile, arm, overrides)  # raises on an unknown profile or setting
     if report_dir.exists() and not report_dir.is_dir():
         raise ValueError(f"output {report_dir} exists and is not a folder.")
 
 
-RunKey = tuple[str, int | None, float]  # (arm, fold, fraction of the training patients)
+def dataset_folder(out_dir: Path, new_folder_per_run: bool) -> Path:
+    """Where a DICOM source is ingested: beside the report folder, never inside it (re-runs ingest incrementally)."""
+    return out_dir / "dataset" if new_folder_per_run else out_dir.parent / f"{out_dir.name}-dataset"
 
 
-def plan_training_runs(arms: list[str], folds: int | None, fractions: list[float] | None, report_dir: Path) -> dict[RunKey, Path]:
-    """Every training run of a comparison and its folder: the main run of an arm is fold 0 on all training
-    patients (runs/<arm>/main); folds and fractions add runs beside it."""
-    plan: dict[RunKey, Path] = {}
-    for arm in arms:
-        for fold in range(folds) if folds else [None]:
-            plan[(arm, fold, 1.0)] = report_dir / "runs" / arm / ("main" if not fold else f"fold-{fold}")
-        for fraction in fractions or []:
-            if fraction < 1.0:
-                plan[(arm, None, fraction)] = report_dir / "runs" / arm / f"fraction-{fraction:g}"
-    return plan
-
-
-def train_all(
-    plan: dict[RunKey, Path], dataset_dir: Path, report_dir: Path, splits_path: Path, profile: str,
-    overrides: dict[str, str], weights: str | None, seed: int, folds: int | None, parallel_arms: int,
-    train_deployment: str | None,
-) -> None:
+def train_all(*, plan: RunPlan, plan_path: Path, dataset_dir: Path, weights: str | None, parallel_arms: int,
+              train_deployment: str | None) -> None:
     """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
     logged and show up in the report from each run's status.json."""
     logger = get_run_logger()
-
-    def run_overrides(fraction: float) -> dict[str, str]:
-        return {**overrides, "train_fraction": str(fraction)} if fraction < 1.0 else overrides
-
-    with ThreadPoolTaskRunner(max_workers=len(plan) if train_deployment else parallel_arms) as runner:
-        if train_deployment:
-            futures = [
-                runner.submit(train_on_pool, {
-                    "deployment": train_deployment,
-                    "label": run_dir.relative_to(report_dir / "runs").as_posix().replace("/", "-"),
-                    "parameters": {
-                        "dataset_dir": str(dataset_dir), "arm": arm, "run_dir": str(run_dir), "profile": profile,
-                        "overrides": run_overrides(fraction), "weights": weights and str(Path(weights).resolve()),
-                        "seed": seed, "resume": True, "splits": str(splits_path), "fold": fold, "folds": folds,
-                    },
-                })
-                for (arm, fold, fraction), run_dir in plan.items()
-            ]
-        else:
-            futures = [
-                runner.submit(train_arm_task, {
-                    "dataset_dir": dataset_dir, "arm": arm, "run_dir": run_dir, "profile": profile,
-                    "overrides": run_overrides(fraction), "weights_path": Path(weights) if weights else None,
-                    "seed": seed, "resume": True, "splits_path": splits_path, "fold": fold, "folds": folds,
-                })
-                for (arm, fold, fraction), run_dir in plan.items()
-            ]
+    weights_path = Path(weights).resolve() if weights else None
+    with ThreadPoolTaskRunner(max_workers=len(plan.runs) if train_deployment else parallel_arms) as runner:
+        futures = []
+        for planned in plan.runs:
+            parameters = {"dataset_dir": dataset_dir, "plan_path": plan_path, "run": planned.run_dir,
+                          "weights_path": weights_path, "resume": True}
+            if train_deployment:
+                label = planned.run_dir.removeprefix("runs/").replace("/", "-")
+                as_json = {key: str(value) if isinstance(value, Path) else value for key, value in parameters.items()}
+                futures.append(runner.submit(train_on_pool, {"deployment": train_deployment, "label": label, "parameters": as_json}))
+            else:
+                futures.append(runner.submit(train_arm_task, parameters))
         for future in futures:
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
                 logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
+
+
+def _command(plan: RunPlan, folds: int | None, fractions: list[float] | None) -> str:
+    """The command line that repeats this comparison (as recorded in the report)."""
+    command = f"ctcompare compare --profile {plan.profile} --arms {' '.join(plan.arms)} --seed {plan.seed}"
+    command += f" --folds {folds}" if folds else ""
+    command += f" --fractions {','.join(f'{f:g}' for f in fractions)}" if fractions else ""
+    return command
+
+
+def _publish(results: ComparisonResults, html: Path) -> None:
+    """The Prefect artifacts of a comparison: summary, metrics table, link to the report."""
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results), description="Comparison summary and recommendation")
+    create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by patient)")
+    create_link_artifact(key=LINK_KEY, link=html.as_uri(), link_text="report.html", description="The full comparison report")
 
 
 @flow(name="compare")
@@ -176,51 +177,45 @@ def compare_flow(
 ) -> dict[str, Any]:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
+    folds: cross-validated evaluation with this many outer folds (each labelled patient tested once, predictions
+    pooled); without it the profile decides (full: 5 outer folds; smoke, cpu: one hold-out test part).
     new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
-    (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the arms already trained there.
-    train_deployment: run every training run (arm, fold, fraction) as a flow run of this deployment (e.g.
+    (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the runs already trained there.
+    train_deployment: run every training run (arm, outer fold, fraction) as a flow run of this deployment (e.g.
     "train/arm") so that the work pool's workers, on several machines or GPUs, take them at once; the dataset and
-    OUT_DIR must then be at the same path on every worker. Without it, the arms train in this flow run.
+    OUT_DIR must then be at the same path on every worker. Without it, the runs train in this flow run.
     """
     logger = get_run_logger()
-    overrides = dict(settings or {})
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    src, report_dir = Path(source).resolve(), Path(out_dir).resolve()
-    if new_folder_per_run:
-        report_dir = report_dir / run_id
-    check_compare_arguments(src, report_dir, Path(labels) if labels else None, Path(weights) if weights else None, list(arms), profile, overrides)
+    src, out = Path(source).resolve(), Path(out_dir).resolve()
+    report_dir = out / run_id if new_folder_per_run else out
+    check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
+                        weights=Path(weights) if weights else None)
+    plan = build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds, fractions=fractions,
+                          n_bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
 
     if (src / "dataset.json").is_file():
         dataset_dir = src
     else:
-        # Beside the report (above the per-run folders with new_folder_per_run): re-runs ingest incrementally.
-        dataset_dir = Path(out_dir).resolve() / "dataset"
+        dataset_dir = dataset_folder(out, new_folder_per_run)
         ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=image_size)
 
-    splits_path = report_dir / SPLITS_FILE
-    n_train = prepare_split(dataset_dir, splits_path, seed, profile, overrides, folds)
-    # The imagenet arm's settings include the head-only warm-up the cost stage prices separately.
-    config = resolve_train_config(profile, "imagenet", overrides)
-    cost_flow(
-        n_images=n_train, image_size=config.image_size, channels=1, epochs=config.epochs, batch_size=config.batch_size,
-        arms=list(arms), head_warmup_epochs=min(config.freeze_epochs, config.epochs), out_dir=report_dir, calibrate=calibrate,
-    )
+    n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
+    plan = with_cost_inputs(plan, n_train_images=n_train)
+    plan_path = write_plan(report_dir, plan)
+    inputs = plan.cost
+    # TEMP until cost_flow takes CostInputs: then cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate)
+    cost_flow(n_images=inputs.n_images, image_size=inputs.image_size, channels=inputs.channels, epochs=inputs.epochs,
+              batch_size=inputs.batch_size, arms=list(inputs.arms), head_warmup_epochs=inputs.head_warmup_epochs,
+              out_dir=report_dir, calibrate=calibrate)
 
-    plan_runs = plan_training_runs(list(arms), folds, fractions, report_dir)
-    train_all(plan_runs, dataset_dir, report_dir, splits_path, profile, overrides, weights, seed, folds, parallel_arms, train_deployment)
-
-    main_runs = {arm: plan_runs[(arm, 0 if folds else None, 1.0)] for arm in arms}
-    fold_dirs = {arm: [plan_runs[(arm, k, 1.0)] for k in range(folds)] for arm in arms} if folds else None
-    fraction_dirs = {arm: {f: plan_runs.get((arm, None, f), main_runs[arm]) for f in fractions} for arm in arms} if fractions else None
-    command = f"ctcompare compare --profile {profile} --arms {' '.join(arms)} --seed {seed}" + (f" --folds {folds}" if folds else "")
-    command += f" --fractions {','.join(f'{f:g}' for f in fractions)}" if fractions else ""
-    results = evaluate_arms(dataset_dir, splits_path, main_runs, report_dir / "cost.json", run_id, seed, bootstrap, command, fold_dirs, fraction_dirs)
+    train_all(plan=plan, plan_path=plan_path, dataset_dir=dataset_dir, weights=weights, parallel_arms=parallel_arms,
+              train_deployment=train_deployment)
+    results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
+                            command=_command(plan, folds, fractions))
     html = write_report(results, report_dir)
-
-    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results), description="Comparison summary and recommendation")
-    create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by patient)")
-    create_link_artifact(key=LINK_KEY, link=html.as_uri(), link_text="report.html", description="The full comparison report")
+    _publish(results, html)
     logger.info("Report written: %s", html)
     logger.info("%s", results.recommendation.headline)
     return {"report": str(html), "report_dir": str(report_dir), "recommendation": results.recommendation.headline,
@@ -244,8 +239,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     settings = parse_overrides(args.set)
     fractions = _fractions(args.fractions)
     try:
-        check_compare_arguments(Path(args.source).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None,
-                                Path(args.weights) if args.weights else None, arms, args.profile, settings)
+        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
+                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
+        build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
+                       fractions=fractions, n_bootstrap=args.bootstrap)  # refuses a bad setting before Prefect starts
     except ValueError as error:
         raise UsageError(str(error)) from None
     summary = compare_flow(
@@ -278,16 +275,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare compare` and `ctcompare demo`."""
-    profiles = tuple(load_profiles())
+    profiles = PROFILE_NAMES
     parser = subparsers.add_parser("compare", help="the whole comparison: ingest, cost, train every arm, report", description=compare_flow.__doc__)
-    parser.add_argument("source", help="a DICOM folder (ingested into OUT/dataset) or a dataset folder from 'ctcompare ingest'")
+    parser.add_argument("source", help="a DICOM folder (ingested beside the report folder, into OUT-dataset) or a dataset folder from 'ctcompare ingest'")
     parser.add_argument("--out", required=True, help="report folder; index.html in its parent lists every report")
     parser.add_argument("--labels", help="labels CSV for a DICOM source (see 'ctcompare ingest --help')")
     parser.add_argument("--profile", default="cpu", choices=profiles)
     parser.add_argument("--arms", nargs="+", help=f"arms to train (default all): {', '.join(ARM_NAMES)}")
     parser.add_argument("--weights", help="ImageNet (or other torchvision-format) ResNet-50 state dict for the pretrained arms")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folds", type=int, default=None, help="K-fold cross-validation on the non-test patients")
+    parser.add_argument("--folds", type=int, default=None, metavar="K", help="cross-validated evaluation: K outer folds "
+                        "partition every labelled patient, each fold is the test part of one run per arm and the "
+                        "out-of-fold predictions are pooled (default: the profile's; full = 5, smoke and cpu = hold-out)")
     parser.add_argument("--fractions", help="data-efficiency curve: train each arm on these shares of the training patients, e.g. 0.1,0.25,0.5,1.0")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")

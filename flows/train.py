@@ -1,59 +1,48 @@
-"""`ctcompare train`: train one arm (optionally K folds) on a dataset folder written by `ctcompare ingest`.
+"""`ctcompare train`: train one arm on a dataset folder written by `ctcompare ingest`.
 
-The flow is thin: argument checks, then one `train-arm` task per fold (tasks.train; retries=1, a retry resumes from
-the last finished epoch). Outputs per run folder are described in data_schemas/training.py.
+The CLI resolves the settings once into a run plan (RUN_DIR/plan.json, data_schemas/plan.py): one run, or with
+`--folds K` one run per outer fold (RUN_DIR/fold-<k>; every labelled patient is tested in exactly one of them).
+The flow is thin: one `train-arm` task per planned run (tasks.train; retries=1, a retry resumes from the last
+finished epoch). A comparison hands single runs of its own plan to this flow on a work pool (`run=...`).
+Outputs per run folder are described in data_schemas/training.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from prefect import flow
 
-from data_schemas.cost import ARM_NAMES, ArmName
-from data_schemas.training import KNOWN_SETTINGS, PROFILE_NAMES, RunSummary, resolve_train_config
+from data_schemas.cost import ARM_NAMES
+from data_schemas.plan import ALL_SETTING_KEYS, build_run_plan, read_plan, write_plan
+from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, RunSummary
 from flows.cli import UsageError
 
 
 @flow(name="train", log_prints=True)
 def train_flow(
+    *,
     dataset_dir: Path,
-    arm: ArmName,
-    run_dir: Path,
-    profile: str = "cpu",
-    overrides: dict[str, str] | None = None,
-    weights: Path | None = None,
-    folds: int | None = None,
-    seed: int = 0,
+    plan_path: Path,
+    run: str | None = None,
+    weights_path: Path | None = None,
     resume: bool = False,
-    splits: Path | None = None,
-    fold: int | None = None,
 ) -> list[RunSummary]:
-    """One arm; with folds=K, K runs in RUN_DIR/fold-<k> (fold k validates, the others train; test is shared).
+    """Train the runs of a plan: every run, or only `run` (its folder as written in the plan).
 
-    fold=k with folds=K trains that fold alone into RUN_DIR: how a comparison hands its folds to a work pool.
+    run=... is how a comparison hands one training run to a work pool.
     """
     from tasks.train import train_arm_task
 
-    if fold is not None:
-        if folds is not None and not 0 <= fold < folds:
-            raise ValueError(f"fold must be between 0 and {folds - 1} for {folds} folds, got {fold}.")
-        return [train_arm_task(dataset_dir, arm, run_dir, profile, overrides, weights, seed, resume, splits, fold, folds)]
-    if folds is None:
-        return [
-            train_arm_task(dataset_dir, arm, run_dir, profile, overrides, weights, seed, resume, splits, None, None)
-        ]
-    summaries = []
-    for fold in range(folds):
-        summaries.append(
-            train_arm_task(
-                dataset_dir, arm, Path(run_dir) / f"fold-{fold}", profile, overrides, weights, seed, resume,
-                splits, fold, folds,
-            )
-        )
-    return summaries
+    plan = read_plan(Path(plan_path))
+    runs = [plan.run(run).run_dir] if run is not None else [planned.run_dir for planned in plan.runs]
+    return [
+        train_arm_task(dataset_dir=Path(dataset_dir), plan_path=Path(plan_path), run=name, weights_path=weights_path, resume=resume)
+        for name in runs
+    ]
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -64,10 +53,25 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got '{pair}'.")
-        if key not in KNOWN_SETTINGS:
-            raise UsageError(f"unknown setting '{key}' in --set; known settings: {', '.join(KNOWN_SETTINGS)}.")
+        if key not in ALL_SETTING_KEYS:
+            raise UsageError(f"unknown setting '{key}' in --set; known settings: {', '.join(ALL_SETTING_KEYS)}.")
         overrides[key] = value.strip()
     return overrides
+
+
+def _plan_for_cli(args: argparse.Namespace) -> Path:
+    """Resolve the command line into RUN_DIR/plan.json (UsageError for a bad setting); returns its path."""
+    if args.folds is not None and args.folds < 2:
+        raise UsageError("--folds must be at least 2.")
+    try:
+        plan = build_run_plan(profile=args.profile, arms=[args.arm], seed=args.seed, settings=parse_overrides(args.set),
+                              folds=args.folds, layout="single-arm")
+    except ValueError as error:
+        raise UsageError(str(error).rstrip(".") + ".") from None
+    run_dir = Path(args.out).resolve()
+    splits_path = Path(args.splits).resolve() if args.splits else run_dir.parent / SPLITS_FILE
+    plan = plan.model_copy(update={"splits_file": Path(os.path.relpath(splits_path, run_dir)).as_posix()})
+    return write_plan(run_dir, plan)
 
 
 def _handler(args: argparse.Namespace) -> int:
@@ -76,19 +80,10 @@ def _handler(args: argparse.Namespace) -> int:
         raise UsageError(f"{dataset_dir} is not a ctcompare dataset (no dataset.json); run 'ctcompare ingest' first.")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"--weights {args.weights} does not exist.")
-    if args.folds is not None and args.folds < 2:
-        raise UsageError("--folds must be at least 2.")
-    overrides = parse_overrides(args.set)
+    plan_path = _plan_for_cli(args)
     try:
-        resolve_train_config(args.profile, args.arm, overrides)
-    except ValueError as error:
-        raise UsageError(str(error).rstrip(".") + ".") from None
-    try:
-        summaries = train_flow(
-            dataset_dir=dataset_dir, arm=args.arm, run_dir=Path(args.out), profile=args.profile, overrides=overrides,
-            weights=Path(args.weights) if args.weights else None, folds=args.folds, seed=args.seed,
-            resume=args.resume, splits=Path(args.splits) if args.splits else None,
-        )
+        summaries = train_flow(dataset_dir=dataset_dir, plan_path=plan_path, resume=args.resume,
+                               weights_path=Path(args.weights) if args.weights else None)
     except ValueError as error:  # bad weights file, mismatched split file, bad labels: one sentence
         print(f"ctcompare train: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -105,18 +100,21 @@ def _handler(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `ctcompare train`."""
     parser = subparsers.add_parser(
         "train",
         help="train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset",
         description="Train one arm on DATASET_DIR (written by 'ctcompare ingest') into RUN_DIR. The patient-level "
-        "split is shared: by default RUN_DIR/../splits.csv, reused when it matches the dataset and seed.",
+        "split is shared: by default RUN_DIR/../splits.csv, reused when it matches the dataset, seed and settings. "
+        "The resolved settings are written to RUN_DIR/plan.json.",
     )
     parser.add_argument("dataset_dir", metavar="DATASET_DIR")
     parser.add_argument("--arm", required=True, choices=ARM_NAMES)
     parser.add_argument("--out", required=True, metavar="RUN_DIR")
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help="settings profile (default: cpu)")
     parser.add_argument("--weights", metavar="PATH", help="local torchvision-format ResNet-50 state dict")
-    parser.add_argument("--folds", type=int, metavar="K", help="K-fold cross-validation on the non-test patients")
+    parser.add_argument("--folds", type=int, metavar="K", help="cross-validated: K outer folds partition every labelled "
+                        "patient, each fold is the test part of one run (RUN_DIR/fold-<k>); validation is carved from the rest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
     parser.add_argument("--splits", metavar="PATH", help="split file to use or create (default: beside RUN_DIR)")

@@ -12,7 +12,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
 
+from data_schemas.dataset import ManifestRow
+from data_schemas.files import read_models_csv
+from data_schemas.plan import read_plan
 from data_schemas.report import ComparisonResults
+from data_schemas.training import PredictionRow
 from flows.cli import main
 from reports.render import SECTION_IDS
 from tasks.synth import synthesize_cohort
@@ -37,7 +41,7 @@ class _Collector(HTMLParser):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory):
-    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=12, slices_per_patient=2, seed=3)
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=15, slices_per_patient=2, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,15 @@ def full_run(cohort, resnet50_weights_file: Path, tmp_path_factory: pytest.TempP
     code = main([
         "compare", str(cohort.dicom_dir), "--labels", str(cohort.labels_path), "--out", str(out), "--profile", "smoke",
         "--weights", str(resnet50_weights_file), "--no-calibrate", "--bootstrap", "50", "--set", "download_weights=false",
+        "--set", "test_fraction=0.34",  # a third of the patients: at least two of each class in the test part
     ])
     assert code == 0
     return out
+
+
+def dataset_of(report_dir: Path) -> Path:
+    """Where compare ingests a DICOM source: beside the report folder, never inside it."""
+    return report_dir.parent / f"{report_dir.name}-dataset"
 
 
 def shareable_files(root: Path) -> list[Path]:
@@ -80,6 +90,11 @@ def test_compare_writes_a_complete_report(full_run: Path) -> None:
     assert "run-all-arms" in (full_run.parent / "index.html").read_text()
     cost = json.loads((full_run / "cost.json").read_text())
     assert {a["arm"] for a in cost["arms"]} == {"scratch", "imagenet", "imagenet-linear"}
+    # the plan prices the main run's training images and the imagenet arm's head-only warm-up
+    plan = read_plan(full_run / "plan.json")
+    main_config = json.loads((full_run / "runs" / "scratch" / "main" / "config.json").read_text())
+    assert plan.cost is not None and plan.cost.n_images == main_config["n_train_images"]
+    assert plan.cost.head_warmup_epochs == plan.main_run("imagenet").config.freeze_epochs == 1
 
 
 async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:
@@ -97,8 +112,12 @@ def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: P
     assert {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"} <= set(artifacts)
     identifiers = [value for value in cohort.identifiers if len(value) >= 4]
     assert identifiers, "the synthetic cohort must carry identifiers for this test to mean anything"
-    texts = {str(p): p.read_text(errors="replace") for p in shareable_files(full_run)}
+    # nothing private under the report folder: the dataset (and its private part) lies beside it
+    assert not [p for p in full_run.rglob("*") if p.name in {"private", "quarantine.csv", "hmac.key", "index.csv"}]
+    assert (dataset_of(full_run) / "private").is_dir()
+    texts = {str(p): p.read_text(errors="replace") for p in shareable_files(full_run) + shareable_files(dataset_of(full_run))}
     assert any(p.endswith("manifest.csv") for p in texts) and any(p.endswith("report.html") for p in texts)
+    assert any(p.endswith("plan.json") for p in texts) and any(p.endswith("val_predictions.csv") for p in texts)
     texts.update({f"artifact {key}": data for key, data in artifacts.items()})
     texts["logs of the compare flow run"] = "\n".join(logs)
     leaks = [(where, value) for where, text in texts.items() for value in identifiers if value in text]
@@ -108,7 +127,7 @@ def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: P
 def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "no-weights"
     code = main([
-        "compare", str(full_run / "dataset"), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
+        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
         "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
     ])
     assert code == 0
@@ -134,7 +153,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, capsys: pytes
 def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "folds"
     code = main([
-        "compare", str(full_run / "dataset"), "--out", str(out), "--profile", "smoke", "--arms", "scratch",
+        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "scratch",
         "--folds", "2", "--fractions", "0.5,1.0", "--no-calibrate", "--bootstrap", "20",
     ])
     assert code == 0
@@ -148,14 +167,24 @@ def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None
     parser = _Collector()
     parser.feed((out / "report.html").read_text())
     assert {"folds", "data-efficiency"} <= parser.ids
-    assert main(["compare", str(full_run / "dataset"), "--out", str(out), "--fractions", "0,2"]) == 2
+    assert main(["compare", str(dataset_of(full_run)), "--out", str(out), "--fractions", "0,2"]) == 2
+
+    # cross-validated: the two outer folds' test parts partition every labelled patient
+    plan = read_plan(out / "plan.json")
+    assert plan.split.mode == "cross-validated" and [r.run_dir for r in plan.pooled_runs("scratch")] == ["runs/scratch/main", "runs/scratch/fold-1"]
+    labelled = {r.patient_key for r in read_models_csv(dataset_of(full_run) / "manifest.csv", ManifestRow) if r.label}
+    fold_of: dict[str, int] = {}
+    for k, run in enumerate(plan.pooled_runs("scratch")):
+        for row in read_models_csv(out / run.run_dir / "predictions.csv", PredictionRow):
+            assert fold_of.setdefault(row.patient_key, k) == k  # a patient's images are all in one test fold
+    assert set(fold_of) == labelled  # every labelled patient tested, each in exactly one outer fold
 
 
 def test_new_folder_per_run_keeps_every_report(full_run: Path, tmp_path: Path) -> None:
     from flows.compare import compare_flow
 
     root = tmp_path / "weekly"
-    first = compare_flow(source=str(full_run / "dataset"), out_dir=str(root), profile="smoke", arms=["scratch"],
+    first = compare_flow(source=str(dataset_of(full_run)), out_dir=str(root), profile="smoke", arms=["scratch"],
                          bootstrap=20, calibrate=False, new_folder_per_run=True)
     report_dir = Path(first["report_dir"])
     assert report_dir.parent == root and (report_dir / "results.json").is_file()

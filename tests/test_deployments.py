@@ -161,6 +161,6 @@ def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: Prefec
     assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
     train_runs = [run for run in stack.flow_runs_of("train/arm") if run["id"] not in before]
     assert len(train_runs) == 1 and train_runs[0]["state"]["type"] == "COMPLETED"
-    assert train_runs[0]["parameters"]["arm"] == "scratch"
+    assert train_runs[0]["parameters"]["run"] == "runs/scratch/main"
     results = json.loads((out_dir / "results.json").read_text())
     assert [arm["status"] for arm in results["arms"]] == ["completed"]

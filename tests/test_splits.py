@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from data_schemas.dataset import ManifestRow
+from data_schemas.plan import SplitSettings
 from tasks.splits import (
     SplitsMismatchError,
     count_patient_overlap,
     ensure_splits,
     make_splits,
-    n_folds,
     parts_for_fold,
     read_splits,
     write_splits,
 )
+
+HOLDOUT = SplitSettings(seed=0, mode="holdout", outer_folds=1, val_fraction=0.2, test_fraction=0.2)
+
+
+def _settings(**changes) -> SplitSettings:
+    return HOLDOUT.model_copy(update=changes)
+
+
+def _images(n: int) -> np.ndarray:
+    """Distinct pixel content per image (what the split orders by)."""
+    return np.random.default_rng(11).random((n, 1, 4, 4)).astype(np.float16)
 
 
 def _manifest(n_patients: int = 40, seed: int = 0) -> list[ManifestRow]:
@@ -36,8 +48,12 @@ def _patients(rows, part):
     return {r.patient_key for r in rows if r.part == part}
 
 
+def _split(manifest, **changes):
+    return make_splits(manifest, _images(len(manifest)), _settings(**changes))
+
+
 def test_patients_never_in_two_parts():
-    rows = make_splits(_manifest(), seed=0, val_fraction=0.2, test_fraction=0.2)
+    rows = _split(_manifest())
     train, val, test = (_patients(rows, p) for p in ("train", "val", "test"))
     assert train and val and test
     assert not (train & val) and not (train & test) and not (val & test)
@@ -46,7 +62,7 @@ def test_patients_never_in_two_parts():
 
 
 def test_stratified_and_sized():
-    rows = make_splits(_manifest(60), seed=1, val_fraction=0.2, test_fraction=0.2)
+    rows = _split(_manifest(60), seed=1)
     for part in ("train", "val", "test"):
         labels = Counter(r.label for r in rows if r.part == part)
         assert labels["abnormal"] > 0 and labels["normal"] > 0, part
@@ -55,66 +71,95 @@ def test_stratified_and_sized():
 
 
 def test_same_seed_same_split_other_seed_differs():
-    a = make_splits(_manifest(), seed=3, val_fraction=0.2, test_fraction=0.2)
-    b = make_splits(_manifest(), seed=3, val_fraction=0.2, test_fraction=0.2)
-    c = make_splits(_manifest(), seed=4, val_fraction=0.2, test_fraction=0.2)
+    a = _split(_manifest(), seed=3)
+    b = _split(_manifest(), seed=3)
+    c = _split(_manifest(), seed=4)
     assert a == b
     assert [r.part for r in a] != [r.part for r in c]
 
 
-def test_k_folds_cover_non_test_patients_once():
-    rows = make_splits(_manifest(), seed=0, val_fraction=0.2, test_fraction=0.2, folds=4)
-    assert n_folds(rows) == 4
-    test = _patients(rows, "test")
-    seen = set()
+def test_cross_validated_outer_folds_test_every_patient_once():
+    settings = _settings(mode="cross-validated", outer_folds=4)
+    manifest = _manifest()
+    rows = make_splits(manifest, _images(len(manifest)), settings)
+    labelled = {r.patient_key for r in manifest if r.label}
+    tested: list[str] = []
     for fold in range(4):
-        parts = parts_for_fold(rows, fold)
-        val = {r.patient_key for r in parts["val"]}
-        train = {r.patient_key for r in parts["train"]}
-        assert val and not (val & train) and not (val & test) and not (train & test)
-        assert {r.patient_key for r in parts["test"]} == test
-        assert not (val & seen)
-        seen |= val
-    assert seen | test == {r.patient_key for r in rows}
+        parts = parts_for_fold(rows, fold, settings)
+        train, val, test = ({r.patient_key for r in parts[p]} for p in ("train", "val", "test"))
+        assert train and val and test and not (train & val) and not (train & test) and not (val & test)
+        assert train | val | test == labelled
+        assert {r.label for r in parts["test"]} == {"abnormal", "normal"}  # stratified
+        tested.extend(test)
+    assert sorted(tested) == sorted(labelled)  # every labelled patient in exactly one test fold
+    with pytest.raises(ValueError, match="does not exist"):
+        parts_for_fold(rows, 4, settings)
+
+
+def test_split_does_not_depend_on_pseudonyms_or_manifest_order():
+    """Other HMAC keys rename every patient and image and reorder the manifest; the split by content is the same."""
+    manifest = _manifest(30)
+    images = _images(len(manifest))
+    renamed = [r.model_copy(update={"patient_key": f"x{hash(r.patient_key) % 10**9:09d}-{r.patient_key[::-1]}",
+                                    "image_key": f"y{r.image_key[::-1]}"}) for r in manifest]
+    order = np.random.default_rng(5).permutation(len(renamed))
+    shuffled = [renamed[i].model_copy(update={"index": k}) for k, i in enumerate(order)]
+    for settings in (HOLDOUT, _settings(mode="cross-validated", outer_folds=3)):
+        a = make_splits(manifest, images, settings)
+        b = make_splits(shuffled, images[order], settings)
+        content = {r.image_key: images[r.index].tobytes() for r in manifest}
+        content_b = {r.image_key: images[order][r.index].tobytes() for r in shuffled}
+        assert [(content[r.image_key], r.part, r.fold) for r in a] == [(content_b[r.image_key], r.part, r.fold) for r in b]
+        for fold in range(settings.outer_folds):
+            pa, pb = parts_for_fold(a, fold, settings), parts_for_fold(b, fold, settings)
+            for part in ("train", "val", "test"):  # same images in the same order: same training batches
+                assert [content[r.image_key] for r in pa[part]] == [content_b[r.image_key] for r in pb[part]]
 
 
 def test_write_read_and_reuse(tmp_path):
     manifest = _manifest()
     path = tmp_path / "splits.csv"
-    rows, info = ensure_splits(manifest, "hash-a", path, seed=0, val_fraction=0.2, test_fraction=0.2)
+    images = _images(len(manifest))
+
+    def ensure(dataset_hash: str, settings: SplitSettings):
+        return ensure_splits(manifest_rows=manifest, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings)
+
+    rows, info = ensure("hash-a", HOLDOUT)
     assert info.patient_overlap == 0 and info.n_unlabeled_excluded == 1
     assert (tmp_path / "splits.json").is_file()
-    again, info2 = ensure_splits(manifest, "hash-a", path, seed=0, val_fraction=0.2, test_fraction=0.2)
+    again, info2 = ensure("hash-a", HOLDOUT)
     assert again == rows and info2 == info
     with pytest.raises(SplitsMismatchError, match="seed 0"):
-        ensure_splits(manifest, "hash-a", path, seed=1, val_fraction=0.2, test_fraction=0.2)
+        ensure("hash-a", _settings(seed=1))
     with pytest.raises(SplitsMismatchError, match="another dataset"):
-        ensure_splits(manifest, "hash-b", path, seed=0, val_fraction=0.2, test_fraction=0.2)
+        ensure("hash-b", HOLDOUT)
+    with pytest.raises(SplitsMismatchError, match="holdout mode"):
+        ensure("hash-a", _settings(mode="cross-validated", outer_folds=3))
 
 
 def test_edited_split_file_is_rejected(tmp_path):
     manifest = _manifest()
-    rows = make_splits(manifest, seed=0, val_fraction=0.2, test_fraction=0.2)
+    rows = _split(manifest)
     path = tmp_path / "splits.csv"
-    write_splits(path, rows, "h", 0, 0.2, 0.2, None)
+    write_splits(splits_path=path, rows=rows, dataset_hash="h", settings=HOLDOUT)
     path.write_text(path.read_text().replace(",test,", ",train,", 1))
     with pytest.raises(SplitsMismatchError):
         read_splits(path)
 
 
 def test_overlap_is_detected():
-    rows = make_splits(_manifest(), seed=0, val_fraction=0.2, test_fraction=0.2)
+    rows = _split(_manifest())
     test_row = next(r for r in rows if r.part == "test")
     train_row = next(r for r in rows if r.part == "train")
     bad = rows + [train_row.model_copy(update={"image_key": "extra", "patient_key": test_row.patient_key})]
     assert count_patient_overlap(bad) == 1
     with pytest.raises(ValueError, match="more than one split part"):
-        write_splits("/nonexistent/splits.csv", bad, "h", 0, 0.2, 0.2, None)
+        write_splits(splits_path="/nonexistent/splits.csv", rows=bad, dataset_hash="h", settings=HOLDOUT)
 
 
 def test_too_few_patients_is_a_clear_error():
     with pytest.raises(ValueError, match="too few"):
-        make_splits(_manifest(3), seed=0, val_fraction=0.2, test_fraction=0.2)
+        _split(_manifest(3))
 
 
 def test_subsample_patients_keeps_whole_patients_per_label_and_nests() -> None:
