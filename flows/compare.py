@@ -11,7 +11,7 @@ report there.
 from __future__ import annotations
 
 import argparse
-import inspect
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,14 +23,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from data_schemas.cost import ARM_NAMES, ArmName
-from data_schemas.evaluation import EvaluationSettings
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.report import ComparisonResults
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
+from flows.serve import report_url
 from flows.train import parse_overrides
+from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.dataset_store import load_dataset
 from tasks.evaluate import build_results
@@ -66,31 +67,16 @@ def train_on_pool(deployment: str, label: str, parameters: dict[str, Any]) -> st
     return state.name if state is not None else "UNKNOWN"
 
 
-def _build_results(
-    *, dataset_dir: Path, splits_path: Path, arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings,
-    cost_path: Path, run_id: str, seed: int, command: str, fraction_dirs: dict[str, dict[float, Path]] | None,
-) -> ComparisonResults:
-    """build_results with the interface of the evaluation stage (arm_runs pooled per arm)."""
-    if "arm_runs" in inspect.signature(build_results).parameters:
-        return build_results(dataset_dir=dataset_dir, splits_path=splits_path, arm_runs=arm_runs, evaluation=evaluation,
-                             cost_path=cost_path, run_id=run_id, seed=seed, command=command, fraction_dirs=fraction_dirs)
-    # TEMP until evaluate lands: the old build_results scores the first run of each arm (outer fold 0) and lists
-    # the other outer folds as folds; remove this branch once tasks/evaluate.py takes arm_runs.
-    fold_dirs = {arm: runs for arm, runs in arm_runs.items()} if any(len(r) > 1 for r in arm_runs.values()) else None
-    return build_results(dataset_dir, splits_path, {arm: runs[0] for arm, runs in arm_runs.items()}, cost_path, run_id,
-                         seed, evaluation.n_bootstrap, command, fold_dirs, fraction_dirs)
-
-
 @task(name="evaluate-arms", cache_policy=NO_CACHE)
 def evaluate_arms(*, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str) -> ComparisonResults:
     """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
     fractions = {arm: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(arm)} for arm in plan.arms}
-    return _build_results(
+    return word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
         arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
         evaluation=plan.evaluation, cost_path=report_dir / "cost.json", run_id=run_id, seed=plan.seed, command=command,
         fraction_dirs=fractions if any(len(runs) > 1 for runs in fractions.values()) else None,
-    )
+    ))
 
 
 @task(name="render-report", cache_policy=NO_CACHE)
@@ -141,19 +127,26 @@ def train_all(*, plan: RunPlan, plan_path: Path, dataset_dir: Path, weights: str
                 logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
 
 
-def _command(plan: RunPlan, folds: int | None, fractions: list[float] | None) -> str:
-    """The command line that repeats this comparison (as recorded in the report)."""
-    command = f"ctcompare compare --profile {plan.profile} --arms {' '.join(plan.arms)} --seed {plan.seed}"
-    command += f" --folds {folds}" if folds else ""
-    command += f" --fractions {','.join(f'{f:g}' for f in fractions)}" if fractions else ""
-    return command
+def rerun_command(*, source: str, out_dir: str, labels: str | None, weights: str | None, plan: RunPlan,
+                  settings: dict[str, str] | None, folds: int | None, fractions: list[float] | None) -> str:
+    """The command line that repeats this comparison as shown: paths as given, the weights file by name (the report
+    prints its SHA-256 beside it), every --set override."""
+    argv = ["ctcompare", "compare", source, "--out", out_dir] + (["--labels", labels] if labels else [])
+    argv += ["--profile", plan.profile, "--arms", *plan.arms, "--seed", str(plan.seed)]
+    argv += ["--weights", Path(weights).name] if weights else []
+    argv += ["--folds", str(folds)] if folds else []
+    argv += ["--fractions", ",".join(f"{f:g}" for f in fractions)] if fractions else []
+    for key, value in sorted((settings or {}).items()):
+        argv += ["--set", f"{key}={value}"]
+    return shlex.join(argv + ["--bootstrap", str(plan.evaluation.n_bootstrap)])
 
 
-def _publish(results: ComparisonResults, html: Path) -> None:
-    """The Prefect artifacts of a comparison: summary, metrics table, link to the report."""
-    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results), description="Comparison summary and recommendation")
+def _publish(results: ComparisonResults, html: Path, link: str) -> None:
+    """The Prefect artifacts of a comparison: summary, metrics table, link to the report (http:// when served)."""
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results, report_link=link),
+                             description="Comparison summary and recommendation")
     create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by patient)")
-    create_link_artifact(key=LINK_KEY, link=html.as_uri(), link_text="report.html", description="The full comparison report")
+    create_link_artifact(key=LINK_KEY, link=link, link_text="report.html", description="The full comparison report")
 
 
 @flow(name="compare")
@@ -204,21 +197,19 @@ def compare_flow(
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
     plan_path = write_plan(report_dir, plan)
-    inputs = plan.cost
-    # TEMP until cost_flow takes CostInputs: then cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate)
-    cost_flow(n_images=inputs.n_images, image_size=inputs.image_size, channels=inputs.channels, epochs=inputs.epochs,
-              batch_size=inputs.batch_size, arms=list(inputs.arms), head_warmup_epochs=inputs.head_warmup_epochs,
-              out_dir=report_dir, calibrate=calibrate)
+    cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate)
 
     train_all(plan=plan, plan_path=plan_path, dataset_dir=dataset_dir, weights=weights, parallel_arms=parallel_arms,
               train_deployment=train_deployment)
     results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
-                            command=_command(plan, folds, fractions))
+                            command=rerun_command(source=source, out_dir=out_dir, labels=labels, weights=weights, plan=plan,
+                                                  settings=settings, folds=folds, fractions=fractions))
     html = write_report(results, report_dir)
-    _publish(results, html)
-    logger.info("Report written: %s", html)
+    link = report_url(html, report_dir.parent)
+    _publish(results, html, link)
+    logger.info("Report written: %s", link)
     logger.info("%s", results.recommendation.headline)
-    return {"report": str(html), "report_dir": str(report_dir), "recommendation": results.recommendation.headline,
+    return {"report": str(html), "link": link, "report_dir": str(report_dir), "recommendation": results.recommendation.headline,
             "arms": {arm.name: arm.status for arm in results.arms}}
 
 
