@@ -74,9 +74,11 @@ def choose_prefect_api() -> str | None:
     if api_url:
         os.environ["PREFECT_API_URL"] = api_url
         return None
+    server_file = prefect_home / SERVER_FILE
+    why = "the one recorded in" if server_file.exists() else "none recorded in"
     return (
-        f"ctcompare: no project Prefect server answers (none recorded in {prefect_home / SERVER_FILE}); "
-        "using a temporary one, so this run will not appear in the UI (start one with `make server`)."
+        f"ctcompare: no project Prefect server answers ({why} {server_file}); using a temporary one, "
+        "so this run will not appear in the UI (start one with `make server`)."
     )
 
 
