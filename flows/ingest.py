@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
-from flows.runners import running_task_runner
+from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
     IngestError,
@@ -27,9 +27,13 @@ from tasks.ingest import (
     preprocessing_signature,
     read_labels,
 )
+from tasks.decode_pool import prewarm_decode_workers
 from tasks.preprocess import parse_window
+from tasks.progress import progress
 
 WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
+# Files per decode chunk (one Prefect task run, cached and retried as a unit) when decoding locally.
+LOCAL_CHUNK_FILES = 256
 ImageSize = Annotated[int, Field(ge=16, le=1024, description="output images are size x size pixels")]
 WindowOption = Annotated[str, Field(pattern=WINDOW_PATTERN, description="lung, mediastinal, bone, none, or 'LEVEL,WIDTH' in HU")]
 
@@ -67,26 +71,35 @@ def ingest_flow(
     window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
     label_table = read_labels(Path(labels)) if labels else None
 
+    n_workers = workers or os.cpu_count() or 1
+    if n_workers > 1 and not dask_address:
+        prewarm_decode_workers()  # the workers' imports run on another core while this process lists and hashes
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
     (out / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
-    n_workers = workers or os.cpu_count() or 1
-    chunks = chunk_sources(sources, n_workers)
+    # Dask balances chunks across its workers; locally the pool balances small batches, so chunks can be large
+    # (fewer task runs, less API traffic) and serve only as the unit of Prefect caching and retries.
+    chunks = chunk_sources(sources, n_workers) if dask_address else chunk_sources(sources, 1, max_chunk=LOCAL_CHUNK_FILES)
     on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
     # A process pool pays for itself only when there is decoding to do: small or fully cached inputs stay in-process.
-    runner_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
-    with running_task_runner(runner_workers, dask_address) as runner:
-        futures = [
-            runner.submit(
-                # A cached chunk result is trusted only while its decoded files are still on disk.
-                decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
-                {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
-            )
-            for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
-        ]
-        for future in futures:
-            future.result()
+    pool_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
+    to_decode = sum(len(chunk) for chunk, cached in zip(chunks, on_disk) if not cached)
+    with progress(to_decode, "decoded", "file", logger.info) as count_files:
+        # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
+        with chunk_task_runner(pool_workers, dask_address, None if dask_address else count_files) as runner:
+            futures = [
+                runner.submit(
+                    # A cached chunk result is trusted only while its decoded files are still on disk.
+                    decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
+                    {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
+                )
+                for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
+            ]
+            for future, cached, chunk in zip(futures, on_disk, chunks):
+                future.result()
+                if dask_address and not cached:
+                    count_files(len(chunk))
     records = load_cached_records(sources, cache_dir)
 
     result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table)

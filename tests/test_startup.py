@@ -1,4 +1,4 @@
-"""Start-up: commands that need no flow never import Prefect; a running project server is found and used."""
+"""Start-up and shut-down: no Prefect for commands without a flow; the project server is used; no orphans after kill -9."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flows.cli import SERVER_FILE
@@ -77,3 +79,52 @@ def test_a_command_records_its_run_on_the_running_project_server(project_server:
     runs = project_server.post("/flow_runs/filter", {"flows": {"name": {"any_": ["synth"]}}})
     assert [run["state"]["type"] for run in runs] == ["COMPLETED"], runs
     assert runs[0]["parameters"]["out_dir"] == str(tmp_path / "cohort")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_an_ingest_leaves_no_worker_or_temporary_server(tmp_path: Path) -> None:
+    from tasks.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=40, slices_per_patient=8, seed=0)
+    out = tmp_path / "dataset"
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "wb") as stderr:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "ingest", str(cohort.dicom_dir), "--out", str(out), "--size", "64", "--workers", "2"],
+            cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    try:
+        # Wait until the pool is decoding: the first decoded files land in the private cache.
+        deadline = time.monotonic() + 240
+        while not any((out / "private").glob("cache/*/*/*.npz")):
+            assert command.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.05)
+        children = _descendants(command.pid)
+        command.kill()
+        command.wait()
+    finally:
+        if command.poll() is None:
+            command.kill()
+    cmdlines = [_cmdline(child) for child in children]
+    assert any("uvicorn" in line for line in cmdlines), cmdlines  # Prefect 3's temporary API server
+    assert sum("multiprocessing.forkserver" in line for line in cmdlines) >= 3, cmdlines  # its server and 2 workers
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [_cmdline(process) for process in alive]
+    # No project server in this PREFECT_HOME: the command said, in one line, that it used a temporary one.
+    first_line = stderr_path.read_text().splitlines()[0]
+    assert first_line.startswith("ctcompare: no project Prefect server answers") and "temporary" in first_line
