@@ -29,7 +29,8 @@ from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine starts it slowly
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # the phases are read from the run's INFO log lines
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -58,17 +59,19 @@ def flow_phases(flow_run_id: object) -> dict[str, float]:
     """Seconds of each phase of one ingest flow run, from its task runs and log timestamps on the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=30)  # log lines reach the API in the background: send what is still queued
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     chunks = [r for r in runs if r.name.startswith("decode-chunk") and r.start_time and r.end_time]
 
-    def logged(prefix: str) -> datetime:
+    def logged(prefix: str | tuple[str, ...]) -> datetime:
         return min(log.timestamp for log in logs if log.message.startswith(prefix))
 
-    found, wrote = logged("Found "), logged("Wrote ")
+    found, wrote = logged("Found "), logged(("Wrote ", "Unchanged:"))
     first_chunk = min(r.start_time for r in chunks) if chunks else found
     last_chunk = max(r.end_time for r in chunks) if chunks else found
     return {
@@ -79,6 +82,18 @@ def flow_phases(flow_run_id: object) -> dict[str, float]:
         "artifacts + finish": (flow_run.end_time - wrote).total_seconds(),
         "flow run": (flow_run.end_time - flow_run.start_time).total_seconds(),
     }
+
+
+def quiet_console() -> None:
+    """Keep Prefect's INFO lines off the terminal (they still reach the API, where the phases are read)."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.WARNING)
 
 
 def load() -> str:
@@ -107,6 +122,7 @@ def main() -> None:
     def warm_up_flow() -> None:
         """Nothing: starts the ephemeral API."""
 
+    quiet_console()
     cohort = synthesize_cohort(args.cohort, patients=args.patients, slices_per_patient=args.slices, seed=0)
     n_files = sum(1 for p in cohort.dicom_dir.rglob("*") if p.is_file())
     print(f"cohort: {n_files} files, size {args.size}; {load()}")

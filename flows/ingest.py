@@ -27,7 +27,6 @@ from tasks.ingest import (
     preprocessing_signature,
     read_labels,
 )
-from tasks.decode_pool import prewarm_decode_workers
 from tasks.preprocess import parse_window
 from tasks.progress import progress
 
@@ -72,8 +71,6 @@ def ingest_flow(
     label_table = read_labels(Path(labels)) if labels else None
 
     n_workers = workers or os.cpu_count() or 1
-    if n_workers > 1 and not dask_address:
-        prewarm_decode_workers()  # the workers' imports run on another core while this process lists and hashes
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
     (out / PRIVATE_DIR).mkdir(mode=0o700, exist_ok=True)  # source paths, UIDs and the key: owner only

@@ -3,11 +3,14 @@
 Why not Prefect's ProcessPoolTaskRunner: it spawns fresh interpreters that each import Prefect, torch and pydicom
 (seconds of CPU each, on the same cores that should decode) and run the Prefect task engine, with its API traffic,
 inside every worker. Here the chunk tasks stay Prefect tasks (visible, cached, retried) run by threads of the flow's
-process, and hand their files, in small batches, to this pool. Its workers are forked from a `forkserver` that
-imported the decode code once, while the flow was still listing and hashing files; each runs one compute thread
-(parallelism comes from the processes, so torch/OpenMP/BLAS threads would only fight over the cores), talks to no
-API, and exits as soon as the process that opened the pool is gone (checked every WATCH_S seconds), even after a
-kill -9 of that process.
+process, and hand their files, in small batches, to this pool. Its workers are forked from the flow's process, so
+they start in milliseconds with the decode code already imported. Forking a process that has threads is safe here
+because a worker only decodes: it never touches Prefect, its client or its event loop; logging and import locks are
+re-initialised by Python after a fork, and the worker's torch is set to one thread before any work, as PyTorch's own
+DataLoader workers do (OpenMP must not be entered in a forked child). Each worker runs one compute thread
+(parallelism comes from the processes, so torch/OpenMP threads would only fight over the cores), talks to no API,
+and exits as soon as the process that opened the pool is gone (checked every WATCH_S seconds), even after a kill -9
+of that process.
 
 On a Dask worker there is no pool: `decode_chunk` decodes in its own process.
 """
@@ -15,7 +18,6 @@ On a Dask worker there is no pool: `decode_chunk` decodes in its own process.
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import threading
 import time
@@ -32,8 +34,6 @@ if TYPE_CHECKING:
 # per-job inter-process cost (a few hundred microseconds) stays negligible against ~3-10 ms of decoding per file.
 BATCH_FILES = 8
 WATCH_S = 0.5
-# Read by OpenMP, MKL and OpenBLAS when they start, so they must be in the environment the forkserver starts with.
-SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 ProgressCallback = Callable[[int], None]
 
@@ -76,28 +76,8 @@ def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: 
     return decode_files(sources, cache_dir, size, window)
 
 
-def prewarm_decode_workers() -> multiprocessing.context.BaseContext:
-    """Start (once per process) the forkserver that imports the decode code; returns its multiprocessing context.
-
-    It runs in the background: call it as early as possible so that the import overlaps the listing and hashing.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tasks.ingest"])
-    saved = {name: os.environ.get(name) for name in SINGLE_THREAD_ENV}
-    os.environ.update(SINGLE_THREAD_ENV)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return context
-
-
 class DecodePool:
-    """A forkserver process pool for decoding, whose workers start at once and warm up in the background.
+    """A process pool for decoding, forked from the calling process.
 
     Args:
         workers: number of worker processes; with 1 the files are decoded in the calling thread (no processes).
@@ -113,10 +93,10 @@ class DecodePool:
 
             me = psutil.Process()
             self._executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=prewarm_decode_workers(), initializer=init_decode_worker,
+                max_workers=self.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_decode_worker,
                 initargs=(me.pid, me.create_time()),
             )
-            # The executor starts workers on demand: start them all now, they fork while the first batches queue.
+            # Fork every worker now, from this thread (which outlives the pool), before the batches queue.
             for _ in range(self.workers):
                 self._executor.submit(int)
 
