@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import threading
 import time
@@ -48,24 +51,41 @@ class LogProgress:
         """Nothing to release (the last update already logged the total)."""
 
 
+def _terminal_columns(stream: object) -> int:
+    """Width of the terminal behind stream (0 when unknown, e.g. a pseudo-terminal nobody sized)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 @contextmanager
 def progress(total: int, description: str, unit: str, log: Callable[[str], None],
              stream: object | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield a thread-safe `update(n)`: a tqdm bar when `stream` (default stderr) is a terminal, log lines otherwise."""
+    """Yield a thread-safe `update(n)`: a tqdm bar when `stream` (default stderr) is a terminal, log lines otherwise.
+
+    While the bar is shown, console log lines are printed above it (tqdm.write) instead of through it.
+    """
     stream = stream if stream is not None else sys.stderr
+    lock = threading.Lock()
+    redirect: contextlib.AbstractContextManager = contextlib.nullcontext()
     if getattr(stream, "isatty", lambda: False)():
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        reporter = tqdm(total=total, desc=description, unit=unit, file=stream, dynamic_ncols=True, smoothing=0.1)
+        columns = _terminal_columns(stream)
+        reporter: tqdm | LogProgress = tqdm(total=total, desc=description, unit=unit, file=stream, smoothing=0.1,
+                                            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100)
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
     else:
         reporter = LogProgress(total, description, unit, log)
-    lock = threading.Lock()
 
     def update(n: int) -> None:
         with lock:
             reporter.update(n)
 
     try:
-        yield update
+        with redirect:
+            yield update
     finally:
         reporter.close()
