@@ -96,6 +96,14 @@ def quiet_console() -> None:
                 handler.setLevel(logging.WARNING)
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by this process, and by its finished, reaped children."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
 def load() -> str:
     """The 1-minute load average and the number of cores, for the record."""
     return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
@@ -127,16 +135,20 @@ def main() -> None:
     n_files = sum(1 for p in cohort.dicom_dir.rglob("*") if p.is_file())
     print(f"cohort: {n_files} files, size {args.size}; {load()}")
 
+    cpu_before = cpu_seconds()
     n_plain, plain_listing, plain_decode_a = plain_loop(cohort.dicom_dir, args.size)
+    plain_cpu = cpu_seconds()[0] - cpu_before[0]
     started = time.perf_counter()
     warm_up_flow()  # a deployment or a running project server has its API up already
     print(f"Prefect ephemeral API start: {time.perf_counter() - started:6.1f} s (not counted below)")
 
     out = state / "dataset"
     kwargs = dict(src_dir=str(cohort.dicom_dir), out_dir=str(out), labels=str(cohort.labels_path), size=args.size, workers=args.workers)
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     run = ingest_flow(**kwargs, return_state=True)
     flow_seconds = time.perf_counter() - started
+    flow_cpu = [after - before for after, before in zip(cpu_seconds(), cpu_before)]
     n_flow = run.result()["card"]["n_images"]
     phases = flow_phases(run.state_details.flow_run_id)
     print(f"flow done; {load()}")
@@ -161,6 +173,9 @@ def main() -> None:
     decode_rate = n_flow / phases["decode"]
     print(f"\ndecode phase: {decode_rate:.0f} images/s = {decode_rate / plain_rate:.2f}x the plain loop")
     print(f"end to end:   {n_flow / flow_seconds:.0f} images/s = {n_flow / flow_seconds / plain_rate:.2f}x the plain loop")
+    # CPU seconds do not depend on how busy the machine is: the work the flow adds over the plain loop.
+    print(f"CPU seconds: plain loop {plain_cpu:.1f} s; flow {sum(flow_cpu):.1f} s = {flow_cpu[0]:.1f} s in the flow's "
+          f"process (Prefect, hashing, assembly) + {flow_cpu[1]:.1f} s in the decode workers")
     print(f"{load()}")
     shutil.rmtree(state, ignore_errors=True)
 
