@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import urllib.error
@@ -62,7 +63,7 @@ def project_server_url(prefect_home: Path) -> str | None:
 
 
 def choose_prefect_api() -> str | None:
-    """Point PREFECT_API_URL at the project's server if one runs; returns a note for stderr when none is used.
+    """Point PREFECT_API_URL at the project's server if one runs; else return the note for a temporary server.
 
     Does nothing once Prefect is imported (an embedding program or a test harness has chosen already) or when the
     user set PREFECT_API_URL.
@@ -80,6 +81,26 @@ def choose_prefect_api() -> str | None:
         f"ctcompare: no project Prefect server answers ({why} {server_file}); using a temporary one, "
         "so this run will not appear in the UI (start one with `make server`)."
     )
+
+
+class _TemporaryServerNote(logging.Filter):
+    """Prints the fallback note once, as Prefect logs that it starts its temporary server (not before: a refused
+    argument or a command with nothing to do starts no server and gets no note)."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__()
+        self.note: str | None = note
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.note and record.getMessage().startswith("Starting temporary server"):
+            print(self.note, file=sys.stderr, flush=True)
+            self.note = None
+        return True
+
+
+def announce_temporary_server(note: str) -> None:
+    """Have `note` printed on stderr when Prefect starts its temporary API server (it logs that on "prefect")."""
+    logging.getLogger("prefect").addFilter(_TemporaryServerNote(note))
 
 
 def package_version() -> str:
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if api_note:
-        print(api_note, file=sys.stderr)
+        announce_temporary_server(api_note)
     from flows.lifeline import start_lifeline
 
     start_lifeline()  # the temporary API server and the pool workers end with this command, even on kill -9
@@ -146,4 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flows.cli` runs this file as __main__; the commands import flows.cli, a second copy with its own
+    # UsageError class. Run that copy's main, so that the UsageError they raise is the one caught there.
+    from flows.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -45,6 +45,15 @@ def test_commands_that_run_no_flow_never_import_prefect(argv: list[str], tmp_pat
         assert result.stdout.startswith("ctcompare ")
 
 
+def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"ctcompare ingest: source folder {tmp_path / 'missing'} does not exist or is not a folder."]
+
+
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
     from flows.cli import project_server_url
     from tests.prefect_server import free_port
