@@ -25,7 +25,7 @@ from pathlib import Path
 # command -> (module that registers it, one-line help for the top-level listing)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("flows.synth", "write a synthetic chest-CT demo cohort (DICOM + labels.csv)"),
-    "ingest": ("flows.ingest", "DICOM folder -> pseudonymized tensor dataset"),
+    "ingest": ("flows.ingest_command", "DICOM folder -> pseudonymized tensor dataset"),
     "cost": ("flows.cost", "estimate FLOPs, memory and training time of each arm before training"),
     "train": ("flows.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
     "compare": ("flows.compare", "the whole comparison: ingest, cost, train every arm, report"),

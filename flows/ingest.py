@@ -1,8 +1,7 @@
-"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts; and `ctcompare ingest`."""
+"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts (its command: flows.ingest_command)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
-    IngestError,
     IngestResult,
     assemble_dataset,
     chunk_is_cached_on_disk,
@@ -108,42 +106,3 @@ def ingest_flow(
     create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card), description="Ingested CT dataset")
     create_table_artifact(key="ctcompare-ingest-quarantine", table=quarantine_table(card) or [{"reason": "none", "files": 0}], description="Quarantined files by reason")
     return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
-
-
-def _run_ingest(args: argparse.Namespace) -> int:
-    from flows.cli import UsageError
-
-    try:
-        check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
-        if args.labels:
-            read_labels(Path(args.labels))
-        if not 16 <= args.size <= 1024:
-            raise ValueError(f"--size must be between 16 and 1024 pixels, got {args.size}.")
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    try:
-        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address)
-    except IngestError as error:
-        print(f"ctcompare ingest: {error}")
-        return 1
-    card = summary["card"]
-    state = "unchanged" if summary["skipped"] else "written"
-    print(
-        f"Dataset {state}: {summary['dataset_dir']} - {card['n_images']} images from {card['n_patients']} patients; "
-        f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see quarantine.csv); "
-        f"labels: {card['label_distribution'] or 'none'}"
-    )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ctcompare ingest`."""
-    parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset", description=ingest_flow.__doc__)
-    parser.add_argument("src_dir", help="folder of DICOM files (searched recursively, any extension)")
-    parser.add_argument("--out", required=True, help="dataset folder to write (re-running into it is incremental)")
-    parser.add_argument("--labels", help="CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid or path) and 'label'")
-    parser.add_argument("--size", type=int, default=224, help="output size in pixels (default 224)")
-    parser.add_argument("--window", default="lung", help="lung, mediastinal, bone, none, or LEVEL,WIDTH in HU (default lung)")
-    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
-    parser.add_argument("--dask-address", default=None, help="run the decode chunks on this Dask scheduler (e.g. tcp://host:8786)")
-    parser.set_defaults(handler=_run_ingest)
