@@ -173,6 +173,17 @@ def main() -> None:
     decode_rate = n_flow / phases["decode"]
     print(f"\ndecode phase: {decode_rate:.0f} images/s = {decode_rate / plain_rate:.2f}x the plain loop")
     print(f"end to end:   {n_flow / flow_seconds:.0f} images/s = {n_flow / flow_seconds / plain_rate:.2f}x the plain loop")
+    # A second baseline: the same loop with one torch thread (its resize no longer spreads over the cores, and
+    # on a busy machine no longer spins OpenMP threads), i.e. what one decode worker does.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _, _, single_seconds = plain_loop(cohort.dicom_dir, args.size)
+    torch.set_num_threads(threads)
+    single_rate = n_plain / single_seconds
+    print(f"plain loop, 1 process, 1 torch thread: {single_seconds:.1f} s = {single_rate:.0f} images/s; "
+          f"decode phase = {decode_rate / single_rate:.2f}x, end to end = {n_flow / flow_seconds / single_rate:.2f}x this loop")
     # CPU seconds do not depend on how busy the machine is: the work the flow adds over the plain loop.
     print(f"CPU seconds: plain loop {plain_cpu:.1f} s; flow {sum(flow_cpu):.1f} s = {flow_cpu[0]:.1f} s in the flow's "
           f"process (Prefect, hashing, assembly) + {flow_cpu[1]:.1f} s in the decode workers")
