@@ -6,7 +6,7 @@ export PREFECT_HOME ?= $(CURDIR)/.ctcompare/prefect
 export MPLCONFIGDIR ?= $(CURDIR)/.ctcompare/matplotlib
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test bench server deploy worker clean
+.PHONY: install demo test bench bench-ingest server deploy worker clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/train.py
+
+bench-ingest: install  ## ingest phases and ratios vs the plain loop (PATIENTS=150 -> 1,500 files)
+	$(BIN)/python benchmarks/ingest.py --patients $(or $(PATIENTS),150)
 
 clean:
 	rm -rf .ctcompare demo

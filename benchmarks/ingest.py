@@ -1,11 +1,20 @@
-"""Ingest throughput: `ctcompare ingest` (Prefect flow, chunked tasks on a process pool) against a plain
-single-process loop (pydicom read, decode, HU, window, resize) over the same files, side by side.
+"""Ingest throughput: `ctcompare ingest` (Prefect flow, chunk tasks feeding a local decode pool) against a plain
+single-process loop (pydicom read, decode, HU, window, resize) over the same files, side by side, phase by phase.
 
     .venv/bin/python benchmarks/ingest.py [--patients 150] [--slices 10] [--size 224] [--workers 0]
 
-Prints images per second of each and their ratio, end to end and for the decode phase alone (first decode-chunk
-task start to last task end, read from the Prefect API), and the Prefect overhead: the flow's wall time on the
-same input once every file is cached (listing, hashing, assembly, orchestration; no decoding).
+The plain loop runs before and after the flow (the mean is the baseline: on a shared machine the load changes).
+The flow's phases are read back from its own records (log timestamps and task runs on the Prefect API):
+
+- listing + hashing: flow start to the "Found N file(s)" log line (the decode workers start meanwhile);
+- planning: from there to the first decode-chunk task start (cache checks, pool start);
+- decode: first decode-chunk start to last decode-chunk end;
+- assembly: last decode-chunk end to the "Wrote ..." log line (records, pseudonyms, images.npy, manifest);
+- Prefect overhead: wall time of the call minus the flow run's own start-to-end (creating and finishing the run),
+  plus artifacts after assembly.
+
+A re-run with every file cached shows what remains without decoding. Load (uptime) is printed: figures taken
+on a busy machine are noisy, ratios less so.
 """
 
 from __future__ import annotations
@@ -16,51 +25,88 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
-STATE = Path(tempfile.mkdtemp(prefix="ctcompare-bench-"))
-os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
-os.environ.setdefault("MPLCONFIGDIR", str(STATE / "mpl"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine starts it slowly
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # the phases are read from the run's INFO log lines
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from prefect import flow  # noqa: E402
-import pydicom  # noqa: E402
-from pydicom.pixels import apply_rescale  # noqa: E402
 
-from flows.ingest import ingest_flow  # noqa: E402
-from tasks.preprocess import hu_frame_to_image, parse_window  # noqa: E402
-from tasks.synth import synthesize_cohort  # noqa: E402
+def plain_loop(src_dir: Path, size: int) -> tuple[int, float, float]:
+    """The baseline: one process, no validation, no hashing, no cache, no Prefect. Returns (images, list s, decode s)."""
+    import numpy as np
+    import pydicom
+    from pydicom.pixels import apply_rescale
 
+    from tasks.preprocess import hu_frame_to_image, parse_window
 
-def plain_loop(files: list[Path], size: int) -> int:
-    """The baseline: one process, no validation, no hashing, no cache, no Prefect."""
+    started = time.perf_counter()
+    paths = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    listed = time.perf_counter()
     window = parse_window("lung")
     images = []
-    for path in files:
+    for path in paths:
         ds = pydicom.dcmread(path)
         hu = apply_rescale(ds.pixel_array, ds).astype(np.float32)
         image, _ = hu_frame_to_image(hu, window, size, ds.PhotometricInterpretation == "MONOCHROME1")
         images.append(image.astype(np.float16))
-    return len(images)
+    return len(images), listed - started, time.perf_counter() - listed
 
 
-@flow(name="benchmark-warm-up")
-def warm_up_flow() -> None:
-    """Nothing: starts the ephemeral API."""
-
-
-def decode_phase_seconds(flow_run_id: object) -> float:
-    """Wall time from the first decode-chunk task start to the last one's end, from the Prefect API."""
+def flow_phases(flow_run_id: object) -> dict[str, float]:
+    """Seconds of each phase of one ingest flow run, from its task runs and log timestamps on the Prefect API."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=30)  # log lines reach the API in the background: send what is still queued
     with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     chunks = [r for r in runs if r.name.startswith("decode-chunk") and r.start_time and r.end_time]
-    return (max(r.end_time for r in chunks) - min(r.start_time for r in chunks)).total_seconds()
+
+    def logged(prefix: str | tuple[str, ...]) -> datetime:
+        return min(log.timestamp for log in logs if log.message.startswith(prefix))
+
+    found, wrote = logged("Found "), logged(("Wrote ", "Unchanged:"))
+    first_chunk = min(r.start_time for r in chunks) if chunks else found
+    last_chunk = max(r.end_time for r in chunks) if chunks else found
+    return {
+        "listing + hashing": (found - flow_run.start_time).total_seconds(),
+        "planning + pool start": (first_chunk - found).total_seconds(),
+        "decode": (last_chunk - first_chunk).total_seconds(),
+        "assembly": (wrote - last_chunk).total_seconds(),
+        "artifacts + finish": (flow_run.end_time - wrote).total_seconds(),
+        "flow run": (flow_run.end_time - flow_run.start_time).total_seconds(),
+    }
+
+
+def quiet_console() -> None:
+    """Keep Prefect's INFO lines off the terminal (they still reach the API, where the phases are read)."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.WARNING)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by this process, and by its finished, reaped children."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
+def load() -> str:
+    """The 1-minute load average and the number of cores, for the record."""
+    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -71,40 +117,78 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: all cores")
     parser.add_argument("--cohort", type=Path, default=Path(tempfile.gettempdir()) / "ctcompare-bench-cohort")
     args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="ctcompare-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("MPLCONFIGDIR", str(state / "mpl"))
 
+    from prefect import flow
+
+    from flows.ingest import ingest_flow
+    from tasks.synth import synthesize_cohort
+
+    @flow(name="benchmark-warm-up")
+    def warm_up_flow() -> None:
+        """Nothing: starts the ephemeral API."""
+
+    quiet_console()
     cohort = synthesize_cohort(args.cohort, patients=args.patients, slices_per_patient=args.slices, seed=0)
-    files = sorted(p for p in cohort.dicom_dir.rglob("*") if p.is_file())
-    print(f"cohort: {len(files)} files, {os.cpu_count()} cores, size {args.size}")
+    n_files = sum(1 for p in cohort.dicom_dir.rglob("*") if p.is_file())
+    print(f"cohort: {n_files} files, size {args.size}; {load()}")
 
+    cpu_before = cpu_seconds()
+    n_plain, plain_listing, plain_decode_a = plain_loop(cohort.dicom_dir, args.size)
+    plain_cpu = cpu_seconds()[0] - cpu_before[0]
     started = time.perf_counter()
-    n_plain = plain_loop(files, args.size)
-    plain_seconds = time.perf_counter() - started
+    warm_up_flow()  # a deployment or a running project server has its API up already
+    print(f"Prefect ephemeral API start: {time.perf_counter() - started:6.1f} s (not counted below)")
 
-    # Start Prefect's ephemeral API before timing (a deployment or a running server has it already).
+    out = state / "dataset"
+    kwargs = dict(src_dir=str(cohort.dicom_dir), out_dir=str(out), labels=str(cohort.labels_path), size=args.size, workers=args.workers)
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
-    warm_up_flow()
-    print(f"Prefect ephemeral API start:   {time.perf_counter() - started:6.1f} s (not counted below)")
-
-    out = STATE / "dataset"
-    started = time.perf_counter()
-    state = ingest_flow(src_dir=str(cohort.dicom_dir), out_dir=str(out), labels=str(cohort.labels_path), size=args.size, workers=args.workers, return_state=True)
+    run = ingest_flow(**kwargs, return_state=True)
     flow_seconds = time.perf_counter() - started
-    n_flow = state.result()["card"]["n_images"]
-    decode_seconds = decode_phase_seconds(state.state_details.flow_run_id)
+    flow_cpu = [after - before for after, before in zip(cpu_seconds(), cpu_before)]
+    n_flow = run.result()["card"]["n_images"]
+    phases = flow_phases(run.state_details.flow_run_id)
+    print(f"flow done; {load()}")
+    _, _, plain_decode_b = plain_loop(cohort.dicom_dir, args.size)
+    plain_seconds = (plain_decode_a + plain_decode_b) / 2
 
     (out / "dataset.json").unlink()  # forces a full assembly; every decode is a cache hit
     started = time.perf_counter()
-    ingest_flow(src_dir=str(cohort.dicom_dir), out_dir=str(out), labels=str(cohort.labels_path), size=args.size, workers=args.workers)
+    cached = ingest_flow(**kwargs, return_state=True)
     cached_seconds = time.perf_counter() - started
+    cached_phases = flow_phases(cached.state_details.flow_run_id)
 
-    plain_rate, flow_rate = n_plain / plain_seconds, n_flow / flow_seconds
-    print(f"plain loop (1 process):        {n_plain} images in {plain_seconds:6.1f} s = {plain_rate:6.1f} images/s")
-    print(f"ctcompare ingest (flow):       {n_flow} images in {flow_seconds:6.1f} s = {flow_rate:6.1f} images/s")
-    print(f"ratio flow / plain loop:       {flow_rate / plain_rate:.2f}x end to end")
-    print(f"decode phase of the flow:      {n_flow} images in {decode_seconds:6.1f} s = {n_flow / decode_seconds:6.1f} images/s"
-          f" = {n_flow / decode_seconds / plain_rate:.2f}x the plain loop")
-    print(f"re-run with every file cached: {cached_seconds:6.1f} s (Prefect overhead + listing, hashing, assembly)")
-    shutil.rmtree(STATE, ignore_errors=True)
+    plain_rate = n_plain / plain_seconds
+    print(f"\nplain loop, 1 process: {n_plain} images in {plain_decode_a:.1f} s before the flow, {plain_decode_b:.1f} s after; "
+          f"mean {plain_seconds:.1f} s = {plain_rate:.0f} images/s (+ {plain_listing:.2f} s listing)")
+    print(f"{'phase of ctcompare ingest':<28}{'first run s':>12}{'all cached s':>14}")
+    for name in phases:
+        print(f"{name:<28}{phases[name]:>12.2f}{cached_phases[name]:>14.2f}")
+    overhead = flow_seconds - phases["flow run"]
+    print(f"{'Prefect outside the run':<28}{overhead:>12.2f}{cached_seconds - cached_phases['flow run']:>14.2f}")
+    print(f"{'end to end (wall)':<28}{flow_seconds:>12.2f}{cached_seconds:>14.2f}")
+    decode_rate = n_flow / phases["decode"]
+    print(f"\ndecode phase: {decode_rate:.0f} images/s = {decode_rate / plain_rate:.2f}x the plain loop")
+    print(f"end to end:   {n_flow / flow_seconds:.0f} images/s = {n_flow / flow_seconds / plain_rate:.2f}x the plain loop")
+    # A second baseline: the same loop with one torch thread (its resize no longer spreads over the cores, and
+    # on a busy machine no longer spins OpenMP threads), i.e. what one decode worker does.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _, _, single_seconds = plain_loop(cohort.dicom_dir, args.size)
+    torch.set_num_threads(threads)
+    single_rate = n_plain / single_seconds
+    print(f"plain loop, 1 process, 1 torch thread: {single_seconds:.1f} s = {single_rate:.0f} images/s; "
+          f"decode phase = {decode_rate / single_rate:.2f}x, end to end = {n_flow / flow_seconds / single_rate:.2f}x this loop")
+    # CPU seconds do not depend on how busy the machine is: the work the flow adds over the plain loop.
+    print(f"CPU seconds: plain loop {plain_cpu:.1f} s; flow {sum(flow_cpu):.1f} s = {flow_cpu[0]:.1f} s in the flow's "
+          f"process (Prefect, hashing, assembly) + {flow_cpu[1]:.1f} s in the decode workers")
+    print(f"{load()}")
+    shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

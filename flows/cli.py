@@ -2,22 +2,30 @@
 
 Each flow module named in COMMANDS exposes `register(subparsers)`, which adds its sub-commands and sets
 `handler=<function(args) -> int>`. Only the module of the command being run is imported (the others pull in
-torch and friends for nothing); `ctcompare --help` lists COMMANDS without importing any. Flows run against
-PREFECT_API_URL when it is set (and show up in that server's UI), and in Prefect's ephemeral mode otherwise.
+torch and friends for nothing); `ctcompare --help`, `--version` and a bad command never import Prefect.
+
+Which Prefect API a command talks to, decided before Prefect is imported (its settings are read at import):
+PREFECT_API_URL when the user set it; else the project's own server when one answers (`make server` writes its
+address to PREFECT_HOME/SERVER_FILE), so that runs show up in its UI and no temporary server is started; else
+Prefect's temporary (ephemeral) API, which the command announces in one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 # command -> (module that registers it, one-line help for the top-level listing)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("flows.synth", "write a synthetic chest-CT demo cohort (DICOM + labels.csv)"),
-    "ingest": ("flows.ingest", "DICOM folder -> pseudonymized tensor dataset"),
+    "ingest": ("flows.ingest_command", "DICOM folder -> pseudonymized tensor dataset"),
     "cost": ("flows.cost", "estimate FLOPs, memory and training time of each arm before training"),
     "train": ("flows.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
     "predict": ("flows.predict", "run a model package on new DICOM files (same recipe, threshold, patient level)"),
@@ -25,6 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flows.compare", "synthetic demo cohort + the whole comparison (cpu profile)"),
     "serve": ("flows.serve", "serve report folders read-only over HTTP on loopback"),
 }
+
+
+# Written by `scripts/prefect_local.sh server` (`make server`) into PREFECT_HOME: {"api_url": ..., "pid": ...}.
+SERVER_FILE = "ctcompare-server.json"
+SERVER_HEALTH_TIMEOUT_S = 1.0
 
 
 def configure_local_state(base: Path | None = None) -> None:
@@ -36,6 +49,70 @@ def configure_local_state(base: Path | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API can take longer than Prefect's 20 s default to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def project_server_url(prefect_home: Path) -> str | None:
+    """The API address of the project's own Prefect server when its file names one and it answers /health."""
+    try:
+        api_url = str(json.loads((prefect_home / SERVER_FILE).read_text())["api_url"]).rstrip("/")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=SERVER_HEALTH_TIMEOUT_S) as response:
+            return api_url if response.status == 200 else None
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def choose_prefect_api() -> str | None:
+    """Point PREFECT_API_URL at the project's server if one runs; else return the note for a temporary server.
+
+    Does nothing once Prefect is imported (an embedding program or a test harness has chosen already) or when the
+    user set PREFECT_API_URL.
+    """
+    if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+        return None
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    api_url = project_server_url(prefect_home)
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        return None
+    server_file = prefect_home / SERVER_FILE
+    why = "the one recorded in" if server_file.exists() else "none recorded in"
+    return (
+        f"ctcompare: no project Prefect server answers ({why} {server_file}); using a temporary one, "
+        "so this run will not appear in the UI (start one with `make server`)."
+    )
+
+
+class _TemporaryServerNote(logging.Filter):
+    """Prints the fallback note once, as Prefect logs that it starts its temporary server (not before: a refused
+    argument or a command with nothing to do starts no server and gets no note)."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__()
+        self.note: str | None = note
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.note and record.getMessage().startswith("Starting temporary server"):
+            print(self.note, file=sys.stderr, flush=True)
+            self.note = None
+        return True
+
+
+def announce_temporary_server(note: str) -> None:
+    """Have `note` printed on stderr when Prefect starts its temporary API server (it logs that on "prefect")."""
+    logging.getLogger("prefect").addFilter(_TemporaryServerNote(note))
+
+
+def package_version() -> str:
+    """The installed ctcompare version (package metadata), or a note that it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctcompare")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def arm_list(values: list[str] | None) -> list[str]:
@@ -53,6 +130,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="ctcompare",
         description="ResNet-50 from scratch vs ImageNet weights on DICOM CT: ingest, cost, train, compare.",
     )
+    parser.add_argument("--version", action="version", version=f"ctcompare {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(subparsers)
@@ -71,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_local_state()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
+    # Before the command's module (and with it Prefect) is imported: Prefect reads its settings at import.
+    api_note = choose_prefect_api() if command in COMMANDS else None
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    if api_note:
+        announce_temporary_server(api_note)
+    from flows.lifeline import start_lifeline
+
+    start_lifeline()  # the temporary API server and the pool workers end with this command, even on kill -9
     try:
         return int(args.handler(args) or 0)
     except UsageError as error:
@@ -84,4 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flows.cli` runs this file as __main__; the commands import flows.cli, a second copy with its own
+    # UsageError class. Run that copy's main, so that the UsageError they raise is the one caught there.
+    from flows.cli import main as imported_main
+
+    sys.exit(imported_main())

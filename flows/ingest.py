@@ -1,8 +1,7 @@
-"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts; and `ctcompare ingest`."""
+"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts (its command: flows.ingest_command)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -13,10 +12,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
-from flows.runners import running_task_runner
+from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
-    IngestError,
     IngestResult,
     assemble_dataset,
     chunk_is_cached_on_disk,
@@ -28,8 +26,11 @@ from tasks.ingest import (
     read_labels,
 )
 from tasks.preprocess import parse_window
+from tasks.progress import progress
 
 WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
+# Files per decode chunk (one Prefect task run, cached and retried as a unit) when decoding locally.
+LOCAL_CHUNK_FILES = 256
 ImageSize = Annotated[int, Field(ge=16, le=1024, description="output images are size x size pixels")]
 WindowOption = Annotated[str, Field(pattern=WINDOW_PATTERN, description="lung, mediastinal, bone, none, or 'LEVEL,WIDTH' in HU")]
 
@@ -76,26 +77,33 @@ def ingest_flow(
     window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
     label_table = read_labels(Path(labels)) if labels else None
 
+    n_workers = workers or os.cpu_count() or 1
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
     (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
-    n_workers = workers or os.cpu_count() or 1
-    chunks = chunk_sources(sources, n_workers)
+    # Dask balances chunks across its workers; locally the pool balances small batches, so chunks can be large
+    # (fewer task runs, less API traffic) and serve only as the unit of Prefect caching and retries.
+    chunks = chunk_sources(sources, n_workers) if dask_address else chunk_sources(sources, 1, max_chunk=LOCAL_CHUNK_FILES)
     on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
     # A process pool pays for itself only when there is decoding to do: small or fully cached inputs stay in-process.
-    runner_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
-    with running_task_runner(runner_workers, dask_address) as runner:
-        futures = [
-            runner.submit(
-                # A cached chunk result is trusted only while its decoded files are still on disk.
-                decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
-                {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
-            )
-            for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
-        ]
-        for future in futures:
-            future.result()
+    pool_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
+    to_decode = sum(len(chunk) for chunk, cached in zip(chunks, on_disk) if not cached)
+    with progress(to_decode, "decoded", "file", logger.info) as count_files:
+        # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
+        with chunk_task_runner(pool_workers, dask_address, None if dask_address else count_files) as runner:
+            futures = [
+                runner.submit(
+                    # A cached chunk result is trusted only while its decoded files are still on disk.
+                    decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
+                    {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
+                )
+                for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
+            ]
+            for future, cached, chunk in zip(futures, on_disk, chunks):
+                future.result()
+                if dask_address and not cached:
+                    count_files(len(chunk))
     records = load_cached_records(sources, cache_dir)
 
     result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
@@ -107,43 +115,3 @@ def ingest_flow(
     create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card), description="Ingested CT dataset")
     create_table_artifact(key="ctcompare-ingest-quarantine", table=quarantine_table(card) or [{"reason": "none", "files": 0}], description="Quarantined files by reason")
     return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
-
-
-def _run_ingest(args: argparse.Namespace) -> int:
-    from flows.cli import UsageError
-
-    try:
-        check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
-        if args.labels:
-            read_labels(Path(args.labels))
-        if not 16 <= args.size <= 1024:
-            raise ValueError(f"--size must be between 16 and 1024 pixels, got {args.size}.")
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    try:
-        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address, allow_burned_in=args.allow_burned_in)
-    except IngestError as error:
-        print(f"ctcompare ingest: {error}")
-        return 1
-    card = summary["card"]
-    state = "unchanged" if summary["skipped"] else "written"
-    print(
-        f"Dataset {state}: {summary['dataset_dir']} - {card['n_images']} images from {card['n_patients']} patients; "
-        f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see private/quarantine.csv); "
-        f"labels: {card['label_distribution'] or 'none'}"
-    )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ctcompare ingest`."""
-    parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset", description=ingest_flow.__doc__)
-    parser.add_argument("src_dir", help="folder of DICOM files (searched recursively, any extension)")
-    parser.add_argument("--out", required=True, help="dataset folder to write (re-running into it is incremental)")
-    parser.add_argument("--labels", help="CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid or path) and 'label'")
-    parser.add_argument("--size", type=int, default=224, help="output size in pixels (default 224)")
-    parser.add_argument("--window", default="lung", help="lung, mediastinal, bone, none, or LEVEL,WIDTH in HU (default lung)")
-    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
-    parser.add_argument("--dask-address", default=None, help="run the decode chunks on this Dask scheduler (e.g. tcp://host:8786)")
-    parser.add_argument("--allow-burned-in", action="store_true", help="include files marked BurnedInAnnotation YES and Secondary Capture objects (their pixels may show names); quarantined by default")
-    parser.set_defaults(handler=_run_ingest)

@@ -1,43 +1,51 @@
-"""Choosing where a flow's parallel tasks run: local processes, or an existing Dask cluster."""
+"""Choosing where a flow's parallel tasks run: threads feeding a local decode pool, or an existing Dask cluster."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from tasks.decode_pool import ProgressCallback, decode_pool
 
-def make_task_runner(workers: int | None = None, dask_address: str | None = None) -> TaskRunner:
-    """A Dask runner on `dask_address` if given; else a process pool of `workers` (default: all cores).
-
-    workers=1 runs tasks in a thread of the flow's own process (no pool start-up cost).
-    """
-    if dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=dask_address)
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        return ThreadPoolTaskRunner(max_workers=1)
-    return ProcessPoolTaskRunner(max_workers=workers)
+# Chunk tasks in flight at once on the local runner. Each only hands its files to the decode pool and waits, so a
+# few threads keep every worker busy; more would only add Prefect API traffic on the cores that decode.
+LOCAL_CHUNK_THREADS = 4
 
 
 @contextlib.contextmanager
-def running_task_runner(workers: int | None = None, dask_address: str | None = None) -> Iterator[TaskRunner]:
-    """Enter a task runner whose worker processes report to this flow's API.
+def _reporting_to_this_api() -> Iterator[None]:
+    """Point processes started from here (Dask workers) at this flow's API.
 
     In ephemeral mode (no PREFECT_API_URL) each worker process would otherwise start a temporary API server
     of its own (seconds each); pointing them at the flow's own temporary server avoids that.
     """
-    runner = make_task_runner(workers, dask_address)
-    settings = contextlib.nullcontext()
-    if not PREFECT_API_URL.value() and not isinstance(runner, ThreadPoolTaskRunner):
-        with get_client(sync_client=True) as client:
-            api_url = str(client.api_url).rstrip("/")
-        settings = temporary_settings(updates={PREFECT_API_URL: api_url})
-    with settings, runner:
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url).rstrip("/")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        yield
+
+
+@contextlib.contextmanager
+def chunk_task_runner(workers: int, dask_address: str | None = None,
+                      on_progress: ProgressCallback | None = None) -> Iterator[TaskRunner]:
+    """Enter the runner for decode chunks: a Dask runner on `dask_address` if given, else local.
+
+    Local: the chunk tasks run in threads of this process (no Prefect engine in worker processes), and hand their
+    files to a decode pool of `workers` processes (1: decoded in those threads), which calls on_progress(n_files)
+    after each batch.
+    """
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        with _reporting_to_this_api(), DaskTaskRunner(address=dask_address) as runner:
+            yield runner
+        return
+    with decode_pool(workers, on_progress), ThreadPoolTaskRunner(max_workers=LOCAL_CHUNK_THREADS) as runner:
         yield runner

@@ -14,6 +14,8 @@
 #
 # All state stays in the checkout: PREFECT_HOME=<checkout>/.ctcompare/prefect (server database, results of cached
 # tasks), MPLCONFIGDIR=<checkout>/.ctcompare/matplotlib. Every variable below may be set beforehand to override it.
+# `server` records its address in $PREFECT_HOME/ctcompare-server.json: every `ctcompare` command started with the
+# same PREFECT_HOME (from the checkout, by default) uses that server while it answers, so its runs show in the UI.
 # `deploy` passes extra arguments to `prefect deploy` instead of --all (e.g. `deploy --name nightly`).
 set -euo pipefail
 
@@ -49,6 +51,9 @@ case "$command" in
     server)
         # The server itself needs no API URL; the UI talks to the API it serves.
         unset PREFECT_API_URL
+        # `exec` keeps this PID for the server. A stale file is harmless: ctcompare checks /health before using it.
+        printf '{"api_url": "http://127.0.0.1:%s/api", "pid": %s}\n' "$CTCOMPARE_PREFECT_PORT" "$$" \
+            > "$PREFECT_HOME/ctcompare-server.json"
         echo "Prefect UI and API: http://127.0.0.1:${CTCOMPARE_PREFECT_PORT} (PREFECT_HOME=$PREFECT_HOME)"
         exec "$PREFECT" server start --host 127.0.0.1 --port "$CTCOMPARE_PREFECT_PORT" "$@"
         ;;

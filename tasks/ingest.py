@@ -49,6 +49,7 @@ from data_schemas.dataset import (
 )
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
 from tasks.dataset_store import PRIVATE_FILE_MODE, DatasetBusyError, dataset_content_hash, dataset_write_lock, write_dataset
+from tasks.decode_pool import current_decode_pool, limit_compute_threads
 from tasks.dicom_io import Rejected, read_ct_file
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
 from tasks.preprocess import hu_frame_to_image, window_level_width
@@ -226,10 +227,10 @@ def chunk_cache_key(context: object, parameters: dict) -> str:
       cache_key_fn=chunk_cache_key, persist_result=True, retry_condition_fn=_retry_unless_output_unwritable)
 def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
     """Decode one chunk of files into the dataset's private cache; the result holds only content hashes."""
-    # One thread per worker process: parallelism comes from the chunks.
-    import torch
-
-    torch.set_num_threads(1)
+    pool = current_decode_pool()
+    if pool is not None:  # run by a thread of the flow's process: the local decode pool does the work
+        return pool.decode(sources, cache_dir, size, window)
+    limit_compute_threads()  # a Dask worker process: parallelism comes from the workers
     return decode_files(sources, cache_dir, size, window)
 
 

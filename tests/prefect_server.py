@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prefect_local.sh"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 UUID_LINE = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+
+
+def prefect_executable() -> str:
+    """The `prefect` command of the checkout's .venv, else the one beside the running Python, else from PATH."""
+    for candidate in (ROOT / ".venv" / "bin" / "prefect", Path(sys.executable).parent / "prefect"):
+        if candidate.exists():
+            return str(candidate)
+    return "prefect"
 
 
 def free_port() -> int:
@@ -81,7 +90,7 @@ class PrefectStack:
             "PREFECT_LOGGING_LEVEL": "INFO",
             "MPLCONFIGDIR": str(self.state_dir / "matplotlib"),
             "TORCH_HOME": str(self.state_dir / "torch"),
-            "PREFECT": str(ROOT / ".venv" / "bin" / "prefect") if (ROOT / ".venv" / "bin" / "prefect").exists() else "prefect",
+            "PREFECT": prefect_executable(),
         }
         self.client = httpx.Client(base_url=self.api_url, timeout=30)
 
@@ -145,6 +154,12 @@ class PrefectStack:
             list(argv), cwd=ROOT, env={**self.env, "COLUMNS": "200"}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
         )
+
+    def user_env(self) -> dict[str, str]:
+        """A user's shell in the checkout: the stack's PREFECT_HOME, but no PREFECT_API_URL (found, not given)."""
+        env = {key: value for key, value in self.env.items() if key != "PREFECT_API_URL"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        return env
 
     def prefect(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
         return self.cli(self.env["PREFECT"], *args, timeout_s=timeout_s)

@@ -1,0 +1,140 @@
+"""Start-up and shut-down: no Prefect for commands without a flow; the project server is used; no orphans after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.cli import SERVER_FILE
+from tests.prefect_server import ROOT, PrefectStack
+
+PROBE = """
+import sys
+from flows.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print("PREFECT_IMPORTED" if "prefect" in sys.modules else "PREFECT_NOT_IMPORTED", code)
+"""
+
+
+def _plain_env(prefect_home: Path) -> dict[str, str]:
+    """The environment of a user's shell: no PREFECT_API_URL, this checkout on the path, state in prefect_home."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["bogus"], ["--bogus-option"], ["ingest", "--help"],
+                                  ["ingest", "src", "--out", "dataset", "--size", "big"], ["ingest", "src"]])
+def test_commands_that_run_no_flow_never_import_prefect(argv: list[str], tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
+                            cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), timeout=60)
+    imported, code = result.stdout.split()[-2:]
+    assert imported == "PREFECT_NOT_IMPORTED", result.stdout + result.stderr
+    assert code == ("0" if argv[-1:] in (["--help"], ["--version"]) else "2")
+    if argv == ["--version"]:
+        assert result.stdout.startswith("ctcompare ")
+
+
+def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"ctcompare ingest: source folder {tmp_path / 'missing'} does not exist or is not a folder."]
+
+
+def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
+    from flows.cli import project_server_url
+    from tests.prefect_server import free_port
+
+    (tmp_path / SERVER_FILE).write_text(json.dumps({"api_url": f"http://127.0.0.1:{free_port()}/api", "pid": 1}))
+    assert project_server_url(tmp_path) is None
+    (tmp_path / SERVER_FILE).write_text("not json")
+    assert project_server_url(tmp_path) is None
+
+
+@pytest.fixture(scope="module")
+def project_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
+    """The project's own server, started the way `make server` starts it (it records its address)."""
+    stack = PrefectStack(tmp_path_factory.mktemp("project-server"))
+    try:
+        stack.start_server()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_command_records_its_run_on_the_running_project_server(project_server: PrefectStack, tmp_path: Path) -> None:
+    recorded = json.loads((project_server.state_dir / "prefect" / SERVER_FILE).read_text())
+    assert recorded["api_url"] == project_server.api_url
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "cohort"), "--patients", "2", "--slices-per-patient", "2"],
+        cwd=tmp_path, env=project_server.user_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "temporary" not in result.stderr, result.stderr
+    runs = project_server.post("/flow_runs/filter", {"flows": {"name": {"any_": ["synth"]}}})
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED"], runs
+    assert runs[0]["parameters"]["out_dir"] == str(tmp_path / "cohort")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_an_ingest_leaves_no_worker_or_temporary_server(tmp_path: Path) -> None:
+    from tasks.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=12, slices_per_patient=4, seed=0)
+    out = tmp_path / "dataset"
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "wb") as stderr:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "ingest", str(cohort.dicom_dir), "--out", str(out), "--size", "64", "--workers", "2"],
+            cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    try:
+        # Wait until the pool is decoding: the first decoded files land in the private cache.
+        deadline = time.monotonic() + 240
+        while not any((out / "private").glob("cache/*/*/*.npz")):
+            assert command.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.05)
+        children = _descendants(command.pid)
+        command.kill()
+        command.wait()
+    finally:
+        if command.poll() is None:
+            command.kill()
+    cmdlines = [_cmdline(child) for child in children]
+    assert any("uvicorn" in line for line in cmdlines), cmdlines  # Prefect 3's temporary API server
+    assert sum("flows.cli ingest" in line for line in cmdlines) >= 2, cmdlines  # the decode workers (forked)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [_cmdline(process) for process in alive]
+    # No project server in this PREFECT_HOME: the command said, in one line, that it used a temporary one.
+    first_line = stderr_path.read_text().splitlines()[0]
+    assert first_line.startswith("ctcompare: no project Prefect server answers") and "temporary" in first_line
