@@ -29,11 +29,12 @@ COHORT = {
     "sub/c.dcm": {"patient_id": "P1", "StudyInstanceUID": STUDY_2, "SeriesInstanceUID": SERIES_3, "sop_uid": SOP_C},
     "sub/d.dcm": {"patient_id": "P2", "StudyInstanceUID": STUDY_3, "SeriesInstanceUID": SERIES_4},
 }
-# key column -> (labels file rows, expected label per file; "" = unlabelled)
+# key column -> (labels file rows, expected label per file; "" = unlabelled). The study and series files each carry a
+# row keyed by a UID of the other kind ("wrong-kind"), which must match nothing: read as the other kind, it would.
 KEY_CASES: dict[str, tuple[list[tuple[str, str]], dict[str, str]]] = {
     "patient_id": ([("P1", "nodule"), ("P2", "normal")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "nodule", "sub/d.dcm": "normal"}),
-    "study_instance_uid": ([(STUDY_1, "nodule"), (STUDY_3, "normal")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "", "sub/d.dcm": "normal"}),
-    "series_instance_uid": ([(SERIES_2, "nodule"), (SERIES_3, "normal")], {"a.dcm": "", "b.dcm": "nodule", "sub/c.dcm": "normal", "sub/d.dcm": ""}),
+    "study_instance_uid": ([(STUDY_1, "nodule"), (STUDY_3, "normal"), (SERIES_3, "wrong-kind")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "", "sub/d.dcm": "normal"}),
+    "series_instance_uid": ([(SERIES_2, "nodule"), (SERIES_3, "normal"), (STUDY_3, "wrong-kind")], {"a.dcm": "", "b.dcm": "nodule", "sub/c.dcm": "normal", "sub/d.dcm": ""}),
     "sop_instance_uid": ([(SOP_C, "nodule")], {"a.dcm": "", "b.dcm": "", "sub/c.dcm": "nodule", "sub/d.dcm": ""}),
     "path": ([("sub/d.dcm", "nodule"), ("a.dcm", "normal")], {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "", "sub/d.dcm": "nodule"}),
 }
