@@ -34,8 +34,9 @@ def test_parse_window_gives_the_documented_level_and_width(text: str, name: str,
 
 @pytest.mark.parametrize("bad", ["40,0", "40,0.0", "40,-1", "40;400", "40,400,1", "lung2", "x40,400"])
 def test_parse_window_refuses_what_is_not_a_window(bad: str) -> None:
-    with pytest.raises(ValueError, match=r"unknown window .*valid choices are lung, mediastinal, bone, none, WL,WW"):
+    with pytest.raises(ValueError, match=r"unknown window .*valid choices are lung, mediastinal, bone, none, WL,WW") as refused:
         parse_window(bad)
+    assert str(refused.value).endswith("(e.g. '-600,1500': level and a positive width in HU)")
 
 
 def test_none_window_maps_the_full_12_bit_range() -> None:
@@ -100,12 +101,21 @@ def test_resize_to_the_same_size_keeps_values_and_gives_float32() -> None:
     np.testing.assert_array_equal(same, image.astype(np.float32))
 
 
+def test_resize_of_a_float64_image_gives_float32() -> None:
+    image = np.linspace(0.0, 1.0, 64, dtype=np.float64).reshape(8, 8)
+    resized = resize_square(image, 4)
+    assert resized.dtype == np.float32 and resized.shape == (4, 4)
+
+
 def test_source_point_lands_where_pad_and_resize_put_it() -> None:
     """rows 30, pads (10, 10, 0, 0): side 50, size 25 -> scale 0.5; (0, 0) -> ((0+10+0.5)*0.5-0.5, (0+0+0.5)*0.5-0.5)."""
     row, col, scale = source_point_to_image(0.0, 0.0, rows=30, pads=(10, 10, 0, 0), size=25)
     assert (row, col, scale) == pytest.approx((4.75, -0.25, 0.5))
     row, col, scale = source_point_to_image(7.0, 3.0, rows=40, pads=(0, 0, 5, 7), size=80)
     assert (row, col, scale) == pytest.approx(((7.5) * 2.0 - 0.5, (8.5) * 2.0 - 0.5, 2.0))
+    # Uneven padding (pad_to_square puts the odd row at the bottom): rows 3, pads (2, 3, 0, 0) -> side 8, size 16.
+    row, col, scale = source_point_to_image(1.0, 4.0, rows=3, pads=(2, 3, 0, 0), size=16)
+    assert (row, col, scale) == pytest.approx(((1 + 2 + 0.5) * 2.0 - 0.5, (4 + 0 + 0.5) * 2.0 - 0.5, 2.0))
 
 
 def test_a_bright_dot_is_found_where_source_point_says() -> None:
