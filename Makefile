@@ -6,7 +6,7 @@ export PREFECT_HOME ?= $(CURDIR)/.ctcompare/prefect
 export MPLCONFIGDIR ?= $(CURDIR)/.ctcompare/matplotlib
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test bench bench-ingest server deploy worker clean
+.PHONY: install demo test bench bench-ingest server deploy worker clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
+	touch $@
 
 demo: install
 	$(BIN)/ctcompare demo --out demo
@@ -42,3 +46,8 @@ deploy: install  ## process work pool ctcompare-local + every deployment in pref
 
 worker: install  ## a process worker on ctcompare-local, one flow run at a time (CTCOMPARE_WORKER_LIMIT)
 	scripts/prefect_local.sh worker
+
+# Mutation testing (README "Mutation testing"; not part of CI, long): every scoped module, or MODULES="preprocess statistics";
+# MUTATION_SAMPLE=N checks a seeded sample of N mutants per module instead of all. Prints the score per module.
+mutation: $(VENV)/.mutation-installed
+	PYTHON=$(BIN)/python MUTATION_SAMPLE=$(MUTATION_SAMPLE) scripts/mutation.sh $(MODULES)

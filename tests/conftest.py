@@ -22,6 +22,11 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def prefect_backend():
     """One ephemeral Prefect API with a throw-away database for the whole test session."""
+    if os.environ.get("CTCOMPARE_TESTS_NO_PREFECT_HARNESS") == "1":
+        # Mutation runs (scripts/mutation.sh) start a fresh pytest session per mutant and select unit tests only:
+        # a 10-40 s server start per mutant would dominate. State still stays under the temp PREFECT_HOME above.
+        yield
+        return
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness():

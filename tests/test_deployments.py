@@ -8,6 +8,7 @@ is stopped by its PID at the end of the module, whatever happens.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,6 @@ import yaml
 from tests.dicom_factory import ct_variant
 from tests.prefect_server import ROOT, PrefectStack
 
-HAS_COMPARE = (ROOT / "flows" / "compare.py").is_file()
 REPORT_ARTIFACT_KEYS = {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"}
 
 pytestmark = pytest.mark.timeout(400)
@@ -30,7 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
     try:
         prefect.start_server()
         prefect.start_worker()  # polls until the pool exists; starting it now overlaps its start-up with the deploy
-        prefect.deploy(*(() if HAS_COMPARE else ("--name", "nightly")))
+        prefect.deploy()
         yield prefect
     finally:
         prefect.stop()
@@ -67,6 +67,18 @@ def test_prefect_yaml_is_portable_with_inactive_schedules() -> None:
             assert not (isinstance(value, str) and value.startswith("/"))
 
 
+def test_every_entrypoint_in_prefect_yaml_is_a_flow_of_this_checkout() -> None:
+    """A renamed or moved flow module fails here (fast, no server) instead of the end-to-end tests being skipped."""
+    from prefect import Flow
+
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        path, function = deployment["entrypoint"].split(":")
+        assert (ROOT / path).is_file(), f"{deployment['name']}: entrypoint file {path} does not exist"
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert isinstance(getattr(module, function, None), Flow), f"{deployment['name']}: {path} has no flow {function}"
+
+
 def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack) -> None:
     pool = stack.get(f"/work_pools/{stack.pool}")
     assert pool["type"] == "process"
@@ -79,12 +91,11 @@ def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack)
     # The form in the UI: typed fields with bounds and defaults.
     size = nightly["parameter_openapi_schema"]["properties"]["size"]
     assert (size["minimum"], size["maximum"], size["default"]) == (16, 1024, 224)
-    if HAS_COMPARE:
-        on_demand = stack.deployment("compare/on-demand")
-        assert on_demand["schedules"] == []
-        assert set(on_demand["parameter_openapi_schema"]["properties"]["profile"]["enum"]) >= {"smoke", "cpu", "full"}
-        weekly = stack.deployment("compare/weekly")
-        assert [(s["schedule"]["cron"], s["active"]) for s in weekly["schedules"]] == [("0 3 * * 0", False)]
+    on_demand = stack.deployment("compare/on-demand")
+    assert on_demand["schedules"] == []
+    assert set(on_demand["parameter_openapi_schema"]["properties"]["profile"]["enum"]) >= {"smoke", "cpu", "full"}
+    weekly = stack.deployment("compare/weekly")
+    assert [(s["schedule"]["cron"], s["active"]) for s in weekly["schedules"]] == [("0 3 * * 0", False)]
 
 
 def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -> None:
@@ -118,7 +129,6 @@ def test_second_nightly_ingest_on_unchanged_input_hits_the_cache(stack: PrefectS
     assert (tmp_path / "dataset" / "dataset.json").is_file()
 
 
-@pytest.mark.skipif(not HAS_COMPARE, reason="flows/compare.py is not there yet")
 def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack, tmp_path: Path) -> None:
     from tasks.synth import synthesize_cohort
 
@@ -144,7 +154,6 @@ def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack,
     assert not leaked, "identifiers in the run's logs"
 
 
-@pytest.mark.skipif(not HAS_COMPARE, reason="flows/compare.py is not there yet")
 def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: PrefectStack, tmp_path: Path) -> None:
     from tasks.synth import synthesize_cohort
 
