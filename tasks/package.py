@@ -45,14 +45,12 @@ from data_schemas.training import (
     RunConfig,
     RunSummary,
 )
+from data_schemas.arms import RESIZE_METHOD
 from tasks.ingest import PREPROCESS_VERSION
 from tasks.models import build_resnet50, feature_extractor, resolve_imagenet_weights
 
 # How tasks.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
-TRAIN_RESIZE_METHOD = (
-    "bilinear, antialiased (torch.nn.functional.interpolate, align_corners=False), ingest size -> training size "
-    "(tasks.augment.images_to_tensor)"
-)
+TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.augment.images_to_tensor)"
 MONOCHROME1_HANDLING = "inverted at ingest (stored as 1 - v), so that bright means dense for every image"
 AGGREGATION_CHOICES = ("mean", "max")
 
