@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from data_schemas.arms import canonical_arm_name, parse_arms
+from data_schemas.arms import ARM_MODES, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
 from data_schemas.base import StrictModel
 from data_schemas.cost import CostInputs
 from data_schemas.evaluation import EvaluationSettings
@@ -233,9 +233,7 @@ def build_run_plan(
     """
     if profile not in load_profiles():
         raise ValueError(f"unknown profile '{profile}'; choose one of {', '.join(load_profiles())}.")
-    if not arms:
-        raise ValueError("no arm given; give at least one, e.g. scratch, imagenet or resnet18:imagenet.")
-    arms = [spec.name for spec in parse_arms(arms)]  # ValueError listing every model and mode
+    arms = check_arms(arms)
     sizes = check_sizes(sizes)
     train_overrides, evaluation_overrides = split_overrides(settings)
     evaluation = resolve_evaluation(profile, folds, evaluation_overrides, n_bootstrap)
@@ -255,6 +253,22 @@ def build_run_plan(
         runs.extend(_size_runs(arm, configs[arm], sizes, layout, cross_validated))
     return RunPlan(profile=profile, overrides=train_overrides, seed=seed, arms=list(arms), sizes=sizes, split=split,
                    evaluation=evaluation, runs=runs)
+
+
+def check_arms(arms: list[str]) -> list[str]:
+    """Canonical names of the arms, each once; ValueError naming the unknown ones and every valid choice."""
+    unknown = []
+    for arm in arms:
+        try:
+            parse_arm(arm)
+        except ValueError:
+            unknown.append(str(arm))
+    if unknown or not arms:
+        raise ValueError(
+            f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARM_MODES)} (ResNet-50) "
+            f"or MODEL:MODE with MODEL one of {', '.join(MODEL_NAMES)}, e.g. resnet18:imagenet."
+        )
+    return [spec.name for spec in parse_arms(arms)]  # ValueError for an arm listed twice
 
 
 def check_sizes(sizes: list[int] | None) -> list[int]:
@@ -282,7 +296,7 @@ def with_cost_inputs(plan: RunPlan, *, n_train_images: int) -> RunPlan:
     The imagenet arm's head-only warm-up is priced separately (head_warmup_epochs); its settings come from the
     plan when the arm is compared, else from the profile.
     """
-    imagenet_arm = next((arm for arm in plan.arms if arm.split(":")[-1] == "imagenet"), None)
+    imagenet_arm = next((arm for arm in plan.arms if parse_arm(arm).mode == "imagenet"), None)
     imagenet = plan.main_run(imagenet_arm).config if imagenet_arm else resolve_train_config(
         plan.profile, "imagenet", plan.overrides)
     inputs = CostInputs(

@@ -91,6 +91,11 @@ class LinearProbeConfig(StrictModel):
     Cs: int = Field(default=10, ge=1, description="number of C values on a log grid (LogisticRegressionCV)")
     cv_folds: int = Field(default=5, ge=2, description="patient-grouped CV folds for choosing C")
     max_iter: int = Field(default=2000, ge=10)
+    depths: list[str] | None = Field(
+        default=None,
+        description="modules whose pooled outputs are probed, e.g. [\"layer4\"]; None: every probe depth of the model "
+        "(tasks.models.probe_depths: ResNet layer2, layer3, layer4), the best chosen on validation AUC",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -263,6 +268,9 @@ class LinearProbeModel(StrictModel):
     coef: list[float]
     intercept: float
     class_weight: str | None
+    depth: str | None = Field(
+        default=None, description="the module whose pooled output the probe reads; None: the head's input (ResNet layer4)",
+    )
 
 
 class DepthProbe(StrictModel):

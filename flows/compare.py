@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from data_schemas.arms import ARM_MODES, MODEL_NAMES, parse_arms
+from data_schemas.arms import ARM_MODES, MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.report import ComparisonResults
@@ -193,8 +193,8 @@ def compare_flow(
     report_dir = out / run_id if new_folder_per_run else out
     check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
                         weights=Path(weights) if weights else None)
-    plan = build_run_plan(profile=profile, arms=[spec.name for spec in parse_arms(arms)], seed=seed, settings=settings,
-                          folds=folds, fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
+    plan = build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds,
+                          fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
 
     if (src / "dataset.json").is_file():
@@ -256,9 +256,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     try:
         check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
                             labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
-        arms = [spec.name for spec in parse_arms(arms)]
-        build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
-                       fractions=fractions, sizes=sizes, n_bootstrap=args.bootstrap)  # refuses a bad setting before Prefect starts
+        arms = build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
+                              fractions=fractions, sizes=sizes, n_bootstrap=args.bootstrap).arms  # refuses bad input before Prefect starts
     except ValueError as error:
         raise UsageError(str(error)) from None
     summary = compare_flow(

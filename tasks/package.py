@@ -227,6 +227,9 @@ def write_package(
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}.")
     run_dir, dataset_dir, out_dir = Path(run_dir), Path(dataset_dir), Path(out_dir)
     config = _completed_config(run_dir)
+    if config.arm == "imagenet-linear" and (depth := read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth):
+        raise PackageError(f"the linear probe reads {depth}, chosen on validation; a package ships probes on the last "
+                           f"pooled features only (train with --set 'linear.depths=[\"layer4\"]' to ship one).")
     card = read_model_json(dataset_dir / DATASET_CARD_FILE, DatasetCard)
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
     state = _linear_probe_state(config, weights_path) if config.arm == "imagenet-linear" else _network_state(run_dir)

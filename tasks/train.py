@@ -292,12 +292,22 @@ def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], 
 PARTS = ("train", "val", "test")
 
 
+def _depths(model: str, requested: list[str] | None) -> tuple[str, ...]:
+    """The probe depths of the run: linear.depths when set (each one of the model's), else all of them."""
+    known = probe_depths(model)
+    unknown = [d for d in requested or [] if d not in known]
+    if unknown or requested == []:
+        raise ValueError(f"linear.depths: {unknown[0] if unknown else '(empty)'!r} is not a probe depth of {model}; "
+                         f"choose from {', '.join(known)}.")
+    return tuple(d for d in known if d in requested) if requested else known
+
+
 def _features(ctx: RunContext) -> dict[str, dict[str, np.ndarray]]:
     """{depth: {part: pooled features}} of the frozen ImageNet backbone at every probe depth (tasks.models.
     probe_depths), all from one forward pass per batch; cached in features.npz under the config hash."""
     path, rt, cfg = ctx.run_dir / FEATURES_FILE, ctx.runtime, ctx.config.train
     model_name = parse_arm(ctx.arm).model
-    depths = probe_depths(model_name)
+    depths = _depths(model_name, cfg.linear.depths)
     keys = {(depth, part): f"{depth}|{part}" for depth in depths for part in PARTS}
     if path.is_file():
         with np.load(path, allow_pickle=False) as archive:
@@ -343,7 +353,8 @@ def _probe_every_depth(ctx: RunContext, features: dict[str, dict[str, np.ndarray
                                test_auc=auc_or_none(targets["test"], probs[depth]["test"])))
     chosen = choose_depth({row.depth: row.val_auc for row in rows})
     summary = ProbeDepths(model=parse_arm(ctx.arm).model, depths=rows, chosen_depth=chosen)
-    return summary, probes[chosen], probs[chosen]
+    last = probe_depths(summary.model)[-1]  # the head's input: a probe there needs no depth to be shipped
+    return summary, probes[chosen].model_copy(update={"depth": None if chosen == last else chosen}), probs[chosen]
 
 
 def _train_linear(ctx: RunContext) -> RunSummary:

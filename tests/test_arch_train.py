@@ -144,6 +144,18 @@ def test_choose_depth_uses_validation_only():
     assert choose_depth({"layer2": None, "layer3": None, "layer4": None}) == "layer4"
 
 
+def test_probe_depths_setting_is_checked_against_the_model():
+    from tasks.train import _depths
+
+    assert _depths("resnet18", None) == ("layer2", "layer3", "layer4")
+    assert _depths("resnet50", ["layer4", "layer2"]) == ("layer2", "layer4")  # shallow to deep, as probed
+    assert _depths("mobilenet_v3_large", None) == ("features.6", "features.12", "features.16")
+    with pytest.raises(ValueError, match="choose from layer2, layer3, layer4"):
+        _depths("resnet18", ["layer1"])
+    config = resolve_train_config("smoke", "imagenet-linear", {"linear.depths": '["layer4"]'})
+    assert config.linear.depths == ["layer4"]
+
+
 def test_probe_at_three_depths_picks_the_best_on_validation(dataset_dir, weights_dir, tmp_path):
     from sklearn.metrics import roc_auc_score
 
@@ -161,6 +173,7 @@ def test_probe_at_three_depths_picks_the_best_on_validation(dataset_dir, weights
     # the run's outputs are the chosen depth's: its probe, and validation/test predictions scoring its AUCs
     probe = read_model_json(run_dir / "linear_model.json", LinearProbeModel)
     assert len(probe.coef) == chosen.feature_dim and probe.C == chosen.C
+    assert probe.depth == (None if chosen.depth == "layer4" else chosen.depth)
     val = read_models_csv(run_dir / "val_predictions.csv", PredictionRow)
     test = read_models_csv(run_dir / "predictions.csv", PredictionRow)
     assert roc_auc_score([p.target for p in val], [p.prob_positive for p in val]) == pytest.approx(chosen.val_auc)
