@@ -449,7 +449,7 @@ class InputSizePoint(StrictModel):
 
     arm: str
     image_size: int = Field(ge=16)
-    test_auc: MetricValue = Field(description="patient-level test AUC with its patient bootstrap 95% CI")
+    test_auc: MetricValue = Field(description="slice-level test AUC with its patient-clustered bootstrap 95% CI (as data_efficiency)")
     train_seconds: float | None = Field(default=None, description="measured training wall time (timing.json)")
     train_flops: float | None = Field(default=None, description="measured images seen x training FLOPs per image")
     forward_flops_per_image: float | None = None

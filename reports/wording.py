@@ -210,7 +210,12 @@ def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes:
     if what.smallest_non_inferior and what.best_arm:
         small, best = by_name.get(what.smallest_non_inferior), by_name.get(what.best_arm)
         flops = fmt_si(small.cost.flops_per_image, "FLOP") if small is not None and small.cost.flops_per_image else "n/a"
-        if what.smallest_non_inferior == what.best_arm:
+        smaller = [a for a in arms if a.status == "completed" and best is not None and a.cost.flops_per_image
+                   and best.cost.flops_per_image and a.cost.flops_per_image < best.cost.flops_per_image]
+        if what.smallest_non_inferior == what.best_arm and not smaller:
+            lines.append(f"The best arm, {what.best_arm} (AUC {_auc_text(best)}), is also the smallest model compared "
+                         f"({flops} per image forward).")
+        elif what.smallest_non_inferior == what.best_arm:
             lines.append(f"No smaller model is non-inferior to the best arm, {what.best_arm} (AUC {_auc_text(best)}, "
                          f"{flops} per image forward), within the margin of {fmt(what.margin, 2)} AUC.")
         else:
@@ -229,6 +234,11 @@ def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes:
     for arm, size in what.best_size.items():
         rows = [p for p in sizes if p.arm == arm]
         listed = "; ".join(f"{p.image_size} px {fmt_ci(p.test_auc)}" for p in rows)
-        lines.append(f"{arm}: highest test AUC at {size} px (test AUC, 95% CI by patient: {listed}); overlapping "
-                     f"intervals mean the sizes are not told apart.")
+        top = next(p for p in rows if p.image_size == size)
+        others = [p for p in rows if p is not top]
+        separated = bool(others) and top.test_auc.ci_low is not None and all(
+            p.test_auc.ci_high is not None and top.test_auc.ci_low > p.test_auc.ci_high for p in others)
+        verdict = ("its interval lies above every other size's" if separated
+                   else "the intervals overlap, so these sizes are not told apart at this sample size")
+        lines.append(f"{arm}: highest test AUC at {size} px (test AUC, 95% CI by patient: {listed}); {verdict}.")
     return lines

@@ -437,7 +437,10 @@ def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path 
         backbone, info = resolve_imagenet_weights(path, allow_download=config.download_weights, model=spec.model)
         return backbone, info, None
     except WeightsUnavailableError as error:
-        return None, None, str(error)
+        if spec.model == LEGACY_MODEL:
+            return None, None, str(error)
+        # --weights is the ResNet-50 file; the other models' files come from a folder or the cache
+        return None, None, f"{str(error).split(', or pass --weights')[0]}, or give --weights-dir DIR holding it."
     except ValueError as error:  # WeightsFileError: a file that exists but is unusable is an error
         write_status(run_dir, arm=arm, status="failed", reason=str(error), fold=fold)
         raise

@@ -255,3 +255,6 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert "## What to train" in markdown and "AUC against depth" in markdown and "24 px" in markdown
     assert "What to train" in paths["html"].read_text(encoding="utf-8")
+    figures = tmp_path / "rendered" / "figures"
+    assert (figures / "input_sizes.png").stat().st_size > 0 and (figures / "probe_depths.png").stat().st_size > 0
+    assert "figures/input_sizes.png" in markdown and "figures/probe_depths.png" in markdown
