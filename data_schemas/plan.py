@@ -2,7 +2,7 @@
 
 The compare flow builds it at the start and writes it beside splits.csv; `ctcompare train` builds a plan of its own
 runs the same way. It holds each training run's resolved TrainConfig (key: arm, outer fold, share of the training
-patients; its folder relative to the plan's folder), the split settings, the cost inputs and the evaluation
+patients, training input size; its folder relative to the plan's folder), the split settings, the cost inputs and the evaluation
 settings. Profile and `--set` strings are resolved here and nowhere else: `--set` keys that are evaluation settings
 (EVALUATION_SETTING_KEYS) go into `evaluation`, every other key is a TrainConfig override.
 """
@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
+from data_schemas.arms import ARM_MODES, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
 from data_schemas.base import StrictModel
-from data_schemas.cost import ARM_NAMES, ArmName, CostInputs
+from data_schemas.cost import CostInputs
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, write_model_json
 from data_schemas.training import (
@@ -61,15 +62,24 @@ class PlannedRun(StrictModel):
         arm: which arm.
         outer_fold: the outer fold whose patients are the run's test part.
         train_fraction: share of the training patients used (data-efficiency curves), 1.0 for a main run.
+        input_size: set only for a run of the input-size curve (`--sizes`): its training image size, which is
+            also config.image_size; None for the main, fold and fraction runs (at the profile's size).
         run_dir: the run folder, relative to the folder holding plan.json (POSIX).
         config: the run's resolved training settings.
     """
 
-    arm: ArmName
+    arm: str
     outer_fold: int = Field(ge=0)
     train_fraction: float = Field(gt=0, le=1)
+    input_size: int | None = Field(default=None, ge=16, le=1024)
     run_dir: str
     config: TrainConfig
+
+    @field_validator("arm")
+    @classmethod
+    def _canonical_arm(cls, value: str) -> str:
+        """Any accepted spelling of an arm is stored under its canonical name."""
+        return canonical_arm_name(value)
 
 
 class RunPlan(StrictModel):
@@ -79,7 +89,8 @@ class RunPlan(StrictModel):
         profile: the profile the settings started from.
         overrides: the `--set` training overrides as given (evaluation keys are in `evaluation`).
         seed: the seed of the split and of every run.
-        arms: the arms compared.
+        arms: the arms compared (canonical names, data_schemas.arms).
+        sizes: the training input sizes of the input-size curve (`--sizes`), ascending; empty without one.
         split: how the split is made.
         splits_file: the split file, relative to the plan's folder.
         evaluation: how test predictions become a verdict.
@@ -91,12 +102,19 @@ class RunPlan(StrictModel):
     profile: ProfileName
     overrides: dict[str, str] = Field(default_factory=dict)
     seed: int
-    arms: list[ArmName]
+    arms: list[str]
+    sizes: list[int] = Field(default_factory=list)
     split: SplitSettings
     splits_file: str = SPLITS_FILE
     evaluation: EvaluationSettings
     cost: CostInputs | None = None
     runs: list[PlannedRun]
+
+    @field_validator("arms")
+    @classmethod
+    def _canonical_arms(cls, value: list[str]) -> list[str]:
+        """Every arm under its canonical name, each once."""
+        return [spec.name for spec in parse_arms(value)]
 
     def run(self, run_dir: str) -> PlannedRun:
         """The planned run whose folder is run_dir (relative, as in the plan); ValueError names the planned ones."""
@@ -106,16 +124,32 @@ class RunPlan(StrictModel):
         raise ValueError(f"run folder '{run_dir}' is not in the plan; planned: {', '.join(r.run_dir for r in self.runs)}.")
 
     def main_run(self, arm: str) -> PlannedRun:
-        """The arm's run on outer fold 0 with every training patient."""
-        return next(r for r in self.runs if r.arm == arm and r.outer_fold == 0 and r.train_fraction == 1.0)
+        """The arm's run on outer fold 0 with every training patient at the profile's size."""
+        arm = canonical_arm_name(arm)
+        return next(r for r in self.runs if r.arm == arm and r.outer_fold == 0 and r.train_fraction == 1.0
+                    and r.input_size is None)
 
     def pooled_runs(self, arm: str) -> list[PlannedRun]:
         """The arm's runs whose test predictions are pooled: one per outer fold, in fold order."""
-        return sorted((r for r in self.runs if r.arm == arm and r.train_fraction == 1.0), key=lambda r: r.outer_fold)
+        arm = canonical_arm_name(arm)
+        return sorted((r for r in self.runs if r.arm == arm and r.train_fraction == 1.0 and r.input_size is None),
+                      key=lambda r: r.outer_fold)
 
     def fraction_runs(self, arm: str) -> list[PlannedRun]:
         """The arm's runs on outer fold 0, by share of the training patients (the main run included)."""
-        return sorted((r for r in self.runs if r.arm == arm and r.outer_fold == 0), key=lambda r: r.train_fraction)
+        arm = canonical_arm_name(arm)
+        return sorted((r for r in self.runs if r.arm == arm and r.outer_fold == 0 and r.input_size is None),
+                      key=lambda r: r.train_fraction)
+
+    def size_runs(self, arm: str) -> list[PlannedRun]:
+        """The arm's input-size curve on outer fold 0, by training image size (the main run serves its own size);
+        empty without `--sizes`."""
+        arm = canonical_arm_name(arm)
+        if not self.sizes:
+            return []
+        main = self.main_run(arm)
+        curve = [r for r in self.runs if r.arm == arm and r.input_size is not None] + [main]
+        return sorted(curve, key=lambda r: r.config.image_size)
 
 
 def split_overrides(settings: dict[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -146,14 +180,22 @@ def resolve_evaluation(profile: str, folds: int | None, overrides: dict[str, str
         raise ValueError(f"invalid evaluation setting '{where}': {first['msg']}.") from None
 
 
-def run_folder(layout: Layout, arm: str, outer_fold: int, fraction: float, cross_validated: bool) -> str:
+def run_folder(layout: Layout, arm: str, outer_fold: int, fraction: float, cross_validated: bool,
+               input_size: int | None = None) -> str:
     """Where a run lives, relative to the plan's folder.
 
-    comparison: runs/<arm>/main (outer fold 0, all training patients), runs/<arm>/fold-<k>, runs/<arm>/fraction-<f>;
-    single-arm (`ctcompare train --out RUN_DIR`): RUN_DIR itself, or RUN_DIR/fold-<k> in cross-validated mode.
+    comparison: runs/<arm>/main (outer fold 0, all training patients), runs/<arm>/fold-<k>, runs/<arm>/fraction-<f>,
+    runs/<arm>/size-<px> (the input-size curve); single-arm (`ctcompare train --out RUN_DIR`): RUN_DIR itself, or
+    RUN_DIR/fold-<k> in cross-validated mode, RUN_DIR/size-<px> for a size. An arm name's ':' becomes '-' in the
+    folder ('resnet18:imagenet' -> runs/resnet18-imagenet/main): a colon is not a portable file name character.
     """
     if layout == "single-arm":
+        if input_size is not None:
+            return f"size-{input_size}"
         return f"fold-{outer_fold}" if cross_validated else "."
+    arm = arm.replace(":", "-")
+    if input_size is not None:
+        return f"runs/{arm}/size-{input_size}"
     if fraction < 1.0:
         return f"runs/{arm}/fraction-{fraction:g}"
     return f"runs/{arm}/main" if outer_fold == 0 else f"runs/{arm}/fold-{outer_fold}"
@@ -180,15 +222,19 @@ def build_run_plan(
     settings: dict[str, str] | None = None,
     folds: int | None = None,
     fractions: list[float] | None = None,
+    sizes: list[int] | None = None,
     n_bootstrap: int = 1000,
     layout: Layout = "comparison",
 ) -> RunPlan:
-    """Resolve every run's settings once; ValueError (one sentence) for a bad profile, arm or setting."""
+    """Resolve every run's settings once; ValueError (one sentence) for a bad profile, arm, size or setting.
+
+    sizes: the input-size curve: each arm is also trained on outer fold 0 at each of these training image sizes
+    (a size equal to the arm's own image_size is its main run), on the same split.
+    """
     if profile not in load_profiles():
         raise ValueError(f"unknown profile '{profile}'; choose one of {', '.join(load_profiles())}.")
-    unknown = [arm for arm in arms if arm not in ARM_NAMES]
-    if unknown or not arms:
-        raise ValueError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARM_NAMES)}.")
+    arms = check_arms(arms)
+    sizes = check_sizes(sizes)
     train_overrides, evaluation_overrides = split_overrides(settings)
     evaluation = resolve_evaluation(profile, folds, evaluation_overrides, n_bootstrap)
     configs = {arm: resolve_train_config(profile, arm, train_overrides) for arm in arms}
@@ -204,8 +250,44 @@ def build_run_plan(
                 config = configs[arm].model_copy(update={"train_fraction": fraction})
                 runs.append(PlannedRun(arm=arm, outer_fold=0, train_fraction=fraction, config=config,
                                        run_dir=run_folder(layout, arm, 0, fraction, cross_validated)))
-    return RunPlan(profile=profile, overrides=train_overrides, seed=seed, arms=list(arms), split=split,
+        runs.extend(_size_runs(arm, configs[arm], sizes, layout, cross_validated))
+    return RunPlan(profile=profile, overrides=train_overrides, seed=seed, arms=list(arms), sizes=sizes, split=split,
                    evaluation=evaluation, runs=runs)
+
+
+def check_arms(arms: list[str]) -> list[str]:
+    """Canonical names of the arms, each once; ValueError naming the unknown ones and every valid choice."""
+    unknown = []
+    for arm in arms:
+        try:
+            parse_arm(arm)
+        except ValueError:
+            unknown.append(str(arm))
+    if unknown or not arms:
+        raise ValueError(
+            f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARM_MODES)} (ResNet-50) "
+            f"or MODEL:MODE with MODEL one of {', '.join(MODEL_NAMES)}, e.g. resnet18:imagenet."
+        )
+    return [spec.name for spec in parse_arms(arms)]  # ValueError for an arm listed twice
+
+
+def check_sizes(sizes: list[int] | None) -> list[int]:
+    """The input-size curve's sizes, ascending and once each; ValueError for a size outside 16..1024 px."""
+    values = sorted(set(sizes or []))
+    bad = [s for s in values if not 16 <= int(s) <= 1024 or int(s) != s]
+    if bad:
+        raise ValueError(f"input sizes must be whole numbers of pixels from 16 to 1024, got {bad[0]!r}.")
+    return [int(s) for s in values]
+
+
+def _size_runs(arm: str, config: TrainConfig, sizes: list[int], layout: Layout, cross_validated: bool) -> list[PlannedRun]:
+    """The arm's input-size runs on outer fold 0 (a size equal to its own image_size is the main run)."""
+    return [
+        PlannedRun(arm=arm, outer_fold=0, train_fraction=1.0, input_size=size,
+                   config=config.model_copy(update={"image_size": size}),
+                   run_dir=run_folder(layout, arm, 0, 1.0, cross_validated, input_size=size))
+        for size in sizes if size != config.image_size
+    ]
 
 
 def with_cost_inputs(plan: RunPlan, *, n_train_images: int) -> RunPlan:
@@ -214,7 +296,8 @@ def with_cost_inputs(plan: RunPlan, *, n_train_images: int) -> RunPlan:
     The imagenet arm's head-only warm-up is priced separately (head_warmup_epochs); its settings come from the
     plan when the arm is compared, else from the profile.
     """
-    imagenet = plan.main_run("imagenet").config if "imagenet" in plan.arms else resolve_train_config(
+    imagenet_arm = next((arm for arm in plan.arms if parse_arm(arm).mode == "imagenet"), None)
+    imagenet = plan.main_run(imagenet_arm).config if imagenet_arm else resolve_train_config(
         plan.profile, "imagenet", plan.overrides)
     inputs = CostInputs(
         n_images=max(1, n_train_images), image_size=imagenet.image_size, channels=1, epochs=imagenet.epochs,

@@ -444,6 +444,63 @@ class DataEfficiencyPoint(StrictModel):
     test_auc: MetricValue
 
 
+class InputSizePoint(StrictModel):
+    """Test AUC and training cost of one arm trained at one input size (outer fold 0, same split)."""
+
+    arm: str
+    image_size: int = Field(ge=16)
+    test_auc: MetricValue = Field(description="slice-level test AUC with its patient-clustered bootstrap 95% CI (as data_efficiency)")
+    train_seconds: float | None = Field(default=None, description="measured training wall time (timing.json)")
+    train_flops: float | None = Field(default=None, description="measured images seen x training FLOPs per image")
+    forward_flops_per_image: float | None = None
+
+
+class ProbeDepthPoint(StrictModel):
+    """The linear probe of one imagenet-linear arm at one depth (its main run's probe_depths.json)."""
+
+    arm: str
+    depth: str
+    feature_dim: int = Field(ge=1)
+    val_auc: float | None = None
+    test_auc: float | None = Field(default=None, description="slice-level test AUC of this depth's probe")
+    chosen: bool = Field(description="the depth chosen by validation AUC, whose predictions are the arm's")
+
+
+class BudgetChoice(StrictModel):
+    """The best arm (highest patient-level test AUC) among arms whose measured training compute fits a budget."""
+
+    budget_flops: float = Field(description="the budget: this arm's measured training FLOPs")
+    budget_seconds: float | None = Field(default=None, description="that arm's measured training wall time")
+    best_arm: str
+    auc: MetricValue
+
+
+class WhatToTrain(StrictModel):
+    """"What to train": answers read off measured numbers (reports.wording words them).
+
+    Args:
+        budgets: for each completed arm's measured training compute as a budget, ascending, the best arm within
+            it (the compute-AUC frontier).
+        best_arm: the arm with the highest patient-level test AUC.
+        smallest_non_inferior: the arm with the fewest forward FLOPs per image whose patient-level AUC is
+            non-inferior to best_arm (lower 95% bound of the paired DeLong difference > -margin), or best_arm.
+        smallest_ci_of_diff: that arm's AUC minus best_arm's, 95% CI (None when it is best_arm).
+        margin: the non-inferiority margin (the recommendation's).
+        best_depth: per imagenet-linear arm, the depth chosen on validation.
+        best_size: per arm with an input-size curve, the size with the highest patient-level test AUC.
+        sentences: the section in words, filled by reports.wording.
+    """
+
+    budgets: list[BudgetChoice] = Field(default_factory=list)
+    best_arm: str | None = None
+    smallest_non_inferior: str | None = None
+    smallest_ci_of_diff: tuple[float, float] | None = None
+    margin: float | None = None
+    best_depth: dict[str, str] = Field(default_factory=dict)
+    best_size: dict[str, int] = Field(default_factory=dict)
+    sentences: list[str] = Field(default_factory=list)
+
+
 class Recommendation(StrictModel):
     """What the numbers say to do, derived from them by tasks.statistics.recommend.
 
@@ -506,6 +563,9 @@ class ComparisonResults(StrictModel):
         patients: the per-patient table (pseudonym prefix, label, probability and verdict per arm).
         folds: per-outer-fold results per arm, in cross-validated mode.
         data_efficiency: test AUC versus training fraction, when run.
+        input_sizes: test AUC and training cost versus training image size, when run (--sizes).
+        probe_depths: validation and test AUC of each imagenet-linear arm's probe at every depth.
+        what_to_train: the "What to train" section, from the numbers above.
         recommendation: the headline recommendation.
         reproducibility: versions, seeds, configs and dataset hash.
     """
@@ -522,6 +582,9 @@ class ComparisonResults(StrictModel):
     patients: list[PatientRow] = Field(default_factory=list)
     folds: list[ArmFolds] | None = None
     data_efficiency: list[DataEfficiencyPoint] | None = None
+    input_sizes: list[InputSizePoint] | None = None
+    probe_depths: list[ProbeDepthPoint] | None = None
+    what_to_train: WhatToTrain | None = None
     recommendation: Recommendation
     reproducibility: Reproducibility
 
@@ -533,6 +596,7 @@ class ComparisonResults(StrictModel):
         known = set(names)
         referenced = [c.arm_a for c in self.comparisons] + [c.arm_b for c in self.comparisons]
         referenced += [f.arm for f in self.folds or []] + [p.arm for p in self.data_efficiency or []]
+        referenced += [p.arm for p in self.input_sizes or []] + [p.arm for p in self.probe_depths or []]
         unknown = sorted(set(referenced) - known)
         if unknown:
             raise ValueError(f"unknown arm(s) {unknown}; valid arms: {names}")

@@ -11,7 +11,9 @@ A run folder (one arm, one fold) holds, all validated by the classes below:
     predictions.csv     PredictionRow per test image (hashed keys only), from the best epoch's weights
     val_predictions.csv PredictionRow per validation image, same weights: the operating point is chosen on it
     timing.json         TimingInfo
-    linear_model.json   LinearProbeModel (imagenet-linear arm only)
+    linear_model.json   LinearProbeModel (imagenet-linear arm only): the probe of the chosen depth
+    probe_depths.json   ProbeDepths (imagenet-linear arm only): validation and test AUC of a probe at every depth,
+                        and the depth chosen by validation AUC
     status.json         RunSummary; written last. Only status == "completed" means the outputs are final.
 
 The split file (splits.csv, SplitRow rows, plus splits.json, SplitsInfo) is shared by every arm of a comparison;
@@ -26,15 +28,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from data_schemas.arms import RESIZE_METHOD, canonical_arm_name, parse_arm
 from data_schemas.base import StrictModel
 
-try:  # the cost stage owns the arm names; fall back to the same literal if it is absent
-    from data_schemas.cost import ARM_NAMES, ArmName
-except ImportError:  # pragma: no cover - only when data_schemas/cost.py is missing
-    ArmName = Literal["scratch", "imagenet", "imagenet-linear"]  # type: ignore[misc]
-    ARM_NAMES = get_args(ArmName)
+from data_schemas.cost import ARM_NAMES, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms' legacy names
 
 TRAINING_SCHEMA_VERSION = "1.0"
 SPLITS_SCHEMA_VERSION = "1.0"
@@ -42,7 +41,7 @@ SPLITS_SCHEMA_VERSION = "1.0"
 PROFILES_FILE = Path(__file__).with_name("profiles.json")
 ProfileName = Literal["smoke", "cpu", "full"]  # the one list of profile names; profiles.json must define each
 PROFILE_NAMES: tuple[str, ...] = get_args(ProfileName)
-PRETRAINED_ARMS: tuple[str, ...] = ("imagenet", "imagenet-linear")
+PRETRAINED_ARMS: tuple[str, ...] = ("imagenet", "imagenet-linear")  # the modes; any arm: parse_arm(arm).pretrained
 
 SPLITS_FILE = "splits.csv"
 SPLITS_INFO_FILE = "splits.json"
@@ -56,6 +55,7 @@ TIMING_FILE = "timing.json"
 STATUS_FILE = "status.json"
 LINEAR_MODEL_FILE = "linear_model.json"
 FEATURES_FILE = "features.npz"
+PROBE_DEPTHS_FILE = "probe_depths.json"
 
 # Grey-level input normalisation used by every arm: the mean of ImageNet's per-channel means and stds. The
 # pretrained conv1 is folded so that, on every position whose 7x7 window lies inside the image, it computes
@@ -91,6 +91,11 @@ class LinearProbeConfig(StrictModel):
     Cs: int = Field(default=10, ge=1, description="number of C values on a log grid (LogisticRegressionCV)")
     cv_folds: int = Field(default=5, ge=2, description="patient-grouped CV folds for choosing C")
     max_iter: int = Field(default=2000, ge=10)
+    depths: list[str] | None = Field(
+        default=None,
+        description="modules whose pooled outputs are probed, e.g. [\"layer4\"]; None: every probe depth of the model "
+        "(tasks.models.probe_depths: ResNet layer2, layer3, layer4), the best chosen on validation AUC",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -156,7 +161,7 @@ class RunConfig(StrictModel):
     """config.json of one run."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
-    arm: ArmName
+    arm: str = Field(description="canonical arm name (data_schemas.arms): 'scratch', 'resnet18:imagenet', ...")
     profile: str
     overrides: dict[str, str] = Field(default_factory=dict, description="--set key=value pairs as given")
     seed: int
@@ -165,6 +170,9 @@ class RunConfig(StrictModel):
     train: TrainConfig
     dataset_hash: str
     dataset_image_size: int
+    resize_method: str = Field(
+        default=RESIZE_METHOD, description="how the ingested images were brought to train.image_size (once, in memory)",
+    )
     splits_path: str
     splits_sha256: str
     classes: list[str] = Field(description="[negative, positive] label names")
@@ -186,6 +194,12 @@ class RunConfig(StrictModel):
     torchvision_version: str
     config_hash: str = Field(description="SHA-256 of everything above except run-local paths: the run's identity")
     created_at: str
+
+    @field_validator("arm")
+    @classmethod
+    def _canonical_arm(cls, value: str) -> str:
+        """Any accepted spelling of an arm is stored under its canonical name."""
+        return canonical_arm_name(value)
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
@@ -254,13 +268,43 @@ class LinearProbeModel(StrictModel):
     coef: list[float]
     intercept: float
     class_weight: str | None
+    depth: str | None = Field(
+        default=None, description="the module whose pooled output the probe reads; None: the head's input (ResNet layer4)",
+    )
+
+
+class DepthProbe(StrictModel):
+    """The linear probe at one depth: its validation and test AUC (None when a part has a single class)."""
+
+    depth: str = Field(description="module whose pooled output was read, e.g. layer3")
+    feature_dim: int = Field(ge=1)
+    C: float
+    val_auc: float | None
+    test_auc: float | None
+
+
+class ProbeDepths(StrictModel):
+    """probe_depths.json: a probe per depth, all from one forward pass; the depth is chosen on validation only.
+
+    Args:
+        depths: one DepthProbe per depth, shallow to deep.
+        chosen_depth: the depth with the highest validation AUC (ties: the shallower one, the cheaper features);
+            predictions.csv, val_predictions.csv and linear_model.json come from it.
+        selection: how the depth was chosen, in words.
+    """
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    model: str
+    depths: list[DepthProbe]
+    chosen_depth: str
+    selection: str = "highest validation AUC (ties: the shallower depth); the test part is never looked at"
 
 
 class RunSummary(StrictModel):
     """status.json, and what train_arm returns."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
-    arm: ArmName
+    arm: str = Field(description="canonical arm name (data_schemas.arms)")
     status: Literal["running", "completed", "skipped", "failed"]
     reason: str = ""
     run_dir: str
@@ -272,6 +316,12 @@ class RunSummary(StrictModel):
     test_auc: float | None = None
     wall_seconds: float | None = None
     updated_at: str
+
+    @field_validator("arm")
+    @classmethod
+    def _canonical_arm(cls, value: str) -> str:
+        """Any accepted spelling of an arm is stored under its canonical name."""
+        return canonical_arm_name(value)
 
 
 # ------------------------------------------------------------------------------------------------------- splits
@@ -367,19 +417,22 @@ KNOWN_SETTINGS: tuple[str, ...] = tuple(_known_keys(TrainConfig))
 
 
 def resolve_train_config(profile: str, arm: str, overrides: dict[str, str] | None = None) -> TrainConfig:
-    """profile base -> profile arm section -> overrides (dotted keys, values parsed as JSON when possible).
+    """profile base -> the arm's mode section -> the arm's own section ('resnet18:imagenet', when the profile has
+    one) -> overrides (dotted keys, values parsed as JSON when possible).
 
     Raises ValueError with one sentence for an unknown profile, arm, key, or a value that does not validate.
     """
     profiles = load_profiles()
     if profile not in profiles:
         raise ValueError(f"unknown profile '{profile}'; choose one of {', '.join(profiles)}.")
-    if arm not in ARM_NAMES:
-        raise ValueError(f"unknown arm '{arm}'; choose one of {', '.join(ARM_NAMES)}.")
+    arm_spec = parse_arm(arm)  # ValueError listing every model and mode
     spec = profiles[profile]
     values: dict[str, Any] = json.loads(json.dumps(spec.base))
-    for key, value in spec.arms.get(arm, {}).items():
-        _apply_dotted(values, key, value)
+    # the mode's section (so 'resnet18:imagenet' gets the imagenet warm-up and learning rates), then the arm's own
+    sections = [arm_spec.mode] + ([arm_spec.name] if arm_spec.name != arm_spec.mode else [])
+    for section in sections:
+        for key, value in spec.arms.get(section, {}).items():
+            _apply_dotted(values, key, value)
     for key, text in (overrides or {}).items():
         if key not in KNOWN_SETTINGS:
             raise ValueError(f"unknown setting '{key}' in --set; known settings: {', '.join(KNOWN_SETTINGS)}.")

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
+from data_schemas.arms import ARM_MODES, MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.report import ComparisonResults
@@ -71,11 +72,13 @@ def train_on_pool(deployment: str, label: str, parameters: dict[str, Any]) -> st
 def evaluate_arms(*, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str) -> ComparisonResults:
     """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
     fractions = {arm: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(arm)} for arm in plan.arms}
+    sizes = {arm: {r.config.image_size: report_dir / r.run_dir for r in plan.size_runs(arm)} for arm in plan.arms}
     return word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
         arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
         evaluation=plan.evaluation, cost_path=report_dir / "cost.json", run_id=run_id, seed=plan.seed, command=command,
         fraction_dirs=fractions if any(len(runs) > 1 for runs in fractions.values()) else None,
+        size_dirs=sizes if plan.sizes else None,
     ))
 
 
@@ -128,7 +131,8 @@ def train_all(*, plan: RunPlan, plan_path: Path, dataset_dir: Path, weights: str
 
 
 def rerun_command(*, source: str, out_dir: str, labels: str | None, weights: str | None, plan: RunPlan,
-                  settings: dict[str, str] | None, folds: int | None, fractions: list[float] | None) -> str:
+                  settings: dict[str, str] | None, folds: int | None, fractions: list[float] | None,
+                  sizes: list[int] | None = None) -> str:
     """The command line that repeats this comparison as shown: paths as given, the weights file by name (the report
     prints its SHA-256 beside it), every --set override."""
     argv = ["ctcompare", "compare", source, "--out", out_dir] + (["--labels", labels] if labels else [])
@@ -136,6 +140,7 @@ def rerun_command(*, source: str, out_dir: str, labels: str | None, weights: str
     argv += ["--weights", Path(weights).name] if weights else []
     argv += ["--folds", str(folds)] if folds else []
     argv += ["--fractions", ",".join(f"{f:g}" for f in fractions)] if fractions else []
+    argv += ["--sizes", ",".join(str(s) for s in sizes)] if sizes else []
     for key, value in sorted((settings or {}).items()):
         argv += ["--set", f"{key}={value}"]
     return shlex.join(argv + ["--bootstrap", str(plan.evaluation.n_bootstrap)])
@@ -155,11 +160,12 @@ def compare_flow(
     out_dir: str,
     labels: str | None = None,
     profile: ProfileName = "cpu",
-    arms: list[ArmName] = DEFAULT_ARMS,
+    arms: list[str] = DEFAULT_ARMS,
     weights: str | None = None,
     seed: Annotated[int, Field(ge=0)] = 0,
     folds: Annotated[int, Field(ge=2, le=20)] | None = None,
     fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = None,
+    sizes: list[Annotated[int, Field(ge=16, le=1024)]] | None = None,
     settings: dict[str, str] | None = None,
     image_size: Annotated[int, Field(ge=16, le=1024)] = 224,
     bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000,
@@ -172,6 +178,9 @@ def compare_flow(
 
     folds: cross-validated evaluation with this many outer folds (each labelled patient tested once, predictions
     pooled); without it the profile decides (full: 5 outer folds; smoke, cpu: one hold-out test part).
+    arms: MODE or MODEL:MODE names (data_schemas.arms), e.g. scratch, imagenet, resnet18:imagenet.
+    sizes: the input-size curve: each arm is also trained at these training image sizes on the same split
+    (runs/<arm>/size-<px>); a DICOM source is then ingested at the largest of them and image_size.
     new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
     (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the runs already trained there.
     train_deployment: run every training run (arm, outer fold, fraction) as a flow run of this deployment (e.g.
@@ -184,15 +193,16 @@ def compare_flow(
     report_dir = out / run_id if new_folder_per_run else out
     check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
                         weights=Path(weights) if weights else None)
-    plan = build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds, fractions=fractions,
-                          n_bootstrap=bootstrap)
+    plan = build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds,
+                          fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
 
     if (src / "dataset.json").is_file():
         dataset_dir = src
     else:
         dataset_dir = dataset_folder(out, new_folder_per_run)
-        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=image_size)
+        # one ingest at the largest size; smaller training sizes are resized from it (tasks.models.resize_images)
+        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
 
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
@@ -203,7 +213,7 @@ def compare_flow(
               train_deployment=train_deployment)
     results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
                             command=rerun_command(source=source, out_dir=out_dir, labels=labels, weights=weights, plan=plan,
-                                                  settings=settings, folds=folds, fractions=fractions))
+                                                  settings=settings, folds=folds, fractions=fractions, sizes=plan.sizes))
     html = write_report(results, report_dir)
     link = report_url(html, report_dir.parent)
     _publish(results, html, link)
@@ -225,20 +235,34 @@ def _fractions(text: str | None) -> list[float] | None:
     return values
 
 
+def _sizes(text: str | None) -> list[int] | None:
+    """--sizes 64,112,224 -> [64, 112, 224]; UsageError for anything but whole pixel counts from 16 to 1024."""
+    if not text:
+        return None
+    try:
+        values = sorted({int(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        raise UsageError(f"--sizes takes comma-separated whole pixel counts from 16 to 1024, got {text!r}.") from None
+    if not values or values[0] < 16 or values[-1] > 1024:
+        raise UsageError(f"--sizes takes comma-separated whole pixel counts from 16 to 1024, got {text!r}.")
+    return values
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     arms = arm_list(args.arms) or list(DEFAULT_ARMS)
     settings = parse_overrides(args.set)
     fractions = _fractions(args.fractions)
+    sizes = _sizes(args.sizes)
     try:
         check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
                             labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
-        build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
-                       fractions=fractions, n_bootstrap=args.bootstrap)  # refuses a bad setting before Prefect starts
+        arms = build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
+                              fractions=fractions, sizes=sizes, n_bootstrap=args.bootstrap).arms  # refuses bad input before Prefect starts
     except ValueError as error:
         raise UsageError(str(error)) from None
     summary = compare_flow(
         source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
-        seed=args.seed, folds=args.folds, fractions=fractions, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
+        seed=args.seed, folds=args.folds, fractions=fractions, sizes=sizes, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
         parallel_arms=args.parallel_arms, train_deployment=args.train_deployment,
     )
     print(f"Report: {summary['report']}")
@@ -272,13 +296,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="report folder; index.html in its parent lists every report")
     parser.add_argument("--labels", help="labels CSV for a DICOM source (see 'ctcompare ingest --help')")
     parser.add_argument("--profile", default="cpu", choices=profiles)
-    parser.add_argument("--arms", nargs="+", help=f"arms to train (default all): {', '.join(ARM_NAMES)}")
+    parser.add_argument("--arms", nargs="+", help=f"arms to train (default: {', '.join(ARM_NAMES)}, the ResNet-50 arms): MODE or MODEL:MODE, MODE one of "
+                        f"{', '.join(ARM_MODES)}, MODEL one of {', '.join(MODEL_NAMES)}; e.g. scratch resnet18:imagenet")
     parser.add_argument("--weights", help="ImageNet (or other torchvision-format) ResNet-50 state dict for the pretrained arms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=None, metavar="K", help="cross-validated evaluation: K outer folds "
                         "partition every labelled patient, each fold is the test part of one run per arm and the "
                         "out-of-fold predictions are pooled (default: the profile's; full = 5, smoke and cpu = hold-out)")
     parser.add_argument("--fractions", help="data-efficiency curve: train each arm on these shares of the training patients, e.g. 0.1,0.25,0.5,1.0")
+    parser.add_argument("--sizes", help="input-size curve: also train each arm at these training image sizes on the same "
+                        "split, e.g. 64,112,224 (resized once from one ingest at the largest, antialiased bicubic)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")

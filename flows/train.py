@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from data_schemas.cost import ARM_NAMES
+from data_schemas.arms import ARM_MODES, LEGACY_MODEL, MODEL_NAMES, parse_arm
 from data_schemas.plan import ALL_SETTING_KEYS, build_run_plan, read_plan, write_plan
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, RunSummary
 from flows.cli import UsageError
@@ -30,17 +30,20 @@ def train_flow(
     run: str | None = None,
     weights_path: Path | None = None,
     resume: bool = False,
+    weights_dir: Path | None = None,
 ) -> list[RunSummary]:
     """Train the runs of a plan: every run, or only `run` (its folder as written in the plan).
 
-    run=... is how a comparison hands one training run to a work pool.
+    run=... is how a comparison hands one training run to a work pool. weights_path: the ResNet-50 weights file;
+    weights_dir: a folder of torchvision-format weights files named by model (e.g. resnet18-f37072fd.pth).
     """
     from tasks.train import train_arm_task
 
     plan = read_plan(Path(plan_path))
     runs = [plan.run(run).run_dir] if run is not None else [planned.run_dir for planned in plan.runs]
     return [
-        train_arm_task(dataset_dir=Path(dataset_dir), plan_path=Path(plan_path), run=name, weights_path=weights_path, resume=resume)
+        train_arm_task(dataset_dir=Path(dataset_dir), plan_path=Path(plan_path), run=name, weights_path=weights_path,
+                       resume=resume, weights_dir=Path(weights_dir) if weights_dir else None)
         for name in runs
     ]
 
@@ -80,10 +83,20 @@ def _handler(args: argparse.Namespace) -> int:
         raise UsageError(f"{dataset_dir} is not a ctcompare dataset (no dataset.json); run 'ctcompare ingest' first.")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"--weights {args.weights} does not exist.")
+    if args.weights_dir is not None and not Path(args.weights_dir).is_dir():
+        raise UsageError(f"--weights-dir {args.weights_dir} is not a folder.")
+    try:
+        model = parse_arm(args.arm).model
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.weights is not None and model != LEGACY_MODEL:
+        raise UsageError(f"--weights is the ResNet-50 weights file; give {model} weights with --weights-dir DIR "
+                         f"(a folder holding its torchvision-format file, e.g. {model}-<hash>.pth) or the torch hub cache.")
     plan_path = _plan_for_cli(args)
     try:
         summaries = train_flow(dataset_dir=dataset_dir, plan_path=plan_path, resume=args.resume,
-                               weights_path=Path(args.weights) if args.weights else None)
+                               weights_path=Path(args.weights) if args.weights else None,
+                               weights_dir=Path(args.weights_dir) if args.weights_dir else None)
     except ValueError as error:  # bad weights file, mismatched split file, bad labels: one sentence
         print(f"ctcompare train: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -103,16 +116,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare train`."""
     parser = subparsers.add_parser(
         "train",
-        help="train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset",
+        help="train one arm (scratch, imagenet, imagenet-linear; optionally MODEL:MODE) on an ingested dataset",
         description="Train one arm on DATASET_DIR (written by 'ctcompare ingest') into RUN_DIR. The patient-level "
         "split is shared: by default RUN_DIR/../splits.csv, reused when it matches the dataset, seed and settings. "
         "The resolved settings are written to RUN_DIR/plan.json.",
     )
     parser.add_argument("dataset_dir", metavar="DATASET_DIR")
-    parser.add_argument("--arm", required=True, choices=ARM_NAMES)
+    parser.add_argument("--arm", required=True, metavar="ARM",
+                        help=f"MODE or MODEL:MODE; MODE one of {', '.join(ARM_MODES)}, MODEL one of "
+                        f"{', '.join(MODEL_NAMES)} (a bare MODE means {LEGACY_MODEL}), e.g. resnet18:imagenet")
     parser.add_argument("--out", required=True, metavar="RUN_DIR")
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help="settings profile (default: cpu)")
     parser.add_argument("--weights", metavar="PATH", help="local torchvision-format ResNet-50 state dict")
+    parser.add_argument("--weights-dir", metavar="DIR", help="folder of torchvision-format weights files named by "
+                        "model as torchvision names them (resnet18-f37072fd.pth, mobilenet_v3_large-5c1a4163.pth; "
+                        "any '<model>-<hash>.pth'): the other models' ImageNet weights")
     parser.add_argument("--folds", type=int, metavar="K", help="cross-validated: K outer folds partition every labelled "
                         "patient, each fold is the test part of one run (RUN_DIR/fold-<k>); validation is carved from the rest")
     parser.add_argument("--seed", type=int, default=0)

@@ -221,6 +221,50 @@ def _efficiency_figure(results: ComparisonResults) -> bytes:
     return _png(fig)
 
 
+def _input_size_figure(results: ComparisonResults) -> bytes:
+    """Test AUC (95% CI) against training input size and against measured training FLOPs, per arm."""
+    fig = Figure(figsize=(11, 5))
+    by_size, by_cost = fig.subplots(1, 2)
+    points = [p for p in results.input_sizes or [] if p.test_auc.value is not None]
+    for i, name in enumerate(dict.fromkeys(p.arm for p in points)):
+        pts = sorted((p for p in points if p.arm == name), key=lambda p: p.image_size)
+        ys = [p.test_auc.value or 0.0 for p in pts]
+        err = [[y - (p.test_auc.ci_low if p.test_auc.ci_low is not None else y) for y, p in zip(ys, pts)],
+               [(p.test_auc.ci_high if p.test_auc.ci_high is not None else y) - y for y, p in zip(ys, pts)]]
+        style = dict(marker="o", capsize=3, color=_COLORS[i % len(_COLORS)], label=name)
+        by_size.errorbar([p.image_size for p in pts], ys, yerr=err, **style)
+        costed = [(p.train_flops, y, lo, hi) for p, y, lo, hi in zip(pts, ys, *err) if p.train_flops]
+        if costed:
+            xs, cy, lo, hi = zip(*costed)
+            by_cost.errorbar(xs, cy, yerr=[lo, hi], **style)
+    by_size.set(xlabel="training input size (px)", ylabel="test ROC AUC (95% CI)", title="AUC against input size")
+    by_cost.set(xlabel="measured training FLOPs", ylabel="test ROC AUC (95% CI)", title="AUC against training cost", xscale="log")
+    for ax in (by_size, by_cost):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _png(fig)
+
+
+def _depth_figure(results: ComparisonResults) -> bytes:
+    """Validation and test AUC of the linear probe at each depth, per imagenet-linear arm; the chosen depth ringed."""
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    points = results.probe_depths or []
+    for i, name in enumerate(dict.fromkeys(p.arm for p in points)):
+        pts = [p for p in points if p.arm == name]
+        xs, color = list(range(len(pts))), _COLORS[i % len(_COLORS)]
+        ax.plot(xs, [p.val_auc for p in pts], marker="o", color=color, label=f"{name} validation")
+        ax.plot(xs, [p.test_auc for p in pts], marker="s", linestyle="--", color=color, label=f"{name} test")
+        for x, p in zip(xs, pts):
+            if p.chosen and p.val_auc is not None:
+                ax.plot([x], [p.val_auc], marker="o", markersize=14, fillstyle="none", color=color)
+        ax.set_xticks(xs, [p.depth for p in pts])
+    ax.set(xlabel="probe depth (shallow to deep)", ylabel="ROC AUC", title="Linear probe: AUC against depth (ringed: chosen on validation)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
 def make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
     """Every figure the report shows, keyed by role ('roc', 'calibration', 'learning:<arm>', 'data_efficiency')."""
     with matplotlib.rc_context(FIGURE_STYLE):
@@ -249,6 +293,14 @@ def _make_figures(results: ComparisonResults) -> dict[str, RenderedFigure]:
     if results.data_efficiency:
         figures["data_efficiency"] = RenderedFigure(
             "data_efficiency.png", "Test AUC versus number of training patients", _efficiency_figure(results)
+        )
+    if results.input_sizes:
+        figures["input_sizes"] = RenderedFigure(
+            "input_sizes.png", "Test AUC versus training input size and training cost", _input_size_figure(results)
+        )
+    if results.probe_depths:
+        figures["probe_depths"] = RenderedFigure(
+            "probe_depths.png", "Linear probe AUC versus depth", _depth_figure(results)
         )
     return figures
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
-from reports.formatting import fmt, fmt_p, format_duration
+from data_schemas.report import InputSizePoint, ProbeDepthPoint, WhatToTrain
+from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si, format_duration
 
 
 def auc_with_ci(metric: MetricValue | None, level: float = 0.95) -> str:
@@ -186,4 +187,58 @@ def word_results(results: ComparisonResults) -> ComparisonResults:
     headline, details = recommendation_sentences(results.recommendation, results.arms, comparisons, n_patients)
     recommendation = results.recommendation.model_copy(update={"headline": headline, "details": details})
     evaluation = results.evaluation.model_copy(update={"notes": evaluation_sentences(results.evaluation)})
-    return results.model_copy(update={"comparisons": comparisons, "recommendation": recommendation, "evaluation": evaluation})
+    update = {"comparisons": comparisons, "recommendation": recommendation, "evaluation": evaluation}
+    if results.what_to_train is not None:
+        update["what_to_train"] = results.what_to_train.model_copy(update={"sentences": what_to_train_sentences(
+            results.what_to_train, results.arms, results.input_sizes or [], results.probe_depths or [])})
+    return results.model_copy(update=update)
+
+
+def _auc_text(arm: ArmResult | None) -> str:
+    return fmt_ci(arm.patient_metrics.roc_auc) if arm is not None and arm.patient_metrics is not None else "n/a"
+
+
+def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes: Sequence[InputSizePoint],
+                            depths: Sequence[ProbeDepthPoint]) -> list[str]:
+    """The "What to train" section in words: each sentence quotes the measured numbers and intervals it rests on."""
+    by_name = {a.name: a for a in arms}
+    lines = []
+    for b in what.budgets:
+        seconds = f" ({format_duration(b.budget_seconds)} measured here)" if b.budget_seconds is not None else ""
+        lines.append(f"Within a training budget of {fmt_si(b.budget_flops, 'FLOP')}{seconds}, the best arm is {b.best_arm}: "
+                     f"patient-level test AUC {fmt_ci(b.auc)}.")
+    if what.smallest_non_inferior and what.best_arm:
+        small, best = by_name.get(what.smallest_non_inferior), by_name.get(what.best_arm)
+        flops = fmt_si(small.cost.flops_per_image, "FLOP") if small is not None and small.cost.flops_per_image else "n/a"
+        smaller = [a for a in arms if a.status == "completed" and best is not None and a.cost.flops_per_image
+                   and best.cost.flops_per_image and a.cost.flops_per_image < best.cost.flops_per_image]
+        if what.smallest_non_inferior == what.best_arm and not smaller:
+            lines.append(f"The best arm, {what.best_arm} (AUC {_auc_text(best)}), is also the smallest model compared "
+                         f"({flops} per image forward).")
+        elif what.smallest_non_inferior == what.best_arm:
+            lines.append(f"No smaller model is non-inferior to the best arm, {what.best_arm} (AUC {_auc_text(best)}, "
+                         f"{flops} per image forward), within the margin of {fmt(what.margin, 2)} AUC.")
+        else:
+            low, high = what.smallest_ci_of_diff or (None, None)
+            lines.append(f"The smallest model non-inferior to the best arm {what.best_arm} (AUC {_auc_text(best)}) is "
+                         f"{what.smallest_non_inferior} ({flops} per image forward, AUC {_auc_text(small)}): its AUC "
+                         f"difference is {fmt(low)} to {fmt(high)} (95% CI, paired DeLong, patient level), above "
+                         f"-{fmt(what.margin, 2)}.")
+    for arm, depth in what.best_depth.items():
+        rows = [p for p in depths if p.arm == arm]
+        listed = ", ".join(f"{p.depth} {fmt(p.val_auc)}" for p in rows)
+        chosen = next(p for p in rows if p.depth == depth)
+        lines.append(f"{arm}: the probe on {depth} transfers best on validation (validation AUC by depth: {listed}); "
+                     f"its test AUC is {fmt(chosen.test_auc)} (slice level, no interval: the depth was chosen on "
+                     f"validation and the arm's interval above is for this depth).")
+    for arm, size in what.best_size.items():
+        rows = [p for p in sizes if p.arm == arm]
+        listed = "; ".join(f"{p.image_size} px {fmt_ci(p.test_auc)}" for p in rows)
+        top = next(p for p in rows if p.image_size == size)
+        others = [p for p in rows if p is not top]
+        separated = bool(others) and top.test_auc.ci_low is not None and all(
+            p.test_auc.ci_high is not None and top.test_auc.ci_low > p.test_auc.ci_high for p in others)
+        verdict = ("its interval lies above every other size's" if separated
+                   else "the intervals overlap, so these sizes are not told apart at this sample size")
+        lines.append(f"{arm}: highest test AUC at {size} px (test AUC, 95% CI by patient: {listed}); {verdict}.")
+    return lines

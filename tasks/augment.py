@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from data_schemas.training import GRAY_MEAN, GRAY_STD, AugmentConfig
+from tasks.models import resize_images
 
 
 def images_to_tensor(images: np.ndarray, size: int, chunk: int = 256) -> torch.Tensor:
-    """(N, 1, S, S) float16 array in [0, 1] -> float32 tensor at size x size (antialiased bilinear), resized once."""
+    """(N, 1, S, S) float16 array in [0, 1] -> float32 tensor at size x size, resized once by
+    tasks.models.resize_images (antialiased bicubic, clamped to [0, 1]; data_schemas.arms.RESIZE_METHOD)."""
     out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.float32)
     for start in range(0, images.shape[0], chunk):
         block = torch.from_numpy(np.asarray(images[start : start + chunk], dtype=np.float32))
-        if block.shape[-1] != size or block.shape[-2] != size:
-            block = F.interpolate(block, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start : start + block.shape[0]] = block
+        out[start : start + block.shape[0]] = resize_images(block, size)
     return out
 
 

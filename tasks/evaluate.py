@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_schemas.arms import parse_arm
 from data_schemas.cost import THIS_MACHINE, CostReport
 from data_schemas.dataset import DatasetCard
 from data_schemas.evaluation import EvaluationSettings, parse_operating_point
@@ -31,6 +32,7 @@ from data_schemas.report import (
     ArmFolds,
     ArmResult,
     ArmWeights,
+    BudgetChoice,
     CalibrationBin,
     ComparisonResults,
     ConfusionMatrix,
@@ -42,27 +44,32 @@ from data_schemas.report import (
     EpochRecord,
     EvaluationSummary,
     FoldMetrics,
+    InputSizePoint,
     McNemarResult,
     MetricValue,
     OperatingPointChoice,
     PairedComparison,
     PatientRow,
+    ProbeDepthPoint,
     Recommendation,
     Reproducibility,
     RocPoint,
     SplitPart,
     SplitSummary,
     TestMetrics,
+    WhatToTrain,
 )
 from data_schemas.training import (
     CONFIG_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    PROBE_DEPTHS_FILE,
     STATUS_FILE,
     TIMING_FILE,
     VAL_PREDICTIONS_FILE,
     EpochMetrics,
     PredictionRow,
+    ProbeDepths,
     RunConfig,
     RunSummary,
     SplitRow,
@@ -292,6 +299,11 @@ def _learning_curve(history: list[EpochMetrics]) -> list[EpochRecord]:
     ]
 
 
+def _is_linear(arm: str) -> bool:
+    """True for an imagenet-linear arm of any model."""
+    return parse_arm(arm).mode == "imagenet-linear"
+
+
 def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> ArmCostSummary:
     """Estimated and measured cost of all of an arm's runs (seconds and FLOPs summed over outer folds)."""
     if not timings:
@@ -304,7 +316,7 @@ def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> 
             estimated = sum(estimated_seconds_for(arm_cost, THIS_MACHINE, t.epochs_run) for t in timings)
         except KeyError:
             pass
-    per_image = (lambda t: t.forward_flops_per_image) if arm == "imagenet-linear" else (lambda t: t.train_flops_per_image)
+    per_image = (lambda t: t.forward_flops_per_image) if _is_linear(arm) else (lambda t: t.train_flops_per_image)
     flops_total = sum(per_image(t) * t.train_images_seen for t in timings)
     peak = None
     for device in cost_file.devices if cost_file is not None else []:
@@ -348,14 +360,14 @@ def _training_story(arm: str, run: RunData) -> dict:
     # Like for like: plain eval-mode cross-entropy on both sides (train_loss carries smoothing, weights, augmentation).
     gap = None if best is None or best.val_loss is None or best.train_eval_loss is None else best.val_loss - best.train_eval_loss
     max_epochs = config.train.epochs if config else None
-    stopping = None if config is None or arm == "imagenet-linear" else EarlyStoppingInfo(
+    stopping = None if config is None or _is_linear(arm) else EarlyStoppingInfo(
         monitor=config.train.early_stopping_monitor, patience=config.train.early_stopping_patience,
         min_epochs=config.train.min_epochs, why=MONITOR_WHY.get(config.train.early_stopping_monitor, ""),
     )
     return dict(
         learning_curve=_learning_curve(history), best_epoch=run.status.best_epoch,
         stopped_epoch=history[-1].epoch if history else None,
-        early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and arm != "imagenet-linear"),
+        early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and not _is_linear(arm)),
         overfitting_gap=gap, early_stopping=stopping,
         convergence=Convergence(
             best_val_auc=_finite(max((v for v in val_aucs if v is not None), default=None)), epochs_to_fraction=epochs_to,
@@ -505,6 +517,97 @@ def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: Ev
     return points
 
 
+def _auc_value(run: RunData, evaluation: EvaluationSettings, seed: int) -> MetricValue:
+    """A run's test AUC with its patient-clustered bootstrap 95% CI (as the data-efficiency curve)."""
+    t = run.test
+    auc = st.bootstrap_ci(t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap, seed=seed)["roc_auc"]
+    return MetricValue(value=_finite(auc.value), ci_low=_finite(auc.ci_low), ci_high=_finite(auc.ci_high))
+
+
+def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSettings, seed: int) -> list[InputSizePoint]:
+    """Test AUC (95% CI by patient) and measured training cost of the arm trained at each input size.
+
+    Training FLOPs = images seen x training FLOPs per image (timing.json: 3 x the forward count of
+    FlopCounterMode at that size; forward only for imagenet-linear); seconds are timing.json's wall time.
+    """
+    points = []
+    for size, run_dir in sorted(size_dirs.items()):
+        run = read_run(Path(run_dir), evaluation)
+        if not isinstance(run, RunData):
+            continue
+        timing = run.timing
+        per_image = None if timing is None else (timing.forward_flops_per_image if _is_linear(arm) else timing.train_flops_per_image)
+        points.append(InputSizePoint(
+            arm=arm, image_size=size, test_auc=_auc_value(run, evaluation, seed),
+            train_seconds=None if timing is None else timing.wall_seconds,
+            train_flops=None if timing is None or per_image is None else per_image * timing.train_images_seen,
+            forward_flops_per_image=None if timing is None else timing.forward_flops_per_image,
+        ))
+    return points
+
+
+def depth_points(arm: str, run_dir: Path) -> list[ProbeDepthPoint]:
+    """An imagenet-linear arm's probe at every depth, from its main run's probe_depths.json (none if absent)."""
+    path = Path(run_dir) / PROBE_DEPTHS_FILE
+    if not _is_linear(arm) or not path.is_file():
+        return []
+    probes = read_model_json(path, ProbeDepths)
+    return [ProbeDepthPoint(arm=arm, depth=d.depth, feature_dim=d.feature_dim, val_auc=_finite(d.val_auc),
+                            test_auc=_finite(d.test_auc), chosen=d.depth == probes.chosen_depth) for d in probes.depths]
+
+
+def _auc_of(arm: ArmResult) -> MetricValue:
+    return arm.patient_metrics.roc_auc if arm.patient_metrics is not None else MetricValue()
+
+
+def _diff_ci(comparisons: list[PairedComparison], arm: str, best: str) -> tuple[float, float] | None:
+    """95% CI of AUC(arm) - AUC(best), patient level, from the paired DeLong test (either orientation)."""
+    for c in comparisons:
+        test = c.patient_delong
+        if test is None or test.ci_of_diff is None:
+            continue
+        if (c.arm_a, c.arm_b) == (arm, best):
+            return test.ci_of_diff
+        if (c.arm_a, c.arm_b) == (best, arm):
+            return (-test.ci_of_diff[1], -test.ci_of_diff[0])
+    return None
+
+
+def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], margin: float,
+                  sizes: list[InputSizePoint], depths: list[ProbeDepthPoint]) -> WhatToTrain | None:
+    """The "What to train" numbers: best arm per compute budget, smallest non-inferior model, depth and size.
+
+    Budgets are the completed arms' measured training FLOPs (ArmCostSummary.total_flops); "smallest" means the
+    fewest forward FLOPs per image (FlopCounterMode at the arm's size); non-inferior means the lower 95% bound of
+    the paired patient-level DeLong difference AUC(arm) - AUC(best) exceeds -margin (the recommendation's rule).
+    """
+    done = [a for a in arms if a.status == "completed" and _auc_of(a).value is not None]
+    if not done:
+        return None
+    best = max(done, key=lambda a: _auc_of(a).value)  # type: ignore[arg-type, return-value]
+    budgets = []
+    for budget_arm in sorted((a for a in done if a.cost.total_flops), key=lambda a: a.cost.total_flops):  # type: ignore[arg-type, return-value]
+        within = [a for a in done if a.cost.total_flops and a.cost.total_flops <= budget_arm.cost.total_flops]  # type: ignore[operator]
+        top = max(within, key=lambda a: _auc_of(a).value)  # type: ignore[arg-type, return-value]
+        budgets.append(BudgetChoice(budget_flops=budget_arm.cost.total_flops, budget_seconds=budget_arm.cost.actual_seconds,  # type: ignore[arg-type]
+                                    best_arm=top.name, auc=_auc_of(top)))
+    smallest, smallest_ci = best, None
+    for arm in sorted(done, key=lambda a: a.cost.flops_per_image or math.inf):
+        ci = _diff_ci(comparisons, arm.name, best.name)
+        if arm.name == best.name or (ci is not None and ci[0] > -margin):
+            smallest, smallest_ci = arm, (None if arm.name == best.name else ci)
+            break
+    best_size = {}
+    for arm_name in dict.fromkeys(p.arm for p in sizes):
+        scored = [p for p in sizes if p.arm == arm_name and p.test_auc.value is not None]
+        if scored:
+            best_size[arm_name] = max(scored, key=lambda p: p.test_auc.value).image_size  # type: ignore[arg-type, return-value]
+    return WhatToTrain(
+        budgets=budgets, best_arm=best.name, smallest_non_inferior=smallest.name, smallest_ci_of_diff=smallest_ci,
+        margin=margin, best_depth={p.arm: p.depth for p in depths if p.chosen}, best_size=best_size,
+    )
+
+
 # ---------------------------------------------------------------- assembly
 
 
@@ -558,11 +661,14 @@ def build_results(
     seed: int,
     command: str,
     fraction_dirs: dict[str, dict[float, Path]] | None = None,
+    size_dirs: dict[str, dict[int, Path]] | None = None,
 ) -> ComparisonResults:
     """Assemble every number of the report from the validated files of the earlier stages.
 
     arm_runs: per arm, the runs whose test predictions are pooled (one in hold-out mode, the outer folds in
-    cross-validated mode); fraction_dirs: runs on fractions of the training patients per arm (--fractions).
+    cross-validated mode); fraction_dirs: runs on fractions of the training patients per arm (--fractions);
+    size_dirs: runs at each training image size per arm (--sizes). imagenet-linear arms' probe_depths.json
+    (first run) gives AUC against depth.
     """
     _check_runs(arm_runs, evaluation)
     card = read_model_json(Path(dataset_dir) / "dataset.json", DatasetCard)
@@ -582,6 +688,8 @@ def build_results(
     # [negative, positive] as the training stage resolved them; any run of the comparison will do.
     classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
     summary_eval = _evaluation_summary(evaluation, arms, rows)
+    sizes = [p for arm, dirs in (size_dirs or {}).items() for p in size_points(arm, dirs, evaluation, seed)]
+    depths = [p for arm, dirs in arm_runs.items() if dirs for p in depth_points(arm, Path(dirs[0]))]
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     versions = package_versions()
     return ComparisonResults(
@@ -590,6 +698,8 @@ def build_results(
         split=split_summary(rows, info), evaluation=summary_eval, arms=arms, comparisons=comparisons,
         patients=patient_table(pooled, classes), folds=folds or None,
         data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)] or None,
+        input_sizes=sizes or None, probe_depths=depths or None,
+        what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
         recommendation=decide(arms, comparisons, tests, evaluation, summary_eval.n_test_patients),
         reproducibility=Reproducibility(
             run_id=run_id, created_at=created, dataset_hash=card.content_hash,

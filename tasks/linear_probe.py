@@ -117,6 +117,21 @@ def fit_linear_probe(
     )
 
 
+def choose_depth(val_aucs: dict[str, float | None]) -> str:
+    """The depth whose probe has the highest validation AUC; ties go to the shallower (cheaper) depth. When no
+    depth has a validation AUC (a single-class validation part) the deepest depth, the classic pooled features.
+
+    val_aucs is ordered shallow to deep. The test part never enters: the depth is a model-selection choice.
+    """
+    depths = list(val_aucs)
+    if not depths:
+        raise ValueError("no probe depth to choose from.")
+    scored = [(auc, -i) for i, auc in enumerate(val_aucs.values()) if auc is not None]
+    if not scored:
+        return depths[-1]
+    return depths[-max(scored)[1]]
+
+
 def predict_linear_probe(model: LinearProbeModel, features: np.ndarray) -> np.ndarray:
     """Probability of the positive class."""
     z = (features - np.asarray(model.feature_mean)) / np.asarray(model.feature_scale)

@@ -45,14 +45,12 @@ from data_schemas.training import (
     RunConfig,
     RunSummary,
 )
+from data_schemas.arms import RESIZE_METHOD
 from tasks.ingest import PREPROCESS_VERSION
 from tasks.models import build_resnet50, feature_extractor, resolve_imagenet_weights
 
 # How tasks.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
-TRAIN_RESIZE_METHOD = (
-    "bilinear, antialiased (torch.nn.functional.interpolate, align_corners=False), ingest size -> training size "
-    "(tasks.augment.images_to_tensor)"
-)
+TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.augment.images_to_tensor)"
 MONOCHROME1_HANDLING = "inverted at ingest (stored as 1 - v), so that bright means dense for every image"
 AGGREGATION_CHOICES = ("mean", "max")
 
@@ -229,6 +227,9 @@ def write_package(
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}.")
     run_dir, dataset_dir, out_dir = Path(run_dir), Path(dataset_dir), Path(out_dir)
     config = _completed_config(run_dir)
+    if config.arm == "imagenet-linear" and (depth := read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth):
+        raise PackageError(f"the linear probe reads {depth}, chosen on validation; a package ships probes on the last "
+                           f"pooled features only (train with --set 'linear.depths=[\"layer4\"]' to ship one).")
     card = read_model_json(dataset_dir / DATASET_CARD_FILE, DatasetCard)
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
     state = _linear_probe_state(config, weights_path) if config.arm == "imagenet-linear" else _network_state(run_dir)

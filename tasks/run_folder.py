@@ -23,11 +23,13 @@ from data_schemas.training import (
     CONFIG_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    PROBE_DEPTHS_FILE,
     STATUS_FILE,
     TIMING_FILE,
     VAL_PREDICTIONS_FILE,
     EpochMetrics,
     PredictionRow,
+    ProbeDepths,
     RunConfig,
     RunSummary,
     SplitRow,
@@ -117,6 +119,11 @@ def write_predictions(run_dir: Path, *, rows: Sequence[SplitRow], probs: np.ndar
 def write_timing(run_dir: Path, timing: TimingInfo) -> None:
     """timing.json."""
     write_model_json(Path(run_dir) / TIMING_FILE, timing)
+
+
+def write_probe_depths(run_dir: Path, probes: ProbeDepths) -> None:
+    """probe_depths.json (imagenet-linear arms): AUC per depth and the depth chosen on validation."""
+    write_model_json(Path(run_dir) / PROBE_DEPTHS_FILE, probes)
 
 
 def write_config(run_dir: Path, config: RunConfig) -> None:

@@ -31,13 +31,16 @@ import torchvision
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data_schemas.arms import LEGACY_MODEL, parse_arm
 from data_schemas.files import atomic_write_bytes, sha256_json, write_model_json
 from data_schemas.plan import PlannedRun, RunPlan, read_plan
 from data_schemas.training import (
     CHECKPOINT_FILE,
     FEATURES_FILE,
     LINEAR_MODEL_FILE,
-    PRETRAINED_ARMS,
+    DepthProbe,
+    LinearProbeModel,
+    ProbeDepths,
     EpochMetrics,
     RunConfig,
     RunSummary,
@@ -48,8 +51,16 @@ from data_schemas.training import (
 )
 from tasks.augment import images_to_tensor
 from tasks.dataset_store import LoadedDataset, load_dataset
-from tasks.linear_probe import extract_features, fit_linear_probe, predict_linear_probe
-from tasks.models import WeightsUnavailableError, feature_extractor, forward_flops_per_image, resolve_imagenet_weights
+from tasks.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
+from tasks.models import (
+    WeightsUnavailableError,
+    feature_extractor,
+    forward_flops_per_image,
+    model_def,
+    probe_depths,
+    resolve_imagenet_weights,
+    weights_file_name,
+)
 from tasks.run_folder import (
     clear_training_files,
     completed_run,
@@ -60,6 +71,7 @@ from tasks.run_folder import (
     write_config,
     write_metrics,
     write_predictions,
+    write_probe_depths,
     write_status,
     write_timing,
 )
@@ -172,7 +184,7 @@ def _config_identity(config: RunConfig) -> dict[str, Any]:
 def _timing(ctx: RunContext, *, train_seconds: float, eval_seconds: float, images_seen: int, epochs_run: int,
             feature_seconds: float | None = None) -> None:
     """timing.json; FLOPs per image from tasks.models.forward_flops_per_image (training step = 3 x forward)."""
-    flops = forward_flops_per_image(ctx.config.train.image_size)
+    flops = forward_flops_per_image(ctx.config.train.image_size, model=parse_arm(ctx.arm).model)
     seconds = feature_seconds if feature_seconds is not None else train_seconds
     ips = images_seen / max(seconds, 1e-9)
     step_flops = flops if feature_seconds is not None else 3 * flops
@@ -255,7 +267,8 @@ def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int],
 def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], None] | None) -> RunSummary:
     """Fit (resuming when asked), then predict the validation and test parts with the best epoch's weights."""
     cfg, rt, data = ctx.config.train, ctx.runtime, ctx.data
-    setup = make_setup(config=cfg, runtime=rt, backbone=ctx.backbone, seed=ctx.seed, y_train=data.y["train"], label=ctx.arm)
+    setup = make_setup(config=cfg, runtime=rt, backbone=ctx.backbone, seed=ctx.seed, y_train=data.y["train"], label=ctx.arm,
+                       arm=ctx.arm)
     fit_data = _fit_data(ctx)
     state = fit(setup, fit_data, _start_state(ctx, setup, resume), _epoch_saver(ctx, setup, on_epoch_end))
     if state.best_state is not None:
@@ -276,21 +289,41 @@ def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], 
 # ---------------------------------------------------------------------------------------------------- linear probe
 
 
-def _features(ctx: RunContext) -> dict[str, np.ndarray]:
-    """Frozen ImageNet features of every part, cached in features.npz under the config hash."""
+PARTS = ("train", "val", "test")
+
+
+def _depths(model: str, requested: list[str] | None) -> tuple[str, ...]:
+    """The probe depths of the run: linear.depths when set (each one of the model's), else all of them."""
+    known = probe_depths(model)
+    unknown = [d for d in requested or [] if d not in known]
+    if unknown or requested == []:
+        raise ValueError(f"linear.depths: {unknown[0] if unknown else '(empty)'!r} is not a probe depth of {model}; "
+                         f"choose from {', '.join(known)}.")
+    return tuple(d for d in known if d in requested) if requested else known
+
+
+def _features(ctx: RunContext) -> dict[str, dict[str, np.ndarray]]:
+    """{depth: {part: pooled features}} of the frozen ImageNet backbone at every probe depth (tasks.models.
+    probe_depths), all from one forward pass per batch; cached in features.npz under the config hash."""
     path, rt, cfg = ctx.run_dir / FEATURES_FILE, ctx.runtime, ctx.config.train
+    model_name = parse_arm(ctx.arm).model
+    depths = _depths(model_name, cfg.linear.depths)
+    keys = {(depth, part): f"{depth}|{part}" for depth in depths for part in PARTS}
     if path.is_file():
         with np.load(path, allow_pickle=False) as archive:
-            if str(archive["config_hash"]) == ctx.config.config_hash:
-                return {part: archive[part] for part in ("train", "val", "test")}
+            if str(archive["config_hash"]) == ctx.config.config_hash and all(k in archive for k in keys.values()):
+                return {depth: {part: archive[keys[depth, part]] for part in PARTS} for depth in depths}
     assert ctx.backbone is not None
-    model = feature_extractor(ctx.backbone).to(rt.device)
+    model = feature_extractor(ctx.backbone, model=model_name).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    features = {part: extract_features(model, ctx.data.x[part], cfg.eval_batch_size, rt.device, rt.precision, rt.channels_last)
-                for part in ("train", "val", "test")}
+    by_part = {part: extract_multi_depth_features(model, ctx.data.x[part], depths, batch_size=cfg.eval_batch_size,
+                                                  device=rt.device, precision=rt.precision, channels_last=rt.channels_last)
+               for part in PARTS}
+    features = {depth: {part: by_part[part][depth] for part in PARTS} for depth in depths}
     buffer = io.BytesIO()
-    np.savez(buffer, config_hash=np.asarray(ctx.config.config_hash), **features)
+    np.savez(buffer, config_hash=np.asarray(ctx.config.config_hash),
+             **{keys[depth, part]: features[depth][part] for depth in depths for part in PARTS})
     atomic_write_bytes(path, buffer.getbuffer())
     return features
 
@@ -301,21 +334,41 @@ def _log_loss(targets: np.ndarray, probs: np.ndarray) -> float | None:
     return float(-np.mean(targets * np.log(probs + eps) + (1 - targets) * np.log(1 - probs + eps))) if len(targets) else None
 
 
+def _probe_every_depth(ctx: RunContext, features: dict[str, dict[str, np.ndarray]],
+                       ) -> tuple[ProbeDepths, LinearProbeModel, dict[str, np.ndarray]]:
+    """A probe per depth, fitted on the training patients only; the depth chosen by validation AUC.
+
+    Returns probe_depths.json, the chosen depth's LinearProbeModel and its probabilities per part."""
+    data, cfg = ctx.data, ctx.config.train
+    # patients numbered in the split's pixel-content order, so the folds choosing C do not depend on pseudonyms
+    groups = patient_ordinals([r.patient_key for r in data.rows["train"]]).tolist()
+    targets = {part: data.y[part].numpy() for part in PARTS}
+    probes, probs, rows = {}, {}, []
+    for depth, by_part in features.items():
+        probes[depth] = fit_linear_probe(by_part["train"], targets["train"], groups, cfg.linear,
+                                         balanced=cfg.class_balance != "none", seed=ctx.seed)
+        probs[depth] = {part: predict_linear_probe(probes[depth], by_part[part]) for part in PARTS}
+        rows.append(DepthProbe(depth=depth, feature_dim=by_part["train"].shape[1], C=probes[depth].C,
+                               val_auc=auc_or_none(targets["val"], probs[depth]["val"]),
+                               test_auc=auc_or_none(targets["test"], probs[depth]["test"])))
+    chosen = choose_depth({row.depth: row.val_auc for row in rows})
+    summary = ProbeDepths(model=parse_arm(ctx.arm).model, depths=rows, chosen_depth=chosen)
+    last = probe_depths(summary.model)[-1]  # the head's input: a probe there needs no depth to be shipped
+    return summary, probes[chosen].model_copy(update={"depth": None if chosen == last else chosen}), probs[chosen]
+
+
 def _train_linear(ctx: RunContext) -> RunSummary:
-    """Logistic regression on frozen features; validation and test predictions; one metrics row."""
+    """Logistic regression on frozen features at every probe depth; the validation-chosen depth's predictions."""
     data, log = ctx.data, _logger()
     t0 = time.perf_counter()
     features = _features(ctx)
     feature_seconds = time.perf_counter() - t0
-    n_images = sum(v.shape[0] for v in features.values())
+    n_images = sum(v.shape[0] for v in next(iter(features.values())).values())
     t_fit = time.perf_counter()
-    # patients numbered in the split's pixel-content order, so the folds choosing C do not depend on pseudonyms
-    groups = patient_ordinals([r.patient_key for r in data.rows["train"]]).tolist()
-    probe = fit_linear_probe(features["train"], data.y["train"].numpy(), groups, ctx.config.train.linear,
-                             balanced=ctx.config.train.class_balance != "none", seed=ctx.seed)
+    depths, probe, probs = _probe_every_depth(ctx, features)
+    write_probe_depths(ctx.run_dir, depths)
     write_model_json(ctx.run_dir / LINEAR_MODEL_FILE, probe)
-    probs = {part: predict_linear_probe(probe, features[part]) for part in ("train", "val", "test")}
-    targets = {part: data.y[part].numpy() for part in ("train", "val", "test")}
+    targets = {part: data.y[part].numpy() for part in PARTS}
     write_predictions(ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True)
     write_predictions(ctx.run_dir, rows=data.rows["test"], probs=probs["test"], positive_label=data.positive_label)
     fit_seconds = time.perf_counter() - t_fit
@@ -327,8 +380,8 @@ def _train_linear(ctx: RunContext) -> RunSummary:
     ).model_dump(mode="json")])
     _timing(ctx, train_seconds=fit_seconds, eval_seconds=0.0, images_seen=n_images, epochs_run=1, feature_seconds=feature_seconds)
     test_auc = auc_or_none(targets["test"], probs["test"])
-    log.info("%s: features of %d images in %.1fs; C=%.3g val AUC %s, test AUC %s", ctx.arm, n_images, feature_seconds,
-             probe.C, _fmt(val_auc), _fmt(test_auc))
+    log.info("%s: features of %d images at %s in %.1fs; depth %s chosen on validation (C=%.3g): val AUC %s, test AUC %s",
+             ctx.arm, n_images, ", ".join(features), feature_seconds, depths.chosen_depth, probe.C, _fmt(val_auc), _fmt(test_auc))
     return ctx.status("completed", epochs_run=1, best_epoch=1, best_val_auc=val_auc, test_auc=test_auc,
                       wall_seconds=time.perf_counter() - ctx.started)
 
@@ -356,16 +409,38 @@ def _run_config(plan: RunPlan, run: PlannedRun, *, dataset: LoadedDataset, split
     return config.model_copy(update={"config_hash": sha256_json(_config_identity(config))})
 
 
-def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights_path: Path | None, fold: int,
+def weights_file_for(model: str, weights_path: Path | None, weights_dir: Path | None) -> Path | None:
+    """The local weights file of `model`: in weights_dir under torchvision's file name (e.g. resnet18-f37072fd.pth),
+    else a single '<model>-<hash>.pth' there; else --weights for ResNet-50; else None (torch hub cache, download)."""
+    if weights_dir is not None:
+        for weights in model_def(model).weights:
+            if (candidate := Path(weights_dir) / weights_file_name(weights)).is_file():
+                return candidate
+        named = sorted(p for p in Path(weights_dir).glob(f"{model}-*.pth") if p.stem[len(model) + 1:].isalnum())
+        if len(named) > 1:
+            raise ValueError(f"{weights_dir} holds several {model} weights files ({', '.join(p.name for p in named)}); keep one.")
+        if named:
+            return named[0]
+    return Path(weights_path) if weights_path is not None and model == LEGACY_MODEL else None
+
+
+def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path | None, Path | None], fold: int,
               ) -> tuple[dict[str, torch.Tensor] | None, WeightsInfo | None, str | None]:
-    """(backbone state, WeightsInfo, skip reason) of a pretrained arm; (None, None, None) for scratch."""
-    if arm not in PRETRAINED_ARMS:
+    """(backbone state, WeightsInfo, skip reason) of a pretrained arm; (None, None, None) for scratch.
+
+    weights: (--weights, the ResNet-50 file; --weights-dir, a folder of files named by model)."""
+    spec = parse_arm(arm)
+    if not spec.pretrained:
         return None, None, None
     try:
-        backbone, info = resolve_imagenet_weights(weights_path, allow_download=config.download_weights)
+        path = weights_file_for(spec.model, *weights)
+        backbone, info = resolve_imagenet_weights(path, allow_download=config.download_weights, model=spec.model)
         return backbone, info, None
     except WeightsUnavailableError as error:
-        return None, None, str(error)
+        if spec.model == LEGACY_MODEL:
+            return None, None, str(error)
+        # --weights is the ResNet-50 file; the other models' files come from a folder or the cache
+        return None, None, f"{str(error).split(', or pass --weights')[0]}, or give --weights-dir DIR holding it."
     except ValueError as error:  # WeightsFileError: a file that exists but is unusable is an error
         write_status(run_dir, arm=arm, status="failed", reason=str(error), fold=fold)
         raise
@@ -386,10 +461,13 @@ def train_arm(
     weights_path: Path | None = None,
     resume: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
+    weights_dir: Path | None = None,
 ) -> RunSummary:
     """Train (or fit, for imagenet-linear) one planned run and write its run folder; see the module doc.
 
-    run: the run's folder as written in the plan (relative to plan_path's folder). Pretrained arms without weights
+    run: the run's folder as written in the plan (relative to plan_path's folder). weights_path is the ResNet-50
+    weights file; weights_dir a folder of torchvision-format files named by model (weights_file_for); without
+    them the torch hub cache is searched (tasks.models.resolve_imagenet_weights). Pretrained arms without weights
     are skipped (status.json "skipped", reason = where to put the file), not an error. Bad settings, a bad weights
     file or a mismatched split raise ValueError subclasses with one sentence.
     """
@@ -405,7 +483,8 @@ def train_arm(
     parts = _patient_parts(plan, planned, rows)
     classes, positive = _classes(rows, planned.config.positive_label)
     run_dir.mkdir(parents=True, exist_ok=True)
-    backbone, weights_info, skip_reason = _backbone(planned.arm, run_dir, planned.config, weights_path, planned.outer_fold)
+    backbone, weights_info, skip_reason = _backbone(planned.arm, run_dir, planned.config, (weights_path, weights_dir),
+                                                    planned.outer_fold)
     runtime = choose_runtime(planned.config)
     config = _run_config(plan, planned, dataset=dataset, splits_path=splits_path, splits_sha256=info.splits_sha256,
                          parts=parts, classes=classes, weights=weights_info, runtime=runtime)
@@ -427,7 +506,8 @@ def train_arm(
              config.n_train_patients, config.n_val_patients, config.n_test_patients, planned.config.image_size,
              runtime.device, runtime.precision)
     try:
-        return _train_linear(ctx) if planned.arm == "imagenet-linear" else _train_network(ctx, resume, on_epoch_end)
+        linear = parse_arm(planned.arm).mode == "imagenet-linear"
+        return _train_linear(ctx) if linear else _train_network(ctx, resume, on_epoch_end)
     except BaseException as error:
         ctx.status("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise
@@ -448,10 +528,12 @@ def _retry_worthwhile(task: Any, task_run: Any, state: Any) -> bool:
       task_run_name="train-{run}")
 def train_arm_task(
     *, dataset_dir: Path, plan_path: Path, run: str, weights_path: Path | None = None, resume: bool = False,
+    weights_dir: Path | None = None,
 ) -> RunSummary:
     """train_arm as a Prefect task. retries=1: a retry resumes from the last finished epoch; a ValueError is not
     retried (_retry_worthwhile)."""
     from prefect.runtime import task_run
 
     resume = resume or int(task_run.run_count or 1) > 1
-    return train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path, resume=resume)
+    return train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path, resume=resume,
+                     weights_dir=weights_dir)

@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from data_schemas.training import EpochMetrics, TrainConfig
 from tasks.augment import augment_batch, mixup, normalise
-from tasks.models import is_head_parameter, is_no_decay_parameter, pretrained_resnet50, scratch_resnet50
+from data_schemas.arms import ArmSpec, parse_arm
+from tasks.models import build_arm_model, is_head_parameter, is_no_decay_parameter
 from tasks.runtime import Runtime
 
 EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
@@ -80,6 +81,7 @@ class FitSetup:
     sample_weights: torch.Tensor | None = None
     scaler: Any = None
     label: str = ""
+    model_name: str = "resnet50"  # the torchvision model: which parameters are the head
 
 
 @dataclass
@@ -102,11 +104,12 @@ def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def param_groups(model: torch.nn.Module, config: TrainConfig, backbone_mult: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, config: TrainConfig, backbone_mult: float, model_name: str = "resnet50",
+                 ) -> list[dict[str, Any]]:
     """Head/backbone x decay/no-decay groups; "lr_mult" and "is_head" steer the schedule and the frozen phase."""
     buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
-        key = (is_head_parameter(name), is_no_decay_parameter(name, parameter))
+        key = (is_head_parameter(name, model_name), is_no_decay_parameter(name, parameter))
         buckets.setdefault(key, []).append(parameter)
     return [
         {"params": params, "weight_decay": 0.0 if no_decay else config.weight_decay, "lr": config.lr,
@@ -124,13 +127,16 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
 
 
 def make_setup(*, config: TrainConfig, runtime: Runtime, backbone: dict[str, torch.Tensor] | None, seed: int,
-               y_train: torch.Tensor, label: str = "") -> FitSetup:
-    """Seeded model (scratch, or ImageNet backbone + new head), optimizer, class balancing and scaler."""
+               y_train: torch.Tensor, label: str = "", arm: ArmSpec | str | None = None) -> FitSetup:
+    """Seeded model of the arm (scratch, or its ImageNet backbone + new head), optimizer, class balancing, scaler.
+
+    arm None means ResNet-50: the imagenet arm with a backbone, else scratch."""
+    spec = parse_arm(arm if arm is not None else ("imagenet" if backbone is not None else "scratch"))
+    if spec.mode == "imagenet-linear":
+        raise ValueError("the imagenet-linear arm has no training loop: it fits a linear probe (tasks.linear_probe).")
     torch.manual_seed(seed)
-    if backbone is None:
-        model, backbone_mult = scratch_resnet50(num_classes=2, dropout=config.dropout), 1.0
-    else:
-        model, backbone_mult = pretrained_resnet50(backbone, num_classes=2, dropout=config.dropout), config.backbone_lr_mult
+    model = build_arm_model(spec, num_classes=2, dropout=config.dropout, backbone=backbone if spec.pretrained else None)
+    backbone_mult = config.backbone_lr_mult if spec.pretrained else 1.0
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -138,10 +144,11 @@ def make_setup(*, config: TrainConfig, runtime: Runtime, backbone: dict[str, tor
     class_weights = (counts.sum() / (2 * counts.clamp(min=1))).to(runtime.device) if config.class_balance == "loss_weights" else None
     sample_weights = (1.0 / counts.clamp(min=1))[y_train.cpu()] if config.class_balance == "sampler" else None
     return FitSetup(
-        model=model, optimizer=make_optimizer(param_groups(model, config, backbone_mult), config), config=config,
-        runtime=runtime, seed=seed, head_epochs=min(config.freeze_epochs, config.epochs) if backbone is not None else 0,
+        model=model, optimizer=make_optimizer(param_groups(model, config, backbone_mult, spec.model), config),
+        config=config, runtime=runtime, seed=seed,
+        head_epochs=min(config.freeze_epochs, config.epochs) if spec.pretrained else 0,
         class_weights=class_weights, sample_weights=sample_weights,
-        scaler=torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None, label=label,
+        scaler=torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None, label=label, model_name=spec.model,
     )
 
 
@@ -166,10 +173,10 @@ def lr_factor(config: TrainConfig, epoch: int, step_in_epoch: int, steps_per_epo
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def freeze_backbone(model: torch.nn.Module, frozen: bool) -> None:
+def freeze_backbone(model: torch.nn.Module, frozen: bool, model_name: str = "resnet50") -> None:
     """Head-only phase: the backbone's parameters get requires_grad False (no gradient, no optimizer state)."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(not frozen or is_head_parameter(name))
+        parameter.requires_grad_(not frozen or is_head_parameter(name, model_name))
 
 
 def _set_lr(setup: FitSetup, epoch: int, step: int, steps_per_epoch: int, head_phase: bool) -> dict[str, float]:
@@ -217,7 +224,7 @@ def train_one_epoch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tenso
     batch_size = min(cfg.batch_size, n_train)
     steps_per_epoch = max(1, n_train // batch_size)
     head_phase = epoch < setup.head_epochs
-    freeze_backbone(setup.model, head_phase)
+    freeze_backbone(setup.model, head_phase, setup.model_name)
     torch.manual_seed(epoch_seed(setup.seed, epoch, 1))  # dropout
     generator = torch.Generator().manual_seed(epoch_seed(setup.seed, epoch, 2))
     if setup.sample_weights is not None:

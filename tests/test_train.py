@@ -16,6 +16,7 @@ from data_schemas.training import (
     EpochMetrics,
     LinearProbeModel,
     PredictionRow,
+    ProbeDepths,
     RunConfig,
     RunSummary,
     SplitRow,
@@ -236,7 +237,10 @@ def test_linear_arm(dataset_dir, runs, weights_file):
     summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet-linear"), run=".", weights_path=weights_file)
     assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 1
     probe = read_model_json(run_dir / "linear_model.json", LinearProbeModel)
-    assert len(probe.coef) == 2048 and probe.C in probe.Cs_tried
+    depths = read_model_json(run_dir / "probe_depths.json", ProbeDepths)
+    assert [d.depth for d in depths.depths] == ["layer2", "layer3", "layer4"]
+    assert [d.feature_dim for d in depths.depths] == [512, 1024, 2048]
+    assert len(probe.coef) == {d.depth: d.feature_dim for d in depths.depths}[depths.chosen_depth] and probe.C in probe.Cs_tried
     assert _metrics(run_dir)[0].phase == "linear"
 
 
