@@ -19,6 +19,8 @@ from pydantic import Field
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
+
+PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
 from flows.ingest import WindowOption, check_ingest_arguments, ingest_flow
 from tasks.ingest import IngestError, read_labels
 from tasks.package import load_package
@@ -43,7 +45,9 @@ def _copy_quarantine(out: Path) -> None:
     """PRED_DIR/quarantine.csv: the ingest's list of rejected files (private: paths), beside the predictions."""
     source = out / PREDICT_DATASET_DIR / QUARANTINE_FILE
     if source.is_file():
-        shutil.copyfile(source, out / QUARANTINE_FILE)
+        target = out / PREDICT_QUARANTINE_FILE
+        shutil.copyfile(source, target)
+        target.chmod(0o600)  # paths may hold names: owner-only, like the dataset's private part
 
 
 @flow(name="predict")
