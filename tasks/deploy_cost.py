@@ -20,6 +20,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -30,16 +31,23 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.files import write_model_json
-from data_schemas.package import DEPLOY_COST_FILE, DeploymentCost
+from data_schemas.files import read_models_csv, write_model_json
+from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost
+from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
+from data_schemas.training import PredictionRow
+from tasks.dataset_store import load_dataset
 from tasks.models import forward_flops_per_image
 from tasks.package import float_architecture, load_package, package_file, write_card
-from tasks.predict import PackagedModel, prepare_model
+from tasks.predict import PackagedModel, predict_images, prepare_model
+from tasks.quantize import compare_compression
+from tasks.statistics import bootstrap_ci, roc_auc
 
 DEFAULT_WARMUP_RUNS = 10
 DEFAULT_TIMED_RUNS = 50
 THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_THROUGHPUT_BATCHES = 5
+# Seconds instead of a minute per arm, for the smoke profile and tests: figures too noisy to quote.
+QUICK_TIMING: dict[str, int] = {"warmup": 1, "runs": 3, "batches": 1}
 
 
 def cpu_name() -> str:
@@ -114,14 +122,48 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
     )
 
 
-@task(name="deploy-cost", cache_policy=NO_CACHE)
-def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None) -> DeploymentCost:
+@task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.name}")
+def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None, *,
+                     warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
+                     batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
     """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card.
 
-    Run one at a time: the timings need the CPU to themselves.
+    Run one at a time: the timings need the CPU to themselves. warmup/runs/batches: see the module doc (the smoke
+    profile passes QUICK_TIMING, whose figures say so through timed_runs).
     """
-    cost = measure_deployment_cost(package_path, precision=precision, threads=threads)
+    cost = measure_deployment_cost(package_path, precision=precision, threads=threads, warmup=warmup, runs=runs,
+                                   batches=batches)
     folder = package_file(package_path).parent
     write_model_json(folder / DEPLOY_COST_FILE, cost)
     write_card(folder, load_package(folder).meta, cost)
     return cost
+
+
+def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The run's own test images (predictions.csv order), their 0/1 targets and patient keys."""
+    rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)
+    dataset = load_dataset(Path(dataset_dir), in_memory=False)
+    index_of = {row.image_key: row.index for row in dataset.manifest}
+    images = np.asarray(dataset.images[[index_of[row.image_key] for row in rows]], dtype=np.float32)
+    return images, np.array([row.target for row in rows]), [row.patient_key for row in rows]
+
+
+def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
+                         full_cost: DeploymentCost, compressed_cost: DeploymentCost, n_bootstrap: int = 1000,
+                         seed: int = 0) -> CompressionComparison:
+    """Both packages on the run's own test images: slice-level test AUCs, judged against a noise band.
+
+    Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.statistics.bootstrap_ci,
+    n_bootstrap resamples of patients) minus its point estimate, i.e. how far the AUC moves when only the sample of
+    test patients changes; an AUC change inside it is indistinguishable from resampling noise. Both models run in
+    fp32 autocast settings (int8 kernels for the int8 variant), the way `ctcompare predict --precision fp32` does.
+    """
+    images, targets, patients = run_test_images(run_dir, dataset_dir)
+    p_full = predict_images(prepare_model(load_package(full_package), "fp32"), images, progress=False)
+    p_small = predict_images(prepare_model(load_package(compressed_package), "fp32"), images, progress=False)
+    auc_full, auc_small = roc_auc(targets, p_full), roc_auc(targets, p_small)
+    band = bootstrap_ci(targets, p_full, patients, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
+    finite = all(math.isfinite(v) for v in (auc_full, auc_small, band.ci_low, band.ci_high))
+    interval = (band.ci_low - auc_full, band.ci_high - auc_full) if finite else None
+    return compare_compression(full_cost, compressed_cost, auc_full=auc_full if math.isfinite(auc_full) else None,
+                               auc_compressed=auc_small if math.isfinite(auc_small) else None, interval=interval)
