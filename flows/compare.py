@@ -141,10 +141,9 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
         return None
     full = report_dir / arm.package_dir
     compressed = write_compressed_package(load_package(full), dataset_dir, full.parent / COMPRESSED_PACKAGE_DIR)
-    compressed_cost = deploy_cost_task(compressed.parent, **timing)
     assert arm.deployment is not None  # selected above
     comparison = evaluate_compression(full_package=full, compressed_package=compressed.parent, run_dir=full.parent,
-                                      dataset_dir=dataset_dir, full_cost=arm.deployment, compressed_cost=compressed_cost,
+                                      dataset_dir=dataset_dir, full_cost=arm.deployment, timing=timing,
                                       n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
     return comparison, compressed.parent.relative_to(report_dir).as_posix()
 

@@ -12,7 +12,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
   time.perf_counter() around the forward under torch.inference_mode() and the package's autocast; median and the
   90th percentile (numpy linear interpolation) of those times. The image is seeded noise, already normalised:
   ResNet-50's cost does not depend on pixel values.
-- throughput_images_per_second: 2 untimed batches, then `batches` forwards of `throughput_batch_size` images timed
+- throughput_images_per_second: 2 untimed batches (fewer when warmup_runs < 2), then `batches` forwards of `throughput_batch_size` images timed
   together; images / seconds.
 - threads, precision, channels_last: the runtime the figures were measured with (tasks.predict.prepare_model:
   bf16 autocast + channels-last where tasks.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
@@ -47,7 +47,7 @@ DEFAULT_TIMED_RUNS = 50
 THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_THROUGHPUT_BATCHES = 5
 # Seconds instead of a minute per arm, for the smoke profile and tests: figures too noisy to quote.
-QUICK_TIMING: dict[str, int] = {"warmup": 1, "runs": 3, "batches": 1}
+QUICK_TIMING: dict[str, int] = {"warmup": 0, "runs": 2, "batches": 1}
 
 
 def cpu_name() -> str:
@@ -96,7 +96,7 @@ def time_model(model: PackagedModel, *, warmup: int, runs: int, batches: int) ->
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second, as the module doc says."""
     latency_ms = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
     big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    batch_times = forward_seconds(model, big, warmup=2, runs=batches)
+    batch_times = forward_seconds(model, big, warmup=min(2, warmup), runs=batches)
     return latency_ms, THROUGHPUT_BATCH_SIZE * batches / sum(batch_times)
 
 
@@ -106,9 +106,14 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
     """Measure one package as the module docstring describes."""
     if warmup < 0 or runs < 1 or batches < 1:
         raise ValueError(f"warmup must be >= 0 and runs, batches >= 1; got {warmup}, {runs}, {batches}.")
-    package = load_package(package_path)
-    model = prepare_model(package, precision, threads)
+    return prepared_model_cost(prepare_model(load_package(package_path), precision, threads), warmup=warmup, runs=runs,
+                               batches=batches)
+
+
+def prepared_model_cost(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> DeploymentCost:
+    """measure_deployment_cost on a model already prepared (so that one int8 conversion serves several uses)."""
     latency, images_per_second = time_model(model, warmup=warmup, runs=runs, batches=batches)
+    package = model.package
     meta = package.meta
     return DeploymentCost(
         arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
@@ -149,18 +154,27 @@ def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.nd
 
 
 def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
-                         full_cost: DeploymentCost, compressed_cost: DeploymentCost, n_bootstrap: int = 1000,
+                         full_cost: DeploymentCost, timing: dict[str, int] | None = None, n_bootstrap: int = 1000,
                          seed: int = 0) -> CompressionComparison:
-    """Both packages on the run's own test images: slice-level test AUCs, judged against a noise band.
+    """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
+    beside the full one on the run's own test images: slice-level test AUCs, judged against a noise band.
 
     Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.statistics.bootstrap_ci,
     n_bootstrap resamples of patients) minus its point estimate, i.e. how far the AUC moves when only the sample of
-    test patients changes; an AUC change inside it is indistinguishable from resampling noise. Both models run in
-    fp32 autocast settings (int8 kernels for the int8 variant), the way `ctcompare predict --precision fp32` does.
+    test patients changes; an AUC change inside it is indistinguishable from resampling noise. The full model runs in
+    fp32 (its reference probabilities); the compressed one as `ctcompare predict` runs it by default (int8 kernels,
+    or bf16 weights under the runtime's choice), prepared once for timing and predictions (an int8 conversion
+    takes seconds).
     """
+    small = prepare_model(load_package(compressed_package), "auto")
+    compressed_cost = prepared_model_cost(small, **{"warmup": DEFAULT_WARMUP_RUNS, "runs": DEFAULT_TIMED_RUNS,
+                                                    "batches": DEFAULT_THROUGHPUT_BATCHES, **(timing or {})})
+    folder = package_file(compressed_package).parent
+    write_model_json(folder / DEPLOY_COST_FILE, compressed_cost)
+    write_card(folder, small.package.meta, compressed_cost)
     images, targets, patients = run_test_images(run_dir, dataset_dir)
     p_full = predict_images(prepare_model(load_package(full_package), "fp32"), images, progress=False)
-    p_small = predict_images(prepare_model(load_package(compressed_package), "fp32"), images, progress=False)
+    p_small = predict_images(small, images, progress=False)
     auc_full, auc_small = roc_auc(targets, p_full), roc_auc(targets, p_small)
     band = bootstrap_ci(targets, p_full, patients, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
     finite = all(math.isfinite(v) for v in (auc_full, auc_small, band.ci_low, band.ci_high))
