@@ -127,7 +127,7 @@ def prepared_model_cost(model: PackagedModel, *, warmup: int, runs: int, batches
     )
 
 
-@task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.name}")
+@task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.parent.name}-{package_path.parent.name}")
 def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None, *,
                      warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
                      batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
