@@ -40,6 +40,8 @@ AGREEMENT = 0.15
 
 def make_package(root: Path, size: int) -> tuple[Path, Path]:
     """A real package at `size` px: synthetic cohort -> ingest -> one smoke epoch -> package. (package, dataset)."""
+    from data_schemas.plan import build_run_plan, write_plan
+    from data_schemas.training import SPLITS_FILE
     from flows.ingest import ingest_flow
     from tasks.synth import synthesize_cohort
     from tasks.train import train_arm
@@ -49,7 +51,11 @@ def make_package(root: Path, size: int) -> tuple[Path, Path]:
     ingest_flow(src_dir=str(cohort.dicom_dir), out_dir=str(dataset), labels=str(cohort.labels_path), size=size,
                 window="lung", workers=1)
     run_dir = root / "runs" / "scratch"
-    summary = train_arm(dataset, "scratch", run_dir, profile="smoke", overrides={"image_size": str(size), "epochs": "1"})
+    plan = build_run_plan(profile="smoke", arms=["scratch"], seed=0, settings={"image_size": str(size), "epochs": "1"},
+                          layout="single-arm")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = write_plan(run_dir, plan.model_copy(update={"splits_file": f"../{SPLITS_FILE}"}))
+    summary = train_arm(dataset_dir=dataset, plan_path=plan_path, run=".")
     if summary.status != "completed":
         raise SystemExit(f"benchmark training run did not complete: {summary.reason}")
     package = write_package(run_dir=run_dir, dataset_dir=dataset, out_dir=run_dir / "package", threshold=0.5,

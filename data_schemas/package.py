@@ -22,7 +22,7 @@ from pydantic import Field
 
 from data_schemas.base import StrictModel
 from data_schemas.dataset import DatasetFingerprint, WindowSpec
-from data_schemas.report import MetricValue
+from data_schemas.metrics import MetricValue
 from data_schemas.training import LinearProbeModel, RunConfig
 
 PACKAGE_FORMAT = "ctcompare-model-package"

@@ -19,6 +19,9 @@ from pydantic import Field, model_validator
 from data_schemas.base import StrictModel
 
 from data_schemas.dataset import DatasetCard
+from data_schemas.metrics import MetricValue
+from data_schemas.package import CompressionComparison, DeploymentCost
+from data_schemas.visual import VisualSummary
 
 REPORT_SCHEMA_VERSION = "2.0"
 
@@ -53,14 +56,6 @@ FORBIDDEN_KEYS = frozenset(
 )
 
 
-
-
-class MetricValue(StrictModel):
-    """A point estimate with its confidence interval (None where undefined, e.g. AUC with one class)."""
-
-    value: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
 
 
 class DatasetSummary(StrictModel):
@@ -287,6 +282,9 @@ class ArmResult(StrictModel):
         confusion: test confusion matrix at the decision threshold.
         profile: the training profile of the arm's runs (config.json), e.g. "smoke"; empty when unknown.
         weights: the pretrained weights file the arm started from; None for random initialisation or when unknown.
+        deployment: what the arm's model package costs to run on the machine that made the comparison
+            (tasks.deploy_cost); None when no package was written.
+        package_dir: the arm's model package folder (model.pt, MODEL_CARD.md), relative to the report folder.
     """
 
     name: str = Field(min_length=1)
@@ -311,6 +309,8 @@ class ArmResult(StrictModel):
     confusion: ConfusionMatrix | None = None
     profile: str = ""
     weights: ArmWeights | None = None
+    deployment: DeploymentCost | None = None
+    package_dir: str = ""
 
     @model_validator(mode="after")
     def _completed_has_metrics(self) -> ArmResult:
@@ -568,6 +568,12 @@ class ComparisonResults(StrictModel):
         what_to_train: the "What to train" section, from the numbers above.
         recommendation: the headline recommendation.
         reproducibility: versions, seeds, configs and dataset hash.
+        compression: the recommended arm's compressed package (int8, or bf16 weights) against its full-precision
+            one: size, latency, test AUC.
+        visual: example images, saliency per network arm and the shortcut check (data_schemas/visual.py). Rendered
+            into report.html (inline PNGs) and report.md (figures/visual_*.png) but left out of results.json
+            (exclude=True): its PNG data URIs would make the file megabytes of base64 for no number, and its slice
+            list carries image and patient keys, which results.json never holds.
     """
 
     schema_version: Literal["2.0"] = REPORT_SCHEMA_VERSION
@@ -587,6 +593,9 @@ class ComparisonResults(StrictModel):
     what_to_train: WhatToTrain | None = None
     recommendation: Recommendation
     reproducibility: Reproducibility
+    compression: CompressionComparison | None = None
+    compression_package_dir: str = Field(default="", description="the compressed package's folder, relative to the report folder")
+    visual: VisualSummary | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> ComparisonResults:

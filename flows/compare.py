@@ -19,13 +19,16 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
-from data_schemas.report import ComparisonResults
+from data_schemas.package import PACKAGE_DIR, CompressionComparison
+from data_schemas.report import ArmResult, ComparisonResults
+from data_schemas.visual import LESIONS_SIDECAR_FILE, VisualSummary
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
@@ -35,12 +38,35 @@ from flows.train import parse_overrides
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.dataset_store import load_dataset
+from tasks.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
 from tasks.evaluate import build_results
+from tasks.lesions import attach_lesions
+from tasks.package import load_package, package_metrics, write_package
+from tasks.quantize import write_compressed_package
+from tasks.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
 from tasks.train import train_arm_task
 
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
+PARTIAL_STATE_NAME = "Partial"
+EXIT_PARTIAL, EXIT_NO_ARM = 3, 1  # `ctcompare compare` / `demo` exit codes besides 0 (all arms) and 2 (bad argument)
+COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the recommended arm's package/
+
+
+class NoArmCompletedError(RuntimeError):
+    """No requested arm completed: the comparison's flow run ends Failed; `summary` still names the report."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message, summary)  # both in args, so the error pickles with its summary
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The flow's summary dict (report, link, arms)."""
+        return self.args[1]
 
 
 @task(name="prepare-split", cache_policy=NO_CACHE)
@@ -88,6 +114,82 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
     paths = render_report(results, report_dir)
     update_index(report_dir.parent)
     return paths["html"]
+
+
+def _ship_arm(arm: ArmResult, *, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
+              weights: str | None, timing: dict[str, int]) -> ArmResult:
+    """Package the arm's main run at its validation-chosen patient threshold and measure what it costs to run."""
+    run_dir = report_dir / plan.main_run(arm.name).run_dir
+    point = arm.operating_point
+    usable = point is not None and point.source != "fallback" and bool(point.patient_thresholds)
+    # patient_thresholds follow the pooled runs in fold order: the first is the main run's (outer fold 0)
+    threshold = point.patient_thresholds[0] if usable and point is not None else 0.5
+    rule = plan.evaluation.operating_point if usable else "fixed:0.5 (fallback: no usable validation predictions)"
+    metrics = package_metrics(arm, results.evaluation.mode)
+    write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR, threshold=threshold,
+                  threshold_rule=rule, aggregation=plan.evaluation.aggregation,
+                  metrics=metrics.model_dump() if metrics is not None else None,
+                  weights_path=Path(weights).resolve() if weights else None)
+    cost = deploy_cost_task(run_dir / PACKAGE_DIR, **timing)
+    return arm.model_copy(update={"deployment": cost, "package_dir": (run_dir / PACKAGE_DIR).relative_to(report_dir).as_posix()})
+
+
+def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_dir: Path, dataset_dir: Path,
+                          timing: dict[str, int]) -> tuple[CompressionComparison, str] | None:
+    """The recommended (else best) arm's int8 (or bf16) package beside its full one, measured and compared; with
+    the compressed package's folder relative to the report folder."""
+    name = results.recommendation.preferred_arm or results.recommendation.best_arm
+    arm = next((a for a in results.arms if a.name == name and a.deployment is not None), None)
+    if arm is None:
+        return None
+    full = report_dir / arm.package_dir
+    compressed = write_compressed_package(load_package(full), dataset_dir, full.parent / COMPRESSED_PACKAGE_DIR)
+    assert arm.deployment is not None  # selected above
+    comparison = evaluate_compression(full_package=full, compressed_package=compressed.parent, run_dir=full.parent,
+                                      dataset_dir=dataset_dir, full_cost=arm.deployment, timing=timing,
+                                      n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
+    return comparison, compressed.parent.relative_to(report_dir).as_posix()
+
+
+@task(name="ship-arms", cache_policy=NO_CACHE)
+def ship_arms(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
+              weights: str | None) -> ComparisonResults:
+    """A model package (RUN_DIR/package: weights, recipe, threshold, MODEL_CARD.md) per completed arm's main run,
+    its deployment cost measured one arm at a time, and the recommended arm's compressed variant.
+
+    An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
+    QUICK_TIMING (seconds, not a minute, per arm).
+    """
+    logger = get_run_logger()
+    timing = QUICK_TIMING if plan.profile == "smoke" else {}
+    arms = []
+    for arm in results.arms:
+        try:
+            arms.append(_ship_arm(arm, plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir,
+                                  weights=weights, timing=timing) if arm.status == "completed" else arm)
+        except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
+            logger.warning("%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            arms.append(arm)
+    shipped = results.model_copy(update={"arms": arms})
+    try:
+        compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, timing=timing)
+    except Exception as error:  # noqa: BLE001
+        logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        compressed = None
+    if compressed is None:
+        return shipped
+    return shipped.model_copy(update={"compression": compressed[0], "compression_package_dir": compressed[1]})
+
+
+@task(name="visual-summary", cache_policy=NO_CACHE)
+def visual_summary(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path) -> VisualSummary | None:
+    """Example images, GradCAM per completed network arm's main run on one slice selection, and the shortcut
+    check when the dataset has lesions.csv; None when no network arm completed."""
+    runs = {arm.name: report_dir / plan.main_run(arm.name).run_dir for arm in results.completed_arms}
+    if not any(name != "imagenet-linear" for name in runs):
+        get_run_logger().info("No visual section: no network arm completed.")
+        return None
+    return build_visual_summary(dataset_dir=dataset_dir, arm_runs=runs, seed=plan.seed)
 
 
 def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, weights: Path | None) -> None:
@@ -173,7 +275,7 @@ def compare_flow(
     parallel_arms: Annotated[int, Field(ge=1, le=16)] = 1,
     new_folder_per_run: bool = False,
     train_deployment: str | None = None,
-) -> dict[str, Any]:
+) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
     folds: cross-validated evaluation with this many outer folds (each labelled patient tested once, predictions
@@ -186,6 +288,10 @@ def compare_flow(
     train_deployment: run every training run (arm, outer fold, fraction) as a flow run of this deployment (e.g.
     "train/arm") so that the work pool's workers, on several machines or GPUs, take them at once; the dataset and
     OUT_DIR must then be at the same path on every worker. Without it, the runs train in this flow run.
+
+    The flow run ends Completed when every requested arm completed, Completed named "Partial" when some were
+    skipped or failed, Failed when none completed; each state's data is the summary dict (for Failed inside a
+    NoArmCompletedError), which a direct call returns (or raises).
     """
     logger = get_run_logger()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -214,13 +320,72 @@ def compare_flow(
     results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
                             command=rerun_command(source=source, out_dir=out_dir, labels=labels, weights=weights, plan=plan,
                                                   settings=settings, folds=folds, fractions=fractions, sizes=plan.sizes))
+    results = add_packages_and_pictures(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir,
+                                        weights=weights)
     html = write_report(results, report_dir)
     link = report_url(html, report_dir.parent)
     _publish(results, html, link)
     logger.info("Report written: %s", link)
     logger.info("%s", results.recommendation.headline)
-    return {"report": str(html), "link": link, "report_dir": str(report_dir), "recommendation": results.recommendation.headline,
-            "arms": {arm.name: arm.status for arm in results.arms}}
+    return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
+                                 "recommendation": results.recommendation.headline,
+                                 "arms": {arm.name: arm.status for arm in results.arms}})
+
+
+def add_packages_and_pictures(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
+                              weights: str | None) -> ComparisonResults:
+    """Model packages with deployment costs, then the visual section; either may fail alone (logged) and the
+    report is written without it."""
+    logger = get_run_logger()
+    shipped = ship_arms(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir, weights=weights,
+                        return_state=True)
+    if shipped.is_completed():
+        results = shipped.result()
+    else:
+        logger.warning("No model packages: %s", shipped.message or shipped.name)
+    visual = visual_summary(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir, return_state=True)
+    if visual.is_completed():
+        return results.model_copy(update={"visual": visual.result()})
+    logger.warning("No visual section: %s", visual.message or visual.name)
+    return results
+
+
+def not_completed(summary: dict[str, Any]) -> list[str]:
+    """'arm (status)' for every requested arm of a comparison summary that did not complete."""
+    return [f"{name} ({status})" for name, status in summary["arms"].items() if status != "completed"]
+
+
+def final_state(results: ComparisonResults, summary: dict[str, Any]) -> State:
+    """Completed, Completed named "Partial" (an arm skipped or failed) or Failed (no arm completed); data: summary."""
+    missing = not_completed(summary)
+    if not results.completed_arms:
+        message = f"No requested arm completed: {', '.join(missing)}; the report says why."
+        return Failed(message=message, data=NoArmCompletedError(message, summary))
+    if missing:
+        return Completed(name=PARTIAL_STATE_NAME, data=summary,
+                         message=f"Partial comparison: {', '.join(missing)} did not complete; the others are compared.")
+    return Completed(message="Every requested arm completed.", data=summary)
+
+
+def finish_cli(state: State) -> int:
+    """Print the outcome of a compare flow run; exit code 0 (all arms), EXIT_PARTIAL or EXIT_NO_ARM. The last line
+    is the report's address, or for a partial or failed comparison the arms that did not complete and the address."""
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, NoArmCompletedError):
+        summary, code = outcome.summary, EXIT_NO_ARM
+    elif isinstance(outcome, BaseException):
+        raise outcome
+    else:
+        summary = outcome
+        code = EXIT_PARTIAL if not_completed(summary) else 0
+    print(summary["recommendation"])
+    missing = not_completed(summary)
+    if not missing:
+        print(f"Report: {summary['link']}")
+    else:
+        what = "Partial result" if code == EXIT_PARTIAL else "No arm completed"
+        print(f"{what}: {', '.join(missing)} did not complete; report: {summary['link']}")
+    return code
 
 
 def _fractions(text: str | None) -> list[float] | None:
@@ -260,14 +425,12 @@ def _run_compare(args: argparse.Namespace) -> int:
                               fractions=fractions, sizes=sizes, n_bootstrap=args.bootstrap).arms  # refuses bad input before Prefect starts
     except ValueError as error:
         raise UsageError(str(error)) from None
-    summary = compare_flow(
+    state = compare_flow(
         source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
         seed=args.seed, folds=args.folds, fractions=fractions, sizes=sizes, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
-        parallel_arms=args.parallel_arms, train_deployment=args.train_deployment,
+        parallel_arms=args.parallel_arms, train_deployment=args.train_deployment, return_state=True,
     )
-    print(f"Report: {summary['report']}")
-    print(summary["recommendation"])
-    return 0
+    return finish_cli(state)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -278,14 +441,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     synth_flow(out_dir=str(cohort), patients=args.patients, slices_per_patient=args.slices_per_patient, seed=args.seed)
     dataset = root / "dataset"
     ingest_flow(src_dir=str(cohort / "dicom"), out_dir=str(dataset), labels=str(cohort / "labels.csv"), size=224)
-    summary = compare_flow(
+    if (cohort / LESIONS_SIDECAR_FILE).is_file():  # true nodule discs: the report's shortcut check
+        attach_lesions(dataset_dir=dataset, sidecar=cohort / LESIONS_SIDECAR_FILE)
+    state = compare_flow(
         source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
-        arms=arm_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed,
+        arms=arm_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed, return_state=True,
     )
-    print(f"Report: {summary['report']}")
     print(f"Index of every report: {root / 'reports' / 'index.html'}")
-    print(summary["recommendation"])
-    return 0
+    return finish_cli(state)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

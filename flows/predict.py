@@ -19,6 +19,8 @@ from pydantic import Field
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
+
+PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
 from flows.ingest import WindowOption, check_ingest_arguments, ingest_flow
 from tasks.ingest import IngestError, read_labels
 from tasks.package import load_package
@@ -43,7 +45,9 @@ def _copy_quarantine(out: Path) -> None:
     """PRED_DIR/quarantine.csv: the ingest's list of rejected files (private: paths), beside the predictions."""
     source = out / PREDICT_DATASET_DIR / QUARANTINE_FILE
     if source.is_file():
-        shutil.copyfile(source, out / QUARANTINE_FILE)
+        target = out / PREDICT_QUARANTINE_FILE
+        shutil.copyfile(source, target)
+        target.chmod(0o600)  # paths may hold names: owner-only, like the dataset's private part
 
 
 @flow(name="predict")
@@ -57,7 +61,18 @@ def predict_flow(
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
     precision: PrecisionOption = "auto",
 ) -> dict[str, Any]:
-    """Predict new DICOM files with a model package, converted with exactly the package's recipe."""
+    """Predict new DICOM files with a model package, converted with exactly the package's recipe.
+
+    Args:
+        package: a model package folder (model.pt, MODEL_CARD.md), its model.pt, or a run folder holding package/.
+        dicom_dir: folder of new DICOM files; files ingest would refuse are quarantined, the rest predicted.
+        out_dir: where predictions.csv, patient_predictions.csv, quarantine.csv and predict.json go.
+        labels: optional labels CSV of the new files (as for ingest), to report the given labels beside predictions.
+        window: the CT window; refused unless it is the package's own (leave empty to use the package's).
+        size: the ingest image size in pixels; refused unless it is the package's own (leave empty).
+        batch_size: images per forward pass (1-1024).
+        precision: auto (bf16 where this CPU gains), fp32 or bf16; int8 packages run int8 kernels.
+    """
     logger = get_run_logger()
     out = Path(out_dir).resolve()
     checked = check_predict_arguments(Path(package), Path(dicom_dir).resolve(), out,

@@ -30,7 +30,9 @@ from pydantic import ValidationError
 from data_schemas.files import atomic_write_bytes, atomic_write_text
 from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, md_escape
 from reports.formatting import format_duration as fmt_seconds
+from reports.gallery import render_visual_html, render_visual_md
 from reports.wording import auc_with_ci, evaluation_sentences
+from data_schemas.package import MODEL_CARD_FILE
 from data_schemas.report import (
     FIGURES_DIR,
     METRIC_NAMES,
@@ -74,6 +76,7 @@ SECTION_IDS: tuple[str, ...] = (
     "dataset",
     "split",
     "cost",
+    "deployment",
     "metrics",
     "comparisons",
     "patients",
@@ -411,7 +414,25 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     return env
 
 
-def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> dict[str, Any]:
+QUICK_TIMING_RUNS = 10  # fewer timed forwards than this: the smoke profile's quick timing, not a figure to quote
+
+
+def deployment_context(results: ComparisonResults) -> dict[str, Any]:
+    """The 'What it costs to run' table's inputs: packaged arms, the compressed variant, and how they were timed."""
+    deployed = [arm for arm in results.arms if arm.deployment is not None]
+    costs = [arm.deployment for arm in deployed if arm.deployment is not None]
+    if results.compression is not None:
+        costs.append(results.compression.compressed)
+    return {
+        "deployed": deployed, "model_card_file": MODEL_CARD_FILE, "compression": results.compression,
+        "compressed_dir": results.compression_package_dir,
+        "quick_timing": any(cost.timed_runs < QUICK_TIMING_RUNS for cost in costs),
+        "timing": costs[0] if costs else None,
+    }
+
+
+def _context(results: ComparisonResults, figures: dict[str, RenderedFigure], *, visual_html: str = "",
+             visual_md: str = "") -> dict[str, Any]:
     """Values shared by the HTML and Markdown templates."""
     by_part = {part.name: part for part in results.split.parts}
     classes = results.dataset.classes
@@ -437,6 +458,9 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure]) -> 
         "weighted_arms": [arm for arm in results.arms if arm.weights is not None],
         "appendix_html": REPORT_APPENDIX_HTML_FILE,
         "appendix_md": REPORT_APPENDIX_MD_FILE,
+        "visual_html": visual_html,
+        "visual_md": visual_md,
+        **deployment_context(results),
     }
 
 
@@ -447,11 +471,14 @@ def render_report(results: ComparisonResults, out_dir: Path) -> dict[str, Path]:
     Returns the written paths keyed "html", "markdown", "results", "appendix_html", "appendix_markdown" and
     "figure:<name>".
     """
+    visual = results.visual  # excluded from dumps (and from results.json): carried over by hand
     results = ComparisonResults.model_validate(results.model_dump())  # re-validate whatever was built
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = make_figures(results)
-    context = _context(results, figures)
+    context = _context(results.model_copy(update={"visual": visual}), figures,
+                       visual_html=render_visual_html(visual) if visual is not None else "",
+                       visual_md=render_visual_md(visual, out_dir / FIGURES_DIR) if visual is not None else "")
 
     paths: dict[str, Path] = {}
     for fig in figures.values():

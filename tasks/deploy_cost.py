@@ -12,7 +12,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
   time.perf_counter() around the forward under torch.inference_mode() and the package's autocast; median and the
   90th percentile (numpy linear interpolation) of those times. The image is seeded noise, already normalised:
   ResNet-50's cost does not depend on pixel values.
-- throughput_images_per_second: 2 untimed batches, then `batches` forwards of `throughput_batch_size` images timed
+- throughput_images_per_second: 2 untimed batches (fewer when warmup_runs < 2), then `batches` forwards of `throughput_batch_size` images timed
   together; images / seconds.
 - threads, precision, channels_last: the runtime the figures were measured with (tasks.predict.prepare_model:
   bf16 autocast + channels-last where tasks.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
@@ -20,6 +20,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -30,16 +31,23 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.files import write_model_json
-from data_schemas.package import DEPLOY_COST_FILE, DeploymentCost
+from data_schemas.files import read_models_csv, write_model_json
+from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost
+from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
+from data_schemas.training import PredictionRow
+from tasks.dataset_store import load_dataset
 from tasks.models import forward_flops_per_image
 from tasks.package import float_architecture, load_package, package_file, write_card
-from tasks.predict import PackagedModel, prepare_model
+from tasks.predict import PackagedModel, predict_images, prepare_model
+from tasks.quantize import compare_compression
+from tasks.statistics import bootstrap_ci, roc_auc
 
 DEFAULT_WARMUP_RUNS = 10
 DEFAULT_TIMED_RUNS = 50
 THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_THROUGHPUT_BATCHES = 5
+# Seconds instead of a minute per arm, for the smoke profile and tests: figures too noisy to quote.
+QUICK_TIMING: dict[str, int] = {"warmup": 0, "runs": 2, "batches": 1}
 
 
 def cpu_name() -> str:
@@ -88,7 +96,7 @@ def time_model(model: PackagedModel, *, warmup: int, runs: int, batches: int) ->
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second, as the module doc says."""
     latency_ms = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
     big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    batch_times = forward_seconds(model, big, warmup=2, runs=batches)
+    batch_times = forward_seconds(model, big, warmup=min(2, warmup), runs=batches)
     return latency_ms, THROUGHPUT_BATCH_SIZE * batches / sum(batch_times)
 
 
@@ -98,9 +106,14 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
     """Measure one package as the module docstring describes."""
     if warmup < 0 or runs < 1 or batches < 1:
         raise ValueError(f"warmup must be >= 0 and runs, batches >= 1; got {warmup}, {runs}, {batches}.")
-    package = load_package(package_path)
-    model = prepare_model(package, precision, threads)
+    return prepared_model_cost(prepare_model(load_package(package_path), precision, threads), warmup=warmup, runs=runs,
+                               batches=batches)
+
+
+def prepared_model_cost(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> DeploymentCost:
+    """measure_deployment_cost on a model already prepared (so that one int8 conversion serves several uses)."""
     latency, images_per_second = time_model(model, warmup=warmup, runs=runs, batches=batches)
+    package = model.package
     meta = package.meta
     return DeploymentCost(
         arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
@@ -114,14 +127,57 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
     )
 
 
-@task(name="deploy-cost", cache_policy=NO_CACHE)
-def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None) -> DeploymentCost:
+@task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.parent.name}-{package_path.parent.name}")
+def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None, *,
+                     warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
+                     batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
     """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card.
 
-    Run one at a time: the timings need the CPU to themselves.
+    Run one at a time: the timings need the CPU to themselves. warmup/runs/batches: see the module doc (the smoke
+    profile passes QUICK_TIMING, whose figures say so through timed_runs).
     """
-    cost = measure_deployment_cost(package_path, precision=precision, threads=threads)
+    cost = measure_deployment_cost(package_path, precision=precision, threads=threads, warmup=warmup, runs=runs,
+                                   batches=batches)
     folder = package_file(package_path).parent
     write_model_json(folder / DEPLOY_COST_FILE, cost)
     write_card(folder, load_package(folder).meta, cost)
     return cost
+
+
+def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The run's own test images (predictions.csv order), their 0/1 targets and patient keys."""
+    rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)
+    dataset = load_dataset(Path(dataset_dir), in_memory=False)
+    index_of = {row.image_key: row.index for row in dataset.manifest}
+    images = np.asarray(dataset.images[[index_of[row.image_key] for row in rows]], dtype=np.float32)
+    return images, np.array([row.target for row in rows]), [row.patient_key for row in rows]
+
+
+def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
+                         full_cost: DeploymentCost, timing: dict[str, int] | None = None, n_bootstrap: int = 1000,
+                         seed: int = 0) -> CompressionComparison:
+    """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
+    beside the full one on the run's own test images: slice-level test AUCs, judged against a noise band.
+
+    Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.statistics.bootstrap_ci,
+    n_bootstrap resamples of patients) minus its point estimate, i.e. how far the AUC moves when only the sample of
+    test patients changes; an AUC change inside it is indistinguishable from resampling noise. The full model runs in
+    fp32 (its reference probabilities); the compressed one as `ctcompare predict` runs it by default (int8 kernels,
+    or bf16 weights under the runtime's choice), prepared once for timing and predictions (an int8 conversion
+    takes seconds).
+    """
+    small = prepare_model(load_package(compressed_package), "auto")
+    compressed_cost = prepared_model_cost(small, **{"warmup": DEFAULT_WARMUP_RUNS, "runs": DEFAULT_TIMED_RUNS,
+                                                    "batches": DEFAULT_THROUGHPUT_BATCHES, **(timing or {})})
+    folder = package_file(compressed_package).parent
+    write_model_json(folder / DEPLOY_COST_FILE, compressed_cost)
+    write_card(folder, small.package.meta, compressed_cost)
+    images, targets, patients = run_test_images(run_dir, dataset_dir)
+    p_full = predict_images(prepare_model(load_package(full_package), "fp32"), images, progress=False)
+    p_small = predict_images(small, images, progress=False)
+    auc_full, auc_small = roc_auc(targets, p_full), roc_auc(targets, p_small)
+    band = bootstrap_ci(targets, p_full, patients, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
+    finite = all(math.isfinite(v) for v in (auc_full, auc_small, band.ci_low, band.ci_high))
+    interval = (band.ci_low - auc_full, band.ci_high - auc_full) if finite else None
+    return compare_compression(full_cost, compressed_cost, auc_full=auc_full if math.isfinite(auc_full) else None,
+                               auc_compressed=auc_small if math.isfinite(auc_small) else None, interval=interval)

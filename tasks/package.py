@@ -20,6 +20,8 @@ from torch import nn
 
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json, sha256_file
+from data_schemas.metrics import MetricValue
+from data_schemas.report import METRIC_NAMES, ArmResult, TestMetrics
 from data_schemas.package import (
     CHECKSUMS_FILE,
     DeploymentCost,
@@ -237,6 +239,19 @@ def write_package(
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
                       metrics=checked_metrics)
     return write_package_folder(out_dir, meta, state)
+
+
+def package_metrics(arm: ArmResult, mode: str) -> PackageMetrics | None:
+    """The arm's test metrics with intervals, as the comparison reported them, in the package's shape."""
+    if arm.test_metrics is None:
+        return None
+    level = arm.patient_metrics or arm.test_metrics
+
+    def named(metrics: TestMetrics | None) -> dict[str, MetricValue]:
+        return {name: getattr(metrics, name) for name in METRIC_NAMES} if metrics is not None else {}
+
+    return PackageMetrics(mode=mode, patient=named(arm.patient_metrics), slice=named(arm.test_metrics),  # type: ignore[arg-type]
+                          n_test_patients=level.n_patients, n_test_images=arm.test_metrics.n_images)
 
 
 # ----------------------------------------------------------------------------------------------------- reading

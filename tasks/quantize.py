@@ -28,11 +28,12 @@ from torchvision.models.quantization.resnet import QuantizableBottleneck, Quanti
 
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import read_model_json
+from data_schemas.plan import SplitSettings
 from data_schemas.package import CompressionComparison, DeploymentCost, ModelPackageMeta
 from tasks.augment import images_to_tensor
 from tasks.dataset_store import load_dataset
 from tasks.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
-from tasks.splits import parts_for_fold, read_splits
+from tasks.splits import parts_for_fold, read_splits, subsample_patients
 
 INT8_ENGINES = ("x86", "fbgemm")
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -97,8 +98,11 @@ def training_images(dataset_dir: Path, meta: ModelPackageMeta, limit: int = DEFA
     card = read_model_json(Path(dataset_dir) / DATASET_CARD_FILE, DatasetCard)
     if card.content_hash != config.dataset_hash:
         raise PackageError("calibration needs the dataset the model was trained on; this one has another content hash.")
-    rows, _ = read_splits(Path(config.splits_path))
-    train = parts_for_fold(rows, config.fold)["train"]
+    rows, info = read_splits(Path(config.splits_path))
+    settings = SplitSettings(seed=info.seed, mode=info.mode, outer_folds=info.folds, val_fraction=info.val_fraction,
+                             test_fraction=info.test_fraction)
+    # the run's own training patients: its outer fold's train part, subsampled as the run was (fraction runs)
+    train = subsample_patients(parts_for_fold(rows, config.fold, settings)["train"], config.train.train_fraction, config.seed)
     dataset = load_dataset(Path(dataset_dir), in_memory=False)
     index_of = {row.image_key: row.index for row in dataset.manifest}
     picks = np.linspace(0, len(train) - 1, num=min(limit, len(train))).round().astype(int)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from data_schemas.dataset import PRIVATE_INDEX_FILE, PrivateIndexRow
 from data_schemas.files import read_models_csv
-from data_schemas.training import PredictionRow, SplitRow
+from data_schemas.plan import build_run_plan, write_plan
+from data_schemas.training import SPLITS_FILE, PredictionRow, SplitRow
 from flows.ingest import ingest_flow
 from tasks.package import write_package
 from tasks.synth import CohortSummary, synthesize_cohort
@@ -36,12 +37,21 @@ class ShippedRun:
 
 
 def train_smoke_run(dataset_dir: Path, arm: str, run_dir: Path, weights_path: Path | None = None) -> None:
-    """The one call into training: smoke profile, fp32 (so the round trip can be checked to float tolerance)."""
+    """The one call into training: a one-run smoke plan in run_dir (as `ctcompare train` writes it), fp32 (so the
+    round trip can be checked to float tolerance); the split lands beside run_dir (run_dir/../splits.csv)."""
     from tasks.train import train_arm
 
-    summary = train_arm(dataset_dir, arm, run_dir, profile="smoke", overrides={"precision": "fp32"}, seed=0,
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, arm, {"precision": "fp32"}), run=".",
                         weights_path=weights_path)
     assert summary.status == "completed", summary.reason
+
+
+def one_run_plan(run_dir: Path, arm: str, settings: dict[str, str], seed: int = 0) -> Path:
+    """run_dir/plan.json of a single smoke run trained in run_dir itself, its split file beside run_dir."""
+    plan = build_run_plan(profile="smoke", arms=[arm], seed=seed, settings=settings, layout="single-arm")
+    plan = plan.model_copy(update={"splits_file": f"../{SPLITS_FILE}"})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return write_plan(run_dir, plan)
 
 
 def build_shipped_run(root: Path, arm: str = "scratch", weights_path: Path | None = None) -> ShippedRun:

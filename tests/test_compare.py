@@ -17,9 +17,21 @@ from data_schemas.files import read_models_csv
 from data_schemas.plan import read_plan
 from data_schemas.report import ComparisonResults
 from data_schemas.training import PredictionRow
+from data_schemas.visual import LESIONS_SIDECAR_FILE
 from flows.cli import main
+from flows.compare import EXIT_NO_ARM, EXIT_PARTIAL
 from reports.render import SECTION_IDS
+from tasks.lesions import attach_lesions
+from tasks.package import load_package
 from tasks.synth import synthesize_cohort
+
+
+def package_parameters(package) -> int:
+    """Parameters of a package's float network (+ a linear probe's coefficients), counted independently."""
+    from tasks.package import float_architecture
+
+    count = sum(p.numel() for p in float_architecture(package.meta).parameters())
+    return count + (len(package.meta.linear_probe.coef) + 1 if package.meta.linear_probe is not None else 0)
 
 SHAREABLE_SUFFIXES = {".html", ".md", ".json", ".csv", ".txt"}
 ALWAYS_PRESENT_SECTIONS = [s for s in SECTION_IDS if s not in {"folds", "data-efficiency"}]
@@ -54,6 +66,17 @@ def full_run(cohort, resnet50_weights_file: Path, tmp_path_factory: pytest.TempP
     ])
     assert code == 0
     return out
+
+
+def latest_compare_state() -> tuple[str, str]:
+    """(state type, state name) of the latest compare flow run."""
+    async def read() -> tuple[str, str]:
+        async with get_client() as client:
+            flows = {f.id: f.name for f in await client.read_flows()}
+            runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+            run = next(r for r in runs if flows.get(r.flow_id) == "compare")
+            return run.state.type.value, run.state.name
+    return asyncio.run(read())
 
 
 def dataset_of(report_dir: Path) -> Path:
@@ -95,6 +118,43 @@ def test_compare_writes_a_complete_report(full_run: Path) -> None:
     main_config = json.loads((full_run / "runs" / "scratch" / "main" / "config.json").read_text())
     assert plan.cost is not None and plan.cost.n_images == main_config["n_train_images"]
     assert plan.cost.head_warmup_epochs == plan.main_run("imagenet").config.freeze_epochs == 1
+    assert latest_compare_state() == ("COMPLETED", "Completed")
+
+
+def test_every_completed_arm_is_packaged_costed_and_linked(full_run: Path) -> None:
+    results = ComparisonResults.model_validate_json((full_run / "results.json").read_text())
+    html, md = (full_run / "report.html").read_text(), (full_run / "report.md").read_text()
+    for arm in results.arms:
+        assert arm.package_dir == f"runs/{arm.name}/main/package" and arm.deployment is not None
+        package = load_package(full_run / arm.package_dir)
+        # the package carries the threshold the evaluation chose on the main run's validation patients
+        assert package.meta.operating_point.threshold == arm.operating_point.patient_thresholds[0]
+        assert package.meta.operating_point.aggregation == results.evaluation.aggregation
+        assert package.meta.metrics.patient["roc_auc"] == arm.patient_metrics.roc_auc
+        assert arm.deployment.parameters == package_parameters(package) and arm.deployment.latency_ms_median > 0
+        assert f'href="{arm.package_dir}/MODEL_CARD.md"' in html and f"({arm.package_dir}/MODEL_CARD.md)" in md
+        assert (full_run / arm.package_dir / "MODEL_CARD.md").is_file()
+    assert "What it costs to run" in html and "Quick timing (smoke profile)" in html
+    preferred = results.recommendation.preferred_arm or results.recommendation.best_arm
+    compression = results.compression
+    assert compression is not None and compression.full.arm == compression.compressed.arm == preferred
+    assert compression.compressed.package_bytes < compression.full.package_bytes and compression.statement in html
+    assert load_package(full_run / results.compression_package_dir).meta.weights_variant in {"int8", "bf16"}
+
+
+def test_visual_section_shows_each_network_arm_on_the_same_slices(full_run: Path) -> None:
+    raw = json.loads((full_run / "results.json").read_text())
+    assert "visual" not in raw and "data:image/png" not in (full_run / "results.json").read_text()
+    parser = _Collector()
+    parser.feed((full_run / "report.html").read_text())
+    assert "visual" in parser.ids
+    html = (full_run / "report.html").read_text()
+    for arm in ("scratch", "imagenet"):
+        assert html.count(f'<td data-arm="{arm}">') >= 1
+    assert html.count('<td data-arm="scratch">') == html.count('<td data-arm="imagenet">')
+    assert "No map is shown for the linear-probe arm" in html
+    md = (full_run / "report.md").read_text()
+    assert "visual_saliency_scratch_00.png" in md and (full_run / "figures" / "visual_saliency_scratch_00.png").is_file()
 
 
 async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:
@@ -120,23 +180,54 @@ def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: P
     assert any(p.endswith("plan.json") for p in texts) and any(p.endswith("val_predictions.csv") for p in texts)
     texts.update({f"artifact {key}": data for key, data in artifacts.items()})
     texts["logs of the compare flow run"] = "\n".join(logs)
+    # the model packages, their cards and cost files, and the visual section's figures are covered too
+    assert any(p.endswith("MODEL_CARD.md") for p in texts) and any(p.endswith("deploy_cost.json") for p in texts)
+    texts["file names under the report folder"] = "\n".join(str(p.relative_to(full_run)) for p in full_run.rglob("*"))
+    assert "figures/visual_saliency_scratch_00.png" in texts["file names under the report folder"]
     leaks = [(where, value) for where, text in texts.items() for value in identifiers if value in text]
     assert not leaks, f"identifiers found in shareable outputs: {leaks[:5]}"
 
 
-def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, tmp_path: Path) -> None:
+def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, cohort, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    dataset = dataset_of(full_run)
+    attach_lesions(dataset_dir=dataset, sidecar=cohort.out_dir / LESIONS_SIDECAR_FILE)  # the shortcut check too
     out = tmp_path / "reports" / "no-weights"
+    capsys.readouterr()
     code = main([
-        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
+        "compare", str(dataset), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
         "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
     ])
-    assert code == 0
+    assert code == EXIT_PARTIAL == 3
+    assert latest_compare_state() == ("COMPLETED", "Partial")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Partial result: imagenet (skipped) did not complete; report: ") and "scratch" not in last
+    assert last.endswith("report.html")
     results = ComparisonResults.model_validate_json((out / "results.json").read_text())
     imagenet = results.arm("imagenet")
-    assert imagenet.status == "skipped" and "--weights" in imagenet.reason
+    assert imagenet.status == "skipped" and "--weights" in imagenet.reason and imagenet.deployment is None
     html = (out / "report.html").read_text()
-    assert "skipped" in html and "--weights" in html
+    assert "skipped" in html and "--weights" in html and 'class="banner banner-partial"' in html
     assert results.recommendation.basis == "single_arm"
+    assert results.arm("scratch").deployment is not None and results.compression is not None
+    assert "Pointing game" in html and '<td data-arm="scratch">' in html
+
+
+def test_no_completed_arm_fails_the_flow_run(full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports" / "nothing"
+    capsys.readouterr()
+    code = main([
+        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "imagenet",
+        "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
+    ])
+    assert code == EXIT_NO_ARM == 1
+    assert latest_compare_state() == ("FAILED", "Failed")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("No arm completed: imagenet (skipped) did not complete; report: ")
+    results = ComparisonResults.model_validate_json((out / "results.json").read_text())
+    assert not results.completed_arms and results.compression is None
+    html = (out / "report.html").read_text()
+    assert "No model package was written" in html and 'id="visual"' not in html
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
