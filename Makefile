@@ -20,8 +20,9 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
 	touch $@
 
+# Offline the pretrained arms are skipped (no weights file), which ctcompare reports as a partial result (exit 3).
 demo: install
-	$(BIN)/ctcompare demo --out demo
+	$(BIN)/ctcompare demo --out demo || [ $$? -eq 3 ]
 
 test: install
 	$(BIN)/python -m pytest -q

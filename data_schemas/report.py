@@ -267,7 +267,7 @@ class ArmResult(StrictModel):
         cost: estimated versus actual training cost.
         test_metrics: test-set metrics with CIs; None unless completed.
         learning_curve: per-epoch losses, AUCs, learning rate and time.
-        best_epoch: epoch whose weights were kept (best validation AUC).
+        best_epoch: epoch whose weights were kept (by the early-stopping monitor, validation loss by default).
         stopped_epoch: last epoch trained; less than the configured maximum when early stopping fired.
         early_stopped: True when training stopped before the configured number of epochs.
         overfitting_gap: val_loss - train_eval_loss at best_epoch, both plain cross-entropy in eval mode
