@@ -427,6 +427,19 @@ def feature_extractor(backbone: Mapping[str, torch.Tensor], model: str = LEGACY_
     return as_feature_extractor(build_model(model, weights=backbone))
 
 
+def pooled_at_depth(net: nn.Module, depth: str | None) -> nn.Module:
+    """A ResNet feature extractor whose pooled output is the global average of stage `depth`'s output: the features a
+    linear probe at that depth was fitted on (multi_depth_features). The stages after `depth` become Identity, so
+    ResNet's own average pool reads `depth`'s output. None or layer4: `net` unchanged."""
+    if depth in (None, _RESNET_DEPTHS[-1]):
+        return net
+    if depth not in _RESNET_DEPTHS:
+        raise ValueError(f"depth {depth!r} cannot be shipped; choose from {', '.join(_RESNET_DEPTHS)}.")
+    for stage in _RESNET_DEPTHS[_RESNET_DEPTHS.index(depth) + 1:]:
+        setattr(net, stage, nn.Identity())
+    return net
+
+
 def _definition_of(net: nn.Module) -> ModelDef:
     """The registry entry a built network belongs to (by its torchvision class; the ResNets share their layout)."""
     for definition in _MODELS.values():

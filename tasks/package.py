@@ -49,7 +49,7 @@ from data_schemas.training import (
 )
 from data_schemas.arms import RESIZE_METHOD
 from tasks.ingest import PREPROCESS_VERSION
-from tasks.models import build_resnet50, feature_extractor, resolve_imagenet_weights
+from tasks.models import build_resnet50, feature_extractor, pooled_at_depth, resolve_imagenet_weights
 
 # How tasks.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
 TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.augment.images_to_tensor)"
@@ -144,8 +144,9 @@ def _network_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in best["state_dict"].items()}
 
 
-def _linear_probe_state(config: RunConfig, weights_path: Path | None) -> dict[str, torch.Tensor]:
-    """The frozen feature extractor (grey-folded ImageNet backbone) the probe was fitted on, checked by hash."""
+def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str | None) -> dict[str, torch.Tensor]:
+    """The frozen feature extractor (grey-folded ImageNet backbone, up to the probe's depth) the probe was fitted on,
+    checked by hash."""
     if config.weights is None:
         raise PackageError("the linear-probe run records no backbone weights; it cannot be packaged.")
     source = Path(weights_path) if weights_path is not None else Path(config.weights.path)
@@ -156,7 +157,7 @@ def _linear_probe_state(config: RunConfig, weights_path: Path | None) -> dict[st
     backbone, info = resolve_imagenet_weights(source)
     if info.sha256 != config.weights.sha256:
         raise PackageError(f"{source} is not the backbone the run used (SHA-256 differs from config.json's).")
-    return {k: v.detach().clone() for k, v in feature_extractor(backbone).state_dict().items()}
+    return {k: v.detach().clone() for k, v in pooled_at_depth(feature_extractor(backbone), depth).state_dict().items()}
 
 
 def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Mapping[str, Any],
@@ -229,12 +230,12 @@ def write_package(
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}.")
     run_dir, dataset_dir, out_dir = Path(run_dir), Path(dataset_dir), Path(out_dir)
     config = _completed_config(run_dir)
-    if config.arm == "imagenet-linear" and (depth := read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth):
-        raise PackageError(f"the linear probe reads {depth}, chosen on validation; a package ships probes on the last "
-                           f"pooled features only (train with --set 'linear.depths=[\"layer4\"]' to ship one).")
     card = read_model_json(dataset_dir / DATASET_CARD_FILE, DatasetCard)
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
-    state = _linear_probe_state(config, weights_path) if config.arm == "imagenet-linear" else _network_state(run_dir)
+    if config.arm == "imagenet-linear":
+        state = _linear_probe_state(config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth)
+    else:
+        state = _network_state(run_dir)
     operating_point = OperatingPoint(threshold=threshold, rule=threshold_rule, aggregation=aggregation)  # type: ignore[arg-type]
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
                       metrics=checked_metrics)
@@ -310,6 +311,7 @@ def float_architecture(meta: ModelPackageMeta) -> nn.Module:
     model = build_resnet50(1, len(meta.classes), meta.run_config.train.dropout, None)
     if meta.kind == "linear-probe":
         model.fc = nn.Identity()
+        model = pooled_at_depth(model, meta.linear_probe.depth if meta.linear_probe else None)
     return model
 
 
