@@ -3,7 +3,6 @@ to end on the smoke profile (32 px, CPU, no network; weights files made here in 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ from data_schemas.training import (
     RunSummary,
     resolve_train_config,
 )
-from flows.cli import UsageError
 from tasks.train import train_arm, weights_file_for
-from tests.test_train import make_synthetic_dataset
+from tests.test_train import _cli, make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +54,6 @@ def weights_dir(tmp_path_factory) -> Path:
 def _plan(run_dir: Path, arm: str, **kwargs) -> Path:
     plan = build_run_plan(profile="smoke", arms=[arm], seed=0, layout="single-arm", **kwargs)
     return write_plan(run_dir, plan.model_copy(update={"splits_file": "../splits.csv"}))
-
-
-def _cli(argv: list[str]) -> int:
-    from flows import train as train_flow_module
-
-    parser = argparse.ArgumentParser(prog="ctcompare")
-    train_flow_module.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except UsageError:
-        return 2
 
 
 # ------------------------------------------------------------------------------------------- arms with a model
