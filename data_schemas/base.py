@@ -6,6 +6,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that refuses fields it does not declare."""
+    """A pydantic model that refuses fields it does not declare and NaN or infinite floats.
 
-    model_config = ConfigDict(extra="forbid")
+    A float that is undefined (an AUC of one class, a loss that diverged) is stored as None, never as NaN, so that
+    an `Infinity` typed as a setting is refused where it enters instead of failing later as "Input contains NaN".
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

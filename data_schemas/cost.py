@@ -19,6 +19,10 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from data_schemas.arms import ARM_MODES, LEGACY_MODEL, ArmMode, ModelName, canonical_arm_name, default_arms, parse_arms
 from data_schemas.base import StrictModel
 
+# The smallest square input any arm is priced, trained or ingested at: the networks downsample by 32 (total stride),
+# so a smaller input reaches their last stage as a 1x1 map made mostly of zero padding.
+MIN_IMAGE_SIZE = 32
+
 COST_SCHEMA_VERSION = "1.1"  # 1.1: estimates only (no `actual`), ArmCost.n_images and head_warmup_epochs
 COST_FILE = "cost.json"
 DEVICE_CATALOGUE_FILE = "devices.json"
@@ -137,7 +141,7 @@ class CostInputs(StrictModel):
 
 
     n_images: int = Field(ge=1, description="training images per epoch")
-    image_size: int = Field(ge=32, le=2048, description="square input side in pixels")
+    image_size: int = Field(ge=MIN_IMAGE_SIZE, le=2048, description="square input side in pixels")
     channels: int = Field(ge=1, le=3, description="input channels (1 for CT)")
     epochs: int = Field(ge=1, le=100_000)
     batch_size: int = Field(ge=1, le=65_536)

@@ -12,20 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
 from data_schemas.base import StrictModel
 from data_schemas.cost import CostInputs
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, write_model_json
+from data_schemas.cost import MIN_IMAGE_SIZE
 from data_schemas.training import (
     KNOWN_SETTINGS,
+    MAX_IMAGE_SIZE,
     SPLITS_FILE,
     ProfileName,
     TrainConfig,
     load_profiles,
     parse_override_value,
+    check_split_fractions,
     resolve_train_config,
 )
 
@@ -54,6 +57,12 @@ class SplitSettings(StrictModel):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
 
+    @model_validator(mode="after")
+    def _split_leaves_training_patients(self) -> SplitSettings:
+        """Validation and test patients together must leave some patients for training."""
+        check_split_fractions(self.val_fraction, self.test_fraction)
+        return self
+
 
 class PlannedRun(StrictModel):
     """One training run of the plan.
@@ -71,7 +80,7 @@ class PlannedRun(StrictModel):
     arm: str
     outer_fold: int = Field(ge=0)
     train_fraction: float = Field(gt=0, le=1)
-    input_size: int | None = Field(default=None, ge=16, le=1024)
+    input_size: int | None = Field(default=None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     run_dir: str
     config: TrainConfig
 
@@ -177,7 +186,7 @@ def resolve_evaluation(profile: str, folds: int | None, overrides: dict[str, str
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "evaluation"
-        raise ValueError(f"invalid evaluation setting '{where}': {first['msg']}.") from None
+        raise ValueError(f"invalid evaluation setting '{where}': {first['msg'].removeprefix('Value error, ').rstrip('.')}.") from None
 
 
 def run_folder(layout: Layout, arm: str, outer_fold: int, fraction: float, cross_validated: bool,
@@ -272,11 +281,12 @@ def check_arms(arms: list[str]) -> list[str]:
 
 
 def check_sizes(sizes: list[int] | None) -> list[int]:
-    """The input-size curve's sizes, ascending and once each; ValueError for a size outside 16..1024 px."""
+    """The input-size curve's sizes, ascending and once each; ValueError for a size outside the trainable range."""
     values = sorted(set(sizes or []))
-    bad = [s for s in values if not 16 <= int(s) <= 1024 or int(s) != s]
+    bad = [s for s in values if not MIN_IMAGE_SIZE <= int(s) <= MAX_IMAGE_SIZE or int(s) != s]
     if bad:
-        raise ValueError(f"input sizes must be whole numbers of pixels from 16 to 1024, got {bad[0]!r}.")
+        raise ValueError(f"input sizes must be whole numbers of pixels from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
+                         f"got {bad[0]!r}.")
     return [int(s) for s in values]
 
 

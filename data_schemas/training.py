@@ -25,15 +25,18 @@ be overridden with `--set key=value` (dotted for nested keys, e.g. augment.rotat
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from data_schemas.arms import RESIZE_METHOD, canonical_arm_name, parse_arm
 from data_schemas.base import StrictModel
 
-from data_schemas.cost import ARM_NAMES, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms' legacy names
+from data_schemas.cost import ARM_NAMES, MIN_IMAGE_SIZE, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms' legacy names
+
+MAX_IMAGE_SIZE = 1024  # the largest square image a dataset is ingested or an arm trained at
 
 TRAINING_SCHEMA_VERSION = "1.0"
 SPLITS_SCHEMA_VERSION = "1.0"
@@ -101,7 +104,8 @@ class LinearProbeConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Every hyper-parameter and overfitting control of one arm; recorded whole in config.json."""
 
-    image_size: int = Field(ge=16, le=1024, description="the in-memory tensor is resized once to this size")
+    image_size: int = Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="training input size in pixels: the "
+                            "ingested images are resized once, in memory, to image_size x image_size")
     epochs: int = Field(ge=1, description="maximum epochs (early stopping may end sooner)")
     batch_size: int = Field(ge=2)
     eval_batch_size: int = Field(default=64, ge=1)
@@ -136,6 +140,19 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None keeps torch's default")
     download_weights: bool = Field(default=True, description="try torchvision's download when the cache is empty")
+
+    @model_validator(mode="after")
+    def _split_leaves_training_patients(self) -> TrainConfig:
+        """Validation and test patients together must leave some patients for training."""
+        check_split_fractions(self.val_fraction, self.test_fraction)
+        return self
+
+
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """ValueError (one sentence) unless val_fraction + test_fraction < 1, i.e. some patients are left to train on."""
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be below 1 so that some patients are left for training, "
+                         f"got {val_fraction:g} + {test_fraction:g} = {val_fraction + test_fraction:g}")
 
 
 class ProfileSpec(StrictModel):
@@ -206,7 +223,7 @@ class RunConfig(StrictModel):
 
 
 class EpochMetrics(StrictModel):
-    """One row of metrics.csv."""
+    """One row of metrics.csv; a loss or rate that is NaN or infinite (a diverged epoch) is recorded as None."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
     epoch: int = Field(ge=1)
@@ -226,6 +243,12 @@ class EpochMetrics(StrictModel):
     epoch_seconds: float
     elapsed_seconds: float = Field(description="training wall time since the run first started, across resumes")
     is_best: bool
+
+    @field_validator("train_loss", "val_loss", "train_eval_loss", "val_auc", "images_per_second", mode="before")
+    @classmethod
+    def _undefined_is_none(cls, value: Any) -> Any:
+        """A diverged epoch's NaN or infinite value is recorded as undefined (None): the run goes on to report it."""
+        return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class PredictionRow(StrictModel):
@@ -441,5 +464,7 @@ def resolve_train_config(profile: str, arm: str, overrides: dict[str, str] | Non
         return TrainConfig.model_validate(values)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"invalid setting '{where}' for profile '{profile}': {first['msg']}.") from None
+        where, message = ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ").rstrip(".")
+        if not where:  # a rule across settings (e.g. val_fraction + test_fraction)
+            raise ValueError(f"invalid settings for profile '{profile}': {message}.") from None
+        raise ValueError(f"invalid setting '{where}' for profile '{profile}': {message}.") from None

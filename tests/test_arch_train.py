@@ -187,15 +187,15 @@ def test_images_are_resized_by_antialiased_bicubic():
 
 
 def test_plan_keys_size_runs_and_refuses_bad_sizes():
-    plan = build_run_plan(profile="smoke", arms=["scratch", "resnet18:imagenet"], seed=0, sizes=[64, 24, 32])
-    assert plan.sizes == [24, 32, 64]
+    plan = build_run_plan(profile="smoke", arms=["scratch", "resnet18:imagenet"], seed=0, sizes=[64, 48, 32])
+    assert plan.sizes == [32, 48, 64]
     assert [r.run_dir for r in plan.runs] == [
-        "runs/scratch/main", "runs/scratch/size-24", "runs/scratch/size-64",
-        "runs/resnet18-imagenet/main", "runs/resnet18-imagenet/size-24", "runs/resnet18-imagenet/size-64"]
-    assert [r.config.image_size for r in plan.size_runs("resnet18:imagenet")] == [24, 32, 64]
+        "runs/scratch/main", "runs/scratch/size-48", "runs/scratch/size-64",
+        "runs/resnet18-imagenet/main", "runs/resnet18-imagenet/size-48", "runs/resnet18-imagenet/size-64"]
+    assert [r.config.image_size for r in plan.size_runs("resnet18:imagenet")] == [32, 48, 64]
     assert [r.run_dir for r in plan.pooled_runs("scratch")] == ["runs/scratch/main"]  # sizes are not pooled
     assert plan.run("runs/scratch/size-64").config.freeze_epochs == 0
-    with pytest.raises(ValueError, match="from 16 to 1024"):
+    with pytest.raises(ValueError, match="from 32 to 1024"):
         build_run_plan(profile="smoke", arms=["scratch"], seed=0, sizes=[8])
 
 
@@ -207,13 +207,13 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
 
     report_dir = tmp_path / "report"
     arms = ["resnet18:scratch", "resnet18:imagenet-linear"]
-    plan = build_run_plan(profile="smoke", arms=arms, seed=0, sizes=[24, 32], n_bootstrap=50)
+    plan = build_run_plan(profile="smoke", arms=arms, seed=0, sizes=[32, 36], n_bootstrap=50)
     plan_path = write_plan(report_dir, plan)
     for planned in plan.runs:
         summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=planned.run_dir, weights_dir=weights_dir)
         assert summary.status == "completed", summary.reason
-    small = read_model_json(report_dir / "runs/resnet18-scratch/size-24/config.json", RunConfig)
-    assert (small.train.image_size, small.dataset_image_size) == (24, 40) and "bicubic" in small.resize_method
+    small = read_model_json(report_dir / "runs/resnet18-scratch/size-36/config.json", RunConfig)
+    assert (small.train.image_size, small.dataset_image_size) == (36, 40) and "bicubic" in small.resize_method
     results = word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
         arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
@@ -221,10 +221,10 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
         command="ctcompare compare", size_dirs={arm: {r.config.image_size: report_dir / r.run_dir
                                                        for r in plan.size_runs(arm)} for arm in plan.arms},
     ))
-    assert sorted((p.arm, p.image_size) for p in results.input_sizes) == sorted((a, s) for a in arms for s in (24, 32))
+    assert sorted((p.arm, p.image_size) for p in results.input_sizes) == sorted((a, s) for a in arms for s in (32, 36))
     assert all(p.test_auc.value is not None and p.train_seconds and p.train_flops for p in results.input_sizes)
     scratch_sizes = {p.image_size: p for p in results.input_sizes if p.arm == "resnet18:scratch"}
-    assert scratch_sizes[24].forward_flops_per_image < scratch_sizes[32].forward_flops_per_image
+    assert scratch_sizes[32].forward_flops_per_image < scratch_sizes[36].forward_flops_per_image
     depths = [p for p in results.probe_depths if p.arm == "resnet18:imagenet-linear"]
     assert [p.depth for p in depths] == ["layer2", "layer3", "layer4"] and sum(p.chosen for p in depths) == 1
     what = results.what_to_train
@@ -239,7 +239,7 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     assert what.sentences and any("training budget" in s for s in what.sentences)
     paths = render_report(results, tmp_path / "rendered")
     markdown = paths["markdown"].read_text(encoding="utf-8")
-    assert "## What to train" in markdown and "AUC against depth" in markdown and "24 px" in markdown
+    assert "## What to train" in markdown and "AUC against depth" in markdown and "36 px" in markdown
     assert "What to train" in paths["html"].read_text(encoding="utf-8")
     figures = tmp_path / "rendered" / "figures"
     assert (figures / "input_sizes.png").stat().st_size > 0 and (figures / "probe_depths.png").stat().st_size > 0

@@ -71,7 +71,7 @@ def test_every_label_key_kind_labels_exactly_its_files(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     for key, (rows, expected) in KEY_CASES.items():
         labels = write_labels(tmp_path / f"labels_{key}.csv", key, rows)
-        summary = ingest_flow(src_dir=str(src), out_dir=str(out), labels=str(labels), size=16, workers=1)
+        summary = ingest_flow(src_dir=str(src), out_dir=str(out), labels=str(labels), size=32, workers=1)
         assert labels_by_file(out) == expected, f"labels keyed on {key} went to the wrong files"
         card = DatasetCard.model_validate(summary["card"])
         assert card.labels_source == key
@@ -136,4 +136,4 @@ def test_a_uid_of_the_other_kind_matches_nothing(tmp_path: Path, key: str) -> No
     other = fields["SeriesInstanceUID"] if key == "study_instance_uid" else fields["StudyInstanceUID"]
     labels = write_labels(tmp_path / "labels.csv", key, [(other, "nodule")])
     with pytest.raises(IngestError, match=f"no {key} in labels file labels.csv matches"):
-        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "out"), labels=str(labels), size=16, workers=1)
+        ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "out"), labels=str(labels), size=32, workers=1)
