@@ -14,16 +14,15 @@ import argparse
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
 
-from data_schemas.arms import ARM_MODES, MODEL_NAMES
+from data_schemas.arms import MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
@@ -33,6 +32,30 @@ from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
+from flows.parameters import (
+    Arms,
+    Bootstrap,
+    Calibrate,
+    CompareLabels,
+    CompareSource,
+    Folds,
+    Fractions,
+    IngestSize,
+    NewFolderPerRun,
+    ParallelArms,
+    Patients,
+    Profile,
+    ReportFolder,
+    Seed,
+    Settings,
+    SlicesPerPatient,
+    TrainDeployment,
+    TrainSizes,
+    WeightsFile,
+    check_flow_parameters,
+    check_weights_loadable,
+    help_for,
+)
 from flows.serve import report_url
 from flows.train import parse_overrides
 from reports.wording import word_results
@@ -196,12 +219,29 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
     """Refuse missing inputs and an unusable output folder with one sentence before any work starts."""
     if not source.exists():
         raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
+    if source.is_dir() and not (source / "dataset.json").is_file():
+        check_dicom_source(source, labels)
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
     if weights is not None and not weights.is_file():
         raise ValueError(f"weights file {weights} does not exist.")
     if report_dir.exists() and not report_dir.is_dir():
         raise ValueError(f"output {report_dir} exists and is not a folder.")
+
+
+def check_dicom_source(source: Path, labels: Path | None) -> None:
+    """A DICOM source must hold a file, and compare needs its labels (it trains on labelled images only): refused
+    without --labels, naming a labels.csv found inside or beside the folder."""
+    if next((path for path in source.rglob("*") if path.is_file()), None) is None:
+        raise ValueError(f"source folder {source} holds no file; give a DICOM folder or a dataset folder made by "
+                         "'ctcompare ingest'.")
+    if labels is None:
+        found = next((path for path in (source / "labels.csv", source.parent / "labels.csv") if path.is_file()), None)
+        if found is not None:
+            raise ValueError(f"a DICOM source needs --labels (compare trains on labelled images only); {found} is "
+                             f"there: add --labels {found}.")
+        raise ValueError("a DICOM source needs --labels, a labels CSV (see 'ctcompare ingest --help'): compare trains "
+                         "on labelled images only.")
 
 
 def dataset_folder(out_dir: Path, new_folder_per_run: bool) -> Path:
@@ -258,23 +298,23 @@ def _publish(results: ComparisonResults, html: Path, link: str) -> None:
 
 @flow(name="compare")
 def compare_flow(
-    source: str,
-    out_dir: str,
-    labels: str | None = None,
-    profile: ProfileName = "cpu",
-    arms: list[str] = DEFAULT_ARMS,
-    weights: str | None = None,
-    seed: Annotated[int, Field(ge=0)] = 0,
-    folds: Annotated[int, Field(ge=2, le=20)] | None = None,
-    fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = None,
-    sizes: list[Annotated[int, Field(ge=16, le=1024)]] | None = None,
-    settings: dict[str, str] | None = None,
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 224,
-    bootstrap: Annotated[int, Field(ge=10, le=100_000)] = 1000,
-    calibrate: bool = True,
-    parallel_arms: Annotated[int, Field(ge=1, le=16)] = 1,
-    new_folder_per_run: bool = False,
-    train_deployment: str | None = None,
+    source: CompareSource,
+    out_dir: ReportFolder,
+    labels: CompareLabels = None,
+    profile: Profile = "cpu",
+    arms: Arms = DEFAULT_ARMS,
+    weights: WeightsFile = None,
+    seed: Seed = 0,
+    folds: Folds = None,
+    fractions: Fractions = None,
+    sizes: TrainSizes = None,
+    settings: Settings = None,
+    image_size: IngestSize = 224,
+    bootstrap: Bootstrap = 1000,
+    calibrate: Calibrate = True,
+    parallel_arms: ParallelArms = 1,
+    new_folder_per_run: NewFolderPerRun = False,
+    train_deployment: TrainDeployment = None,
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
@@ -283,6 +323,7 @@ def compare_flow(
     arms: MODE or MODEL:MODE names (data_schemas.arms), e.g. scratch, imagenet, resnet18:imagenet.
     sizes: the input-size curve: each arm is also trained at these training image sizes on the same split
     (runs/<arm>/size-<px>); a DICOM source is then ingested at the largest of them and image_size.
+    image_size: the ingest size of a DICOM source only; the training size is the profile's image_size setting.
     new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
     (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the runs already trained there.
     train_deployment: run every training run (arm, outer fold, fraction) as a flow run of this deployment (e.g.
@@ -388,49 +429,51 @@ def finish_cli(state: State) -> int:
     return code
 
 
-def _fractions(text: str | None) -> list[float] | None:
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    """'0.1,0.5' -> sorted distinct numbers; the bounds are the flow's (check_flow_parameters)."""
     if not text:
         return None
     try:
-        values = sorted({float(item) for item in text.split(",") if item.strip()})
+        values = sorted({kind(item) for item in text.split(",") if item.strip()})
     except ValueError:
-        raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}.") from None
-    if not values or values[0] <= 0 or values[-1] > 1:
-        raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}.")
+        noun = "whole numbers" if kind is int else "numbers"
+        raise UsageError(f"{option} takes comma-separated {noun}, got {text!r}.") from None
+    if not values:
+        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}.")
     return values
 
 
-def _sizes(text: str | None) -> list[int] | None:
-    """--sizes 64,112,224 -> [64, 112, 224]; UsageError for anything but whole pixel counts from 16 to 1024."""
-    if not text:
-        return None
+COMPARE_OPTIONS = {"source": "SOURCE", "out_dir": "--out", "bootstrap": "--bootstrap", "settings": "--set"}
+
+
+def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The compare flow's parameters from the command line, checked against the flow's signature and the run plan,
+    with the paths and the weights file checked too: UsageError (one sentence) before Prefect starts."""
+    parameters = {
+        "source": args.source, "out_dir": args.out, "labels": args.labels, "profile": args.profile,
+        "arms": arm_list(args.arms) or list(DEFAULT_ARMS), "weights": args.weights, "seed": args.seed,
+        "folds": args.folds, "fractions": _numbers(args.fractions, float, "--fractions"),
+        "sizes": _numbers(args.sizes, int, "--sizes"), "settings": parse_overrides(args.set),
+        "bootstrap": args.bootstrap, "calibrate": not args.no_calibrate, "parallel_arms": args.parallel_arms,
+        "train_deployment": args.train_deployment,
+    }
     try:
-        values = sorted({int(item) for item in text.split(",") if item.strip()})
-    except ValueError:
-        raise UsageError(f"--sizes takes comma-separated whole pixel counts from 16 to 1024, got {text!r}.") from None
-    if not values or values[0] < 16 or values[-1] > 1024:
-        raise UsageError(f"--sizes takes comma-separated whole pixel counts from 16 to 1024, got {text!r}.")
-    return values
+        check_flow_parameters(compare_flow, parameters, COMPARE_OPTIONS)
+        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
+                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
+        parameters["arms"] = build_run_plan(
+            profile=args.profile, arms=parameters["arms"], seed=args.seed, settings=parameters["settings"],
+            folds=args.folds, fractions=parameters["fractions"], sizes=parameters["sizes"], n_bootstrap=args.bootstrap,
+        ).arms
+        check_weights_loadable(args.weights)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return parameters
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    arms = arm_list(args.arms) or list(DEFAULT_ARMS)
-    settings = parse_overrides(args.set)
-    fractions = _fractions(args.fractions)
-    sizes = _sizes(args.sizes)
-    try:
-        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
-                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
-        arms = build_run_plan(profile=args.profile, arms=arms, seed=args.seed, settings=settings, folds=args.folds,
-                              fractions=fractions, sizes=sizes, n_bootstrap=args.bootstrap).arms  # refuses bad input before Prefect starts
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    state = compare_flow(
-        source=args.source, out_dir=args.out, labels=args.labels, profile=args.profile, arms=arms, weights=args.weights,
-        seed=args.seed, folds=args.folds, fractions=fractions, sizes=sizes, settings=settings, bootstrap=args.bootstrap, calibrate=not args.no_calibrate,
-        parallel_arms=args.parallel_arms, train_deployment=args.train_deployment, return_state=True,
-    )
-    return finish_cli(state)
+    parameters = compare_parameters(args)  # refuses bad input before Prefect starts
+    return finish_cli(compare_flow(**parameters, return_state=True))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -438,6 +481,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.out).resolve()
     cohort = root / "cohort"
+    arms = arm_list(args.arms) or list(DEFAULT_ARMS)
+    try:  # every argument checked before Prefect starts: the cohort's, the comparison's and the weights file
+        check_flow_parameters(synth_flow, {"out_dir": str(cohort), "patients": args.patients,
+                                           "slices_per_patient": args.slices_per_patient, "seed": args.seed})
+        build_run_plan(profile=args.profile, arms=arms, seed=args.seed)
+        check_weights_loadable(args.weights)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     synth_flow(out_dir=str(cohort), patients=args.patients, slices_per_patient=args.slices_per_patient, seed=args.seed)
     dataset = root / "dataset"
     ingest_flow(src_dir=str(cohort / "dicom"), out_dir=str(dataset), labels=str(cohort / "labels.csv"), size=224)
@@ -445,7 +496,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         attach_lesions(dataset_dir=dataset, sidecar=cohort / LESIONS_SIDECAR_FILE)
     state = compare_flow(
         source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
-        arms=arm_list(args.arms) or list(DEFAULT_ARMS), weights=args.weights, seed=args.seed, return_state=True,
+        arms=arms, weights=args.weights, seed=args.seed, return_state=True,
     )
     print(f"Index of every report: {root / 'reports' / 'index.html'}")
     return finish_cli(state)
@@ -455,33 +506,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare compare` and `ctcompare demo`."""
     profiles = PROFILE_NAMES
     parser = subparsers.add_parser("compare", help="the whole comparison: ingest, cost, train every arm, report", description=compare_flow.__doc__)
-    parser.add_argument("source", help="a DICOM folder (ingested beside the report folder, into OUT-dataset) or a dataset folder from 'ctcompare ingest'")
-    parser.add_argument("--out", required=True, help="report folder; index.html in its parent lists every report")
-    parser.add_argument("--labels", help="labels CSV for a DICOM source (see 'ctcompare ingest --help')")
-    parser.add_argument("--profile", default="cpu", choices=profiles)
-    parser.add_argument("--arms", nargs="+", help=f"arms to train (default: {', '.join(ARM_NAMES)}, the ResNet-50 arms): MODE or MODEL:MODE, MODE one of "
-                        f"{', '.join(ARM_MODES)}, MODEL one of {', '.join(MODEL_NAMES)}; e.g. scratch resnet18:imagenet")
-    parser.add_argument("--weights", help="ImageNet (or other torchvision-format) ResNet-50 state dict for the pretrained arms")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folds", type=int, default=None, metavar="K", help="cross-validated evaluation: K outer folds "
-                        "partition every labelled patient, each fold is the test part of one run per arm and the "
-                        "out-of-fold predictions are pooled (default: the profile's; full = 5, smoke and cpu = hold-out)")
-    parser.add_argument("--fractions", help="data-efficiency curve: train each arm on these shares of the training patients, e.g. 0.1,0.25,0.5,1.0")
-    parser.add_argument("--sizes", help="input-size curve: also train each arm at these training image sizes on the same "
-                        "split, e.g. 64,112,224 (resized once from one ingest at the largest, antialiased bicubic)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("source", help=help_for(CompareSource))
+    parser.add_argument("--out", required=True, help=help_for(ReportFolder))
+    parser.add_argument("--labels", help=help_for(CompareLabels))
+    parser.add_argument("--profile", default="cpu", choices=profiles, help=help_for(Profile, "cpu"))
+    parser.add_argument("--arms", nargs="+", help=help_for(Arms, ", ".join(ARM_NAMES)) + f"; MODEL one of {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--weights", help=help_for(WeightsFile))
+    parser.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
+    parser.add_argument("--folds", type=int, default=None, metavar="K", help=help_for(Folds))
+    parser.add_argument("--fractions", help=help_for(Fractions))
+    parser.add_argument("--sizes", help=help_for(TrainSizes))
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable), e.g. "
+                        "--set epochs=3 --set image_size=112 (the training input size)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help=help_for(Bootstrap, 1000))
     parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")
-    parser.add_argument("--parallel-arms", type=int, default=1, help="arms trained at once (default 1: each arm uses every core)")
-    parser.add_argument("--train-deployment", help="run each training run as a flow run of this deployment (e.g. train/arm) on its work pool")
+    parser.add_argument("--parallel-arms", type=int, default=1, help=help_for(ParallelArms, 1))
+    parser.add_argument("--train-deployment", help=help_for(TrainDeployment))
     parser.set_defaults(handler=_run_compare)
 
     demo = subparsers.add_parser("demo", help="synthetic demo cohort + the whole comparison (cpu profile)")
     demo.add_argument("--out", default="demo", help="demo folder (cohort/, dataset/, reports/); default ./demo")
-    demo.add_argument("--profile", default="cpu", choices=profiles)
-    demo.add_argument("--arms", nargs="+", help=f"arms (default all): {', '.join(ARM_NAMES)}")
-    demo.add_argument("--weights", help="ImageNet ResNet-50 weights file; without it the pretrained arms are skipped offline")
-    demo.add_argument("--patients", type=int, default=150)
-    demo.add_argument("--slices-per-patient", type=int, default=10)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--profile", default="cpu", choices=profiles, help=help_for(Profile, "cpu"))
+    demo.add_argument("--arms", nargs="+", help=help_for(Arms, "all"))
+    demo.add_argument("--weights", help=help_for(WeightsFile))
+    demo.add_argument("--patients", type=int, default=150, help=help_for(Patients, 150))
+    demo.add_argument("--slices-per-patient", type=int, default=10, help=help_for(SlicesPerPatient, 10))
+    demo.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
     demo.set_defaults(handler=_run_demo)

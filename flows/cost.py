@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from data_schemas.arms import ARM_MODES, MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs, CostReport
 from data_schemas.files import sha256_file
+from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force
 from reports.cost_tables import format_table, markdown_table
 from tasks.cost import (
     calibrate_task,
@@ -35,7 +36,8 @@ ARTIFACT_KEY = "ctcompare-cost"
 
 
 @flow(name="cost", validate_parameters=True)
-def cost_flow(*, inputs: CostInputs, out_dir: Path, calibrate: bool = True, force: bool = False) -> CostReport:
+def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate: Calibrate = True,
+              force: Force = False) -> CostReport:
     """Estimate each arm's cost for `inputs` and write cost.json into out_dir.
 
     inputs: what to price (tasks.cost.resolve_cost_inputs builds it from a dataset folder or an image count);

@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
+from flows.parameters import (
+    AllowBurnedIn,
+    DaskAddress,
+    DatasetFolder,
+    DicomFolder,
+    IngestLabels,
+    IngestSize,
+    Window,
+    Workers,
+)
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
@@ -28,17 +37,16 @@ from tasks.ingest import (
 from tasks.preprocess import parse_window
 from tasks.progress import progress
 
-WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
 # Files per decode chunk (one Prefect task run, cached and retried as a unit) when decoding locally.
 LOCAL_CHUNK_FILES = 256
-ImageSize = Annotated[int, Field(ge=16, le=1024, description="output images are size x size pixels")]
-WindowOption = Annotated[str, Field(pattern=WINDOW_PATTERN, description="lung, mediastinal, bone, none, or 'LEVEL,WIDTH' in HU")]
 
 
 def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, window: str) -> WindowSpec:
     """Refuse bad arguments with one sentence before any work starts."""
     if not src_dir.is_dir():
         raise ValueError(f"source folder {src_dir} does not exist or is not a folder.")
+    if next((path for path in src_dir.rglob("*") if path.is_file()), None) is None:
+        raise ValueError(f"source folder {src_dir} holds no file; give a folder of DICOM files.")
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
     if out_dir.exists() and not out_dir.is_dir():
@@ -58,14 +66,14 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
 
 @flow(name="ingest")
 def ingest_flow(
-    src_dir: str,
-    out_dir: str,
-    labels: str | None = None,
-    size: ImageSize = 224,
-    window: WindowOption = "lung",
-    workers: Annotated[int, Field(ge=0, le=256)] = 0,
-    dask_address: str | None = None,
-    allow_burned_in: bool = False,
+    src_dir: DicomFolder,
+    out_dir: DatasetFolder,
+    labels: IngestLabels = None,
+    size: IngestSize = 224,
+    window: Window = "lung",
+    workers: Workers = 0,
+    dask_address: DaskAddress = None,
+    allow_burned_in: AllowBurnedIn = False,
 ) -> dict[str, Any]:
     """Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset.
 

@@ -5,27 +5,39 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 DESCRIPTION = "Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset."
 
 
-def _run_ingest(args: argparse.Namespace) -> int:
+def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The ingest flow's parameters from the command line, checked against the flow's signature, the folders and
+    the labels file: UsageError (one sentence) before Prefect starts and before any folder is made."""
     from flows.cli import UsageError
     from flows.ingest import check_ingest_arguments, ingest_flow
-    from tasks.ingest import IngestError, read_labels
+    from flows.parameters import check_flow_parameters
+    from tasks.ingest import read_labels
 
+    parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
+                  "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
+                  "allow_burned_in": args.allow_burned_in}
     try:
-        if args.workers < 0:
-            raise ValueError(f"--workers must be 0 (all cores) or a number of processes, got {args.workers}.")
+        check_flow_parameters(ingest_flow, parameters, {"src_dir": "SRC_DIR", "out_dir": "--out"})
         check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
         if args.labels:
             read_labels(Path(args.labels))
-        if not 16 <= args.size <= 1024:
-            raise ValueError(f"--size must be between 16 and 1024 pixels, got {args.size}.")
     except ValueError as error:
         raise UsageError(str(error)) from None
+    return parameters
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import ingest_flow
+    from tasks.ingest import IngestError
+
+    parameters = ingest_parameters(args)
     try:
-        summary = ingest_flow(src_dir=args.src_dir, out_dir=args.out, labels=args.labels, size=args.size, window=args.window, workers=args.workers, dask_address=args.dask_address, allow_burned_in=args.allow_burned_in)
+        summary = ingest_flow(**parameters)
     except IngestError as error:
         print(f"ctcompare ingest: {error}")
         return 1
@@ -41,13 +53,17 @@ def _run_ingest(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare ingest`."""
+    from flows.parameters import (
+        AllowBurnedIn, DaskAddress, DatasetFolder, DicomFolder, IngestLabels, IngestSize, Window, Workers, help_for,
+    )
+
     parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset", description=DESCRIPTION)
-    parser.add_argument("src_dir", help="folder of DICOM files (searched recursively, any extension)")
-    parser.add_argument("--out", required=True, help="dataset folder to write (re-running into it is incremental)")
-    parser.add_argument("--labels", help="CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid or path) and 'label'")
-    parser.add_argument("--size", type=int, default=224, help="output size in pixels (default 224)")
-    parser.add_argument("--window", default="lung", help="lung, mediastinal, bone, none, or LEVEL,WIDTH in HU (default lung)")
-    parser.add_argument("--workers", type=int, default=0, help="parallel worker processes (default: all cores)")
-    parser.add_argument("--dask-address", default=None, help="run the decode chunks on this Dask scheduler (e.g. tcp://host:8786)")
-    parser.add_argument("--allow-burned-in", action="store_true", help="include files marked BurnedInAnnotation YES and Secondary Capture objects (their pixels may show names); quarantined by default")
+    parser.add_argument("src_dir", metavar="SRC_DIR", help=help_for(DicomFolder))
+    parser.add_argument("--out", required=True, help=help_for(DatasetFolder))
+    parser.add_argument("--labels", help=help_for(IngestLabels))
+    parser.add_argument("--size", type=int, default=224, help=help_for(IngestSize, 224))
+    parser.add_argument("--window", default="lung", help=help_for(Window, "lung"))
+    parser.add_argument("--workers", type=int, default=0, help=help_for(Workers, 0))
+    parser.add_argument("--dask-address", default=None, help=help_for(DaskAddress))
+    parser.add_argument("--allow-burned-in", action="store_true", help=help_for(AllowBurnedIn))
     parser.set_defaults(handler=_run_ingest)

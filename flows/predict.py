@@ -11,23 +11,31 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import Field
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
 
 PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
-from flows.ingest import WindowOption, check_ingest_arguments, ingest_flow
+from flows.ingest import check_ingest_arguments, ingest_flow
+from flows.parameters import (
+    BatchSize,
+    DicomFolder,
+    PackagePath,
+    Precision,
+    PredictionsFolder,
+    PredictLabels,
+    PredictSize,
+    PredictWindow,
+    check_flow_parameters,
+    help_for,
+)
 from tasks.ingest import IngestError, read_labels
 from tasks.package import load_package
 from tasks.predict import check_request, predict_dataset_task, window_argument
-
-PrecisionOption = Literal["auto", "fp32", "bf16"]
-
 
 def check_predict_arguments(package: Path, dicom_dir: Path, out_dir: Path, *, labels: Path | None,
                             window: str | None, size: int | None) -> dict[str, Any]:
@@ -52,27 +60,16 @@ def _copy_quarantine(out: Path) -> None:
 
 @flow(name="predict")
 def predict_flow(
-    package: str,
-    dicom_dir: str,
-    out_dir: str,
-    labels: str | None = None,
-    window: WindowOption | None = None,
-    size: Annotated[int, Field(ge=16, le=1024)] | None = None,
-    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32,
-    precision: PrecisionOption = "auto",
+    package: PackagePath,
+    dicom_dir: DicomFolder,
+    out_dir: PredictionsFolder,
+    labels: PredictLabels = None,
+    window: PredictWindow = None,
+    size: PredictSize = None,
+    batch_size: BatchSize = 32,
+    precision: Precision = "auto",
 ) -> dict[str, Any]:
-    """Predict new DICOM files with a model package, converted with exactly the package's recipe.
-
-    Args:
-        package: a model package folder (model.pt, MODEL_CARD.md), its model.pt, or a run folder holding package/.
-        dicom_dir: folder of new DICOM files; files ingest would refuse are quarantined, the rest predicted.
-        out_dir: where predictions.csv, patient_predictions.csv, quarantine.csv and predict.json go.
-        labels: optional labels CSV of the new files (as for ingest), to report the given labels beside predictions.
-        window: the CT window; refused unless it is the package's own (leave empty to use the package's).
-        size: the ingest image size in pixels; refused unless it is the package's own (leave empty).
-        batch_size: images per forward pass (1-1024).
-        precision: auto (bf16 where this CPU gains), fp32 or bf16; int8 packages run int8 kernels.
-    """
+    """Predict new DICOM files with a model package, converted with exactly the package's recipe."""
     logger = get_run_logger()
     out = Path(out_dir).resolve()
     checked = check_predict_arguments(Path(package), Path(dicom_dir).resolve(), out,
@@ -102,6 +99,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     try:
+        check_flow_parameters(predict_flow, {
+            "package": args.package, "dicom_dir": args.dicom_dir, "out_dir": str(out), "labels": args.labels,
+            "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
+        }, {"package": "PACKAGE_OR_RUN_DIR", "dicom_dir": "DICOM_DIR", "out_dir": "--out"})
         check_predict_arguments(Path(args.package), Path(args.dicom_dir).resolve(), out,
                                 labels=Path(args.labels) if args.labels else None, window=args.window, size=args.size)
     except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
@@ -126,13 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare predict`."""
     parser = subparsers.add_parser("predict", help="run a model package on new DICOM files",
                                    description=predict_flow.__doc__)
-    parser.add_argument("package", metavar="PACKAGE_OR_RUN_DIR", help="model.pt, its package folder, or a run folder holding package/")
-    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help="folder of new DICOM files (searched recursively)")
-    parser.add_argument("--out", required=True, metavar="PRED_DIR", help="folder for the predictions")
-    parser.add_argument("--labels", help="optional labels CSV (as for ingest); its labels must be the model's classes")
-    parser.add_argument("--window", default=None, help="must equal the model's window when given (default: the model's)")
-    parser.add_argument("--size", type=int, default=None, help="must equal the model's ingest size when given")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="auto: bf16 where the CPU runs it natively, else fp32")
+    parser.add_argument("package", metavar="PACKAGE_OR_RUN_DIR", help=help_for(PackagePath))
+    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help=help_for(DicomFolder))
+    parser.add_argument("--out", required=True, metavar="PRED_DIR", help=help_for(PredictionsFolder))
+    parser.add_argument("--labels", help=help_for(PredictLabels))
+    parser.add_argument("--window", default=None, help=help_for(PredictWindow))
+    parser.add_argument("--size", type=int, default=None, help=help_for(PredictSize))
+    parser.add_argument("--batch-size", type=int, default=32, help=help_for(BatchSize, 32))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=help_for(Precision, "auto"))
     parser.set_defaults(handler=_run_predict)

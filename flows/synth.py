@@ -7,6 +7,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.parameters import CohortFolder, MatrixSizes, Patients, Seed, SlicesPerPatient, check_flow_parameters, help_for
+
 from tasks.synth import (
     DEFAULT_MATRIX_SIZES,
     CohortMismatchError,
@@ -21,8 +23,8 @@ from tasks.synth import (
 
 
 @flow(name="synth", log_prints=False)
-def synth_flow(out_dir: str, patients: int = 150, slices_per_patient: int = 10, seed: int = 0,
-               matrix_sizes: list[int] | None = None) -> CohortSummary:
+def synth_flow(out_dir: CohortFolder, patients: Patients = 150, slices_per_patient: SlicesPerPatient = 10,
+               seed: Seed = 0, matrix_sizes: MatrixSizes = None) -> CohortSummary:
     """Write a synthetic cohort to out_dir; a complete cohort with the same parameters is kept as it is."""
     logger = get_run_logger()
 
@@ -43,6 +45,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     # Validate before starting Prefect, so a bad argument costs nothing and reads as one sentence.
     try:
+        check_flow_parameters(synth_flow, {"out_dir": str(args.out_dir), "patients": args.patients,
+                                           "slices_per_patient": args.slices_per_patient, "seed": args.seed},
+                              {"out_dir": "OUT_DIR"})
         validate_synth_parameters(args.patients, args.slices_per_patient, DEFAULT_MATRIX_SIZES)
         state = check_output_dir(Path(args.out_dir), synth_parameters(args.patients, args.slices_per_patient, args.seed))
     except (CohortMismatchError, ValueError) as error:
@@ -66,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "see docs/lesions.md). Deterministic for a given seed; an existing "
                     "complete cohort with the same parameters is kept.",
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to write the cohort into")
-    parser.add_argument("--patients", type=int, default=150, help="number of patients (default 150)")
-    parser.add_argument("--slices-per-patient", type=int, default=10, help="CT slices per patient (default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical files")
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help=help_for(CohortFolder))
+    parser.add_argument("--patients", type=int, default=150, help=help_for(Patients, 150))
+    parser.add_argument("--slices-per-patient", type=int, default=10, help=help_for(SlicesPerPatient, 10))
+    parser.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
     parser.set_defaults(handler=_run_synth)

@@ -20,17 +20,29 @@ from data_schemas.arms import ARM_MODES, LEGACY_MODEL, MODEL_NAMES, parse_arm
 from data_schemas.plan import ALL_SETTING_KEYS, build_run_plan, read_plan, write_plan
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, RunSummary
 from flows.cli import UsageError
+from flows.parameters import (
+    MAX_SEED,
+    PlanFile,
+    PlannedRunFolder,
+    Resume,
+    Seed,
+    TrainDataset,
+    TrainWeights,
+    WeightsFolder,
+    check_weights_loadable,
+    help_for,
+)
 
 
 @flow(name="train", log_prints=True)
 def train_flow(
     *,
-    dataset_dir: Path,
-    plan_path: Path,
-    run: str | None = None,
-    weights_path: Path | None = None,
-    resume: bool = False,
-    weights_dir: Path | None = None,
+    dataset_dir: TrainDataset,
+    plan_path: PlanFile,
+    run: PlannedRunFolder = None,
+    weights_path: TrainWeights = None,
+    resume: Resume = False,
+    weights_dir: WeightsFolder = None,
 ) -> list[RunSummary]:
     """Train the runs of a plan: every run, or only `run` (its folder as written in the plan).
 
@@ -92,6 +104,12 @@ def _handler(args: argparse.Namespace) -> int:
     if args.weights is not None and model != LEGACY_MODEL:
         raise UsageError(f"--weights is the ResNet-50 weights file; give {model} weights with --weights-dir DIR "
                          f"(a folder holding its torchvision-format file, e.g. {model}-<hash>.pth) or the torch hub cache.")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}.")
+    try:
+        check_weights_loadable(args.weights)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     plan_path = _plan_for_cli(args)
     try:
         summaries = train_flow(dataset_dir=dataset_dir, plan_path=plan_path, resume=args.resume,
@@ -127,14 +145,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"{', '.join(MODEL_NAMES)} (a bare MODE means {LEGACY_MODEL}), e.g. resnet18:imagenet")
     parser.add_argument("--out", required=True, metavar="RUN_DIR")
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help="settings profile (default: cpu)")
-    parser.add_argument("--weights", metavar="PATH", help="local torchvision-format ResNet-50 state dict")
+    parser.add_argument("--weights", metavar="PATH", help=help_for(TrainWeights))
     parser.add_argument("--weights-dir", metavar="DIR", help="folder of torchvision-format weights files named by "
                         "model as torchvision names them (resnet18-f37072fd.pth, mobilenet_v3_large-5c1a4163.pth; "
                         "any '<model>-<hash>.pth'): the other models' ImageNet weights")
     parser.add_argument("--folds", type=int, metavar="K", help="cross-validated: K outer folds partition every labelled "
                         "patient, each fold is the test part of one run (RUN_DIR/fold-<k>); validation is carved from the rest")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch")
+    parser.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
+    parser.add_argument("--resume", action="store_true", help=help_for(Resume))
     parser.add_argument("--splits", metavar="PATH", help="split file to use or create (default: beside RUN_DIR)")
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override one profile setting, e.g. --set epochs=3"

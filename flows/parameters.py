@@ -1,0 +1,211 @@
+"""Every flow parameter's description and bounds, in one place.
+
+The flows annotate their parameters with the types below, so the Prefect UI's parameter form shows each one's
+description and bounds; `ctcompare --help` prints the same text (help_for); and each command checks its arguments
+against its flow's own signature before Prefect starts and before any folder is made (check_flow_parameters).
+Importing this module imports pydantic and the schemas only: it starts nothing and never imports Prefect or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs
+from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
+LABELS_FORMAT = ("a CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid "
+                 "or path) and a 'label' column")
+
+# ------------------------------------------------------------------------------------------- shared parameters
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
+                            "bootstrap; the same seed and data give the same numbers")]
+IngestSize = Annotated[int, Field(
+    ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
+    description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
+    "input size, which is the profile's image_size (change it with --set image_size=N)")]
+Window = Annotated[str, Field(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
+                              "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
+
+# ------------------------------------------------------------------------------------------------------ compare
+CompareSource = Annotated[str, Field(description="a DICOM folder (ingested beside the report folder, into "
+                                     "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'")]
+ReportFolder = Annotated[str, Field(description="report folder (report.html, results.json, the runs); index.html "
+                                    "in its parent lists every report there")]
+CompareLabels = Annotated[str | None, Field(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
+                                            "for a DICOM source, unused for a dataset folder")]
+Profile = Annotated[ProfileName, Field(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
+                                       "(a laptop), full (a GPU)")]
+Arms = Annotated[list[str], Field(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
+                                  "imagenet, imagenet-linear; e.g. scratch resnet18:imagenet (a bare MODE is ResNet-50)")]
+WeightsFile = Annotated[str | None, Field(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
+                                          "for the pretrained arms; without it they use the torch hub cache or "
+                                          "download, else are skipped")]
+Folds = Annotated[Annotated[int, Field(ge=2, le=20)] | None, Field(
+    description="cross-validated evaluation with K outer folds (every labelled patient tested once, predictions "
+    "pooled); empty: the profile's (full: 5 folds; smoke, cpu: one hold-out test part)")]
+Fractions = Annotated[list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None, Field(
+    description="data-efficiency curve: also train each arm on these shares of the training patients, "
+    "e.g. 0.1,0.25,0.5,1")]
+TrainSizes = Annotated[list[Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, Field(
+    description=f"input-size curve: also train each arm at these training input sizes in pixels "
+    f"on the same split, resized from one ingest at the largest")]
+Settings = Annotated[dict[str, str] | None, Field(description="profile settings to override, KEY -> VALUE as "
+                                                  "--set KEY=VALUE takes them (e.g. epochs -> 3, image_size -> 112)")]
+Bootstrap = Annotated[int, Field(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
+                                 "intervals")]
+Calibrate = Annotated[bool, Field(description="measure this machine's speed (about 20 s once, cached) for the cost "
+                                  "estimate instead of the device catalogue's guess")]
+ParallelArms = Annotated[int, Field(ge=1, le=16, description="training runs at once in this flow run (1: each run "
+                                    "uses every core)")]
+NewFolderPerRun = Annotated[bool, Field(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
+                                        "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
+TrainDeployment = Annotated[str | None, Field(description="run each training run as a flow run of this deployment "
+                                              "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
+                                              "the same path on every worker")]
+
+# ------------------------------------------------------------------------------------------------------- ingest
+DicomFolder = Annotated[str, Field(description="folder of DICOM files, searched recursively, any file extension")]
+DatasetFolder = Annotated[str, Field(description="dataset folder to write; re-running into it is incremental")]
+IngestLabels = Annotated[str | None, Field(description=f"optional labels file, {LABELS_FORMAT}")]
+Workers = Annotated[int, Field(ge=0, le=256, description="decode worker processes; 0: one per core")]
+DaskAddress = Annotated[str | None, Field(description="run the decode chunks on this Dask scheduler, e.g. "
+                                          "tcp://host:8786")]
+AllowBurnedIn = Annotated[bool, Field(description="include files marked BurnedInAnnotation YES and Secondary "
+                                      "Capture objects, whose pixels may show names; quarantined by default")]
+
+# --------------------------------------------------------------------------------------------- cost and train
+CostOutFolder = Annotated[Path, Field(description="folder for cost.json")]
+CostInputsParameter = Annotated[CostInputs, Field(description="what to price: training images, image size, channels, "
+                                                "epochs, batch size, arms, precision, optimizer")]
+Force = Annotated[bool, Field(description="recompute even when cost.json was made from the same inputs")]
+TrainDataset = Annotated[Path, Field(description="dataset folder written by 'ctcompare ingest'")]
+PlanFile = Annotated[Path, Field(description="the run plan (plan.json) whose runs are trained")]
+PlannedRunFolder = Annotated[str | None, Field(description="train only this run: its folder as written in the plan "
+                                               "(e.g. runs/scratch/main); empty: every run of the plan")]
+TrainWeights = Annotated[Path | None, Field(description="ResNet-50 ImageNet weights file (torchvision format)")]
+WeightsFolder = Annotated[Path | None, Field(description="folder of torchvision-format weights files named by model "
+                                            "(e.g. resnet18-f37072fd.pth) for the other models' pretrained arms")]
+Resume = Annotated[bool, Field(description="continue each run from its last finished epoch")]
+
+# ------------------------------------------------------------------------------------------------ predict, synth
+PackagePath = Annotated[str, Field(description="a model package folder (model.pt, MODEL_CARD.md), its model.pt, or "
+                                   "a run folder holding package/")]
+PredictionsFolder = Annotated[str, Field(description="folder for predictions.csv, patient_predictions.csv, "
+                                         "quarantine.csv and predict.json")]
+PredictLabels = Annotated[str | None, Field(description=f"optional labels file of the new files, {LABELS_FORMAT}; "
+                                            "its labels must be the model's classes")]
+PredictWindow = Annotated[Annotated[str, Field(pattern=WINDOW_PATTERN)] | None, Field(
+    description="CT window; must equal the model's own (empty: the model's)")]
+PredictSize = Annotated[Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, Field(
+    description="ingest size in pixels; must equal the model's own (empty: the model's)")]
+BatchSize = Annotated[int, Field(ge=1, le=1024, description="images per forward pass")]
+Precision = Annotated[Literal["auto", "fp32", "bf16"], Field(description="auto: bf16 where this CPU runs it "
+                                                             "natively, else fp32; int8 packages run int8 kernels")]
+CohortFolder = Annotated[str, Field(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
+Patients = Annotated[int, Field(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
+                                 description="patients in the cohort (at least 2: both labels occur)")]
+SlicesPerPatient = Annotated[int, Field(ge=1, le=1000, description="CT slices per patient")]
+MatrixSizes = Annotated[list[Annotated[int, Field(ge=64, le=1024)]] | None, Field(
+    description="DICOM matrix sizes in pixels (64 to 1024), drawn per patient; empty: the default mix")]
+
+
+def _number(value: float) -> str:
+    """12 -> '12', 0.5 -> '0.5' (whole numbers without a decimal point or an exponent)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _main_branch(schema: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an optional parameter's JSON schema (anyOf [..., null]), else the schema itself."""
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") != "null"]
+    return {**branches[0], **{k: v for k, v in schema.items() if k != "anyOf"}} if len(branches) == 1 else schema
+
+
+def allowed(schema: dict[str, Any], plural: bool = False) -> str:
+    """What a parameter's JSON schema allows, in words ('a whole number from 1 to 16'); '' when unbounded."""
+    schema = _main_branch(schema)
+    if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        inner = allowed(schema["items"], plural=True)
+        return f"a list of {inner}" if inner else ""
+    if "enum" in schema:
+        return "one of " + ", ".join(str(v) for v in schema["enum"])
+    noun = {"integer": "whole number", "number": "finite number"}.get(schema.get("type", ""), "")
+    noun = f"{noun}s" if plural and noun else f"a {noun}" if noun else ""
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        bounds = f"from {_number(low)} to {_number(high)}"
+    else:
+        bounds = " and ".join(text for text in (
+            f"at least {_number(low)}" if low is not None else "",
+            f"above {_number(schema['exclusiveMinimum'])}" if "exclusiveMinimum" in schema else "",
+            f"at most {_number(high)}" if high is not None else "",
+            f"below {_number(schema['exclusiveMaximum'])}" if "exclusiveMaximum" in schema else "",
+        ) if text)
+    return f"{noun} {bounds}".strip() if bounds else ""
+
+
+def help_for(annotation: Any, default: Any = None) -> str:
+    """A parameter type's description with its bounds and default, for argparse help (% escaped)."""
+    schema = TypeAdapter(annotation).json_schema()
+    text = schema.get("description", "")
+    limits = allowed(schema)
+    extras = [limits] if limits and not limits.startswith("one of") else []
+    extras += [f"default {default}"] if default is not None else []
+    text = f"{text} ({'; '.join(extras)})" if extras else text
+    return text.replace("%", "%%")
+
+
+class _Quiet(logging.Filter):
+    """Drops Prefect's own log line about refused parameters: the command says it in one sentence instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Parameter validation failed")
+
+
+def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[str, str] | None = None) -> dict[str, Any]:
+    """The parameters validated against the flow's own signature (Flow.validate_parameters: pydantic, no API, no
+    server), or ValueError with one sentence naming the first bad one as the user typed it (`options` maps a
+    parameter to its command-line spelling; default --name-with-dashes) and what it allows."""
+    from prefect.exceptions import ParameterTypeError
+
+    quiet, logger = _Quiet(), logging.getLogger("prefect.flows")
+    logger.addFilter(quiet)
+    try:
+        return flow.validate_parameters(parameters)
+    except ParameterTypeError as error:
+        # Prefect's message: "Flow run received invalid parameters:\n - LOC: MESSAGE" per error, in signature order
+        first = next((line[3:] for line in str(error).splitlines() if line.startswith(" - ")), str(error))
+        location, _, message = first.partition(": ")
+        name = location.split(".")[0]
+        option = (options or {}).get(name, "--" + name.replace("_", "-"))
+        limits = allowed(flow.parameters.properties.get(name, {}))
+        given = parameters.get(name)
+        if limits:
+            raise ValueError(f"{option} must be {limits}, got {given!r}.") from None
+        if "pattern" in message:  # a regular expression says nothing to a user: the description does
+            description = flow.parameters.properties.get(name, {}).get("description", "").rstrip(".")
+            raise ValueError(f"{option} {given!r} is not valid; {description}.") from None
+        raise ValueError(f"{option}: {message[:1].lower()}{message[1:].rstrip('.')}, got {given!r}.") from None
+    finally:
+        logger.removeFilter(quiet)
+
+
+def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
+    """ValueError (one sentence) unless the ResNet-50 weights file exists and loads as one (the training stage's own
+    loader, tasks.models.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
+    if path is None:
+        return
+    from tasks.models import read_weights_file
+
+    try:
+        read_weights_file(Path(path))
+    except ValueError as error:
+        raise ValueError(f"{option}: {str(error).splitlines()[0].rstrip('.')}.") from None
