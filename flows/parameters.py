@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
+from pydantic.fields import FieldInfo
 
 from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs
 from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
@@ -25,96 +26,104 @@ WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+
 LABELS_FORMAT = ("a CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid "
                  "or path) and a 'label' column")
 
+def Param(**kwargs: Any) -> FieldInfo:
+    """pydantic.Field with the description also under json_schema_extra: Prefect's form builder wraps each parameter
+    in a Field of its own whose description (None without a docstring entry) hides the annotation's, but keeps this."""
+    if "description" in kwargs:
+        kwargs["json_schema_extra"] = {"description": kwargs["description"]}
+    return Field(**kwargs)
+
+
 # ------------------------------------------------------------------------------------------- shared parameters
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
+Seed = Annotated[int, Param(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
                             "bootstrap; the same seed and data give the same numbers")]
-IngestSize = Annotated[int, Field(
+IngestSize = Annotated[int, Param(
     ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
     description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
     "input size, which is the profile's image_size (change it with --set image_size=N)")]
-Window = Annotated[str, Field(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
+Window = Annotated[str, Param(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
                               "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
 
 # ------------------------------------------------------------------------------------------------------ compare
-CompareSource = Annotated[str, Field(description="a DICOM folder (ingested beside the report folder, into "
+CompareSource = Annotated[str, Param(description="a DICOM folder (ingested beside the report folder, into "
                                      "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'")]
-ReportFolder = Annotated[str, Field(description="report folder (report.html, results.json, the runs); index.html "
+ReportFolder = Annotated[str, Param(description="report folder (report.html, results.json, the runs); index.html "
                                     "in its parent lists every report there")]
-CompareLabels = Annotated[str | None, Field(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
+CompareLabels = Annotated[str | None, Param(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
                                             "for a DICOM source, unused for a dataset folder")]
-Profile = Annotated[ProfileName, Field(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
+Profile = Annotated[ProfileName, Param(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
                                        "(a laptop), full (a GPU)")]
-Arms = Annotated[list[str], Field(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
+Arms = Annotated[list[str], Param(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
                                   "imagenet, imagenet-linear; e.g. scratch resnet18:imagenet (a bare MODE is ResNet-50)")]
-WeightsFile = Annotated[str | None, Field(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
+WeightsFile = Annotated[str | None, Param(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
                                           "for the pretrained arms; without it they use the torch hub cache or "
                                           "download, else are skipped")]
-Folds = Annotated[Annotated[int, Field(ge=2, le=20)] | None, Field(
+Folds = Annotated[Annotated[int, Param(ge=2, le=20)] | None, Param(
     description="cross-validated evaluation with K outer folds (every labelled patient tested once, predictions "
     "pooled); empty: the profile's (full: 5 folds; smoke, cpu: one hold-out test part)")]
-Fractions = Annotated[list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None, Field(
+Fractions = Annotated[list[Annotated[float, Param(gt=0, le=1, allow_inf_nan=False)]] | None, Param(
     description="data-efficiency curve: also train each arm on these shares of the training patients, "
     "e.g. 0.1,0.25,0.5,1")]
-TrainSizes = Annotated[list[Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, Field(
+TrainSizes = Annotated[list[Annotated[int, Param(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, Param(
     description=f"input-size curve: also train each arm at these training input sizes in pixels "
     f"on the same split, resized from one ingest at the largest")]
-Settings = Annotated[dict[str, str] | None, Field(description="profile settings to override, KEY -> VALUE as "
+Settings = Annotated[dict[str, str] | None, Param(description="profile settings to override, KEY -> VALUE as "
                                                   "--set KEY=VALUE takes them (e.g. epochs -> 3, image_size -> 112)")]
-Bootstrap = Annotated[int, Field(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
+Bootstrap = Annotated[int, Param(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
                                  "intervals")]
-Calibrate = Annotated[bool, Field(description="measure this machine's speed (about 20 s once, cached) for the cost "
+Calibrate = Annotated[bool, Param(description="measure this machine's speed (about 20 s once, cached) for the cost "
                                   "estimate instead of the device catalogue's guess")]
-ParallelArms = Annotated[int, Field(ge=1, le=16, description="training runs at once in this flow run (1: each run "
+ParallelArms = Annotated[int, Param(ge=1, le=16, description="training runs at once in this flow run (1: each run "
                                     "uses every core)")]
-NewFolderPerRun = Annotated[bool, Field(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
+NewFolderPerRun = Annotated[bool, Param(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
                                         "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
-TrainDeployment = Annotated[str | None, Field(description="run each training run as a flow run of this deployment "
+TrainDeployment = Annotated[str | None, Param(description="run each training run as a flow run of this deployment "
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]
 
 # ------------------------------------------------------------------------------------------------------- ingest
-DicomFolder = Annotated[str, Field(description="folder of DICOM files, searched recursively, any file extension")]
-DatasetFolder = Annotated[str, Field(description="dataset folder to write; re-running into it is incremental")]
-IngestLabels = Annotated[str | None, Field(description=f"optional labels file, {LABELS_FORMAT}")]
-Workers = Annotated[int, Field(ge=0, le=256, description="decode worker processes; 0: one per core")]
-DaskAddress = Annotated[str | None, Field(description="run the decode chunks on this Dask scheduler, e.g. "
+DicomFolder = Annotated[str, Param(description="folder of DICOM files, searched recursively, any file extension")]
+DatasetFolder = Annotated[str, Param(description="dataset folder to write; re-running into it is incremental")]
+IngestLabels = Annotated[str | None, Param(description=f"optional labels file, {LABELS_FORMAT}")]
+Workers = Annotated[int, Param(ge=0, le=256, description="decode worker processes; 0: one per core")]
+DaskAddress = Annotated[str | None, Param(description="run the decode chunks on this Dask scheduler, e.g. "
                                           "tcp://host:8786")]
-AllowBurnedIn = Annotated[bool, Field(description="include files marked BurnedInAnnotation YES and Secondary "
+AllowBurnedIn = Annotated[bool, Param(description="include files marked BurnedInAnnotation YES and Secondary "
                                       "Capture objects, whose pixels may show names; quarantined by default")]
 
 # --------------------------------------------------------------------------------------------- cost and train
-CostOutFolder = Annotated[Path, Field(description="folder for cost.json")]
-CostInputsParameter = Annotated[CostInputs, Field(description="what to price: training images, image size, channels, "
+CostOutFolder = Annotated[Path, Param(description="folder for cost.json")]
+CostInputsParameter = Annotated[CostInputs, Param(description="what to price: training images, image size, channels, "
                                                 "epochs, batch size, arms, precision, optimizer")]
-Force = Annotated[bool, Field(description="recompute even when cost.json was made from the same inputs")]
-TrainDataset = Annotated[Path, Field(description="dataset folder written by 'ctcompare ingest'")]
-PlanFile = Annotated[Path, Field(description="the run plan (plan.json) whose runs are trained")]
-PlannedRunFolder = Annotated[str | None, Field(description="train only this run: its folder as written in the plan "
+Force = Annotated[bool, Param(description="recompute even when cost.json was made from the same inputs")]
+TrainDataset = Annotated[Path, Param(description="dataset folder written by 'ctcompare ingest'")]
+PlanFile = Annotated[Path, Param(description="the run plan (plan.json) whose runs are trained")]
+PlannedRunFolder = Annotated[str | None, Param(description="train only this run: its folder as written in the plan "
                                                "(e.g. runs/scratch/main); empty: every run of the plan")]
-TrainWeights = Annotated[Path | None, Field(description="ResNet-50 ImageNet weights file (torchvision format)")]
-WeightsFolder = Annotated[Path | None, Field(description="folder of torchvision-format weights files named by model "
+TrainWeights = Annotated[Path | None, Param(description="ResNet-50 ImageNet weights file (torchvision format)")]
+WeightsFolder = Annotated[Path | None, Param(description="folder of torchvision-format weights files named by model "
                                             "(e.g. resnet18-f37072fd.pth) for the other models' pretrained arms")]
-Resume = Annotated[bool, Field(description="continue each run from its last finished epoch")]
+Resume = Annotated[bool, Param(description="continue each run from its last finished epoch")]
 
 # ------------------------------------------------------------------------------------------------ predict, synth
-PackagePath = Annotated[str, Field(description="a model package folder (model.pt, MODEL_CARD.md), its model.pt, or "
+PackagePath = Annotated[str, Param(description="a model package folder (model.pt, MODEL_CARD.md), its model.pt, or "
                                    "a run folder holding package/")]
-PredictionsFolder = Annotated[str, Field(description="folder for predictions.csv, patient_predictions.csv, "
+PredictionsFolder = Annotated[str, Param(description="folder for predictions.csv, patient_predictions.csv, "
                                          "quarantine.csv and predict.json")]
-PredictLabels = Annotated[str | None, Field(description=f"optional labels file of the new files, {LABELS_FORMAT}; "
+PredictLabels = Annotated[str | None, Param(description=f"optional labels file of the new files, {LABELS_FORMAT}; "
                                             "its labels must be the model's classes")]
-PredictWindow = Annotated[Annotated[str, Field(pattern=WINDOW_PATTERN)] | None, Field(
+PredictWindow = Annotated[Annotated[str, Param(pattern=WINDOW_PATTERN)] | None, Param(
     description="CT window; must equal the model's own (empty: the model's)")]
-PredictSize = Annotated[Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, Field(
+PredictSize = Annotated[Annotated[int, Param(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, Param(
     description="ingest size in pixels; must equal the model's own (empty: the model's)")]
-BatchSize = Annotated[int, Field(ge=1, le=1024, description="images per forward pass")]
-Precision = Annotated[Literal["auto", "fp32", "bf16"], Field(description="auto: bf16 where this CPU runs it "
+BatchSize = Annotated[int, Param(ge=1, le=1024, description="images per forward pass")]
+Precision = Annotated[Literal["auto", "fp32", "bf16"], Param(description="auto: bf16 where this CPU runs it "
                                                              "natively, else fp32; int8 packages run int8 kernels")]
-CohortFolder = Annotated[str, Field(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
-Patients = Annotated[int, Field(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
+CohortFolder = Annotated[str, Param(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
+Patients = Annotated[int, Param(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
                                  description="patients in the cohort (at least 2: both labels occur)")]
-SlicesPerPatient = Annotated[int, Field(ge=1, le=1000, description="CT slices per patient")]
-MatrixSizes = Annotated[list[Annotated[int, Field(ge=64, le=1024)]] | None, Field(
+SlicesPerPatient = Annotated[int, Param(ge=1, le=1000, description="CT slices per patient")]
+MatrixSizes = Annotated[list[Annotated[int, Param(ge=64, le=1024)]] | None, Param(
     description="DICOM matrix sizes in pixels (64 to 1024), drawn per patient; empty: the default mix")]
 
 

@@ -90,7 +90,8 @@ def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack)
     assert str(ROOT) not in json.dumps(nightly)
     # The form in the UI: typed fields with bounds and defaults.
     size = nightly["parameter_openapi_schema"]["properties"]["size"]
-    assert (size["minimum"], size["maximum"], size["default"]) == (16, 1024, 224)
+    assert (size["minimum"], size["maximum"], size["default"]) == (32, 1024, 224)
+    assert "Not the training input size" in size["description"]
     on_demand = stack.deployment("compare/on-demand")
     assert on_demand["schedules"] == []
     assert set(on_demand["parameter_openapi_schema"]["properties"]["profile"]["enum"]) >= {"smoke", "cpu", "full"}
@@ -98,11 +99,29 @@ def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack)
     assert [(s["schedule"]["cron"], s["active"]) for s in weekly["schedules"]] == [("0 3 * * 0", False)]
 
 
+def test_every_parameter_of_the_form_has_a_description_and_its_bounds(stack: PrefectStack) -> None:
+    """The compare and ingest forms, read back from the server: a description for every parameter, bounds where
+    the flow's signature has them (e.g. parallel_arms 1..16, workers 0..256, every list of sizes per item)."""
+    bounded = {"compare/on-demand": {"seed", "folds", "image_size", "bootstrap", "parallel_arms"},
+               "ingest/nightly": {"size", "workers"}}
+    for name, expected in bounded.items():
+        properties = stack.deployment(name)["parameter_openapi_schema"]["properties"]
+        assert not [key for key, schema in properties.items() if not schema.get("description", "").strip()], name
+        for key in expected:
+            schema = properties[key]
+            branch = next((b for b in schema.get("anyOf", []) if b.get("type") != "null"), schema)
+            assert "minimum" in branch and "maximum" in branch, (name, key, schema)
+    compare = stack.deployment("compare/on-demand")["parameter_openapi_schema"]["properties"]
+    sizes = next(b for b in compare["sizes"]["anyOf"] if b.get("type") == "array")["items"]
+    assert (sizes["minimum"], sizes["maximum"]) == (32, 1024)
+    assert compare["parallel_arms"]["minimum"] == 1 and compare["parallel_arms"]["maximum"] == 16
+
+
 def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -> None:
     before = len(stack.flow_runs_of("ingest/nightly"))
     result, flow_run_id = stack.run_deployment("ingest/nightly", {"size": "-5"})
     assert result.returncode != 0 and flow_run_id is None, result.stdout
-    assert "Validation failed for field 'size'" in result.stdout and "minimum of 16" in result.stdout, result.stdout
+    assert "Validation failed for field 'size'" in result.stdout and "minimum of 32" in result.stdout, result.stdout
     result, flow_run_id = stack.run_deployment("ingest/nightly", {"window": "lungs"})
     assert result.returncode != 0 and flow_run_id is None, result.stdout
     assert "'window'" in result.stdout, result.stdout
