@@ -1,11 +1,13 @@
 """A bad argument is refused before any work: exit 2, one line on stderr, no traceback, nothing created, no Prefect.
 
-Each case runs the real console script in its own process (so that "Prefect did not start" can be seen: no
-temporary-server note, no flow run), in a fresh working folder whose only new entry may be the CLI's own .ctcompare.
+The cases run through the real console script (flows.cli.main) in one separate process without the test session's
+Prefect harness, each in a fresh working folder whose only new entry may be the CLI's own .ctcompare; Prefect
+announces a temporary API server on stderr when it starts one, so a case that started it would show that line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,24 +17,45 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Runs every case in one process (the imports are paid once); prints {case: {code, stderr, stdout, created}}.
+DRIVER = """
+import contextlib, io, json, os, sys, traceback
+from pathlib import Path
+from flows.cli import main
+results = {}
+for case, (folder, argv) in json.loads(sys.argv[1]).items():
+    os.chdir(folder)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        except BaseException:
+            code = "raised"
+            traceback.print_exc()
+    results[case] = {"code": code, "stderr": err.getvalue(), "stdout": out.getvalue(),
+                     "created": sorted(p.name for p in Path(folder).iterdir())}
+print(json.dumps(results))
+"""
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty folder, a folder holding one (non-DICOM) file with labels.csv beside it, and a truncated weights file."""
+    """An empty folder, a folder holding one (non-DICOM) file with labels.csv beside it, a DICOM folder with
+    labels.csv inside, a dataset folder and a truncated weights file."""
     base = tmp_path_factory.mktemp("inputs")
     (base / "empty").mkdir()
     (base / "dicom").mkdir()
     (base / "dicom" / "a.dcm").write_bytes(b"not read: refused before any decode")
     (base / "labels.csv").write_text("patient_id,label\nP1,nodule\n")
     (base / "truncated.pth").write_bytes(b"PK\x03\x04" + b"\0" * 200)
+    (base / "scan").mkdir()
+    (base / "scan" / "x.dcm").write_bytes(b"x")
+    (base / "scan" / "labels.csv").write_text("patient_id,label\n")
+    (base / "dataset").mkdir()
+    (base / "dataset" / "dataset.json").write_text("{}")  # train checks only that it is there before the weights
     return base
-
-
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 LABELLED = ["--labels", "{in}/labels.csv"]
@@ -56,45 +79,54 @@ CASES: dict[str, tuple[list[str], str]] = {
     "ingest size": (["ingest", "{in}/dicom", "--out", "rep", "--size", "16"], "--size must be a whole number from 32 to 1024"),
     "ingest window": (["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"], "--window 'lungs' is not valid"),
     "ingest empty source": (["ingest", "{in}/empty", "--out", "rep"], "holds no file"),
+    "labels inside the source": (["compare", "{in}/scan", "--out", "rep"], "/scan/labels.csv is there: add --labels"),
+    "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
+                                 "{in}/truncated.pth"], "--weights"),
 }
 
 
+@pytest.fixture(scope="module")
+def outcomes(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every case of CASES run once through flows.cli.main in a separate process."""
+    cases = {}
+    for case, (argv, _) in CASES.items():
+        folder = tmp_path_factory.mktemp("case")
+        cases[case] = (str(folder), [word.replace("{in}", str(inputs)) for word in argv])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_argument_is_one_sentence_before_any_work(case: str, inputs: Path, tmp_path: Path) -> None:
+def test_bad_argument_is_one_sentence_before_any_work(case: str, outcomes: dict[str, dict]) -> None:
     argv, expected = CASES[case]
-    result = _cli([word.replace("{in}", str(inputs)) for word in argv], cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"ctcompare {argv[0]}: "), result.stderr
+    outcome = outcomes[case]
+    lines = outcome["stderr"].strip().splitlines()
+    assert outcome["code"] == 2, outcome
+    assert len(lines) == 1 and lines[0].startswith(f"ctcompare {argv[0]}: "), outcome["stderr"]
     assert expected in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout and "temporary" not in result.stderr
-    assert result.stdout == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ctcompare"]  # no rep/, no rep-dataset/
-    assert not (tmp_path / ".ctcompare" / "prefect" / "prefect.db").exists()  # no Prefect database: no flow ran
+    assert "Traceback" not in outcome["stderr"] and "temporary" not in outcome["stderr"]
+    assert outcome["stdout"] == ""
+    assert outcome["created"] == [".ctcompare"], outcome["created"]  # no rep/, no rep-dataset/, no run/
 
 
-def test_labels_file_inside_the_source_is_named(inputs: Path, tmp_path: Path) -> None:
-    source = tmp_path / "scan"
-    source.mkdir()
-    (source / "x.dcm").write_bytes(b"x")
-    (source / "labels.csv").write_text("patient_id,label\n")
-    result = _cli(["compare", str(source), "--out", str(tmp_path / "rep")], cwd=tmp_path)
-    assert result.returncode == 2
-    assert f"add --labels {source / 'labels.csv'}" in result.stderr
-    assert not (tmp_path / "rep").exists()
-
-
-def test_help_shows_the_flow_parameters_descriptions_and_bounds() -> None:
+def test_help_shows_the_flow_parameters_descriptions_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
     from flows.compare import compare_flow
     from flows.ingest import ingest_flow
 
-    compare_help = _cli(["compare", "--help"], cwd=ROOT).stdout
-    ingest_help = _cli(["ingest", "--help"], cwd=ROOT).stdout
-    flat = " ".join(compare_help.split())
-    assert "whole number from 1 to 16" in flat
-    assert " ".join(compare_flow.parameters.properties["parallel_arms"]["description"].split()) in flat
-    assert "Not the training input size" in " ".join(ingest_help.split())
-    assert " ".join(ingest_flow.parameters.properties["workers"]["description"].split()) in " ".join(ingest_help.split())
+    texts = {}
+    for command in ("compare", "ingest"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    assert "whole number from 1 to 16" in texts["compare"]
+    assert " ".join(compare_flow.parameters.properties["parallel_arms"]["description"].split()) in texts["compare"]
+    assert "Not the training input size" in texts["ingest"]
+    assert " ".join(ingest_flow.parameters.properties["workers"]["description"].split()) in texts["ingest"]
 
 
 @pytest.mark.parametrize("flow_path", ["flows.compare:compare_flow", "flows.ingest:ingest_flow", "flows.cost:cost_flow",
