@@ -22,8 +22,9 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
                   "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
                   "allow_burned_in": args.allow_burned_in}
     try:
-        check_flow_parameters(ingest_flow, parameters, {"src_dir": "SRC_DIR", "out_dir": "--out"})
+        # the folders and the window first: parse_window's sentence lists the valid windows
         check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
+        check_flow_parameters(ingest_flow, parameters, {"src_dir": "SRC_DIR", "out_dir": "--out"})
         if args.labels:
             read_labels(Path(args.labels))
     except ValueError as error:

@@ -77,7 +77,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "demo patients": (["demo", "--out", "rep", "--patients", "1"], "--patients must be"),
     "ingest workers": (["ingest", "{in}/dicom", "--out", "rep", "--workers", "-1"], "--workers must be a whole number from 0 to 256"),
     "ingest size": (["ingest", "{in}/dicom", "--out", "rep", "--size", "16"], "--size must be a whole number from 32 to 1024"),
-    "ingest window": (["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"], "--window 'lungs' is not valid"),
+    "ingest window": (["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"], "valid choices are lung, mediastinal, bone, none"),
     "ingest empty source": (["ingest", "{in}/empty", "--out", "rep"], "holds no file"),
     "labels inside the source": (["compare", "{in}/scan", "--out", "rep"], "/scan/labels.csv is there: add --labels"),
     "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
