@@ -28,7 +28,7 @@ from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
 from data_schemas.report import ArmResult, ComparisonResults
 from data_schemas.visual import LESIONS_SIDECAR_FILE, VisualSummary
-from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, ProfileName
+from data_schemas.training import PROFILE_NAMES, SPLITS_FILE
 from flows.cli import UsageError, arm_list
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
