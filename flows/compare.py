@@ -318,17 +318,8 @@ def compare_flow(
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
-    folds: cross-validated evaluation with this many outer folds (each labelled patient tested once, predictions
-    pooled); without it the profile decides (full: 5 outer folds; smoke, cpu: one hold-out test part).
-    arms: MODE or MODEL:MODE names (data_schemas.arms), e.g. scratch, imagenet, resnet18:imagenet.
-    sizes: the input-size curve: each arm is also trained at these training image sizes on the same split
-    (runs/<arm>/size-<px>); a DICOM source is then ingested at the largest of them and image_size.
-    image_size: the ingest size of a DICOM source only; the training size is the profile's image_size setting.
-    new_folder_per_run: write into OUT_DIR/<UTC time> instead of OUT_DIR, so scheduled runs keep every report
-    (OUT_DIR/index.html lists them); otherwise a re-run into OUT_DIR reuses the runs already trained there.
-    train_deployment: run every training run (arm, outer fold, fraction) as a flow run of this deployment (e.g.
-    "train/arm") so that the work pool's workers, on several machines or GPUs, take them at once; the dataset and
-    OUT_DIR must then be at the same path on every worker. Without it, the runs train in this flow run.
+    Each parameter's description and bounds are in flows/parameters.py (the Prefect form and `--help` show them).
+    A DICOM source is ingested once, at the largest of image_size and sizes, beside OUT_DIR.
 
     The flow run ends Completed when every requested arm completed, Completed named "Partial" when some were
     skipped or failed, Failed when none completed; each state's data is the summary dict (for Failed inside a
@@ -459,12 +450,12 @@ def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         check_flow_parameters(compare_flow, parameters, COMPARE_OPTIONS)
-        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
-                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
         parameters["arms"] = build_run_plan(
             profile=args.profile, arms=parameters["arms"], seed=args.seed, settings=parameters["settings"],
             folds=args.folds, fractions=parameters["fractions"], sizes=parameters["sizes"], n_bootstrap=args.bootstrap,
         ).arms
+        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
+                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
         check_weights_loadable(args.weights)
     except ValueError as error:
         raise UsageError(str(error)) from None
