@@ -26,8 +26,9 @@ WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+
 LABELS_FORMAT = ("a CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid "
                  "or path) and a 'label' column")
 
-def Param(**kwargs: Any) -> FieldInfo:
-    """pydantic.Field with the description also under json_schema_extra: Prefect's form builder wraps each parameter
+
+def described(**kwargs: Any) -> FieldInfo:
+    """pydantic.Field(...) with the description also under json_schema_extra: Prefect's form builder wraps each parameter
     in a Field of its own whose description (None without a docstring entry) hides the annotation's, but keeps this."""
     if "description" in kwargs:
         kwargs["json_schema_extra"] = {"description": kwargs["description"]}
@@ -35,95 +36,95 @@ def Param(**kwargs: Any) -> FieldInfo:
 
 
 # ------------------------------------------------------------------------------------------- shared parameters
-Seed = Annotated[int, Param(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
+Seed = Annotated[int, described(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
                             "bootstrap; the same seed and data give the same numbers")]
-IngestSize = Annotated[int, Param(
+IngestSize = Annotated[int, described(
     ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
     description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
     "input size, which is the profile's image_size (change it with --set image_size=N)")]
-Window = Annotated[str, Param(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
+Window = Annotated[str, described(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
                               "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
 
 # ------------------------------------------------------------------------------------------------------ compare
-CompareSource = Annotated[str, Param(description="a DICOM folder (ingested beside the report folder, into "
+CompareSource = Annotated[str, described(description="a DICOM folder (ingested beside the report folder, into "
                                      "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'")]
-ReportFolder = Annotated[str, Param(description="report folder (report.html, results.json, the runs); index.html "
+ReportFolder = Annotated[str, described(description="report folder (report.html, results.json, the runs); index.html "
                                     "in its parent lists every report there")]
-CompareLabels = Annotated[str | None, Param(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
+CompareLabels = Annotated[str | None, described(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
                                             "for a DICOM source, unused for a dataset folder")]
-Profile = Annotated[ProfileName, Param(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
+Profile = Annotated[ProfileName, described(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
                                        "(a laptop), full (a GPU)")]
-Arms = Annotated[list[str], Param(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
+Arms = Annotated[list[str], described(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
                                   "imagenet, imagenet-linear; e.g. scratch resnet18:imagenet (a bare MODE is ResNet-50)")]
-WeightsFile = Annotated[str | None, Param(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
+WeightsFile = Annotated[str | None, described(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
                                           "for the pretrained arms; without it they use the torch hub cache or "
                                           "download, else are skipped")]
-Folds = Annotated[Annotated[int, Param(ge=2, le=20)] | None, Param(
+Folds = Annotated[Annotated[int, described(ge=2, le=20)] | None, described(
     description="cross-validated evaluation with K outer folds (every labelled patient tested once, predictions "
     "pooled); empty: the profile's (full: 5 folds; smoke, cpu: one hold-out test part)")]
-Fractions = Annotated[list[Annotated[float, Param(gt=0, le=1, allow_inf_nan=False)]] | None, Param(
+Fractions = Annotated[list[Annotated[float, described(gt=0, le=1, allow_inf_nan=False)]] | None, described(
     description="data-efficiency curve: also train each arm on these shares of the training patients, "
     "e.g. 0.1,0.25,0.5,1")]
-TrainSizes = Annotated[list[Annotated[int, Param(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, Param(
+TrainSizes = Annotated[list[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, described(
     description=f"input-size curve: also train each arm at these training input sizes in pixels "
     f"on the same split, resized from one ingest at the largest")]
-Settings = Annotated[dict[str, str] | None, Param(description="profile settings to override, KEY -> VALUE as "
+Settings = Annotated[dict[str, str] | None, described(description="profile settings to override, KEY -> VALUE as "
                                                   "--set KEY=VALUE takes them (e.g. epochs -> 3, image_size -> 112)")]
-Bootstrap = Annotated[int, Param(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
+Bootstrap = Annotated[int, described(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
                                  "intervals")]
-Calibrate = Annotated[bool, Param(description="measure this machine's speed (about 20 s once, cached) for the cost "
+Calibrate = Annotated[bool, described(description="measure this machine's speed (about 20 s once, cached) for the cost "
                                   "estimate instead of the device catalogue's guess")]
-ParallelArms = Annotated[int, Param(ge=1, le=16, description="training runs at once in this flow run (1: each run "
+ParallelArms = Annotated[int, described(ge=1, le=16, description="training runs at once in this flow run (1: each run "
                                     "uses every core)")]
-NewFolderPerRun = Annotated[bool, Param(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
+NewFolderPerRun = Annotated[bool, described(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
                                         "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
-TrainDeployment = Annotated[str | None, Param(description="run each training run as a flow run of this deployment "
+TrainDeployment = Annotated[str | None, described(description="run each training run as a flow run of this deployment "
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]
 
 # ------------------------------------------------------------------------------------------------------- ingest
-DicomFolder = Annotated[str, Param(description="folder of DICOM files, searched recursively, any file extension")]
-DatasetFolder = Annotated[str, Param(description="dataset folder to write; re-running into it is incremental")]
-IngestLabels = Annotated[str | None, Param(description=f"optional labels file, {LABELS_FORMAT}")]
-Workers = Annotated[int, Param(ge=0, le=256, description="decode worker processes; 0: one per core")]
-DaskAddress = Annotated[str | None, Param(description="run the decode chunks on this Dask scheduler, e.g. "
+DicomFolder = Annotated[str, described(description="folder of DICOM files, searched recursively, any file extension")]
+DatasetFolder = Annotated[str, described(description="dataset folder to write; re-running into it is incremental")]
+IngestLabels = Annotated[str | None, described(description=f"optional labels file, {LABELS_FORMAT}")]
+Workers = Annotated[int, described(ge=0, le=256, description="decode worker processes; 0: one per core")]
+DaskAddress = Annotated[str | None, described(description="run the decode chunks on this Dask scheduler, e.g. "
                                           "tcp://host:8786")]
-AllowBurnedIn = Annotated[bool, Param(description="include files marked BurnedInAnnotation YES and Secondary "
+AllowBurnedIn = Annotated[bool, described(description="include files marked BurnedInAnnotation YES and Secondary "
                                       "Capture objects, whose pixels may show names; quarantined by default")]
 
 # --------------------------------------------------------------------------------------------- cost and train
-CostOutFolder = Annotated[Path, Param(description="folder for cost.json")]
-CostInputsParameter = Annotated[CostInputs, Param(description="what to price: training images, image size, channels, "
+CostOutFolder = Annotated[Path, described(description="folder for cost.json")]
+CostInputsParameter = Annotated[CostInputs, described(description="what to price: training images, image size, channels, "
                                                 "epochs, batch size, arms, precision, optimizer")]
-Force = Annotated[bool, Param(description="recompute even when cost.json was made from the same inputs")]
-TrainDataset = Annotated[Path, Param(description="dataset folder written by 'ctcompare ingest'")]
-PlanFile = Annotated[Path, Param(description="the run plan (plan.json) whose runs are trained")]
-PlannedRunFolder = Annotated[str | None, Param(description="train only this run: its folder as written in the plan "
+Force = Annotated[bool, described(description="recompute even when cost.json was made from the same inputs")]
+TrainDataset = Annotated[Path, described(description="dataset folder written by 'ctcompare ingest'")]
+PlanFile = Annotated[Path, described(description="the run plan (plan.json) whose runs are trained")]
+PlannedRunFolder = Annotated[str | None, described(description="train only this run: its folder as written in the plan "
                                                "(e.g. runs/scratch/main); empty: every run of the plan")]
-TrainWeights = Annotated[Path | None, Param(description="ResNet-50 ImageNet weights file (torchvision format)")]
-WeightsFolder = Annotated[Path | None, Param(description="folder of torchvision-format weights files named by model "
+TrainWeights = Annotated[Path | None, described(description="ResNet-50 ImageNet weights file (torchvision format)")]
+WeightsFolder = Annotated[Path | None, described(description="folder of torchvision-format weights files named by model "
                                             "(e.g. resnet18-f37072fd.pth) for the other models' pretrained arms")]
-Resume = Annotated[bool, Param(description="continue each run from its last finished epoch")]
+Resume = Annotated[bool, described(description="continue each run from its last finished epoch")]
 
 # ------------------------------------------------------------------------------------------------ predict, synth
-PackagePath = Annotated[str, Param(description="a model package folder (model.pt, MODEL_CARD.md), its model.pt, or "
+PackagePath = Annotated[str, described(description="a model package folder (model.pt, MODEL_CARD.md), its model.pt, or "
                                    "a run folder holding package/")]
-PredictionsFolder = Annotated[str, Param(description="folder for predictions.csv, patient_predictions.csv, "
+PredictionsFolder = Annotated[str, described(description="folder for predictions.csv, patient_predictions.csv, "
                                          "quarantine.csv and predict.json")]
-PredictLabels = Annotated[str | None, Param(description=f"optional labels file of the new files, {LABELS_FORMAT}; "
+PredictLabels = Annotated[str | None, described(description=f"optional labels file of the new files, {LABELS_FORMAT}; "
                                             "its labels must be the model's classes")]
-PredictWindow = Annotated[Annotated[str, Param(pattern=WINDOW_PATTERN)] | None, Param(
+PredictWindow = Annotated[Annotated[str, described(pattern=WINDOW_PATTERN)] | None, described(
     description="CT window; must equal the model's own (empty: the model's)")]
-PredictSize = Annotated[Annotated[int, Param(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, Param(
+PredictSize = Annotated[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, described(
     description="ingest size in pixels; must equal the model's own (empty: the model's)")]
-BatchSize = Annotated[int, Param(ge=1, le=1024, description="images per forward pass")]
-Precision = Annotated[Literal["auto", "fp32", "bf16"], Param(description="auto: bf16 where this CPU runs it "
+BatchSize = Annotated[int, described(ge=1, le=1024, description="images per forward pass")]
+Precision = Annotated[Literal["auto", "fp32", "bf16"], described(description="auto: bf16 where this CPU runs it "
                                                              "natively, else fp32; int8 packages run int8 kernels")]
-CohortFolder = Annotated[str, Param(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
-Patients = Annotated[int, Param(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
+CohortFolder = Annotated[str, described(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
+Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
                                  description="patients in the cohort (at least 2: both labels occur)")]
-SlicesPerPatient = Annotated[int, Param(ge=1, le=1000, description="CT slices per patient")]
-MatrixSizes = Annotated[list[Annotated[int, Param(ge=64, le=1024)]] | None, Param(
+SlicesPerPatient = Annotated[int, described(ge=1, le=1000, description="CT slices per patient")]
+MatrixSizes = Annotated[list[Annotated[int, described(ge=64, le=1024)]] | None, described(
     description="DICOM matrix sizes in pixels (64 to 1024), drawn per patient; empty: the default mix")]
 
 
