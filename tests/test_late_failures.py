@@ -1,0 +1,173 @@
+"""Failing early, in one sentence, and showing progress: a one-class part refused before training, task run names
+that say which run, progress bars for training and feature extraction (real Prefect, torch and pydicom)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_schemas.files import read_model_json
+from data_schemas.plan import build_run_plan, read_plan, write_plan
+from data_schemas.training import CHECKPOINT_FILE, RunSummary, resolve_train_config
+from tasks.dataset_store import load_dataset, write_dataset
+from tasks.runtime import choose_runtime
+from tasks.splits import parts_for_fold, read_splits
+from tasks.train import train_arm
+from tests.test_train import _cli, make_synthetic_dataset, one_run_plan
+
+
+class FakeTerminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def one_abnormal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training tests' synthetic dataset with a single abnormal patient: one part of any split has one class."""
+    base = tmp_path_factory.mktemp("two-class")
+    make_synthetic_dataset(base)
+    dataset = load_dataset(base)
+    abnormal = sorted({r.patient_key for r in dataset.manifest if r.label == "abnormal"})[0]
+    rows = [r.model_copy(update={"label": "abnormal" if r.patient_key == abnormal else "normal"}) for r in dataset.manifest]
+    card = dataset.card.model_copy(update={"label_distribution": dict(Counter(r.label for r in rows))})
+    root = tmp_path_factory.mktemp("one-abnormal")
+    write_dataset(root, dataset.images, rows, card)
+    return root
+
+
+# ------------------------------------------------------------------------------------- a part with one class
+
+
+def test_a_part_with_one_class_is_refused_before_training_and_recorded_as_failed(one_abnormal_dataset, tmp_path, capsys):
+    from tasks.evaluate import read_arm
+
+    run_dir = tmp_path / "runs" / "scratch"
+    plan_path = one_run_plan(run_dir, "scratch")
+    with pytest.raises(ValueError, match=r"part of this run holds images of one class only \(\d+ normal, 0 abnormal images\)"):
+        train_arm(dataset_dir=one_abnormal_dataset, plan_path=plan_path, run=".")
+    rows, _ = read_splits(tmp_path / "runs" / "splits.csv")
+    parts = parts_for_fold(rows, 0, read_plan(plan_path).split)
+    one_class = next(name for name in ("train", "test") if len({r.label for r in parts[name]}) == 1)
+    summary = read_model_json(run_dir / "status.json", RunSummary)
+    assert summary.status == "failed"
+    assert summary.reason.startswith(f"the {'training' if one_class == 'train' else 'test'} part of this run")
+    assert f"({len(parts[one_class])} normal, 0 abnormal images)" in summary.reason
+    assert not (run_dir / CHECKPOINT_FILE).exists() and not (run_dir / "metrics.csv").exists()  # no epoch ran
+
+    # the comparison reads it as a failed arm with that reason (not "completed")
+    arm, pooled, _ = read_arm("scratch", [run_dir], read_plan(plan_path).evaluation, None, 0)
+    assert arm.status == "failed" and arm.reason == summary.reason and pooled is None
+
+    # and `ctcompare train` says it in one line, exit 1
+    capsys.readouterr()
+    code = _cli(["train", str(one_abnormal_dataset), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("ctcompare train: the ") and "one class only" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+# ---------------------------------------------------------------------------------------------- task run names
+
+
+async def _task_run_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(run.name for run in runs)
+
+
+def test_task_run_names_say_which_run(one_abnormal_dataset, tmp_path):
+    """Every planned run of a comparison (main, outer folds, fractions, sizes) gets its own task run name. The runs
+    stop at once (one-class part): the names are given before a task runs."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from tasks.train import train_arm_task
+
+    plan = build_run_plan(profile="smoke", arms=["scratch", "resnet18:imagenet"], seed=0, folds=2, fractions=[0.25],
+                          sizes=[48])
+    plan_path = write_plan(tmp_path, plan)
+
+    @flow
+    def every_run() -> str:
+        for planned in plan.runs:
+            train_arm_task(dataset_dir=one_abnormal_dataset, plan_path=plan_path, run=planned.run_dir, return_state=True)
+        return str(flow_run.id)
+
+    names = asyncio.run(_task_run_names(every_run()))
+    assert names == sorted([
+        "train-scratch-main", "train-scratch-fold1", "train-scratch-fraction0.25", "train-scratch-size48",
+        "train-resnet18-imagenet-main", "train-resnet18-imagenet-fold1", "train-resnet18-imagenet-fraction0.25",
+        "train-resnet18-imagenet-size48",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+@pytest.fixture(scope="module")
+def small_setup():
+    """A ResNet-18 trained from scratch on 8 images of 32 px in batches of 4 (the loop is the same for every model)."""
+    from tasks.train_loop import make_setup
+
+    config = resolve_train_config("smoke", "resnet18:scratch", {"batch_size": "4"})
+    y = torch.arange(8) % 2
+    setup = make_setup(config=config, runtime=choose_runtime(config), backbone=None, seed=0, y_train=y,
+                       arm="resnet18:scratch")
+    return setup, torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)), y
+
+
+def test_training_epoch_and_evaluation_show_a_bar_on_a_terminal(small_setup, monkeypatch):
+    from tasks.train_loop import FitData, _evaluate, train_one_epoch
+
+    setup, x, y = small_setup
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    result = train_one_epoch(setup, x, y, epoch=0, progress="scratch epoch 1/2")
+    shown = terminal.getvalue()
+    assert result.images == 8
+    assert "scratch epoch 1/2" in shown and "4/8" in shown and "8/8" in shown and "image/s" in shown, shown
+    assert "<" in shown  # tqdm's elapsed<time left
+
+    terminal.seek(0), terminal.truncate()
+    data = FitData(x_train=x, y_train=y, x_val=x[:6], y_val=y[:6], x_train_eval=x[:4], y_train_eval=y[:4])
+    evaluation = _evaluate(setup, data, "scratch epoch 1/2 evaluation")
+    assert evaluation["val_loss"] is not None and "10/10" in terminal.getvalue(), terminal.getvalue()
+
+
+def test_training_off_a_terminal_adds_no_log_lines_to_a_short_epoch(small_setup, monkeypatch, caplog):
+    from tasks.train_loop import train_one_epoch
+
+    setup, x, y = small_setup
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with caplog.at_level("INFO", logger="ctcompare.train"):
+        train_one_epoch(setup, x, y, epoch=1, progress="scratch epoch 2/2")
+    assert [r for r in caplog.records if "epoch 2/2" in r.getMessage()] == []  # the epoch's own line is enough
+
+
+def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, monkeypatch):
+    from tasks.linear_probe import extract_multi_depth_features
+    from tasks.models import feature_extractor, resolve_imagenet_weights
+    from tasks.train_loop import batch_progress
+
+    backbone, _ = resolve_imagenet_weights(resnet50_weights_file, allow_download=False)
+    model = feature_extractor(backbone, model="resnet50")
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with batch_progress(6, "imagenet-linear features") as count_images:
+        features = extract_multi_depth_features(model, torch.rand(6, 1, 32, 32), ["layer4"], batch_size=4,
+                                                device=torch.device("cpu"), on_batch=count_images)
+    assert features["layer4"].shape == (6, 2048)
+    shown = terminal.getvalue()
+    assert "imagenet-linear features" in shown and "4/6" in shown and "6/6" in shown and "image/s" in shown, shown
