@@ -4,9 +4,15 @@ that say which run, progress bars for training and feature extraction (real Pref
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
+import logging
+import os
+import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,13 @@ class FakeTerminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dataset")
+    make_synthetic_dataset(root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +184,93 @@ def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, mon
     assert features["layer4"].shape == (6, 2048)
     shown = terminal.getvalue()
     assert "imagenet-linear features" in shown and "4/6" in shown and "6/6" in shown and "image/s" in shown, shown
+
+
+# ------------------------------------------------------------------------------ full or read-only output: one line
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[Path]:
+    """folder made unwritable: mode 0555 for a normal user; for root, whom modes do not stop, the immutable flag."""
+    folder.mkdir(parents=True, exist_ok=True)
+    as_root = os.geteuid() == 0
+    subprocess.run(["chattr", "+i", str(folder)], check=True) if as_root else folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True) if as_root else folder.chmod(0o755)
+
+
+def _one_line_no_traceback(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert not any("Traceback" in line for line in lines), err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-read-only", "out-inside-read-only"])
+def test_read_only_output_is_refused_before_work_in_one_line(inside, dataset_dir, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with read_only_folder(tmp_path / "locked") as locked:
+        out = locked / "out" if inside else locked
+        for command in (["train", str(dataset_dir), "--arm", "scratch", "--profile", "smoke"],
+                        ["compare", str(dataset_dir), "--profile", "smoke", "--arms", "scratch"]):
+            capsys.readouterr()
+            code = main(command + ["--out", str(out)])
+            line = _one_line_no_traceback(capsys.readouterr().err)
+            assert code == 2
+            assert line == f"ctcompare {command[0]}: --out {out} cannot be written (checked {locked}); give a writable folder."
+        assert list(locked.iterdir()) == []  # nothing created
+
+
+def test_full_disk_during_training_is_one_sentence(dataset_dir, tmp_path, monkeypatch, capsys, caplog):
+    """The disk fills up while the run writes its files (inside the Prefect task): no retry, no traceback, one
+    sentence naming the file and what to do, exit 1."""
+    import tasks.train as train_module
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    attempts: list[Path] = []
+
+    def full_disk(run_dir: Path, config: object) -> None:
+        attempts.append(run_dir)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(run_dir) / "config.json"))
+
+    monkeypatch.setattr(train_module, "write_config", full_disk)
+    run_dir = tmp_path / "runs" / "scratch"
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        code = main(["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(attempts) == 1  # not retried: a retry would fill the same disk
+    assert "Traceback" not in err, err
+    # Prefect's own lines about it keep their one-line message but carry no traceback
+    prefect_lines = [r for r in caplog.records if r.name.startswith("prefect") and "No space left" in r.getMessage()]
+    assert prefect_lines and not any(r.exc_info for r in prefect_lines)
+    last = err.strip().splitlines()[-1]
+    assert last == (f"ctcompare train: the disk holding {run_dir / 'config.json'} is full; free space on it and re-run: "
+                    "finished work is kept.")
+    assert err.count("free space on it") == 1
+
+
+def test_unwritable_cause_is_found_through_wrapping_exceptions():
+    from flows.cli import unwritable_cause
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/x.npy")
+    try:
+        try:
+            raise full
+        except OSError as error:
+            raise RuntimeError("task failed") from error
+    except RuntimeError as wrapped:
+        assert unwritable_cause(wrapped) is full
+    try:
+        try:
+            raise full
+        except OSError:
+            raise ValueError("while handling")  # implicit context, as a re-raise inside an except block
+    except ValueError as wrapped:
+        assert unwritable_cause(wrapped) is full
+    assert unwritable_cause(OSError(errno.ENOENT, "No such file")) is None
