@@ -3,6 +3,7 @@ that say which run, progress bars for training and feature extraction (real Pref
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import errno
@@ -274,3 +275,85 @@ def test_unwritable_cause_is_found_through_wrapping_exceptions():
     except ValueError as wrapped:
         assert unwritable_cause(wrapped) is full
     assert unwritable_cause(OSError(errno.ENOENT, "No such file")) is None
+
+
+# ------------------------------------------------------------------------------- labels checked before decoding
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory):
+    from tasks.synth import synthesize_cohort
+
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=6, slices_per_patient=2, seed=11, matrix_sizes=(64,))
+
+
+def _write_labels(path: Path, column: str, rows: list[tuple[str, str]]) -> Path:
+    path.write_text(f"{column},label\n" + "".join(f"{key},{label}\n" for key, label in rows))
+    return path
+
+
+def test_header_keys_are_the_keys_ingest_matches(small_cohort):
+    """The header-only pass reads every key column exactly as the full decode does."""
+    from tasks.dicom_io import read_ct_file
+    from tasks.ingest import discover_files
+    from tasks.label_precheck import KEY_ELEMENTS, header_key_record
+
+    sources, _ = discover_files(small_cohort.dicom_dir)
+    assert len(sources) == 12
+    for source in sources:
+        decoded = read_ct_file(Path(source.path), source.relative_path).record
+        for column in (*KEY_ELEMENTS, "path"):
+            record = header_key_record(source, column)
+            assert record is not None and getattr(record, column if column != "path" else "relative_path") == \
+                getattr(decoded, column if column != "path" else "relative_path")
+
+
+def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
+    from flows.ingest import ingest_flow
+    from flows.ingest_command import register
+    from tasks.ingest import IngestError
+
+    unknown = [(f"MRN{9_000_000 + i}", "normal" if i % 2 else "abnormal") for i in range(5)]
+    labels = _write_labels(tmp_path / "labels.csv", "patient_id", unknown)
+    out = tmp_path / "dataset"
+    with pytest.raises(IngestError) as refused:
+        ingest_flow(src_dir=str(small_cohort.dicom_dir), out_dir=str(out), labels=str(labels), size=32)
+    sentence = str(refused.value)
+    assert sentence == ("no patient_id of the 5 label(s) in labels.csv matches any of the 12 file(s) found (checked from "
+                        "the headers, before decoding); check that the key column holds the values stored in the DICOM "
+                        "headers.")
+    assert not any(key in sentence for key, _ in unknown)
+    assert not list(out.rglob("*.npz")) and not (out / "dataset.json").exists()  # nothing was decoded
+
+    # `ctcompare ingest` says it in one line, exit 1
+    parser = argparse.ArgumentParser(prog="ctcompare")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ingest", str(small_cohort.dicom_dir), "--out", str(out), "--labels", str(labels), "--size", "32"])
+    capsys.readouterr()
+    assert args.handler(args) == 1
+    assert capsys.readouterr().out.strip() == f"ctcompare ingest: {sentence}"
+
+
+def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_path):
+    from tasks.dicom_io import read_ct_file
+    from tasks.ingest import discover_files, read_labels
+    from tasks.label_precheck import check_labels_match_headers
+
+    sources, _ = discover_files(small_cohort.dicom_dir)
+    patient_ids = sorted({read_ct_file(Path(s.path), s.relative_path).record.patient_id for s in sources})
+    assert len(patient_ids) == 6
+    rows = [(patient_ids[0], "normal"), (patient_ids[1], "abnormal"), ("MRN0000000", "normal")]
+    lines: list[str] = []
+    match = check_labels_match_headers(read_labels(_write_labels(tmp_path / "some.csv", "patient_id", rows)), sources, lines.append)
+    assert (match.n_matched_files, match.n_matched_labels, match.n_files, match.n_labels) == (4, 2, 12, 3)
+    assert lines == ["Labels: 4 of 12 file(s) have a patient_id in some.csv (2 of 3 label(s) used); the others stay unlabelled."]
+    assert not any(pid in lines[0] for pid in patient_ids)
+
+    every = [(pid, "normal" if i % 2 else "abnormal") for i, pid in enumerate(patient_ids)]
+    lines.clear()
+    check_labels_match_headers(read_labels(_write_labels(tmp_path / "all.csv", "patient_id", every)), sources, lines.append)
+    assert lines == []  # every file labelled: nothing to say
+
+    by_path = [(s.relative_path, "normal") for s in sources[:3]] + [("elsewhere/x.dcm", "abnormal")]
+    match = check_labels_match_headers(read_labels(_write_labels(tmp_path / "path.csv", "path", by_path)), sources, lines.append)
+    assert (match.n_matched_files, match.n_labels) == (3, 4)
