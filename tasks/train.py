@@ -94,6 +94,8 @@ from tasks.train_loop import (
 )
 
 NEGATIVE_LABEL_NAMES = frozenset({"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"})
+
+
 class TrainingInterrupted(Exception):
     """Raised by an on_epoch_end hook to stop a run after a finished epoch (used by tests to simulate a kill)."""
 
