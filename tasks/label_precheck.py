@@ -88,9 +88,9 @@ def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile]
     match = match_labels_to_headers(labels, sources)
     if sources and match.n_matched_files == 0:
         raise IngestError(
-            f"no {match.key_column} of the {match.n_labels} label(s) in {labels.source_name} matches any of the "
-            f"{match.n_files} file(s) found (checked from the headers, before decoding); check that the key column "
-            "holds the values stored in the DICOM headers."
+            f"no {match.key_column} in labels file {labels.source_name} matches any of the {match.n_files} file(s) "
+            f"found: its {match.n_labels} label(s) were checked against the headers, before decoding; check that the "
+            "key column holds the values stored in the DICOM headers."
         )
     if match.n_matched_files < match.n_files:
         log(f"Labels: {match.n_matched_files} of {match.n_files} file(s) have a {match.key_column} in "

@@ -319,9 +319,9 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
     with pytest.raises(IngestError) as refused:
         ingest_flow(src_dir=str(small_cohort.dicom_dir), out_dir=str(out), labels=str(labels), size=32)
     sentence = str(refused.value)
-    assert sentence == ("no patient_id of the 5 label(s) in labels.csv matches any of the 12 file(s) found (checked from "
-                        "the headers, before decoding); check that the key column holds the values stored in the DICOM "
-                        "headers.")
+    assert sentence == ("no patient_id in labels file labels.csv matches any of the 12 file(s) found: its 5 label(s) were "
+                        "checked against the headers, before decoding; check that the key column holds the values stored "
+                        "in the DICOM headers.")
     assert not any(key in sentence for key, _ in unknown)
     assert not list(out.rglob("*.npz")) and not (out / "dataset.json").exists()  # nothing was decoded
 
