@@ -441,26 +441,20 @@ def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path 
         raise
 
 
-# What each part is called in a sentence; parts whose images must show both classes (see check_parts_have_both_classes).
-PART_NAMES = {"train": "training", "val": "validation", "test": "test"}
-TWO_CLASS_PARTS = ("train", "test")
+def check_training_part_has_both_classes(parts: dict[str, list[SplitRow]], classes: list[str]) -> None:
+    """ValueError naming the training part and its class counts when its images are all of one class.
 
-
-def check_parts_have_both_classes(parts: dict[str, list[SplitRow]], classes: list[str]) -> None:
-    """ValueError naming the first part (training, then test) whose images are all of one class, with its counts.
-
-    A model cannot learn from a training part with one class, and a test part with one class has no AUC, so either
-    run could only end "completed" with nothing to compare. A validation part with one class is allowed: model
-    selection then falls back to the validation loss (tasks.train_loop.update_selection).
+    A model cannot learn to tell two classes apart from one; such a run would otherwise end "completed" with
+    nothing to compare. (A validation part with one class is allowed: model selection then falls back to the
+    validation loss, tasks.train_loop.update_selection.)
     """
-    for name in TWO_CLASS_PARTS:
-        counts = Counter(row.label for row in parts[name])
-        if sum(1 for label in classes if counts[label]) < 2:
-            shown = ", ".join(f"{counts[label]} {label}" for label in classes)
-            raise ValueError(
-                f"the {PART_NAMES[name]} part of this run holds images of one class only ({shown} images); it needs "
-                "both classes: label more patients of the rarer class, or use a larger train_fraction or another seed."
-            )
+    counts = Counter(row.label for row in parts["train"])
+    if sum(1 for label in classes if counts[label]) < 2:
+        shown = ", ".join(f"{counts[label]} {label}" for label in classes)
+        raise ValueError(
+            f"the training part of this run holds images of one class only ({shown} images); it needs both classes: "
+            "label more patients of the rarer class, or use a larger train_fraction or another seed."
+        )
 
 
 def _patient_parts(plan: RunPlan, run: PlannedRun, rows: list[SplitRow]) -> dict[str, list[SplitRow]]:
@@ -501,7 +495,7 @@ def train_arm(
     classes, positive = _classes(rows, planned.config.positive_label)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        check_parts_have_both_classes(parts, classes)
+        check_training_part_has_both_classes(parts, classes)
     except ValueError as error:  # before any training: the run is recorded as failed, with the reason
         write_status(run_dir, arm=planned.arm, status="failed", reason=str(error), fold=planned.outer_fold)
         raise

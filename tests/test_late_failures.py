@@ -45,35 +45,41 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_abnormal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The training tests' synthetic dataset with a single abnormal patient: one part of any split has one class."""
+    """The training tests' synthetic dataset with a single abnormal patient, one the smoke split puts outside the
+    training part: the training part then holds normal images only."""
+    from tasks.splits import ensure_splits
+
     base = tmp_path_factory.mktemp("two-class")
     make_synthetic_dataset(base)
     dataset = load_dataset(base)
-    abnormal = sorted({r.patient_key for r in dataset.manifest if r.label == "abnormal"})[0]
-    rows = [r.model_copy(update={"label": "abnormal" if r.patient_key == abnormal else "normal"}) for r in dataset.manifest]
-    card = dataset.card.model_copy(update={"label_distribution": dict(Counter(r.label for r in rows))})
-    root = tmp_path_factory.mktemp("one-abnormal")
-    write_dataset(root, dataset.images, rows, card)
-    return root
+    settings = build_run_plan(profile="smoke", arms=["scratch"], seed=0, layout="single-arm").split
+    for abnormal in sorted({r.patient_key for r in dataset.manifest if r.label == "abnormal"}):
+        rows = [r.model_copy(update={"label": "abnormal" if r.patient_key == abnormal else "normal"}) for r in dataset.manifest]
+        card = dataset.card.model_copy(update={"label_distribution": dict(Counter(r.label for r in rows))})
+        root = tmp_path_factory.mktemp("one-abnormal")
+        card = write_dataset(root, dataset.images, rows, card)
+        split, _ = ensure_splits(manifest_rows=rows, images=dataset.images, dataset_hash=card.content_hash,
+                                 splits_path=root / "probe-splits.csv", settings=settings)
+        if {r.label for r in parts_for_fold(split, 0, settings)["train"]} == {"normal"}:
+            return root
+    raise AssertionError("no single abnormal patient falls outside the training part")
 
 
 # ------------------------------------------------------------------------------------- a part with one class
 
 
-def test_a_part_with_one_class_is_refused_before_training_and_recorded_as_failed(one_abnormal_dataset, tmp_path, capsys):
+def test_a_training_part_with_one_class_is_refused_before_training_and_recorded_as_failed(one_abnormal_dataset, tmp_path, capsys):
     from tasks.evaluate import read_arm
 
     run_dir = tmp_path / "runs" / "scratch"
     plan_path = one_run_plan(run_dir, "scratch")
-    with pytest.raises(ValueError, match=r"part of this run holds images of one class only \(\d+ normal, 0 abnormal images\)"):
+    with pytest.raises(ValueError, match=r"^the training part of this run holds images of one class only \(\d+ normal, 0 abnormal images\)"):
         train_arm(dataset_dir=one_abnormal_dataset, plan_path=plan_path, run=".")
     rows, _ = read_splits(tmp_path / "runs" / "splits.csv")
-    parts = parts_for_fold(rows, 0, read_plan(plan_path).split)
-    one_class = next(name for name in ("train", "test") if len({r.label for r in parts[name]}) == 1)
+    n_train = len(parts_for_fold(rows, 0, read_plan(plan_path).split)["train"])
     summary = read_model_json(run_dir / "status.json", RunSummary)
     assert summary.status == "failed"
-    assert summary.reason.startswith(f"the {'training' if one_class == 'train' else 'test'} part of this run")
-    assert f"({len(parts[one_class])} normal, 0 abnormal images)" in summary.reason
+    assert summary.reason.startswith(f"the training part of this run holds images of one class only ({n_train} normal, 0 abnormal images)")
     assert not (run_dir / CHECKPOINT_FILE).exists() and not (run_dir / "metrics.csv").exists()  # no epoch ran
 
     # the comparison reads it as a failed arm with that reason (not "completed")
@@ -101,13 +107,19 @@ async def _task_run_names(flow_run_id) -> list[str]:
     return sorted(run.name for run in runs)
 
 
-def test_task_run_names_say_which_run(one_abnormal_dataset, tmp_path):
-    """Every planned run of a comparison (main, outer folds, fractions, sizes) gets its own task run name. The runs
-    stop at once (one-class part): the names are given before a task runs."""
+def test_task_run_names_say_which_run(dataset_dir, tmp_path, monkeypatch):
+    """Every planned run of a comparison (main, outer folds, fractions, sizes) gets its own task run name. The name
+    is given from the task's parameters before its body runs, so the body is a stand-in that stops at once."""
     from prefect import flow
     from prefect.runtime import flow_run
 
+    import tasks.train as train_module
     from tasks.train import train_arm_task
+
+    def stand_in(**kwargs: object) -> None:
+        raise ValueError("not trained in this test")
+
+    monkeypatch.setattr(train_module, "train_arm", stand_in)
 
     plan = build_run_plan(profile="smoke", arms=["scratch", "resnet18:imagenet"], seed=0, folds=2, fractions=[0.25],
                           sizes=[48])
@@ -116,7 +128,7 @@ def test_task_run_names_say_which_run(one_abnormal_dataset, tmp_path):
     @flow
     def every_run() -> str:
         for planned in plan.runs:
-            train_arm_task(dataset_dir=one_abnormal_dataset, plan_path=plan_path, run=planned.run_dir, return_state=True)
+            train_arm_task(dataset_dir=dataset_dir, plan_path=plan_path, run=planned.run_dir, return_state=True)
         return str(flow_run.id)
 
     names = asyncio.run(_task_run_names(every_run()))
