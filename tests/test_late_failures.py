@@ -1,5 +1,6 @@
-"""Failing early, in one sentence, and showing progress: a one-class part refused before training, task run names
-that say which run, progress bars for training and feature extraction (real Prefect, torch and pydicom)."""
+"""Failing early, in one sentence, and showing progress: labels checked against the headers before decoding, a
+one-class training part refused before training, a full or read-only output in one line, task run names that say
+which run, progress bars for training and feature extraction (real Prefect, torch and pydicom)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,8 @@ from tasks.dataset_store import load_dataset, write_dataset
 from tasks.runtime import choose_runtime
 from tasks.splits import parts_for_fold, read_splits
 from tasks.train import train_arm
+from tests.test_progress import FakeTerminal
 from tests.test_train import _cli, make_synthetic_dataset, one_run_plan
-
-
-class FakeTerminal(io.StringIO):
-    """A text stream that says it is a terminal."""
-
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.fixture(scope="module")
