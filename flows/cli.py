@@ -13,11 +13,13 @@ Prefect's temporary (ephemeral) API, which the command announces in one line on 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -124,6 +126,71 @@ class UsageError(Exception):
     """A bad argument: reported as one sentence before any work starts."""
 
 
+# An OSError that means "this folder cannot take more bytes" -> what the user can do; reported as one sentence.
+UNWRITABLE_ADVICE: dict[int, str] = {
+    errno.ENOSPC: "the disk holding {path} is full; free space on it and re-run: finished work is kept.",
+    errno.EDQUOT: "the disk quota for {path} is used up; free space or raise the quota and re-run: finished work is kept.",
+    errno.EROFS: "{path} is on a read-only file system; give an output folder on a writable disk and re-run.",
+    errno.EACCES: "{path} cannot be written (permission denied); give a writable output folder or fix its permissions and re-run.",
+    errno.EPERM: "{path} cannot be written (operation not permitted); give a writable output folder and re-run.",
+}
+# Commands whose --out is checked for writing before any work (ingest checks its own, with its other arguments).
+OUT_CHECKED_COMMANDS = ("train", "compare", "demo")
+
+
+def unwritable_cause(error: BaseException) -> OSError | None:
+    """The disk-full, quota, read-only or permission OSError in error or what it was raised from or during
+    (__cause__, __context__: Prefect re-raises a task's exception, tasks wrap theirs); None when there is none."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in UNWRITABLE_ADVICE:
+            return current
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def unwritable_sentence(error: OSError) -> str:
+    """One sentence naming the path an unwritable-output error is about and what to do."""
+    path = error.filename if error.filename is not None else "the output folder"
+    return UNWRITABLE_ADVICE[error.errno].format(path=path)
+
+
+def check_output_writable(out: Path) -> None:
+    """UsageError when `out` (or, before it exists, its nearest existing parent) cannot be written; creates nothing."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder.")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    try:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "permission denied", str(parent))
+        tempfile.TemporaryFile(dir=parent).close()  # the real test (read-only mounts, immutable folders, root)
+    except OSError:
+        raise UsageError(f"--out {out} cannot be written (checked {parent}); give a writable folder.") from None
+
+
+class _NoTracebackForUnwritable(logging.Filter):
+    """Drops the traceback from Prefect's log lines about a full or read-only disk: its one-line message stays, and
+    the command ends with the one sentence that says what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and unwritable_cause(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_unwritable_tracebacks() -> None:
+    """Install _NoTracebackForUnwritable on the loggers of Prefect's flow and task runs (console and API alike)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUnwritable())
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with `command` fully defined (its module imported), or a light listing of every command."""
     parser = argparse.ArgumentParser(
@@ -155,9 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if api_note:
         announce_temporary_server(api_note)
+    try:
+        if args.command in OUT_CHECKED_COMMANDS:
+            check_output_writable(Path(args.out))
+    except UsageError as error:
+        print(f"ctcompare {args.command}: {error}", file=sys.stderr)
+        return 2
     from flows.lifeline import start_lifeline
 
     start_lifeline()  # the temporary API server and the pool workers end with this command, even on kill -9
+    quiet_unwritable_tracebacks()
     try:
         return int(args.handler(args) or 0)
     except UsageError as error:
@@ -166,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctcompare {args.command}: interrupted; finished work is kept and a re-run resumes.", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a full or read-only disk, however deep: one sentence, not a traceback
+        unwritable = unwritable_cause(error)
+        if unwritable is not None:
+            print(f"ctcompare {args.command}: {unwritable_sentence(unwritable)}", file=sys.stderr)
+            return 1
+        if isinstance(error, ValueError) and str(error):  # refused input found during the work (e.g. labels vs headers)
+            print(f"ctcompare {args.command}: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from tasks.ingest import (
     preprocessing_signature,
     read_labels,
 )
+from tasks.label_precheck import check_labels_task
 from tasks.preprocess import parse_window
 from tasks.progress import progress
 
@@ -88,6 +89,8 @@ def ingest_flow(
     n_workers = workers or os.cpu_count() or 1
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
+    if label_table is not None:  # headers only: labels that match no file are refused before any decode
+        check_labels_task(label_table, sources)
     (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
     # Dask balances chunks across its workers; locally the pool balances small batches, so chunks can be large

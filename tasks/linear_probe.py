@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from typing import Any, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,11 @@ def extract_multi_depth_features(
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{depth: (N, C_depth) float32 pooled features} of [0, 1] images, every depth from the same forward pass of each
-    batch (tasks.models.multi_depth_features; depths e.g. tasks.models.probe_depths(model_name))."""
+    batch (tasks.models.multi_depth_features; depths e.g. tasks.models.probe_depths(model_name)); on_batch(n) after
+    each batch of n images (a progress count, e.g. tasks.train_loop.batch_progress)."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {depth: [] for depth in depths}
     for _start, x, context in _batches(images, batch_size, device, precision, channels_last):
@@ -74,6 +76,8 @@ def extract_multi_depth_features(
             features = multi_depth_features(model, x, depths)
         for depth, value in features.items():
             parts[depth].append(value.cpu().numpy())
+        if on_batch is not None:
+            on_batch(x.shape[0])
     return {depth: np.concatenate(chunks).astype(np.float32, copy=False) for depth, chunks in parts.items()}
 
 

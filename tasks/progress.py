@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -24,28 +25,33 @@ class LogProgress:
         description: what is being counted, e.g. "decoded".
         unit: name of one item, e.g. "file".
         log: where a line goes (a logger's info method).
+        log_fraction: one line per this share of the work and one at the end; None for lines by time alone
+            (for loops that log their own summary when done, such as a training epoch).
     """
 
-    def __init__(self, total: int, description: str, unit: str, log: Callable[[str], None]) -> None:
+    def __init__(self, total: int, description: str, unit: str, log: Callable[[str], None],
+                 log_fraction: float | None = LOG_FRACTION) -> None:
         self.total, self.description, self.unit, self.log = total, description, unit, log
         self.done = 0
         self.started = self.last_logged = time.monotonic()
-        self.next_fraction = LOG_FRACTION
+        self.log_fraction = log_fraction
+        self.next_fraction = log_fraction if log_fraction is not None else math.inf
 
     def update(self, n: int) -> None:
-        """Count n more items; log a line when a tenth more of the work, or LOG_EVERY_S seconds, have passed."""
+        """Count n more items; log a line when a share more of the work, or LOG_EVERY_S seconds, have passed."""
         self.done += n
         now = time.monotonic()
         fraction = self.done / self.total if self.total else 1.0
-        if fraction >= self.next_fraction or now - self.last_logged >= LOG_EVERY_S or self.done >= self.total:
+        finished = self.done >= self.total and self.log_fraction is not None
+        if fraction >= self.next_fraction or now - self.last_logged >= LOG_EVERY_S or finished:
             elapsed = max(now - self.started, 1e-9)
             rate = self.done / elapsed
             left = (self.total - self.done) / rate if rate > 0 else float("nan")
             self.log(f"{self.description} {self.done}/{self.total} {self.unit}s ({rate:.0f} {self.unit}s/s, "
                      f"{max(left, 0.0):.0f} s left)")
             self.last_logged = now
-            while self.next_fraction <= fraction:
-                self.next_fraction += LOG_FRACTION
+            while self.log_fraction is not None and self.next_fraction <= fraction:
+                self.next_fraction += self.log_fraction
 
     def close(self) -> None:
         """Nothing to release (the last update already logged the total)."""
@@ -60,11 +66,12 @@ def _terminal_columns(stream: object) -> int:
 
 
 @contextmanager
-def progress(total: int, description: str, unit: str, log: Callable[[str], None],
-             stream: object | None = None) -> Iterator[Callable[[int], None]]:
+def progress(total: int, description: str, unit: str, log: Callable[[str], None], stream: object | None = None,
+             *, log_fraction: float | None = LOG_FRACTION, leave: bool = True) -> Iterator[Callable[[int], None]]:
     """Yield a thread-safe `update(n)`: a tqdm bar when `stream` (default stderr) is a terminal, log lines otherwise.
 
-    While the bar is shown, console log lines are printed above it (tqdm.write) instead of through it.
+    While the bar is shown, console log lines are printed above it (tqdm.write) instead of through it. log_fraction:
+    see LogProgress; leave False erases the finished bar (for a bar per epoch under the loop's own log lines).
     """
     stream = stream if stream is not None else sys.stderr
     lock = threading.Lock()
@@ -75,10 +82,10 @@ def progress(total: int, description: str, unit: str, log: Callable[[str], None]
 
         columns = _terminal_columns(stream)
         reporter: tqdm | LogProgress = tqdm(total=total, desc=description, unit=unit, file=stream, smoothing=0.1,
-                                            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100)
+                                            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100, leave=leave)
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
     else:
-        reporter = LogProgress(total, description, unit, log)
+        reporter = LogProgress(total, description, unit, log, log_fraction)
 
     def update(n: int) -> None:
         with lock:

@@ -18,9 +18,9 @@ not retried (see _retry_worthwhile): a bad setting, weights file, split or label
 from __future__ import annotations
 
 import io
-import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +51,7 @@ from data_schemas.training import (
 )
 from tasks.augment import images_to_tensor
 from tasks.dataset_store import LoadedDataset, load_dataset
+from tasks.ingest import UNWRITABLE_ERRNOS
 from tasks.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
 from tasks.models import (
     WeightsUnavailableError,
@@ -82,26 +83,17 @@ from tasks.train_loop import (
     FitSetup,
     TrainState,
     auc_or_none,
+    batch_progress,
     describe_selection,
     fit,
     make_setup,
     predict_probs,
+    run_logger as _logger,
     state_copy,
     train_eval_subsample,
 )
 
 NEGATIVE_LABEL_NAMES = frozenset({"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"})
-_stdlib_log = logging.getLogger("ctcompare.train")
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow/task, else the stdlib logger."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        return _stdlib_log
 
 
 class TrainingInterrupted(Exception):
@@ -317,9 +309,12 @@ def _features(ctx: RunContext) -> dict[str, dict[str, np.ndarray]]:
     model = feature_extractor(ctx.backbone, model=model_name).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    by_part = {part: extract_multi_depth_features(model, ctx.data.x[part], depths, batch_size=cfg.eval_batch_size,
-                                                  device=rt.device, precision=rt.precision, channels_last=rt.channels_last)
-               for part in PARTS}
+    n_images = sum(ctx.data.x[part].shape[0] for part in PARTS)
+    with batch_progress(n_images, f"{ctx.arm} features") as count_images:
+        by_part = {part: extract_multi_depth_features(model, ctx.data.x[part], depths, batch_size=cfg.eval_batch_size,
+                                                      device=rt.device, precision=rt.precision,
+                                                      channels_last=rt.channels_last, on_batch=count_images)
+                   for part in PARTS}
     features = {depth: {part: by_part[part][depth] for part in PARTS} for depth in depths}
     buffer = io.BytesIO()
     np.savez(buffer, config_hash=np.asarray(ctx.config.config_hash),
@@ -446,6 +441,22 @@ def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path 
         raise
 
 
+def check_training_part_has_both_classes(parts: dict[str, list[SplitRow]], classes: list[str]) -> None:
+    """ValueError naming the training part and its class counts when its images are all of one class.
+
+    A model cannot learn to tell two classes apart from one; such a run would otherwise end "completed" with
+    nothing to compare. (A validation part with one class is allowed: model selection then falls back to the
+    validation loss, tasks.train_loop.update_selection.)
+    """
+    counts = Counter(row.label for row in parts["train"])
+    if sum(1 for label in classes if counts[label]) < 2:
+        shown = ", ".join(f"{counts[label]} {label}" for label in classes)
+        raise ValueError(
+            f"the training part of this run holds images of one class only ({shown} images); it needs both classes: "
+            "label more patients of the rarer class, or use a larger train_fraction or another seed."
+        )
+
+
 def _patient_parts(plan: RunPlan, run: PlannedRun, rows: list[SplitRow]) -> dict[str, list[SplitRow]]:
     """The run's train/val/test rows: its outer fold's parts, training patients subsampled for fractions."""
     parts = parts_for_fold(rows, run.outer_fold, plan.split)
@@ -483,6 +494,11 @@ def train_arm(
     parts = _patient_parts(plan, planned, rows)
     classes, positive = _classes(rows, planned.config.positive_label)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_training_part_has_both_classes(parts, classes)
+    except ValueError as error:  # before any training: the run is recorded as failed, with the reason
+        write_status(run_dir, arm=planned.arm, status="failed", reason=str(error), fold=planned.outer_fold)
+        raise
     backbone, weights_info, skip_reason = _backbone(planned.arm, run_dir, planned.config, (weights_path, weights_dir),
                                                     planned.outer_fold)
     runtime = choose_runtime(planned.config)
@@ -514,18 +530,41 @@ def train_arm(
 
 
 def _retry_worthwhile(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry crashes and transient errors; a ValueError (bad setting, weights file, split) would fail again."""
+    """Retry crashes and transient errors; a ValueError (bad setting, weights file, split) or a full or read-only
+    disk would fail again."""
     try:
         state.result()
     except ValueError:
         return False
+    except OSError as error:
+        return error.errno not in UNWRITABLE_ERRNOS
     except BaseException:  # noqa: BLE001
         return True
     return True
 
 
+def planned_run_name(planned: PlannedRun) -> str:
+    """The name of a run's task run: train-<arm>-main, -fold<k>, -fraction<f> or -size<px> (e.g. train-imagenet-fold2)."""
+    if planned.input_size is not None:
+        which = f"size{planned.input_size}"
+    elif planned.train_fraction < 1.0:
+        which = f"fraction{planned.train_fraction:g}"
+    else:
+        which = "main" if planned.outer_fold == 0 else f"fold{planned.outer_fold}"
+    return f"train-{planned.arm.replace(':', '-')}-{which}"
+
+
+def train_task_run_name(parameters: dict[str, Any]) -> str:
+    """train_arm_task's run name, from its plan_path and run parameters; the run folder when the plan cannot be read
+    (the task itself then reports why)."""
+    try:
+        return planned_run_name(read_plan(Path(parameters["plan_path"])).run(str(parameters["run"])))
+    except (OSError, ValueError, KeyError):
+        return f"train-{parameters.get('run', 'run')}"
+
+
 @task(name="train-arm", retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE,
-      task_run_name="train-{run}")
+      task_run_name=train_task_run_name)
 def train_arm_task(
     *, dataset_dir: Path, plan_path: Path, run: str, weights_path: Path | None = None, resume: bool = False,
     weights_dir: Path | None = None,

@@ -14,8 +14,9 @@ looked at here.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,10 +30,31 @@ from data_schemas.training import EpochMetrics, TrainConfig
 from tasks.augment import augment_batch, mixup, normalise
 from data_schemas.arms import ArmSpec, parse_arm
 from tasks.models import build_arm_model, is_head_parameter, is_no_decay_parameter
+from tasks.progress import progress as show_progress
 from tasks.runtime import Runtime
 
 EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
 TRAIN_EVAL_IMAGES = 512  # the fixed training subsample of EpochMetrics.train_eval_loss
+_stdlib_log = logging.getLogger("ctcompare.train")
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow/task, else the stdlib logger."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        return _stdlib_log
+
+
+def batch_progress(total_images: int, description: str | None,
+                   ) -> contextlib.AbstractContextManager[Callable[[int], None] | None]:
+    """Per-batch progress of one epoch's training or evaluation: a bar on a terminal (images/s, time left), off a
+    terminal a log line only when LOG_EVERY_S passes without the epoch's own line; nothing when description is None."""
+    if description is None:
+        return contextlib.nullcontext(None)
+    return show_progress(total_images, description, "image", run_logger().info, log_fraction=None, leave=False)
 
 
 @dataclass
@@ -189,14 +211,6 @@ def _set_lr(setup: FitSetup, epoch: int, step: int, steps_per_epoch: int, head_p
     return lr_now
 
 
-def _progress(total: int, desc: str | None):
-    if not desc or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, unit="batch")
-
-
 def _step(setup: FitSetup, xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One optimizer step on a batch; returns the (detached) training loss."""
     cfg, rt = setup.config, setup.runtime
@@ -218,6 +232,7 @@ def train_one_epoch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tenso
     """One epoch over the in-memory tensor: seeded order, batched augmentation, autocast, schedule.
 
     Batch order, augmentation and dropout depend only on (seed, epoch), so a resumed run repeats the same epoch.
+    progress: the description of its progress bar (batch_progress), None for none.
     """
     cfg, rt = setup.config, setup.runtime
     n_train = x_train.shape[0]
@@ -234,32 +249,38 @@ def train_one_epoch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tenso
     order = order.to(x_train.device)
     setup.model.train()
     loss_total, images, lr_now = torch.zeros((), device=rt.device), 0, {}
-    bar = _progress(steps_per_epoch, progress)
-    for i in range(steps_per_epoch):
-        lr_now = _set_lr(setup, epoch, i, steps_per_epoch, head_phase)
-        index = order[i * batch_size : (i + 1) * batch_size]
-        xb = normalise(augment_batch(x_train.index_select(0, index), cfg.augment, generator)).to(rt.device, non_blocking=True)
-        if rt.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        target = F.one_hot(y_train.index_select(0, index), 2).float().to(rt.device, non_blocking=True)
-        if cfg.mixup_alpha > 0:
-            xb, target = mixup(xb, target, cfg.mixup_alpha, generator)
-        loss_total += _step(setup, xb, target) * xb.shape[0]
-        images += xb.shape[0]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss_total) / images:.4f}")
-    if bar is not None:
-        bar.close()
+    with batch_progress(steps_per_epoch * batch_size, progress) as count_images:
+        for i in range(steps_per_epoch):
+            lr_now = _set_lr(setup, epoch, i, steps_per_epoch, head_phase)
+            loss, n_images = _train_batch(setup, x_train, y_train, order[i * batch_size : (i + 1) * batch_size], generator)
+            loss_total += loss
+            images += n_images
+            if count_images is not None:
+                count_images(n_images)  # a host-side count: no device sync
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     lr_now.setdefault("backbone", lr_now.get("head", cfg.lr))
     return EpochResult(steps=steps_per_epoch, images=images, loss_sum=float(loss_total), lr=lr_now)
 
 
+def _train_batch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tensor, index: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Augment, mix and step on the rows `index` of the training tensor; (summed loss as a tensor, images)."""
+    cfg, rt = setup.config, setup.runtime
+    xb = normalise(augment_batch(x_train.index_select(0, index), cfg.augment, generator)).to(rt.device, non_blocking=True)
+    if rt.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    target = F.one_hot(y_train.index_select(0, index), 2).float().to(rt.device, non_blocking=True)
+    if cfg.mixup_alpha > 0:
+        xb, target = mixup(xb, target, cfg.mixup_alpha, generator)
+    return _step(setup, xb, target) * xb.shape[0], xb.shape[0]
+
+
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Positive-class probabilities and logits (float32, CPU) of images in [0, 1], in eval mode."""
+def predict_probs(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Positive-class probabilities and logits (float32, CPU) of images in [0, 1], in eval mode; on_batch(n) after
+    each batch of n images (a progress count)."""
     model.eval()
     logits = []
     for start in range(0, x.shape[0], batch_size):
@@ -268,6 +289,8 @@ def predict_probs(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, bat
             xb = xb.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             logits.append(model(xb).float().cpu())
+        if on_batch is not None:
+            on_batch(xb.shape[0])
     out = torch.cat(logits) if logits else torch.zeros((0, 2))
     return torch.softmax(out, dim=1)[:, 1].numpy(), out
 
@@ -305,11 +328,13 @@ def update_selection(state: TrainState, config: TrainConfig, *, val_loss: float 
     return improved
 
 
-def _evaluate(setup: FitSetup, data: FitData) -> dict[str, float | None]:
-    """Validation loss and AUC, and the like-for-like training loss, in eval mode."""
+def _evaluate(setup: FitSetup, data: FitData, progress: str | None = None) -> dict[str, float | None]:
+    """Validation loss and AUC, and the like-for-like training loss, in eval mode (progress: batch_progress's
+    description)."""
     cfg, rt = setup.config, setup.runtime
-    val_probs, val_logits = predict_probs(setup.model, data.x_val, rt, cfg.eval_batch_size)
-    _, train_logits = predict_probs(setup.model, data.x_train_eval, rt, cfg.eval_batch_size)
+    with batch_progress(data.x_val.shape[0] + data.x_train_eval.shape[0], progress) as count_images:
+        val_probs, val_logits = predict_probs(setup.model, data.x_val, rt, cfg.eval_batch_size, count_images)
+        _, train_logits = predict_probs(setup.model, data.x_train_eval, rt, cfg.eval_batch_size, count_images)
     return {"val_loss": plain_loss(val_logits, data.y_val), "val_auc": auc_or_none(data.y_val.cpu().numpy(), val_probs),
             "train_eval_loss": plain_loss(train_logits, data.y_train_eval)}
 
@@ -319,9 +344,10 @@ def fit(setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callabl
     cfg = setup.config
     while state.epoch < cfg.epochs and not state.stopped:
         started = time.perf_counter()
-        result = train_one_epoch(setup, data.x_train, data.y_train, state.epoch, f"{setup.label} epoch {state.epoch + 1}/{cfg.epochs}")
+        which = f"{setup.label} epoch {state.epoch + 1}/{cfg.epochs}"
+        result = train_one_epoch(setup, data.x_train, data.y_train, state.epoch, which)
         train_seconds = time.perf_counter() - started
-        evaluation = _evaluate(setup, data)
+        evaluation = _evaluate(setup, data, f"{which} evaluation")
         state.epoch, state.step = state.epoch + 1, state.step + result.steps
         state.train_seconds += train_seconds
         state.eval_seconds += time.perf_counter() - started - train_seconds

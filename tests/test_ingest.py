@@ -129,7 +129,7 @@ def test_label_file_errors_are_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match=r"rows 2 and 3 give the same patient_id different labels"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o2"), labels=str(conflict), size=32, workers=1)
     nomatch = write_labels(tmp_path / "n.csv", [("P7", "nodule")])
-    with pytest.raises(IngestError, match="matches any of the 1 ingested file"):
+    with pytest.raises(IngestError, match=r"matches any of the 1 file\(s\) found: its 1 label\(s\) were checked against the headers, before decoding"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o3"), labels=str(nomatch), size=32, workers=1)
 
 

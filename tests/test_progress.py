@@ -31,3 +31,20 @@ def test_on_a_terminal_progress_is_a_bar_with_rate_and_time_left() -> None:
     assert lines == []  # no log lines under a bar
     final = terminal.getvalue().split("\r")[-1]
     assert "40/40" in final and "file/s" in final and "100%" in final, final
+
+
+def test_time_only_progress_logs_when_slow_and_not_at_the_end(monkeypatch) -> None:
+    """log_fraction=None (a training epoch, whose own line follows): a line only once LOG_EVERY_S has passed."""
+    import tasks.progress as progress_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    lines: list[str] = []
+    with progress(100, "epoch 1/3", "image", lines.append, stream=io.StringIO(), log_fraction=None) as update:
+        for _ in range(9):  # 90% of the work in no time: no line
+            update(10)
+        assert lines == []
+        clock[0] += progress_module.LOG_EVERY_S + 1  # a slow batch
+        update(5)
+        update(5)  # the end: no extra line
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/3 95/100 images ("), lines
