@@ -107,6 +107,11 @@ def recommendation_sentences(
         f"difference to the best arm lies above −{margin} (the margin); p-values are Holm-adjusted over all pairs."
     )
     if rec.basis == "none":
+        finished = [a.name for a in arms if a.status == "completed"]
+        if finished:  # completed, but the test part holds one class: AUC, sensitivity or specificity are undefined
+            return (f"{', '.join(finished)} completed, but no test AUC could be computed: the test part holds "
+                    "patients of one class only, so there is nothing to recommend; use more patients or a larger "
+                    "test_fraction."), details
         return "No arm completed, so there is nothing to recommend.", details
     if rec.basis == "single_arm":
         return f"Only {best} completed, with {level}-level test AUC {_auc_of(arms, best, level)}; no comparison is possible.", details

@@ -257,6 +257,20 @@ def test_headline_agrees_with_its_interval(basis: str, pair: PairedComparison, m
     assert any("Holm-adjusted" in line for line in details) and any("−0.02" in line for line in details)
 
 
+def test_completed_arms_without_a_test_auc_are_not_called_not_completed() -> None:
+    """A test part of one class leaves completed arms without an AUC: the headline says so, not "No arm completed"."""
+    results = make_example_results(with_folds=False, with_data_efficiency=False)
+    rec = Recommendation(headline="", basis="none", preferred_arm=None, best_arm=None, margin=0.02)
+    headline, _ = recommendation_sentences(rec, results.completed_arms, [], n_patients=8)
+    names = [arm.name for arm in results.completed_arms]
+    assert headline.startswith(f"{', '.join(names)} completed, but no test AUC could be computed"), headline
+    assert "one class" in headline and "No arm completed" not in headline
+    skipped = [arm.model_copy(update={"status": "skipped", "reason": "no weights", "test_metrics": None,
+                                      "patient_metrics": None}) for arm in results.completed_arms[:1]]
+    headline, _ = recommendation_sentences(rec, skipped, [], n_patients=8)
+    assert headline == "No arm completed, so there is nothing to recommend."
+
+
 # ---------------------------------------------------------------- banners, appendix, command, readability
 
 
