@@ -517,3 +517,60 @@ def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypat
         C.resolve_cost_inputs(dataset=tmp_path, size=64)
     with pytest.raises(ValueError, match="dataset.json is missing"):
         C.resolve_cost_inputs(dataset=Path(tmp_path / "nowhere"))
+
+
+# ============================================================================================ input errors and timing
+
+
+@pytest.mark.parametrize(
+    "settings, sentence",
+    [
+        ({"image_size": 16}, "--size must be between 32 and 2048 (got 16)."),
+        ({"image_size": 4096}, "--size must be at most 2048 (got 4096)."),
+        ({"channels": 0}, "--channels must be between 1 and 3 (got 0)."),
+        ({"num_classes": 1}, "--num-classes must be at least 2 (got 1)."),
+        ({"device_memory_gb": 0}, "--device-memory-gb must be greater than 0.0 (got 0)."),
+        ({"head_warmup_epochs": 5, "epochs": 2}, "head_warmup_epochs (5) cannot exceed epochs (2)."),
+        ({"batch_size": "many"}, "--batch-size: Input should be a valid integer, unable to parse string as an integer (got 'many')."),
+        ({"optimizer": "lion"}, "--optimizer must be one of 'adam' or 'sgd' (got 'lion')."),
+    ],
+    ids=["below-range", "above-range", "channels", "at-least", "greater-than", "model-rule", "not-a-number", "choice"],
+)
+def test_bad_cost_input_is_one_sentence_naming_the_flag(settings, sentence):
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(n_images=10, **settings)
+    assert str(caught.value) == sentence
+
+
+def test_bad_image_count_and_unknown_setting_are_one_sentence():
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(n_images=0)
+    assert str(caught.value) == "--images must be at least 1 (got 0)."
+    with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, channels, "):
+        C.resolve_cost_inputs(n_images=10, epoch=3)
+    assert C._field_bounds("image_size") == (32, 2048) and C._field_bounds("n_images") == (1, None)
+    assert C._field_bounds("device_memory_gb") == (None, None)  # gt, not ge
+
+
+def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
+    """At least 3 timed steps when time allows (after 2 untimed warm-up steps); 1 when the deadline has passed.
+    The loop's logic on a tiny network (ResNet-50's steps are benchmarks/cost.py's business)."""
+    import time
+
+    import torch
+
+    built = []
+
+    def tiny(phase, channels, **_):
+        built.append((phase, channels))
+        return torch.nn.Sequential(torch.nn.Conv2d(channels, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    monkeypatch.setattr(C, "phase_model", tiny)
+
+    enough = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 3600, min_timed_s=0.0)
+    assert enough.steps == 3 and enough.timed_seconds > 0 and enough.first_step_seconds > 0
+    late = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0)
+    assert late.steps == 1 and late.timed_seconds > 0
+    assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
+    rate = C._matmul_rate(torch.float32, n=64, seconds=0.01)
+    assert 0 < rate < float("inf")

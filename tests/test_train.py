@@ -783,3 +783,47 @@ def test_selection_is_described_with_its_numbers():
     assert "stop after 4 epochs without improvement, not before epoch 6" in text and text.endswith("the test part is never used")
     text = describe_selection(_tiny_config(early_stopping_monitor="val_auc_ema", early_stopping_patience=None))
     assert "weight 0.5 on the newest epoch" in text and "no early stopping" in text
+
+
+def test_setup_of_each_arm_kind():
+    """Seeded model, head-only epochs only for a pretrained arm (capped at the epochs), its backbone's weights and
+    lower learning rate, and the class balancing (weights n / (2 n_c) or a sampler of 1 / n_c), on ResNet-18."""
+    from torchvision.models import resnet18
+
+    from tasks.train_loop import make_setup
+
+    config = _tiny_config(epochs=3, freeze_epochs=5, backbone_lr_mult=0.25, class_balance="loss_weights")
+    runtime = choose_runtime(config)
+    y = torch.tensor([0, 0, 0, 1])
+    scratch = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, label="s", arm="resnet18:scratch")
+    assert (scratch.head_epochs, scratch.model_name, scratch.label, scratch.seed) == (0, "resnet18", "s", 3)
+    assert torch.allclose(scratch.class_weights, torch.tensor([4 / 6, 4 / 2])) and scratch.sample_weights is None
+    assert scratch.scaler is None and scratch.config is config and scratch.runtime is runtime
+    assert {g["lr_mult"] for g in scratch.optimizer.param_groups} == {1.0}  # scratch trains the backbone at full rate
+    assert {n for g in scratch.optimizer.param_groups for n in [g["name"]]} == {"head", "head-no_decay", "backbone", "backbone-no_decay"}
+    again = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, arm="resnet18:scratch")
+    same = [torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), scratch.model.state_dict().values())]
+    assert all(same)
+    other = make_setup(config=config, runtime=runtime, backbone=None, seed=4, y_train=y, arm="resnet18:scratch")
+    assert not torch.equal(other.model.state_dict()["conv1.weight"], scratch.model.state_dict()["conv1.weight"])
+
+    torch.manual_seed(11)
+    backbone = {k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
+    pretrained = make_setup(config=config, runtime=runtime, backbone=backbone, seed=3, y_train=y, arm="resnet18:imagenet")
+    assert pretrained.head_epochs == 3 and pretrained.model_name == "resnet18"  # min(freeze_epochs 5, epochs 3)
+    assert torch.equal(pretrained.model.state_dict()["layer1.0.conv1.weight"], backbone["layer1.0.conv1.weight"])
+    assert {g["name"]: g["lr_mult"] for g in pretrained.optimizer.param_groups} == {
+        "backbone": 0.25, "backbone-no_decay": 0.25, "head": 1.0, "head-no_decay": 1.0}
+    two = _tiny_config(epochs=3, freeze_epochs=2)
+    assert make_setup(config=two, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet").head_epochs == 2
+
+    sampler = make_setup(config=_tiny_config(class_balance="sampler"), runtime=runtime, backbone=None, seed=0, y_train=y,
+                         arm="resnet18:scratch")
+    assert sampler.class_weights is None and torch.allclose(sampler.sample_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
+    plain = make_setup(config=_tiny_config(class_balance="none", optimizer="sgd"), runtime=runtime, backbone=None, seed=0,
+                       y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    assert plain.class_weights is None and plain.sample_weights is None and type(plain.optimizer) is torch.optim.SGD
+    one_class = make_setup(config=config, runtime=runtime, backbone=None, seed=0, y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    assert torch.allclose(one_class.class_weights, torch.tensor([1.0, 0.5]))  # an absent class counts as 1: 2 / (2 * 1)
+    with pytest.raises(ValueError, match="linear probe"):
+        make_setup(config=config, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet-linear")
