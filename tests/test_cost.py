@@ -574,3 +574,33 @@ def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
     assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
     rate = C._matmul_rate(torch.float32, n=64, seconds=0.01)
     assert 0 < rate < float("inf")
+
+
+@pytest.mark.parametrize("first_step, warmup", [(0.6, 0.1), (0.2, 0.0)], ids=["small", "clipped-at-0"])
+def test_calibrated_warmup_is_first_step_minus_a_timed_step_never_negative(monkeypatch, first_step, warmup):
+    monkeypatch.setattr(C, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(C, "_time_training_steps", lambda *a, **k: C.StepTimes(first_step, 4, 2.0))
+    assert C.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(warmup, abs=1e-12)
+
+
+def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch):
+    """One measurement per (size, channels, precision this machine runs); refresh or a corrupt cache re-measures."""
+    import tasks.runtime
+
+    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
+    cache = tmp_path / "calibration.json"
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    C.load_or_calibrate(64, 1, "fp16", 16, cache_path=cache)  # runs as bf16 too: the same entry
+    C.load_or_calibrate(32, 1, "bf16", 8, cache_path=cache)
+    C.load_or_calibrate(64, 1, "fp32", 16, cache_path=cache)
+    C.load_or_calibrate(64, 3, "bf16", 16, cache_path=cache)
+    assert calls == [(64, 1, "bf16", 16), (32, 1, "bf16", 8), (64, 1, "fp32", 16), (64, 3, "bf16", 16)]
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache, refresh=True)
+    cache.write_text("{not json")
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    assert len(calls) == 6 and cache.is_file()
+    assert C.this_machine_precision("fp16") == "bf16" and C.this_machine_precision("tf32") == "fp32"
+    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: False)
+    assert C.this_machine_precision("bf16") == "fp32"
