@@ -604,3 +604,26 @@ def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch)
     assert C.this_machine_precision("fp16") == "bf16" and C.this_machine_precision("tf32") == "fp32"
     monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: False)
     assert C.this_machine_precision("bf16") == "fp32"
+
+
+def test_cost_inputs_from_a_dataset_card(tmp_path):
+    """Images = labelled images (all when none is labelled), size, channels and classes from dataset.json."""
+    from data_schemas.files import write_model_json
+    from report_fixtures import make_example_card
+
+    card = make_example_card(content_hash="f" * 64).model_copy(update={
+        "n_images": 1500, "n_unlabeled_images": 60, "image_size": 96, "label_distribution": {"a": 500, "b": 500, "c": 440}})
+    write_model_json(tmp_path / "dataset.json", card)
+    inputs = C.resolve_cost_inputs(dataset=tmp_path, epochs=3)
+    assert (inputs.n_images, inputs.image_size, inputs.channels, inputs.num_classes, inputs.dataset_content_hash) == (
+        1440, 96, card.channels, 3, "f" * 64)
+    assert C.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64  # a setting overrides the card
+    write_model_json(tmp_path / "dataset.json", card.model_copy(update={"n_unlabeled_images": 1500, "label_distribution": {}}))
+    unlabelled = C.resolve_cost_inputs(dataset=tmp_path)
+    assert (unlabelled.n_images, unlabelled.num_classes) == (1500, 2)
+    (tmp_path / "dataset.json").write_text('{"n_images": "many"}')
+    with pytest.raises(ValueError, match=r"dataset.json is not a valid dataset card \("):
+        C.resolve_cost_inputs(dataset=tmp_path)
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(dataset=tmp_path / "nowhere")
+    assert str(caught.value) == f"{tmp_path / 'nowhere'} is not a ctcompare dataset folder: dataset.json is missing (run 'ctcompare ingest')."

@@ -218,3 +218,18 @@ def test_training_fraction_outside_0_to_1_is_refused(fraction):
     with pytest.raises(ValueError) as caught:
         subsample_patients(_split(_manifest()), fraction, seed=1)
     assert str(caught.value) == f"train_fraction must be in (0, 1], got {fraction}."
+
+
+def test_a_split_without_its_info_file_is_made_again_and_reading_it_says_why(tmp_path):
+    from tasks.splits import info_path
+
+    manifest = _manifest()
+    path = tmp_path / "splits.csv"
+    images = _images(len(manifest))
+    rows, _ = ensure_splits(manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT)
+    info_path(path).unlink()  # interrupted between the two files
+    with pytest.raises(FileNotFoundError) as caught:
+        read_splits(path)
+    assert str(caught.value) == f"{path} or its splits.json is missing; the split was never completed."
+    again, info = ensure_splits(manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT)
+    assert again == rows and info_path(path).is_file() and read_splits(path)[1] == info

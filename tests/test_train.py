@@ -751,7 +751,12 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
         calls.append((state.epoch, improved, state.best_state is None))
         saved[state.epoch] = state_copy(setup.model)
 
+    import time
+
+    started = time.perf_counter()
     state = train_loop.fit(setup, data, train_loop.TrainState(), on_epoch_end)
+    wall = time.perf_counter() - started
+    assert 0 < state.train_seconds and 0 <= state.eval_seconds and state.train_seconds + state.eval_seconds <= wall
     assert calls == [(1, True, True), (2, True, True), (3, False, False), (4, False, False)]
     assert state.epoch == 4 and state.stopped and state.best_epoch == 2 and state.best_val_loss == 0.7
     assert state.step == 4 * 2 and state.images_seen == 4 * 8
