@@ -612,6 +612,10 @@ def test_head_phase_learning_rates_and_freezing():
     assert _set_lr(setup, 0, 0, 2, head_phase=True) == {"head": 0.5, "backbone": 0.0}
     assert _set_lr(setup, 0, 0, 2, head_phase=False) == {"head": 0.5, "backbone": 0.125}
     assert sorted(g["lr"] for g in setup.optimizer.param_groups) == [0.125, 0.125, 0.5, 0.5]
+    untagged = torch.optim.SGD(setup.model.parameters(), lr=1.0)  # a group without lr_mult/is_head: the head's rate
+    setup_untagged = _tiny_setup(config)
+    setup_untagged.optimizer = untagged
+    assert _set_lr(setup_untagged, 0, 0, 2, head_phase=True) == {"head": 0.5} and untagged.param_groups[0]["lr"] == 0.5
     freeze_backbone(setup.model, True)
     assert {n: p.requires_grad for n, p in setup.model.named_parameters()} == {
         "conv1.weight": False, "conv1.bias": False, "bn1.weight": False, "bn1.bias": False, "fc.weight": True, "fc.bias": True}
