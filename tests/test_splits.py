@@ -92,8 +92,10 @@ def test_cross_validated_outer_folds_test_every_patient_once():
         assert {r.label for r in parts["test"]} == {"abnormal", "normal"}  # stratified
         tested.extend(test)
     assert sorted(tested) == sorted(labelled)  # every labelled patient in exactly one test fold
-    with pytest.raises(ValueError, match="does not exist"):
-        parts_for_fold(rows, 4, settings)
+    for missing in (4, -1):
+        with pytest.raises(ValueError) as caught:
+            parts_for_fold(rows, missing, settings)
+        assert str(caught.value) == f"outer fold {missing} does not exist; the split has 4 (0 to 3)."
 
 
 def test_split_does_not_depend_on_pseudonyms_or_manifest_order():
