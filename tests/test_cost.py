@@ -257,6 +257,10 @@ def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
     assert arm.flops_total == 1500 * (hand.forward_flops(64, 1, 2) - 2 * 2048 * 2) + fit
     assert arm.params_trainable == 2049 and arm.epochs_effective == 1
     assert arm.memory.gradients_bytes == 0 and arm.memory.optimizer_bytes == 0
+    assert arm.memory.method.startswith("no-grad forward: peak of live tensors")  # not the training phase's method
+    a100 = next(d for d in arm.devices if d.device == "a100")
+    assert a100.peak_flops_per_second == 312e12 and a100.precision == "bf16"  # devices.json: 312 TFLOP/s bf16
+    assert C.classifier_params(2) == 2049 and C.classifier_params(5) == 5 * 2048 + 5 and C.classifier_params(3, dim=10) == 33
 
 
 # ============================================================================================ time

@@ -49,6 +49,12 @@ def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs
     (pair,) = results.comparisons
     assert pair.n_patients == len(tested) and pair.n_images == n_images
     assert pair.delong.method == "clustered DeLong (Obuchowski 1997)" and pair.patient_delong.p_holm is not None
+    assert pair.delong.p_holm == pair.delong.p_value  # one pair: Holm's adjustment leaves its p unchanged
+    assert results.evaluation.n_test_images == n_images
+    assert results.reproducibility.seeds["split"] == 0 and "torch" in results.reproducibility.package_versions
+    seconds_at = {a.cost.total_flops: a.cost.actual_seconds for a in results.completed_arms}  # each budget is an arm's
+    assert results.what_to_train.budgets and all(
+        b.budget_seconds == seconds_at[b.budget_flops] is not None for b in results.what_to_train.budgets)
     assert pair.mcnemar.method in ("clustered", "exact_permutation") and "Durkalski" in results.evaluation.decision_test
     assert (results.folds is not None) == (mode == "cross-validated")
     if results.folds:

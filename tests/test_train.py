@@ -836,3 +836,5 @@ def test_setup_of_each_arm_kind():
     assert torch.allclose(one_class.class_weights, torch.tensor([1.0, 0.5]))  # an absent class counts as 1: 2 / (2 * 1)
     with pytest.raises(ValueError, match="linear probe"):
         make_setup(config=config, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet-linear")
+    default = make_setup(config=config, runtime=runtime, backbone=None, seed=0, y_train=y)  # no arm, no backbone
+    assert (default.model_name, default.head_epochs) == ("resnet50", 0)  # the ResNet-50 scratch arm
