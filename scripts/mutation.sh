@@ -3,6 +3,8 @@
 #   scripts/mutation.sh                          every module in pyproject.toml [tool.mutmut] only_mutate
 #   scripts/mutation.sh preprocess statistics    only these modules (tasks/<name>.py)
 #   MUTATION_SAMPLE=100 scripts/mutation.sh statistics   a seeded sample of 100 mutants per module
+#   MUTATION_RERUN=unkilled MUTATION_SAMPLE=100 ...      after adding tests: run only the sample's mutants not yet
+#                                                        killed (a killed mutant stays killed), score the whole sample
 # Then prints the score per module. Survivors: `mutmut results`; one mutant's diff: `mutmut show NAME`.
 # mutmut runs, for each mutant, only the selected tests that reach the mutated function (mapped in a first pass).
 set -euo pipefail
@@ -28,7 +30,11 @@ if [[ -n "$SAMPLE" ]]; then
     # The sample is drawn from the generated mutants: generate them first (a pattern that names no mutant).
     [[ -f "mutants/tasks/${modules[0]}.py.meta" ]] || mutmut "tasks.${modules[0]}.x__generate_only__*" || true
     mapfile -t names < <("$PY" scripts/mutation_scores.py --sample "$SAMPLE" "${modules[@]}")
-    mutmut "${names[@]}" || true
+    run_names=("${names[@]}")
+    if [[ "${MUTATION_RERUN:-}" == unkilled ]]; then
+        mapfile -t run_names < <("$PY" scripts/mutation_scores.py --unsettled "${names[@]}")
+    fi
+    [[ ${#run_names[@]} -eq 0 ]] || mutmut "${run_names[@]}" || true
     "$PY" scripts/mutation_scores.py --only "${names[@]}"
 else
     patterns=()

@@ -3,6 +3,8 @@
     python scripts/mutation_scores.py [MODULE ...]            score table (all scoped modules when none given)
     python scripts/mutation_scores.py --sample N [MODULE ...]  N mutant names per module, seeded (for a quick run)
     python scripts/mutation_scores.py --only NAME ...          score table over these mutants only (a sample)
+    python scripts/mutation_scores.py --unsettled NAME ...     those of these mutants not yet killed (to re-run after
+                                                               adding tests: a killed mutant stays killed)
     python scripts/mutation_scores.py --modules                the scoped module names
 
 Score = killed / checked, where killed includes a timeout (the mutant made the tests hang) and checked is every
@@ -55,6 +57,12 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--modules"]:
         print(*scoped_modules())
         return 0
+    if argv[:1] == ["--unsettled"]:
+        for name in argv[1:]:
+            code = exit_codes(name.split(".")[1]).get(name)
+            if code is None or status_by_exit_code[code] not in KILLED:
+                print(name)
+        return 0
     if argv[:1] == ["--only"]:
         only = set(argv[1:])
         modules = sorted({name.split(".")[1] for name in only})
@@ -67,10 +75,11 @@ def main(argv: list[str]) -> int:
         sample, argv = int(argv[1]), argv[2:]
     modules = argv or scoped_modules()
     if sample is not None:
-        rng = random.Random(20261130)
         for module in modules:
+            # A seeded shuffle per module, cut at N: a smaller sample is a prefix of a larger one.
             names = sorted(exit_codes(module))
-            print("\n".join(sorted(rng.sample(names, min(sample, len(names))))))
+            random.Random(f"20261130-{module}").shuffle(names)
+            print("\n".join(sorted(names[:sample])))
         return 0
     print("mutation score per module (mutmut; `mutmut results` lists survivors, `mutmut show NAME` shows one)")
     for module in modules:

@@ -16,7 +16,7 @@ from data_schemas.dataset import ManifestRow
 from data_schemas.files import read_models_csv
 from data_schemas.plan import read_plan
 from data_schemas.report import ComparisonResults
-from data_schemas.training import PredictionRow
+from data_schemas.training import EpochMetrics, PredictionRow
 from data_schemas.visual import LESIONS_SIDECAR_FILE
 from flows.cli import main
 from flows.compare import EXIT_NO_ARM, EXIT_PARTIAL
@@ -211,6 +211,49 @@ def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, c
     assert results.recommendation.basis == "single_arm"
     assert results.arm("scratch").deployment is not None and results.compression is not None
     assert "Pointing game" in html and '<td data-arm="scratch">' in html
+
+
+def test_an_arm_that_fails_mid_training_is_reported_and_the_others_compared(
+        full_run: Path, resnet50_weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The imagenet arm raises in its second epoch (after its head-only epoch finished and was saved), also on the
+    task's one retry: the comparison still ends Partial with a report that names the failure and its reason, and the
+    scratch arm's results are complete."""
+    import tasks.train_loop as train_loop
+
+    real_epoch = train_loop.train_one_epoch
+    reason = "simulated accelerator fault in the second epoch"
+
+    def fail_after_head_phase(setup, x_train, y_train, epoch, progress=None):
+        if setup.head_epochs > 0 and epoch >= setup.head_epochs:  # only a pretrained arm has a head-only phase
+            raise RuntimeError(reason)
+        return real_epoch(setup, x_train, y_train, epoch, progress)
+
+    monkeypatch.setattr(train_loop, "train_one_epoch", fail_after_head_phase)
+    out = tmp_path / "reports" / "one-arm-fails"
+    capsys.readouterr()
+    code = main([
+        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
+        "--weights", str(resnet50_weights_file), "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
+    ])
+    assert code == EXIT_PARTIAL == 3
+    assert latest_compare_state() == ("COMPLETED", "Partial")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Partial result: imagenet (failed) did not complete; report: ") and "scratch" not in last
+    assert (out / "report.html").is_file() and (out / "results.json").is_file()
+    results = ComparisonResults.model_validate_json((out / "results.json").read_text())
+    imagenet = results.arm("imagenet")
+    assert imagenet.status == "failed" and reason in imagenet.reason
+    assert imagenet.test_metrics is None and imagenet.deployment is None
+    plan = read_plan(out / "plan.json")
+    imagenet_dir = out / next(r.run_dir for r in plan.runs if r.arm == "imagenet")
+    assert len(read_models_csv(imagenet_dir / "metrics.csv", EpochMetrics)) == 1  # it failed after one finished epoch
+    scratch = results.arm("scratch")
+    assert scratch.status == "completed" and scratch.test_metrics is not None and scratch.deployment is not None
+    assert [a.name for a in results.completed_arms] == ["scratch"] and results.recommendation.basis == "single_arm"
+    html = (out / "report.html").read_text()
+    assert 'class="banner banner-partial"' in html and "failed" in html and reason in html
+    assert '<td data-arm="scratch">' in html
 
 
 def test_no_completed_arm_fails_the_flow_run(full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -257,6 +257,10 @@ def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
     assert arm.flops_total == 1500 * (hand.forward_flops(64, 1, 2) - 2 * 2048 * 2) + fit
     assert arm.params_trainable == 2049 and arm.epochs_effective == 1
     assert arm.memory.gradients_bytes == 0 and arm.memory.optimizer_bytes == 0
+    assert arm.memory.method.startswith("no-grad forward: peak of live tensors")  # not the training phase's method
+    a100 = next(d for d in arm.devices if d.device == "a100")
+    assert a100.peak_flops_per_second == 312e12 and a100.precision == "bf16"  # devices.json: 312 TFLOP/s bf16
+    assert C.classifier_params(2) == 2049 and C.classifier_params(5) == 5 * 2048 + 5 and C.classifier_params(3, dim=10) == 33
 
 
 # ============================================================================================ time
@@ -517,3 +521,113 @@ def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypat
         C.resolve_cost_inputs(dataset=tmp_path, size=64)
     with pytest.raises(ValueError, match="dataset.json is missing"):
         C.resolve_cost_inputs(dataset=Path(tmp_path / "nowhere"))
+
+
+# ============================================================================================ input errors and timing
+
+
+@pytest.mark.parametrize(
+    "settings, sentence",
+    [
+        ({"image_size": 16}, "--size must be between 32 and 2048 (got 16)."),
+        ({"image_size": 4096}, "--size must be at most 2048 (got 4096)."),
+        ({"channels": 0}, "--channels must be between 1 and 3 (got 0)."),
+        ({"num_classes": 1}, "--num-classes must be at least 2 (got 1)."),
+        ({"device_memory_gb": 0}, "--device-memory-gb must be greater than 0.0 (got 0)."),
+        ({"head_warmup_epochs": 5, "epochs": 2}, "head_warmup_epochs (5) cannot exceed epochs (2)."),
+        ({"batch_size": "many"}, "--batch-size: Input should be a valid integer, unable to parse string as an integer (got 'many')."),
+        ({"optimizer": "lion"}, "--optimizer must be one of 'adam' or 'sgd' (got 'lion')."),
+    ],
+    ids=["below-range", "above-range", "channels", "at-least", "greater-than", "model-rule", "not-a-number", "choice"],
+)
+def test_bad_cost_input_is_one_sentence_naming_the_flag(settings, sentence):
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(n_images=10, **settings)
+    assert str(caught.value) == sentence
+
+
+def test_bad_image_count_and_unknown_setting_are_one_sentence():
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(n_images=0)
+    assert str(caught.value) == "--images must be at least 1 (got 0)."
+    with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, channels, "):
+        C.resolve_cost_inputs(n_images=10, epoch=3)
+    assert C._field_bounds("image_size") == (32, 2048) and C._field_bounds("n_images") == (1, None)
+    assert C._field_bounds("device_memory_gb") == (None, None)  # gt, not ge
+
+
+def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
+    """At least 3 timed steps when time allows (after 2 untimed warm-up steps); 1 when the deadline has passed.
+    The loop's logic on a tiny network (ResNet-50's steps are benchmarks/cost.py's business)."""
+    import time
+
+    import torch
+
+    built = []
+
+    def tiny(phase, channels, **_):
+        built.append((phase, channels))
+        return torch.nn.Sequential(torch.nn.Conv2d(channels, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    monkeypatch.setattr(C, "phase_model", tiny)
+
+    enough = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0)
+    assert enough.steps == 3 and enough.timed_seconds > 0 and enough.first_step_seconds > 0
+    late = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0)
+    assert late.steps == 1 and late.timed_seconds > 0
+    assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
+    rate = C._matmul_rate(torch.float32, n=64, seconds=0.01)
+    assert 0 < rate < float("inf")
+
+
+@pytest.mark.parametrize("first_step, warmup", [(0.6, 0.1), (0.2, 0.0)], ids=["small", "clipped-at-0"])
+def test_calibrated_warmup_is_first_step_minus_a_timed_step_never_negative(monkeypatch, first_step, warmup):
+    monkeypatch.setattr(C, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(C, "_time_training_steps", lambda *a, **k: C.StepTimes(first_step, 4, 2.0))
+    assert C.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(warmup, abs=1e-12)
+
+
+def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch):
+    """One measurement per (size, channels, precision this machine runs); refresh or a corrupt cache re-measures."""
+    import tasks.runtime
+
+    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: True)
+    calls = []
+    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
+    cache = tmp_path / "calibration.json"
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    C.load_or_calibrate(64, 1, "fp16", 16, cache_path=cache)  # runs as bf16 too: the same entry
+    C.load_or_calibrate(32, 1, "bf16", 8, cache_path=cache)
+    C.load_or_calibrate(64, 1, "fp32", 16, cache_path=cache)
+    C.load_or_calibrate(64, 3, "bf16", 16, cache_path=cache)
+    assert calls == [(64, 1, "bf16", 16), (32, 1, "bf16", 8), (64, 1, "fp32", 16), (64, 3, "bf16", 16)]
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache, refresh=True)
+    cache.write_text("{not json")
+    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    assert len(calls) == 6 and cache.is_file()
+    assert C.this_machine_precision("fp16") == "bf16" and C.this_machine_precision("tf32") == "fp32"
+    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: False)
+    assert C.this_machine_precision("bf16") == "fp32"
+
+
+def test_cost_inputs_from_a_dataset_card(tmp_path):
+    """Images = labelled images (all when none is labelled), size, channels and classes from dataset.json."""
+    from data_schemas.files import write_model_json
+    from report_fixtures import make_example_card
+
+    card = make_example_card(content_hash="f" * 64).model_copy(update={
+        "n_images": 1500, "n_unlabeled_images": 60, "image_size": 96, "label_distribution": {"a": 500, "b": 500, "c": 440}})
+    write_model_json(tmp_path / "dataset.json", card)
+    inputs = C.resolve_cost_inputs(dataset=tmp_path, epochs=3)
+    assert (inputs.n_images, inputs.image_size, inputs.channels, inputs.num_classes, inputs.dataset_content_hash) == (
+        1440, 96, card.channels, 3, "f" * 64)
+    assert C.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64  # a setting overrides the card
+    write_model_json(tmp_path / "dataset.json", card.model_copy(update={"n_unlabeled_images": 1500, "label_distribution": {}}))
+    unlabelled = C.resolve_cost_inputs(dataset=tmp_path)
+    assert (unlabelled.n_images, unlabelled.num_classes) == (1500, 2)
+    (tmp_path / "dataset.json").write_text('{"n_images": "many"}')
+    with pytest.raises(ValueError, match=r"dataset.json is not a valid dataset card \("):
+        C.resolve_cost_inputs(dataset=tmp_path)
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(dataset=tmp_path / "nowhere")
+    assert str(caught.value) == f"{tmp_path / 'nowhere'} is not a ctcompare dataset folder: dataset.json is missing (run 'ctcompare ingest')."

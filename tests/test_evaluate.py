@@ -49,6 +49,12 @@ def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs
     (pair,) = results.comparisons
     assert pair.n_patients == len(tested) and pair.n_images == n_images
     assert pair.delong.method == "clustered DeLong (Obuchowski 1997)" and pair.patient_delong.p_holm is not None
+    assert pair.delong.p_holm == pair.delong.p_value  # one pair: Holm's adjustment leaves its p unchanged
+    assert results.evaluation.n_test_images == n_images
+    assert results.reproducibility.seeds["split"] == 0 and "torch" in results.reproducibility.package_versions
+    by_compute = sorted(results.completed_arms, key=lambda a: a.cost.total_flops)  # each budget is one arm's, ascending
+    assert [b.budget_seconds for b in results.what_to_train.budgets] == [a.cost.actual_seconds for a in by_compute] == [
+        600.0 * n_runs, 640.0 * n_runs]  # report_fixtures: 600 s scratch and 640 s imagenet per run
     assert pair.mcnemar.method in ("clustered", "exact_permutation") and "Durkalski" in results.evaluation.decision_test
     assert (results.folds is not None) == (mode == "cross-validated")
     if results.folds:
@@ -146,3 +152,50 @@ def test_same_inputs_give_the_same_numbers(tmp_path: Path) -> None:
     assert first.arm("scratch").patient_metrics == again.arm("scratch").patient_metrics
     assert first.comparisons[0].patient_delong == again.comparisons[0].patient_delong
     assert np.isfinite(first.comparisons[0].patient_delong.p_value)
+
+
+def _auc_by_hand(rows: list[PredictionRow]) -> float:
+    """Image-level AUC as the share of (positive, negative) pairs ranked right, ties counting half."""
+    pos = [r.prob_positive for r in rows if r.target == 1]
+    neg = [r.prob_positive for r in rows if r.target == 0]
+    return float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+
+def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
+    """Each completed run gives one point, sorted by fraction or size (a failed run none): its image-level test AUC
+    recomputed by hand, the patient-clustered bootstrap interval with the settings' resamples and the seed, the
+    training patients and images from config.json, and FLOPs = per-image FLOPs x images seen from timing.json."""
+    from data_schemas.training import TIMING_FILE
+    from tasks.evaluate import efficiency_points, size_points
+
+    test = make_patients(14, seed=5)
+    evaluation = EvaluationSettings(n_bootstrap=40)
+    half = write_run(tmp_path / "half", arm="scratch", test=test, val=None, seed=1, n_train_patients=40)
+    full = write_run(tmp_path / "full", arm="scratch", test=test, val=None, seed=2, n_train_patients=80)
+    failed = write_run(tmp_path / "failed", arm="scratch", test=test, val=None, seed=3, status="failed", reason="out of memory")
+    points = efficiency_points("scratch", {1.0: full, 0.25: failed, 0.5: half}, evaluation, seed=7)
+    assert [(p.arm, p.fraction, p.n_train_patients, p.n_train_images) for p in points] == [("scratch", 0.5, 40, 400), ("scratch", 1.0, 80, 400)]
+    for point, run_dir in zip(points, [half, full]):
+        rows = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
+        assert point.test_auc.value == pytest.approx(_auc_by_hand(rows), abs=1e-12)
+        ci = st.bootstrap_ci([r.target for r in rows], [r.prob_positive for r in rows], [r.patient_key for r in rows],
+                             metrics=["roc_auc"], n_resamples=40, seed=7)["roc_auc"]
+        assert (point.test_auc.ci_low, point.test_auc.ci_high) == (ci.ci_low, ci.ci_high)
+        assert point.test_auc.ci_low < point.test_auc.value < point.test_auc.ci_high
+    other_seed = efficiency_points("scratch", {0.5: half}, evaluation, seed=8)[0].test_auc
+    assert other_seed.value == points[0].test_auc.value and other_seed.ci_low != points[0].test_auc.ci_low
+
+    linear = write_run(tmp_path / "linear", arm="imagenet-linear", test=test, val=None, seed=4)
+    untimed = write_run(tmp_path / "untimed", arm="scratch", test=test, val=None, seed=5)
+    (untimed / TIMING_FILE).unlink()
+    sizes = size_points("scratch", {64: full, 32: half, 16: failed, 128: untimed}, evaluation, seed=7)
+    assert [p.image_size for p in sizes] == [32, 64, 128]
+    assert sizes[0].train_seconds == 600.0 and sizes[0].train_flops == 1.23e10 * 3200 and sizes[0].forward_flops_per_image == 4.1e9
+    assert sizes[0].test_auc.value == pytest.approx(_auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12)
+    assert sizes[0].test_auc.ci_low == points[0].test_auc.ci_low and sizes[0].arm == "scratch"
+    assert (sizes[2].train_seconds, sizes[2].train_flops, sizes[2].forward_flops_per_image) == (None, None, None)
+    (probe,) = size_points("imagenet-linear", {64: linear}, evaluation, seed=7)
+    assert probe.train_flops == 4.1e9 * 3200 and probe.train_seconds == 90.0  # a linear probe only runs forward
+    one_class = write_run(tmp_path / "one-class", arm="scratch", test=[p for p in test if p.target == 1], val=None, seed=6)
+    (undefined,) = efficiency_points("scratch", {1.0: one_class}, evaluation, seed=7)
+    assert undefined.test_auc.value is None  # no negative image: no AUC, not NaN

@@ -92,8 +92,10 @@ def test_cross_validated_outer_folds_test_every_patient_once():
         assert {r.label for r in parts["test"]} == {"abnormal", "normal"}  # stratified
         tested.extend(test)
     assert sorted(tested) == sorted(labelled)  # every labelled patient in exactly one test fold
-    with pytest.raises(ValueError, match="does not exist"):
-        parts_for_fold(rows, 4, settings)
+    for missing in (4, -1):
+        with pytest.raises(ValueError) as caught:
+            parts_for_fold(rows, missing, settings)
+        assert str(caught.value) == f"outer fold {missing} does not exist; the split has 4 (0 to 3)."
 
 
 def test_split_does_not_depend_on_pseudonyms_or_manifest_order():
@@ -177,3 +179,59 @@ def test_subsample_patients_keeps_whole_patients_per_label_and_nests() -> None:
     assert {r.label for r in small} == {"nodule", "normal"}
     assert patients_small <= {r.patient_key for r in larger}
     assert subsample_patients(rows, 1.0, seed=1) == rows
+
+
+def test_a_reused_split_names_every_difference_in_one_sentence(tmp_path):
+    from data_schemas.files import read_model_json, write_model_json
+    from data_schemas.training import SplitsInfo
+    from tasks.splits import info_path
+
+    manifest = _manifest()
+    path = tmp_path / "splits.csv"
+    images = _images(len(manifest))
+
+    def refusal(dataset_hash: str, settings: SplitSettings, rows=manifest) -> str:
+        with pytest.raises(SplitsMismatchError) as caught:
+            ensure_splits(manifest_rows=rows, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings)
+        return str(caught.value)
+
+    ensure_splits(manifest_rows=manifest, images=images, dataset_hash="hash-a", splits_path=path, settings=HOLDOUT)
+    tail = "; pass another split path or delete it to re-split."
+    assert refusal("hash-b", _settings(seed=3)) == f"{path} was made for another dataset, seed 0{tail}"
+    assert refusal("hash-a", _settings(val_fraction=0.25)) == f"{path} was made for val/test fractions 0.2/0.2{tail}"
+    assert refusal("hash-a", _settings(test_fraction=0.25)) == f"{path} was made for val/test fractions 0.2/0.2{tail}"
+    assert refusal("hash-a", _settings(mode="cross-validated", outer_folds=3)) == f"{path} was made for holdout mode with 1 outer folds{tail}"
+    extra = manifest + [manifest[0].model_copy(update={"index": len(manifest), "image_key": "new-image"})]
+    assert refusal("hash-a", HOLDOUT, extra) == f"{path} was made for other images{tail}"
+    unlabelled_extra = manifest + [manifest[-1].model_copy(update={"index": len(manifest), "image_key": "new-unlabelled"})]
+    ensure_splits(manifest_rows=unlabelled_extra, images=_images(len(unlabelled_extra)), dataset_hash="hash-a",
+                  splits_path=path, settings=HOLDOUT)  # an unlabelled image is not in the split: reused
+    info = read_model_json(info_path(path), SplitsInfo)
+    write_model_json(info_path(path), info.model_copy(update={"ordering": "patients by pseudonym"}))
+    assert refusal("hash-a", HOLDOUT) == f"{path} was made for an older split method{tail}"
+    assert info_path(tmp_path / "splits.csv") == tmp_path / "splits.json"
+    assert info_path(tmp_path / "other.csv") == tmp_path / "other.csv.json"
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_training_fraction_outside_0_to_1_is_refused(fraction):
+    from tasks.splits import subsample_patients
+
+    with pytest.raises(ValueError) as caught:
+        subsample_patients(_split(_manifest()), fraction, seed=1)
+    assert str(caught.value) == f"train_fraction must be in (0, 1], got {fraction}."
+
+
+def test_a_split_without_its_info_file_is_made_again_and_reading_it_says_why(tmp_path):
+    from tasks.splits import info_path
+
+    manifest = _manifest()
+    path = tmp_path / "splits.csv"
+    images = _images(len(manifest))
+    rows, _ = ensure_splits(manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT)
+    info_path(path).unlink()  # interrupted between the two files
+    with pytest.raises(FileNotFoundError) as caught:
+        read_splits(path)
+    assert str(caught.value) == f"{path} or its splits.json is missing; the split was never completed."
+    again, info = ensure_splits(manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT)
+    assert again == rows and info_path(path).is_file() and read_splits(path)[1] == info

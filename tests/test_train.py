@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +437,408 @@ def test_plan_resolves_settings_once_with_one_set_of_names():
         build_run_plan(profile="smoke", arms=["scratch"], seed=0, settings={"epochz": "3"})
     with pytest.raises(ValueError, match="choose one of smoke, cpu, full"):
         build_run_plan(profile="gpu", arms=["scratch"], seed=0)
+
+
+# ------------------------------------------------- the training loop in-process (tiny network: seconds, no Prefect)
+
+
+class _TinyNet(torch.nn.Module):
+    """A two-layer network with ResNet-50's parameter names for the head ("fc") and a norm layer (no decay)."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 3, 3)
+        self.bn1 = torch.nn.BatchNorm2d(3)
+        self.drop = torch.nn.Dropout(dropout)
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.relu(self.bn1(self.conv1(x))).mean(dim=(2, 3))))
+
+
+def _tiny_config(**overrides) -> "TrainConfig":
+    from data_schemas.training import TrainConfig
+
+    values = dict(image_size=16, epochs=6, batch_size=4, eval_batch_size=3, lr=0.05, device="cpu", precision="fp32",
+                  channels_last="off", augment={"enabled": False}, class_balance="none", label_smoothing=0.0,
+                  dropout=0.0, early_stopping_patience=2, min_epochs=1, schedule="constant", warmup_epochs=0.0)
+    return TrainConfig(**{**values, **overrides})
+
+
+def _tiny_setup(config, *, head_epochs: int = 0, seed: int = 0, backbone_mult: float = 1.0):
+    from tasks.train_loop import FitSetup, make_optimizer, param_groups
+
+    torch.manual_seed(seed)
+    model = _TinyNet()
+    optimizer = make_optimizer(param_groups(model, config, backbone_mult), config)
+    return FitSetup(model=model, optimizer=optimizer, config=config, runtime=choose_runtime(config), seed=seed,
+                    head_epochs=head_epochs)
+
+
+def _tiny_data(n_train: int = 10, n_val: int = 6):
+    from tasks.train_loop import FitData
+
+    generator = torch.Generator().manual_seed(1)
+    x_train, x_val = torch.rand(n_train, 1, 8, 8, generator=generator), torch.rand(n_val, 1, 8, 8, generator=generator)
+    y_train, y_val = torch.arange(n_train) % 2, torch.arange(n_val) % 2
+    return FitData(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_train_eval=x_train[:5],
+                   y_train_eval=y_train[:5])
+
+
+def _select(config, val_losses, val_aucs=None, train_losses=None):
+    """update_selection over a scripted sequence of epochs: (improved flags, bad_epochs, stopped flags, state)."""
+    from tasks.train_loop import TrainState, update_selection
+
+    state, improved, bad, stopped = TrainState(), [], [], []
+    for i, val_loss in enumerate(val_losses):
+        state.epoch = i + 1
+        state.best_state = {"marker": torch.zeros(1)}  # a copy taken after the previous epoch
+        improved.append(update_selection(state, config, val_loss=val_loss,
+                                         val_auc=None if val_aucs is None else val_aucs[i],
+                                         train_loss=0.5 if train_losses is None else train_losses[i]))
+        bad.append(state.bad_epochs)
+        stopped.append(state.stopped)
+    return improved, bad, stopped, state
+
+
+def test_selection_by_validation_loss_and_patience():
+    improved, bad, stopped, state = _select(_tiny_config(early_stopping_patience=2), [1.0, 0.75, 0.875, 0.8125],
+                                            val_aucs=[0.5, 0.625, 0.9, 0.95])
+    assert improved == [True, True, False, False] and bad == [0, 0, 1, 2] and stopped == [False, False, False, True]
+    assert state.best_epoch == 2 and state.best_metric == -0.75
+    assert state.best_val_loss == 0.75 and state.best_val_auc == 0.625  # the best epoch's, not the last or best AUC
+    assert state.best_state == {"marker": torch.zeros(1)}  # kept: the last improvement was an earlier epoch
+    improved, bad, _, state = _select(_tiny_config(early_stopping_patience=2), [1.0, 1.5, 0.5])
+    assert improved == [True, False, True] and bad == [0, 1, 0] and state.best_state is None  # the live weights
+
+
+def test_an_improvement_must_exceed_min_delta():
+    config = _tiny_config(early_stopping_min_delta=0.25, early_stopping_patience=5)
+    improved, bad, _, state = _select(config, [1.0, 0.75, 0.5, 0.25])  # 0.25 better is not more than 0.25 better
+    assert improved == [True, False, True, False] and bad == [0, 1, 0, 1] and state.best_epoch == 3
+
+
+def test_no_early_stop_before_min_epochs_capped_at_epochs():
+    worse = [1.0, 1.5, 2.0, 2.5, 3.0]
+    _, _, stopped, _ = _select(_tiny_config(early_stopping_patience=1, min_epochs=3, epochs=6), worse)
+    assert stopped == [False, False, True, True, True]
+    _, _, stopped, _ = _select(_tiny_config(early_stopping_patience=1, min_epochs=5, epochs=2), worse[:2])
+    assert stopped == [False, True]  # min_epochs beyond the epochs planned is capped at them
+    _, _, stopped, _ = _select(_tiny_config(early_stopping_patience=None), worse)
+    assert stopped == [False] * 5  # no patience: never stops
+
+
+def test_selection_by_auc_moving_average():
+    from tasks.train_loop import EMA_ALPHA
+
+    assert EMA_ALPHA == 0.5
+    config = _tiny_config(early_stopping_monitor="val_auc_ema", early_stopping_patience=5)
+    # EMA: 0.6, (1.0 + 0.6) / 2 = 0.8, (0.9 + 0.8) / 2 = 0.85, (0.5 + 0.85) / 2 = 0.675: the third epoch wins, not the
+    # second with the highest raw AUC; the validation loss is ignored.
+    improved, _, _, state = _select(config, [0.1, 0.9, 0.9, 0.05], val_aucs=[0.6, 1.0, 0.9, 0.5])
+    assert improved == [True, True, True, False] and state.best_epoch == 3
+    assert state.best_metric == pytest.approx(0.85) and state.auc_ema == pytest.approx(0.675)
+    assert state.best_val_auc == 0.9 and state.best_val_loss == 0.9
+    # Without AUC (one class in validation) the loss decides; an undefined AUC leaves the average alone.
+    improved, _, _, state = _select(config, [1.0, 0.5, 0.75], val_aucs=[None, None, None])
+    assert improved == [True, True, False] and state.auc_ema is None and state.best_metric == -0.5
+    improved, _, _, state = _select(config, [1.0, 1.0], val_aucs=[0.8, None])
+    assert state.auc_ema == 0.8 and improved == [True, False]
+
+
+def test_selection_falls_back_to_training_loss_without_validation():
+    improved, _, _, state = _select(_tiny_config(), [None, None, None], train_losses=[0.75, 0.5, 0.625])
+    assert improved == [True, True, False] and state.best_epoch == 2 and state.best_metric == -0.5
+
+
+def test_epoch_seeds_are_distinct_and_wrap_below_2_63():
+    from tasks.train_loop import epoch_seed
+
+    assert epoch_seed(1, 2, 3) == 1_000_003 + 2 * 7_919 + 3
+    assert epoch_seed(0, 0, 0) == 0
+    # 2**63 = 1 modulo 2**63 - 1, and 1_000_003 = 2 * 500_001 + 1: 2**62 * 1_000_003 = 500_001 + 2**62 (mod 2**63 - 1)
+    assert epoch_seed(2**62, 0, 0) == 2**62 + 500_001
+
+
+def test_learning_rate_schedule_values():
+    from tasks.train_loop import lr_factor
+
+    cosine = _tiny_config(epochs=4, schedule="cosine", warmup_epochs=1.0)
+    # 2 steps per epoch: 8 steps, warm-up over min(1 * 2, 0.5 * 8) = 2 steps, then cosine over the 6 others.
+    factors = [lr_factor(cosine, epoch, step, 2) for epoch in range(4) for step in range(2)]
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert factors == pytest.approx(expected)
+    capped = _tiny_config(epochs=2, schedule="cosine", warmup_epochs=3.0)  # warm-up capped at half the steps: 2
+    assert [lr_factor(capped, 0, s, 2) for s in range(2)] == pytest.approx([0.5, 1.0])
+    assert lr_factor(capped, 1, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+    constant = _tiny_config(epochs=3, schedule="constant", warmup_epochs=1.0)
+    assert [lr_factor(constant, e, s, 4) for e in range(3) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 9)
+    onecycle = _tiny_config(epochs=2, schedule="onecycle", warmup_epochs=0.0)  # warm-up 30% of 10 steps
+    assert [lr_factor(onecycle, 0, s, 5) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_factor(onecycle, 1, 4, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
+    # A head-only phase restarts the schedule: 1 head epoch, then 3 full epochs (6 steps, warm-up 2 steps).
+    phased = _tiny_config(epochs=4, freeze_epochs=1, schedule="cosine", warmup_epochs=1.0)
+    assert [lr_factor(phased, 0, s, 2) for s in range(2)] == pytest.approx([1.0, 1.0])  # warm-up min(2, 0.5*2) = 1
+    assert [lr_factor(phased, 1, s, 2) for s in range(2)] == pytest.approx([0.5, 1.0])
+    assert lr_factor(phased, 3, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    none = _tiny_config(epochs=2, schedule="cosine", warmup_epochs=0.0)
+    assert lr_factor(none, 0, 0, 2) == 1.0 and lr_factor(none, 1, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_parameter_groups_and_optimizers():
+    from tasks.train_loop import make_optimizer, param_groups
+
+    config = _tiny_config(weight_decay=0.25, lr=0.125)
+    model = _TinyNet()
+    groups = {g["name"]: g for g in param_groups(model, config, backbone_mult=0.5)}
+    assert set(groups) == {"head", "head-no_decay", "backbone", "backbone-no_decay"}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert ids["head"] == {id(model.fc.weight)} and ids["head-no_decay"] == {id(model.fc.bias)}
+    assert ids["backbone"] == {id(model.conv1.weight)}
+    assert ids["backbone-no_decay"] == {id(model.conv1.bias), id(model.bn1.weight), id(model.bn1.bias)}
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {"head": 0.25, "head-no_decay": 0.0, "backbone": 0.25, "backbone-no_decay": 0.0}
+    assert {n: g["lr_mult"] for n, g in groups.items()} == {"head": 1.0, "head-no_decay": 1.0, "backbone": 0.5, "backbone-no_decay": 0.5}
+    assert {n: g["is_head"] for n, g in groups.items()} == {"head": True, "head-no_decay": True, "backbone": False, "backbone-no_decay": False}
+    assert all(g["lr"] == 0.125 for g in groups.values())
+    adamw = make_optimizer(param_groups(model, config, 1.0), config)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["lr"] == 0.125
+    sgd_config = _tiny_config(optimizer="sgd", momentum=0.75)
+    sgd = make_optimizer(param_groups(model, sgd_config, 1.0), sgd_config)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.75 and sgd.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.05, 0.0, 0.05, 0.0]  # sorted: backbone first
+
+
+def test_head_phase_learning_rates_and_freezing():
+    from tasks.train_loop import _set_lr, freeze_backbone
+
+    config = _tiny_config(lr=0.5, schedule="constant", warmup_epochs=0.0)
+    setup = _tiny_setup(config, backbone_mult=0.25)
+    assert _set_lr(setup, 0, 0, 2, head_phase=True) == {"head": 0.5, "backbone": 0.0}
+    assert _set_lr(setup, 0, 0, 2, head_phase=False) == {"head": 0.5, "backbone": 0.125}
+    assert sorted(g["lr"] for g in setup.optimizer.param_groups) == [0.125, 0.125, 0.5, 0.5]
+    untagged = torch.optim.SGD(setup.model.parameters(), lr=1.0)  # a group without lr_mult/is_head: the head's rate
+    setup_untagged = _tiny_setup(config)
+    setup_untagged.optimizer = untagged
+    assert _set_lr(setup_untagged, 0, 0, 2, head_phase=True) == {"head": 0.5} and untagged.param_groups[0]["lr"] == 0.5
+    freeze_backbone(setup.model, True)
+    assert {n: p.requires_grad for n, p in setup.model.named_parameters()} == {
+        "conv1.weight": False, "conv1.bias": False, "bn1.weight": False, "bn1.bias": False, "fc.weight": True, "fc.bias": True}
+    freeze_backbone(setup.model, False)
+    assert all(p.requires_grad for p in setup.model.parameters())
+
+
+def test_one_epoch_steps_images_order_and_loss():
+    """10 images in batches of 4: 2 steps of 4 (the last partial batch dropped); the loss sum is the images' loss
+    recomputed from the same batches; the same (seed, epoch) repeats exactly, another epoch reorders."""
+    from tasks.augment import normalise
+    from tasks.train_loop import epoch_seed, train_one_epoch
+
+    config = _tiny_config(lr=1e-9)  # the weights barely move: the loss sum is recomputable from the start weights
+    data = _tiny_data()
+    setup = _tiny_setup(config)
+    start = state_copy(setup.model)
+    result = train_one_epoch(setup, data.x_train, data.y_train, epoch=0)
+    assert (result.steps, result.images) == (2, 8) and result.lr == {"head": 1e-9, "backbone": 1e-9}
+    generator = torch.Generator().manual_seed(epoch_seed(0, 0, 2))  # the batch order's seed
+    order = torch.randperm(10, generator=generator)[:8]
+    fresh = _TinyNet()
+    fresh.load_state_dict(start)
+    fresh.train()
+    with torch.no_grad():
+        expected = sum(float(torch.nn.functional.cross_entropy(fresh(normalise(data.x_train[order[i:i + 4]])), data.y_train[order[i:i + 4]])) * 4
+                       for i in (0, 4))
+    assert result.loss_sum == pytest.approx(expected, rel=1e-4)
+    again = _tiny_setup(config)
+    assert train_one_epoch(again, data.x_train, data.y_train, epoch=0).loss_sum == result.loss_sum
+    assert torch.equal(again.model.fc.weight, setup.model.fc.weight)
+    other = _tiny_setup(config)
+    assert train_one_epoch(other, data.x_train, data.y_train, epoch=1).loss_sum != result.loss_sum
+    whole = train_one_epoch(_tiny_setup(_tiny_config(batch_size=32)), data.x_train, data.y_train, epoch=0)
+    assert (whole.steps, whole.images) == (1, 10)
+
+
+def test_one_epoch_with_a_head_phase_trains_only_the_head():
+    from tasks.train_loop import train_one_epoch
+
+    config = _tiny_config(lr=0.1)
+    data = _tiny_data()
+    setup = _tiny_setup(config, head_epochs=1, backbone_mult=0.5)
+    before = state_copy(setup.model)
+    result = train_one_epoch(setup, data.x_train, data.y_train, epoch=0)
+    assert result.lr == {"head": 0.1, "backbone": 0.0}
+    assert torch.equal(setup.model.conv1.weight.detach(), before["conv1.weight"]) and setup.model.conv1.weight.grad is None
+    assert not torch.equal(setup.model.fc.weight.detach(), before["fc.weight"])
+    result = train_one_epoch(setup, data.x_train, data.y_train, epoch=1)
+    assert result.lr == {"head": 0.1, "backbone": 0.05}
+    assert not torch.equal(setup.model.conv1.weight.detach(), before["conv1.weight"])
+
+
+def test_class_weighted_loss_and_label_smoothing_in_a_step():
+    """_step's loss: cross-entropy with class weights and label smoothing, computed here by hand."""
+    from tasks.augment import normalise
+    from tasks.train_loop import _step
+
+    config = _tiny_config(lr=1e-9, label_smoothing=0.25)
+    setup = _tiny_setup(config)
+    setup.class_weights = torch.tensor([1.0, 3.0])
+    x = normalise(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
+    y = torch.tensor([0, 1, 1, 0])
+    setup.model.eval()  # batch norm from running statistics: the same logits before and during the step
+    with torch.no_grad():
+        logp = torch.log_softmax(setup.model(x), dim=1)
+    target = torch.nn.functional.one_hot(y, 2).float() * 0.75 + 0.125  # smoothing 0.25 over 2 classes
+    weights = torch.tensor([1.0, 3.0])
+    # Soft targets: sum over images of -sum_c w_c t_ic log p_ic, divided by the number of images.
+    expected = float(-(target * weights * logp).sum() / 4)
+    loss = _step(setup, x, torch.nn.functional.one_hot(y, 2).float())
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert setup.model.fc.weight.grad is not None
+
+
+def test_predictions_and_validation_metrics_by_hand():
+    """predict_probs in eval mode (dropout off), any batch size; _evaluate's losses and AUC recomputed by hand."""
+    from tasks.augment import normalise
+    from tasks.train_loop import _evaluate, auc_or_none, plain_loss, predict_probs
+
+    data = _tiny_data(n_val=8)
+    config = _tiny_config(eval_batch_size=3)
+    setup = _tiny_setup(config)
+    setup.model.drop.p = 0.9
+    setup.model.train()
+    probs, logits = predict_probs(setup.model, data.x_val, setup.runtime, batch_size=3)
+    assert not setup.model.training
+    with torch.no_grad():
+        reference = setup.model(normalise(data.x_val))
+    assert torch.allclose(logits, reference, atol=1e-6)
+    assert np.allclose(probs, (1 / (1 + torch.exp(reference[:, 0] - reference[:, 1]))).numpy(), atol=1e-6)
+    empty_probs, empty_logits = predict_probs(setup.model, data.x_val[:0], setup.runtime, batch_size=3)
+    assert empty_probs.shape == (0,) and empty_logits.shape == (0, 2)
+
+    def by_hand_loss(logit: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.mean(torch.logsumexp(logit, dim=1) - logit[torch.arange(len(y)), y]))
+
+    def by_hand_auc(y: np.ndarray, p: np.ndarray) -> float:
+        pos, neg = p[y == 1], p[y == 0]
+        return float(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+    metrics = _evaluate(setup, data)
+    assert metrics["val_loss"] == pytest.approx(by_hand_loss(reference, data.y_val), rel=1e-5)
+    assert metrics["val_auc"] == pytest.approx(by_hand_auc(data.y_val.numpy(), probs))
+    with torch.no_grad():
+        train_reference = setup.model(normalise(data.x_train_eval))
+    assert metrics["train_eval_loss"] == pytest.approx(by_hand_loss(train_reference, data.y_train_eval), rel=1e-5)
+    assert plain_loss(torch.zeros((0, 2)), torch.zeros(0, dtype=torch.long)) is None
+    assert plain_loss(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1])) == pytest.approx(math.log(4 / 3))
+    assert auc_or_none(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert auc_or_none(np.array([1, 1]), np.array([0.1, 0.4])) is None
+
+
+def test_train_eval_subsample_is_fixed_sorted_and_capped():
+    from tasks.train_loop import TRAIN_EVAL_IMAGES, train_eval_subsample
+
+    assert TRAIN_EVAL_IMAGES == 512
+    assert torch.equal(train_eval_subsample(10, seed=0), torch.arange(10))
+    big = train_eval_subsample(2000, seed=0)
+    assert len(big) == 512 and len(set(big.tolist())) == 512 and torch.equal(big, big.sort().values) and int(big.max()) < 2000
+    assert torch.equal(big, train_eval_subsample(2000, seed=0)) and not torch.equal(big, train_eval_subsample(2000, seed=1))
+
+
+def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
+    """Scripted validation losses 0.9, 0.7, 0.8, 0.75: the best epoch is 2, patience 2 ends the run after epoch 4;
+    the best weights are those saved after epoch 2 (a copy, not the live weights that trained on)."""
+    import tasks.train_loop as train_loop
+
+    losses = iter([0.9, 0.7, 0.8, 0.75, 0.1, 0.1])
+    monkeypatch.setattr(train_loop, "_evaluate",
+                        lambda setup, data: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25})
+    config = _tiny_config(epochs=6, early_stopping_patience=2, min_epochs=1, lr=0.05, freeze_epochs=1)
+    setup, data = _tiny_setup(config, head_epochs=1), _tiny_data()
+    saved, calls = {}, []
+
+    def on_epoch_end(state, improved):
+        calls.append((state.epoch, improved, state.best_state is None))
+        saved[state.epoch] = state_copy(setup.model)
+
+    import time
+
+    started = time.perf_counter()
+    state = train_loop.fit(setup, data, train_loop.TrainState(), on_epoch_end)
+    wall = time.perf_counter() - started
+    assert 0 < state.train_seconds and 0 <= state.eval_seconds and state.train_seconds + state.eval_seconds <= wall
+    assert calls == [(1, True, True), (2, True, True), (3, False, False), (4, False, False)]
+    assert state.epoch == 4 and state.stopped and state.best_epoch == 2 and state.best_val_loss == 0.7
+    assert state.step == 4 * 2 and state.images_seen == 4 * 8
+    assert all(torch.equal(state.best_state[k], saved[2][k]) for k in saved[2])
+    assert not torch.equal(state.best_state["fc.weight"], setup.model.fc.weight.detach())
+    history = [EpochMetrics.model_validate(row) for row in state.history]
+    assert [h.epoch for h in history] == [1, 2, 3, 4] and [h.is_best for h in history] == [True, True, False, False]
+    assert [h.phase for h in history] == ["head", "full", "full", "full"] and [h.val_loss for h in history] == [0.9, 0.7, 0.8, 0.75]
+    assert [h.lr_backbone for h in history] == [0.0, 0.05, 0.05, 0.05] and all(h.train_eval_loss == 0.25 for h in history)
+    assert history[-1].elapsed_seconds == pytest.approx(state.train_seconds + state.eval_seconds)
+    assert train_loop.fit(setup, data, state, on_epoch_end) is state and len(calls) == 4  # stopped: nothing more
+
+
+def test_fit_runs_all_epochs_without_patience(monkeypatch):
+    import tasks.train_loop as train_loop
+
+    monkeypatch.setattr(train_loop, "_evaluate", lambda setup, data: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None})
+    config = _tiny_config(epochs=3, early_stopping_patience=None)
+    state = train_loop.fit(_tiny_setup(config), _tiny_data(), train_loop.TrainState(), lambda state, improved: None)
+    assert state.epoch == 3 and not state.stopped and state.best_epoch == 1 and state.bad_epochs == 2
+    assert [row["train_loss"] > 0 for row in state.history] == [True] * 3
+
+
+def test_selection_is_described_with_its_numbers():
+    from tasks.train_loop import describe_selection
+
+    text = describe_selection(_tiny_config(early_stopping_patience=4, min_epochs=9, epochs=6))
+    assert text.startswith("best epoch by val_loss: plain cross-entropy")
+    assert "stop after 4 epochs without improvement, not before epoch 6" in text and text.endswith("the test part is never used")
+    text = describe_selection(_tiny_config(early_stopping_monitor="val_auc_ema", early_stopping_patience=None))
+    assert "weight 0.5 on the newest epoch" in text and "no early stopping" in text
+
+
+def test_setup_of_each_arm_kind():
+    """Seeded model, head-only epochs only for a pretrained arm (capped at the epochs), its backbone's weights and
+    lower learning rate, and the class balancing (weights n / (2 n_c) or a sampler of 1 / n_c), on ResNet-18."""
+    from torchvision.models import resnet18
+
+    from tasks.train_loop import make_setup
+
+    config = _tiny_config(epochs=3, freeze_epochs=5, backbone_lr_mult=0.25, class_balance="loss_weights")
+    runtime = choose_runtime(config)
+    y = torch.tensor([0, 0, 0, 1])
+    scratch = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, label="s", arm="resnet18:scratch")
+    assert (scratch.head_epochs, scratch.model_name, scratch.label, scratch.seed) == (0, "resnet18", "s", 3)
+    assert torch.allclose(scratch.class_weights, torch.tensor([4 / 6, 4 / 2])) and scratch.sample_weights is None
+    assert scratch.scaler is None and scratch.config is config and scratch.runtime is runtime
+    assert {g["lr_mult"] for g in scratch.optimizer.param_groups} == {1.0}  # scratch trains the backbone at full rate
+    assert {n for g in scratch.optimizer.param_groups for n in [g["name"]]} == {"head", "head-no_decay", "backbone", "backbone-no_decay"}
+    again = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, arm="resnet18:scratch")
+    same = [torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), scratch.model.state_dict().values())]
+    assert all(same)
+    other = make_setup(config=config, runtime=runtime, backbone=None, seed=4, y_train=y, arm="resnet18:scratch")
+    assert not torch.equal(other.model.state_dict()["conv1.weight"], scratch.model.state_dict()["conv1.weight"])
+
+    torch.manual_seed(11)
+    backbone = {k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
+    pretrained = make_setup(config=config, runtime=runtime, backbone=backbone, seed=3, y_train=y, arm="resnet18:imagenet")
+    assert pretrained.head_epochs == 3 and pretrained.model_name == "resnet18"  # min(freeze_epochs 5, epochs 3)
+    assert torch.equal(pretrained.model.state_dict()["layer1.0.conv1.weight"], backbone["layer1.0.conv1.weight"])
+    assert {g["name"]: g["lr_mult"] for g in pretrained.optimizer.param_groups} == {
+        "backbone": 0.25, "backbone-no_decay": 0.25, "head": 1.0, "head-no_decay": 1.0}
+    two = _tiny_config(epochs=3, freeze_epochs=2)
+    assert make_setup(config=two, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet").head_epochs == 2
+
+    sampler = make_setup(config=_tiny_config(class_balance="sampler"), runtime=runtime, backbone=None, seed=0, y_train=y,
+                         arm="resnet18:scratch")
+    assert sampler.class_weights is None and torch.allclose(sampler.sample_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
+    plain = make_setup(config=_tiny_config(class_balance="none", optimizer="sgd"), runtime=runtime, backbone=None, seed=0,
+                       y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    assert plain.class_weights is None and plain.sample_weights is None and type(plain.optimizer) is torch.optim.SGD
+    one_class = make_setup(config=config, runtime=runtime, backbone=None, seed=0, y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    assert torch.allclose(one_class.class_weights, torch.tensor([1.0, 0.5]))  # an absent class counts as 1: 2 / (2 * 1)
+    with pytest.raises(ValueError, match="linear probe"):
+        make_setup(config=config, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet-linear")
+    default = make_setup(config=config, runtime=runtime, backbone=None, seed=0, y_train=y)  # no arm, no backbone
+    assert (default.model_name, default.head_epochs) == ("resnet50", 0)  # the ResNet-50 scratch arm
