@@ -123,3 +123,19 @@ def test_cost_flow_logs_the_prediction_and_stores_it_in_cost_json(report: CostRe
     assert line == wall_time_line(stored.wall_time)
     assert stored.wall_time.stages[4].stage == "cost stage" and stored.wall_time.stages[4].seconds_min > 0
     assert line in markdown_table(stored)
+
+
+def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
+    from report_fixtures import make_example_results
+
+    from data_schemas.cost import StageTime, WallTimeEstimate
+    from reports.render import render_report
+
+    estimate = WallTimeEstimate(seconds_min=290.0, seconds_max=410.0, formula="T = sum of stages",
+                                stages=[StageTime(stage="training scratch", seconds_min=290.0, seconds_max=410.0, basis="hand")])
+    results = make_example_results(with_folds=False, with_data_efficiency=False).model_copy(update={"predicted_wall_time": estimate})
+    paths = render_report(results, tmp_path)
+    for key in ("markdown", "html"):
+        text = " ".join(paths[key].read_text().split())
+        cost_section = text[text.index("Cost: estimate vs actual"):]
+        assert "Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 min" in cost_section
