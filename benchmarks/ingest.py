@@ -163,6 +163,8 @@ def main() -> None:
                         help="folder of the synthetic cohort, written once and reused (default: a folder per size in the temp dir)")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
                         help="checkout whose code the ingest runs (default this one; another gives a before/after)")
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="no plain loops and no re-run: the ingest's phases and peak memory only (large cohorts)")
     args = parser.parse_args()
     cohort_dir = args.cohort or Path(tempfile.gettempdir()) / f"ctcompare-bench-cohort-{args.patients}x{args.slices}"
     state = Path(tempfile.mkdtemp(prefix="ctcompare-bench-"))
@@ -184,9 +186,10 @@ def main() -> None:
     print(f"cohort: {n_files} files in {cohort_dir} ({'reused' if cohort.skipped else 'written'} in "
           f"{time.perf_counter() - started:.0f} s), size {args.size}; {load()}")
 
-    cpu_before = cpu_seconds()
-    n_plain, plain_listing, plain_decode_a = plain_loop(cohort.dicom_dir, args.size)
-    plain_cpu = cpu_seconds()[0] - cpu_before[0]
+    if not args.ingest_only:
+        cpu_before = cpu_seconds()
+        n_plain, plain_listing, plain_decode_a = plain_loop(cohort.dicom_dir, args.size)
+        plain_cpu = cpu_seconds()[0] - cpu_before[0]
     started = time.perf_counter()
     warm_up_flow()  # a deployment or a running project server has its API up already
     print(f"Prefect ephemeral API start: {time.perf_counter() - started:6.1f} s (not counted below)")
@@ -197,6 +200,10 @@ def main() -> None:
     first = ingest_in_child(kwargs, args.repo, api_url)
     phases = flow_phases(uuid.UUID(first["flow_run_id"]))
     print(f"flow done; {load()}")
+    if args.ingest_only:
+        print_ingest_only(first, phases, args.size)
+        shutil.rmtree(state, ignore_errors=True)
+        return
     _, _, plain_decode_b = plain_loop(cohort.dicom_dir, args.size)
     plain_seconds = (plain_decode_a + plain_decode_b) / 2
 
@@ -206,6 +213,18 @@ def main() -> None:
     report(args, n_plain=n_plain, plain=(plain_decode_a, plain_decode_b, plain_listing, plain_cpu),
            first=first, phases=phases, cached=cached, cached_phases=cached_phases, cohort_dir=cohort.dicom_dir)
     shutil.rmtree(state, ignore_errors=True)
+
+
+def print_ingest_only(first: dict, phases: dict[str, float], size: int) -> None:
+    """The ingest's phases, rate and peak memory, without the plain loops."""
+    for name in phases:
+        print(f"{name:<28}{phases[name]:>12.2f}")
+    print(f"{'Prefect outside the run':<28}{first['seconds'] - phases['flow run']:>12.2f}")
+    print(f"{'end to end (wall)':<28}{first['seconds']:>12.2f}   = {first['n_images'] / first['seconds']:.0f} images/s")
+    flow_peak, worker_peak = first["peak_rss_mib"]
+    print(f"peak RSS of the ingest: flow's process {flow_peak:.0f} MiB, largest decode worker {worker_peak:.0f} MiB; "
+          f"images.npy is {first['n_images'] * size * size * 2 / 2**20:.0f} MiB; CPU seconds {first['cpu'][0]:.1f} in the "
+          f"flow's process + {first['cpu'][1]:.1f} in the decode workers; {load()}")
 
 
 def report(args: argparse.Namespace, *, n_plain: int, plain: tuple[float, float, float, float], first: dict,
