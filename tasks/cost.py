@@ -925,8 +925,9 @@ def _training_stages(report: CostReport, runs: list[PlannedRunWork]) -> list[Sta
         low = sum(run_training_seconds(report, r, r.min_epochs) + RUN_SETUP_S for r in trained) + skipped * RUN_SKIPPED_S
         high = sum(run_training_seconds(report, r, r.max_epochs) + RUN_SETUP_S for r in trained) + skipped * RUN_SKIPPED_S
         epochs = sorted({(r.min_epochs, r.max_epochs) for r in trained})
-        basis = (f"{len(trained)} run(s), epochs {', '.join(f'{a}..{b}' if a != b else f'{b}' for a, b in epochs)}: "
-                 f"cost estimate + {RUN_SETUP_S:g} s each" if trained else "")
+        work = ("one feature pass and a linear fit" if parse_arm(arm).mode == "imagenet-linear"
+                else f"epochs {', '.join(f'{a}..{b}' if a != b else f'{b}' for a, b in epochs)}")
+        basis = f"{len(trained)} run(s), {work}: cost estimate + {RUN_SETUP_S:g} s each" if trained else ""
         if skipped:
             basis += ("; " if basis else "") + f"{skipped} run(s) skipped (no pretrained weights), {RUN_SKIPPED_S:g} s each"
         stages.append(_stage(f"training {arm}", low, high, basis))
