@@ -545,7 +545,8 @@ def build_card(rows: DatasetRows, *, size: int, window: WindowSpec, labels: Labe
         matrix_sizes=dict(sorted(Counter(f"{r.rows}x{r.columns}" for r in manifest).items())),
         pixel_spacing_mm=summarize([r.pixel_spacing_mm for r in manifest]),
         slice_thickness_mm=summarize([r.slice_thickness_mm for r in manifest]),
-        hounsfield_units=summarize(np.concatenate(rows.hu_samples)),
+        # Straight into float64 (what summarize computes in): no float32 copy of every sample beside it.
+        hounsfield_units=summarize(np.concatenate(rows.hu_samples, dtype=np.float64)),
         manufacturers=dict(sorted(Counter(r.manufacturer or "unknown" for r in manifest).items())),
         transfer_syntaxes=dict(sorted(Counter(r.transfer_syntax or "unknown" for r in manifest).items())),
         kvp=summarize([r.kvp for r in manifest]),
