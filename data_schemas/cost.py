@@ -230,6 +230,68 @@ class ArmCost(StrictModel):
     formulas: list[str] = Field(default_factory=list)
 
 
+class PlannedRunWork(StrictModel):
+    """One planned training run, as the wall-time prediction prices it.
+
+    Args:
+        arm: canonical arm name (priced from that arm's ArmCost).
+        max_epochs: the run's epochs setting.
+        min_epochs: the earliest epoch at which early stopping can end it (= max_epochs without early stopping).
+        n_images: training images of the run (the split's training images x its share of the training patients).
+        image_size: its training input side in pixels.
+        trained: False when the run will be skipped (a pretrained arm without weights): priced as a skip.
+    """
+
+    arm: str
+    max_epochs: int = Field(ge=1)
+    min_epochs: int = Field(ge=1)
+    n_images: int = Field(ge=1)
+    image_size: int = Field(ge=16)
+    trained: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PlannedRunWork":
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"min_epochs ({self.min_epochs}) cannot exceed max_epochs ({self.max_epochs})")
+        return self
+
+
+class WallTimePlan(StrictModel):
+    """What a whole comparison will do, for its wall-time prediction.
+
+    Args:
+        runs: every planned training run.
+        synth_files: files the demo synthesizes in the same command (0 outside the demo).
+        ingest_files: files ingested in the same command (0 when the source is already a dataset).
+        command_start: True when the command starts Python and Prefect's API (a CLI command), False inside a
+            long-running worker.
+    """
+
+    runs: list[PlannedRunWork]
+    synth_files: int = Field(default=0, ge=0)
+    ingest_files: int = Field(default=0, ge=0)
+    command_start: bool = True
+
+
+class StageTime(StrictModel):
+    """One stage of the wall-time prediction: its seconds at the earliest early stop and at the last epoch."""
+
+    stage: str
+    seconds_min: float = Field(ge=0)
+    seconds_max: float = Field(ge=0)
+    basis: str = Field(description="how the seconds are obtained (rate x work, with its source)")
+
+
+class WallTimeEstimate(StrictModel):
+    """The predicted wall time of a whole comparison, made by the cost stage before training starts."""
+
+    seconds_min: float = Field(ge=0, description="every early-stopping run stops at its earliest epoch")
+    seconds_max: float = Field(ge=0, description="every run trains all its epochs")
+    stages: list[StageTime]
+    formula: str
+    notes: list[str] = Field(default_factory=list)
+
+
 class CostReport(StrictModel):
     """cost.json."""
 
@@ -246,6 +308,9 @@ class CostReport(StrictModel):
     devices: list[DeviceSpec] = Field(description="the catalogue as priced (this-machine after calibration)")
     arms: list[ArmCost]
     notes: list[str] = Field(default_factory=list)
+    wall_time: WallTimeEstimate | None = Field(
+        default=None, description="the whole comparison's predicted wall time (compare and demo only)"
+    )
 
     def arm(self, name: str) -> ArmCost:
         """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch'); KeyError if absent."""

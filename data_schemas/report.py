@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from data_schemas.base import StrictModel
 
+from data_schemas.cost import WallTimeEstimate
 from data_schemas.dataset import DatasetCard
 from data_schemas.metrics import MetricValue
 from data_schemas.package import CompressionComparison, DeploymentCost
@@ -570,6 +571,7 @@ class ComparisonResults(StrictModel):
         reproducibility: versions, seeds, configs and dataset hash.
         compression: the recommended arm's compressed package (int8, or bf16 weights) against its full-precision
             one: size, latency, test AUC.
+        predicted_wall_time: the whole comparison's wall time as the cost stage predicted it (cost.json).
         visual: example images, saliency per network arm and the shortcut check (data_schemas/visual.py). Rendered
             into report.html (inline PNGs) and report.md (figures/visual_*.png) but left out of results.json
             (exclude=True): its PNG data URIs would make the file megabytes of base64 for no number, and its slice
@@ -594,6 +596,7 @@ class ComparisonResults(StrictModel):
     recommendation: Recommendation
     reproducibility: Reproducibility
     compression: CompressionComparison | None = None
+    predicted_wall_time: WallTimeEstimate | None = None
     compression_package_dir: str = Field(default="", description="the compressed package's folder, relative to the report folder")
     visual: VisualSummary | None = Field(default=None, exclude=True)
 

@@ -38,6 +38,7 @@ from flows.parameters import (
     Calibrate,
     CompareLabels,
     CompareSource,
+    DemoFiles,
     Folds,
     Fractions,
     IngestSize,
@@ -60,6 +61,7 @@ from flows.serve import report_url
 from flows.train import parse_overrides
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
+from tasks.cost import wall_time_plan
 from tasks.dataset_store import load_dataset
 from tasks.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
 from tasks.evaluate import build_results
@@ -315,6 +317,7 @@ def compare_flow(
     parallel_arms: ParallelArms = 1,
     new_folder_per_run: NewFolderPerRun = False,
     train_deployment: TrainDeployment = None,
+    demo_files: DemoFiles = 0,
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
@@ -335,17 +338,21 @@ def compare_flow(
                           fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
 
+    ingested_files = 0
     if (src / "dataset.json").is_file():
         dataset_dir = src
     else:
         dataset_dir = dataset_folder(out, new_folder_per_run)
         # one ingest at the largest size; smaller training sizes are resized from it (tasks.models.resize_images)
-        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
+        ingested = ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
+        ingested_files = ingested["card"]["n_files_seen"]
 
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
     plan_path = write_plan(report_dir, plan)
-    cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate)
+    cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
+              wall_time_plan=wall_time_plan(plan, n_train_images=n_train, weights_path=weights, synth_files=demo_files,
+                                            ingest_files=ingested_files + demo_files))
 
     train_all(plan=plan, plan_path=plan_path, dataset_dir=dataset_dir, weights=weights, parallel_arms=parallel_arms,
               train_deployment=train_deployment)
@@ -488,6 +495,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     state = compare_flow(
         source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
         arms=arms, weights=args.weights, seed=args.seed, return_state=True,
+        demo_files=args.patients * args.slices_per_patient,
     )
     print(f"Index of every report: {root / 'reports' / 'index.html'}")
     return finish_cli(state)

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES
-from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs, CostReport
+from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs, CostReport, WallTimePlan
 from data_schemas.files import sha256_file
-from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force
-from reports.cost_tables import format_table, markdown_table
+from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force, WallTimePlanParameter
+from reports.cost_tables import format_table, markdown_table, wall_time_line
 from tasks.cost import (
     calibrate_task,
     config_hash,
     default_catalogue_path,
     estimate_task,
     existing_report,
+    predict_wall_time,
     resolve_cost_inputs,
     write_task,
 )
@@ -37,22 +39,29 @@ ARTIFACT_KEY = "ctcompare-cost"
 
 @flow(name="cost", validate_parameters=True)
 def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate: Calibrate = True,
-              force: Force = False) -> CostReport:
+              force: Force = False, wall_time_plan: WallTimePlanParameter = None) -> CostReport:
     """Estimate each arm's cost for `inputs` and write cost.json into out_dir.
 
     inputs: what to price (tasks.cost.resolve_cost_inputs builds it from a dataset folder or an image count);
     n_images must be the training images only. calibrate: measure this machine (cached) instead of using the
     catalogue's guess. A cost.json made from the same inputs, catalogue and calibration choice is reused unless
-    force=True.
+    force=True. wall_time_plan: a whole comparison's runs and stages; its predicted wall time is logged
+    ("Predicted wall time of this comparison: ...") and stored in cost.json.
     """
+    started = time.monotonic()
     out_dir = Path(out_dir)
     expected = config_hash(inputs, sha256_file(default_catalogue_path()), calibrate)
     report = None if force else existing_report(out_dir, expected)
-    if report is None:
-        calibration = (
-            calibrate_task(inputs.image_size, inputs.channels, inputs.precision, inputs.batch_size) if calibrate else None
-        )
-        report = estimate_task(inputs, calibration)
+    if report is None or wall_time_plan is not None:
+        if report is None:
+            calibration = (
+                calibrate_task(inputs.image_size, inputs.channels, inputs.precision, inputs.batch_size) if calibrate else None
+            )
+            report = estimate_task(inputs, calibration)
+        if wall_time_plan is not None:
+            predicted = predict_wall_time(report, wall_time_plan, cost_stage_seconds=time.monotonic() - started)
+            report = report.model_copy(update={"wall_time": predicted})
+            get_run_logger().info("%s", wall_time_line(predicted))
         write_task(out_dir, report)
     create_markdown_artifact(
         key=ARTIFACT_KEY,

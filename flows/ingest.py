@@ -24,13 +24,14 @@ from flows.parameters import (
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.ingest import (
+    CachedFile,
     IngestResult,
     assemble_dataset,
     chunk_is_cached_on_disk,
     chunk_sources,
     decode_chunk,
     discover_files,
-    load_cached_records,
+    load_cached_files,
     preprocessing_signature,
     read_labels,
 )
@@ -111,13 +112,16 @@ def ingest_flow(
                 )
                 for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
             ]
+            decoded: dict[str, CachedFile] = {}
             for future, cached, chunk in zip(futures, on_disk, chunks):
                 future.result()
                 if dask_address and not cached:
                     count_files(len(chunk))
-    records = load_cached_records(sources, cache_dir)
+                # Each finished chunk's records are read while later chunks decode: assembly starts with them in hand.
+                decoded.update((item.record.relative_path, item) for item in load_cached_files(chunk, cache_dir))
+    files = [decoded[source.relative_path] for source in sources]
 
-    result: IngestResult = assemble_dataset(records, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
+    result: IngestResult = assemble_dataset(files, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
     card = result.card
     logger.info(
         "%s %d image(s) of %d patient(s); %d file(s) quarantined",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs
+from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs, WallTimePlan
 from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ TrainDeployment = Annotated[str | None, described(description="run each training
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]
 
+DemoFiles = Annotated[int, described(ge=0, description="files the demo synthesized and ingested before this flow run; counted in the cost stage's prediction of the whole command's wall time (0 outside the demo)")]
+
 # ------------------------------------------------------------------------------------------------------- ingest
 DicomFolder = Annotated[str, described(description="folder of DICOM files, searched recursively, any file extension")]
 DatasetFolder = Annotated[str, described(description="dataset folder to write; re-running into it is incremental")]
@@ -97,6 +99,7 @@ CostOutFolder = Annotated[Path, described(description="folder for cost.json")]
 CostInputsParameter = Annotated[CostInputs, described(description="what to price: training images, image size, channels, "
                                                 "epochs, batch size, arms, precision, optimizer")]
 Force = Annotated[bool, described(description="recompute even when cost.json was made from the same inputs")]
+WallTimePlanParameter = Annotated[WallTimePlan | None, described(description="a whole comparison's planned runs and stages; when given, the predicted wall time of the comparison is logged and stored in cost.json")]
 TrainDataset = Annotated[Path, described(description="dataset folder written by 'ctcompare ingest'")]
 PlanFile = Annotated[Path, described(description="the run plan (plan.json) whose runs are trained")]
 PlannedRunFolder = Annotated[str | None, described(description="train only this run: its folder as written in the plan "

@@ -6,7 +6,7 @@ Numbers become text through reports/formatting.py, so a duration or a size reads
 from __future__ import annotations
 
 from data_schemas.arms import MODEL_LABELS
-from data_schemas.cost import THIS_MACHINE, ArmCost, CostReport
+from data_schemas.cost import THIS_MACHINE, ArmCost, CostReport, WallTimeEstimate
 from reports.formatting import fmt_si, format_duration
 
 # Words dropped from catalogue labels in the narrow terminal columns ("Tesla V100 SXM2" -> "V100").
@@ -105,4 +105,30 @@ def markdown_table(report: CostReport) -> str:
             f"first-step warm-up {format_duration(c.warmup_seconds)} per run).",
         ]
     out += ["", *[f"- {n}" for n in report.notes]]
+    if report.wall_time is not None:
+        out += ["", *wall_time_markdown(report.wall_time)]
     return "\n".join(out)
+
+
+def _range(low: float, high: float) -> str:
+    """'4.6 min' or '4.6 to 6.4 min'-style text of a range of seconds."""
+    return format_duration(low) if format_duration(low) == format_duration(high) else f"{format_duration(low)} to {format_duration(high)}"
+
+
+def wall_time_line(estimate: WallTimeEstimate) -> str:
+    """The one log line of the prediction: 'Predicted wall time of this comparison: ...'."""
+    training = [s for s in estimate.stages if s.stage.startswith("training ")]
+    spread = "" if estimate.seconds_min == estimate.seconds_max else " (the range is early stopping: earliest stop .. every epoch)"
+    return (
+        f"Predicted wall time of this comparison: {_range(estimate.seconds_min, estimate.seconds_max)}{spread}; "
+        f"training {_range(sum(s.seconds_min for s in training), sum(s.seconds_max for s in training))}, "
+        f"the other stages {format_duration(sum(s.seconds_min for s in estimate.stages if s not in training))}."
+    )
+
+
+def wall_time_markdown(estimate: WallTimeEstimate) -> list[str]:
+    """The prediction as markdown lines: the line, a table of stages, the formula and notes."""
+    out = [f"**{wall_time_line(estimate)}**", "", "| stage | predicted | basis |", "|---|---:|---|"]
+    out += [f"| {s.stage} | {_range(s.seconds_min, s.seconds_max)} | {s.basis} |" for s in estimate.stages]
+    out += ["", f"Formula: {estimate.formula}.", *[f"- {n}" for n in estimate.notes]]
+    return out

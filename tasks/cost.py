@@ -66,9 +66,14 @@ from data_schemas.cost import (
     DeviceRate,
     DeviceSpec,
     MemoryEstimate,
+    PlannedRunWork,
     Precision,
+    StageTime,
+    WallTimeEstimate,
+    WallTimePlan,
 )
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
+from data_schemas.plan import RunPlan
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 MEMORY_USABLE_FRACTION = 0.9  # leave 10% of device memory for the framework, kernels' workspace and fragmentation
@@ -856,6 +861,138 @@ def write_cost_report(out_dir: Path, report: CostReport) -> Path:
     path = Path(out_dir) / COST_FILE
     write_model_json(path, report)
     return path
+
+
+# ============================================================================================ a comparison's wall time
+
+# Fixed stages of a comparison, measured on this project's 2-core machine from the log timestamps of two
+# `ctcompare demo` runs without weights (cpu profile, 1,500 files, 220 test images at 112 px, 1,000 bootstrap
+# resamples), each under /usr/bin/time -v on 2026-11-30: demo A wrote and ingested the cohort; demo B reused it and
+# trained 10 epochs. A rate is per file; a constant is per command, run or arm at the demo's sizes.
+COMMAND_START_S = 14.2  # B: process start to the first flow run (Python imports, Prefect's temporary API)
+SYNTH_S_PER_FILE = 20.1 / 1500  # A: the synth flow wrote 1,500 files in 20.1 s
+INGEST_S_PER_FILE = 8.0 / 1500  # A: the ingest flow (224 px, decode pool) took 8.0 s for 1,500 files
+SPLIT_S = 0.4  # A and B: compare flow start to the cost stage (split, plan.json)
+RUN_SETUP_S = 3.2  # B: per trained run, outside its epochs (data and model set-up 0.9 s, test predictions 2.3 s)
+RUN_SKIPPED_S = 0.45  # A and B: a pretrained run skipped for want of weights
+EVALUATION_S_PER_ARM = 0.5  # B: evaluate-arms for one completed arm
+PACKAGE_S_PER_ARM = 4.3  # B: model package + deployment-cost timing of one completed arm (deploy-cost task)
+COMPRESSION_S = 16.0  # B: int8 variant of the recommended arm, written, timed and compared (once)
+VISUAL_S_PER_ARM = 2.9  # B: saliency pictures and the shortcut check (visual-summary task), one completed arm
+REPORT_S = 2.0  # B: report rendering, artifacts, the end of the flow run and of the temporary API
+
+WALL_TIME_FORMULA = (
+    "T = T_start + n_synth x r_synth + n_ingest x r_ingest + T_split + T_cost (measured) "
+    "+ sum over trained runs [FLOPs(arm, e) / (peak x utilisation) x (n_run / n_priced) x (s_run / s_priced)^2 "
+    "+ overhead + T_run] + n_skipped x T_skip + n_arms x (T_eval + T_package + T_visual) + T_int8 + T_report, "
+    "e = the earliest early stop (min) or the last epoch (max)"
+)
+
+
+def earliest_stop_epoch(*, epochs: int, min_epochs: int, patience: int | None) -> int:
+    """The first epoch at which early stopping can end a run (tasks.train_loop: it stops once `patience` epochs in a
+    row did not improve and epoch >= min(min_epochs, epochs)): best at epoch 1, so max(min(min_epochs, epochs),
+    1 + patience), capped at epochs; epochs when early stopping is off."""
+    if patience is None:
+        return epochs
+    return min(epochs, max(min(min_epochs, epochs), 1 + patience))
+
+
+def run_training_seconds(report: CostReport, run: PlannedRunWork, epochs: int) -> float:
+    """This machine's estimate for `run` trained `epochs` epochs:
+
+        arm_flops_for_epochs(arm, epochs) / (peak x utilisation) x (n_run / n_priced) x (s_run / s_priced)^2 + overhead
+
+    i.e. estimated_seconds_for (nanoGPT's estimate_mfu inverted) with the compute scaled to the run's images and
+    input side: FLOPs grow with the number of images and, for a convolutional network, with the pixel count.
+    """
+    arm = report.arm(run.arm)
+    estimate = next(d for d in arm.devices if d.device == THIS_MACHINE)
+    scale = (run.n_images / arm.n_images) * (run.image_size / report.inputs.image_size) ** 2
+    return arm_flops_for_epochs(arm, epochs) / estimate.effective_flops_per_second * scale + estimate.overhead_seconds
+
+
+def _stage(stage: str, low: float, high: float | None = None, basis: str = "") -> StageTime:
+    return StageTime(stage=stage, seconds_min=low, seconds_max=low if high is None else high, basis=basis)
+
+
+def _training_stages(report: CostReport, runs: list[PlannedRunWork]) -> list[StageTime]:
+    """One stage per arm: its trained runs between their earliest stop and their last epoch, plus skipped runs."""
+    stages = []
+    for arm in dict.fromkeys(run.arm for run in runs):
+        trained = [r for r in runs if r.arm == arm and r.trained]
+        skipped = sum(1 for r in runs if r.arm == arm and not r.trained)
+        low = sum(run_training_seconds(report, r, r.min_epochs) + RUN_SETUP_S for r in trained) + skipped * RUN_SKIPPED_S
+        high = sum(run_training_seconds(report, r, r.max_epochs) + RUN_SETUP_S for r in trained) + skipped * RUN_SKIPPED_S
+        epochs = sorted({(r.min_epochs, r.max_epochs) for r in trained})
+        work = ("one feature pass and a linear fit" if parse_arm(arm).mode == "imagenet-linear"
+                else f"epochs {', '.join(f'{a}..{b}' if a != b else f'{b}' for a, b in epochs)}")
+        basis = f"{len(trained)} run(s), {work}: cost estimate + {RUN_SETUP_S:g} s each" if trained else ""
+        if skipped:
+            basis += ("; " if basis else "") + f"{skipped} run(s) skipped (no pretrained weights), {RUN_SKIPPED_S:g} s each"
+        stages.append(_stage(f"training {arm}", low, high, basis))
+    return stages
+
+
+def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seconds: float) -> WallTimeEstimate:
+    """The whole comparison's wall time, before training starts (WALL_TIME_FORMULA; constants above, from this
+    machine's demo logs; training from this machine's calibrated cost estimate, run_training_seconds).
+
+    cost_stage_seconds: the cost stage's own time so far (measured by the caller). The range spans early stopping:
+    min = every run stops at its earliest epoch, max = every run trains all its epochs.
+    """
+    arms = [arm for arm in dict.fromkeys(run.arm for run in plan.runs) if any(r.trained for r in plan.runs if r.arm == arm)]
+    stages = [_stage("start (Python, Prefect API)", COMMAND_START_S if plan.command_start else 0.0, basis="constant")]
+    if plan.synth_files:
+        stages.append(_stage("synthesize the cohort", plan.synth_files * SYNTH_S_PER_FILE, basis=f"{plan.synth_files} files x {SYNTH_S_PER_FILE * 1e3:.1f} ms"))
+    if plan.ingest_files:
+        stages.append(_stage("ingest", plan.ingest_files * INGEST_S_PER_FILE, basis=f"{plan.ingest_files} files x {INGEST_S_PER_FILE * 1e3:.1f} ms"))
+    stages += [_stage("split + plan", SPLIT_S, basis="constant"), _stage("cost stage", cost_stage_seconds, basis="measured")]
+    stages += _training_stages(report, plan.runs)
+    n = len(arms)
+    stages += [
+        _stage("evaluation", n * EVALUATION_S_PER_ARM, basis=f"{n} arm(s) x {EVALUATION_S_PER_ARM:g} s"),
+        _stage("packages + deployment cost", n * PACKAGE_S_PER_ARM, basis=f"{n} arm(s) x {PACKAGE_S_PER_ARM:g} s"),
+        _stage("int8 variant", COMPRESSION_S if n else 0.0, basis="constant, once"),
+        _stage("saliency pictures", n * VISUAL_S_PER_ARM, basis=f"{n} arm(s) x {VISUAL_S_PER_ARM:g} s"),
+        _stage("report", REPORT_S, basis="constant"),
+    ]
+    notes = []
+    if not report.calibrated:
+        notes.append("this machine is not calibrated: the training time uses catalogue defaults (expect a large error).")
+    if any(not r.trained for r in plan.runs):
+        notes.append("pretrained arms are priced as skipped: no weights file was given and none is in torchvision's cache "
+                     "(a download, where the network allows one, is not priced).")
+    return WallTimeEstimate(
+        seconds_min=sum(s.seconds_min for s in stages), seconds_max=sum(s.seconds_max for s in stages),
+        stages=stages, formula=WALL_TIME_FORMULA, notes=notes,
+    )
+
+
+def pretrained_weights_available(model: str, weights_path: str | None) -> bool:
+    """True when a pretrained run of `model` will find weights: a weights file given, or one in torchvision's cache
+    (the places tasks.models.resolve_imagenet_weights looks before downloading)."""
+    from tasks.models import hub_checkpoint_dir, model_def, weights_file_name
+
+    if weights_path:
+        return True
+    return any((hub_checkpoint_dir() / weights_file_name(weights)).is_file() for weights in model_def(model).weights)
+
+
+def wall_time_plan(plan: RunPlan, *, n_train_images: int, weights_path: str | None, synth_files: int = 0,
+                   ingest_files: int = 0) -> WallTimePlan:
+    """What a comparison's plan will train, for predict_wall_time: each run's epochs (earliest stop..last),
+    images (n_train_images x its share of the training patients), size, and whether it will find weights."""
+    runs = []
+    for planned in plan.runs:
+        spec, config = parse_arm(planned.arm), planned.config
+        runs.append(PlannedRunWork(
+            arm=planned.arm, max_epochs=config.epochs,
+            min_epochs=earliest_stop_epoch(epochs=config.epochs, min_epochs=config.min_epochs, patience=config.early_stopping_patience),
+            n_images=max(1, round(n_train_images * planned.train_fraction)), image_size=config.image_size,
+            trained=spec.mode == "scratch" or pretrained_weights_available(spec.model, weights_path),
+        ))
+    return WallTimePlan(runs=runs, synth_files=synth_files, ingest_files=ingest_files)
 
 
 # ============================================================================================ inputs

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,23 +118,62 @@ def dataset_content_hash(images_path: Path, manifest_path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_images_npy(path: Path, images: np.ndarray) -> None:
-    """Write images.npy atomically (temp file + rename) as a memory-mappable .npy."""
+@dataclass(frozen=True)
+class ImageBlocks:
+    """images.npy's content as consecutive blocks of rows, produced one at a time so that they are never all in memory.
+
+    Args:
+        shape: the whole array's shape, (N, 1, S, S).
+        blocks: called once by the writer; yields arrays of shape (n_i, 1, S, S) whose n_i sum to N, in row order.
+    """
+
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def of_array(cls, images: np.ndarray) -> ImageBlocks:
+        """All images at once, as one block."""
+        return cls(shape=tuple(images.shape), blocks=lambda: iter([images]))
+
+
+def write_images_npy(path: Path, images: np.ndarray | ImageBlocks) -> None:
+    """Write images.npy (float16) atomically (temp file + rename), block by block, as a memory-mappable .npy.
+
+    The header is the one np.lib.format.open_memmap writes (so the bytes are those of the former all-in-memory
+    writer); the rows then go through ordinary file writes, not a memory map, so that the pages written do not
+    count in this process's resident memory: memory stays that of one block, whatever the number of images.
+    """
     path = Path(path)
+    stream = images if isinstance(images, ImageBlocks) else ImageBlocks.of_array(images)
     tmp = temp_path_for(path)
     try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=images.shape)
-        array[...] = images
-        array.flush()
-        del array
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=stream.shape)
+        offset, expected = header.offset, header.nbytes
+        del header  # nothing was written through the map: no page of it was touched
+        written = 0
+        with open(tmp, "r+b") as handle:
+            handle.seek(offset)
+            for block in stream.blocks():
+                block = np.ascontiguousarray(block, dtype=np.float16)
+                if block.shape[1:] != tuple(stream.shape[1:]):
+                    raise ValueError(f"an image block has shape {block.shape}; images.npy rows are {tuple(stream.shape[1:])}")
+                handle.write(memoryview(block).cast("B"))
+                written += block.nbytes
+        if written != expected:
+            raise ValueError(f"image blocks held {written} bytes; images.npy of shape {stream.shape} needs {expected}")
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_dataset(root: Path, images: np.ndarray, manifest: list[ManifestRow], card: DatasetCard) -> DatasetCard:
-    """Write images.npy, manifest.csv and dataset.json (card.content_hash is filled in here); return the card."""
+def write_dataset(root: Path, images: np.ndarray | ImageBlocks, manifest: list[ManifestRow], card: DatasetCard) -> DatasetCard:
+    """Write images.npy (from an array or streamed ImageBlocks), manifest.csv and dataset.json (card.content_hash is
+    filled in here); return the card."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if images.ndim != 4 or images.shape[1] != 1 or images.shape[0] != len(manifest):

@@ -699,6 +699,7 @@ def build_results(
         patients=patient_table(pooled, classes), folds=folds or None,
         data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)] or None,
         input_sizes=sizes or None, probe_depths=depths or None,
+        predicted_wall_time=cost_file.wall_time if cost_file is not None else None,
         what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
         recommendation=decide(arms, comparisons, tests, evaluation, summary_eval.n_test_patients),
         reproducibility=Reproducibility(

@@ -19,6 +19,7 @@ import os
 import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -48,7 +49,14 @@ from data_schemas.dataset import (
     WindowSpec,
 )
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
-from tasks.dataset_store import PRIVATE_FILE_MODE, DatasetBusyError, dataset_content_hash, dataset_write_lock, write_dataset
+from tasks.dataset_store import (
+    PRIVATE_FILE_MODE,
+    DatasetBusyError,
+    ImageBlocks,
+    dataset_content_hash,
+    dataset_write_lock,
+    write_dataset,
+)
 from tasks.decode_pool import current_decode_pool, limit_compute_threads
 from tasks.dicom_io import Rejected, read_ct_file
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
@@ -58,6 +66,8 @@ from tasks.pseudonymize import load_or_create_secret, pseudonym
 # Bump when the conversion recipe changes: it invalidates every cached decode.
 PREPROCESS_VERSION = 2  # 2: every header value validated; burned-in annotation and secondary capture recorded
 HU_SAMPLE_STRIDE = 8
+# Below this many files, hashing stays on the calling thread (starting threads would cost more than it saves).
+HASH_THREADS_MIN_FILES = 32
 INGEST_STATE_FILE = "private/ingest_state.json"
 # How long a second ingest into the same dataset folder waits for the first to finish writing.
 DATASET_LOCK_TIMEOUT_S = 600.0
@@ -88,7 +98,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]]:
     """Walk src_dir recursively (following folder links once), whatever the extensions, and hash each file."""
-    files: list[SourceFile] = []
+    candidates: list[tuple[Path, str]] = []
     rejected: list[QuarantineRow] = []
 
     def reject(relative: str, reason: QuarantineReason, text: str) -> None:
@@ -125,14 +135,31 @@ def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]
             if not stat.S_ISREG(info.st_mode):
                 reject(relative, QuarantineReason.UNREADABLE, "not a regular file (pipe, socket or device)")
                 continue
-            try:
-                content_sha256 = sha256_file(path)
-            except OSError as error:
-                reject(relative, QuarantineReason.UNREADABLE, f"cannot be read ({error.strerror})")
-                continue
+            candidates.append((path, relative))
+    files: list[SourceFile] = []
+    for (path, relative), content_sha256 in zip(candidates, _hash_files([path for path, _ in candidates])):
+        if isinstance(content_sha256, OSError):
+            reject(relative, QuarantineReason.UNREADABLE, f"cannot be read ({content_sha256.strerror})")
+        else:
             files.append(SourceFile(path=str(path), relative_path=relative, content_sha256=content_sha256))
     files.sort(key=lambda item: item.relative_path)
     return files, rejected
+
+
+def _hash_or_error(path: Path) -> str | OSError:
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        return error
+
+
+def _hash_files(paths: list[Path]) -> list[str | OSError]:
+    """SHA-256 of each file, in order, on one thread per core: reading and hashlib release the GIL, so the threads
+    hash in parallel without a process pool (an unreadable file gives its OSError in its place)."""
+    if len(paths) < HASH_THREADS_MIN_FILES:
+        return [_hash_or_error(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ctcompare-hash") as threads:
+        return list(threads.map(_hash_or_error, paths))
 
 
 def preprocessing_signature(size: int, window: WindowSpec) -> str:
@@ -182,7 +209,9 @@ def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: Wi
     """Convert one file and store its images, HU sample and record (or its rejection) in the private cache."""
     converted = convert_file(source, size, window)
     buffer = io.BytesIO()
-    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(converted.record.model_dump_json()))
+    # The images' hash is taken here, in the decode worker, so that ordering the dataset needs no image in memory.
+    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(converted.record.model_dump_json()),
+             image_sha256=np.array(image_hash(converted.images)))
     # No fsync: a cache entry lost in a crash is simply decoded again; the rename still keeps it whole.
     atomic_write_bytes(cache_file, buffer.getvalue(), durable=False, mode=PRIVATE_FILE_MODE)
 
@@ -248,14 +277,38 @@ def chunk_is_cached_on_disk(sources: list[SourceFile], cache_dir: Path) -> bool:
     return all(cache_path(cache_dir, source.content_sha256).exists() for source in sources)
 
 
-def load_cached_records(sources: list[SourceFile], cache_dir: Path) -> list[DecodedFileRecord]:
-    """Read each file's record from the cache, with its current relative path."""
-    records = []
+def image_hash(images: np.ndarray) -> str:
+    """A file's image hash: the SHA-256 of its converted float16 images (its content key when ordering)."""
+    return hashlib.sha256(images.tobytes()).hexdigest()
+
+
+@dataclass
+class CachedFile:
+    """A decoded file as the assembly needs it, read from the cache without its images.
+
+    Args:
+        record: the file's record, with its current relative path.
+        image_sha256: image_hash of its converted images.
+        hu_sample: its HU sample (for the dataset's fingerprint).
+    """
+
+    record: DecodedFileRecord
+    image_sha256: str
+    hu_sample: np.ndarray
+
+
+def load_cached_files(sources: list[SourceFile], cache_dir: Path) -> list[CachedFile]:
+    """Read each file's record, image hash and HU sample from the cache, with its current relative path."""
+    files = []
     for source in sources:
         with np.load(cache_path(cache_dir, source.content_sha256)) as cached:
             record = DecodedFileRecord.model_validate_json(str(cached["record"]))
-        records.append(record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)}))
-    return records
+            # Entries written before the hash was cached get it from their images.
+            digest = str(cached["image_sha256"]) if "image_sha256" in cached.files else image_hash(cached["images"])
+            hu_sample = cached["hu_sample"]
+        record = record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)})
+        files.append(CachedFile(record=record, image_sha256=digest, hu_sample=hu_sample))
+    return files
 
 
 @dataclass
@@ -400,28 +453,13 @@ def _patient_identity(record: DecodedFileRecord) -> str:
     return record.patient_id or f"study:{record.study_instance_uid}"
 
 
-@dataclass
-class LoadedFile:
-    """An accepted file's cached images and HU sample, with the SHA-256 of its images (its content key)."""
-
-    record: DecodedFileRecord
-    images: np.ndarray
-    hu_sample: np.ndarray
-    image_sha256: str
-
-
-def order_by_content(records: list[DecodedFileRecord], cache_dir: Path) -> list[LoadedFile]:
-    """Load the accepted files and order them by content alone, whatever the pseudonymization key.
+def order_by_content(files: list[CachedFile]) -> list[CachedFile]:
+    """Order the accepted files by content alone, whatever the pseudonymization key (no image is loaded).
 
     Files are grouped by patient, study and series; each group is ordered by a content key, the SHA-256 of the
     sorted image hashes of its files (an image hash is the SHA-256 of the file's converted float16 images), then
     by instance number, image hash and file hash. No identifier and no HMAC key decides the order.
     """
-    loaded = []
-    for record in records:
-        with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
-            images, hu_sample = cached["images"], cached["hu_sample"]
-        loaded.append(LoadedFile(record, images, hu_sample, hashlib.sha256(images.tobytes()).hexdigest()))
     identities = {
         "patient": lambda r: (_patient_identity(r),),
         "study": lambda r: (_patient_identity(r), r.study_instance_uid),
@@ -430,10 +468,10 @@ def order_by_content(records: list[DecodedFileRecord], cache_dir: Path) -> list[
     content_keys: dict[str, dict[tuple[str, ...], str]] = {}
     for level, identity in identities.items():
         groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
-        for item in loaded:
+        for item in files:
             groups[identity(item.record)].append(item.image_sha256)
         content_keys[level] = {group: sha256_json(sorted(hashes)) for group, hashes in groups.items()}
-    return sorted(loaded, key=lambda item: (
+    return sorted(files, key=lambda item: (
         *(content_keys[level][identity(item.record)] for level, identity in identities.items()),
         item.record.instance_number or 0, item.image_sha256, item.record.content_sha256,
     ))
@@ -441,21 +479,22 @@ def order_by_content(records: list[DecodedFileRecord], cache_dir: Path) -> list[
 
 @dataclass
 class DatasetRows:
-    """What the ordered files become: the manifest, the private index, the images, HU samples and unlabelled paths."""
+    """What the ordered files become: the manifest, the private index, the files whose images fill images.npy (in
+    order), their HU samples and the unlabelled paths."""
 
     manifest: list[ManifestRow] = field(default_factory=list)
     index: list[PrivateIndexRow] = field(default_factory=list)
-    image_blocks: list[np.ndarray] = field(default_factory=list)
+    image_files: list[DecodedFileRecord] = field(default_factory=list)
     hu_samples: list[np.ndarray] = field(default_factory=list)
     unlabeled_paths: list[str] = field(default_factory=list)
     label_hits: int = 0
 
 
-def build_rows(ordered: list[LoadedFile], secret: bytes, labels: LabelTable | None) -> DatasetRows:
+def build_rows(ordered: list[CachedFile], secret: bytes, labels: LabelTable | None) -> DatasetRows:
     """Pseudonymize and label the ordered files: one manifest row (and private index row) per frame."""
     rows = DatasetRows()
     for item in ordered:
-        record, frames = item.record, item.images
+        record = item.record
         patient_key = pseudonym(secret, "patient", _patient_identity(record))
         study_key = pseudonym(secret, "study", record.study_instance_uid)
         series_key = pseudonym(secret, "series", record.series_instance_uid)
@@ -468,8 +507,8 @@ def build_rows(ordered: list[LoadedFile], secret: bytes, labels: LabelTable | No
             else:
                 rows.unlabeled_paths.append(record.relative_path)
         pad_top, pad_bottom, pad_left, pad_right = record.pads
-        for frame_number in range(frames.shape[0]):
-            image_key = pseudonym(secret, "frame", f"{sop_key}/{frame_number}") if frames.shape[0] > 1 else sop_key
+        for frame_number in range(record.n_frames):
+            image_key = pseudonym(secret, "frame", f"{sop_key}/{frame_number}") if record.n_frames > 1 else sop_key
             rows.manifest.append(ManifestRow(
                 index=len(rows.manifest), image_key=image_key, patient_key=patient_key, study_key=study_key,
                 series_key=series_key, frame=frame_number, label=label, rows=record.rows, columns=record.columns,
@@ -479,9 +518,23 @@ def build_rows(ordered: list[LoadedFile], secret: bytes, labels: LabelTable | No
                 pad_top=pad_top, pad_bottom=pad_bottom, pad_left=pad_left, pad_right=pad_right,
             ))
             rows.index.append(PrivateIndexRow(image_key=image_key, relative_path=record.relative_path, content_sha256=record.content_sha256, frame=frame_number))
-        rows.image_blocks.append(frames)
+        rows.image_files.append(record)
         rows.hu_samples.append(item.hu_sample)
     return rows
+
+
+def cached_image_blocks(records: list[DecodedFileRecord], cache_dir: Path, size: int) -> ImageBlocks:
+    """images.npy's rows, streamed from the cache one file at a time in the given order (one file in memory)."""
+
+    def blocks() -> Iterator[np.ndarray]:
+        for record in records:
+            with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
+                images = cached["images"]
+            if images.shape[0] != record.n_frames:
+                raise ValueError(f"cached images of {record.relative_path} have {images.shape[0]} frame(s), its record {record.n_frames}")
+            yield images[:, None]
+
+    return ImageBlocks(shape=(sum(r.n_frames for r in records), 1, size, size), blocks=blocks)
 
 
 def build_card(rows: DatasetRows, *, size: int, window: WindowSpec, labels: LabelTable | None, n_files_seen: int, n_accepted: int, quarantine: list[QuarantineRow]) -> DatasetCard:
@@ -492,7 +545,8 @@ def build_card(rows: DatasetRows, *, size: int, window: WindowSpec, labels: Labe
         matrix_sizes=dict(sorted(Counter(f"{r.rows}x{r.columns}" for r in manifest).items())),
         pixel_spacing_mm=summarize([r.pixel_spacing_mm for r in manifest]),
         slice_thickness_mm=summarize([r.slice_thickness_mm for r in manifest]),
-        hounsfield_units=summarize(np.concatenate(rows.hu_samples)),
+        # Straight into float64 (what summarize computes in): no float32 copy of every sample beside it.
+        hounsfield_units=summarize(np.concatenate(rows.hu_samples, dtype=np.float64)),
         manufacturers=dict(sorted(Counter(r.manufacturer or "unknown" for r in manifest).items())),
         transfer_syntaxes=dict(sorted(Counter(r.transfer_syntax or "unknown" for r in manifest).items())),
         kvp=summarize([r.kvp for r in manifest]),
@@ -560,7 +614,7 @@ def _write_private_files(out_dir: Path, quarantine: list[QuarantineRow], rows: D
 
 
 def assemble_dataset(
-    records: list[DecodedFileRecord],
+    files: list[CachedFile],
     discovery_rejects: list[QuarantineRow],
     out_dir: Path,
     cache_dir: Path,
@@ -572,29 +626,32 @@ def assemble_dataset(
 ) -> IngestResult:
     """Under the dataset folder's write lock: pseudonymize, order by content, label, fingerprint and write the folder.
 
-    A second run into the same folder waits up to DATASET_LOCK_TIMEOUT_S for the first, then refuses with one
+    `files` (load_cached_files) carry no images: images.npy is streamed from the cache one file at a time, in the
+    final order, so memory does not grow with the number of images. A second run into the same folder waits up to DATASET_LOCK_TIMEOUT_S for the first, then refuses with one
     sentence; an unwritable folder (disk full, read-only) also gives one sentence naming it.
     """
     try:
         with _writing_into(out_dir), dataset_write_lock(out_dir, DATASET_LOCK_TIMEOUT_S):
-            return _assemble_locked(records, discovery_rejects, out_dir, cache_dir, size, window, labels, allow_burned_in)
+            return _assemble_locked(files, discovery_rejects, out_dir, cache_dir, size, window, labels, allow_burned_in)
     except DatasetBusyError as error:
         raise OutputWriteError(str(error)) from None
 
 
 def _assemble_locked(
-    records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow], out_dir: Path, cache_dir: Path,
+    files: list[CachedFile], discovery_rejects: list[QuarantineRow], out_dir: Path, cache_dir: Path,
     size: int, window: WindowSpec, labels: LabelTable | None, allow_burned_in: bool,
 ) -> IngestResult:
     """assemble_dataset's work, with the lock held."""
     settings = {"recipe": preprocessing_signature(size, window), "allow_burned_in": allow_burned_in}
+    records = [item.record for item in files]
     signature = _input_signature(records, discovery_rejects, settings, labels)
     unchanged = _unchanged_dataset(out_dir, signature)
     if unchanged is not None:
         return unchanged
 
     records = mark_duplicates(apply_burned_in_policy(records, allow_burned_in))
-    accepted = [r for r in records if r.accepted]
+    by_path = {item.record.relative_path: item for item in files}
+    accepted = [CachedFile(r, by_path[r.relative_path].image_sha256, by_path[r.relative_path].hu_sample) for r in records if r.accepted]
     quarantine = sorted(
         discovery_rejects + [QuarantineRow(relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message) for r in records if not r.accepted],
         key=lambda q: q.relative_path,
@@ -604,7 +661,7 @@ def _assemble_locked(
         _write_private_files(out_dir, quarantine, None)
         raise IngestError(f"no CT image could be ingested from {n_files_seen} file(s); see {out_dir / QUARANTINE_FILE} for the reason of each.")
 
-    rows = build_rows(order_by_content(accepted, cache_dir), load_or_create_secret(out_dir / PRIVATE_DIR), labels)
+    rows = build_rows(order_by_content(accepted), load_or_create_secret(out_dir / PRIVATE_DIR), labels)
     if labels is not None and rows.label_hits == 0:
         raise IngestError(
             f"no {labels.key_column} in labels file {labels.source_name} matches any of the {len(accepted)} ingested file(s); "
@@ -613,6 +670,6 @@ def _assemble_locked(
     card = build_card(rows, size=size, window=window, labels=labels, n_files_seen=n_files_seen, n_accepted=len(accepted), quarantine=quarantine)
     # Private files first, the shareable dataset last (dataset.json marks completion), then the state.
     _write_private_files(out_dir, quarantine, rows)
-    card = write_dataset(out_dir, np.concatenate(rows.image_blocks)[:, None], rows.manifest, card)
+    card = write_dataset(out_dir, cached_image_blocks(rows.image_files, cache_dir, size), rows.manifest, card)
     atomic_write_text(out_dir / INGEST_STATE_FILE, json.dumps({"signature": signature, "content_hash": card.content_hash}) + "\n", mode=PRIVATE_FILE_MODE)
     return IngestResult(card=card, out_dir=out_dir, skipped=False, quarantine=quarantine)

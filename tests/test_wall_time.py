@@ -1,0 +1,160 @@
+"""The cost stage's prediction of a whole comparison's wall time, checked against arithmetic done by hand.
+
+Training FLOPs come from tests/resnet50_by_hand.py (an independent count), this machine's rate from a fixed
+calibration, the fixed stages from the constants in tasks/cost.py written out here as numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import resnet50_by_hand as hand
+
+from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
+from data_schemas.plan import build_run_plan
+from reports.cost_tables import markdown_table, wall_time_line
+from tasks import cost as C
+
+RATE = 40e9  # the fixed calibration's achieved training FLOP/s
+WARMUP = 5.0  # its first-step warm-up, seconds (once per run)
+SIZE = 64
+
+
+def _calibration() -> Calibration:
+    """A calibration whose effective rate on this machine is exactly RATE."""
+    key, fields = C._calibration_key(SIZE, 1, C.this_machine_precision("bf16"))
+    per_image = hand.full_training_flops(SIZE, 1, 2)
+    return Calibration(
+        key=key, **fields, matmul_flops_per_second=100e9, train_batch_size=16, train_steps=3,
+        train_images_per_second=RATE / per_image, train_flops_per_image=per_image, train_flops_per_second=RATE,
+        utilisation=RATE / 100e9, warmup_seconds=WARMUP, seconds_taken=1.0, measured_at="2025-01-01T00:00:00+00:00",
+    )
+
+
+@pytest.fixture(scope="module")
+def report() -> CostReport:
+    """Scratch and imagenet priced for 100 images, 10 epochs at 64 px, 2 of them head-only for imagenet."""
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, head_warmup_epochs=2, arms=["scratch", "imagenet"])
+    return C.build_cost_report(inputs, calibration=_calibration())
+
+
+def test_earliest_stop_is_patience_after_epoch_one_but_never_before_min_epochs() -> None:
+    assert C.earliest_stop_epoch(epochs=10, min_epochs=6, patience=3) == 6
+    assert C.earliest_stop_epoch(epochs=10, min_epochs=2, patience=3) == 4
+    assert C.earliest_stop_epoch(epochs=3, min_epochs=6, patience=3) == 3
+    assert C.earliest_stop_epoch(epochs=10, min_epochs=6, patience=None) == 10
+
+
+def test_one_run_is_its_epochs_flops_over_the_rate_scaled_to_its_images_and_size(report: CostReport) -> None:
+    full = hand.full_training_flops(SIZE, 1, 2)
+    half_size = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=50, image_size=SIZE // 2)
+    # 6 epochs x 100 images x full FLOPs, then x 50/100 images x (32/64)^2 pixels
+    assert C.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 + WARMUP, rel=1e-12)
+    head = hand.head_only_training_flops(SIZE, 1, 2)
+    imagenet = PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
+    assert C.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE + WARMUP, rel=1e-12)
+
+
+def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> None:
+    full, head = hand.full_training_flops(SIZE, 1, 2), hand.head_only_training_flops(SIZE, 1, 2)
+    plan = WallTimePlan(
+        runs=[
+            PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE),
+            PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=25, image_size=SIZE),
+            PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE),
+        ],
+        synth_files=1500, ingest_files=1500,
+    )
+    predicted = C.predict_wall_time(report, plan, cost_stage_seconds=2.5)
+    # start 14.2 + synth 1500 x 20.1/1500 + ingest 1500 x 8.0/1500 + split 0.4 + cost 2.5 (measured)
+    fixed_before = 14.2 + 20.1 + 8.0 + 0.4 + 2.5
+    # 2 arms: evaluation 2 x 0.5, packages 2 x 4.3, int8 16.0 once, saliency 2 x 2.9, report 2.0
+    fixed_after = 2 * 0.5 + 2 * 4.3 + 16.0 + 2 * 2.9 + 2.0
+    runs_setup = 3 * 3.2 + 3 * WARMUP
+    scratch_min = 6 * 100 * full / RATE + 6 * 25 * full / RATE
+    scratch_max = 10 * 100 * full / RATE + 10 * 25 * full / RATE
+    imagenet_min = (2 * 100 * head + 4 * 100 * full) / RATE
+    imagenet_max = (2 * 100 * head + 8 * 100 * full) / RATE
+    assert predicted.seconds_min == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_min + imagenet_min, rel=1e-9)
+    assert predicted.seconds_max == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_max + imagenet_max, rel=1e-9)
+    assert predicted.seconds_min == pytest.approx(sum(s.seconds_min for s in predicted.stages), rel=1e-12)
+    assert [s.stage for s in predicted.stages][:5] == ["start (Python, Prefect API)", "synthesize the cohort", "ingest", "split + plan", "cost stage"]
+    assert predicted.notes == []
+
+
+def test_skipped_pretrained_runs_cost_a_skip_and_no_package(report: CostReport) -> None:
+    full = hand.full_training_flops(SIZE, 1, 2)
+    plan = WallTimePlan(runs=[
+        PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=10, n_images=100, image_size=SIZE),
+        PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE, trained=False),
+    ])
+    predicted = C.predict_wall_time(report, plan, cost_stage_seconds=0.0)
+    # start 14.2 + split 0.4 + scratch (10 epochs + warm-up + 3.2 set-up) + one skip 0.45 + 1 arm's 0.5 + 4.3 + 16.0 + 2.9 + report 2.0
+    expected = 14.2 + 0.4 + 10 * 100 * full / RATE + WARMUP + 3.2 + 0.45 + 0.5 + 4.3 + 16.0 + 2.9 + 2.0
+    assert predicted.seconds_min == predicted.seconds_max == pytest.approx(expected, rel=1e-9)
+    assert "priced as skipped" in predicted.notes[0]
+
+
+def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_without_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached weights
+    plan = build_run_plan(profile="cpu", arms=["scratch", "imagenet", "imagenet-linear"], seed=0, fractions=[0.5, 1.0])
+    work = C.wall_time_plan(plan, n_train_images=1000, weights_path=None, synth_files=1500, ingest_files=1500)
+    assert {(r.arm, r.n_images, r.min_epochs, r.max_epochs, r.trained) for r in work.runs} == {
+        (arm, n, 6, 10, arm == "scratch") for arm in ("scratch", "imagenet", "imagenet-linear") for n in (500, 1000)
+    }
+    with_weights = C.wall_time_plan(plan, n_train_images=1000, weights_path=str(tmp_path / "resnet50.pth"))
+    assert all(r.trained for r in with_weights.runs) and with_weights.synth_files == 0
+
+
+class _Lines(logging.Handler):
+    """Keeps the messages of the log records it receives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_cost_flow_logs_the_prediction_and_stores_it_in_cost_json(report: CostReport, tmp_path: Path) -> None:
+    from flows.cost import cost_flow
+
+    plan = WallTimePlan(runs=[PlannedRunWork(arm="scratch", max_epochs=2, min_epochs=2, n_images=8, image_size=32)])
+    inputs = C.resolve_cost_inputs(n_images=8, image_size=32, epochs=2, arms=["scratch"])
+    flow_logger, handler = logging.getLogger("prefect.flow_runs"), _Lines()
+    level = flow_logger.level
+    flow_logger.addHandler(handler)
+    flow_logger.setLevel(logging.INFO)  # the tests run Prefect at WARNING
+    try:
+        result = cost_flow(inputs=inputs, out_dir=tmp_path, calibrate=False, wall_time_plan=plan)
+    finally:
+        flow_logger.removeHandler(handler)
+        flow_logger.setLevel(level)
+    line = next(text for text in handler.lines if text.startswith("Predicted wall time of this comparison: "))
+    stored = CostReport.model_validate(json.loads((tmp_path / COST_FILE).read_text()))
+    assert stored.wall_time == result.wall_time and stored.wall_time is not None
+    assert line == wall_time_line(stored.wall_time)
+    assert next(s for s in stored.wall_time.stages if s.stage == "cost stage").seconds_min > 0
+    assert line in markdown_table(stored)
+
+
+def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
+    from report_fixtures import make_example_results
+
+    from data_schemas.cost import StageTime, WallTimeEstimate
+    from reports.render import render_report
+
+    estimate = WallTimeEstimate(seconds_min=290.0, seconds_max=410.0, formula="T = sum of stages",
+                                stages=[StageTime(stage="training scratch", seconds_min=290.0, seconds_max=410.0, basis="hand")])
+    results = make_example_results(with_folds=False, with_data_efficiency=False).model_copy(update={"predicted_wall_time": estimate})
+    paths = render_report(results, tmp_path)
+    for key in ("markdown", "html"):
+        text = " ".join(paths[key].read_text().split())
+        cost_section = text[text.index("Cost: estimate vs actual"):]
+        assert "Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 min" in cost_section
