@@ -31,6 +31,7 @@ from tasks.ingest import (
     chunk_sources,
     decode_chunk,
     discover_files,
+    hu_values_per_file,
     load_cached_files,
     preprocessing_signature,
     read_labels,
@@ -113,12 +114,13 @@ def ingest_flow(
                 for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
             ]
             decoded: dict[str, CachedFile] = {}
+            hu_per_file = hu_values_per_file(len(sources))  # a fixed total: memory flat as the archive grows
             for future, cached, chunk in zip(futures, on_disk, chunks):
                 future.result()
                 if dask_address and not cached:
                     count_files(len(chunk))
                 # Each finished chunk's records are read while later chunks decode: assembly starts with them in hand.
-                decoded.update((item.record.relative_path, item) for item in load_cached_files(chunk, cache_dir))
+                decoded.update((item.record.relative_path, item) for item in load_cached_files(chunk, cache_dir, hu_values=hu_per_file))
     files = [decoded[source.relative_path] for source in sources]
 
     result: IngestResult = assemble_dataset(files, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)

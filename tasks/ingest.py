@@ -66,6 +66,10 @@ from tasks.pseudonymize import load_or_create_secret, pseudonym
 # Bump when the conversion recipe changes: it invalidates every cached decode.
 PREPROCESS_VERSION = 2  # 2: every header value validated; burned-in annotation and secondary capture recorded
 HU_SAMPLE_STRIDE = 8
+# HU values kept for the dataset's fingerprint over the whole archive, as nnU-Net's fingerprint does (a fixed total
+# of sampled voxels, 10e7 there, divided among the cases): memory then stays flat as the archive grows. 8e6 float64
+# values are 64 MB; up to about 2,000 files of one 512 x 512 frame each every sampled value is kept.
+HU_SAMPLE_BUDGET = 8_000_000
 # Below this many files, hashing stays on the calling thread (starting threads would cost more than it saves).
 HASH_THREADS_MIN_FILES = 32
 INGEST_STATE_FILE = "private/ingest_state.json"
@@ -297,15 +301,32 @@ class CachedFile:
     hu_sample: np.ndarray
 
 
-def load_cached_files(sources: list[SourceFile], cache_dir: Path) -> list[CachedFile]:
-    """Read each file's record, image hash and HU sample from the cache, with its current relative path."""
+def hu_values_per_file(n_files: int) -> int:
+    """How many of each file's HU sample values the fingerprint keeps: HU_SAMPLE_BUDGET shared by n_files."""
+    return max(1, HU_SAMPLE_BUDGET // max(n_files, 1))
+
+
+def thin_hu_sample(sample: np.ndarray, keep: int) -> np.ndarray:
+    """At most `keep` values of a file's HU sample, evenly strided (deterministic); a copy, so the file's whole
+    sample is not held by a view."""
+    if sample.size <= keep:
+        return sample
+    return sample[:: -(-sample.size // keep)].copy()
+
+
+def load_cached_files(sources: list[SourceFile], cache_dir: Path, hu_values: int | None = None) -> list[CachedFile]:
+    """Read each file's record, image hash and HU sample from the cache, with its current relative path.
+
+    hu_values: keep at most this many of each file's HU sample values (hu_values_per_file of the archive's file
+    count); None keeps them all.
+    """
     files = []
     for source in sources:
         with np.load(cache_path(cache_dir, source.content_sha256)) as cached:
             record = DecodedFileRecord.model_validate_json(str(cached["record"]))
             # Entries written before the hash was cached get it from their images.
             digest = str(cached["image_sha256"]) if "image_sha256" in cached.files else image_hash(cached["images"])
-            hu_sample = cached["hu_sample"]
+            hu_sample = cached["hu_sample"] if hu_values is None else thin_hu_sample(cached["hu_sample"], hu_values)
         record = record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)})
         files.append(CachedFile(record=record, image_sha256=digest, hu_sample=hu_sample))
     return files

@@ -282,3 +282,20 @@ def test_burned_in_annotation_and_secondary_capture_are_quarantined_unless_allow
     allowed = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1, allow_burned_in=True)
     assert allowed["card"]["n_images"] == 3 and allowed["card"]["n_files_quarantined"] == 0
     assert not read_models_csv(out / QUARANTINE_FILE, QuarantineRow)
+
+
+def test_fingerprint_keeps_a_fixed_total_of_hu_values_whatever_the_archive_size() -> None:
+    """The HU fingerprint's sample is a fixed total shared by the files (memory flat as the archive grows)."""
+    from tasks.ingest import HU_SAMPLE_BUDGET, hu_values_per_file, thin_hu_sample
+
+    sample = np.arange(4096, dtype=np.float32)  # one 512 x 512 frame sampled every 8th pixel
+    assert thin_hu_sample(sample, 4096) is sample  # small archives keep every value
+    for n_files in (1_500, 15_000, 150_000):
+        keep = hu_values_per_file(n_files)
+        thinned = thin_hu_sample(sample, keep)
+        assert thinned.size <= keep and n_files * thinned.size <= HU_SAMPLE_BUDGET
+        step = -(-4096 // keep)  # evenly strided from the first value: independent of the function's arithmetic
+        assert np.array_equal(thinned, np.arange(0, 4096, step, dtype=np.float32))
+        assert thinned.base is None  # a copy: the whole sample is not kept alive by a view
+    assert hu_values_per_file(1_500) >= 4096 and hu_values_per_file(15_000) == HU_SAMPLE_BUDGET // 15_000
+    assert hu_values_per_file(10**9) == 1
