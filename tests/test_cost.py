@@ -347,6 +347,24 @@ def test_memory_breakdown_and_max_batch():
     assert C.max_batch_size(1e6, 10**9, 10) == 0
 
 
+def test_a_batch_exactly_at_a_devices_limit_fits_and_one_more_does_not():
+    """max batch = floor((0.9 x memory - batch-independent bytes) / per image), recomputed here for the first
+    catalogue device; a batch of exactly that size fits, one image more does not."""
+    catalogue = C.load_catalogue()
+    device = catalogue.devices[0]
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, precision="fp32")
+    m = C.estimate_arm("scratch", inputs, catalogue).memory
+    fixed = m.weights_bytes + m.gradients_bytes + m.optimizer_bytes + m.activations_fixed_bytes
+    limit = int((0.9 * device.memory_gb * 1e9 - fixed) // m.activations_bytes_per_image)
+    assert 8 < limit < 65_536
+    for batch, fits in ((limit, True), (limit + 1, False)):
+        arm = C.estimate_arm("scratch", inputs.model_copy(update={"batch_size": batch}), catalogue)
+        estimate = next(d for d in arm.devices if d.device == device.name)
+        assert (estimate.max_batch_size, estimate.batch_fits) == (limit, fits)
+    assert ("max_batch = floor((0.9 x device memory - weights - gradients - optimizer - fixed) / per-image activations)"
+            in arm.formulas)
+
+
 # ============================================================================================ calibration
 
 
@@ -550,6 +568,9 @@ def test_bad_image_count_and_unknown_setting_are_one_sentence():
     with pytest.raises(ValueError) as caught:
         C.resolve_cost_inputs(n_images=0)
     assert str(caught.value) == "--images must be at least 1 (got 0)."
+    with pytest.raises(ValueError) as caught:
+        C.resolve_cost_inputs(dataset=Path("cohort"), n_images=10)
+    assert str(caught.value) == "give either --dataset DATASET_DIR or --images N, not both."
     with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, channels, "):
         C.resolve_cost_inputs(n_images=10, epoch=3)
     assert C._field_bounds("image_size") == (32, 2048) and C._field_bounds("n_images") == (1, None)

@@ -199,3 +199,51 @@ def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
     one_class = write_run(tmp_path / "one-class", arm="scratch", test=[p for p in test if p.target == 1], val=None, seed=6)
     (undefined,) = efficiency_points("scratch", {1.0: one_class}, evaluation, seed=7)
     assert undefined.test_auc.value is None  # no negative image: no AUC, not NaN
+
+
+def test_fraction_runs_and_a_cost_file_beside_the_runs_reach_the_results(tmp_path: Path) -> None:
+    """build_results turns --fractions runs into data-efficiency points (AUC recomputed by hand) and prices each arm
+    from the cost.json beside the runs: the estimate of the 8 epochs run is the cost file's planned 8-epoch
+    this-machine estimate, and utilisation is the runs' achieved 5e11 FLOP/s over this machine's fp32 peak there.
+    An arm the cost file does not price has no estimate."""
+    from data_schemas.cost import THIS_MACHINE
+    from data_schemas.files import write_model_json
+    from tasks import cost as C
+
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="holdout")
+    cost = C.build_cost_report(C.resolve_cost_inputs(n_images=400, image_size=32, epochs=8, arms=["scratch"]))
+    write_model_json(tmp_path / "cost.json", cost)
+    half = write_run(tmp_path / "half", arm="scratch", test=make_patients(14, seed=5), val=None, seed=1, n_train_patients=40)
+    results = build_results(
+        dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs, evaluation=EvaluationSettings(n_bootstrap=20),
+        cost_path=tmp_path / "cost.json", run_id="test-run", seed=0, command="ctcompare compare",
+        fraction_dirs={"scratch": {0.5: half}},
+    )
+    (point,) = results.data_efficiency
+    assert (point.arm, point.fraction, point.n_train_patients) == ("scratch", 0.5, 40)
+    assert point.test_auc.value == pytest.approx(_auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12)
+    planned = next(d for d in cost.arm("scratch").devices if d.device == THIS_MACHINE)
+    peak = next(d for d in cost.devices if d.name == THIS_MACHINE).rates["fp32"].peak_tflops * 1e12
+    scratch = results.arm("scratch").cost
+    assert scratch.estimated_seconds == pytest.approx(planned.seconds, rel=1e-12)
+    assert scratch.utilisation == pytest.approx(min(1.0, 5e11 / peak), rel=1e-12)
+    assert results.arm("imagenet").cost.estimated_seconds is None
+
+
+def test_probe_depths_mark_the_chosen_depth_only(tmp_path: Path) -> None:
+    """probe_depths.json of an imagenet-linear run: one point per depth, chosen only at its chosen_depth; a trained
+    arm has no depth points."""
+    from data_schemas.files import write_model_json
+    from data_schemas.training import PROBE_DEPTHS_FILE, DepthProbe, ProbeDepths
+    from tasks.evaluate import depth_points
+
+    probes = ProbeDepths(model="resnet50", chosen_depth="layer3", depths=[
+        DepthProbe(depth="layer2", feature_dim=512, C=1.0, val_auc=0.7, test_auc=0.68),
+        DepthProbe(depth="layer3", feature_dim=1024, C=0.5, val_auc=0.8, test_auc=0.77),
+        DepthProbe(depth="layer4", feature_dim=2048, C=0.1, val_auc=0.75, test_auc=None),
+    ])
+    write_model_json(tmp_path / PROBE_DEPTHS_FILE, probes)
+    points = depth_points("imagenet-linear", tmp_path)
+    assert [(p.depth, p.feature_dim, p.val_auc, p.test_auc, p.chosen) for p in points] == [
+        ("layer2", 512, 0.7, 0.68, False), ("layer3", 1024, 0.8, 0.77, True), ("layer4", 2048, 0.75, None, False)]
+    assert depth_points("scratch", tmp_path) == []

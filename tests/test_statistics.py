@@ -499,6 +499,19 @@ def test_recommend_holm_adjusts_over_all_pairs() -> None:
     assert v.basis != "significant"
 
 
+def test_non_inferior_verdict_names_the_pair_with_the_lowest_lower_bound() -> None:
+    """The cheapest arm c is within the margin of both dearer arms: against a its interval is (-0.015, 0.10),
+    against b (-0.010, 0.005). The deciding (weakest) pair is the one with the lower bound nearest -margin, c vs a,
+    although its upper bound is the higher one."""
+    arms = [st.ArmSummary("c", "completed", 0.80, 10.0), st.ArmSummary("a", "completed", 0.76, 20.0),
+            st.ArmSummary("b", "completed", 0.8025, 30.0)]
+    tests = {("c", "a"): _test(0.04, -0.015, 0.10, 0.3), ("c", "b"): _test(-0.0025, -0.010, 0.005, 0.6),
+             ("a", "b"): _test(-0.0425, -0.10, 0.015, 0.2)}
+    v = st.recommend(arms, tests, margin=0.02, n_patients=100)
+    assert (v.basis, v.preferred_arm, v.best_arm) == ("non_inferior", "c", "b")
+    assert (v.deciding_pair.arm_a, v.deciding_pair.arm_b, v.deciding_pair.test.ci_of_diff) == ("c", "a", (-0.015, 0.10))
+
+
 def test_simulated_null_claims_a_winner_at_most_at_the_nominal_rate() -> None:
     """200 small cohorts (30 patients x 4 correlated slices), two arms with the same score distribution: the rule
     claims a significant winner in about 5% of them, and never prefers an arm whose interval crosses -margin."""

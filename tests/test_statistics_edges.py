@@ -137,3 +137,15 @@ def test_inconclusive_verdict_keeps_every_pair_and_names_the_deciding_one() -> N
     assert verdict.basis == "inconclusive" and verdict.preferred_arm is None and verdict.patients_needed is None
     assert isinstance(verdict.pairs, list) and len(verdict.pairs) == 1
     assert verdict.deciding_pair is not None and (verdict.deciding_pair.arm_a, verdict.deciding_pair.arm_b) == ("cheap", "dear")
+
+
+def test_youden_threshold_is_the_midpoint_between_the_two_middle_scores() -> None:
+    """Scores 0.1 0.2 | 0.3 0.4 with the negatives below: only the cut at (0.2 + 0.3) / 2 = 0.25 has J = 1; the
+    cuts at 0.35 and 0.15 have J = 0.5."""
+    point = st.choose_operating_point([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], "youden")
+    assert (point.threshold, point.rule) == (pytest.approx(0.25), "youden")
+
+
+def test_a_bad_calibration_mode_is_named_with_its_choices() -> None:
+    with pytest.raises(ValueError, match=r"^mode must be one of \['top_label', 'positive_class'\], got 'bogus'$"):
+        st.expected_calibration_error([0, 1], [0.2, 0.9], mode="bogus")  # type: ignore[arg-type]
