@@ -15,6 +15,8 @@ from contextlib import contextmanager
 # Off a terminal: one log line per this fraction of the work, and at least one per LOG_EVERY_S seconds of it.
 LOG_FRACTION = 0.1
 LOG_EVERY_S = 30.0
+# A bar redraws at most this often (tqdm's default): fast loops do not spend their time drawing.
+BAR_MIN_INTERVAL_S = 0.1
 
 
 class LogProgress:
@@ -82,7 +84,8 @@ def progress(total: int, description: str, unit: str, log: Callable[[str], None]
 
         columns = _terminal_columns(stream)
         reporter: tqdm | LogProgress = tqdm(total=total, desc=description, unit=unit, file=stream, smoothing=0.1,
-                                            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100, leave=leave)
+                                            dynamic_ncols=columns > 0, ncols=None if columns > 0 else 100, leave=leave,
+                                            mininterval=BAR_MIN_INTERVAL_S)
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
     else:
         reporter = LogProgress(total, description, unit, log, log_fraction)

@@ -29,7 +29,7 @@ from tasks.preprocess import parse_window
 from tests.dicom_factory import BINARY_VRS, ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element
 
 SEED = 20261130
-SIZE = 16
+SIZE = 32
 FLOW_SAMPLE = 60
 N_BYTE_FLIPS = 150
 N_TRUNCATIONS = 130

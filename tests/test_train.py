@@ -459,7 +459,7 @@ class _TinyNet(torch.nn.Module):
 def _tiny_config(**overrides) -> "TrainConfig":
     from data_schemas.training import TrainConfig
 
-    values = dict(image_size=16, epochs=6, batch_size=4, eval_batch_size=3, lr=0.05, device="cpu", precision="fp32",
+    values = dict(image_size=32, epochs=6, batch_size=4, eval_batch_size=3, lr=0.05, device="cpu", precision="fp32",
                   channels_last="off", augment={"enabled": False}, class_balance="none", label_smoothing=0.0,
                   dropout=0.0, early_stopping_patience=2, min_epochs=1, schedule="constant", warmup_epochs=0.0)
     return TrainConfig(**{**values, **overrides})
@@ -750,7 +750,7 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
 
     losses = iter([0.9, 0.7, 0.8, 0.75, 0.1, 0.1])
     monkeypatch.setattr(train_loop, "_evaluate",
-                        lambda setup, data: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25})
+                        lambda setup, data, progress=None: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25})
     config = _tiny_config(epochs=6, early_stopping_patience=2, min_epochs=1, lr=0.05, freeze_epochs=1)
     setup, data = _tiny_setup(config, head_epochs=1), _tiny_data()
     saved, calls = {}, []
@@ -781,7 +781,7 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
 def test_fit_runs_all_epochs_without_patience(monkeypatch):
     import tasks.train_loop as train_loop
 
-    monkeypatch.setattr(train_loop, "_evaluate", lambda setup, data: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None})
+    monkeypatch.setattr(train_loop, "_evaluate", lambda setup, data, progress=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None})
     config = _tiny_config(epochs=3, early_stopping_patience=None)
     state = train_loop.fit(_tiny_setup(config), _tiny_data(), train_loop.TrainState(), lambda state, improved: None)
     assert state.epoch == 3 and not state.stopped and state.best_epoch == 1 and state.bad_epochs == 2
