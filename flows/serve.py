@@ -23,6 +23,7 @@ import http.server
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -243,6 +244,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     except OSError as error:
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port.") from None
+    # Ctrl-C stops it even when started with SIGINT ignored (a background job of a non-interactive shell inherits
+    # that, and Python keeps an ignored SIGINT ignored): a server meant to be stopped with Ctrl-C takes it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with serving(server):
         print(f"Serving {Path(args.root).resolve()} read-only (Ctrl-C to stop). Reports: {server_url(server)}", flush=True)
         try:
