@@ -418,7 +418,7 @@ def _file_record(ds: Dataset, layout: PixelLayout, syntax: UID, sop_class: str, 
 
 
 @contextlib.contextmanager
-def _values_never_logged() -> Iterator[None]:
+def values_never_logged() -> Iterator[None]:
     """Keep pydicom from logging or warning about invalid values: its messages quote the value, which may identify."""
     previous = pydicom.config.settings.reading_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -436,7 +436,7 @@ def read_ct_file(path: Path, relative_path: str) -> DecodedFile:
     Every header value is read through header_value (one guard, element named on failure), header checks run
     before the pixel data is touched, and the record is complete before the (costly) decode.
     """
-    with _values_never_logged():
+    with values_never_logged():
         return _read_ct_file(path, relative_path)
 
 

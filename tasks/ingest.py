@@ -378,7 +378,7 @@ def read_labels(path: Path) -> LabelTable:
     return LabelTable(key_column=key_column, labels=table, source_name=path.name)
 
 
-def _label_key(record: DecodedFileRecord, key_column: str) -> str:
+def label_key(record: DecodedFileRecord, key_column: str) -> str:
     return {
         "patient_id": record.patient_id,
         "study_instance_uid": record.study_instance_uid,
@@ -522,7 +522,7 @@ def build_rows(ordered: list[CachedFile], secret: bytes, labels: LabelTable | No
         sop_key = pseudonym(secret, "image", record.sop_instance_uid or record.content_sha256)
         label = ""
         if labels is not None:
-            label = labels.labels.get(_label_key(record, labels.key_column), "")
+            label = labels.labels.get(label_key(record, labels.key_column), "")
             if label:
                 rows.label_hits += 1
             else:

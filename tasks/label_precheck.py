@@ -3,7 +3,7 @@
 A labels file keyed on values no file carries (another site's patient IDs, UIDs copied with a typo, paths from
 another folder) would otherwise be found only after the whole decode. This pass reads each file's header up to
 the key element (pydicom `stop_before_pixels`, `specific_tags`), converts it as ingest does (tasks.dicom_io) and
-matches it with ingest's own key function (tasks.ingest._label_key), so it agrees with the labels ingest assigns.
+matches it with ingest's own key function (tasks.ingest.label_key), so it agrees with the labels ingest assigns.
 It refuses, in one sentence, labels that match no file, and logs one line of counts when they match only some.
 Messages give counts and the key column's name, never a key value: keys are patient identifiers.
 """
@@ -18,8 +18,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data_schemas.dataset import DecodedFileRecord
-from tasks.dicom_io import _values_never_logged, header_value, text_up_to, uid
-from tasks.ingest import IngestError, LabelTable, SourceFile, _label_key
+from tasks.dicom_io import header_value, text_up_to, uid, values_never_logged
+from tasks.ingest import IngestError, LabelTable, SourceFile, label_key
 
 # The header element behind each key column and its converter, as tasks.dicom_io._file_record reads it ("path" is
 # the file's place in the source folder and needs no header).
@@ -58,7 +58,7 @@ def header_key_record(source: SourceFile, key_column: str) -> DecodedFileRecord 
         return DecodedFileRecord(relative_path=source.relative_path, accepted=True)
     keyword, convert = KEY_ELEMENTS[key_column]
     try:
-        with _values_never_logged():
+        with values_never_logged():
             header = pydicom.dcmread(source.path, stop_before_pixels=True, specific_tags=[keyword], force=True)
             value = header_value(header, keyword, convert, source.relative_path)
     except Exception:  # noqa: BLE001 - any unreadable header: the decode pass names its reason, not this one
@@ -74,7 +74,7 @@ def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile]) -
     n_matched_files = 0
     for source in sources:
         record = header_key_record(source, labels.key_column)
-        key = None if record is None else _label_key(record, labels.key_column)
+        key = None if record is None else label_key(record, labels.key_column)
         if key is not None and key in labels.labels:
             n_matched_files += 1
             matched_keys.add(key)
