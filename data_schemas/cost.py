@@ -261,16 +261,12 @@ class WallTimePlan(StrictModel):
 
     Args:
         runs: every planned training run.
-        synth_files: files the demo synthesizes in the same command (0 outside the demo).
-        ingest_files: files ingested in the same command (0 when the source is already a dataset).
-        command_start: True when the command starts Python and Prefect's API (a CLI command), False inside a
-            long-running worker.
+        elapsed_seconds: measured seconds already spent by the command before its cost stage (start-up, the
+            demo's cohort, ingest, split); 0 when the prediction covers only what follows.
     """
 
     runs: list[PlannedRunWork]
-    synth_files: int = Field(default=0, ge=0)
-    ingest_files: int = Field(default=0, ge=0)
-    command_start: bool = True
+    elapsed_seconds: float = Field(default=0.0, ge=0)
 
 
 class StageTime(StrictModel):

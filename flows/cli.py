@@ -212,7 +212,25 @@ def _command_in(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+_command_started_at: float | None = None
+
+
+def command_started_at() -> float | None:
+    """When this `ctcompare` command's process started (time.time() seconds), None when not run by the console
+    script (a deployment's flow run, a test calling a flow): a comparison's wall-time prediction counts from it."""
+    return _command_started_at
+
+
+def _process_start_time() -> float:
+    """This process's start (interpreter start-up and imports included), from the OS."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _command_started_at
+    _command_started_at = _process_start_time()
     configure_local_state()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from data_schemas.package import PACKAGE_DIR, CompressionComparison
 from data_schemas.report import ArmResult, ComparisonResults
 from data_schemas.visual import LESIONS_SIDECAR_FILE, VisualSummary
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE
-from flows.cli import UsageError, arm_list
+from flows.cli import UsageError, arm_list, command_started_at
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
 from flows.parameters import (
@@ -38,7 +39,6 @@ from flows.parameters import (
     Calibrate,
     CompareLabels,
     CompareSource,
-    DemoFiles,
     Folds,
     Fractions,
     IngestSize,
@@ -317,7 +317,6 @@ def compare_flow(
     parallel_arms: ParallelArms = 1,
     new_folder_per_run: NewFolderPerRun = False,
     train_deployment: TrainDeployment = None,
-    demo_files: DemoFiles = 0,
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
@@ -329,6 +328,8 @@ def compare_flow(
     NoArmCompletedError), which a direct call returns (or raises).
     """
     logger = get_run_logger()
+    # The wall-time prediction counts from the command's start (the console script), else from this flow run's.
+    started_at = command_started_at() or time.time()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     src, out = Path(source).resolve(), Path(out_dir).resolve()
     report_dir = out / run_id if new_folder_per_run else out
@@ -338,21 +339,19 @@ def compare_flow(
                           fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
 
-    ingested_files = 0
     if (src / "dataset.json").is_file():
         dataset_dir = src
     else:
         dataset_dir = dataset_folder(out, new_folder_per_run)
         # one ingest at the largest size; smaller training sizes are resized from it (tasks.models.resize_images)
-        ingested = ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
-        ingested_files = ingested["card"]["n_files_seen"]
+        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
 
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
     plan_path = write_plan(report_dir, plan)
     cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
-              wall_time_plan=wall_time_plan(plan, n_train_images=n_train, weights_path=weights, synth_files=demo_files,
-                                            ingest_files=ingested_files + demo_files))
+              wall_time_plan=wall_time_plan(plan, n_train_images=n_train, weights_path=weights,
+                                            elapsed_seconds=time.time() - started_at))
 
     train_all(plan=plan, plan_path=plan_path, dataset_dir=dataset_dir, weights=weights, parallel_arms=parallel_arms,
               train_deployment=train_deployment)
@@ -495,7 +494,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     state = compare_flow(
         source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
         arms=arms, weights=args.weights, seed=args.seed, return_state=True,
-        demo_files=args.patients * args.slices_per_patient,
     )
     print(f"Index of every report: {root / 'reports' / 'index.html'}")
     return finish_cli(state)

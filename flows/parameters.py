@@ -82,7 +82,6 @@ TrainDeployment = Annotated[str | None, described(description="run each training
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]
 
-DemoFiles = Annotated[int, described(ge=0, description="files the demo synthesized and ingested before this flow run; counted in the cost stage's prediction of the whole command's wall time (0 outside the demo)")]
 
 # ------------------------------------------------------------------------------------------------------- ingest
 DicomFolder = Annotated[str, described(description="folder of DICOM files, searched recursively, any file extension")]

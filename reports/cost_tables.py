@@ -118,11 +118,13 @@ def _range(low: float, high: float) -> str:
 def wall_time_line(estimate: WallTimeEstimate) -> str:
     """The one log line of the prediction: 'Predicted wall time of this comparison: ...'."""
     training = [s for s in estimate.stages if s.stage.startswith("training ")]
+    spent = sum(s.seconds_min for s in estimate.stages if s.basis == "measured")
     spread = "" if estimate.seconds_min == estimate.seconds_max else " (the range is early stopping: earliest stop .. every epoch)"
     return (
         f"Predicted wall time of this comparison: {_range(estimate.seconds_min, estimate.seconds_max)}{spread}; "
         f"training {_range(sum(s.seconds_min for s in training), sum(s.seconds_max for s in training))}, "
-        f"the other stages {format_duration(sum(s.seconds_min for s in estimate.stages if s not in training))}."
+        f"the other stages {format_duration(sum(s.seconds_min for s in estimate.stages if s not in training))}"
+        f" ({format_duration(spent)} of them already spent)."
     )
 
 

@@ -1,7 +1,8 @@
 """The cost stage's prediction of a whole comparison's wall time, checked against arithmetic done by hand.
 
 Training FLOPs come from tests/resnet50_by_hand.py (an independent count), this machine's rate from a fixed
-calibration, the fixed stages from the constants in tasks/cost.py written out here as numbers.
+calibration, the fixed stages from the constants in tasks/cost.py written out here as numbers; what the command
+spent before its cost stage is measured and added as it is.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def test_earliest_stop_is_patience_after_epoch_one_but_never_before_min_epochs()
 def test_one_run_is_its_epochs_flops_over_the_rate_scaled_to_its_images_and_size(report: CostReport) -> None:
     full = hand.full_training_flops(SIZE, 1, 2)
     half_size = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=50, image_size=SIZE // 2)
-    # 6 epochs x 100 images x full FLOPs, then x 50/100 images x (32/64)^2 pixels
-    assert C.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 + WARMUP, rel=1e-12)
+    # 6 epochs x 100 images x full FLOPs, then x 50/100 images x (32/64)^2 pixels, x 1.23 for the epochs' wall time
+    assert C.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 * 1.23 + WARMUP, rel=1e-12)
     head = hand.head_only_training_flops(SIZE, 1, 2)
     imagenet = PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
-    assert C.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE + WARMUP, rel=1e-12)
+    assert C.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE * 1.23 + WARMUP, rel=1e-12)
 
 
 def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> None:
@@ -66,22 +67,23 @@ def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> No
             PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=25, image_size=SIZE),
             PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE),
         ],
-        synth_files=1500, ingest_files=1500,
+        elapsed_seconds=47.5,
     )
     predicted = C.predict_wall_time(report, plan, cost_stage_seconds=2.5)
-    # start 14.2 + synth 1500 x 20.1/1500 + ingest 1500 x 8.0/1500 + split 0.4 + cost 2.5 (measured)
-    fixed_before = 14.2 + 20.1 + 8.0 + 0.4 + 2.5
-    # 2 arms: evaluation 2 x 0.5, packages 2 x 4.3, int8 16.0 once, saliency 2 x 2.9, report 2.0
-    fixed_after = 2 * 0.5 + 2 * 4.3 + 16.0 + 2 * 2.9 + 2.0
+    # measured: 47.5 before the cost stage + 2.5 in it
+    fixed_before = 47.5 + 2.5
+    # 2 arms: evaluation 2 x 0.5, packages 2 x 4.1, int8 18.0 once, saliency 3.2 + 2 x 0.9, report 5.8
+    fixed_after = 2 * 0.5 + 2 * 4.1 + 18.0 + 3.2 + 2 * 0.9 + 5.8
     runs_setup = 3 * 3.2 + 3 * WARMUP
-    scratch_min = 6 * 100 * full / RATE + 6 * 25 * full / RATE
-    scratch_max = 10 * 100 * full / RATE + 10 * 25 * full / RATE
-    imagenet_min = (2 * 100 * head + 4 * 100 * full) / RATE
-    imagenet_max = (2 * 100 * head + 8 * 100 * full) / RATE
+    # compute x 1.23, the epochs' measured wall time per second of calibrated compute
+    scratch_min = 1.23 * (6 * 100 * full / RATE + 6 * 25 * full / RATE)
+    scratch_max = 1.23 * (10 * 100 * full / RATE + 10 * 25 * full / RATE)
+    imagenet_min = 1.23 * (2 * 100 * head + 4 * 100 * full) / RATE
+    imagenet_max = 1.23 * (2 * 100 * head + 8 * 100 * full) / RATE
     assert predicted.seconds_min == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_min + imagenet_min, rel=1e-9)
     assert predicted.seconds_max == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_max + imagenet_max, rel=1e-9)
     assert predicted.seconds_min == pytest.approx(sum(s.seconds_min for s in predicted.stages), rel=1e-12)
-    assert [s.stage for s in predicted.stages][:5] == ["start (Python, Prefect API)", "synthesize the cohort", "ingest", "split + plan", "cost stage"]
+    assert [s.stage for s in predicted.stages][:2] == ["before the cost stage (start-up, cohort, ingest, split)", "cost stage"]
     assert predicted.notes == []
 
 
@@ -92,10 +94,23 @@ def test_skipped_pretrained_runs_cost_a_skip_and_no_package(report: CostReport) 
         PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE, trained=False),
     ])
     predicted = C.predict_wall_time(report, plan, cost_stage_seconds=0.0)
-    # start 14.2 + split 0.4 + scratch (10 epochs + warm-up + 3.2 set-up) + one skip 0.45 + 1 arm's 0.5 + 4.3 + 16.0 + 2.9 + report 2.0
-    expected = 14.2 + 0.4 + 10 * 100 * full / RATE + WARMUP + 3.2 + 0.45 + 0.5 + 4.3 + 16.0 + 2.9 + 2.0
+    # nothing spent before; scratch (10 epochs x 1.23 + warm-up + 3.2 set-up) + one skip 0.45
+    # + 1 arm's evaluation 0.5, package 4.1, int8 18.0, saliency 3.2 + 0.9, report 5.8
+    expected = 1.23 * 10 * 100 * full / RATE + WARMUP + 3.2 + 0.45 + 0.5 + 4.1 + 18.0 + 3.2 + 0.9 + 5.8
     assert predicted.seconds_min == predicted.seconds_max == pytest.approx(expected, rel=1e-9)
     assert "priced as skipped" in predicted.notes[0]
+
+
+def test_a_linear_probe_run_is_its_feature_pass_and_fit_plus_its_own_set_up() -> None:
+    inputs = C.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, arms=["imagenet-linear"])
+    linear_report = C.build_cost_report(inputs, calibration=_calibration())
+    plan = WallTimePlan(runs=[PlannedRunWork(arm="imagenet-linear", max_epochs=1, min_epochs=1, n_images=100, image_size=SIZE)])
+    predicted = C.predict_wall_time(linear_report, plan, cost_stage_seconds=0.0)
+    arm = linear_report.arm("imagenet-linear")
+    # one no-grad feature pass + the logistic fit, x 1.23, + warm-up + the linear run's 12.5 s set-up
+    compute = (100 * arm.forward_flops_per_image + arm.classifier_fit_flops) / RATE
+    stage = next(s for s in predicted.stages if s.stage == "training imagenet-linear")
+    assert stage.seconds_min == stage.seconds_max == pytest.approx(1.23 * compute + WARMUP + 12.5, rel=1e-9)
 
 
 def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_without_weights(
@@ -103,12 +118,12 @@ def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_with
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached weights
     plan = build_run_plan(profile="cpu", arms=["scratch", "imagenet", "imagenet-linear"], seed=0, fractions=[0.5, 1.0])
-    work = C.wall_time_plan(plan, n_train_images=1000, weights_path=None, synth_files=1500, ingest_files=1500)
+    work = C.wall_time_plan(plan, n_train_images=1000, weights_path=None, elapsed_seconds=30.0)
     assert {(r.arm, r.n_images, r.min_epochs, r.max_epochs, r.trained) for r in work.runs} == {
         (arm, n, 6, 10, arm == "scratch") for arm in ("scratch", "imagenet", "imagenet-linear") for n in (500, 1000)
     }
     with_weights = C.wall_time_plan(plan, n_train_images=1000, weights_path=str(tmp_path / "resnet50.pth"))
-    assert all(r.trained for r in with_weights.runs) and with_weights.synth_files == 0
+    assert all(r.trained for r in with_weights.runs) and with_weights.elapsed_seconds == 0 and work.elapsed_seconds == 30.0
 
 
 class _Lines(logging.Handler):
