@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from data_schemas.dataset import WindowSpec
-    from tasks.ingest import SourceFile
+    from tasks.ingest import CachedFile, SourceFile
 
 # Files per job sent to a worker: small enough for balance and a smooth progress bar, large enough that the
 # per-job inter-process cost (a few hundred microseconds) stays negligible against ~3-10 ms of decoding per file.
@@ -69,8 +69,9 @@ def limit_compute_threads() -> None:
     torch.set_num_threads(1)
 
 
-def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
-    """What a worker runs per job: decode files into the cache (see tasks.ingest.decode_files)."""
+def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
+    """What a worker runs per job: decode files into the cache (see tasks.ingest.decode_files); returns what the
+    assembly needs of the files it decoded (records, image hashes, HU samples), so the flow need not re-read them."""
     from tasks.ingest import decode_files
 
     return decode_files(sources, cache_dir, size, window)
@@ -87,6 +88,8 @@ class DecodePool:
     def __init__(self, workers: int, on_progress: ProgressCallback | None = None) -> None:
         self.workers = max(1, workers)
         self.on_progress = on_progress
+        self._decoded: dict[str, CachedFile] = {}  # by content hash, until the flow takes them
+        self._decoded_lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
         if self.workers > 1:
             import psutil
@@ -100,19 +103,31 @@ class DecodePool:
             for _ in range(self.workers):
                 self._executor.submit(int)
 
-    def decode(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
-        """Decode `sources` into the cache (on the workers, or here with one worker); returns their hashes in order."""
+    def decode(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> None:
+        """Decode `sources` into the cache (on the workers, or here with one worker); what the files decoded now
+        hold for the assembly is kept until take_decoded."""
         batches = [sources[start:start + BATCH_FILES] for start in range(0, len(sources), BATCH_FILES)]
         if self._executor is None:
-            hashes = []
             for batch in batches:
-                hashes += _decode_batch(batch, cache_dir, size, window)
+                self._keep(_decode_batch(batch, cache_dir, size, window))
                 self._report(len(batch))
-            return hashes
-        futures: list[Future[list[str]]] = [self._executor.submit(_decode_batch, batch, cache_dir, size, window) for batch in batches]
+            return
+        futures: dict[Future[dict[str, CachedFile]], int] = {
+            self._executor.submit(_decode_batch, batch, cache_dir, size, window): len(batch) for batch in batches
+        }
         for future in as_completed(futures):
-            self._report(len(future.result()))
-        return [content_hash for future in futures for content_hash in future.result()]
+            self._keep(future.result())
+            self._report(futures[future])
+
+    def _keep(self, decoded: dict[str, CachedFile]) -> None:
+        with self._decoded_lock:
+            self._decoded.update(decoded)
+
+    def take_decoded(self, content_sha256: str) -> CachedFile | None:
+        """What the file with this content hash holds for the assembly if this pool decoded it and nobody took it
+        yet (None otherwise: read it from the cache)."""
+        with self._decoded_lock:
+            return self._decoded.pop(content_sha256, None)
 
     def _report(self, n_files: int) -> None:
         if self.on_progress is not None:

@@ -209,29 +209,36 @@ def convert_file(source: SourceFile, size: int, window: WindowSpec) -> Converted
     return ConvertedFile(record=record, images=images, hu_sample=hu_sample)
 
 
-def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> None:
-    """Convert one file and store its images, HU sample and record (or its rejection) in the private cache."""
+def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> CachedFile:
+    """Convert one file and store its images, HU sample and record (or its rejection) in the private cache;
+    returns what the assembly needs of it (no images)."""
     converted = convert_file(source, size, window)
-    buffer = io.BytesIO()
     # The images' hash is taken here, in the decode worker, so that ordering the dataset needs no image in memory.
-    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(converted.record.model_dump_json()),
-             image_sha256=np.array(image_hash(converted.images)))
+    digest = image_hash(converted.images)
+    record_json = converted.record.model_dump_json()
+    buffer = io.BytesIO()
+    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(record_json), image_sha256=np.array(digest))
     # No fsync: a cache entry lost in a crash is simply decoded again; the rename still keeps it whole.
     atomic_write_bytes(cache_file, buffer.getvalue(), durable=False, mode=PRIVATE_FILE_MODE)
+    # The record as a later read of this entry gives it (same types), so a run's output does not depend on
+    # whether a file was decoded now or earlier.
+    return CachedFile(record=DecodedFileRecord.model_validate_json(record_json), image_sha256=digest, hu_sample=converted.hu_sample)
 
 
-def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> list[str]:
-    """Validate and decode the files not yet in the content-addressed cache; returns the hashes covered."""
+def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
+    """Validate and decode the files not yet in the content-addressed cache; returns those decoded now, by content
+    hash (the others are read from the cache when needed)."""
+    decoded = {}
     for source in sources:
         cache_file = cache_path(Path(cache_dir), source.content_sha256)
         if not cache_file.exists():
             try:
-                _decode_to_cache(source, cache_file, size, window)
+                decoded[source.content_sha256] = _decode_to_cache(source, cache_file, size, window)
             except OSError as error:
                 if error.errno not in UNWRITABLE_ERRNOS:
                     raise
                 raise OutputWriteError(f"cannot write decoded images into {cache_dir} ({error.strerror or error}).") from None
-    return [source.content_sha256 for source in sources]
+    return decoded
 
 
 def _retry_unless_output_unwritable(task: object, task_run: object, state: State) -> bool:
@@ -262,9 +269,11 @@ def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, si
     """Decode one chunk of files into the dataset's private cache; the result holds only content hashes."""
     pool = current_decode_pool()
     if pool is not None:  # run by a thread of the flow's process: the local decode pool does the work
-        return pool.decode(sources, cache_dir, size, window)
-    limit_compute_threads()  # a Dask worker process: parallelism comes from the workers
-    return decode_files(sources, cache_dir, size, window)
+        pool.decode(sources, cache_dir, size, window)
+    else:
+        limit_compute_threads()  # a Dask worker process: parallelism comes from the workers
+        decode_files(sources, cache_dir, size, window)
+    return [source.content_sha256 for source in sources]
 
 
 def chunk_sources(sources: list[SourceFile], workers: int, max_chunk: int = 64) -> list[list[SourceFile]]:
@@ -314,19 +323,31 @@ def thin_hu_sample(sample: np.ndarray, keep: int) -> np.ndarray:
     return sample[:: -(-sample.size // keep)].copy()
 
 
+def _read_cache_entry(cache_file: Path) -> CachedFile:
+    """A cache entry's record, image hash and HU sample (its images stay on disk)."""
+    with np.load(cache_file) as cached:
+        record = DecodedFileRecord.model_validate_json(str(cached["record"]))
+        # Entries written before the hash was cached get it from their images.
+        digest = str(cached["image_sha256"]) if "image_sha256" in cached.files else image_hash(cached["images"])
+        return CachedFile(record=record, image_sha256=digest, hu_sample=cached["hu_sample"])
+
+
 def load_cached_files(sources: list[SourceFile], cache_dir: Path, hu_values: int | None = None) -> list[CachedFile]:
-    """Read each file's record, image hash and HU sample from the cache, with its current relative path.
+    """Each file's record, image hash and HU sample, with its current relative path: handed over by this process's
+    decode pool when it decoded the file during this run (no re-read), else read from the cache.
 
     hu_values: keep at most this many of each file's HU sample values (hu_values_per_file of the archive's file
     count); None keeps them all.
     """
+    pool = current_decode_pool()
     files = []
     for source in sources:
-        with np.load(cache_path(cache_dir, source.content_sha256)) as cached:
-            record = DecodedFileRecord.model_validate_json(str(cached["record"]))
-            # Entries written before the hash was cached get it from their images.
-            digest = str(cached["image_sha256"]) if "image_sha256" in cached.files else image_hash(cached["images"])
-            hu_sample = cached["hu_sample"] if hu_values is None else thin_hu_sample(cached["hu_sample"], hu_values)
+        entry = pool.take_decoded(source.content_sha256) if pool is not None else None
+        if entry is None:  # decoded before this run, on Dask, or a second file with the same content
+            entry = _read_cache_entry(cache_path(cache_dir, source.content_sha256))
+        record = entry.record
+        digest = entry.image_sha256
+        hu_sample = entry.hu_sample if hu_values is None else thin_hu_sample(entry.hu_sample, hu_values)
         record = record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)})
         files.append(CachedFile(record=record, image_sha256=digest, hu_sample=hu_sample))
     return files
