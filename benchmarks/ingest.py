@@ -165,6 +165,9 @@ def main() -> None:
                         help="checkout whose code the ingest runs (default this one; another gives a before/after)")
     parser.add_argument("--ingest-only", action="store_true",
                         help="no plain loops and no re-run: the ingest's phases and peak memory only (large cohorts)")
+    parser.add_argument("--dask", action="store_true",
+                        help="instead of the plain loops: the process pool against a Dask LocalCluster (2 worker "
+                             "processes, started beforehand), phase by phase, and whether their bytes are identical")
     args = parser.parse_args()
     cohort_dir = args.cohort or Path(tempfile.gettempdir()) / f"ctcompare-bench-cohort-{args.patients}x{args.slices}"
     state = Path(tempfile.mkdtemp(prefix="ctcompare-bench-"))
@@ -186,6 +189,11 @@ def main() -> None:
     print(f"cohort: {n_files} files in {cohort_dir} ({'reused' if cohort.skipped else 'written'} in "
           f"{time.perf_counter() - started:.0f} s), size {args.size}; {load()}")
 
+    if args.dask:
+        warm_up_flow()
+        compare_with_dask(cohort, state, args)
+        shutil.rmtree(state, ignore_errors=True)
+        return
     if not args.ingest_only:
         cpu_before = cpu_seconds()
         n_plain, plain_listing, plain_decode_a = plain_loop(cohort.dicom_dir, args.size)
@@ -213,6 +221,39 @@ def main() -> None:
     report(args, n_plain=n_plain, plain=(plain_decode_a, plain_decode_b, plain_listing, plain_cpu),
            first=first, phases=phases, cached=cached, cached_phases=cached_phases, cohort_dir=cohort.dicom_dir)
     shutil.rmtree(state, ignore_errors=True)
+
+
+def compare_with_dask(cohort: object, state: Path, args: argparse.Namespace) -> None:
+    """The same files ingested on the local process pool and on a Dask LocalCluster (cold: its workers import
+    Prefect, torch and pydicom on their first chunk; warm: a second run on the same workers), side by side."""
+    from distributed import LocalCluster
+
+    from data_schemas.dataset import IMAGES_FILE, MANIFEST_FILE
+
+    os.environ["CTCOMPARE_HMAC_KEY"] = "benchmark-fixed-key"  # the same pseudonyms in every dataset: bytes comparable
+    api_url = this_api_url()
+    base = dict(src_dir=str(cohort.dicom_dir), labels=str(cohort.labels_path), size=args.size, workers=args.workers)
+    runs = {"process pool": ingest_in_child({**base, "out_dir": str(state / "pool")}, args.repo, api_url)}
+    started = time.perf_counter()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1",
+                      worker_dashboard_address=None) as cluster:
+        print(f"Dask LocalCluster (2 workers x 1 thread) start: {time.perf_counter() - started:.1f} s (not counted)")
+        for name in ("Dask, cold workers", "Dask, warm workers"):
+            out = state / name.split()[-2].rstrip(",")
+            runs[name] = ingest_in_child({**base, "out_dir": str(out), "dask_address": cluster.scheduler_address}, args.repo, api_url)
+    phases = {name: flow_phases(uuid.UUID(run["flow_run_id"])) for name, run in runs.items()}
+    print(f"\n{'phase':<28}" + "".join(f"{name:>20}" for name in runs))
+    for phase in phases["process pool"]:
+        print(f"{phase:<28}" + "".join(f"{phases[name][phase]:>20.2f}" for name in runs))
+    print(f"{'end to end (wall)':<28}" + "".join(f"{run['seconds']:>20.2f}" for run in runs.values()))
+    pool_seconds = runs["process pool"]["seconds"]
+    for name in list(runs)[1:]:
+        same = all((state / "pool" / f).read_bytes() == (state / name.split()[-2].rstrip(",") / f).read_bytes()
+                   for f in (IMAGES_FILE, MANIFEST_FILE))
+        print(f"{name}: end to end {pool_seconds / runs[name]['seconds']:.2f}x the process pool's speed, "
+              f"decode phase {phases['process pool']['decode'] / phases[name]['decode']:.2f}x; "
+              f"images.npy and manifest.csv {'byte-identical' if same else 'DIFFER'} to the process pool's")
+    print(load())
 
 
 def print_ingest_only(first: dict, phases: dict[str, float], size: int) -> None:

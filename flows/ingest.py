@@ -40,8 +40,8 @@ from tasks.label_precheck import check_labels_task
 from tasks.preprocess import parse_window
 from tasks.progress import progress
 
-# Files per decode chunk (one Prefect task run, cached and retried as a unit) when decoding locally.
-LOCAL_CHUNK_FILES = 256
+# Most files per decode chunk (one Prefect task run, cached and retried as a unit).
+CHUNK_FILES = 256
 
 
 def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, window: str) -> WindowSpec:
@@ -95,9 +95,10 @@ def ingest_flow(
         check_labels_task(label_table, sources)
     (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
-    # Dask balances chunks across its workers; locally the pool balances small batches, so chunks can be large
-    # (fewer task runs, less API traffic) and serve only as the unit of Prefect caching and retries.
-    chunks = chunk_sources(sources, n_workers) if dask_address else chunk_sources(sources, 1, max_chunk=LOCAL_CHUNK_FILES)
+    # Locally the pool balances small batches, so chunks serve only as the unit of Prefect caching and retries; on
+    # Dask the chunks themselves are balanced (at least 4 per worker). Large chunks mean fewer task runs: less API
+    # traffic (on Dask, 1,500 files decoded at 0.68x the pool's speed in 8 chunks, 0.60x in 24 of 64 files).
+    chunks = chunk_sources(sources, n_workers if dask_address else 1, max_chunk=CHUNK_FILES)
     on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
     # A process pool pays for itself only when there is decoding to do: small or fully cached inputs stay in-process.
     pool_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
