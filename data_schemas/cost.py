@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_schemas.arms import ARM_MODES, LEGACY_MODEL, ArmMode, ModelName, canonical_arm_name, default_arms, parse_arms
 from data_schemas.base import StrictModel
@@ -131,6 +131,40 @@ class CalibrationCache(StrictModel):
 
     schema_version: Literal["1.0"] = "1.0"
     entries: dict[str, Calibration] = Field(default_factory=dict)
+
+
+class PhaseCounts(StrictModel):
+    """Counts for one training phase of one model at one size and channel count (tasks.cost.count_phase).
+
+    Args:
+        phase: "full", "head" or "features" (see tasks.cost.phase_model).
+        feature_dim: width of the pooled features the model's head reads (tasks.models.feature_dim).
+        forward_flops_per_image: FLOPs of one forward pass of one image.
+        train_flops_per_image: forward + backward for full/head; equal to forward for features.
+        params_total: every parameter of the phase's model.
+        params_trainable: those with requires_grad.
+        buffers: BatchNorm running statistics and counters (kept in memory, not trained).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    phase: str
+    feature_dim: int
+    forward_flops_per_image: float
+    train_flops_per_image: float
+    params_total: int
+    params_trainable: int
+    buffers: int
+
+
+class ModelCountsCache(StrictModel):
+    """model_counts.json beside calibration.json: counted FLOPs and measured activation bytes by key (the
+    arguments, the CPU, torch's and torchvision's versions and a hash of the code that counts), so that an estimate
+    needs no model built when nothing they depend on changed."""
+
+    schema_version: Literal["1.0"] = "1.0"
+    phase_counts: dict[str, PhaseCounts] = Field(default_factory=dict)
+    activation_bytes: dict[str, tuple[int, int]] = Field(default_factory=dict, description="(fixed, per image) bytes")
 
 
 # --------------------------------------------------------------------------------------------- cost.json

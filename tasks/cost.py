@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 import platform
 import time
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ from data_schemas.cost import (
     DeviceRate,
     DeviceSpec,
     MemoryEstimate,
+    ModelCountsCache,
+    PhaseCounts,
     PlannedRunWork,
     Precision,
     StageTime,
@@ -124,47 +127,68 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
 # ============================================================================================ counting FLOPs
 
 
-@dataclass(frozen=True)
-class PhaseCounts:
-    """Counts for one training phase of one model at one size and channel count.
+def model_counts_cache_path() -> Path:
+    """model_counts.json beside calibration.json (calibration_cache_path)."""
+    return calibration_cache_path().parent / "model_counts.json"
 
-    Args:
-        phase: "full", "head" or "features" (see phase_model).
-        forward_flops_per_image: FLOPs of one forward pass of one image.
-        train_flops_per_image: forward + backward for full/head; equal to forward for features.
-        params_total: every parameter of the phase's model.
-        params_trainable: those with requires_grad.
-        buffers: BatchNorm running statistics and counters (kept in memory, not trained).
-    """
 
-    phase: str
-    forward_flops_per_image: float
-    train_flops_per_image: float
-    params_total: int
-    params_trainable: int
-    buffers: int
+@functools.lru_cache(maxsize=1)
+def _counting_code_version() -> str:
+    """What counts depend on besides their arguments: torch's and torchvision's versions and the code that builds
+    and counts the models (this module, tasks/models.py, data_schemas/arms.py). A change to any re-counts."""
+    tasks_dir = Path(__file__).resolve().parent
+    return sha256_json({
+        "torch": metadata.version("torch"), "torchvision": metadata.version("torchvision"),
+        "code": [sha256_file(path) for path in (tasks_dir / "cost.py", tasks_dir / "models.py", tasks_dir.parent / "data_schemas" / "arms.py")],
+    })
+
+
+def _read_model_counts() -> ModelCountsCache:
+    try:
+        return read_model_json(model_counts_cache_path(), ModelCountsCache)
+    except Exception:  # missing or corrupt: counted again, never fatal
+        return ModelCountsCache()
+
+
+def _remember_model_counts(update: Callable[[ModelCountsCache], None]) -> None:
+    """Add an entry to model_counts.json (read again first: another process may have added some meanwhile)."""
+    cache = _read_model_counts()
+    update(cache)
+    try:
+        write_model_json(model_counts_cache_path(), cache)
+    except OSError:  # a read-only working folder: the estimate is still right, only not cached
+        pass
 
 
 @functools.lru_cache(maxsize=128)
 def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = LEGACY_MODEL) -> PhaseCounts:
-    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.models.count_flops).
+    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.models.count_flops);
+    kept in model_counts.json, so that a later estimate needs no model built.
 
     full: train = 3 x forward - stem conv (every weight gradient, every input gradient but the first conv's);
     head: train = forward + 2 x D x classes (the head's weight gradient only; nothing below it needs a gradient),
           D = the pooled feature width (tasks.models.feature_dim: ResNet-50 2048);
     features: no backward, head removed: forward = full forward - 2 x D x classes.
     """
-    from tasks.models import count_flops
+    key = sha256_json({"phase": phase, "size": image_size, "channels": channels, "classes": num_classes, "model": model,
+                       "code": _counting_code_version()})
+    cached = _read_model_counts().phase_counts.get(key)
+    if cached is not None:
+        return cached
+    from tasks.models import count_flops, feature_dim
 
     net = phase_model(phase, channels, num_classes, device="meta", model=model)
-    return PhaseCounts(
+    counts = PhaseCounts(
         phase=phase,
+        feature_dim=feature_dim(model),
         forward_flops_per_image=count_flops(net, image_size, channels),
         train_flops_per_image=count_flops(net, image_size, channels, backward=True),
         params_total=sum(p.numel() for p in net.parameters()),
         params_trainable=sum(p.numel() for p in net.parameters() if p.requires_grad),
         buffers=sum(b.numel() for b in net.buffers()),
     )
+    _remember_model_counts(lambda cache: cache.phase_counts.__setitem__(key, counts))
+    return counts
 
 
 def linear_fit_flops(n_images: int, num_classes: int = 2, iterations: int = 100, dim: int = FEATURE_DIM) -> float:
@@ -309,7 +333,13 @@ def measure_activation_memory(
     (BatchNorm running statistics, autocast's low-precision weight copies). The feature phase has no backward:
     the approximate peak of live tensors of a no-grad forward (see _inference_peak_bytes). Above
     ACTIVATION_MEASURE_MAX_SIZE px it is measured there and scaled by pixel count (activations are per pixel).
+    Kept in model_counts.json by its arguments and this CPU (autocast's kernels differ between CPUs).
     """
+    key = sha256_json({"phase": phase, "size": image_size, "channels": channels, "precision": precision,
+                       "classes": num_classes, "model": model, "cpu": cpu_model(), "code": _counting_code_version()})
+    cached = _read_model_counts().activation_bytes.get(key)
+    if cached is not None:
+        return cached
     import torch
 
     measure_size = min(image_size, ACTIVATION_MEASURE_MAX_SIZE)
@@ -322,7 +352,9 @@ def measure_activation_memory(
         results.append(measure(net, x, precision))
     per_image = max(0, (results[1] - results[0]) // 2)
     fixed = max(0, results[0] - 2 * per_image)
-    return fixed, int(per_image * scale)
+    measured = (fixed, int(per_image * scale))
+    _remember_model_counts(lambda cache: cache.activation_bytes.__setitem__(key, measured))
+    return measured
 
 
 def optimizer_state_bytes(trainable_params: int, optimizer: str) -> int:
@@ -635,10 +667,8 @@ def price_this_machine(catalogue: DeviceCatalogue, calibration: Calibration | No
 def _linear_arm_work(spec: ArmSpec, inputs: CostInputs) -> dict[str, Any]:
     """ArmCost's FLOP fields for an imagenet-linear arm: n x forward(backbone, no grad) + linear_fit_flops(n, D);
     one pass, D = the model's pooled feature width."""
-    from tasks.models import feature_dim
-
-    dim = feature_dim(spec.model)
     counts = count_phase("features", inputs.image_size, inputs.channels, inputs.num_classes, spec.model)
+    dim = counts.feature_dim
     fit = linear_fit_flops(inputs.n_images, inputs.num_classes, inputs.linear_fit_iterations, dim)
     per_epoch = inputs.n_images * counts.forward_flops_per_image
     return {
