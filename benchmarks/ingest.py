@@ -5,7 +5,10 @@ single-process loop (pydicom read, decode, HU, window, resize) over the same fil
 
 The plain loop runs before and after the flow (the mean is the baseline: on a shared machine the load changes).
 Each ingest runs in a child process of its own (pointed at this script's Prefect API, so it starts no server), so
-that its peak resident memory (getrusage ru_maxrss of the child, and of its largest decode worker) is its own;
+that its peak resident memory is its own: VmHWM of the child's /proc/self/status, the high-water mark of the
+address space it got at exec (getrusage's ru_maxrss would not do: Linux carries into it the resident size of the
+forked copy of this script before the exec, i.e. this script's own memory), and ru_maxrss of its largest decode
+worker (forked from the child: pages shared with the child count in it too);
 its wall time is taken inside the child around the flow call, as a caller of the flow sees it.
 The cohort is written once into --cohort and reused (same parameters: same files).
 The flow's phases are read back from its own records (log timestamps and task runs on the Prefect API):
@@ -115,7 +118,8 @@ def load() -> str:
 
 
 # The child process that runs one ingest: prints one JSON line with its wall time, flow run id, CPU seconds and
-# peak RSS (ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN gives the largest reaped child, i.e. one decode worker).
+# peak RSS (VmHWM of its own address space; ru_maxrss of RUSAGE_CHILDREN, in KiB on Linux, is the largest reaped
+# child, i.e. one decode worker).
 INGEST_CHILD = """
 import json, resource, sys, time
 kwargs = json.loads(sys.argv[1])
@@ -124,10 +128,12 @@ started = time.perf_counter()
 state = ingest_flow(**kwargs, return_state=True)
 seconds = time.perf_counter() - started
 me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+with open("/proc/self/status") as status:
+    peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 print(json.dumps({
     "seconds": seconds, "flow_run_id": str(state.state_details.flow_run_id), "n_images": state.result()["card"]["n_images"],
     "cpu": [me.ru_utime + me.ru_stime, workers.ru_utime + workers.ru_stime],
-    "peak_rss_mib": [me.ru_maxrss / 1024, workers.ru_maxrss / 1024],
+    "peak_rss_mib": [peak_kib / 1024, workers.ru_maxrss / 1024],
 }))
 """
 

@@ -91,9 +91,6 @@ def ingest_flow(
     n_workers = workers or os.cpu_count() or 1
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
-    if label_table is not None:  # headers only: labels that match no file are refused before any decode
-        check_labels_task(label_table, sources)
-    (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs and the key: owner only
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
     # Locally the pool balances small batches, so chunks serve only as the unit of Prefect caching and retries; on
     # Dask the chunks themselves are balanced (at least 4 per worker). Large chunks mean fewer task runs: less API
@@ -106,6 +103,9 @@ def ingest_flow(
     with progress(to_decode, "decoded", "file", logger.info) as count_files:
         # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
         with chunk_task_runner(pool_workers, dask_address, None if dask_address else count_files) as runner:
+            if label_table is not None:  # headers only (on the pool's workers): labels matching no file are refused
+                check_labels_task(label_table, sources)
+            (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs, the key: owner only
             futures = [
                 runner.submit(
                     # A cached chunk result is trusted only while its decoded files are still on disk.

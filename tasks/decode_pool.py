@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from data_schemas.dataset import WindowSpec
@@ -36,6 +36,8 @@ BATCH_FILES = 8
 WATCH_S = 0.5
 
 ProgressCallback = Callable[[int], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _owner_is_alive(owner_pid: int, owner_started: float) -> bool:
@@ -118,6 +120,14 @@ class DecodePool:
         for future in as_completed(futures):
             self._keep(future.result())
             self._report(futures[future])
+
+    def map_batches(self, function: Callable[[list[T]], list[R]], items: list[T], batch: int = BATCH_FILES * 8) -> list[R]:
+        """function over `items` in batches of `batch`, on the workers (in order), or here with one worker; the
+        results concatenated. `function` must be a module-level function (or a partial of one): it is pickled."""
+        batches = [items[start:start + batch] for start in range(0, len(items), batch)]
+        if self._executor is None:
+            return [result for part in batches for result in function(part)]
+        return [result for part in self._executor.map(function, batches) for result in part]
 
     def _keep(self, decoded: dict[str, CachedFile]) -> None:
         with self._decoded_lock:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import pydicom
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data_schemas.dataset import DecodedFileRecord
+from tasks.decode_pool import current_decode_pool
 from tasks.dicom_io import header_value, text_up_to, uid, values_never_logged
 from tasks.ingest import IngestError, LabelTable, SourceFile, label_key
 
@@ -68,13 +70,24 @@ def header_key_record(source: SourceFile, key_column: str) -> DecodedFileRecord 
     return DecodedFileRecord(relative_path=source.relative_path, accepted=True, **{key_column: value})
 
 
+def header_keys(sources: Sequence[SourceFile], key_column: str) -> list[str | None]:
+    """Each file's label key as ingest computes it (label_key), from its header alone; None where it has none."""
+    keys = []
+    for source in sources:
+        record = header_key_record(source, key_column)
+        keys.append(None if record is None else label_key(record, key_column))
+    return keys
+
+
 def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile]) -> LabelMatch:
-    """Count the files whose header key is in the labels file, and the labels some file carries."""
+    """Count the files whose header key is in the labels file, and the labels some file carries. The headers are
+    read on the workers of this process's decode pool when one is open (the ingest flow opens it first)."""
+    pool = current_decode_pool()
+    read_keys = partial(header_keys, key_column=labels.key_column)
+    keys = pool.map_batches(read_keys, list(sources)) if pool is not None else read_keys(sources)
     matched_keys: set[str] = set()
     n_matched_files = 0
-    for source in sources:
-        record = header_key_record(source, labels.key_column)
-        key = None if record is None else label_key(record, labels.key_column)
+    for key in keys:
         if key is not None and key in labels.labels:
             n_matched_files += 1
             matched_keys.add(key)

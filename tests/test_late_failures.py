@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,18 @@ def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_pat
     by_path = [(s.relative_path, "normal") for s in sources[:3]] + [("elsewhere/x.dcm", "abnormal")]
     match = check_labels_match_headers(read_labels(_write_labels(tmp_path / "path.csv", "path", by_path)), sources, lines.append)
     assert (match.n_matched_files, match.n_labels) == (3, 4)
+
+
+def test_the_labels_check_reads_the_headers_on_the_decode_pool_with_the_same_counts(small_cohort, tmp_path):
+    from tasks.decode_pool import decode_pool
+    from tasks.ingest import discover_files, read_labels
+    from tasks.label_precheck import header_keys, match_labels_to_headers
+
+    sources, _ = discover_files(small_cohort.dicom_dir)
+    keys = header_keys(sources, "patient_id")
+    labels = read_labels(_write_labels(tmp_path / "some.csv", "patient_id", [(sorted(set(keys))[0], "normal"), ("MRN0000000", "abnormal")]))
+    in_process = match_labels_to_headers(labels, sources)
+    with decode_pool(2) as pool:
+        assert pool.map_batches(partial(header_keys, key_column="patient_id"), sources, batch=5) == keys  # in order
+        on_pool = match_labels_to_headers(labels, sources)
+    assert on_pool == in_process and (on_pool.n_matched_files, on_pool.n_matched_labels) == (2, 1)
