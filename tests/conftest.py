@@ -33,6 +33,14 @@ def prefect_backend():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cost_caches(tmp_path_factory: pytest.TempPathFactory):
+    """calibration.json and model_counts.json of this session in a fresh folder, never the working folder's: every
+    session counts afresh (a mutation run's session per mutant included, so no mutant reads another's counts)."""
+    os.environ["CTCOMPARE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cost-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def resnet50_weights_file(tmp_path_factory: pytest.TempPathFactory):
     """A torchvision-format ResNet-50 state dict named like torchvision's files (SHA-256 prefix in the name).

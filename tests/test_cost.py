@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import resnet50_by_hand as hand
-from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport
+from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
 from data_schemas.files import read_model_json
 from reports.cost_tables import format_table, markdown_table
 from tasks import cost as C
@@ -389,6 +389,34 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     first = C.load_or_calibrate(64, 1, "bf16", 16)
     second = C.load_or_calibrate(64, 1, "bf16", 16)
     assert len(calls) == 1 and first == second and (tmp_path / "calibration.json").is_file()
+
+
+def test_counts_and_activation_bytes_are_kept_on_disk_and_counted_again_when_the_code_changes(tmp_path, monkeypatch):
+    """A later process reads model_counts.json instead of building a model; another counting code counts again."""
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
+    C.count_phase.cache_clear()
+    C.measure_activation_memory.cache_clear()
+    counts = C.count_phase("full", 32, 1, 2, "resnet18")
+    memory = C.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18")
+    stored = read_model_json(tmp_path / "model_counts.json", ModelCountsCache)
+    assert list(stored.phase_counts.values()) == [counts] and list(stored.activation_bytes.values()) == [memory]
+    assert counts.feature_dim == 512 and counts.forward_flops_per_image > 0 and memory[1] > 0
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    C.count_phase.cache_clear()  # as a new process: only the file remembers
+    C.measure_activation_memory.cache_clear()
+    monkeypatch.setattr(C, "phase_model", no_model)
+    assert C.count_phase("full", 32, 1, 2, "resnet18") == counts
+    assert C.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18") == memory
+
+    C.count_phase.cache_clear()
+    monkeypatch.setattr(C, "_counting_code_version", lambda: "another version of the counting code")
+    with pytest.raises(AssertionError, match="a model was built"):
+        C.count_phase("full", 32, 1, 2, "resnet18")
+    C.count_phase.cache_clear()
+    C.measure_activation_memory.cache_clear()
 
 
 # ============================================================================================ catalogue
