@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata

@@ -345,11 +345,12 @@ def load_cached_files(sources: list[SourceFile], cache_dir: Path, hu_values: int
         entry = pool.take_decoded(source.content_sha256) if pool is not None else None
         if entry is None:  # decoded before this run, on Dask, or a second file with the same content
             entry = _read_cache_entry(cache_path(cache_dir, source.content_sha256))
-        record = entry.record
-        digest = entry.image_sha256
         hu_sample = entry.hu_sample if hu_values is None else thin_hu_sample(entry.hu_sample, hu_values)
-        record = record.model_copy(update={"relative_path": source.relative_path, "message": record.message.replace(record.relative_path, source.relative_path, 1)})
-        files.append(CachedFile(record=record, image_sha256=digest, hu_sample=hu_sample))
+        record = entry.record.model_copy(update={
+            "relative_path": source.relative_path,
+            "message": entry.record.message.replace(entry.record.relative_path, source.relative_path, 1),
+        })
+        files.append(CachedFile(record=record, image_sha256=entry.image_sha256, hu_sample=hu_sample))
     return files
 
 
