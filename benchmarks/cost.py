@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cost.py [--images 64] [--size 64] [--epochs 3] [--batch-size 16] [--cached]
 
 1. Calibrates this machine (matrix-product rate + a few ResNet-50 training steps; fresh unless --cached).
-2. Estimates the scratch arm for the run below with tasks.cost (FLOPs counted, time = FLOPs / calibrated rate).
+2. Estimates the scratch arm for the run below with tasks.cost.estimate (FLOPs counted, time = FLOPs / calibrated rate).
 3. Trains ResNet-50 for real as training does (channels_last, bf16 autocast when the CPU supports it, Adam,
    cross-entropy, shuffled batches from in-memory images) and times it, first-step kernel warm-up included.
 4. Prints estimated vs measured seconds and measured / estimated (the issue's bar: within 25%, i.e. 0.75-1.25).
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tasks import cost as C  # noqa: E402
+from tasks.cost import estimate as C  # noqa: E402
 
 
 def train_for_real(n_images: int, size: int, epochs: int, batch_size: int, precision: str) -> tuple[float, list[float]]:

@@ -1,4 +1,4 @@
-"""Do the deployment-cost figures (tasks.deploy_cost) match a bare torch.inference_mode() loop over the same model?
+"""Do the deployment-cost figures (tasks.packaging.deploy_cost) match a bare torch.inference_mode() loop over the same model?
 
     PYTHONPATH=. .venv/bin/python benchmarks/inference.py [--package PATH] [--size 112] [--threads N]
         [--precision auto|fp32|bf16] [--runs 50] [--batches 5] [--int8]
@@ -6,7 +6,7 @@
 1. Without --package: a small synthetic cohort is written, ingested at --size and one scratch epoch trained at
    --size (smoke profile), then packaged: a real package at the trained size (the weights' values do not change
    the cost of a forward pass).
-2. tasks.deploy_cost's timing (time_model: batch-1 latency as the median of per-forward timings after warm-up,
+2. tasks.packaging.deploy_cost's timing (time_model: batch-1 latency as the median of per-forward timings after warm-up,
    batch-32 throughput), as the report quotes it.
 3. A bare loop over the same module, input, precision and threads: warm-up, then one perf_counter pair around
    `runs` batch-1 forwards (mean latency) and around `batches` batch-32 forwards (throughput). The two methods
@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_schemas.package import DeploymentCost  # noqa: E402
-from tasks.deploy_cost import THROUGHPUT_BATCH_SIZE, measure_deployment_cost, sample_input, time_model  # noqa: E402
-from tasks.package import load_package, write_package  # noqa: E402
-from tasks.predict import PackagedModel, prepare_model  # noqa: E402
+from tasks.packaging.deploy_cost import THROUGHPUT_BATCH_SIZE, measure_deployment_cost, sample_input, time_model  # noqa: E402
+from tasks.packaging.package import load_package, write_package  # noqa: E402
+from tasks.packaging.predict import PackagedModel, prepare_model  # noqa: E402
 
 AGREEMENT = 0.15
 
@@ -43,8 +43,8 @@ def make_package(root: Path, size: int) -> tuple[Path, Path]:
     from data_schemas.plan import build_run_plan, write_plan
     from data_schemas.training import SPLITS_FILE
     from flows.ingest import ingest_flow
-    from tasks.synth import synthesize_cohort
-    from tasks.train import train_arm
+    from tasks.demo.synth import synthesize_cohort
+    from tasks.training.train import train_arm
 
     cohort = synthesize_cohort(root / "cohort", patients=12, slices_per_patient=2, seed=3)
     dataset = root / "dataset"
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     package, dataset = (args.package, args.dataset) if args.package else make_package(root, args.size)
     ok = report("full precision", *compare(package, args))
     if args.int8:
-        from tasks.quantize import write_compressed_package
+        from tasks.packaging.quantize import write_compressed_package
 
         if dataset is None:
             raise SystemExit("--int8 with --package needs --dataset (calibration uses the training images).")

@@ -49,7 +49,7 @@ def plain_loop(src_dir: Path, size: int) -> tuple[int, float, float]:
     import pydicom
     from pydicom.pixels import apply_rescale
 
-    from tasks.preprocess import hu_frame_to_image, parse_window
+    from tasks.ingest.preprocess import hu_frame_to_image, parse_window
 
     started = time.perf_counter()
     paths = sorted(p for p in src_dir.rglob("*") if p.is_file())
@@ -191,7 +191,7 @@ def main() -> None:
 
     from prefect import flow
 
-    from tasks.synth import synthesize_cohort
+    from tasks.demo.synth import synthesize_cohort
 
     @flow(name="benchmark-warm-up")
     def warm_up_flow() -> None:

@@ -35,7 +35,7 @@ from data_schemas.training import (  # noqa: E402
     RunConfig,
     resolve_train_config,
 )
-from tasks.dataset_store import load_dataset  # noqa: E402
+from tasks.ingest.dataset_store import load_dataset  # noqa: E402
 
 NETWORK_ARMS = ("scratch", "imagenet")
 
@@ -74,9 +74,9 @@ def _demo(work: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
     """Synthetic cohort -> dataset at --size with lesions -> untrained run folders."""
     from data_schemas.visual import LESIONS_SIDECAR_FILE
     from flows.ingest import ingest_flow
-    from tasks.lesions import attach_lesions
-    from tasks.models import build_resnet50
-    from tasks.synth import synthesize_cohort
+    from tasks.ingest.lesions import attach_lesions
+    from tasks.training.models import build_resnet50
+    from tasks.demo.synth import synthesize_cohort
 
     started = time.perf_counter()
     cohort = synthesize_cohort(work / "cohort", patients=args.patients, slices_per_patient=args.slices, seed=0)
@@ -114,7 +114,7 @@ def main() -> None:
     work = _isolated_state() / "work"
 
     from reports.gallery import render_visual_html, render_visual_md
-    from tasks.saliency import build_visual_summary
+    from tasks.saliency.saliency import build_visual_summary
 
     if args.dataset:
         dataset_dir, runs = args.dataset, {k: Path(v) for k, v in (item.split("=", 1) for item in args.run)}

@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/train.py [--images 192] [--size 112] [--batch-size 32] [--repeats 2] [--workers 0]
 
-Same model (tasks.models scratch ResNet-50, 1 channel), same in-memory tensors, one process, no Prefect:
-  pipeline   the training step `ctcompare train` runs: tasks.train_loop.make_setup (model, AdamW groups, class
+Same model (tasks.training.models scratch ResNet-50, 1 channel), same in-memory tensors, one process, no Prefect:
+  pipeline   the training step `ctcompare train` runs: tasks.training.loop.make_setup (model, AdamW groups, class
              weights) and train_one_epoch (seeded order, batched augmentation, label smoothing, lr schedule,
-             autocast + channels-last as tasks.runtime.choose_runtime picks them for this machine)
+             autocast + channels-last as tasks.common.runtime.choose_runtime picks them for this machine)
   bare       the same precision and memory format, no augmentation, no schedule: slice, forward, backward, step
   tutorial   how the MONAI tutorials write it: fp32, contiguous, per-sample Rand* transforms (rotate, zoom, flip,
              intensity scale/shift, Gaussian noise) in a torch DataLoader (--workers, default 0 on this 2-core box)
@@ -14,7 +14,7 @@ Same model (tasks.models scratch ResNet-50, 1 channel), same in-memory tensors, 
 Each loop runs a few warm-up steps first (kernel selection), then is timed over --images images; each is repeated
 --repeats times, interleaved, and the best repeat is kept (shared machines are noisy: quote two runs).
 Model FLOPs utilisation = 3 x forward FLOPs per image x images/s / peak, with the peak the cost stage measures
-(tasks.cost calibration: square matrix products at the same precision).
+(tasks.cost.estimate calibration: square matrix products at the same precision).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data_schemas.training import resolve_train_config  # noqa: E402
-from tasks.augment import normalise  # noqa: E402
-from tasks.models import forward_flops_per_image, scratch_resnet50  # noqa: E402
-from tasks.runtime import Runtime, choose_runtime  # noqa: E402
-from tasks.train_loop import make_optimizer, make_setup, param_groups, train_one_epoch  # noqa: E402
+from tasks.training.augment import normalise  # noqa: E402
+from tasks.training.models import forward_flops_per_image, scratch_resnet50  # noqa: E402
+from tasks.common.runtime import Runtime, choose_runtime  # noqa: E402
+from tasks.training.loop import make_optimizer, make_setup, param_groups, train_one_epoch  # noqa: E402
 
 
 def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
@@ -44,7 +44,7 @@ def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
 
 
 def pipeline_loop(x, y, cfg, rt, warmup_steps: int) -> float:
-    """The pipeline's own set-up and epoch (tasks.train_loop), as tasks.train runs them for the scratch arm."""
+    """The pipeline's own set-up and epoch (tasks.training.loop), as tasks.training.train runs them for the scratch arm."""
     setup = make_setup(config=cfg, runtime=rt, backbone=None, seed=0, y_train=y, arm="scratch")
     n_warm = warmup_steps * cfg.batch_size
     train_one_epoch(setup, x[:n_warm], y[:n_warm], 0)
@@ -143,14 +143,13 @@ def tutorial_loop(x, y, cfg, workers: int, warmup_steps: int, rt: Runtime | None
 
 def measured_peak(size: int, precision: str) -> tuple[float, str]:
     """The cost stage's peak for this machine (cached calibration when present), else a fresh matmul probe."""
-    from tasks import cost
-
+    from tasks.cost import estimate as cost
     try:
         calibration = cost.load_or_calibrate(size, 1, precision)
-        return calibration.matmul_flops_per_second, "tasks.cost calibration (matrix-product rate)"
+        return calibration.matmul_flops_per_second, "tasks.cost.estimate calibration (matrix-product rate)"
     except Exception as error:  # noqa: BLE001
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return cost._matmul_rate(dtype), f"tasks.cost._matmul_rate ({type(error).__name__} from calibration)"
+        return cost._matmul_rate(dtype), f"tasks.cost.estimate._matmul_rate ({type(error).__name__} from calibration)"
 
 
 def main(argv: list[str] | None = None) -> int:

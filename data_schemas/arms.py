@@ -41,7 +41,7 @@ MODE_DESCRIPTIONS: dict[str, str] = {
     "imagenet-linear": "frozen ImageNet {label}: one forward pass for pooled features, then logistic regression",
 }
 
-# The one resize from the ingested size to a smaller training size (tasks.models.resize_images implements it).
+# The one resize from the ingested size to a smaller training size (tasks.training.models.resize_images implements it).
 RESIZE_METHOD = (
     "antialiased bicubic (torch.nn.functional.interpolate mode='bicubic', antialias=True, align_corners=False), "
     "once, from the images ingested at the largest size, clamped to [0, 1]"

@@ -7,7 +7,7 @@ Conventions used everywhere in the cost stage:
     bytes       memory in bytes; GB in the catalogue means 10^9 bytes as vendors quote it.
 
 cost.json is written once, by the cost stage, and holds estimates only. What a run really took lives in that run's
-timing.json; evaluation sets the two side by side (tasks.cost.estimated_seconds_for prices the epochs actually run).
+timing.json; evaluation sets the two side by side (tasks.cost.estimate.estimated_seconds_for prices the epochs actually run).
 """
 
 from __future__ import annotations
@@ -134,11 +134,11 @@ class CalibrationCache(StrictModel):
 
 
 class PhaseCounts(StrictModel):
-    """Counts for one training phase of one model at one size and channel count (tasks.cost.count_phase).
+    """Counts for one training phase of one model at one size and channel count (tasks.cost.estimate.count_phase).
 
     Args:
-        phase: "full", "head" or "features" (see tasks.cost.phase_model).
-        feature_dim: width of the pooled features the model's head reads (tasks.models.feature_dim).
+        phase: "full", "head" or "features" (see tasks.cost.estimate.phase_model).
+        feature_dim: width of the pooled features the model's head reads (tasks.training.models.feature_dim).
         forward_flops_per_image: FLOPs of one forward pass of one image.
         train_flops_per_image: forward + backward for full/head; equal to forward for features.
         params_total: every parameter of the phase's model.

@@ -1,6 +1,6 @@
 """Schemas of a shipped model: the package (weights + recipe + card), its deployment cost, and predictions.
 
-A package folder, written by tasks.package.write_package, holds:
+A package folder, written by tasks.packaging.package.write_package, holds:
     model.pt        one file, torch.load(weights_only=True): {"format", "format_version", "metadata" (the JSON-able
                     ModelPackageMeta below), "state_dict" (plain tensors; quantized tensors for the int8 variant)}
     MODEL_CARD.md   the model card (reports/model_card.py); no identifiers
@@ -53,10 +53,10 @@ class PreprocessRecipe(StrictModel):
         monochrome1: how MONOCHROME1 images are handled, stated on its own.
         interpolation: ingest's resize filter (dataset.json).
         padding: ingest's padding to a square (dataset.json).
-        resize_method: the resize from ingest size to training size (tasks.augment.images_to_tensor).
+        resize_method: the resize from ingest size to training size (tasks.training.augment.images_to_tensor).
         normalisation_mean: subtracted from the [0, 1] grey value before the network.
         normalisation_std: the divisor after the mean is subtracted.
-        preprocess_version: tasks.ingest.PREPROCESS_VERSION when the package was written.
+        preprocess_version: tasks.ingest.assemble.PREPROCESS_VERSION when the package was written.
     """
 
     window: WindowSpec
@@ -167,7 +167,7 @@ class ModelPackageMeta(StrictModel):
 
 
 class DeploymentCost(StrictModel):
-    """What one model costs to run on a CPU (tasks.deploy_cost.measure_deployment_cost; methods in its docstring).
+    """What one model costs to run on a CPU (tasks.packaging.deploy_cost.measure_deployment_cost; methods in its docstring).
 
     Args:
         arm: the arm measured.
@@ -175,7 +175,7 @@ class DeploymentCost(StrictModel):
         parameters: trainable and frozen parameters of the float model (linear-probe: backbone + 2049).
         package_bytes: size of model.pt on disk.
         image_size: the trained image size the figures are measured at.
-        forward_gflops_per_image: tasks.models.forward_flops_per_image / 1e9 (FlopCounterMode, 2 per MAC).
+        forward_gflops_per_image: tasks.training.models.forward_flops_per_image / 1e9 (FlopCounterMode, 2 per MAC).
         latency_ms_median: batch-1 forward latency, median over the timed runs.
         latency_ms_p90: batch-1 forward latency, 90th percentile.
         throughput_images_per_second: images per second at batch `throughput_batch_size`.

@@ -284,7 +284,7 @@ class ArmResult(StrictModel):
         profile: the training profile of the arm's runs (config.json), e.g. "smoke"; empty when unknown.
         weights: the pretrained weights file the arm started from; None for random initialisation or when unknown.
         deployment: what the arm's model package costs to run on the machine that made the comparison
-            (tasks.deploy_cost); None when no package was written.
+            (tasks.packaging.deploy_cost); None when no package was written.
         package_dir: the arm's model package folder (model.pt, MODEL_CARD.md), relative to the report folder.
     """
 
@@ -503,7 +503,7 @@ class WhatToTrain(StrictModel):
 
 
 class Recommendation(StrictModel):
-    """What the numbers say to do, derived from them by tasks.statistics.recommend.
+    """What the numbers say to do, derived from them by tasks.evaluation.statistics.recommend.
 
     Args:
         headline: one or two sentences shown first in the report.
@@ -516,7 +516,7 @@ class Recommendation(StrictModel):
         best_arm: the arm with the highest AUC point estimate.
         margin: the non-inferiority margin used, in AUC.
         level: "patient" or "slice": whose AUC comparisons decided.
-        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.statistics).
+        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.evaluation.statistics).
         deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior or inconclusive verdict
             (the preferred or cheapest arm first).
     """

@@ -97,7 +97,7 @@ class LinearProbeConfig(StrictModel):
     depths: list[str] | None = Field(
         default=None,
         description="modules whose pooled outputs are probed, e.g. [\"layer4\"]; None: every probe depth of the model "
-        "(tasks.models.probe_depths: ResNet layer2, layer3, layer4), the best chosen on validation AUC",
+        "(tasks.training.models.probe_depths: ResNet layer2, layer3, layer4), the best chosen on validation AUC",
     )
 
 

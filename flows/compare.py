@@ -61,16 +61,16 @@ from flows.serve import report_url
 from flows.train import parse_overrides
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
-from tasks.cost import wall_time_plan
-from tasks.dataset_store import load_dataset
-from tasks.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
-from tasks.evaluate import build_results
-from tasks.lesions import attach_lesions
-from tasks.package import load_package, package_metrics, write_package
-from tasks.quantize import write_compressed_package
-from tasks.saliency import build_visual_summary
+from tasks.cost.estimate import wall_time_plan
+from tasks.ingest.dataset_store import load_dataset
+from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
+from tasks.evaluation.evaluate import build_results
+from tasks.ingest.lesions import attach_lesions
+from tasks.packaging.package import load_package, package_metrics, write_package
+from tasks.packaging.quantize import write_compressed_package
+from tasks.saliency.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
-from tasks.train import train_arm_task
+from tasks.training.train import train_arm_task
 
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
@@ -343,7 +343,7 @@ def compare_flow(
         dataset_dir = src
     else:
         dataset_dir = dataset_folder(out, new_folder_per_run)
-        # one ingest at the largest size; smaller training sizes are resized from it (tasks.models.resize_images)
+        # one ingest at the largest size; smaller training sizes are resized from it (tasks.training.models.resize_images)
         ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
 
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)

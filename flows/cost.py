@@ -4,7 +4,7 @@ Estimates, before training, what each arm (a model and a mode: scratch, imagenet
 "resnet18:imagenet", bare modes meaning ResNet-50) costs in FLOPs, memory and wall
 time on a catalogue of devices and on this machine (calibrated), and writes cost.json plus a markdown artifact
 (key "ctcompare-cost"). cost.json holds estimates only: each training run measures itself in its timing.json and
-evaluation compares the two. All the work lives in tasks/cost.py, the tables in reports/cost_tables.py; this
+evaluation compares the two. All the work lives in tasks/cost/estimate.py, the tables in reports/cost_tables.py; this
 module only orchestrates.
 """
 
@@ -23,7 +23,7 @@ from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, Cost
 from data_schemas.files import sha256_file
 from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force, WallTimePlanParameter
 from reports.cost_tables import format_table, markdown_table, wall_time_line
-from tasks.cost import (
+from tasks.cost.estimate import (
     calibrate_task,
     config_hash,
     default_catalogue_path,
@@ -42,7 +42,7 @@ def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate:
               force: Force = False, wall_time_plan: WallTimePlanParameter = None) -> CostReport:
     """Estimate each arm's cost for `inputs` and write cost.json into out_dir.
 
-    inputs: what to price (tasks.cost.resolve_cost_inputs builds it from a dataset folder or an image count);
+    inputs: what to price (tasks.cost.estimate.resolve_cost_inputs builds it from a dataset folder or an image count);
     n_images must be the training images only. calibrate: measure this machine (cached) instead of using the
     catalogue's guess. A cost.json made from the same inputs, catalogue and calibration choice is reused unless
     force=True. wall_time_plan: a whole comparison's runs and stages; its predicted wall time is logged

@@ -23,7 +23,7 @@ from flows.parameters import (
 )
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
-from tasks.ingest import (
+from tasks.ingest.assemble import (
     CachedFile,
     IngestResult,
     assemble_dataset,
@@ -36,9 +36,9 @@ from tasks.ingest import (
     preprocessing_signature,
     read_labels,
 )
-from tasks.label_precheck import check_labels_task
-from tasks.preprocess import parse_window
-from tasks.progress import progress
+from tasks.ingest.label_precheck import check_labels_task
+from tasks.ingest.preprocess import parse_window
+from tasks.common.progress import progress
 
 # Most files per decode chunk (one Prefect task run, cached and retried as a unit).
 CHUNK_FILES = 256

@@ -16,7 +16,7 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
     from flows.cli import UsageError
     from flows.ingest import check_ingest_arguments, ingest_flow
     from flows.parameters import check_flow_parameters
-    from tasks.ingest import read_labels
+    from tasks.ingest.assemble import read_labels
 
     parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
                   "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
@@ -34,7 +34,7 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_ingest(args: argparse.Namespace) -> int:
     from flows.ingest import ingest_flow
-    from tasks.ingest import IngestError
+    from tasks.ingest.assemble import IngestError
 
     parameters = ingest_parameters(args)
     try:

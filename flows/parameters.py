@@ -123,7 +123,7 @@ BatchSize = Annotated[int, described(ge=1, le=1024, description="images per forw
 Precision = Annotated[Literal["auto", "fp32", "bf16"], described(description="auto: bf16 where this CPU runs it "
                                                              "natively, else fp32; int8 packages run int8 kernels")]
 CohortFolder = Annotated[str, described(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
-Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.synth.MAX_PATIENTS
+Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.demo.synth.MAX_PATIENTS
                                  description="patients in the cohort (at least 2: both labels occur)")]
 SlicesPerPatient = Annotated[int, described(ge=1, le=1000, description="CT slices per patient")]
 MatrixSizes = Annotated[list[Annotated[int, described(ge=64, le=1024)]] | None, described(
@@ -212,10 +212,10 @@ def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[
 
 def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
     """ValueError (one sentence) unless the ResNet-50 weights file exists and loads as one (the training stage's own
-    loader, tasks.models.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
+    loader, tasks.training.models.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
     if path is None:
         return
-    from tasks.models import read_weights_file
+    from tasks.training.models import read_weights_file
 
     try:
         read_weights_file(Path(path))

@@ -33,9 +33,9 @@ from flows.parameters import (
     check_flow_parameters,
     help_for,
 )
-from tasks.ingest import IngestError, read_labels
-from tasks.package import load_package
-from tasks.predict import check_request, predict_dataset_task, window_argument
+from tasks.ingest.assemble import IngestError, read_labels
+from tasks.packaging.package import load_package
+from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
 
 def check_predict_arguments(package: Path, dicom_dir: Path, out_dir: Path, *, labels: Path | None,
                             window: str | None, size: int | None) -> dict[str, Any]:

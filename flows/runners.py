@@ -9,7 +9,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.decode_pool import ProgressCallback, decode_pool
+from tasks.ingest.decode_pool import ProgressCallback, decode_pool
 
 # Chunk tasks in flight at once on the local runner. Each only hands its files to the decode pool and waits, so a
 # few threads keep every worker busy; more would only add Prefect API traffic on the cores that decode.

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.parameters import CohortFolder, MatrixSizes, Patients, Seed, SlicesPerPatient, check_flow_parameters, help_for
 
-from tasks.synth import (
+from tasks.demo.synth import (
     DEFAULT_MATRIX_SIZES,
     CohortMismatchError,
     CohortSummary,

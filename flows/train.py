@@ -2,7 +2,7 @@
 
 The CLI resolves the settings once into a run plan (RUN_DIR/plan.json, data_schemas/plan.py): one run, or with
 `--folds K` one run per outer fold (RUN_DIR/fold-<k>; every labelled patient is tested in exactly one of them).
-The flow is thin: one `train-arm` task per planned run (tasks.train; retries=1, a retry resumes from the last
+The flow is thin: one `train-arm` task per planned run (tasks.training.train; retries=1, a retry resumes from the last
 finished epoch). A comparison hands single runs of its own plan to this flow on a work pool (`run=...`).
 Outputs per run folder are described in data_schemas/training.py.
 """
@@ -49,7 +49,7 @@ def train_flow(
     run=... is how a comparison hands one training run to a work pool. weights_path: the ResNet-50 weights file;
     weights_dir: a folder of torchvision-format weights files named by model (e.g. resnet18-f37072fd.pth).
     """
-    from tasks.train import train_arm_task
+    from tasks.training.train import train_arm_task
 
     plan = read_plan(Path(plan_path))
     runs = [plan.run(run).run_dir] if run is not None else [planned.run_dir for planned in plan.runs]

@@ -184,7 +184,7 @@ def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
 def word_results(results: ComparisonResults) -> ComparisonResults:
     """The results with every sentence filled in: each paired comparison, the recommendation and the evaluation notes.
 
-    The evaluation stage (tasks.evaluate) returns numbers and decisions only; the flow words them here, once, before
+    The evaluation stage (tasks.evaluation.evaluate) returns numbers and decisions only; the flow words them here, once, before
     the report, results.json and the Prefect artifacts are written.
     """
     comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc)}) for pc in results.comparisons]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the modules where a wrong number goes unnoticed (not part of CI; README "Mutation testing").
 #   scripts/mutation.sh                          every module in pyproject.toml [tool.mutmut] only_mutate
-#   scripts/mutation.sh preprocess statistics    only these modules (tasks/<name>.py)
-#   MUTATION_SAMPLE=100 scripts/mutation.sh statistics   a seeded sample of 100 mutants per module
+#   scripts/mutation.sh ingest.preprocess evaluation.statistics    only these modules (tasks/<package>/<name>.py)
+#   MUTATION_SAMPLE=100 scripts/mutation.sh evaluation.statistics   a seeded sample of 100 mutants per module
 #   MUTATION_RERUN=unkilled MUTATION_SAMPLE=100 ...      after adding tests: run only the sample's mutants not yet
 #                                                        killed (a killed mutant stays killed), score the whole sample
 # Then prints the score per module. Survivors: `mutmut results`; one mutant's diff: `mutmut show NAME`.
@@ -22,13 +22,13 @@ if [[ ${#modules[@]} -eq 0 ]]; then
     read -r -a modules <<< "$("$PY" scripts/mutation_scores.py --modules)"
 fi
 for module in "${modules[@]}"; do
-    [[ -f "tasks/$module.py" ]] || { echo "no module tasks/$module.py; the scoped modules are in pyproject.toml [tool.mutmut] only_mutate" >&2; exit 2; }
+    [[ -f "tasks/${module//.//}.py" ]] || { echo "no module tasks/${module//.//}.py; the scoped modules are in pyproject.toml [tool.mutmut] only_mutate" >&2; exit 2; }
 done
 
 mutmut() { nice -n "$NICE" "$PY" -m mutmut run --max-children "$JOBS" "$@"; }
 if [[ -n "$SAMPLE" ]]; then
     # The sample is drawn from the generated mutants: generate them first (a pattern that names no mutant).
-    [[ -f "mutants/tasks/${modules[0]}.py.meta" ]] || mutmut "tasks.${modules[0]}.x__generate_only__*" || true
+    [[ -f "mutants/tasks/${modules[0]//.//}.py.meta" ]] || mutmut "tasks.${modules[0]}.x__generate_only__*" || true
     mapfile -t names < <("$PY" scripts/mutation_scores.py --sample "$SAMPLE" "${modules[@]}")
     run_names=("${names[@]}")
     if [[ "${MUTATION_RERUN:-}" == unkilled ]]; then

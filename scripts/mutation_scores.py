@@ -27,14 +27,20 @@ KILLED = {"killed", "timeout", "caught by type check"}
 
 
 def scoped_modules() -> list[str]:
-    """The module names (statistics, splits, ...) listed in pyproject's [tool.mutmut] only_mutate."""
+    """The modules (evaluation.statistics, splits, ...) listed in pyproject's [tool.mutmut] only_mutate, dotted
+    below tasks/."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    return [Path(path).stem for path in config["only_mutate"]]
+    return [Path(path).relative_to("tasks").with_suffix("").as_posix().replace("/", ".") for path in config["only_mutate"]]
+
+
+def module_of(mutant: str) -> str:
+    """tasks.evaluation.statistics.x_roc_auc__mutmut_3 -> evaluation.statistics."""
+    return ".".join(mutant.split(".")[1:-1])
 
 
 def exit_codes(module: str) -> dict[str, int | None]:
     """Mutant name -> the exit code of its tests (None: not run yet)."""
-    meta = ROOT / "mutants" / "tasks" / f"{module}.py.meta"
+    meta = ROOT / "mutants" / "tasks" / f"{module.replace('.', '/')}.py.meta"
     if not meta.is_file():
         return {}
     return json.loads(meta.read_text())["exit_code_by_key"]
@@ -49,7 +55,7 @@ def score_line(module: str, only: set[str] | None = None) -> str:
     killed = sum(statuses[s] for s in KILLED)
     score = f"{100.0 * killed / checked:5.1f}%" if checked else "  n/a "
     others = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s not in KILLED and s != "not checked")
-    return f"tasks/{module + '.py':16s} {killed:5d} / {checked:5d} killed  {score}  (of {total} mutants; {others or 'none other'})"
+    return f"tasks/{module.replace('.', '/') + '.py':28s} {killed:5d} / {checked:5d} killed  {score}  (of {total} mutants; {others or 'none other'})"
 
 
 def main(argv: list[str]) -> int:
@@ -59,13 +65,13 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["--unsettled"]:
         for name in argv[1:]:
-            code = exit_codes(name.split(".")[1]).get(name)
+            code = exit_codes(module_of(name)).get(name)
             if code is None or status_by_exit_code[code] not in KILLED:
                 print(name)
         return 0
     if argv[:1] == ["--only"]:
         only = set(argv[1:])
-        modules = sorted({name.split(".")[1] for name in only})
+        modules = sorted({module_of(name) for name in only})
         print(f"mutation score over a sample of {len(only)} mutants (mutmut; `mutmut show NAME` shows one)")
         for module in modules:
             print(score_line(module, only))

@@ -1,5 +1,5 @@
 """Run folders written directly with the schemas, and ComparisonResults built from them by the real evaluation
-stage (tasks.evaluate.build_results), for evaluation, report and flow tests. No training code is involved."""
+stage (tasks.evaluation.evaluate.build_results), for evaluation, report and flow tests. No training code is involved."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from data_schemas.training import (
     TrainConfig,
 )
 from reports.wording import word_results
-from tasks.evaluate import build_results
+from tasks.evaluation.evaluate import build_results
 
 SKIP_REASON = (
     "no ImageNet weights file found; put resnet50-11ad3fa6.pth in $TORCH_HOME/hub/checkpoints "

@@ -14,8 +14,8 @@ from data_schemas.files import read_models_csv
 from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import SPLITS_FILE, PredictionRow, SplitRow
 from flows.ingest import ingest_flow
-from tasks.package import write_package
-from tasks.synth import CohortSummary, synthesize_cohort
+from tasks.packaging.package import write_package
+from tasks.demo.synth import CohortSummary, synthesize_cohort
 
 INGEST_SIZE = 48  # larger than the smoke profile's 32 px, so the ingest -> training resize is exercised
 METRICS = {
@@ -39,7 +39,7 @@ class ShippedRun:
 def train_smoke_run(dataset_dir: Path, arm: str, run_dir: Path, weights_path: Path | None = None) -> None:
     """The one call into training: a one-run smoke plan in run_dir (as `ctcompare train` writes it), fp32 (so the
     round trip can be checked to float tolerance); the split lands beside run_dir (run_dir/../splits.csv)."""
-    from tasks.train import train_arm
+    from tasks.training.train import train_arm
 
     summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, arm, {"precision": "fp32"}), run=".",
                         weights_path=weights_path)

@@ -20,7 +20,7 @@ from data_schemas.training import (
     RunSummary,
     resolve_train_config,
 )
-from tasks.train import train_arm, weights_file_for
+from tasks.training.train import train_arm, weights_file_for
 from tests.test_train import _cli, make_synthetic_dataset
 
 
@@ -123,7 +123,7 @@ def test_small_pretrained_arm_without_weights_is_skipped_and_cli_names_the_folde
 
 
 def test_choose_depth_uses_validation_only():
-    from tasks.linear_probe import choose_depth
+    from tasks.training.linear_probe import choose_depth
 
     assert choose_depth({"layer2": 0.7, "layer3": 0.9, "layer4": 0.8}) == "layer3"
     assert choose_depth({"layer2": 0.9, "layer3": 0.9, "layer4": None}) == "layer2"  # tie: the shallower
@@ -131,7 +131,7 @@ def test_choose_depth_uses_validation_only():
 
 
 def test_probe_depths_setting_is_checked_against_the_model():
-    from tasks.train import _depths
+    from tasks.training.train import _depths
 
     assert _depths("resnet18", None) == ("layer2", "layer3", "layer4")
     assert _depths("resnet50", ["layer4", "layer2"]) == ("layer2", "layer4")  # shallow to deep, as probed
@@ -173,8 +173,8 @@ def test_probe_at_three_depths_picks_the_best_on_validation(dataset_dir, weights
 def test_images_are_resized_by_antialiased_bicubic():
     import numpy as np
 
-    from tasks.augment import images_to_tensor
-    from tasks.models import resize_images
+    from tasks.training.augment import images_to_tensor
+    from tasks.training.models import resize_images
 
     rng = np.random.default_rng(0)
     images = rng.random((3, 1, 40, 40)).astype(np.float16)
@@ -203,7 +203,7 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     from data_schemas.evaluation import EvaluationSettings
     from reports.render import render_report
     from reports.wording import word_results
-    from tasks.evaluate import build_results
+    from tasks.evaluation.evaluate import build_results
 
     report_dir = tmp_path / "report"
     arms = ["resnet18:scratch", "resnet18:imagenet-linear"]

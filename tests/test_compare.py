@@ -21,14 +21,14 @@ from data_schemas.visual import LESIONS_SIDECAR_FILE
 from flows.cli import main
 from flows.compare import EXIT_NO_ARM, EXIT_PARTIAL
 from reports.render import SECTION_IDS
-from tasks.lesions import attach_lesions
-from tasks.package import load_package
-from tasks.synth import synthesize_cohort
+from tasks.ingest.lesions import attach_lesions
+from tasks.packaging.package import load_package
+from tasks.demo.synth import synthesize_cohort
 
 
 def package_parameters(package) -> int:
     """Parameters of a package's float network (+ a linear probe's coefficients), counted independently."""
-    from tasks.package import float_architecture
+    from tasks.packaging.package import float_architecture
 
     count = sum(p.numel() for p in float_architecture(package.meta).parameters())
     return count + (len(package.meta.linear_probe.coef) + 1 if package.meta.linear_probe is not None else 0)
@@ -219,7 +219,7 @@ def test_an_arm_that_fails_mid_training_is_reported_and_the_others_compared(
     """The imagenet arm raises in its second epoch (after its head-only epoch finished and was saved), also on the
     task's one retry: the comparison still ends Partial with a report that names the failure and its reason, and the
     scratch arm's results are complete."""
-    import tasks.train_loop as train_loop
+    import tasks.training.loop as train_loop
 
     real_epoch = train_loop.train_one_epoch
     reason = "simulated accelerator fault in the second epoch"

@@ -17,8 +17,8 @@ import resnet50_by_hand as hand
 from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
 from data_schemas.files import read_model_json
 from reports.cost_tables import format_table, markdown_table
-from tasks import cost as C
-from tasks.models import count_flops, forward_flops_per_image
+from tasks.cost import estimate as C
+from tasks.training.models import count_flops, forward_flops_per_image
 
 DAY = 86_400.0
 RATE = 50e9  # the fixed calibration's achieved training FLOP/s on this machine
@@ -91,7 +91,7 @@ def test_resnet50_224x3_is_8_2_gflops_and_25_6m_parameters(imagenet_counts):
 
 
 def test_one_flop_counter_for_training_and_cost():
-    """tasks.models.forward_flops_per_image (training's timing.json) and the cost stage give the same count."""
+    """tasks.training.models.forward_flops_per_image (training's timing.json) and the cost stage give the same count."""
     assert forward_flops_per_image(64) == C.count_phase("full", 64, 1).forward_flops_per_image
     assert forward_flops_per_image(96, 1, 2) == hand.forward_flops(96, 1, 2)
 
@@ -638,9 +638,9 @@ def test_calibrated_warmup_is_first_step_minus_a_timed_step_never_negative(monke
 
 def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch):
     """One measurement per (size, channels, precision this machine runs); refresh or a corrupt cache re-measures."""
-    import tasks.runtime
+    import tasks.common.runtime
 
-    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(tasks.common.runtime, "cpu_has_fast_bf16", lambda: True)
     calls = []
     monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
     cache = tmp_path / "calibration.json"
@@ -655,7 +655,7 @@ def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch)
     C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
     assert len(calls) == 6 and cache.is_file()
     assert C.this_machine_precision("fp16") == "bf16" and C.this_machine_precision("tf32") == "fp32"
-    monkeypatch.setattr(tasks.runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(tasks.common.runtime, "cpu_has_fast_bf16", lambda: False)
     assert C.this_machine_precision("bf16") == "fp32"
 
 

@@ -11,7 +11,7 @@ import pytest
 import flows.runners
 from data_schemas.dataset import IMAGES_FILE, MANIFEST_FILE, QUARANTINE_FILE
 from flows.ingest import ingest_flow
-from tasks.decode_pool import DecodePool
+from tasks.ingest.decode_pool import DecodePool
 from tests.dicom_factory import ct_variant, write_bad_inputs
 
 

@@ -29,8 +29,8 @@ from data_schemas.dataset import (
 )
 from data_schemas.files import read_models_csv
 from flows.ingest import ingest_flow
-from tasks.dataset_store import dataset_content_hash, load_dataset
-from tasks.ingest import OutputWriteError
+from tasks.ingest.dataset_store import dataset_content_hash, load_dataset
+from tasks.ingest.assemble import OutputWriteError
 from tests.dicom_factory import ct_variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def assert_consistent(out: Path) -> DatasetCard:
 # Unlocked, the card would describe 32 px images beside 48 px ones; locked, the second run waits its turn.
 SLOW_WRITER = """
 import sys, time
-import tasks.dataset_store as store
+import tasks.ingest.dataset_store as store
 write, first = store.write_images_npy, sys.argv[sys.argv.index("--size") + 1] == "32"
 def slow_write(path, images):
     time.sleep(0 if first else 3)
@@ -94,21 +94,21 @@ def test_two_concurrent_ingests_of_different_sizes_end_in_one_consistent_dataset
 
 
 def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.ingest
+    import tasks.ingest.assemble
 
     src = small_cohort(tmp_path / "src", n=2)
     out = tmp_path / "dataset"
     (out / PRIVATE_DIR).mkdir(parents=True)
     holder = FileLock(out / DATASET_LOCK_FILE, thread_local=False)  # released by the timer thread below
     holder.acquire()
-    monkeypatch.setattr(tasks.ingest, "DATASET_LOCK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tasks.ingest.assemble, "DATASET_LOCK_TIMEOUT_S", 0.5)
     with pytest.raises(OutputWriteError, match=rf"^dataset folder {re.escape(str(out))} is being written by another ctcompare run \(waited 0.5 s\); run again when it has finished\.$"):
         ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     assert not (out / "dataset.json").exists()
-    monkeypatch.setattr(tasks.ingest, "DATASET_LOCK_TIMEOUT_S", 120.0)
+    monkeypatch.setattr(tasks.ingest.assemble, "DATASET_LOCK_TIMEOUT_S", 120.0)
     released = threading.Event()
     entered_after_release: list[bool] = []
-    assemble = tasks.ingest._assemble_locked
+    assemble = tasks.ingest.assemble._assemble_locked
 
     def spy(*args: object, **kwargs: object) -> object:
         entered_after_release.append(released.is_set())
@@ -118,7 +118,7 @@ def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(tmp_pat
         released.set()
         holder.release()
 
-    monkeypatch.setattr(tasks.ingest, "_assemble_locked", spy)
+    monkeypatch.setattr(tasks.ingest.assemble, "_assemble_locked", spy)
     releaser = threading.Timer(1.0, release)
     releaser.start()
     ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
@@ -217,7 +217,7 @@ def test_a_refused_ingest_creates_nothing(tmp_path: Path, capsys: pytest.Capture
 def test_disk_full_while_writing_the_dataset_is_one_sentence_naming_the_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tasks.dataset_store
+    import tasks.ingest.dataset_store
     from flows.cli import main
 
     def disk_full(*args: object, **kwargs: object) -> None:
@@ -225,7 +225,7 @@ def test_disk_full_while_writing_the_dataset_is_one_sentence_naming_the_folder(
 
     src = small_cohort(tmp_path / "src", n=2)
     out = tmp_path / "dataset"
-    monkeypatch.setattr(tasks.dataset_store, "write_images_npy", disk_full)
+    monkeypatch.setattr(tasks.ingest.dataset_store, "write_images_npy", disk_full)
     assert main(["ingest", str(src), "--out", str(out), "--size", "32", "--workers", "1"]) == 1
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed == [f"ctcompare ingest: cannot write the dataset into {out.resolve()} (No space left on device)."]
@@ -233,14 +233,14 @@ def test_disk_full_while_writing_the_dataset_is_one_sentence_naming_the_folder(
 
 
 def test_disk_full_while_decoding_is_one_sentence_and_never_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.ingest
+    import tasks.ingest.assemble
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     src = small_cohort(tmp_path / "src", n=2)
     out = tmp_path / "dataset"
-    monkeypatch.setattr(tasks.ingest, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(tasks.ingest.assemble, "atomic_write_bytes", disk_full)
     state = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1, return_state=True)
     error = state.result(raise_on_failure=False)
     assert isinstance(error, OutputWriteError)

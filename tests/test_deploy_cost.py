@@ -12,12 +12,12 @@ from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.package import DEPLOY_COST_FILE, PACKAGE_FILE, DeploymentCost, ImagePrediction
 from flows.predict import predict_flow
 from data_schemas.training import SplitRow
-from tasks.dataset_store import load_dataset
-from tasks.deploy_cost import deploy_cost_task, measure_deployment_cost, parameter_count
-from tasks.models import forward_flops_per_image, scratch_resnet50
-from tasks.package import load_package
-from tasks.predict import predict_images, prepare_model
-from tasks.quantize import compare_compression, int8_engine, training_images, write_compressed_package
+from tasks.ingest.dataset_store import load_dataset
+from tasks.packaging.deploy_cost import deploy_cost_task, measure_deployment_cost, parameter_count
+from tasks.training.models import forward_flops_per_image, scratch_resnet50
+from tasks.packaging.package import load_package
+from tasks.packaging.predict import predict_images, prepare_model
+from tasks.packaging.quantize import compare_compression, int8_engine, training_images, write_compressed_package
 from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files
 
 QUICK = {"warmup": 1, "runs": 3, "batches": 1}

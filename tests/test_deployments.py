@@ -149,7 +149,7 @@ def test_second_nightly_ingest_on_unchanged_input_hits_the_cache(stack: PrefectS
 
 
 def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack, tmp_path: Path) -> None:
-    from tasks.synth import synthesize_cohort
+    from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=0, matrix_sizes=(64,))
     out_dir = tmp_path / "reports" / "smoke"
@@ -174,7 +174,7 @@ def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack,
 
 
 def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: PrefectStack, tmp_path: Path) -> None:
-    from tasks.synth import synthesize_cohort
+    from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=1, matrix_sizes=(64,))
     out_dir = tmp_path / "reports" / "on-pool"

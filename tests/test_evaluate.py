@@ -1,4 +1,4 @@
-"""Tests of tasks.evaluate.build_results on run folders written directly with the schemas (no training code)."""
+"""Tests of tasks.evaluation.evaluate.build_results on run folders written directly with the schemas (no training code)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from data_schemas.report import ComparisonResults
 from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, EpochMetrics, PredictionRow
 from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
 from reports.render import render_report
-from tasks import statistics as st
+from tasks.evaluation import statistics as st
 from reports.wording import word_results
-from tasks.evaluate import build_results
+from tasks.evaluation.evaluate import build_results
 
 
 def _build(root: Path, arm_runs: dict[str, list[Path]], mode: str, dataset_dir: Path, splits: Path, **settings) -> ComparisonResults:
@@ -166,7 +166,7 @@ def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
     recomputed by hand, the patient-clustered bootstrap interval with the settings' resamples and the seed, the
     training patients and images from config.json, and FLOPs = per-image FLOPs x images seen from timing.json."""
     from data_schemas.training import TIMING_FILE
-    from tasks.evaluate import efficiency_points, size_points
+    from tasks.evaluation.evaluate import efficiency_points, size_points
 
     test = make_patients(14, seed=5)
     evaluation = EvaluationSettings(n_bootstrap=40)
@@ -208,7 +208,7 @@ def test_fraction_runs_and_a_cost_file_beside_the_runs_reach_the_results(tmp_pat
     An arm the cost file does not price has no estimate."""
     from data_schemas.cost import THIS_MACHINE
     from data_schemas.files import write_model_json
-    from tasks import cost as C
+    from tasks.cost import estimate as C
 
     dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="holdout")
     cost = C.build_cost_report(C.resolve_cost_inputs(n_images=400, image_size=32, epochs=8, arms=["scratch"]))
@@ -235,7 +235,7 @@ def test_probe_depths_mark_the_chosen_depth_only(tmp_path: Path) -> None:
     arm has no depth points."""
     from data_schemas.files import write_model_json
     from data_schemas.training import PROBE_DEPTHS_FILE, DepthProbe, ProbeDepths
-    from tasks.evaluate import depth_points
+    from tasks.evaluation.evaluate import depth_points
 
     probes = ProbeDepths(model="resnet50", chosen_depth="layer3", depths=[
         DepthProbe(depth="layer2", feature_dim=512, C=1.0, val_auc=0.7, test_auc=0.68),

@@ -15,11 +15,11 @@ from data_schemas.synth import IdentifiersFile
 from data_schemas.visual import LESIONS_SIDECAR_FILE, ImageLesionRow, LesionSidecarRow, VisualSummary
 from flows.ingest import ingest_flow
 from reports.gallery import render_visual_html, render_visual_md
-from tasks.dataset_store import load_dataset
-from tasks.lesions import attach_lesions
-from tasks.models import build_resnet50
-from tasks.saliency import build_visual_summary
-from tasks.synth import synthesize_cohort
+from tasks.ingest.dataset_store import load_dataset
+from tasks.ingest.lesions import attach_lesions
+from tasks.training.models import build_resnet50
+from tasks.saliency.saliency import build_visual_summary
+from tasks.demo.synth import synthesize_cohort
 
 NETWORK_ARMS = ("scratch", "imagenet")
 MODEL_SIZE = 64  # ResNet-50's layer4 is 2 x 2 here: the smallest size with a map that is not flat

@@ -23,9 +23,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, DecodedFileRecord, QuarantineReason, QuarantineRow
 from data_schemas.files import read_models_csv, sha256_file
 from flows.ingest import ingest_flow
-from tasks.dicom_io import MAX_MATRIX_SIDE
-from tasks.ingest import SourceFile, convert_file
-from tasks.preprocess import parse_window
+from tasks.ingest.dicom_io import MAX_MATRIX_SIDE
+from tasks.ingest.assemble import SourceFile, convert_file
+from tasks.ingest.preprocess import parse_window
 from tests.dicom_factory import BINARY_VRS, ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element
 
 SEED = 20261130

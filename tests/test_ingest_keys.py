@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from data_schemas.dataset import PRIVATE_INDEX_FILE, DatasetCard, DecodedFileRecord, ManifestRow, PrivateIndexRow
 from data_schemas.files import read_models_csv
 from flows.ingest import ingest_flow
-from tasks.dataset_store import load_dataset
+from tasks.ingest.dataset_store import load_dataset
 from tests.dicom_factory import ct_variant
 
 STUDY_1, STUDY_2, STUDY_3 = generate_uid(), generate_uid(), generate_uid()
@@ -128,7 +128,7 @@ def test_reingest_with_another_window_rebuilds_the_images(tmp_path: Path) -> Non
 @pytest.mark.parametrize("key", ["study_instance_uid", "series_instance_uid"])
 def test_a_uid_of_the_other_kind_matches_nothing(tmp_path: Path, key: str) -> None:
     """A series UID in a study-keyed file (and the reverse) labels nothing: the keys are not interchangeable."""
-    from tasks.ingest import IngestError
+    from tasks.ingest.assemble import IngestError
 
     src = tmp_path / "src"
     fields = COHORT["a.dcm"]

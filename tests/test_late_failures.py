@@ -25,10 +25,10 @@ import torch
 from data_schemas.files import read_model_json
 from data_schemas.plan import build_run_plan, read_plan, write_plan
 from data_schemas.training import CHECKPOINT_FILE, RunSummary, resolve_train_config
-from tasks.dataset_store import load_dataset, write_dataset
-from tasks.runtime import choose_runtime
+from tasks.ingest.dataset_store import load_dataset, write_dataset
+from tasks.common.runtime import choose_runtime
 from tasks.splits import parts_for_fold, read_splits
-from tasks.train import train_arm
+from tasks.training.train import train_arm
 from tests.test_progress import FakeTerminal
 from tests.test_train import _cli, make_synthetic_dataset, one_run_plan
 
@@ -66,7 +66,7 @@ def one_abnormal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_training_part_with_one_class_is_refused_before_training_and_recorded_as_failed(one_abnormal_dataset, tmp_path, capsys):
-    from tasks.evaluate import read_arm
+    from tasks.evaluation.evaluate import read_arm
 
     run_dir = tmp_path / "runs" / "scratch"
     plan_path = one_run_plan(run_dir, "scratch")
@@ -110,8 +110,8 @@ def test_task_run_names_say_which_run(dataset_dir, tmp_path, monkeypatch):
     from prefect import flow
     from prefect.runtime import flow_run
 
-    import tasks.train as train_module
-    from tasks.train import train_arm_task
+    import tasks.training.train as train_module
+    from tasks.training.train import train_arm_task
 
     def stand_in(**kwargs: object) -> None:
         raise ValueError("not trained in this test")
@@ -142,7 +142,7 @@ def test_task_run_names_say_which_run(dataset_dir, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_setup():
     """A ResNet-18 trained from scratch on 8 images of 32 px in batches of 4 (the loop is the same for every model)."""
-    from tasks.train_loop import make_setup
+    from tasks.training.loop import make_setup
 
     config = resolve_train_config("smoke", "resnet18:scratch", {"batch_size": "4"})
     y = torch.arange(8) % 2
@@ -153,8 +153,8 @@ def small_setup():
 
 def test_training_epoch_and_evaluation_show_a_bar_on_a_terminal(small_setup, monkeypatch):
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
-    monkeypatch.setattr("tasks.progress.BAR_MIN_INTERVAL_S", 0.0)
-    from tasks.train_loop import FitData, _evaluate, train_one_epoch
+    monkeypatch.setattr("tasks.common.progress.BAR_MIN_INTERVAL_S", 0.0)
+    from tasks.training.loop import FitData, _evaluate, train_one_epoch
 
     setup, x, y = small_setup
     terminal = FakeTerminal()
@@ -173,7 +173,7 @@ def test_training_epoch_and_evaluation_show_a_bar_on_a_terminal(small_setup, mon
 
 
 def test_training_off_a_terminal_adds_no_log_lines_to_a_short_epoch(small_setup, monkeypatch, caplog):
-    from tasks.train_loop import train_one_epoch
+    from tasks.training.loop import train_one_epoch
 
     setup, x, y = small_setup
     monkeypatch.setattr(sys, "stderr", io.StringIO())
@@ -184,10 +184,10 @@ def test_training_off_a_terminal_adds_no_log_lines_to_a_short_epoch(small_setup,
 
 def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, monkeypatch):
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
-    monkeypatch.setattr("tasks.progress.BAR_MIN_INTERVAL_S", 0.0)
-    from tasks.linear_probe import extract_multi_depth_features
-    from tasks.models import feature_extractor, resolve_imagenet_weights
-    from tasks.train_loop import batch_progress
+    monkeypatch.setattr("tasks.common.progress.BAR_MIN_INTERVAL_S", 0.0)
+    from tasks.training.linear_probe import extract_multi_depth_features
+    from tasks.training.models import feature_extractor, resolve_imagenet_weights
+    from tasks.training.loop import batch_progress
 
     backbone, _ = resolve_imagenet_weights(resnet50_weights_file, allow_download=False)
     model = feature_extractor(backbone, model="resnet50")
@@ -243,7 +243,7 @@ def test_read_only_output_is_refused_before_work_in_one_line(inside, dataset_dir
 def test_full_disk_during_training_is_one_sentence(dataset_dir, tmp_path, monkeypatch, capsys, caplog):
     """The disk fills up while the run writes its files (inside the Prefect task): no retry, no traceback, one
     sentence naming the file and what to do, exit 1."""
-    import tasks.train as train_module
+    import tasks.training.train as train_module
     from flows.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -296,7 +296,7 @@ def test_unwritable_cause_is_found_through_wrapping_exceptions():
 
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory: pytest.TempPathFactory):
-    from tasks.synth import synthesize_cohort
+    from tasks.demo.synth import synthesize_cohort
 
     return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=6, slices_per_patient=2, seed=11, matrix_sizes=(64,))
 
@@ -308,9 +308,9 @@ def _write_labels(path: Path, column: str, rows: list[tuple[str, str]]) -> Path:
 
 def test_header_keys_are_the_keys_ingest_matches(small_cohort):
     """The header-only pass reads every key column exactly as the full decode does."""
-    from tasks.dicom_io import read_ct_file
-    from tasks.ingest import discover_files
-    from tasks.label_precheck import KEY_ELEMENTS, header_key_record
+    from tasks.ingest.dicom_io import read_ct_file
+    from tasks.ingest.assemble import discover_files
+    from tasks.ingest.label_precheck import KEY_ELEMENTS, header_key_record
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     assert len(sources) == 12
@@ -325,7 +325,7 @@ def test_header_keys_are_the_keys_ingest_matches(small_cohort):
 def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
     from flows.ingest import ingest_flow
     from flows.ingest_command import register
-    from tasks.ingest import IngestError
+    from tasks.ingest.assemble import IngestError
 
     unknown = [(f"MRN{9_000_000 + i}", "normal" if i % 2 else "abnormal") for i in range(5)]
     labels = _write_labels(tmp_path / "labels.csv", "patient_id", unknown)
@@ -349,9 +349,9 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
 
 
 def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_path):
-    from tasks.dicom_io import read_ct_file
-    from tasks.ingest import discover_files, read_labels
-    from tasks.label_precheck import check_labels_match_headers
+    from tasks.ingest.dicom_io import read_ct_file
+    from tasks.ingest.assemble import discover_files, read_labels
+    from tasks.ingest.label_precheck import check_labels_match_headers
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     patient_ids = sorted({read_ct_file(Path(s.path), s.relative_path).record.patient_id for s in sources})
@@ -374,9 +374,9 @@ def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_pat
 
 
 def test_the_labels_check_reads_the_headers_on_the_decode_pool_with_the_same_counts(small_cohort, tmp_path):
-    from tasks.decode_pool import decode_pool
-    from tasks.ingest import discover_files, read_labels
-    from tasks.label_precheck import header_keys, match_labels_to_headers
+    from tasks.ingest.decode_pool import decode_pool
+    from tasks.ingest.assemble import discover_files, read_labels
+    from tasks.ingest.label_precheck import header_keys, match_labels_to_headers
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     keys = header_keys(sources, "patient_id")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_schemas.files import read_model_json
 from data_schemas.training import RunSummary
-from tasks.train import train_arm
+from tasks.training.train import train_arm
 from tests.test_train import make_synthetic_dataset, one_run_plan
 
 

@@ -12,7 +12,7 @@ from torchvision.models import resnet18, resnet50
 from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from data_schemas.files import sha256_file
 import resnet50_by_hand as hand
-from tasks.models import (
+from tasks.training.models import (
     as_feature_extractor,
     WeightsFileError,
     WeightsUnavailableError,
@@ -202,7 +202,7 @@ import numpy as np  # noqa: E402
 from torchvision.models import get_model  # noqa: E402
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES, ArmSpec, canonical_arm_name, parse_arm, parse_arms  # noqa: E402
-from tasks.models import (  # noqa: E402
+from tasks.training.models import (  # noqa: E402
     build_arm_model,
     build_model,
     count_flops,
@@ -386,10 +386,10 @@ def test_resize_is_antialiased_bicubic_and_stays_in_range():
 
 
 def test_probe_extraction_in_batches_gives_every_depth_and_the_top_features():
-    """tasks.linear_probe: three depths over 5 images in batches of 2 (one pass per batch) equal one whole pass;
+    """tasks.training.linear_probe: three depths over 5 images in batches of 2 (one pass per batch) equal one whole pass;
     the deepest equals the single-depth extraction of the same frozen ResNet-18 (its head is Identity)."""
-    from tasks.augment import normalise
-    from tasks.linear_probe import extract_features, extract_multi_depth_features
+    from tasks.training.augment import normalise
+    from tasks.training.linear_probe import extract_features, extract_multi_depth_features
 
     torch.manual_seed(3)
     net = as_feature_extractor(build_model("resnet18"))

@@ -14,7 +14,7 @@ from data_schemas.files import read_models_csv, sha256_file
 from data_schemas.package import CHECKSUMS_FILE, MODEL_CARD_FILE, PACKAGE_FILE, ImagePrediction, PatientPrediction
 from flows.cli import main
 from reports.model_card import CARD_SECTIONS
-from tasks.package import PackageError, load_package, write_package
+from tasks.packaging.package import PackageError, load_package, write_package
 from tests.ship_fixtures import (
     ShippedRun,
     shared_shipped_run,

@@ -14,8 +14,8 @@ from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.package import PACKAGE_FILE, ImagePrediction, PredictSummary
 from flows.cli import main
 from flows.predict import predict_flow
-from tasks.predict import RecipeConflict, check_request, window_argument
-from tasks.package import load_package
+from tasks.packaging.predict import RecipeConflict, check_request, window_argument
+from tasks.packaging.package import load_package
 from data_schemas.dataset import WindowSpec
 from tests.dicom_factory import write_bad_inputs
 from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files, paths_of

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_schemas.dataset import WindowSpec
-from tasks.preprocess import (
+from tasks.ingest.preprocess import (
     hu_frame_to_image,
     pad_to_square,
     parse_window,

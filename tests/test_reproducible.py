@@ -11,7 +11,7 @@ from typing import Any
 
 from data_schemas.files import read_model_json
 from data_schemas.report import ComparisonResults
-from tasks.synth import synthesize_cohort
+from tasks.demo.synth import synthesize_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 

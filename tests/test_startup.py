@@ -107,7 +107,7 @@ def _cmdline(process: psutil.Process) -> str:
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_an_ingest_leaves_no_worker_or_temporary_server(tmp_path: Path) -> None:
-    from tasks.synth import synthesize_cohort
+    from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=12, slices_per_patient=4, seed=0)
     out = tmp_path / "dataset"

@@ -1,4 +1,4 @@
-"""Tests of tasks.statistics against sklearn/scipy, hand computations and textbook values."""
+"""Tests of tasks.evaluation.statistics against sklearn/scipy, hand computations and textbook values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from tasks import statistics as st
+from tasks.evaluation import statistics as st
 
 
 def _synthetic(n_patients: int, images_per_patient: int = 4, shift: float = 1.0, seed: int = 0):

@@ -24,13 +24,13 @@ from data_schemas.training import (
     TimingInfo,
 )
 from flows.cli import UsageError
-from tasks.dataset_store import write_dataset
+from tasks.ingest.dataset_store import write_dataset
 from data_schemas.files import read_model_json, read_models_csv, sha256_file
 from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import VAL_PREDICTIONS_FILE, resolve_train_config
-from tasks.runtime import choose_runtime
-from tasks.train import TrainingInterrupted, train_arm
-from tasks.train_loop import predict_probs, state_copy
+from tasks.common.runtime import choose_runtime
+from tasks.training.train import TrainingInterrupted, train_arm
+from tasks.training.loop import predict_probs, state_copy
 
 N_PATIENTS, PER_PATIENT, SIZE = 18, 3, 40
 
@@ -153,9 +153,9 @@ def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):
     assert [m.epoch for m in metrics if m.is_best][-1] == best_epoch
     # the test predictions were made with exactly these weights
     config = read_model_json(run_dir / "config.json", RunConfig)
-    from tasks.models import scratch_resnet50
-    from tasks.augment import images_to_tensor
-    from tasks.dataset_store import load_dataset
+    from tasks.training.models import scratch_resnet50
+    from tasks.training.augment import images_to_tensor
+    from tasks.ingest.dataset_store import load_dataset
 
     model = scratch_resnet50(dropout=config.train.dropout)
     model.load_state_dict(best["state_dict"])
@@ -182,7 +182,7 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
     """A crash after epoch 1; the task's Prefect retry resumes (as --resume does) and finishes epoch 2 only."""
     from prefect import flow
 
-    import tasks.train as train_module
+    import tasks.training.train as train_module
 
     reference = _metrics(runs / "scratch")  # uninterrupted, same seed and config
     run_dir = runs / "scratch-interrupted"
@@ -290,8 +290,8 @@ def test_overrides_are_recorded():
 
 
 def _part_tensor(dataset_dir: Path, keys: list[str], size: int) -> torch.Tensor:
-    from tasks.augment import images_to_tensor
-    from tasks.dataset_store import load_dataset
+    from tasks.training.augment import images_to_tensor
+    from tasks.ingest.dataset_store import load_dataset
 
     dataset = load_dataset(dataset_dir)
     index_of = {r.image_key: r.index for r in dataset.manifest}
@@ -305,9 +305,9 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
 
     from data_schemas.plan import read_plan
     from data_schemas.training import SplitRow
-    from tasks.models import scratch_resnet50
+    from tasks.training.models import scratch_resnet50
     from tasks.splits import parts_for_fold, read_splits
-    from tasks.train_loop import auc_or_none
+    from tasks.training.loop import auc_or_none
 
     run_dir = runs / "early-stop"
     # no later epoch can improve the validation loss by 10: epoch 1 stays best, patience 1 would stop after epoch 2,
@@ -349,8 +349,8 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
 def test_head_only_phase_freezes_the_backbone(weights_file):
     """In the head-only epoch the backbone is bit-identical afterwards, has requires_grad False, no gradient and
     no optimizer state; the head does learn."""
-    from tasks.models import is_head_parameter, resolve_imagenet_weights
-    from tasks.train_loop import make_setup, train_one_epoch
+    from tasks.training.models import is_head_parameter, resolve_imagenet_weights
+    from tasks.training.loop import make_setup, train_one_epoch
 
     config = resolve_train_config("smoke", "imagenet", {"augment.enabled": "false"})
     assert config.freeze_epochs == 1
@@ -382,9 +382,9 @@ def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, mo
     """The same DICOM ingested with two HMAC keys: other pseudonyms and row order, the same split by pixel content
     and the same per-epoch training losses."""
     from flows.ingest import ingest_flow
-    from tasks.dataset_store import load_dataset
-    from tasks.pseudonymize import HMAC_KEY_ENV
-    from tasks.synth import synthesize_cohort
+    from tasks.ingest.dataset_store import load_dataset
+    from tasks.ingest.pseudonymize import HMAC_KEY_ENV
+    from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=10, slices_per_patient=2, seed=5, matrix_sizes=(64,))
     outcomes = []
@@ -466,7 +466,7 @@ def _tiny_config(**overrides) -> "TrainConfig":
 
 
 def _tiny_setup(config, *, head_epochs: int = 0, seed: int = 0, backbone_mult: float = 1.0):
-    from tasks.train_loop import FitSetup, make_optimizer, param_groups
+    from tasks.training.loop import FitSetup, make_optimizer, param_groups
 
     torch.manual_seed(seed)
     model = _TinyNet()
@@ -476,7 +476,7 @@ def _tiny_setup(config, *, head_epochs: int = 0, seed: int = 0, backbone_mult: f
 
 
 def _tiny_data(n_train: int = 10, n_val: int = 6):
-    from tasks.train_loop import FitData
+    from tasks.training.loop import FitData
 
     generator = torch.Generator().manual_seed(1)
     x_train, x_val = torch.rand(n_train, 1, 8, 8, generator=generator), torch.rand(n_val, 1, 8, 8, generator=generator)
@@ -487,7 +487,7 @@ def _tiny_data(n_train: int = 10, n_val: int = 6):
 
 def _select(config, val_losses, val_aucs=None, train_losses=None):
     """update_selection over a scripted sequence of epochs: (improved flags, bad_epochs, stopped flags, state)."""
-    from tasks.train_loop import TrainState, update_selection
+    from tasks.training.loop import TrainState, update_selection
 
     state, improved, bad, stopped = TrainState(), [], [], []
     for i, val_loss in enumerate(val_losses):
@@ -529,7 +529,7 @@ def test_no_early_stop_before_min_epochs_capped_at_epochs():
 
 
 def test_selection_by_auc_moving_average():
-    from tasks.train_loop import EMA_ALPHA
+    from tasks.training.loop import EMA_ALPHA
 
     assert EMA_ALPHA == 0.5
     config = _tiny_config(early_stopping_monitor="val_auc_ema", early_stopping_patience=5)
@@ -552,7 +552,7 @@ def test_selection_falls_back_to_training_loss_without_validation():
 
 
 def test_epoch_seeds_are_distinct_and_wrap_below_2_63():
-    from tasks.train_loop import epoch_seed
+    from tasks.training.loop import epoch_seed
 
     assert epoch_seed(1, 2, 3) == 1_000_003 + 2 * 7_919 + 3
     assert epoch_seed(0, 0, 0) == 0
@@ -561,7 +561,7 @@ def test_epoch_seeds_are_distinct_and_wrap_below_2_63():
 
 
 def test_learning_rate_schedule_values():
-    from tasks.train_loop import lr_factor
+    from tasks.training.loop import lr_factor
 
     cosine = _tiny_config(epochs=4, schedule="cosine", warmup_epochs=1.0)
     # 2 steps per epoch: 8 steps, warm-up over min(1 * 2, 0.5 * 8) = 2 steps, then cosine over the 6 others.
@@ -586,7 +586,7 @@ def test_learning_rate_schedule_values():
 
 
 def test_parameter_groups_and_optimizers():
-    from tasks.train_loop import make_optimizer, param_groups
+    from tasks.training.loop import make_optimizer, param_groups
 
     config = _tiny_config(weight_decay=0.25, lr=0.125)
     model = _TinyNet()
@@ -609,7 +609,7 @@ def test_parameter_groups_and_optimizers():
 
 
 def test_head_phase_learning_rates_and_freezing():
-    from tasks.train_loop import _set_lr, freeze_backbone
+    from tasks.training.loop import _set_lr, freeze_backbone
 
     config = _tiny_config(lr=0.5, schedule="constant", warmup_epochs=0.0)
     setup = _tiny_setup(config, backbone_mult=0.25)
@@ -630,8 +630,8 @@ def test_head_phase_learning_rates_and_freezing():
 def test_one_epoch_steps_images_order_and_loss():
     """10 images in batches of 4: 2 steps of 4 (the last partial batch dropped); the loss sum is the images' loss
     recomputed from the same batches; the same (seed, epoch) repeats exactly, another epoch reorders."""
-    from tasks.augment import normalise
-    from tasks.train_loop import epoch_seed, train_one_epoch
+    from tasks.training.augment import normalise
+    from tasks.training.loop import epoch_seed, train_one_epoch
 
     config = _tiny_config(lr=1e-9)  # the weights barely move: the loss sum is recomputable from the start weights
     data = _tiny_data()
@@ -658,7 +658,7 @@ def test_one_epoch_steps_images_order_and_loss():
 
 
 def test_one_epoch_with_a_head_phase_trains_only_the_head():
-    from tasks.train_loop import train_one_epoch
+    from tasks.training.loop import train_one_epoch
 
     config = _tiny_config(lr=0.1)
     data = _tiny_data()
@@ -675,8 +675,8 @@ def test_one_epoch_with_a_head_phase_trains_only_the_head():
 
 def test_class_weighted_loss_and_label_smoothing_in_a_step():
     """_step's loss: cross-entropy with class weights and label smoothing, computed here by hand."""
-    from tasks.augment import normalise
-    from tasks.train_loop import _step
+    from tasks.training.augment import normalise
+    from tasks.training.loop import _step
 
     config = _tiny_config(lr=1e-9, label_smoothing=0.25)
     setup = _tiny_setup(config)
@@ -697,8 +697,8 @@ def test_class_weighted_loss_and_label_smoothing_in_a_step():
 
 def test_predictions_and_validation_metrics_by_hand():
     """predict_probs in eval mode (dropout off), any batch size; _evaluate's losses and AUC recomputed by hand."""
-    from tasks.augment import normalise
-    from tasks.train_loop import _evaluate, auc_or_none, plain_loss, predict_probs
+    from tasks.training.augment import normalise
+    from tasks.training.loop import _evaluate, auc_or_none, plain_loss, predict_probs
 
     data = _tiny_data(n_val=8)
     config = _tiny_config(eval_batch_size=3)
@@ -734,7 +734,7 @@ def test_predictions_and_validation_metrics_by_hand():
 
 
 def test_train_eval_subsample_is_fixed_sorted_and_capped():
-    from tasks.train_loop import TRAIN_EVAL_IMAGES, train_eval_subsample
+    from tasks.training.loop import TRAIN_EVAL_IMAGES, train_eval_subsample
 
     assert TRAIN_EVAL_IMAGES == 512
     assert torch.equal(train_eval_subsample(10, seed=0), torch.arange(10))
@@ -746,7 +746,7 @@ def test_train_eval_subsample_is_fixed_sorted_and_capped():
 def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
     """Scripted validation losses 0.9, 0.7, 0.8, 0.75: the best epoch is 2, patience 2 ends the run after epoch 4;
     the best weights are those saved after epoch 2 (a copy, not the live weights that trained on)."""
-    import tasks.train_loop as train_loop
+    import tasks.training.loop as train_loop
 
     losses = iter([0.9, 0.7, 0.8, 0.75, 0.1, 0.1])
     monkeypatch.setattr(train_loop, "_evaluate",
@@ -779,7 +779,7 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
 
 
 def test_fit_runs_all_epochs_without_patience(monkeypatch):
-    import tasks.train_loop as train_loop
+    import tasks.training.loop as train_loop
 
     monkeypatch.setattr(train_loop, "_evaluate", lambda setup, data, progress=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None})
     config = _tiny_config(epochs=3, early_stopping_patience=None)
@@ -789,7 +789,7 @@ def test_fit_runs_all_epochs_without_patience(monkeypatch):
 
 
 def test_selection_is_described_with_its_numbers():
-    from tasks.train_loop import describe_selection
+    from tasks.training.loop import describe_selection
 
     text = describe_selection(_tiny_config(early_stopping_patience=4, min_epochs=9, epochs=6))
     assert text.startswith("best epoch by val_loss: plain cross-entropy")
@@ -803,7 +803,7 @@ def test_setup_of_each_arm_kind():
     lower learning rate, and the class balancing (weights n / (2 n_c) or a sampler of 1 / n_c), on ResNet-18."""
     from torchvision.models import resnet18
 
-    from tasks.train_loop import make_setup
+    from tasks.training.loop import make_setup
 
     config = _tiny_config(epochs=3, freeze_epochs=5, backbone_lr_mult=0.25, class_balance="loss_weights")
     runtime = choose_runtime(config)

@@ -1,7 +1,7 @@
 """The cost stage's prediction of a whole comparison's wall time, checked against arithmetic done by hand.
 
 Training FLOPs come from tests/resnet50_by_hand.py (an independent count), this machine's rate from a fixed
-calibration, the fixed stages from the constants in tasks/cost.py written out here as numbers; what the command
+calibration, the fixed stages from the constants in tasks/cost/estimate.py written out here as numbers; what the command
 spent before its cost stage is measured and added as it is.
 """
 
@@ -17,7 +17,7 @@ import resnet50_by_hand as hand
 from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
 from data_schemas.plan import build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
-from tasks import cost as C
+from tasks.cost import estimate as C
 
 RATE = 40e9  # the fixed calibration's achieved training FLOP/s
 WARMUP = 5.0  # its first-step warm-up, seconds (once per run)

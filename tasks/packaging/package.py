@@ -48,11 +48,11 @@ from data_schemas.training import (
     RunSummary,
 )
 from data_schemas.arms import RESIZE_METHOD
-from tasks.ingest import PREPROCESS_VERSION
-from tasks.models import build_resnet50, feature_extractor, pooled_at_depth, resolve_imagenet_weights
+from tasks.ingest.assemble import PREPROCESS_VERSION
+from tasks.training.models import build_resnet50, feature_extractor, pooled_at_depth, resolve_imagenet_weights
 
-# How tasks.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
-TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.augment.images_to_tensor)"
+# How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
+TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.training.augment.images_to_tensor)"
 MONOCHROME1_HANDLING = "inverted at ingest (stored as 1 - v), so that bright means dense for every image"
 AGGREGATION_CHOICES = ("mean", "max")
 
@@ -267,7 +267,7 @@ def package_file(path: Path) -> Path:
     if (path / CONFIG_FILE).is_file():
         raise PackageError(
             f"run folder {path} holds no model package ({PACKAGE_DIR}/{PACKAGE_FILE}); package it first "
-            "(tasks.package.write_package), since a run folder alone does not record its preprocessing window."
+            "(tasks.packaging.package.write_package), since a run folder alone does not record its preprocessing window."
         )
     raise PackageError(f"{path} is neither a model package ({PACKAGE_FILE}) nor a run folder holding one.")
 

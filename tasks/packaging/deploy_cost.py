@@ -4,7 +4,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 - parameters: sum of numel() over the float model's parameters (the int8 variant has the same count); a linear
   probe adds its 2048 coefficients + 1 intercept.
 - package_bytes: os.stat size of model.pt (weights + metadata, as shipped).
-- forward_gflops_per_image: tasks.models.forward_flops_per_image(train_image_size) / 1e9, torch's FlopCounterMode
+- forward_gflops_per_image: tasks.training.models.forward_flops_per_image(train_image_size) / 1e9, torch's FlopCounterMode
   on the ResNet-50 at the trained size (2 FLOPs per multiply-add; convolutions and matmuls only). A linear probe's
   head differs by < 1e-5 of the total; int8 executes the same multiply-adds in int8.
 - latency_ms_median / latency_ms_p90: `warmup_runs` untimed batch-1 forwards (oneDNN/fbgemm pick kernels and
@@ -14,8 +14,8 @@ Methods (each figure of data_schemas.package.DeploymentCost):
   ResNet-50's cost does not depend on pixel values.
 - throughput_images_per_second: 2 untimed batches (fewer when warmup_runs < 2), then `batches` forwards of `throughput_batch_size` images timed
   together; images / seconds.
-- threads, precision, channels_last: the runtime the figures were measured with (tasks.predict.prepare_model:
-  bf16 autocast + channels-last where tasks.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
+- threads, precision, channels_last: the runtime the figures were measured with (tasks.packaging.predict.prepare_model:
+  bf16 autocast + channels-last where tasks.common.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from data_schemas.files import read_models_csv, write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
 from data_schemas.training import PredictionRow
-from tasks.dataset_store import load_dataset
-from tasks.models import forward_flops_per_image
-from tasks.package import float_architecture, load_package, package_file, write_card
-from tasks.predict import PackagedModel, predict_images, prepare_model
-from tasks.quantize import compare_compression
-from tasks.statistics import bootstrap_ci, roc_auc
+from tasks.ingest.dataset_store import load_dataset
+from tasks.training.models import forward_flops_per_image
+from tasks.packaging.package import float_architecture, load_package, package_file, write_card
+from tasks.packaging.predict import PackagedModel, predict_images, prepare_model
+from tasks.packaging.quantize import compare_compression
+from tasks.evaluation.statistics import bootstrap_ci, roc_auc
 
 DEFAULT_WARMUP_RUNS = 10
 DEFAULT_TIMED_RUNS = 50
@@ -159,7 +159,7 @@ def evaluate_compression(*, full_package: Path, compressed_package: Path, run_di
     """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
     beside the full one on the run's own test images: slice-level test AUCs, judged against a noise band.
 
-    Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.statistics.bootstrap_ci,
+    Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.evaluation.statistics.bootstrap_ci,
     n_bootstrap resamples of patients) minus its point estimate, i.e. how far the AUC moves when only the sample of
     test patients changes; an AUC change inside it is indistinguishable from resampling noise. The full model runs in
     fp32 (its reference probabilities); the compressed one as `ctcompare predict` runs it by default (int8 kernels,

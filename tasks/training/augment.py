@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from data_schemas.training import GRAY_MEAN, GRAY_STD, AugmentConfig
-from tasks.models import resize_images
+from tasks.training.models import resize_images
 
 
 def images_to_tensor(images: np.ndarray, size: int, chunk: int = 256) -> torch.Tensor:
     """(N, 1, S, S) float16 array in [0, 1] -> float32 tensor at size x size, resized once by
-    tasks.models.resize_images (antialiased bicubic, clamped to [0, 1]; data_schemas.arms.RESIZE_METHOD)."""
+    tasks.training.models.resize_images (antialiased bicubic, clamped to [0, 1]; data_schemas.arms.RESIZE_METHOD)."""
     out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.float32)
     for start in range(0, images.shape[0], chunk):
         block = torch.from_numpy(np.asarray(images[start : start + chunk], dtype=np.float32))
@@ -29,7 +29,7 @@ def images_to_tensor(images: np.ndarray, size: int, chunk: int = 256) -> torch.T
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] grey -> the network's input (see tasks.models: ImageNet statistics folded to one channel)."""
+    """[0, 1] grey -> the network's input (see tasks.training.models: ImageNet statistics folded to one channel)."""
     return (x - GRAY_MEAN) / GRAY_STD
 
 

@@ -4,8 +4,8 @@ The classic back-of-envelope ("ResNet-50 on ImageNet took ~14 days on one M40, ~
 10,000x smaller costs 10,000x less per epoch; grayscale makes conv1 3x cheaper; cost scales with pixel count") is
 done here from the actual model and dataset:
 
-    forward FLOPs per image   counted by tasks.models.count_flops (FlopCounterMode) on each arm's own model
-                              (tasks.models.build_model: ResNet-50, ResNet-18 or MobileNetV3-Large, the arm's
+    forward FLOPs per image   counted by tasks.training.models.count_flops (FlopCounterMode) on each arm's own model
+                              (tasks.training.models.build_model: ResNet-50, ResNet-18 or MobileNetV3-Large, the arm's
                               ArmSpec.model) at the configured size and channel count, on the meta device: shapes
                               only, no arithmetic is done.
     training FLOPs per image  counted the same way over a real forward + backward with the arm's freezing applied,
@@ -103,7 +103,7 @@ PHASES = ("full", "head", "features")
 
 
 def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "cpu", model: str = LEGACY_MODEL):
-    """The arm's `model` (tasks.models.build_model, random weights) set up for one training phase.
+    """The arm's `model` (tasks.training.models.build_model, random weights) set up for one training phase.
 
     phase: "full" every parameter trainable (scratch, imagenet fine-tuning);
            "head" only the classifier head trainable (imagenet head-only warm-up epochs, as training freezes it);
@@ -111,7 +111,7 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
     """
     import torch
 
-    from tasks.models import as_feature_extractor, build_model, is_head_parameter
+    from tasks.training.models import as_feature_extractor, build_model, is_head_parameter
 
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use {', '.join(PHASES)}")
@@ -135,11 +135,14 @@ def model_counts_cache_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _counting_code_version() -> str:
     """What counts depend on besides their arguments: torch's and torchvision's versions and the code that builds
-    and counts the models (this module, tasks/models.py, data_schemas/arms.py). A change to any re-counts."""
-    tasks_dir = Path(__file__).resolve().parent
+    and counts the models (this module, tasks/training/models.py, data_schemas/arms.py). A change to any re-counts."""
+    import data_schemas.arms
+    import tasks.training.models
+
+    sources = (__file__, tasks.training.models.__file__, data_schemas.arms.__file__)
     return sha256_json({
         "torch": metadata.version("torch"), "torchvision": metadata.version("torchvision"),
-        "code": [sha256_file(path) for path in (tasks_dir / "cost.py", tasks_dir / "models.py", tasks_dir.parent / "data_schemas" / "arms.py")],
+        "code": [sha256_file(Path(path)) for path in sources],
     })
 
 
@@ -162,12 +165,12 @@ def _remember_model_counts(update: Callable[[ModelCountsCache], None]) -> None:
 
 @functools.lru_cache(maxsize=128)
 def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = LEGACY_MODEL) -> PhaseCounts:
-    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.models.count_flops);
+    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.training.models.count_flops);
     kept in model_counts.json, so that a later estimate needs no model built.
 
     full: train = 3 x forward - stem conv (every weight gradient, every input gradient but the first conv's);
     head: train = forward + 2 x D x classes (the head's weight gradient only; nothing below it needs a gradient),
-          D = the pooled feature width (tasks.models.feature_dim: ResNet-50 2048);
+          D = the pooled feature width (tasks.training.models.feature_dim: ResNet-50 2048);
     features: no backward, head removed: forward = full forward - 2 x D x classes.
     """
     key = sha256_json({"phase": phase, "size": image_size, "channels": channels, "classes": num_classes, "model": model,
@@ -175,7 +178,7 @@ def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2
     cached = _read_model_counts().phase_counts.get(key)
     if cached is not None:
         return cached
-    from tasks.models import count_flops, feature_dim
+    from tasks.training.models import count_flops, feature_dim
 
     net = phase_model(phase, channels, num_classes, device="meta", model=model)
     counts = PhaseCounts(
@@ -457,8 +460,8 @@ def ram_bytes() -> int:
 
 
 def this_machine_precision(requested: str) -> str:
-    """bf16/fp16 requests run as bf16 autocast when the CPU supports it (tasks.runtime), else fp32; no CPU tf32."""
-    from tasks.runtime import cpu_has_fast_bf16
+    """bf16/fp16 requests run as bf16 autocast when the CPU supports it (tasks.common.runtime), else fp32; no CPU tf32."""
+    from tasks.common.runtime import cpu_has_fast_bf16
 
     return "bf16" if requested in ("bf16", "fp16") and cpu_has_fast_bf16() else "fp32"
 
@@ -635,7 +638,7 @@ def price_this_machine(catalogue: DeviceCatalogue, calibration: Calibration | No
     With a calibration, this-machine's rate at the calibrated precision becomes peak = the matmul rate and
     utilisation = achieved training FLOP/s / peak, so that its effective rate is the measured training rate.
     """
-    from tasks.runtime import cpu_has_fast_bf16
+    from tasks.common.runtime import cpu_has_fast_bf16
 
     devices = []
     for device in catalogue.devices:
@@ -924,7 +927,7 @@ WALL_TIME_FORMULA = (
 
 
 def earliest_stop_epoch(*, epochs: int, min_epochs: int, patience: int | None) -> int:
-    """The first epoch at which early stopping can end a run (tasks.train_loop: it stops once `patience` epochs in a
+    """The first epoch at which early stopping can end a run (tasks.training.loop: it stops once `patience` epochs in a
     row did not improve and epoch >= min(min_epochs, epochs)): best at epoch 1, so max(min(min_epochs, epochs),
     1 + patience), capped at epochs; epochs when early stopping is off."""
     if patience is None:
@@ -1010,8 +1013,8 @@ def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seco
 
 def pretrained_weights_available(model: str, weights_path: str | None) -> bool:
     """True when a pretrained run of `model` will find weights: a weights file given, or one in torchvision's cache
-    (the places tasks.models.resolve_imagenet_weights looks before downloading)."""
-    from tasks.models import hub_checkpoint_dir, model_def, weights_file_name
+    (the places tasks.training.models.resolve_imagenet_weights looks before downloading)."""
+    from tasks.training.models import hub_checkpoint_dir, model_def, weights_file_name
 
     if weights_path:
         return True

@@ -348,7 +348,7 @@ def nodule_discs(plan: PatientPlan, slice_index: int) -> list[tuple[float, float
 
 
 def lesion_rows(plans: Sequence[PatientPlan]) -> list[LesionSidecarRow]:
-    """One lesions.csv row per nodule cross-section, keyed by the file's path under dicom/ (see tasks/lesions.py)."""
+    """One lesions.csv row per nodule cross-section, keyed by the file's path under dicom/ (see tasks/ingest/lesions.py)."""
     rows: list[LesionSidecarRow] = []
     for plan in plans:
         series = plan.series_dir(Path()).as_posix()

@@ -1,6 +1,6 @@
 """The training loop of the network arms: state, model and optimizer, one epoch, and fit with model selection.
 
-Everything a resumed run needs is in TrainState (saved whole by tasks.run_folder.save_checkpoint). Batch order,
+Everything a resumed run needs is in TrainState (saved whole by tasks.training.run_folder.save_checkpoint). Batch order,
 augmentation and dropout are seeded per (seed, epoch) from the training tensor, whose rows are in the split file's
 pixel-content order, so the same data, settings and seed give the same per-epoch losses, resumed or not.
 
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from data_schemas.training import EpochMetrics, TrainConfig
-from tasks.augment import augment_batch, mixup, normalise
+from tasks.training.augment import augment_batch, mixup, normalise
 from data_schemas.arms import ArmSpec, parse_arm
-from tasks.models import build_arm_model, is_head_parameter, is_no_decay_parameter
-from tasks.progress import progress as show_progress
-from tasks.runtime import Runtime
+from tasks.training.models import build_arm_model, is_head_parameter, is_no_decay_parameter
+from tasks.common.progress import progress as show_progress
+from tasks.common.runtime import Runtime
 
 EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
 TRAIN_EVAL_IMAGES = 512  # the fixed training subsample of EpochMetrics.train_eval_loss
@@ -155,7 +155,7 @@ def make_setup(*, config: TrainConfig, runtime: Runtime, backbone: dict[str, tor
     arm None means ResNet-50: the imagenet arm with a backbone, else scratch."""
     spec = parse_arm(arm if arm is not None else ("imagenet" if backbone is not None else "scratch"))
     if spec.mode == "imagenet-linear":
-        raise ValueError("the imagenet-linear arm has no training loop: it fits a linear probe (tasks.linear_probe).")
+        raise ValueError("the imagenet-linear arm has no training loop: it fits a linear probe (tasks.training.linear_probe).")
     torch.manual_seed(seed)
     model = build_arm_model(spec, num_classes=2, dropout=config.dropout, backbone=backbone if spec.pretrained else None)
     backbone_mult = config.backbone_lr_mult if spec.pretrained else 1.0

@@ -2,8 +2,8 @@
 
 A labels file keyed on values no file carries (another site's patient IDs, UIDs copied with a typo, paths from
 another folder) would otherwise be found only after the whole decode. This pass reads each file's header up to
-the key element (pydicom `stop_before_pixels`, `specific_tags`), converts it as ingest does (tasks.dicom_io) and
-matches it with ingest's own key function (tasks.ingest.label_key), so it agrees with the labels ingest assigns.
+the key element (pydicom `stop_before_pixels`, `specific_tags`), converts it as ingest does (tasks.ingest.dicom_io) and
+matches it with ingest's own key function (tasks.ingest.assemble.label_key), so it agrees with the labels ingest assigns.
 It refuses, in one sentence, labels that match no file, and logs one line of counts when they match only some.
 Messages give counts and the key column's name, never a key value: keys are patient identifiers.
 """
@@ -19,11 +19,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data_schemas.dataset import DecodedFileRecord
-from tasks.decode_pool import current_decode_pool
-from tasks.dicom_io import header_value, text_up_to, uid, values_never_logged
-from tasks.ingest import IngestError, LabelTable, SourceFile, label_key
+from tasks.ingest.decode_pool import current_decode_pool
+from tasks.ingest.dicom_io import header_value, text_up_to, uid, values_never_logged
+from tasks.ingest.assemble import IngestError, LabelTable, SourceFile, label_key
 
-# The header element behind each key column and its converter, as tasks.dicom_io._file_record reads it ("path" is
+# The header element behind each key column and its converter, as tasks.ingest.dicom_io._file_record reads it ("path" is
 # the file's place in the source folder and needs no header).
 KEY_ELEMENTS: dict[str, tuple[str, Callable[[object], str]]] = {
     "patient_id": ("PatientID", text_up_to(64)),

@@ -1,7 +1,7 @@
 """Training one arm on one outer fold: `train_arm` (a plain function) and `train_arm_task` (its Prefect task).
 
 The run's settings come from the run plan (data_schemas/plan.py), never from profile strings. The loop lives in
-tasks/train_loop.py, the run folder's files in tasks/run_folder.py.
+tasks/training/loop.py, the run folder's files in tasks/training/run_folder.py.
 
 Fault model. After every finished epoch checkpoint_last.pt is replaced atomically (model, optimizer, RNG and the
 whole TrainState: step, history, early-stopping state, timing, and the best weights when they are not the current
@@ -49,11 +49,11 @@ from data_schemas.training import (
     TrainConfig,
     WeightsInfo,
 )
-from tasks.augment import images_to_tensor
-from tasks.dataset_store import LoadedDataset, load_dataset
-from tasks.ingest import UNWRITABLE_ERRNOS
-from tasks.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
-from tasks.models import (
+from tasks.training.augment import images_to_tensor
+from tasks.ingest.dataset_store import LoadedDataset, load_dataset
+from tasks.ingest.assemble import UNWRITABLE_ERRNOS
+from tasks.training.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
+from tasks.training.models import (
     WeightsUnavailableError,
     feature_extractor,
     forward_flops_per_image,
@@ -62,7 +62,7 @@ from tasks.models import (
     resolve_imagenet_weights,
     weights_file_name,
 )
-from tasks.run_folder import (
+from tasks.training.run_folder import (
     clear_training_files,
     completed_run,
     load_checkpoint,
@@ -76,9 +76,9 @@ from tasks.run_folder import (
     write_status,
     write_timing,
 )
-from tasks.runtime import Runtime, choose_runtime
+from tasks.common.runtime import Runtime, choose_runtime
 from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
-from tasks.train_loop import (
+from tasks.training.loop import (
     FitData,
     FitSetup,
     TrainState,
@@ -175,7 +175,7 @@ def _config_identity(config: RunConfig) -> dict[str, Any]:
 
 def _timing(ctx: RunContext, *, train_seconds: float, eval_seconds: float, images_seen: int, epochs_run: int,
             feature_seconds: float | None = None) -> None:
-    """timing.json; FLOPs per image from tasks.models.forward_flops_per_image (training step = 3 x forward)."""
+    """timing.json; FLOPs per image from tasks.training.models.forward_flops_per_image (training step = 3 x forward)."""
     flops = forward_flops_per_image(ctx.config.train.image_size, model=parse_arm(ctx.arm).model)
     seconds = feature_seconds if feature_seconds is not None else train_seconds
     ips = images_seen / max(seconds, 1e-9)
@@ -295,7 +295,7 @@ def _depths(model: str, requested: list[str] | None) -> tuple[str, ...]:
 
 
 def _features(ctx: RunContext) -> dict[str, dict[str, np.ndarray]]:
-    """{depth: {part: pooled features}} of the frozen ImageNet backbone at every probe depth (tasks.models.
+    """{depth: {part: pooled features}} of the frozen ImageNet backbone at every probe depth (tasks.training.models.
     probe_depths), all from one forward pass per batch; cached in features.npz under the config hash."""
     path, rt, cfg = ctx.run_dir / FEATURES_FILE, ctx.runtime, ctx.config.train
     model_name = parse_arm(ctx.arm).model
@@ -446,7 +446,7 @@ def check_training_part_has_both_classes(parts: dict[str, list[SplitRow]], class
 
     A model cannot learn to tell two classes apart from one; such a run would otherwise end "completed" with
     nothing to compare. (A validation part with one class is allowed: model selection then falls back to the
-    validation loss, tasks.train_loop.update_selection.)
+    validation loss, tasks.training.loop.update_selection.)
     """
     counts = Counter(row.label for row in parts["train"])
     if sum(1 for label in classes if counts[label]) < 2:
@@ -478,7 +478,7 @@ def train_arm(
 
     run: the run's folder as written in the plan (relative to plan_path's folder). weights_path is the ResNet-50
     weights file; weights_dir a folder of torchvision-format files named by model (weights_file_for); without
-    them the torch hub cache is searched (tasks.models.resolve_imagenet_weights). Pretrained arms without weights
+    them the torch hub cache is searched (tasks.training.models.resolve_imagenet_weights). Pretrained arms without weights
     are skipped (status.json "skipped", reason = where to put the file), not an error. Bad settings, a bad weights
     file or a mismatched split raise ValueError subclasses with one sentence.
     """

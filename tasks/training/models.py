@@ -105,7 +105,7 @@ _MODELS: dict[str, ModelDef] = {
     ),
 }
 if tuple(_MODELS) != MODEL_NAMES:  # pragma: no cover - a model added on one side only
-    raise RuntimeError("tasks.models._MODELS and data_schemas.arms.MODEL_NAMES must list the same models")
+    raise RuntimeError("tasks.training.models._MODELS and data_schemas.arms.MODEL_NAMES must list the same models")
 IMAGENET_WEIGHTS = _MODELS[LEGACY_MODEL].weights
 
 

@@ -30,9 +30,9 @@ from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import read_model_json
 from data_schemas.plan import SplitSettings
 from data_schemas.package import CompressionComparison, DeploymentCost, ModelPackageMeta
-from tasks.augment import images_to_tensor
-from tasks.dataset_store import load_dataset
-from tasks.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
+from tasks.training.augment import images_to_tensor
+from tasks.ingest.dataset_store import load_dataset
+from tasks.packaging.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
 from tasks.splits import parts_for_fold, read_splits, subsample_patients
 
 INT8_ENGINES = ("x86", "fbgemm")

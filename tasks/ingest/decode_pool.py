@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from data_schemas.dataset import WindowSpec
-    from tasks.ingest import CachedFile, SourceFile
+    from tasks.ingest.assemble import CachedFile, SourceFile
 
 # Files per job sent to a worker: small enough for balance and a smooth progress bar, large enough that the
 # per-job inter-process cost (a few hundred microseconds) stays negligible against ~3-10 ms of decoding per file.
@@ -72,9 +72,9 @@ def limit_compute_threads() -> None:
 
 
 def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
-    """What a worker runs per job: decode files into the cache (see tasks.ingest.decode_files); returns what the
+    """What a worker runs per job: decode files into the cache (see tasks.ingest.assemble.decode_files); returns what the
     assembly needs of the files it decoded (records, image hashes, HU samples), so the flow need not re-read them."""
-    from tasks.ingest import decode_files
+    from tasks.ingest.assemble import decode_files
 
     return decode_files(sources, cache_dir, size, window)
 

@@ -9,9 +9,9 @@ Slices. One selection for every arm (select_slices), scored by the positive prob
 the most confident true positives, the highest-scored normal slices (false positives first), the lowest-scored
 nodule slices (false negatives first), and seeded random slices.
 
-Shortcut check (only with <dataset>/lesions.csv, see tasks/lesions.py). Pointing game (Zhang et al. 2018): a
+Shortcut check (only with <dataset>/lesions.csv, see tasks/ingest/lesions.py). Pointing game (Zhang et al. 2018): a
 positive slice is a hit when its map's maximum lies inside a lesion disc; the hit rate gets a 95% percentile
-bootstrap interval resampling patients (tasks.statistics.bootstrap_ci). Chance level: a maximum placed uniformly
+bootstrap interval resampling patients (tasks.evaluation.statistics.bootstrap_ci). Chance level: a maximum placed uniformly
 at random hits with probability equal to the lesions' area fraction, given beside the share of map mass inside.
 """
 
@@ -38,12 +38,12 @@ from data_schemas.visual import (
     SelectedSlice,
     VisualSummary,
 )
-from tasks.augment import images_to_tensor, normalise
-from tasks.dataset_store import load_dataset
-from tasks.lesions import lesion_mask, load_lesions
-from tasks.models import build_resnet50
-from tasks.statistics import bootstrap_ci
-from tasks.thumbnails import dataset_gallery, gray_thumbnail, overlay_thumbnail, resize_to, short_key
+from tasks.training.augment import images_to_tensor, normalise
+from tasks.ingest.dataset_store import load_dataset
+from tasks.ingest.lesions import lesion_mask, load_lesions
+from tasks.training.models import build_resnet50
+from tasks.evaluation.statistics import bootstrap_ci
+from tasks.saliency.thumbnails import dataset_gallery, gray_thumbnail, overlay_thumbnail, resize_to, short_key
 
 RESNET_TARGET_LAYER = "layer4"
 POSITIVE_CLASS = 1

@@ -16,8 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from data_schemas.training import LinearProbeConfig, LinearProbeModel
-from tasks.augment import normalise
-from tasks.models import multi_depth_features
+from tasks.training.augment import normalise
+from tasks.training.models import multi_depth_features
 
 
 def _batches(
@@ -67,8 +67,8 @@ def extract_multi_depth_features(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{depth: (N, C_depth) float32 pooled features} of [0, 1] images, every depth from the same forward pass of each
-    batch (tasks.models.multi_depth_features; depths e.g. tasks.models.probe_depths(model_name)); on_batch(n) after
-    each batch of n images (a progress count, e.g. tasks.train_loop.batch_progress)."""
+    batch (tasks.training.models.multi_depth_features; depths e.g. tasks.training.models.probe_depths(model_name)); on_batch(n) after
+    each batch of n images (a progress count, e.g. tasks.training.loop.batch_progress)."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {depth: [] for depth in depths}
     for _start, x, context in _batches(images, batch_size, device, precision, channels_last):

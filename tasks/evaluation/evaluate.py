@@ -76,8 +76,8 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
-from tasks import statistics as st
-from tasks.cost import estimated_seconds_for
+from tasks.evaluation import statistics as st
+from tasks.cost.estimate import estimated_seconds_for
 
 REPORTED_PACKAGES = ("ctcompare", "torch", "torchvision", "monai", "prefect", "pydicom", "scikit-learn", "numpy", "scipy")
 PSEUDONYM_CHARS = 12
@@ -613,7 +613,7 @@ def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], ma
 
 def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], st.DeLongTest],
            evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
-    """The recommendation rule of tasks.statistics on the patient-level AUC tests (reports.wording words it)."""
+    """The recommendation rule of tasks.evaluation.statistics on the patient-level AUC tests (reports.wording words it)."""
     summaries = [
         st.ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
         for a in arms

@@ -16,7 +16,7 @@ Sidecar (input, beside labels.csv; format in data_schemas/visual.py LesionSideca
 diameters converted from mm with PixelSpacing) writes the same columns.
 
 attach_lesions joins the sidecar to the dataset through the dataset's private index (source path -> image_key),
-moves every point with the same padding and resize as the pixels (tasks.preprocess.source_point_to_image, with
+moves every point with the same padding and resize as the pixels (tasks.ingest.preprocess.source_point_to_image, with
 the pads the manifest records) and writes <dataset>/lesions.csv keyed by image_key: shareable, no path, no name.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 from data_schemas.dataset import DATASET_CARD_FILE, MANIFEST_FILE, PRIVATE_INDEX_FILE, DatasetCard, ManifestRow, PrivateIndexRow
 from data_schemas.files import read_model_json, read_models_csv, write_models_csv
 from data_schemas.visual import DATASET_LESIONS_FILE, ImageLesionRow, LesionSidecarRow
-from tasks.preprocess import source_point_to_image
+from tasks.ingest.preprocess import source_point_to_image
 
 
 def read_lesion_sidecar(sidecar: Path) -> list[LesionSidecarRow]:

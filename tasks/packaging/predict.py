@@ -33,14 +33,14 @@ from data_schemas.package import (
     PatientPrediction,
     PredictSummary,
 )
-from tasks.augment import images_to_tensor
-from tasks.dataset_store import load_dataset
-from tasks.ingest import PREPROCESS_VERSION
-from tasks.linear_probe import predict_linear_probe
-from tasks.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
-from tasks.preprocess import NAMED_WINDOWS, parse_window, window_level_width
-from tasks.quantize import int8_model
-from tasks.runtime import Runtime, choose_runtime
+from tasks.training.augment import images_to_tensor
+from tasks.ingest.dataset_store import load_dataset
+from tasks.ingest.assemble import PREPROCESS_VERSION
+from tasks.training.linear_probe import predict_linear_probe
+from tasks.packaging.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
+from tasks.ingest.preprocess import NAMED_WINDOWS, parse_window, window_level_width
+from tasks.packaging.quantize import int8_model
+from tasks.common.runtime import Runtime, choose_runtime
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 RESIZE_CHUNK = 256  # images resized to the training size at a time: bounds memory on large folders
@@ -151,7 +151,7 @@ def default_threads() -> int:
 
 
 def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: int | None = None) -> Runtime:
-    """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.runtime), else fp32."""
+    """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.common.runtime), else fp32."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISION_CHOICES)}.")
     threads = threads or default_threads()

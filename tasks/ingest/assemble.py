@@ -49,7 +49,7 @@ from data_schemas.dataset import (
     WindowSpec,
 )
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
-from tasks.dataset_store import (
+from tasks.ingest.dataset_store import (
     PRIVATE_FILE_MODE,
     DatasetBusyError,
     ImageBlocks,
@@ -57,11 +57,11 @@ from tasks.dataset_store import (
     dataset_write_lock,
     write_dataset,
 )
-from tasks.decode_pool import current_decode_pool, limit_compute_threads
-from tasks.dicom_io import Rejected, read_ct_file
+from tasks.ingest.decode_pool import current_decode_pool, limit_compute_threads
+from tasks.ingest.dicom_io import Rejected, read_ct_file
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
-from tasks.preprocess import hu_frame_to_image, window_level_width
-from tasks.pseudonymize import load_or_create_secret, pseudonym
+from tasks.ingest.preprocess import hu_frame_to_image, window_level_width
+from tasks.ingest.pseudonymize import load_or_create_secret, pseudonym
 
 # Bump when the conversion recipe changes: it invalidates every cached decode.
 PREPROCESS_VERSION = 2  # 2: every header value validated; burned-in annotation and secondary capture recorded
