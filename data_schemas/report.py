@@ -503,7 +503,7 @@ class WhatToTrain(StrictModel):
 
 
 class Recommendation(StrictModel):
-    """What the numbers say to do, derived from them by tasks.evaluation.statistics.recommend.
+    """What the numbers say to do, derived from them by tasks.evaluation.recommend.recommend.
 
     Args:
         headline: one or two sentences shown first in the report.
@@ -516,7 +516,7 @@ class Recommendation(StrictModel):
         best_arm: the arm with the highest AUC point estimate.
         margin: the non-inferiority margin used, in AUC.
         level: "patient" or "slice": whose AUC comparisons decided.
-        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.evaluation.statistics).
+        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.evaluation.recommend.patients_needed).
         deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior or inconclusive verdict
             (the preferred or cheapest arm first).
     """

@@ -13,6 +13,7 @@ from data_schemas.report import ComparisonResults
 from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, EpochMetrics, PredictionRow
 from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
 from reports.render import render_report
+from tasks.evaluation import pooling
 from tasks.evaluation import statistics as st
 from reports.wording import word_results
 from tasks.evaluation.evaluate import build_results
@@ -73,7 +74,7 @@ def test_each_fold_applies_its_own_validation_threshold(tmp_path: Path) -> None:
     hits = positives = 0
     for k, run_dir in enumerate(arm_runs["scratch"]):
         val = read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow)
-        expected = st.choose_operating_point([r.target for r in val], [r.prob_positive for r in val], "sensitivity", 0.8)
+        expected = pooling.choose_operating_point([r.target for r in val], [r.prob_positive for r in val], "sensitivity", 0.8)
         assert arm.operating_point.slice_thresholds[k] == pytest.approx(expected.threshold)
         test = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
         hits += sum(r.target == 1 and r.prob_positive >= expected.threshold for r in test)

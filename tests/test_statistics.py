@@ -9,6 +9,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
+from tasks.evaluation import pairs, pooling
+from tasks.evaluation import recommend as rule
 from tasks.evaluation import statistics as st
 
 
@@ -129,7 +131,7 @@ def test_bootstrap_custom_metric_and_bad_name() -> None:
 
 def test_delong_identical_predictors() -> None:
     y, p, _ = _synthetic(30)
-    r = st.delong_test(y, p, p)
+    r = pairs.delong_test(y, p, p)
     assert r.p_value == 1.0 and r.z == 0.0 and r.diff == 0.0
     assert r.auc_a == pytest.approx(skm.roc_auc_score(y, p))
 
@@ -138,7 +140,7 @@ def test_delong_hand_case_matches_direct_structural_components() -> None:
     y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     a = np.array([0.9, 0.8, 0.8, 0.6, 0.4, 0.7, 0.3, 0.3, 0.2, 0.1, 0.5])
     b = np.array([0.7, 0.9, 0.4, 0.5, 0.3, 0.8, 0.5, 0.2, 0.4, 0.1, 0.6])
-    r = st.delong_test(y, a, b)
+    r = pairs.delong_test(y, a, b)
     auc_a, auc_b, var = _delong_direct(y, a, b)
     assert r.auc_a == pytest.approx(auc_a) and r.auc_a == pytest.approx(skm.roc_auc_score(y, a))
     assert r.auc_b == pytest.approx(auc_b) and r.auc_b == pytest.approx(skm.roc_auc_score(y, b))
@@ -155,7 +157,7 @@ def test_delong_random_cases_match_direct() -> None:
         y[:2] = [0, 1]
         a = np.round(rng.random(60) * 0.5 + 0.4 * y, 1)
         b = np.round(rng.random(60) * 0.7 + 0.2 * y, 1)
-        r = st.delong_test(y, a, b)
+        r = pairs.delong_test(y, a, b)
         auc_a, auc_b, var = _delong_direct(y, a, b)
         assert (r.auc_a, r.auc_b) == pytest.approx((auc_a, auc_b))
         assert r.z == pytest.approx((auc_a - auc_b) / math.sqrt(var))
@@ -164,7 +166,7 @@ def test_delong_random_cases_match_direct() -> None:
 def test_delong_detects_a_real_difference() -> None:
     y, good, _ = _synthetic(200, images_per_patient=1, shift=1.5, seed=4)
     noise = np.random.default_rng(5).random(y.size)
-    r = st.delong_test(y, good, noise)
+    r = pairs.delong_test(y, good, noise)
     assert r.diff > 0.2 and r.p_value < 1e-6 and r.ci_of_diff[0] > 0
 
 
@@ -173,7 +175,7 @@ def test_mcnemar_exact_known_value() -> None:
     y = np.ones(20, dtype=int)
     pred_a = np.array([1] * 10 + [0] * 2 + [1] * 8)
     pred_b = np.array([0] * 10 + [1] * 2 + [1] * 8)
-    r = st.mcnemar_test(y, pred_a, pred_b)
+    r = pairs.mcnemar_test(y, pred_a, pred_b)
     assert (r.b, r.c, r.method) == (10, 2, "exact")
     assert r.p_value == pytest.approx(158 / 4096)
     assert round(r.p_value, 4) == 0.0386
@@ -185,18 +187,18 @@ def test_mcnemar_chi2_with_continuity_correction() -> None:
     y = np.zeros(40, dtype=int)
     pred_a = np.array([0] * 25 + [1] * 10 + [0] * 5)
     pred_b = np.array([1] * 25 + [0] * 10 + [0] * 5)
-    r = st.mcnemar_test(y, pred_a, pred_b)
+    r = pairs.mcnemar_test(y, pred_a, pred_b)
     assert (r.b, r.c, r.method) == (25, 10, "chi2_cc")
     assert r.statistic == pytest.approx(5.6)
     assert r.p_value == pytest.approx(stats.chi2.sf(5.6, 1)) and round(r.p_value, 3) == 0.018
     # Textbook: Agresti (2013) Table 11.1, presidential approval, b = 150, c = 86:
     # uncorrected z^2 = 64^2/236 = 17.36; corrected (63^2)/236 = 16.82.
     y = np.zeros(236, dtype=int)
-    r = st.mcnemar_test(y, np.array([0] * 150 + [1] * 86), np.array([1] * 150 + [0] * 86))
+    r = pairs.mcnemar_test(y, np.array([0] * 150 + [1] * 86), np.array([1] * 150 + [0] * 86))
     assert r.statistic == pytest.approx(63**2 / 236) and r.p_value < 1e-4
-    assert st.mcnemar_test([1, 0], [1, 0], [1, 0]).p_value == 1.0
+    assert pairs.mcnemar_test([1, 0], [1, 0], [1, 0]).p_value == 1.0
     with pytest.raises(ValueError, match="exact"):
-        st.mcnemar_test([1], [1], [1], method="fisher")  # type: ignore[arg-type]
+        pairs.mcnemar_test([1], [1], [1], method="fisher")  # type: ignore[arg-type]
 
 
 def test_curves_and_confusion() -> None:
@@ -221,8 +223,8 @@ def test_clustered_delong_equals_delong_with_one_image_per_patient() -> None:
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
     a, b = (rng.random(60) + 0.3 * y) / 1.3, (rng.random(60) + 0.1 * y) / 1.1
-    plain = st.delong_test(y, a, b)
-    clustered = st.delong_test(y, a, b, groups=[f"p{i}" for i in range(60)])
+    plain = pairs.delong_test(y, a, b)
+    clustered = pairs.delong_test(y, a, b, groups=[f"p{i}" for i in range(60)])
     assert clustered.z == pytest.approx(plain.z, rel=1e-9)
     assert clustered.p_value == pytest.approx(plain.p_value, rel=1e-9)
 
@@ -233,12 +235,12 @@ def test_clustered_delong_counts_a_patients_copies_once() -> None:
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 40)
     a, b = (rng.random(40) + 0.4 * y) / 1.4, (rng.random(40) + 0.2 * y) / 1.2
-    original = st.delong_test(y, a, b)
+    original = pairs.delong_test(y, a, b)
     reps = 5
     y5, a5, b5 = np.repeat(y, reps), np.repeat(a, reps), np.repeat(b, reps)
     patients = np.repeat(np.arange(40), reps)
-    clustered = st.delong_test(y5, a5, b5, groups=patients)
-    naive = st.delong_test(y5, a5, b5)
+    clustered = pairs.delong_test(y5, a5, b5, groups=patients)
+    naive = pairs.delong_test(y5, a5, b5)
     assert clustered.z == pytest.approx(original.z, rel=1e-9)
     assert clustered.p_value == pytest.approx(original.p_value, rel=1e-9)
     assert naive.p_value < clustered.p_value
@@ -250,12 +252,12 @@ def test_clustered_mcnemar_reduces_to_mcnemar_and_discounts_copies() -> None:
     y = np.ones(12, dtype=int)
     a = np.array([1] * 10 + [0] * 2)
     b = np.array([0] * 10 + [1] * 2)
-    single = st.mcnemar_test(y, a, b, method="clustered", groups=list(range(12)))
+    single = pairs.mcnemar_test(y, a, b, method="clustered", groups=list(range(12)))
     assert single.method == "clustered" and single.statistic == pytest.approx(64 / 12)
-    copies = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4), method="clustered",
+    copies = pairs.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4), method="clustered",
                              groups=np.repeat(np.arange(12), 4))
     assert copies.statistic == pytest.approx(single.statistic)  # 4 copies of a patient are still one patient
-    naive = st.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4))
+    naive = pairs.mcnemar_test(np.repeat(y, 4), np.repeat(a, 4), np.repeat(b, 4))
     assert naive.p_value < copies.p_value
 
 
@@ -267,14 +269,14 @@ def test_mcnemar_few_discordant_patients_is_exact_binomial() -> None:
     y = np.ones(8, dtype=int)
     a = np.array([1] * 5 + [1] * 3)
     b = np.array([0] * 5 + [1] * 3)
-    r = st.mcnemar_test(y, a, b, groups=[f"p{i}" for i in range(8)])
+    r = pairs.mcnemar_test(y, a, b, groups=[f"p{i}" for i in range(8)])
     assert r.method == "exact_permutation" and (r.b, r.c, r.n_discordant_units) == (5, 0, 5)
     assert r.p_value == pytest.approx(stats.binomtest(5, 5, 0.5).pvalue) == pytest.approx(0.0625)
     for b_count, c_count in [(7, 2), (3, 9), (10, 10), (1, 0)]:
         n = b_count + c_count
         yy = np.zeros(n, dtype=int)
         pa = np.array([0] * b_count + [1] * c_count)
-        r = st.mcnemar_test(yy, pa, 1 - pa, groups=np.arange(n))
+        r = pairs.mcnemar_test(yy, pa, 1 - pa, groups=np.arange(n))
         assert r.p_value == pytest.approx(stats.binomtest(b_count, n, 0.5).pvalue)
 
 
@@ -283,11 +285,11 @@ def test_mcnemar_many_discordant_patients_is_durkalski_chi_square() -> None:
     y = np.zeros(70, dtype=int)
     a = np.array([0] * 40 + [1] * 20 + [0] * 10)
     b = np.array([1] * 40 + [0] * 20 + [0] * 10)
-    r = st.mcnemar_test(y, a, b, groups=np.arange(70))
+    r = pairs.mcnemar_test(y, a, b, groups=np.arange(70))
     assert r.method == "clustered" and r.n_discordant_units == 60
     assert r.statistic == pytest.approx(400 / 60)
     assert r.p_value == pytest.approx(stats.chi2.sf(400 / 60, df=1))
-    assert "Durkalski 2003" in st.METHOD_LABELS[r.method] and "no continuity correction" in st.METHOD_LABELS[r.method]
+    assert "Durkalski 2003" in pairs.METHOD_LABELS[r.method] and "no continuity correction" in pairs.METHOD_LABELS[r.method]
 
 
 def test_sign_flip_p_value_matches_enumeration() -> None:
@@ -295,8 +297,8 @@ def test_sign_flip_p_value_matches_enumeration() -> None:
     d = np.array([3, -1, 2, 2, 1, -4, 1])
     signs = np.array(np.meshgrid(*[[-1, 1]] * d.size)).reshape(d.size, -1).T
     sums = np.abs(signs @ np.abs(d))
-    assert st.sign_flip_p_value(d) == pytest.approx(np.mean(sums >= abs(d.sum())))
-    assert st.sign_flip_p_value([0, 0]) == 1.0
+    assert pairs.sign_flip_p_value(d) == pytest.approx(np.mean(sums >= abs(d.sum())))
+    assert pairs.sign_flip_p_value([0, 0]) == 1.0
 
 
 # ---------------------------------------------------------------- DeLong and Obuchowski by brute force
@@ -331,7 +333,7 @@ def _obuchowski_direct(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.n
 def test_clustered_delong_matches_brute_force_obuchowski() -> None:
     y, a, groups = _synthetic(30, images_per_patient=3, seed=7)
     b = np.clip(a + np.random.default_rng(8).normal(0, 0.15, a.size), 0, 1)
-    r = st.delong_test(y, a, b, groups=groups)
+    r = pairs.delong_test(y, a, b, groups=groups)
     var = _obuchowski_direct(y, a, b, groups)
     assert r.method == "clustered DeLong (Obuchowski 1997)"
     assert r.z == pytest.approx(r.diff / math.sqrt(var))
@@ -354,12 +356,12 @@ def test_clustered_delong_matches_brute_force_obuchowski() -> None:
 def test_degenerate_cohorts_are_not_estimable(y: list[int], groups: list[int], why: str) -> None:
     rng = np.random.default_rng(0)
     a, b = rng.random(len(y)), rng.random(len(y))
-    r = st.delong_test(y, a, b, groups=groups)
+    r = pairs.delong_test(y, a, b, groups=groups)
     assert not r.estimable and "not estimable" in r.reason, why
     assert all(math.isnan(v) for v in (r.diff, r.z, r.p_value))
-    plain = st.delong_test(y, a, b) if sum(y) < 2 or len(y) - sum(y) < 2 else None
+    plain = pairs.delong_test(y, a, b) if sum(y) < 2 or len(y) - sum(y) < 2 else None
     assert plain is None or not plain.estimable
-    mc = st.mcnemar_test(np.array(y), (a > 0.5).astype(int), (b > 0.5).astype(int), groups=groups)
+    mc = pairs.mcnemar_test(np.array(y), (a > 0.5).astype(int), (b > 0.5).astype(int), groups=groups)
     assert 0 <= mc.p_value <= 1  # the decision test needs only discordant patients, never a crash
 
 
@@ -367,7 +369,7 @@ def test_single_patient_and_empty_inputs_do_not_crash() -> None:
     ci = st.bootstrap_ci([1, 1], [0.2, 0.9], ["a", "a"], n_resamples=20)
     assert math.isnan(ci["roc_auc"].value) and ci["roc_auc"].n_skipped == 20
     assert ci["sensitivity"].value == pytest.approx(0.5)
-    assert st.mcnemar_test([], [], [], groups=[]).method == "not_estimable"
+    assert pairs.mcnemar_test([], [], [], groups=[]).method == "not_estimable"
 
 
 # ---------------------------------------------------------------- bootstrap interval coverage
@@ -397,104 +399,104 @@ def test_patient_aggregation_mean_and_max() -> None:
     patients = ["b", "a", "b", "a", "c"]
     y = [1, 0, 1, 0, 1]
     p = [0.9, 0.2, 0.5, 0.4, 0.6]
-    mean = st.aggregate_by_patient(patients, y, p, "mean")
+    mean = pooling.aggregate_by_patient(patients, y, p, "mean")
     assert mean.patients == ["a", "b", "c"]
     assert mean.probs.tolist() == pytest.approx([0.3, 0.7, 0.6]) and mean.targets.tolist() == [0, 1, 1]
-    assert st.aggregate_by_patient(patients, y, p, "max").probs.tolist() == pytest.approx([0.4, 0.9, 0.6])
-    shuffled = st.aggregate_by_patient(patients[::-1], y[::-1], p[::-1], "mean")
+    assert pooling.aggregate_by_patient(patients, y, p, "max").probs.tolist() == pytest.approx([0.4, 0.9, 0.6])
+    shuffled = pooling.aggregate_by_patient(patients[::-1], y[::-1], p[::-1], "mean")
     assert shuffled.probs.tolist() == pytest.approx(mean.probs.tolist())
-    assert st.aggregate_by_patient(["x", "x"], [0, 1], [0.1, 0.2]).targets.tolist() == [1]  # any positive slice
+    assert pooling.aggregate_by_patient(["x", "x"], [0, 1], [0.1, 0.2]).targets.tolist() == [1]  # any positive slice
     with pytest.raises(ValueError, match="mean"):
-        st.aggregate_by_patient(patients, y, p, "median")  # type: ignore[arg-type]
+        pooling.aggregate_by_patient(patients, y, p, "median")  # type: ignore[arg-type]
 
 
 def test_operating_point_rules() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    youden = st.choose_operating_point(y, p, "youden")
+    youden = pooling.choose_operating_point(y, p, "youden")
     # J = 0.75 at thresholds 0.65 (sens 3/4, spec 4/4) and 0.35 (sens 4/4, spec 3/4): the higher one is taken.
     assert youden.threshold == pytest.approx(0.65) and youden.rule == "youden"
-    sens = st.choose_operating_point(y, p, "sensitivity", 0.9)
+    sens = pooling.choose_operating_point(y, p, "sensitivity", 0.9)
     assert sens.threshold == pytest.approx(0.35)  # the highest threshold with sensitivity >= 0.9
     assert ((p >= sens.threshold) & (y == 1)).sum() / 4 >= 0.9
-    spec = st.choose_operating_point(y, p, "specificity", 1.0)
+    spec = pooling.choose_operating_point(y, p, "specificity", 1.0)
     assert spec.threshold == pytest.approx(0.65)  # the lowest threshold with specificity 1
-    assert st.choose_operating_point(y, p, "fixed", 0.3).threshold == 0.3
-    fallback = st.choose_operating_point([1, 1, 1], [0.2, 0.5, 0.9], "youden")
+    assert pooling.choose_operating_point(y, p, "fixed", 0.3).threshold == 0.3
+    fallback = pooling.choose_operating_point([1, 1, 1], [0.2, 0.5, 0.9], "youden")
     assert fallback.rule == "fallback" and fallback.threshold == 0.5 and "3 positive and 0 negative" in fallback.note
 
 
 def test_holm_adjustment() -> None:
     # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.03), max(0.06, 1 * 0.04)
-    assert st.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    adjusted = st.holm_adjust([0.2, float("nan"), 0.6])
+    assert pairs.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = pairs.holm_adjust([0.2, float("nan"), 0.6])
     assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
-    assert st.holm_adjust([0.9, 0.8]) == [1.0, 1.0]
+    assert pairs.holm_adjust([0.9, 0.8]) == [1.0, 1.0]
 
 
 def test_patients_needed_scales_the_standard_error_by_sqrt_n() -> None:
     # Non-inferiority: n = 100 * (1.96 * 0.05 / (0.0 + 0.02))^2 = 2401.
-    assert st.patients_needed(100, 0.05, 0.0, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.02) ** 2)
+    assert rule.patients_needed(100, 0.05, 0.0, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.02) ** 2)
     # A difference beyond the margin cannot become non-inferior: the n that shows the difference instead.
-    assert st.patients_needed(100, 0.05, -0.1, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.1) ** 2)
-    assert st.patients_needed(100, float("nan"), 0.0, 0.02) is None
+    assert rule.patients_needed(100, 0.05, -0.1, 0.02) == math.ceil(100 * (stats.norm.ppf(0.975) * 0.05 / 0.1) ** 2)
+    assert rule.patients_needed(100, float("nan"), 0.0, 0.02) is None
 
 
 # ---------------------------------------------------------------- the recommendation rule
 
 
-def _test(diff: float, low: float, high: float, p: float) -> st.DeLongTest:
-    return st.DeLongTest(0.8 + diff, 0.8, diff, 2.0, p, (low, high), 0.95)
+def _test(diff: float, low: float, high: float, p: float) -> pairs.DeLongTest:
+    return pairs.DeLongTest(0.8 + diff, 0.8, diff, 2.0, p, (low, high), 0.95)
 
 
 def test_recommend_follows_the_statistics() -> None:
-    arms = [st.ArmSummary("scratch", "completed", 0.84, 600.0), st.ArmSummary("imagenet", "completed", 0.91, 1800.0)]
+    arms = [rule.ArmSummary("scratch", "completed", 0.84, 600.0), rule.ArmSummary("imagenet", "completed", 0.91, 1800.0)]
     sig = {("imagenet", "scratch"): _test(0.07, 0.02, 0.12, 0.004)}
-    v = st.recommend(arms, sig, margin=0.02, n_patients=150)
+    v = rule.recommend(arms, sig, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm) == ("significant", "imagenet") and v.pairs[0].p_holm == pytest.approx(0.004)
     # Significantly better and also the cheaper arm: still reported as a significant winner.
     swapped = [arms[0]._replace(seconds=1800.0), arms[1]._replace(seconds=600.0)]
-    assert st.recommend(swapped, sig, margin=0.02, n_patients=150).basis == "significant"
+    assert rule.recommend(swapped, sig, margin=0.02, n_patients=150).basis == "significant"
     # Not significant, and the cheaper arm's loss may exceed the margin: inconclusive, with a sample size.
     loose = {("scratch", "imagenet"): _test(-0.07, -0.20, 0.06, 0.27)}
-    v = st.recommend(arms, loose, margin=0.02, n_patients=150)
+    v = rule.recommend(arms, loose, margin=0.02, n_patients=150)
     assert v.basis == "inconclusive" and v.preferred_arm is None and v.patients_needed and v.patients_needed > 150
     # Non-inferior: the lower bound of the cheaper arm's difference is above -margin.
     tight = {("scratch", "imagenet"): _test(-0.005, -0.015, 0.005, 0.33)}
-    v = st.recommend(arms, tight, margin=0.02, n_patients=150)
+    v = rule.recommend(arms, tight, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm, v.deciding_pair.arm_a) == ("non_inferior", "scratch", "scratch")
     # The issue's case: linear probe 0.10 lower, CI of the difference -0.02 to 0.22 (imagenet - linear): not preferred.
-    probe = [st.ArmSummary("imagenet", "completed", 0.85, 1800.0), st.ArmSummary("imagenet-linear", "completed", 0.75, 60.0)]
-    v = st.recommend(probe, {("imagenet", "imagenet-linear"): _test(0.10, -0.02, 0.22, 0.09)}, margin=0.02, n_patients=22)
+    probe = [rule.ArmSummary("imagenet", "completed", 0.85, 1800.0), rule.ArmSummary("imagenet-linear", "completed", 0.75, 60.0)]
+    v = rule.recommend(probe, {("imagenet", "imagenet-linear"): _test(0.10, -0.02, 0.22, 0.09)}, margin=0.02, n_patients=22)
     assert v.basis == "inconclusive" and v.preferred_arm is None
     # The best point estimate is also the cheapest, but the dearer arm may be far better: still inconclusive.
-    cheap_best = [st.ArmSummary("scratch", "completed", 0.84, 1800.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0)]
-    v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.05, 0.09, 0.5)}, margin=0.02, n_patients=150)
+    cheap_best = [rule.ArmSummary("scratch", "completed", 0.84, 1800.0), rule.ArmSummary("imagenet", "completed", 0.86, 600.0)]
+    v = rule.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.05, 0.09, 0.5)}, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm) == ("inconclusive", None)
-    v = st.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.01, 0.05, 0.2)}, margin=0.02, n_patients=150)
+    v = rule.recommend(cheap_best, {("imagenet", "scratch"): _test(0.02, -0.01, 0.05, 0.2)}, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm) == ("non_inferior", "imagenet")
     # Three arms: the cheapest is not shown non-inferior; the middle one is non-inferior to the dearest (though
     # significantly worse, by less than the margin): the middle one.
-    three = [st.ArmSummary("imagenet-linear", "completed", 0.80, 60.0), st.ArmSummary("imagenet", "completed", 0.86, 600.0),
-             st.ArmSummary("scratch", "completed", 0.87, 1800.0)]
+    three = [rule.ArmSummary("imagenet-linear", "completed", 0.80, 60.0), rule.ArmSummary("imagenet", "completed", 0.86, 600.0),
+             rule.ArmSummary("scratch", "completed", 0.87, 1800.0)]
     tests3 = {("imagenet-linear", "scratch"): _test(-0.07, -0.2, 0.06, 0.3), ("imagenet-linear", "imagenet"): _test(-0.06, -0.19, 0.07, 0.4),
               ("imagenet", "scratch"): _test(-0.01, -0.015, -0.005, 0.01)}
-    v = st.recommend(three, tests3, margin=0.02, n_patients=150)
+    v = rule.recommend(three, tests3, margin=0.02, n_patients=150)
     assert (v.basis, v.preferred_arm, v.deciding_pair.arm_b) == ("non_inferior", "imagenet", "scratch")
     # Not estimable tests never support a claim.
-    na = st.DeLongTest(*([float("nan")] * 5), (float("nan"), float("nan")), 0.95, "x", "not estimable: 1 positive")
-    assert st.recommend(arms, {("scratch", "imagenet"): na}, margin=0.02, n_patients=3).basis == "inconclusive"
-    assert st.recommend([arms[0], st.ArmSummary("imagenet", "skipped")], {}, margin=0.02, n_patients=1).basis == "single_arm"
-    assert st.recommend([], {}, margin=0.02, n_patients=0).basis == "none"
+    na = pairs.DeLongTest(*([float("nan")] * 5), (float("nan"), float("nan")), 0.95, "x", "not estimable: 1 positive")
+    assert rule.recommend(arms, {("scratch", "imagenet"): na}, margin=0.02, n_patients=3).basis == "inconclusive"
+    assert rule.recommend([arms[0], rule.ArmSummary("imagenet", "skipped")], {}, margin=0.02, n_patients=1).basis == "single_arm"
+    assert rule.recommend([], {}, margin=0.02, n_patients=0).basis == "none"
 
 
 def test_recommend_holm_adjusts_over_all_pairs() -> None:
     """Best beats one arm at raw p = 0.03 and another at p = 0.02: raw, both significant; Holm (0.04, 0.04)... but
     with a third pair at p = 0.5 the adjusted values are 0.06 and 0.06 and no winner is claimed."""
-    arms = [st.ArmSummary(n, "completed", auc, s) for n, auc, s in (("a", 0.90, 300.0), ("b", 0.80, 200.0), ("c", 0.79, 100.0))]
+    arms = [rule.ArmSummary(n, "completed", auc, s) for n, auc, s in (("a", 0.90, 300.0), ("b", 0.80, 200.0), ("c", 0.79, 100.0))]
     tests = {("a", "b"): _test(0.10, 0.01, 0.19, 0.03), ("a", "c"): _test(0.11, 0.02, 0.20, 0.02),
              ("b", "c"): _test(0.01, -0.08, 0.10, 0.5)}
-    v = st.recommend(arms, tests, margin=0.02, n_patients=100)
+    v = rule.recommend(arms, tests, margin=0.02, n_patients=100)
     assert [p.p_holm for p in v.pairs] == pytest.approx([0.06, 0.06, 0.5])
     assert v.basis != "significant"
 
@@ -503,11 +505,11 @@ def test_non_inferior_verdict_names_the_pair_with_the_lowest_lower_bound() -> No
     """The cheapest arm c is within the margin of both dearer arms: against a its interval is (-0.015, 0.10),
     against b (-0.010, 0.005). The deciding (weakest) pair is the one with the lower bound nearest -margin, c vs a,
     although its upper bound is the higher one."""
-    arms = [st.ArmSummary("c", "completed", 0.80, 10.0), st.ArmSummary("a", "completed", 0.76, 20.0),
-            st.ArmSummary("b", "completed", 0.8025, 30.0)]
+    arms = [rule.ArmSummary("c", "completed", 0.80, 10.0), rule.ArmSummary("a", "completed", 0.76, 20.0),
+            rule.ArmSummary("b", "completed", 0.8025, 30.0)]
     tests = {("c", "a"): _test(0.04, -0.015, 0.10, 0.3), ("c", "b"): _test(-0.0025, -0.010, 0.005, 0.6),
              ("a", "b"): _test(-0.0425, -0.10, 0.015, 0.2)}
-    v = st.recommend(arms, tests, margin=0.02, n_patients=100)
+    v = rule.recommend(arms, tests, margin=0.02, n_patients=100)
     assert (v.basis, v.preferred_arm, v.best_arm) == ("non_inferior", "c", "b")
     assert (v.deciding_pair.arm_a, v.deciding_pair.arm_b, v.deciding_pair.test.ci_of_diff) == ("c", "a", (-0.015, 0.10))
 
@@ -523,10 +525,10 @@ def test_simulated_null_claims_a_winner_at_most_at_the_nominal_rate() -> None:
         y = np.repeat(labels, 4)
         groups = np.repeat(np.arange(30), 4)
         probs = [1 / (1 + np.exp(-(np.repeat(signal, 4) + rng.normal(0, 1.0, 120)))) for _ in range(2)]
-        pa, pb = (st.aggregate_by_patient(groups.astype(str), y, p) for p in probs)
-        test = st.delong_test(pa.targets, pa.probs, pb.probs)
-        arms = [st.ArmSummary("a", "completed", test.auc_a, 100.0), st.ArmSummary("b", "completed", test.auc_b, 200.0)]
-        verdict = st.recommend(arms, {("a", "b"): test}, margin=margin, n_patients=30)
+        pa, pb = (pooling.aggregate_by_patient(groups.astype(str), y, p) for p in probs)
+        test = pairs.delong_test(pa.targets, pa.probs, pb.probs)
+        arms = [rule.ArmSummary("a", "completed", test.auc_a, 100.0), rule.ArmSummary("b", "completed", test.auc_b, 200.0)]
+        verdict = rule.recommend(arms, {("a", "b"): test}, margin=margin, n_patients=30)
         claims += verdict.basis == "significant"
         if verdict.preferred_arm is not None:  # any preference: only a significant winner or a non-inferior arm
             pair = verdict.deciding_pair

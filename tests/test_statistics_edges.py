@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 
+from tasks.evaluation import pairs, pooling
+from tasks.evaluation import recommend as rule
 from tasks.evaluation import statistics as st
 
 
@@ -71,34 +73,34 @@ def test_clustered_delong_se_matches_obuchowski_by_hand_with_mixed_patients() ->
     b = np.clip(0.15 * y + rng.random(y.size) * 0.9, 0, 1)
     cov = _obuchowski_cov(y, [a, b], groups)
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    test = st.delong_test(y, a, b, groups=groups.tolist())
-    assert test.method == st.DELONG_CLUSTERED
+    test = pairs.delong_test(y, a, b, groups=groups.tolist())
+    assert test.method == pairs.DELONG_CLUSTERED
     assert test.se == pytest.approx(math.sqrt(var), rel=1e-9)
 
 
 def test_not_estimable_delong_has_no_numbers_and_names_its_unit() -> None:
-    test = st.delong_test([1, 0, 0], [0.9, 0.2, 0.1], [0.8, 0.3, 0.1])
+    test = pairs.delong_test([1, 0, 0], [0.9, 0.2, 0.1], [0.8, 0.3, 0.1])
     assert all(math.isnan(x) for x in (test.auc_a, test.auc_b, test.diff, test.z, test.p_value, *test.ci_of_diff))
     assert test.reason == "not estimable: 1 positive and 2 negative images (at least 2 of each are needed)"
 
 
 def test_zero_variance_with_a_difference_gives_infinite_z_and_p_zero() -> None:
     """A perfect ranking against a perfectly inverted one: both AUC variances are 0, the difference is 1."""
-    test = st.delong_test([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1], [0.1, 0.2, 0.8, 0.9])
+    test = pairs.delong_test([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1], [0.1, 0.2, 0.8, 0.9])
     assert (test.auc_a, test.auc_b, test.diff) == (1.0, 0.0, 1.0)
     assert test.z == math.inf and test.p_value == 0.0 and test.ci_of_diff == (1.0, 1.0)
 
 
 def test_mcnemar_fields_in_the_edge_cases() -> None:
-    assert tuple(st.mcnemar_test([1, 0], [1, 0], [1, 0], method="exact")[:6]) == (0, 0, 0.0, 1.0, "exact", 0)
-    empty = st.mcnemar_test([], [], [], groups=[])
+    assert tuple(pairs.mcnemar_test([1, 0], [1, 0], [1, 0], method="exact")[:6]) == (0, 0, 0.0, 1.0, "exact", 0)
+    empty = pairs.mcnemar_test([], [], [], groups=[])
     assert (empty.b, empty.c, empty.method, empty.n_discordant_units) == (0, 0, "not_estimable", 0)
     assert math.isnan(empty.statistic) and math.isnan(empty.p_value) and empty.reason == "not estimable: no images"
     # b = 5 (A right, B wrong), c = 2: statistic min(b, c) = 2, p = 2 * (1 + 7 + 21) / 2^7 = 58/128.
     y = [1] * 7
     a = [1, 1, 1, 1, 1, 0, 0]
     b = [0, 0, 0, 0, 0, 1, 1]
-    exact = st.mcnemar_test(y, a, b, method="exact")
+    exact = pairs.mcnemar_test(y, a, b, method="exact")
     assert (exact.b, exact.c, exact.statistic, exact.method, exact.n_discordant_units) == (5, 2, 2.0, "exact", 7)
     assert exact.p_value == pytest.approx(58 / 128)
 
@@ -116,24 +118,24 @@ def test_calibration_top_bin_holds_a_probability_of_one() -> None:
 
 def test_operating_point_thresholds_stay_within_unit_range_and_bad_rules_are_named() -> None:
     """A negative at p = 1: only the threshold above every score has specificity 1, and it is capped at 1.0."""
-    point = st.choose_operating_point([0, 1, 0, 1], [1.0, 0.9, 0.2, 0.6], "specificity", 1.0)
+    point = pooling.choose_operating_point([0, 1, 0, 1], [1.0, 0.9, 0.2, 0.6], "specificity", 1.0)
     assert point.threshold == 1.0
     with pytest.raises(ValueError, match=r"^operating point rule must be one of \['youden'"):
-        st.choose_operating_point([0, 1], [0.2, 0.9], "f1")
+        pooling.choose_operating_point([0, 1], [0.2, 0.9], "f1")
 
 
 def test_patients_needed_edges() -> None:
-    assert st.patients_needed(10, 0.0, 0.01, 0.05) is None  # no spread: nothing to scale
+    assert rule.patients_needed(10, 0.0, 0.01, 0.05) is None  # no spread: nothing to scale
     # One patient, SE 0.1, diff 0, margin 0.05: ceil(1 * (1.959964 * 0.1 / 0.05)^2) = ceil(15.37) = 16.
-    assert st.patients_needed(1, 0.1, 0.0, 0.05) == 16
-    assert st.patients_needed(0, 0.1, 0.0, 0.05) is None
+    assert rule.patients_needed(1, 0.1, 0.0, 0.05) == 16
+    assert rule.patients_needed(0, 0.1, 0.0, 0.05) is None
 
 
 def test_inconclusive_verdict_keeps_every_pair_and_names_the_deciding_one() -> None:
     """Equal AUCs with a zero margin: no patient count can settle it, the verdict still carries the pair."""
-    arms = [st.ArmSummary("cheap", "completed", 0.8, 10.0), st.ArmSummary("dear", "completed", 0.8, 20.0)]
-    tie = st.DeLongTest(0.8, 0.8, 0.0, 0.0, 1.0, (-0.1, 0.1), 0.95)
-    verdict = st.recommend(arms, {("cheap", "dear"): tie}, margin=0.0, n_patients=50)
+    arms = [rule.ArmSummary("cheap", "completed", 0.8, 10.0), rule.ArmSummary("dear", "completed", 0.8, 20.0)]
+    tie = pairs.DeLongTest(0.8, 0.8, 0.0, 0.0, 1.0, (-0.1, 0.1), 0.95)
+    verdict = rule.recommend(arms, {("cheap", "dear"): tie}, margin=0.0, n_patients=50)
     assert verdict.basis == "inconclusive" and verdict.preferred_arm is None and verdict.patients_needed is None
     assert isinstance(verdict.pairs, list) and len(verdict.pairs) == 1
     assert verdict.deciding_pair is not None and (verdict.deciding_pair.arm_a, verdict.deciding_pair.arm_b) == ("cheap", "dear")
@@ -142,7 +144,7 @@ def test_inconclusive_verdict_keeps_every_pair_and_names_the_deciding_one() -> N
 def test_youden_threshold_is_the_midpoint_between_the_two_middle_scores() -> None:
     """Scores 0.1 0.2 | 0.3 0.4 with the negatives below: only the cut at (0.2 + 0.3) / 2 = 0.25 has J = 1; the
     cuts at 0.35 and 0.15 have J = 0.5."""
-    point = st.choose_operating_point([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], "youden")
+    point = pooling.choose_operating_point([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], "youden")
     assert (point.threshold, point.rule) == (pytest.approx(0.25), "youden")
 
 

@@ -76,6 +76,8 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
+from tasks.evaluation import pairs, pooling
+from tasks.evaluation.recommend import ArmSummary, recommend
 from tasks.evaluation import statistics as st
 from tasks.cost.estimate import estimated_seconds_for
 
@@ -110,8 +112,8 @@ class RunData:
     timing: TimingInfo | None
     test: Predictions
     val: Predictions | None
-    slice_point: st.OperatingPoint
-    patient_point: st.OperatingPoint
+    slice_point: pooling.OperatingPoint
+    patient_point: pooling.OperatingPoint
 
 
 @dataclass
@@ -120,7 +122,7 @@ class PooledArm:
 
     slices: Predictions
     slice_thresholds: np.ndarray
-    patients: st.PatientLevel
+    patients: pooling.PatientLevel
     patient_thresholds: np.ndarray
     patient_images: dict[str, int]
 
@@ -169,19 +171,19 @@ def read_predictions(path: Path) -> Predictions:
     )
 
 
-def operating_points(val: Predictions | None, evaluation: EvaluationSettings) -> tuple[st.OperatingPoint, st.OperatingPoint]:
+def operating_points(val: Predictions | None, evaluation: EvaluationSettings) -> tuple[pooling.OperatingPoint, pooling.OperatingPoint]:
     """The slice and patient thresholds of one run, chosen on its validation predictions by the settings' rule."""
     rule, target = parse_operating_point(evaluation.operating_point)
     if rule == "fixed":
-        fixed = st.OperatingPoint(float(target or 0.5), "fixed", target)
+        fixed = pooling.OperatingPoint(float(target or 0.5), "fixed", target)
         return fixed, fixed
     if val is None or not val.targets.size:
         note = f"no {VAL_PREDICTIONS_FILE} in the run folder (a run made before they were saved)"
-        fallback = st.OperatingPoint(st.FALLBACK_THRESHOLD, "fallback", target, note)
+        fallback = pooling.OperatingPoint(pooling.FALLBACK_THRESHOLD, "fallback", target, note)
         return fallback, fallback
-    by_slice = st.choose_operating_point(val.targets, val.probs, rule, target)
-    patients = st.aggregate_by_patient(val.patient_keys, val.targets, val.probs, evaluation.aggregation)
-    by_patient = st.choose_operating_point(patients.targets, patients.probs, rule, target)
+    by_slice = pooling.choose_operating_point(val.targets, val.probs, rule, target)
+    patients = pooling.aggregate_by_patient(val.patient_keys, val.targets, val.probs, evaluation.aggregation)
+    by_patient = pooling.choose_operating_point(patients.targets, patients.probs, rule, target)
     return by_slice, by_patient
 
 
@@ -221,7 +223,7 @@ def pool_runs(arm: str, runs: list[RunData], aggregation: str) -> PooledArm:
         targets=np.concatenate([r.test.targets for r in runs]), probs=np.concatenate([r.test.probs for r in runs]),
     )
     slice_thresholds = np.concatenate([np.full(r.test.targets.size, r.slice_point.threshold) for r in runs])
-    patients = st.aggregate_by_patient(slices.patient_keys, slices.targets, slices.probs, aggregation)  # type: ignore[arg-type]
+    patients = pooling.aggregate_by_patient(slices.patient_keys, slices.targets, slices.probs, aggregation)  # type: ignore[arg-type]
     patient_thresholds = np.array([runs[owner[p]].patient_point.threshold for p in patients.patients])
     return PooledArm(slices, slice_thresholds, patients, patient_thresholds, dict(Counter(slices.patient_keys)))
 
@@ -264,7 +266,7 @@ def fold_summary(arm: str, runs: list[RunData], aggregation: str) -> ArmFolds | 
     for fold, run in enumerate(runs):
         t = run.test
         metrics = {k: v for k, v in st.binary_metrics(t.targets, t.probs, run.slice_point.threshold).items() if math.isfinite(v)}
-        patients = st.aggregate_by_patient(t.patient_keys, t.targets, t.probs, aggregation)  # type: ignore[arg-type]
+        patients = pooling.aggregate_by_patient(t.patient_keys, t.targets, t.probs, aggregation)  # type: ignore[arg-type]
         patient_auc = st.roc_auc(patients.targets, patients.probs)
         if math.isfinite(patient_auc):
             metrics["patient_roc_auc"] = patient_auc
@@ -415,7 +417,7 @@ def read_arm(
 # ---------------------------------------------------------------- pairs
 
 
-def _delong_result(test: st.DeLongTest, p_holm: float) -> DeLongResult:
+def _delong_result(test: pairs.DeLongTest, p_holm: float) -> DeLongResult:
     return DeLongResult(
         auc_a=_finite(test.auc_a), auc_b=_finite(test.auc_b), diff=_finite(test.diff),
         z=_finite(test.z),
@@ -425,10 +427,10 @@ def _delong_result(test: st.DeLongTest, p_holm: float) -> DeLongResult:
     )
 
 
-def _mcnemar_result(test: st.McNemarTest, p_holm: float) -> McNemarResult:
+def _mcnemar_result(test: pairs.McNemarTest, p_holm: float) -> McNemarResult:
     return McNemarResult(
         b=test.b, c=test.c, statistic=_finite(test.statistic), p_value=_finite(test.p_value), p_holm=_finite(p_holm),
-        method=test.method, method_label=st.METHOD_LABELS.get(test.method, test.method),  # type: ignore[arg-type]
+        method=test.method, method_label=pairs.METHOD_LABELS.get(test.method, test.method),  # type: ignore[arg-type]
         n_discordant_units=test.n_discordant_units, reason=test.reason,
     )
 
@@ -439,10 +441,10 @@ class PairTests:
 
     n_images: int
     n_patients: int
-    slice_auc: st.DeLongTest
-    slice_decision: st.McNemarTest
-    patient_auc: st.DeLongTest
-    patient_decision: st.McNemarTest
+    slice_auc: pairs.DeLongTest
+    slice_decision: pairs.McNemarTest
+    patient_auc: pairs.DeLongTest
+    patient_decision: pairs.McNemarTest
 
 
 def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
@@ -455,8 +457,8 @@ def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
     y = a.slices.targets[ia]
     patients = [a.slices.patient_keys[i] for i in ia]
     pa, pb = a.slices.probs[ia], b.slices.probs[ib]
-    slice_auc = st.delong_test(y, pa, pb, groups=patients)
-    slice_decision = st.mcnemar_test(y, (pa >= a.slice_thresholds[ia]).astype(int), (pb >= b.slice_thresholds[ib]).astype(int), groups=patients)
+    slice_auc = pairs.delong_test(y, pa, pb, groups=patients)
+    slice_decision = pairs.mcnemar_test(y, (pa >= a.slice_thresholds[ia]).astype(int), (pb >= b.slice_thresholds[ib]).astype(int), groups=patients)
     # Patient level: the patients both arms scored, each arm's aggregated probability and patient threshold.
     pos_a = {k: i for i, k in enumerate(a.patients.patients)}
     pos_b = {k: i for i, k in enumerate(b.patients.patients)}
@@ -464,19 +466,19 @@ def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
     ka, kb = np.array([pos_a[k] for k in keys]), np.array([pos_b[k] for k in keys])
     yp = a.patients.targets[ka]
     qa, qb = a.patients.probs[ka], b.patients.probs[kb]
-    patient_auc = st.delong_test(yp, qa, qb, unit="patients")
-    patient_decision = st.mcnemar_test(
+    patient_auc = pairs.delong_test(yp, qa, qb, unit="patients")
+    patient_decision = pairs.mcnemar_test(
         yp, (qa >= a.patient_thresholds[ka]).astype(int), (qb >= b.patient_thresholds[kb]).astype(int), groups=keys)
     return PairTests(len(shared), len(keys), slice_auc, slice_decision, patient_auc, patient_decision)
 
 
-def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedComparison], dict[tuple[str, str], st.DeLongTest]]:
+def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedComparison], dict[tuple[str, str], pairs.DeLongTest]]:
     """Every pair of completed arms, with Holm-adjusted p-values per family (test and level) over all pairs."""
-    pairs = [(x, y, t) for x, y in combinations(sorted(pooled), 2) if (t := pair_tests(pooled[x], pooled[y])) is not None]
+    tested = [(x, y, t) for x, y in combinations(sorted(pooled), 2) if (t := pair_tests(pooled[x], pooled[y])) is not None]
     families = ("slice_auc", "slice_decision", "patient_auc", "patient_decision")
-    holm = {f: st.holm_adjust([getattr(t, f).p_value for _, _, t in pairs]) for f in families}
+    holm = {f: pairs.holm_adjust([getattr(t, f).p_value for _, _, t in tested]) for f in families}
     comparisons = []
-    for k, (x, y, t) in enumerate(pairs):
+    for k, (x, y, t) in enumerate(tested):
         pc = PairedComparison(
             arm_a=x, arm_b=y, n_images=t.n_images, n_patients=t.n_patients,
             delong=_delong_result(t.slice_auc, holm["slice_auc"][k]), mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
@@ -484,7 +486,7 @@ def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedCompari
             patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
         )
         comparisons.append(pc)
-    return comparisons, {(x, y): t.patient_auc for x, y, t in pairs}
+    return comparisons, {(x, y): t.patient_auc for x, y, t in tested}
 
 
 def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[PatientRow]:
@@ -611,14 +613,14 @@ def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], ma
 # ---------------------------------------------------------------- assembly
 
 
-def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], st.DeLongTest],
+def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], pairs.DeLongTest],
            evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
-    """The recommendation rule of tasks.evaluation.statistics on the patient-level AUC tests (reports.wording words it)."""
+    """The recommendation rule of tasks.evaluation.recommend on the patient-level AUC tests (reports.wording words it)."""
     summaries = [
-        st.ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
+        ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
         for a in arms
     ]
-    verdict = st.recommend(summaries, tests, margin=evaluation.non_inferiority_margin, n_patients=n_patients)
+    verdict = recommend(summaries, tests, margin=evaluation.non_inferiority_margin, n_patients=n_patients)
     deciding = verdict.deciding_pair
     rec = Recommendation(
         headline="", basis=verdict.basis, preferred_arm=verdict.preferred_arm,  # type: ignore[arg-type]
