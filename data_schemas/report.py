@@ -33,6 +33,7 @@ REPORT_MD_FILE = "report.md"
 REPORT_APPENDIX_HTML_FILE = "report-appendix.html"
 REPORT_APPENDIX_MD_FILE = "report-appendix.md"
 FIGURES_DIR = "figures"
+AUC_TIE_TOLERANCE = 0.0005  # AUCs that print the same at three decimals are a tie, never ranked by list order
 
 ArmStatus = Literal["completed", "skipped", "failed"]
 EvaluationMode = Literal["holdout", "cross-validated"]
@@ -396,6 +397,8 @@ class EvaluationSummary(StrictModel):
         primary_level: the level whose AUC comparisons drive the recommendation.
         n_test_patients / n_test_images: pooled test units (of the first completed arm).
         n_labelled_patients: labelled patients in the split (all of them are tested once in cross-validated mode).
+        holdout_test_fraction: the split's test_fraction, the share of patients a hold-out test part holds (the
+            expected interval width of the other mode is worked out from it).
     """
 
     mode: EvaluationMode
@@ -410,6 +413,7 @@ class EvaluationSummary(StrictModel):
     n_test_patients: int = 0
     n_test_images: int = 0
     n_labelled_patients: int = 0
+    holdout_test_fraction: float | None = Field(default=None, gt=0, lt=1)
     auc_test: str = "clustered DeLong (Obuchowski 1997)"
     decision_test: str = "clustered McNemar (Durkalski 2003)"
     notes: list[str] = Field(default_factory=list, description="the mode, interval width between modes, aggregation, "
@@ -446,11 +450,18 @@ class DataEfficiencyPoint(StrictModel):
 
 
 class InputSizePoint(StrictModel):
-    """Test AUC and training cost of one arm trained at one input size (outer fold 0, same split)."""
+    """Validation and test AUC and training cost of one arm trained at one input size (outer fold 0, same split).
+
+    The size is chosen on validation AUC (chosen), never on test AUC; vs_chosen compares this size's test AUC with
+    the chosen size's on the same test images (AUC(this) - AUC(chosen), p Holm-adjusted over the arm's sizes).
+    """
 
     arm: str
     image_size: int = Field(ge=16)
     test_auc: MetricValue = Field(description="slice-level test AUC with its patient-clustered bootstrap 95% CI (as data_efficiency)")
+    val_auc: float | None = Field(default=None, description="slice-level validation AUC of the same run")
+    chosen: bool = Field(default=False, description="the size chosen on validation AUC")
+    vs_chosen: DeLongResult | None = None
     train_seconds: float | None = Field(default=None, description="measured training wall time (timing.json)")
     train_flops: float | None = Field(default=None, description="measured images seen x training FLOPs per image")
     forward_flops_per_image: float | None = None
@@ -468,37 +479,60 @@ class ProbeDepthPoint(StrictModel):
 
 
 class BudgetChoice(StrictModel):
-    """The best arm (highest patient-level test AUC) among arms whose measured training compute fits a budget."""
+    """Among arms whose measured training compute fits a budget: the highest patient-level test AUC point estimate,
+    arms tied with it or with overlapping intervals, and whether the paired tests show it best.
 
-    budget_flops: float = Field(description="the budget: this arm's measured training FLOPs")
-    budget_seconds: float | None = Field(default=None, description="that arm's measured training wall time")
-    best_arm: str
+    Args:
+        budget_flops: the budget: this arm's measured training FLOPs.
+        budget_seconds: that arm's measured training wall time.
+        highest_arm: the arm with the highest point estimate within the budget (with a tie, see tied_with).
+        auc: its patient-level test AUC with its 95% CI.
+        tied_with: other arms within the budget whose AUC equals it at the three decimals shown.
+        overlapping: other arms within the budget whose 95% AUC interval overlaps its interval.
+        shown_best: True only when the paired patient-level AUC test shows highest_arm above every other arm in
+            the budget (Holm-adjusted p < 0.05, interval of the difference above 0).
+    """
+
+    budget_flops: float
+    budget_seconds: float | None = None
+    highest_arm: str
     auc: MetricValue
+    tied_with: list[str] = Field(default_factory=list)
+    overlapping: list[str] = Field(default_factory=list)
+    shown_best: bool = False
 
 
 class WhatToTrain(StrictModel):
-    """"What to train": answers read off measured numbers (reports.wording words them).
+    """"What to train": answers read off measured numbers, never a winner from a point estimate (reports.wording words them).
 
     Args:
-        budgets: for each completed arm's measured training compute as a budget, ascending, the best arm within
-            it (the compute-AUC frontier).
-        best_arm: the arm with the highest patient-level test AUC.
+        budgets: for each completed arm's measured training compute as a budget, ascending, the highest point
+            estimate within it (the compute-AUC frontier).
+        highest_arm: the arm with the highest patient-level test AUC point estimate.
+        tied_with: arms tied with it (equal at the three decimals shown).
+        overlapping: arms whose 95% AUC interval overlaps highest_arm's.
+        shown_best: the paired patient-level AUC test shows highest_arm above every other arm (see BudgetChoice).
         smallest_non_inferior: the arm with the fewest forward FLOPs per image whose patient-level AUC is
-            non-inferior to best_arm (lower 95% bound of the paired DeLong difference > -margin), or best_arm.
-        smallest_ci_of_diff: that arm's AUC minus best_arm's, 95% CI (None when it is best_arm).
+            non-inferior to highest_arm and every arm tied with it (lower 95% bound of the paired difference >
+            -margin), or highest_arm.
+        smallest_ci_of_diff: that arm's AUC minus highest_arm's, 95% CI (None when it is highest_arm).
         margin: the non-inferiority margin (the recommendation's).
-        best_depth: per imagenet-linear arm, the depth chosen on validation.
-        best_size: per arm with an input-size curve, the size with the highest patient-level test AUC.
+        chosen_depth: per imagenet-linear arm, the depth chosen on validation.
+        chosen_size: per arm with an input-size curve, the size chosen on validation AUC (absent when no size had a
+            validation AUC).
         sentences: the section in words, filled by reports.wording.
     """
 
     budgets: list[BudgetChoice] = Field(default_factory=list)
-    best_arm: str | None = None
+    highest_arm: str | None = None
+    tied_with: list[str] = Field(default_factory=list)
+    overlapping: list[str] = Field(default_factory=list)
+    shown_best: bool = False
     smallest_non_inferior: str | None = None
     smallest_ci_of_diff: tuple[float, float] | None = None
     margin: float | None = None
-    best_depth: dict[str, str] = Field(default_factory=dict)
-    best_size: dict[str, int] = Field(default_factory=dict)
+    chosen_depth: dict[str, str] = Field(default_factory=dict)
+    chosen_size: dict[str, int] = Field(default_factory=dict)
     sentences: list[str] = Field(default_factory=list)
 
 

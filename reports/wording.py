@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
-from data_schemas.report import InputSizePoint, ProbeDepthPoint, WhatToTrain
+from data_schemas.report import AUC_TIE_TOLERANCE, InputSizePoint, ProbeDepthPoint, WhatToTrain
 from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si, format_duration
 
 
@@ -148,27 +148,40 @@ def recommendation_sentences(
             f"and no cheaper arm is shown non-inferior within {margin} AUC ({level} level).{pair_text}{needed}", details)
 
 
-def evaluation_sentences(ev: EvaluationSummary) -> list[str]:
-    """How the numbers were produced: the mode, what it means for interval width, aggregation and operating point."""
+def _width_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult]) -> str:
+    """The measured interval widths of this mode, and the other mode's width as an expectation with its inputs."""
+    widths = [(a.name, a.patient_metrics.roc_auc) for a in arms if a.status == "completed" and a.patient_metrics is not None]
+    measured = ", ".join(f"{name} {fmt(auc.ci_high - auc.ci_low, 2)}" for name, auc in widths
+                         if auc.ci_low is not None and auc.ci_high is not None)
+    text = (f" Measured here, the width of the patient-level 95% AUC interval: {measured} "
+            f"(n = {ev.n_test_patients} test patients).") if measured else ""
+    n, total, fraction = ev.n_test_patients, ev.n_labelled_patients, ev.holdout_test_fraction
+    if ev.mode == "holdout" and n and total > n:
+        text += (f" Expected, not measured: cross-validated mode would test all N = {total} labelled patients; width "
+                 f"shrinks roughly as 1/√n, so its intervals would be about √(N/n) = √({total}/{n}) = "
+                 f"{(total / n) ** 0.5:.1f}× narrower.")
+    elif ev.mode == "cross-validated" and n and fraction:
+        text += (f" Expected, not measured: a hold-out test part of test_fraction = {fraction:g} would hold about "
+                 f"{fraction * n:.0f} of these {n} patients; width grows roughly as 1/√n, so its intervals would be "
+                 f"about √(1/{fraction:g}) = {(1 / fraction) ** 0.5:.1f}× wider.")
+    return text
+
+
+def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) -> list[str]:
+    """How the numbers were produced: the mode, its interval widths (measured) and the other mode's (expected),
+    what pooling ignores, aggregation and operating point."""
     runs = sorted(set(ev.runs_per_arm.values()))
     tested = f"{ev.n_test_patients} test patients ({ev.n_test_images} slices)"
     if ev.mode == "cross-validated":
         mode = (f"Cross-validated: {'/'.join(map(str, runs))} outer folds per arm, each labelled patient tested once by a "
                 f"model that never saw it; the out-of-fold predictions are pooled, so every metric, interval and test uses "
-                f"{tested}.")
+                f"{tested}. Pooling treats an arm's fold models as one model: the intervals and tests count the "
+                f"variation between test patients but ignore the variation between fold models (each fold's AUC and "
+                f"threshold are shown beside the pooled figure).")
     else:
         mode = f"Hold-out: one fixed test part, {tested} of {ev.n_labelled_patients} labelled patients."
-    width = ""
-    if ev.n_labelled_patients and ev.n_test_patients:
-        ratio = (ev.n_labelled_patients / ev.n_test_patients) ** 0.5
-        if ev.mode == "holdout" and ratio > 1.05:
-            width = (f" Interval width shrinks as 1/√n: scoring all {ev.n_labelled_patients} labelled patients "
-                     f"(cross-validated mode) would make these intervals about {ratio:.1f}× narrower.")
-        elif ev.mode == "cross-validated":
-            width = (" Interval width shrinks as 1/√n: a hold-out test part of the default 15% of the "
-                     f"patients would give intervals about {(1 / 0.15) ** 0.5:.1f}× wider than these (√(1/0.15)).")
     return [
-        mode + width,
+        mode + _width_sentences(ev, arms),
         f"Patient probability: the {ev.aggregation} of the patient's slice probabilities (option: "
         f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC tests.",
         f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
@@ -191,7 +204,7 @@ def word_results(results: ComparisonResults) -> ComparisonResults:
     n_patients = results.evaluation.n_test_patients
     headline, details = recommendation_sentences(results.recommendation, results.arms, comparisons, n_patients)
     recommendation = results.recommendation.model_copy(update={"headline": headline, "details": details})
-    evaluation = results.evaluation.model_copy(update={"notes": evaluation_sentences(results.evaluation)})
+    evaluation = results.evaluation.model_copy(update={"notes": evaluation_sentences(results.evaluation, results.arms)})
     update = {"comparisons": comparisons, "recommendation": recommendation, "evaluation": evaluation}
     if results.what_to_train is not None:
         update["what_to_train"] = results.what_to_train.model_copy(update={"sentences": what_to_train_sentences(
@@ -203,47 +216,83 @@ def _auc_text(arm: ArmResult | None) -> str:
     return fmt_ci(arm.patient_metrics.roc_auc) if arm is not None and arm.patient_metrics is not None else "n/a"
 
 
+def _names(names: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def ranking_text(highest: str, auc: MetricValue, tied: Sequence[str], overlapping: Sequence[str], shown_best: bool,
+                 n_arms: int) -> str:
+    """'the highest point estimate is X, AUC ...; tied with ...; its interval overlaps ...; not shown best'."""
+    if n_arms == 1:
+        return f"the only arm is {highest}, patient-level test AUC {fmt_ci(auc)}"
+    if tied:
+        text = (f"{_names([highest, *tied])} tie for the highest point estimate of the patient-level test AUC "
+                f"({fmt(auc.value)}), so none is ranked above the other")
+    else:
+        text = f"the highest point estimate of the patient-level test AUC is {highest}'s, {fmt_ci(auc)}"
+    if overlapping:
+        text += f"; its 95% interval overlaps {_names(list(overlapping))}'s"
+    if shown_best:
+        return text + "; the paired test (Holm-adjusted) shows it above every other arm, so it is the best here"
+    return text + "; the paired test does not show it above every other arm, so no arm is called best"
+
+
+def _size_sentence(arm: str, rows: Sequence[InputSizePoint]) -> str:
+    """One arm's input-size curve: the size chosen on validation, test AUCs, and the paired test against it."""
+    chosen = next((p for p in rows if p.chosen), None)
+    tests = "; ".join(f"{p.image_size} px {fmt_ci(p.test_auc)}" for p in rows)
+    scored = [p for p in rows if p.test_auc.value is not None]
+    top = max((p.test_auc.value for p in scored), default=None)
+    highest = [f"{p.image_size} px" for p in scored if top is not None and p.test_auc.value >= top - AUC_TIE_TOLERANCE]  # type: ignore[operator]
+    point = (f"the highest test point estimate is at {_names(highest)}" if len(highest) == 1
+             else f"{_names(highest)} tie for the highest test point estimate") if highest else "no test AUC"
+    if chosen is None:
+        return (f"{arm}: no input size is chosen, as no size's run has a validation AUC; test AUC (slice level, 95% CI "
+                f"by patient): {tests}; {point}, which is no basis for a choice.")
+    by_val = ", ".join(f"{p.image_size} px {fmt(p.val_auc)}" for p in rows)
+    compared = [p for p in rows if p.vs_chosen is not None]
+    pairs = "; ".join(f"{p.image_size} px {difference_text(p.vs_chosen)}" for p in compared)  # type: ignore[arg-type]
+    differs = [f"{p.image_size} px" for p in compared if p.vs_chosen and p.vs_chosen.p_holm is not None
+               and p.vs_chosen.p_holm < 0.05]
+    verdict = (f"the paired test shows {_names(differs)} different from the chosen size" if differs
+               else "the paired test shows no size different from the chosen one") if compared else ""
+    return (f"{arm}: {chosen.image_size} px is chosen on validation AUC (slice level: {by_val}), never on test. "
+            f"Test AUC (slice level, 95% CI by patient): {tests}; {point}."
+            + (f" AUC(size) − AUC({chosen.image_size} px) on the same test images: {pairs}; {verdict}." if pairs else ""))
+
+
 def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes: Sequence[InputSizePoint],
                             depths: Sequence[ProbeDepthPoint]) -> list[str]:
-    """The "What to train" section in words: each sentence quotes the measured numbers and intervals it rests on."""
+    """The "What to train" section in words: each sentence quotes the measured numbers and intervals it rests on, and
+    "best" appears only where the paired test shows it."""
     by_name = {a.name: a for a in arms}
+    costed = sorted((a.cost.total_flops for a in arms if a.status == "completed" and a.cost.total_flops), key=float)
     lines = []
     for b in what.budgets:
         seconds = f" ({format_duration(b.budget_seconds)} measured here)" if b.budget_seconds is not None else ""
-        lines.append(f"Within a training budget of {fmt_si(b.budget_flops, 'FLOP')}{seconds}, the best arm is {b.best_arm}: "
-                     f"patient-level test AUC {fmt_ci(b.auc)}.")
-    if what.smallest_non_inferior and what.best_arm:
-        small, best = by_name.get(what.smallest_non_inferior), by_name.get(what.best_arm)
+        n_within = sum(1 for f in costed if f <= b.budget_flops)
+        ranked = ranking_text(b.highest_arm, b.auc, b.tied_with, b.overlapping, b.shown_best, n_within)
+        lines.append(f"Within a training budget of {fmt_si(b.budget_flops, 'FLOP')}{seconds}, {ranked}.")
+    if what.smallest_non_inferior and what.highest_arm:
+        top = [what.highest_arm, *what.tied_with]
+        small, high = by_name.get(what.smallest_non_inferior), by_name.get(what.highest_arm)
         flops = fmt_si(small.cost.flops_per_image, "FLOP") if small is not None and small.cost.flops_per_image else "n/a"
-        smaller = [a for a in arms if a.status == "completed" and best is not None and a.cost.flops_per_image
-                   and best.cost.flops_per_image and a.cost.flops_per_image < best.cost.flops_per_image]
-        if what.smallest_non_inferior == what.best_arm and not smaller:
-            lines.append(f"The best arm, {what.best_arm} (AUC {_auc_text(best)}), is also the smallest model compared "
-                         f"({flops} per image forward).")
-        elif what.smallest_non_inferior == what.best_arm:
-            lines.append(f"No smaller model is non-inferior to the best arm, {what.best_arm} (AUC {_auc_text(best)}, "
-                         f"{flops} per image forward), within the margin of {fmt(what.margin, 2)} AUC.")
+        reference = f"{_names(top)} (the highest point estimate{'s' if len(top) > 1 else ''}, AUC {_auc_text(high)})"
+        if what.smallest_non_inferior in top:
+            lines.append(f"No model with fewer FLOPs per image is shown non-inferior within {fmt(what.margin, 2)} AUC to "
+                         f"{reference}; {what.smallest_non_inferior} runs {flops} per image forward.")
         else:
-            low, high = what.smallest_ci_of_diff or (None, None)
-            lines.append(f"The smallest model non-inferior to the best arm {what.best_arm} (AUC {_auc_text(best)}) is "
-                         f"{what.smallest_non_inferior} ({flops} per image forward, AUC {_auc_text(small)}): its AUC "
-                         f"difference is {fmt(low)} to {fmt(high)} (95% CI, paired DeLong, patient level), above "
-                         f"-{fmt(what.margin, 2)}.")
-    for arm, depth in what.best_depth.items():
+            low, high_ci = what.smallest_ci_of_diff or (None, None)
+            lines.append(f"The smallest model shown non-inferior to {reference} is {what.smallest_non_inferior} ({flops} "
+                         f"per image forward, AUC {_auc_text(small)}): its AUC difference is {fmt(low)} to {fmt(high_ci)} "
+                         f"(95% CI, paired, patient level), above −{fmt(what.margin, 2)}.")
+    for arm, depth in what.chosen_depth.items():
         rows = [p for p in depths if p.arm == arm]
         listed = ", ".join(f"{p.depth} {fmt(p.val_auc)}" for p in rows)
         chosen = next(p for p in rows if p.depth == depth)
-        lines.append(f"{arm}: the probe on {depth} transfers best on validation (validation AUC by depth: {listed}); "
-                     f"its test AUC is {fmt(chosen.test_auc)} (slice level, no interval: the depth was chosen on "
-                     f"validation and the arm's interval above is for this depth).")
-    for arm, size in what.best_size.items():
-        rows = [p for p in sizes if p.arm == arm]
-        listed = "; ".join(f"{p.image_size} px {fmt_ci(p.test_auc)}" for p in rows)
-        top = next(p for p in rows if p.image_size == size)
-        others = [p for p in rows if p is not top]
-        separated = bool(others) and top.test_auc.ci_low is not None and all(
-            p.test_auc.ci_high is not None and top.test_auc.ci_low > p.test_auc.ci_high for p in others)
-        verdict = ("its interval lies above every other size's" if separated
-                   else "the intervals overlap, so these sizes are not told apart at this sample size")
-        lines.append(f"{arm}: highest test AUC at {size} px (test AUC, 95% CI by patient: {listed}); {verdict}.")
+        lines.append(f"{arm}: the probe on {depth} is chosen on validation AUC (by depth: {listed}); its test AUC is "
+                     f"{fmt(chosen.test_auc)} (slice level, no interval: the arm's interval above is for this depth).")
+    for arm in dict.fromkeys(p.arm for p in sizes):
+        lines.append(_size_sentence(arm, [p for p in sizes if p.arm == arm]))
     return lines

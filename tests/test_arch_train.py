@@ -229,13 +229,14 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     assert [p.depth for p in depths] == ["layer2", "layer3", "layer4"] and sum(p.chosen for p in depths) == 1
     what = results.what_to_train
     chosen = next(p for p in depths if p.chosen)
-    assert what is not None and what.best_depth == {"resnet18:imagenet-linear": chosen.depth}
-    assert what.best_arm in arms and what.smallest_non_inferior in arms and what.margin == 0.02
+    assert what is not None and what.chosen_depth == {"resnet18:imagenet-linear": chosen.depth}
+    assert what.highest_arm in arms and what.smallest_non_inferior in arms and what.margin == 0.02
     assert [b.budget_flops for b in what.budgets] == sorted(b.budget_flops for b in what.budgets) and len(what.budgets) == 2
     best_auc = {a.name: a.patient_metrics.roc_auc.value for a in results.arms}
-    assert what.budgets[-1].best_arm == max(best_auc, key=best_auc.get)  # the whole budget buys the best arm
-    for arm, size in what.best_size.items():
-        assert size == max((p for p in results.input_sizes if p.arm == arm), key=lambda p: p.test_auc.value).image_size
+    top = max(best_auc.values())
+    assert what.budgets[-1].highest_arm == min(a for a, v in best_auc.items() if v >= top - 0.0005)  # ties by name
+    for arm, size in what.chosen_size.items():  # chosen on validation AUC, never on test
+        assert size == max((p for p in results.input_sizes if p.arm == arm), key=lambda p: (p.val_auc, -p.image_size)).image_size
     assert what.sentences and any("training budget" in s for s in what.sentences)
     paths = render_report(results, tmp_path / "rendered")
     markdown = paths["markdown"].read_text(encoding="utf-8")

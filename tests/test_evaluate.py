@@ -53,9 +53,11 @@ def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs
     assert pair.delong.p_holm == pair.delong.p_value  # one pair: Holm's adjustment leaves its p unchanged
     assert results.evaluation.n_test_images == n_images
     assert results.reproducibility.seeds["split"] == 0 and "torch" in results.reproducibility.package_versions
-    by_compute = sorted(results.completed_arms, key=lambda a: a.cost.total_flops)  # each budget is one arm's, ascending
-    assert [b.budget_seconds for b in results.what_to_train.budgets] == [a.cost.actual_seconds for a in by_compute] == [
-        600.0 * n_runs, 640.0 * n_runs]  # report_fixtures: 600 s scratch and 640 s imagenet per run
+    # one budget per distinct compute: both arms of report_fixtures have the same FLOPs, so one budget holding both,
+    # priced by the first arm by name (imagenet, 640 s per run), never by list order
+    (budget,) = results.what_to_train.budgets
+    assert budget.budget_flops == results.arm("scratch").cost.total_flops == results.arm("imagenet").cost.total_flops
+    assert budget.budget_seconds == 640.0 * n_runs
     assert pair.mcnemar.method in ("clustered", "exact_permutation") and "Durkalski" in results.evaluation.decision_test
     assert (results.folds is not None) == (mode == "cross-validated")
     if results.folds:
@@ -167,7 +169,7 @@ def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
     recomputed by hand, the patient-clustered bootstrap interval with the settings' resamples and the seed, the
     training patients and images from config.json, and FLOPs = per-image FLOPs x images seen from timing.json."""
     from data_schemas.training import TIMING_FILE
-    from tasks.evaluation.evaluate import efficiency_points, size_points
+    from tasks.evaluation.what_to_train import efficiency_points, size_points
 
     test = make_patients(14, seed=5)
     evaluation = EvaluationSettings(n_bootstrap=40)
@@ -236,7 +238,7 @@ def test_probe_depths_mark_the_chosen_depth_only(tmp_path: Path) -> None:
     arm has no depth points."""
     from data_schemas.files import write_model_json
     from data_schemas.training import PROBE_DEPTHS_FILE, DepthProbe, ProbeDepths
-    from tasks.evaluation.evaluate import depth_points
+    from tasks.evaluation.what_to_train import depth_points
 
     probes = ProbeDepths(model="resnet50", chosen_depth="layer3", depths=[
         DepthProbe(depth="layer2", feature_dim=512, C=1.0, val_auc=0.7, test_auc=0.68),

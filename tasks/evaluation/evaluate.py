@@ -22,54 +22,39 @@ from pathlib import Path
 
 import numpy as np
 
-from data_schemas.arms import parse_arm
 from data_schemas.cost import THIS_MACHINE, CostReport
 from data_schemas.dataset import DatasetCard
-from data_schemas.evaluation import EvaluationSettings, parse_operating_point
+from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.report import (
     ArmCostSummary,
     ArmFolds,
     ArmResult,
     ArmWeights,
-    BudgetChoice,
     CalibrationBin,
     ComparisonResults,
     ConfusionMatrix,
     Convergence,
-    DataEfficiencyPoint,
     DatasetSummary,
-    DeLongResult,
     EarlyStoppingInfo,
     EpochRecord,
     EvaluationSummary,
     FoldMetrics,
-    InputSizePoint,
     McNemarResult,
     MetricValue,
     OperatingPointChoice,
     PairedComparison,
     PatientRow,
-    ProbeDepthPoint,
     Recommendation,
     Reproducibility,
     RocPoint,
     SplitPart,
     SplitSummary,
     TestMetrics,
-    WhatToTrain,
 )
 from data_schemas.training import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    PROBE_DEPTHS_FILE,
     STATUS_FILE,
-    TIMING_FILE,
-    VAL_PREDICTIONS_FILE,
     EpochMetrics,
-    PredictionRow,
-    ProbeDepths,
     RunConfig,
     RunSummary,
     SplitRow,
@@ -77,8 +62,10 @@ from data_schemas.training import (
     TimingInfo,
 )
 from tasks.evaluation import pairs, pooling
-from tasks.evaluation.recommend import ArmSummary, recommend
 from tasks.evaluation import statistics as st
+from tasks.evaluation.recommend import ArmSummary, recommend
+from tasks.evaluation.runs import PooledArm, RunData, delong_result, finite, is_linear, pool_runs, read_run
+from tasks.evaluation.what_to_train import depth_points, efficiency_points, size_points, what_to_train
 from tasks.cost.estimate import estimated_seconds_for
 
 REPORTED_PACKAGES = ("ctcompare", "torch", "torchvision", "monai", "prefect", "pydicom", "scikit-learn", "numpy", "scipy")
@@ -91,42 +78,6 @@ MONITOR_WHY = {
 }
 
 
-@dataclass
-class Predictions:
-    """Predictions of one part (test or validation), aligned row by row; kept out of results.json."""
-
-    image_keys: list[str]
-    patient_keys: list[str]
-    targets: np.ndarray
-    probs: np.ndarray
-
-
-@dataclass
-class RunData:
-    """One completed run: its files, test and (when saved) validation predictions, and its thresholds."""
-
-    run_dir: Path
-    status: RunSummary
-    config: RunConfig | None
-    history: list[EpochMetrics]
-    timing: TimingInfo | None
-    test: Predictions
-    val: Predictions | None
-    slice_point: pooling.OperatingPoint
-    patient_point: pooling.OperatingPoint
-
-
-@dataclass
-class PooledArm:
-    """An arm's pooled test predictions with each image's and each patient's own threshold."""
-
-    slices: Predictions
-    slice_thresholds: np.ndarray
-    patients: pooling.PatientLevel
-    patient_thresholds: np.ndarray
-    patient_images: dict[str, int]
-
-
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that decide a run's numbers."""
     found = {}
@@ -136,10 +87,6 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
@@ -162,72 +109,6 @@ def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
 # ---------------------------------------------------------------- reading runs
 
 
-def read_predictions(path: Path) -> Predictions:
-    """predictions.csv or val_predictions.csv as aligned arrays."""
-    rows = read_models_csv(path, PredictionRow)
-    return Predictions(
-        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
-        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows], dtype=np.float64),
-    )
-
-
-def operating_points(val: Predictions | None, evaluation: EvaluationSettings) -> tuple[pooling.OperatingPoint, pooling.OperatingPoint]:
-    """The slice and patient thresholds of one run, chosen on its validation predictions by the settings' rule."""
-    rule, target = parse_operating_point(evaluation.operating_point)
-    if rule == "fixed":
-        fixed = pooling.OperatingPoint(float(target or 0.5), "fixed", target)
-        return fixed, fixed
-    if val is None or not val.targets.size:
-        note = f"no {VAL_PREDICTIONS_FILE} in the run folder (a run made before they were saved)"
-        fallback = pooling.OperatingPoint(pooling.FALLBACK_THRESHOLD, "fallback", target, note)
-        return fallback, fallback
-    by_slice = pooling.choose_operating_point(val.targets, val.probs, rule, target)
-    patients = pooling.aggregate_by_patient(val.patient_keys, val.targets, val.probs, evaluation.aggregation)
-    by_patient = pooling.choose_operating_point(patients.targets, patients.probs, rule, target)
-    return by_slice, by_patient
-
-
-def read_run(run_dir: Path, evaluation: EvaluationSettings) -> RunData | RunSummary | None:
-    """A completed run's data; its RunSummary when it did not complete; None when it never started."""
-    run_dir = Path(run_dir)
-    if not (run_dir / STATUS_FILE).is_file():
-        return None
-    status = read_model_json(run_dir / STATUS_FILE, RunSummary)
-    if status.status != "completed":
-        return status
-    val_path = run_dir / VAL_PREDICTIONS_FILE
-    val = read_predictions(val_path) if val_path.is_file() else None
-    slice_point, patient_point = operating_points(val, evaluation)
-    return RunData(
-        run_dir=run_dir, status=status,
-        config=read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None,
-        history=read_models_csv(run_dir / METRICS_FILE, EpochMetrics) if (run_dir / METRICS_FILE).is_file() else [],
-        timing=read_model_json(run_dir / TIMING_FILE, TimingInfo) if (run_dir / TIMING_FILE).is_file() else None,
-        test=read_predictions(run_dir / PREDICTIONS_FILE), val=val, slice_point=slice_point, patient_point=patient_point,
-    )
-
-
-def pool_runs(arm: str, runs: list[RunData], aggregation: str) -> PooledArm:
-    """Concatenate the runs' test predictions; ValueError when two runs test the same patient."""
-    owner: dict[str, int] = {}
-    for index, run in enumerate(runs):
-        for patient in set(run.test.patient_keys):
-            if patient in owner:
-                raise ValueError(
-                    f"arm {arm!r}: runs {runs[owner[patient]].run_dir.name} and {run.run_dir.name} both test the same "
-                    f"patient; pooled runs must be outer folds with disjoint test patients."
-                )
-            owner[patient] = index
-    slices = Predictions(
-        image_keys=[k for r in runs for k in r.test.image_keys], patient_keys=[k for r in runs for k in r.test.patient_keys],
-        targets=np.concatenate([r.test.targets for r in runs]), probs=np.concatenate([r.test.probs for r in runs]),
-    )
-    slice_thresholds = np.concatenate([np.full(r.test.targets.size, r.slice_point.threshold) for r in runs])
-    patients = pooling.aggregate_by_patient(slices.patient_keys, slices.targets, slices.probs, aggregation)  # type: ignore[arg-type]
-    patient_thresholds = np.array([runs[owner[p]].patient_point.threshold for p in patients.patients])
-    return PooledArm(slices, slice_thresholds, patients, patient_thresholds, dict(Counter(slices.patient_keys)))
-
-
 # ---------------------------------------------------------------- metrics
 
 
@@ -237,7 +118,7 @@ def metric_block(
     """Point metrics at the given per-unit thresholds with patient-level bootstrap 95% intervals."""
     intervals = st.bootstrap_ci(targets, probs, groups, n_resamples=n_bootstrap, seed=seed, threshold=thresholds)
     values = {
-        name: MetricValue(value=_finite(iv.value), ci_low=_finite(iv.ci_low), ci_high=_finite(iv.ci_high))
+        name: MetricValue(value=finite(iv.value), ci_low=finite(iv.ci_low), ci_high=finite(iv.ci_high))
         for name, iv in intervals.items()
     }
     distinct = np.unique(thresholds)
@@ -301,10 +182,6 @@ def _learning_curve(history: list[EpochMetrics]) -> list[EpochRecord]:
     ]
 
 
-def _is_linear(arm: str) -> bool:
-    """True for an imagenet-linear arm of any model."""
-    return parse_arm(arm).mode == "imagenet-linear"
-
 
 def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> ArmCostSummary:
     """Estimated and measured cost of all of an arm's runs (seconds and FLOPs summed over outer folds)."""
@@ -318,7 +195,7 @@ def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> 
             estimated = sum(estimated_seconds_for(arm_cost, THIS_MACHINE, t.epochs_run) for t in timings)
         except KeyError:
             pass
-    per_image = (lambda t: t.forward_flops_per_image) if _is_linear(arm) else (lambda t: t.train_flops_per_image)
+    per_image = (lambda t: t.forward_flops_per_image) if is_linear(arm) else (lambda t: t.train_flops_per_image)
     flops_total = sum(per_image(t) * t.train_images_seen for t in timings)
     peak = None
     for device in cost_file.devices if cost_file is not None else []:
@@ -362,17 +239,17 @@ def _training_story(arm: str, run: RunData) -> dict:
     # Like for like: plain eval-mode cross-entropy on both sides (train_loss carries smoothing, weights, augmentation).
     gap = None if best is None or best.val_loss is None or best.train_eval_loss is None else best.val_loss - best.train_eval_loss
     max_epochs = config.train.epochs if config else None
-    stopping = None if config is None or _is_linear(arm) else EarlyStoppingInfo(
+    stopping = None if config is None or is_linear(arm) else EarlyStoppingInfo(
         monitor=config.train.early_stopping_monitor, patience=config.train.early_stopping_patience,
         min_epochs=config.train.min_epochs, why=MONITOR_WHY.get(config.train.early_stopping_monitor, ""),
     )
     return dict(
         learning_curve=_learning_curve(history), best_epoch=run.status.best_epoch,
         stopped_epoch=history[-1].epoch if history else None,
-        early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and not _is_linear(arm)),
+        early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and not is_linear(arm)),
         overfitting_gap=gap, early_stopping=stopping,
         convergence=Convergence(
-            best_val_auc=_finite(max((v for v in val_aucs if v is not None), default=None)), epochs_to_fraction=epochs_to,
+            best_val_auc=finite(max((v for v in val_aucs if v is not None), default=None)), epochs_to_fraction=epochs_to,
             seconds_to_fraction=st.seconds_to_epoch([m.epoch_seconds for m in history], epochs_to),
         ) if history else None,
     )
@@ -417,19 +294,9 @@ def read_arm(
 # ---------------------------------------------------------------- pairs
 
 
-def _delong_result(test: pairs.DeLongTest, p_holm: float) -> DeLongResult:
-    return DeLongResult(
-        auc_a=_finite(test.auc_a), auc_b=_finite(test.auc_b), diff=_finite(test.diff),
-        z=_finite(test.z),
-        p_value=_finite(test.p_value), p_holm=_finite(p_holm),
-        ci_of_diff=None if test.reason else (float(test.ci_of_diff[0]), float(test.ci_of_diff[1])),
-        level=test.level, method=test.method, reason=test.reason,
-    )
-
-
 def _mcnemar_result(test: pairs.McNemarTest, p_holm: float) -> McNemarResult:
     return McNemarResult(
-        b=test.b, c=test.c, statistic=_finite(test.statistic), p_value=_finite(test.p_value), p_holm=_finite(p_holm),
+        b=test.b, c=test.c, statistic=finite(test.statistic), p_value=finite(test.p_value), p_holm=finite(p_holm),
         method=test.method, method_label=pairs.METHOD_LABELS.get(test.method, test.method),  # type: ignore[arg-type]
         n_discordant_units=test.n_discordant_units, reason=test.reason,
     )
@@ -481,8 +348,8 @@ def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedCompari
     for k, (x, y, t) in enumerate(tested):
         pc = PairedComparison(
             arm_a=x, arm_b=y, n_images=t.n_images, n_patients=t.n_patients,
-            delong=_delong_result(t.slice_auc, holm["slice_auc"][k]), mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
-            patient_delong=_delong_result(t.patient_auc, holm["patient_auc"][k]),
+            delong=delong_result(t.slice_auc, holm["slice_auc"][k]), mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
+            patient_delong=delong_result(t.patient_auc, holm["patient_auc"][k]),
             patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
         )
         comparisons.append(pc)
@@ -502,120 +369,13 @@ def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[Pati
     return [rows[k] for k in sorted(rows)]
 
 
-def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: EvaluationSettings, seed: int) -> list[DataEfficiencyPoint]:
-    """Test AUC (patient-level 95% CI) of the arm trained on each fraction of the training patients."""
-    points = []
-    for fraction, run_dir in sorted(fraction_dirs.items()):
-        run = read_run(Path(run_dir), evaluation)
-        if not isinstance(run, RunData):
-            continue
-        t = run.test
-        auc = st.bootstrap_ci(t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap, seed=seed)["roc_auc"]
-        points.append(DataEfficiencyPoint(
-            arm=arm, fraction=fraction, n_train_patients=run.config.n_train_patients if run.config else 0,
-            n_train_images=run.config.n_train_images if run.config else None,
-            test_auc=MetricValue(value=_finite(auc.value), ci_low=_finite(auc.ci_low), ci_high=_finite(auc.ci_high)),
-        ))
-    return points
-
-
-def _auc_value(run: RunData, evaluation: EvaluationSettings, seed: int) -> MetricValue:
-    """A run's test AUC with its patient-clustered bootstrap 95% CI (as the data-efficiency curve)."""
-    t = run.test
-    auc = st.bootstrap_ci(t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap, seed=seed)["roc_auc"]
-    return MetricValue(value=_finite(auc.value), ci_low=_finite(auc.ci_low), ci_high=_finite(auc.ci_high))
-
-
-def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSettings, seed: int) -> list[InputSizePoint]:
-    """Test AUC (95% CI by patient) and measured training cost of the arm trained at each input size.
-
-    Training FLOPs = images seen x training FLOPs per image (timing.json: 3 x the forward count of
-    FlopCounterMode at that size; forward only for imagenet-linear); seconds are timing.json's wall time.
-    """
-    points = []
-    for size, run_dir in sorted(size_dirs.items()):
-        run = read_run(Path(run_dir), evaluation)
-        if not isinstance(run, RunData):
-            continue
-        timing = run.timing
-        per_image = None if timing is None else (timing.forward_flops_per_image if _is_linear(arm) else timing.train_flops_per_image)
-        points.append(InputSizePoint(
-            arm=arm, image_size=size, test_auc=_auc_value(run, evaluation, seed),
-            train_seconds=None if timing is None else timing.wall_seconds,
-            train_flops=None if timing is None or per_image is None else per_image * timing.train_images_seen,
-            forward_flops_per_image=None if timing is None else timing.forward_flops_per_image,
-        ))
-    return points
-
-
-def depth_points(arm: str, run_dir: Path) -> list[ProbeDepthPoint]:
-    """An imagenet-linear arm's probe at every depth, from its main run's probe_depths.json (none if absent)."""
-    path = Path(run_dir) / PROBE_DEPTHS_FILE
-    if not _is_linear(arm) or not path.is_file():
-        return []
-    probes = read_model_json(path, ProbeDepths)
-    return [ProbeDepthPoint(arm=arm, depth=d.depth, feature_dim=d.feature_dim, val_auc=_finite(d.val_auc),
-                            test_auc=_finite(d.test_auc), chosen=d.depth == probes.chosen_depth) for d in probes.depths]
-
-
-def _auc_of(arm: ArmResult) -> MetricValue:
-    return arm.patient_metrics.roc_auc if arm.patient_metrics is not None else MetricValue()
-
-
-def _diff_ci(comparisons: list[PairedComparison], arm: str, best: str) -> tuple[float, float] | None:
-    """95% CI of AUC(arm) - AUC(best), patient level, from the paired DeLong test (either orientation)."""
-    for c in comparisons:
-        test = c.patient_delong
-        if test is None or test.ci_of_diff is None:
-            continue
-        if (c.arm_a, c.arm_b) == (arm, best):
-            return test.ci_of_diff
-        if (c.arm_a, c.arm_b) == (best, arm):
-            return (-test.ci_of_diff[1], -test.ci_of_diff[0])
-    return None
-
-
-def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], margin: float,
-                  sizes: list[InputSizePoint], depths: list[ProbeDepthPoint]) -> WhatToTrain | None:
-    """The "What to train" numbers: best arm per compute budget, smallest non-inferior model, depth and size.
-
-    Budgets are the completed arms' measured training FLOPs (ArmCostSummary.total_flops); "smallest" means the
-    fewest forward FLOPs per image (FlopCounterMode at the arm's size); non-inferior means the lower 95% bound of
-    the paired patient-level DeLong difference AUC(arm) - AUC(best) exceeds -margin (the recommendation's rule).
-    """
-    done = [a for a in arms if a.status == "completed" and _auc_of(a).value is not None]
-    if not done:
-        return None
-    best = max(done, key=lambda a: _auc_of(a).value)  # type: ignore[arg-type, return-value]
-    budgets = []
-    for budget_arm in sorted((a for a in done if a.cost.total_flops), key=lambda a: a.cost.total_flops):  # type: ignore[arg-type, return-value]
-        within = [a for a in done if a.cost.total_flops and a.cost.total_flops <= budget_arm.cost.total_flops]  # type: ignore[operator]
-        top = max(within, key=lambda a: _auc_of(a).value)  # type: ignore[arg-type, return-value]
-        budgets.append(BudgetChoice(budget_flops=budget_arm.cost.total_flops, budget_seconds=budget_arm.cost.actual_seconds,  # type: ignore[arg-type]
-                                    best_arm=top.name, auc=_auc_of(top)))
-    smallest, smallest_ci = best, None
-    for arm in sorted(done, key=lambda a: a.cost.flops_per_image or math.inf):
-        ci = _diff_ci(comparisons, arm.name, best.name)
-        if arm.name == best.name or (ci is not None and ci[0] > -margin):
-            smallest, smallest_ci = arm, (None if arm.name == best.name else ci)
-            break
-    best_size = {}
-    for arm_name in dict.fromkeys(p.arm for p in sizes):
-        scored = [p for p in sizes if p.arm == arm_name and p.test_auc.value is not None]
-        if scored:
-            best_size[arm_name] = max(scored, key=lambda p: p.test_auc.value).image_size  # type: ignore[arg-type, return-value]
-    return WhatToTrain(
-        budgets=budgets, best_arm=best.name, smallest_non_inferior=smallest.name, smallest_ci_of_diff=smallest_ci,
-        margin=margin, best_depth={p.arm: p.depth for p in depths if p.chosen}, best_size=best_size,
-    )
-
 
 # ---------------------------------------------------------------- assembly
 
 
 def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], pairs.DeLongTest],
            evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
-    """The recommendation rule of tasks.evaluation.recommend on the patient-level AUC tests (reports.wording words it)."""
+    """The recommendation rule of tasks.evaluation.statistics on the patient-level AUC tests (reports.wording words it)."""
     summaries = [
         ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
         for a in arms
@@ -630,7 +390,8 @@ def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: di
     return rec
 
 
-def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow]) -> EvaluationSummary:
+def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow],
+                        info: SplitsInfo) -> EvaluationSummary:
     """How the numbers were produced (reports.wording says it in words)."""
     done = [a for a in arms if a.status == "completed" and a.patient_metrics is not None]
     summary = EvaluationSummary(
@@ -638,7 +399,7 @@ def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], r
         operating_point=evaluation.operating_point, non_inferiority_margin=evaluation.non_inferiority_margin,
         n_bootstrap=evaluation.n_bootstrap, n_test_patients=done[0].patient_metrics.n_patients if done else 0,  # type: ignore[union-attr]
         n_test_images=done[0].patient_metrics.n_images if done else 0,  # type: ignore[union-attr]
-        n_labelled_patients=len({r.patient_key for r in rows}),
+        n_labelled_patients=len({r.patient_key for r in rows}), holdout_test_fraction=info.test_fraction,
     )
     return summary
 
@@ -689,7 +450,7 @@ def build_results(
     comparisons, tests = paired_comparisons(pooled)
     # [negative, positive] as the training stage resolved them; any run of the comparison will do.
     classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
-    summary_eval = _evaluation_summary(evaluation, arms, rows)
+    summary_eval = _evaluation_summary(evaluation, arms, rows, info)
     sizes = [p for arm, dirs in (size_dirs or {}).items() for p in size_points(arm, dirs, evaluation, seed)]
     depths = [p for arm, dirs in arm_runs.items() if dirs for p in depth_points(arm, Path(dirs[0]))]
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
