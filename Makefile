@@ -6,7 +6,7 @@ export PREFECT_HOME ?= $(CURDIR)/.ctcompare/prefect
 export MPLCONFIGDIR ?= $(CURDIR)/.ctcompare/matplotlib
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test bench bench-ingest server deploy worker clean mutation
+.PHONY: install orthanc demo test bench bench-ingest server deploy worker clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 demo: install
 	$(BIN)/ctcompare demo --out demo || [ $$? -eq 3 ]
 
-test: install
+# The PACS tests run a real Orthanc (Debian packages): installed here when missing and run as root, as CI does.
+orthanc:
+	@if command -v Orthanc >/dev/null && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
+	else echo "orthanc: not installed and not root; the PACS tests (tests/pacs) will be skipped"; fi
+
+test: install orthanc
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -1,4 +1,4 @@
-"""The ingest flow: DICOM folder -> dataset folder, with Prefect artifacts (its command: flows.ingest_command)."""
+"""The ingest flows: a DICOM folder or a DICOMweb archive -> dataset folder (its command: flows.ingest_command)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,33 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
 from flows.parameters import (
+    Accession,
     AllowBurnedIn,
+    CredentialsBlock,
     DaskAddress,
     DatasetFolder,
     DicomFolder,
+    DicomWebUrl,
+    FetchThreads,
     IngestLabels,
     IngestSize,
+    Modality,
+    StudyDate,
+    StudyUidsFile,
     Window,
     Workers,
 )
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
+from tasks.common.progress import progress
+from tasks.ingest import dicomweb
 from tasks.ingest.assemble import (
     CachedFile,
+    IngestError,
     IngestResult,
     assemble_dataset,
     chunk_is_cached_on_disk,
@@ -36,9 +47,9 @@ from tasks.ingest.assemble import (
     preprocessing_signature,
     read_labels,
 )
+from tasks.ingest.dicomweb import Mirror, StudyQuery
 from tasks.ingest.label_precheck import check_labels_task
 from tasks.ingest.preprocess import parse_window
-from tasks.common.progress import progress
 
 # Most files per decode chunk (one Prefect task run, cached and retried as a unit).
 CHUNK_FILES = 256
@@ -133,3 +144,87 @@ def ingest_flow(
     create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card), description="Ingested CT dataset")
     create_table_artifact(key="ctcompare-ingest-quarantine", table=quarantine_table(card) or [{"reason": "none", "files": 0}], description="Quarantined files by reason")
     return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
+
+
+def check_dicomweb_arguments(url: str, out_dir: Path, *, study_date: str, modality: str, accession: str | None,
+                             study_uids_file: str | None, labels: Path | None, window: str) -> tuple[str, StudyQuery]:
+    """Refuse bad arguments of a DICOMweb ingest with one sentence before any request or folder; returns the base
+    URL and the query."""
+    base_url = dicomweb.check_dicomweb_url(url)
+    uids = tuple(dicomweb.read_study_uids(Path(study_uids_file))) if study_uids_file else ()
+    # A named study (accession or list) is taken whatever its date unless a date is given explicitly.
+    date_text = "any" if (accession or uids) and study_date == "yesterday" else study_date
+    query = StudyQuery(study_date=dicomweb.parse_study_date(date_text), modality=modality.upper(),
+                       accession=accession or None, study_uids=uids)
+    if labels is not None and not labels.is_file():
+        raise ValueError(f"labels file {labels} does not exist.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a folder.")
+    parse_window(window)
+    return base_url, query
+
+
+def fetch_from_archive(url: str, out: Path, query: StudyQuery, credentials_block: str | None,
+                       threads: int) -> dict[str, int]:
+    """Query the archive, retrieve what the dataset's mirror lacks into staging (batches in parallel, each retried),
+    then move it into the mirror only when every batch succeeded. Returns counts (found, fetched, already)."""
+    logger = get_run_logger()
+    retry = {"retries": len(dicomweb.RETRY_DELAYS_S), "retry_delay_seconds": dicomweb.RETRY_DELAYS_S}
+    found = dicomweb.find_instances_task.with_options(**retry)(url, query, credentials_block)
+    mirror = Mirror.open(out)
+    missing = mirror.missing(found)
+    logger.info("%d instance(s) on the archive match (%s); %d already in the dataset's mirror",
+                len(found), query.describe(), len(found) - len(missing))
+    retrieve = dicomweb.retrieve_batch_task.with_options(**retry)
+    with ThreadPoolTaskRunner(max_workers=threads) as runner:
+        futures = [
+            runner.submit(retrieve, {"batch_index": i, "url": url, "refs": batch, "staging_dir": mirror.staging_dir,
+                                     "secret_block": credentials_block})
+            for i, batch in enumerate(dicomweb.batches(missing))
+        ]
+        errors = []
+        for future in futures:
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001 - every batch is waited for; the first failure is reported
+                errors.append(error)
+    if errors:
+        raise errors[0]
+    mirror.promote(missing)
+    return {"found": len(found), "fetched": len(missing), "already": len(found) - len(missing)}
+
+
+@flow(name="ingest-dicomweb")
+def ingest_dicomweb_flow(
+    url: DicomWebUrl,
+    out_dir: DatasetFolder,
+    study_date: StudyDate = "yesterday",
+    modality: Modality = "CT",
+    accession: Accession = None,
+    study_uids_file: StudyUidsFile = None,
+    labels: IngestLabels = None,
+    size: IngestSize = 224,
+    window: Window = "lung",
+    workers: Workers = 0,
+    allow_burned_in: AllowBurnedIn = False,
+    credentials_block: CredentialsBlock = None,
+    fetch_threads: FetchThreads = 4,
+) -> dict[str, Any]:
+    """Ingest the CT studies of a DICOMweb archive (a PACS): new instances are retrieved into the dataset's private
+    mirror, then the mirror is ingested as a folder; a re-run fetches only what is new.
+
+    A failed retrieval (server stopped, timeout, refusal) ends in one sentence naming the URL and HTTP status and
+    leaves the mirror and the dataset as the last complete run left them.
+    """
+    out = Path(out_dir).resolve()
+    base_url, query = check_dicomweb_arguments(
+        url, out, study_date=study_date, modality=modality, accession=accession, study_uids_file=study_uids_file,
+        labels=Path(labels) if labels else None, window=window)
+    (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+    counts = fetch_from_archive(base_url, out, query, credentials_block, fetch_threads)
+    mirror = Mirror.open(out)
+    if not mirror.index:
+        raise IngestError(f"no {query.modality} instance on {base_url} matches {query.describe()}; nothing to ingest.")
+    summary = ingest_flow(src_dir=str(mirror.files_dir), out_dir=str(out), labels=labels, size=size, window=window,
+                          workers=workers, allow_burned_in=allow_burned_in)
+    return {**summary, "archive": counts}

@@ -93,6 +93,21 @@ DaskAddress = Annotated[str | None, described(description="run the decode chunks
 AllowBurnedIn = Annotated[bool, described(description="include files marked BurnedInAnnotation YES and Secondary "
                                       "Capture objects, whose pixels may show names; quarantined by default")]
 
+# ------------------------------------------------------------------------------------------- DICOMweb ingest
+DicomWebUrl = Annotated[str, described(pattern=r"^https?://[^\s@/]+(/\S*)?$", description="DICOMweb base URL of the "
+                                   "archive, e.g. http://pacs:8042/dicom-web (credentials never in it)")]
+StudyDate = Annotated[str, described(pattern=r"^\s*(yesterday|today|any|\d{8}(-\d{8})?)\s*$", description="studies "
+                                 "of this StudyDate: YYYYMMDD, a range YYYYMMDD-YYYYMMDD, yesterday, today (local "
+                                 "time) or any")]
+Modality = Annotated[str, described(pattern=r"^[A-Z]{2,16}$", description="series of this Modality only, e.g. CT")]
+Accession = Annotated[str | None, described(description="only the study with this AccessionNumber")]
+StudyUidsFile = Annotated[str | None, described(description="only the studies listed in this text file, one "
+                                            "StudyInstanceUID a line")]
+CredentialsBlock = Annotated[str | None, described(description="name of a Prefect Secret block holding the archive's "
+                                               "user:password or token; empty: CTCOMPARE_DICOMWEB_USER and "
+                                               "_PASSWORD (or _TOKEN) from the environment, else none")]
+FetchThreads = Annotated[int, described(ge=1, le=32, description="instance retrievals running at once")]
+
 # --------------------------------------------------------------------------------------------- cost and train
 CostOutFolder = Annotated[Path, described(description="folder for cost.json")]
 CostInputsParameter = Annotated[CostInputs, described(description="what to price: training images, image size, channels, "

@@ -11,8 +11,11 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 SKIP_NAMES = {"skip", "skipif", "importorskip", "xfail", "skipTest", "skipUnless", "skipIf", "SkipTest"}
-# "file.py:line source" -> why the reason lies outside the project. Empty: nothing in the suite may skip today.
-ALLOWED_SKIPS: dict[str, str] = {}
+# "file.py:line source" -> why the reason lies outside the project.
+ALLOWED_SKIPS: dict[str, str] = {
+    "pacs/conftest.py:22 pytest.skip(reason)": "Orthanc is a Debian package that only root can install (`make orthanc`);"
+    " under CI (CI=true) the PACS tests fail instead of skipping",
+}
 
 
 def skip_sites(source: str) -> list[int]:
