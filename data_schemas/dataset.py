@@ -57,6 +57,7 @@ class QuarantineReason(str, Enum):
     SYMLINK_LOOP = "symlink_loop"
     DICOMDIR = "dicomdir"
     DECODE_ERROR = "decode_error"
+    DECODER_CRASHED = "decoder_crashed"
     INVALID_HEADER = "invalid_header"
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     SECONDARY_CAPTURE = "secondary_capture"

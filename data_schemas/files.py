@@ -3,6 +3,7 @@ content hashes. Standard library and pydantic only, so that `reports` can use it
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -22,6 +23,25 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 TEMP_SUFFIX = ".tmp"
 # .NAME.RANDOM.PID@HOST.tmp: unique per call, and a later run can tell whether the writer still lives.
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """A path as text that can be printed, logged and written into JSON or CSV: bytes that are not UTF-8 (held as
+    surrogates since os.listdir decoded them) as \\xNN, other unprintable characters as Python escapes. A printable
+    UTF-8 path comes back unchanged."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+def path_from_printable(text: str) -> Path:
+    """The path that printable_path showed as `text`: text itself when it names something or holds no escape,
+    else with its escapes turned back into the bytes they stand for."""
+    if "\\" not in text or os.path.lexists(text):
+        return Path(text)
+    try:
+        return Path(os.fsdecode(codecs.escape_decode(text.encode("utf-8"))[0]))
+    except ValueError:
+        return Path(text)
 
 
 def temp_path_for(path: Path) -> Path:

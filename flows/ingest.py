@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, WindowSpec
+from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, QuarantineReason, WindowSpec
 from flows.parameters import (
     Accession,
     AllowBurnedIn,
@@ -78,6 +79,16 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
     return spec
 
 
+def log_decode_failures(files: list[CachedFile], log: Callable[[str], None]) -> None:
+    """One log line per file whose pixels could not be decoded, named by its content hash (its path may identify a
+    patient: it stays in private/quarantine.csv)."""
+    for item in files:
+        record = item.record
+        if record.reason in (QuarantineReason.DECODE_ERROR, QuarantineReason.DECODER_CRASHED):
+            detail = record.message.removeprefix(f"{record.relative_path}: ")
+            log(f"File sha256:{record.content_sha256[:12]} quarantined ({record.reason.value}): {detail}")
+
+
 @flow(name="ingest")
 def ingest_flow(
     src_dir: DicomFolder,
@@ -137,6 +148,7 @@ def ingest_flow(
 
     result: IngestResult = assemble_dataset(files, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
     card = result.card
+    log_decode_failures(files, logger.warning)
     logger.info(
         "%s %d image(s) of %d patient(s); %d file(s) quarantined",
         "Unchanged:" if result.skipped else "Wrote", card.n_images, card.n_patients, card.n_files_quarantined,

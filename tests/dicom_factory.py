@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 BINARY_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "OF", "OD", "OL", "UN", "AT"}
 
@@ -149,3 +149,22 @@ def deflated_ct(dest: Path, **changes: object) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dest, enforce_file_format=True)
     return dest
+
+
+def jpeg2000_crasher(dest: Path, seed: int = 1) -> Path:
+    """A CT file in JPEG 2000 Lossless whose one fragment is a JPEG 2000 start marker and random bytes: OpenJPEG
+    refuses it, and gdcm (tried next) aborts the whole process with a C++ terminate."""
+    import random
+
+    ct_variant(dest, patient_id="CRASH")
+    ds = pydicom.dcmread(dest)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + random.Random(seed).randbytes(2000)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def non_utf8_name(folder: Path, stem: bytes = b"bad\xff\xfename") -> Path:
+    """A path in `folder` whose file name is not valid UTF-8 (as os.listdir gives it back: with surrogates)."""
+    return Path(os.fsdecode(os.path.join(os.fsencode(folder), stem + b".dcm")))

@@ -55,11 +55,20 @@ from tasks.ingest.dataset_store import (
     ImageBlocks,
     dataset_content_hash,
     dataset_write_lock,
+    make_private_dirs,
     write_dataset,
 )
-from tasks.ingest.decode_pool import current_decode_pool, limit_compute_threads
+from tasks.ingest.decode_pool import current_decode_pool, decode_in_children
 from tasks.ingest.dicom_io import Rejected, read_ct_file
-from data_schemas.files import atomic_write_bytes, atomic_write_text, read_models_csv, sha256_file, sha256_json, write_models_csv
+from data_schemas.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    printable_path,
+    read_models_csv,
+    sha256_file,
+    sha256_json,
+    write_models_csv,
+)
 from tasks.ingest.preprocess import hu_frame_to_image, window_level_width
 from tasks.ingest.pseudonymize import load_or_create_secret, pseudonym
 
@@ -89,7 +98,9 @@ class OutputWriteError(IngestError):
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A discovered file: absolute path, path relative to the source folder (POSIX) and content hash."""
+    """A discovered file: absolute path (as the file system names it: bytes that are not UTF-8 held as surrogates),
+    path relative to the source folder (POSIX, printable_path: what records, CSV files and messages show) and
+    content hash."""
 
     path: str
     relative_path: str
@@ -97,7 +108,8 @@ class SourceFile:
 
 
 def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """The path relative to root, as printable text (a name that is not UTF-8 is shown with \\xNN escapes)."""
+    return printable_path(path.relative_to(root).as_posix())
 
 
 def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]]:
@@ -209,10 +221,9 @@ def convert_file(source: SourceFile, size: int, window: WindowSpec) -> Converted
     return ConvertedFile(record=record, images=images, hu_sample=hu_sample)
 
 
-def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: WindowSpec) -> CachedFile:
-    """Convert one file and store its images, HU sample and record (or its rejection) in the private cache;
-    returns what the assembly needs of it (no images)."""
-    converted = convert_file(source, size, window)
+def _store_in_cache(converted: ConvertedFile, cache_file: Path) -> CachedFile:
+    """Store one file's images, HU sample and record (or its rejection) in the private cache; returns what the
+    assembly needs of it (no images)."""
     # The images' hash is taken here, in the decode worker, so that ordering the dataset needs no image in memory.
     digest = image_hash(converted.images)
     record_json = converted.record.model_dump_json()
@@ -225,20 +236,62 @@ def _decode_to_cache(source: SourceFile, cache_file: Path, size: int, window: Wi
     return CachedFile(record=DecodedFileRecord.model_validate_json(record_json), image_sha256=digest, hu_sample=converted.hu_sample)
 
 
+def decoding_marker(cache_file: Path) -> Path:
+    """The file that exists while a process decodes into cache_file: left behind, it names the file whose decode
+    killed its process."""
+    return cache_file.with_suffix(".decoding")
+
+
+def is_cached(source: SourceFile, cache_dir: str | Path) -> bool:
+    """True when the file's decoded result (or its rejection) is in the cache."""
+    return cache_path(Path(cache_dir), source.content_sha256).exists()
+
+
+def was_being_decoded(source: SourceFile, cache_dir: str | Path) -> bool:
+    """True when a process started decoding this file and died before storing its result."""
+    cache_file = cache_path(Path(cache_dir), source.content_sha256)
+    return decoding_marker(cache_file).exists() and not cache_file.exists()
+
+
+@contextlib.contextmanager
+def _writing_cache(cache_dir: str) -> Iterator[None]:
+    """Turn an OSError that means 'no more bytes fit' into one sentence naming the cache folder (never retried)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise OutputWriteError(f"cannot write decoded images into {cache_dir} ({error.strerror or error}).") from None
+
+
 def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
     """Validate and decode the files not yet in the content-addressed cache; returns those decoded now, by content
-    hash (the others are read from the cache when needed)."""
+    hash (the others are read from the cache when needed). Each decode is bracketed by its decoding_marker, so a
+    decode that kills the process is attributable to its file."""
     decoded = {}
     for source in sources:
         cache_file = cache_path(Path(cache_dir), source.content_sha256)
-        if not cache_file.exists():
-            try:
-                decoded[source.content_sha256] = _decode_to_cache(source, cache_file, size, window)
-            except OSError as error:
-                if error.errno not in UNWRITABLE_ERRNOS:
-                    raise
-                raise OutputWriteError(f"cannot write decoded images into {cache_dir} ({error.strerror or error}).") from None
+        if cache_file.exists():
+            continue
+        marker = decoding_marker(cache_file)
+        with _writing_cache(cache_dir):
+            make_private_dirs(marker.parent)
+            marker.touch()
+            decoded[source.content_sha256] = _store_in_cache(convert_file(source, size, window), cache_file)
+            marker.unlink(missing_ok=True)
     return decoded
+
+
+def store_decoder_crash(source: SourceFile, cache_dir: str, size: int, how: str) -> CachedFile:
+    """Quarantine a file whose decode killed the process decoding it alone (`how`: the signal or exit code), in the
+    cache like any rejection, so that later runs never decode it again."""
+    message = f"{source.relative_path}: decoding it killed its process ({how}), also when decoded alone"
+    rejected = _rejected_file(source, size, QuarantineReason.DECODER_CRASHED, message)
+    cache_file = cache_path(Path(cache_dir), source.content_sha256)
+    with _writing_cache(cache_dir):
+        entry = _store_in_cache(rejected, cache_file)
+    decoding_marker(cache_file).unlink(missing_ok=True)
+    return entry
 
 
 def _retry_unless_output_unwritable(task: object, task_run: object, state: State) -> bool:
@@ -270,9 +323,8 @@ def decode_chunk(chunk_index: int, sources: list[SourceFile], cache_dir: str, si
     pool = current_decode_pool()
     if pool is not None:  # run by a thread of the flow's process: the local decode pool does the work
         pool.decode(sources, cache_dir, size, window)
-    else:
-        limit_compute_threads()  # a Dask worker process: parallelism comes from the workers
-        decode_files(sources, cache_dir, size, window)
+    else:  # a Dask worker process: parallelism comes from the workers; each decode in a child of this process
+        decode_in_children(sources, cache_dir, size, window)
     return [source.content_sha256 for source in sources]
 
 

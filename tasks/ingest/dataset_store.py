@@ -81,6 +81,17 @@ def ensure_private_dir(root: Path) -> Path:
     return private
 
 
+def make_private_dirs(folder: Path) -> None:
+    """Create folder and its missing parents, each 0700 (mkdir's parents=True would give the parents 0755)."""
+    missing = []
+    folder = Path(folder)
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+
+
 def _chmod_if_needed(path: Path, mode: int) -> None:
     try:
         info = path.lstat()

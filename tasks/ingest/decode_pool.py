@@ -12,17 +12,29 @@ DataLoader workers do (OpenMP must not be entered in a forked child). Each worke
 and exits as soon as the process that opened the pool is gone (checked every WATCH_S seconds), even after a kill -9
 of that process.
 
-On a Dask worker there is no pool: `decode_chunk` decodes in its own process.
+A decoder can kill the process it runs in (gdcm aborts on some corrupt JPEG 2000 codestreams; a segfault, the OOM
+killer): no file's decode runs in the flow's process, and a death costs only the file that caused it. Each decode
+is bracketed by a marker file in the cache (tasks.ingest.assemble.decode_files), so after a worker dies the files
+it and its terminated siblings were decoding are known; each is decoded again alone, in a process of its own, and a
+file that kills that process too is quarantined as `decoder_crashed` (in the cache, so no later run decodes it
+again). The pool is replaced and the other files go on.
+
+On a Dask worker there is no pool: `decode_chunk` decodes in forked children of the Dask worker's process, with
+the same isolation.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
+import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
@@ -33,7 +45,13 @@ if TYPE_CHECKING:
 # Files per job sent to a worker: small enough for balance and a smooth progress bar, large enough that the
 # per-job inter-process cost (a few hundred microseconds) stays negligible against ~3-10 ms of decoding per file.
 BATCH_FILES = 8
+# Files per forked child where there is no pool (one worker, a Dask worker): a fork per batch costs a few
+# milliseconds, so batches are larger there.
+CHILD_BATCH_FILES = 32
 WATCH_S = 0.5
+# Held while a pipe is made and a process forked, so that no child inherits another child's pipe (its reader would
+# then wait for the wrong process to exit).
+_FORK_LOCK = threading.Lock()
 
 ProgressCallback = Callable[[int], None]
 T = TypeVar("T")
@@ -58,10 +76,23 @@ def _exit_when_owner_dies(owner_pid: int, owner_started: float) -> None:
 
 
 def init_decode_worker(owner_pid: int, owner_started: float) -> None:
-    """Pool worker set-up: one compute thread, and exit when the owning process dies (however it dies)."""
+    """Decode process set-up: one compute thread, native stderr silenced, and exit when the owning process dies
+    (however it dies)."""
     limit_compute_threads()
+    silence_native_stderr()
     threading.Thread(target=_exit_when_owner_dies, args=(owner_pid, owner_started), daemon=True,
                      name="ctcompare-owner-watch").start()
+
+
+def silence_native_stderr() -> None:
+    """Send what C decoders write straight to stderr (OpenJPEG's 'Stream too short', a C++ terminate message) to
+    /dev/null, and dump no Python stack on a fatal signal (faulthandler): a decode process reports everything
+    through its result (a file's quarantine reason says how its decode failed, or how its process died), so one
+    broken file gives one line, not a stream of decoder noise."""
+    faulthandler.disable()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def limit_compute_threads() -> None:
@@ -69,6 +100,135 @@ def limit_compute_threads() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+class DecoderProcessDied(RuntimeError):
+    """A process decoding files died (signal, abort, OOM kill) before it could answer.
+
+    Args:
+        how: how it ended, e.g. 'killed by SIGABRT'.
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__(f"a decoding process died ({how})")
+        self.how = how
+
+
+def how_it_ended(status: int) -> str:
+    """A waitpid status in words: the signal's name, or the exit code."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}; out of memory?" if -code == signal.SIGKILL else f"killed by {name}"
+
+
+def _child_main(write_fd: int, owner: tuple[int, float], function: Callable[..., R], args: tuple) -> None:
+    """A forked child's work: function(*args), its result or exception pickled into the pipe; never returns."""
+    code = 0
+    try:
+        init_decode_worker(*owner)
+        try:
+            payload = pickle.dumps((True, function(*args)))
+        except BaseException as error:  # handed to the parent, which raises it
+            try:
+                payload = pickle.dumps((False, error))
+            except Exception:
+                payload = pickle.dumps((False, RuntimeError(f"{type(error).__name__}: {error}")))
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(payload)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def run_in_child(function: Callable[..., R], *args: object) -> R:
+    """function(*args) in a forked child of this process: its result, or its exception raised here.
+
+    Raises:
+        DecoderProcessDied: the child died without answering (abort, segfault, OOM kill).
+    """
+    import psutil
+
+    owner = (os.getpid(), psutil.Process().create_time())
+    with _FORK_LOCK:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _child_main(write_fd, owner, function, args)
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        raise DecoderProcessDied(how_it_ended(status))
+    succeeded, value = pickle.loads(payload)
+    if succeeded:
+        return value
+    raise value
+
+
+def decode_alone(source: SourceFile, cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
+    """Decode one file in a process of its own; if that process dies, the file is quarantined as decoder_crashed."""
+    from tasks.ingest.assemble import store_decoder_crash
+
+    try:
+        return run_in_child(_decode_batch, [source], cache_dir, size, window)
+    except DecoderProcessDied as died:
+        return {source.content_sha256: store_decoder_crash(source, cache_dir, size, died.how)}
+
+
+def decode_isolating_crashes(
+    sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
+    decode_rest: Callable[[list[SourceFile]], dict[str, CachedFile]],
+) -> dict[str, CachedFile]:
+    """Decode the files not yet cached with decode_rest (in other processes); when one of those processes dies,
+    decode each file left half-done (its decoding marker still there, from this or an earlier run) alone, then
+    the rest again. A death with no file half-done twice running has no culprit to isolate: then each file left
+    is decoded alone. Returns what the files decoded now hold, by content hash."""
+    from tasks.ingest.assemble import is_cached, was_being_decoded
+
+    decoded: dict[str, CachedFile] = {}
+    pending = [source for source in sources if not is_cached(source, cache_dir)]
+    deaths_without_culprit = 0
+    while pending:
+        for source in [source for source in pending if was_being_decoded(source, cache_dir)]:
+            decoded.update(decode_alone(source, cache_dir, size, window))
+        rest = [source for source in pending if not is_cached(source, cache_dir)]
+        if not rest:
+            break
+        if deaths_without_culprit >= 2:
+            for source in rest:
+                decoded.update(decode_alone(source, cache_dir, size, window))
+            break
+        try:
+            decoded.update(decode_rest(rest))
+            break
+        except DecoderProcessDied:
+            pending = [source for source in rest if not is_cached(source, cache_dir)]
+            culprit = any(was_being_decoded(source, cache_dir) for source in pending)
+            deaths_without_culprit = 0 if culprit else deaths_without_culprit + 1
+    return decoded
+
+
+def decode_in_children(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
+                       on_progress: ProgressCallback | None = None) -> dict[str, CachedFile]:
+    """Decode where there is no pool (one worker, a Dask worker): batches in forked children of this process, crashes
+    isolated (decode_isolating_crashes); on_progress(n_files) after each batch."""
+    decoded: dict[str, CachedFile] = {}
+    for start in range(0, len(sources), CHILD_BATCH_FILES):
+        batch = sources[start:start + CHILD_BATCH_FILES]
+        decoded.update(decode_isolating_crashes(
+            batch, cache_dir, size, window, lambda rest: run_in_child(_decode_batch, rest, cache_dir, size, window),
+        ))
+        if on_progress is not None:
+            on_progress(len(batch))
+    return decoded
 
 
 def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
@@ -80,10 +240,10 @@ def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: 
 
 
 class DecodePool:
-    """A process pool for decoding, forked from the calling process.
+    """A process pool for decoding, forked from the calling process, replaced when a decoder kills a worker.
 
     Args:
-        workers: number of worker processes; with 1 the files are decoded in the calling thread (no processes).
+        workers: number of worker processes; with 1, each batch is decoded in a forked child (decode_in_children).
         on_progress: called in the opening process with the number of files each finished batch held.
     """
 
@@ -92,42 +252,83 @@ class DecodePool:
         self.on_progress = on_progress
         self._decoded: dict[str, CachedFile] = {}  # by content hash, until the flow takes them
         self._decoded_lock = threading.Lock()
-        self._executor: ProcessPoolExecutor | None = None
-        if self.workers > 1:
-            import psutil
+        self._executor_lock = threading.Lock()
+        self._closed = False
+        self._executor: ProcessPoolExecutor | None = self._start_executor() if self.workers > 1 else None
 
-            me = psutil.Process()
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("fork"), initializer=init_decode_worker,
-                initargs=(me.pid, me.create_time()),
+    def _start_executor(self) -> ProcessPoolExecutor:
+        """A pool of forked workers, all forked now, from this thread, before any batch queues."""
+        import psutil
+
+        me = psutil.Process()
+        with _FORK_LOCK:
+            executor = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("fork"),
+                initializer=init_decode_worker, initargs=(me.pid, me.create_time()),
             )
-            # Fork every worker now, from this thread (which outlives the pool), before the batches queue.
             for _ in range(self.workers):
-                self._executor.submit(int)
+                executor.submit(int)
+        return executor
+
+    def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
+        """Start a new pool in place of a broken one (once, whichever thread sees it broken first)."""
+        with self._executor_lock:
+            if self._executor is not broken or self._closed:
+                return
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start_executor()
 
     def decode(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> None:
-        """Decode `sources` into the cache (on the workers, or here with one worker); what the files decoded now
-        hold for the assembly is kept until take_decoded."""
-        batches = [sources[start:start + BATCH_FILES] for start in range(0, len(sources), BATCH_FILES)]
+        """Decode `sources` into the cache (on the workers, or in forked children with one worker); what the files
+        decoded now hold for the assembly is kept until take_decoded. A file whose decode kills its process is
+        quarantined as decoder_crashed and the others go on (decode_isolating_crashes)."""
         if self._executor is None:
-            for batch in batches:
-                self._keep(_decode_batch(batch, cache_dir, size, window))
-                self._report(len(batch))
+            self._keep(decode_in_children(sources, cache_dir, size, window, self._report))
             return
-        futures: dict[Future[dict[str, CachedFile]], int] = {
-            self._executor.submit(_decode_batch, batch, cache_dir, size, window): len(batch) for batch in batches
-        }
+        reported = [0]
+        self._keep(decode_isolating_crashes(
+            sources, cache_dir, size, window, lambda rest: self._decode_on_workers(rest, cache_dir, size, window, reported),
+        ))
+        self._report(len(sources) - reported[0])  # files decoded alone or before a worker died
+
+    def _decode_on_workers(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
+                           reported: list[int]) -> dict[str, CachedFile]:
+        """Decode `sources` in batches on the pool's workers; raises DecoderProcessDied (after keeping what the
+        finished batches hold) when a worker died, and replaces the pool."""
+        executor = self._executor
+        assert executor is not None
+        futures: dict[Future[dict[str, CachedFile]], int] = {}
+        died = False
+        for start in range(0, len(sources), BATCH_FILES):
+            batch = sources[start:start + BATCH_FILES]
+            try:
+                futures[executor.submit(_decode_batch, batch, cache_dir, size, window)] = len(batch)
+            except (BrokenProcessPool, RuntimeError):  # broken (or replaced) since this call began
+                died = True
+                break
         for future in as_completed(futures):
-            self._keep(future.result())
+            try:
+                self._keep(future.result())
+            except BrokenProcessPool:
+                died = True
+                continue
+            reported[0] += futures[future]
             self._report(futures[future])
+        if died:
+            if self._closed:
+                raise RuntimeError("the decode pool was closed while files were being decoded")
+            self._replace_broken(executor)
+            raise DecoderProcessDied("a pool worker died")
+        return {}
 
     def map_batches(self, function: Callable[[list[T]], list[R]], items: list[T], batch: int = BATCH_FILES * 8) -> list[R]:
         """function over `items` in batches of `batch`, on the workers (in order), or here with one worker; the
         results concatenated. `function` must be a module-level function (or a partial of one): it is pickled."""
         batches = [items[start:start + batch] for start in range(0, len(items), batch)]
-        if self._executor is None:
+        executor = self._executor
+        if executor is None:
             return [result for part in batches for result in function(part)]
-        return [result for part in self._executor.map(function, batches) for result in part]
+        return [result for part in executor.map(function, batches) for result in part]
 
     def _keep(self, decoded: dict[str, CachedFile]) -> None:
         with self._decoded_lock:
@@ -145,8 +346,11 @@ class DecodePool:
 
     def close(self) -> None:
         """Stop the workers (queued batches are cancelled)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._executor_lock:
+            self._closed = True
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 _current_pool: DecodePool | None = None

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
-import warnings
 import re
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,16 @@ SLOPE_LIMIT = 1e4
 INTERCEPT_LIMIT = 1e5
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 HeaderT = TypeVar("HeaderT")
+# Decoding plugins tried first, in this order, where pydicom offers them; the others follow in pydicom's order.
+# pylibjpeg (OpenJPEG) before gdcm for JPEG 2000: gdcm aborts the whole process (C++ terminate) on some corrupt
+# codestreams that OpenJPEG refuses with an error, and OpenJPEG decodes JPEG 2000 faster.
+PREFERRED_PLUGINS = ("pylibjpeg",)
+JPEG_2000_SYNTAXES = {
+    pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000, pydicom.uid.HTJ2KLossless, pydicom.uid.HTJ2KLosslessRPCL,
+    pydicom.uid.HTJ2K,
+}
+DECODER_DETAIL_CHARS = 100
+MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs in decoder messages: differ from run to run
 
 
 class Rejected(Exception):
@@ -385,12 +396,50 @@ def _integer_rescale(ds: Dataset, pixels: np.ndarray, slope: float | None, inter
     return float(slope).is_integer() and float(intercept).is_integer() and abs(slope) <= 2**7 and abs(intercept) <= 2**22
 
 
-def _decode_hounsfield(ds: Dataset, layout: PixelLayout, relative_path: str) -> np.ndarray:
+def decoding_plugins(syntax: UID) -> list[str]:
+    """The installed decoding plugins for a compressed transfer syntax, in the order they are tried (see
+    PREFERRED_PLUGINS); empty for native (uncompressed) pixel data, which needs no plugin."""
+    available = list(get_decoder(syntax).available_plugins) if syntax.is_compressed else []
+    if syntax not in JPEG_2000_SYNTAXES:
+        return available
+    return [name for name in PREFERRED_PLUGINS if name in available] + [n for n in available if n not in PREFERRED_PLUGINS]
+
+
+def _decoder_detail(plugin: str, error: Exception) -> str:
+    """One short printable line for a plugin's failure (pydicom wraps it as 'plugin: detail' in a longer text)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(error).__name__
+    detail = MEMORY_ADDRESS.sub("", detail.removeprefix(f"{plugin}: "))
+    detail = "".join(char if char.isprintable() else "?" for char in detail)
+    return f"{plugin}: {detail[:DECODER_DETAIL_CHARS]}"
+
+
+def decode_pixels(ds: Dataset, syntax: UID, relative_path: str) -> np.ndarray:
+    """The pixel array, trying each decoding plugin in turn (decoding_plugins); a file that every plugin refuses is
+    rejected as decode_error with one line naming each plugin's complaint."""
+    plugins = decoding_plugins(syntax)
+    if not plugins:
+        try:
+            return ds.pixel_array
+        except Exception as error:
+            raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded ({type(error).__name__})") from None
+    failures = []
+    for plugin in plugins:
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except Exception as error:
+            failures.append(_decoder_detail(plugin, error))
+    raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded ({'; '.join(failures)})")
+
+
+def _decode_hounsfield(ds: Dataset, layout: PixelLayout, syntax: UID, relative_path: str) -> np.ndarray:
     """Decode the pixels and apply the modality LUT; the result is (frames, rows, cols) finite float32 HU."""
     slope = header_value(ds, "RescaleSlope", _slope, relative_path)
     intercept = header_value(ds, "RescaleIntercept", real_in(-INTERCEPT_LIMIT, INTERCEPT_LIMIT), relative_path)
+    pixels = decode_pixels(ds, syntax, relative_path)
     try:
-        pixels = ds.pixel_array.reshape(layout.frames, layout.rows, layout.columns)
+        pixels = pixels.reshape(layout.frames, layout.rows, layout.columns)
         if _integer_rescale(ds, pixels, slope, intercept):
             # Exact in float32 (integers below 2**24), so the same values as pydicom's float64 result, with a
             # third of the memory traffic: the usual CT header (slope 1, intercept -1024) takes this path.
@@ -435,15 +484,20 @@ def _file_record(ds: Dataset, layout: PixelLayout, syntax: UID, sop_class: str, 
 
 @contextlib.contextmanager
 def values_never_logged() -> Iterator[None]:
-    """Keep pydicom from logging or warning about invalid values: its messages quote the value, which may identify."""
+    """Keep pydicom from logging or warning about invalid values (its messages quote the value, which may identify)
+    and from logging a traceback for each decoding plugin that fails (the file's quarantine line says it once)."""
     previous = pydicom.config.settings.reading_validation_mode
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom_logger = logging.getLogger("pydicom")  # its child loggers (the decoders) inherit the level
+    level = pydicom_logger.level
+    pydicom_logger.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         pydicom.config.settings.reading_validation_mode = previous
+        pydicom_logger.setLevel(level)
 
 
 def read_ct_file(path: Path, relative_path: str) -> DecodedFile:
@@ -464,4 +518,4 @@ def _read_ct_file(path: Path, relative_path: str) -> DecodedFile:
     syntax = _transfer_syntax(ds, relative_path)
     _check_pixel_data(ds, layout, syntax, relative_path)
     record = _file_record(ds, layout, syntax, sop_class, relative_path)
-    return DecodedFile(record=record, hu_frames=_decode_hounsfield(ds, layout, relative_path))
+    return DecodedFile(record=record, hu_frames=_decode_hounsfield(ds, layout, syntax, relative_path))
