@@ -8,10 +8,12 @@ whatever the installed decoders do.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import os
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
@@ -126,3 +128,38 @@ def test_jpeg2000_tries_openjpeg_before_gdcm_and_refusals_are_one_line(tmp_path:
     else:
         pytest.fail("a corrupt JPEG 2000 codestream was accepted")
     assert not [record for record in caplog.records if record.name.startswith("pydicom")], "pydicom logged a traceback"
+
+
+def _raw_dataset(source: Path, dest: Path, *, implicit: bool) -> Path:
+    """The data set of `source` alone: no preamble, no 'DICM', no file meta, as old archives store it."""
+    ds = pydicom.dcmread(source)
+    del ds.file_meta
+    ds.preamble = None
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    dest.write_bytes(buffer.getvalue())
+    return dest
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_raw_data_set_without_file_meta_is_read_like_its_full_file(tmp_path: Path, implicit: bool) -> None:
+    full = ct_variant(tmp_path / "full.dcm")
+    raw = _raw_dataset(full, tmp_path / "raw.dcm", implicit=implicit)
+    assert raw.read_bytes()[128:132] != b"DICM"
+    decoded = read_ct_file(raw, "raw.dcm")
+    assert decoded.record.transfer_syntax == ("Implicit VR Little Endian" if implicit else "Explicit VR Little Endian")
+    assert (decoded.hu_frames == read_ct_file(full, "full.dcm").hu_frames).all()
+
+
+def test_trailing_padding_is_read_and_a_cut_is_still_truncated_with_the_right_sizes(tmp_path: Path) -> None:
+    full = ct_variant(tmp_path / "full.dcm")
+    data = full.read_bytes()
+    padded = tmp_path / "padded.dcm"
+    padded.write_bytes(data + b"\x00" * 16)
+    assert (read_ct_file(padded, "padded.dcm").hu_frames == read_ct_file(full, "full.dcm").hu_frames).all()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(Rejected) as refused:
+        read_ct_file(cut, "cut.dcm")
+    assert refused.value.reason is QuarantineReason.TRUNCATED
+    assert f"({len(data) - 100} bytes; its last element needs {len(data)})" in refused.value.message

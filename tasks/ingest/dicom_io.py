@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_rescale, get_decoder
@@ -223,7 +223,7 @@ def _shared_pixel_measures(ds: Dataset, relative_path: str) -> Dataset | None:
 
 
 def _check_parsed_to_end(ds: Dataset, file_size: int, relative_path: str) -> None:
-    """pydicom stops quietly at a cut; a file whose last element does not end at end-of-file is truncated."""
+    """pydicom stops quietly at a cut; a file whose last element ends beyond end-of-file is truncated."""
     if not len(ds):
         return
     meta = getattr(ds, "file_meta", None)
@@ -233,7 +233,8 @@ def _check_parsed_to_end(ds: Dataset, file_size: int, relative_path: str) -> Non
     value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
     if value_tell is None or length is None or length == 0xFFFFFFFF:
         return  # already parsed or undefined length (encapsulated): nothing to compare
-    if value_tell + length != file_size:
+    # Bytes after the last element (padding some archives add) are ignored, as dcmtk does; only a cut is refused.
+    if value_tell + length > file_size:
         raise Rejected(
             QuarantineReason.TRUNCATED,
             f"{relative_path}: file is truncated ({file_size} bytes; its last element needs {value_tell + length})",
@@ -271,10 +272,32 @@ def read_header(path: Path, relative_path: str) -> Dataset:
     try:
         ds = pydicom.dcmread(path, force=True)
         if "SOPClassUID" in ds and "SOPInstanceUID" in ds and "PixelData" in ds or "Modality" in ds and "SOPClassUID" in ds:
-            return ds
+            _check_parsed_to_end(ds, size, relative_path)
+            return _with_inferred_transfer_syntax(ds)
+    except Rejected:
+        raise
     except Exception:
         pass
     raise Rejected(QuarantineReason.NOT_DICOM, f"{relative_path}: not a DICOM file")
+
+
+def _with_inferred_transfer_syntax(ds: Dataset) -> Dataset:
+    """A raw data set (no preamble, no file meta, as old archives hold) gets the transfer syntax its bytes were read
+    in: pydicom's forced read tells implicit from explicit VR and the byte order from the first elements, as dcmtk
+    does. Without it, decoding would not know how the pixel data is encoded."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little_endian = ds.original_encoding
+    if implicit is None or little_endian is None:
+        return ds
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (
+        pydicom.uid.ImplicitVRLittleEndian if implicit
+        else pydicom.uid.ExplicitVRLittleEndian if little_endian else pydicom.uid.ExplicitVRBigEndian
+    )
+    return ds
 
 
 def _sop_class(ds: Dataset, relative_path: str) -> str:
