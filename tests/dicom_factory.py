@@ -168,3 +168,14 @@ def jpeg2000_crasher(dest: Path, seed: int = 1) -> Path:
 def non_utf8_name(folder: Path, stem: bytes = b"bad\xff\xfename") -> Path:
     """A path in `folder` whose file name is not valid UTF-8 (as os.listdir gives it back: with surrogates)."""
     return Path(os.fsdecode(os.path.join(os.fsencode(folder), stem + b".dcm")))
+
+
+def raw_dataset(source: Path, dest: Path, *, implicit: bool = True) -> Path:
+    """The data set of `source` alone: no preamble, no 'DICM', no file meta, as old archives store it."""
+    ds = pydicom.dcmread(source)
+    del ds.file_meta
+    ds.preamble = None
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    dest.write_bytes(buffer.getvalue())
+    return dest

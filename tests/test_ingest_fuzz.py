@@ -9,6 +9,7 @@ a seeded sample goes through the whole ingest flow beside good files.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import struct
@@ -20,13 +21,31 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, DecodedFileRecord, QuarantineReason, QuarantineRow
-from data_schemas.files import read_models_csv, sha256_file
+from data_schemas.dataset import (
+    PRIVATE_INDEX_FILE,
+    QUARANTINE_FILE,
+    DatasetCard,
+    DecodedFileRecord,
+    PrivateIndexRow,
+    QuarantineReason,
+    QuarantineRow,
+)
+from data_schemas.files import printable_path, read_models_csv, sha256_file
 from flows.ingest import ingest_flow
 from tasks.ingest.dicom_io import MAX_MATRIX_SIDE
 from tasks.ingest.assemble import SourceFile, convert_file
 from tasks.ingest.preprocess import parse_window
-from tests.dicom_factory import BINARY_VRS, ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element
+from tests.dicom_factory import (
+    BINARY_VRS,
+    ct_variant,
+    deflated_ct,
+    jpeg2000_crasher,
+    multiframe_ct,
+    non_utf8_name,
+    pydicom_file,
+    raw_dataset,
+    with_raw_element,
+)
 
 SEED = 20261130
 SIZE = 32
@@ -196,3 +215,63 @@ def test_ingest_flow_on_mutants_beside_good_files_completes_without_retries(
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert task_runs and all(run.run_count == 1 and run.state.is_completed() for run in task_runs), "a chunk failed or was retried"
+
+
+HOSTILE_SEED = 23
+N_HOSTILE_MUTANTS = 20
+
+
+def write_hostile_corpus(root: Path, rng: random.Random) -> set[str]:
+    """Good files in every form a real archive holds, beside what a hostile or broken source sends: a JPEG 2000
+    file that aborts gdcm, one every decoder refuses, seeded byte flips, truncations and header mutants, an empty
+    file, text, a pipe and a dangling link. Returns the good files' relative paths (as ingest shows them)."""
+    good = [ct_variant(root / f"good/ct{i}.dcm", patient_id=f"GOOD{i % 3}", InstanceNumber=i) for i in range(5)]
+    good.append(deflated_ct(root / "good/deflated.dcm", PatientID="GOOD3"))
+    good.append(multiframe_ct(root / "good/multi.dcm", frames=2))
+    good.append(ct_variant(non_utf8_name(root / "good"), patient_id="GOOD4"))
+    good.append(raw_dataset(ct_variant(root / "raw-source.dcm", patient_id="GOOD5"), root / "good/raw-implicit", implicit=True))
+    (root / "raw-source.dcm").unlink()
+    padded = ct_variant(root / "good/padded.dcm", patient_id="GOOD6")
+    padded.write_bytes(padded.read_bytes() + b"\x00" * 16)
+    good.append(padded)
+    jpeg2000_crasher(root / "hostile/j2k-abort.dcm", seed=1)
+    jpeg2000_crasher(root / "hostile/j2k-refused.dcm", seed=4)
+    raw = pydicom_file("CT_small.dcm").read_bytes()
+    end = _header_end(raw)
+    for i in range(N_HOSTILE_MUTANTS):
+        kind = rng.choice(["flip", "cut", "element"])
+        path = root / f"hostile/{kind}-{i:02d}.dcm"
+        if kind == "element":
+            keyword, vr = rng.choice(READ_ELEMENTS)
+            vr_written, payload = (_binary if vr in BINARY_VRS else _text)(vr, rng.choice(MUTATIONS), rng)
+            with_raw_element(path, keyword, vr_written, payload)
+            continue
+        data = bytearray(raw)
+        if kind == "flip":
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(end + 16)] ^= 1 << rng.randrange(8)
+        else:
+            data = data[: rng.randrange(1, len(raw))]
+        path.write_bytes(bytes(data))
+    (root / "hostile/empty.dcm").write_bytes(b"")
+    (root / "hostile/notes.txt").write_text("not an image\n")
+    os.mkfifo(root / "hostile/fifo")
+    (root / "hostile/dangling").symlink_to(root / "does-not-exist")
+    return {printable_path(path.relative_to(root)) for path in good}
+
+
+def test_hostile_corpus_ingests_with_every_file_accounted_for(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "dataset"
+    good = write_hostile_corpus(src, random.Random(HOSTILE_SEED))
+    n_files = sum(1 for path in src.rglob("*") if path.is_symlink() or not path.is_dir())
+    # Enough files for the process pool: a worker killed by the aborting file is replaced.
+    state = ingest_flow(src_dir=str(src), out_dir=str(out), size=SIZE, workers=2, return_state=True)
+    assert state.is_completed()
+    card = DatasetCard.model_validate(state.result()["card"])
+    quarantine = {row.relative_path: row.reason for row in read_models_csv(out / QUARANTINE_FILE, QuarantineRow)}
+    indexed = {row.relative_path for row in read_models_csv(out / PRIVATE_INDEX_FILE, PrivateIndexRow)}
+    assert card.n_files_seen == n_files == card.n_files_ingested + card.n_files_quarantined
+    assert len(indexed) == card.n_files_ingested and not indexed & set(quarantine)
+    assert good <= indexed, f"good files quarantined: {sorted(good - indexed)}"
+    assert quarantine["hostile/j2k-abort.dcm"] is QuarantineReason.DECODER_CRASHED
+    assert quarantine["hostile/j2k-refused.dcm"] is QuarantineReason.DECODE_ERROR

@@ -8,12 +8,10 @@ whatever the installed decoders do.
 from __future__ import annotations
 
 import importlib
-import io
 import logging
 import os
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
@@ -23,7 +21,7 @@ from flows.ingest import ingest_flow
 from tasks.ingest.assemble import SourceFile, cache_path, decoding_marker, preprocessing_signature
 from tasks.ingest.dicom_io import Rejected, decoding_plugins, read_ct_file
 from tasks.ingest.preprocess import parse_window
-from tests.dicom_factory import ct_variant, jpeg2000_crasher, non_utf8_name
+from tests.dicom_factory import ct_variant, jpeg2000_crasher, non_utf8_name, raw_dataset
 
 # The modules themselves (tasks.ingest re-exports a function named decode_pool).
 assemble = importlib.import_module("tasks.ingest.assemble")
@@ -130,21 +128,10 @@ def test_jpeg2000_tries_openjpeg_before_gdcm_and_refusals_are_one_line(tmp_path:
     assert not [record for record in caplog.records if record.name.startswith("pydicom")], "pydicom logged a traceback"
 
 
-def _raw_dataset(source: Path, dest: Path, *, implicit: bool) -> Path:
-    """The data set of `source` alone: no preamble, no 'DICM', no file meta, as old archives store it."""
-    ds = pydicom.dcmread(source)
-    del ds.file_meta
-    ds.preamble = None
-    buffer = io.BytesIO()
-    ds.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
-    dest.write_bytes(buffer.getvalue())
-    return dest
-
-
 @pytest.mark.parametrize("implicit", [True, False])
 def test_a_raw_data_set_without_file_meta_is_read_like_its_full_file(tmp_path: Path, implicit: bool) -> None:
     full = ct_variant(tmp_path / "full.dcm")
-    raw = _raw_dataset(full, tmp_path / "raw.dcm", implicit=implicit)
+    raw = raw_dataset(full, tmp_path / "raw.dcm", implicit=implicit)
     assert raw.read_bytes()[128:132] != b"DICM"
     decoded = read_ct_file(raw, "raw.dcm")
     assert decoded.record.transfer_syntax == ("Implicit VR Little Endian" if implicit else "Explicit VR Little Endian")
