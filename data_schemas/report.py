@@ -12,6 +12,7 @@ rejects any mapping key that looks like an identifier column (see FORBIDDEN_KEYS
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -33,7 +34,22 @@ REPORT_MD_FILE = "report.md"
 REPORT_APPENDIX_HTML_FILE = "report-appendix.html"
 REPORT_APPENDIX_MD_FILE = "report-appendix.md"
 FIGURES_DIR = "figures"
+REPORT_LOCK_FILE = ".write.lock"  # held by the one comparison writing into a report folder
+# What makes a folder a report folder: a written report, or plan.json (a comparison at work there).
+REPORT_FOLDER_FILES = (REPORT_HTML_FILE, REPORT_MD_FILE, RESULTS_FILE, "plan.json")
 AUC_TIE_TOLERANCE = 0.0005  # AUCs that print the same at three decimals are a tie, never ranked by list order
+
+
+
+def outermost_report_folder(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that is a report folder (holds one of REPORT_FOLDER_FILES); None
+    when none is. Whatever lies under it is shared with the report, so nothing private may be written there."""
+    found = None
+    for folder in [Path(path), *Path(path).parents]:
+        if any((folder / name).is_file() for name in REPORT_FOLDER_FILES):
+            found = folder
+    return found
+
 
 ArmStatus = Literal["completed", "skipped", "failed"]
 EvaluationMode = Literal["holdout", "cross-validated"]

@@ -27,7 +27,7 @@ from data_schemas.arms import MODEL_NAMES
 from data_schemas.cost import ARM_NAMES, ArmName
 from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
-from data_schemas.report import ArmResult, ComparisonResults
+from data_schemas.report import ArmResult, ComparisonResults, outermost_report_folder
 from data_schemas.visual import LESIONS_SIDECAR_FILE, VisualSummary
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE
 from flows.cli import UsageError, arm_list, command_started_at
@@ -229,6 +229,10 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
         raise ValueError(f"weights file {weights} does not exist.")
     if report_dir.exists() and not report_dir.is_dir():
         raise ValueError(f"output {report_dir} exists and is not a folder.")
+    enclosing = outermost_report_folder(report_dir.parent)
+    if enclosing is not None:
+        raise ValueError(f"--out {report_dir} lies inside the report folder {enclosing}; give a folder outside it, "
+                         "so that each report can be shared alone.")
 
 
 def check_dicom_source(source: Path, labels: Path | None) -> None:

@@ -49,6 +49,7 @@ from tasks.ingest.assemble import (
     read_labels,
 )
 from tasks.ingest.dicomweb import Mirror, StudyQuery
+from tasks.ingest.dataset_store import refuse_private_under_report
 from tasks.ingest.label_precheck import check_labels_task
 from tasks.ingest.preprocess import parse_window
 
@@ -66,6 +67,7 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
         raise ValueError(f"labels file {labels} does not exist.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a folder.")
+    refuse_private_under_report(out_dir)
     spec = parse_window(window)
     # Checked without creating anything: a refused ingest leaves no folder behind.
     parent = out_dir if out_dir.exists() else next((p for p in out_dir.parents if p.exists()), Path("/"))

@@ -55,6 +55,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (base / "scan" / "labels.csv").write_text("patient_id,label\n")
     (base / "dataset").mkdir()
     (base / "dataset" / "dataset.json").write_text("{}")  # train checks only that it is there before the weights
+    (base / "reports" / "r1").mkdir(parents=True)
+    (base / "reports" / "r1" / "report.html").write_text("<html>an earlier report</html>")
     return base
 
 
@@ -80,6 +82,14 @@ CASES: dict[str, tuple[list[str], str]] = {
     "ingest window": (["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"], "valid choices are lung, mediastinal, bone, none"),
     "ingest empty source": (["ingest", "{in}/empty", "--out", "rep"], "holds no file"),
     "labels inside the source": (["compare", "{in}/scan", "--out", "rep"], "/scan/labels.csv is there: add --labels"),
+    "compare missing labels": (["compare", "{in}/dicom", "--out", "rep", "--labels", "{in}/missing.csv"],
+                               "labels file {in}/missing.csv does not exist"),
+    "compare missing weights": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/missing.pth"],
+                                "{in}/missing.pth does not exist"),
+    "compare under a report": (["compare", "{in}/dicom", "--out", "{in}/reports/r1/sub", *LABELLED],
+                               "lies inside the report folder {in}/reports/r1"),
+    "ingest under a report": (["ingest", "{in}/dicom", "--out", "{in}/reports/r1/sub-dataset"],
+                              "inside the report folder {in}/reports/r1"),
     "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
                                  "{in}/truncated.pth"], "--weights"),
 }
@@ -101,8 +111,9 @@ def outcomes(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_argument_is_one_sentence_before_any_work(case: str, outcomes: dict[str, dict]) -> None:
+def test_bad_argument_is_one_sentence_before_any_work(case: str, outcomes: dict[str, dict], inputs: Path) -> None:
     argv, expected = CASES[case]
+    expected = expected.replace("{in}", str(inputs))
     outcome = outcomes[case]
     lines = outcome["stderr"].strip().splitlines()
     assert outcome["code"] == 2, outcome
@@ -111,6 +122,7 @@ def test_bad_argument_is_one_sentence_before_any_work(case: str, outcomes: dict[
     assert "Traceback" not in outcome["stderr"] and "temporary" not in outcome["stderr"]
     assert outcome["stdout"] == ""
     assert outcome["created"] == [".ctcompare"], outcome["created"]  # no rep/, no rep-dataset/, no run/
+    assert [path.name for path in (inputs / "reports" / "r1").iterdir()] == ["report.html"]  # nothing under a report
 
 
 def test_help_shows_the_flow_parameters_descriptions_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ from data_schemas.dataset import (
     ManifestRow,
 )
 from data_schemas.files import (
+    printable_path,
     read_model_json,
     read_models_csv,
     remove_stale_temp_files,
@@ -32,6 +33,7 @@ from data_schemas.files import (
     write_model_json,
     write_models_csv,
 )
+from data_schemas.report import outermost_report_folder
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -79,6 +81,18 @@ def ensure_private_dir(root: Path) -> Path:
         for name in files:
             _chmod_if_needed(Path(directory) / name, PRIVATE_FILE_MODE)
     return private
+
+
+def refuse_private_under_report(dataset_dir: Path, option: str = "--out") -> None:
+    """ValueError (one sentence) when a dataset folder, whose private part holds source paths and the
+    pseudonymization key, would lie inside a report folder (itself or a parent): sharing that report would ship
+    them. Checked before any work; creates nothing."""
+    report = outermost_report_folder(Path(dataset_dir).resolve())
+    if report is not None:
+        raise ValueError(
+            f"{option} {printable_path(dataset_dir)} would put a dataset, with its private part (source paths, the "
+            f"pseudonymization key), inside the report folder {printable_path(report)}; choose a folder outside it."
+        )
 
 
 def make_private_dirs(folder: Path) -> None:
