@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
@@ -312,6 +313,17 @@ def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None
         for row in read_models_csv(out / run.run_dir / "predictions.csv", PredictionRow):
             assert fold_of.setdefault(row.patient_key, k) == k  # a patient's images are all in one test fold
     assert set(fold_of) == labelled  # every labelled patient tested, each in exactly one outer fold
+
+    # The package ships one fold's model at that same fold's threshold: the weights are the best epoch of the run it
+    # names (the main run, outer fold 0), and the threshold is the one chosen on that run's validation patients.
+    (arm,) = [a for a in results.arms if a.name == "scratch"]
+    package = load_package(out / arm.package_dir)
+    shipped = package.meta.run_config.fold
+    assert shipped == 0 and plan.pooled_runs("scratch")[shipped] == plan.main_run("scratch")
+    best = torch.load(out / plan.pooled_runs("scratch")[shipped].run_dir / "best.pt", weights_only=True)["state_dict"]
+    assert package.state_dict.keys() == best.keys()
+    assert all(torch.equal(package.state_dict[key], best[key]) for key in best)
+    assert package.meta.operating_point.threshold == pytest.approx(arm.operating_point.patient_thresholds[shipped])
 
 
 def test_new_folder_per_run_keeps_every_report(full_run: Path, tmp_path: Path) -> None:
