@@ -161,6 +161,20 @@ class RunPlan(StrictModel):
         return sorted(curve, key=lambda r: r.config.image_size)
 
 
+class RunEnvironment(StrictModel):
+    """What a comparison runs with besides its plan: machine-local facts, never written to plan.json.
+
+    Args:
+        weights: the ResNet-50 ImageNet weights file (resolved); None: the pretrained arms look in the torch hub
+            cache or download.
+        started_at: when the comparison started (time.time() seconds): the console command's start when one runs
+            it, else the flow run's; the wall-time prediction counts from it.
+    """
+
+    weights: Path | None = None
+    started_at: float
+
+
 def split_overrides(settings: dict[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
     """`--set` pairs -> (training overrides, evaluation overrides); ValueError lists the known keys."""
     train, evaluation = {}, {}

@@ -1,6 +1,6 @@
 """The main job: DICOM folder (or dataset) -> ingest -> plan + split -> cost -> train every run -> evaluate -> report.
 
-`ctcompare compare SOURCE --out REPORT_DIR` and `ctcompare demo`. REPORT_DIR holds the report (report.html,
+The compare flow (its commands: flows/cli/compare.py and flows/cli/demo.py). REPORT_DIR holds the report (report.html,
 report.md, results.json, figures/) and the stage files it was built from: plan.json (every setting, resolved once),
 splits.csv, cost.json and runs/<arm>/<run>/. When SOURCE is a DICOM folder the dataset is ingested BESIDE the report
 folder, never inside it (REPORT_DIR/../<name>-dataset; with new_folder_per_run, OUT_DIR/dataset above the per-run
@@ -10,7 +10,6 @@ report there.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import time
 from datetime import datetime, timezone
@@ -23,20 +22,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_schemas.arms import MODEL_NAMES
-from data_schemas.cost import ARM_NAMES, ArmName
-from data_schemas.plan import RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
+from data_schemas.cost import ArmName
+from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
 from data_schemas.report import ArmResult, ComparisonResults, outermost_report_folder
-from data_schemas.visual import LESIONS_SIDECAR_FILE, VisualSummary
-from data_schemas.training import PROFILE_NAMES, SPLITS_FILE
-from flows.cli import UsageError, arm_list, command_started_at
+from data_schemas.visual import VisualSummary
+from data_schemas.training import SPLITS_FILE
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
+from flows.lifeline import command_started_at
 from flows.parameters import (
     Arms,
     Bootstrap,
     Calibrate,
+    CheckedPlan,
     CompareLabels,
     CompareSource,
     Folds,
@@ -44,28 +43,22 @@ from flows.parameters import (
     IngestSize,
     NewFolderPerRun,
     ParallelArms,
-    Patients,
     Profile,
     ReportFolder,
     Seed,
     Settings,
-    SlicesPerPatient,
     TrainDeployment,
     TrainSizes,
     WeightsFile,
-    check_flow_parameters,
-    check_weights_loadable,
-    help_for,
 )
 from flows.serve import report_url
-from flows.train import parse_overrides
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
+from tasks.common.paths import refuse_non_folder
 from tasks.cost.estimate import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
 from tasks.evaluation.evaluate import build_results
-from tasks.ingest.lesions import attach_lesions
 from tasks.packaging.package import load_package, package_metrics, write_package
 from tasks.packaging.quantize import write_compressed_package
 from tasks.saliency.saliency import build_visual_summary
@@ -75,7 +68,6 @@ from tasks.training.train import train_arm_task
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
 PARTIAL_STATE_NAME = "Partial"
-EXIT_PARTIAL, EXIT_NO_ARM = 3, 1  # `ctcompare compare` / `demo` exit codes besides 0 (all arms) and 2 (bad argument)
 COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the recommended arm's package/
 
 
@@ -141,8 +133,8 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
     return paths["html"]
 
 
-def _ship_arm(arm: ArmResult, *, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
-              weights: str | None, timing: dict[str, int]) -> ArmResult:
+def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
+              report_dir: Path, dataset_dir: Path, timing: dict[str, int]) -> ArmResult:
     """Package the arm's main run at its validation-chosen patient threshold and measure what it costs to run."""
     run_dir = report_dir / plan.main_run(arm.name).run_dir
     point = arm.operating_point
@@ -154,7 +146,7 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, results: ComparisonResults, repo
     write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR, threshold=threshold,
                   threshold_rule=rule, aggregation=plan.evaluation.aggregation,
                   metrics=metrics.model_dump() if metrics is not None else None,
-                  weights_path=Path(weights).resolve() if weights else None)
+                  weights_path=environment.weights)
     cost = deploy_cost_task(run_dir / PACKAGE_DIR, **timing)
     return arm.model_copy(update={"deployment": cost, "package_dir": (run_dir / PACKAGE_DIR).relative_to(report_dir).as_posix()})
 
@@ -177,8 +169,8 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
 
 
 @task(name="ship-arms", cache_policy=NO_CACHE)
-def ship_arms(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
-              weights: str | None) -> ComparisonResults:
+def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults, report_dir: Path,
+              dataset_dir: Path) -> ComparisonResults:
     """A model package (RUN_DIR/package: weights, recipe, threshold, MODEL_CARD.md) per completed arm's main run,
     its deployment cost measured one arm at a time, and the recommended arm's compressed variant.
 
@@ -190,8 +182,8 @@ def ship_arms(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, da
     arms = []
     for arm in results.arms:
         try:
-            arms.append(_ship_arm(arm, plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir,
-                                  weights=weights, timing=timing) if arm.status == "completed" else arm)
+            arms.append(_ship_arm(arm, plan=plan, environment=environment, results=results, report_dir=report_dir,
+                                  dataset_dir=dataset_dir, timing=timing) if arm.status == "completed" else arm)
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
             logger.warning("%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
             arms.append(arm)
@@ -227,8 +219,7 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
         raise ValueError(f"labels file {labels} does not exist.")
     if weights is not None and not weights.is_file():
         raise ValueError(f"weights file {weights} does not exist.")
-    if report_dir.exists() and not report_dir.is_dir():
-        raise ValueError(f"output {report_dir} exists and is not a folder.")
+    refuse_non_folder(report_dir, "output")
     enclosing = outermost_report_folder(report_dir.parent)
     if enclosing is not None:
         raise ValueError(f"--out {report_dir} lies inside the report folder {enclosing}; give a folder outside it, "
@@ -255,17 +246,16 @@ def dataset_folder(out_dir: Path, new_folder_per_run: bool) -> Path:
     return out_dir / "dataset" if new_folder_per_run else out_dir.parent / f"{out_dir.name}-dataset"
 
 
-def train_all(*, plan: RunPlan, plan_path: Path, dataset_dir: Path, weights: str | None, parallel_arms: int,
+def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, dataset_dir: Path, parallel_arms: int,
               train_deployment: str | None) -> None:
     """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
     logged and show up in the report from each run's status.json."""
     logger = get_run_logger()
-    weights_path = Path(weights).resolve() if weights else None
     with ThreadPoolTaskRunner(max_workers=len(plan.runs) if train_deployment else parallel_arms) as runner:
         futures = []
         for planned in plan.runs:
             parameters = {"dataset_dir": dataset_dir, "plan_path": plan_path, "run": planned.run_dir,
-                          "weights_path": weights_path, "resume": True}
+                          "weights_path": environment.weights, "resume": True}
             if train_deployment:
                 label = planned.run_dir.removeprefix("runs/").replace("/", "-")
                 as_json = {key: str(value) if isinstance(value, Path) else value for key, value in parameters.items()}
@@ -278,17 +268,16 @@ def train_all(*, plan: RunPlan, plan_path: Path, dataset_dir: Path, weights: str
                 logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
 
 
-def rerun_command(*, source: str, out_dir: str, labels: str | None, weights: str | None, plan: RunPlan,
-                  settings: dict[str, str] | None, folds: int | None, fractions: list[float] | None,
-                  sizes: list[int] | None = None) -> str:
+def rerun_command(*, source: str, out_dir: str, labels: str | None, plan: RunPlan, environment: RunEnvironment,
+                  settings: dict[str, str] | None, folds: int | None, fractions: list[float] | None) -> str:
     """The command line that repeats this comparison as shown: paths as given, the weights file by name (the report
     prints its SHA-256 beside it), every --set override."""
     argv = ["ctcompare", "compare", source, "--out", out_dir] + (["--labels", labels] if labels else [])
     argv += ["--profile", plan.profile, "--arms", *plan.arms, "--seed", str(plan.seed)]
-    argv += ["--weights", Path(weights).name] if weights else []
+    argv += ["--weights", environment.weights.name] if environment.weights else []
     argv += ["--folds", str(folds)] if folds else []
     argv += ["--fractions", ",".join(f"{f:g}" for f in fractions)] if fractions else []
-    argv += ["--sizes", ",".join(str(s) for s in sizes)] if sizes else []
+    argv += ["--sizes", ",".join(str(s) for s in plan.sizes)] if plan.sizes else []
     for key, value in sorted((settings or {}).items()):
         argv += ["--set", f"{key}={value}"]
     return shlex.join(argv + ["--bootstrap", str(plan.evaluation.n_bootstrap)])
@@ -321,49 +310,47 @@ def compare_flow(
     parallel_arms: ParallelArms = 1,
     new_folder_per_run: NewFolderPerRun = False,
     train_deployment: TrainDeployment = None,
+    plan: CheckedPlan = None,
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
-    Each parameter's description and bounds are in flows/parameters.py (the Prefect form and `--help` show them).
-    A DICOM source is ingested once, at the largest of image_size and sizes, beside OUT_DIR.
+    Each parameter's description and bounds are in flows/parameters.py (the Prefect form and `--help` show them);
+    there are as many as the form has fields. A DICOM source is ingested once, at the largest of image_size and
+    sizes, beside OUT_DIR. `plan` is the run plan already resolved from these parameters (the command line passes
+    the one it checked); without it the plan is resolved here.
 
     The flow run ends Completed when every requested arm completed, Completed named "Partial" when some were
     skipped or failed, Failed when none completed; each state's data is the summary dict (for Failed inside a
     NoArmCompletedError), which a direct call returns (or raises).
     """
     logger = get_run_logger()
-    # The wall-time prediction counts from the command's start (the console script), else from this flow run's.
-    started_at = command_started_at() or time.time()
+    environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,
+                                 started_at=command_started_at() or time.time())
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     src, out = Path(source).resolve(), Path(out_dir).resolve()
     report_dir = out / run_id if new_folder_per_run else out
     check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
                         weights=Path(weights) if weights else None)
-    plan = build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds,
-                          fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
+    plan = plan or comparison_plan(profile=profile, arms=arms, seed=seed, settings=settings, folds=folds,
+                                   fractions=fractions, sizes=sizes, bootstrap=bootstrap)
     report_dir.mkdir(parents=True, exist_ok=True)
-
-    if (src / "dataset.json").is_file():
-        dataset_dir = src
-    else:
-        dataset_dir = dataset_folder(out, new_folder_per_run)
-        # one ingest at the largest size; smaller training sizes are resized from it (tasks.training.models.resize_images)
-        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=max([image_size, *plan.sizes]))
+    dataset_dir = ingest_source(src, out, labels=labels, size=max([image_size, *plan.sizes]),
+                                new_folder_per_run=new_folder_per_run)
 
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
     plan_path = write_plan(report_dir, plan)
     cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
-              wall_time_plan=wall_time_plan(plan, n_train_images=n_train, weights_path=weights,
-                                            elapsed_seconds=time.time() - started_at))
+              wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
+                                            elapsed_seconds=time.time() - environment.started_at))
 
-    train_all(plan=plan, plan_path=plan_path, dataset_dir=dataset_dir, weights=weights, parallel_arms=parallel_arms,
-              train_deployment=train_deployment)
-    results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
-                            command=rerun_command(source=source, out_dir=out_dir, labels=labels, weights=weights, plan=plan,
-                                                  settings=settings, folds=folds, fractions=fractions, sizes=plan.sizes))
-    results = add_packages_and_pictures(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir,
-                                        weights=weights)
+    train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
+              parallel_arms=parallel_arms, train_deployment=train_deployment)
+    command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
+                            settings=settings, folds=folds, fractions=fractions)
+    results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id, command=command)
+    results = add_packages_and_pictures(plan=plan, environment=environment, results=results, report_dir=report_dir,
+                                        dataset_dir=dataset_dir)
     html = write_report(results, report_dir)
     link = report_url(html, report_dir.parent)
     _publish(results, html, link)
@@ -374,13 +361,33 @@ def compare_flow(
                                  "arms": {arm.name: arm.status for arm in results.arms}})
 
 
-def add_packages_and_pictures(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path,
-                              weights: str | None) -> ComparisonResults:
+def comparison_plan(*, profile: str, arms: list[str], seed: int, settings: dict[str, str] | None = None,
+                    folds: int | None = None, fractions: list[float] | None = None, sizes: list[int] | None = None,
+                    bootstrap: int = 1000) -> RunPlan:
+    """The run plan of a comparison from the compare flow's parameters of the same names; ValueError (one
+    sentence) for a bad profile, arm, size or setting. The command line resolves it with this, once."""
+    return build_run_plan(profile=profile, arms=list(arms), seed=seed, settings=settings, folds=folds,
+                          fractions=fractions, sizes=sizes, n_bootstrap=bootstrap)
+
+
+def ingest_source(src: Path, out: Path, *, labels: str | None, size: int, new_folder_per_run: bool) -> Path:
+    """The dataset folder of a comparison: src itself when it is one, else src's DICOM files ingested beside the
+    report folder at `size` (the largest size trained: smaller ones are resized from it,
+    tasks.training.models.resize_images)."""
+    if (src / "dataset.json").is_file():
+        return src
+    dataset_dir = dataset_folder(out, new_folder_per_run)
+    ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=size)
+    return dataset_dir
+
+
+def add_packages_and_pictures(*, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
+                              report_dir: Path, dataset_dir: Path) -> ComparisonResults:
     """Model packages with deployment costs, then the visual section; either may fail alone (logged) and the
     report is written without it."""
     logger = get_run_logger()
-    shipped = ship_arms(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir, weights=weights,
-                        return_state=True)
+    shipped = ship_arms(plan=plan, environment=environment, results=results, report_dir=report_dir,
+                        dataset_dir=dataset_dir, return_state=True)
     if shipped.is_completed():
         results = shipped.result()
     else:
@@ -407,130 +414,3 @@ def final_state(results: ComparisonResults, summary: dict[str, Any]) -> State:
         return Completed(name=PARTIAL_STATE_NAME, data=summary,
                          message=f"Partial comparison: {', '.join(missing)} did not complete; the others are compared.")
     return Completed(message="Every requested arm completed.", data=summary)
-
-
-def finish_cli(state: State) -> int:
-    """Print the outcome of a compare flow run; exit code 0 (all arms), EXIT_PARTIAL or EXIT_NO_ARM. The last line
-    is the report's address, or for a partial or failed comparison the arms that did not complete and the address."""
-    outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, NoArmCompletedError):
-        summary, code = outcome.summary, EXIT_NO_ARM
-    elif isinstance(outcome, BaseException):
-        raise outcome
-    else:
-        summary = outcome
-        code = EXIT_PARTIAL if not_completed(summary) else 0
-    print(summary["recommendation"])
-    missing = not_completed(summary)
-    if not missing:
-        print(f"Report: {summary['link']}")
-    else:
-        what = "Partial result" if code == EXIT_PARTIAL else "No arm completed"
-        print(f"{what}: {', '.join(missing)} did not complete; report: {summary['link']}")
-    return code
-
-
-def _numbers(text: str | None, kind: type, option: str) -> list | None:
-    """'0.1,0.5' -> sorted distinct numbers; the bounds are the flow's (check_flow_parameters)."""
-    if not text:
-        return None
-    try:
-        values = sorted({kind(item) for item in text.split(",") if item.strip()})
-    except ValueError:
-        noun = "whole numbers" if kind is int else "numbers"
-        raise UsageError(f"{option} takes comma-separated {noun}, got {text!r}.") from None
-    if not values:
-        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}.")
-    return values
-
-
-COMPARE_OPTIONS = {"source": "SOURCE", "out_dir": "--out", "bootstrap": "--bootstrap", "settings": "--set"}
-
-
-def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The compare flow's parameters from the command line, checked against the flow's signature and the run plan,
-    with the paths and the weights file checked too: UsageError (one sentence) before Prefect starts."""
-    parameters = {
-        "source": args.source, "out_dir": args.out, "labels": args.labels, "profile": args.profile,
-        "arms": arm_list(args.arms) or list(DEFAULT_ARMS), "weights": args.weights, "seed": args.seed,
-        "folds": args.folds, "fractions": _numbers(args.fractions, float, "--fractions"),
-        "sizes": _numbers(args.sizes, int, "--sizes"), "settings": parse_overrides(args.set),
-        "bootstrap": args.bootstrap, "calibrate": not args.no_calibrate, "parallel_arms": args.parallel_arms,
-        "train_deployment": args.train_deployment,
-    }
-    try:
-        check_flow_parameters(compare_flow, parameters, COMPARE_OPTIONS)
-        parameters["arms"] = build_run_plan(
-            profile=args.profile, arms=parameters["arms"], seed=args.seed, settings=parameters["settings"],
-            folds=args.folds, fractions=parameters["fractions"], sizes=parameters["sizes"], n_bootstrap=args.bootstrap,
-        ).arms
-        check_compare_paths(source=Path(args.source).resolve(), report_dir=Path(args.out).resolve(),
-                            labels=Path(args.labels) if args.labels else None, weights=Path(args.weights) if args.weights else None)
-        check_weights_loadable(args.weights)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return parameters
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    parameters = compare_parameters(args)  # refuses bad input before Prefect starts
-    return finish_cli(compare_flow(**parameters, return_state=True))
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from flows.synth import synth_flow
-
-    root = Path(args.out).resolve()
-    cohort = root / "cohort"
-    arms = arm_list(args.arms) or list(DEFAULT_ARMS)
-    try:  # every argument checked before Prefect starts: the cohort's, the comparison's and the weights file
-        check_flow_parameters(synth_flow, {"out_dir": str(cohort), "patients": args.patients,
-                                           "slices_per_patient": args.slices_per_patient, "seed": args.seed})
-        build_run_plan(profile=args.profile, arms=arms, seed=args.seed)
-        check_weights_loadable(args.weights)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    synth_flow(out_dir=str(cohort), patients=args.patients, slices_per_patient=args.slices_per_patient, seed=args.seed)
-    dataset = root / "dataset"
-    ingest_flow(src_dir=str(cohort / "dicom"), out_dir=str(dataset), labels=str(cohort / "labels.csv"), size=224)
-    if (cohort / LESIONS_SIDECAR_FILE).is_file():  # true nodule discs: the report's shortcut check
-        attach_lesions(dataset_dir=dataset, sidecar=cohort / LESIONS_SIDECAR_FILE)
-    state = compare_flow(
-        source=str(dataset), out_dir=str(root / "reports" / f"demo-{args.profile}"), profile=args.profile,
-        arms=arms, weights=args.weights, seed=args.seed, return_state=True,
-    )
-    print(f"Index of every report: {root / 'reports' / 'index.html'}")
-    return finish_cli(state)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ctcompare compare` and `ctcompare demo`."""
-    profiles = PROFILE_NAMES
-    parser = subparsers.add_parser("compare", help="the whole comparison: ingest, cost, train every arm, report", description=compare_flow.__doc__)
-    parser.add_argument("source", help=help_for(CompareSource))
-    parser.add_argument("--out", required=True, help=help_for(ReportFolder))
-    parser.add_argument("--labels", help=help_for(CompareLabels))
-    parser.add_argument("--profile", default="cpu", choices=profiles, help=help_for(Profile, "cpu"))
-    parser.add_argument("--arms", nargs="+", help=help_for(Arms, ", ".join(ARM_NAMES)) + f"; MODEL one of {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--weights", help=help_for(WeightsFile))
-    parser.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
-    parser.add_argument("--folds", type=int, default=None, metavar="K", help=help_for(Folds))
-    parser.add_argument("--fractions", help=help_for(Fractions))
-    parser.add_argument("--sizes", help=help_for(TrainSizes))
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting (repeatable), e.g. "
-                        "--set epochs=3 --set image_size=112 (the training input size)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help=help_for(Bootstrap, 1000))
-    parser.add_argument("--no-calibrate", action="store_true", help="skip this machine's speed calibration in the cost stage")
-    parser.add_argument("--parallel-arms", type=int, default=1, help=help_for(ParallelArms, 1))
-    parser.add_argument("--train-deployment", help=help_for(TrainDeployment))
-    parser.set_defaults(handler=_run_compare)
-
-    demo = subparsers.add_parser("demo", help="synthetic demo cohort + the whole comparison (cpu profile)")
-    demo.add_argument("--out", default="demo", help="demo folder (cohort/, dataset/, reports/); default ./demo")
-    demo.add_argument("--profile", default="cpu", choices=profiles, help=help_for(Profile, "cpu"))
-    demo.add_argument("--arms", nargs="+", help=help_for(Arms, "all"))
-    demo.add_argument("--weights", help=help_for(WeightsFile))
-    demo.add_argument("--patients", type=int, default=150, help=help_for(Patients, 150))
-    demo.add_argument("--slices-per-patient", type=int, default=10, help=help_for(SlicesPerPatient, 10))
-    demo.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
-    demo.set_defaults(handler=_run_demo)

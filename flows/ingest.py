@@ -1,9 +1,8 @@
-"""The ingest flows: a DICOM folder or a DICOMweb archive -> dataset folder (its command: flows.ingest_command)."""
+"""The ingest flows: a DICOM folder or a DICOMweb archive -> dataset folder (its command: flows/cli/ingest.py)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from flows.parameters import (
 )
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
+from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
 from tasks.common.progress import progress
 from tasks.ingest import dicomweb
 from tasks.ingest.assemble import (
@@ -65,19 +65,13 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
         raise ValueError(f"source folder {src_dir} holds no file; give a folder of DICOM files.")
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} exists and is not a folder.")
+    refuse_non_folder(out_dir, "output")
     refuse_private_under_report(out_dir)
     spec = parse_window(window)
-    # Checked without creating anything: a refused ingest leaves no folder behind.
-    parent = out_dir if out_dir.exists() else next((p for p in out_dir.parents if p.exists()), Path("/"))
-    try:
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError
-        if parent == out_dir:
-            tempfile.TemporaryFile(dir=out_dir).close()  # the real test where the folder exists (read-only mounts)
+    try:  # checked without creating anything: a refused ingest leaves no folder behind
+        check_folder_writable(out_dir)
     except OSError:
-        raise ValueError(f"output folder {out_dir} cannot be written (checked {parent}).") from None
+        raise ValueError(f"output folder {out_dir} cannot be written (checked {nearest_existing(out_dir)}).") from None
     return spec
 
 

@@ -21,6 +21,22 @@ POLL_S = 0.5
 GRACE_S = 3.0
 
 _started: subprocess.Popen | None = None
+_command_started_at: float | None = None
+
+
+def mark_command_start() -> None:
+    """Record that this process runs a `ctcompare` command, and when the process started (interpreter start-up and
+    imports included, from the OS)."""
+    import psutil
+
+    global _command_started_at
+    _command_started_at = psutil.Process().create_time()
+
+
+def command_started_at() -> float | None:
+    """When this process's `ctcompare` command started (time.time() seconds); None when no console script runs it
+    (a deployment's flow run, a test calling a flow): a comparison's wall-time prediction counts from it."""
+    return _command_started_at
 
 
 def start_lifeline() -> subprocess.Popen:

@@ -16,6 +16,7 @@ from pydantic import Field, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs, WallTimePlan
+from data_schemas.plan import RunPlan
 from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ ParallelArms = Annotated[int, described(ge=1, le=16, description="training runs 
                                     "uses every core)")]
 NewFolderPerRun = Annotated[bool, described(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
                                         "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
+CheckedPlan = Annotated[RunPlan | None, described(description="the run plan already resolved from the parameters "
+                                               "above (the command line passes the one it checked); empty: "
+                                               "resolved at the start of the flow run")]
 TrainDeployment = Annotated[str | None, described(description="run each training run as a flow run of this deployment "
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]

@@ -1,4 +1,4 @@
-"""`ctcompare predict PACKAGE_OR_RUN_DIR DICOM_DIR --out PRED_DIR`: run a shipped model on new DICOM files.
+"""The predict flow: run a shipped model on new DICOM files (its command: flows/cli/predict.py).
 
 Outline: check the request against the package's recipe (one sentence, before any work) -> ingest the new files
 into PRED_DIR/dataset with the package's window and size (the ordinary ingest flow, as a subflow: same validation,
@@ -8,7 +8,6 @@ predict.json (data_schemas/package.py). The training dataset is never needed.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
-
-PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
 from flows.ingest import check_ingest_arguments, ingest_flow
 from flows.parameters import (
     BatchSize,
@@ -30,12 +27,13 @@ from flows.parameters import (
     PredictLabels,
     PredictSize,
     PredictWindow,
-    check_flow_parameters,
-    help_for,
 )
-from tasks.ingest.assemble import IngestError, read_labels
+from tasks.ingest.assemble import read_labels
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
+
+PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
+
 
 def check_predict_arguments(package: Path, dicom_dir: Path, out_dir: Path, *, labels: Path | None,
                             window: str | None, size: int | None) -> dict[str, Any]:
@@ -91,48 +89,3 @@ def predict_flow(
                   f"files quarantined."),
     )
     return {"out_dir": str(out), "summary": summary.model_dump(mode="json")}
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    """`ctcompare predict`: refuse bad arguments as one sentence (exit 2), run the flow, print one summary line."""
-    from flows.cli import UsageError
-
-    out = Path(args.out).resolve()
-    try:
-        check_flow_parameters(predict_flow, {
-            "package": args.package, "dicom_dir": args.dicom_dir, "out_dir": str(out), "labels": args.labels,
-            "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
-        }, {"package": "PACKAGE_OR_RUN_DIR", "dicom_dir": "DICOM_DIR", "out_dir": "--out"})
-        check_predict_arguments(Path(args.package), Path(args.dicom_dir).resolve(), out,
-                                labels=Path(args.labels) if args.labels else None, window=args.window, size=args.size)
-    except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
-        raise UsageError(str(error)) from None
-    try:
-        result = predict_flow(package=args.package, dicom_dir=args.dicom_dir, out_dir=str(out), labels=args.labels,
-                              window=args.window, size=args.size, batch_size=args.batch_size,
-                              precision=args.precision)
-    except (IngestError, ValueError) as error:
-        print(f"ctcompare predict: {str(error).splitlines()[0]}")
-        return 1
-    summary = result["summary"]
-    print(
-        f"Predicted {summary['n_images']} images of {summary['n_patients']} patients "
-        f"({summary['n_positive_patients']} positive at threshold {summary['threshold']:.3f}); "
-        f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv) -> {out}"
-    )
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ctcompare predict`."""
-    parser = subparsers.add_parser("predict", help="run a model package on new DICOM files",
-                                   description=predict_flow.__doc__)
-    parser.add_argument("package", metavar="PACKAGE_OR_RUN_DIR", help=help_for(PackagePath))
-    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help=help_for(DicomFolder))
-    parser.add_argument("--out", required=True, metavar="PRED_DIR", help=help_for(PredictionsFolder))
-    parser.add_argument("--labels", help=help_for(PredictLabels))
-    parser.add_argument("--window", default=None, help=help_for(PredictWindow))
-    parser.add_argument("--size", type=int, default=None, help=help_for(PredictSize))
-    parser.add_argument("--batch-size", type=int, default=32, help=help_for(BatchSize, 32))
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=help_for(Precision, "auto"))
-    parser.set_defaults(handler=_run_predict)

@@ -17,13 +17,11 @@ else the address of a `ctcompare serve` running on this machine over ROOT (or a 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import ipaddress
 import json
 import os
-import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -229,44 +227,3 @@ def report_url(report_html: Path, root: Path) -> str:
         if served is not None and (url := _url_under(served, folder, target)) is not None:
             return url
     return target.as_uri()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    """Serve ROOT until interrupted; the last line printed is the address of its index."""
-    from flows.cli import UsageError
-
-    try:
-        server = make_server(Path(args.root), args.host, args.port)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    except OSError as error:
-        raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); choose another --port.") from None
-    # Ctrl-C stops it even when started with SIGINT ignored (a background job of a non-interactive shell inherits
-    # that, and Python keeps an ignored SIGINT ignored): a server meant to be stopped with Ctrl-C takes it back.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    with serving(server):
-        print(f"Serving {Path(args.root).resolve()} read-only (Ctrl-C to stop). Reports: {server_url(server)}", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            print("ctcompare serve: stopped.", file=sys.stderr)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `serve` sub-command."""
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve report folders read-only over HTTP on loopback",
-        description="Serve report folders read-only over HTTP on a loopback address, so that report links in the "
-        "Prefect UI open in a browser. Never serves private/ folders, hidden files or weights files.",
-        epilog=f"{BASE_URL_ENV}: base URL of a shared web location that mirrors the reports folder; when set, "
-        "report links point there instead of at this server.",
-    )
-    parser.add_argument("root", nargs="?", default=".", help="the reports folder to serve (default: the current folder)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port, 0 for any free one (default {DEFAULT_PORT})")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"loopback address to listen on (default {DEFAULT_HOST})")
-    parser.set_defaults(handler=_run_serve)

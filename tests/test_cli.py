@@ -16,7 +16,7 @@ def test_listing_names_every_command_without_importing_flows(capsys: pytest.Capt
         [sys.executable, "-c", "import sys, flows.cli as c; c.build_parser(None); print(sorted(m for m in sys.modules if m.startswith(('torch', 'flows.', 'tasks.'))))"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )
-    assert code.stdout.strip() == "['flows.cli']"
+    assert code.stdout.strip() == "['flows.cli', 'flows.cli.errors', 'flows.cli.prefect_api']"
     with pytest.raises(SystemExit):
         main(["--help"])
     listing = capsys.readouterr().out
@@ -29,6 +29,14 @@ def test_each_command_has_its_full_parser(command: str) -> None:
     with pytest.raises(SystemExit) as stop:
         parser.parse_args([command, "--help"])
     assert stop.value.code == 0
+
+
+def test_every_command_parser_is_built_without_prefect_or_torch() -> None:
+    probe = ("import sys; from flows.cli import COMMANDS, build_parser; [build_parser(c) for c in COMMANDS]; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'prefect', 'pydicom'}))")
+    code = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert code.stdout.strip() == "[]"
 
 
 def test_unknown_command_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from data_schemas.report import ComparisonResults
 from data_schemas.training import EpochMetrics, PredictionRow
 from data_schemas.visual import LESIONS_SIDECAR_FILE
 from flows.cli import main
-from flows.compare import EXIT_NO_ARM, EXIT_PARTIAL
+from flows.cli import EXIT_NO_ARM, EXIT_PARTIAL
 from reports.render import SECTION_IDS
 from tasks.ingest.lesions import attach_lesions
 from tasks.packaging.package import load_package

@@ -324,7 +324,7 @@ def test_header_keys_are_the_keys_ingest_matches(small_cohort):
 
 def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
     from flows.ingest import ingest_flow
-    from flows.ingest_command import register
+    from flows.cli.ingest import register
     from tasks.ingest.assemble import IngestError
 
     unknown = [(f"MRN{9_000_000 + i}", "normal" if i % 2 else "abnormal") for i in range(5)]

@@ -15,7 +15,7 @@ import pytest
 import resnet50_by_hand as hand
 
 from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
-from data_schemas.plan import build_run_plan
+from data_schemas.plan import RunEnvironment, build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
 from tasks.cost import estimate as C
 
@@ -118,11 +118,12 @@ def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_with
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached weights
     plan = build_run_plan(profile="cpu", arms=["scratch", "imagenet", "imagenet-linear"], seed=0, fractions=[0.5, 1.0])
-    work = C.wall_time_plan(plan, n_train_images=1000, weights_path=None, elapsed_seconds=30.0)
+    work = C.wall_time_plan(plan, RunEnvironment(started_at=0.0), n_train_images=1000, elapsed_seconds=30.0)
     assert {(r.arm, r.n_images, r.min_epochs, r.max_epochs, r.trained) for r in work.runs} == {
         (arm, n, 6, 10, arm == "scratch") for arm in ("scratch", "imagenet", "imagenet-linear") for n in (500, 1000)
     }
-    with_weights = C.wall_time_plan(plan, n_train_images=1000, weights_path=str(tmp_path / "resnet50.pth"))
+    with_weights = C.wall_time_plan(plan, RunEnvironment(weights=tmp_path / "resnet50.pth", started_at=0.0),
+                                    n_train_images=1000)
     assert all(r.trained for r in with_weights.runs) and with_weights.elapsed_seconds == 0 and work.elapsed_seconds == 30.0
 
 

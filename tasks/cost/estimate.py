@@ -76,7 +76,7 @@ from data_schemas.cost import (
     WallTimePlan,
 )
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
-from data_schemas.plan import RunPlan
+from data_schemas.plan import RunEnvironment, RunPlan
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 MEMORY_USABLE_FRACTION = 0.9  # leave 10% of device memory for the framework, kernels' workspace and fragmentation
@@ -1011,7 +1011,7 @@ def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seco
     )
 
 
-def pretrained_weights_available(model: str, weights_path: str | None) -> bool:
+def pretrained_weights_available(model: str, weights_path: Path | str | None) -> bool:
     """True when a pretrained run of `model` will find weights: a weights file given, or one in torchvision's cache
     (the places tasks.training.models.resolve_imagenet_weights looks before downloading)."""
     from tasks.training.models import hub_checkpoint_dir, model_def, weights_file_name
@@ -1021,9 +1021,11 @@ def pretrained_weights_available(model: str, weights_path: str | None) -> bool:
     return any((hub_checkpoint_dir() / weights_file_name(weights)).is_file() for weights in model_def(model).weights)
 
 
-def wall_time_plan(plan: RunPlan, *, n_train_images: int, weights_path: str | None, elapsed_seconds: float = 0.0) -> WallTimePlan:
+def wall_time_plan(plan: RunPlan, environment: RunEnvironment, *, n_train_images: int,
+                   elapsed_seconds: float = 0.0) -> WallTimePlan:
     """What a comparison's plan will train, for predict_wall_time: each run's epochs (earliest stop..last),
-    images (n_train_images x its share of the training patients), size, and whether it will find weights."""
+    images (n_train_images x its share of the training patients), size, and whether it will find weights (the
+    environment's weights file, else torchvision's cache)."""
     runs = []
     for planned in plan.runs:
         spec, config = parse_arm(planned.arm), planned.config
@@ -1031,7 +1033,7 @@ def wall_time_plan(plan: RunPlan, *, n_train_images: int, weights_path: str | No
             arm=planned.arm, max_epochs=config.epochs,
             min_epochs=earliest_stop_epoch(epochs=config.epochs, min_epochs=config.min_epochs, patience=config.early_stopping_patience),
             n_images=max(1, round(n_train_images * planned.train_fraction)), image_size=config.image_size,
-            trained=spec.mode == "scratch" or pretrained_weights_available(spec.model, weights_path),
+            trained=spec.mode == "scratch" or pretrained_weights_available(spec.model, environment.weights),
         ))
     return WallTimePlan(runs=runs, elapsed_seconds=elapsed_seconds)
 

@@ -1,5 +1,5 @@
-"""`ctcompare ingest`: its parser and handler, apart from the flow so that `--help` and a malformed argument
-never import Prefect, torch or pydicom (flows.ingest is imported only once the arguments parse)."""
+"""`ctcompare ingest`: its parser and argument checks; flows.ingest (Prefect, torch, pydicom) is imported only once
+the arguments parse."""
 
 from __future__ import annotations
 
@@ -7,15 +7,27 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flows.cli.errors import EXIT_FAILED, UsageError
+from flows.parameters import (
+    AllowBurnedIn,
+    DaskAddress,
+    DatasetFolder,
+    DicomFolder,
+    IngestLabels,
+    IngestSize,
+    Window,
+    Workers,
+    check_flow_parameters,
+    help_for,
+)
+
 DESCRIPTION = "Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset."
 
 
 def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The ingest flow's parameters from the command line, checked against the flow's signature, the folders and
     the labels file: UsageError (one sentence) before Prefect starts and before any folder is made."""
-    from flows.cli import UsageError
     from flows.ingest import check_ingest_arguments, ingest_flow
-    from flows.parameters import check_flow_parameters
     from tasks.ingest.assemble import read_labels
 
     parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
@@ -23,7 +35,8 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
                   "allow_burned_in": args.allow_burned_in}
     try:
         # the folders and the window first: parse_window's sentence lists the valid windows
-        check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(), Path(args.labels) if args.labels else None, args.window)
+        check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(),
+                               Path(args.labels) if args.labels else None, args.window)
         check_flow_parameters(ingest_flow, parameters, {"src_dir": "SRC_DIR", "out_dir": "--out"})
         if args.labels:
             read_labels(Path(args.labels))
@@ -41,7 +54,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
         summary = ingest_flow(**parameters)
     except IngestError as error:
         print(f"ctcompare ingest: {error}")
-        return 1
+        return EXIT_FAILED
     card = summary["card"]
     state = "unchanged" if summary["skipped"] else "written"
     print(
@@ -54,11 +67,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare ingest`."""
-    from flows.parameters import (
-        AllowBurnedIn, DaskAddress, DatasetFolder, DicomFolder, IngestLabels, IngestSize, Window, Workers, help_for,
-    )
-
-    parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset", description=DESCRIPTION)
+    parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset",
+                                   description=DESCRIPTION)
     parser.add_argument("src_dir", metavar="SRC_DIR", help=help_for(DicomFolder))
     parser.add_argument("--out", required=True, help=help_for(DatasetFolder))
     parser.add_argument("--labels", help=help_for(IngestLabels))

@@ -1,0 +1,132 @@
+"""The `ctcompare` console script: one sub-command per stage, dispatched here.
+
+Each module named in COMMANDS (flows/cli/<command>.py) exposes `register(subparsers)`, which adds its parser and sets
+`handler=<function(args) -> int>`; it checks its arguments, imports its flow only once they pass, and hands the flow
+what it validated. Only the module of the command being run is imported, and it imports neither Prefect nor torch
+until its handler runs: `ctcompare --help`, `COMMAND --help`, `--version` and a bad argument start nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from flows.cli.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NO_ARM,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    UsageError,
+    quiet_unwritable_tracebacks,
+    unwritable_cause,
+    unwritable_sentence,
+)
+from flows.cli.prefect_api import (
+    SERVER_FILE,
+    announce_temporary_server,
+    choose_prefect_api,
+    configure_local_state,
+    project_server_url,
+)
+
+__all__ = [
+    "COMMANDS", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NO_ARM", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
+    "SERVER_FILE", "UsageError", "build_parser", "configure_local_state", "main", "package_version",
+    "project_server_url", "unwritable_cause", "unwritable_sentence",
+]
+
+# command -> (module that registers it, one-line help for the top-level listing)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("flows.cli.synth", "write a synthetic chest-CT demo cohort (DICOM + labels.csv)"),
+    "ingest": ("flows.cli.ingest", "DICOM folder -> pseudonymized tensor dataset"),
+    "cost": ("flows.cli.cost", "estimate FLOPs, memory and training time of each arm before training"),
+    "train": ("flows.cli.train", "train one arm (scratch, imagenet, imagenet-linear) on an ingested dataset"),
+    "predict": ("flows.cli.predict", "run a model package on new DICOM files (same recipe, threshold, patient level)"),
+    "compare": ("flows.cli.compare", "the whole comparison: ingest, cost, train every arm, report"),
+    "demo": ("flows.cli.demo", "synthetic demo cohort + the whole comparison (cpu profile)"),
+    "serve": ("flows.cli.serve", "serve report folders read-only over HTTP on loopback"),
+}
+# Commands whose --out is checked for writing before any work (ingest checks its own, with its other arguments).
+OUT_CHECKED_COMMANDS = ("train", "compare", "demo")
+
+
+def package_version() -> str:
+    """The installed ctcompare version (package metadata), or a note that it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctcompare")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command` fully defined (its module imported), or a light listing of every command."""
+    parser = argparse.ArgumentParser(
+        prog="ctcompare",
+        description="ResNet-50 from scratch vs ImageNet weights on DICOM CT: ingest, cost, train, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctcompare {package_version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register(subparsers)
+    else:
+        for name, (_, help_text) in COMMANDS.items():
+            subparsers.add_parser(name, help=help_text)
+    return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named in argv (the first word that is not an option), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _refused(command: str, error: UsageError) -> int:
+    print(f"ctcompare {command}: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `ctcompare` command; returns its exit code (flows.cli.errors)."""
+    from flows.lifeline import mark_command_start
+
+    mark_command_start()
+    configure_local_state()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    # Before the command's module (and with it Prefect) is imported: Prefect reads its settings at import.
+    api_note = choose_prefect_api() if command in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    if api_note:
+        announce_temporary_server(api_note)
+    if args.command in OUT_CHECKED_COMMANDS:
+        from flows.cli.checks import check_output_writable
+
+        try:
+            check_output_writable(Path(args.out))
+        except UsageError as error:
+            return _refused(args.command, error)
+    from flows.lifeline import start_lifeline
+
+    start_lifeline()  # the temporary API server and the pool workers end with this command, even on kill -9
+    quiet_unwritable_tracebacks()
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except UsageError as error:
+        return _refused(args.command, error)
+    except KeyboardInterrupt:
+        print(f"ctcompare {args.command}: interrupted; finished work is kept and a re-run resumes.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - a full or read-only disk, however deep: one sentence, not a traceback
+        unwritable = unwritable_cause(error)
+        if unwritable is not None:
+            print(f"ctcompare {args.command}: {unwritable_sentence(unwritable)}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(error, ValueError) and str(error):  # refused input found during the work (e.g. labels vs headers)
+            print(f"ctcompare {args.command}: {str(error).splitlines()[0]}", file=sys.stderr)
+            return EXIT_FAILED
+        raise

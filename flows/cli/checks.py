@@ -1,0 +1,58 @@
+"""Argument checks that several commands share: the output folder, lists of arms and numbers, `--set` pairs.
+
+Each raises UsageError with one sentence before any work starts; none imports Prefect or torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_schemas.plan import ALL_SETTING_KEYS
+from flows.cli.errors import UsageError
+from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
+
+
+def check_output_writable(out: Path, option: str = "--out") -> None:
+    """UsageError when `out` (or, before it exists, its nearest existing parent) cannot be written; creates nothing."""
+    out = out.resolve()
+    try:
+        refuse_non_folder(out, option)
+        check_folder_writable(out)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    except OSError:
+        raise UsageError(f"{option} {out} cannot be written (checked {nearest_existing(out)}); "
+                         "give a writable folder.") from None
+
+
+def arm_list(values: list[str] | None) -> list[str]:
+    """--arms as given on the command line: 'scratch imagenet' and 'scratch,imagenet' both work."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+def comma_numbers(text: str | None, kind: type, option: str) -> list | None:
+    """'0.1,0.5' -> sorted distinct numbers; the bounds are the flow's (check_flow_parameters)."""
+    if not text:
+        return None
+    try:
+        values = sorted({kind(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        noun = "whole numbers" if kind is int else "numbers"
+        raise UsageError(f"{option} takes comma-separated {noun}, got {text!r}.") from None
+    if not values:
+        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}.")
+    return values
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
+    """`--set key=value` pairs -> dict; UsageError for a malformed pair or an unknown key."""
+    overrides: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got '{pair}'.")
+        if key not in ALL_SETTING_KEYS:
+            raise UsageError(f"unknown setting '{key}' in --set; known settings: {', '.join(ALL_SETTING_KEYS)}.")
+        overrides[key] = value.strip()
+    return overrides

@@ -1,0 +1,70 @@
+"""`ctcompare predict PACKAGE_OR_RUN_DIR DICOM_DIR --out PRED_DIR`: its parser and argument checks; the predict flow
+(Prefect, torch) is imported once the arguments parse."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flows.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
+from flows.parameters import (
+    BatchSize,
+    DicomFolder,
+    PackagePath,
+    Precision,
+    PredictionsFolder,
+    PredictLabels,
+    PredictSize,
+    PredictWindow,
+    check_flow_parameters,
+    help_for,
+)
+
+DESCRIPTION = "Predict new DICOM files with a model package, converted with exactly the package's recipe."
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    """`ctcompare predict`: refuse bad arguments as one sentence (exit 2), run the flow, print one summary line."""
+    from flows.predict import check_predict_arguments, predict_flow
+    from tasks.ingest.assemble import IngestError
+
+    out = Path(args.out).resolve()
+    try:
+        check_flow_parameters(predict_flow, {
+            "package": args.package, "dicom_dir": args.dicom_dir, "out_dir": str(out), "labels": args.labels,
+            "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
+        }, {"package": "PACKAGE_OR_RUN_DIR", "dicom_dir": "DICOM_DIR", "out_dir": "--out"})
+        check_predict_arguments(Path(args.package), Path(args.dicom_dir).resolve(), out,
+                                labels=Path(args.labels) if args.labels else None, window=args.window, size=args.size)
+    except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
+        raise UsageError(str(error)) from None
+    try:
+        result = predict_flow(package=args.package, dicom_dir=args.dicom_dir, out_dir=str(out), labels=args.labels,
+                              window=args.window, size=args.size, batch_size=args.batch_size,
+                              precision=args.precision)
+    except (IngestError, ValueError) as error:
+        print(f"ctcompare predict: {str(error).splitlines()[0]}")
+        return EXIT_FAILED
+    summary = result["summary"]
+    print(
+        f"Predicted {summary['n_images']} images of {summary['n_patients']} patients "
+        f"({summary['n_positive_patients']} positive at threshold {summary['threshold']:.3f}); "
+        f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv) -> {out}"
+    )
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `ctcompare predict`."""
+    parser = subparsers.add_parser("predict", help="run a model package on new DICOM files",
+                                   description=DESCRIPTION)
+    parser.add_argument("package", metavar="PACKAGE_OR_RUN_DIR", help=help_for(PackagePath))
+    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help=help_for(DicomFolder))
+    parser.add_argument("--out", required=True, metavar="PRED_DIR", help=help_for(PredictionsFolder))
+    parser.add_argument("--labels", help=help_for(PredictLabels))
+    parser.add_argument("--window", default=None, help=help_for(PredictWindow))
+    parser.add_argument("--size", type=int, default=None, help=help_for(PredictSize))
+    parser.add_argument("--batch-size", type=int, default=32, help=help_for(BatchSize, 32))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help=help_for(Precision, "auto"))
+    parser.set_defaults(handler=_run_predict)
