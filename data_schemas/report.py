@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_schemas.base import StrictModel
 
@@ -340,10 +340,12 @@ class ArmResult(StrictModel):
 
 
 class DeLongResult(StrictModel):
-    """Test of two correlated ROC AUCs on the same test units; numbers None and a reason when not estimable.
+    """Paired comparison of two arms' ROC AUCs on the same test units; numbers None and a reason when not estimable.
 
-    method names what was computed: "clustered DeLong (Obuchowski 1997)" on slices clustered by patient, or
-    DeLong 1988 with one unit per patient at the patient level. p_holm: Holm-adjusted over all arm pairs.
+    method names the test behind p_value: an exact paired permutation test (each patient's two arms swapped,
+    Bandos et al. 2005), at the slice level with all of a patient's slices swapped together. interval_method names
+    the interval ci_of_diff: MOVER (Zou & Donner 2008) over Newcombe's score intervals, inside [-1, 1] and never of
+    zero width. p_holm: Holm-adjusted over all arm pairs. n_positive / n_negative: patients of each class.
     """
 
     auc_a: float | None = None
@@ -355,7 +357,17 @@ class DeLongResult(StrictModel):
     ci_of_diff: tuple[float, float] | None = None
     level: float = 0.95
     method: str = ""
+    interval_method: str = ""
+    n_positive: int = Field(default=0, ge=0)
+    n_negative: int = Field(default=0, ge=0)
     reason: str = Field(default="", description="why the test is not estimable; empty when it is")
+
+    @field_validator("ci_of_diff")
+    @classmethod
+    def _inside_unit_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (-1.0 <= value[0] <= value[1] <= 1.0):
+            raise ValueError(f"an AUC difference interval lies in [-1, 1] with low <= high, got {value}")
+        return value
 
 
 class McNemarResult(StrictModel):
@@ -430,8 +442,10 @@ class EvaluationSummary(StrictModel):
     n_test_images: int = 0
     n_labelled_patients: int = 0
     holdout_test_fraction: float | None = Field(default=None, gt=0, lt=1)
-    auc_test: str = "clustered DeLong (Obuchowski 1997)"
-    decision_test: str = "clustered McNemar (Durkalski 2003)"
+    auc_test: str = ("exact paired permutation test, each patient's two arms swapped (Bandos et al. 2005); MOVER interval "
+                     "(Zou & Donner 2008)")
+    decision_test: str = "clustered McNemar with per-patient proportions (Durkalski et al. 2003)"
+    min_patients_per_class: int = Field(default=10, description="the verdict's minimum of test patients per class")
     notes: list[str] = Field(default_factory=list, description="the mode, interval width between modes, aggregation, "
                              "operating point and tests, in words (written by reports.wording)")
 
@@ -553,33 +567,46 @@ class WhatToTrain(StrictModel):
 
 
 class Recommendation(StrictModel):
-    """What the numbers say to do, derived from them by tasks.evaluation.recommend.recommend.
+    """What the numbers say to do, derived from them by tasks.evaluation.recommend.recommend (docs/verdict.md).
 
     Args:
         headline: one or two sentences shown first in the report.
         details: supporting sentences (per-pair tests, costs, caveats).
         preferred_arm: the arm recommended, None when no arm can be recommended.
-        basis: "significant" (best AUC significantly higher than every other, Holm-adjusted), "non_inferior" (a
-            cheaper arm within the margin of every dearer arm not shown worse: lower 95% bound of its AUC difference
-            > -margin), "inconclusive" (nothing settled at this sample size), "single_arm" (only one arm
-            completed), "none" (nothing completed).
-        best_arm: the arm with the highest AUC point estimate.
+        basis: "significant" (best AUC higher than every other's, Holm-adjusted exact permutation p < alpha),
+            "non_inferior" (an arm with materially fewer FLOPs whose interval lower bound of the AUC difference lies
+            above -margin against every arm not materially cheaper), "inconclusive" (nothing settled at this
+            sample size), "too_few" (fewer than min_patients_per_class test patients of a class: nothing claimed),
+            "single_arm" (only one arm completed), "none" (nothing completed).
+        best_arm: the arm with the highest AUC point estimate (a winner only when basis is "significant").
         margin: the non-inferiority margin used, in AUC.
+        alpha: the family-wise level of the significance claims.
         level: "patient" or "slice": whose AUC comparisons decided.
-        patients_needed: rough patients needed to settle an inconclusive comparison (see tasks.evaluation.recommend.patients_needed).
-        deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior or inconclusive verdict
-            (the preferred or cheapest arm first).
+        patients_needed: test patients for a non-inferiority claim of the cheaper arm at the margin with `power`,
+            if the arms truly performed alike (tasks.evaluation.recommend.patients_needed).
+        power: the power patients_needed plans for.
+        min_patients_per_class: the rule's minimum of positive and of negative test patients for any claim.
+        n_positive / n_negative: test patients of each class.
+        cost_measure: what ranks the arms by cost.
+        deciding_arms: [arm, other] of the comparison whose interval decided a non-inferior, inconclusive or
+            too-few verdict (the preferred or cheapest arm first).
     """
 
     headline: str
     details: list[str] = Field(default_factory=list)
     preferred_arm: str | None = None
-    basis: Literal["significant", "non_inferior", "inconclusive", "single_arm", "none"]
+    basis: Literal["significant", "non_inferior", "inconclusive", "too_few", "single_arm", "none"]
     best_arm: str | None = None
     margin: float | None = None
+    alpha: float = 0.05
     level: UnitLevel = "patient"
     patients_needed: int | None = None
-    deciding_arms: list[str] = Field(default_factory=list, description="[arm, best arm] of the pair that decided")
+    power: float = 0.8
+    min_patients_per_class: int = 10
+    n_positive: int = 0
+    n_negative: int = 0
+    cost_measure: str = "computed training + inference FLOPs (an arm is cheaper with at least 20% fewer)"
+    deciding_arms: list[str] = Field(default_factory=list, description="[arm, other arm] of the pair that decided")
 
 
 class Reproducibility(StrictModel):

@@ -39,7 +39,19 @@ def difference_text(test: DeLongResult) -> str:
     return f"{fmt(test.diff, 3)} ({round(100 * test.level)}% CI {fmt(low, 3)} to {fmt(high, 3)}; {p_text(test.p_value)}{holm})"
 
 
-def comparison_sentence(pc: PairedComparison) -> str:
+def significant(test: DeLongResult, minimum: int, alpha: float = 0.05) -> bool:
+    """True when a comparison may be worded significant: both classes reach the minimum and Holm's p < alpha."""
+    return (test.p_holm is not None and test.p_holm < alpha and test.diff is not None
+            and min(test.n_positive, test.n_negative) >= minimum)
+
+
+def too_few_text(n_positive: int, n_negative: int, minimum: int) -> str:
+    """'too few patients to compare (3 positive, 3 negative; the rule needs at least 10 of each)'."""
+    return (f"too few patients to compare ({n_positive} positive, {n_negative} negative; the rule needs at least "
+            f"{minimum} of each)")
+
+
+def comparison_sentence(pc: PairedComparison, minimum: int = 10) -> str:
     """One or two sentences on a pair: the patient-level AUC difference, then the slice-level one."""
     parts = []
     for level, test in (("patient", pc.patient_delong), ("slice", pc.delong)):
@@ -47,11 +59,15 @@ def comparison_sentence(pc: PairedComparison) -> str:
             continue
         if test.diff is None:
             parts.append(f"At the {level} level the AUC test is {test.reason or 'not estimable'}.")
+            continue
+        if min(test.n_positive, test.n_negative) < minimum:
+            verdict = f"no claim, {too_few_text(test.n_positive, test.n_negative, minimum)}"
         else:
-            verdict = "a significant difference" if test.p_holm is not None and test.p_holm < 0.05 else "no significant difference"
-            parts.append(
-                f"At the {level} level, AUC({pc.arm_a}) − AUC({pc.arm_b}) = {difference_text(test)} by {test.method}: {verdict}."
-            )
+            verdict = "a significant difference" if significant(test, minimum) else "no significant difference"
+        parts.append(
+            f"At the {level} level, AUC({pc.arm_a}) − AUC({pc.arm_b}) = {difference_text(test)}; p by "
+            f"{test.method}, interval by {test.interval_method}: {verdict}."
+        )
     mc = pc.patient_mcnemar
     if mc is not None and mc.p_value is not None:
         parts.append(
@@ -87,25 +103,40 @@ def _find(comparisons: Sequence[PairedComparison], a: str | None, b: str | None)
     return next((c for c in comparisons if {c.arm_a, c.arm_b} == {a, b}), None)
 
 
+def _flops_text(arm: ArmResult | None) -> str:
+    """An arm's computed cost, '1.2 PFLOP', or 'cost not recorded'."""
+    if arm is None or not arm.cost.total_flops:
+        return "cost not recorded"
+    return fmt_si(arm.cost.total_flops, "FLOP")
+
+
+def _rule_details(rec: Recommendation, arms: Sequence[ArmResult], comparisons: Sequence[PairedComparison]) -> list[str]:
+    """The per-pair differences, the arms' computed costs and the rule in words."""
+    level, margin = rec.level, fmt(rec.margin, 2)
+    details = [
+        f"{pc.arm_a} vs {pc.arm_b} ({level} level): AUC difference {difference_text(t)}."
+        for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) is not None
+    ]
+    costed = [f"{a.name} {_flops_text(a)}" for a in arms if a.status == "completed" and a.cost.total_flops]
+    if costed:
+        details.append(f"Training cost, computed: {', '.join(costed)}; measured times are shown but never rank the arms.")
+    details.append(
+        f"Rule: no claim with fewer than {rec.min_patients_per_class} test patients of either class. Above that, an "
+        f"arm with at least 20% fewer computed FLOPs (training + inference) is preferred only when non-inferior: the "
+        f"lower bound of the 95% MOVER interval of its AUC difference to every arm not materially cheaper lies above "
+        f"−{margin} (the margin). The best arm is called significantly better only when its Holm-adjusted exact "
+        f"permutation p-value against every other arm is below {fmt(rec.alpha, 2)}."
+    )
+    return details
+
+
 def recommendation_sentences(
     rec: Recommendation, arms: Sequence[ArmResult], comparisons: Sequence[PairedComparison], n_patients: int
 ) -> tuple[str, list[str]]:
-    """The headline and supporting sentences of a decided Recommendation; every claim matches its interval."""
+    """The headline and supporting sentences of a decided Recommendation; each headline words its basis's rule."""
     level, margin = rec.level, fmt(rec.margin, 2)
     best = rec.best_arm
-    details = [
-        f"{a.name} vs {b.name} ({level} level): AUC difference {difference_text(t)}."
-        for pc in comparisons
-        for a, b, t in [(_arm(arms, pc.arm_a), _arm(arms, pc.arm_b), pc.patient_delong if level == "patient" else pc.delong)]
-        if a is not None and b is not None and t is not None
-    ]
-    timed = [f"{a.name} {format_duration(a.cost.actual_seconds)}" for a in arms if a.status == "completed" and a.cost.actual_seconds]
-    if timed:
-        details.append(f"Measured training time: {', '.join(timed)}.")
-    details.append(
-        f"Rule: a cheaper arm is preferred only when non-inferior, i.e. the lower bound of the 95% CI of its AUC "
-        f"difference to the best arm lies above −{margin} (the margin); p-values are Holm-adjusted over all pairs."
-    )
+    details = _rule_details(rec, arms, comparisons)
     if rec.basis == "none":
         finished = [a.name for a in arms if a.status == "completed"]
         if finished:  # completed, but the test part holds one class: AUC, sensitivity or specificity are undefined
@@ -115,6 +146,13 @@ def recommendation_sentences(
         return "No arm completed, so there is nothing to recommend.", details
     if rec.basis == "single_arm":
         return f"Only {best} completed, with {level}-level test AUC {_auc_of(arms, best, level)}; no comparison is possible.", details
+    if rec.basis == "too_few":
+        needed = f" About {rec.patients_needed} test patients would be needed" if rec.patients_needed else ""
+        planned = (f"{needed} to show the cheaper arm non-inferior within {margin} AUC with {round(100 * rec.power)}% "
+                   f"power, if the arms truly performed alike." if needed else "")
+        return (f"No verdict: {too_few_text(rec.n_positive, rec.n_negative, rec.min_patients_per_class)}. The "
+                f"highest point estimate is {best}'s ({_auc_of(arms, best, level)}), which is not evidence that it is "
+                f"better.{planned}", details)
     others = [a.name for a in arms if a.status == "completed" and a.name != best]
     if rec.basis == "significant":
         beaten = "; ".join(
@@ -122,17 +160,17 @@ def recommendation_sentences(
             if (pc := _find(comparisons, best, o)) is not None and (t := _oriented(pc, best or "", level)) is not None
         )
         return (f"Use {best}: its {level}-level test AUC {_auc_of(arms, best, level)} is significantly higher than "
-                f"every other arm's ({beaten}).", details)
+                f"every other arm's (Holm-adjusted exact permutation tests; {beaten}).", details)
     if rec.basis == "non_inferior":
         other = rec.deciding_arms[1] if len(rec.deciding_arms) == 2 else best
         pc = _find(comparisons, rec.preferred_arm, other)
         test = _oriented(pc, rec.preferred_arm or "", level) if pc else None
-        cheap, dear = _arm(arms, rec.preferred_arm), _arm(arms, other)
-        cost = (f"; it trained in {format_duration(cheap.cost.actual_seconds)} against "
-                f"{format_duration(dear.cost.actual_seconds)}") if cheap and dear else ""
-        return (f"Prefer the cheaper {rec.preferred_arm}: it is non-inferior within a margin of {margin} AUC to every dearer "
-                f"arm not shown worse; against {other}, the closest call, the {level}-level AUC difference is "
-                f"{difference_text(test) if test else 'not estimable'}, lower bound above −{margin}{cost}.", details)
+        cheap = _arm(arms, rec.preferred_arm)
+        rivals = [a.name for a in arms if a.status == "completed" and a.name != rec.preferred_arm]
+        return (f"Prefer the cheaper {rec.preferred_arm} ({_flops_text(cheap)} computed): it is non-inferior within a "
+                f"margin of {margin} AUC to every arm that is not materially cheaper ({', '.join(rivals)}); against "
+                f"{other}, the closest call, the {level}-level AUC difference is "
+                f"{difference_text(test) if test else 'not estimable'}, lower bound above −{margin}.", details)
     pair_text = ""
     if len(rec.deciding_arms) == 2 and (pc := _find(comparisons, *rec.deciding_arms)) is not None:
         test = _oriented(pc, rec.deciding_arms[0], level)
@@ -142,10 +180,12 @@ def recommendation_sentences(
     reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
     if reasons:
         pair_text += f" The AUC comparison is {'; '.join(reasons)}."
-    needed = (f" Roughly {rec.patients_needed} patients (now {n_patients}) would be needed for the interval to settle it, "
-              f"if the observed difference and variance held." if rec.patients_needed else "")
-    return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the others, "
-            f"and no cheaper arm is shown non-inferior within {margin} AUC ({level} level).{pair_text}{needed}", details)
+    needed = (f" About {rec.patients_needed} test patients (now {n_patients}) would give {round(100 * rec.power)}% power "
+              f"to show the cheaper arm non-inferior within {margin} AUC, if the arms truly performed alike."
+              if rec.patients_needed else "")
+    return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the "
+            f"others, and no materially cheaper arm is shown non-inferior within {margin} AUC ({level} level); "
+            f"the highest point estimate, {best}'s, is not a winner.{pair_text}{needed}", details)
 
 
 def _width_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult]) -> str:
@@ -188,8 +228,8 @@ def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) 
         f"separately) and applied unchanged to its test predictions; a run without usable validation predictions uses "
         f"the fixed 0.5, labelled 'fallback'. Thresholds per arm are listed below.",
         f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples). AUC tests: "
-        f"{ev.auc_test} for slices, DeLong with one unit per patient for patients. Decision tests: {ev.decision_test}, or an "
-        f"exact sign-flip (binomial) test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
+        f"{ev.auc_test}, per patient and per slice (a patient's slices swapped together). Decision tests: "
+        f"{ev.decision_test}, or a sign-flip test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
         f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",
     ]
 
@@ -200,7 +240,8 @@ def word_results(results: ComparisonResults) -> ComparisonResults:
     The evaluation stage (tasks.evaluation.evaluate) returns numbers and decisions only; the flow words them here, once, before
     the report, results.json and the Prefect artifacts are written.
     """
-    comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc)}) for pc in results.comparisons]
+    minimum = results.evaluation.min_patients_per_class
+    comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc, minimum)}) for pc in results.comparisons]
     n_patients = results.evaluation.n_test_patients
     headline, details = recommendation_sentences(results.recommendation, results.arms, comparisons, n_patients)
     recommendation = results.recommendation.model_copy(update={"headline": headline, "details": details})

@@ -165,7 +165,7 @@ def test_report_states_evaluation_operating_point_and_patient_table(
     assert results.evaluation.mode == "cross-validated"
     for text in (raw, md):
         assert "cross-validated" in text and "youden" in text
-        assert "Obuchowski 1997" in text and "Durkalski 2003" in text and "Holm" in text
+        assert "Bandos et al. 2005" in text and "Durkalski et al. 2003" in text and "Holm" in text
         assert "continuity corrected" not in text  # the clustered test has no continuity correction
         for arm in results.completed_arms:
             for threshold in arm.operating_point.slice_thresholds:
@@ -239,7 +239,7 @@ def _pair(diff: float, low: float, high: float, p: float, holm: float) -> Paired
     "basis, pair, must, must_not",
     [
         ("non_inferior", _pair(-0.004, -0.015, 0.007, 0.4, 0.4), ["Prefer the cheaper imagenet-linear", "non-inferior", "0.02", "-0.015"], ["significantly"]),
-        ("inconclusive", _pair(-0.10, -0.22, 0.02, 0.09, 0.09), ["Inconclusive", "-0.220", "400 patients", "margin"], ["Prefer", "Use "]),
+        ("inconclusive", _pair(-0.10, -0.22, 0.02, 0.09, 0.09), ["Inconclusive", "-0.220", "400 test patients", "margin"], ["Prefer", "Use "]),
         ("significant", _pair(-0.10, -0.18, -0.02, 0.01, 0.01), ["Use imagenet", "significantly higher", "AUC(imagenet) − AUC(imagenet-linear) = 0.100", "0.020 to 0.180"], ["Inconclusive"]),
     ],
 )

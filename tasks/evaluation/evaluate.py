@@ -14,10 +14,8 @@ import math
 import platform
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +38,9 @@ from data_schemas.report import (
     EpochRecord,
     EvaluationSummary,
     FoldMetrics,
-    McNemarResult,
     MetricValue,
     OperatingPointChoice,
-    PairedComparison,
     PatientRow,
-    Recommendation,
     Reproducibility,
     RocPoint,
     SplitPart,
@@ -61,10 +56,10 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
-from tasks.evaluation import pairs, pooling
+from tasks.evaluation import pooling
 from tasks.evaluation import statistics as st
-from tasks.evaluation.recommend import ArmSummary, recommend
-from tasks.evaluation.runs import PooledArm, RunData, delong_result, finite, is_linear, pool_runs, read_run
+from tasks.evaluation.runs import PooledArm, RunData, finite, is_linear, pool_runs, read_run
+from tasks.evaluation.verdict import class_counts, decide, paired_comparisons
 from tasks.evaluation.what_to_train import depth_points, efficiency_points, size_points, what_to_train
 from tasks.cost.estimate import estimated_seconds_for
 
@@ -291,71 +286,6 @@ def read_arm(
     return result, pooled, runs
 
 
-# ---------------------------------------------------------------- pairs
-
-
-def _mcnemar_result(test: pairs.McNemarTest, p_holm: float) -> McNemarResult:
-    return McNemarResult(
-        b=test.b, c=test.c, statistic=finite(test.statistic), p_value=finite(test.p_value), p_holm=finite(p_holm),
-        method=test.method, method_label=pairs.METHOD_LABELS.get(test.method, test.method),  # type: ignore[arg-type]
-        n_discordant_units=test.n_discordant_units, reason=test.reason,
-    )
-
-
-@dataclass
-class PairTests:
-    """The four tests of one pair: AUC and decisions, per slice and per patient."""
-
-    n_images: int
-    n_patients: int
-    slice_auc: pairs.DeLongTest
-    slice_decision: pairs.McNemarTest
-    patient_auc: pairs.DeLongTest
-    patient_decision: pairs.McNemarTest
-
-
-def pair_tests(a: PooledArm, b: PooledArm) -> PairTests | None:
-    """DeLong and McNemar per slice (clustered by patient) and per patient, on the test images both arms scored."""
-    index_b = {key: i for i, key in enumerate(b.slices.image_keys)}
-    shared = [(i, index_b[key]) for i, key in enumerate(a.slices.image_keys) if key in index_b]
-    if not shared:
-        return None
-    ia, ib = np.array([s[0] for s in shared]), np.array([s[1] for s in shared])
-    y = a.slices.targets[ia]
-    patients = [a.slices.patient_keys[i] for i in ia]
-    pa, pb = a.slices.probs[ia], b.slices.probs[ib]
-    slice_auc = pairs.delong_test(y, pa, pb, groups=patients)
-    slice_decision = pairs.mcnemar_test(y, (pa >= a.slice_thresholds[ia]).astype(int), (pb >= b.slice_thresholds[ib]).astype(int), groups=patients)
-    # Patient level: the patients both arms scored, each arm's aggregated probability and patient threshold.
-    pos_a = {k: i for i, k in enumerate(a.patients.patients)}
-    pos_b = {k: i for i, k in enumerate(b.patients.patients)}
-    keys = sorted(set(patients))
-    ka, kb = np.array([pos_a[k] for k in keys]), np.array([pos_b[k] for k in keys])
-    yp = a.patients.targets[ka]
-    qa, qb = a.patients.probs[ka], b.patients.probs[kb]
-    patient_auc = pairs.delong_test(yp, qa, qb, unit="patients")
-    patient_decision = pairs.mcnemar_test(
-        yp, (qa >= a.patient_thresholds[ka]).astype(int), (qb >= b.patient_thresholds[kb]).astype(int), groups=keys)
-    return PairTests(len(shared), len(keys), slice_auc, slice_decision, patient_auc, patient_decision)
-
-
-def paired_comparisons(pooled: dict[str, PooledArm]) -> tuple[list[PairedComparison], dict[tuple[str, str], pairs.DeLongTest]]:
-    """Every pair of completed arms, with Holm-adjusted p-values per family (test and level) over all pairs."""
-    tested = [(x, y, t) for x, y in combinations(sorted(pooled), 2) if (t := pair_tests(pooled[x], pooled[y])) is not None]
-    families = ("slice_auc", "slice_decision", "patient_auc", "patient_decision")
-    holm = {f: pairs.holm_adjust([getattr(t, f).p_value for _, _, t in tested]) for f in families}
-    comparisons = []
-    for k, (x, y, t) in enumerate(tested):
-        pc = PairedComparison(
-            arm_a=x, arm_b=y, n_images=t.n_images, n_patients=t.n_patients,
-            delong=delong_result(t.slice_auc, holm["slice_auc"][k]), mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
-            patient_delong=delong_result(t.patient_auc, holm["patient_auc"][k]),
-            patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
-        )
-        comparisons.append(pc)
-    return comparisons, {(x, y): t.patient_auc for x, y, t in tested}
-
-
 def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[PatientRow]:
     """One row per pooled test patient: pseudonym prefix, label, images, probability and right/wrong per arm."""
     rows: dict[str, PatientRow] = {}
@@ -371,23 +301,6 @@ def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[Pati
 
 
 # ---------------------------------------------------------------- assembly
-
-
-def decide(arms: list[ArmResult], comparisons: list[PairedComparison], tests: dict[tuple[str, str], pairs.DeLongTest],
-           evaluation: EvaluationSettings, n_patients: int) -> Recommendation:
-    """The recommendation rule of tasks.evaluation.statistics on the patient-level AUC tests (reports.wording words it)."""
-    summaries = [
-        ArmSummary(a.name, a.status, a.patient_metrics.roc_auc.value if a.patient_metrics else None, a.cost.actual_seconds)
-        for a in arms
-    ]
-    verdict = recommend(summaries, tests, margin=evaluation.non_inferiority_margin, n_patients=n_patients)
-    deciding = verdict.deciding_pair
-    rec = Recommendation(
-        headline="", basis=verdict.basis, preferred_arm=verdict.preferred_arm,  # type: ignore[arg-type]
-        best_arm=verdict.best_arm, margin=verdict.margin, level="patient", patients_needed=verdict.patients_needed,
-        deciding_arms=[deciding.arm_a, deciding.arm_b] if deciding else [],
-    )
-    return rec
 
 
 def _evaluation_summary(evaluation: EvaluationSettings, arms: list[ArmResult], rows: list[SplitRow],
@@ -464,7 +377,7 @@ def build_results(
         input_sizes=sizes or None, probe_depths=depths or None,
         predicted_wall_time=cost_file.wall_time if cost_file is not None else None,
         what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
-        recommendation=decide(arms, comparisons, tests, evaluation, summary_eval.n_test_patients),
+        recommendation=decide(arms, tests, evaluation.non_inferiority_margin, *class_counts(pooled)),
         reproducibility=Reproducibility(
             run_id=run_id, created_at=created, dataset_hash=card.content_hash,
             ctcompare_version=versions.get("ctcompare", ""), package_versions=versions,

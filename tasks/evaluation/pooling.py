@@ -102,3 +102,4 @@ def choose_operating_point(y_val: ArrayLike, p_val: ArrayLike, rule: str, target
         ok = np.flatnonzero(spec >= float(target) - 1e-12)
         best = int(ok[-1]) if ok.size else 0
     return OperatingPoint(float(thresholds[best]), rule, target)
+
