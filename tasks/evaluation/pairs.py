@@ -182,7 +182,8 @@ def delong_test(
     if var <= 1e-12 or abs(diff) >= 1.0 - 1e-12:
         reason = ("not estimable: zero variance (the two arms order the positive-negative pairs without any spread, "
                   "e.g. both perfectly)")
-        return DeLongTest(auc_a, auc_b, diff, NAN, NAN, (NAN, NAN), level, method, reason)
+        z, p_value = (0.0, 1.0) if abs(diff) < 1e-12 else (NAN, NAN)  # identical orderings: no difference to find
+        return DeLongTest(auc_a, auc_b, diff, z, p_value, (NAN, NAN), level, method, reason)
     se = math.sqrt(var)
     z = diff / se
     p_value = float(min(1.0, 2.0 * stats.norm.sf(abs(z))))
