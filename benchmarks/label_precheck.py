@@ -1,8 +1,8 @@
-"""Time of the header-only labels check (tasks.ingest.label_precheck) against a full read of the same files.
+"""Time of the header-only labels check (tasks.ingest.labels) against a full read of the same files.
 
     .venv/bin/python benchmarks/label_precheck.py [--patients 150] [--slices 10] [--cohort DIR]
 
-Writes (or reuses) a synthetic cohort, lists it as ingest does (tasks.ingest.assemble.discover_files), then times, for each
+Writes (or reuses) a synthetic cohort, lists it as ingest does (tasks.ingest.discover.discover_files), then times, for each
 key column, the header pass of ingest_flow's labels check, and once a plain `pydicom.dcmread` of every file with
 its pixel data (what the check avoids). Load (uptime) is printed: figures taken on a busy machine are noisy.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 
 from tasks.ingest.dicom_io import read_ct_file
-from tasks.ingest.assemble import discover_files, read_labels
-from tasks.ingest.label_precheck import KEY_ELEMENTS, check_labels_match_headers
+from tasks.ingest.discover import discover_files
+from tasks.ingest.labels import KEY_ELEMENTS, check_labels_match_headers, read_labels
 from tasks.demo.synth import synthesize_cohort
 
 

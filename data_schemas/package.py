@@ -56,7 +56,7 @@ class PreprocessRecipe(StrictModel):
         resize_method: the resize from ingest size to training size (tasks.training.augment.images_to_tensor).
         normalisation_mean: subtracted from the [0, 1] grey value before the network.
         normalisation_std: the divisor after the mean is subtracted.
-        preprocess_version: tasks.ingest.assemble.PREPROCESS_VERSION when the package was written.
+        preprocess_version: tasks.ingest.decode.PREPROCESS_VERSION when the package was written.
     """
 
     window: WindowSpec

@@ -34,27 +34,28 @@ from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
 from tasks.common.progress import progress
 from tasks.ingest import dicomweb
-from tasks.ingest.assemble import (
+from tasks.ingest.assemble import IngestResult, assemble_dataset
+from tasks.ingest.decode import (
     CachedFile,
-    IngestError,
-    IngestResult,
-    assemble_dataset,
     chunk_is_cached_on_disk,
     chunk_sources,
     decode_chunk,
-    discover_files,
+    decode_files,
     hu_values_per_file,
     load_cached_files,
     preprocessing_signature,
-    read_labels,
 )
 from tasks.ingest.dicomweb import Mirror, StudyQuery
 from tasks.ingest.dataset_store import refuse_private_under_report
-from tasks.ingest.label_precheck import check_labels_task
+from tasks.ingest.discover import SourceFile, discover_files
+from tasks.ingest.errors import IngestError
+from tasks.ingest.labels import LabelTable, check_labels_task, read_labels
 from tasks.ingest.preprocess import parse_window
 
 # Most files per decode chunk (one Prefect task run, cached and retried as a unit).
 CHUNK_FILES = 256
+# Fewer files than this are decoded without a pool of worker processes: starting them would cost more.
+POOL_MIN_FILES = 32
 
 
 def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, window: str) -> WindowSpec:
@@ -106,52 +107,66 @@ def ingest_flow(
     window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
     label_table = read_labels(Path(labels)) if labels else None
 
-    n_workers = workers or os.cpu_count() or 1
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
     cache_dir = out / CACHE_DIR / preprocessing_signature(size, window_spec)
-    # Locally the pool balances small batches, so chunks serve only as the unit of Prefect caching and retries; on
-    # Dask the chunks themselves are balanced (at least 4 per worker). Large chunks mean fewer task runs: less API
-    # traffic (on Dask, 1,500 files decoded at 0.68x the pool's speed in 8 chunks, 0.60x in 24 of 64 files).
-    chunks = chunk_sources(sources, n_workers if dask_address else 1, max_chunk=CHUNK_FILES)
-    on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
-    # A process pool pays for itself only when there is decoding to do: small or fully cached inputs stay in-process.
-    pool_workers = 1 if len(sources) < 32 or all(on_disk) else n_workers
-    to_decode = sum(len(chunk) for chunk, cached in zip(chunks, on_disk) if not cached)
-    with progress(to_decode, "decoded", "file", logger.info) as count_files:
-        # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
-        with chunk_task_runner(pool_workers, dask_address, None if dask_address else count_files) as runner:
-            if label_table is not None:  # headers only (on the pool's workers): labels matching no file are refused
-                check_labels_task(label_table, sources)
-            (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs, the key: owner only
-            futures = [
-                runner.submit(
-                    # A cached chunk result is trusted only while its decoded files are still on disk.
-                    decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
-                    {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window_spec},
-                )
-                for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
-            ]
-            decoded: dict[str, CachedFile] = {}
-            hu_per_file = hu_values_per_file(len(sources))  # a fixed total: memory flat as the archive grows
-            for future, cached, chunk in zip(futures, on_disk, chunks):
-                future.result()
-                if dask_address and not cached:
-                    count_files(len(chunk))
-                # Each finished chunk's records are read while later chunks decode: assembly starts with them in hand.
-                decoded.update((item.record.relative_path, item) for item in load_cached_files(chunk, cache_dir, hu_values=hu_per_file))
-    files = [decoded[source.relative_path] for source in sources]
+    files = decode_sources(sources, out, cache_dir, size=size, window=window_spec, label_table=label_table,
+                           workers=workers or os.cpu_count() or 1, dask_address=dask_address)
 
-    result: IngestResult = assemble_dataset(files, discovery_rejects, out, cache_dir, size, window_spec, label_table, allow_burned_in=allow_burned_in)
+    result: IngestResult = assemble_dataset(files, discovery_rejects, out, cache_dir, size, window_spec, label_table,
+                                            allow_burned_in=allow_burned_in)
     card = result.card
     log_decode_failures(files, logger.warning)
     logger.info(
         "%s %d image(s) of %d patient(s); %d file(s) quarantined",
         "Unchanged:" if result.skipped else "Wrote", card.n_images, card.n_patients, card.n_files_quarantined,
     )
-    create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card), description="Ingested CT dataset")
-    create_table_artifact(key="ctcompare-ingest-quarantine", table=quarantine_table(card) or [{"reason": "none", "files": 0}], description="Quarantined files by reason")
+    create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card),
+                             description="Ingested CT dataset")
+    create_table_artifact(key="ctcompare-ingest-quarantine", description="Quarantined files by reason",
+                          table=quarantine_table(card) or [{"reason": "none", "files": 0}])
     return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
+
+
+def decode_sources(sources: list[SourceFile], out: Path, cache_dir: Path, *, size: int, window: WindowSpec,
+                   label_table: LabelTable | None, workers: int, dask_address: str | None) -> list[CachedFile]:
+    """Check the labels against the headers, then decode every file into the cache in chunk tasks (on a local
+    decode pool or a Dask cluster); returns what the assembly needs of each file, in the order of `sources`."""
+    logger = get_run_logger()
+    # Locally the pool balances small batches, so chunks serve only as the unit of Prefect caching and retries; on
+    # Dask the chunks themselves are balanced (at least 4 per worker). Large chunks mean fewer task runs, so less
+    # API traffic.
+    chunks = chunk_sources(sources, workers if dask_address else 1, max_chunk=CHUNK_FILES)
+    on_disk = [chunk_is_cached_on_disk(chunk, cache_dir) for chunk in chunks]
+    # A process pool pays for itself only when there is decoding to do: small or fully cached inputs go without one.
+    pool_workers = 1 if len(sources) < POOL_MIN_FILES or all(on_disk) else workers
+    to_decode = sum(len(chunk) for chunk, cached in zip(chunks, on_disk) if not cached)
+    decoded: dict[str, CachedFile] = {}
+    with progress(to_decode, "decoded", "file", logger.info) as count_files:
+        # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
+        with chunk_task_runner(pool_workers, decode_files, dask_address,
+                               None if dask_address else count_files) as (runner, pool):
+            if label_table is not None:  # headers only (on the pool's workers): labels matching no file are refused
+                check_labels_task(label_table, sources, pool)
+            (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs, the key: owner only
+            futures = [
+                runner.submit(
+                    # A cached chunk result is trusted only while its decoded files are still on disk.
+                    decode_chunk if cached else decode_chunk.with_options(refresh_cache=True),
+                    {"chunk_index": i, "sources": chunk, "cache_dir": str(cache_dir), "size": size, "window": window,
+                     "pool": pool},
+                )
+                for i, (chunk, cached) in enumerate(zip(chunks, on_disk))
+            ]
+            hu_per_file = hu_values_per_file(len(sources))  # a fixed total: memory flat as the archive grows
+            for future, cached, chunk in zip(futures, on_disk, chunks):
+                future.result()
+                if dask_address and not cached:
+                    count_files(len(chunk))
+                # Each finished chunk's records are read while later chunks decode: assembly starts with them in hand.
+                loaded = load_cached_files(chunk, cache_dir, hu_values=hu_per_file, pool=pool)
+                decoded.update((item.record.relative_path, item) for item in loaded)
+    return [decoded[source.relative_path] for source in sources]
 
 
 def check_dicomweb_arguments(url: str, out_dir: Path, *, study_date: str, modality: str, accession: str | None,
@@ -166,8 +181,7 @@ def check_dicomweb_arguments(url: str, out_dir: Path, *, study_date: str, modali
                        accession=accession or None, study_uids=uids)
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} exists and is not a folder.")
+    refuse_non_folder(out_dir, "output")
     parse_window(window)
     return base_url, query
 

@@ -28,7 +28,7 @@ from flows.parameters import (
     PredictSize,
     PredictWindow,
 )
-from tasks.ingest.assemble import read_labels
+from tasks.ingest.labels import read_labels
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
 

@@ -30,7 +30,7 @@ from data_schemas.dataset import (
 from data_schemas.files import read_models_csv
 from flows.ingest import ingest_flow
 from tasks.ingest.dataset_store import dataset_content_hash, load_dataset
-from tasks.ingest.assemble import OutputWriteError
+from tasks.ingest.errors import OutputWriteError
 from tests.dicom_factory import ct_variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,14 +233,14 @@ def test_disk_full_while_writing_the_dataset_is_one_sentence_naming_the_folder(
 
 
 def test_disk_full_while_decoding_is_one_sentence_and_never_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.ingest.assemble
+    import tasks.ingest.decode
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     src = small_cohort(tmp_path / "src", n=2)
     out = tmp_path / "dataset"
-    monkeypatch.setattr(tasks.ingest.assemble, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(tasks.ingest.decode, "atomic_write_bytes", disk_full)
     state = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1, return_state=True)
     error = state.result(raise_on_failure=False)
     assert isinstance(error, OutputWriteError)

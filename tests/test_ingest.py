@@ -13,7 +13,7 @@ import pytest
 from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, ManifestRow, QuarantineRow, WindowSpec
 from flows.ingest import ingest_flow
 from tasks.ingest.dataset_store import load_dataset
-from tasks.ingest.assemble import IngestError
+from tasks.ingest.errors import IngestError
 from data_schemas.files import read_models_csv
 from tasks.ingest.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
 from tests.dicom_factory import ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element, write_bad_inputs
@@ -286,7 +286,7 @@ def test_burned_in_annotation_and_secondary_capture_are_quarantined_unless_allow
 
 def test_fingerprint_keeps_a_fixed_total_of_hu_values_whatever_the_archive_size() -> None:
     """The HU fingerprint's sample is a fixed total shared by the files (memory flat as the archive grows)."""
-    from tasks.ingest.assemble import HU_SAMPLE_BUDGET, hu_values_per_file, thin_hu_sample
+    from tasks.ingest.decode import HU_SAMPLE_BUDGET, hu_values_per_file, thin_hu_sample
 
     sample = np.arange(4096, dtype=np.float32)  # one 512 x 512 frame sampled every 8th pixel
     assert thin_hu_sample(sample, 4096) is sample  # small archives keep every value

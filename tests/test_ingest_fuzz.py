@@ -33,7 +33,8 @@ from data_schemas.dataset import (
 from data_schemas.files import printable_path, read_models_csv, sha256_file
 from flows.ingest import ingest_flow
 from tasks.ingest.dicom_io import MAX_MATRIX_SIDE
-from tasks.ingest.assemble import SourceFile, convert_file
+from tasks.ingest.decode import convert_file
+from tasks.ingest.discover import SourceFile
 from tasks.ingest.preprocess import parse_window
 from tests.dicom_factory import (
     BINARY_VRS,

@@ -128,7 +128,7 @@ def test_reingest_with_another_window_rebuilds_the_images(tmp_path: Path) -> Non
 @pytest.mark.parametrize("key", ["study_instance_uid", "series_instance_uid"])
 def test_a_uid_of_the_other_kind_matches_nothing(tmp_path: Path, key: str) -> None:
     """A series UID in a study-keyed file (and the reverse) labels nothing: the keys are not interchangeable."""
-    from tasks.ingest.assemble import IngestError
+    from tasks.ingest.errors import IngestError
 
     src = tmp_path / "src"
     fields = COHORT["a.dcm"]

@@ -18,13 +18,14 @@ from pydicom.uid import JPEG2000Lossless
 from data_schemas.dataset import PRIVATE_INDEX_FILE, QUARANTINE_FILE, DatasetCard, PrivateIndexRow, QuarantineReason, QuarantineRow
 from data_schemas.files import printable_path, read_models_csv, sha256_file
 from flows.ingest import ingest_flow
-from tasks.ingest.assemble import SourceFile, cache_path, decoding_marker, preprocessing_signature
+from tasks.ingest.decode import cache_path, decoding_marker, preprocessing_signature
+from tasks.ingest.discover import SourceFile
 from tasks.ingest.dicom_io import Rejected, decoding_plugins, read_ct_file
 from tasks.ingest.preprocess import parse_window
 from tests.dicom_factory import ct_variant, jpeg2000_crasher, non_utf8_name, raw_dataset
 
 # The modules themselves (tasks.ingest re-exports a function named decode_pool).
-assemble = importlib.import_module("tasks.ingest.assemble")
+decode = importlib.import_module("tasks.ingest.decode")
 decode_pool = importlib.import_module("tasks.ingest.decode_pool")
 
 SIZE = 32
@@ -62,7 +63,7 @@ def _abort_on_boom(source: SourceFile, size: int, window: object) -> object:
     return _real_convert_file(source, size, window)
 
 
-_real_convert_file = assemble.convert_file
+_real_convert_file = decode.convert_file
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -73,14 +74,14 @@ def test_a_dead_decode_process_costs_only_its_file(tmp_path: Path, monkeypatch: 
     sources = sorted((_source(path, src) for path in paths), key=lambda s: s.relative_path)
     window = parse_window("lung")
     cache_dir = tmp_path / "cache" / preprocessing_signature(SIZE, window)
-    monkeypatch.setattr(assemble, "convert_file", _abort_on_boom)  # before the decode processes fork
+    monkeypatch.setattr(decode, "convert_file", _abort_on_boom)  # before the decode processes fork
     progress: list[int] = []
-    with decode_pool.decode_pool(workers, progress.append) as pool:
-        pool.decode(sources, str(cache_dir), SIZE, window)
+    with decode_pool.decode_pool(workers, decode.decode_files, progress.append) as pool:
+        decode.decode_on_pool(pool, sources, str(cache_dir), SIZE, window)
         # The replaced pool still decodes.
         extra = _source(ct_variant(src / "late.dcm", patient_id="P99"), src)
-        pool.decode([extra], str(cache_dir), SIZE, window)
-    files = assemble.load_cached_files(sources + [extra], cache_dir)
+        decode.decode_on_pool(pool, [extra], str(cache_dir), SIZE, window)
+    files = decode.load_cached_files(sources + [extra], cache_dir)
     verdicts = {item.record.relative_path: item.record for item in files}
     assert sum(progress) == len(sources) + 1
     for name in ("boom1.dcm", "boom2.dcm"):
@@ -98,14 +99,14 @@ def test_a_file_left_half_decoded_by_a_killed_run_is_decoded_alone_first(tmp_pat
     marker.parent.mkdir(parents=True)
     marker.touch()  # what a run killed while decoding ct1 leaves
     alone: list[str] = []
-    real_decode_alone = decode_pool.decode_alone
+    real_decode_alone = decode.decode_alone
 
     def recording_decode_alone(source: SourceFile, *args: object) -> object:
         alone.append(source.relative_path)
         return real_decode_alone(source, *args)
 
-    monkeypatch.setattr(decode_pool, "decode_alone", recording_decode_alone)
-    decoded = decode_pool.decode_in_children(sources, str(cache_dir), SIZE, window)
+    monkeypatch.setattr(decode, "decode_alone", recording_decode_alone)
+    decoded = decode.decode_in_children(sources, str(cache_dir), SIZE, window)
     assert alone == ["ct1.dcm"]
     assert all(item.record.accepted for item in decoded.values()) and len(decoded) == 3
     assert not marker.exists()

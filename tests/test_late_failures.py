@@ -309,8 +309,8 @@ def _write_labels(path: Path, column: str, rows: list[tuple[str, str]]) -> Path:
 def test_header_keys_are_the_keys_ingest_matches(small_cohort):
     """The header-only pass reads every key column exactly as the full decode does."""
     from tasks.ingest.dicom_io import read_ct_file
-    from tasks.ingest.assemble import discover_files
-    from tasks.ingest.label_precheck import KEY_ELEMENTS, header_key_record
+    from tasks.ingest.discover import discover_files
+    from tasks.ingest.labels import KEY_ELEMENTS, header_key_record
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     assert len(sources) == 12
@@ -325,7 +325,7 @@ def test_header_keys_are_the_keys_ingest_matches(small_cohort):
 def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
     from flows.ingest import ingest_flow
     from flows.cli.ingest import register
-    from tasks.ingest.assemble import IngestError
+    from tasks.ingest.errors import IngestError
 
     unknown = [(f"MRN{9_000_000 + i}", "normal" if i % 2 else "abnormal") for i in range(5)]
     labels = _write_labels(tmp_path / "labels.csv", "patient_id", unknown)
@@ -350,8 +350,8 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
 
 def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_path):
     from tasks.ingest.dicom_io import read_ct_file
-    from tasks.ingest.assemble import discover_files, read_labels
-    from tasks.ingest.label_precheck import check_labels_match_headers
+    from tasks.ingest.discover import discover_files
+    from tasks.ingest.labels import check_labels_match_headers, read_labels
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     patient_ids = sorted({read_ct_file(Path(s.path), s.relative_path).record.patient_id for s in sources})
@@ -374,15 +374,16 @@ def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_pat
 
 
 def test_the_labels_check_reads_the_headers_on_the_decode_pool_with_the_same_counts(small_cohort, tmp_path):
+    from tasks.ingest.decode import decode_files
     from tasks.ingest.decode_pool import decode_pool
-    from tasks.ingest.assemble import discover_files, read_labels
-    from tasks.ingest.label_precheck import header_keys, match_labels_to_headers
+    from tasks.ingest.discover import discover_files
+    from tasks.ingest.labels import header_keys, match_labels_to_headers, read_labels
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     keys = header_keys(sources, "patient_id")
     labels = read_labels(_write_labels(tmp_path / "some.csv", "patient_id", [(sorted(set(keys))[0], "normal"), ("MRN0000000", "abnormal")]))
     in_process = match_labels_to_headers(labels, sources)
-    with decode_pool(2) as pool:
+    with decode_pool(2, decode_files) as pool:
         assert pool.map_batches(partial(header_keys, key_column="patient_id"), sources, batch=5) == keys  # in order
-        on_pool = match_labels_to_headers(labels, sources)
+        on_pool = match_labels_to_headers(labels, sources, pool)
     assert on_pool == in_process and (on_pool.n_matched_files, on_pool.n_matched_labels) == (2, 1)

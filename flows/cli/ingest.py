@@ -28,7 +28,7 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The ingest flow's parameters from the command line, checked against the flow's signature, the folders and
     the labels file: UsageError (one sentence) before Prefect starts and before any folder is made."""
     from flows.ingest import check_ingest_arguments, ingest_flow
-    from tasks.ingest.assemble import read_labels
+    from tasks.ingest.labels import read_labels
 
     parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
                   "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
@@ -47,7 +47,7 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_ingest(args: argparse.Namespace) -> int:
     from flows.ingest import ingest_flow
-    from tasks.ingest.assemble import IngestError
+    from tasks.ingest.errors import IngestError
 
     parameters = ingest_parameters(args)
     try:

@@ -26,7 +26,7 @@ DESCRIPTION = "Predict new DICOM files with a model package, converted with exac
 def _run_predict(args: argparse.Namespace) -> int:
     """`ctcompare predict`: refuse bad arguments as one sentence (exit 2), run the flow, print one summary line."""
     from flows.predict import check_predict_arguments, predict_flow
-    from tasks.ingest.assemble import IngestError
+    from tasks.ingest.errors import IngestError
 
     out = Path(args.out).resolve()
     try:

@@ -14,13 +14,14 @@ of that process.
 
 A decoder can kill the process it runs in (gdcm aborts on some corrupt JPEG 2000 codestreams; a segfault, the OOM
 killer): no file's decode runs in the flow's process, and a death costs only the file that caused it. Each decode
-is bracketed by a marker file in the cache (tasks.ingest.assemble.decode_files), so after a worker dies the files
+is bracketed by a marker file in the cache (tasks.ingest.decode.decode_files), so after a worker dies the files
 it and its terminated siblings were decoding are known; each is decoded again alone, in a process of its own, and a
 file that kills that process too is quarantined as `decoder_crashed` (in the cache, so no later run decodes it
-again). The pool is replaced and the other files go on.
+again: tasks.ingest.decode.decode_isolating_crashes). The pool is replaced and the other files go on.
 
-On a Dask worker there is no pool: `decode_chunk` decodes in forked children of the Dask worker's process, with
-the same isolation.
+This module knows processes, not files: the pool is given the function its workers run per batch, and the flow hands
+the pool to the tasks that use it. On a Dask worker there is no pool: `decode_chunk` decodes in forked children of
+the Dask worker's process, with the same isolation.
 """
 
 from __future__ import annotations
@@ -36,14 +37,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:
-    from data_schemas.dataset import WindowSpec
-    from tasks.ingest.assemble import CachedFile, SourceFile
+from typing import Any, Generic, TypeVar
 
 # Files per job sent to a worker: small enough for balance and a smooth progress bar, large enough that the
-# per-job inter-process cost (a few hundred microseconds) stays negligible against ~3-10 ms of decoding per file.
+# per-job inter-process cost stays small against the decoding of the batch.
 BATCH_FILES = 8
 # Files per forked child where there is no pool (one worker, a Dask worker): a fork per batch costs a few
 # milliseconds, so batches are larger there.
@@ -56,6 +53,7 @@ _FORK_LOCK = threading.Lock()
 ProgressCallback = Callable[[int], None]
 T = TypeVar("T")
 R = TypeVar("R")
+Decoded = TypeVar("Decoded")  # what the decode function returns per file, by content hash
 
 
 def _owner_is_alive(owner_pid: int, owner_started: float) -> bool:
@@ -173,88 +171,33 @@ def run_in_child(function: Callable[..., R], *args: object) -> R:
     raise value
 
 
-def decode_alone(source: SourceFile, cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
-    """Decode one file in a process of its own; if that process dies, the file is quarantined as decoder_crashed."""
-    from tasks.ingest.assemble import store_decoder_crash
-
-    try:
-        return run_in_child(_decode_batch, [source], cache_dir, size, window)
-    except DecoderProcessDied as died:
-        return {source.content_sha256: store_decoder_crash(source, cache_dir, size, died.how)}
-
-
-def decode_isolating_crashes(
-    sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
-    decode_rest: Callable[[list[SourceFile]], dict[str, CachedFile]],
-) -> dict[str, CachedFile]:
-    """Decode the files not yet cached with decode_rest (in other processes); when one of those processes dies,
-    decode each file left half-done (its decoding marker still there, from this or an earlier run) alone, then
-    the rest again. A death with no file half-done twice running has no culprit to isolate: then each file left
-    is decoded alone. Returns what the files decoded now hold, by content hash."""
-    from tasks.ingest.assemble import is_cached, was_being_decoded
-
-    decoded: dict[str, CachedFile] = {}
-    pending = [source for source in sources if not is_cached(source, cache_dir)]
-    deaths_without_culprit = 0
-    while pending:
-        for source in [source for source in pending if was_being_decoded(source, cache_dir)]:
-            decoded.update(decode_alone(source, cache_dir, size, window))
-        rest = [source for source in pending if not is_cached(source, cache_dir)]
-        if not rest:
-            break
-        if deaths_without_culprit >= 2:
-            for source in rest:
-                decoded.update(decode_alone(source, cache_dir, size, window))
-            break
-        try:
-            decoded.update(decode_rest(rest))
-            break
-        except DecoderProcessDied:
-            pending = [source for source in rest if not is_cached(source, cache_dir)]
-            culprit = any(was_being_decoded(source, cache_dir) for source in pending)
-            deaths_without_culprit = 0 if culprit else deaths_without_culprit + 1
-    return decoded
-
-
-def decode_in_children(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
-                       on_progress: ProgressCallback | None = None) -> dict[str, CachedFile]:
-    """Decode where there is no pool (one worker, a Dask worker): batches in forked children of this process, crashes
-    isolated (decode_isolating_crashes); on_progress(n_files) after each batch."""
-    decoded: dict[str, CachedFile] = {}
-    for start in range(0, len(sources), CHILD_BATCH_FILES):
-        batch = sources[start:start + CHILD_BATCH_FILES]
-        decoded.update(decode_isolating_crashes(
-            batch, cache_dir, size, window, lambda rest: run_in_child(_decode_batch, rest, cache_dir, size, window),
-        ))
-        if on_progress is not None:
-            on_progress(len(batch))
-    return decoded
-
-
-def _decode_batch(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
-    """What a worker runs per job: decode files into the cache (see tasks.ingest.assemble.decode_files); returns what the
-    assembly needs of the files it decoded (records, image hashes, HU samples), so the flow need not re-read them."""
-    from tasks.ingest.assemble import decode_files
-
-    return decode_files(sources, cache_dir, size, window)
-
-
-class DecodePool:
+class DecodePool(Generic[Decoded]):
     """A process pool for decoding, forked from the calling process, replaced when a decoder kills a worker.
 
     Args:
-        workers: number of worker processes; with 1, each batch is decoded in a forked child (decode_in_children).
+        workers: number of worker processes; with 1 there is no pool (executor None): the caller decodes each
+            batch in a forked child (tasks.ingest.decode.decode_in_children).
+        decode_batch: what a worker runs per batch, `decode_batch(files, *arguments)` -> {content hash: what the
+            assembly needs of each file decoded now} (tasks.ingest.decode.decode_files); a module-level function,
+            since it is pickled to the workers.
         on_progress: called in the opening process with the number of files each finished batch held.
     """
 
-    def __init__(self, workers: int, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, workers: int, decode_batch: Callable[..., dict[str, Decoded]],
+                 on_progress: ProgressCallback | None = None) -> None:
         self.workers = max(1, workers)
+        self.decode_batch = decode_batch
         self.on_progress = on_progress
-        self._decoded: dict[str, CachedFile] = {}  # by content hash, until the flow takes them
+        self._decoded: dict[str, Decoded] = {}  # by content hash, until the flow takes them
         self._decoded_lock = threading.Lock()
         self._executor_lock = threading.Lock()
         self._closed = False
         self._executor: ProcessPoolExecutor | None = self._start_executor() if self.workers > 1 else None
+
+    @property
+    def executor(self) -> ProcessPoolExecutor | None:
+        """The worker processes now (replaced after a worker died); None with one worker."""
+        return self._executor
 
     def _start_executor(self) -> ProcessPoolExecutor:
         """A pool of forked workers, all forked now, from this thread, before any batch queues."""
@@ -278,42 +221,29 @@ class DecodePool:
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._start_executor()
 
-    def decode(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> None:
-        """Decode `sources` into the cache (on the workers, or in forked children with one worker); what the files
-        decoded now hold for the assembly is kept until take_decoded. A file whose decode kills its process is
-        quarantined as decoder_crashed and the others go on (decode_isolating_crashes)."""
-        if self._executor is None:
-            self._keep(decode_in_children(sources, cache_dir, size, window, self._report))
-            return
-        reported = [0]
-        self._keep(decode_isolating_crashes(
-            sources, cache_dir, size, window, lambda rest: self._decode_on_workers(rest, cache_dir, size, window, reported),
-        ))
-        self._report(len(sources) - reported[0])  # files decoded alone or before a worker died
-
-    def _decode_on_workers(self, sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec,
-                           reported: list[int]) -> dict[str, CachedFile]:
-        """Decode `sources` in batches on the pool's workers; raises DecoderProcessDied (after keeping what the
-        finished batches hold) when a worker died, and replaces the pool."""
+    def decode_on_workers(self, sources: list[Any], arguments: tuple, reported: list[int]) -> dict[str, Decoded]:
+        """decode_batch(batch, *arguments) over `sources` in batches on the pool's workers, what they hold kept
+        (take_decoded) and counted into reported[0]; raises DecoderProcessDied (after keeping what the finished
+        batches hold) when a worker died, and replaces the pool."""
         executor = self._executor
         assert executor is not None
-        futures: dict[Future[dict[str, CachedFile]], int] = {}
+        futures: dict[Future[dict[str, Decoded]], int] = {}
         died = False
         for start in range(0, len(sources), BATCH_FILES):
             batch = sources[start:start + BATCH_FILES]
             try:
-                futures[executor.submit(_decode_batch, batch, cache_dir, size, window)] = len(batch)
+                futures[executor.submit(self.decode_batch, batch, *arguments)] = len(batch)
             except (BrokenProcessPool, RuntimeError):  # broken (or replaced) since this call began
                 died = True
                 break
         for future in as_completed(futures):
             try:
-                self._keep(future.result())
+                self.keep(future.result())
             except BrokenProcessPool:
                 died = True
                 continue
             reported[0] += futures[future]
-            self._report(futures[future])
+            self.report(futures[future])
         if died:
             if self._closed:
                 raise RuntimeError("the decode pool was closed while files were being decoded")
@@ -321,7 +251,8 @@ class DecodePool:
             raise DecoderProcessDied("a pool worker died")
         return {}
 
-    def map_batches(self, function: Callable[[list[T]], list[R]], items: list[T], batch: int = BATCH_FILES * 8) -> list[R]:
+    def map_batches(self, function: Callable[[list[T]], list[R]], items: list[T],
+                    batch: int = BATCH_FILES * 8) -> list[R]:
         """function over `items` in batches of `batch`, on the workers (in order), or here with one worker; the
         results concatenated. `function` must be a module-level function (or a partial of one): it is pickled."""
         batches = [items[start:start + batch] for start in range(0, len(items), batch)]
@@ -330,17 +261,19 @@ class DecodePool:
             return [result for part in batches for result in function(part)]
         return [result for part in executor.map(function, batches) for result in part]
 
-    def _keep(self, decoded: dict[str, CachedFile]) -> None:
+    def keep(self, decoded: dict[str, Decoded]) -> None:
+        """Hold what files decoded now hold for the assembly, until take_decoded."""
         with self._decoded_lock:
             self._decoded.update(decoded)
 
-    def take_decoded(self, content_sha256: str) -> CachedFile | None:
+    def take_decoded(self, content_sha256: str) -> Decoded | None:
         """What the file with this content hash holds for the assembly if this pool decoded it and nobody took it
         yet (None otherwise: read it from the cache)."""
         with self._decoded_lock:
             return self._decoded.pop(content_sha256, None)
 
-    def _report(self, n_files: int) -> None:
+    def report(self, n_files: int) -> None:
+        """Tell on_progress that n_files more files are done."""
         if self.on_progress is not None:
             self.on_progress(n_files)
 
@@ -353,22 +286,12 @@ class DecodePool:
             executor.shutdown(wait=True, cancel_futures=True)
 
 
-_current_pool: DecodePool | None = None
-
-
-def current_decode_pool() -> DecodePool | None:
-    """The pool opened by `decode_pool` in this process, if any (None on a Dask worker)."""
-    return _current_pool
-
-
 @contextmanager
-def decode_pool(workers: int, on_progress: ProgressCallback | None = None) -> Iterator[DecodePool]:
-    """Open a DecodePool for the chunk tasks of this process, and close it afterwards."""
-    global _current_pool
-    pool = DecodePool(workers, on_progress)
-    _current_pool = pool
+def decode_pool(workers: int, decode_batch: Callable[..., dict[str, Decoded]],
+                on_progress: ProgressCallback | None = None) -> Iterator[DecodePool[Decoded]]:
+    """A DecodePool running decode_batch, for the chunk tasks of this process; closed afterwards."""
+    pool = DecodePool(workers, decode_batch, on_progress)
     try:
         yield pool
     finally:
-        _current_pool = None
         pool.close()

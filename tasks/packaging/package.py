@@ -48,7 +48,7 @@ from data_schemas.training import (
     RunSummary,
 )
 from data_schemas.arms import RESIZE_METHOD
-from tasks.ingest.assemble import PREPROCESS_VERSION
+from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.training.models import build_resnet50, feature_extractor, pooled_at_depth, resolve_imagenet_weights
 
 # How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).

@@ -35,7 +35,7 @@ from data_schemas.package import (
 )
 from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import load_dataset
-from tasks.ingest.assemble import PREPROCESS_VERSION
+from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.training.linear_probe import predict_linear_probe
 from tasks.packaging.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
 from tasks.ingest.preprocess import NAMED_WINDOWS, parse_window, window_level_width

@@ -51,7 +51,7 @@ from data_schemas.training import (
 )
 from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import LoadedDataset, load_dataset
-from tasks.ingest.assemble import UNWRITABLE_ERRNOS
+from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.training.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
 from tasks.training.models import (
     WeightsUnavailableError,

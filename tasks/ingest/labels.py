@@ -1,27 +1,89 @@
-"""The labels file checked against the DICOM headers before any pixel is decoded.
+"""Labels: the labels file read and checked, each file's key, and the check of the file against the DICOM headers
+before any pixel is decoded.
 
 A labels file keyed on values no file carries (another site's patient IDs, UIDs copied with a typo, paths from
-another folder) would otherwise be found only after the whole decode. This pass reads each file's header up to
-the key element (pydicom `stop_before_pixels`, `specific_tags`), converts it as ingest does (tasks.ingest.dicom_io) and
-matches it with ingest's own key function (tasks.ingest.assemble.label_key), so it agrees with the labels ingest assigns.
-It refuses, in one sentence, labels that match no file, and logs one line of counts when they match only some.
-Messages give counts and the key column's name, never a key value: keys are patient identifiers.
+another folder) would otherwise be found only after the whole decode. The pre-check reads each file's header up to
+the key element (pydicom `stop_before_pixels`, `specific_tags`), converts it as ingest does (tasks.ingest.dicom_io)
+and matches it with ingest's own key function (label_key), so it agrees with the labels ingest assigns. It refuses,
+in one sentence, labels that match no file, and logs one line of counts when they match only some. Messages give
+counts and the key column's name, never a key value: keys are patient identifiers.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import pydicom
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data_schemas.dataset import DecodedFileRecord
-from tasks.ingest.decode_pool import current_decode_pool
+from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
+from tasks.ingest.decode_pool import DecodePool
 from tasks.ingest.dicom_io import header_value, text_up_to, uid, values_never_logged
-from tasks.ingest.assemble import IngestError, LabelTable, SourceFile, label_key
+from tasks.ingest.discover import SourceFile
+from tasks.ingest.errors import IngestError
+
+
+@dataclass
+class LabelTable:
+    """A validated labels file: which identifier it keys on, and key -> label."""
+
+    key_column: str
+    labels: dict[str, str] = field(default_factory=dict)
+    source_name: str = ""
+
+
+def read_labels(path: Path) -> LabelTable:
+    """Read and check a labels CSV (one key column and `label`); errors name rows, never identifier values."""
+    if not path.is_file():
+        raise IngestError(f"labels file {path} does not exist.")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip() for name in (reader.fieldnames or [])]
+        if LABEL_COLUMN not in columns:
+            raise IngestError(f"labels file {path.name} has no '{LABEL_COLUMN}' column (columns found: {', '.join(columns) or 'none'}).")
+        keys = [name for name in columns if name in LABEL_KEY_COLUMNS]
+        if len(keys) != 1:
+            raise IngestError(
+                f"labels file {path.name} must have exactly one key column, one of {', '.join(LABEL_KEY_COLUMNS)}; "
+                f"found {', '.join(keys) or 'none'} among {', '.join(columns)}."
+            )
+        key_column = keys[0]
+        table: dict[str, str] = {}
+        first_row: dict[str, int] = {}
+        for row_number, raw in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            key, label = row.get(key_column, ""), row.get(LABEL_COLUMN, "")
+            if not key or not label:
+                raise IngestError(f"labels file {path.name}, row {row_number}: empty {key_column} or {LABEL_COLUMN}.")
+            if key_column == "path":
+                key = Path(key).as_posix()
+            if key in table and table[key] != label:
+                raise IngestError(
+                    f"labels file {path.name}: rows {first_row[key]} and {row_number} give the same {key_column} "
+                    f"different labels ({table[key]!r} and {label!r})."
+                )
+            table.setdefault(key, label)
+            first_row.setdefault(key, row_number)
+    if not table:
+        raise IngestError(f"labels file {path.name} has no rows.")
+    return LabelTable(key_column=key_column, labels=table, source_name=path.name)
+
+
+def label_key(record: DecodedFileRecord, key_column: str) -> str:
+    return {
+        "patient_id": record.patient_id,
+        "study_instance_uid": record.study_instance_uid,
+        "series_instance_uid": record.series_instance_uid,
+        "sop_instance_uid": record.sop_instance_uid,
+        "path": record.relative_path,
+    }[key_column]
+
 
 # The header element behind each key column and its converter, as tasks.ingest.dicom_io._file_record reads it ("path" is
 # the file's place in the source folder and needs no header).
@@ -79,10 +141,10 @@ def header_keys(sources: Sequence[SourceFile], key_column: str) -> list[str | No
     return keys
 
 
-def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile]) -> LabelMatch:
+def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile],
+                            pool: DecodePool | None = None) -> LabelMatch:
     """Count the files whose header key is in the labels file, and the labels some file carries. The headers are
-    read on the workers of this process's decode pool when one is open (the ingest flow opens it first)."""
-    pool = current_decode_pool()
+    read on the workers of the decode pool when one is given (the ingest flow opens it first)."""
     read_keys = partial(header_keys, key_column=labels.key_column)
     keys = pool.map_batches(read_keys, list(sources)) if pool is not None else read_keys(sources)
     matched_keys: set[str] = set()
@@ -95,10 +157,11 @@ def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile]) -
                       n_matched_files=n_matched_files, n_matched_labels=len(matched_keys))
 
 
-def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile], log: Callable[[str], None]) -> LabelMatch:
+def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile], log: Callable[[str], None],
+                               pool: DecodePool | None = None) -> LabelMatch:
     """IngestError (one sentence, counts only) when no file's header carries a key of the labels file; one log line
-    of counts when only some files do. No pixel is decoded."""
-    match = match_labels_to_headers(labels, sources)
+    of counts when only some files do. No pixel is decoded; the headers are read on `pool` when given."""
+    match = match_labels_to_headers(labels, sources, pool)
     if sources and match.n_matched_files == 0:
         raise IngestError(
             f"no {match.key_column} in labels file {labels.source_name} matches any of the {match.n_files} file(s) "
@@ -112,6 +175,6 @@ def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile]
 
 
 @task(name="check-labels", cache_policy=NO_CACHE)
-def check_labels_task(labels: LabelTable, sources: list[SourceFile]) -> LabelMatch:
+def check_labels_task(labels: LabelTable, sources: list[SourceFile], pool: DecodePool | None = None) -> LabelMatch:
     """check_labels_match_headers as a Prefect task, logging to the run's log."""
-    return check_labels_match_headers(labels, sources, get_run_logger().info)
+    return check_labels_match_headers(labels, sources, get_run_logger().info, pool)
