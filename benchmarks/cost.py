@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tasks.cost import estimate as C  # noqa: E402
+from tasks.cost import calibration as cost_calibration  # noqa: E402
+from tasks.cost import estimate as cost_estimate  # noqa: E402
+from tasks.cost import flops as cost_flops  # noqa: E402
 
 
 def train_for_real(n_images: int, size: int, epochs: int, batch_size: int, precision: str) -> tuple[float, list[float]]:
     torch.manual_seed(0)
-    model = C.phase_model("full", 1).to(memory_format=torch.channels_last)
+    model = cost_flops.phase_model("full", 1).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.rand(n_images, 1, size, size)
     labels = torch.arange(n_images) % 2
@@ -63,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    calibration = C.load_or_calibrate(args.size, 1, "bf16", args.batch_size, refresh=not args.cached)
+    calibration = cost_calibration.load_or_calibrate(args.size, 1, "bf16", args.batch_size, refresh=not args.cached)
     calib_s = time.perf_counter() - t0
-    inputs = C.resolve_cost_inputs(
+    inputs = cost_estimate.resolve_cost_inputs(
         n_images=args.images, image_size=args.size, epochs=args.epochs, batch_size=args.batch_size, arms=["scratch"]
     )
-    report = C.build_cost_report(inputs, calibration=calibration)
-    estimate = C.estimated_seconds_for(report.arm("scratch"), "this-machine")
+    report = cost_estimate.build_cost_report(inputs, calibration=calibration)
+    estimate = cost_estimate.estimated_seconds_for(report.arm("scratch"), "this-machine")
 
     measured, epoch_times = train_for_real(args.images, args.size, args.epochs, args.batch_size, calibration.precision)
     ratio = measured / estimate

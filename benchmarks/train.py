@@ -14,7 +14,7 @@ Same model (tasks.training.models scratch ResNet-50, 1 channel), same in-memory 
 Each loop runs a few warm-up steps first (kernel selection), then is timed over --images images; each is repeated
 --repeats times, interleaved, and the best repeat is kept (shared machines are noisy: quote two runs).
 Model FLOPs utilisation = 3 x forward FLOPs per image x images/s / peak, with the peak the cost stage measures
-(tasks.cost.estimate calibration: square matrix products at the same precision).
+(tasks.cost.calibration: square matrix products at the same precision).
 """
 
 from __future__ import annotations
@@ -143,13 +143,13 @@ def tutorial_loop(x, y, cfg, workers: int, warmup_steps: int, rt: Runtime | None
 
 def measured_peak(size: int, precision: str) -> tuple[float, str]:
     """The cost stage's peak for this machine (cached calibration when present), else a fresh matmul probe."""
-    from tasks.cost import estimate as cost
+    from tasks.cost import calibration as cost
     try:
         calibration = cost.load_or_calibrate(size, 1, precision)
-        return calibration.matmul_flops_per_second, "tasks.cost.estimate calibration (matrix-product rate)"
+        return calibration.matmul_flops_per_second, "tasks.cost.calibration (matrix-product rate)"
     except Exception as error:  # noqa: BLE001
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return cost._matmul_rate(dtype), f"tasks.cost.estimate._matmul_rate ({type(error).__name__} from calibration)"
+        return cost._matmul_rate(dtype), f"tasks.cost.calibration._matmul_rate ({type(error).__name__} from calibration)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,10 +134,10 @@ class CalibrationCache(StrictModel):
 
 
 class PhaseCounts(StrictModel):
-    """Counts for one training phase of one model at one size and channel count (tasks.cost.estimate.count_phase).
+    """Counts for one training phase of one model at one size and channel count (tasks.cost.flops.count_phase).
 
     Args:
-        phase: "full", "head" or "features" (see tasks.cost.estimate.phase_model).
+        phase: "full", "head" or "features" (see tasks.cost.flops.phase_model).
         feature_dim: width of the pooled features the model's head reads (tasks.training.models.feature_dim).
         forward_flops_per_image: FLOPs of one forward pass of one image.
         train_flops_per_image: forward + backward for full/head; equal to forward for features.

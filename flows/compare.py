@@ -55,7 +55,7 @@ from flows.serve import report_url
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from tasks.common.paths import refuse_non_folder
-from tasks.cost.estimate import wall_time_plan
+from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
 from tasks.evaluation.evaluate import build_results

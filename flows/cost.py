@@ -4,7 +4,7 @@ Estimates, before training, what each arm (a model and a mode: scratch, imagenet
 "resnet18:imagenet", bare modes meaning ResNet-50) costs in FLOPs, memory and wall
 time on a catalogue of devices and on this machine (calibrated), and writes cost.json plus a markdown artifact
 (key "ctcompare-cost"). cost.json holds estimates only: each training run measures itself in its timing.json and
-evaluation compares the two. All the work lives in tasks/cost/estimate.py, the tables in reports/cost_tables.py; this
+evaluation compares the two. All the work lives in tasks/cost/, the tables in reports/cost_tables.py; this
 module only orchestrates.
 """
 
@@ -20,15 +20,9 @@ from data_schemas.cost import COST_FILE, CostReport
 from data_schemas.files import sha256_file
 from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force, WallTimePlanParameter
 from reports.cost_tables import markdown_table, wall_time_line
-from tasks.cost.estimate import (
-    calibrate_task,
-    config_hash,
-    default_catalogue_path,
-    estimate_task,
-    existing_report,
-    predict_wall_time,
-    write_task,
-)
+from tasks.cost.catalogue import default_catalogue_path
+from tasks.cost.estimate import calibrate_task, config_hash, estimate_task, existing_report, write_task
+from tasks.cost.wall_time import predict_wall_time
 
 ARTIFACT_KEY = "ctcompare-cost"
 

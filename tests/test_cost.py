@@ -17,7 +17,11 @@ import resnet50_by_hand as hand
 from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
 from data_schemas.files import read_model_json
 from reports.cost_tables import format_table, markdown_table
-from tasks.cost import estimate as C
+from tasks.cost import calibration as cost_calibration
+from tasks.cost import catalogue as cost_catalogue
+from tasks.cost import estimate as cost_estimate
+from tasks.cost import flops as cost_flops
+from tasks.cost import memory as cost_memory
 from tasks.training.models import count_flops, forward_flops_per_image
 
 DAY = 86_400.0
@@ -26,14 +30,14 @@ WARMUP = 7.5  # the fixed calibration's first-step warm-up, seconds
 
 
 @pytest.fixture(scope="module")
-def imagenet_counts() -> C.PhaseCounts:
+def imagenet_counts() -> cost_flops.PhaseCounts:
     """The one 224 px count: ResNet-50, 3 channels, 1000 classes, all layers trainable."""
-    return C.count_phase("full", 224, 3, 1000)
+    return cost_flops.count_phase("full", 224, 3, 1000)
 
 
 def _calibration(image_size: int = 64, warmup: float = WARMUP) -> Calibration:
     """A fixed calibration: peak 200 GFLOP/s, achieved RATE, so this machine's effective rate is exactly RATE."""
-    key, fields = C._calibration_key(image_size, 1, C.this_machine_precision("bf16"))
+    key, fields = cost_calibration._calibration_key(image_size, 1, cost_catalogue.this_machine_precision("bf16"))
     per_image = hand.full_training_flops(image_size, 1, 2)
     return Calibration(
         key=key, **fields, matmul_flops_per_second=200e9, train_batch_size=16, train_steps=3,
@@ -59,11 +63,11 @@ def _this_machine(arm) -> object:
 
 def test_stem_conv_flops_by_hand():
     """conv1 at 64 px, 1 channel: 7x7, stride 2 -> 32 x 32 outputs; 2 x 1 x 64 x 7 x 7 x 32 x 32 = 6,422,528."""
-    model = C.phase_model("full", 1, device="meta")
+    model = cost_flops.phase_model("full", 1, device="meta")
     assert count_flops(model.conv1, 64, 1) == 2 * 1 * 64 * 7 * 7 * 32 * 32 == 6_422_528
     # grey input: the whole net differs from RGB by conv1 alone, 2 x (3 - 1) x 64 x 49 x 32 x 32
-    whole_1 = C.count_phase("full", 64, 1).forward_flops_per_image
-    whole_3 = C.count_phase("full", 64, 3).forward_flops_per_image
+    whole_1 = cost_flops.count_phase("full", 64, 1).forward_flops_per_image
+    whole_3 = cost_flops.count_phase("full", 64, 3).forward_flops_per_image
     assert whole_3 - whole_1 == 2 * 2 * 64 * 49 * 32 * 32
 
 
@@ -72,7 +76,7 @@ def test_every_phase_matches_the_architecture_counted_by_hand():
     weight gradient; feature extraction = F - fc, no backward; parameters and buffers from the table."""
     size, ch, k = 64, 1, 2
     forward = hand.forward_flops(size, ch, k)
-    full, head, features = (C.count_phase(p, size, ch, k) for p in ("full", "head", "features"))
+    full, head, features = (cost_flops.count_phase(p, size, ch, k) for p in ("full", "head", "features"))
     assert full.forward_flops_per_image == forward == 654_450_688
     assert full.train_flops_per_image == hand.full_training_flops(size, ch, k)
     assert head.train_flops_per_image == hand.head_only_training_flops(size, ch, k) == forward + 2 * 2048 * 2
@@ -92,7 +96,7 @@ def test_resnet50_224x3_is_8_2_gflops_and_25_6m_parameters(imagenet_counts):
 
 def test_one_flop_counter_for_training_and_cost():
     """tasks.training.models.forward_flops_per_image (training's timing.json) and the cost stage give the same count."""
-    assert forward_flops_per_image(64) == C.count_phase("full", 64, 1).forward_flops_per_image
+    assert forward_flops_per_image(64) == cost_flops.count_phase("full", 64, 1).forward_flops_per_image
     assert forward_flops_per_image(96, 1, 2) == hand.forward_flops(96, 1, 2)
 
 
@@ -123,12 +127,12 @@ def test_resnet18_stem_and_forward_flops_by_hand():
     convs = _resnet18_convs(64, 1)
     by_hand = sum(conv.flops for conv in convs) + 2 * 512 * 2
     assert convs[0].flops == 6_422_528 and by_hand == 283_248_640
-    model = C.phase_model("full", 1, device="meta", model="resnet18")
+    model = cost_flops.phase_model("full", 1, device="meta", model="resnet18")
     assert count_flops(model.conv1, 64, 1) == convs[0].flops
-    counts = C.count_phase("full", 64, 1, 2, "resnet18")
+    counts = cost_flops.count_phase("full", 64, 1, 2, "resnet18")
     assert counts.forward_flops_per_image == by_hand == forward_flops_per_image(64, model="resnet18")
     assert counts.train_flops_per_image == 3 * by_hand - convs[0].flops
-    rgb = C.count_phase("full", 64, 3, 2, "resnet18").forward_flops_per_image
+    rgb = cost_flops.count_phase("full", 64, 3, 2, "resnet18").forward_flops_per_image
     assert rgb - by_hand == 2 * convs[0].flops
     assert counts.params_total == sum(conv.weights for conv in convs) + 2 * sum(conv.c_out for conv in convs) + 512 * 2 + 2
 
@@ -141,7 +145,7 @@ def test_every_model_at_224_matches_torchvision_published_multiply_adds(model):
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(model).IMAGENET1K_V1
-    counts = C.count_phase("full", 224, 3, 1000, model)
+    counts = cost_flops.count_phase("full", 224, 3, 1000, model)
     assert counts.forward_flops_per_image / 2e9 == pytest.approx(weights.meta["_ops"], abs=0.0015)
     assert counts.params_total == weights.meta["num_params"]
 
@@ -161,7 +165,7 @@ def test_depthwise_convolution_backward_is_counted_by_hand():
 def test_mobilenet_training_is_three_forwards_less_the_stem():
     """MobileNetV3-Large, 1 channel, 64 px: full training = 3F - stem (3x3/2 conv 1 -> 16: 2 x 16 x 9 x 32 x 32),
     as for the ResNets: every weight gradient and every input gradient but the stem's."""
-    counts = C.count_phase("full", 64, 1, 2, "mobilenet_v3_large")
+    counts = cost_flops.count_phase("full", 64, 1, 2, "mobilenet_v3_large")
     stem = 2 * 1 * 16 * 9 * 32 * 32
     assert counts.train_flops_per_image == 3 * counts.forward_flops_per_image - stem
 
@@ -171,9 +175,9 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     the MobileNetV3 probe fits 1280 features), the note says utilisation is ResNet-50's, and the tables name the
     models."""
     arms = ["scratch", "resnet18:imagenet", "mobilenet_v3_large:imagenet-linear"]
-    inputs = C.resolve_cost_inputs(n_images=10, image_size=64, epochs=2, arms=["resnet50:scratch", *arms[1:]])
+    inputs = cost_estimate.resolve_cost_inputs(n_images=10, image_size=64, epochs=2, arms=["resnet50:scratch", *arms[1:]])
     assert inputs.arms == arms
-    report = C.build_cost_report(inputs)
+    report = cost_estimate.build_cost_report(inputs)
     assert [(a.arm, a.model) for a in report.arms] == [
         ("scratch", "resnet50"), ("resnet18:imagenet", "resnet18"), ("mobilenet_v3_large:imagenet-linear", "mobilenet_v3_large"),
     ]
@@ -184,7 +188,7 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     assert "ResNet-18 from ImageNet weights" in resnet18.description
     mobile = report.arm("mobilenet_v3_large:imagenet-linear")
     assert mobile.params_trainable == 1280 + 1 and mobile.classifier_fit_flops == 100 * 4 * 10 * 1280
-    assert mobile.forward_flops_per_image == C.count_phase("features", 64, 1, 2, "mobilenet_v3_large").forward_flops_per_image
+    assert mobile.forward_flops_per_image == cost_flops.count_phase("features", 64, 1, 2, "mobilenet_v3_large").forward_flops_per_image
     assert mobile.forward_flops_per_image < resnet18.forward_flops_per_image < report.arm("scratch").forward_flops_per_image
     assert mobile.memory.optimizer_bytes == 0 and mobile.memory.activations_bytes_per_image > 0
     assert any("ResNet-50's" in note for note in report.notes)
@@ -203,7 +207,7 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
 
 def test_frozen_layer_computes_no_weight_gradient():
     """Freezing layer4 drops exactly its weight gradients (= its forward FLOPs); its input gradients stay."""
-    model = C.phase_model("full", 1, device="meta")
+    model = cost_flops.phase_model("full", 1, device="meta")
     full = count_flops(model, 64, 1, backward=True)
     layer4 = hand.convs(64, 1)[-10:]  # 3 blocks: 3 convs each + the first block's projection
     _freeze(model, ("layer4",))
@@ -213,7 +217,7 @@ def test_frozen_layer_computes_no_weight_gradient():
 def test_frozen_prefix_needs_no_backward_there():
     """Frozen stem + layer1 get neither weight nor input gradients: training saves 2 x their forward FLOPs, plus
     layer2's first input gradients (layer1's output needs none), minus nothing else."""
-    model = C.phase_model("full", 1, device="meta")
+    model = cost_flops.phase_model("full", 1, device="meta")
     full = count_flops(model, 64, 1, backward=True)
     _freeze(model, ("conv1", "bn1", "layer1"))
     frozen = count_flops(model, 64, 1, backward=True)
@@ -228,8 +232,8 @@ def test_frozen_prefix_needs_no_backward_there():
 
 def test_scratch_arm_total_is_epochs_times_training_images_times_training_flops():
     """flops_total = epochs x n x (3F - conv1), priced on exactly the n training images it is given."""
-    inputs = C.resolve_cost_inputs(n_images=37, image_size=64, epochs=5, arms=["scratch"])
-    arm = C.estimate_arm("scratch", inputs, C.load_catalogue())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=37, image_size=64, epochs=5, arms=["scratch"])
+    arm = cost_estimate.estimate_arm("scratch", inputs, cost_catalogue.load_catalogue())
     per_image = hand.full_training_flops(64, 1, 2)
     assert arm.n_images == 37 and arm.flops_per_epoch == 37 * per_image
     assert arm.flops_total == 5 * 37 * per_image
@@ -238,10 +242,10 @@ def test_scratch_arm_total_is_epochs_times_training_images_times_training_flops(
 def test_head_only_warmup_is_priced_separately():
     """imagenet, 10 epochs of which 3 head-only: 3 x n x (F + fc weight grad) + 7 x n x (3F - conv1); the scratch
     arm ignores the warm-up (it has no pretrained backbone to protect)."""
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, epochs=10, head_warmup_epochs=3)
-    catalogue = C.load_catalogue()
-    imagenet = C.estimate_arm("imagenet", inputs, catalogue)
-    scratch = C.estimate_arm("scratch", inputs, catalogue)
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=64, epochs=10, head_warmup_epochs=3)
+    catalogue = cost_catalogue.load_catalogue()
+    imagenet = cost_estimate.estimate_arm("imagenet", inputs, catalogue)
+    scratch = cost_estimate.estimate_arm("scratch", inputs, catalogue)
     head, full = hand.head_only_training_flops(64, 1, 2), hand.full_training_flops(64, 1, 2)
     assert imagenet.flops_total == 100 * (3 * head + 7 * full)
     assert imagenet.head_warmup_epochs == 3 and imagenet.head_phase_flops_per_image == head
@@ -250,8 +254,8 @@ def test_head_only_warmup_is_priced_separately():
 
 def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
     """imagenet-linear: n x (F - fc) + iterations x 4 x n x 2048 (binary: one weight vector); no epochs."""
-    inputs = C.resolve_cost_inputs(n_images=1500, image_size=64, epochs=100, arms=["imagenet-linear"])
-    arm = C.estimate_arm("imagenet-linear", inputs, C.load_catalogue())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=1500, image_size=64, epochs=100, arms=["imagenet-linear"])
+    arm = cost_estimate.estimate_arm("imagenet-linear", inputs, cost_catalogue.load_catalogue())
     fit = 100 * 4 * 1500 * 2048
     assert arm.classifier_fit_flops == fit
     assert arm.flops_total == 1500 * (hand.forward_flops(64, 1, 2) - 2 * 2048 * 2) + fit
@@ -260,7 +264,7 @@ def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
     assert arm.memory.method.startswith("no-grad forward: peak of live tensors")  # not the training phase's method
     a100 = next(d for d in arm.devices if d.device == "a100")
     assert a100.peak_flops_per_second == 312e12 and a100.precision == "bf16"  # devices.json: 312 TFLOP/s bf16
-    assert C.classifier_params(2) == 2049 and C.classifier_params(5) == 5 * 2048 + 5 and C.classifier_params(3, dim=10) == 33
+    assert cost_flops.classifier_params(2) == 2049 and cost_flops.classifier_params(5) == 5 * 2048 + 5 and cost_flops.classifier_params(3, dim=10) == 33
 
 
 # ============================================================================================ time
@@ -269,8 +273,8 @@ def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
 def test_this_machine_time_is_flops_over_the_calibrated_rate_plus_its_warmup():
     """this-machine: seconds = flops_total / achieved rate + the calibrated first-step warm-up (once per run);
     catalogue GPUs: flops_total / (peak x utilisation) with no warm-up."""
-    inputs = C.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch"])
-    report = C.build_cost_report(inputs, calibration=_calibration())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch"])
+    report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     arm = report.arm("scratch")
     total = 3 * 64 * hand.full_training_flops(64, 1, 2)
     mine = _this_machine(arm)
@@ -282,17 +286,17 @@ def test_this_machine_time_is_flops_over_the_calibrated_rate_plus_its_warmup():
 
 def test_estimate_for_the_epochs_actually_run():
     """A run stopped early is priced for the epochs it ran, head-only epochs at the head-only rate, warm-up once."""
-    inputs = C.resolve_cost_inputs(n_images=50, image_size=64, epochs=10, head_warmup_epochs=3)
-    report = C.build_cost_report(inputs, calibration=_calibration())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=50, image_size=64, epochs=10, head_warmup_epochs=3)
+    report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     head, full = 50 * hand.head_only_training_flops(64, 1, 2), 50 * hand.full_training_flops(64, 1, 2)
     scratch, imagenet, linear = (report.arm(a) for a in ARM_NAMES)
-    assert C.estimated_seconds_for(scratch, THIS_MACHINE, 4) == pytest.approx(4 * full / RATE + WARMUP, rel=1e-12)
-    assert C.estimated_seconds_for(scratch, THIS_MACHINE) == pytest.approx(10 * full / RATE + WARMUP, rel=1e-12)
-    assert C.estimated_seconds_for(imagenet, THIS_MACHINE, 2) == pytest.approx(2 * head / RATE + WARMUP, rel=1e-12)
-    assert C.estimated_seconds_for(imagenet, THIS_MACHINE, 5) == pytest.approx((3 * head + 2 * full) / RATE + WARMUP, rel=1e-12)
-    assert C.estimated_seconds_for(linear, THIS_MACHINE, 7) == C.estimated_seconds_for(linear, THIS_MACHINE)
+    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE, 4) == pytest.approx(4 * full / RATE + WARMUP, rel=1e-12)
+    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE) == pytest.approx(10 * full / RATE + WARMUP, rel=1e-12)
+    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 2) == pytest.approx(2 * head / RATE + WARMUP, rel=1e-12)
+    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 5) == pytest.approx((3 * head + 2 * full) / RATE + WARMUP, rel=1e-12)
+    assert cost_estimate.estimated_seconds_for(linear, THIS_MACHINE, 7) == cost_estimate.estimated_seconds_for(linear, THIS_MACHINE)
     with pytest.raises(KeyError, match="no estimate for device"):
-        C.estimated_seconds_for(scratch, "tpu-v9", 1)
+        cost_estimate.estimated_seconds_for(scratch, "tpu-v9", 1)
 
 
 def test_imagenet_90_epochs_is_1e18_mac_and_about_two_weeks_on_m40(imagenet_counts):
@@ -300,7 +304,7 @@ def test_imagenet_90_epochs_is_1e18_mac_and_about_two_weeks_on_m40(imagenet_coun
     "~10^18 single-precision operations"); at 7 TFLOP/s x 0.35: 2.80e18 / 2.45e12 = 1.14e6 s = 13.2 days
     (You et al. 2018: "14 days")."""
     total = 1.28e6 * 90 * hand.full_training_flops(224, 3, 1000)
-    seconds = C.estimate_seconds(1.28e6 * 90 * imagenet_counts.train_flops_per_image, C.load_catalogue().get("m40"), "bf16")
+    seconds = cost_catalogue.estimate_seconds(1.28e6 * 90 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("m40"), "bf16")
     assert seconds == pytest.approx(total / (7.0e12 * 0.35), rel=1e-12)
     assert 13.1 < seconds / DAY < 13.3
 
@@ -309,7 +313,7 @@ def test_1500_images_100_epochs_on_1080ti_is_13_minutes(imagenet_counts):
     """1,500 x 100 image-passes x 24.30 GFLOPs = 3.64e15 FLOPs / (11.3e12 x 0.40, bf16 falls back to fp32)
     = 806 s = 13.4 minutes."""
     total = 1500 * 100 * hand.full_training_flops(224, 3, 1000)
-    seconds = C.estimate_seconds(1500 * 100 * imagenet_counts.train_flops_per_image, C.load_catalogue().get("gtx-1080-ti"), "bf16")
+    seconds = cost_catalogue.estimate_seconds(1500 * 100 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("gtx-1080-ti"), "bf16")
     assert seconds == pytest.approx(total / (11.3e12 * 0.40), rel=1e-12)
     assert 800 < seconds < 812
 
@@ -320,45 +324,45 @@ def test_1500_images_100_epochs_on_1080ti_is_13_minutes(imagenet_counts):
 def test_activation_memory_per_image_is_every_saved_tensor_counted_by_hand():
     """fp32, 64 px: input + conv outputs + ReLU outputs + max-pool output and indices + pooled features
     = 6,987,776 bytes per image (tests/resnet50_by_hand.py), measured exactly."""
-    fixed, per_image = C.measure_activation_memory("full", 64, 1, "fp32")
+    fixed, per_image = cost_memory.measure_activation_memory("full", 64, 1, "fp32")
     assert per_image == hand.fp32_saved_bytes_per_image(64, 1) == 6_987_776
     # batch-independent: each BatchNorm saves its running mean and variance and its batch mean and 1/std
     assert fixed == 4 * 4 * hand.batchnorm_channels()
-    bf16_fixed, bf16_per_image = C.measure_activation_memory("full", 64, 1, "bf16")
+    bf16_fixed, bf16_per_image = cost_memory.measure_activation_memory("full", 64, 1, "bf16")
     assert bf16_per_image < per_image  # bf16 autocast stores most activations in 2 bytes
 
 
 def test_memory_breakdown_and_max_batch():
     """weights 4 B x (params + buffers), grads 4 B x trainable, Adam 8 B x trainable; activations fixed + batch x
     per image; max batch = floor((0.9 x memory - everything batch-independent) / per image)."""
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, device_memory_gb=4, precision="fp32")
-    m = C.estimate_arm("scratch", inputs, C.load_catalogue()).memory
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, device_memory_gb=4, precision="fp32")
+    m = cost_estimate.estimate_arm("scratch", inputs, cost_catalogue.load_catalogue()).memory
     params = hand.parameters(1, 2)
     per_image = hand.fp32_saved_bytes_per_image(64, 1)
     assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (4 * (params + hand.buffers()), 4 * params, 8 * params)
     assert m.activations_bytes_per_image == per_image
     assert m.activations_bytes == m.activations_fixed_bytes + 8 * per_image
     assert m.total_bytes == 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes + 8 * per_image
-    arm = C.estimate_arm("scratch", inputs, C.load_catalogue())
+    arm = cost_estimate.estimate_arm("scratch", inputs, cost_catalogue.load_catalogue())
     fixed = 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes
     assert arm.max_batch_for_given_memory == int((0.9 * 4e9 - fixed) // per_image)
-    sgd = C.estimate_arm("scratch", inputs.model_copy(update={"optimizer": "sgd"}), C.load_catalogue()).memory
+    sgd = cost_estimate.estimate_arm("scratch", inputs.model_copy(update={"optimizer": "sgd"}), cost_catalogue.load_catalogue()).memory
     assert sgd.optimizer_bytes == 4 * params
-    assert C.max_batch_size(1e6, 10**9, 10) == 0
+    assert cost_memory.max_batch_size(1e6, 10**9, 10) == 0
 
 
 def test_a_batch_exactly_at_a_devices_limit_fits_and_one_more_does_not():
     """max batch = floor((0.9 x memory - batch-independent bytes) / per image), recomputed here for the first
     catalogue device; a batch of exactly that size fits, one image more does not."""
-    catalogue = C.load_catalogue()
+    catalogue = cost_catalogue.load_catalogue()
     device = catalogue.devices[0]
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, precision="fp32")
-    m = C.estimate_arm("scratch", inputs, catalogue).memory
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, precision="fp32")
+    m = cost_estimate.estimate_arm("scratch", inputs, catalogue).memory
     fixed = m.weights_bytes + m.gradients_bytes + m.optimizer_bytes + m.activations_fixed_bytes
     limit = int((0.9 * device.memory_gb * 1e9 - fixed) // m.activations_bytes_per_image)
     assert 8 < limit < 65_536
     for batch, fits in ((limit, True), (limit + 1, False)):
-        arm = C.estimate_arm("scratch", inputs.model_copy(update={"batch_size": batch}), catalogue)
+        arm = cost_estimate.estimate_arm("scratch", inputs.model_copy(update={"batch_size": batch}), catalogue)
         estimate = next(d for d in arm.devices if d.device == device.name)
         assert (estimate.max_batch_size, estimate.batch_fits) == (limit, fits)
     assert ("max_batch = floor((0.9 x device memory - weights - gradients - optimizer - fixed) / per-image activations)"
@@ -371,9 +375,9 @@ def test_a_batch_exactly_at_a_devices_limit_fits_and_one_more_does_not():
 def test_calibration_arithmetic_from_timed_steps(monkeypatch):
     """4 timed steps of batch 16 in 2.0 s after a 3.0 s first step: 32 img/s, achieved = 32 x train FLOPs per
     image, utilisation = achieved / matmul peak, warm-up = 3.0 - 2.0 / 4 = 2.5 s."""
-    monkeypatch.setattr(C, "_matmul_rate", lambda dtype: 400e9)
-    monkeypatch.setattr(C, "_time_training_steps", lambda *a, **k: C.StepTimes(3.0, 4, 2.0))
-    calibration = C.calibrate_this_machine(64, 1, "bf16", batch_size=16)
+    monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(3.0, 4, 2.0))
+    calibration = cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16)
     achieved = 32 * hand.full_training_flops(64, 1, 2)
     assert calibration.train_batch_size == 16 and calibration.train_images_per_second == 32
     assert calibration.train_flops_per_second == achieved
@@ -385,19 +389,19 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     """The second call reads calibration.json instead of measuring."""
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
-    first = C.load_or_calibrate(64, 1, "bf16", 16)
-    second = C.load_or_calibrate(64, 1, "bf16", 16)
+    monkeypatch.setattr(cost_calibration, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
+    first = cost_calibration.load_or_calibrate(64, 1, "bf16", 16)
+    second = cost_calibration.load_or_calibrate(64, 1, "bf16", 16)
     assert len(calls) == 1 and first == second and (tmp_path / "calibration.json").is_file()
 
 
 def test_counts_and_activation_bytes_are_kept_on_disk_and_counted_again_when_the_code_changes(tmp_path, monkeypatch):
     """A later process reads model_counts.json instead of building a model; another counting code counts again."""
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
-    C.count_phase.cache_clear()
-    C.measure_activation_memory.cache_clear()
-    counts = C.count_phase("full", 32, 1, 2, "resnet18")
-    memory = C.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18")
+    cost_flops.count_phase.cache_clear()
+    cost_memory.measure_activation_memory.cache_clear()
+    counts = cost_flops.count_phase("full", 32, 1, 2, "resnet18")
+    memory = cost_memory.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18")
     stored = read_model_json(tmp_path / "model_counts.json", ModelCountsCache)
     assert list(stored.phase_counts.values()) == [counts] and list(stored.activation_bytes.values()) == [memory]
     assert counts.feature_dim == 512 and counts.forward_flops_per_image > 0 and memory[1] > 0
@@ -405,25 +409,26 @@ def test_counts_and_activation_bytes_are_kept_on_disk_and_counted_again_when_the
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    C.count_phase.cache_clear()  # as a new process: only the file remembers
-    C.measure_activation_memory.cache_clear()
-    monkeypatch.setattr(C, "phase_model", no_model)
-    assert C.count_phase("full", 32, 1, 2, "resnet18") == counts
-    assert C.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18") == memory
+    cost_flops.count_phase.cache_clear()  # as a new process: only the file remembers
+    cost_memory.measure_activation_memory.cache_clear()
+    monkeypatch.setattr(cost_flops, "phase_model", no_model)
+    monkeypatch.setattr(cost_memory, "phase_model", no_model)
+    assert cost_flops.count_phase("full", 32, 1, 2, "resnet18") == counts
+    assert cost_memory.measure_activation_memory("full", 32, 1, "fp32", 2, "resnet18") == memory
 
-    C.count_phase.cache_clear()
-    monkeypatch.setattr(C, "_counting_code_version", lambda: "another version of the counting code")
+    cost_flops.count_phase.cache_clear()
+    monkeypatch.setattr(cost_flops, "counting_code_version", lambda: "another version of the counting code")
     with pytest.raises(AssertionError, match="a model was built"):
-        C.count_phase("full", 32, 1, 2, "resnet18")
-    C.count_phase.cache_clear()
-    C.measure_activation_memory.cache_clear()
+        cost_flops.count_phase("full", 32, 1, 2, "resnet18")
+    cost_flops.count_phase.cache_clear()
+    cost_memory.measure_activation_memory.cache_clear()
 
 
 # ============================================================================================ catalogue
 
 
 def test_catalogue_has_required_devices_with_public_figures():
-    cat = C.load_catalogue()
+    cat = cost_catalogue.load_catalogue()
     names = {d.name for d in cat.devices}
     assert {"m40", "gtx-1080-ti", "v100", "a100", "h100", "h200", "this-machine"} <= names
     assert cat.get("m40").rates["fp32"].peak_tflops == 7.0
@@ -433,9 +438,9 @@ def test_catalogue_has_required_devices_with_public_figures():
     assert cat.get("h100").rates["bf16"].peak_tflops == 989 and cat.get("h100").rates["tf32"].peak_tflops == 495
     assert cat.get("h200").rates == cat.get("h100").rates and cat.get("h200").memory_gb == 141
     # no bf16 on Maxwell/Pascal: falls back to fp32; Volta falls back to fp16 tensor cores
-    assert C.resolve_precision(cat.get("m40"), "bf16") == "fp32"
-    assert C.resolve_precision(cat.get("v100"), "bf16") == "fp16"
-    assert C.resolve_precision(cat.get("a100"), "tf32") == "tf32"
+    assert cost_catalogue.resolve_precision(cat.get("m40"), "bf16") == "fp32"
+    assert cost_catalogue.resolve_precision(cat.get("v100"), "bf16") == "fp16"
+    assert cost_catalogue.resolve_precision(cat.get("a100"), "tf32") == "tf32"
 
 
 @pytest.mark.parametrize(
@@ -449,12 +454,12 @@ def test_catalogue_has_required_devices_with_public_figures():
     ids=["utilisation>1", "no-fp32", "duplicate-name", "negative-memory"],
 )
 def test_broken_catalogue_entry_raises_clear_error(tmp_path, breakage, message):
-    data = json.loads(C.default_catalogue_path().read_text())
+    data = json.loads(cost_catalogue.default_catalogue_path().read_text())
     breakage(data)
     path = tmp_path / "devices.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message) as info:
-        C.load_catalogue(path)
+        cost_catalogue.load_catalogue(path)
     assert str(path) in str(info.value)
 
 
@@ -462,22 +467,22 @@ def test_broken_catalogue_entry_raises_clear_error(tmp_path, breakage, message):
 
 
 def test_cost_json_round_trip_and_an_older_file_is_recomputed(tmp_path):
-    inputs = C.resolve_cost_inputs(n_images=200, image_size=64, epochs=4, arms=["scratch", "imagenet-linear"])
-    report = C.build_cost_report(inputs)
-    path = C.write_cost_report(tmp_path, report)
+    inputs = cost_estimate.resolve_cost_inputs(n_images=200, image_size=64, epochs=4, arms=["scratch", "imagenet-linear"])
+    report = cost_estimate.build_cost_report(inputs)
+    path = cost_estimate.write_cost_report(tmp_path, report)
     assert read_model_json(path, CostReport) == report
-    assert C.existing_report(tmp_path, report.config_hash) == report
+    assert cost_estimate.existing_report(tmp_path, report.config_hash) == report
     older = json.loads(path.read_text())
     older["schema_version"] = "1.0"
     older["arms"][0]["actual"] = None
     path.write_text(json.dumps(older))
-    assert C.existing_report(tmp_path, report.config_hash) is None
+    assert cost_estimate.existing_report(tmp_path, report.config_hash) is None
 
 
 def test_tables_show_every_arm_device_and_duration():
     """The terminal table and the artifact name each arm and device; durations go through format_duration."""
-    inputs = C.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch", "imagenet"], device_memory_gb=8)
-    report = C.build_cost_report(inputs, calibration=_calibration())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch", "imagenet"], device_memory_gb=8)
+    report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     seconds = _this_machine(report.arm("scratch")).seconds
     total = 3 * 64 * hand.full_training_flops(64, 1, 2) / RATE + WARMUP
     minutes = f"{total / 60:.1f} min" if total >= 120 else f"{total:.0f} s"
@@ -497,7 +502,7 @@ def test_flow_writes_cost_json_artifact_and_skips_same_inputs(tmp_path):
 
     from flows.cost import ARTIFACT_KEY, cost_flow
 
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=64, epochs=2)
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=64, epochs=2)
     first = cost_flow(inputs=inputs, out_dir=tmp_path, calibrate=False)
     assert (tmp_path / COST_FILE).is_file() and [a.arm for a in first.arms] == list(ARM_NAMES)
     assert first.arm("scratch").flops_total == 2 * 100 * hand.full_training_flops(64, 1, 2)
@@ -558,15 +563,15 @@ def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypat
 
     card = {"n_images": 40, "n_unlabeled_images": 10, "image_size": 96, "channels": 1,
             "label_distribution": {"a": 10, "b": 10, "c": 10}, "content_hash": "abc"}
-    monkeypatch.setattr(C, "read_model_json", lambda path, model: DatasetCard.model_construct(**card))
+    monkeypatch.setattr(cost_estimate, "read_model_json", lambda path, model: DatasetCard.model_construct(**card))
     (tmp_path / "dataset.json").write_text("{}")
-    inputs = C.resolve_cost_inputs(dataset=tmp_path)
+    inputs = cost_estimate.resolve_cost_inputs(dataset=tmp_path)
     assert (inputs.n_images, inputs.image_size, inputs.num_classes, inputs.dataset_content_hash) == (30, 96, 3, "abc")
-    assert C.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64
+    assert cost_estimate.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64
     with pytest.raises(ValueError, match="unknown cost setting 'size'"):
-        C.resolve_cost_inputs(dataset=tmp_path, size=64)
+        cost_estimate.resolve_cost_inputs(dataset=tmp_path, size=64)
     with pytest.raises(ValueError, match="dataset.json is missing"):
-        C.resolve_cost_inputs(dataset=Path(tmp_path / "nowhere"))
+        cost_estimate.resolve_cost_inputs(dataset=Path(tmp_path / "nowhere"))
 
 
 # ============================================================================================ input errors and timing
@@ -588,21 +593,21 @@ def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypat
 )
 def test_bad_cost_input_is_one_sentence_naming_the_flag(settings, sentence):
     with pytest.raises(ValueError) as caught:
-        C.resolve_cost_inputs(n_images=10, **settings)
+        cost_estimate.resolve_cost_inputs(n_images=10, **settings)
     assert str(caught.value) == sentence
 
 
 def test_bad_image_count_and_unknown_setting_are_one_sentence():
     with pytest.raises(ValueError) as caught:
-        C.resolve_cost_inputs(n_images=0)
+        cost_estimate.resolve_cost_inputs(n_images=0)
     assert str(caught.value) == "--images must be at least 1 (got 0)."
     with pytest.raises(ValueError) as caught:
-        C.resolve_cost_inputs(dataset=Path("cohort"), n_images=10)
+        cost_estimate.resolve_cost_inputs(dataset=Path("cohort"), n_images=10)
     assert str(caught.value) == "give either --dataset DATASET_DIR or --images N, not both."
     with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, channels, "):
-        C.resolve_cost_inputs(n_images=10, epoch=3)
-    assert C._field_bounds("image_size") == (32, 2048) and C._field_bounds("n_images") == (1, None)
-    assert C._field_bounds("device_memory_gb") == (None, None)  # gt, not ge
+        cost_estimate.resolve_cost_inputs(n_images=10, epoch=3)
+    assert cost_estimate._field_bounds("image_size") == (32, 2048) and cost_estimate._field_bounds("n_images") == (1, None)
+    assert cost_estimate._field_bounds("device_memory_gb") == (None, None)  # gt, not ge
 
 
 def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
@@ -618,22 +623,22 @@ def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
         built.append((phase, channels))
         return torch.nn.Sequential(torch.nn.Conv2d(channels, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
-    monkeypatch.setattr(C, "phase_model", tiny)
+    monkeypatch.setattr(cost_calibration, "phase_model", tiny)
 
-    enough = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0)
+    enough = cost_calibration._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0)
     assert enough.steps == 3 and enough.timed_seconds > 0 and enough.first_step_seconds > 0
-    late = C._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0)
+    late = cost_calibration._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0)
     assert late.steps == 1 and late.timed_seconds > 0
     assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
-    rate = C._matmul_rate(torch.float32, n=64, seconds=0.01)
+    rate = cost_calibration._matmul_rate(torch.float32, n=64, seconds=0.01)
     assert 0 < rate < float("inf")
 
 
 @pytest.mark.parametrize("first_step, warmup", [(0.6, 0.1), (0.2, 0.0)], ids=["small", "clipped-at-0"])
 def test_calibrated_warmup_is_first_step_minus_a_timed_step_never_negative(monkeypatch, first_step, warmup):
-    monkeypatch.setattr(C, "_matmul_rate", lambda dtype: 400e9)
-    monkeypatch.setattr(C, "_time_training_steps", lambda *a, **k: C.StepTimes(first_step, 4, 2.0))
-    assert C.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(warmup, abs=1e-12)
+    monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(first_step, 4, 2.0))
+    assert cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(warmup, abs=1e-12)
 
 
 def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch):
@@ -642,21 +647,21 @@ def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tasks.common.runtime, "cpu_has_fast_bf16", lambda: True)
     calls = []
-    monkeypatch.setattr(C, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
+    monkeypatch.setattr(cost_calibration, "calibrate_this_machine", lambda *a, **k: calls.append(a) or _calibration())
     cache = tmp_path / "calibration.json"
-    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
-    C.load_or_calibrate(64, 1, "fp16", 16, cache_path=cache)  # runs as bf16 too: the same entry
-    C.load_or_calibrate(32, 1, "bf16", 8, cache_path=cache)
-    C.load_or_calibrate(64, 1, "fp32", 16, cache_path=cache)
-    C.load_or_calibrate(64, 3, "bf16", 16, cache_path=cache)
+    cost_calibration.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    cost_calibration.load_or_calibrate(64, 1, "fp16", 16, cache_path=cache)  # runs as bf16 too: the same entry
+    cost_calibration.load_or_calibrate(32, 1, "bf16", 8, cache_path=cache)
+    cost_calibration.load_or_calibrate(64, 1, "fp32", 16, cache_path=cache)
+    cost_calibration.load_or_calibrate(64, 3, "bf16", 16, cache_path=cache)
     assert calls == [(64, 1, "bf16", 16), (32, 1, "bf16", 8), (64, 1, "fp32", 16), (64, 3, "bf16", 16)]
-    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache, refresh=True)
+    cost_calibration.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache, refresh=True)
     cache.write_text("{not json")
-    C.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
+    cost_calibration.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
     assert len(calls) == 6 and cache.is_file()
-    assert C.this_machine_precision("fp16") == "bf16" and C.this_machine_precision("tf32") == "fp32"
+    assert cost_catalogue.this_machine_precision("fp16") == "bf16" and cost_catalogue.this_machine_precision("tf32") == "fp32"
     monkeypatch.setattr(tasks.common.runtime, "cpu_has_fast_bf16", lambda: False)
-    assert C.this_machine_precision("bf16") == "fp32"
+    assert cost_catalogue.this_machine_precision("bf16") == "fp32"
 
 
 def test_cost_inputs_from_a_dataset_card(tmp_path):
@@ -667,16 +672,16 @@ def test_cost_inputs_from_a_dataset_card(tmp_path):
     card = make_example_card(content_hash="f" * 64).model_copy(update={
         "n_images": 1500, "n_unlabeled_images": 60, "image_size": 96, "label_distribution": {"a": 500, "b": 500, "c": 440}})
     write_model_json(tmp_path / "dataset.json", card)
-    inputs = C.resolve_cost_inputs(dataset=tmp_path, epochs=3)
+    inputs = cost_estimate.resolve_cost_inputs(dataset=tmp_path, epochs=3)
     assert (inputs.n_images, inputs.image_size, inputs.channels, inputs.num_classes, inputs.dataset_content_hash) == (
         1440, 96, card.channels, 3, "f" * 64)
-    assert C.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64  # a setting overrides the card
+    assert cost_estimate.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64  # a setting overrides the card
     write_model_json(tmp_path / "dataset.json", card.model_copy(update={"n_unlabeled_images": 1500, "label_distribution": {}}))
-    unlabelled = C.resolve_cost_inputs(dataset=tmp_path)
+    unlabelled = cost_estimate.resolve_cost_inputs(dataset=tmp_path)
     assert (unlabelled.n_images, unlabelled.num_classes) == (1500, 2)
     (tmp_path / "dataset.json").write_text('{"n_images": "many"}')
     with pytest.raises(ValueError, match=r"dataset.json is not a valid dataset card \("):
-        C.resolve_cost_inputs(dataset=tmp_path)
+        cost_estimate.resolve_cost_inputs(dataset=tmp_path)
     with pytest.raises(ValueError) as caught:
-        C.resolve_cost_inputs(dataset=tmp_path / "nowhere")
+        cost_estimate.resolve_cost_inputs(dataset=tmp_path / "nowhere")
     assert str(caught.value) == f"{tmp_path / 'nowhere'} is not a ctcompare dataset folder: dataset.json is missing (run 'ctcompare ingest')."

@@ -1,7 +1,7 @@
 """The cost stage's prediction of a whole comparison's wall time, checked against arithmetic done by hand.
 
 Training FLOPs come from tests/resnet50_by_hand.py (an independent count), this machine's rate from a fixed
-calibration, the fixed stages from the constants in tasks/cost/estimate.py written out here as numbers; what the command
+calibration, the fixed stages from the constants in tasks/cost/wall_time.py written out here as numbers; what the command
 spent before its cost stage is measured and added as it is.
 """
 
@@ -17,7 +17,10 @@ import resnet50_by_hand as hand
 from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
 from data_schemas.plan import RunEnvironment, build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
-from tasks.cost import estimate as C
+from tasks.cost import calibration as cost_calibration
+from tasks.cost import catalogue as cost_catalogue
+from tasks.cost import estimate as cost_estimate
+from tasks.cost import wall_time as cost_wall_time
 
 RATE = 40e9  # the fixed calibration's achieved training FLOP/s
 WARMUP = 5.0  # its first-step warm-up, seconds (once per run)
@@ -26,7 +29,7 @@ SIZE = 64
 
 def _calibration() -> Calibration:
     """A calibration whose effective rate on this machine is exactly RATE."""
-    key, fields = C._calibration_key(SIZE, 1, C.this_machine_precision("bf16"))
+    key, fields = cost_calibration._calibration_key(SIZE, 1, cost_catalogue.this_machine_precision("bf16"))
     per_image = hand.full_training_flops(SIZE, 1, 2)
     return Calibration(
         key=key, **fields, matmul_flops_per_second=100e9, train_batch_size=16, train_steps=3,
@@ -38,25 +41,25 @@ def _calibration() -> Calibration:
 @pytest.fixture(scope="module")
 def report() -> CostReport:
     """Scratch and imagenet priced for 100 images, 10 epochs at 64 px, 2 of them head-only for imagenet."""
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, head_warmup_epochs=2, arms=["scratch", "imagenet"])
-    return C.build_cost_report(inputs, calibration=_calibration())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, head_warmup_epochs=2, arms=["scratch", "imagenet"])
+    return cost_estimate.build_cost_report(inputs, calibration=_calibration())
 
 
 def test_earliest_stop_is_patience_after_epoch_one_but_never_before_min_epochs() -> None:
-    assert C.earliest_stop_epoch(epochs=10, min_epochs=6, patience=3) == 6
-    assert C.earliest_stop_epoch(epochs=10, min_epochs=2, patience=3) == 4
-    assert C.earliest_stop_epoch(epochs=3, min_epochs=6, patience=3) == 3
-    assert C.earliest_stop_epoch(epochs=10, min_epochs=6, patience=None) == 10
+    assert cost_wall_time.earliest_stop_epoch(epochs=10, min_epochs=6, patience=3) == 6
+    assert cost_wall_time.earliest_stop_epoch(epochs=10, min_epochs=2, patience=3) == 4
+    assert cost_wall_time.earliest_stop_epoch(epochs=3, min_epochs=6, patience=3) == 3
+    assert cost_wall_time.earliest_stop_epoch(epochs=10, min_epochs=6, patience=None) == 10
 
 
 def test_one_run_is_its_epochs_flops_over_the_rate_scaled_to_its_images_and_size(report: CostReport) -> None:
     full = hand.full_training_flops(SIZE, 1, 2)
     half_size = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=50, image_size=SIZE // 2)
     # 6 epochs x 100 images x full FLOPs, then x 50/100 images x (32/64)^2 pixels, x 1.23 for the epochs' wall time
-    assert C.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 * 1.23 + WARMUP, rel=1e-12)
+    assert cost_wall_time.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 * 1.23 + WARMUP, rel=1e-12)
     head = hand.head_only_training_flops(SIZE, 1, 2)
     imagenet = PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
-    assert C.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE * 1.23 + WARMUP, rel=1e-12)
+    assert cost_wall_time.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE * 1.23 + WARMUP, rel=1e-12)
 
 
 def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> None:
@@ -69,7 +72,7 @@ def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> No
         ],
         elapsed_seconds=47.5,
     )
-    predicted = C.predict_wall_time(report, plan, cost_stage_seconds=2.5)
+    predicted = cost_wall_time.predict_wall_time(report, plan, cost_stage_seconds=2.5)
     # measured: 47.5 before the cost stage + 2.5 in it
     fixed_before = 47.5 + 2.5
     # 2 arms: evaluation 2 x 0.5, packages 2 x 4.1, int8 18.0 once, saliency 3.2 + 2 x 0.9, report 5.8
@@ -93,7 +96,7 @@ def test_skipped_pretrained_runs_cost_a_skip_and_no_package(report: CostReport) 
         PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=10, n_images=100, image_size=SIZE),
         PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE, trained=False),
     ])
-    predicted = C.predict_wall_time(report, plan, cost_stage_seconds=0.0)
+    predicted = cost_wall_time.predict_wall_time(report, plan, cost_stage_seconds=0.0)
     # nothing spent before; scratch (10 epochs x 1.23 + warm-up + 3.2 set-up) + one skip 0.45
     # + 1 arm's evaluation 0.5, package 4.1, int8 18.0, saliency 3.2 + 0.9, report 5.8
     expected = 1.23 * 10 * 100 * full / RATE + WARMUP + 3.2 + 0.45 + 0.5 + 4.1 + 18.0 + 3.2 + 0.9 + 5.8
@@ -102,10 +105,10 @@ def test_skipped_pretrained_runs_cost_a_skip_and_no_package(report: CostReport) 
 
 
 def test_a_linear_probe_run_is_its_feature_pass_and_fit_plus_its_own_set_up() -> None:
-    inputs = C.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, arms=["imagenet-linear"])
-    linear_report = C.build_cost_report(inputs, calibration=_calibration())
+    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, arms=["imagenet-linear"])
+    linear_report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     plan = WallTimePlan(runs=[PlannedRunWork(arm="imagenet-linear", max_epochs=1, min_epochs=1, n_images=100, image_size=SIZE)])
-    predicted = C.predict_wall_time(linear_report, plan, cost_stage_seconds=0.0)
+    predicted = cost_wall_time.predict_wall_time(linear_report, plan, cost_stage_seconds=0.0)
     arm = linear_report.arm("imagenet-linear")
     # one no-grad feature pass + the logistic fit, x 1.23, + warm-up + the linear run's 12.5 s set-up
     compute = (100 * arm.forward_flops_per_image + arm.classifier_fit_flops) / RATE
@@ -118,11 +121,11 @@ def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_with
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached weights
     plan = build_run_plan(profile="cpu", arms=["scratch", "imagenet", "imagenet-linear"], seed=0, fractions=[0.5, 1.0])
-    work = C.wall_time_plan(plan, RunEnvironment(started_at=0.0), n_train_images=1000, elapsed_seconds=30.0)
+    work = cost_wall_time.wall_time_plan(plan, RunEnvironment(started_at=0.0), n_train_images=1000, elapsed_seconds=30.0)
     assert {(r.arm, r.n_images, r.min_epochs, r.max_epochs, r.trained) for r in work.runs} == {
         (arm, n, 6, 10, arm == "scratch") for arm in ("scratch", "imagenet", "imagenet-linear") for n in (500, 1000)
     }
-    with_weights = C.wall_time_plan(plan, RunEnvironment(weights=tmp_path / "resnet50.pth", started_at=0.0),
+    with_weights = cost_wall_time.wall_time_plan(plan, RunEnvironment(weights=tmp_path / "resnet50.pth", started_at=0.0),
                                     n_train_images=1000)
     assert all(r.trained for r in with_weights.runs) and with_weights.elapsed_seconds == 0 and work.elapsed_seconds == 30.0
 
@@ -142,7 +145,7 @@ def test_cost_flow_logs_the_prediction_and_stores_it_in_cost_json(report: CostRe
     from flows.cost import cost_flow
 
     plan = WallTimePlan(runs=[PlannedRunWork(arm="scratch", max_epochs=2, min_epochs=2, n_images=8, image_size=32)])
-    inputs = C.resolve_cost_inputs(n_images=8, image_size=32, epochs=2, arms=["scratch"])
+    inputs = cost_estimate.resolve_cost_inputs(n_images=8, image_size=32, epochs=2, arms=["scratch"])
     flow_logger, handler = logging.getLogger("prefect.flow_runs"), _Lines()
     level = flow_logger.level
     flow_logger.addHandler(handler)

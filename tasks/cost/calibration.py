@@ -1,0 +1,176 @@
+"""This machine measured once: a matrix-product rate (taken as peak) and a few real ResNet-50 training steps.
+
+The result is cached by torch version, CPU, threads, size, channels and precision (tasks.cost.caches).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_schemas.cost import Calibration, CalibrationCache
+from data_schemas.files import read_model_json, sha256_json, write_model_json
+from tasks.common.environment import cpu_name, utc_now
+from tasks.cost.caches import calibration_cache_path
+from tasks.cost.catalogue import this_machine_precision
+from tasks.cost.flops import count_phase, phase_model
+
+CALIBRATION_STEP_FLOPS = 1.2e11  # calibration batch = this / train FLOPs per image: about a second per step
+
+
+def _calibration_key(image_size: int, channels: int, precision: str) -> tuple[str, dict]:
+    """The key a calibration is cached under, and the fields it hashes (what makes a calibration reusable)."""
+    import torch
+
+    fields = {
+        "torch_version": torch.__version__,
+        "cpu_model": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "image_size": image_size,
+        "channels": channels,
+        "precision": precision,
+    }
+    return sha256_json(fields), fields
+
+
+def _matmul_rate(dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of n x n matrix products (2 n^3 FLOPs each), best of short repeats: this CPU's practical peak."""
+    import torch
+
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Timed ResNet-50 training steps of a calibration.
+
+    Args:
+        first_step_seconds: the first step (oneDNN builds its kernels, memory is allocated).
+        steps: timed steps after the two warm-up steps.
+        timed_seconds: their total wall time.
+    """
+
+    first_step_seconds: float
+    steps: int
+    timed_seconds: float
+
+
+def _time_training_steps(
+    image_size: int, channels: int, *, batch: int, autocast_on: bool, deadline: float, min_timed_s: float
+) -> StepTimes:
+    """Two warm-up steps, then timed steps until at least 3 steps and `min_timed_s` are done or `deadline` passes.
+
+    A step is what training does: channels_last, bf16 autocast when on, Adam, cross-entropy, on the arms' ResNet-50.
+    """
+    import torch
+    from torch import nn
+
+    model = phase_model("full", channels).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, channels, image_size, image_size).to(memory_format=torch.channels_last)
+    y = torch.arange(batch) % 2
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_on):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    first = step()
+    step()
+    steps, timed = 0, 0.0
+    while (steps < 3 or timed < min_timed_s) and (steps == 0 or time.perf_counter() < deadline):
+        timed += step()
+        steps += 1
+    return StepTimes(first_step_seconds=first, steps=steps, timed_seconds=timed)
+
+
+def calibrate_this_machine(
+    image_size: int,
+    channels: int,
+    requested_precision: str = "bf16",
+    batch_size: int = 32,
+    *,
+    time_budget_s: float = 15.0,
+    min_timed_s: float = 4.0,
+) -> Calibration:
+    """Measure this machine: a matrix-product rate (taken as peak) and a few real ResNet-50 training steps.
+
+        batch              = min(batch_size, 1.2e11 / train FLOPs per image): about a second per step
+        images/s           = timed steps x batch / timed seconds (the mean, not the best step: wall time on a
+                             shared machine includes its stalls)
+        achieved FLOP/s    = images/s x train FLOPs per image (count_phase "full")
+        peak               = max(matmul rate, achieved) (a loaded machine can make the short probe look slower)
+        utilisation        = achieved / peak, so FLOPs / (peak x utilisation) reproduces the measured throughput
+        warm-up seconds    = first step - mean timed step: paid once per training run (kernel selection, allocation)
+    """
+    import torch
+
+    started = time.perf_counter()
+    precision = this_machine_precision(requested_precision)
+    key, fields = _calibration_key(image_size, channels, precision)
+    autocast_on = precision == "bf16"
+    peak = _matmul_rate(torch.bfloat16 if autocast_on else torch.float32)
+    flops_per_image = count_phase("full", image_size, channels, 2).train_flops_per_image
+    batch = int(max(2, min(batch_size, CALIBRATION_STEP_FLOPS // flops_per_image)))
+    times = _time_training_steps(
+        image_size, channels, batch=batch, autocast_on=autocast_on, deadline=started + time_budget_s,
+        min_timed_s=min_timed_s,
+    )
+    images_per_second = times.steps * batch / times.timed_seconds
+    achieved = images_per_second * flops_per_image
+    peak = max(peak, achieved)
+    return Calibration(
+        key=key,
+        **fields,
+        matmul_flops_per_second=peak,
+        train_batch_size=batch,
+        train_steps=times.steps,
+        train_images_per_second=images_per_second,
+        train_flops_per_image=flops_per_image,
+        train_flops_per_second=achieved,
+        utilisation=achieved / peak,
+        warmup_seconds=max(0.0, times.first_step_seconds - times.timed_seconds / times.steps),
+        seconds_taken=time.perf_counter() - started,
+        measured_at=utc_now(),
+    )
+
+
+def load_or_calibrate(
+    image_size: int,
+    channels: int,
+    requested_precision: str = "bf16",
+    batch_size: int = 32,
+    *,
+    cache_path: Path | None = None,
+    refresh: bool = False,
+) -> Calibration:
+    """The cached calibration for (torch version, CPU model, threads, size, channels, precision), else a new one."""
+    cache_path = Path(cache_path or calibration_cache_path())
+    key, _ = _calibration_key(image_size, channels, this_machine_precision(requested_precision))
+    cache = CalibrationCache()
+    if cache_path.is_file():
+        try:
+            cache = read_model_json(cache_path, CalibrationCache)
+        except Exception:  # a corrupt cache is re-measured, never fatal
+            cache = CalibrationCache()
+    if not refresh and key in cache.entries:
+        return cache.entries[key]
+    calibration = calibrate_this_machine(image_size, channels, requested_precision, batch_size)
+    cache.entries[key] = calibration
+    write_model_json(cache_path, cache)
+    return calibration
