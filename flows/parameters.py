@@ -142,7 +142,7 @@ BatchSize = Annotated[int, described(ge=1, le=1024, description="images per forw
 Precision = Annotated[Literal["auto", "fp32", "bf16"], described(description="auto: bf16 where this CPU runs it "
                                                              "natively, else fp32; int8 packages run int8 kernels")]
 CohortFolder = Annotated[str, described(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
-Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.demo.synth.MAX_PATIENTS
+Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.demo.patients.MAX_PATIENTS
                                  description="patients in the cohort (at least 2: both labels occur)")]
 SlicesPerPatient = Annotated[int, described(ge=1, le=1000, description="CT slices per patient")]
 MatrixSizes = Annotated[list[Annotated[int, described(ge=64, le=1024)]] | None, described(

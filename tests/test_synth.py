@@ -18,10 +18,10 @@ from data_schemas.synth import COHORT_CARD_FILE, CohortCard, IdentifiersFile, La
 from data_schemas.visual import LESIONS_SIDECAR_FILE, LesionSidecarRow
 from flows.cli import main
 from data_schemas.files import read_model_json, read_models_csv
+from tasks.demo.planning import plan_cohort
+from tasks.demo.render import render_patient_hu
 from tasks.demo.synth import (
     CohortMismatchError,
-    plan_cohort,
-    render_patient_hu,
     start_cohort,
     synth_parameters,
     synthesize_cohort,
