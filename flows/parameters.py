@@ -231,10 +231,10 @@ def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[
 
 def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
     """ValueError (one sentence) unless the ResNet-50 weights file exists and loads as one (the training stage's own
-    loader, tasks.training.models.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
+    loader, tasks.training.weights.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
     if path is None:
         return
-    from tasks.training.models import read_weights_file
+    from tasks.training.weights import read_weights_file
 
     try:
         read_weights_file(Path(path))

@@ -186,7 +186,8 @@ def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, mon
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
     monkeypatch.setattr("tasks.common.progress.BAR_MIN_INTERVAL_S", 0.0)
     from tasks.training.linear_probe import extract_multi_depth_features
-    from tasks.training.models import feature_extractor, resolve_imagenet_weights
+    from tasks.training.models import feature_extractor
+    from tasks.training.weights import resolve_imagenet_weights
     from tasks.training.loop import batch_progress
 
     backbone, _ = resolve_imagenet_weights(resnet50_weights_file, allow_download=False)

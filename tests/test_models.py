@@ -14,18 +14,20 @@ from data_schemas.files import sha256_file
 import resnet50_by_hand as hand
 from tasks.training.models import (
     as_feature_extractor,
-    WeightsFileError,
-    WeightsUnavailableError,
     build_resnet50,
     feature_extractor,
-    fold_gray_normalisation,
     forward_flops_per_image,
+    scratch_resnet50,
+)
+from tasks.training.weights import (
+    fold_gray_normalisation,
     hub_checkpoint_dir,
     load_imagenet_state_dict,
     resolve_imagenet_weights,
-    scratch_resnet50,
     sum_rgb_conv1,
     weights_file_name,
+    WeightsFileError,
+    WeightsUnavailableError,
 )
 
 
@@ -202,21 +204,20 @@ import numpy as np  # noqa: E402
 from torchvision.models import get_model  # noqa: E402
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES, ArmSpec, canonical_arm_name, parse_arm, parse_arms  # noqa: E402
+from tasks.training.model_defs import model_def  # noqa: E402
 from tasks.training.models import (  # noqa: E402
     build_arm_model,
     build_model,
     count_flops,
     depth_widths,
     feature_dim,
-    input_statistics,
     is_head_parameter,
-    model_def,
     multi_depth_features,
     probe_depths,
     resize_images,
     split_head_backbone,
-    unavailable_message,
 )
+from tasks.training.weights import input_statistics, unavailable_message  # noqa: E402
 
 
 def test_arm_names_keep_the_legacy_resnet50_names():

@@ -349,7 +349,8 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
 def test_head_only_phase_freezes_the_backbone(weights_file):
     """In the head-only epoch the backbone is bit-identical afterwards, has requires_grad False, no gradient and
     no optimizer state; the head does learn."""
-    from tasks.training.models import is_head_parameter, resolve_imagenet_weights
+    from tasks.training.models import is_head_parameter
+    from tasks.training.weights import resolve_imagenet_weights
     from tasks.training.loop import make_setup, train_one_epoch
 
     config = resolve_train_config("smoke", "imagenet", {"augment.enabled": "false"})

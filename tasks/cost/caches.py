@@ -30,13 +30,15 @@ def model_counts_cache_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def counting_code_version() -> str:
     """What counts depend on besides their arguments: torch's and torchvision's versions and the code that builds
-    and counts the models (tasks/cost/flops.py and memory.py, tasks/training/models.py, data_schemas/arms.py). A
-    change to any re-counts."""
+    and counts the models (tasks/cost/flops.py and memory.py, tasks/training/models.py and model_defs.py,
+    data_schemas/arms.py). A change to any re-counts."""
     import data_schemas.arms
+    import tasks.training.model_defs
     import tasks.training.models
 
     here = Path(__file__).parent
-    sources = (here / "flops.py", here / "memory.py", tasks.training.models.__file__, data_schemas.arms.__file__)
+    sources = (here / "flops.py", here / "memory.py", tasks.training.models.__file__,
+               tasks.training.model_defs.__file__, data_schemas.arms.__file__)
     return sha256_json({
         "torch": metadata.version("torch"), "torchvision": metadata.version("torchvision"),
         "code": [sha256_file(Path(path)) for path in sources],

@@ -49,7 +49,8 @@ from data_schemas.training import (
 )
 from data_schemas.arms import RESIZE_METHOD
 from tasks.ingest.decode import PREPROCESS_VERSION
-from tasks.training.models import build_resnet50, feature_extractor, pooled_at_depth, resolve_imagenet_weights
+from tasks.training.models import build_resnet50, feature_extractor, pooled_at_depth
+from tasks.training.weights import resolve_imagenet_weights
 
 # How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
 TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.training.augment.images_to_tensor)"

@@ -53,15 +53,9 @@ from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import LoadedDataset, load_dataset
 from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.training.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
-from tasks.training.models import (
-    WeightsUnavailableError,
-    feature_extractor,
-    forward_flops_per_image,
-    model_def,
-    probe_depths,
-    resolve_imagenet_weights,
-    weights_file_name,
-)
+from tasks.training.model_defs import model_def
+from tasks.training.models import feature_extractor, forward_flops_per_image, probe_depths
+from tasks.training.weights import resolve_imagenet_weights, weights_file_name, WeightsUnavailableError
 from tasks.training.run_folder import (
     clear_training_files,
     completed_run,
@@ -478,7 +472,7 @@ def train_arm(
 
     run: the run's folder as written in the plan (relative to plan_path's folder). weights_path is the ResNet-50
     weights file; weights_dir a folder of torchvision-format files named by model (weights_file_for); without
-    them the torch hub cache is searched (tasks.training.models.resolve_imagenet_weights). Pretrained arms without weights
+    them the torch hub cache is searched (tasks.training.weights.resolve_imagenet_weights). Pretrained arms without weights
     are skipped (status.json "skipped", reason = where to put the file), not an error. Bad settings, a bad weights
     file or a mismatched split raise ValueError subclasses with one sentence.
     """
