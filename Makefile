@@ -6,7 +6,7 @@ export PREFECT_HOME ?= $(CURDIR)/.ctcompare/prefect
 export MPLCONFIGDIR ?= $(CURDIR)/.ctcompare/matplotlib
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install orthanc demo test bench bench-ingest server deploy worker clean mutation
+.PHONY: install orthanc demo test lint bench bench-ingest server deploy worker clean mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ orthanc:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
 	else echo "orthanc: not installed and not root; the PACS tests (tests/pacs) will be skipped"; fi
 
+# Parallel: one pytest-xdist worker per core (at most TEST_WORKERS, default 4), whole files per worker so that each
+# file's module fixtures (cohorts, trained tiny runs) are built once; the heaviest files start first (tests/conftest.py).
+TEST_WORKERS ?= 4
 test: install orthanc
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+lint: install  ## ruff: pyflakes, pycodestyle, import order (settings: pyproject.toml [tool.ruff])
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py

@@ -1,4 +1,11 @@
-"""Test-wide settings: every piece of state (Prefect, matplotlib, torch hub) stays in a temp dir, never in $HOME."""
+"""Test-wide settings: every piece of state (Prefect, matplotlib, torch hub) stays in a temp dir, never in $HOME.
+
+The suite runs in parallel (`make test`: pytest-xdist). Each worker is its own process and imports this file itself,
+so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own Prefect test API on a free
+port with its own database, its own cost caches (CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a
+test writes is shared with another worker. Torch keeps its default thread count in every worker: a tiny model trained
+with fewer threads is a slightly different model, and some tests check what such a model does.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-_STATE = Path(tempfile.mkdtemp(prefix="ctcompare-tests-"))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+_STATE = Path(tempfile.mkdtemp(prefix=f"ctcompare-tests-{_WORKER}-"))
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
@@ -16,12 +24,27 @@ os.environ["TORCH_HOME"] = str(_STATE / "torch")
 os.environ["CTCOMPARE_HMAC_KEY"] = "test-secret-not-for-production"
 os.environ.pop("PREFECT_API_URL", None)
 
+
 import pytest  # noqa: E402
+
+# The files whose tests take longest, longest first (measure with `pytest --durations=0`). They run first, so that
+# under `--dist loadfile` no worker starts a long file while the others have nothing left to do.
+SLOW_FILES_FIRST = (
+    "test_compare.py", "test_deployments.py", "test_reproducible.py", "test_learning.py", "test_deploy_cost.py",
+    "test_startup.py", "test_train.py", "test_predict.py", "test_dask_ingest.py", "test_gallery.py",
+    "test_dataset_store.py", "test_package.py", "test_arch_train.py", "test_saliency.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow files first, in the order above; every other file after them, in collection order."""
+    rank = {name: position for position, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_backend():
-    """One ephemeral Prefect API with a throw-away database for the whole test session."""
+    """One ephemeral Prefect API with a throw-away database for the whole test session (per xdist worker)."""
     if os.environ.get("CTCOMPARE_TESTS_NO_PREFECT_HARNESS") == "1":
         # Mutation runs (scripts/mutation.sh) start a fresh pytest session per mutant and select unit tests only:
         # a 10-40 s server start per mutant would dominate. State still stays under the temp PREFECT_HOME above.
@@ -29,7 +52,9 @@ def prefect_backend():
         return
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # None: the start-up timeout is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS above, not the harness's 30 s,
+    # which parallel workers starting their servers at once on a busy machine can exceed.
+    with prefect_test_harness(server_startup_timeout=None):
         yield
 
 

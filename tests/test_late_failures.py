@@ -8,12 +8,14 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib
 import io
 import logging
 import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -95,13 +97,19 @@ def test_a_training_part_with_one_class_is_refused_before_training_and_recorded_
 # ---------------------------------------------------------------------------------------------- task run names
 
 
-async def _task_run_names(flow_run_id) -> list[str]:
+async def _task_run_names(flow_run_id, expected: int, wait_s: float = 60.0) -> list[str]:
+    """The flow run's task run names, sorted, once `expected` of them have reached the API (task runs arrive as
+    events, shortly after the flow run returned) or after `wait_s`, whichever comes first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + wait_s
     async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted(run.name for run in runs)
+        while True:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) >= expected or time.monotonic() > deadline:
+                return sorted(run.name for run in runs)
+            await asyncio.sleep(0.5)
 
 
 def test_task_run_names_say_which_run(dataset_dir, tmp_path, monkeypatch):
@@ -128,7 +136,7 @@ def test_task_run_names_say_which_run(dataset_dir, tmp_path, monkeypatch):
             train_arm_task(dataset_dir=dataset_dir, plan_path=plan_path, run=planned.run_dir, return_state=True)
         return str(flow_run.id)
 
-    names = asyncio.run(_task_run_names(every_run()))
+    names = asyncio.run(_task_run_names(every_run(), expected=len(plan.runs)))
     assert names == sorted([
         "train-scratch-main", "train-scratch-fold1", "train-scratch-fraction0.25", "train-scratch-size48",
         "train-resnet18-imagenet-main", "train-resnet18-imagenet-fold1", "train-resnet18-imagenet-fraction0.25",
@@ -153,7 +161,7 @@ def small_setup():
 
 def test_training_epoch_and_evaluation_show_a_bar_on_a_terminal(small_setup, monkeypatch):
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
-    monkeypatch.setattr("tasks.common.progress.BAR_MIN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(importlib.import_module("tasks.common.progress"), "BAR_MIN_INTERVAL_S", 0.0)
     from tasks.training.loop import FitData, _evaluate, train_one_epoch
 
     setup, x, y = small_setup
@@ -184,7 +192,7 @@ def test_training_off_a_terminal_adds_no_log_lines_to_a_short_epoch(small_setup,
 
 def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, monkeypatch):
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
-    monkeypatch.setattr("tasks.common.progress.BAR_MIN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(importlib.import_module("tasks.common.progress"), "BAR_MIN_INTERVAL_S", 0.0)
     from tasks.training.linear_probe import extract_multi_depth_features
     from tasks.training.models import feature_extractor
     from tasks.training.weights import resolve_imagenet_weights

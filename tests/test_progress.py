@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 
 from tasks.common.progress import progress
@@ -35,7 +36,8 @@ def test_on_a_terminal_progress_is_a_bar_with_rate_and_time_left() -> None:
 
 def test_time_only_progress_logs_when_slow_and_not_at_the_end(monkeypatch) -> None:
     """log_fraction=None (a training epoch, whose own line follows): a line only once LOG_EVERY_S has passed."""
-    import tasks.common.progress as progress_module
+    # the module itself: the package attribute tasks.common.progress is the function it re-exports
+    progress_module = importlib.import_module("tasks.common.progress")
 
     clock = [1000.0]
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
