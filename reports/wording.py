@@ -227,7 +227,9 @@ def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) 
         f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
         f"separately) and applied unchanged to its test predictions; a run without usable validation predictions uses "
         f"the fixed 0.5, labelled 'fallback'. Thresholds per arm are listed below.",
-        f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples). AUC tests: "
+        f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples); "
+        f"sensitivity, specificity and accuracy: Clopper-Pearson per patient, Wilson at the cluster-adjusted sample "
+        f"size per slice (they hold at 0% and 100%). AUC tests: "
         f"{ev.auc_test}, per patient and per slice (a patient's slices swapped together). Decision tests: "
         f"{ev.decision_test}, or a sign-flip test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
         f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",

@@ -290,3 +290,39 @@ def test_calibration_benchmark_runs_the_product_rule_and_claims_nothing_below_th
             assert row.non_inferior == row.significant_dear == row.significant_cheap == 0.0
     assert "significant (cheaper)" in rows[0].false_rates() and "non-inferior" in rows[-1].false_rates()
     assert vc.format_row(rows[-1]).startswith("n=22") and 0.0 <= vc.max_false_rate(rows) <= 1.0
+
+
+# ---------------------------------------------------------------- intervals of proportions
+
+
+@pytest.mark.parametrize("k, n", [(0, 3), (3, 3), (7, 20), (19, 20), (1, 1)])
+def test_proportion_intervals_match_scipy(k: int, n: int) -> None:
+    from tasks.evaluation.statistics import clopper_pearson_interval, wilson_interval
+
+    exact = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    wilson = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert clopper_pearson_interval(k, n) == pytest.approx((exact.low, exact.high), abs=1e-12)
+    assert wilson_interval(k, n) == pytest.approx((wilson.low, wilson.high), abs=1e-12)
+
+
+def test_clustered_wilson_counts_copies_of_a_patient_once_and_independent_rows_fully() -> None:
+    from tasks.evaluation.statistics import clustered_wilson_interval, wilson_interval
+
+    hits = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], dtype=float)
+    assert clustered_wilson_interval(hits, np.arange(10)) == pytest.approx(wilson_interval(7, 10))
+    copies = np.repeat(hits, 4)  # each patient's 4 slices agree: 40 rows carry 10 patients' information
+    assert clustered_wilson_interval(copies, np.repeat(np.arange(10), 4)) == pytest.approx(wilson_interval(7, 10))
+    assert clustered_wilson_interval(np.ones(12), np.repeat(np.arange(3), 4)) == pytest.approx(wilson_interval(3, 3))
+
+
+def test_a_perfect_sensitivity_on_three_patients_is_not_a_zero_width_interval() -> None:
+    from tasks.evaluation.evaluate import metric_block
+
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.6])
+    metrics = metric_block(y, p, [f"p{i}" for i in range(7)], np.full(7, 0.5), level="patient", n_bootstrap=50, seed=0)
+    exact = stats.binomtest(3, 3).proportion_ci(method="exact")
+    assert metrics.sensitivity.value == 1.0
+    assert (metrics.sensitivity.ci_low, metrics.sensitivity.ci_high) == pytest.approx((exact.low, exact.high))
+    spec = stats.binomtest(3, 4).proportion_ci(method="exact")
+    assert (metrics.specificity.ci_low, metrics.specificity.ci_high) == pytest.approx((spec.low, spec.high))

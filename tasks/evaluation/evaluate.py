@@ -110,12 +110,16 @@ def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
 def metric_block(
     targets: np.ndarray, probs: np.ndarray, groups: list[str], thresholds: np.ndarray, *, level: str, n_bootstrap: int, seed: int
 ) -> TestMetrics:
-    """Point metrics at the given per-unit thresholds with patient-level bootstrap 95% intervals."""
+    """Point metrics at the given per-unit thresholds with 95% intervals: patient-level bootstrap, except
+    sensitivity, specificity and accuracy (Clopper-Pearson per patient, cluster-adjusted Wilson per slice)."""
     intervals = st.bootstrap_ci(targets, probs, groups, n_resamples=n_bootstrap, seed=seed, threshold=thresholds)
     values = {
         name: MetricValue(value=finite(iv.value), ci_low=finite(iv.ci_low), ci_high=finite(iv.ci_high))
         for name, iv in intervals.items()
     }
+    if targets.size:
+        for name, (low, high) in st.proportion_intervals(targets, probs, thresholds, groups).items():
+            values[name] = values[name].model_copy(update={"ci_low": finite(low), "ci_high": finite(high)})
     distinct = np.unique(thresholds)
     return TestMetrics(
         level=level, n_images=int(targets.size) if level == "slice" else 0, n_patients=len(set(groups)),  # type: ignore[arg-type]

@@ -311,3 +311,75 @@ def seconds_to_epoch(epoch_seconds: Sequence[float | None], epochs: int | None) 
     if any(s is None for s in head):
         return None
     return float(sum(float(s) for s in head))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- proportions: sensitivity, specificity, accuracy
+
+PROPORTIONS = {"sensitivity": 1, "specificity": 0, "accuracy": None}  # metric -> class it is a proportion over
+
+
+def wilson_interval(successes: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Wilson (1927) score interval of a proportion: (p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n).
+
+    n may be an effective (non-integer) sample size; NaN for n = 0.
+    """
+    if n <= 0:
+        return NAN, NAN
+    z = float(stats.norm.ppf(0.5 + level / 2.0))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clopper_pearson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper & Pearson (1934) exact interval: Beta(alpha/2; k, n - k + 1) to Beta(1 - alpha/2; k + 1, n - k)."""
+    if n <= 0:
+        return NAN, NAN
+    alpha = 1.0 - level
+    low = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(stats.beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
+
+
+def clustered_wilson_interval(hits: np.ndarray, units: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's interval at the effective sample size of a proportion over clustered rows (slices of patients).
+
+    p = sum of hits / rows; its ratio-estimator variance over the K clusters, v = K/(K-1) sum_k (x_k - p m_k)^2 /
+    (sum_k m_k)^2 (x_k hits and m_k rows of cluster k; Cochran 1977, 6.13), gives n_eff = p(1-p)/v (Kish 1965),
+    kept between K and the number of rows: a patient's slices never count for less than one patient or more than
+    independent rows. With p at 0 or 1 the variance is 0 and n_eff = K (each patient counts once).
+    """
+    hits = np.asarray(hits, dtype=np.float64)
+    if hits.size == 0:
+        return NAN, NAN
+    _, cluster = np.unique(units, return_inverse=True)
+    x, m = np.bincount(cluster, weights=hits), np.bincount(cluster).astype(np.float64)
+    k, p = x.size, float(hits.mean())
+    variance = k / (k - 1) * float(np.sum((x - p * m) ** 2)) / float(m.sum()) ** 2 if k > 1 else 0.0
+    n_eff = float(k) if variance <= 0 or p in (0.0, 1.0) else min(float(hits.size), max(float(k), p * (1 - p) / variance))
+    return wilson_interval(p * n_eff, n_eff, level)
+
+
+def proportion_intervals(
+    y_true: ArrayLike, prob: ArrayLike, threshold: float | ArrayLike, groups: Sequence[Hashable] | np.ndarray,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Intervals of sensitivity, specificity and accuracy that hold at 0 and 1 and at a few patients.
+
+    One row per patient (groups all distinct): Clopper-Pearson on the patient counts. Several rows per patient
+    (slices): clustered_wilson_interval over the patients. NaN where the proportion has no rows (e.g. no positives).
+    """
+    y = _as_binary(y_true)
+    p = _as_prob(prob, y.size)
+    correct = ((p >= _as_thresholds(threshold, y.size)).astype(np.int64) == y).astype(np.float64)
+    g = np.asarray(groups)
+    per_patient = np.unique(g).size == g.size
+    out = {}
+    for name, cls in PROPORTIONS.items():
+        rows = np.ones(y.size, bool) if cls is None else y == cls
+        if per_patient:
+            out[name] = clopper_pearson_interval(int(correct[rows].sum()), int(rows.sum()), level)
+        else:
+            out[name] = clustered_wilson_interval(correct[rows], g[rows], level)
+    return out
