@@ -61,7 +61,7 @@ deploy: install  ## process work pool ctcompare-local + every deployment in pref
 worker: install  ## a process worker on ctcompare-local, one flow run at a time (CTCOMPARE_WORKER_LIMIT)
 	scripts/prefect_local.sh worker
 
-# Mutation testing (README "Mutation testing"; not part of CI, long): every scoped module, or MODULES="ingest.preprocess evaluation.statistics";
+# Mutation testing (docs/mutation-testing.md; not part of CI, long): every scoped module, or MODULES="ingest.preprocess evaluation.statistics";
 # MUTATION_SAMPLE=N checks a seeded sample of N mutants per module instead of all. Prints the score per module.
 mutation: $(VENV)/.mutation-installed
 	PYTHON=$(BIN)/python MUTATION_SAMPLE=$(MUTATION_SAMPLE) scripts/mutation.sh $(MODULES)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of the modules where a wrong number goes unnoticed (not part of CI; README "Mutation testing").
+# Mutation testing of the modules where a wrong number goes unnoticed (not part of CI; docs/mutation-testing.md).
 #   scripts/mutation.sh                          every module in pyproject.toml [tool.mutmut] only_mutate
 #   scripts/mutation.sh ingest.preprocess evaluation.statistics    only these modules (tasks/<package>/<name>.py)
 #   MUTATION_SAMPLE=100 scripts/mutation.sh evaluation.statistics   a seeded sample of 100 mutants per module

@@ -146,10 +146,10 @@ def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pat
     assert_consistent(out)
 
 
-def readme_private_table() -> dict[str, str]:
-    """The README's table of what is private: file -> 'shareable' or 'private'."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("### What is private, what can be shared", 1)[1].split("\n\n", 2)[1]
+def documented_private_table() -> dict[str, str]:
+    """docs/ingest.md's table of what is private: file -> 'shareable' or 'private'."""
+    text = (REPO / "docs" / "ingest.md").read_text()
+    section = text.split("## What is private, what can be shared", 1)[1].split("\n\n", 2)[1]
     rows = {}
     for line in section.splitlines()[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -157,7 +157,7 @@ def readme_private_table() -> dict[str, str]:
     return rows
 
 
-def test_private_part_is_placed_and_permissioned_as_the_readme_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_part_is_placed_and_permissioned_as_the_docs_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CTCOMPARE_HMAC_KEY")
     src = small_cohort(tmp_path / "src", n=2)
     (src / "notes.txt").write_text("not an image")
@@ -176,11 +176,11 @@ def test_private_part_is_placed_and_permissioned_as_the_readme_says(tmp_path: Pa
     assert not (out / "quarantine.csv").exists() and (out / QUARANTINE_FILE).is_file()
     assert summary["card"]["quarantine_reasons"] == {"not_dicom": 1}  # the shareable count, no path
 
-    table = readme_private_table()
+    table = documented_private_table()
     for name, kind in table.items():
         path = out / name.rstrip("/")
-        assert path.exists(), f"README lists {name}, which ingest does not write"
-        assert (PRIVATE_DIR in Path(name).parts) == (kind == "private"), f"README says {name} is {kind}"
+        assert path.exists(), f"docs/ingest.md lists {name}, which ingest does not write"
+        assert (PRIVATE_DIR in Path(name).parts) == (kind == "private"), f"docs/ingest.md says {name} is {kind}"
     top_level = {p.name for p in out.iterdir()} - {PRIVATE_DIR}
     assert top_level == {name for name, kind in table.items() if kind == "shareable"}
     assert "JOHN_DOE" not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
