@@ -52,7 +52,7 @@ clean:
 	rm -rf .ctcompare demo
 
 # Operating it the Prefect way (docs/operations.md): three terminals, in this order. State: .ctcompare/prefect.
-server: install  ## Prefect server (API + UI) on http://127.0.0.1:4200 (CTCOMPARE_PREFECT_PORT to change)
+server: install  ## Prefect server (API + UI) on :4200 + report server (out/reports) on :8765; Ctrl-C stops both
 	scripts/prefect_local.sh server
 
 deploy: install  ## process work pool ctcompare-local + every deployment in prefect.yaml

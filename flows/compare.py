@@ -19,10 +19,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.cost import ArmName
+from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
 from data_schemas.report import ArmResult, ComparisonResults, outermost_report_folder
@@ -50,11 +51,16 @@ from flows.parameters import (
     TrainDeployment,
     TrainSizes,
     WeightsFile,
+    as_seen,
+    check_weights_loadable,
 )
-from flows.serve import report_url
+from flows.run_logs import refused, tidy_run_logs
+from flows.serve import BASE_URL_ENV, report_url
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
+from reports.cost_tables import wall_time_line
 from tasks.common.paths import refuse_non_folder
+from tasks.common.progress import RunProgress
 from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
@@ -212,9 +218,12 @@ def visual_summary(*, plan: RunPlan, results: ComparisonResults, report_dir: Pat
 def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, weights: Path | None) -> None:
     """Refuse missing inputs and an unusable output folder with one sentence before any work starts."""
     if not source.exists():
-        raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
+        raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest' "
+                         "(the ingest/nightly deployment writes data/dataset).")
     if source.is_dir() and not (source / "dataset.json").is_file():
         check_dicom_source(source, labels)
+    elif source.is_dir():
+        check_dataset_labels(source)
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
     if weights is not None and not weights.is_file():
@@ -224,6 +233,24 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
     if enclosing is not None:
         raise ValueError(f"--out {report_dir} lies inside the report folder {enclosing}; give a folder outside it, "
                          "so that each report can be shared alone.")
+
+
+def check_dataset_labels(dataset_dir: Path) -> None:
+    """A dataset source must hold labelled images of at least two classes: refused otherwise, naming the ingest to
+    fix (a dataset ingested without its labels file has none)."""
+    try:
+        card = DatasetCard.model_validate_json((dataset_dir / DATASET_CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the dataset's own reader says what is wrong with it, in its stage
+    classes = sorted(label for label, count in card.label_distribution.items() if label and count)
+    if len(classes) >= 2:
+        return
+    found = f"labelled images of one class only ({classes[0]})" if classes else "no labelled image"
+    raise ValueError(
+        f"dataset {dataset_dir} holds {found} and {card.n_unlabeled_images} unlabelled image(s); a comparison needs "
+        "labelled images of two classes: run its ingest again with a labels file (--labels on the command line, the "
+        "labels parameter of the ingest/nightly deployment, which writes data/dataset as shipped)."
+    )
 
 
 def check_dicom_source(source: Path, labels: Path | None) -> None:
@@ -246,8 +273,21 @@ def dataset_folder(out_dir: Path, new_folder_per_run: bool) -> Path:
     return out_dir / "dataset" if new_folder_per_run else out_dir.parent / f"{out_dir.name}-dataset"
 
 
+class ComparisonProgress:
+    """The comparison's progress artifact on its own run page: its stages and each training run, with time left."""
+
+    def __init__(self, n_runs: int) -> None:
+        self.done, self.total = 0, n_runs + 4  # cost, the runs, evaluation, packages and pictures, the report
+        self.bar = RunProgress(f"comparison: {n_runs} training run(s) planned")
+
+    def advance(self, what: str) -> None:
+        """One more stage (or training run) finished: `what` it was."""
+        self.done += 1
+        self.bar.update(self.done, self.total, f"comparison: {what} ({self.done}/{self.total} steps)")
+
+
 def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, dataset_dir: Path, parallel_arms: int,
-              train_deployment: str | None) -> None:
+              train_deployment: str | None, stages: ComparisonProgress | None = None) -> None:
     """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
     logged and show up in the report from each run's status.json."""
     logger = get_run_logger()
@@ -262,10 +302,12 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
                 futures.append(runner.submit(train_on_pool, {"deployment": train_deployment, "label": label, "parameters": as_json}))
             else:
                 futures.append(runner.submit(train_arm_task, parameters))
-        for future in futures:
+        for planned, future in zip(plan.runs, futures):
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
                 logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
+            if stages is not None:
+                stages.advance(f"training run {planned.run_dir} finished")
 
 
 def rerun_command(*, source: str, out_dir: str, labels: str | None, plan: RunPlan, environment: RunEnvironment,
@@ -314,25 +356,30 @@ def compare_flow(
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
-    Each parameter's description and bounds are in flows/parameters.py (the Prefect form and `--help` show them);
-    there are as many as the form has fields. A DICOM source is ingested once, at the largest of image_size and
-    sizes, beside OUT_DIR. `plan` is the run plan already resolved from these parameters (the command line passes
-    the one it checked); without it the plan is resolved here.
-
-    The flow run ends Completed when every requested arm completed, Completed named "Partial" when some were
-    skipped or failed, Failed when none completed; each state's data is the summary dict (for Failed inside a
-    NoArmCompletedError), which a direct call returns (or raises).
+    A DICOM source is ingested once, at the largest of image_size and sizes, beside the report folder. Inputs are
+    checked before any work: a missing file or a weights file that does not load stops the run in one sentence.
+    The run ends Completed when every requested arm completed; "Partial" when some did not and the others are
+    compared (grey when they were skipped, red when one failed); Failed when none completed. Its last log line
+    gives the report's address.
     """
+    # `plan` is the run plan the command line already resolved from these parameters; without it, resolved here.
+    # Each state's data is the summary dict (for Failed inside a NoArmCompletedError): a direct call returns it.
+    tidy_run_logs()
     logger = get_run_logger()
     environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,
                                  started_at=command_started_at() or time.time())
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     src, out = Path(source).resolve(), Path(out_dir).resolve()
     report_dir = out / run_id if new_folder_per_run else out
-    check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
-                        weights=Path(weights) if weights else None)
-    plan = plan or comparison_plan(profile=profile, arms=arms, seed=seed, settings=settings, folds=folds,
+    try:  # one sentence, in the words of where the run came from (`weights` in a flow run, `--weights` in a terminal)
+        check_compare_paths(source=src, report_dir=report_dir, labels=Path(labels) if labels else None,
+                            weights=Path(weights) if weights else None)
+        if plan is None:  # the command line checked its plan and weights file already
+            plan = comparison_plan(profile=profile, arms=arms, seed=seed, settings=settings, folds=folds,
                                    fractions=fractions, sizes=sizes, bootstrap=bootstrap)
+            check_weights_loadable(weights)
+    except ValueError as error:
+        return refused(as_seen(str(error)))
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir = ingest_source(src, out, labels=labels, size=max([image_size, *plan.sizes]),
                                 new_folder_per_run=new_folder_per_run)
@@ -340,22 +387,33 @@ def compare_flow(
     n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
     plan = with_cost_inputs(plan, n_train_images=n_train)
     plan_path = write_plan(report_dir, plan)
-    cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
-              wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
-                                            elapsed_seconds=time.time() - environment.started_at))
+    stages = ComparisonProgress(len(plan.runs))
+    cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
+                     wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
+                                                   elapsed_seconds=time.time() - environment.started_at))
+    if cost.wall_time is not None:
+        logger.info("%s", wall_time_line(cost.wall_time))
+    stages.advance("cost estimated")
 
     train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
-              parallel_arms=parallel_arms, train_deployment=train_deployment)
+              parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)
     command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
                             settings=settings, folds=folds, fractions=fractions)
     results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id, command=command)
+    stages.advance("arms evaluated")
     results = add_packages_and_pictures(plan=plan, environment=environment, results=results, report_dir=report_dir,
                                         dataset_dir=dataset_dir)
+    stages.advance("packages and pictures made")
     html = write_report(results, report_dir)
     link = report_url(html, report_dir.parent)
     _publish(results, html, link)
-    logger.info("Report written: %s", link)
+    stages.advance("report written")
+    if link.startswith("file:"):
+        logger.warning("The report link is a file:// path, which a browser does not open from the Prefect UI: run "
+                       "`make server` (it serves out/reports), write the report under the served folder, or set %s.",
+                       BASE_URL_ENV)
     logger.info("%s", results.recommendation.headline)
+    logger.info("Report: %s", link)
     return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
                                  "recommendation": results.recommendation.headline,
                                  "arms": {arm.name: arm.status for arm in results.arms}})
@@ -405,12 +463,19 @@ def not_completed(summary: dict[str, Any]) -> list[str]:
 
 
 def final_state(results: ComparisonResults, summary: dict[str, Any]) -> State:
-    """Completed, Completed named "Partial" (an arm skipped or failed) or Failed (no arm completed); data: summary."""
+    """The comparison's state, never the green of a success unless every requested arm completed; data: summary.
+
+    Completed: every arm completed. "Partial": some arm did not, the others are compared: Cancelled type (grey in
+    the UI's runs list and chart) when the rest were skipped, Failed type (red) when one failed. Failed: no arm
+    completed. The message ends with the report's address, so the run's last log line carries it.
+    """
     missing = not_completed(summary)
+    report = f"Report: {summary['link']}"
     if not results.completed_arms:
-        message = f"No requested arm completed: {', '.join(missing)}; the report says why."
+        message = f"No requested arm completed: {', '.join(missing)}; the report says why. {report}"
         return Failed(message=message, data=NoArmCompletedError(message, summary))
     if missing:
-        return Completed(name=PARTIAL_STATE_NAME, data=summary,
-                         message=f"Partial comparison: {', '.join(missing)} did not complete; the others are compared.")
-    return Completed(message="Every requested arm completed.", data=summary)
+        kind = Failed if "failed" in summary["arms"].values() else Cancelled
+        message = f"Partial comparison: {', '.join(missing)} did not complete; the others are compared. {report}"
+        return kind(name=PARTIAL_STATE_NAME, data=summary, message=message)
+    return Completed(message=f"Every requested arm completed. {report}", data=summary)

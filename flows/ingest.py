@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, QuarantineReason, WindowSpec
@@ -28,11 +29,13 @@ from flows.parameters import (
     StudyUidsFile,
     Window,
     Workers,
+    as_seen,
 )
+from flows.run_logs import refused, tidy_run_logs
 from flows.runners import chunk_task_runner
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
-from tasks.common.progress import progress
+from tasks.common.progress import RunProgress, progress
 from tasks.ingest import dicomweb
 from tasks.ingest.assemble import IngestResult, assemble_dataset
 from tasks.ingest.decode import (
@@ -65,7 +68,8 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
     if next((path for path in src_dir.rglob("*") if path.is_file()), None) is None:
         raise ValueError(f"source folder {src_dir} holds no file; give a folder of DICOM files.")
     if labels is not None and not labels.is_file():
-        raise ValueError(f"labels file {labels} does not exist.")
+        raise ValueError(f"labels file {labels} does not exist; a comparison trains on labelled images only, so give "
+                         "the ingest its labels file.")
     refuse_non_folder(out_dir, "output")
     refuse_private_under_report(out_dir)
     spec = parse_window(window)
@@ -86,6 +90,16 @@ def log_decode_failures(files: list[CachedFile], log: Callable[[str], None]) -> 
             log(f"File sha256:{record.content_sha256[:12]} quarantined ({record.reason.value}): {detail}")
 
 
+def unlabelled_warning(n_unlabelled: int, n_images: int, *, labelled_by_file: bool) -> str:
+    """The WARNING of an ingest that leaves images without a label, which a comparison cannot train on."""
+    if not labelled_by_file:
+        return (f"{n_unlabelled} of {n_images} image(s) have no label: no labels file was given. A comparison trains "
+                "on labelled images only; give this ingest its labels file (--labels, or the labels parameter of "
+                "the ingest/nightly deployment).")
+    return (f"{n_unlabelled} of {n_images} image(s) match no row of the labels file and have no label; a comparison "
+            "trains on labelled images only.")
+
+
 @flow(name="ingest")
 def ingest_flow(
     src_dir: DicomFolder,
@@ -96,16 +110,20 @@ def ingest_flow(
     workers: Workers = 0,
     dask_address: DaskAddress = None,
     allow_burned_in: AllowBurnedIn = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset.
 
     allow_burned_in includes files whose header says BurnedInAnnotation YES and Secondary Capture objects,
     whose pixels may show names; by default they are quarantined.
     """
+    tidy_run_logs()
     logger = get_run_logger()
     src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
-    window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
-    label_table = read_labels(Path(labels)) if labels else None
+    try:
+        window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
+        label_table = read_labels(Path(labels)) if labels else None
+    except ValueError as error:
+        return refused(as_seen(str(error)))
 
     sources, discovery_rejects = discover_files(src)
     logger.info("Found %d file(s); %d rejected while listing", len(sources), len(discovery_rejects))
@@ -121,6 +139,8 @@ def ingest_flow(
         "%s %d image(s) of %d patient(s); %d file(s) quarantined",
         "Unchanged:" if result.skipped else "Wrote", card.n_images, card.n_patients, card.n_files_quarantined,
     )
+    if card.n_unlabeled_images:
+        logger.warning(unlabelled_warning(card.n_unlabeled_images, card.n_images, labelled_by_file=labels is not None))
     create_markdown_artifact(key="ctcompare-ingest-summary", markdown=dataset_card_markdown(card),
                              description="Ingested CT dataset")
     create_table_artifact(key="ctcompare-ingest-quarantine", description="Quarantined files by reason",
@@ -142,7 +162,9 @@ def decode_sources(sources: list[SourceFile], out: Path, cache_dir: Path, *, siz
     pool_workers = 1 if len(sources) < POOL_MIN_FILES or all(on_disk) else workers
     to_decode = sum(len(chunk) for chunk, cached in zip(chunks, on_disk) if not cached)
     decoded: dict[str, CachedFile] = {}
+    bar = RunProgress(f"ingest: {to_decode} of {len(sources)} file(s) to decode")
     with progress(to_decode, "decoded", "file", logger.info) as count_files:
+        count_files = bar.counting(to_decode, "ingest: {done}/{total} files decoded", count_files)
         # Locally the pool counts each batch; on Dask the flow counts each finished chunk.
         with chunk_task_runner(pool_workers, decode_files, dask_address,
                                None if dask_address else count_files) as (runner, pool):
@@ -166,6 +188,7 @@ def decode_sources(sources: list[SourceFile], out: Path, cache_dir: Path, *, siz
                 # Each finished chunk's records are read while later chunks decode: assembly starts with them in hand.
                 loaded = load_cached_files(chunk, cache_dir, hu_values=hu_per_file, pool=pool)
                 decoded.update((item.record.relative_path, item) for item in loaded)
+    bar.update(1, 1, f"ingest: {to_decode} file(s) decoded, {len(sources) - to_decode} read from the cache")
     return [decoded[source.relative_path] for source in sources]
 
 

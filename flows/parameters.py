@@ -9,6 +9,7 @@ Importing this module imports pydantic and the schemas only: it starts nothing a
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -227,6 +228,34 @@ def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[
         raise ValueError(f"{option}: {message[:1].lower()}{message[1:].rstrip('.')}, got {given!r}.") from None
     finally:
         logger.removeFilter(quiet)
+
+
+# Command-line options whose flow parameter is not the option's name with underscores for dashes.
+OPTION_PARAMETERS = {"--out": "out_dir", "--set": "settings", "--no-calibrate": "calibrate=false"}
+_OPTION = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:\s+([A-Za-z_][\w.]*)=(\S+?))?(?=[\s,;:.)'`]|$)")
+
+
+def _parameter_words(match: re.Match[str]) -> str:
+    """One option as the flow parameter a run form shows: --weights -> weights, --set epochs=3 -> settings
+    {"epochs": "3"}."""
+    option, key, value = f"--{match.group(1)}", match.group(2), match.group(3)
+    name = OPTION_PARAMETERS.get(option, match.group(1).replace("-", "_"))
+    if key is None:
+        return name
+    return f'{name} {{"{key}": "{value}"}}' if option == "--set" else f"{name} {key}={value}"
+
+
+def as_seen(message: str) -> str:
+    """A message written in command-line options, re-worded with the flow parameters' names when this flow run came
+    from a deployment (the UI's run form, `prefect deployment run --param`): `weights`, `settings` there; the
+    terminal's `--weights`, `--set` otherwise."""
+    from prefect.runtime import deployment
+
+    try:
+        from_deployment = deployment.id is not None
+    except Exception:  # noqa: BLE001 - no API to ask: the command line's words
+        from_deployment = False
+    return _OPTION.sub(_parameter_words, message) if from_deployment else message
 
 
 def check_weights_loadable(path: str | None, option: str = "--weights") -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import Cancelled, State
 
 from data_schemas.plan import read_plan
 from data_schemas.training import RunSummary
 from flows.parameters import PlanFile, PlannedRunFolder, Resume, TrainDataset, TrainWeights, WeightsFolder
+from flows.run_logs import tidy_run_logs
 
 
 @flow(name="train", log_prints=True)
@@ -27,18 +29,27 @@ def train_flow(
     weights_path: TrainWeights = None,
     resume: Resume = False,
     weights_dir: WeightsFolder = None,
-) -> list[RunSummary]:
+) -> list[RunSummary] | State:
     """Train the runs of a plan: every run, or only `run` (its folder as written in the plan).
 
     run=... is how a comparison hands one training run to a work pool. weights_path: the ResNet-50 weights file;
     weights_dir: a folder of torchvision-format weights files named by model (e.g. resnet18-f37072fd.pth).
+    When every run was skipped (no weights), the flow run ends "Skipped" (Cancelled type, grey in the UI), its data
+    the summaries all the same.
     """
-    from tasks.training.train import train_arm_task
+    from tasks.training.train import SKIPPED_STATE_NAME, run_summary, train_arm_task
 
+    tidy_run_logs()
     plan = read_plan(Path(plan_path))
     runs = [plan.run(run).run_dir] if run is not None else [planned.run_dir for planned in plan.runs]
-    return [
-        train_arm_task(dataset_dir=Path(dataset_dir), plan_path=Path(plan_path), run=name, weights_path=weights_path,
-                       resume=resume, weights_dir=Path(weights_dir) if weights_dir else None)
+    summaries = [
+        run_summary(train_arm_task(dataset_dir=Path(dataset_dir), plan_path=Path(plan_path), run=name,
+                                   weights_path=weights_path, resume=resume,
+                                   weights_dir=Path(weights_dir) if weights_dir else None, return_state=True))
         for name in runs
     ]
+    if summaries and all(summary.status == "skipped" for summary in summaries):
+        reasons = "; ".join(f"{summary.arm}: {summary.reason}" for summary in summaries)
+        return Cancelled(name=SKIPPED_STATE_NAME, message=f"Skipped: {reasons}", data=summaries)
+    return summaries
+

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Operate ctcompare the Prefect way on one machine: a local server, the process work pool + deployments, a worker.
 #
-#   scripts/prefect_local.sh server    # Prefect server (API + UI) on http://127.0.0.1:$CTCOMPARE_PREFECT_PORT (4200)
+#   scripts/prefect_local.sh server    # the Prefect server (API + UI) on 127.0.0.1:$CTCOMPARE_PREFECT_PORT (4200)
+#                                      # AND the report server (`ctcompare serve`) over $CTCOMPARE_REPORTS_ROOT
+#                                      # (out/reports) on 127.0.0.1:$CTCOMPARE_REPORTS_PORT (8765); Ctrl-C stops both
 #   scripts/prefect_local.sh deploy    # create work pool ctcompare-local (type process) and `prefect deploy --all`
 #   scripts/prefect_local.sh worker    # a process worker on ctcompare-local (runs one flow run at a time)
 #   scripts/prefect_local.sh env       # print the environment the others use (eval "$(... env)" to reuse it)
-#   scripts/prefect_local.sh serve     # the reports folder ($CTCOMPARE_REPORTS_ROOT, out/reports) read-only over HTTP
-#                                      # on http://127.0.0.1:$CTCOMPARE_REPORTS_PORT (8765): report links in the UI open
+#   scripts/prefect_local.sh serve     # the report server alone
 #
-# Report links: while `serve` runs, the comparison's link artifact is an http:// address on it. To link a shared web
-# location instead (one that publishes the reports folder), set CTCOMPARE_REPORT_BASE_URL=https://host/path/ for the
-# worker; without either, links are file:// paths, which browsers refuse to open from the UI.
+# Report links: the worker exports CTCOMPARE_REPORTS_ROOT (out/reports) and CTCOMPARE_REPORT_BASE_URL (the report
+# server's address), so a comparison that writes under out/reports links its report as
+# http://127.0.0.1:8765/<folder>/report.html, the same address whether or not the report server runs at that
+# moment: links of earlier runs open again once `make server` runs. To link a shared web location that publishes
+# out/reports instead, set CTCOMPARE_REPORT_BASE_URL=https://host/path/ for the worker.
 #
 # All state stays in the checkout: PREFECT_HOME=<checkout>/.ctcompare/prefect (server database, results of cached
 # tasks), MPLCONFIGDIR=<checkout>/.ctcompare/matplotlib. Every variable below may be set beforehand to override it.
@@ -27,9 +30,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 CTCOMPARE_PREFECT_PORT="${CTCOMPARE_PREFECT_PORT:-4200}"
 export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:${CTCOMPARE_PREFECT_PORT}/api}"
 CTCOMPARE_WORK_POOL="${CTCOMPARE_WORK_POOL:-ctcompare-local}"
+CTCOMPARE_REPORTS_ROOT="${CTCOMPARE_REPORTS_ROOT:-$ROOT/out/reports}"
+CTCOMPARE_REPORTS_PORT="${CTCOMPARE_REPORTS_PORT:-8765}"
 CTCOMPARE_WORKER_LIMIT="${CTCOMPARE_WORKER_LIMIT:-1}"
 if [[ -z "${PREFECT:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/prefect" ]]; then PREFECT="$ROOT/.venv/bin/prefect"; else PREFECT="prefect"; fi
+fi
+if [[ -z "${CTCOMPARE:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/ctcompare" ]]; then CTCOMPARE="$ROOT/.venv/bin/ctcompare"; else CTCOMPARE="ctcompare"; fi
 fi
 mkdir -p "$PREFECT_HOME" "$MPLCONFIGDIR"
 
@@ -51,11 +59,29 @@ case "$command" in
     server)
         # The server itself needs no API URL; the UI talks to the API it serves.
         unset PREFECT_API_URL
-        # `exec` keeps this PID for the server. A stale file is harmless: ctcompare checks /health before using it.
-        printf '{"api_url": "http://127.0.0.1:%s/api", "pid": %s}\n' "$CTCOMPARE_PREFECT_PORT" "$$" \
+        mkdir -p "$CTCOMPARE_REPORTS_ROOT"
+        # Both run in the background of this script, which stops both when either ends, on Ctrl-C and on SIGTERM.
+        "$CTCOMPARE" serve "$CTCOMPARE_REPORTS_ROOT" --port "$CTCOMPARE_REPORTS_PORT" &
+        serve_pid=$!
+        "$PREFECT" server start --host 127.0.0.1 --port "$CTCOMPARE_PREFECT_PORT" "$@" &
+        server_pid=$!
+        stop_both() {
+            trap - INT TERM
+            kill -TERM "$server_pid" "$serve_pid" 2>/dev/null || true
+            wait "$server_pid" "$serve_pid" 2>/dev/null || true
+        }
+        trap 'stop_both; exit 130' INT
+        trap 'stop_both; exit 143' TERM
+        # A stale file is harmless: ctcompare checks /health before using it.
+        printf '{"api_url": "http://127.0.0.1:%s/api", "pid": %s}\n' "$CTCOMPARE_PREFECT_PORT" "$server_pid" \
             > "$PREFECT_HOME/ctcompare-server.json"
         echo "Prefect UI and API: http://127.0.0.1:${CTCOMPARE_PREFECT_PORT} (PREFECT_HOME=$PREFECT_HOME)"
-        exec "$PREFECT" server start --host 127.0.0.1 --port "$CTCOMPARE_PREFECT_PORT" "$@"
+        echo "Reports: http://127.0.0.1:${CTCOMPARE_REPORTS_PORT}/ ($CTCOMPARE_REPORTS_ROOT). Ctrl-C stops both."
+        status=0
+        wait -n "$server_pid" "$serve_pid" || status=$?
+        echo "prefect_local.sh: one of the two servers stopped (exit $status); stopping the other." >&2
+        stop_both
+        exit "$status"
         ;;
     deploy)
         wait_for_api
@@ -70,19 +96,23 @@ case "$command" in
         if (( $# == 0 )); then set -- --all; fi
         # CTCOMPARE_ROOT is left out on purpose: prefect.yaml's pull step keeps the placeholder {{ $CTCOMPARE_ROOT }}
         # and each worker fills it in from its own environment at run time (no path of this machine is stored).
-        exec env -u CTCOMPARE_ROOT "$PREFECT" --no-prompt deploy --prefect-file "$ROOT/prefect.yaml" "$@"
+        # Prefect's own hints after each deployment (start a generic worker, run it by hand) are left out: the
+        # worker this project needs is `make worker`, said once at the end.
+        env -u CTCOMPARE_ROOT "$PREFECT" --no-prompt deploy --prefect-file "$ROOT/prefect.yaml" "$@" \
+            | awk '/^To (execute|schedule)/ {skip = 1; next} skip && /^[[:space:]]*(\$ |$)/ {next} {skip = 0; print}'
+        echo "Deployed. Start a worker with:  make worker   (the runs wait in the pool until one runs)"
         ;;
     worker)
         wait_for_api
         # The flow-run processes inherit this environment; the pull step in prefect.yaml moves them to $CTCOMPARE_ROOT.
+        # Report links: http:// addresses on the report server of `make server` (see the top of this file).
+        export CTCOMPARE_REPORTS_ROOT
+        export CTCOMPARE_REPORT_BASE_URL="${CTCOMPARE_REPORT_BASE_URL:-http://127.0.0.1:${CTCOMPARE_REPORTS_PORT}/}"
         exec "$PREFECT" worker start --pool "$CTCOMPARE_WORK_POOL" --type process --limit "$CTCOMPARE_WORKER_LIMIT" "$@"
         ;;
     serve)
-        # Deployments write their reports under out/reports of the checkout (prefect.yaml); serve that folder.
-        CTCOMPARE_REPORTS_ROOT="${CTCOMPARE_REPORTS_ROOT:-$ROOT/out/reports}"
         mkdir -p "$CTCOMPARE_REPORTS_ROOT"
-        if [[ -x "$ROOT/.venv/bin/ctcompare" ]]; then CTCOMPARE="$ROOT/.venv/bin/ctcompare"; else CTCOMPARE="ctcompare"; fi
-        exec "$CTCOMPARE" serve "$CTCOMPARE_REPORTS_ROOT" --port "${CTCOMPARE_REPORTS_PORT:-8765}" "$@"
+        exec "$CTCOMPARE" serve "$CTCOMPARE_REPORTS_ROOT" --port "$CTCOMPARE_REPORTS_PORT" "$@"
         ;;
     env)
         for name in CTCOMPARE_ROOT PREFECT_HOME MPLCONFIGDIR PREFECT_SERVER_ANALYTICS_ENABLED PREFECT_API_URL; do

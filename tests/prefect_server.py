@@ -1,4 +1,5 @@
-"""A real local Prefect stack for tests: `prefect server`, the deployments from prefect.yaml and a process worker.
+"""A real local Prefect stack for tests: `prefect server` with the report server, the deployments from prefect.yaml
+and a process worker.
 
 Everything is started through scripts/prefect_local.sh (the same commands `make server`, `make deploy` and
 `make worker` run), each in its own session, with an explicit environment: a temporary PREFECT_HOME, a free
@@ -33,6 +34,14 @@ def prefect_executable() -> str:
         if candidate.exists():
             return str(candidate)
     return "prefect"
+
+
+def ctcompare_executable() -> str:
+    """The `ctcompare` console script beside the running Python (imports this checkout's code via PYTHONPATH)."""
+    for candidate in (ROOT / ".venv" / "bin" / "ctcompare", Path(sys.executable).parent / "ctcompare"):
+        if candidate.exists():
+            return str(candidate)
+    return "ctcompare"
 
 
 def free_port() -> int:
@@ -73,6 +82,10 @@ class PrefectStack:
         self.port = port or free_port()
         self.pool = pool
         self.api_url = f"http://127.0.0.1:{self.port}/api"
+        # `server` also starts the report server (ctcompare serve) over reports_root, as `make server` does
+        self.reports_root = self.state_dir / "reports"
+        self.reports_port = free_port()
+        self.reports_url = f"http://127.0.0.1:{self.reports_port}/"
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
@@ -81,6 +94,9 @@ class PrefectStack:
             "CTCOMPARE_ROOT": str(ROOT),
             "CTCOMPARE_PREFECT_PORT": str(self.port),
             "CTCOMPARE_WORK_POOL": pool,
+            "CTCOMPARE_REPORTS_ROOT": str(self.reports_root),
+            "CTCOMPARE_REPORTS_PORT": str(self.reports_port),
+            "CTCOMPARE": ctcompare_executable(),
             "PREFECT_HOME": str(self.state_dir / "prefect"),
             "PREFECT_API_URL": self.api_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -113,13 +129,14 @@ class PrefectStack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def start_server(self, timeout_s: float = 180) -> None:
+        """`scripts/prefect_local.sh server`: the Prefect server and the report server; returns once both answer."""
         server = self._start("server", "server")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if server.poll() is not None:
                 raise RuntimeError(f"prefect server exited with {server.returncode}:\n{self.log_tail('server')}")
             try:
-                if self.client.get("/health").status_code == 200:
+                if self.client.get("/health").status_code == 200 and httpx.get(self.reports_url, timeout=5).status_code:
                     return
             except httpx.HTTPError:
                 pass
@@ -224,6 +241,18 @@ class PrefectStack:
             messages += [row["message"] for row in rows]
             if len(rows) < 200:
                 return messages
+
+    def wait_for_log(self, flow_run_id: str, text: str, level: int = 0, timeout_s: float = 60) -> list[str]:
+        """The run's messages at `level` or above once one holds `text` (log lines reach the API in batches, a bit
+        after the run's state); all of them, without it, after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}, "level": {"ge_": level}},
+                                              "sort": "TIMESTAMP_ASC"})
+            messages = [row["message"] for row in rows]
+            if any(text in message for message in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(1)
 
     def flow_runs_of(self, deployment: str) -> list[dict[str, Any]]:
         flow_name, deployment_name = deployment.split("/", 1)

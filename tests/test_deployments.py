@@ -128,12 +128,27 @@ def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -
     assert len(stack.flow_runs_of("ingest/nightly")) == before  # refused before any run was even created
 
 
-def test_second_nightly_ingest_on_unchanged_input_hits_the_cache(stack: PrefectStack, tmp_path: Path) -> None:
+def test_shipped_defaults_are_refused_in_one_sentence(stack: PrefectStack) -> None:
+    """Right after `make deploy` nothing is in data/incoming or data/dataset: each default run fails in one sentence
+    that says what to give, with no traceback in its log."""
+    for name, needle in (("ingest/nightly", "data/incoming"), ("compare/weekly", "data/dataset")):
+        result, flow_run_id = stack.run_deployment(name, {})
+        assert result.returncode == 0 and flow_run_id, result.stdout
+        flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=180)
+        assert flow_run["state"]["type"] == "FAILED", (name, flow_run["state"])
+        message = flow_run["state"]["message"]
+        assert needle in message and "does not exist" in message, message
+        # the engine's traceback line, when there is one, follows its "Finished in state" line in the same batch
+        messages = stack.wait_for_log(flow_run_id, "Finished in state Failed")
+        assert not [line for line in messages if "Traceback" in line], name
+
+
+def test_unlabelled_nightly_warns_and_the_weekly_names_the_labels_to_give(stack: PrefectStack, tmp_path: Path) -> None:
     incoming = tmp_path / "incoming"
     for patient in range(3):
         for instance in range(2):
             ct_variant(incoming / f"p{patient}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1)
-    parameters = {"src_dir": str(incoming), "out_dir": str(tmp_path / "dataset"), "size": "32"}
+    parameters = {"src_dir": str(incoming), "out_dir": str(tmp_path / "dataset"), "size": "32", "labels": "null"}
     states = []
     for _ in range(2):
         result, flow_run_id = stack.run_deployment("ingest/nightly", parameters)
@@ -144,29 +159,64 @@ def test_second_nightly_ingest_on_unchanged_input_hits_the_cache(stack: PrefectS
         assert chunks
         states.append({t["state"]["name"] for t in chunks})
     assert states[0] == {"Completed"}
-    assert states[1] == {"Cached"}, states
-    assert (tmp_path / "dataset" / "dataset.json").is_file()
+    assert states[1] == {"Cached"}, states  # the second run on unchanged input decodes nothing
+    warnings = stack.wait_for_log(flow_run_id, "6 of 6 image(s) have no label", level=30)
+    assert any("6 of 6 image(s) have no label" in message for message in warnings), warnings
+
+    result, flow_run_id = stack.run_deployment("compare/weekly", {"source": str(tmp_path / "dataset"),
+                                                                   "out_dir": str(tmp_path / "weekly")})
+    assert result.returncode == 0 and flow_run_id, result.stdout
+    flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=180)
+    message = flow_run["state"]["message"]
+    assert flow_run["state"]["type"] == "FAILED" and "no labelled image" in message, message
+    assert "labels parameter of the ingest/nightly deployment" in message, message
+    assert not (tmp_path / "weekly").exists()  # refused before any work
 
 
-def test_on_demand_comparison_attaches_the_report_artifacts(stack: PrefectStack, tmp_path: Path) -> None:
+def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: PrefectStack, tmp_path: Path) -> None:
+    """The two scheduled deployments chained through a real worker, the weekly comparison with one arm skipped (no
+    ImageNet weights): the skipped arm's task run and the comparison are not green, the link artifact is an http
+    address on the report server that returns the report, and the training published its progress."""
+    import httpx
+
     from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=0, matrix_sizes=(64,))
-    out_dir = tmp_path / "reports" / "smoke"
-    result, flow_run_id = stack.run_deployment("compare/on-demand", {
-        "source": str(cohort.dicom_dir), "labels": str(cohort.labels_path), "out_dir": str(out_dir),
-        "profile": "smoke", "arms": '["scratch"]', "image_size": "64", "bootstrap": "10", "calibrate": "false",
+    dataset = tmp_path / "dataset"
+    result, flow_run_id = stack.run_deployment("ingest/nightly", {
+        "src_dir": str(cohort.dicom_dir), "labels": str(cohort.labels_path), "out_dir": str(dataset), "size": "64"})
+    assert result.returncode == 0 and flow_run_id, result.stdout
+    assert stack.wait_for_flow_run(flow_run_id, timeout_s=180)["state"]["type"] == "COMPLETED", stack.log_tail("worker")
+
+    out_dir = stack.reports_root / "weekly"
+    result, flow_run_id = stack.run_deployment("compare/weekly", {
+        "source": str(dataset), "out_dir": str(out_dir), "profile": "smoke", "arms": '["scratch", "imagenet"]',
+        "bootstrap": "10", "calibrate": "false", "settings": '{"download_weights": "false"}',
     })
     assert result.returncode == 0 and flow_run_id, result.stdout
     flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=300)
-    assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
+    state = flow_run["state"]
+    assert (state["type"], state["name"]) == ("CANCELLED", "Partial"), (state, stack.log_tail("worker"))
+    tasks = {t["name"]: t["state"] for t in stack.final_task_runs(flow_run_id, "train-")}
+    assert (tasks["train-imagenet-main"]["type"], tasks["train-imagenet-main"]["name"]) == ("CANCELLED", "Skipped")
+    assert "weights" in tasks["train-imagenet-main"]["message"]
+    assert tasks["train-scratch-main"]["type"] == "COMPLETED"
 
-    artifacts = {a["key"]: a for a in stack.artifacts(flow_run_id) if a.get("key")}
-    assert REPORT_ARTIFACT_KEYS <= set(artifacts), sorted(artifacts)
-    assert "report.html" in str(artifacts["ctcompare-report-link"]["data"])  # Prefect stores a link as markdown
-    assert (out_dir / "report.html").is_file()
+    artifacts = stack.artifacts(flow_run_id)
+    keyed = {a["key"]: a for a in artifacts if a.get("key")}
+    assert REPORT_ARTIFACT_KEYS <= set(keyed), sorted(keyed)
+    link = str(keyed["ctcompare-report-link"]["data"]).split("](", 1)[1].split(")", 1)[0]  # stored as [text](url)
+    assert link.startswith(stack.reports_url) and link.endswith("/report.html"), link
+    page = httpx.get(link, timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert f"Report: {link}" in state["message"]  # the engine's last log line and --watch's end carry it
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert any(a["data"] == 100 and "scratch" in (a.get("description") or "") for a in progress), progress
 
-    messages = stack.log_messages(flow_run_id)
+    messages = stack.wait_for_log(flow_run_id, f"Report: {link}")
+    assert f"Report: {link}" in messages[-3:], messages[-5:]
+    assert any(m.startswith("Predicted wall time of this comparison") for m in messages), messages[:20]
+    assert any(m.startswith("train-scratch-main: Finished in state Completed") for m in messages), messages[-20:]
     assert any("epoch 1/" in message for message in messages), messages[-20:]
     identifiers = [value for value in cohort.identifiers if len(value) >= 6]
     leaked = [value for value in identifiers if any(value in message for message in messages)]

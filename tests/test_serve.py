@@ -36,13 +36,18 @@ def reports_root(tmp_path: Path) -> Path:
     run = root / "trial 1"
     (run / "figures").mkdir(parents=True)
     (run / "report.html").write_text(REPORT_TEXT, encoding="utf-8")
+    (run / "results.json").write_text("{}", encoding="utf-8")
     (run / "figures" / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (run / "runs" / "scratch" / "main" / "package").mkdir(parents=True)
+    (run / "runs" / "scratch" / "main" / "package" / "MODEL_CARD.md").write_text("# card", encoding="utf-8")
     (root / "index.html").write_text("<html>index</html>", encoding="utf-8")
     for private in (run / "dataset" / "private" / "index.csv", run / "private" / "hmac.key", run / "runs" / "best.pt",
-                    run / "weights.pth", run / ".hidden"):
+                    run / "weights.pth", run / ".hidden", run / "dataset" / "dataset.json", run / "splits.csv",
+                    run / "runs" / "scratch" / "main" / "package" / "model.pt", root / "labels.csv",
+                    root / "cohort" / "dicom" / "PAT12345" / "1.dcm", root / "cohort" / "index.html",
+                    run / "runs" / "scratch" / "main" / "test_predictions.csv", run / "notes.txt"):
         private.parent.mkdir(parents=True, exist_ok=True)
         private.write_text(SECRET, encoding="utf-8")
-    (run / "dataset" / "dataset.json").write_text("{}", encoding="utf-8")
     (root / "link-out").symlink_to(tmp_path)  # a symbolic link that leads out of the root
     (run / "shortcut").symlink_to(run / "private")  # and one into a private folder
     return root
@@ -79,9 +84,14 @@ def test_serves_reports_and_nothing_else(server: ReportServer) -> None:
     status, body = _get(server, "/trial%201/report.html")
     assert status == 200 and body.decode() == REPORT_TEXT
     assert _get(server, "/trial%201/figures/roc.png")[0] == 200
-    assert _get(server, "/trial%201/dataset/dataset.json")[0] == 200
+    assert _get(server, "/trial%201/results.json")[0] == 200
+    assert _get(server, "/trial%201/runs/scratch/main/package/MODEL_CARD.md")[0] == 200
     assert _get(server, "/")[1] == b"<html>index</html>"
     refused = [
+        # not a report file: DICOM, CSV in or out of a report, a package's model, a dataset, an index of no report
+        "/cohort/dicom/PAT12345/1.dcm", "/labels.csv", "/trial%201/splits.csv", "/trial%201/notes.txt",
+        "/trial%201/runs/scratch/main/test_predictions.csv", "/trial%201/runs/scratch/main/package/model.pt",
+        "/trial%201/dataset/dataset.json", "/cohort/index.html", "/cohort/",
         "/../outside.txt", "/%2e%2e/outside.txt", "/trial%201/../../outside.txt", "/trial%201/%2E%2E/%2E%2E/outside.txt",
         "/link-out/outside.txt",  # symbolic link out of the root
         "/trial%201/private/hmac.key", "/trial%201/dataset/private/index.csv", "/trial%201/PRIVATE/hmac.key",
@@ -180,3 +190,36 @@ def test_cli_serves_until_stopped(reports_root: Path, tmp_path: Path, monkeypatc
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=60)
+
+
+def test_a_folder_without_a_report_is_refused_and_an_empty_one_served(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    (cohort / "dicom" / "PAT12345").mkdir(parents=True)
+    (cohort / "dicom" / "PAT12345" / "1.dcm").write_bytes(b"DICM")
+    (cohort / "labels.csv").write_text("patient_id,label\nPAT12345,nodule\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no report"):
+        make_server(cohort, "127.0.0.1", 0)
+    empty = tmp_path / "reports"
+    empty.mkdir()
+    make_server(empty, "127.0.0.1", 0).server_close()  # a fresh reports folder, to be written into
+
+
+def test_the_access_log_is_opt_in_and_never_names_a_refused_path(reports_root: Path, tmp_path: Path) -> None:
+    for extra, expect_lines in (([], False), (["--access-log"], True)):
+        process = _cli(str(reports_root), "--port", "0", *extra, cwd=tmp_path)
+        try:
+            line = process.stdout.readline() if process.stdout else ""
+            port = int(line.rsplit("Reports: ", 1)[1].strip().rsplit(":", 1)[1].strip("/"))
+            for path in ("/trial%201/report.html", "/cohort/dicom/PAT12345/1.dcm"):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                connection.request("GET", path)
+                connection.getresponse().read()
+                connection.close()
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=60)
+        assert "PAT12345" not in err, err
+        assert ("/trial%201/report.html" in err) is expect_lines, err

@@ -14,7 +14,7 @@ from flows.serve import BASE_URL_ENV, DEFAULT_HOST, DEFAULT_PORT, make_server, s
 def _run_serve(args: argparse.Namespace) -> int:
     """Serve ROOT until interrupted; the last line printed is the address of its index."""
     try:
-        server = make_server(Path(args.root), args.host, args.port)
+        server = make_server(Path(args.root), args.host, args.port, access_log=args.access_log)
     except ValueError as error:
         raise UsageError(str(error)) from None
     except OSError as error:
@@ -23,6 +23,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     # Ctrl-C stops it even when started with SIGINT ignored (a background job of a non-interactive shell inherits
     # that, and Python keeps an ignored SIGINT ignored): a server meant to be stopped with Ctrl-C takes it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `make server` stops it so: the record goes too
     with serving(server):
         print(f"Serving {Path(args.root).resolve()} read-only (Ctrl-C to stop). Reports: {server_url(server)}",
               flush=True)
@@ -37,15 +38,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `serve` sub-command."""
     parser = subparsers.add_parser(
         "serve",
-        help="serve report folders read-only over HTTP on loopback",
-        description="Serve report folders read-only over HTTP on a loopback address, so that report links in the "
-        "Prefect UI open in a browser. Never serves private/ folders, hidden files or weights files.",
-        epilog=f"{BASE_URL_ENV}: base URL of a shared web location that mirrors the reports folder; when set, "
-        "report links point there instead of at this server.",
+        help="serve the reports under a folder read-only over HTTP on loopback",
+        description="Serve the reports under ROOT read-only over HTTP on a loopback address, so that report links in "
+        "the Prefect UI open in a browser (`make server` starts it over out/reports). Served: index.html files and, "
+        "in each report folder, the report, its appendix, results.json, figures and model cards; nothing else (no "
+        "DICOM file, CSV, package, dataset or private/ folder). A folder that holds no report is refused.",
+        epilog=f"{BASE_URL_ENV}: base URL at which the reports folder is published; when set, report links point "
+        "there instead of at a running server.",
     )
-    parser.add_argument("root", nargs="?", default=".",
-                        help="the reports folder to serve (default: the current folder)")
+    parser.add_argument("root", nargs="?", default=".", help="the folder holding the report folders (default: the "
+                        "current folder), e.g. out/reports")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"TCP port, 0 for any free one (default {DEFAULT_PORT})")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"loopback address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--access-log", action="store_true", help="print one line per request on stderr (method, "
+                        "path, status; a refused path is never printed)")
     parser.set_defaults(handler=_run_serve)

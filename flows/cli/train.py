@@ -81,9 +81,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
 
     try:
-        summaries = train_flow(dataset_dir=Path(args.dataset_dir), plan_path=plan_path, resume=args.resume,
-                               weights_path=Path(args.weights) if args.weights else None,
-                               weights_dir=Path(args.weights_dir) if args.weights_dir else None)
+        state = train_flow(dataset_dir=Path(args.dataset_dir), plan_path=plan_path, resume=args.resume,
+                           weights_path=Path(args.weights) if args.weights else None,
+                           weights_dir=Path(args.weights_dir) if args.weights_dir else None, return_state=True)
+        summaries = state.result(raise_on_failure=not state.is_cancelled())  # Cancelled "Skipped": every run skipped
     except ValueError as error:  # bad weights file, mismatched split file, bad labels: one sentence
         print(f"ctcompare train: {str(error).splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED

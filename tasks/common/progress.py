@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 # Off a terminal: one log line per this fraction of the work, and at least one per LOG_EVERY_S seconds of it.
 LOG_FRACTION = 0.1
@@ -99,3 +100,64 @@ def progress(total: int, description: str, unit: str, log: Callable[[str], None]
             yield update
     finally:
         reporter.close()
+
+
+class RunProgress:
+    """A Prefect progress artifact of the current flow or task run (the bar on its page in the UI), with a line
+    saying what is done and about how long is left.
+
+    Outside a run, or when the API does not answer, it does nothing: progress shown is never worth a failed run.
+    Updates are sent at most every UPDATE_EVERY_S seconds, and always at the end.
+
+    Args:
+        description: what the bar measures at the start, e.g. "train-scratch-main: starting".
+    """
+
+    UPDATE_EVERY_S = 2.0
+
+    def __init__(self, description: str) -> None:
+        self.started = time.monotonic()
+        self.last_sent = -math.inf
+        self.lock = threading.Lock()
+        self.artifact_id: Any = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import FlowRunContext, TaskRunContext
+
+            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+                self.artifact_id = create_progress_artifact(progress=0.0, description=description)
+        except Exception as error:  # noqa: BLE001 - see the class doc
+            logging.getLogger(__name__).debug("No progress artifact: %s", error)
+
+    def update(self, done: float, total: float, what: str) -> None:
+        """done of total finished: the bar at done/total, the line `what` with the time left at the pace so far."""
+        share = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+        now = time.monotonic()
+        if self.artifact_id is None or (share < 1.0 and now - self.last_sent < self.UPDATE_EVERY_S):
+            return
+        self.last_sent = now
+        elapsed = now - self.started
+        left = elapsed * (1.0 - share) / share if 0.0 < share < 1.0 else 0.0
+        try:
+            from prefect.artifacts import update_progress_artifact
+            from tqdm import tqdm
+
+            line = f"{what}; about {tqdm.format_interval(left)} left" if left >= 1.0 else what
+            update_progress_artifact(self.artifact_id, progress=100.0 * share, description=line)
+        except Exception as error:  # noqa: BLE001 - see the class doc
+            logging.getLogger(__name__).debug("Progress artifact not updated: %s", error)
+
+    def counting(self, total: int, what: str, also: Callable[[int], None] | None = None) -> Callable[[int], None]:
+        """A thread-safe `count(n)` that moves the bar by n of total items (and calls `also(n)`); `what` may name
+        {done} and {total}."""
+        done = 0
+
+        def count(n: int) -> None:
+            nonlocal done
+            if also is not None:
+                also(n)
+            with self.lock:
+                done += n
+                self.update(done, total, what.format(done=done, total=total))
+
+        return count

@@ -30,6 +30,7 @@ import torch
 import torchvision
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, State
 
 from data_schemas.arms import LEGACY_MODEL, parse_arm
 from data_schemas.files import atomic_write_bytes, sha256_json, write_model_json
@@ -70,6 +71,7 @@ from tasks.training.run_folder import (
     write_status,
     write_timing,
 )
+from tasks.common.progress import RunProgress
 from tasks.common.runtime import Runtime, choose_runtime
 from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
 from tasks.training.loop import (
@@ -88,6 +90,9 @@ from tasks.training.loop import (
 )
 
 NEGATIVE_LABEL_NAMES = frozenset({"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"})
+
+
+SKIPPED_STATE_NAME = "Skipped"  # the state of a run skipped for want of weights: Cancelled type, grey in the UI
 
 
 class TrainingInterrupted(Exception):
@@ -243,7 +248,8 @@ def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int],
         log.info("%s epoch %d/%d%s: train_loss=%.4f train_eval_loss=%s val_loss=%s val_auc=%s lr=%.2e %.1f img/s %.1fs%s%s",
                  ctx.arm, row.epoch, cfg.epochs, " (head only)" if row.phase == "head" else "", row.train_loss,
                  _fmt(row.train_eval_loss), _fmt(row.val_loss), _fmt(row.val_auc), row.lr_head or 0.0,
-                 row.images_per_second or 0.0, row.epoch_seconds, " [best]" if improved else "", " [early stop]" if state.stopped else "")
+                 row.images_per_second or 0.0, row.epoch_seconds, " [best]" if improved else "",
+                 " [early stop]" if state.stopped and row.epoch < cfg.epochs else "")
         if on_epoch_end is not None:
             on_epoch_end(state.epoch)
 
@@ -562,11 +568,34 @@ def train_task_run_name(parameters: dict[str, Any]) -> str:
 def train_arm_task(
     *, dataset_dir: Path, plan_path: Path, run: str, weights_path: Path | None = None, resume: bool = False,
     weights_dir: Path | None = None,
-) -> RunSummary:
-    """train_arm as a Prefect task. retries=1: a retry resumes from the last finished epoch; a ValueError is not
-    retried (_retry_worthwhile)."""
+) -> RunSummary | State:
+    """train_arm as a Prefect task, its epochs shown as a progress artifact. retries=1: a retry resumes from the
+    last finished epoch; a ValueError is not retried (_retry_worthwhile). A skipped run ends in a Cancelled-type
+    state named "Skipped" (grey in the UI, not a green success), its reason as the message, its summary as data."""
     from prefect.runtime import task_run
 
     resume = resume or int(task_run.run_count or 1) > 1
-    return train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path, resume=resume,
-                     weights_dir=weights_dir)
+    name = train_task_run_name({"plan_path": plan_path, "run": run})
+    try:
+        planned = read_plan(Path(plan_path)).run(run)
+        arm, epochs = planned.arm, planned.config.epochs
+    except (OSError, ValueError):  # train_arm says why in one sentence
+        arm, epochs = run, 0
+    bar = RunProgress(f"{name}: starting")
+
+    def on_epoch_end(epoch: int) -> None:
+        bar.update(epoch, epochs, f"{arm}: epoch {epoch}/{epochs} trained and validated")
+
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path,
+                        resume=resume, weights_dir=weights_dir, on_epoch_end=on_epoch_end if epochs else None)
+    if summary.status == "skipped":
+        bar.update(1, 1, f"{arm}: skipped")
+        return Cancelled(name=SKIPPED_STATE_NAME, message=f"{arm}: skipped: {summary.reason}", data=summary)
+    bar.update(1, 1, f"{arm}: {summary.status} after {summary.epochs_run} epoch(s)")
+    return summary
+
+
+def run_summary(state: State) -> RunSummary:
+    """The RunSummary of a finished train-arm task run: completed or skipped (Cancelled "Skipped"); the task's
+    error raised for a failed one."""
+    return state.result(raise_on_failure=not state.is_cancelled())

@@ -1,0 +1,59 @@
+"""What a flow run's log lines and states say in the Prefect UI and in `prefect deployment run --watch`.
+
+The task engine's own lines ("Finished in state Completed()") carry the task run's name only as a field that the
+terminal's formatter prints; the UI's log list and the `--watch` stream show the bare message, so ten such lines
+in a row name nothing. tidy_run_logs() makes every task-run line sent to the API start with its task run's
+name (train-scratch-main: Finished in state Completed()); the terminal's lines are left as they were.
+
+A flow run refused before any work (refused()) ends Failed with one sentence as its message. A deployment's flow-run
+process then logs "Engine execution exited with unexpected exception" with a traceback of Prefect's engine, which
+says nothing the sentence does not: tidy_run_logs() drops that line for an InputRefused, and only for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect.states import Failed, State
+
+TASK_RUN_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"
+
+
+class InputRefused(ValueError):
+    """An input of a flow run refused before any work; the message is the one sentence that says why."""
+
+
+class TaskNamingFormatter(logging.Formatter):
+    """'%(message)s', prefixed with the record's task run name when it has one and the message does not start
+    with it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        name = getattr(record, "task_run_name", None)
+        return f"{name}: {text}" if name and not text.startswith(str(name)) else text
+
+
+class _RefusalWithoutTraceback(logging.Filter):
+    """Drops the engine's traceback line of a flow run that ended with an InputRefused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], InputRefused))
+
+
+def tidy_run_logs() -> None:
+    """Name task runs in their API log lines, and keep a refused run's log to its sentence (once per process; each
+    flow calls it first)."""
+    from prefect.logging.handlers import APILogHandler
+
+    for handler in logging.getLogger(TASK_RUN_LOGGER).handlers:
+        if isinstance(handler, APILogHandler) and not isinstance(handler.formatter, TaskNamingFormatter):
+            handler.setFormatter(TaskNamingFormatter())
+    flow_runs = logging.getLogger(FLOW_RUN_LOGGER)
+    if not any(isinstance(f, _RefusalWithoutTraceback) for f in flow_runs.filters):
+        flow_runs.addFilter(_RefusalWithoutTraceback())
+
+
+def refused(sentence: str) -> State:
+    """The state of a flow run refused before any work: Failed, with the sentence as its message and no traceback
+    in the log (a raised error would print one); a direct call of the flow raises InputRefused (a ValueError)."""
+    return Failed(message=sentence, data=InputRefused(sentence))
