@@ -192,8 +192,11 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
     def flaky_train_arm(*args, **kwargs):
         record = {"resume": kwargs["resume"], "epochs": []}
         calls.append(record)
+        publish_progress = kwargs.pop("on_epoch_end", None)  # the task's progress artifact
 
         def on_epoch_end(epoch: int) -> None:
+            if publish_progress is not None:
+                publish_progress(epoch)
             record["epochs"].append(epoch)
             if len(calls) == 1:
                 assert len(_metrics(run_dir)) == 1 and (run_dir / CHECKPOINT_FILE).is_file()
