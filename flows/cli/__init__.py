@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("flows.cli.predict", "run a model package on new DICOM files (same recipe, threshold, patient level)"),
     "compare": ("flows.cli.compare", "the whole comparison: ingest, cost, train every arm, report"),
     "demo": ("flows.cli.demo", "synthetic demo cohort + the whole comparison (cpu profile)"),
-    "serve": ("flows.cli.serve", "serve report folders read-only over HTTP on loopback"),
+    "serve": ("flows.cli.serve", "serve the reports under a folder read-only over HTTP on loopback"),
 }
 # Commands whose --out is checked for writing before any work (ingest checks its own, with its other arguments).
 OUT_CHECKED_COMMANDS = ("train", "compare", "demo")

@@ -62,7 +62,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare demo`."""
-    demo = subparsers.add_parser("demo", help="synthetic demo cohort + the whole comparison (cpu profile)")
+    demo = subparsers.add_parser(
+        "demo", help="synthetic demo cohort + the whole comparison (cpu profile)",
+        description="Try ctcompare without data of your own: write a synthetic chest-CT cohort (DICOM files with "
+        "made-up patients, and its labels.csv) into OUT/cohort, ingest it into OUT/dataset, and compare the arms on "
+        "it; the report is OUT/reports/demo-PROFILE/report.html, and OUT/reports/index.html lists every report. "
+        "The cpu profile takes minutes on a laptop; --profile smoke takes seconds (its numbers mean nothing). "
+        "Without ImageNet weights (--weights, or the torch hub cache) the pretrained arms are skipped and the "
+        "result is partial (exit code 3).")
     demo.add_argument("--out", default="demo", help="demo folder (cohort/, dataset/, reports/); default ./demo")
     demo.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help=help_for(Profile, "cpu"))
     demo.add_argument("--arms", nargs="+", help=help_for(Arms, "all"))

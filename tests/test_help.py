@@ -1,0 +1,31 @@
+"""`ctcompare COMMAND --help` is user documentation, printed without importing torch or Prefect."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+# Words of the code, not of a user: file paths of the project, exception class names.
+DEVELOPER_WORDS = re.compile(r"flows/|tasks/|data_schemas|\.py\b|[A-Z][a-z]+Error\b")
+
+
+def test_every_command_help_is_user_text_and_imports_neither_torch_nor_prefect() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+    entry = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"  # as the console script runs it
+    for command in COMMANDS:
+        result = subprocess.run([sys.executable, "-X", "importtime", "-c", entry, command, "--help"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert imported and not {name for name in imported if name.split(".")[0] in ("torch", "prefect")}, command
+        assert f"usage: ctcompare {command}" in result.stdout
+        assert not DEVELOPER_WORDS.search(result.stdout), (command, DEVELOPER_WORDS.search(result.stdout))
+        description = result.stdout.split("\n\n", 2)[1]
+        assert not description.startswith(("positional arguments", "options")), f"{command} --help has no description"
