@@ -30,6 +30,10 @@ ARM_MODES: tuple[str, ...] = get_args(ArmMode)
 LEGACY_MODEL = "resnet50"  # the model a bare mode name ("scratch") means
 PRETRAINED_MODES: tuple[str, ...] = ("imagenet", "imagenet-linear")
 
+# Every arm by its canonical name: the bare modes (ResNet-50), then MODEL:MODE for each other model.
+ARM_CHOICES: tuple[str, ...] = ARM_MODES + tuple(
+    f"{model}:{mode}" for model in MODEL_NAMES if model != LEGACY_MODEL for mode in ARM_MODES)
+
 MODEL_LABELS: dict[str, str] = {
     "resnet50": "ResNet-50",
     "resnet18": "ResNet-18",

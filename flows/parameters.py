@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 from pydantic.fields import FieldInfo
 
+from data_schemas.arms import ARM_CHOICES
 from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs, WallTimePlan
 from data_schemas.plan import RunPlan
 from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
@@ -24,7 +25,11 @@ if TYPE_CHECKING:
     from prefect import Flow
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
+ArmChoice = Literal[ARM_CHOICES]  # type: ignore[valid-type]  # the form offers (and checks) each canonical arm name
 WINDOW_PATTERN = r"^\s*(lung|mediastinal|bone|none|-?\d+(\.\d+)?\s*,\s*\d+(\.\d+)?)\s*$"
+# Said of every path parameter: a form in the UI does not tell where the flow run's process is.
+RELATIVE_PATHS = ("a relative path resolves against the current folder, in a deployment's flow run against the "
+                  "worker's checkout")
 LABELS_FORMAT = ("a CSV with one key column (patient_id, study_instance_uid, series_instance_uid, sop_instance_uid "
                  "or path) and a 'label' column")
 
@@ -43,24 +48,28 @@ Seed = Annotated[int, described(ge=0, le=MAX_SEED, description="random seed of t
 IngestSize = Annotated[int, described(
     ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
     description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
-    "input size, which is the profile's image_size (change it with --set image_size=N)")]
+    "input size, which is the profile's image_size setting (settings in a flow run, --set image_size=N in a "
+    "terminal)")]
 Window = Annotated[str, described(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
                               "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
 
 # ------------------------------------------------------------------------------------------------------ compare
 CompareSource = Annotated[str, described(description="a DICOM folder (ingested beside the report folder, into "
-                                     "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'")]
+                                     f"OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'; {RELATIVE_PATHS}")]
 ReportFolder = Annotated[str, described(description="report folder (report.html, results.json, the runs); index.html "
-                                    "in its parent lists every report there")]
+                                    f"in its parent lists every report there; {RELATIVE_PATHS}")]
 CompareLabels = Annotated[str | None, described(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
-                                            "for a DICOM source, unused for a dataset folder")]
+                                            f"for a DICOM source, unused for a dataset folder; {RELATIVE_PATHS}")]
 Profile = Annotated[ProfileName, described(description="settings profile: smoke (seconds, numbers not meaningful), cpu "
                                        "(a laptop), full (a GPU)")]
-Arms = Annotated[list[str], described(min_length=1, description="arms to train: MODE or MODEL:MODE, MODE one of scratch, "
-                                  "imagenet, imagenet-linear; e.g. scratch resnet18:imagenet (a bare MODE is ResNet-50)")]
+Arms = Annotated[list[ArmChoice], described(  # type: ignore[valid-type]
+    min_length=1, description="arms to train, each one of the listed choices: a bare mode is ResNet-50 (scratch: "
+    "from random initialisation; imagenet: from ImageNet weights, fine-tuned; imagenet-linear: frozen ImageNet "
+    "features and a logistic regression), MODEL:MODE another model (resnet18: ResNet-18, mobilenet_v3_large: "
+    "MobileNetV3-Large)")]
 WeightsFile = Annotated[str | None, described(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
                                           "for the pretrained arms; without it they use the torch hub cache or "
-                                          "download, else are skipped")]
+                                          f"download, else are skipped; {RELATIVE_PATHS}")]
 Folds = Annotated[Annotated[int, described(ge=2, le=20)] | None, described(
     description="cross-validated evaluation with K outer folds (every labelled patient tested once, predictions "
     "pooled); empty: the profile's (full: 5 folds; smoke, cpu: one hold-out test part)")]
@@ -70,15 +79,16 @@ Fractions = Annotated[list[Annotated[float, described(gt=0, le=1, allow_inf_nan=
 TrainSizes = Annotated[list[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, described(
     description=f"input-size curve: also train each arm at these training input sizes in pixels "
     f"on the same split, resized from one ingest at the largest")]
-Settings = Annotated[dict[str, str] | None, described(description="profile settings to override, KEY -> VALUE as "
-                                                  "--set KEY=VALUE takes them (e.g. epochs -> 3, image_size -> 112)")]
+Settings = Annotated[dict[str, str] | None, described(description="profile settings to override, KEY -> VALUE (e.g. "
+                                                  "epochs -> 3, image_size -> 112; in a terminal --set KEY=VALUE)")]
 Bootstrap = Annotated[int, described(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
                                  "intervals")]
 Calibrate = Annotated[bool, described(description="measure this machine's speed (about 20 s once, cached) for the cost "
                                   "estimate instead of the device catalogue's guess")]
 ParallelArms = Annotated[int, described(ge=1, le=16, description="training runs at once in this flow run (1: each run "
                                     "uses every core)")]
-NewFolderPerRun = Annotated[bool, described(description="write into OUT_DIR/<UTC time> so scheduled runs keep every "
+NewFolderPerRun = Annotated[bool, described(description="write each run into a new folder in OUT_DIR named by its UTC "
+                                        "start time (e.g. OUT_DIR/20260105T030000Z), so scheduled runs keep every "
                                         "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
 CheckedPlan = Annotated[RunPlan | None, described(description="the run plan already resolved from the parameters "
                                                "above (the command line passes the one it checked); empty: "
@@ -89,9 +99,13 @@ TrainDeployment = Annotated[str | None, described(description="run each training
 
 
 # ------------------------------------------------------------------------------------------------------- ingest
-DicomFolder = Annotated[str, described(description="folder of DICOM files, searched recursively, any file extension")]
-DatasetFolder = Annotated[str, described(description="dataset folder to write; re-running into it is incremental")]
-IngestLabels = Annotated[str | None, described(description=f"optional labels file, {LABELS_FORMAT}")]
+DicomFolder = Annotated[str, described(description="folder of DICOM files, searched recursively, any file extension; "
+                                   f"{RELATIVE_PATHS}")]
+DatasetFolder = Annotated[str, described(description="dataset folder to write; re-running into it is incremental; "
+                                     f"{RELATIVE_PATHS}")]
+IngestLabels = Annotated[str | None, described(description=f"labels file, {LABELS_FORMAT}; a comparison trains on "
+                                           f"labelled images only, so without it the dataset cannot be compared on; "
+                                           f"{RELATIVE_PATHS}")]
 Workers = Annotated[int, described(ge=0, le=256, description="decode worker processes; 0: one per core")]
 DaskAddress = Annotated[str | None, described(description="run the decode chunks on this Dask scheduler, e.g. "
                                           "tcp://host:8786")]
@@ -166,6 +180,8 @@ def allowed(schema: dict[str, Any], plural: bool = False) -> str:
     schema = _main_branch(schema)
     if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
         inner = allowed(schema["items"], plural=True)
+        if inner.startswith("one of"):
+            return f"a list, each item {inner}"
         return f"a list of {inner}" if inner else ""
     if "enum" in schema:
         return "one of " + ", ".join(str(v) for v in schema["enum"])

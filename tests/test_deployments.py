@@ -112,6 +112,11 @@ def test_every_parameter_of_the_form_has_a_description_and_its_bounds(stack: Pre
             branch = next((b for b in schema.get("anyOf", []) if b.get("type") != "null"), schema)
             assert "minimum" in branch and "maximum" in branch, (name, key, schema)
     compare = stack.deployment("compare/on-demand")["parameter_openapi_schema"]["properties"]
+    assert "imagenet" in compare["arms"]["items"]["enum"] and "resnet18:scratch" in compare["arms"]["items"]["enum"]
+    for name in ("compare/on-demand", "ingest/nightly"):  # plain text (a form eats <...>), relative paths explained
+        properties = stack.deployment(name)["parameter_openapi_schema"]["properties"]
+        assert not [key for key, schema in properties.items() if "<" in schema.get("description", "")], name
+        assert "worker's checkout" in properties["source" if name.startswith("compare") else "src_dir"]["description"]
     sizes = next(b for b in compare["sizes"]["anyOf"] if b.get("type") == "array")["items"]
     assert (sizes["minimum"], sizes["maximum"]) == (32, 1024)
     assert compare["parallel_arms"]["minimum"] == 1 and compare["parallel_arms"]["maximum"] == 16
@@ -126,6 +131,10 @@ def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -
     assert result.returncode != 0 and flow_run_id is None, result.stdout
     assert "'window'" in result.stdout, result.stdout
     assert len(stack.flow_runs_of("ingest/nightly")) == before  # refused before any run was even created
+    before = len(stack.flow_runs_of("compare/on-demand"))
+    result, flow_run_id = stack.run_deployment("compare/on-demand", {"arms": '["scrach"]'})  # a typo of scratch
+    assert result.returncode != 0 and flow_run_id is None and "'arms'" in result.stdout, result.stdout
+    assert len(stack.flow_runs_of("compare/on-demand")) == before
 
 
 def test_shipped_defaults_are_refused_in_one_sentence(stack: PrefectStack) -> None:

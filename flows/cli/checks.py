@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_schemas.plan import ALL_SETTING_KEYS
+from data_schemas.plan import ALL_SETTING_KEYS, check_arms
 from flows.cli.errors import UsageError
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
 
@@ -26,8 +26,15 @@ def check_output_writable(out: Path, option: str = "--out") -> None:
 
 
 def arm_list(values: list[str] | None) -> list[str]:
-    """--arms as given on the command line: 'scratch imagenet' and 'scratch,imagenet' both work."""
-    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+    """--arms as given on the command line ('scratch imagenet' and 'scratch,imagenet' both work), each by its
+    canonical name (the choices the flow's form offers: 'resnet50:scratch' is 'scratch'); [] without --arms.
+    UsageError for an unknown or repeated arm, or --arms with no arm in it (','), listing the choices."""
+    if values is None:
+        return []
+    try:
+        return check_arms([item.strip() for value in values for item in value.split(",") if item.strip()])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def comma_numbers(text: str | None, kind: type, option: str) -> list | None:
