@@ -62,7 +62,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 LABELLED = ["--labels", "{in}/labels.csv"]
 CASES: dict[str, tuple[list[str], str]] = {
-    "arms typo": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", "scrach"], "unknown arm(s) scrach; choose from scratch"),
+    "arms typo": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", "scrach"],
+                  "unknown arm(s) scrach; choose from scratch"),
     "arms empty": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", ","], "unknown arm(s) (none given)"),
     "parallel-arms 0": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--parallel-arms", "0"], "--parallel-arms must be a whole number from 1 to 16"),
     "seed -1": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--seed", "-1"], "--seed must be a whole number from 0"),
