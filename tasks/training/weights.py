@@ -59,7 +59,8 @@ def unavailable_message(model: str = LEGACY_MODEL) -> str:
     weights = model_def(model).weights[0]
     return (
         f"ImageNet {model_label(model)} weights are not available: put {weights_file_name(weights)} (from {weights.url}) in "
-        f"{hub_checkpoint_dir()}, or pass --weights PATH to a torchvision-format {model_label(model)} state dict."
+        f"{hub_checkpoint_dir()}, or pass --weights PATH to a torchvision-format {model_label(model)} state dict "
+        "(the weights parameter of a flow run)."
     )
 
 
@@ -133,10 +134,11 @@ def read_weights_file(path: Path, model: str = LEGACY_MODEL) -> tuple[dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise WeightsFileError(
-            f"weights file {path} is not a readable PyTorch state dict (truncated or not a weights file?): {reason}."
-        ) from None
+        # torch's own message runs to a paragraph of advice on loading untrusted files: said here in one clause
+        reason = ("it holds objects other than tensors, which are never unpickled here (save model.state_dict(), "
+                  "not the model)" if "weights only load failed" in str(error).lower() else
+                  f"{type(error).__name__} while reading it (truncated, or not a PyTorch weights file?)")
+        raise WeightsFileError(f"weights file {path} is not a readable PyTorch state dict: {reason}.") from None
     backbone = check_state_dict(state, model, source=f"weights file {path}")
     info = WeightsInfo(source="file", path=str(path), file_name=path.name, sha256=digest, hash_checked=bool(match))
     return backbone, info
