@@ -21,7 +21,7 @@ from tests.prefect_server import ROOT, PrefectStack
 
 REPORT_ARTIFACT_KEYS = {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"}
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(600)  # the first test also starts the stack: minutes on a loaded machine
 
 
 @pytest.fixture(scope="module")
