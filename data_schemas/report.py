@@ -273,6 +273,32 @@ class ArmWeights(StrictModel):
     hash_checked: bool = False
 
 
+class OverfittingGap(StrictModel):
+    """The overfitting gap of one run at one epoch: mean validation loss minus mean training loss, both plain
+    cross-entropy in eval mode (positive: the model fits its training images better), with a 95% percentile
+    bootstrap interval that resamples training and validation patients independently.
+
+    Args:
+        fold: the outer fold (0 in hold-out mode).
+        role: "chosen" (the epoch model selection kept; biased towards a small gap, as it has the lowest validation
+            loss) or "last" (the last epoch trained).
+        epoch: that epoch.
+        gap: the gap with its interval; no interval when the run saved no per-image losses (older runs) or a part
+            has fewer than two patients.
+        val_loss / train_loss: the two means.
+        n_val_patients / n_train_patients: patients behind each mean (0 when unknown).
+    """
+
+    fold: int = Field(ge=0)
+    role: Literal["chosen", "last"]
+    epoch: int = Field(ge=1)
+    gap: MetricValue
+    val_loss: float | None = None
+    train_loss: float | None = None
+    n_val_patients: int = Field(default=0, ge=0)
+    n_train_patients: int = Field(default=0, ge=0)
+
+
 class ArmResult(StrictModel):
     """One training arm (e.g. "scratch" or "imagenet") and everything measured about it.
 
@@ -288,8 +314,9 @@ class ArmResult(StrictModel):
         best_epoch: epoch whose weights were kept (by the early-stopping monitor, validation loss by default).
         stopped_epoch: last epoch trained; less than the configured maximum when early stopping fired.
         early_stopped: True when training stopped before the configured number of epochs.
-        overfitting_gap: val_loss - train_eval_loss at best_epoch, both plain cross-entropy in eval mode
-            (positive: the model fits train better); None when the run did not record train_eval_loss.
+        overfitting_gap: val_loss - train_eval_loss at best_epoch of the first run, both plain cross-entropy in eval
+            mode (positive: the model fits train better); None when the run did not record train_eval_loss.
+        overfitting: the gap at the chosen and at the last epoch of every run (each outer fold), with intervals.
         patient_metrics: test metrics per patient (aggregated slice probabilities); None unless completed.
         operating_point: the thresholds used and how they were chosen.
         n_runs: runs pooled (1 in hold-out mode, the outer folds in cross-validated mode).
@@ -321,6 +348,7 @@ class ArmResult(StrictModel):
     stopped_epoch: int | None = None
     early_stopped: bool = False
     overfitting_gap: float | None = None
+    overfitting: list[OverfittingGap] = Field(default_factory=list)
     convergence: Convergence | None = None
     roc: list[RocPoint] = Field(default_factory=list)
     calibration: list[CalibrationBin] = Field(default_factory=list)

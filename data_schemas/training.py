@@ -59,6 +59,8 @@ STATUS_FILE = "status.json"
 LINEAR_MODEL_FILE = "linear_model.json"
 FEATURES_FILE = "features.npz"
 PROBE_DEPTHS_FILE = "probe_depths.json"
+# OverfittingLossRow per image: training (eval subsample) and validation losses at the chosen and the last epoch
+OVERFITTING_LOSSES_FILE = "overfitting_losses.csv"
 
 # Grey-level input normalisation used by every arm: the mean of ImageNet's per-channel means and stds. The
 # pretrained conv1 is folded so that, on every position whose 7x7 window lies inside the image, it computes
@@ -260,6 +262,22 @@ class PredictionRow(StrictModel):
     label: str
     target: int = Field(ge=0, le=1, description="1 for the positive label")
     prob_positive: float = Field(ge=0, le=1)
+
+
+class OverfittingLossRow(StrictModel):
+    """One row of overfitting_losses.csv: one image's plain cross-entropy (eval mode, no smoothing or class weights)
+    at the chosen or the last epoch, in the training subsample behind train_eval_loss or in the validation part.
+
+    The overfitting gap of an epoch is the mean validation loss minus the mean training loss; the patient keys let
+    the evaluation bootstrap it by patient.
+    """
+
+    schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
+    epoch: int = Field(ge=1)
+    role: Literal["chosen", "last"] = Field(description="the epoch chosen by model selection, or the last one trained")
+    part: Literal["train", "val"]
+    patient_key: str
+    loss: float = Field(ge=0)
 
 
 class TimingInfo(StrictModel):

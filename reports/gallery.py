@@ -4,8 +4,10 @@ Imports data_schemas, jinja2 and matplotlib only. Every text is escaped (HTML au
 through md_cell); images are the summary's PNG data URIs (validated to be nothing else). The Markdown fragment
 writes its PNGs into figures_dir under names built from positions and arm names, never from keys or captions.
 
-Integration: render_visual_html(v) goes inside report.html's <body>; render_visual_md(v, out_dir / "figures")
-goes into report.md, whose figure links are relative to the report folder.
+Integration: render_visual_html(v) goes inside a collapsed section of report.html, which gives it its heading; its
+saliency grid has the arms as columns and the slices as rows, several slices side by side so that the thumbnails
+fill the width. render_visual_md(v, out_dir / "figures") goes into report.md, whose figure links are relative to
+the report folder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from reports.formatting import fmt, fmt_pct
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 HTML_TEMPLATE = "visual.html.j2"
 MD_TEMPLATE = "visual.md.j2"
+THUMBNAILS_PER_ROW = 8  # about 125 px each across a 1000 px report column
 
 
 def md_cell(value: object) -> str:
@@ -70,10 +73,17 @@ def _png_bytes(thumbnail: Thumbnail) -> bytes:
     return base64.b64decode(thumbnail.data_uri[len(PNG_DATA_URI_PREFIX):])
 
 
+def slices_per_row(n_network_arms: int, n_slices: int) -> int:
+    """How many slices share one row of the saliency grid: each slice takes 1 + n_network_arms thumbnails, and a
+    row holds about THUMBNAILS_PER_ROW of them across the full width."""
+    return max(1, min(n_slices, THUMBNAILS_PER_ROW // (1 + n_network_arms)))
+
+
 def _context(v: VisualSummary, histogram_src: str) -> dict[str, object]:
     network = [arm for arm in v.arms if arm.available]
     return {"v": v, "network_arms": network, "other_arms": [arm for arm in v.arms if not arm.available],
             "rows": list(range(len(v.slices))), "histogram_src": histogram_src,
+            "per_row": slices_per_row(len(network), len(v.slices)),
             "games": [arm for arm in network if arm.pointing_game is not None]}
 
 

@@ -31,7 +31,8 @@ from data_schemas.files import atomic_write_bytes, atomic_write_text
 from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, md_escape
 from reports.formatting import format_duration as fmt_seconds
 from reports.gallery import render_visual_html, render_visual_md
-from reports.wording import auc_with_ci, evaluation_sentences
+from reports.first_screen import first_screen_context
+from reports.wording import evaluation_sentences
 from data_schemas.package import MODEL_CARD_FILE
 from data_schemas.report import (
     FIGURES_DIR,
@@ -45,7 +46,6 @@ from data_schemas.report import (
     ArmResult,
     ComparisonResults,
 )
-from data_schemas.training import PRETRAINED_ARMS
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 INDEX_FILE = "index.html"
@@ -56,7 +56,6 @@ FIGURE_STYLE: dict[str, Any] = {
     "font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 11,
     "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.titlesize": 13,
 }
-SMOKE_PROFILE = "smoke"
 
 METRIC_LABELS: dict[str, str] = {
     "roc_auc": "ROC AUC",
@@ -70,25 +69,30 @@ METRIC_LABELS: dict[str, str] = {
     "patient_roc_auc": "Patient ROC AUC",
 }
 
-SECTION_IDS: tuple[str, ...] = (
-    "recommendation",
-    "evaluation",
-    "dataset",
-    "split",
-    "cost",
-    "deployment",
-    "metrics",
-    "comparisons",
-    "patients",
-    "learning-curves",
-    "roc",
-    "calibration",
-    "confusion",
-    "convergence",
-    "folds",
-    "data-efficiency",
-    "reproducibility",
+# The collapsed sections below the first screen, in order: (id, title in the list of links).
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("recommendation", "how the verdict was reached"),
+    ("comparisons", "paired comparisons"),
+    ("metrics", "test metrics"),
+    ("what-to-train", "what to train"),
+    ("evaluation", "evaluation"),
+    ("folds", "outer folds"),
+    ("cost", "cost"),
+    ("deployment", "what it costs to run"),
+    ("learning-curves", "learning curves"),
+    ("roc", "ROC"),
+    ("calibration", "calibration"),
+    ("confusion", "confusion"),
+    ("convergence", "convergence"),
+    ("patients", "patients"),
+    ("data-efficiency", "data efficiency"),
+    ("visual", "what the models look at"),
+    ("dataset", "dataset"),
+    ("split", "split"),
+    ("reproducibility", "reproducibility"),
 )
+OPTIONAL_SECTIONS = frozenset({"folds", "data-efficiency", "what-to-train", "visual"})
+SECTION_IDS: tuple[str, ...] = tuple(sid for sid, _ in SECTIONS if sid not in OPTIONAL_SECTIONS)  # in every report
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -313,80 +317,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-# ---------------------------------------------------------------- banners
-
-
-@dataclass(frozen=True)
-class Banner:
-    """A warning the report, report.md and the summary artifact open with.
-
-    Args:
-        kind: "smoke", "weights", "chance" or "partial" (also the HTML class).
-        title: fixed wording, e.g. "Smoke profile".
-        text: the sentence; carries user-supplied names, so templates escape it.
-    """
-
-    kind: str
-    title: str
-    text: str
-
-
-def _smoke_banner(results: ComparisonResults) -> Banner | None:
-    """The smoke profile: seconds of training on tiny images, a test of the plumbing, not of the models."""
-    smoke = [arm.name for arm in results.arms if arm.profile == SMOKE_PROFILE]
-    if not smoke:
-        return None
-    return Banner("smoke", "Smoke profile", f"for testing: numbers not meaningful. {', '.join(smoke)} ran with the "
-                  f"'{SMOKE_PROFILE}' profile (tiny images, a couple of epochs); use --profile cpu or full for a real comparison.")
-
-
-def _weights_banner(results: ComparisonResults) -> Banner | None:
-    """Completed pretrained arms that started from no weights file, or from a file whose hash nothing checked."""
-    lines = []
-    for arm in results.completed_arms:
-        if arm.name not in PRETRAINED_ARMS:
-            continue
-        if arm.weights is None:
-            lines.append(f"{arm.name} records no pretrained weights file, so it may have started from randomly initialised weights")
-        elif not arm.weights.hash_checked:
-            lines.append(f"{arm.name} used the weights file {arm.weights.file_name} (SHA-256 {arm.weights.sha256}), whose "
-                         f"name carries no hash that was checked: nothing shows these are the published ImageNet weights")
-    if not lines:
-        return None
-    return Banner("weights", "Randomly initialised or unverified weights", "; ".join(lines) + ".")
-
-
-def _chance_banner(results: ComparisonResults) -> Banner | None:
-    """Arms whose primary-level test AUC interval includes 0.5 (not shown better than chance)."""
-    level = results.evaluation.primary_level
-    hits = []
-    for arm in results.completed_arms:
-        metrics = arm.patient_metrics if level == "patient" and arm.patient_metrics is not None else arm.test_metrics
-        auc = metrics.roc_auc if metrics is not None else None
-        if auc is not None and auc.ci_low is not None and auc.ci_high is not None and auc.ci_low <= 0.5 <= auc.ci_high:
-            hits.append(f"{arm.name} {metrics.level}-level AUC {auc_with_ci(auc, metrics.ci_level)}")  # type: ignore[union-attr]
-    if not hits:
-        return None
-    return Banner("chance", "AUC interval includes 0.5", "; ".join(hits) + ". These arms are not shown to rank patients "
-                  "better than chance at this sample size.")
-
-
-def _partial_banner(results: ComparisonResults) -> Banner | None:
-    """Requested arms that were skipped or failed, by name."""
-    missing = [arm for arm in results.arms if arm.status != "completed"]
-    if not missing:
-        return None
-    names = ", ".join(f"{arm.name} ({arm.status})" for arm in missing)
-    return Banner("partial", "Partial result", f"{len(missing)} of {len(results.arms)} requested arms did not complete: "
-                  f"{names}. The reasons are under Recommendation; the comparison covers the completed arms only.")
-
-
-def report_banners(results: ComparisonResults) -> list[Banner]:
-    """Every banner that applies, in reading order: smoke profile, weights, AUC intervals including 0.5, partial."""
-    checks = (_smoke_banner, _weights_banner, _chance_banner, _partial_banner)
-    return [banner for check in checks if (banner := check(results)) is not None]
-
-
 def dataset_label(results: ComparisonResults) -> str:
     """The dataset's own name for headers, or '' when it is only the generic folder name 'dataset'."""
     name = results.dataset.name.strip()
@@ -431,6 +361,23 @@ def deployment_context(results: ComparisonResults) -> dict[str, Any]:
     }
 
 
+def overfitting_rows(results: ComparisonResults) -> list[dict[str, Any]]:
+    """One row per completed arm and outer fold: its overfitting gap at the chosen and at the last epoch."""
+    rows = []
+    for arm in results.completed_arms:
+        for fold in sorted({gap.fold for gap in arm.overfitting}):
+            by_role = {gap.role: gap for gap in arm.overfitting if gap.fold == fold}
+            rows.append({"arm": arm.name, "fold": fold, "chosen": by_role.get("chosen"), "last": by_role.get("last")})
+    return rows
+
+
+def _present(results: ComparisonResults, sid: str, visual: bool) -> bool:
+    """Whether the report has the optional section sid."""
+    optional = {"folds": bool(results.folds), "data-efficiency": bool(results.data_efficiency),
+                "what-to-train": results.what_to_train is not None, "visual": visual}
+    return optional.get(sid, True)
+
+
 def _context(results: ComparisonResults, figures: dict[str, RenderedFigure], *, visual_html: str = "",
              visual_md: str = "") -> dict[str, Any]:
     """Values shared by the HTML and Markdown templates."""
@@ -451,9 +398,10 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure], *, 
         "not_completed": not_completed,
         "figures": figures,
         "confusion_max": confusion_max or 1,
-        "section_ids": SECTION_IDS,
+        "nav_links": [(sid, title) for sid, title in SECTIONS if _present(results, sid, bool(visual_html))],
         "evaluation_lines": results.evaluation.notes or evaluation_sentences(results.evaluation, results.arms),
-        "banners": report_banners(results),
+        "overfitting": overfitting_rows(results),
+        **first_screen_context(results),
         "dataset_label": dataset_label(results),
         "weighted_arms": [arm for arm in results.arms if arm.weights is not None],
         "appendix_html": REPORT_APPENDIX_HTML_FILE,
@@ -566,24 +514,24 @@ def update_index(reports_root: Path) -> Path:
 
 
 def metrics_table(results: ComparisonResults) -> list[dict[str, str]]:
-    """One row per arm: status and each test metric as 'value (CI)'; for a Prefect table artifact."""
+    """One row per arm for a Prefect table artifact, the deciding figures first: the patient-level AUC the
+    recommendation compares, the paired difference to the verdict's reference arm, training time, status; then
+    every slice-level metric (column names say the level), and why an arm did not complete."""
+    deciding = {row.arm: row for row in first_screen_context(results)["deciding"]}  # type: ignore[attr-defined]
     rows: list[dict[str, str]] = []
     for arm in results.arms:
-        row = {"arm": arm.name, "status": arm.status}
         tm = arm.test_metrics
+        row = {"arm": arm.name, "patient_roc_auc": deciding[arm.name].auc, "auc_difference": deciding[arm.name].diff or "—",
+               "train_time": fmt_seconds(arm.cost.actual_seconds), "status": arm.status}
         for name in METRIC_NAMES:
-            row[name] = fmt_ci(getattr(tm, name), 3) if tm is not None else "—"
-        row["patient_roc_auc"] = fmt_ci(arm.patient_metrics.roc_auc, 3) if arm.patient_metrics is not None else "—"
-        row["train_time"] = fmt_seconds(arm.cost.actual_seconds)
+            row[f"slice_{name}"] = fmt_ci(getattr(tm, name), 3) if tm is not None else "—"
         row["note"] = arm.reason
         rows.append(row)
     return rows
 
 
 def summary_markdown(results: ComparisonResults, report_link: str | None = None) -> str:
-    """Short Markdown for a Prefect artifact: banners, headline recommendation, per-arm metric table, paired tests,
-    and a link to the full report when report_link (e.g. flows.serve.report_url) is given."""
+    """Short Markdown for a Prefect artifact: the verdict with its outcome, the warnings, the deciding table, the
+    paired tests in words, and a link to the full report when report_link (e.g. flows.serve.report_url) is given."""
     return _environment(False).get_template("summary.md.j2").render(
-        r=results, rows=metrics_table(results), metric_labels=METRIC_LABELS, metric_names=METRIC_NAMES,
-        banners=report_banners(results), report_link=report_link,
-    )
+        r=results, report_link=report_link, **first_screen_context(results))

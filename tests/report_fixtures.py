@@ -17,6 +17,7 @@ from data_schemas.report import ComparisonResults
 from data_schemas.training import (
     CONFIG_FILE,
     METRICS_FILE,
+    OVERFITTING_LOSSES_FILE,
     PREDICTIONS_FILE,
     SPLITS_FILE,
     SPLITS_INFO_FILE,
@@ -24,6 +25,7 @@ from data_schemas.training import (
     TIMING_FILE,
     VAL_PREDICTIONS_FILE,
     EpochMetrics,
+    OverfittingLossRow,
     PartCounts,
     PredictionRow,
     RunConfig,
@@ -121,6 +123,16 @@ def _history(epochs: int, best: int) -> list[EpochMetrics]:
     ]
 
 
+def loss_rows(val: list[Patient], seed: int, *, chosen: int = 5, last: int = 8) -> list[OverfittingLossRow]:
+    """Per-image losses of a run that overfits after its chosen epoch: training losses fall, validation ones rise."""
+    rng = np.random.default_rng(seed)
+    train = make_patients(20, seed=seed + 7, prefix="t")
+    means = {("chosen", "train"): 0.43, ("chosen", "val"): 0.60, ("last", "train"): 0.28, ("last", "val"): 0.75}
+    return [OverfittingLossRow(epoch=chosen if role == "chosen" else last, role=role, part=part, patient_key=p.key,
+                               loss=float(rng.gamma(4.0, mean / 4.0)))
+            for (role, part), mean in means.items() for p in (train if part == "train" else val) for _ in range(p.n_slices)]
+
+
 def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient] | None, seed: int,
               status: str = "completed", reason: str = "", n_train_patients: int = 80) -> Path:
     """A run folder as the training stage writes it: status, config, metrics, timing, test and validation predictions.
@@ -144,6 +156,8 @@ def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient
     write_models_csv(run_dir / PREDICTIONS_FILE, prediction_rows(test, strength, seed), PredictionRow)
     if val is not None:
         write_models_csv(run_dir / VAL_PREDICTIONS_FILE, prediction_rows(val, strength, seed + 1000), PredictionRow)
+    if val is not None:
+        write_models_csv(run_dir / OVERFITTING_LOSSES_FILE, loss_rows(val, seed), OverfittingLossRow)
     history = _history(8, best=5)
     write_models_csv(run_dir / METRICS_FILE, history, EpochMetrics)
     seconds = ARM_SECONDS.get(arm, 100.0)

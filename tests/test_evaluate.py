@@ -250,3 +250,50 @@ def test_probe_depths_mark_the_chosen_depth_only(tmp_path: Path) -> None:
     assert [(p.depth, p.feature_dim, p.val_auc, p.test_auc, p.chosen) for p in points] == [
         ("layer2", 512, 0.7, 0.68, False), ("layer3", 1024, 0.8, 0.77, True), ("layer4", 2048, 0.75, None, False)]
     assert depth_points("scratch", tmp_path) == []
+
+
+def test_overfitting_gap_at_chosen_and_last_epoch_per_fold_with_a_patient_bootstrap(tmp_path: Path) -> None:
+    """Every outer fold gets its gap at the chosen and at the last epoch from overfitting_losses.csv: mean validation
+    loss minus mean training loss recomputed by hand, and an interval that resamples patients (a resample of whole
+    patients by hand with the same generator gives the same bounds)."""
+    from data_schemas.training import OVERFITTING_LOSSES_FILE, OverfittingLossRow
+    from tasks.evaluation.overfitting import bootstrap_gap
+
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="cross-validated")
+    arm = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits).arm("scratch")
+    assert sorted((g.fold, g.role) for g in arm.overfitting) == [(f, r) for f in range(3) for r in ("chosen", "last")]
+    for gap in arm.overfitting:
+        rows = [r for r in read_models_csv(arm_runs["scratch"][gap.fold] / OVERFITTING_LOSSES_FILE, OverfittingLossRow)
+                if r.role == gap.role]
+        val, train = [r.loss for r in rows if r.part == "val"], [r.loss for r in rows if r.part == "train"]
+        assert gap.gap.value == pytest.approx(np.mean(val) - np.mean(train), abs=1e-12)
+        assert gap.epoch == (5 if gap.role == "chosen" else 8) and gap.n_val_patients == 16 and gap.n_train_patients == 20
+        assert gap.gap.ci_low < gap.gap.value < gap.gap.ci_high
+        # by hand: per-patient sums and counts, patients drawn with replacement in each part
+        def sums(part: str) -> tuple[np.ndarray, np.ndarray]:
+            keys = sorted({r.patient_key for r in rows if r.part == part})
+            return (np.array([sum(r.loss for r in rows if r.part == part and r.patient_key == k) for k in keys]),
+                    np.array([sum(1 for r in rows if r.part == part and r.patient_key == k) for k in keys]))
+        (ts, tn), (vs, vn) = sums("train"), sums("val")
+        rng = np.random.default_rng(0)
+        ti, vi = rng.integers(0, tn.size, (50, tn.size)), rng.integers(0, vn.size, (50, vn.size))
+        boot = vs[vi].sum(1) / vn[vi].sum(1) - ts[ti].sum(1) / tn[ti].sum(1)
+        assert (gap.gap.ci_low, gap.gap.ci_high) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+    last = [g.gap.value for g in arm.overfitting if g.role == "last"]
+    chosen = [g.gap.value for g in arm.overfitting if g.role == "chosen"]
+    assert min(last) > max(chosen)  # the fixture overfits after its chosen epoch: the last epoch shows it
+    one = [OverfittingLossRow(epoch=1, role="chosen", part=p, patient_key="k", loss=0.5) for p in ("train", "val")]
+    assert bootstrap_gap(one[:1], one[1:], 10, 0).ci_low is None  # one patient per part: no interval
+
+
+def test_runs_without_per_image_losses_give_point_gaps_from_metrics(tmp_path: Path) -> None:
+    from data_schemas.training import OVERFITTING_LOSSES_FILE
+
+    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch",), mode="holdout")
+    (arm_runs["scratch"][0] / OVERFITTING_LOSSES_FILE).unlink()
+    arm = _build(tmp_path, arm_runs, "holdout", dataset_dir, splits).arm("scratch")
+    history = {m.epoch: m for m in read_models_csv(arm_runs["scratch"][0] / METRICS_FILE, EpochMetrics)}
+    for gap in arm.overfitting:
+        row = history[gap.epoch]
+        assert gap.gap.value == pytest.approx(row.val_loss - row.train_eval_loss) and gap.gap.ci_low is None
+    assert [g.epoch for g in arm.overfitting] == [5, 8]

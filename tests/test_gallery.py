@@ -124,3 +124,20 @@ def test_text_is_escaped_in_both_fragments(summary, tmp_path):
 def test_no_run_folder_is_refused_before_any_work(dataset_dir):
     with pytest.raises(ValueError, match="at least one arm"):
         build_visual_summary(dataset_dir=dataset_dir, arm_runs={})
+
+
+def test_saliency_grid_puts_arms_in_columns_and_fills_the_width(summary):
+    """Slices as rows and arms as columns, several slices per row so that the thumbnails fill the width."""
+    from reports.gallery import THUMBNAILS_PER_ROW, slices_per_row
+
+    html = render_visual_html(summary)
+    network = [arm.arm for arm in summary.arms if arm.available]
+    per_row = slices_per_row(len(network), len(summary.slices))
+    assert per_row == THUMBNAILS_PER_ROW // (1 + len(network)) and per_row > 1
+    grid = html[html.index('<table class="saliency grid">'):]
+    grid = grid[: grid.index("</table>")]
+    body_rows = grid.split("<tbody>")[1].count("<tr>")
+    assert body_rows == -(-len(summary.slices) // per_row)  # ceil: every slice once
+    header = grid.split("</thead>")[0]
+    assert header.count('class="slice"') == per_row and all(header.count(f'data-arm="{a}"') == per_row for a in network)
+    assert "table-layout: fixed" in html and "width: 100%" in html

@@ -27,11 +27,11 @@ from reports.render import (
     load_results,
     metrics_table,
     render_report,
-    report_banners,
     summary_markdown,
     update_index,
 )
 from report_fixtures import SKIP_REASON, make_example_results
+from reports.first_screen import report_banners
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,6 +59,12 @@ class _Collector(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+
+
+def raw_first_screen(path: Path) -> str:
+    """report.html up to its first collapsed section."""
+    raw = path.read_text(encoding="utf-8")
+    return raw[: raw.index("<details")]
 
 
 def _parse(path: Path) -> _Collector:
@@ -100,7 +106,7 @@ def test_html_has_every_section_and_embedded_plots(rendered: tuple[ComparisonRes
 def test_markdown_and_figures(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
     results, paths = rendered
     md = paths["markdown"].read_text(encoding="utf-8")
-    for heading in ("## Recommendation", "## Dataset card", "## Split", "## Cost", "## Test metrics",
+    for heading in ("## Verdict", "## How the verdict was reached", "## Dataset card", "## Split", "## Cost", "## Test metrics",
                     "## Paired comparisons", "## Learning curves", "## ROC curves", "## Calibration",
                     "## Confusion matrices", "## Convergence", "## Outer folds", "## Data efficiency",
                     "## Reproducibility", "## Evaluation", "## Per-patient results"):
@@ -125,10 +131,13 @@ def test_skipped_arm_shows_its_reason(tmp_path: Path) -> None:
     paths = render_report(results, tmp_path / "run")
     page = _parse(paths["html"])
     text = " ".join(page.text)
-    assert "imagenet: skipped" in text and SKIP_REASON in text
+    assert text.count(SKIP_REASON) == 1  # said once, in the deciding table on the first screen
+    assert raw_first_screen(paths["html"]).count(SKIP_REASON) == 1
     assert "folds" not in page.ids and "data-efficiency" not in page.ids
     assert len(page.images) == 3  # roc, calibration, scratch's learning curves
-    assert md_escape(SKIP_REASON) in paths["markdown"].read_text(encoding="utf-8")
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert md.count(md_escape(SKIP_REASON)) == 1 and md.index(md_escape(SKIP_REASON)) < md.index("## How the verdict")
+    assert "reason under" not in md and "reason under" not in text
     assert results.recommendation.basis == "single_arm"
 
 
@@ -202,10 +211,15 @@ def test_summary_markdown_and_metrics_table() -> None:
     results = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
     md = summary_markdown(results)
     assert md.startswith("## ") and md_escape(results.recommendation.headline) in md
-    assert "| scratch | completed |" in md and md_escape(SKIP_REASON) in md
+    scratch = results.arm("scratch").patient_metrics.roc_auc
+    assert f"| scratch | {scratch.value:.3f} (" in md and md.count(md_escape(SKIP_REASON)) == 1
+    assert "Recommendation" not in md  # no pointer to a heading the summary does not have
     rows = metrics_table(results)
     assert [r["arm"] for r in rows] == ["scratch", "imagenet"]
-    assert rows[0]["roc_auc"].count("(") == 1 and rows[1]["roc_auc"] == "—"
+    # the deciding figures first: the patient-level AUC the recommendation compares, then cost and status
+    assert list(rows[0])[:5] == ["arm", "patient_roc_auc", "auc_difference", "train_time", "status"]
+    assert rows[0]["patient_roc_auc"].startswith(f"{scratch.value:.3f} (") and rows[1]["patient_roc_auc"] == "—"
+    assert rows[0]["slice_roc_auc"].count("(") == 1 and rows[1]["slice_roc_auc"] == "—"
     assert rows[1]["note"] == SKIP_REASON
 
 
@@ -330,7 +344,7 @@ def test_banners_open_report_markdown_and_summary(tmp_path: Path) -> None:
     assert raw.index("for testing: numbers not meaningful") < raw.index('id="recommendation"')
     assert "&lt;b&gt;w&lt;/b&gt;.pt" in raw and "<b>w</b>" not in raw and "ab" * 32 in raw
     md = paths["markdown"].read_text(encoding="utf-8")
-    assert md.index("for testing: numbers not meaningful") < md.index("## Recommendation")
+    assert md.index("for testing: numbers not meaningful") < md.index("## How the verdict was reached")
     assert "<b>" not in md and "imagenet (skipped)" in md
     summary = summary_markdown(results, report_link="http://127.0.0.1:8765/run/report.html")
     assert summary.index("for testing: numbers not meaningful") < summary.index("| Arm |")
@@ -393,7 +407,7 @@ def test_header_names_the_dataset_once(tmp_path: Path, name: str, shown: str | N
     base = make_example_results(with_folds=False, with_data_efficiency=False)
     results = base.model_copy(update={"dataset": base.dataset.model_copy(update={"name": name})})
     paths = render_report(results, tmp_path / "run")
-    for path, end in ((paths["markdown"], "## Recommendation"), (paths["html"], "<nav>")):
+    for path, end in ((paths["markdown"], "## Verdict"), (paths["html"], '<section id="verdict">')):
         text = path.read_text(encoding="utf-8")
         header = " ".join(text[: text.index(end)].replace("`", "").lower().split())
         assert "dataset dataset" not in header

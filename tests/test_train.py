@@ -246,6 +246,7 @@ def test_linear_arm(dataset_dir, runs, weights_file):
     assert [d.feature_dim for d in depths.depths] == [512, 1024, 2048]
     assert len(probe.coef) == {d.depth: d.feature_dim for d in depths.depths}[depths.chosen_depth] and probe.C in probe.Cs_tried
     assert _metrics(run_dir)[0].phase == "linear"
+    _check_overfitting_losses(run_dir, _metrics(run_dir), chosen=1, last=1)
 
 
 def test_pretrained_arm_without_weights_is_skipped(dataset_dir, runs, capsys):
@@ -347,6 +348,23 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
             assert metrics[0].val_loss == pytest.approx(float(F.cross_entropy(logits, targets)), rel=1e-4, abs=1e-6)
             assert metrics[0].val_auc == pytest.approx(auc_or_none(targets.numpy(), probs), abs=1e-6)
     assert {r.image_key for r in expected} == {p.image_key for p in predicted}
+    _check_overfitting_losses(run_dir, metrics, chosen=1, last=3)
+
+
+def _check_overfitting_losses(run_dir: Path, metrics: list, *, chosen: int, last: int) -> None:
+    """overfitting_losses.csv holds, at the chosen and at the last epoch, per-image losses whose means are that
+    epoch's logged val_loss and train_eval_loss, one row per validation image and per training-subsample image."""
+    from data_schemas.training import OVERFITTING_LOSSES_FILE, OverfittingLossRow
+
+    rows = read_models_csv(run_dir / OVERFITTING_LOSSES_FILE, OverfittingLossRow)
+    n_val = len(read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow))
+    for role, epoch in (("chosen", chosen), ("last", last)):
+        logged = next(m for m in metrics if m.epoch == epoch)
+        val = [r.loss for r in rows if r.role == role and r.part == "val"]
+        train = [r.loss for r in rows if r.role == role and r.part == "train"]
+        assert {r.epoch for r in rows if r.role == role} == {epoch} and len(val) == n_val and train
+        assert np.mean(val) == pytest.approx(logged.val_loss, rel=1e-4, abs=1e-6)
+        assert np.mean(train) == pytest.approx(logged.train_eval_loss, rel=1e-4, abs=1e-6)
 
 
 def test_head_only_phase_freezes_the_backbone(weights_file):

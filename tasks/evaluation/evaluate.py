@@ -58,6 +58,7 @@ from data_schemas.training import (
 )
 from tasks.evaluation import pooling
 from tasks.evaluation import statistics as st
+from tasks.evaluation.overfitting import run_gaps
 from tasks.evaluation.runs import PooledArm, RunData, finite, is_linear, pool_runs, read_run
 from tasks.evaluation.verdict import class_counts, decide, paired_comparisons
 from tasks.evaluation.what_to_train import depth_points, efficiency_points, size_points, what_to_train
@@ -285,6 +286,7 @@ def read_arm(
         roc=[RocPoint(**p) for p in st.roc_curve_points(s.targets, s.probs)],
         calibration=[CalibrationBin(**p) for p in st.calibration_curve_points(s.targets, s.probs)],
         confusion=ConfusionMatrix(labels=classes, counts=st.confusion(s.targets, pred), threshold=by_slice.threshold),
+        overfitting=[gap for fold, run in enumerate(runs) for gap in run_gaps(run, fold, evaluation.n_bootstrap, seed)],
         **_training_story(arm, runs[0]), **common,
     )
     return result, pooled, runs

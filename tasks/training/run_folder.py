@@ -22,12 +22,14 @@ from data_schemas.training import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
+    OVERFITTING_LOSSES_FILE,
     PREDICTIONS_FILE,
     PROBE_DEPTHS_FILE,
     STATUS_FILE,
     TIMING_FILE,
     VAL_PREDICTIONS_FILE,
     EpochMetrics,
+    OverfittingLossRow,
     PredictionRow,
     ProbeDepths,
     RunConfig,
@@ -114,6 +116,11 @@ def write_predictions(run_dir: Path, *, rows: Sequence[SplitRow], probs: np.ndar
         for row, p in zip(rows, probs)
     ]
     write_models_csv(Path(run_dir) / (VAL_PREDICTIONS_FILE if validation else PREDICTIONS_FILE), predictions, PredictionRow)
+
+
+def write_overfitting_losses(run_dir: Path, rows: Sequence[OverfittingLossRow]) -> None:
+    """overfitting_losses.csv: per-image training and validation losses at the chosen and the last epoch."""
+    write_models_csv(Path(run_dir) / OVERFITTING_LOSSES_FILE, list(rows), OverfittingLossRow)
 
 
 def write_timing(run_dir: Path, timing: TimingInfo) -> None:

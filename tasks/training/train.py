@@ -51,6 +51,7 @@ from data_schemas.training import (
     WeightsInfo,
 )
 from tasks.training.augment import images_to_tensor
+from tasks.training.gap_losses import image_log_losses, network_losses, probe_losses
 from tasks.ingest.dataset_store import LoadedDataset, load_dataset
 from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.training.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
@@ -66,6 +67,7 @@ from tasks.training.run_folder import (
     write_best,
     write_config,
     write_metrics,
+    write_overfitting_losses,
     write_predictions,
     write_probe_depths,
     write_status,
@@ -263,9 +265,17 @@ def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], 
                        arm=ctx.arm)
     fit_data = _fit_data(ctx)
     state = fit(setup, fit_data, _start_state(ctx, setup, resume), _epoch_saver(ctx, setup, on_epoch_end))
+    started = time.perf_counter()
+    last_epoch = len(state.history)
+    subsample = train_eval_subsample(len(data.rows["train"]), ctx.seed)
+    args = dict(rows=data.rows, subsample=subsample, data=fit_data, runtime=rt, batch_size=cfg.eval_batch_size)
+    last = [] if state.best_epoch == last_epoch else network_losses(setup.model, epoch=last_epoch, role="last", **args)
     if state.best_state is not None:
         setup.model.load_state_dict(state.best_state)
-    started = time.perf_counter()
+    chosen = network_losses(setup.model, epoch=state.best_epoch or last_epoch, role="chosen", **args)
+    if state.best_epoch == last_epoch:  # the last epoch is the chosen one
+        last = [row.model_copy(update={"role": "last"}) for row in chosen]
+    write_overfitting_losses(ctx.run_dir, chosen + last)
     probs = {part: predict_probs(setup.model, data.x[part], rt, cfg.eval_batch_size)[0] for part in ("val", "test")}
     write_predictions(ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True)
     write_predictions(ctx.run_dir, rows=data.rows["test"], probs=probs["test"], positive_label=data.positive_label)
@@ -325,8 +335,7 @@ def _features(ctx: RunContext) -> dict[str, dict[str, np.ndarray]]:
 
 def _log_loss(targets: np.ndarray, probs: np.ndarray) -> float | None:
     """Plain binary cross-entropy (None for an empty part)."""
-    eps = 1e-7
-    return float(-np.mean(targets * np.log(probs + eps) + (1 - targets) * np.log(1 - probs + eps))) if len(targets) else None
+    return float(np.mean(image_log_losses(targets, probs))) if len(targets) else None
 
 
 def _probe_every_depth(ctx: RunContext, features: dict[str, dict[str, np.ndarray]],
@@ -366,6 +375,7 @@ def _train_linear(ctx: RunContext) -> RunSummary:
     targets = {part: data.y[part].numpy() for part in PARTS}
     write_predictions(ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True)
     write_predictions(ctx.run_dir, rows=data.rows["test"], probs=probs["test"], positive_label=data.positive_label)
+    write_overfitting_losses(ctx.run_dir, probe_losses(ctx.data.rows, targets, probs))
     fit_seconds = time.perf_counter() - t_fit
     val_auc = auc_or_none(targets["val"], probs["val"])
     write_metrics(ctx.run_dir, [EpochMetrics(
