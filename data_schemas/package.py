@@ -211,26 +211,40 @@ class DeploymentCost(StrictModel):
 
 
 class CompressionComparison(StrictModel):
-    """The compressed variant next to full precision, with the plain statement on AUC.
+    """The compressed variant next to full precision, with the paired change in test AUC judged against a tolerance.
 
     Args:
         full: the full-precision model's cost.
         compressed: the compressed variant's cost.
-        auc_full: test AUC of the full-precision model.
-        auc_compressed: test AUC of the compressed variant.
+        level: the level of the AUCs ("patient": slice probabilities aggregated per patient, as the report's
+            patient-level table; "slice").
+        reference: what the full-precision AUC is computed from (the run's predictions.csv, the predictions the
+            report's metric tables use).
+        n_patients: test patients behind the AUCs (the packaged run's test part).
+        auc_full: test AUC of the full-precision predictions.
+        auc_compressed: test AUC of the compressed variant on the same images.
         auc_change: auc_compressed - auc_full.
-        interval: the bootstrap interval the change is compared with (low, high).
-        inside_interval: whether the change lies inside the interval.
+        interval: 95% interval of the change: percentile bootstrap over patients, both models' predictions of the
+            same resampled patients (paired).
+        tolerance: the largest AUC loss accepted (the comparison's non-inferiority margin).
+        judgement: "within" (interval's lower bound above -tolerance), "beyond" (its upper bound below -tolerance),
+            "undecided" (the interval straddles -tolerance) or "not_estimable" (fewer than 2 patients of a class).
+        inside_interval: unused since the paired interval; kept so that older results.json files still read.
         statement: one plain sentence.
     """
 
     full: DeploymentCost
     compressed: DeploymentCost
+    level: Literal["slice", "patient"] = "patient"
+    reference: str = ""
+    n_patients: int = Field(default=0, ge=0)
     auc_full: float | None
     auc_compressed: float | None
     auc_change: float | None
     interval: tuple[float, float] | None
-    inside_interval: bool | None
+    tolerance: float | None = None
+    judgement: Literal["within", "beyond", "undecided", "not_estimable"] = "not_estimable"
+    inside_interval: bool | None = None
     statement: str
 
 

@@ -170,7 +170,9 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
     assert arm.deployment is not None  # selected above
     comparison = evaluate_compression(full_package=full, compressed_package=compressed.parent, run_dir=full.parent,
                                       dataset_dir=dataset_dir, full_cost=arm.deployment, timing=timing,
-                                      n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
+                                      tolerance=plan.evaluation.non_inferiority_margin,
+                                      aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap,
+                                      seed=plan.seed)
     return comparison, compressed.parent.relative_to(report_dir).as_posix()
 
 

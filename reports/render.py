@@ -69,30 +69,12 @@ METRIC_LABELS: dict[str, str] = {
     "patient_roc_auc": "Patient ROC AUC",
 }
 
-# The collapsed sections below the first screen, in order: (id, title in the list of links).
-SECTIONS: tuple[tuple[str, str], ...] = (
-    ("recommendation", "how the verdict was reached"),
-    ("comparisons", "paired comparisons"),
-    ("metrics", "test metrics"),
-    ("what-to-train", "what to train"),
-    ("evaluation", "evaluation"),
-    ("folds", "outer folds"),
-    ("cost", "cost"),
-    ("deployment", "what it costs to run"),
-    ("learning-curves", "learning curves"),
-    ("roc", "ROC"),
-    ("calibration", "calibration"),
-    ("confusion", "confusion"),
-    ("convergence", "convergence"),
-    ("patients", "patients"),
-    ("data-efficiency", "data efficiency"),
-    ("visual", "what the models look at"),
-    ("dataset", "dataset"),
-    ("split", "split"),
-    ("reproducibility", "reproducibility"),
+# The collapsed sections below the first screen, in order, that every report has (besides the optional folds,
+# data-efficiency, what-to-train and visual sections).
+SECTION_IDS: tuple[str, ...] = (
+    "recommendation", "comparisons", "metrics", "evaluation", "cost", "deployment", "learning-curves", "roc",
+    "calibration", "confusion", "convergence", "patients", "dataset", "split", "reproducibility",
 )
-OPTIONAL_SECTIONS = frozenset({"folds", "data-efficiency", "what-to-train", "visual"})
-SECTION_IDS: tuple[str, ...] = tuple(sid for sid, _ in SECTIONS if sid not in OPTIONAL_SECTIONS)  # in every report
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -371,13 +353,6 @@ def overfitting_rows(results: ComparisonResults) -> list[dict[str, Any]]:
     return rows
 
 
-def _present(results: ComparisonResults, sid: str, visual: bool) -> bool:
-    """Whether the report has the optional section sid."""
-    optional = {"folds": bool(results.folds), "data-efficiency": bool(results.data_efficiency),
-                "what-to-train": results.what_to_train is not None, "visual": visual}
-    return optional.get(sid, True)
-
-
 def _context(results: ComparisonResults, figures: dict[str, RenderedFigure], *, visual_html: str = "",
              visual_md: str = "") -> dict[str, Any]:
     """Values shared by the HTML and Markdown templates."""
@@ -398,7 +373,6 @@ def _context(results: ComparisonResults, figures: dict[str, RenderedFigure], *, 
         "not_completed": not_completed,
         "figures": figures,
         "confusion_max": confusion_max or 1,
-        "nav_links": [(sid, title) for sid, title in SECTIONS if _present(results, sid, bool(visual_html))],
         "evaluation_lines": results.evaluation.notes or evaluation_sentences(results.evaluation, results.arms),
         "overfitting": overfitting_rows(results),
         **first_screen_context(results),

@@ -85,16 +85,67 @@ def test_predict_runs_the_compressed_package(shipped: ShippedRun, compressed: Pa
     assert len(rows) == result["summary"]["n_images"] >= 4 and all(0 <= r.prob_positive <= 1 for r in rows)
 
 
-def test_auc_change_is_judged_against_the_interval(shipped: ShippedRun) -> None:
+def _paired_interval_by_hand(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """Patients drawn with replacement, both models scored on the same draw, one-class draws skipped."""
+    from tasks.evaluation.statistics import roc_auc
+
+    rng = np.random.default_rng(seed)
+    changes = [roc_auc(y[i], b[i]) - roc_auc(y[i], a[i]) for i in rng.integers(0, y.size, (n, y.size)) if 0 < y[i].sum() < y.size]
+    low, high = np.percentile(changes, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_compression_is_judged_on_the_predictions_of_the_report_tables(shipped: ShippedRun, compressed: Path) -> None:
+    """The full-precision AUC of the int8 line is the patient-level AUC of the run's predictions.csv, the predictions
+    the report's tables use; the change has a paired interval over patients (both models on the same patients)."""
+    from data_schemas.training import PREDICTIONS_FILE, PredictionRow
+    from tasks.evaluation.pooling import aggregate_by_patient
+    from tasks.evaluation.statistics import roc_auc
+    from tasks.packaging.deploy_cost import evaluate_compression, run_test_images
+
+    full = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=1, **QUICK)
+    result = evaluate_compression(full_package=shipped.package_dir, compressed_package=compressed.parent,
+                                  run_dir=shipped.run_dir, dataset_dir=shipped.dataset_dir, full_cost=full, tolerance=0.02,
+                                  timing=QUICK, n_bootstrap=200, seed=3)
+    rows = read_models_csv(shipped.run_dir / PREDICTIONS_FILE, PredictionRow)
+    table = aggregate_by_patient([r.patient_key for r in rows], [r.target for r in rows], [r.prob_positive for r in rows], "mean")
+    assert result.level == "patient" and result.n_patients == len(table.patients) and result.tolerance == 0.02
+    assert result.auc_full == pytest.approx(roc_auc(table.targets, table.probs), abs=1e-12)
+    images, _, _ = run_test_images(shipped.run_dir, shipped.dataset_dir)
+    small = aggregate_by_patient([r.patient_key for r in rows], [r.target for r in rows],
+                                 predict_images(prepare_model(load_package(compressed.parent), "auto"), images, progress=False), "mean")
+    assert result.auc_compressed == pytest.approx(roc_auc(small.targets, small.probs), abs=1e-6)
+    if result.interval is not None:
+        assert result.interval == pytest.approx(_paired_interval_by_hand(table.targets, table.probs, small.probs, 200, 3), abs=1e-6)
+    assert "patient-level test AUC" in result.statement and "report's tables" in result.statement
+
+
+@pytest.mark.parametrize("scale, noise, judgement", [(1.0, 0.05, "within"), (0.0, 4.0, "beyond"), (1.0, 0.7, "undecided")])
+def test_auc_change_is_judged_against_the_tolerance(shipped: ShippedRun, scale: float, noise: float, judgement: str) -> None:
+    """Within when the paired interval's lower bound lies above -tolerance, beyond when its upper bound lies below,
+    undecided otherwise; the statement says which, at the patient level, with the interval and the tolerance."""
+    from tasks.packaging.quantize import PairedPredictions
+
     full = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=1, **QUICK)
     small = full.model_copy(update={"weights_variant": "int8", "package_bytes": full.package_bytes // 4})
-    inside = compare_compression(full, small, auc_full=0.90, auc_compressed=0.89, interval=(-0.04, 0.04))
-    assert inside.inside_interval is True and "inside the bootstrap interval" in inside.statement
-    assert inside.auc_change == pytest.approx(-0.01) and "25% of the full-precision size" in inside.statement
-    outside = compare_compression(full, small, auc_full=0.90, auc_compressed=0.80, interval=(-0.04, 0.04))
-    assert outside.inside_interval is False and "outside" in outside.statement
-    unknown = compare_compression(full, small, auc_full=None, auc_compressed=0.8, interval=(-0.04, 0.04))
-    assert unknown.inside_interval is None and "unknown" in unknown.statement
+    rng = np.random.default_rng(0)
+    patients = [f"p{i:03d}" for i in range(60) for _ in range(3)]
+    targets = np.array([i % 2 for i in range(60) for _ in range(3)])
+    logit = (2 * targets - 1) + rng.normal(0, 1, targets.size)
+    shifted = logit * scale + rng.normal(0, noise, targets.size)  # the compressed model: the full one, degraded
+    pred = PairedPredictions(targets=targets, patients=patients, full=1 / (1 + np.exp(-logit)),
+                             compressed=1 / (1 + np.exp(-shifted)))
+    result = compare_compression(full, small, pred, tolerance=0.02, n_bootstrap=300, seed=1)
+    y = np.array([i % 2 for i in range(60)])
+    a = np.array([np.mean(pred.full[3 * i: 3 * i + 3]) for i in range(60)])
+    b = np.array([np.mean(pred.compressed[3 * i: 3 * i + 3]) for i in range(60)])
+    assert result.interval == pytest.approx(_paired_interval_by_hand(y, a, b, 300, 1), abs=1e-9)
+    low, high = result.interval
+    assert result.judgement == judgement == ("within" if low > -0.02 else "beyond" if high < -0.02 else "undecided")
+    assert "patient-level" in result.statement and "tolerance of 0.02 AUC" in result.statement
+    assert f"{low:+.3f} to {high:+.3f}" in result.statement and "25% of the full-precision size" in result.statement
+    one_class = PairedPredictions(targets=np.ones(6, dtype=int), patients=list("aabbcc"), full=np.full(6, 0.6), compressed=np.full(6, 0.5))
+    assert compare_compression(full, small, one_class, tolerance=0.02).judgement == "not_estimable"
 
 
 def test_deploy_cost_task_writes_the_figures_and_adds_them_to_the_card(shipped: ShippedRun) -> None:

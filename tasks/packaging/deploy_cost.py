@@ -20,7 +20,6 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -39,8 +38,7 @@ from tasks.ingest.dataset_store import load_dataset
 from tasks.training.models import forward_flops_per_image
 from tasks.packaging.package import float_architecture, load_package, package_file, write_card
 from tasks.packaging.predict import PackagedModel, predict_images, prepare_model
-from tasks.packaging.quantize import compare_compression
-from tasks.evaluation.statistics import bootstrap_ci, roc_auc
+from tasks.packaging.quantize import PairedPredictions, compare_compression
 
 DEFAULT_WARMUP_RUNS = 10
 DEFAULT_TIMED_RUNS = 50
@@ -154,17 +152,15 @@ def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.nd
 
 
 def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
-                         full_cost: DeploymentCost, timing: dict[str, int] | None = None, n_bootstrap: int = 1000,
-                         seed: int = 0) -> CompressionComparison:
+                         full_cost: DeploymentCost, tolerance: float, aggregation: str = "mean",
+                         timing: dict[str, int] | None = None, n_bootstrap: int = 1000, seed: int = 0) -> CompressionComparison:
     """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
-    beside the full one on the run's own test images: slice-level test AUCs, judged against a noise band.
+    beside the full one on the run's own test images (tasks.packaging.quantize.compare_compression).
 
-    Noise band: the full model's 95% patient-level bootstrap interval of its test AUC (tasks.evaluation.statistics.bootstrap_ci,
-    n_bootstrap resamples of patients) minus its point estimate, i.e. how far the AUC moves when only the sample of
-    test patients changes; an AUC change inside it is indistinguishable from resampling noise. The full model runs in
-    fp32 (its reference probabilities); the compressed one as `ctcompare predict` runs it by default (int8 kernels,
-    or bf16 weights under the runtime's choice), prepared once for timing and predictions (an int8 conversion
-    takes seconds).
+    The full-precision side is the run's predictions.csv, the very predictions the report's metric tables are
+    computed from; the compressed package predicts the same images as `ctcompare predict` runs it by default (int8
+    kernels, or bf16 weights under the runtime's choice), prepared once for timing and predictions (an int8
+    conversion takes seconds). full_package names the package the compressed one was made from.
     """
     small = prepare_model(load_package(compressed_package), "auto")
     compressed_cost = prepared_model_cost(small, **{"warmup": DEFAULT_WARMUP_RUNS, "runs": DEFAULT_TIMED_RUNS,
@@ -172,12 +168,10 @@ def evaluate_compression(*, full_package: Path, compressed_package: Path, run_di
     folder = package_file(compressed_package).parent
     write_model_json(folder / DEPLOY_COST_FILE, compressed_cost)
     write_card(folder, small.package.meta, compressed_cost)
+    rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)
     images, targets, patients = run_test_images(run_dir, dataset_dir)
-    p_full = predict_images(prepare_model(load_package(full_package), "fp32"), images, progress=False)
-    p_small = predict_images(small, images, progress=False)
-    auc_full, auc_small = roc_auc(targets, p_full), roc_auc(targets, p_small)
-    band = bootstrap_ci(targets, p_full, patients, metrics=["roc_auc"], n_resamples=n_bootstrap, seed=seed)["roc_auc"]
-    finite = all(math.isfinite(v) for v in (auc_full, auc_small, band.ci_low, band.ci_high))
-    interval = (band.ci_low - auc_full, band.ci_high - auc_full) if finite else None
-    return compare_compression(full_cost, compressed_cost, auc_full=auc_full if math.isfinite(auc_full) else None,
-                               auc_compressed=auc_small if math.isfinite(auc_small) else None, interval=interval)
+    pred = PairedPredictions(targets=targets, patients=patients, full=np.array([row.prob_positive for row in rows]),
+                             compressed=predict_images(small, images, progress=False))
+    return compare_compression(full_cost, compressed_cost, pred, tolerance=tolerance, aggregation=aggregation,
+                               n_bootstrap=n_bootstrap, seed=seed,
+                               reference=f"the report's tables (the packaged run's {RUN_PREDICTIONS_FILE})")

@@ -14,9 +14,11 @@ torch.load(weights_only=True); int8_model() rebuilds the quantized module around
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -30,6 +32,8 @@ from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import read_model_json
 from data_schemas.plan import SplitSettings
 from data_schemas.package import CompressionComparison, DeploymentCost, ModelPackageMeta
+from tasks.evaluation.pooling import aggregate_by_patient
+from tasks.evaluation.statistics import roc_auc
 from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
@@ -151,27 +155,81 @@ def write_compressed_package(package: LoadedPackage, dataset_dir: Path, out_dir:
     return write_package_folder(Path(out_dir), meta, state)
 
 
-def compare_compression(full: DeploymentCost, compressed: DeploymentCost, *, auc_full: float | None,
-                        auc_compressed: float | None, interval: tuple[float, float] | None) -> CompressionComparison:
-    """Size, latency and AUC side by side, and whether the AUC change lies inside `interval`.
+@dataclass(frozen=True)
+class PairedPredictions:
+    """Both models' positive-class probabilities on the same test images, with each image's target and patient."""
 
-    interval: the bootstrap interval that measures the noise in the AUC change (the caller's choice, e.g. the
-    95% interval of a paired bootstrap of the difference, or the full model's 95% AUC interval minus its point
-    estimate). Inside means low <= change <= high.
+    targets: np.ndarray
+    patients: list[str]
+    full: np.ndarray
+    compressed: np.ndarray
+
+
+def paired_auc_change(pred: PairedPredictions, *, aggregation: str, n_bootstrap: int,
+                      seed: int) -> tuple[float, float, tuple[float, float] | None, int]:
+    """Patient-level AUC of both models, and the 95% percentile bootstrap interval of AUC(compressed) - AUC(full).
+
+    Slice probabilities are aggregated per patient as the report aggregates them; each resample draws patients with
+    replacement and scores both models on the same drawn patients (a paired interval). Resamples with one class are
+    skipped. Returns (auc_full, auc_compressed, interval or None when not estimable, patients).
     """
-    change = None if auc_full is None or auc_compressed is None else auc_compressed - auc_full
-    inside = None if change is None or interval is None else interval[0] <= change <= interval[1]
+    full = aggregate_by_patient(pred.patients, pred.targets, pred.full, aggregation)  # type: ignore[arg-type]
+    small = aggregate_by_patient(pred.patients, pred.targets, pred.compressed, aggregation)  # type: ignore[arg-type]
+    y, a, b = full.targets, full.probs, small.probs
+    n = y.size
+    if min(int(y.sum()), int(n - y.sum())) < 2:
+        return roc_auc(y, a), roc_auc(y, b), None, n
+    rng = np.random.default_rng(seed)
+    changes = []
+    for idx in rng.integers(0, n, size=(n_bootstrap, n)):
+        if 0 < y[idx].sum() < n:
+            changes.append(roc_auc(y[idx], b[idx]) - roc_auc(y[idx], a[idx]))
+    low, high = np.percentile(changes, [2.5, 97.5])
+    return roc_auc(y, a), roc_auc(y, b), (float(low), float(high)), n
+
+
+def _judgement(interval: tuple[float, float] | None, tolerance: float) -> str:
+    """Within the tolerance, beyond it, or undecided, by where the interval of the change lies against -tolerance."""
+    if interval is None:
+        return "not_estimable"
+    if interval[0] > -tolerance:
+        return "within"
+    return "beyond" if interval[1] < -tolerance else "undecided"
+
+
+JUDGEMENT_WORDS = {
+    "within": "the loss is within the tolerance of {tol} AUC (the interval's lower bound lies above −{tol})",
+    "beyond": "the loss exceeds the tolerance of {tol} AUC (the whole interval lies below −{tol})",
+    "undecided": "the loss is not shown within the tolerance of {tol} AUC (the interval reaches below −{tol})",
+}
+
+
+def compare_compression(full: DeploymentCost, compressed: DeploymentCost, pred: PairedPredictions, *,
+                        tolerance: float, aggregation: str = "mean", n_bootstrap: int = 1000, seed: int = 0,
+                        reference: str = "the full-precision predictions") -> CompressionComparison:
+    """Size, latency and the paired patient-level change in test AUC, judged against `tolerance` (see _judgement)."""
+    auc_full, auc_small, interval, n_patients = paired_auc_change(pred, aggregation=aggregation, n_bootstrap=n_bootstrap,
+                                                                   seed=seed)
+    finite = math.isfinite(auc_full) and math.isfinite(auc_small)
+    change = auc_small - auc_full if finite else None
+    judgement = _judgement(interval if finite else None, tolerance)
     size_ratio = compressed.package_bytes / full.package_bytes
     speed = full.latency_ms_median / compressed.latency_ms_median
     head = (f"The {compressed.weights_variant} variant is {size_ratio:.0%} of the full-precision size and "
             f"{speed:.2f}x as fast at batch 1")
     if change is None:
-        statement = f"{head}; its AUC change is unknown (an AUC is missing)."
-    elif inside is None:
-        statement = f"{head}; its test AUC changes by {change:+.3f} (no interval given to judge it)."
+        statement = f"{head}; its patient-level test AUC is not estimable on {n_patients} test patients (one class only)."
     else:
-        where = "inside" if inside else "outside"
-        statement = (f"{head}; its test AUC is {auc_compressed:.3f} against {auc_full:.3f} (change {change:+.3f}), "
-                     f"{where} the bootstrap interval ({interval[0]:+.3f} to {interval[1]:+.3f}).")
-    return CompressionComparison(full=full, compressed=compressed, auc_full=auc_full, auc_compressed=auc_compressed,
-                                 auc_change=change, interval=interval, inside_interval=inside, statement=statement)
+        where = (f"patient-level test AUC on the packaged run's {n_patients} test patients {auc_small:.3f} against "
+                 f"{auc_full:.3f} as in {reference}, change {change:+.3f}")
+        if interval is None:
+            statement = f"{head}; {where}; no interval: fewer than 2 patients of a class."
+        else:
+            words = JUDGEMENT_WORDS[judgement].format(tol=f"{tolerance:g}")
+            statement = (f"{head}; {where} (95% CI {interval[0]:+.3f} to {interval[1]:+.3f}, paired bootstrap over "
+                         f"patients): {words}.")
+    return CompressionComparison(
+        full=full, compressed=compressed, level="patient", reference=reference, n_patients=n_patients,
+        auc_full=auc_full if finite else None, auc_compressed=auc_small if finite else None, auc_change=change,
+        interval=interval, tolerance=tolerance, judgement=judgement, statement=statement,  # type: ignore[arg-type]
+    )
