@@ -217,7 +217,7 @@ def test_identical_predictions_give_the_same_verdict_whatever_the_timings(tmp_pa
 
 def _worded(verdict: rule.Verdict, aucs: dict[str, float], n_positive: int = 40, n_negative: int = 40):
     from data_schemas.report import ArmCostSummary, ArmResult, MetricValue, PairedComparison, TestMetrics
-    from tasks.evaluation.verdict import _auc_result, recommendation_of
+    from tasks.evaluation.verdict import auc_result, recommendation_of
 
     empty = {k: MetricValue() for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")}
     arms = []
@@ -225,7 +225,7 @@ def _worded(verdict: rule.Verdict, aucs: dict[str, float], n_positive: int = 40,
         m = TestMetrics(level="patient", n_images=100, n_patients=n_positive + n_negative, roc_auc=MetricValue(value=auc), **empty)
         arms.append(ArmResult(name=name, status="completed", cost=ArmCostSummary(total_flops=1e15 * (1 + len(arms))),
                               test_metrics=m, patient_metrics=m))
-    comparisons = [PairedComparison(arm_a=p.arm_a, arm_b=p.arm_b, patient_delong=_auc_result(p.test, p.p_holm)) for p in verdict.pairs]
+    comparisons = [PairedComparison(arm_a=p.arm_a, arm_b=p.arm_b, patient_delong=auc_result(p.test, p.p_holm)) for p in verdict.pairs]
     rec = recommendation_of(verdict, n_positive, n_negative)
     return rec, recommendation_sentences(rec, arms, comparisons, n_positive + n_negative)[0]
 

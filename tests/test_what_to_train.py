@@ -100,7 +100,7 @@ def test_input_size_is_chosen_on_validation_never_on_test(tmp_path: Path) -> Non
     assert points[32].chosen and not points[64].chosen
     assert points[32].val_auc == pytest.approx(val_auc[32]) and points[64].val_auc == pytest.approx(val_auc[64])
     rows = {s: read_models_csv(d / PREDICTIONS_FILE, PredictionRow) for s, d in ((32, weak), (64, strong))}
-    by_hand = pairs.delong_test([r.target for r in rows[64]], [r.prob_positive for r in rows[64]],
+    by_hand = pairs.paired_auc_comparison([r.target for r in rows[64]], [r.prob_positive for r in rows[64]],
                              [r.prob_positive for r in rows[32]], groups=[r.patient_key for r in rows[64]])
     assert points[64].vs_chosen.diff == pytest.approx(test_auc[64] - test_auc[32])
     assert points[64].vs_chosen.p_value == pytest.approx(by_hand.p_value) and points[32].vs_chosen is None

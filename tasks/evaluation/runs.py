@@ -17,7 +17,6 @@ import numpy as np
 from data_schemas.arms import parse_arm
 from data_schemas.evaluation import EvaluationSettings, parse_operating_point
 from data_schemas.files import read_model_json, read_models_csv
-from data_schemas.report import DeLongResult
 from data_schemas.training import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -31,7 +30,7 @@ from data_schemas.training import (
     RunSummary,
     TimingInfo,
 )
-from tasks.evaluation import pairs, pooling
+from tasks.evaluation import pooling
 
 
 @dataclass
@@ -144,14 +143,3 @@ def pool_runs(arm: str, runs: list[RunData], aggregation: str) -> PooledArm:
 def is_linear(arm: str) -> bool:
     """True for an imagenet-linear arm of any model."""
     return parse_arm(arm).mode == "imagenet-linear"
-
-
-def delong_result(test: pairs.DeLongTest, p_holm: float) -> DeLongResult:
-    """A statistics DeLongTest in its results.json form, with its Holm-adjusted p."""
-    return DeLongResult(
-        auc_a=finite(test.auc_a), auc_b=finite(test.auc_b), diff=finite(test.diff),
-        z=finite(test.z),
-        p_value=finite(test.p_value), p_holm=finite(p_holm),
-        ci_of_diff=None if test.reason else (float(test.ci_of_diff[0]), float(test.ci_of_diff[1])),
-        level=test.level, method=test.method, reason=test.reason,
-    )

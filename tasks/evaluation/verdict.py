@@ -21,7 +21,7 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def _auc_result(test: pairs.AucComparison, p_holm: float) -> DeLongResult:
+def auc_result(test: pairs.AucComparison, p_holm: float) -> DeLongResult:
     """The schema form of a paired AUC comparison; no interval unless it is estimable."""
     return DeLongResult(
         auc_a=_finite(test.auc_a), auc_b=_finite(test.auc_b), diff=_finite(test.diff),
@@ -88,9 +88,9 @@ def paired_comparisons(
     comparisons = [
         PairedComparison(
             arm_a=x, arm_b=y, n_images=t.n_images, n_patients=t.n_patients,
-            delong=_auc_result(t.slice_auc, holm["slice_auc"][k]),
+            delong=auc_result(t.slice_auc, holm["slice_auc"][k]),
             mcnemar=_mcnemar_result(t.slice_decision, holm["slice_decision"][k]),
-            patient_delong=_auc_result(t.patient_auc, holm["patient_auc"][k]),
+            patient_delong=auc_result(t.patient_auc, holm["patient_auc"][k]),
             patient_mcnemar=_mcnemar_result(t.patient_decision, holm["patient_decision"][k]),
         )
         for k, (x, y, t) in enumerate(tested)

@@ -30,7 +30,8 @@ from data_schemas.report import (
 from data_schemas.training import PROBE_DEPTHS_FILE, ProbeDepths
 from tasks.evaluation import pairs
 from tasks.evaluation import statistics as st
-from tasks.evaluation.runs import RunData, delong_result, finite, is_linear, read_run
+from tasks.evaluation.runs import RunData, finite, is_linear, read_run
+from tasks.evaluation.verdict import auc_result
 
 ALPHA = 0.05
 
@@ -59,7 +60,8 @@ def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: Ev
 
 
 def _size_tests(runs: dict[int, RunData], chosen: int) -> dict[int, DeLongResult]:
-    """AUC(size) - AUC(chosen size) on the test images both scored, clustered DeLong by patient, Holm over sizes."""
+    """AUC(size) - AUC(chosen size) on the test images both scored, by the verdict's paired test (patients as units),
+    Holm over the arm's sizes."""
     base = runs[chosen].test
     index = {key: i for i, key in enumerate(base.image_keys)}
     tests = {}
@@ -68,10 +70,10 @@ def _size_tests(runs: dict[int, RunData], chosen: int) -> dict[int, DeLongResult
             continue
         shared = [(i, index[k]) for i, k in enumerate(run.test.image_keys) if k in index]
         mine, theirs = np.array([s[0] for s in shared], dtype=int), np.array([s[1] for s in shared], dtype=int)
-        tests[size] = pairs.delong_test(run.test.targets[mine], run.test.probs[mine], base.probs[theirs],
-                                     groups=[run.test.patient_keys[i] for i in mine])
+        tests[size] = pairs.paired_auc_comparison(run.test.targets[mine], run.test.probs[mine], base.probs[theirs],
+                                                  groups=[run.test.patient_keys[i] for i in mine])
     holm = pairs.holm_adjust([t.p_value for t in tests.values()])
-    return {size: delong_result(t, p) for (size, t), p in zip(tests.items(), holm)}
+    return {size: auc_result(t, p) for (size, t), p in zip(tests.items(), holm)}
 
 
 def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSettings, seed: int) -> list[InputSizePoint]:
