@@ -420,7 +420,7 @@ def permutation_contributions(y: np.ndarray, a: np.ndarray, b: np.ndarray, unit:
 
 
 def newcombe_variance(theta: float | np.ndarray, m: int, n: int) -> float | np.ndarray:
-    """Variance of an AUC estimate as a function of the AUC theta (Newcombe 2006, Stat. Med. 25:543, method 5).
+    """Variance of an AUC estimate as a function of the AUC theta (Newcombe 2006, Stat. Med. 25:559, method 5).
 
     Hanley & McNeil's (1982) variance with Q1 = theta/(2 - theta), Q2 = 2 theta^2/(1 + theta) and both m - 1
     and n - 1 replaced by N* = (m + n)/2 - 1: theta (1 - theta) [1 + N* ((1 - theta)/(2 - theta) + theta/(1 + theta))]
