@@ -548,7 +548,7 @@ class BudgetChoice(StrictModel):
         tied_with: other arms within the budget whose AUC equals it at the three decimals shown.
         overlapping: other arms within the budget whose 95% AUC interval overlaps its interval.
         shown_best: True only when the paired patient-level AUC test shows highest_arm above every other arm in
-            the budget (Holm-adjusted p < 0.05, interval of the difference above 0).
+            the budget (Holm-adjusted p < 0.05, with the recommendation's minimum of test patients per class).
     """
 
     budget_flops: float

@@ -2,7 +2,7 @@
 
 None of them names a winner from a point estimate: the highest point estimate is called that, ties (equal at the
 three decimals the report shows) and overlapping 95% intervals are listed, and "best" needs the paired test (the
-comparisons' patient-level AUC test, Holm-adjusted). An input size and a probe depth are chosen on validation
+comparisons' patient-level AUC test, Holm-adjusted, with the recommendation's minimum of patients per class). An input size and a probe depth are chosen on validation
 AUC, never on test AUC; test AUCs at other sizes are compared with the chosen size's by a paired test.
 """
 
@@ -30,6 +30,7 @@ from data_schemas.report import (
 from data_schemas.training import PROBE_DEPTHS_FILE, ProbeDepths
 from tasks.evaluation import pairs
 from tasks.evaluation import statistics as st
+from tasks.evaluation.recommend import MIN_PATIENTS_PER_CLASS
 from tasks.evaluation.runs import RunData, finite, is_linear, read_run
 from tasks.evaluation.verdict import auc_result
 
@@ -138,10 +139,12 @@ def oriented_diff(comparisons: list[PairedComparison], arm: str, other: str) -> 
 
 
 def shown_higher(comparisons: list[PairedComparison], arm: str, other: str, alpha: float = ALPHA) -> bool:
-    """True when the paired patient-level test shows AUC(arm) > AUC(other): Holm p < alpha, interval above 0."""
+    """True when the paired patient-level test shows AUC(arm) > AUC(other) as the recommendation would claim it:
+    Holm-adjusted p < alpha for a positive difference, with at least MIN_PATIENTS_PER_CLASS test patients of each
+    class (below that the recommendation claims nothing, and neither does this)."""
     test = oriented_diff(comparisons, arm, other)
-    return bool(test is not None and test.ci_of_diff is not None and test.p_holm is not None and test.diff is not None
-                and test.p_holm < alpha and test.diff > 0 and test.ci_of_diff[0] > 0)
+    return bool(test is not None and test.p_holm is not None and test.diff is not None and test.p_holm < alpha
+                and test.diff > 0 and min(test.n_positive, test.n_negative) >= MIN_PATIENTS_PER_CLASS)
 
 
 def _overlaps(a: MetricValue, b: MetricValue) -> bool:
