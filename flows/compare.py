@@ -65,6 +65,7 @@ from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
 from tasks.evaluation.evaluate import build_results
+from tasks.packaging.bundle import BUNDLE_DIR, write_bundle_task
 from tasks.packaging.package import load_package, package_metrics, write_package
 from tasks.packaging.quantize import write_compressed_package
 from tasks.saliency.saliency import build_visual_summary
@@ -153,6 +154,7 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
                   threshold_rule=rule, aggregation=plan.evaluation.aggregation,
                   metrics=metrics.model_dump() if metrics is not None else None,
                   weights_path=environment.weights)
+    write_bundle_task(run_dir / PACKAGE_DIR, run_dir / BUNDLE_DIR)  # the same model as a MONAI bundle
     cost = deploy_cost_task(run_dir / PACKAGE_DIR, **timing)
     return arm.model_copy(update={"deployment": cost, "package_dir": (run_dir / PACKAGE_DIR).relative_to(report_dir).as_posix()})
 

@@ -265,11 +265,19 @@ def ingest_dicomweb_flow(
     base_url, query = check_dicomweb_arguments(
         url, out, study_date=study_date, modality=modality, accession=accession, study_uids_file=study_uids_file,
         labels=Path(labels) if labels else None, window=window)
-    (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
-    counts = fetch_from_archive(base_url, out, query, credentials_block, fetch_threads)
-    mirror = Mirror.open(out)
-    if not mirror.index:
-        raise IngestError(f"no {query.modality} instance on {base_url} matches {query.describe()}; nothing to ingest.")
-    summary = ingest_flow(src_dir=str(mirror.files_dir), out_dir=str(out), labels=labels, size=size, window=window,
+    files_dir, counts = mirror_archive(base_url, out, query, credentials_block, fetch_threads)
+    summary = ingest_flow(src_dir=str(files_dir), out_dir=str(out), labels=labels, size=size, window=window,
                           workers=workers, allow_burned_in=allow_burned_in)
     return {**summary, "archive": counts}
+
+
+def mirror_archive(url: str, out: Path, query: StudyQuery, credentials_block: str | None,
+                   threads: int = 4) -> tuple[Path, dict[str, int]]:
+    """Bring the dataset folder's private mirror up to date with the archive (fetch_from_archive); returns the
+    mirror's files folder (the folder ingest's source) and the counts. IngestError when the mirror stays empty."""
+    (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+    counts = fetch_from_archive(url, out, query, credentials_block, threads)
+    mirror = Mirror.open(out)
+    if not mirror.index:
+        raise IngestError(f"no {query.modality} instance on {url} matches {query.describe()}; nothing to ingest.")
+    return mirror.files_dir, counts

@@ -125,6 +125,10 @@ StudyUidsFile = Annotated[str | None, described(description="only the studies li
 CredentialsBlock = Annotated[str | None, described(description="name of a Prefect Secret block holding the archive's "
                                                "user:password or token; empty: CTCOMPARE_DICOMWEB_USER and "
                                                "_PASSWORD (or _TOKEN) from the environment, else none")]
+DicomSource = Annotated[str, described(description="folder of DICOM files (searched recursively, any file extension), "
+                                   "or a DICOMweb base URL whose studies the study filters select")]
+SendUrl = Annotated[str | None, described(pattern=r"^https?://[^\s@/]+(/\S*)?$", description="store the DICOM SR "
+                                       "of each study in this DICOMweb archive (STOW-RS), e.g. the source archive")]
 FetchThreads = Annotated[int, described(ge=1, le=32, description="instance retrievals running at once")]
 
 # --------------------------------------------------------------------------------------------- cost and train

@@ -17,10 +17,16 @@ from prefect.artifacts import create_markdown_artifact
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
-from flows.ingest import check_ingest_arguments, ingest_flow
+from flows.ingest import check_dicomweb_arguments, check_ingest_arguments, ingest_flow, mirror_archive
 from flows.parameters import (
+    Accession,
     BatchSize,
-    DicomFolder,
+    CredentialsBlock,
+    DicomSource,
+    Modality,
+    SendUrl,
+    StudyDate,
+    StudyUidsFile,
     PackagePath,
     Precision,
     PredictionsFolder,
@@ -29,6 +35,8 @@ from flows.parameters import (
     PredictWindow,
 )
 from tasks.ingest.labels import read_labels
+from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
+from tasks.packaging.dicom_sr import SR_DIR, send_reports_task, write_study_reports_task
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
 
@@ -59,17 +67,29 @@ def _copy_quarantine(out: Path) -> None:
 @flow(name="predict")
 def predict_flow(
     package: PackagePath,
-    dicom_dir: DicomFolder,
+    dicom_dir: DicomSource,
     out_dir: PredictionsFolder,
     labels: PredictLabels = None,
     window: PredictWindow = None,
     size: PredictSize = None,
     batch_size: BatchSize = 32,
     precision: Precision = "auto",
+    study_date: StudyDate = "yesterday",
+    modality: Modality = "CT",
+    accession: Accession = None,
+    study_uids_file: StudyUidsFile = None,
+    send_url: SendUrl = None,
+    credentials_block: CredentialsBlock = None,
 ) -> dict[str, Any]:
-    """Predict new DICOM files with a model package, converted with exactly the package's recipe."""
+    """Predict new DICOM files (a folder, or the studies of a DICOMweb archive) with a model package, converted
+    with exactly the package's recipe; one DICOM SR per study under PRED_DIR/private/, stored back with send_url."""
     logger = get_run_logger()
     out = Path(out_dir).resolve()
+    if is_dicomweb_url(dicom_dir):  # the studies are mirrored into the prediction dataset's private folder
+        base_url, query = check_dicomweb_arguments(
+            dicom_dir, out / PREDICT_DATASET_DIR, study_date=study_date, modality=modality, accession=accession,
+            study_uids_file=study_uids_file, labels=Path(labels) if labels else None, window=window or "lung")
+        dicom_dir = str(mirror_archive(base_url, out / PREDICT_DATASET_DIR, query, credentials_block)[0])
     checked = check_predict_arguments(Path(package), Path(dicom_dir).resolve(), out,
                                       labels=Path(labels) if labels else None, window=window, size=size)
     dataset_dir = out / PREDICT_DATASET_DIR
@@ -79,6 +99,9 @@ def predict_flow(
     finally:
         _copy_quarantine(out)
     summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision)
+    reports = write_study_reports_task(checked["package_file"], out, Path(dicom_dir).resolve())
+    sent = send_reports_task(check_dicomweb_url(send_url), reports, credentials_block) if send_url else 0
+    logger.info("Wrote %d DICOM SR(s), one per study, under %s; %d sent", len(reports), SR_DIR, sent)
     logger.info("Predicted %d image(s) of %d patient(s); %d file(s) quarantined; %d patient(s) positive",
                 summary.n_images, summary.n_patients, summary.n_files_quarantined, summary.n_positive_patients)
     create_markdown_artifact(
@@ -88,4 +111,5 @@ def predict_flow(
                   f"({summary.aggregation} aggregation); {summary.n_files_quarantined} of {summary.n_files_seen} "
                   f"files quarantined."),
     )
-    return {"out_dir": str(out), "summary": summary.model_dump(mode="json")}
+    return {"out_dir": str(out), "summary": summary.model_dump(mode="json"), "reports": [str(p) for p in reports],
+            "sent": sent}

@@ -1,0 +1,242 @@
+"""A model package as a MONAI bundle (RUN_DIR/bundle/), the MONAI ecosystem's way to share a model.
+
+    configs/metadata.json   MONAI's metadata schema (version, changelog, monai/pytorch/numpy versions, required
+                            packages, task, description, authors, copyright, network_data_format with inputs and
+                            outputs), plus the recipe: intensity window, sizes, normalisation, threshold
+    configs/inference.json  runs the model on a folder of DICOM files with MONAI transforms and writes
+                            OUTPUT_DIR/probabilities.csv (file, prob_positive), one row per file
+    models/model.pt         the network's weights (a state dict, keys as in ctcompare's model)
+    models/model.ts         the same network as TorchScript, softmax (or the linear probe) included: inference needs
+                            no ctcompare code
+    docs/README.md          the package's model card
+    LICENSE                 the licence of the code and of the weights
+
+Run it from the bundle folder:
+    python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \
+        --dataset_dir DICOM_DIR --output_dir OUT_DIR
+
+The transforms reproduce ctcompare's conversion step for step (tasks.ingest.preprocess, the float16 the dataset
+stores, tasks.training.models.resize_images, the normalisation), so the probabilities agree with `ctcompare
+predict` on the same files. Each file is read as one frame (multi-frame files: use `ctcompare predict`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from data_schemas.files import atomic_write_bytes, atomic_write_text
+from data_schemas.package import MODEL_CARD_FILE, ModelPackageMeta
+from tasks.ingest.preprocess import window_level_width
+from tasks.packaging.package import LoadedPackage, float_model, load_package
+
+BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
+BUNDLE_CSV = "probabilities.csv"
+LICENSE_TEXT = "Apache-2.0"
+METADATA_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+# The fields MONAI's metadata schema requires (meta_schema_20240725.json "required").
+REQUIRED_METADATA = ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                     "required_packages_version", "task", "description", "authors", "copyright",
+                     "network_data_format")
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class ProbabilityNetwork(nn.Module):
+    """The package's network with its probability step: (N, 1, S, S) normalised images -> (N, 2) class
+    probabilities (softmax of the logits, or the linear probe's standardiser and logistic regression)."""
+
+    def __init__(self, network: nn.Module, meta: ModelPackageMeta) -> None:
+        super().__init__()
+        self.network = network
+        probe = meta.linear_probe
+        self.probe = probe is not None
+        if probe is not None:
+            self.register_buffer("feature_mean", torch.tensor(probe.feature_mean, dtype=torch.float64))
+            self.register_buffer("feature_scale", torch.tensor(probe.feature_scale, dtype=torch.float64))
+            self.register_buffer("coef", torch.tensor(probe.coef, dtype=torch.float64))
+            self.intercept = float(probe.intercept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.network(x).float()
+        if not self.probe:
+            return torch.softmax(outputs, dim=1)
+        z = (outputs.double() - self.feature_mean) / self.feature_scale
+        positive = torch.sigmoid(z @ self.coef + self.intercept).float()[:, None]
+        return torch.cat([1.0 - positive, positive], dim=1)
+
+
+def bundle_metadata(meta: ModelPackageMeta, package_sha256: str) -> dict[str, Any]:
+    """configs/metadata.json: MONAI's required fields, the network's inputs and outputs, and the recipe."""
+    recipe, point = meta.recipe, meta.operating_point
+    level, width = window_level_width(recipe.window)
+    size = recipe.train_image_size
+    created = meta.created_at[:10]
+    return {
+        "schema": METADATA_SCHEMA,
+        "version": "1.0.0",
+        "changelog": {"1.0.0": f"ctcompare package {package_sha256[:16]} of arm {meta.arm}, written {created}"},
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"pydicom": _version("pydicom"), "ctcompare": _version("ctcompare")},
+        "name": f"ctcompare {meta.arm}",
+        "task": f"CT slice classification: {meta.classes[0]} vs {meta.positive_label}",
+        "description": (
+            f"{meta.arm} arm trained by ctcompare on {meta.training_data.n_patients} patients; outputs the probability "
+            f"of '{meta.positive_label}' per image. Research use only, not for diagnosis."
+        ),
+        "authors": "ctcompare",
+        "copyright": f"Copyright {created[:4]} the model's owner; ctcompare is Apache-2.0",
+        "data_source": "the owner's CT cohort (see docs/README.md); no image is shipped",
+        "data_type": "dicom",
+        "image_classes": "one channel grey image in [0, 1] after the CT window, normalised",
+        "label_classes": f"0: {meta.classes[0]}, 1: {meta.positive_label}",
+        "pred_classes": f"probabilities of {meta.classes[0]} and {meta.positive_label}",
+        "eval_metrics": {name: value.value for name, value in (meta.metrics.patient if meta.metrics else {}).items()
+                         if value.value is not None},
+        "intended_use": "research; not for diagnosis",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                "spatial_shape": [size, size], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                "channel_def": {"0": "CT window to [0, 1], normalised with the mean and std below"},
+            }},
+            "outputs": {"pred": {
+                "type": "probabilities", "format": "classes", "num_channels": 2, "spatial_shape": [2],
+                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                "channel_def": {"0": meta.classes[0], "1": meta.positive_label},
+            }},
+        },
+        "preprocessing": {
+            "intensity_window_hu": {"name": recipe.window.name, "level": level, "width": width},
+            "ingest_size": recipe.ingest_image_size, "train_size": size,
+            "normalisation": {"mean": recipe.normalisation_mean, "std": recipe.normalisation_std},
+            "value_mapping": recipe.value_mapping, "padding": recipe.padding, "interpolation": recipe.interpolation,
+        },
+        "threshold": {"value": point.threshold, "rule": point.rule, "aggregation": point.aggregation,
+                      "positive_label": meta.positive_label},
+    }
+
+
+def _resize(size: int) -> str:
+    """The expression of ctcompare's resize (antialiased bicubic, clamped), skipped at the same size."""
+    return (f"$lambda x: x if tuple(x.shape[-2:]) == ({size}, {size}) else torch.nn.functional.interpolate("
+            f"torch.as_tensor(x)[None].float(), size=({size}, {size}), mode='bicubic', antialias=True, "
+            "align_corners=False)[0].clamp(0, 1)")
+
+
+def inference_config(meta: ModelPackageMeta) -> dict[str, Any]:
+    """configs/inference.json: the folder's files -> ctcompare's conversion as MONAI transforms -> the network."""
+    recipe = meta.recipe
+    level, width = window_level_width(recipe.window)
+    low = level - width / 2.0
+    load = ("$lambda d: (lambda ds: dict(d, image=pydicom.pixels.apply_rescale(ds.pixel_array, ds).astype('float32')"
+            "[None], monochrome1=str(ds.PhotometricInterpretation) == 'MONOCHROME1'))(pydicom.dcmread(d['path']))")
+    return {
+        "imports": ["$import glob", "$import os", "$import pydicom", "$import torch", "$import monai"],
+        "bundle_root": ".",
+        "dataset_dir": "$@bundle_root + '/dicom'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "cpu",
+        "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device)",
+        "network": "$@network_def.eval()",
+        "files": "$sorted(p for p in glob.glob(os.path.join(@dataset_dir, '**', '*'), recursive=True) "
+                 "if os.path.isfile(p))",
+        "data": "$[{'path': p} for p in @files]",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Lambda", "func": load},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": low + width,
+             "b_min": 0.0, "b_max": 1.0, "clip": True},
+            {"_target_": "Lambda", "func": "$lambda d: dict(d, image=1.0 - d['image']) if d['monochrome1'] else d"},
+            {"_target_": "Lambdad", "keys": "image", "func": "$lambda x: monai.transforms.SpatialPad("
+             "spatial_size=[max(x.shape[-2:])] * 2, method='symmetric', mode='constant')(x)"},
+            {"_target_": "Lambdad", "keys": "image", "func": _resize(recipe.ingest_image_size)},
+            # the dataset ctcompare trained on stores images as float16
+            {"_target_": "Lambdad", "keys": "image", "func": "$lambda x: torch.as_tensor(x).half().float()"},
+            {"_target_": "Lambdad", "keys": "image", "func": _resize(recipe.train_image_size)},
+            {"_target_": "NormalizeIntensityd", "keys": "image", "subtrahend": recipe.normalisation_mean,
+             "divisor": recipe.normalisation_std},
+        ]},
+        "dataset": {"_target_": "Dataset", "data": "@data", "transform": "@preprocessing"},
+        "predict": ("$lambda image: float(@network(torch.as_tensor(image)[None].float().to(@device))[0, 1]"
+                    ".clamp(0, 1))"),
+        "rows": "$[(os.path.relpath(item['path'], @dataset_dir), @predict(item['image'])) for item in @dataset]",
+        "run": [
+            "$os.makedirs(@output_dir, exist_ok=True)",
+            (f"$open(os.path.join(@output_dir, '{BUNDLE_CSV}'), 'w').write('file,prob_positive\\n' + "
+             "''.join(f'{path},{prob:.8f}\\n' for path, prob in @rows))"),
+        ],
+    }
+
+
+def write_bundle(package: Path | LoadedPackage, out_dir: Path) -> Path:
+    """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir."""
+    loaded = package if isinstance(package, LoadedPackage) else load_package(Path(package))
+    meta = loaded.meta
+    if meta.weights_variant == "int8":
+        raise ValueError("a MONAI bundle is written from the full-precision package, not its int8 variant.")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in ("configs", "models", "docs"):
+        (staging / folder).mkdir(parents=True)
+    network = ProbabilityNetwork(float_model(meta, loaded.state_dict), meta).eval()
+    size = meta.recipe.train_image_size
+    with torch.no_grad():
+        traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
+    torch.jit.save(traced, str(staging / "models" / "model.ts"))
+    torch.save(network.network.state_dict(), staging / "models" / "model.pt")
+    atomic_write_text(staging / "configs" / "metadata.json",
+                      json.dumps(bundle_metadata(meta, loaded.sha256), indent=2) + "\n")
+    atomic_write_text(staging / "configs" / "inference.json", json.dumps(inference_config(meta), indent=2) + "\n")
+    card = loaded.path.parent / MODEL_CARD_FILE
+    readme = card.read_text() if card.is_file() else f"# ctcompare {meta.arm}\n"
+    atomic_write_text(staging / "docs" / "README.md", readme + _RUN_NOTE)
+    atomic_write_bytes(staging / "LICENSE", _license_text(meta).encode())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return out_dir
+
+
+_RUN_NOTE = """
+## Running this MONAI bundle
+
+From the bundle folder:
+
+    python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\
+        --dataset_dir DICOM_DIR --output_dir OUT_DIR
+
+OUT_DIR/probabilities.csv gets one row per DICOM file (path relative to DICOM_DIR, probability of the positive
+class). The threshold and patient aggregation are in configs/metadata.json. Research use only, not for diagnosis.
+"""
+
+
+def _license_text(meta: ModelPackageMeta) -> str:
+    return (
+        f"The code of this bundle (configs) is licensed under {LICENSE_TEXT} (https://www.apache.org/licenses/"
+        "LICENSE-2.0), as ctcompare is.\n\nThe weights (models/) were trained by the model's owner on their own data"
+        f" (arm {meta.arm}); their use is governed by the owner's terms for that data. ImageNet-initialised arms "
+        "also carry the terms of the torchvision ImageNet weights.\n"
+    )
+
+
+@task(name="write-monai-bundle", cache_policy=NO_CACHE)
+def write_bundle_task(package_dir: Path, out_dir: Path) -> Path:
+    """The package as a MONAI bundle beside it."""
+    return write_bundle(package_dir, out_dir)
