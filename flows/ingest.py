@@ -266,6 +266,8 @@ def ingest_dicomweb_flow(
         url, out, study_date=study_date, modality=modality, accession=accession, study_uids_file=study_uids_file,
         labels=Path(labels) if labels else None, window=window)
     files_dir, counts = mirror_archive(base_url, out, query, credentials_block, fetch_threads)
+    if labels and dicomweb.keyed_on_accession(Path(labels)):  # the archive knows each study's accession number
+        labels = str(Mirror.open(out).accession_labels(Path(labels)))
     summary = ingest_flow(src_dir=str(files_dir), out_dir=str(out), labels=labels, size=size, window=window,
                           workers=workers, allow_burned_in=allow_burned_in)
     return {**summary, "archive": counts}

@@ -15,6 +15,7 @@ variables, never from a flow parameter: the parameter names the block, not the s
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import partial
-from io import BytesIO
+from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +55,9 @@ INSTANCES_PER_BATCH = 32  # one retrieval task (retried as a unit); several run 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DATE_FORMS = "YYYYMMDD, YYYYMMDD-YYYYMMDD, yesterday, today or any"
 
-TAG_STUDY_UID, TAG_SERIES_UID, TAG_SOP_UID = "0020000D", "0020000E", "00080018"
+TAG_STUDY_UID, TAG_SERIES_UID, TAG_SOP_UID, TAG_ACCESSION = "0020000D", "0020000E", "00080018", "00080050"
+ACCESSION_COLUMN = "accession_number"  # a labels file keyed on it is translated to StudyInstanceUIDs (private)
+ACCESSION_LABELS_FILE = "labels_by_study.csv"
 
 
 class DicomWebError(ValueError):
@@ -248,6 +251,7 @@ class InstanceRef:
     study_uid: str
     series_uid: str
     sop_uid: str
+    accession: str = field(default="", compare=False)
 
     def mirror_path(self) -> str:
         """Its place under files/ (POSIX, relative)."""
@@ -259,38 +263,40 @@ def _first_value(item: dict[str, Any], tag: str) -> str:
     return str(values[0])
 
 
-def all_pages(search: Callable[..., list[dict[str, Any]]], tag: str) -> set[str]:
-    """The `tag` values of every result of a QIDO search, page by page (limit and offset).
+def all_pages(search: Callable[..., list[dict[str, Any]]], tag: str) -> dict[str, dict[str, Any]]:
+    """Every result of a QIDO search by its `tag` value, page by page (limit and offset).
 
     Pages end at a short or empty page. A server that answers a later page with results it gave already ignores
     the offset (Orthanc does for ModalitiesInStudy, which is why studies are not filtered by it): refused in one
     sentence rather than looping or losing results.
     """
-    found: set[str] = set()
+    found: dict[str, dict[str, Any]] = {}
     offset = 0
     while True:
-        page = {_first_value(item, tag) for item in search(limit=QIDO_PAGE, offset=offset)} - {""}
-        if page & found:
+        page = {_first_value(item, tag): item for item in search(limit=QIDO_PAGE, offset=offset)}
+        page.pop("", None)
+        if page.keys() & found.keys():
             raise DicomWebError(f"the DICOMweb server ignores the QIDO offset, so more than {QIDO_PAGE} results cannot "
                                 "be listed; narrow the query (a shorter --study-date range).")
-        found |= page
+        found.update(page)
         if len(page) < QIDO_PAGE:
             return found
         offset += QIDO_PAGE
 
 
-def find_studies(client: Any, query: StudyQuery) -> list[str]:
-    """StudyInstanceUIDs matching the query (QIDO-RS, every page)."""
+def find_studies(client: Any, query: StudyQuery) -> dict[str, str]:
+    """StudyInstanceUID -> AccessionNumber ('' when none) of the studies matching the query (QIDO-RS, every page)."""
     filters: dict[str, str] = {}  # the modality is matched on the series (see all_pages)
     if query.study_date:
         filters["StudyDate"] = query.study_date
     if query.accession:
         filters["AccessionNumber"] = query.accession
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for uid in query.study_uids or (None,):
         matched = dict(filters, StudyInstanceUID=uid) if uid else filters
-        found |= all_pages(partial(client.search_for_studies, search_filters=matched), TAG_STUDY_UID)
-    return sorted(found)
+        studies = all_pages(partial(client.search_for_studies, search_filters=matched), TAG_STUDY_UID)
+        found.update((study, _first_value(item, TAG_ACCESSION)) for study, item in studies.items())
+    return dict(sorted(found.items()))
 
 
 def find_instances(url: str, query: StudyQuery, secret_block: str | None = None) -> list[InstanceRef]:
@@ -298,12 +304,12 @@ def find_instances(url: str, query: StudyQuery, secret_block: str | None = None)
     client = open_client(url, secret_block)
     try:
         instances = []
-        for study_uid in find_studies(client, query):
+        for study_uid, accession in find_studies(client, query).items():
             modality = {"Modality": query.modality}
             series = all_pages(partial(client.search_for_series, study_uid, search_filters=modality), TAG_SERIES_UID)
             for series_uid in sorted(series):
                 sops = all_pages(partial(client.search_for_instances, study_uid, series_uid), TAG_SOP_UID)
-                instances += [InstanceRef(study_uid, series_uid, sop) for sop in sops]
+                instances += [InstanceRef(study_uid, series_uid, sop, accession) for sop in sorted(sops)]
         return sorted(instances)
     except Exception as error:  # noqa: BLE001 - every failure becomes one sentence naming the URL
         raise describe_failure(url, error, "the study query") from None
@@ -357,12 +363,39 @@ class Mirror:
             target = self.files_dir / ref.mirror_path()
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.replace(staged, target)
-            self.index[ref.sop_uid] = {"path": ref.mirror_path(), "sha256": sha256_file(target)}
+            self.index[ref.sop_uid] = {"path": ref.mirror_path(), "sha256": sha256_file(target),
+                                       "accession": ref.accession}
             moved += 1
         atomic_write_text(self.root / MIRROR_INDEX_FILE, json.dumps(self.index, indent=1, sort_keys=True) + "\n",
                           mode=PRIVATE_FILE_MODE)
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         return moved
+
+
+    def accession_labels(self, labels_path: Path) -> Path:
+        """A labels file keyed on accession_number, rewritten keyed on study_instance_uid for the mirrored studies
+        (private/dicomweb/labels_by_study.csv, owner-only); ValueError naming rows, never their values."""
+        with open(labels_path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+        labels: dict[str, str] = {}
+        for number, row in enumerate(rows, start=2):
+            accession, label = (row.get(ACCESSION_COLUMN) or "").strip(), (row.get("label") or "").strip()
+            if not accession or not label:
+                raise ValueError(f"labels file {labels_path.name}, row {number}: empty {ACCESSION_COLUMN} or label.")
+            labels[accession] = label
+        by_study = {entry["path"].split("/")[0]: labels[entry.get("accession", "")]
+                    for entry in self.index.values() if entry.get("accession", "") in labels}
+        target, text = self.root / ACCESSION_LABELS_FILE, StringIO()
+        csv.writer(text, lineterminator="\n").writerows([("study_instance_uid", "label"), *sorted(by_study.items())])
+        atomic_write_text(target, text.getvalue(), mode=PRIVATE_FILE_MODE)
+        return target
+
+
+def keyed_on_accession(labels_path: Path) -> bool:
+    """Whether a labels CSV's key column is accession_number."""
+    with open(labels_path, newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    return ACCESSION_COLUMN in [name.strip() for name in header]
 
 
 def batches(refs: list[InstanceRef], size: int = INSTANCES_PER_BATCH) -> list[list[InstanceRef]]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from datetime import date
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 
@@ -59,6 +61,17 @@ def test_date_range_ingest_equals_folder_ingest_and_rerun_fetches_nothing(fresh_
     assert (mirror / MIRROR_INDEX_FILE).stat().st_mode & 0o077 == 0
     assert len(list((mirror / MIRROR_FILES_DIR).rglob("*.dcm"))) == len(in_range)
     assert not (mirror / dicomweb.STAGING_DIR).exists()
+
+    # Labels keyed on accession numbers (which only the archive's study records hold) label the same images.
+    label_of = dict(csv.reader((cohort / "labels.csv").read_text().splitlines()))
+    accession_labels = tmp_path / "accession-labels.csv"
+    with open(accession_labels, "w", newline="") as handle:
+        csv.writer(handle).writerows([("accession_number", "label"), *sorted(
+            {(str(ds.AccessionNumber), label_of[str(ds.PatientID)]) for ds in map(pydicom.dcmread, files)})])
+    by_accession = ingest_dicomweb_flow(url=fresh_orthanc.dicomweb_url, out_dir=str(tmp_path / "by-accession"),
+                                        study_date=f"{first}-{last}", labels=str(accession_labels), **INGEST)
+    assert by_accession["card"]["label_distribution"] == from_folder["card"]["label_distribution"]
+    assert (tmp_path / "by-accession" / MANIFEST_FILE).read_bytes() == (out / MANIFEST_FILE).read_bytes()
 
     again = ingest_dicomweb_flow(url=fresh_orthanc.dicomweb_url, out_dir=str(out), study_date=f"{first}-{last}",
                                  labels=str(cohort / "labels.csv"), **INGEST)
