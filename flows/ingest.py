@@ -205,7 +205,12 @@ def check_dicomweb_arguments(url: str, out_dir: Path, *, study_date: str, modali
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")
     refuse_non_folder(out_dir, "output")
+    refuse_private_under_report(out_dir)
     parse_window(window)
+    try:  # checked without creating anything: a refused ingest leaves no folder behind
+        check_folder_writable(out_dir)
+    except OSError:
+        raise ValueError(f"output folder {out_dir} cannot be written (checked {nearest_existing(out_dir)}).") from None
     return base_url, query
 
 

@@ -43,15 +43,17 @@ from tasks.packaging.predict import check_request, predict_dataset_task, window_
 PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
 
 
-def check_predict_arguments(package: Path, dicom_dir: Path, out_dir: Path, *, labels: Path | None,
+def check_predict_arguments(package: Path, dicom_dir: Path | None, out_dir: Path, *, labels: Path | None,
                             window: str | None, size: int | None) -> dict[str, Any]:
-    """Load the package's metadata and refuse a request its recipe cannot serve; returns ingest's window and size."""
+    """Load the package's metadata and refuse a request its recipe cannot serve; returns ingest's window and size.
+    dicom_dir None: the source is an archive (check_dicomweb_arguments checks it)."""
     loaded = load_package(package)
     label_names = set(read_labels(labels).labels.values()) if labels is not None else None
     check_request(loaded.meta, window=window, size=size, label_names=label_names)
     recipe = loaded.meta.recipe
     window_text = window_argument(recipe.window)
-    check_ingest_arguments(dicom_dir, out_dir / PREDICT_DATASET_DIR, labels, window_text)
+    if dicom_dir is not None:
+        check_ingest_arguments(dicom_dir, out_dir / PREDICT_DATASET_DIR, labels, window_text)
     return {"window": window_text, "size": recipe.ingest_image_size, "package_file": loaded.path}
 
 

@@ -9,19 +9,51 @@ from typing import Any
 
 from flows.cli.errors import EXIT_FAILED, UsageError
 from flows.parameters import (
+    Accession,
     AllowBurnedIn,
+    CredentialsBlock,
     DaskAddress,
     DatasetFolder,
     DicomFolder,
+    FetchThreads,
     IngestLabels,
     IngestSize,
+    Modality,
+    StudyDate,
+    StudyUidsFile,
     Window,
     Workers,
     check_flow_parameters,
     help_for,
 )
 
-DESCRIPTION = "Turn a folder of DICOM CT files into a pseudonymized, schema-validated tensor dataset."
+DESCRIPTION = ("Turn a folder of DICOM CT files, or the CT studies of a DICOMweb archive (a PACS), into a "
+               "pseudonymized, schema-validated tensor dataset.")
+
+
+def dicomweb_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The DICOMweb ingest flow's parameters (SRC is a URL), checked like the folder ingest's: UsageError (one
+    sentence) before any request and before any folder is made."""
+    from flows.ingest import check_dicomweb_arguments, ingest_dicomweb_flow
+    from tasks.ingest.assemble import read_labels
+    from tasks.ingest.dicomweb import keyed_on_accession
+
+    parameters = {"url": args.src_dir, "out_dir": args.out, "study_date": args.study_date, "modality": args.modality,
+                  "accession": args.accession, "study_uids_file": args.study_list, "labels": args.labels,
+                  "size": args.size, "window": args.window, "workers": args.workers,
+                  "allow_burned_in": args.allow_burned_in, "credentials_block": args.credentials_block,
+                  "fetch_threads": args.fetch_threads}
+    try:
+        check_dicomweb_arguments(args.src_dir, Path(args.out).resolve(), study_date=args.study_date,
+                                 modality=args.modality, accession=args.accession, study_uids_file=args.study_list,
+                                 labels=Path(args.labels) if args.labels else None, window=args.window)
+        check_flow_parameters(ingest_dicomweb_flow, parameters, {"url": "SRC", "out_dir": "--out",
+                                                                 "study_uids_file": "--study-list"})
+        if args.labels and not keyed_on_accession(Path(args.labels)):
+            read_labels(Path(args.labels))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return parameters
 
 
 def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,17 +78,23 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    from flows.ingest import ingest_flow
+    from flows.ingest import ingest_dicomweb_flow, ingest_flow
+    from tasks.ingest.dicomweb import is_dicomweb_url
     from tasks.ingest.errors import IngestError
 
-    parameters = ingest_parameters(args)
+    from_archive = is_dicomweb_url(args.src_dir)
+    parameters = dicomweb_parameters(args) if from_archive else ingest_parameters(args)
     try:
-        summary = ingest_flow(**parameters)
-    except IngestError as error:
+        summary = (ingest_dicomweb_flow if from_archive else ingest_flow)(**parameters)
+    except IngestError as error:  # DicomWebError (a ValueError) ends in the dispatcher's one sentence
         print(f"ctcompare ingest: {error}")
         return EXIT_FAILED
     card = summary["card"]
     state = "unchanged" if summary["skipped"] else "written"
+    if from_archive:
+        counts = summary["archive"]
+        print(f"Archive: {counts['found']} instance(s) match, {counts['fetched']} fetched, "
+              f"{counts['already']} already in the dataset's mirror")
     print(
         f"Dataset {state}: {summary['dataset_dir']} - {card['n_images']} images from {card['n_patients']} patients; "
         f"{card['n_files_quarantined']} of {card['n_files_seen']} files quarantined (see private/quarantine.csv); "
@@ -69,7 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare ingest`."""
     parser = subparsers.add_parser("ingest", help="DICOM folder -> pseudonymized tensor dataset",
                                    description=DESCRIPTION)
-    parser.add_argument("src_dir", metavar="SRC_DIR", help=help_for(DicomFolder))
+    parser.add_argument("src_dir", metavar="SRC", help=help_for(DicomFolder) + "; or a DICOMweb base URL "
+                        "(http://host:port/dicom-web) whose studies the archive options select")
     parser.add_argument("--out", required=True, help=help_for(DatasetFolder))
     parser.add_argument("--labels", help=help_for(IngestLabels))
     parser.add_argument("--size", type=int, default=224, help=help_for(IngestSize, 224))
@@ -77,4 +116,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=0, help=help_for(Workers, 0))
     parser.add_argument("--dask-address", default=None, help=help_for(DaskAddress))
     parser.add_argument("--allow-burned-in", action="store_true", help=help_for(AllowBurnedIn))
+    add_archive_options(parser)
+    parser.add_argument("--fetch-threads", type=int, default=4, help=help_for(FetchThreads, 4))
     parser.set_defaults(handler=_run_ingest)
+
+
+def add_archive_options(parser: argparse.ArgumentParser) -> None:
+    """The study filters and credentials of a DICOMweb source (ingest and predict)."""
+    group = parser.add_argument_group("DICOMweb source (SRC is a URL)")
+    group.add_argument("--study-date", default="yesterday", help=help_for(StudyDate, "yesterday"))
+    group.add_argument("--modality", default="CT", help=help_for(Modality, "CT"))
+    group.add_argument("--accession", default=None, help=help_for(Accession))
+    group.add_argument("--study-list", default=None, metavar="FILE", help=help_for(StudyUidsFile))
+    group.add_argument("--credentials-block", default=None, metavar="NAME", help=help_for(CredentialsBlock))

@@ -7,49 +7,67 @@ import argparse
 from pathlib import Path
 
 from flows.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
+from flows.cli.ingest import add_archive_options
 from flows.parameters import (
     BatchSize,
-    DicomFolder,
+    DicomSource,
     PackagePath,
     Precision,
     PredictionsFolder,
     PredictLabels,
     PredictSize,
     PredictWindow,
+    SendUrl,
     check_flow_parameters,
     help_for,
 )
 
-DESCRIPTION = "Predict new DICOM files with a model package, converted with exactly the package's recipe."
+DESCRIPTION = ("Predict new DICOM files (a folder, or the studies of a DICOMweb archive) with a model package, "
+               "converted with exactly the package's recipe; one DICOM SR per study, sent back with --send.")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     """`ctcompare predict`: refuse bad arguments as one sentence (exit 2), run the flow, print one summary line."""
+    from flows.ingest import check_dicomweb_arguments
     from flows.predict import check_predict_arguments, predict_flow
+    from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
     from tasks.ingest.errors import IngestError
 
     out = Path(args.out).resolve()
+    from_archive = is_dicomweb_url(args.dicom_dir)
+    parameters = {
+        "package": args.package, "dicom_dir": args.dicom_dir, "out_dir": str(out), "labels": args.labels,
+        "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
+        "study_date": args.study_date, "modality": args.modality, "accession": args.accession,
+        "study_uids_file": args.study_list, "send_url": args.send, "credentials_block": args.credentials_block,
+    }
+    labels = Path(args.labels) if args.labels else None
     try:
-        check_flow_parameters(predict_flow, {
-            "package": args.package, "dicom_dir": args.dicom_dir, "out_dir": str(out), "labels": args.labels,
-            "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
-        }, {"package": "PACKAGE_OR_RUN_DIR", "dicom_dir": "DICOM_DIR", "out_dir": "--out"})
-        check_predict_arguments(Path(args.package), Path(args.dicom_dir).resolve(), out,
-                                labels=Path(args.labels) if args.labels else None, window=args.window, size=args.size)
+        check_flow_parameters(predict_flow, parameters, {"package": "PACKAGE_OR_RUN_DIR", "dicom_dir": "SOURCE",
+                                                         "out_dir": "--out", "study_uids_file": "--study-list",
+                                                         "send_url": "--send"})
+        checked = check_predict_arguments(Path(args.package), None if from_archive else Path(args.dicom_dir).resolve(),
+                                          out, labels=labels, window=args.window, size=args.size)
+        if from_archive:
+            check_dicomweb_arguments(args.dicom_dir, out, study_date=args.study_date, modality=args.modality,
+                                     accession=args.accession, study_uids_file=args.study_list, labels=labels,
+                                     window=checked["window"])
+        if args.send:
+            check_dicomweb_url(args.send)
     except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
         raise UsageError(str(error)) from None
     try:
-        result = predict_flow(package=args.package, dicom_dir=args.dicom_dir, out_dir=str(out), labels=args.labels,
-                              window=args.window, size=args.size, batch_size=args.batch_size,
-                              precision=args.precision)
-    except (IngestError, ValueError) as error:
+        result = predict_flow(**parameters)
+    except (IngestError, ValueError) as error:  # DicomWebError is a ValueError: one sentence naming URL and status
         print(f"ctcompare predict: {str(error).splitlines()[0]}")
         return EXIT_FAILED
     summary = result["summary"]
+    sent = f", {result['sent']} sent to {args.send}" if args.send else ""
     print(
         f"Predicted {summary['n_images']} images of {summary['n_patients']} patients "
         f"({summary['n_positive_patients']} positive at threshold {summary['threshold']:.3f}); "
-        f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv) -> {out}"
+        f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv); "
+        f"{len(result['reports'])} DICOM SR(s), one per study, in private/dicom-sr{sent} -> {out}"
     )
     return EXIT_OK
 
@@ -59,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="run a model package on new DICOM files",
                                    description=DESCRIPTION)
     parser.add_argument("package", metavar="PACKAGE_OR_RUN_DIR", help=help_for(PackagePath))
-    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help=help_for(DicomFolder))
+    parser.add_argument("dicom_dir", metavar="SOURCE", help=help_for(DicomSource))
     parser.add_argument("--out", required=True, metavar="PRED_DIR", help=help_for(PredictionsFolder))
     parser.add_argument("--labels", help=help_for(PredictLabels))
     parser.add_argument("--window", default=None, help=help_for(PredictWindow))
@@ -67,4 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help=help_for(BatchSize, 32))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help=help_for(Precision, "auto"))
+    parser.add_argument("--send", default=None, metavar="URL", help=help_for(SendUrl))
+    add_archive_options(parser)
     parser.set_defaults(handler=_run_predict)

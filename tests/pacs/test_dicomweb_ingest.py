@@ -140,3 +140,36 @@ def test_url_with_credentials_is_refused() -> None:
     with pytest.raises(ValueError, match="must not hold credentials"):
         dicomweb.check_dicomweb_url("http://user:secret@pacs:8042/dicom-web")
     assert dicomweb.check_dicomweb_url("http://pacs:8042/dicom-web/") == "http://pacs:8042/dicom-web"
+
+
+def test_cli_ingests_from_a_url_and_refuses_bad_arguments_before_any_work(
+        fresh_orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.cli import main
+    from tests.prefect_server import free_port
+
+    cohort = small_cohort(tmp_path / "cohort", seed=7)
+    upload(fresh_orthanc.dicomweb_url, dicom_files(cohort))
+    out = tmp_path / "dataset"
+    assert main(["ingest", fresh_orthanc.dicomweb_url, "--out", str(out), "--study-date", "any", "--size", "32",
+                 "--labels", str(cohort / "labels.csv"), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 instance(s) match, 12 fetched" in printed and "12 images from 6 patients" in printed
+
+    refused = tmp_path / "refused"
+    for argv, words in [(["--study-date", "2026-01-01"], "YYYYMMDD, YYYYMMDD-YYYYMMDD"),
+                        (["--modality", "ct scan"], "--modality"), (["--study-list", str(tmp_path / "none.txt")],
+                                                                     "does not exist")]:
+        assert main(["ingest", fresh_orthanc.dicomweb_url, "--out", str(refused), *argv]) == 2
+        error = capsys.readouterr().err
+        assert words in error and len(error.strip().splitlines()) == 1, error
+    assert main(["ingest", "http://user:pw@127.0.0.1:1/dicom-web", "--out", str(refused)]) == 2
+    assert "must not hold credentials" in capsys.readouterr().err
+    assert not refused.exists()
+
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    monkeypatch.setattr(dicomweb, "RETRY_DELAYS_S", [0.1])
+    assert main(["ingest", down, "--out", str(refused), "--study-date", "any"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (f"ctcompare ingest: the DICOMweb server at {down} cannot be reached for the study query "
+                     "(no HTTP status: connection refused or broken).")
