@@ -129,6 +129,8 @@ DicomSource = Annotated[str, described(description="folder of DICOM files (searc
                                    "or a DICOMweb base URL whose studies the study filters select")]
 SendUrl = Annotated[str | None, described(pattern=r"^https?://[^\s@/]+(/\S*)?$", description="store the DICOM SR "
                                        "of each study in this DICOMweb archive (STOW-RS), e.g. the source archive")]
+Overlay = Annotated[bool, described(description="also write (and send) a GradCAM overlay per study as a DICOM "
+                                  "secondary capture, marked derived and not for diagnosis")]
 FetchThreads = Annotated[int, described(ge=1, le=32, description="instance retrievals running at once")]
 
 # --------------------------------------------------------------------------------------------- cost and train

@@ -24,6 +24,7 @@ from flows.parameters import (
     CredentialsBlock,
     DicomSource,
     Modality,
+    Overlay,
     SendUrl,
     StudyDate,
     StudyUidsFile,
@@ -36,7 +37,8 @@ from flows.parameters import (
 )
 from tasks.ingest.labels import read_labels
 from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
-from tasks.packaging.dicom_sr import SR_DIR, send_reports_task, write_study_reports_task
+from tasks.packaging.dicom_overlay import write_study_overlays_task
+from tasks.packaging.dicom_sr import send_reports_task, write_study_reports_task
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
 
@@ -82,6 +84,7 @@ def predict_flow(
     study_uids_file: StudyUidsFile = None,
     send_url: SendUrl = None,
     credentials_block: CredentialsBlock = None,
+    overlay: Overlay = False,
 ) -> dict[str, Any]:
     """Predict new DICOM files (a folder, or the studies of a DICOMweb archive) with a model package, converted
     with exactly the package's recipe; one DICOM SR per study under PRED_DIR/private/, stored back with send_url."""
@@ -102,8 +105,10 @@ def predict_flow(
         _copy_quarantine(out)
     summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision)
     reports = write_study_reports_task(checked["package_file"], out, Path(dicom_dir).resolve())
+    if overlay:  # after the SRs: a GradCAM secondary capture per study
+        reports += write_study_overlays_task(checked["package_file"], out, Path(dicom_dir).resolve())
     sent = send_reports_task(check_dicomweb_url(send_url), reports, credentials_block) if send_url else 0
-    logger.info("Wrote %d DICOM SR(s), one per study, under %s; %d sent", len(reports), SR_DIR, sent)
+    logger.info("Wrote %d DICOM object(s) (SR, overlays) under private/; %d sent", len(reports), sent)
     logger.info("Predicted %d image(s) of %d patient(s); %d file(s) quarantined; %d patient(s) positive",
                 summary.n_images, summary.n_patients, summary.n_files_quarantined, summary.n_positive_patients)
     create_markdown_artifact(

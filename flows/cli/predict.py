@@ -11,6 +11,7 @@ from flows.cli.ingest import add_archive_options
 from flows.parameters import (
     BatchSize,
     DicomSource,
+    Overlay,
     PackagePath,
     Precision,
     PredictionsFolder,
@@ -40,6 +41,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         "window": args.window, "size": args.size, "batch_size": args.batch_size, "precision": args.precision,
         "study_date": args.study_date, "modality": args.modality, "accession": args.accession,
         "study_uids_file": args.study_list, "send_url": args.send, "credentials_block": args.credentials_block,
+        "overlay": args.overlay,
     }
     labels = Path(args.labels) if args.labels else None
     try:
@@ -67,7 +69,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         f"Predicted {summary['n_images']} images of {summary['n_patients']} patients "
         f"({summary['n_positive_patients']} positive at threshold {summary['threshold']:.3f}); "
         f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv); "
-        f"{len(result['reports'])} DICOM SR(s), one per study, in private/dicom-sr{sent} -> {out}"
+        f"{len(result['reports'])} DICOM object(s) (an SR per study, overlays with --overlay) in private/{sent} -> {out}"
     )
     return EXIT_OK
 
@@ -86,5 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help=help_for(Precision, "auto"))
     parser.add_argument("--send", default=None, metavar="URL", help=help_for(SendUrl))
+    parser.add_argument("--overlay", action="store_true", help=help_for(Overlay))
     add_archive_options(parser)
     parser.set_defaults(handler=_run_predict)

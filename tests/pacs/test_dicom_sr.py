@@ -18,6 +18,7 @@ from data_schemas.package import (
     PatientPrediction,
 )
 from flows.predict import predict_flow
+from tasks.packaging.dicom_overlay import OVERLAY_DIR
 from tasks.packaging.dicom_sr import (
     SR_DIR,
     SR_SERIES_DESCRIPTION,
@@ -44,12 +45,13 @@ def test_reports_sent_back_are_found_and_match_predictions(shipped: ShippedRun, 
     upload(fresh_orthanc.dicomweb_url, sorted(sources))
     out = tmp_path / "pred"
     result = predict_flow(package=str(shipped.package_dir), dicom_dir=fresh_orthanc.dicomweb_url, out_dir=str(out),
-                          precision="fp32", study_date="any", send_url=fresh_orthanc.dicomweb_url)
+                          precision="fp32", study_date="any", send_url=fresh_orthanc.dicomweb_url,
+                          overlay=True)
 
     studies = {str(ds.StudyInstanceUID) for ds in sources.values()}
-    assert result["sent"] == len(result["reports"]) == len(studies)
+    assert result["sent"] == len(result["reports"]) == 2 * len(studies)  # an SR and an overlay per study
     for path in map(Path, result["reports"]):
-        assert path.parent == out / SR_DIR and path.stat().st_mode & 0o077 == 0
+        assert path.parent in (out / SR_DIR, out / OVERLAY_DIR) and path.stat().st_mode & 0o077 == 0
     assert (out / "private").stat().st_mode & 0o077 == 0
 
     # The expected decision of each study: its patient's row of patient_predictions.csv (one study per patient).
@@ -82,3 +84,14 @@ def test_reports_sent_back_are_found_and_match_predictions(shipped: ShippedRun, 
         assert sorted(sop for _, sop in report["evidence"]) == instances
         assert str(sr.PatientID) == str(next(ds.PatientID for ds in sources.values()
                                              if str(ds.StudyInstanceUID) == study_uid))
+
+    overlays = client.search_for_series(search_filters={"Modality": "OT"})
+    assert sorted(item["0020000D"]["Value"][0] for item in overlays) == sorted(studies)
+    for item in overlays:
+        study_uid, series_uid = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
+        (instance,) = client.search_for_instances(study_uid, series_uid)
+        image = client.retrieve_instance(study_uid, series_uid, instance["00080018"]["Value"][0])
+        assert list(image.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "not for diagnosis" in image.SeriesDescription
+        assert image.pixel_array.shape == (48, 48, 3)
+        assert image.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+            str(ds.SOPInstanceUID) for ds in sources.values() if str(ds.StudyInstanceUID) == study_uid}
