@@ -35,7 +35,7 @@ def dicomweb_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The DICOMweb ingest flow's parameters (SRC is a URL), checked like the folder ingest's: UsageError (one
     sentence) before any request and before any folder is made."""
     from flows.ingest import check_dicomweb_arguments, ingest_dicomweb_flow
-    from tasks.ingest.assemble import read_labels
+    from tasks.ingest.labels import read_labels
     from tasks.ingest.dicomweb import keyed_on_accession
 
     parameters = {"url": args.src_dir, "out_dir": args.out, "study_date": args.study_date, "modality": args.modality,
