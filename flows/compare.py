@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -26,7 +27,8 @@ from data_schemas.cost import ArmName
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
-from data_schemas.report import ArmResult, ComparisonResults, outermost_report_folder
+from data_schemas.files import printable_path
+from data_schemas.report import REPORT_LOCK_FILE, ArmResult, ComparisonResults, outermost_report_folder
 from data_schemas.visual import VisualSummary
 from data_schemas.training import SPLITS_FILE
 from flows.cost import cost_flow
@@ -76,6 +78,9 @@ DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
 PARTIAL_STATE_NAME = "Partial"
 COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the recommended arm's package/
+# How long a second comparison into the same report folder waits for the first before refusing: long enough for
+# two started together to settle which one runs, far shorter than a comparison.
+REPORT_LOCK_TIMEOUT_S = 30.0
 
 
 class NoArmCompletedError(RuntimeError):
@@ -277,6 +282,33 @@ def dataset_folder(out_dir: Path, new_folder_per_run: bool) -> Path:
     return out_dir / "dataset" if new_folder_per_run else out_dir.parent / f"{out_dir.name}-dataset"
 
 
+class ReportBusyError(RuntimeError):
+    """Another comparison holds the report folder's write lock for longer than this one will wait."""
+
+
+def report_write_lock(report_dir: Path) -> FileLock:
+    """The report folder's write lock (REPORT_LOCK_FILE, via filelock): one comparison writes a report folder at a
+    time, so no run reads another's plan.json or overwrites its packages. Re-entrant within a process (the command
+    line takes it before Prefect starts, the flow again); entering it waits at most REPORT_LOCK_TIMEOUT_S, then
+    raises ReportBusyError with one sentence."""
+    return _ReportLock(str(Path(report_dir).resolve() / REPORT_LOCK_FILE), timeout=REPORT_LOCK_TIMEOUT_S,
+                       thread_local=False, is_singleton=True)
+
+
+class _ReportLock(FileLock):
+    """FileLock whose timeout is ReportBusyError, a sentence naming the report folder."""
+
+    def acquire(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().acquire(*args, **kwargs)
+        except Timeout:
+            folder = Path(self.lock_file).parent
+            raise ReportBusyError(
+                f"report folder {printable_path(folder)} is being written by another comparison (waited "
+                f"{REPORT_LOCK_TIMEOUT_S:g} s); run again when it has finished, or give another --out."
+            ) from None
+
+
 class ComparisonProgress:
     """The comparison's progress artifact on its own run page: its stages and each training run, with time left."""
 
@@ -385,42 +417,44 @@ def compare_flow(
     except ValueError as error:
         return refused(as_seen(str(error)))
     report_dir.mkdir(parents=True, exist_ok=True)
-    dataset_dir = ingest_source(src, out, labels=labels, size=max([image_size, *plan.sizes]),
-                                new_folder_per_run=new_folder_per_run)
+    with report_write_lock(report_dir):  # one comparison writes a report folder at a time
+        dataset_dir = ingest_source(src, out, labels=labels, size=max([image_size, *plan.sizes]),
+                                    new_folder_per_run=new_folder_per_run)
 
-    n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
-    plan = with_cost_inputs(plan, n_train_images=n_train)
-    plan_path = write_plan(report_dir, plan)
-    stages = ComparisonProgress(len(plan.runs))
-    cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
-                     wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
-                                                   elapsed_seconds=time.time() - environment.started_at))
-    if cost.wall_time is not None:
-        logger.info("%s", wall_time_line(cost.wall_time))
-    stages.advance("cost estimated")
+        n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
+        plan = with_cost_inputs(plan, n_train_images=n_train)
+        plan_path = write_plan(report_dir, plan)
+        stages = ComparisonProgress(len(plan.runs))
+        cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
+                         wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
+                                                       elapsed_seconds=time.time() - environment.started_at))
+        if cost.wall_time is not None:
+            logger.info("%s", wall_time_line(cost.wall_time))
+        stages.advance("cost estimated")
 
-    train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
-              parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)
-    command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
-                            settings=settings, folds=folds, fractions=fractions)
-    results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id, command=command)
-    stages.advance("arms evaluated")
-    results = add_packages_and_pictures(plan=plan, environment=environment, results=results, report_dir=report_dir,
-                                        dataset_dir=dataset_dir)
-    stages.advance("packages and pictures made")
-    html = write_report(results, report_dir)
-    link = report_url(html, report_dir.parent)
-    _publish(results, html, link)
-    stages.advance("report written")
-    if link.startswith("file:"):
-        logger.warning("The report link is a file:// path, which a browser does not open from the Prefect UI: run "
-                       "`make server` (it serves out/reports), write the report under the served folder, or set %s.",
-                       BASE_URL_ENV)
-    logger.info("%s", results.recommendation.headline)
-    logger.info("Report: %s", link)
-    return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
-                                 "recommendation": results.recommendation.headline,
-                                 "arms": {arm.name: arm.status for arm in results.arms}})
+        train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
+                  parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)
+        command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
+                                settings=settings, folds=folds, fractions=fractions)
+        results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
+                                command=command)
+        stages.advance("arms evaluated")
+        results = add_packages_and_pictures(plan=plan, environment=environment, results=results,
+                                            report_dir=report_dir, dataset_dir=dataset_dir)
+        stages.advance("packages and pictures made")
+        html = write_report(results, report_dir)
+        link = report_url(html, report_dir.parent)
+        _publish(results, html, link)
+        stages.advance("report written")
+        if link.startswith("file:"):
+            logger.warning("The report link is a file:// path, which a browser does not open from the Prefect UI: "
+                           "run `make server` (it serves out/reports), write the report under the served folder, or "
+                           "set %s.", BASE_URL_ENV)
+        logger.info("%s", results.recommendation.headline)
+        logger.info("Report: %s", link)
+        return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
+                                     "recommendation": results.recommendation.headline,
+                                     "arms": {arm.name: arm.status for arm in results.arms}})
 
 
 def comparison_plan(*, profile: str, arms: list[str], seed: int, settings: dict[str, str] | None = None,
