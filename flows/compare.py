@@ -81,6 +81,7 @@ COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the recommended arm's pa
 # How long a second comparison into the same report folder waits for the first before refusing: long enough for
 # two started together to settle which one runs, far shorter than a comparison.
 REPORT_LOCK_TIMEOUT_S = 30.0
+NO_PACKAGE = "no package"  # a completed arm's outcome when its model package is missing or failed its check
 
 
 class NoArmCompletedError(RuntimeError):
@@ -450,11 +451,11 @@ def compare_flow(
             logger.warning("The report link is a file:// path, which a browser does not open from the Prefect UI: "
                            "run `make server` (it serves out/reports), write the report under the served folder, or "
                            "set %s.", BASE_URL_ENV)
-        logger.info("%s", results.recommendation.headline)
+        outcomes = arm_outcomes(results)
+        logger.info("%s", outcome_headline(results, outcomes))
         logger.info("Report: %s", link)
         return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
-                                     "recommendation": results.recommendation.headline,
-                                     "arms": {arm.name: arm.status for arm in results.arms}})
+                                     "recommendation": outcome_headline(results, outcomes), "arms": outcomes})
 
 
 def comparison_plan(*, profile: str, arms: list[str], seed: int, settings: dict[str, str] | None = None,
@@ -493,6 +494,22 @@ def add_packages_and_pictures(*, plan: RunPlan, environment: RunEnvironment, res
         return results.model_copy(update={"visual": visual.result()})
     logger.warning("No visual section: %s", visual.message or visual.name)
     return results
+
+
+def arm_outcomes(results: ComparisonResults) -> dict[str, str]:
+    """Each requested arm's outcome: its status, except that a completed arm without its model package (it could not
+    be written, or failed its own hash check) is "no package": the comparison did not deliver it."""
+    return {arm.name: NO_PACKAGE if arm.status == "completed" and arm.package_dir is None else arm.status
+            for arm in results.arms}
+
+
+def outcome_headline(results: ComparisonResults, outcomes: dict[str, str]) -> str:
+    """The recommendation's headline, followed by a sentence naming the arms that have no model package."""
+    unshipped = [name for name, outcome in outcomes.items() if outcome == NO_PACKAGE]
+    if not unshipped:
+        return results.recommendation.headline
+    return (f"{results.recommendation.headline} No model package for {', '.join(unshipped)}: it could not be written "
+            "or failed its own hash check (the log says which).")
 
 
 def not_completed(summary: dict[str, Any]) -> list[str]:
