@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.compare import (
     NO_PACKAGE,
     PARTIAL_STATE_NAME,
@@ -71,3 +73,41 @@ def test_a_completed_arm_without_its_package_is_not_counted_completed() -> None:
     summary = {"recommendation": headline, "arms": outcomes}
     state = final_state(unshipped, summary)
     assert state.name == PARTIAL_STATE_NAME and not_completed(summary) == ["scratch (no package)"]
+
+
+# Holds a report folder's lock until its stdin closes; says "held" once it has it.
+HOLDER = """
+import sys
+from pathlib import Path
+from flows.compare import report_write_lock
+with report_write_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_compare_into_a_folder_another_comparison_writes_is_refused_before_prefect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import flows.compare
+    from flows.cli import main
+
+    source = tmp_path / "dataset"
+    source.mkdir()
+    (source / "dataset.json").write_text("{}")  # a dataset folder: the source check looks no further
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(report_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(flows.compare, "REPORT_LOCK_TIMEOUT_S", 0.2)
+        code = main(["compare", str(source), "--out", str(report_dir), "--profile", "smoke", "--arms", "scratch"])
+    finally:
+        holder.communicate("", timeout=60)
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "is being written by another comparison" in lines[0], captured.err
+    assert sorted(path.name for path in report_dir.iterdir()) == [".write.lock"]  # no plan.json, no runs

@@ -98,11 +98,22 @@ def report_outcome(state: State) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    """`ctcompare compare`: refuse bad input before Prefect starts, run the flow with the checked plan."""
+    """`ctcompare compare`: refuse bad input before Prefect starts, take the report folder's write lock (a folder
+    another comparison is writing is refused in one sentence), run the flow with the checked plan."""
     parameters = compare_parameters(args)
-    from flows.compare import compare_flow
+    from flows.compare import ReportBusyError, compare_flow, report_write_lock
 
-    return report_outcome(compare_flow(**parameters, return_state=True))
+    report_dir = Path(args.out).resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = report_write_lock(report_dir)
+        lock.acquire()
+    except ReportBusyError as error:
+        raise UsageError(str(error)) from None
+    try:  # the flow takes the same lock again (re-entrant), so a flow run started elsewhere is refused too
+        return report_outcome(compare_flow(**parameters, return_state=True))
+    finally:
+        lock.release()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
