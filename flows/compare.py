@@ -230,9 +230,11 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
     if not source.exists():
         raise ValueError(f"{source} does not exist; give a DICOM folder or a dataset folder made by 'ctcompare ingest' "
                          "(the ingest/nightly deployment writes data/dataset).")
-    if source.is_dir() and not (source / "dataset.json").is_file():
+    if not source.is_dir():
+        raise ValueError(f"{source} is a file; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
+    if not (source / "dataset.json").is_file():
         check_dicom_source(source, labels)
-    elif source.is_dir():
+    else:
         check_dataset_labels(source)
     if labels is not None and not labels.is_file():
         raise ValueError(f"labels file {labels} does not exist.")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
+from data_schemas.files import printable_path
 from flows.cli.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -30,6 +32,7 @@ from flows.cli.prefect_api import (
     announce_temporary_server,
     choose_prefect_api,
     configure_local_state,
+    make_local_state,
     project_server_url,
 )
 
@@ -95,12 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     from flows.lifeline import mark_command_start
 
     mark_command_start()
-    configure_local_state()
+    configure_local_state(create=False)  # named now (Prefect reads it at import), made once the arguments parse
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
     # Before the command's module (and with it Prefect) is imported: Prefect reads its settings at import.
     api_note = choose_prefect_api() if command in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(command).parse_args(argv)  # --help and --version end here, having written nothing
+    try:
+        make_local_state()
+    except OSError as error:
+        return _refused(args.command, UsageError(
+            f"cannot make {printable_path(os.environ['PREFECT_HOME'])} for Prefect's state ({error.strerror or error}); "
+            "run from a folder you can write, or set PREFECT_HOME."))
     if api_note:
         announce_temporary_server(api_note)
     if args.command in OUT_CHECKED_COMMANDS:

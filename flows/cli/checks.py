@@ -5,11 +5,14 @@ Each raises UsageError with one sentence before any work starts; none imports Pr
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from data_schemas.plan import ALL_SETTING_KEYS, check_arms
 from flows.cli.errors import UsageError
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
+
+DASK_CONNECT_TIMEOUT_S = 3.0
 
 
 def check_output_writable(out: Path, option: str = "--out") -> None:
@@ -35,6 +38,23 @@ def arm_list(values: list[str] | None) -> list[str]:
         return check_arms([item.strip() for value in values for item in value.split(",") if item.strip()])
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def check_dask_address(address: str | None, timeout_s: float = DASK_CONNECT_TIMEOUT_S) -> None:
+    """UsageError (one sentence) unless a Dask scheduler's address ('tcp://host:port' or 'host:port') accepts a
+    connection within timeout_s: one connect, so an unreachable cluster is refused at once, not after a long wait."""
+    if not address:
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--dask-address {address!r} is not a scheduler address; give tcp://HOST:PORT.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(f"--dask-address {address} does not answer ({reason}, after at most {timeout_s:g} s); start "
+                         "the scheduler or leave --dask-address out to decode here.") from None
 
 
 def comma_numbers(text: str | None, kind: type, option: str) -> list | None:

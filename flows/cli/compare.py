@@ -16,6 +16,7 @@ from data_schemas.cost import ARM_NAMES
 from data_schemas.training import PROFILE_NAMES
 from flows.cli.checks import arm_list, comma_numbers, parse_overrides
 from flows.cli.errors import EXIT_NO_ARM, EXIT_OK, EXIT_PARTIAL, UsageError
+from flows.cli.prefect_api import check_train_deployment
 from flows.parameters import (
     Arms,
     Bootstrap,
@@ -37,6 +38,8 @@ from flows.parameters import (
 
 if TYPE_CHECKING:
     from prefect.states import State
+
+    from data_schemas.plan import RunPlan
 
 DESCRIPTION = (
     "Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins. A DICOM "
@@ -69,9 +72,26 @@ def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
                             labels=Path(args.labels) if args.labels else None,
                             weights=Path(args.weights) if args.weights else None)
         check_weights_loadable(args.weights)
+        check_source_labels(Path(args.source).resolve(), Path(args.labels) if args.labels else None, plan)
+        check_train_deployment(args.train_deployment)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return {**parameters, "arms": plan.arms, "plan": plan}
+
+
+def check_source_labels(source: Path, labels: Path | None, plan: RunPlan) -> None:
+    """ValueError (one sentence) for labels that cannot train: for a DICOM source the labels file itself and against
+    the headers (tasks.ingest.label_precheck.check_labels_file); in cross-validated mode, too few labelled patients
+    of a class for the folds (a dataset source: from its manifest)."""
+    from tasks.ingest.label_precheck import check_folds_per_class, check_labels_file, dataset_patients_per_class
+
+    folds = plan.split.outer_folds if plan.split.mode == "cross-validated" else None
+    if (source / "dataset.json").is_file():
+        counts = dataset_patients_per_class(source)
+        if folds is not None and counts:
+            check_folds_per_class(folds, counts)
+    elif labels is not None:
+        check_labels_file(labels, source, folds=folds)
 
 
 def report_outcome(state: State) -> int:

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flows.cli.checks import check_dask_address
 from flows.cli.errors import EXIT_FAILED, UsageError
 from flows.parameters import (
     Accession,
@@ -60,7 +61,7 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The ingest flow's parameters from the command line, checked against the flow's signature, the folders and
     the labels file: UsageError (one sentence) before Prefect starts and before any folder is made."""
     from flows.ingest import check_ingest_arguments, ingest_flow
-    from tasks.ingest.labels import read_labels
+    from tasks.ingest.labels import check_labels_file
 
     parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
                   "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
@@ -70,8 +71,9 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
         check_ingest_arguments(Path(args.src_dir).resolve(), Path(args.out).resolve(),
                                Path(args.labels) if args.labels else None, args.window)
         check_flow_parameters(ingest_flow, parameters, {"src_dir": "SRC_DIR", "out_dir": "--out"})
-        if args.labels:
-            read_labels(Path(args.labels))
+        if args.labels:  # the file, then its keys against the headers (no pixel decoded)
+            check_labels_file(Path(args.labels), Path(args.src_dir).resolve())
+        check_dask_address(args.dask_address)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return parameters

@@ -33,6 +33,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from flows.predict import check_predict_arguments, predict_flow
     from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
     from tasks.ingest.errors import IngestError
+    from tasks.ingest.labels import check_labels_file
 
     out = Path(args.out).resolve()
     from_archive = is_dicomweb_url(args.dicom_dir)
@@ -56,6 +57,8 @@ def _run_predict(args: argparse.Namespace) -> int:
                                      window=checked["window"])
         if args.send:
             check_dicomweb_url(args.send)
+        if labels is not None and not from_archive:  # the file, then its keys against the headers, as in ingest
+            check_labels_file(labels, Path(args.dicom_dir).resolve())
     except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
         raise UsageError(str(error)) from None
     try:

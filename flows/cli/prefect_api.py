@@ -20,15 +20,23 @@ SERVER_FILE = "ctcompare-server.json"
 SERVER_HEALTH_TIMEOUT_S = 1.0
 
 
-def configure_local_state(base: Path | None = None) -> None:
-    """Keep Prefect's home and matplotlib's cache inside the working folder unless the user chose otherwise."""
+def configure_local_state(base: Path | None = None, *, create: bool = True) -> None:
+    """Keep Prefect's home and matplotlib's cache inside the working folder unless the user chose otherwise; with
+    create=False the folder is only named (`--help` and `--version` write nothing), make_local_state makes it."""
     base = Path(base or Path.cwd() / ".ctcompare")
-    base.mkdir(parents=True, exist_ok=True)  # Prefect creates its home folder but not the parents
+    if create:
+        base.mkdir(parents=True, exist_ok=True)  # Prefect creates its home folder but not the parents
     os.environ.setdefault("PREFECT_HOME", str(base / "prefect"))
     os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API can take longer than Prefect's 20 s default to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def make_local_state() -> None:
+    """Create the folder configure_local_state named for Prefect's home (Prefect creates its home, not the parents);
+    OSError when the working folder cannot be written."""
+    Path(os.environ["PREFECT_HOME"]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def project_server_url(prefect_home: Path) -> str | None:
@@ -83,3 +91,28 @@ class _TemporaryServerNote(logging.Filter):
 def announce_temporary_server(note: str) -> None:
     """Have `note` printed on stderr when Prefect starts its temporary API server (it logs that on "prefect")."""
     logging.getLogger("prefect").addFilter(_TemporaryServerNote(note))
+
+
+def check_train_deployment(name: str | None) -> None:
+    """ValueError (one sentence) unless `name` ('flow/deployment') is a deployment on the Prefect server this command
+    talks to: one API call. A temporary server (none running) holds no deployment, so it is refused without one."""
+    if not name:
+        return
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise ValueError(f"--train-deployment {name!r} is not a deployment name; give FLOW/DEPLOYMENT, e.g. train/arm.")
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise ValueError(f"--train-deployment {name} needs the Prefect server it is registered on, and none answers; "
+                         "start it (make server) or set PREFECT_API_URL.")
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ValueError(f"--train-deployment {name} is not a deployment on the Prefect server at {api_url}; "
+                         "'prefect deployment ls' lists them.") from None
+    except Exception as error:  # noqa: BLE001 - unreachable, refused, timed out: the server cannot run it either
+        raise ValueError(f"--train-deployment {name}: the Prefect server at {api_url} did not answer "
+                         f"({type(error).__name__}).") from None

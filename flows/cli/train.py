@@ -55,8 +55,26 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}.")
     try:
         check_weights_loadable(args.weights)
+        check_weights_dir(args.arm, args.weights_dir)
     except ValueError as error:
         raise UsageError(str(error)) from None
+
+
+def check_weights_dir(arm: str, weights_dir: str | None) -> None:
+    """ValueError (one sentence) unless the file a pretrained arm would take from --weights-dir (the training stage's
+    own choice, weights_file_for) loads as that model's weights (its own reader, read_weights_file)."""
+    parsed = parse_arm(arm)
+    if weights_dir is None or parsed.mode == "scratch":
+        return
+    from tasks.training.models import read_weights_file
+    from tasks.training.train import weights_file_for
+
+    path = weights_file_for(parsed.model, None, Path(weights_dir))
+    if path is not None:
+        try:
+            read_weights_file(path, parsed.model)
+        except ValueError as error:
+            raise ValueError(f"--weights-dir: {str(error).splitlines()[0].rstrip('.')}.") from None
 
 
 def _print_summaries(summaries: list[RunSummary]) -> int:

@@ -12,6 +12,7 @@ counts and the key column's name, never a key value: keys are patient identifier
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,11 +22,12 @@ import pydicom
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.dataset import DecodedFileRecord
+from data_schemas.dataset import MANIFEST_FILE, DecodedFileRecord, ManifestRow
+from data_schemas.files import read_models_csv
 from data_schemas.labels import LABEL_COLUMN, LABEL_KEY_COLUMNS
 from tasks.ingest.decode_pool import DecodePool
 from tasks.ingest.dicom_io import header_value, text_up_to, uid, values_never_logged
-from tasks.ingest.discover import SourceFile
+from tasks.ingest.discover import SourceFile, discover_files
 from tasks.ingest.errors import IngestError
 
 
@@ -105,6 +107,7 @@ class LabelMatch:
         n_files: files found in the source folder.
         n_matched_files: files whose key is in the labels file.
         n_matched_labels: keys of the labels file that some file carries.
+        matched_classes: label -> files matched with that label.
     """
 
     key_column: str
@@ -112,6 +115,7 @@ class LabelMatch:
     n_files: int
     n_matched_files: int
     n_matched_labels: int
+    matched_classes: dict[str, int] = field(default_factory=dict)
 
 
 def header_key_record(source: SourceFile, key_column: str) -> DecodedFileRecord | None:
@@ -148,25 +152,33 @@ def match_labels_to_headers(labels: LabelTable, sources: Sequence[SourceFile],
     read_keys = partial(header_keys, key_column=labels.key_column)
     keys = pool.map_batches(read_keys, list(sources)) if pool is not None else read_keys(sources)
     matched_keys: set[str] = set()
-    n_matched_files = 0
+    classes: Counter[str] = Counter()
     for key in keys:
         if key is not None and key in labels.labels:
-            n_matched_files += 1
+            classes[labels.labels[key]] += 1
             matched_keys.add(key)
     return LabelMatch(key_column=labels.key_column, n_labels=len(labels.labels), n_files=len(sources),
-                      n_matched_files=n_matched_files, n_matched_labels=len(matched_keys))
+                      n_matched_files=sum(classes.values()), n_matched_labels=len(matched_keys),
+                      matched_classes=dict(sorted(classes.items())))
 
 
 def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile], log: Callable[[str], None],
                                pool: DecodePool | None = None) -> LabelMatch:
-    """IngestError (one sentence, counts only) when no file's header carries a key of the labels file; one log line
-    of counts when only some files do. No pixel is decoded; the headers are read on `pool` when given."""
+    """IngestError (one sentence, counts only) when no file's header carries a key of the labels file, or the files
+    it matches hold one class only; one log line of counts when only some files match. No pixel is decoded; the
+    headers are read on `pool` when given."""
     match = match_labels_to_headers(labels, sources, pool)
     if sources and match.n_matched_files == 0:
         raise IngestError(
             f"no {match.key_column} in labels file {labels.source_name} matches any of the {match.n_files} file(s) "
             f"found: its {match.n_labels} label(s) were checked against the headers, before decoding; check that the "
             "key column holds the values stored in the DICOM headers."
+        )
+    if sources and len(match.matched_classes) < 2:
+        found = ", ".join(f"{count} '{label}'" for label, count in match.matched_classes.items())
+        raise IngestError(
+            f"labels file {labels.source_name} gives the {match.n_matched_files} file(s) it matches one class only "
+            f"({found}); training and evaluation need at least two classes among the labelled images."
         )
     if match.n_matched_files < match.n_files:
         log(f"Labels: {match.n_matched_files} of {match.n_files} file(s) have a {match.key_column} in "
@@ -178,3 +190,50 @@ def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile]
 def check_labels_task(labels: LabelTable, sources: list[SourceFile], pool: DecodePool | None = None) -> LabelMatch:
     """check_labels_match_headers as a Prefect task, logging to the run's log."""
     return check_labels_match_headers(labels, sources, get_run_logger().info, pool)
+
+
+def check_labels_file(labels_path: Path, src_dir: Path, folds: int | None = None) -> LabelMatch:
+    """The whole labels check, before any work (no Prefect, no pool): the file itself (read_labels: columns,
+    conflicting rows), then its keys against the headers of the files in src_dir (matches, at least two classes
+    among the matched files) and, given `folds`, enough labelled patients of each class for them. A ValueError
+    (IngestError for the file), one sentence, on the first problem."""
+    labels = read_labels(Path(labels_path))
+    sources, _ = discover_files(Path(src_dir))
+    match = check_labels_match_headers(labels, sources, lambda _: None)
+    if folds is not None:
+        check_folds_per_class(folds, patients_per_class(labels, sources))
+    return match
+
+
+def patients_per_class(labels: LabelTable, sources: Sequence[SourceFile]) -> dict[str, int]:
+    """Labelled patients per class, from the headers alone (PatientID; a file without one counts as its own
+    patient): what patient-level folds can be stratified over."""
+    keys = header_keys(sources, labels.key_column)
+    patients = keys if labels.key_column == "patient_id" else header_keys(sources, "patient_id")
+    members: dict[str, set[str]] = {}
+    for source, key, patient in zip(sources, keys, patients):
+        if key is not None and key in labels.labels:
+            members.setdefault(labels.labels[key], set()).add(patient or f"file:{source.relative_path}")
+    return {label: len(group) for label, group in sorted(members.items())}
+
+
+def check_folds_per_class(folds: int, counts: dict[str, int]) -> None:
+    """ValueError (one sentence) unless every class has at least `folds` labelled patients: each patient-level fold
+    must test both classes."""
+    if counts and min(counts.values()) >= folds:
+        return
+    found = " and ".join(f"{count} '{label}'" for label, count in counts.items()) or "none"
+    raise ValueError(f"--folds {folds} needs at least {folds} labelled patients of each class, so that every fold "
+                     f"tests both; found {found}.")
+
+
+def dataset_patients_per_class(dataset_dir: Path) -> dict[str, int]:
+    """Labelled patients per class of an ingested dataset (its manifest); empty when it has no manifest yet."""
+    manifest = Path(dataset_dir) / MANIFEST_FILE
+    if not manifest.is_file():
+        return {}
+    members: dict[str, set[str]] = {}
+    for row in read_models_csv(manifest, ManifestRow):
+        if row.label:
+            members.setdefault(row.label, set()).add(row.patient_key)
+    return {label: len(group) for label, group in sorted(members.items())}
