@@ -21,10 +21,10 @@ from tests.dicom_factory import ct_variant
 
 STUDY_1, STUDY_2, STUDY_3 = generate_uid(), generate_uid(), generate_uid()
 SERIES_1, SERIES_2, SERIES_3, SERIES_4 = generate_uid(), generate_uid(), generate_uid(), generate_uid()
-SOP_C = generate_uid()
+SOP_A, SOP_C = generate_uid(), generate_uid()
 # One patient with two studies (the first with two series), and a second patient: every key kind groups differently.
 COHORT = {
-    "a.dcm": {"patient_id": "P1", "StudyInstanceUID": STUDY_1, "SeriesInstanceUID": SERIES_1},
+    "a.dcm": {"patient_id": "P1", "StudyInstanceUID": STUDY_1, "SeriesInstanceUID": SERIES_1, "sop_uid": SOP_A},
     "b.dcm": {"patient_id": "P1", "StudyInstanceUID": STUDY_1, "SeriesInstanceUID": SERIES_2},
     "sub/c.dcm": {"patient_id": "P1", "StudyInstanceUID": STUDY_2, "SeriesInstanceUID": SERIES_3, "sop_uid": SOP_C},
     "sub/d.dcm": {"patient_id": "P2", "StudyInstanceUID": STUDY_3, "SeriesInstanceUID": SERIES_4},
@@ -35,7 +35,7 @@ KEY_CASES: dict[str, tuple[list[tuple[str, str]], dict[str, str]]] = {
     "patient_id": ([("P1", "nodule"), ("P2", "normal")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "nodule", "sub/d.dcm": "normal"}),
     "study_instance_uid": ([(STUDY_1, "nodule"), (STUDY_3, "normal"), (SERIES_3, "wrong-kind")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "", "sub/d.dcm": "normal"}),
     "series_instance_uid": ([(SERIES_2, "nodule"), (SERIES_3, "normal"), (STUDY_3, "wrong-kind")], {"a.dcm": "", "b.dcm": "nodule", "sub/c.dcm": "normal", "sub/d.dcm": ""}),
-    "sop_instance_uid": ([(SOP_C, "nodule")], {"a.dcm": "", "b.dcm": "", "sub/c.dcm": "nodule", "sub/d.dcm": ""}),
+    "sop_instance_uid": ([(SOP_C, "nodule"), (SOP_A, "normal")], {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "nodule", "sub/d.dcm": ""}),
     "path": ([("sub/d.dcm", "nodule"), ("a.dcm", "normal")], {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "", "sub/d.dcm": "nodule"}),
 }
 
