@@ -81,9 +81,9 @@ def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_source_labels(source: Path, labels: Path | None, plan: RunPlan) -> None:
     """ValueError (one sentence) for labels that cannot train: for a DICOM source the labels file itself and against
-    the headers (tasks.ingest.label_precheck.check_labels_file); in cross-validated mode, too few labelled patients
+    the headers (tasks.ingest.labels.check_labels_file); in cross-validated mode, too few labelled patients
     of a class for the folds (a dataset source: from its manifest)."""
-    from tasks.ingest.label_precheck import check_folds_per_class, check_labels_file, dataset_patients_per_class
+    from tasks.ingest.labels import check_folds_per_class, check_labels_file, dataset_patients_per_class
 
     folds = plan.split.outer_folds if plan.split.mode == "cross-validated" else None
     if (source / "dataset.json").is_file():
