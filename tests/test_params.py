@@ -125,8 +125,6 @@ CASES: dict[str, tuple[list[str], str]] = {
                                            "--train-deployment", "nope/nope"], "needs the Prefect server"),
     "dask address unreachable": (["ingest", "{in}/ct", "--out", "rep", "--dask-address", "tcp://127.0.0.1:9"],
                                  "--dask-address tcp://127.0.0.1:9 does not answer"),
-    "arms comma only": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/two-class.csv", "--arms", ","],
-                        "--arms names no arm"),
     "train fake weights in weights-dir": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run",
                                            "--weights-dir", "{in}/weights-dir"], "--weights-dir: weights file"),
     "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
