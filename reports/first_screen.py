@@ -66,8 +66,13 @@ def _smoke_banner(results: ComparisonResults) -> Banner | None:
     smoke = [arm.name for arm in results.arms if arm.profile == SMOKE_PROFILE]
     if not smoke:
         return None
-    return Banner("smoke", "Smoke profile", f"for testing: numbers not meaningful. {', '.join(smoke)} ran with the "
-                  f"'{SMOKE_PROFILE}' profile (tiny images, a couple of epochs); use --profile cpu or full for a real comparison.")
+    return Banner(
+        "smoke",
+        "Smoke profile",
+        f"for testing: numbers not meaningful. {', '.join(smoke)} ran with the "
+        f"'{SMOKE_PROFILE}' profile (tiny images, a couple of epochs); use --profile cpu or full for a real "
+        "comparison.",
+    )
 
 
 def _weights_banner(results: ComparisonResults) -> Banner | None:
@@ -77,10 +82,15 @@ def _weights_banner(results: ComparisonResults) -> Banner | None:
         if arm.name not in PRETRAINED_ARMS:
             continue
         if arm.weights is None:
-            lines.append(f"{arm.name} records no pretrained weights file, so it may have started from randomly initialised weights")
+            lines.append(
+                f"{arm.name} records no pretrained weights file, so it may have started from randomly initialised "
+                "weights"
+            )
         elif not arm.weights.hash_checked:
-            lines.append(f"{arm.name} used the weights file {arm.weights.file_name} (SHA-256 {arm.weights.sha256}), whose "
-                         f"name carries no hash that was checked: nothing shows these are the published ImageNet weights")
+            lines.append(
+                f"{arm.name} used the weights file {arm.weights.file_name} (SHA-256 {arm.weights.sha256}), whose "
+                f"name carries no hash that was checked: nothing shows these are the published ImageNet weights"
+            )
     if not lines:
         return None
     return Banner("weights", "Randomly initialised or unverified weights", "; ".join(lines) + ".")
@@ -97,8 +107,11 @@ def _chance_banner(results: ComparisonResults) -> Banner | None:
             hits.append(f"{arm.name} {metrics.level}-level AUC {auc_with_ci(auc, metrics.ci_level)}")  # type: ignore[union-attr]
     if not hits:
         return None
-    return Banner("chance", "AUC interval includes 0.5", "; ".join(hits) + ". These arms are not shown to rank patients "
-                  "better than chance at this sample size.")
+    return Banner(
+        "chance",
+        "AUC interval includes 0.5",
+        "; ".join(hits) + ". These arms are not shown to rank patients better than chance at this sample size.",
+    )
 
 
 def _partial_banner(results: ComparisonResults) -> Banner | None:
@@ -107,8 +120,12 @@ def _partial_banner(results: ComparisonResults) -> Banner | None:
     if not missing:
         return None
     names = ", ".join(f"{arm.name} ({arm.status})" for arm in missing)
-    return Banner("partial", "Partial result", f"{len(missing)} of {len(results.arms)} requested arms did not complete: "
-                  f"{names}. The comparison covers the completed arms only; the table below gives each reason.")
+    return Banner(
+        "partial",
+        "Partial result",
+        f"{len(missing)} of {len(results.arms)} requested arms did not complete: "
+        f"{names}. The comparison covers the completed arms only; the table below gives each reason.",
+    )
 
 
 def report_banners(results: ComparisonResults) -> list[Banner]:
@@ -175,11 +192,18 @@ def deciding_rows(results: ComparisonResults) -> list[DecidingRow]:
             diff = ""
         else:
             diff = "reference" if arm.name == reference else _diff_text(results.comparisons, arm.name, reference)
-        rows.append(DecidingRow(
-            arm=arm.name, status=arm.status, reason=arm.reason, auc=fmt_ci(auc) if done else "—",
-            folds=_folds_text(results, arm) if done else "", diff=diff,
-            train_time=fmt_seconds(arm.cost.actual_seconds), train_flops=fmt_si(arm.cost.total_flops, "FLOP"),
-        ))
+        rows.append(
+            DecidingRow(
+                arm=arm.name,
+                status=arm.status,
+                reason=arm.reason,
+                auc=fmt_ci(auc) if done else "—",
+                folds=_folds_text(results, arm) if done else "",
+                diff=diff,
+                train_time=fmt_seconds(arm.cost.actual_seconds),
+                train_flops=fmt_si(arm.cost.total_flops, "FLOP"),
+            )
+        )
     return rows
 
 
@@ -187,7 +211,11 @@ def first_screen_context(results: ComparisonResults) -> dict[str, object]:
     """What the templates need for the first screen: outcome, banners, deciding rows and their column flags."""
     rows = deciding_rows(results)
     return {
-        "outcome": verdict_outcome(results.recommendation.basis), "banners": report_banners(results),
-        "deciding": rows, "reference": reference_arm(results), "show_folds": any(r.folds for r in rows),
-        "show_diff": any(r.diff for r in rows), "primary_level": results.evaluation.primary_level,
+        "outcome": verdict_outcome(results.recommendation.basis),
+        "banners": report_banners(results),
+        "deciding": rows,
+        "reference": reference_arm(results),
+        "show_folds": any(r.folds for r in rows),
+        "show_diff": any(r.diff for r in rows),
+        "primary_level": results.evaluation.primary_level,
     }

@@ -71,8 +71,9 @@ def one_arm(tmp_path_factory: pytest.TempPathFactory) -> tuple[ComparisonResults
 
 
 @pytest.mark.parametrize("which", ["two_arms", "one_arm"])
-def test_first_screen_holds_the_verdict_the_deciding_table_and_the_warnings_only(which: str,
-                                                                                 request: pytest.FixtureRequest) -> None:
+def test_first_screen_holds_the_verdict_the_deciding_table_and_the_warnings_only(
+    which: str, request: pytest.FixtureRequest
+) -> None:
     results, html = request.getfixturevalue(which)
     page = _sections(html)
     first = " ".join(" ".join(page.text["first"]).split())
@@ -103,7 +104,9 @@ def test_the_verdict_box_is_coloured_by_its_outcome(one_arm, two_arms) -> None:
     assert f'class="verdict verdict-{kind}"' in html.read_text(encoding="utf-8")
     assert (kind == "decided") == (results.recommendation.basis in ("significant", "non_inferior"))
     for basis in ("inconclusive", "none"):
-        other = results.model_copy(update={"recommendation": results.recommendation.model_copy(update={"basis": basis})})
+        other = results.model_copy(
+            update={"recommendation": results.recommendation.model_copy(update={"basis": basis})}
+        )
         assert first_screen_context(other)["outcome"].kind not in ("decided",)
 
 
@@ -132,7 +135,9 @@ def test_cross_validated_table_shows_each_fold_beside_the_pooled_figure(two_arms
     assert "Per outer fold: AUC at its threshold" in first
     for arm in results.completed_arms:
         folds = next(f for f in results.folds if f.arm == arm.name)
-        cells = [f"{f.metrics['patient_roc_auc']:.2f} at {t:.2f}"
-                 for f, t in zip(folds.per_fold, arm.operating_point.patient_thresholds)]
+        cells = [
+            f"{f.metrics['patient_roc_auc']:.2f} at {t:.2f}"
+            for f, t in zip(folds.per_fold, arm.operating_point.patient_thresholds)
+        ]
         assert " · ".join(cells) in first
     assert "ignore the variation between fold models" in html.read_text(encoding="utf-8")

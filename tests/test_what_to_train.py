@@ -1,4 +1,4 @@
-""""What to train" and the input-size curve never name a winner from a point estimate; interval-width sentences say
+""" "What to train" and the input-size curve never name a winner from a point estimate; interval-width sentences say
 what was measured and what is expected. Built by the real evaluation stage from run folders (report_fixtures)."""
 
 from __future__ import annotations
@@ -22,12 +22,27 @@ from tasks.evaluation.evaluate import build_results
 from tasks.evaluation.what_to_train import size_points
 
 
-def _results(root: Path, arm_runs: dict[str, list[Path]], dataset_dir: Path, splits: Path, mode: str = "holdout",
-             size_dirs: dict[str, dict[int, Path]] | None = None) -> ComparisonResults:
-    return word_results(build_results(
-        dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
-        evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=60), cost_path=root / "cost.json",
-        run_id="t", seed=0, command="ctcompare compare", size_dirs=size_dirs))
+def _results(
+    root: Path,
+    arm_runs: dict[str, list[Path]],
+    dataset_dir: Path,
+    splits: Path,
+    mode: str = "holdout",
+    size_dirs: dict[str, dict[int, Path]] | None = None,
+) -> ComparisonResults:
+    return word_results(
+        build_results(
+            dataset_dir=dataset_dir,
+            splits_path=splits,
+            arm_runs=arm_runs,
+            evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=60),
+            cost_path=root / "cost.json",
+            run_id="t",
+            seed=0,
+            command="ctcompare compare",
+            size_dirs=size_dirs,
+        )
+    )
 
 
 def _auc(path: Path) -> float:
@@ -40,8 +55,13 @@ def test_a_tie_is_named_a_tie_whatever_the_arm_order(tmp_path: Path) -> None:
     to the evaluation does not change which one the numbers name first."""
     test, val = make_patients(24, seed=3), make_patients(12, seed=4, prefix="v")
     dataset_dir, splits = write_dataset_and_split(tmp_path, test, val)
-    arms = ("resnet18:scratch", "resnet18:imagenet")  # the same strength in report_fixtures: same seed, same predictions
-    runs = {arm: [write_run(tmp_path / "runs" / arm.replace(":", "-"), arm=arm, test=test, val=val, seed=1)] for arm in arms}
+    arms = (
+        "resnet18:scratch",
+        "resnet18:imagenet",
+    )  # the same strength in report_fixtures: same seed, same predictions
+    runs = {
+        arm: [write_run(tmp_path / "runs" / arm.replace(":", "-"), arm=arm, test=test, val=val, seed=1)] for arm in arms
+    }
     assert _auc(runs[arms[0]][0] / PREDICTIONS_FILE) == _auc(runs[arms[1]][0] / PREDICTIONS_FILE)
     first = _results(tmp_path, runs, dataset_dir, splits)
     again = _results(tmp_path, dict(reversed(list(runs.items()))), dataset_dir, splits)
@@ -60,16 +80,18 @@ def test_best_only_when_the_paired_test_shows_it(tmp_path: Path, monkeypatch: py
     on few patients with overlapping intervals the highest point estimate is named as such and nothing more."""
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "scratch", 0.05)
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "imagenet", 3.0)
-    dataset_dir, splits, runs = write_comparison(tmp_path / "many", arms=("scratch", "imagenet"), mode="holdout",
-                                                 n_patients=150)
+    dataset_dir, splits, runs = write_comparison(
+        tmp_path / "many", arms=("scratch", "imagenet"), mode="holdout", n_patients=150
+    )
     what = _results(tmp_path / "many", runs, dataset_dir, splits).what_to_train
     assert what.highest_arm == "imagenet" and what.shown_best and not what.tied_with and not what.overlapping
     assert any("so it is the best here" in s for s in what.sentences)
 
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "scratch", 0.5)
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "imagenet", 0.8)
-    dataset_dir, splits, runs = write_comparison(tmp_path / "few", arms=("scratch", "imagenet"), mode="holdout",
-                                                 n_patients=36)
+    dataset_dir, splits, runs = write_comparison(
+        tmp_path / "few", arms=("scratch", "imagenet"), mode="holdout", n_patients=36
+    )
     results = _results(tmp_path / "few", runs, dataset_dir, splits)
     what = results.what_to_train
     pair = results.comparisons[0].patient_delong
@@ -77,7 +99,9 @@ def test_best_only_when_the_paired_test_shows_it(tmp_path: Path, monkeypatch: py
     aucs = {a.name: a.patient_metrics.roc_auc for a in results.completed_arms}
     other = next(name for name in aucs if name != what.highest_arm)
     assert aucs[what.highest_arm].value > aucs[other].value + 0.0005 and not what.tied_with
-    overlap = aucs[other].ci_low <= aucs[what.highest_arm].ci_high and aucs[what.highest_arm].ci_low <= aucs[other].ci_high
+    overlap = (
+        aucs[other].ci_low <= aucs[what.highest_arm].ci_high and aucs[what.highest_arm].ci_low <= aucs[other].ci_high
+    )
     assert (other in what.overlapping) == overlap
     text = " ".join(what.sentences)
     assert "highest point estimate" in text and "no arm is called best" in text and "best here" not in text
@@ -85,8 +109,9 @@ def test_best_only_when_the_paired_test_shows_it(tmp_path: Path, monkeypatch: py
     # the same two arms far apart on 8 test patients (4 per class): below the recommendation's minimum, never best
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "scratch", 0.05)
     monkeypatch.setitem(report_fixtures.ARM_STRENGTH, "imagenet", 3.0)
-    dataset_dir, splits, runs = write_comparison(tmp_path / "tiny", arms=("scratch", "imagenet"), mode="holdout",
-                                                 n_patients=24)
+    dataset_dir, splits, runs = write_comparison(
+        tmp_path / "tiny", arms=("scratch", "imagenet"), mode="holdout", n_patients=24
+    )
     results = _results(tmp_path / "tiny", runs, dataset_dir, splits)
     assert results.recommendation.basis == "too_few" and results.comparisons[0].patient_delong.n_positive < 10
     assert not results.what_to_train.shown_best and "best here" not in " ".join(results.what_to_train.sentences)
@@ -105,17 +130,25 @@ def test_input_size_is_chosen_on_validation_never_on_test(tmp_path: Path) -> Non
     val_auc = {32: _auc(weak / VAL_PREDICTIONS_FILE), 64: _auc(strong / VAL_PREDICTIONS_FILE)}
     test_auc = {32: _auc(weak / PREDICTIONS_FILE), 64: _auc(strong / PREDICTIONS_FILE)}
     assert val_auc[32] > val_auc[64] and test_auc[64] > test_auc[32]
-    points = {p.image_size: p for p in size_points("scratch", {32: weak, 64: strong}, EvaluationSettings(n_bootstrap=40), 0)}
+    points = {
+        p.image_size: p for p in size_points("scratch", {32: weak, 64: strong}, EvaluationSettings(n_bootstrap=40), 0)
+    }
     assert points[32].chosen and not points[64].chosen
     assert points[32].val_auc == pytest.approx(val_auc[32]) and points[64].val_auc == pytest.approx(val_auc[64])
     rows = {s: read_models_csv(d / PREDICTIONS_FILE, PredictionRow) for s, d in ((32, weak), (64, strong))}
-    by_hand = pairs.paired_auc_comparison([r.target for r in rows[64]], [r.prob_positive for r in rows[64]],
-                             [r.prob_positive for r in rows[32]], groups=[r.patient_key for r in rows[64]])
+    by_hand = pairs.paired_auc_comparison(
+        [r.target for r in rows[64]],
+        [r.prob_positive for r in rows[64]],
+        [r.prob_positive for r in rows[32]],
+        groups=[r.patient_key for r in rows[64]],
+    )
     assert points[64].vs_chosen.diff == pytest.approx(test_auc[64] - test_auc[32])
     assert points[64].vs_chosen.p_value == pytest.approx(by_hand.p_value) and points[32].vs_chosen is None
 
     dataset_dir, splits = write_dataset_and_split(tmp_path, test, val)
-    results = _results(tmp_path, {"scratch": [weak]}, dataset_dir, splits, size_dirs={"scratch": {32: weak, 64: strong}})
+    results = _results(
+        tmp_path, {"scratch": [weak]}, dataset_dir, splits, size_dirs={"scratch": {32: weak, 64: strong}}
+    )
     assert results.what_to_train.chosen_size == {"scratch": 32}
     (line,) = [s for s in results.what_to_train.sentences if "px" in s]
     assert "32 px is chosen on validation AUC" in line and "never on test" in line
@@ -147,5 +180,8 @@ def test_interval_width_sentences_state_measured_widths_and_expected_inputs(tmp_
     else:
         fraction = ev.holdout_test_fraction
         assert fraction == 0.15  # report_fixtures' splits.json
-        assert f"test_fraction = {fraction:g}" in note and f"√(1/{fraction:g}) = {(1 / fraction) ** 0.5:.1f}× wider" in note
+        assert (
+            f"test_fraction = {fraction:g}" in note
+            and f"√(1/{fraction:g}) = {(1 / fraction) ** 0.5:.1f}× wider" in note
+        )
         assert "ignore the variation between fold models" in note

@@ -32,8 +32,9 @@ def _patient_sums(rows: list[OverfittingLossRow]) -> tuple[np.ndarray, np.ndarra
     return np.array([sums[k] for k in keys]), np.array([counts[k] for k in keys], dtype=float)
 
 
-def bootstrap_gap(train: list[OverfittingLossRow], val: list[OverfittingLossRow], n_resamples: int,
-                  seed: int) -> MetricValue:
+def bootstrap_gap(
+    train: list[OverfittingLossRow], val: list[OverfittingLossRow], n_resamples: int, seed: int
+) -> MetricValue:
     """Mean validation loss - mean training loss, with its patient bootstrap interval (None with < 2 patients)."""
     (t_sum, t_n), (v_sum, v_n) = _patient_sums(train), _patient_sums(val)
     if not t_n.size or not v_n.size:
@@ -55,8 +56,14 @@ def _from_metrics(history: list[EpochMetrics], fold: int, role: str, epoch: int)
     row = next((m for m in history if m.epoch == epoch), None)
     if row is None or row.val_loss is None or row.train_eval_loss is None:
         return None
-    return OverfittingGap(fold=fold, role=role, epoch=epoch, gap=MetricValue(value=finite(row.val_loss - row.train_eval_loss)),  # type: ignore[arg-type]
-                          val_loss=row.val_loss, train_loss=row.train_eval_loss)
+    return OverfittingGap(
+        fold=fold,
+        role=role,
+        epoch=epoch,
+        gap=MetricValue(value=finite(row.val_loss - row.train_eval_loss)),  # type: ignore[arg-type]
+        val_loss=row.val_loss,
+        train_loss=row.train_eval_loss,
+    )
 
 
 def run_gaps(run: RunData, fold: int, n_resamples: int, seed: int) -> list[OverfittingGap]:
@@ -64,8 +71,11 @@ def run_gaps(run: RunData, fold: int, n_resamples: int, seed: int) -> list[Overf
     path = run.run_dir / OVERFITTING_LOSSES_FILE
     if not path.is_file():
         chosen, last = run.status.best_epoch, run.history[-1].epoch if run.history else None
-        found = [_from_metrics(run.history, fold, role, epoch) for role, epoch in (("chosen", chosen), ("last", last))
-                 if epoch is not None]
+        found = [
+            _from_metrics(run.history, fold, role, epoch)
+            for role, epoch in (("chosen", chosen), ("last", last))
+            if epoch is not None
+        ]
         return [gap for gap in found if gap is not None]
     rows = read_models_csv(path, OverfittingLossRow)
     gaps = []
@@ -74,10 +84,16 @@ def run_gaps(run: RunData, fold: int, n_resamples: int, seed: int) -> list[Overf
         train, val = [r for r in mine if r.part == "train"], [r for r in mine if r.part == "val"]
         if not mine:
             continue
-        gaps.append(OverfittingGap(
-            fold=fold, role=role, epoch=mine[0].epoch, gap=bootstrap_gap(train, val, n_resamples, seed),  # type: ignore[arg-type]
-            val_loss=finite(float(np.mean([r.loss for r in val]))) if val else None,
-            train_loss=finite(float(np.mean([r.loss for r in train]))) if train else None,
-            n_val_patients=len({r.patient_key for r in val}), n_train_patients=len({r.patient_key for r in train}),
-        ))
+        gaps.append(
+            OverfittingGap(
+                fold=fold,
+                role=role,
+                epoch=mine[0].epoch,
+                gap=bootstrap_gap(train, val, n_resamples, seed),  # type: ignore[arg-type]
+                val_loss=finite(float(np.mean([r.loss for r in val]))) if val else None,
+                train_loss=finite(float(np.mean([r.loss for r in train]))) if train else None,
+                n_val_patients=len({r.patient_key for r in val}),
+                n_train_patients=len({r.patient_key for r in train}),
+            )
+        )
     return gaps

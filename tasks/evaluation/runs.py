@@ -78,12 +78,16 @@ def read_predictions(path: Path) -> Predictions:
     """predictions.csv or val_predictions.csv as aligned arrays."""
     rows = read_models_csv(path, PredictionRow)
     return Predictions(
-        image_keys=[r.image_key for r in rows], patient_keys=[r.patient_key for r in rows],
-        targets=np.array([r.target for r in rows], dtype=np.int64), probs=np.array([r.prob_positive for r in rows], dtype=np.float64),
+        image_keys=[r.image_key for r in rows],
+        patient_keys=[r.patient_key for r in rows],
+        targets=np.array([r.target for r in rows], dtype=np.int64),
+        probs=np.array([r.prob_positive for r in rows], dtype=np.float64),
     )
 
 
-def operating_points(val: Predictions | None, evaluation: EvaluationSettings) -> tuple[pooling.OperatingPoint, pooling.OperatingPoint]:
+def operating_points(
+    val: Predictions | None, evaluation: EvaluationSettings
+) -> tuple[pooling.OperatingPoint, pooling.OperatingPoint]:
     """The slice and patient thresholds of one run, chosen on its validation predictions by the settings' rule."""
     rule, target = parse_operating_point(evaluation.operating_point)
     if rule == "fixed":
@@ -111,11 +115,15 @@ def read_run(run_dir: Path, evaluation: EvaluationSettings) -> RunData | RunSumm
     val = read_predictions(val_path) if val_path.is_file() else None
     slice_point, patient_point = operating_points(val, evaluation)
     return RunData(
-        run_dir=run_dir, status=status,
+        run_dir=run_dir,
+        status=status,
         config=read_model_json(run_dir / CONFIG_FILE, RunConfig) if (run_dir / CONFIG_FILE).is_file() else None,
         history=read_models_csv(run_dir / METRICS_FILE, EpochMetrics) if (run_dir / METRICS_FILE).is_file() else [],
         timing=read_model_json(run_dir / TIMING_FILE, TimingInfo) if (run_dir / TIMING_FILE).is_file() else None,
-        test=read_predictions(run_dir / PREDICTIONS_FILE), val=val, slice_point=slice_point, patient_point=patient_point,
+        test=read_predictions(run_dir / PREDICTIONS_FILE),
+        val=val,
+        slice_point=slice_point,
+        patient_point=patient_point,
     )
 
 
@@ -131,8 +139,10 @@ def pool_runs(arm: str, runs: list[RunData], aggregation: str) -> PooledArm:
                 )
             owner[patient] = index
     slices = Predictions(
-        image_keys=[k for r in runs for k in r.test.image_keys], patient_keys=[k for r in runs for k in r.test.patient_keys],
-        targets=np.concatenate([r.test.targets for r in runs]), probs=np.concatenate([r.test.probs for r in runs]),
+        image_keys=[k for r in runs for k in r.test.image_keys],
+        patient_keys=[k for r in runs for k in r.test.patient_keys],
+        targets=np.concatenate([r.test.targets for r in runs]),
+        probs=np.concatenate([r.test.probs for r in runs]),
     )
     slice_thresholds = np.concatenate([np.full(r.test.targets.size, r.slice_point.threshold) for r in runs])
     patients = pooling.aggregate_by_patient(slices.patient_keys, slices.targets, slices.probs, aggregation)  # type: ignore[arg-type]

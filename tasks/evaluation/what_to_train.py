@@ -2,8 +2,9 @@
 
 None of them names a winner from a point estimate: the highest point estimate is called that, ties (equal at the
 three decimals the report shows) and overlapping 95% intervals are listed, and "best" needs the paired test (the
-comparisons' patient-level AUC test, Holm-adjusted, with the recommendation's minimum of patients per class). An input size and a probe depth are chosen on validation
-AUC, never on test AUC; test AUCs at other sizes are compared with the chosen size's by a paired test.
+comparisons' patient-level AUC test, Holm-adjusted, with the recommendation's minimum of patients per class). An
+input size and a probe depth are chosen on validation AUC, never on test AUC; test AUCs at other sizes are compared
+with the chosen size's by a paired test.
 """
 
 from __future__ import annotations
@@ -40,23 +41,30 @@ ALPHA = 0.05
 def _auc_value(run: RunData, evaluation: EvaluationSettings, seed: int) -> MetricValue:
     """A run's slice-level test AUC with its patient-clustered bootstrap 95% CI."""
     t = run.test
-    auc = st.bootstrap_ci(t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap,
-                          seed=seed)["roc_auc"]
+    auc = st.bootstrap_ci(
+        t.targets, t.probs, t.patient_keys, metrics=["roc_auc"], n_resamples=evaluation.n_bootstrap, seed=seed
+    )["roc_auc"]
     return MetricValue(value=finite(auc.value), ci_low=finite(auc.ci_low), ci_high=finite(auc.ci_high))
 
 
-def efficiency_points(arm: str, fraction_dirs: dict[float, Path], evaluation: EvaluationSettings,
-                      seed: int) -> list[DataEfficiencyPoint]:
+def efficiency_points(
+    arm: str, fraction_dirs: dict[float, Path], evaluation: EvaluationSettings, seed: int
+) -> list[DataEfficiencyPoint]:
     """Test AUC (patient-level 95% CI) of the arm trained on each fraction of the training patients."""
     points = []
     for fraction, run_dir in sorted(fraction_dirs.items()):
         run = read_run(Path(run_dir), evaluation)
         if not isinstance(run, RunData):
             continue
-        points.append(DataEfficiencyPoint(
-            arm=arm, fraction=fraction, n_train_patients=run.config.n_train_patients if run.config else 0,
-            n_train_images=run.config.n_train_images if run.config else None, test_auc=_auc_value(run, evaluation, seed),
-        ))
+        points.append(
+            DataEfficiencyPoint(
+                arm=arm,
+                fraction=fraction,
+                n_train_patients=run.config.n_train_patients if run.config else 0,
+                n_train_images=run.config.n_train_images if run.config else None,
+                test_auc=_auc_value(run, evaluation, seed),
+            )
+        )
     return points
 
 
@@ -71,13 +79,19 @@ def _size_tests(runs: dict[int, RunData], chosen: int) -> dict[int, DeLongResult
             continue
         shared = [(i, index[k]) for i, k in enumerate(run.test.image_keys) if k in index]
         mine, theirs = np.array([s[0] for s in shared], dtype=int), np.array([s[1] for s in shared], dtype=int)
-        tests[size] = pairs.paired_auc_comparison(run.test.targets[mine], run.test.probs[mine], base.probs[theirs],
-                                                  groups=[run.test.patient_keys[i] for i in mine])
+        tests[size] = pairs.paired_auc_comparison(
+            run.test.targets[mine],
+            run.test.probs[mine],
+            base.probs[theirs],
+            groups=[run.test.patient_keys[i] for i in mine],
+        )
     holm = pairs.holm_adjust([t.p_value for t in tests.values()])
     return {size: auc_result(t, p) for (size, t), p in zip(tests.items(), holm)}
 
 
-def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSettings, seed: int) -> list[InputSizePoint]:
+def size_points(
+    arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSettings, seed: int
+) -> list[InputSizePoint]:
     """Validation and test AUC and measured training cost of the arm trained at each input size.
 
     The chosen size has the highest slice-level validation AUC (a tie at three decimals goes to the smaller,
@@ -85,10 +99,15 @@ def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSett
     training FLOPs per image (timing.json: 3 x the forward count of FlopCounterMode at that size; forward only for
     imagenet-linear); seconds are timing.json's wall time.
     """
-    runs = {size: run for size, run_dir in sorted(size_dirs.items())
-            if isinstance(run := read_run(Path(run_dir), evaluation), RunData)}
-    val_auc = {size: finite(st.roc_auc(run.val.targets, run.val.probs)) if run.val is not None else None
-               for size, run in runs.items()}
+    runs = {
+        size: run
+        for size, run_dir in sorted(size_dirs.items())
+        if isinstance(run := read_run(Path(run_dir), evaluation), RunData)
+    }
+    val_auc = {
+        size: finite(st.roc_auc(run.val.targets, run.val.probs)) if run.val is not None else None
+        for size, run in runs.items()
+    }
     scored = {size: auc for size, auc in val_auc.items() if auc is not None}
     top = max(scored.values(), default=None)
     chosen = min((s for s, auc in scored.items() if top is not None and auc >= top - AUC_TIE_TOLERANCE), default=None)
@@ -96,14 +115,24 @@ def size_points(arm: str, size_dirs: dict[int, Path], evaluation: EvaluationSett
     points = []
     for size, run in runs.items():
         timing = run.timing
-        per_image = None if timing is None else (timing.forward_flops_per_image if is_linear(arm) else timing.train_flops_per_image)
-        points.append(InputSizePoint(
-            arm=arm, image_size=size, test_auc=_auc_value(run, evaluation, seed), val_auc=val_auc[size],
-            chosen=size == chosen, vs_chosen=tests.get(size),
-            train_seconds=None if timing is None else timing.wall_seconds,
-            train_flops=None if timing is None or per_image is None else per_image * timing.train_images_seen,
-            forward_flops_per_image=None if timing is None else timing.forward_flops_per_image,
-        ))
+        per_image = (
+            None
+            if timing is None
+            else (timing.forward_flops_per_image if is_linear(arm) else timing.train_flops_per_image)
+        )
+        points.append(
+            InputSizePoint(
+                arm=arm,
+                image_size=size,
+                test_auc=_auc_value(run, evaluation, seed),
+                val_auc=val_auc[size],
+                chosen=size == chosen,
+                vs_chosen=tests.get(size),
+                train_seconds=None if timing is None else timing.wall_seconds,
+                train_flops=None if timing is None or per_image is None else per_image * timing.train_images_seen,
+                forward_flops_per_image=None if timing is None else timing.forward_flops_per_image,
+            )
+        )
     return points
 
 
@@ -113,8 +142,17 @@ def depth_points(arm: str, run_dir: Path) -> list[ProbeDepthPoint]:
     if not is_linear(arm) or not path.is_file():
         return []
     probes = read_model_json(path, ProbeDepths)
-    return [ProbeDepthPoint(arm=arm, depth=d.depth, feature_dim=d.feature_dim, val_auc=finite(d.val_auc),
-                            test_auc=finite(d.test_auc), chosen=d.depth == probes.chosen_depth) for d in probes.depths]
+    return [
+        ProbeDepthPoint(
+            arm=arm,
+            depth=d.depth,
+            feature_dim=d.feature_dim,
+            val_auc=finite(d.val_auc),
+            test_auc=finite(d.test_auc),
+            chosen=d.depth == probes.chosen_depth,
+        )
+        for d in probes.depths
+    ]
 
 
 # ---------------------------------------------------------------- reading the comparisons
@@ -133,8 +171,15 @@ def oriented_diff(comparisons: list[PairedComparison], arm: str, other: str) -> 
         if c.arm_a == arm or test.diff is None or test.ci_of_diff is None:
             return test
         low, high = test.ci_of_diff
-        return test.model_copy(update={"auc_a": test.auc_b, "auc_b": test.auc_a, "diff": -test.diff,
-                                       "z": None if test.z is None else -test.z, "ci_of_diff": (-high, -low)})
+        return test.model_copy(
+            update={
+                "auc_a": test.auc_b,
+                "auc_b": test.auc_a,
+                "diff": -test.diff,
+                "z": None if test.z is None else -test.z,
+                "ci_of_diff": (-high, -low),
+            }
+        )
     return None
 
 
@@ -143,8 +188,14 @@ def shown_higher(comparisons: list[PairedComparison], arm: str, other: str, alph
     Holm-adjusted p < alpha for a positive difference, with at least MIN_PATIENTS_PER_CLASS test patients of each
     class (below that the recommendation claims nothing, and neither does this)."""
     test = oriented_diff(comparisons, arm, other)
-    return bool(test is not None and test.p_holm is not None and test.diff is not None and test.p_holm < alpha
-                and test.diff > 0 and min(test.n_positive, test.n_negative) >= MIN_PATIENTS_PER_CLASS)
+    return bool(
+        test is not None
+        and test.p_holm is not None
+        and test.diff is not None
+        and test.p_holm < alpha
+        and test.diff > 0
+        and min(test.n_positive, test.n_negative) >= MIN_PATIENTS_PER_CLASS
+    )
 
 
 def _overlaps(a: MetricValue, b: MetricValue) -> bool:
@@ -166,8 +217,9 @@ def ranking(arms: list[ArmResult], comparisons: list[PairedComparison]) -> tuple
     return highest, [a.name for a in tied[1:]], overlapping, shown
 
 
-def _smallest_non_inferior(done: list[ArmResult], top_group: list[str], comparisons: list[PairedComparison],
-                           margin: float) -> tuple[ArmResult, tuple[float, float] | None]:
+def _smallest_non_inferior(
+    done: list[ArmResult], top_group: list[str], comparisons: list[PairedComparison], margin: float
+) -> tuple[ArmResult, tuple[float, float] | None]:
     """The fewest forward FLOPs per image among arms non-inferior to every arm of top_group, with its interval
     against top_group[0]; top_group[0] itself when no smaller arm qualifies."""
     for arm in sorted(done, key=lambda a: (a.cost.flops_per_image or math.inf, a.name)):
@@ -179,8 +231,13 @@ def _smallest_non_inferior(done: list[ArmResult], top_group: list[str], comparis
     return next(a for a in done if a.name == top_group[0]), None
 
 
-def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], margin: float,
-                  sizes: list[InputSizePoint], depths: list[ProbeDepthPoint]) -> WhatToTrain | None:
+def what_to_train(
+    arms: list[ArmResult],
+    comparisons: list[PairedComparison],
+    margin: float,
+    sizes: list[InputSizePoint],
+    depths: list[ProbeDepthPoint],
+) -> WhatToTrain | None:
     """The "What to train" numbers: the highest point estimate per compute budget with its ties, overlaps and
     paired-test status, the smallest non-inferior model, and the depth and size chosen on validation.
 
@@ -197,14 +254,28 @@ def what_to_train(arms: list[ArmResult], comparisons: list[PairedComparison], ma
             continue  # the same compute buys the same arms
         within = [a for a in done if a.cost.total_flops and a.cost.total_flops <= budget_arm.cost.total_flops]  # type: ignore[operator]
         top, tied, overlapping, shown = ranking(within, comparisons)
-        budgets.append(BudgetChoice(budget_flops=budget_arm.cost.total_flops, budget_seconds=budget_arm.cost.actual_seconds,  # type: ignore[arg-type]
-                                    highest_arm=top.name, auc=_auc_of(top), tied_with=tied, overlapping=overlapping,
-                                    shown_best=shown))
+        budgets.append(
+            BudgetChoice(
+                budget_flops=budget_arm.cost.total_flops,
+                budget_seconds=budget_arm.cost.actual_seconds,  # type: ignore[arg-type]
+                highest_arm=top.name,
+                auc=_auc_of(top),
+                tied_with=tied,
+                overlapping=overlapping,
+                shown_best=shown,
+            )
+        )
     highest, tied, overlapping, shown = ranking(done, comparisons)
     smallest, smallest_ci = _smallest_non_inferior(done, [highest.name, *tied], comparisons, margin)
     return WhatToTrain(
-        budgets=budgets, highest_arm=highest.name, tied_with=tied, overlapping=overlapping, shown_best=shown,
-        smallest_non_inferior=smallest.name, smallest_ci_of_diff=smallest_ci, margin=margin,
+        budgets=budgets,
+        highest_arm=highest.name,
+        tied_with=tied,
+        overlapping=overlapping,
+        shown_best=shown,
+        smallest_non_inferior=smallest.name,
+        smallest_ci_of_diff=smallest_ci,
+        margin=margin,
         chosen_depth={p.arm: p.depth for p in depths if p.chosen},
         chosen_size={p.arm: p.image_size for p in sizes if p.chosen},
     )

@@ -208,8 +208,8 @@ def compare_compression(full: DeploymentCost, compressed: DeploymentCost, pred: 
                         tolerance: float, aggregation: str = "mean", n_bootstrap: int = 1000, seed: int = 0,
                         reference: str = "the full-precision predictions") -> CompressionComparison:
     """Size, latency and the paired patient-level change in test AUC, judged against `tolerance` (see _judgement)."""
-    auc_full, auc_small, interval, n_patients = paired_auc_change(pred, aggregation=aggregation, n_bootstrap=n_bootstrap,
-                                                                   seed=seed)
+    auc_full, auc_small, interval, n_patients = paired_auc_change(
+        pred, aggregation=aggregation, n_bootstrap=n_bootstrap, seed=seed)
     finite = math.isfinite(auc_full) and math.isfinite(auc_small)
     change = auc_small - auc_full if finite else None
     judgement = _judgement(interval if finite else None, tolerance)
@@ -218,7 +218,8 @@ def compare_compression(full: DeploymentCost, compressed: DeploymentCost, pred: 
     head = (f"The {compressed.weights_variant} variant is {size_ratio:.0%} of the full-precision size and "
             f"{speed:.2f}x as fast at batch 1")
     if change is None:
-        statement = f"{head}; its patient-level test AUC is not estimable on {n_patients} test patients (one class only)."
+        statement = (f"{head}; its patient-level test AUC is not estimable on {n_patients} test patients "
+                     "(one class only).")
     else:
         where = (f"patient-level test AUC on the packaged run's {n_patients} test patients {auc_small:.3f} against "
                  f"{auc_full:.3f} as in {reference}, change {change:+.3f}")

@@ -24,7 +24,9 @@ def image_log_losses(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -(targets * np.log(probs + eps) + (1 - targets) * np.log(1 - probs + eps))
 
 
-def _image_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime, batch_size: int) -> np.ndarray:
+def _image_losses(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime, batch_size: int
+) -> np.ndarray:
     """Each image's plain cross-entropy in eval mode (the terms whose mean is loop.plain_loss)."""
     if not len(y):
         return np.zeros(0)
@@ -32,19 +34,37 @@ def _image_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runt
     return F.cross_entropy(logits, y.cpu(), reduction="none").numpy()
 
 
-def network_losses(model: torch.nn.Module, *, rows: dict[str, list[SplitRow]], subsample: torch.Tensor, data: FitData,
-                   runtime: Runtime, batch_size: int, epoch: int, role: str) -> list[OverfittingLossRow]:
-    """The live weights' per-image losses on the train_eval subsample (rows["train"][subsample]) and the validation part."""
-    parts = (("train", [rows["train"][i] for i in subsample.tolist()], data.x_train_eval, data.y_train_eval),
-             ("val", rows["val"], data.x_val, data.y_val))
-    return [OverfittingLossRow(epoch=epoch, role=role, part=part, patient_key=row.patient_key, loss=float(loss))
-            for part, part_rows, x, y in parts
-            for row, loss in zip(part_rows, _image_losses(model, x, y, runtime, batch_size))]
+def network_losses(
+    model: torch.nn.Module,
+    *,
+    rows: dict[str, list[SplitRow]],
+    subsample: torch.Tensor,
+    data: FitData,
+    runtime: Runtime,
+    batch_size: int,
+    epoch: int,
+    role: str,
+) -> list[OverfittingLossRow]:
+    """The live weights' per-image losses on the train_eval subsample (rows["train"][subsample]) and the validation
+    part."""
+    parts = (
+        ("train", [rows["train"][i] for i in subsample.tolist()], data.x_train_eval, data.y_train_eval),
+        ("val", rows["val"], data.x_val, data.y_val),
+    )
+    return [
+        OverfittingLossRow(epoch=epoch, role=role, part=part, patient_key=row.patient_key, loss=float(loss))
+        for part, part_rows, x, y in parts
+        for row, loss in zip(part_rows, _image_losses(model, x, y, runtime, batch_size))
+    ]
 
 
-def probe_losses(rows: dict[str, list[SplitRow]], targets: dict[str, np.ndarray],
-                 probs: dict[str, np.ndarray]) -> list[OverfittingLossRow]:
+def probe_losses(
+    rows: dict[str, list[SplitRow]], targets: dict[str, np.ndarray], probs: dict[str, np.ndarray]
+) -> list[OverfittingLossRow]:
     """A linear probe's per-image losses on every training and validation image; its one epoch is chosen and last."""
-    return [OverfittingLossRow(epoch=1, role=role, part=part, patient_key=row.patient_key, loss=float(loss))
-            for role in ("chosen", "last") for part in ("train", "val")
-            for row, loss in zip(rows[part], image_log_losses(targets[part], probs[part]))]
+    return [
+        OverfittingLossRow(epoch=1, role=role, part=part, patient_key=row.patient_key, loss=float(loss))
+        for role in ("chosen", "last")
+        for part in ("train", "val")
+        for row, loss in zip(rows[part], image_log_losses(targets[part], probs[part]))
+    ]
