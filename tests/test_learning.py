@@ -19,7 +19,7 @@ def test_a_short_run_learns_an_easy_lesion(tmp_path: Path) -> None:
     dataset_dir = tmp_path / "dataset"
     make_synthetic_dataset(dataset_dir)
     run_dir = tmp_path / "runs" / "resnet18-scratch"
-    settings = {"epochs": "8", "early_stopping_patience": "8", "image_size": "40", "lr": "0.003", "batch_size": "8"}
+    settings = {"epochs": "3", "early_stopping_patience": "3", "image_size": "40", "lr": "0.003", "batch_size": "8"}
     plan_path = one_run_plan(run_dir, "resnet18:scratch", settings)
     summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=".")
     assert summary.status == "completed", summary.reason
