@@ -7,6 +7,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import markupsafe
 import pytest
 import torch
 from prefect.client.orchestration import get_client
@@ -139,7 +140,12 @@ def test_every_completed_arm_is_packaged_costed_and_linked(full_run: Path) -> No
     preferred = results.recommendation.preferred_arm or results.recommendation.best_arm
     compression = results.compression
     assert compression is not None and compression.full.arm == compression.compressed.arm == preferred
-    assert compression.compressed.package_bytes < compression.full.package_bytes and compression.statement in html
+    assert compression.compressed.package_bytes < compression.full.package_bytes
+    assert str(markupsafe.escape(compression.statement)) in html  # as the template escapes it
+    assert compression.level == "patient" and "patient-level test AUC" in compression.statement
+    scored = results.arm(preferred).patient_metrics.roc_auc.value
+    if results.evaluation.mode == "holdout":  # the int8 line's full-precision AUC is the one in the metric tables
+        assert compression.auc_full == pytest.approx(scored, abs=1e-12)
     assert load_package(full_run / results.compression_package_dir).meta.weights_variant in {"int8", "bf16"}
 
 
