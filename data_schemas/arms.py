@@ -27,12 +27,18 @@ ModelName = Literal["resnet50", "resnet18", "mobilenet_v3_large"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 ArmMode = Literal["scratch", "imagenet", "imagenet-linear"]
 ARM_MODES: tuple[str, ...] = get_args(ArmMode)
-LEGACY_MODEL = "resnet50"  # the model a bare mode name ("scratch") means
+DEFAULT_MODEL = "resnet50"  # the model a bare mode name ("scratch") means
+# The ResNet-50 arms' names (= the modes); any arm, e.g. "resnet18:imagenet", validates through parse_arm.
+ArmName = ArmMode
+ARM_NAMES: tuple[str, ...] = ARM_MODES
+# The smallest square input any arm is priced, trained or ingested at: the networks downsample by 32 (total stride),
+# so a smaller input reaches their last stage as a 1x1 map made mostly of zero padding.
+MIN_IMAGE_SIZE = 32
 PRETRAINED_MODES: tuple[str, ...] = ("imagenet", "imagenet-linear")
 
 # Every arm by its canonical name: the bare modes (ResNet-50), then MODEL:MODE for each other model.
 ARM_CHOICES: tuple[str, ...] = ARM_MODES + tuple(
-    f"{model}:{mode}" for model in MODEL_NAMES if model != LEGACY_MODEL for mode in ARM_MODES)
+    f"{model}:{mode}" for model in MODEL_NAMES if model != DEFAULT_MODEL for mode in ARM_MODES)
 
 MODEL_LABELS: dict[str, str] = {
     "resnet50": "ResNet-50",
@@ -62,13 +68,13 @@ class ArmSpec(StrictModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelName = Field(default=LEGACY_MODEL, description="torchvision model builder name")
+    model: ModelName = Field(default=DEFAULT_MODEL, description="torchvision model builder name")
     mode: ArmMode
 
     @property
     def name(self) -> str:
         """The canonical arm name: the bare mode for ResNet-50 (legacy names), else 'model:mode'."""
-        return self.mode if self.model == LEGACY_MODEL else f"{self.model}:{self.mode}"
+        return self.mode if self.model == DEFAULT_MODEL else f"{self.model}:{self.mode}"
 
     @property
     def pretrained(self) -> bool:
@@ -87,7 +93,7 @@ class ArmSpec(StrictModel):
 def _invalid_arm(text: str, reason: str) -> ValueError:
     """The one sentence a wrong arm name gets: what is wrong and every valid choice."""
     return ValueError(
-        f"unknown arm {text!r} ({reason}); an arm is MODEL:MODE or a bare MODE (meaning {LEGACY_MODEL}), "
+        f"unknown arm {text!r} ({reason}); an arm is MODEL:MODE or a bare MODE (meaning {DEFAULT_MODEL}), "
         f"with MODEL one of {', '.join(MODEL_NAMES)} and MODE one of {', '.join(ARM_MODES)}."
     )
 
@@ -100,7 +106,7 @@ def parse_arm(text: str | ArmSpec) -> ArmSpec:
         raise _invalid_arm(str(text), "not a string")
     cleaned = text.strip().lower()
     model, sep, mode = cleaned.rpartition(":")
-    model = model if sep else LEGACY_MODEL
+    model = model if sep else DEFAULT_MODEL
     if model not in MODEL_NAMES:
         raise _invalid_arm(text, f"no model {model!r}")
     if mode not in ARM_MODES:
@@ -125,4 +131,4 @@ def parse_arms(texts: Iterable[str | ArmSpec]) -> list[ArmSpec]:
 
 def default_arms() -> list[ArmSpec]:
     """Today's three ResNet-50 arms, the default of every command."""
-    return [ArmSpec(model=LEGACY_MODEL, mode=mode) for mode in ARM_MODES]
+    return [ArmSpec(model=DEFAULT_MODEL, mode=mode) for mode in ARM_MODES]

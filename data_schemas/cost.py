@@ -16,22 +16,20 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from data_schemas.arms import ARM_MODES, LEGACY_MODEL, ArmMode, ModelName, canonical_arm_name, default_arms, parse_arms
+from data_schemas.arms import (
+    DEFAULT_MODEL,
+    MIN_IMAGE_SIZE,
+    ModelName,
+    canonical_arm_name,
+    default_arms,
+    parse_arms,
+)
 from data_schemas.base import StrictModel
-
-# The smallest square input any arm is priced, trained or ingested at: the networks downsample by 32 (total stride),
-# so a smaller input reaches their last stage as a 1x1 map made mostly of zero padding.
-MIN_IMAGE_SIZE = 32
 
 COST_SCHEMA_VERSION = "1.1"  # 1.1: estimates only (no `actual`), ArmCost.n_images and head_warmup_epochs
 COST_FILE = "cost.json"
 DEVICE_CATALOGUE_FILE = "devices.json"
 THIS_MACHINE = "this-machine"
-
-# The ResNet-50 arms' legacy names (= the modes); any arm, e.g. "resnet18:imagenet", validates through
-# data_schemas.arms.parse_arm.
-ArmName = ArmMode
-ARM_NAMES: tuple[str, ...] = ARM_MODES
 
 ARM_DESCRIPTIONS: dict[str, str] = {spec.name: spec.description for spec in default_arms()}
 
@@ -245,7 +243,7 @@ class ArmCost(StrictModel):
         return canonical_arm_name(value)
 
     arm: str = Field(description="canonical arm name (data_schemas.arms.parse_arm)")
-    model: ModelName = Field(default=LEGACY_MODEL, description="torchvision model of the arm")
+    model: ModelName = Field(default=DEFAULT_MODEL, description="torchvision model of the arm")
     description: str
     params_total: int
     params_trainable: int

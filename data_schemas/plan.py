@@ -14,12 +14,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from data_schemas.arms import ARM_MODES, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
+from data_schemas.arms import ARM_MODES, MIN_IMAGE_SIZE, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
 from data_schemas.base import StrictModel
 from data_schemas.cost import CostInputs
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, write_model_json
-from data_schemas.cost import MIN_IMAGE_SIZE
 from data_schemas.training import (
     KNOWN_SETTINGS,
     MAX_IMAGE_SIZE,

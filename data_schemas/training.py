@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from data_schemas.arms import RESIZE_METHOD, canonical_arm_name, parse_arm
 from data_schemas.base import StrictModel
 
-from data_schemas.cost import ARM_NAMES, MIN_IMAGE_SIZE, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms' legacy names
+from data_schemas.arms import ARM_NAMES, MIN_IMAGE_SIZE, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms
 
 MAX_IMAGE_SIZE = 1024  # the largest square image a dataset is ingested or an arm trained at
 

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_schemas.cost import ArmName
+from data_schemas.arms import ArmName
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
@@ -45,6 +45,7 @@ from flows.parameters import (
     Fractions,
     IngestSize,
     NewFolderPerRun,
+    OldIngestSizeName,
     ParallelArms,
     Profile,
     ReportFolder,
@@ -385,17 +386,18 @@ def compare_flow(
     fractions: Fractions = None,
     sizes: TrainSizes = None,
     settings: Settings = None,
-    image_size: IngestSize = 224,
+    ingest_size: IngestSize = 224,
     bootstrap: Bootstrap = 1000,
     calibrate: Calibrate = True,
     parallel_arms: ParallelArms = 1,
     new_folder_per_run: NewFolderPerRun = False,
     train_deployment: TrainDeployment = None,
     plan: CheckedPlan = None,
+    image_size: OldIngestSizeName = None,
 ) -> State:
     """Train ResNet-50 from scratch and from ImageNet weights on the same patients and report which wins.
 
-    A DICOM source is ingested once, at the largest of image_size and sizes, beside the report folder. Inputs are
+    A DICOM source is ingested once, at the largest of ingest_size and sizes, beside the report folder. Inputs are
     checked before any work: a missing file or a weights file that does not load stops the run in one sentence.
     The run ends Completed when every requested arm completed; "Partial" when some did not and the others are
     compared (grey when they were skipped, red when one failed); Failed when none completed. Its last log line
@@ -405,6 +407,7 @@ def compare_flow(
     # Each state's data is the summary dict (for Failed inside a NoArmCompletedError): a direct call returns it.
     tidy_run_logs()
     logger = get_run_logger()
+    ingest_size = _ingest_size(ingest_size, image_size)
     environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,
                                  started_at=command_started_at() or time.time())
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -421,7 +424,7 @@ def compare_flow(
         return refused(as_seen(str(error)))
     report_dir.mkdir(parents=True, exist_ok=True)
     with report_write_lock(report_dir):  # one comparison writes a report folder at a time
-        dataset_dir = ingest_source(src, out, labels=labels, size=max([image_size, *plan.sizes]),
+        dataset_dir = ingest_source(src, out, labels=labels, size=max([ingest_size, *plan.sizes]),
                                     new_folder_per_run=new_folder_per_run)
 
         n_train = prepare_split(dataset_dir=dataset_dir, splits_path=report_dir / SPLITS_FILE, settings=plan.split)
@@ -458,6 +461,16 @@ def compare_flow(
         logger.info("Report: %s", link)
         return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
                                      "recommendation": outcome_headline(results, outcomes), "arms": outcomes})
+
+
+def _ingest_size(ingest_size: int, image_size: int | None) -> int:
+    """ingest_size, or image_size (its old name) when a deployment made before the rename passes it: said once."""
+    if image_size is None:
+        return ingest_size
+    get_run_logger().warning("Parameter image_size is the old name of ingest_size (the size DICOM images are stored "
+                             "at in the dataset); this run uses ingest_size=%d. Rename it in the deployment.",
+                             image_size)
+    return image_size
 
 
 def comparison_plan(*, profile: str, arms: list[str], seed: int, settings: dict[str, str] | None = None,

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from data_schemas.arms import ARM_CHOICES
-from data_schemas.cost import MIN_IMAGE_SIZE, CostInputs, WallTimePlan
+from data_schemas.arms import ARM_CHOICES, MIN_IMAGE_SIZE
+from data_schemas.cost import CostInputs, WallTimePlan
 from data_schemas.plan import RunPlan
 from data_schemas.training import MAX_IMAGE_SIZE, ProfileName
 
@@ -50,6 +50,9 @@ IngestSize = Annotated[int, described(
     description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
     "input size, which is the profile's image_size setting (settings in a flow run, --set image_size=N in a "
     "terminal)")]
+OldIngestSizeName = Annotated[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] | None, described(
+    description="the old name of ingest_size, still accepted for deployments made before the rename (the run logs "
+    "that it was used); empty: ingest_size decides")]
 Window = Annotated[str, described(pattern=WINDOW_PATTERN, description="CT window applied at ingest: lung, mediastinal, "
                               "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
 

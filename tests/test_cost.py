@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import resnet50_by_hand as hand
-from data_schemas.cost import ARM_NAMES, COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
+from data_schemas.arms import ARM_NAMES
+from data_schemas.cost import COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
 from data_schemas.files import read_model_json
 from reports.cost_tables import format_table, markdown_table
 from tasks.cost import calibration as cost_calibration

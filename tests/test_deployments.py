@@ -102,7 +102,7 @@ def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack)
 def test_every_parameter_of_the_form_has_a_description_and_its_bounds(stack: PrefectStack) -> None:
     """The compare and ingest forms, read back from the server: a description for every parameter, bounds where
     the flow's signature has them (e.g. parallel_arms 1..16, workers 0..256, every list of sizes per item)."""
-    bounded = {"compare/on-demand": {"seed", "folds", "image_size", "bootstrap", "parallel_arms"},
+    bounded = {"compare/on-demand": {"seed", "folds", "ingest_size", "image_size", "bootstrap", "parallel_arms"},
                "ingest/nightly": {"size", "workers"}}
     for name, expected in bounded.items():
         properties = stack.deployment(name)["parameter_openapi_schema"]["properties"]

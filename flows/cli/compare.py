@@ -11,8 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_schemas.arms import MODEL_NAMES
-from data_schemas.cost import ARM_NAMES
+from data_schemas.arms import ARM_NAMES, MODEL_NAMES
 from data_schemas.training import PROFILE_NAMES
 from flows.cli.checks import arm_list, comma_numbers, parse_overrides
 from flows.cli.errors import EXIT_NO_ARM, EXIT_OK, EXIT_PARTIAL, UsageError

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_schemas.arms import ARM_MODES, MODEL_NAMES
-from data_schemas.cost import ARM_NAMES, COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs
+from data_schemas.arms import ARM_MODES, ARM_NAMES, MODEL_NAMES
+from data_schemas.cost import COST_FILE, OPTIMIZERS, PRECISIONS, CostInputs
 from flows.cli.checks import arm_list
 from flows.cli.errors import UsageError
 from tasks.common.paths import refuse_non_folder

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_schemas.cost import ARM_NAMES
+from data_schemas.arms import ARM_NAMES
 from data_schemas.training import PROFILE_NAMES
 from flows.cli.checks import arm_list
 from flows.cli.compare import report_outcome

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_schemas.arms import ARM_MODES, LEGACY_MODEL, MODEL_NAMES, parse_arm
+from data_schemas.arms import ARM_MODES, DEFAULT_MODEL, MODEL_NAMES, parse_arm
 from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, RunSummary
 from flows.cli.checks import parse_overrides
@@ -47,7 +47,7 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         model = parse_arm(args.arm).model
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if args.weights is not None and model != LEGACY_MODEL:
+    if args.weights is not None and model != DEFAULT_MODEL:
         raise UsageError(f"--weights is the ResNet-50 weights file; give {model} weights with --weights-dir DIR "
                          f"(a folder holding its torchvision-format file, e.g. {model}-<hash>.pth) or the torch hub "
                          "cache.")
@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("dataset_dir", metavar="DATASET_DIR")
     parser.add_argument("--arm", required=True, metavar="ARM",
                         help=f"MODE or MODEL:MODE; MODE one of {', '.join(ARM_MODES)}, MODEL one of "
-                        f"{', '.join(MODEL_NAMES)} (a bare MODE means {LEGACY_MODEL}), e.g. resnet18:imagenet")
+                        f"{', '.join(MODEL_NAMES)} (a bare MODE means {DEFAULT_MODEL}), e.g. resnet18:imagenet")
     parser.add_argument("--out", required=True, metavar="RUN_DIR")
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help="settings profile (default: cpu)")
     parser.add_argument("--weights", metavar="PATH", help=help_for(TrainWeights))

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from data_schemas.arms import LEGACY_MODEL, ArmSpec, default_arms, parse_arm, parse_arms
+from data_schemas.arms import DEFAULT_MODEL, ArmSpec, default_arms, parse_arm, parse_arms
 from data_schemas.cost import (
     COST_FILE,
     COST_SCHEMA_VERSION,
@@ -229,7 +229,7 @@ def build_cost_report(
     ]
     if calibration is None:
         notes.append("this-machine uses catalogue defaults (not calibrated): expect a large error.")
-    if any(parse_arm(arm).model != LEGACY_MODEL for arm in inputs.arms):
+    if any(parse_arm(arm).model != DEFAULT_MODEL for arm in inputs.arms):
         notes.append(
             "Utilisation (this machine's calibration and the catalogue's figures) is ResNet-50's: other models are "
             "priced at the same share of peak, which likely overstates the speed of depthwise-convolution networks "

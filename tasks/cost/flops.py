@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from data_schemas.arms import LEGACY_MODEL, parse_arm
+from data_schemas.arms import DEFAULT_MODEL, parse_arm
 from data_schemas.cost import ArmCost, PhaseCounts
 from data_schemas.files import sha256_json
 from tasks.cost.caches import counting_code_version, read_model_counts, remember_model_counts
@@ -32,7 +32,7 @@ FLOP_CONVENTION = (
 )
 
 
-def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "cpu", model: str = LEGACY_MODEL):
+def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "cpu", model: str = DEFAULT_MODEL):
     """The arm's `model` (tasks.training.models.build_model, random weights) set up for one training phase.
 
     phase: "full" every parameter trainable (scratch, imagenet fine-tuning);
@@ -55,7 +55,7 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
 
 
 @functools.lru_cache(maxsize=128)
-def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = LEGACY_MODEL) -> PhaseCounts:
+def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = DEFAULT_MODEL) -> PhaseCounts:
     """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.training.models.count_flops);
     kept in model_counts.json, so that a later estimate needs no model built.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from data_schemas.arms import LEGACY_MODEL
+from data_schemas.arms import DEFAULT_MODEL
 from data_schemas.cost import MemoryEstimate, PhaseCounts
 from data_schemas.files import sha256_json
 from tasks.common.environment import cpu_name
@@ -97,7 +97,7 @@ def _inference_peak_bytes(model, x, precision: str) -> int:
 
 @functools.lru_cache(maxsize=128)
 def measure_activation_memory(
-    phase: str, image_size: int, channels: int, precision: str, num_classes: int = 2, model: str = LEGACY_MODEL
+    phase: str, image_size: int, channels: int, precision: str, num_classes: int = 2, model: str = DEFAULT_MODEL
 ) -> tuple[int, int]:
     """(fixed bytes, bytes per image) of activations for one phase of `model`, measured on this CPU.
 

@@ -22,7 +22,7 @@ from torchvision.models import (
     resnet50,
 )
 
-from data_schemas.arms import LEGACY_MODEL, MODEL_LABELS, MODEL_NAMES
+from data_schemas.arms import DEFAULT_MODEL, MODEL_LABELS, MODEL_NAMES
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width (feature_dim(model) for any model)
 
@@ -78,7 +78,7 @@ _MODELS: dict[str, ModelDef] = {
 }
 if tuple(_MODELS) != MODEL_NAMES:  # pragma: no cover - a model added on one side only
     raise RuntimeError("tasks.training.models._MODELS and data_schemas.arms.MODEL_NAMES must list the same models")
-IMAGENET_WEIGHTS = _MODELS[LEGACY_MODEL].weights
+IMAGENET_WEIGHTS = _MODELS[DEFAULT_MODEL].weights
 
 
 def model_def(model: str) -> ModelDef:

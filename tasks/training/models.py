@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNetV3, ResNet
 
-from data_schemas.arms import LEGACY_MODEL, ArmSpec, parse_arm
+from data_schemas.arms import DEFAULT_MODEL, ArmSpec, parse_arm
 from tasks.training.model_defs import RESNET_DEPTHS, definition_of, model_def
 from tasks.training.weights import (
     WeightsFileError,
@@ -69,7 +69,7 @@ def _build(
 
 
 def build_model(
-    model: str = LEGACY_MODEL,
+    model: str = DEFAULT_MODEL,
     *,
     num_classes: int = 2,
     in_channels: int = 1,
@@ -144,7 +144,7 @@ def pretrained_resnet50(backbone: Mapping[str, torch.Tensor], num_classes: int =
     return build_resnet50(1, num_classes, dropout, backbone)
 
 
-def feature_extractor(backbone: Mapping[str, torch.Tensor], model: str = LEGACY_MODEL) -> nn.Module:
+def feature_extractor(backbone: Mapping[str, torch.Tensor], model: str = DEFAULT_MODEL) -> nn.Module:
     """The imagenet-linear arm: the pretrained backbone returning pooled features, frozen, in eval mode."""
     return as_feature_extractor(build_model(model, weights=backbone))
 
@@ -171,20 +171,20 @@ def as_feature_extractor(net: nn.Module) -> nn.Module:
 
 
 @lru_cache(maxsize=8)
-def feature_dim(model: str = LEGACY_MODEL) -> int:
+def feature_dim(model: str = DEFAULT_MODEL) -> int:
     """Width of the pooled features the head reads (ResNet-50 2048, ResNet-18 512, MobileNetV3-Large 1280)."""
     with torch.device("meta"):
         net = model_def(model).builder(weights=None)
     return int(net.get_submodule(model_def(model).head).in_features)
 
 
-def is_head_parameter(name: str, model: str = LEGACY_MODEL) -> bool:
+def is_head_parameter(name: str, model: str = DEFAULT_MODEL) -> bool:
     """Parameters of the new classifier head of `model` (everything else is the backbone)."""
     return name.startswith(model_def(model).head + ".")
 
 
 def split_head_backbone(
-    net: nn.Module, model: str = LEGACY_MODEL
+    net: nn.Module, model: str = DEFAULT_MODEL
 ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(head, backbone) named parameters of a built `model`: head warm-up trains the first, discriminative learning
     rates give the second a smaller rate."""
@@ -245,7 +245,7 @@ def count_flops(model: nn.Module, image_size: int, in_channels: int, *, backward
 
 @lru_cache(maxsize=32)
 def forward_flops_per_image(
-    image_size: int, in_channels: int = 1, num_classes: int = 2, model: str = LEGACY_MODEL
+    image_size: int, in_channels: int = 1, num_classes: int = 2, model: str = DEFAULT_MODEL
 ) -> float:
     """FLOPs of one forward pass of one image through the arms' `model` (count_flops on the meta device)."""
     with torch.device("meta"):
@@ -267,13 +267,13 @@ def describe_init(net: nn.Module) -> dict[str, float]:
 # ------------------------------------------------------------------------------------- probes at several depths
 
 
-def probe_depths(model: str = LEGACY_MODEL) -> tuple[str, ...]:
+def probe_depths(model: str = DEFAULT_MODEL) -> tuple[str, ...]:
     """The modules the linear probe reads, shallow to deep, at strides 8, 16 and 32 (ResNet: layer2, layer3, layer4)."""
     return model_def(model).probe_depths
 
 
 @lru_cache(maxsize=8)
-def depth_widths(model: str = LEGACY_MODEL) -> dict[str, int]:
+def depth_widths(model: str = DEFAULT_MODEL) -> dict[str, int]:
     """Channels of each probe depth's output (= the width of its pooled features), from a meta-device pass."""
     with torch.device("meta"):
         net = _build(model, in_channels=1, num_classes=2, dropout=0.0, backbone=None).eval()

@@ -32,7 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
 
-from data_schemas.arms import LEGACY_MODEL, parse_arm
+from data_schemas.arms import DEFAULT_MODEL, parse_arm
 from data_schemas.files import atomic_write_bytes, sha256_json, write_model_json
 from data_schemas.plan import PlannedRun, RunPlan, read_plan
 from data_schemas.training import (
@@ -105,7 +105,7 @@ class TrainingInterrupted(Exception):
 
 
 @dataclass
-class RunData:
+class SplitTensors:
     """The three parts as in-memory tensors at the run's image size, plus their split rows."""
 
     x: dict[str, torch.Tensor]
@@ -131,14 +131,14 @@ def _classes(rows: list[SplitRow], positive_label: str | None) -> tuple[list[str
     return [negative, positive], positive
 
 
-def build_run_data(images: np.ndarray, index_of: dict[str, int], parts: dict[str, list[SplitRow]], size: int, positive: str, classes: list[str]) -> RunData:
+def build_split_tensors(images: np.ndarray, index_of: dict[str, int], parts: dict[str, list[SplitRow]], size: int, positive: str, classes: list[str]) -> SplitTensors:
     """Gather each part's rows (in the split file's pixel-content order) from the array and resize them once."""
     x, y = {}, {}
     for name, rows in parts.items():
         indices = np.asarray([index_of[row.image_key] for row in rows], dtype=np.int64)
         x[name] = images_to_tensor(images[indices] if len(indices) else images[:0], size)
         y[name] = torch.tensor([1 if row.label == positive else 0 for row in rows], dtype=torch.long)
-    return RunData(x=x, y=y, rows=parts, classes=classes, positive_label=positive)
+    return SplitTensors(x=x, y=y, rows=parts, classes=classes, positive_label=positive)
 
 
 # --------------------------------------------------------------------------------------------- run bookkeeping
@@ -152,7 +152,7 @@ class RunContext:
     run_dir: Path
     config: RunConfig
     runtime: Runtime
-    data: RunData
+    data: SplitTensors
     seed: int
     fold: int
     backbone: dict[str, torch.Tensor] | None
@@ -426,7 +426,7 @@ def weights_file_for(model: str, weights_path: Path | None, weights_dir: Path | 
             raise ValueError(f"{weights_dir} holds several {model} weights files ({', '.join(p.name for p in named)}); keep one.")
         if named:
             return named[0]
-    return Path(weights_path) if weights_path is not None and model == LEGACY_MODEL else None
+    return Path(weights_path) if weights_path is not None and model == DEFAULT_MODEL else None
 
 
 def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path | None, Path | None], fold: int,
@@ -442,7 +442,7 @@ def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path 
         backbone, info = resolve_imagenet_weights(path, allow_download=config.download_weights, model=spec.model)
         return backbone, info, None
     except WeightsUnavailableError as error:
-        if spec.model == LEGACY_MODEL:
+        if spec.model == DEFAULT_MODEL:
             return None, None, str(error)
         # --weights is the ResNet-50 file; the other models' files come from a folder or the cache
         return None, None, f"{str(error).split(', or pass --weights')[0]}, or give --weights-dir DIR holding it."
@@ -518,7 +518,7 @@ def train_arm(
         log.info("%s: %s already holds a completed run with this configuration; not training again", planned.arm, run_dir)
         return previous
     write_config(run_dir, config)
-    data = build_run_data(dataset.images, {r.image_key: r.index for r in dataset.manifest}, parts,
+    data = build_split_tensors(dataset.images, {r.image_key: r.index for r in dataset.manifest}, parts,
                           planned.config.image_size, positive, classes)
     del dataset
     ctx = RunContext(arm=planned.arm, run_dir=run_dir, config=config, runtime=runtime, data=data, seed=plan.seed,

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torchvision.models import ResNet50_Weights, WeightsEnum
 
-from data_schemas.arms import LEGACY_MODEL
+from data_schemas.arms import DEFAULT_MODEL
 from data_schemas.files import sha256_file
 from data_schemas.training import GRAY_MEAN, GRAY_STD, WeightsInfo
 from tasks.training.model_defs import model_def, model_label
@@ -54,7 +54,7 @@ def weights_file_name(weights: WeightsEnum = ResNet50_Weights.IMAGENET1K_V2) -> 
     return Path(weights.url).name
 
 
-def unavailable_message(model: str = LEGACY_MODEL) -> str:
+def unavailable_message(model: str = DEFAULT_MODEL) -> str:
     """The one sentence printed when no ImageNet weights of `model` can be found."""
     weights = model_def(model).weights[0]
     return (
@@ -65,7 +65,7 @@ def unavailable_message(model: str = LEGACY_MODEL) -> str:
 
 
 @lru_cache(maxsize=8)
-def _reference_shapes(model: str = LEGACY_MODEL) -> dict[str, tuple[int, ...]]:
+def _reference_shapes(model: str = DEFAULT_MODEL) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         reference = model_def(model).builder(weights=None)
     return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -82,7 +82,7 @@ def _key_problems(backbone: Mapping[str, Any], expected: set[str]) -> str:
 
 
 def check_state_dict(
-    state: Mapping[str, Any], model: str = LEGACY_MODEL, source: str = "weights"
+    state: Mapping[str, Any], model: str = DEFAULT_MODEL, source: str = "weights"
 ) -> dict[str, torch.Tensor]:
     """Validate a torchvision state dict of `model`; return its backbone part (the head's keys dropped).
 
@@ -116,10 +116,10 @@ def check_state_dict(
 
 def check_resnet50_state_dict(state: Mapping[str, Any], source: str = "weights") -> dict[str, torch.Tensor]:
     """check_state_dict for ResNet-50."""
-    return check_state_dict(state, LEGACY_MODEL, source)
+    return check_state_dict(state, DEFAULT_MODEL, source)
 
 
-def read_weights_file(path: Path, model: str = LEGACY_MODEL) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+def read_weights_file(path: Path, model: str = DEFAULT_MODEL) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     """Load a local state dict with weights_only=True, check the hash in a torchvision-style name, keys and shapes."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -160,7 +160,7 @@ def _download(model: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
 
 
 def resolve_imagenet_weights(
-    weights_path: Path | str | None = None, allow_download: bool = False, model: str = LEGACY_MODEL
+    weights_path: Path | str | None = None, allow_download: bool = False, model: str = DEFAULT_MODEL
 ) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     """The backbone state dict of `model` (head dropped) from --weights PATH, else torchvision's cache (the weights
     enums in preference order), else a download when allowed. Raises WeightsUnavailableError (one sentence) or
@@ -178,7 +178,7 @@ def resolve_imagenet_weights(
 
 
 def load_imagenet_state_dict(
-    weights_path: Path | str | None = None, allow_download: bool = False, model: str = LEGACY_MODEL
+    weights_path: Path | str | None = None, allow_download: bool = False, model: str = DEFAULT_MODEL
 ) -> dict[str, torch.Tensor]:
     """The checked backbone state dict only (see resolve_imagenet_weights)."""
     return resolve_imagenet_weights(weights_path, allow_download, model)[0]
@@ -194,13 +194,13 @@ def sum_rgb_conv1(weight: torch.Tensor, std: Sequence[float] | None = None) -> t
     return (weight / scale).sum(dim=1, keepdim=True)
 
 
-def input_statistics(model: str = LEGACY_MODEL) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def input_statistics(model: str = DEFAULT_MODEL) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per RGB channel the pretrained weights expect: the weights enum's transforms metadata."""
     transforms = model_def(model).weights[0].transforms()
     return tuple(transforms.mean), tuple(transforms.std)
 
 
-def fold_gray_normalisation(state: Mapping[str, torch.Tensor], model: str = LEGACY_MODEL) -> dict[str, torch.Tensor]:
+def fold_gray_normalisation(state: Mapping[str, torch.Tensor], model: str = DEFAULT_MODEL) -> dict[str, torch.Tensor]:
     """RGB backbone -> grey one fed (g - GRAY_MEAN)/GRAY_STD; exact on interior positions (module doc)."""
     definition = model_def(model)
     conv_key, norm_key = definition.stem + ".weight", definition.stem_norm + ".running_mean"
