@@ -2,7 +2,7 @@
 
 Start-up, the demo's cohort, ingest and the split are not predicted: they are over when the cost stage runs, so
 their measured time is added (WallTimePlan.elapsed_seconds). The constants below price what the calibrated FLOP
-estimate leaves out; docs/benchmarks.md says how they were measured.
+estimate leaves out; docs/wall-time.md says how they were measured.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from data_schemas.cost import THIS_MACHINE, CostReport, PlannedRunWork, StageTim
 from data_schemas.plan import RunEnvironment, RunPlan
 from tasks.cost.flops import arm_flops_for_epochs
 
-TRAIN_WALL_FACTOR = 1.23  # C, D: epochs' wall / calibrated compute estimate (scratch 1.29 and 1.23, imagenet 1.18):
-#                           data and augmentation, each epoch's evaluation of train-eval and validation images, checkpoints
-RUN_SETUP_S = 3.2  # per trained run, outside its epochs (data and model set-up 0.9 s, test predictions 2.3 s)
-LINEAR_RUN_SETUP_S = 12.5  # D: an imagenet-linear run beyond its compute x TRAIN_WALL_FACTOR (23.8 s, 9.0 s of compute):
-#                           weights loaded, the features of every part extracted, the fit, test predictions
-RUN_SKIPPED_S = 0.45  # C: a pretrained run skipped for want of weights
-EVALUATION_S_PER_ARM = 0.5  # C, D: evaluate-arms for one completed arm (0.7 s for one, 1.3 s for three)
-PACKAGE_S_PER_ARM = 4.1  # C, D: model package + deployment-cost timing of one completed arm (5.4; 4.3, 4.0, 2.7 s)
-COMPRESSION_S = 18.0  # C, D: int8 variant of the recommended arm, written, timed and compared, once (20.2, 16.1 s)
-VISUAL_S = 3.2  # C, D: saliency pictures and the shortcut check (visual-summary task): 3.2 s + 0.9 s per arm
-VISUAL_S_PER_ARM = 0.9  # (4.1 s for one arm, 5.8 s for three)
-REPORT_S = 5.8  # C, D: report rendering and artifacts (2.1, 1.5 s), the end of the flow run and of the process (4.9, 3.0 s)
+# What the calibrated FLOP estimate leaves out, from this machine's demo runs (docs/wall-time.md: how measured).
+TRAIN_WALL_FACTOR = 1.23  # epochs' wall time / compute estimate: data, augmentation, per-epoch evaluation, checkpoints
+RUN_SETUP_S = 3.2  # per trained run, outside its epochs: data and model set-up, test predictions
+LINEAR_RUN_SETUP_S = 12.5  # an imagenet-linear run beyond its compute: weights, feature extraction, fit, predictions
+RUN_SKIPPED_S = 0.45  # a pretrained run skipped for want of weights
+EVALUATION_S_PER_ARM = 0.5  # evaluate-arms, per completed arm
+PACKAGE_S_PER_ARM = 4.1  # model package + deployment-cost timing, per completed arm
+COMPRESSION_S = 18.0  # int8 variant of the recommended arm, written, timed and compared, once
+VISUAL_S = 3.2  # saliency pictures and the shortcut check, once ...
+VISUAL_S_PER_ARM = 0.9  # ... plus this per arm
+REPORT_S = 5.8  # report rendering and artifacts, the end of the flow run and of the process
 
 WALL_TIME_FORMULA = (
     "T = T_elapsed (measured: start-up, cohort, ingest, split) + T_cost (measured) "

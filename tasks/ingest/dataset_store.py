@@ -168,8 +168,8 @@ class ImageBlocks:
 def write_images_npy(path: Path, images: np.ndarray | ImageBlocks) -> None:
     """Write images.npy (float16) atomically (temp file + rename), block by block, as a memory-mappable .npy.
 
-    The header is the one np.lib.format.open_memmap writes (so the bytes are those of the former all-in-memory
-    writer); the rows then go through ordinary file writes, not a memory map, so that the pages written do not
+    The header is the one np.lib.format.open_memmap writes (so the bytes are those np.save would write); the rows
+    then go through ordinary file writes, not a memory map, so that the pages written do not
     count in this process's resident memory: memory stays that of one block, whatever the number of images.
     """
     path = Path(path)
