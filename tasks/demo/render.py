@@ -41,11 +41,26 @@ def _paint(image: np.ndarray, grid: PixelGrid, e: Ellipse, value: float) -> None
     image[rows, cols][inside] = value
 
 
-def _blobs(image: np.ndarray, grid: PixelGrid, cx: np.ndarray, cy: np.ndarray, semi_a: np.ndarray, semi_b: np.ndarray,
-           angle: np.ndarray, value: np.ndarray, edge_mm: np.ndarray, where: np.ndarray | None = None,
-           lobulation: np.ndarray | None = None, lobes: np.ndarray | None = None,
-           lobe_phase: np.ndarray | None = None) -> None:
+@dataclass(frozen=True)
+class Blobs:
+    """Rotated ellipses in mm (arrays, one entry per blob), optionally lobulated: radius x (1 + lobulation x
+    cos(lobes x phi + lobe_phase))."""
+
+    cx: np.ndarray
+    cy: np.ndarray
+    semi_a: np.ndarray
+    semi_b: np.ndarray
+    angle: np.ndarray
+    lobulation: np.ndarray | None = None
+    lobes: np.ndarray | None = None
+    lobe_phase: np.ndarray | None = None
+
+
+def _blobs(image: np.ndarray, grid: PixelGrid, blobs: Blobs, value: np.ndarray, edge_mm: np.ndarray,
+           where: np.ndarray | None = None) -> None:
     """Blend soft-edged rotated ellipses into the image (optionally only where `where` is True)."""
+    cx, cy, semi_a, semi_b, angle = blobs.cx, blobs.cy, blobs.semi_a, blobs.semi_b, blobs.angle
+    lobulation, lobes, lobe_phase = blobs.lobulation, blobs.lobes, blobs.lobe_phase
     if len(cx) == 0:
         return
     sp = grid.spacing
@@ -82,14 +97,14 @@ def _blobs(image: np.ndarray, grid: PixelGrid, cx: np.ndarray, cy: np.ndarray, s
         region += occ * (value[k] - region)
 
 
-def _ring_blobs(image: np.ndarray, grid: PixelGrid, cx: np.ndarray, cy: np.ndarray, semi_a: np.ndarray,
-                semi_b: np.ndarray, angle: np.ndarray, cortex_hu: np.ndarray, marrow_hu: float,
+def _ring_blobs(image: np.ndarray, grid: PixelGrid, bones: Blobs, cortex_hu: np.ndarray, marrow_hu: float,
                 cortex_mm: float) -> None:
     """Bones in cross-section: a bright cortical shell around a dimmer marrow core."""
-    edge = np.full_like(cx, 0.4)
-    _blobs(image, grid, cx, cy, semi_a, semi_b, angle, cortex_hu, edge)
-    _blobs(image, grid, cx, cy, np.maximum(semi_a - cortex_mm, 0.5), np.maximum(semi_b - cortex_mm, 0.5), angle,
-           np.full_like(cx, marrow_hu), edge)
+    edge = np.full_like(bones.cx, 0.4)
+    _blobs(image, grid, bones, cortex_hu, edge)
+    marrow = Blobs(bones.cx, bones.cy, np.maximum(bones.semi_a - cortex_mm, 0.5),
+                   np.maximum(bones.semi_b - cortex_mm, 0.5), bones.angle)
+    _blobs(image, grid, marrow, np.full_like(bones.cx, marrow_hu), edge)
 
 
 @dataclass(frozen=True)
@@ -181,7 +196,7 @@ def _paint_vessels(image: np.ndarray, plan: PatientPlan, grid: PixelGrid, geomet
     # In-plane vessels point away from the hilum.
     angle = np.arctan2(v + 0.1, u + side * 0.7)
     radius = vt.radius_mm[present]
-    _blobs(image, grid, cx, cy, radius * vt.aspect[present], radius, angle, vt.peak_hu[present],
+    _blobs(image, grid, Blobs(cx, cy, radius * vt.aspect[present], radius, angle), vt.peak_hu[present],
            np.full_like(cx, 0.5), where=lung_mask)
 
 
@@ -190,12 +205,12 @@ def _paint_nodules(image: np.ndarray, plan: PatientPlan, slice_index: int, grid:
     """Every nodule's cross-section in this slice, soft-edged and lobulated, inside the lungs only."""
     cx, cy, radius = nodule_cross_sections(plan, slice_index, geometry)
     aspect = np.array([n.aspect for n in plan.nodules])
-    _blobs(image, grid, cx, cy, radius * aspect,
-           radius, np.array([n.angle for n in plan.nodules]), np.array([n.core_hu for n in plan.nodules]),
-           np.array([n.edge_mm for n in plan.nodules]), where=lung_mask,
-           lobulation=np.array([n.lobulation for n in plan.nodules]),
-           lobes=np.array([n.lobes for n in plan.nodules], dtype=np.float64),
-           lobe_phase=np.array([n.lobe_phase for n in plan.nodules]))
+    nodules = Blobs(cx, cy, radius * aspect, radius, np.array([n.angle for n in plan.nodules]),
+                    lobulation=np.array([n.lobulation for n in plan.nodules]),
+                    lobes=np.array([n.lobes for n in plan.nodules], dtype=np.float64),
+                    lobe_phase=np.array([n.lobe_phase for n in plan.nodules]))
+    _blobs(image, grid, nodules, np.array([n.core_hu for n in plan.nodules]),
+           np.array([n.edge_mm for n in plan.nodules]), where=lung_mask)
 
 
 def _paint_structures(image: np.ndarray, plan: PatientPlan, grid: PixelGrid, geometry: SliceGeometry,
@@ -210,18 +225,19 @@ def _paint_structures(image: np.ndarray, plan: PatientPlan, grid: PixelGrid, geo
     vb, canal = geometry.vertebral_body, geometry.spinal_canal
     spine_cx = np.array([vb.cx, -19.0, 19.0, 0.0])
     spine_cy = np.array([vb.cy, canal.cy + 3.0, canal.cy + 3.0, canal.cy + 17.0])
-    _ring_blobs(image, grid, spine_cx, spine_cy, np.array([vb.ax, 11.0, 11.0, 4.5]), np.array([vb.ay, 5.0, 5.0, 11.0]),
-                np.array([0.0, -0.35, 0.35, 0.0]), np.array([880.0, 760.0, 760.0, 720.0]), 230.0, 2.2)
+    spine = Blobs(spine_cx, spine_cy, np.array([vb.ax, 11.0, 11.0, 4.5]), np.array([vb.ay, 5.0, 5.0, 11.0]),
+                  np.array([0.0, -0.35, 0.35, 0.0]))
+    _ring_blobs(image, grid, spine, np.array([880.0, 760.0, 760.0, 720.0]), 230.0, 2.2)
     _paint(image, grid, canal, 25.0)
     st = geometry.sternum
-    _ring_blobs(image, grid, np.array([st.cx]), np.array([st.cy]), np.array([st.ax]), np.array([st.ay]),
-                np.array([0.0]), np.array([520.0]), 180.0, 1.6)
+    sternum = Blobs(np.array([st.cx]), np.array([st.cy]), np.array([st.ax]), np.array([st.ay]), np.array([0.0]))
+    _ring_blobs(image, grid, sternum, np.array([520.0]), 180.0, 1.6)
     angles = plan.rib_angles + plan.rib_drift_per_mm * offset_mm
     ring = geometry.rib_ring
     rib_x, rib_y = ring.cx + ring.ax * np.cos(angles), ring.cy + ring.ay * np.sin(angles)
     tangent = np.arctan2(ring.ay * np.cos(angles), -ring.ax * np.sin(angles))
-    _ring_blobs(image, grid, rib_x, rib_y, plan.rib_size_mm[:, 0], plan.rib_size_mm[:, 1], tangent,
-                np.full(len(angles), 900.0) + srng.normal(0, 40, len(angles)), 260.0, 1.3)
+    ribs = Blobs(rib_x, rib_y, plan.rib_size_mm[:, 0], plan.rib_size_mm[:, 1], tangent)
+    _ring_blobs(image, grid, ribs, np.full(len(angles), 900.0) + srng.normal(0, 40, len(angles)), 260.0, 1.3)
 
 
 def _partial_volume(image: np.ndarray) -> np.ndarray:
