@@ -16,7 +16,8 @@ def test_listing_names_every_command_without_importing_flows(capsys: pytest.Capt
         [sys.executable, "-c", "import sys, flows.cli as c; c.build_parser(None); print(sorted(m for m in sys.modules if m.startswith(('torch', 'flows.', 'tasks.'))))"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )
-    assert code.stdout.strip() == "['flows.cli', 'flows.cli.errors', 'flows.cli.prefect_api']"
+    assert code.stdout.strip() == ("['flows.cli', 'flows.cli.errors', 'flows.cli.prefect_api', 'tasks.common', "
+                                   "'tasks.common.paths', 'tasks.common.progress']")
     with pytest.raises(SystemExit):
         main(["--help"])
     listing = capsys.readouterr().out

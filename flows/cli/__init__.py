@@ -59,12 +59,21 @@ OUT_CHECKED_COMMANDS = ("train", "compare", "demo")
 
 def package_version() -> str:
     """The installed ctcompare version (package metadata), or a note that it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
+    from tasks.common.environment import ctcompare_version
 
-    try:
-        return version("ctcompare")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return ctcompare_version()
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"ctcompare {package_version()}")
+        parser.exit()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -73,7 +82,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="ctcompare",
         description="ResNet-50 from scratch vs ImageNet weights on DICOM CT: ingest, cost, train, compare.",
     )
-    parser.add_argument("--version", action="version", version=f"ctcompare {package_version()}")
+    parser.add_argument("--version", action=_PrintVersion)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(subparsers)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 
+from tasks.common.paths import UNWRITABLE_ERRNOS
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the work failed: refused input found during the work, an unwritable disk, no arm completed
 EXIT_USAGE = 2  # a bad argument, refused before any work starts
@@ -27,7 +29,11 @@ UNWRITABLE_ADVICE: dict[int, str] = {
     errno.EACCES: "{path} cannot be written (permission denied); give a writable output folder or fix its "
                   "permissions and re-run.",
     errno.EPERM: "{path} cannot be written (operation not permitted); give a writable output folder and re-run.",
+    errno.EFBIG: "a file in {path} would exceed the file-size limit; give an output folder on another file system "
+                 "and re-run: finished work is kept.",
 }
+if set(UNWRITABLE_ADVICE) != UNWRITABLE_ERRNOS:  # pragma: no cover - an errno added on one side only
+    raise RuntimeError("UNWRITABLE_ADVICE must give advice for exactly tasks.common.paths.UNWRITABLE_ERRNOS")
 
 
 def unwritable_cause(error: BaseException) -> OSError | None:

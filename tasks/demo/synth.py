@@ -38,6 +38,7 @@ from data_schemas.synth import (
     ValueRange,
 )
 from data_schemas.visual import LESIONS_SIDECAR_FILE, LesionSidecarRow
+from tasks.common.paths import refuse_non_folder
 from tasks.demo.dicom_writer import write_patient_series
 from tasks.demo.geometry import lesion_rows
 from tasks.demo.patients import DEFAULT_MATRIX_SIZES, GENERATOR_VERSION, PatientPlan
@@ -101,8 +102,7 @@ def existing_cohort_state(out_dir: Path, parameters: SynthParameters) -> str:
 def check_output_dir(out_dir: Path, parameters: SynthParameters) -> str:
     """Validate OUT_DIR before any work; returns existing_cohort_state, raises CohortMismatchError/ValueError."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"OUT_DIR {out_dir} exists and is not a folder.")
+    refuse_non_folder(out_dir, "OUT_DIR")
     state = existing_cohort_state(out_dir, parameters)
     if state == "different":
         raise CohortMismatchError(

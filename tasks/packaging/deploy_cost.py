@@ -20,7 +20,6 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 
 from __future__ import annotations
 
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ from data_schemas.files import read_models_csv, write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
 from data_schemas.training import PredictionRow
+from tasks.common.environment import cpu_name
 from tasks.ingest.dataset_store import load_dataset
 from tasks.training.models import forward_flops_per_image
 from tasks.packaging.package import float_architecture, load_package, package_file, write_card
@@ -46,17 +46,6 @@ THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_THROUGHPUT_BATCHES = 5
 # Seconds instead of a minute per arm, for the smoke profile and tests: figures too noisy to quote.
 QUICK_TIMING: dict[str, int] = {"warmup": 0, "runs": 2, "batches": 1}
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it, else platform's answer."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def sample_input(model: PackagedModel, batch_size: int, seed: int = 0) -> torch.Tensor:
