@@ -31,8 +31,9 @@ import pytest  # noqa: E402
 # under `--dist loadfile` no worker starts a long file while the others have nothing left to do.
 SLOW_FILES_FIRST = (
     "test_compare.py", "test_deployments.py", "test_reproducible.py", "test_learning.py", "test_deploy_cost.py",
-    "test_startup.py", "test_train.py", "test_predict.py", "test_dask_ingest.py", "test_gallery.py",
-    "test_dataset_store.py", "test_package.py", "test_arch_train.py", "test_saliency.py",
+    "test_startup.py", "test_train.py", "test_dicomweb_ingest.py", "test_dicom_sr.py", "test_monai_bundle.py",
+    "test_predict.py", "test_dask_ingest.py", "test_gallery.py", "test_dataset_store.py", "test_package.py",
+    "test_arch_train.py", "test_saliency.py",
 )
 
 
