@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     for name, text in labels_files.items():
         (base / f"{name}.csv").write_text(text)
+    # A pickle (protocol 4) of something that is not a state dict: torch warns about the protocol before refusing.
+    (base / "protocol4.pth").write_bytes(pickle.dumps({"conv1.weight": [1, 2]}, protocol=4))
     (base / "weights-dir").mkdir()
     (base / "weights-dir" / "resnet50-0123abcd.pth").write_bytes(b"not a state dict")
     (base / "reports" / "r1").mkdir(parents=True)
@@ -127,6 +130,8 @@ CASES: dict[str, tuple[list[str], str]] = {
                                  "--dask-address tcp://127.0.0.1:9 does not answer"),
     "train fake weights in weights-dir": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run",
                                            "--weights-dir", "{in}/weights-dir"], "--weights-dir: weights file"),
+    "protocol-4 pickle as weights": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights",
+                                      "{in}/protocol4.pth"], "is not a readable PyTorch state dict"),
     "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
                                  "{in}/truncated.pth"], "--weights"),
 }

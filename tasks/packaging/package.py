@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -290,7 +291,9 @@ def load_package(path: Path) -> LoadedPackage:
     digest = sha256_file(model_path)
     _verify_checksums(model_path, digest)
     try:
-        raw = torch.load(model_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: the refusal says it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means it is not a package
         raise PackageError(f"{model_path} is not a readable model package ({type(error).__name__}).") from None
     if not isinstance(raw, dict) or raw.get("format") != PACKAGE_FORMAT:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -132,7 +133,9 @@ def read_weights_file(path: Path, model: str = DEFAULT_MODEL) -> tuple[dict[str,
             f"{digest[: len(match.group(1))]} (truncated or corrupt download?)."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: the refusal says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
         # torch's own message runs to a paragraph of advice on loading untrusted files: said here in one clause
         reason = ("it holds objects other than tensors, which are never unpickled here (save model.state_dict(), "
