@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from data_schemas.files import path_from_printable, printable_path
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, QuarantineReason, WindowSpec
 from flows.parameters import (
     Accession,
@@ -118,7 +119,9 @@ def ingest_flow(
     """
     tidy_run_logs()
     logger = get_run_logger()
-    src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
+    # Paths arrive as printable text (JSON parameters cannot hold a name that is not UTF-8): back to the real names.
+    src, out = path_from_printable(src_dir).resolve(), path_from_printable(out_dir).resolve()
+    labels = str(path_from_printable(labels)) if labels else None
     try:
         window_spec = check_ingest_arguments(src, out, Path(labels) if labels else None, window)
         label_table = read_labels(Path(labels)) if labels else None
@@ -145,7 +148,7 @@ def ingest_flow(
                              description="Ingested CT dataset")
     create_table_artifact(key="ctcompare-ingest-quarantine", description="Quarantined files by reason",
                           table=quarantine_table(card) or [{"reason": "none", "files": 0}])
-    return {"dataset_dir": str(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
+    return {"dataset_dir": printable_path(out), "skipped": result.skipped, "card": card.model_dump(mode="json")}
 
 
 def decode_sources(sources: list[SourceFile], out: Path, cache_dir: Path, *, size: int, window: WindowSpec,

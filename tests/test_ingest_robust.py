@@ -151,3 +151,14 @@ def test_trailing_padding_is_read_and_a_cut_is_still_truncated_with_the_right_si
         read_ct_file(cut, "cut.dcm")
     assert refused.value.reason is QuarantineReason.TRUNCATED
     assert f"({len(data) - 100} bytes; its last element needs {len(data)})" in refused.value.message
+
+
+def test_a_source_folder_whose_name_is_not_utf8_is_ingested_through_the_command_line(tmp_path: Path) -> None:
+    from flows.cli import main
+
+    src = non_utf8_name(tmp_path).with_suffix("")  # the folder itself: b'bad\xff\xfename'
+    for i in range(2):
+        ct_variant(src / f"ct{i}.dcm", patient_id=f"P{i}")
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xff"))
+    assert main(["ingest", str(src), "--out", str(out), "--size", str(SIZE), "--workers", "1"]) == 0
+    assert (out / "dataset.json").is_file() and len(read_models_csv(out / PRIVATE_INDEX_FILE, PrivateIndexRow)) == 2

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from data_schemas.files import printable_path
 from flows.cli.checks import check_dask_address
 from flows.cli.errors import EXIT_FAILED, UsageError
 from flows.parameters import (
@@ -63,7 +64,9 @@ def ingest_parameters(args: argparse.Namespace) -> dict[str, Any]:
     from flows.ingest import check_ingest_arguments, ingest_flow
     from tasks.ingest.labels import check_labels_file
 
-    parameters = {"src_dir": args.src_dir, "out_dir": args.out, "labels": args.labels, "size": args.size,
+    # Printable text (\xNN for bytes that are not UTF-8): Prefect's parameters are JSON; the flow turns them back.
+    parameters = {"src_dir": printable_path(args.src_dir), "out_dir": printable_path(args.out),
+                  "labels": printable_path(args.labels) if args.labels else None, "size": args.size,
                   "window": args.window, "workers": args.workers, "dask_address": args.dask_address,
                   "allow_burned_in": args.allow_burned_in}
     try:
