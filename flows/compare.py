@@ -10,6 +10,7 @@ report there.
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from datetime import datetime, timezone
@@ -233,6 +234,8 @@ def check_compare_paths(*, source: Path, report_dir: Path, labels: Path | None, 
                          "(the ingest/nightly deployment writes data/dataset).")
     if not source.is_dir():
         raise ValueError(f"{source} is a file; give a DICOM folder or a dataset folder made by 'ctcompare ingest'.")
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise ValueError(f"{source} cannot be read (permission denied); give a folder you can read.")
     if not (source / "dataset.json").is_file():
         check_dicom_source(source, labels)
     else:

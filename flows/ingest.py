@@ -66,6 +66,8 @@ def check_ingest_arguments(src_dir: Path, out_dir: Path, labels: Path | None, wi
     """Refuse bad arguments with one sentence before any work starts."""
     if not src_dir.is_dir():
         raise ValueError(f"source folder {src_dir} does not exist or is not a folder.")
+    if not os.access(src_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"source folder {src_dir} cannot be read (permission denied); give a folder you can read.")
     if next((path for path in src_dir.rglob("*") if path.is_file()), None) is None:
         raise ValueError(f"source folder {src_dir} holds no file; give a folder of DICOM files.")
     if labels is not None and not labels.is_file():
