@@ -32,6 +32,7 @@ from data_schemas.arms import ArmSpec, parse_arm
 from tasks.training.models import build_arm_model, is_head_parameter, is_no_decay_parameter
 from tasks.common.progress import progress as show_progress
 from tasks.common.runtime import Runtime
+from tasks.training.run_folder import require_finite
 
 EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
 TRAIN_EVAL_IMAGES = 512  # the fixed training subsample of EpochMetrics.train_eval_loss
@@ -328,13 +329,16 @@ def update_selection(state: TrainState, config: TrainConfig, *, val_loss: float 
     return improved
 
 
-def _evaluate(setup: FitSetup, data: FitData, progress: str | None = None) -> dict[str, float | None]:
+def _evaluate(setup: FitSetup, data: FitData, progress: str | None = None, epoch: int | None = None,
+              ) -> dict[str, float | None]:
     """Validation loss and AUC, and the like-for-like training loss, in eval mode (progress: batch_progress's
-    description)."""
+    description). NonFiniteOutputError when an output is NaN or infinite (epoch: the one just trained)."""
     cfg, rt = setup.config, setup.runtime
     with batch_progress(data.x_val.shape[0] + data.x_train_eval.shape[0], progress) as count_images:
         val_probs, val_logits = predict_probs(setup.model, data.x_val, rt, cfg.eval_batch_size, count_images)
         _, train_logits = predict_probs(setup.model, data.x_train_eval, rt, cfg.eval_batch_size, count_images)
+    require_finite(val_logits, "the network's validation outputs", epoch)
+    require_finite(train_logits, "the network's outputs on training images", epoch)
     return {"val_loss": plain_loss(val_logits, data.y_val), "val_auc": auc_or_none(data.y_val.cpu().numpy(), val_probs),
             "train_eval_loss": plain_loss(train_logits, data.y_train_eval)}
 
@@ -347,7 +351,8 @@ def fit(setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callabl
         which = f"{setup.label} epoch {state.epoch + 1}/{cfg.epochs}"
         result = train_one_epoch(setup, data.x_train, data.y_train, state.epoch, which)
         train_seconds = time.perf_counter() - started
-        evaluation = _evaluate(setup, data, f"{which} evaluation")
+        require_finite(result.loss_sum, "the training loss", state.epoch + 1)
+        evaluation = _evaluate(setup, data, f"{which} evaluation", state.epoch + 1)
         state.epoch, state.step = state.epoch + 1, state.step + result.steps
         state.train_seconds += train_seconds
         state.eval_seconds += time.perf_counter() - started - train_seconds

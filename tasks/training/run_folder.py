@@ -3,6 +3,10 @@
 Shared by the network arms and the linear probe. Files and their schemas: data_schemas/training.py. The checkpoint
 is one matching pair, save_checkpoint/load_checkpoint: the loop's whole TrainState dataclass is stored field by
 field, so a new field of TrainState is saved and restored without touching this module.
+
+Non-finite outputs. A probability that is NaN or infinite is never written (clamping would turn a diverged network
+into a completed constant predictor): require_finite raises NonFiniteOutputError, a ValueError, so the training
+task is not retried and the run ends "failed" with the epoch and one sentence.
 """
 
 from __future__ import annotations
@@ -39,6 +43,22 @@ from data_schemas.training import (
 )
 
 CHECKPOINT_FORMAT = 2
+
+
+class NonFiniteOutputError(ValueError):
+    """A network's outputs or loss became NaN or infinite (training diverged): the run fails, nothing is written."""
+
+
+def require_finite(values: np.ndarray | torch.Tensor | float, what: str, epoch: int | None) -> None:
+    """NonFiniteOutputError, one sentence naming `what` and the epoch, unless every value is finite."""
+    array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
+    bad = int(array.size - np.isfinite(array).sum())
+    if bad:
+        when = f" in epoch {epoch}" if epoch is not None else ""
+        raise NonFiniteOutputError(
+            f"{what} became NaN or infinite{when} ({bad} of {array.size} values): training diverged, so this arm is "
+            "failed rather than reported as a constant predictor; a lower learning rate (setting lr) may help."
+        )
 
 
 def now() -> str:
@@ -108,8 +128,13 @@ def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
     write_models_csv(Path(run_dir) / METRICS_FILE, [EpochMetrics.model_validate(h) for h in history], EpochMetrics)
 
 
-def write_predictions(run_dir: Path, *, rows: Sequence[SplitRow], probs: np.ndarray, positive_label: str, validation: bool = False) -> None:
-    """predictions.csv (test part) or val_predictions.csv (validation part): one PredictionRow per image."""
+def write_predictions(run_dir: Path, *, rows: Sequence[SplitRow], probs: np.ndarray, positive_label: str,
+                      validation: bool = False, epoch: int | None = None) -> None:
+    """predictions.csv (test part) or val_predictions.csv (validation part): one PredictionRow per image.
+
+    epoch: the epoch whose weights made `probs`, named when they are not finite (NonFiniteOutputError, nothing written).
+    """
+    require_finite(probs, f"the {'validation' if validation else 'test'} probabilities", epoch)
     predictions = [
         PredictionRow(image_key=row.image_key, patient_key=row.patient_key, label=row.label,
                       target=int(row.label == positive_label), prob_positive=float(min(1.0, max(0.0, p))))

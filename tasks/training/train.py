@@ -277,8 +277,9 @@ def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], 
         last = [row.model_copy(update={"role": "last"}) for row in chosen]
     write_overfitting_losses(ctx.run_dir, chosen + last)
     probs = {part: predict_probs(setup.model, data.x[part], rt, cfg.eval_batch_size)[0] for part in ("val", "test")}
-    write_predictions(ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True)
-    write_predictions(ctx.run_dir, rows=data.rows["test"], probs=probs["test"], positive_label=data.positive_label)
+    for part in ("val", "test"):
+        write_predictions(ctx.run_dir, rows=data.rows[part], probs=probs[part], positive_label=data.positive_label,
+                          validation=part == "val", epoch=state.best_epoch)
     _timing(ctx, train_seconds=state.train_seconds, eval_seconds=state.eval_seconds + time.perf_counter() - started,
             images_seen=state.images_seen, epochs_run=len(state.history))
     test_auc = auc_or_none(data.y["test"].numpy(), probs["test"])
