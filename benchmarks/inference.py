@@ -1,15 +1,15 @@
 """Do the deployment-cost figures (tasks.packaging.deploy_cost) match a bare torch.inference_mode() loop over the same model?
 
     PYTHONPATH=. .venv/bin/python benchmarks/inference.py [--package PATH] [--size 112] [--threads N]
-        [--precision auto|fp32|bf16] [--runs 50] [--batches 5] [--int8]
+        [--precision auto|fp32|bf16] [--budget 10] [--int8]
 
 1. Without --package: a small synthetic cohort is written, ingested at --size and one scratch epoch trained at
    --size (smoke profile), then packaged: a real package at the trained size (the weights' values do not change
    the cost of a forward pass).
-2. tasks.packaging.deploy_cost's timing (time_model: batch-1 latency as the median of per-forward timings after warm-up,
-   batch-32 throughput), as the report quotes it.
-3. A bare loop over the same module, input, precision and threads: warm-up, then one perf_counter pair around
-   `runs` batch-1 forwards (mean latency) and around `batches` batch-32 forwards (throughput). The two methods
+2. tasks.packaging.deploy_cost's timing (time_model within a --budget of seconds: batch-1 latency as the median of
+   per-forward timings after warm-up, batch-32 throughput), as the report quotes it.
+3. A bare loop over the same module, input, precision and threads: warm-up, then one perf_counter pair around as
+   many batch-1 forwards (mean latency) and batch-32 forwards (throughput) as time_model ran in that round. The two methods
    alternate for --rounds rounds and each figure is the median over rounds.
 4. Prints both side by side with measured / bare ratios; the bar is agreement within 15% (0.85-1.15).
    With --int8 the compressed variant (calibrated on the training images) is measured the same way.
@@ -81,17 +81,16 @@ def compare(package: Path, args: argparse.Namespace) -> tuple[DeploymentCost, fl
     The two methods alternate over --rounds rounds on one prepared model, and each figure is the median over rounds,
     so that load from other processes drifting during the run hits both alike.
     """
-    cost = measure_deployment_cost(package, precision=args.precision, threads=args.threads, warmup=args.warmup,
-                                   runs=args.runs, batches=args.batches)
+    cost = measure_deployment_cost(package, precision=args.precision, threads=args.threads, budget_seconds=args.budget)
     model = prepare_model(load_package(package), args.precision, args.threads)
     one, big = sample_input(model, 1), sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
     measured, bare, pooled = [], [], []
     for _ in range(args.rounds):
-        latency, images_per_second = time_model(model, warmup=2, runs=args.runs, batches=args.batches)
-        measured.append((float(np.median(latency)), images_per_second))
-        pooled.extend(latency)
-        bare.append((1e3 * bare_loop(model, one, warmup=2, runs=args.runs),
-                     THROUGHPUT_BATCH_SIZE / bare_loop(model, big, warmup=1, runs=args.batches)))
+        timing = time_model(model, args.budget)
+        measured.append((float(np.median(timing.latency_ms)), timing.images_per_second))
+        pooled.extend(timing.latency_ms)
+        bare.append((1e3 * bare_loop(model, one, warmup=2, runs=len(timing.latency_ms)),
+                     THROUGHPUT_BATCH_SIZE / bare_loop(model, big, warmup=1, runs=timing.batches)))
     latency_ms, ips = (float(np.median(column)) for column in zip(*measured))
     cost = cost.model_copy(update={"latency_ms_median": latency_ms, "throughput_images_per_second": ips,
                                    "latency_ms_p90": float(np.percentile(pooled, 90))})
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed forwards per round (time_model)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two methods (medians reported)")
     parser.add_argument("--int8", action="store_true", help="also measure the int8 variant")
     args = parser.parse_args(argv)

@@ -144,6 +144,7 @@ class ModelPackageMeta(StrictModel):
         linear_probe: the standardiser + logistic regression of a linear-probe package.
         source_files: run/dataset file name -> SHA-256 of the files the package was built from.
         weights_sha256: SHA-256 over the state dict's tensor bytes in key order.
+        inputs_sha256: the inputs key the package was made from (tasks.common.reuse): an unchanged re-run reuses it.
         created_at: UTC time the package was written.
         torch_version: torch that wrote it.
     """
@@ -162,6 +163,7 @@ class ModelPackageMeta(StrictModel):
     linear_probe: LinearProbeModel | None = None
     source_files: dict[str, str] = Field(default_factory=dict)
     weights_sha256: str
+    inputs_sha256: str = ""
     created_at: str
     torch_version: str
 
@@ -180,14 +182,17 @@ class DeploymentCost(StrictModel):
         latency_ms_p90: batch-1 forward latency, 90th percentile.
         throughput_images_per_second: images per second at batch `throughput_batch_size`.
         throughput_batch_size: batch size of the throughput figure.
-        warmup_runs: untimed forwards before timing.
-        timed_runs: timed batch-1 forwards.
+        warmup_runs: untimed batch-1 forwards before timing.
+        timed_runs: timed batch-1 forwards (as many as the time budget allowed).
+        time_budget_seconds: the fixed time budget the forwards ran within (None: measured by count, older files).
         threads: torch.get_num_threads() during the measurement.
         precision: compute precision (fp32, bf16 autocast, int8).
         channels_last: whether input and model used channels-last.
         cpu: the CPU model name (platform / /proc/cpuinfo).
         torch_version: torch used.
         measured_at: UTC time.
+        inputs_sha256: the inputs key of the measurement (package, precision, threads, budget, CPU, torch, code):
+            an unchanged re-run reuses the figures (tasks.common.reuse).
     """
 
     arm: str
@@ -202,12 +207,14 @@ class DeploymentCost(StrictModel):
     throughput_batch_size: int
     warmup_runs: int
     timed_runs: int
+    time_budget_seconds: float | None = None
     threads: int
     precision: str
     channels_last: bool
     cpu: str
     torch_version: str
     measured_at: str
+    inputs_sha256: str = ""
 
 
 class CompressionComparison(StrictModel):
@@ -246,6 +253,13 @@ class CompressionComparison(StrictModel):
     judgement: Literal["within", "beyond", "undecided", "not_estimable"] = "not_estimable"
     inside_interval: bool | None = None
     statement: str
+
+
+class CachedCompression(StrictModel):
+    """compression.json beside a compressed package: the comparison and the inputs key it was made from."""
+
+    inputs_sha256: str
+    comparison: CompressionComparison
 
 
 class ImagePrediction(StrictModel):

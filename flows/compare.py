@@ -6,10 +6,16 @@ splits.csv, cost.json and runs/<arm>/<run>/. When SOURCE is a DICOM folder the d
 folder, never inside it (REPORT_DIR/../<name>-dataset; with new_folder_per_run, OUT_DIR/dataset above the per-run
 folders), so nothing private lies under a folder meant to be shared. index.html in REPORT_DIR's parent lists every
 report there.
+
+Re-runs. Every stage skips what has not changed: the ingest reads only new files, the split and cost.json are reused,
+completed runs are not trained again, and when nothing the report is made from has changed (plan, split, dataset,
+every run's outputs, cost estimates, the command and the code) the evaluation, the packages,
+the pictures and the report of the last run are kept (tasks.common.reuse; REPORT_DIR/report_inputs.json).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import time
@@ -28,8 +34,8 @@ from data_schemas.arms import ArmName
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
 from data_schemas.package import PACKAGE_DIR, CompressionComparison
-from data_schemas.files import printable_path
-from data_schemas.report import REPORT_LOCK_FILE, ArmResult, ComparisonResults, outermost_report_folder
+from data_schemas.files import atomic_write_text, printable_path
+from data_schemas.report import REPORT_HTML_FILE, REPORT_LOCK_FILE, ArmResult, ComparisonResults, outermost_report_folder
 from data_schemas.visual import VisualSummary
 from data_schemas.training import SPLITS_FILE
 from flows.cost import cost_flow
@@ -65,13 +71,14 @@ from reports.render import metrics_table, render_report, summary_markdown, updat
 from reports.cost_tables import wall_time_line
 from tasks.common.paths import refuse_non_folder
 from tasks.common.progress import RunProgress
+from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
 from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.deploy_cost import QUICK_TIMING, deploy_cost_task, evaluate_compression
+from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.evaluation.evaluate import build_results
 from tasks.packaging.bundle import BUNDLE_DIR, write_bundle_task
-from tasks.packaging.package import load_package, package_metrics, write_package
-from tasks.packaging.quantize import write_compressed_package
+from tasks.packaging.package import package_metrics
+from tasks.packaging.ship import compress_and_compare, ship_run
 from tasks.saliency.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
 from tasks.training.train import train_arm_task
@@ -79,7 +86,6 @@ from tasks.training.train import train_arm_task
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
 SUMMARY_KEY, METRICS_KEY, LINK_KEY = "ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"
 PARTIAL_STATE_NAME = "Partial"
-COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the recommended arm's package/
 # How long a second comparison into the same report folder waits for the first before refusing: long enough for
 # two started together to settle which one runs, far shorter than a comparison.
 REPORT_LOCK_TIMEOUT_S = 30.0
@@ -149,7 +155,7 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
 
 
 def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
-              report_dir: Path, dataset_dir: Path, timing: dict[str, int]) -> ArmResult:
+              report_dir: Path, dataset_dir: Path, budget_seconds: float) -> ArmResult:
     """Package the arm's main run at its validation-chosen patient threshold and measure what it costs to run."""
     run_dir = report_dir / plan.main_run(arm.name).run_dir
     point = arm.operating_point
@@ -158,32 +164,29 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
     threshold = point.patient_thresholds[0] if usable and point is not None else 0.5
     rule = plan.evaluation.operating_point if usable else "fixed:0.5 (fallback: no usable validation predictions)"
     metrics = package_metrics(arm, results.evaluation.mode)
-    write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR, threshold=threshold,
-                  threshold_rule=rule, aggregation=plan.evaluation.aggregation,
-                  metrics=metrics.model_dump() if metrics is not None else None,
-                  weights_path=environment.weights)
+    shipped = ship_run(run_dir=run_dir, dataset_dir=dataset_dir, threshold=threshold, threshold_rule=rule,
+                       aggregation=plan.evaluation.aggregation,
+                       metrics=metrics.model_dump() if metrics is not None else None,
+                       weights_path=environment.weights, budget_seconds=budget_seconds)
     write_bundle_task(run_dir / PACKAGE_DIR, run_dir / BUNDLE_DIR)  # the same model as a MONAI bundle
-    cost = deploy_cost_task(run_dir / PACKAGE_DIR, **timing)
-    return arm.model_copy(update={"deployment": cost, "package_dir": (run_dir / PACKAGE_DIR).relative_to(report_dir).as_posix()})
+    return arm.model_copy(update={"deployment": shipped.cost,
+                                  "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
 
 
 def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_dir: Path, dataset_dir: Path,
-                          timing: dict[str, int]) -> tuple[CompressionComparison, str] | None:
+                          budget_seconds: float) -> tuple[CompressionComparison, str] | None:
     """The recommended (else best) arm's int8 (or bf16) package beside its full one, measured and compared; with
     the compressed package's folder relative to the report folder."""
     name = results.recommendation.preferred_arm or results.recommendation.best_arm
     arm = next((a for a in results.arms if a.name == name and a.deployment is not None), None)
     if arm is None:
         return None
-    full = report_dir / arm.package_dir
-    compressed = write_compressed_package(load_package(full), dataset_dir, full.parent / COMPRESSED_PACKAGE_DIR)
     assert arm.deployment is not None  # selected above
-    comparison = evaluate_compression(full_package=full, compressed_package=compressed.parent, run_dir=full.parent,
-                                      dataset_dir=dataset_dir, full_cost=arm.deployment, timing=timing,
-                                      tolerance=plan.evaluation.non_inferiority_margin,
-                                      aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap,
-                                      seed=plan.seed)
-    return comparison, compressed.parent.relative_to(report_dir).as_posix()
+    comparison, compressed = compress_and_compare(
+        full_package=report_dir / arm.package_dir, dataset_dir=dataset_dir, full_cost=arm.deployment,
+        budget_seconds=budget_seconds, tolerance=plan.evaluation.non_inferiority_margin,
+        aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
+    return comparison, compressed.relative_to(report_dir).as_posix()
 
 
 @task(name="ship-arms", cache_policy=NO_CACHE)
@@ -193,24 +196,28 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     its deployment cost measured one arm at a time, and the recommended arm's compressed variant.
 
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
-    QUICK_TIMING (seconds, not a minute, per arm).
+    QUICK_TIME_BUDGET_S (about a second per package), the others within DEFAULT_TIME_BUDGET_S; each piece is
+    skipped when its inputs have not changed (tasks.packaging.ship).
     """
     logger = get_run_logger()
-    timing = QUICK_TIMING if plan.profile == "smoke" else {}
+    started = time.perf_counter()
+    budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
     arms = []
     for arm in results.arms:
         try:
             arms.append(_ship_arm(arm, plan=plan, environment=environment, results=results, report_dir=report_dir,
-                                  dataset_dir=dataset_dir, timing=timing) if arm.status == "completed" else arm)
+                                  dataset_dir=dataset_dir, budget_seconds=budget) if arm.status == "completed" else arm)
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
             logger.warning("%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
             arms.append(arm)
     shipped = results.model_copy(update={"arms": arms})
     try:
-        compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, timing=timing)
+        compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir,
+                                           budget_seconds=budget)
     except Exception as error:  # noqa: BLE001
         logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         compressed = None
+    logger.info("Shipped %d arm(s) in %.1f s", sum(a.deployment is not None for a in arms), time.perf_counter() - started)
     if compressed is None:
         return shipped
     return shipped.model_copy(update={"compression": compressed[0], "compression_package_dir": compressed[1]})
@@ -334,6 +341,7 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
     """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
     logged and show up in the report from each run's status.json."""
     logger = get_run_logger()
+    started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=len(plan.runs) if train_deployment else parallel_arms) as runner:
         futures = []
         for planned in plan.runs:
@@ -351,6 +359,7 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
                 logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
             if stages is not None:
                 stages.advance(f"training run {planned.run_dir} finished")
+    logger.info("Training stage: %d run(s) in %.1f s", len(plan.runs), time.perf_counter() - started)
 
 
 def rerun_command(*, source: str, out_dir: str, labels: str | None, plan: RunPlan, environment: RunEnvironment,
@@ -445,13 +454,23 @@ def compare_flow(
                   parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)
         command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
                                 settings=settings, folds=folds, fractions=fractions)
-        results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
-                                command=command)
-        stages.advance("arms evaluated")
-        results = add_packages_and_pictures(plan=plan, environment=environment, results=results,
-                                            report_dir=report_dir, dataset_dir=dataset_dir)
-        stages.advance("packages and pictures made")
-        html = write_report(results, report_dir)
+        key = report_inputs_key(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, command=command)
+        results = reusable_results(report_dir, key)
+        if results is not None:
+            html = report_dir / REPORT_HTML_FILE
+            logger.info("Nothing the report is made from has changed: evaluation, packages, pictures and report kept")
+            stages.advance("arms evaluated")
+            stages.advance("packages and pictures made")
+        else:
+            (report_dir / REPORT_INPUTS_FILE).unlink(missing_ok=True)
+            results = evaluate_arms(plan=plan, report_dir=report_dir, dataset_dir=dataset_dir, run_id=run_id,
+                                    command=command)
+            stages.advance("arms evaluated")
+            results = add_packages_and_pictures(plan=plan, environment=environment, results=results,
+                                                report_dir=report_dir, dataset_dir=dataset_dir)
+            stages.advance("packages and pictures made")
+            html = write_report(results, report_dir)
+            atomic_write_text(report_dir / REPORT_INPUTS_FILE, json.dumps({"inputs_sha256": key}) + "\n")
         link = report_url(html, report_dir.parent)
         _publish(results, html, link)
         stages.advance("report written")

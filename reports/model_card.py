@@ -11,6 +11,7 @@ from typing import Any
 
 import jinja2
 
+from data_schemas.arms import parse_arm
 from data_schemas.package import DeploymentCost, ModelPackageMeta, PackageMetrics
 from reports.formatting import fmt, fmt_ci, fmt_si
 
@@ -20,11 +21,6 @@ CARD_SECTIONS: tuple[str, ...] = (
     "Intended use", "Limits that follow from the data", "Training data", "Evaluation", "Operating point",
     "Known failure modes", "Preprocessing", "Deployment cost", "How to reproduce",
 )
-ARM_DESCRIPTIONS = {
-    "scratch": "ResNet-50 trained from random initialisation",
-    "imagenet": "ResNet-50 fine-tuned from ImageNet weights",
-    "imagenet-linear": "logistic regression on frozen ImageNet ResNet-50 features (linear probe)",
-}
 
 
 def _metric_rows(metrics: PackageMetrics | None) -> list[dict[str, str]]:
@@ -65,7 +61,7 @@ def _context(meta: ModelPackageMeta, package_bytes: int | None, cost: Deployment
         "meta": meta, "run": train, "data": meta.training_data, "fingerprint": meta.training_data.fingerprint,
         "recipe": meta.recipe, "op": meta.operating_point, "metrics": meta.metrics,
         "metric_rows": _metric_rows(meta.metrics), "limits": _limits(meta),
-        "arm_description": ARM_DESCRIPTIONS.get(meta.arm, meta.arm),
+        "arm_description": parse_arm(meta.arm).description,
         "package_size": fmt_si(package_bytes, "B") if package_bytes else "—", "cost": cost,
         "overrides": overrides, "fmt": fmt, "fmt_si": fmt_si,
     }

@@ -327,6 +327,7 @@ def _environment(autoescape: bool) -> jinja2.Environment:
 
 
 QUICK_TIMING_RUNS = 10  # fewer timed forwards than this: the smoke profile's quick timing, not a figure to quote
+QUICK_TIMING_BUDGET_S = 5.0  # a shorter time budget than this likewise
 
 
 def deployment_context(results: ComparisonResults) -> dict[str, Any]:
@@ -338,7 +339,9 @@ def deployment_context(results: ComparisonResults) -> dict[str, Any]:
     return {
         "deployed": deployed, "model_card_file": MODEL_CARD_FILE, "compression": results.compression,
         "compressed_dir": results.compression_package_dir,
-        "quick_timing": any(cost.timed_runs < QUICK_TIMING_RUNS for cost in costs),
+        "quick_timing": any(cost.timed_runs < QUICK_TIMING_RUNS
+                            or (cost.time_budget_seconds or QUICK_TIMING_BUDGET_S) < QUICK_TIMING_BUDGET_S
+                            for cost in costs),
         "timing": costs[0] if costs else None,
     }
 

@@ -36,13 +36,16 @@ class ShippedRun:
     package_dir: Path
 
 
-def train_smoke_run(dataset_dir: Path, arm: str, run_dir: Path, weights_path: Path | None = None) -> None:
+def train_smoke_run(dataset_dir: Path, arm: str, run_dir: Path, weights_path: Path | None = None, *,
+                    weights_dir: Path | None = None, settings: dict[str, str] | None = None) -> None:
     """The one call into training: a one-run smoke plan in run_dir (as `ctcompare train` writes it), fp32 (so the
-    round trip can be checked to float tolerance); the split lands beside run_dir (run_dir/../splits.csv)."""
+    round trip can be checked to float tolerance); the split lands beside run_dir (run_dir/../splits.csv).
+    weights_dir: torchvision-format files of the other models (tasks.training.train.weights_file_for)."""
     from tasks.training.train import train_arm
 
-    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, arm, {"precision": "fp32"}), run=".",
-                        weights_path=weights_path)
+    plan_path = one_run_plan(run_dir, arm, {"precision": "fp32", **(settings or {})})
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=".", weights_path=weights_path,
+                        weights_dir=weights_dir)
     assert summary.status == "completed", summary.reason
 
 

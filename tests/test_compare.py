@@ -58,14 +58,19 @@ def cohort(tmp_path_factory: pytest.TempPathFactory):
     return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=15, slices_per_patient=2, seed=3)
 
 
+def full_run_argv(cohort, weights: Path, out: Path) -> list[str]:
+    """The command of the full_run fixture: every arm, smoke profile, a third of the patients tested."""
+    return [
+        "compare", str(cohort.dicom_dir), "--labels", str(cohort.labels_path), "--out", str(out), "--profile", "smoke",
+        "--weights", str(weights), "--no-calibrate", "--bootstrap", "50", "--set", "download_weights=false",
+        "--set", "test_fraction=0.34",  # a third of the patients: at least two of each class in the test part
+    ]
+
+
 @pytest.fixture(scope="module")
 def full_run(cohort, resnet50_weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reports") / "run-all-arms"
-    code = main([
-        "compare", str(cohort.dicom_dir), "--labels", str(cohort.labels_path), "--out", str(out), "--profile", "smoke",
-        "--weights", str(resnet50_weights_file), "--no-calibrate", "--bootstrap", "50", "--set", "download_weights=false",
-        "--set", "test_fraction=0.34",  # a third of the patients: at least two of each class in the test part
-    ])
+    code = main(full_run_argv(cohort, resnet50_weights_file, out))
     assert code == 0
     return out
 
@@ -147,6 +152,23 @@ def test_every_completed_arm_is_packaged_costed_and_linked(full_run: Path) -> No
     if results.evaluation.mode == "holdout":  # the int8 line's full-precision AUC is the one in the metric tables
         assert compression.auc_full == pytest.approx(scored, abs=1e-12)
     assert load_package(full_run / results.compression_package_dir).meta.weights_variant in {"int8", "bf16"}
+
+
+def test_an_unchanged_rerun_keeps_every_stage_s_output(full_run: Path, cohort, resnet50_weights_file: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The same command again: nothing is trained, packaged, measured, evaluated or rendered again, and the
+    report says the same."""
+    kept = [full_run / "results.json", full_run / "report.html", full_run / "report_inputs.json",
+            *full_run.glob("runs/*/main/package*/model.pt"), *full_run.glob("runs/*/main/package*/deploy_cost.json"),
+            *full_run.glob("runs/*/main/best.pt")]
+    assert len(kept) >= 8
+    before = {path: path.stat().st_mtime_ns for path in kept}
+    results = (full_run / "results.json").read_text()
+    with caplog.at_level("INFO"):
+        assert main(full_run_argv(cohort, resnet50_weights_file, full_run)) == 0
+    assert {path: path.stat().st_mtime_ns for path in kept} == before
+    assert (full_run / "results.json").read_text() == results
+    assert "Nothing the report is made from has changed" in caplog.text
 
 
 def test_visual_section_shows_each_network_arm_on_the_same_slices(full_run: Path) -> None:

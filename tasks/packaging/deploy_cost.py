@@ -2,18 +2,21 @@
 
 Methods (each figure of data_schemas.package.DeploymentCost):
 - parameters: sum of numel() over the float model's parameters (the int8 variant has the same count); a linear
-  probe adds its 2048 coefficients + 1 intercept.
+  probe adds its coefficients (one per feature) + 1 intercept.
 - package_bytes: os.stat size of model.pt (weights + metadata, as shipped).
-- forward_gflops_per_image: tasks.training.models.forward_flops_per_image(train_image_size) / 1e9, torch's FlopCounterMode
-  on the ResNet-50 at the trained size (2 FLOPs per multiply-add; convolutions and matmuls only). A linear probe's
-  head differs by < 1e-5 of the total; int8 executes the same multiply-adds in int8.
-- latency_ms_median / latency_ms_p90: `warmup_runs` untimed batch-1 forwards (oneDNN/fbgemm pick kernels and
-  allocate on the first calls), then `timed_runs` forwards of one image, each timed alone with
+- forward_gflops_per_image: tasks.training.models.count_flops / 1e9, torch's FlopCounterMode on the package's own
+  float network (the arm's model; a linear probe's extractor cut at its depth) at the trained size, built on the
+  meta device (2 FLOPs per multiply-add; convolutions and matmuls only). The probe's logistic regression adds
+  2 x features, under 1e-5 of the total; int8 executes the same multiply-adds in int8.
+- A fixed time budget, not a fixed count (time_budget_seconds; seconds per package whatever the model's speed):
+  WARMUP_SHARE of it in untimed batch-1 forwards (at least one: oneDNN/fbgemm pick kernels and allocate on the
+  first calls), LATENCY_SHARE in timed batch-1 forwards (at least MIN_TIMED_RUNS), the rest in one untimed and then
+  timed batches (at least one).
+- latency_ms_median / latency_ms_p90: the `timed_runs` forwards of one image, each timed alone with
   time.perf_counter() around the forward under torch.inference_mode() and the package's autocast; median and the
   90th percentile (numpy linear interpolation) of those times. The image is seeded noise, already normalised:
-  ResNet-50's cost does not depend on pixel values.
-- throughput_images_per_second: 2 untimed batches (fewer when warmup_runs < 2), then `batches` forwards of `throughput_batch_size` images timed
-  together; images / seconds.
+  a network's cost does not depend on pixel values.
+- throughput_images_per_second: the timed forwards of `throughput_batch_size` images; images / their seconds.
 - threads, precision, channels_last: the runtime the figures were measured with (tasks.packaging.predict.prepare_model:
   bf16 autocast + channels-last where tasks.common.runtime.cpu_has_fast_bf16 says the CPU gains; int8 kernels for int8).
 """
@@ -21,6 +24,7 @@ Methods (each figure of data_schemas.package.DeploymentCost):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,23 +33,24 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.files import read_models_csv, write_model_json
-from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost
+from data_schemas.files import read_model_json, read_models_csv, write_model_json
+from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
 from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
 from data_schemas.training import PredictionRow
 from tasks.common.environment import cpu_name
 from tasks.ingest.dataset_store import load_dataset
-from tasks.training.models import forward_flops_per_image
+from tasks.training.models import count_flops
 from tasks.packaging.package import float_architecture, load_package, package_file, write_card
-from tasks.packaging.predict import PackagedModel, predict_images, prepare_model
+from tasks.packaging.predict import PackagedModel, default_threads, predict_images, prepare_model
+from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.packaging.quantize import PairedPredictions, compare_compression
 
-DEFAULT_WARMUP_RUNS = 10
-DEFAULT_TIMED_RUNS = 50
 THROUGHPUT_BATCH_SIZE = 32
-DEFAULT_THROUGHPUT_BATCHES = 5
-# Seconds instead of a minute per arm, for the smoke profile and tests: figures too noisy to quote.
-QUICK_TIMING: dict[str, int] = {"warmup": 0, "runs": 2, "batches": 1}
+DEFAULT_TIME_BUDGET_S = 10.0  # per package
+QUICK_TIME_BUDGET_S = 1.0  # the smoke profile and tests: figures too noisy to quote
+WARMUP_SHARE, LATENCY_SHARE = 0.15, 0.45  # of the budget; throughput batches get the rest
+MIN_TIMED_RUNS = 3
+MAX_FORWARDS = 2000  # per phase: a tiny model on a fast CPU stops here before its budget ends
 
 
 def sample_input(model: PackagedModel, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -57,14 +62,23 @@ def sample_input(model: PackagedModel, batch_size: int, seed: int = 0) -> torch.
     return x.contiguous(memory_format=torch.channels_last) if model.runtime.channels_last else x
 
 
+@dataclass(frozen=True)
+class Timing:
+    """What time_model measured: batch-1 forward times (ms), batch throughput, and how many forwards of each."""
+
+    latency_ms: np.ndarray
+    images_per_second: float
+    warmup_runs: int
+    batches: int
+
+
 @torch.inference_mode()
-def forward_seconds(model: PackagedModel, x: torch.Tensor, *, warmup: int, runs: int) -> list[float]:
-    """Seconds of each of `runs` forwards of x after `warmup` untimed ones (one perf_counter pair per forward)."""
-    for _ in range(warmup):
-        with model.runtime.autocast():
-            model.module(x)
-    times = []
-    for _ in range(runs):
+def forwards_within(model: PackagedModel, x: torch.Tensor, seconds: float, *, min_runs: int) -> list[float]:
+    """Seconds of each forward of x (one perf_counter pair per forward), run until `seconds` have passed, at least
+    `min_runs` and at most MAX_FORWARDS times."""
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < MAX_FORWARDS):
         start = time.perf_counter()
         with model.runtime.autocast():
             model.module(x)
@@ -75,60 +89,102 @@ def forward_seconds(model: PackagedModel, x: torch.Tensor, *, warmup: int, runs:
 def parameter_count(model: PackagedModel) -> int:
     """Parameters of the float architecture (+ a linear probe's coefficients and intercept)."""
     meta = model.package.meta
-    count = sum(p.numel() for p in float_architecture(meta).parameters())
+    with torch.device("meta"):  # shapes only
+        count = sum(p.numel() for p in float_architecture(meta).parameters())
     return count + (len(meta.linear_probe.coef) + 1 if meta.linear_probe is not None else 0)
 
 
-def time_model(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> tuple[np.ndarray, float]:
-    """Batch-1 forward times in ms (each timed alone) and batch-32 images per second, as the module doc says."""
-    latency_ms = np.asarray(forward_seconds(model, sample_input(model, 1), warmup=warmup, runs=runs)) * 1e3
+def forward_flops(model: PackagedModel) -> float:
+    """FLOPs of one forward pass of one image through the package's float network (module doc)."""
+    meta = model.package.meta
+    with torch.device("meta"):
+        network = float_architecture(meta).eval()
+    return count_flops(network, meta.recipe.train_image_size, 1)
+
+
+def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
+    """Batch-1 forward times in ms (each timed alone) and batch-32 images per second within a time budget, as the
+    module doc says."""
+    started = time.perf_counter()
+    one = sample_input(model, 1)
+    warmup = forwards_within(model, one, WARMUP_SHARE * budget_seconds, min_runs=1)
+    latency = forwards_within(model, one, LATENCY_SHARE * budget_seconds, min_runs=MIN_TIMED_RUNS)
     big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    batch_times = forward_seconds(model, big, warmup=min(2, warmup), runs=batches)
-    return latency_ms, THROUGHPUT_BATCH_SIZE * batches / sum(batch_times)
+    forwards_within(model, big, 0.0, min_runs=1)  # the first call at a new batch size allocates
+    left = budget_seconds - (time.perf_counter() - started)
+    batches = forwards_within(model, big, left, min_runs=1)
+    return Timing(latency_ms=np.asarray(latency) * 1e3, images_per_second=THROUGHPUT_BATCH_SIZE * len(batches) / sum(batches),
+                  warmup_runs=len(warmup), batches=len(batches))
 
 
 def measure_deployment_cost(package_path: Path, *, precision: str = "auto", threads: int | None = None,
-                            warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
-                            batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
-    """Measure one package as the module docstring describes."""
-    if warmup < 0 or runs < 1 or batches < 1:
-        raise ValueError(f"warmup must be >= 0 and runs, batches >= 1; got {warmup}, {runs}, {batches}.")
-    return prepared_model_cost(prepare_model(load_package(package_path), precision, threads), warmup=warmup, runs=runs,
-                               batches=batches)
+                            budget_seconds: float = DEFAULT_TIME_BUDGET_S) -> DeploymentCost:
+    """Measure one package as the module docstring describes, within `budget_seconds` of forwards."""
+    if not budget_seconds > 0:
+        raise ValueError(f"budget_seconds must be > 0; got {budget_seconds}.")
+    return prepared_model_cost(prepare_model(load_package(package_path), precision, threads), budget_seconds)
 
 
-def prepared_model_cost(model: PackagedModel, *, warmup: int, runs: int, batches: int) -> DeploymentCost:
+def prepared_model_cost(model: PackagedModel, budget_seconds: float) -> DeploymentCost:
     """measure_deployment_cost on a model already prepared (so that one int8 conversion serves several uses)."""
-    latency, images_per_second = time_model(model, warmup=warmup, runs=runs, batches=batches)
+    timing = time_model(model, budget_seconds)
+    latency = timing.latency_ms
     package = model.package
     meta = package.meta
     return DeploymentCost(
         arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
         package_bytes=package.path.stat().st_size, image_size=meta.recipe.train_image_size,
-        forward_gflops_per_image=forward_flops_per_image(meta.recipe.train_image_size) / 1e9,
+        forward_gflops_per_image=forward_flops(model) / 1e9,
         latency_ms_median=float(np.median(latency)), latency_ms_p90=float(np.percentile(latency, 90)),
-        throughput_images_per_second=images_per_second, throughput_batch_size=THROUGHPUT_BATCH_SIZE,
-        warmup_runs=warmup, timed_runs=runs, threads=model.runtime.num_threads, precision=model.precision,
+        throughput_images_per_second=timing.images_per_second, throughput_batch_size=THROUGHPUT_BATCH_SIZE,
+        warmup_runs=timing.warmup_runs, timed_runs=len(latency), time_budget_seconds=budget_seconds,
+        threads=model.runtime.num_threads, precision=model.precision,
         channels_last=model.runtime.channels_last, cpu=cpu_name(), torch_version=torch.__version__,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
+def cost_inputs_key(package_path: Path, precision: str, threads: int | None, budget_seconds: float) -> str:
+    """The inputs key of a measurement (tasks.common.reuse): model.pt's SHA-256, the requested runtime, the budget,
+    this CPU and torch."""
+    return inputs_key({"package": file_sha256(package_file(package_path)), "precision": precision,
+                       "threads": threads or default_threads(), "budget_seconds": budget_seconds, "cpu": cpu_name(),
+                       "torch": torch.__version__})
+
+
+def recorded_cost(folder: Path, key: str) -> DeploymentCost | None:
+    """deploy_cost.json in a package folder when it was measured with this inputs key and the card is intact."""
+    path = Path(folder) / DEPLOY_COST_FILE
+    try:
+        cost = read_model_json(path, DeploymentCost) if path.is_file() else None
+    except ValueError:
+        return None
+    return cost if cost is not None and cost.inputs_sha256 == key and checksums_hold(folder) else None
+
+
+def record_cost(folder: Path, meta: ModelPackageMeta, cost: DeploymentCost, key: str) -> DeploymentCost:
+    """Write deploy_cost.json (with its inputs key) beside model.pt and the figures into the model card."""
+    cost = cost.model_copy(update={"inputs_sha256": key})
+    write_model_json(Path(folder) / DEPLOY_COST_FILE, cost)
+    write_card(Path(folder), meta, cost)
+    return cost
+
+
 @task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.parent.name}-{package_path.parent.name}")
 def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None, *,
-                     warmup: int = DEFAULT_WARMUP_RUNS, runs: int = DEFAULT_TIMED_RUNS,
-                     batches: int = DEFAULT_THROUGHPUT_BATCHES) -> DeploymentCost:
-    """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card.
+                     budget_seconds: float = DEFAULT_TIME_BUDGET_S, reuse: bool = True) -> DeploymentCost:
+    """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card; figures
+    measured from the same inputs (same model.pt, runtime, budget, CPU and torch) are kept (reuse).
 
-    Run one at a time: the timings need the CPU to themselves. warmup/runs/batches: see the module doc (the smoke
-    profile passes QUICK_TIMING, whose figures say so through timed_runs).
+    Run one at a time: the timings need the CPU to themselves. budget_seconds: see the module doc (the smoke profile
+    passes QUICK_TIME_BUDGET_S, whose figures the report marks as too noisy to quote).
     """
-    cost = measure_deployment_cost(package_path, precision=precision, threads=threads, warmup=warmup, runs=runs,
-                                   batches=batches)
     folder = package_file(package_path).parent
-    write_model_json(folder / DEPLOY_COST_FILE, cost)
-    write_card(folder, load_package(folder).meta, cost)
-    return cost
+    key = cost_inputs_key(folder, precision, threads, budget_seconds)
+    if reuse and (cached := recorded_cost(folder, key)) is not None:
+        return cached
+    model = prepare_model(load_package(folder), precision, threads)
+    return record_cost(folder, model.package.meta, prepared_model_cost(model, budget_seconds), key)
 
 
 def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -142,7 +198,8 @@ def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.nd
 
 def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
                          full_cost: DeploymentCost, tolerance: float, aggregation: str = "mean",
-                         timing: dict[str, int] | None = None, n_bootstrap: int = 1000, seed: int = 0) -> CompressionComparison:
+                         budget_seconds: float = DEFAULT_TIME_BUDGET_S, n_bootstrap: int = 1000,
+                         seed: int = 0) -> CompressionComparison:
     """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
     beside the full one on the run's own test images (tasks.packaging.quantize.compare_compression).
 
@@ -152,11 +209,9 @@ def evaluate_compression(*, full_package: Path, compressed_package: Path, run_di
     conversion takes seconds). full_package names the package the compressed one was made from.
     """
     small = prepare_model(load_package(compressed_package), "auto")
-    compressed_cost = prepared_model_cost(small, **{"warmup": DEFAULT_WARMUP_RUNS, "runs": DEFAULT_TIMED_RUNS,
-                                                    "batches": DEFAULT_THROUGHPUT_BATCHES, **(timing or {})})
     folder = package_file(compressed_package).parent
-    write_model_json(folder / DEPLOY_COST_FILE, compressed_cost)
-    write_card(folder, small.package.meta, compressed_cost)
+    compressed_cost = record_cost(folder, small.package.meta, prepared_model_cost(small, budget_seconds),
+                                  cost_inputs_key(folder, "auto", None, budget_seconds))
     rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)
     images, targets, patients = run_test_images(run_dir, dataset_dir)
     pred = PairedPredictions(targets=targets, patients=patients, full=np.array([row.prob_positive for row in rows]),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
-from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json, sha256_file
+from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json
 from data_schemas.metrics import MetricValue
 from data_schemas.report import METRIC_NAMES, ArmResult, TestMetrics
 from data_schemas.package import (
@@ -48,9 +48,10 @@ from data_schemas.training import (
     RunConfig,
     RunSummary,
 )
-from data_schemas.arms import RESIZE_METHOD
+from data_schemas.arms import RESIZE_METHOD, parse_arm
 from tasks.ingest.decode import PREPROCESS_VERSION
-from tasks.training.models import build_resnet50, feature_extractor, pooled_at_depth
+from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
+from tasks.training.models import as_feature_extractor, build_model, feature_extractor, pooled_at_depth
 from tasks.training.weights import resolve_imagenet_weights
 
 # How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
@@ -146,35 +147,53 @@ def _network_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in best["state_dict"].items()}
 
 
+def _backbone_file(config: RunConfig, weights_path: Path | None) -> Path:
+    """The weights file the run used: where config.json says, else weights_path, each accepted only with the SHA-256
+    config.json records (so a ResNet-50 --weights file is never taken for another model's backbone)."""
+    assert config.weights is not None
+    candidates = [Path(config.weights.path)] + ([Path(weights_path)] if weights_path is not None else [])
+    for candidate in candidates:
+        if candidate.is_file() and file_sha256(candidate) == config.weights.sha256:
+            return candidate
+    where = " or ".join(str(c) for c in candidates)
+    raise PackageError(
+        f"the backbone weights the run used ({config.weights.file_name}, SHA-256 {config.weights.sha256[:12]}) are not "
+        f"at {where}; pass weights_path."
+    )
+
+
 def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str | None) -> dict[str, torch.Tensor]:
     """The frozen feature extractor (grey-folded ImageNet backbone, up to the probe's depth) the probe was fitted on,
     checked by hash."""
     if config.weights is None:
         raise PackageError("the linear-probe run records no backbone weights; it cannot be packaged.")
-    source = Path(weights_path) if weights_path is not None else Path(config.weights.path)
-    if not source.is_file():
-        raise PackageError(
-            f"the backbone weights the run used ({config.weights.file_name}) are not at {source}; pass weights_path."
-        )
-    backbone, info = resolve_imagenet_weights(source)
-    if info.sha256 != config.weights.sha256:
-        raise PackageError(f"{source} is not the backbone the run used (SHA-256 differs from config.json's).")
-    return {k: v.detach().clone() for k, v in pooled_at_depth(feature_extractor(backbone), depth).state_dict().items()}
+    model = parse_arm(config.arm).model
+    backbone, _ = resolve_imagenet_weights(_backbone_file(config, weights_path), model=model)
+    extractor = pooled_at_depth(feature_extractor(backbone, model=model), depth)
+    return {k: v.detach().clone() for k, v in extractor.state_dict().items()}
+
+
+def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[str, str]:
+    """Run/dataset file name -> SHA-256 of the files a package is built from (the dataset by its content hash)."""
+    weights = LINEAR_MODEL_FILE if parse_arm(config.arm).mode == "imagenet-linear" else BEST_FILE
+    sources = {name: file_sha256(run_dir / name) for name in (CONFIG_FILE, STATUS_FILE) if (run_dir / name).is_file()}
+    sources[weights] = file_sha256(run_dir / weights)
+    sources[DATASET_CARD_FILE] = card.content_hash
+    return sources
 
 
 def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Mapping[str, Any],
-               operating_point: OperatingPoint, metrics: PackageMetrics | None) -> ModelPackageMeta:
-    """The package metadata for one run folder."""
-    linear = config.arm == "imagenet-linear"
-    sources = {name: sha256_file(run_dir / name) for name in (CONFIG_FILE, STATUS_FILE) if (run_dir / name).is_file()}
-    sources[LINEAR_MODEL_FILE if linear else BEST_FILE] = sha256_file(run_dir / (LINEAR_MODEL_FILE if linear else BEST_FILE))
-    sources[DATASET_CARD_FILE] = card.content_hash
+               operating_point: OperatingPoint, metrics: PackageMetrics | None, sources: dict[str, str] | None = None,
+               inputs_sha256: str = "") -> ModelPackageMeta:
+    """The package metadata for one run folder (sources: source_files, computed here when not given)."""
+    linear = parse_arm(config.arm).mode == "imagenet-linear"
+    sources = sources if sources is not None else source_files(run_dir, card, config)
     return ModelPackageMeta(
         kind="linear-probe" if linear else "network", arm=config.arm, classes=config.classes,
         positive_label=config.positive_label, recipe=read_recipe(card, config), operating_point=operating_point,
         run_config=config, training_data=training_data_summary(card), metrics=metrics,
         linear_probe=read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel) if linear else None,
-        source_files=sources, weights_sha256=tensors_sha256(state),
+        source_files=sources, weights_sha256=tensors_sha256(state), inputs_sha256=inputs_sha256,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=torch.__version__,
     )
 
@@ -196,7 +215,7 @@ def write_card(out_dir: Path, meta: ModelPackageMeta, cost: DeploymentCost | Non
 
     card = out_dir / MODEL_CARD_FILE
     atomic_write_text(card, render_model_card(meta, package_bytes=(out_dir / PACKAGE_FILE).stat().st_size, cost=cost))
-    sums = "".join(f"{sha256_file(out_dir / name)}  {name}\n" for name in (PACKAGE_FILE, MODEL_CARD_FILE))
+    sums = "".join(f"{file_sha256(out_dir / name)}  {name}\n" for name in (PACKAGE_FILE, MODEL_CARD_FILE))
     atomic_write_text(out_dir / CHECKSUMS_FILE, sums)
     return card
 
@@ -219,12 +238,14 @@ def write_package(
     aggregation: str,
     metrics: dict[str, Any] | None,
     weights_path: Path | None = None,
+    reuse: bool = True,
 ) -> Path:
     """Package one completed run (network or linear probe) into out_dir; returns the path of model.pt.
 
     threshold/threshold_rule: the operating point chosen on validation predictions; aggregation: "mean" or "max";
     metrics: the test metrics with intervals in PackageMetrics form; weights_path: the ImageNet backbone file of a
-    linear-probe run when it is no longer where config.json says.
+    linear-probe run when it is no longer where config.json says. reuse: keep an intact package in out_dir made from
+    the same inputs (tasks.common.reuse) instead of writing it again.
     """
     if aggregation not in AGGREGATION_CHOICES:
         raise ValueError(f"aggregation {aggregation!r} is not valid; choose one of {', '.join(AGGREGATION_CHOICES)}.")
@@ -234,13 +255,18 @@ def write_package(
     config = _completed_config(run_dir)
     card = read_model_json(dataset_dir / DATASET_CARD_FILE, DatasetCard)
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
-    if config.arm == "imagenet-linear":
+    operating_point = OperatingPoint(threshold=threshold, rule=threshold_rule, aggregation=aggregation)  # type: ignore[arg-type]
+    sources = source_files(run_dir, card, config)
+    key = inputs_key({"format": PACKAGE_FORMAT_VERSION, "sources": sources, "operating_point": operating_point.model_dump(),
+                      "metrics": checked_metrics.model_dump(mode="json") if checked_metrics is not None else None})
+    if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
+        return out_dir / PACKAGE_FILE
+    if parse_arm(config.arm).mode == "imagenet-linear":
         state = _linear_probe_state(config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth)
     else:
         state = _network_state(run_dir)
-    operating_point = OperatingPoint(threshold=threshold, rule=threshold_rule, aggregation=aggregation)  # type: ignore[arg-type]
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
-                      metrics=checked_metrics)
+                      metrics=checked_metrics, sources=sources, inputs_sha256=key)
     return write_package_folder(out_dir, meta, state)
 
 
@@ -288,7 +314,7 @@ def _verify_checksums(model_path: Path, digest: str) -> None:
 def load_package(path: Path) -> LoadedPackage:
     """Read a package with torch.load(weights_only=True), check format, checksums and weights hash."""
     model_path = package_file(path)
-    digest = sha256_file(model_path)
+    digest = file_sha256(model_path)
     _verify_checksums(model_path, digest)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: the refusal says it
@@ -310,19 +336,29 @@ def load_package(path: Path) -> LoadedPackage:
     return LoadedPackage(meta=meta, state_dict=state, path=model_path, sha256=digest)
 
 
-def float_architecture(meta: ModelPackageMeta) -> nn.Module:
-    """The float ResNet-50 of a package, untrained: classifier (dropout + linear) or feature extractor (fc Identity)."""
-    model = build_resnet50(1, len(meta.classes), meta.run_config.train.dropout, None)
+def float_architecture(meta: ModelPackageMeta, quantizable: bool = False) -> nn.Module:
+    """The package's network, untrained: the arm's torchvision model (ResNet-50, ResNet-18 or MobileNetV3-Large) as a
+    classifier (dropout + linear head) or as the feature extractor a linear probe reads (pooled at its depth).
+
+    quantizable: torchvision's quantizable twin with the same state-dict keys (tasks.packaging.quantize).
+    """
+    model = build_model(parse_arm(meta.arm).model, num_classes=len(meta.classes),
+                        dropout=meta.run_config.train.dropout, quantizable=quantizable)
     if meta.kind == "linear-probe":
-        model.fc = nn.Identity()
-        model = pooled_at_depth(model, meta.linear_probe.depth if meta.linear_probe else None)
+        model = pooled_at_depth(as_feature_extractor(model), meta.linear_probe.depth if meta.linear_probe else None)
     return model
 
 
 def float_model(meta: ModelPackageMeta, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The float model with the package's weights (bf16 weights are brought back to fp32), in eval mode."""
-    model = float_architecture(meta)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    """The float model with the package's weights (bf16 weights are brought back to fp32), in eval mode.
+
+    Built on the meta device and given the package's tensors (assign): no random initialisation to throw away.
+    """
+    with torch.device("meta"):
+        model = float_architecture(meta)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise PackageError(f"the package's weights do not cover its {meta.arm} network.")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()

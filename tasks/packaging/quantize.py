@@ -1,7 +1,9 @@
 """One compressed variant of a package: post-training static int8 quantization with PyTorch's own tooling.
 
-Method: PyTorch eager-mode static quantization (torch.ao.quantization) on torchvision's quantizable ResNet-50
-(torchvision.models.quantization: residual adds through FloatFunctional, QuantStub/DeQuantStub): conv+bn(+relu)
+Method: PyTorch eager-mode static quantization (torch.ao.quantization) on torchvision's quantizable twin of the arm's
+model (torchvision.models.quantization: ResNet-50, ResNet-18 or MobileNetV3-Large with residual adds and
+squeeze-excitation products through FloatFunctional, QuantStub/DeQuantStub; the same state-dict keys as the float
+model, built by tasks.packaging.package.float_architecture): conv+bn(+relu)
 fused, the "x86" backend's default qconfig (per-channel symmetric int8 weights, histogram-observed uint8 activations
 with reduce_range), calibrated on training images only (the run's own training part of its split), then converted.
 Eager mode runs on the fbgemm/x86 int8 kernels without torch.compile, which matters on a CPU-only machine; the
@@ -26,17 +28,17 @@ import numpy as np
 import torch
 import torch.ao.quantization as tq
 from torch import nn
-from torchvision.models.quantization.resnet import QuantizableBottleneck, QuantizableResNet
 
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import read_model_json
 from data_schemas.plan import SplitSettings
-from data_schemas.package import CompressionComparison, DeploymentCost, ModelPackageMeta
+from data_schemas.package import PACKAGE_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
 from tasks.evaluation.pooling import aggregate_by_patient
 from tasks.evaluation.statistics import roc_auc
 from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
+from tasks.common.reuse import inputs_key, recorded_package_inputs
 from tasks.splits import parts_for_fold, read_splits, subsample_patients
 
 INT8_ENGINES = ("x86", "fbgemm")
@@ -57,18 +59,9 @@ def int8_engine() -> str | None:
     return next((engine for engine in INT8_ENGINES if engine in supported), None)
 
 
-def _quantizable(meta: ModelPackageMeta) -> QuantizableResNet:
-    """torchvision's quantizable ResNet-50 with the package's stem (1 channel) and head."""
-    reference = float_architecture(meta)
-    model = QuantizableResNet(QuantizableBottleneck, [3, 4, 6, 3])
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    model.fc = reference.fc
-    return model.eval()
-
-
 def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
     """Fused and observed (not yet converted) model; float weights loaded when given."""
-    model = _quantizable(meta)
+    model = float_architecture(meta, quantizable=True).eval()
     if float_state is not None:
         model.load_state_dict({k: v.float() for k, v in float_state.items()})
     torch.backends.quantized.engine = engine
@@ -148,11 +141,17 @@ def quantize_state(package: LoadedPackage, calibration: np.ndarray, batch_size: 
 
 
 def write_compressed_package(package: LoadedPackage, dataset_dir: Path, out_dir: Path, *,
-                             calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> Path:
-    """Quantize a full-precision package on its training images and write it as a package of its own."""
+                             calibration_images: int = DEFAULT_CALIBRATION_IMAGES, reuse: bool = True) -> Path:
+    """Quantize a full-precision package on its training images and write it as a package of its own; an intact
+    one in out_dir made from the same package, images and engine is kept (reuse, tasks.common.reuse)."""
+    key = inputs_key({"package": package.sha256, "calibration_images": calibration_images, "engine": int8_engine(),
+                      "dataset": package.meta.run_config.dataset_hash})
+    out_dir = Path(out_dir)
+    if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
+        return out_dir / PACKAGE_FILE
     calibration = training_images(dataset_dir, package.meta, calibration_images)
     meta, state = quantize_state(package, calibration)
-    return write_package_folder(Path(out_dir), meta, state)
+    return write_package_folder(out_dir, meta.model_copy(update={"inputs_sha256": key}), state)
 
 
 @dataclass(frozen=True)

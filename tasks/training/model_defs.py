@@ -21,6 +21,7 @@ from torchvision.models import (
     resnet18,
     resnet50,
 )
+from torchvision.models import quantization as quantizable_models
 
 from data_schemas.arms import DEFAULT_MODEL, MODEL_LABELS, MODEL_NAMES
 
@@ -41,6 +42,10 @@ class ModelDef:
         dropout_before_head: module path of a Dropout the new head makes redundant (set to Identity), or "".
         probe_depths: modules whose pooled outputs the linear probe reads, shallow to deep (strides 8, 16, 32).
         scratch_kwargs: extra builder arguments for random initialisation.
+        quantizable_builder: torchvision's quantizable twin of `builder` (torchvision.models.quantization: the same
+            modules and state-dict keys, plus quant/dequant stubs and FloatFunctional adds) for post-training int8.
+        pooled_head: module path between the global pool and the head that a probe's pooled features skip ("" when
+            the pool feeds the head directly).
     """
 
     builder: Callable[..., nn.Module]
@@ -52,6 +57,8 @@ class ModelDef:
     dropout_before_head: str
     probe_depths: tuple[str, ...]
     scratch_kwargs: tuple[tuple[str, Any], ...] = ()
+    quantizable_builder: Callable[..., nn.Module] | None = None
+    pooled_head: str = ""
 
 
 RESNET_DEPTHS = ("layer2", "layer3", "layer4")
@@ -60,12 +67,12 @@ _MODELS: dict[str, ModelDef] = {
     "resnet50": ModelDef(
         builder=resnet50, family=ResNet, weights=(ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1),
         stem="conv1", stem_norm="bn1", head="fc", dropout_before_head="", probe_depths=RESNET_DEPTHS,
-        scratch_kwargs=_ZERO_INIT_RESIDUAL,
+        scratch_kwargs=_ZERO_INIT_RESIDUAL, quantizable_builder=quantizable_models.resnet50,
     ),
     "resnet18": ModelDef(
         builder=resnet18, family=ResNet, weights=(ResNet18_Weights.IMAGENET1K_V1,),
         stem="conv1", stem_norm="bn1", head="fc", dropout_before_head="", probe_depths=RESNET_DEPTHS,
-        scratch_kwargs=_ZERO_INIT_RESIDUAL,
+        scratch_kwargs=_ZERO_INIT_RESIDUAL, quantizable_builder=quantizable_models.resnet18,
     ),
     # Probe depths at strides 8, 16, 32 like ResNet's layer2-4: the last 40-, 112- and 960-channel blocks. The head
     # is the last Linear (1280 -> classes); the pretrained 960 -> 1280 Linear before it stays in the backbone.
@@ -74,6 +81,7 @@ _MODELS: dict[str, ModelDef] = {
         weights=(MobileNet_V3_Large_Weights.IMAGENET1K_V2, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
         stem="features.0.0", stem_norm="features.0.1", head="classifier.3", dropout_before_head="classifier.2",
         probe_depths=("features.6", "features.12", "features.16"),
+        quantizable_builder=quantizable_models.mobilenet_v3_large, pooled_head="classifier",
     ),
 }
 if tuple(_MODELS) != MODEL_NAMES:  # pragma: no cover - a model added on one side only

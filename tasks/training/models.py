@@ -50,13 +50,18 @@ def _new_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequenti
 
 
 def _build(
-    model: str, *, in_channels: int, num_classes: int, dropout: float, backbone: Mapping[str, torch.Tensor] | None
+    model: str, *, in_channels: int, num_classes: int, dropout: float, backbone: Mapping[str, torch.Tensor] | None,
+    quantizable: bool = False,
 ) -> nn.Module:
-    """torchvision `model` with an `in_channels` stem and a new dropout + linear head, random or from `backbone`."""
+    """torchvision `model` (or its quantizable twin) with an `in_channels` stem and a new dropout + linear head,
+    random or from `backbone`."""
     definition = model_def(model)
     if backbone is not None and in_channels != 1:
         raise ValueError("pretrained weights are folded to one input channel; in_channels must be 1.")
-    net = definition.builder(weights=None, **dict(definition.scratch_kwargs if backbone is None else ()))
+    builder = definition.quantizable_builder if quantizable else definition.builder
+    if builder is None:
+        raise ValueError(f"torchvision has no quantizable {model}.")
+    net = builder(weights=None, **dict(definition.scratch_kwargs if backbone is None else ()))
     _set_submodule(net, definition.stem, _grey_stem(net.get_submodule(definition.stem), in_channels))
     _set_submodule(net, definition.head, _new_head(net.get_submodule(definition.head).in_features, num_classes, dropout))
     if definition.dropout_before_head:
@@ -76,12 +81,14 @@ def build_model(
     dropout: float = 0.0,
     weights: WeightsSource = None,
     allow_download: bool = False,
+    quantizable: bool = False,
 ) -> nn.Module:
     """A supported torchvision model with an `in_channels` stem and a new dropout + linear head.
 
     weights: None (random: torchvision's init, ResNets with zero-init residual BN), "imagenet" (torchvision cache /
     download), a path to a torchvision-format state dict file, or an already-checked backbone state dict. Pretrained
-    weights get the grey stem fold (module doc).
+    weights get the grey stem fold (module doc). quantizable: torchvision's quantizable twin of the model (same
+    state-dict keys), for post-training int8 (tasks.packaging.quantize).
     """
     if weights is None:
         backbone = None
@@ -91,7 +98,8 @@ def build_model(
         backbone = load_imagenet_state_dict(None, allow_download=allow_download, model=model)
     else:
         backbone = load_imagenet_state_dict(Path(weights), model=model)
-    return _build(model, in_channels=in_channels, num_classes=num_classes, dropout=dropout, backbone=backbone)
+    return _build(model, in_channels=in_channels, num_classes=num_classes, dropout=dropout, backbone=backbone,
+                  quantizable=quantizable)
 
 
 def build_resnet50(
@@ -150,15 +158,26 @@ def feature_extractor(backbone: Mapping[str, torch.Tensor], model: str = DEFAULT
 
 
 def pooled_at_depth(net: nn.Module, depth: str | None) -> nn.Module:
-    """A ResNet feature extractor whose pooled output is the global average of stage `depth`'s output: the features a
-    linear probe at that depth was fitted on (multi_depth_features). The stages after `depth` become Identity, so
-    ResNet's own average pool reads `depth`'s output. None or layer4: `net` unchanged."""
-    if depth in (None, RESNET_DEPTHS[-1]):
-        return net
-    if depth not in RESNET_DEPTHS:
-        raise ValueError(f"depth {depth!r} cannot be shipped; choose from {', '.join(RESNET_DEPTHS)}.")
-    for stage in RESNET_DEPTHS[RESNET_DEPTHS.index(depth) + 1:]:
-        setattr(net, stage, nn.Identity())
+    """A feature extractor (as_feature_extractor) whose output is the global average of module `depth`'s output: the
+    features a linear probe at that depth was fitted on (multi_depth_features). None means the deepest probe depth.
+
+    The blocks after `depth`, up to the deepest probe depth, become Identity, so the model's own average pool reads
+    `depth`'s output; so does the part between the pool and the head (MobileNetV3's 960 -> 1280 Linear), which the
+    probe never saw. A ResNet at layer4 comes back unchanged (its pool feeds the head directly).
+    """
+    definition = definition_of(net)
+    depths = definition.probe_depths
+    depth = depth or depths[-1]
+    if depth not in depths:
+        raise ValueError(f"depth {depth!r} cannot be shipped; choose from {', '.join(depths)}.")
+    parent_path, _, name = depth.rpartition(".")
+    parent = net.get_submodule(parent_path) if parent_path else net
+    names = [child for child, _ in parent.named_children()]
+    last = depths[-1].rpartition(".")[2]
+    for child in names[names.index(name) + 1 : names.index(last) + 1]:
+        setattr(parent, child, nn.Identity())
+    if definition.pooled_head:
+        _set_submodule(net, definition.pooled_head, nn.Identity())
     return net
 
 

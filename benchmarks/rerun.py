@@ -1,0 +1,115 @@
+"""A smoke comparison run twice into the same folder, side by side: how much of the first run a re-run repeats.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/rerun.py [--patients 20] [--slices 3] [--keep DIR]
+
+A synthetic cohort (tasks.demo.synth) and a torchvision-format ResNet-50 weights file (random weights: the cost of
+a run does not depend on their values) are written to a temporary folder. Then `ctcompare compare COHORT --labels
+... --out REPORT --profile smoke --weights FILE` (all three default arms, the machine's calibration cached in a
+fresh cache folder, so the first run calibrates as a first run on a new machine does) runs as a user would run it,
+in a subprocess, twice: the first run ingests, calibrates, trains, evaluates, packages and measures; the re-run
+finds every input unchanged. Each run is timed from process start to exit.
+
+Printed: both wall times and their ratio (goal <= 0.15), the first run's `ship-arms` stage and training stage
+(their own log lines: "Shipped N arm(s) in X s", "Training stage: N run(s) in X s") and the share of the one in
+the other (goal <= 0.20), the load average before and after, and whether both runs gave the same headline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RERUN_GOAL, SHIP_SHARE_GOAL = 0.15, 0.20
+SHIPPED = re.compile(r"Shipped \d+ arm\(s\) in ([0-9.]+) s")
+TRAINED = re.compile(r"Training stage: \d+ run\(s\) in ([0-9.]+) s")
+
+
+def weights_file(directory: Path) -> Path:
+    """A torchvision-format ResNet-50 state dict named like torchvision's files (SHA-256 prefix in the name)."""
+    import torch
+    from torchvision.models import resnet50
+
+    from data_schemas.files import sha256_file
+
+    torch.manual_seed(7)
+    tmp = directory / "resnet50.tmp"
+    torch.save(resnet50(weights=None).state_dict(), tmp)
+    path = directory / f"resnet50-{sha256_file(tmp)[:8]}.pth"
+    tmp.rename(path)
+    return path
+
+
+def environment(root: Path) -> dict[str, str]:
+    """A user's shell with this checkout on the path; Prefect, matplotlib and the cost caches in `root`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(root / "prefect"), MPLCONFIGDIR=str(root / "mpl"),
+               CTCOMPARE_CACHE_DIR=str(root / "cache"), TORCH_HOME=str(root / "torch"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", CTCOMPARE_HMAC_KEY="benchmark-key", COLUMNS="200")
+    return env
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """(wall seconds, output) of one command; RuntimeError when it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout[-4000:]}")
+    return wall, done.stdout
+
+
+def seconds(pattern: re.Pattern[str], output: str, what: str) -> float:
+    """The seconds a stage's own log line states."""
+    found = pattern.findall(output)
+    if not found:
+        raise RuntimeError(f"no {what} line in the output:\n{output[-3000:]}")
+    return float(found[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=3, help="slices per patient")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args(argv)
+    root = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="ctcompare-rerun-"))
+    root.mkdir(parents=True, exist_ok=True)
+    from tasks.demo.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(root / "cohort", patients=args.patients, slices_per_patient=args.slices, seed=0)
+    command = [sys.executable, "-m", "flows.cli", "compare", str(cohort.dicom_dir), "--labels",
+               str(cohort.labels_path), "--out", str(root / "report"), "--profile", "smoke",
+               "--weights", str(weights_file(root)), "--set", "download_weights=false"]
+    env = environment(root)
+    load_before = os.getloadavg()
+    first, first_output = timed(command, env)
+    again, again_output = timed(command, env)
+    load_after = os.getloadavg()
+    ship, train = seconds(SHIPPED, first_output, "ship-arms"), seconds(TRAINED, first_output, "training stage")
+    ship_again = seconds(SHIPPED, again_output, "ship-arms")
+    headlines = [output.strip().splitlines()[-2] for output in (first_output, again_output)]
+    print(f"cohort: {args.patients} patients x {args.slices} slices, smoke profile, arms scratch, imagenet, "
+          f"imagenet-linear; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(f"first run     {first:7.1f} s wall (training stage {train:.1f} s, ship-arms {ship:.1f} s)")
+    print(f"re-run        {again:7.1f} s wall (ship-arms {ship_again:.1f} s)")
+    print(f"re-run / first run: {again / first:.3f} (goal <= {RERUN_GOAL})")
+    print(f"ship-arms / training stage (first run): {ship / train:.3f} (goal <= {SHIP_SHARE_GOAL})")
+    print(f"same headline both times: {headlines[0] == headlines[1]}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

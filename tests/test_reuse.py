@@ -1,0 +1,63 @@
+"""Re-runs skip packaging work whose inputs are unchanged: the package, its deployment cost and the compressed
+variant with its comparison are kept, and made again when an input or the files change."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_schemas.package import DEPLOY_COST_FILE, MODEL_CARD_FILE, PACKAGE_FILE
+from tasks.packaging.package import load_package
+from tasks.packaging.ship import COMPRESSION_FILE, compress_and_compare, ship_run
+from tests.ship_fixtures import ShippedRun, shared_shipped_run
+
+BUDGET_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
+    return shared_shipped_run(tmp_path_factory)
+
+
+def _stamp(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def test_unchanged_inputs_keep_the_package_and_its_cost(shipped: ShippedRun, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(shipped.run_dir, run_dir, ignore=shutil.ignore_patterns("package*"))
+    settings = {"run_dir": run_dir, "dataset_dir": shipped.dataset_dir, "threshold_rule": "fixed", "aggregation": "mean",
+                "metrics": None, "weights_path": None, "budget_seconds": BUDGET_S}
+    first = ship_run(threshold=0.5, **settings)
+    model, cost = first.package_dir / PACKAGE_FILE, first.package_dir / DEPLOY_COST_FILE
+    written = (_stamp(model), _stamp(cost))
+    again = ship_run(threshold=0.5, **settings)
+    assert (_stamp(model), _stamp(cost)) == written and again.cost == first.cost  # nothing redone
+
+    changed = ship_run(threshold=0.6, **settings)  # a new operating point: a new package, measured again
+    assert load_package(changed.package_dir).meta.operating_point.threshold == 0.6
+    assert _stamp(model) != written[0] and changed.cost.inputs_sha256 != first.cost.inputs_sha256
+
+    (changed.package_dir / MODEL_CARD_FILE).write_text("edited by hand\n")  # no longer what SHA256SUMS says
+    stamp = _stamp(model)
+    repaired = ship_run(threshold=0.6, **settings)
+    assert _stamp(model) != stamp and "edited by hand" not in (repaired.package_dir / MODEL_CARD_FILE).read_text()
+    load_package(repaired.package_dir)  # whole again
+
+
+def test_unchanged_inputs_keep_the_compressed_variant_and_its_comparison(shipped: ShippedRun, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(shipped.run_dir, run_dir, ignore=shutil.ignore_patterns("package*"))
+    full = ship_run(run_dir=run_dir, dataset_dir=shipped.dataset_dir, threshold=0.5, threshold_rule="fixed",
+                    aggregation="mean", metrics=None, weights_path=None, budget_seconds=BUDGET_S)
+    settings = {"full_package": full.package_dir, "dataset_dir": shipped.dataset_dir, "full_cost": full.cost,
+                "budget_seconds": BUDGET_S, "tolerance": 0.02, "aggregation": "mean", "n_bootstrap": 20, "seed": 0}
+    comparison, folder = compress_and_compare(**settings)
+    written = (_stamp(folder / PACKAGE_FILE), _stamp(folder / COMPRESSION_FILE))
+    again, _ = compress_and_compare(**settings)
+    assert again == comparison and (_stamp(folder / PACKAGE_FILE), _stamp(folder / COMPRESSION_FILE)) == written
+    other, _ = compress_and_compare(**{**settings, "seed": 1})  # another bootstrap seed: compared again, not quantized
+    assert _stamp(folder / PACKAGE_FILE) == written[0] and _stamp(folder / COMPRESSION_FILE) != written[1]
+    assert other.compressed.inputs_sha256 == comparison.compressed.inputs_sha256
