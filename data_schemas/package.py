@@ -6,12 +6,13 @@ A package folder, written by tasks.packaging.package.write_package, holds:
     MODEL_CARD.md   the model card (reports/model_card.py); no identifiers
     SHA256SUMS      `sha256sum -c` format: the SHA-256 of model.pt and MODEL_CARD.md
 
-`ctcompare predict PACKAGE DICOM_DIR --out PRED_DIR` writes into PRED_DIR:
+`ctcompare predict PACKAGE DICOM_DIR --out PRED_DIR` writes into PRED_DIR (owner-only, 0700: it is the clinical
+output and names patients):
     dataset/                 the new files ingested with the package's recipe (private/ stays private)
-    predictions.csv          ImagePrediction per image (pseudonymous keys)
-    patient_predictions.csv  PatientPrediction per patient (the package's aggregation)
-    quarantine.csv           QuarantineRow per rejected file (private: paths)
-    predict.json             PredictSummary: counts, quarantine reasons, threshold, runtime
+    predictions.csv          ImagePrediction per image: the source file and its DICOM UIDs (identifiers, 0600)
+    patient_predictions.csv  PatientPrediction per patient, with the source PatientID (identifiers, 0600)
+    quarantine.csv           QuarantineRow per rejected file (paths, 0600)
+    predict.json             PredictSummary: counts, quarantine reasons, threshold, runtime, warnings (no identifiers)
 """
 
 from __future__ import annotations
@@ -263,31 +264,40 @@ class CachedCompression(StrictModel):
 
 
 class ImagePrediction(StrictModel):
-    """One row of predictions.csv written by predict: an image (pseudonymous keys only)."""
+    """One row of predictions.csv written by predict: an image, the file and DICOM instance it came from (patient
+    identifiers: the file is owner-only), and the model's output."""
 
+    source_path: str = Field(default="", description="the source file, relative to the predicted folder")
+    frame: int
+    patient_id: str = Field(default="", description="the source file's PatientID")
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    prob_positive: float = Field(ge=0, le=1)
+    decision: str = Field(description="the positive class when prob_positive >= threshold, else the negative")
+    threshold: float
+    label: str = Field(default="", description="the given label, when a labels file was passed")
     image_key: str
     patient_key: str
-    frame: int
-    label: str = Field(default="", description="the given label, when a labels file was passed")
-    prob_positive: float = Field(ge=0, le=1)
-    threshold: float
-    decision: str = Field(description="the positive class when prob_positive >= threshold, else the negative")
 
 
 class PatientPrediction(StrictModel):
-    """One row of patient_predictions.csv: a patient, slice probabilities aggregated as the package says."""
+    """One row of patient_predictions.csv: a patient (source PatientID), slice probabilities aggregated as the
+    package says."""
 
-    patient_key: str
+    patient_id: str = Field(default="", description="the source files' PatientID")
     n_images: int
-    label: str = ""
     prob_positive: float = Field(ge=0, le=1)
-    aggregation: Literal["mean", "max"]
-    threshold: float
     decision: str
+    threshold: float
+    aggregation: Literal["mean", "max"]
+    label: str = ""
+    patient_key: str
 
 
 class PredictSummary(StrictModel):
-    """predict.json: what a predict run did (counts only, no identifiers)."""
+    """predict.json: what a predict run did (counts only, no identifiers); identifier_files names the files of
+    PRED_DIR that do hold identifiers, warnings what the user must know about the package."""
 
     package_sha256: str
     arm: str
@@ -304,4 +314,6 @@ class PredictSummary(StrictModel):
     threads: int
     batch_size: int
     seconds: float
+    identifier_files: list[str] = Field(default_factory=list, description="files of PRED_DIR naming patients (0600)")
+    warnings: list[str] = Field(default_factory=list, description="what a user must know about the package")
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -3,7 +3,8 @@
 Outline: check the request against the package's recipe (one sentence, before any work) -> ingest the new files
 into PRED_DIR/dataset with the package's window and size (the ordinary ingest flow, as a subflow: same validation,
 quarantine, pseudonymization and conversion) -> predict -> predictions.csv, patient_predictions.csv, quarantine.csv,
-predict.json (data_schemas/package.py). The training dataset is never needed.
+predict.json (data_schemas/package.py). The training dataset is never needed. PRED_DIR is owner-only: its
+predictions name the source files, their UIDs and PatientIDs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
 from tasks.packaging.dicom_overlay import write_study_overlays_task
 from tasks.packaging.dicom_sr import send_reports_task, write_study_reports_task
 from tasks.packaging.package import load_package
-from tasks.packaging.predict import check_request, predict_dataset_task, window_argument
+from tasks.packaging.predict import IDENTIFIER_DIR_MODE, check_request, predict_dataset_task, window_argument
 
 PREDICT_QUARANTINE_FILE = "quarantine.csv"  # PRED_DIR/quarantine.csv (the dataset keeps its own under private/)
 
@@ -97,13 +98,18 @@ def predict_flow(
         dicom_dir = str(mirror_archive(base_url, out / PREDICT_DATASET_DIR, query, credentials_block)[0])
     checked = check_predict_arguments(Path(package), Path(dicom_dir).resolve(), out,
                                       labels=Path(labels) if labels else None, window=window, size=size)
+    out.mkdir(mode=IDENTIFIER_DIR_MODE, parents=True, exist_ok=True)
+    out.chmod(IDENTIFIER_DIR_MODE)  # the predictions name patients: not a folder to share
     dataset_dir = out / PREDICT_DATASET_DIR
     try:
         ingest_flow(src_dir=dicom_dir, out_dir=str(dataset_dir), labels=labels, size=checked["size"],
                     window=checked["window"], workers=0)  # ingest's own policy: a pool only for 32+ files
     finally:
         _copy_quarantine(out)
-    summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision)
+    summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision,
+                                   dicom_dir=Path(dicom_dir).resolve())
+    for warning in summary.warnings:
+        logger.warning("Warning: %s", warning)
     reports = write_study_reports_task(checked["package_file"], out, Path(dicom_dir).resolve())
     if overlay:  # after the SRs: a GradCAM secondary capture per study
         reports += write_study_overlays_task(checked["package_file"], out, Path(dicom_dir).resolve())

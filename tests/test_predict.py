@@ -4,6 +4,7 @@ the package's recipe is refused with one sentence before any work."""
 from __future__ import annotations
 
 import csv
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,14 +12,14 @@ import torch
 
 from data_schemas.dataset import QuarantineRow
 from data_schemas.files import read_model_json, read_models_csv
-from data_schemas.package import PACKAGE_FILE, ImagePrediction, PredictSummary
+from data_schemas.package import PACKAGE_FILE, ImagePrediction, PatientPrediction, PredictSummary
 from flows.cli import main
 from flows.predict import predict_flow
 from tasks.packaging.predict import RecipeConflict, check_request, window_argument
 from tasks.packaging.package import load_package
 from data_schemas.dataset import WindowSpec
 from tests.dicom_factory import write_bad_inputs
-from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files, paths_of
+from tests.ship_fixtures import ShippedRun, copy_test_patient_files, paths_of, run_probabilities, shared_shipped_run
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,39 @@ def test_run_folder_without_package_is_refused(shipped: ShippedRun, tmp_path: Pa
 ])
 def test_window_argument_reproduces_the_recorded_window(window: WindowSpec, text: str) -> None:
     assert window_argument(window) == text
+
+
+def test_each_prediction_row_points_back_to_its_file(shipped: ShippedRun, tmp_path: Path, capsys) -> None:
+    """Every row names its source file and that file's UIDs and PatientID; the probability is the one the run
+    gave that file's image, so the row belongs to that file. Identifiers stay owner-only; the summary comes last."""
+    import pydicom
+
+    src = tmp_path / "incoming"
+    copied = copy_test_patient_files(shipped, src)
+    out = tmp_path / "pred"
+    capsys.readouterr()
+    assert main(["predict", str(shipped.package_dir), str(src), "--out", str(out), "--precision", "fp32"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip().splitlines()[-1].startswith("Predicted ")
+    assert "Warning: this model comes from a smoke-profile run" in printed.err
+
+    reference = run_probabilities(shipped.run_dir)
+    rows = read_models_csv(out / "predictions.csv", ImagePrediction)
+    assert sorted(row.source_path for row in rows) == sorted(copied)
+    for row in rows:
+        header = pydicom.dcmread(src / row.source_path, stop_before_pixels=True)
+        assert (row.patient_id, row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid) == (
+            header.PatientID, header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID)
+        assert row.prob_positive == pytest.approx(reference[copied[row.source_path]], abs=1e-5)
+    patients = read_models_csv(out / "patient_predictions.csv", PatientPrediction)
+    ids_by_key = {row.patient_key: row.patient_id for row in rows}
+    assert patients and all(patient.patient_id == ids_by_key[patient.patient_key] != "" for patient in patients)
+
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for name in ("predictions.csv", "patient_predictions.csv", "quarantine.csv"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    summary = read_model_json(out / "predict.json", PredictSummary)
+    assert summary.identifier_files == ["predictions.csv", "patient_predictions.csv"]
+    assert any("smoke-profile" in warning for warning in summary.warnings)
+    written = (out / "predict.json").read_text()
+    assert not any(row.patient_id in written or row.sop_instance_uid in written for row in rows)

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from flows.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
@@ -25,6 +29,28 @@ from flows.parameters import (
 
 DESCRIPTION = ("Predict new DICOM files (a folder, or the studies of a DICOMweb archive) with a model package, "
                "converted with exactly the package's recipe; one DICOM SR per study, sent back with --send.")
+
+
+class _RunLinesOffTerminal(logging.Filter):
+    """Keeps the flow's and tasks' own log lines below ERROR off the terminal (the Prefect UI still gets each one):
+    `ctcompare predict` prints its warnings and its one-line summary itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+
+@contextlib.contextmanager
+def _quiet_terminal() -> Iterator[None]:
+    """_RunLinesOffTerminal on the console handlers (the root logger's stream handlers) while predict runs."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    quiet = _RunLinesOffTerminal()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -62,17 +88,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     except ValueError as error:  # PackageError and RecipeConflict are ValueErrors
         raise UsageError(str(error)) from None
     try:
-        result = predict_flow(**parameters)
+        with _quiet_terminal():
+            result = predict_flow(**parameters)
     except (IngestError, ValueError) as error:  # DicomWebError is a ValueError: one sentence naming URL and status
         print(f"ctcompare predict: {str(error).splitlines()[0]}")
         return EXIT_FAILED
     summary = result["summary"]
+    for warning in summary["warnings"]:
+        print(f"Warning: {warning}", file=sys.stderr)
     sent = f", {result['sent']} sent to {args.send}" if args.send else ""
     print(
         f"Predicted {summary['n_images']} images of {summary['n_patients']} patients "
         f"({summary['n_positive_patients']} positive at threshold {summary['threshold']:.3f}); "
         f"{summary['n_files_quarantined']} of {summary['n_files_seen']} files quarantined (see quarantine.csv); "
-        f"{len(result['reports'])} DICOM object(s) (an SR per study, overlays with --overlay) in private/{sent} -> {out}"
+        f"{len(result['reports'])} DICOM object(s) (an SR per study, overlays with --overlay) in private/{sent} -> "
+        f"{out / 'predictions.csv'} (patient identifiers: owner-only)", flush=True,
     )
     return EXIT_OK
 

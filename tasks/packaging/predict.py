@@ -4,6 +4,11 @@ The new DICOM files are ingested by the ordinary ingest flow with the package's 
 so validation, quarantine, pseudonymization and conversion are the ones the model was trained with. Here: refuse a
 request that would not reproduce the recipe (one sentence, before any work), check the ingested dataset's recorded
 recipe again, then predict and write the files described in data_schemas/package.py.
+
+The predictions are the clinical output: each row names the source file (relative to the predicted folder) and its
+Study, Series and SOP Instance UIDs, each patient its source PatientID, read back from the files the ingest kept
+(the dataset's private index), so a reader can act on them. They are therefore written owner-only (0600) into an
+owner-only folder (0700), and predict.json lists them as identifier files.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.dataset import DatasetCard, WindowSpec
-from data_schemas.files import write_model_json, write_models_csv
+from data_schemas.dataset import PRIVATE_INDEX_FILE, DatasetCard, PrivateIndexRow, WindowSpec
+from data_schemas.files import read_models_csv, write_model_json, write_models_csv
 from data_schemas.package import (
     PATIENT_PREDICTIONS_FILE,
     PREDICT_SUMMARY_FILE,
@@ -44,6 +49,8 @@ from tasks.common.runtime import Runtime, choose_runtime
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 RESIZE_CHUNK = 256  # images resized to the training size at a time: bounds memory on large folders
+IDENTIFIER_FILE_MODE, IDENTIFIER_DIR_MODE = 0o600, 0o700
+SOURCE_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 class RecipeConflict(ValueError):
@@ -214,6 +221,60 @@ def predict_images(model: PackagedModel, images: np.ndarray, batch_size: int = 3
 # ------------------------------------------------------------------------------------------------------ output
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """Where a predicted image came from: its file (relative to the predicted folder) and DICOM identifiers."""
+
+    source_path: str
+    patient_id: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+
+
+def _identifiers(path: Path) -> dict[str, str]:
+    """PatientID and the three instance UIDs of one DICOM file (header only); empty when it cannot be read again."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS), force=True)
+        return {tag: str(ds.get(tag, "") or "").strip() for tag in SOURCE_TAGS}
+    except Exception:  # noqa: BLE001 - the file was read at ingest; changed or gone since: no identifiers
+        return {}
+
+
+def source_images(dataset_dir: Path, dicom_dir: Path | None) -> dict[str, SourceImage]:
+    """image key -> its source file (the dataset's private index) and, when dicom_dir is given, the file's PatientID
+    and UIDs (each file's header read once, whatever its number of frames)."""
+    index_path = Path(dataset_dir) / PRIVATE_INDEX_FILE
+    rows = read_models_csv(index_path, PrivateIndexRow) if index_path.is_file() else []
+    headers: dict[str, dict[str, str]] = {}
+    sources = {}
+    for row in rows:
+        if dicom_dir is not None and row.relative_path not in headers:
+            headers[row.relative_path] = _identifiers(Path(dicom_dir) / row.relative_path)
+        found = headers.get(row.relative_path, {})
+        sources[row.image_key] = SourceImage(
+            source_path=row.relative_path, patient_id=found.get("PatientID", ""),
+            study_instance_uid=found.get("StudyInstanceUID", ""), series_instance_uid=found.get("SeriesInstanceUID", ""),
+            sop_instance_uid=found.get("SOPInstanceUID", ""),
+        )
+    return sources
+
+
+def package_warnings(meta: ModelPackageMeta) -> list[str]:
+    """What a user of the package's predictions must know: a smoke-profile run, or unverified ImageNet weights."""
+    warnings = []
+    config = meta.run_config
+    if config.profile == "smoke":
+        warnings.append("this model comes from a smoke-profile run (tiny images, two epochs: a test of the pipeline), "
+                        "so its predictions mean nothing clinically.")
+    if config.weights is not None and not config.weights.hash_checked:
+        warnings.append(f"the ImageNet weights this model started from ({config.weights.file_name}) were not checked "
+                        "against a published hash (their file name carries none), so their origin is unverified.")
+    return warnings
+
+
 def decide(meta: ModelPackageMeta, probability: float) -> str:
     """The class the operating threshold implies."""
     return meta.positive_label if probability >= meta.operating_point.threshold else meta.classes[0]
@@ -230,17 +291,20 @@ def aggregate_patients(meta: ModelPackageMeta, rows: list[ImagePrediction]) -> l
         group = by_patient[key]
         prob = float(reduce([r.prob_positive for r in group]))
         labels = sorted({r.label for r in group if r.label})
+        ids = sorted({r.patient_id for r in group if r.patient_id})
         patients.append(PatientPrediction(
-            patient_key=key, n_images=len(group), label=labels[0] if len(labels) == 1 else "", prob_positive=prob,
-            aggregation=meta.operating_point.aggregation, threshold=meta.operating_point.threshold,
+            patient_id=" / ".join(ids), patient_key=key, n_images=len(group), label=labels[0] if len(labels) == 1 else "",
+            prob_positive=prob, aggregation=meta.operating_point.aggregation, threshold=meta.operating_point.threshold,
             decision=decide(meta, prob),
         ))
     return patients
 
 
 def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, batch_size: int = 32,
-                    precision: str = "auto", threads: int | None = None) -> PredictSummary:
-    """Predict every image of an ingested dataset folder; write predictions, patient predictions and predict.json."""
+                    precision: str = "auto", threads: int | None = None, dicom_dir: Path | None = None) -> PredictSummary:
+    """Predict every image of an ingested dataset folder; write predictions, patient predictions and predict.json
+    into out_dir (owner-only). dicom_dir: the folder the dataset was ingested from, whose headers give each row's
+    PatientID and UIDs (the source paths come from the dataset's private index either way)."""
     started = time.perf_counter()
     package = load_package(package_path)
     dataset = load_dataset(dataset_dir, in_memory=True)
@@ -248,17 +312,20 @@ def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, bat
     model = prepare_model(package, precision, threads)
     probs = predict_images(model, dataset.images, batch_size)
     meta = package.meta
+    sources = source_images(dataset_dir, dicom_dir)
     rows = [
         ImagePrediction(
-            image_key=row.image_key, patient_key=row.patient_key, frame=row.frame, label=row.label,
-            prob_positive=float(p), threshold=meta.operating_point.threshold, decision=decide(meta, float(p)),
+            **vars(sources.get(row.image_key, SourceImage(source_path=""))), image_key=row.image_key,
+            patient_key=row.patient_key, frame=row.frame, label=row.label, prob_positive=float(p),
+            threshold=meta.operating_point.threshold, decision=decide(meta, float(p)),
         )
         for row, p in zip(dataset.manifest, probs)
     ]
     patients = aggregate_patients(meta, rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_models_csv(out_dir / PREDICTIONS_FILE, rows, ImagePrediction)
-    write_models_csv(out_dir / PATIENT_PREDICTIONS_FILE, patients, PatientPrediction)
+    out_dir.mkdir(mode=IDENTIFIER_DIR_MODE, parents=True, exist_ok=True)
+    out_dir.chmod(IDENTIFIER_DIR_MODE)
+    write_models_csv(out_dir / PREDICTIONS_FILE, rows, ImagePrediction, mode=IDENTIFIER_FILE_MODE)
+    write_models_csv(out_dir / PATIENT_PREDICTIONS_FILE, patients, PatientPrediction, mode=IDENTIFIER_FILE_MODE)
     card = dataset.card
     summary = PredictSummary(
         package_sha256=package.sha256, arm=meta.arm, weights_variant=meta.weights_variant,
@@ -267,7 +334,8 @@ def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, bat
         n_positive_patients=sum(p.decision == meta.positive_label for p in patients),
         threshold=meta.operating_point.threshold, aggregation=meta.operating_point.aggregation,
         precision=model.precision, threads=model.runtime.num_threads, batch_size=batch_size,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, identifier_files=[PREDICTIONS_FILE, PATIENT_PREDICTIONS_FILE],
+        warnings=package_warnings(meta),
     )
     write_model_json(out_dir / PREDICT_SUMMARY_FILE, summary)
     return summary
@@ -275,7 +343,8 @@ def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, bat
 
 @task(name="predict-dataset", cache_policy=NO_CACHE)
 def predict_dataset_task(package_path: Path, dataset_dir: Path, out_dir: Path, batch_size: int = 32,
-                         precision: str = "auto", threads: int | None = None) -> PredictSummary:
+                         precision: str = "auto", threads: int | None = None,
+                         dicom_dir: Path | None = None) -> PredictSummary:
     """Prefect task around predict_dataset."""
     return predict_dataset(package_path, dataset_dir, out_dir, batch_size=batch_size, precision=precision,
-                           threads=threads)
+                           threads=threads, dicom_dir=dicom_dir)
