@@ -59,15 +59,24 @@ def int8_engine() -> str | None:
     return next((engine for engine in INT8_ENGINES if engine in supported), None)
 
 
+def _skeleton_qconfig(engine: str) -> tq.QConfig:
+    """The engine's default qconfig with min/max activation observers instead of histograms: conversion gives the
+    same quantized module types without the histograms' parameter search, for a skeleton whose scales and zero
+    points are then loaded from a package."""
+    default = tq.get_default_qconfig(engine)
+    return tq.QConfig(activation=tq.MinMaxObserver.with_args(reduce_range=True), weight=default.weight)
+
+
 def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
-    """Fused and observed (not yet converted) model; float weights loaded when given."""
+    """Fused and observed (not yet converted) model: with the float weights and the engine's default qconfig for
+    calibration, or (float_state None) a skeleton for int8_model."""
     model = float_architecture(meta, quantizable=True).eval()
     if float_state is not None:
         model.load_state_dict({k: v.float() for k, v in float_state.items()})
     torch.backends.quantized.engine = engine
     with _quiet():
         model.fuse_model(is_qat=False)
-        model.qconfig = tq.get_default_qconfig(engine)
+        model.qconfig = tq.get_default_qconfig(engine) if float_state is not None else _skeleton_qconfig(engine)
         tq.prepare(model, inplace=True)
     return model
 
