@@ -257,7 +257,7 @@ def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[
 
 # Command-line options whose flow parameter is not the option's name with underscores for dashes.
 OPTION_PARAMETERS = {"--out": "out_dir", "--set": "settings", "--no-calibrate": "calibrate=false"}
-_OPTION = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:\s+([A-Za-z_][\w.]*)=(\S+?))?(?=[\s,;:.)'`]|$)")
+_OPTION = re.compile(r"(?<![\w/.-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:\s+([A-Za-z_][\w.]*)=(\S+?))?(?=[\s,;:.)'`]|$)")
 
 
 def _parameter_words(match: re.Match[str]) -> str:

@@ -152,6 +152,24 @@ def test_shipped_defaults_are_refused_in_one_sentence(stack: PrefectStack) -> No
         assert not [line for line in messages if "Traceback" in line], name
 
 
+def test_a_bad_weights_file_is_refused_before_any_training_in_the_forms_words(stack: PrefectStack,
+                                                                               tmp_path: Path) -> None:
+    source = tmp_path / "dicom"
+    source.mkdir()
+    (source / "1.dcm").write_bytes(b"not read: the weights file is refused first")
+    (tmp_path / "labels.csv").write_text("patient_id,label\nP1,nodule\n", encoding="utf-8")
+    (tmp_path / "resnet50.pth").write_bytes(b"\x80\x02 not a state dict")
+    result, flow_run_id = stack.run_deployment("compare/on-demand", {
+        "source": str(source), "labels": str(tmp_path / "labels.csv"), "out_dir": str(tmp_path / "out"),
+        "weights": str(tmp_path / "resnet50.pth")})
+    assert result.returncode == 0 and flow_run_id, result.stdout
+    flow_run = stack.wait_for_flow_run(flow_run_id, timeout_s=180)
+    message = flow_run["state"]["message"]
+    assert flow_run["state"]["type"] == "FAILED" and message.startswith("weights: weights file "), message
+    assert message.endswith(").") and "--weights" not in message, message  # one whole sentence, the form's word
+    assert not (tmp_path / "out").exists() and not stack.final_task_runs(flow_run_id, timeout_s=0)
+
+
 def test_unlabelled_nightly_warns_and_the_weekly_names_the_labels_to_give(stack: PrefectStack, tmp_path: Path) -> None:
     incoming = tmp_path / "incoming"
     for patient in range(3):

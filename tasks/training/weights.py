@@ -139,7 +139,7 @@ def read_weights_file(path: Path, model: str = DEFAULT_MODEL) -> tuple[dict[str,
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is unusable
         # torch's own message runs to a paragraph of advice on loading untrusted files: said here in one clause
         reason = ("it holds objects other than tensors, which are never unpickled here (save model.state_dict(), "
-                  "not the model)" if "weights only load failed" in str(error).lower() else
+                  "not the model)" if "Unsupported global" in str(error) else
                   f"{type(error).__name__} while reading it (truncated, or not a PyTorch weights file?)")
         raise WeightsFileError(f"weights file {path} is not a readable PyTorch state dict: {reason}.") from None
     backbone = check_state_dict(state, model, source=f"weights file {path}")
