@@ -29,3 +29,13 @@ def test_every_command_help_is_user_text_and_imports_neither_torch_nor_prefect()
         assert not DEVELOPER_WORDS.search(result.stdout), (command, DEVELOPER_WORDS.search(result.stdout))
         description = result.stdout.split("\n\n", 2)[1]
         assert not description.startswith(("positional arguments", "options")), f"{command} --help has no description"
+
+
+def test_a_deployments_flow_run_names_the_parameters_as_its_form_shows(monkeypatch) -> None:
+    from flows.parameters import as_seen
+
+    message = "--weights: no file; unknown setting 'x' in --set; change it with --set image_size=112 in /tmp/a--b."
+    assert as_seen(message) == message  # a terminal's words outside a deployment's flow run
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f1c2a4e-0000-4000-8000-000000000000")
+    assert as_seen(message) == ("weights: no file; unknown setting 'x' in settings; change it with "
+                                'settings {"image_size": "112"} in /tmp/a--b.')
