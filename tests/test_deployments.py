@@ -79,6 +79,16 @@ def test_every_entrypoint_in_prefect_yaml_is_a_flow_of_this_checkout() -> None:
         assert isinstance(getattr(module, function, None), Flow), f"{deployment['name']}: {path} has no flow {function}"
 
 
+def test_the_operations_guide_lists_every_deployment() -> None:
+    """docs/operations.md names each deployment `make deploy` creates, as `flow/deployment`."""
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    for deployment in config["deployments"]:
+        path, function = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+        assert f"`{flow.name}/{deployment['name']}`" in guide, f"{flow.name}/{deployment['name']} not in operations.md"
+
+
 def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack) -> None:
     pool = stack.get(f"/work_pools/{stack.pool}")
     assert pool["type"] == "process"
