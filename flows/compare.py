@@ -64,7 +64,7 @@ from flows.parameters import (
     as_seen,
     check_weights_loadable,
 )
-from flows.run_logs import refused, tidy_run_logs
+from flows.run_logs import refused, send_run_logs_now, tidy_run_logs
 from flows.serve import BASE_URL_ENV, report_url
 from reports.wording import word_results
 from reports.render import metrics_table, render_report, summary_markdown, update_index
@@ -481,6 +481,7 @@ def compare_flow(
         outcomes = arm_outcomes(results)
         logger.info("%s", outcome_headline(results, outcomes))
         logger.info("Report: %s", link)
+        send_run_logs_now()  # the last line of `--watch` before the final state
         return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
                                      "recommendation": outcome_headline(results, outcomes), "arms": outcomes})
 

@@ -53,6 +53,17 @@ def tidy_run_logs() -> None:
         flow_runs.addFilter(_RefusalWithoutTraceback())
 
 
+def send_run_logs_now() -> None:
+    """Send the lines logged so far to the API at once, not with the next batch: `prefect deployment run --watch`
+    stops at the run's final state, so a line meant to end its output must be there before that state."""
+    from prefect.logging.handlers import APILogHandler
+
+    for handler in logging.getLogger(FLOW_RUN_LOGGER).handlers:
+        if isinstance(handler, APILogHandler):
+            handler.flush()
+            return
+
+
 def refused(sentence: str) -> State:
     """The state of a flow run refused before any work: Failed, with the sentence as its message and no traceback
     in the log (a raised error would print one); a direct call of the flow raises InputRefused (a ValueError)."""
