@@ -143,7 +143,8 @@ def test_bad_parameter_is_refused_with_a_readable_message(stack: PrefectStack) -
     assert len(stack.flow_runs_of("ingest/nightly")) == before  # refused before any run was even created
     before = len(stack.flow_runs_of("compare/on-demand"))
     result, flow_run_id = stack.run_deployment("compare/on-demand", {"arms": '["scrach"]'})  # a typo of scratch
-    assert result.returncode != 0 and flow_run_id is None and "'arms'" in result.stdout, result.stdout
+    assert result.returncode != 0 and flow_run_id is None, result.stdout
+    assert "'arms[0]'" in result.stdout and "'scrach' is not one of ['scratch'" in result.stdout, result.stdout
     assert len(stack.flow_runs_of("compare/on-demand")) == before
 
 
