@@ -417,7 +417,7 @@ def compare_flow(
     """
     # `plan` is the run plan the command line already resolved from these parameters; without it, resolved here.
     # Each state's data is the summary dict (for Failed inside a NoArmCompletedError): a direct call returns it.
-    tidy_run_logs()
+    tidy_run_logs(NoArmCompletedError)
     logger = get_run_logger()
     ingest_size = _ingest_size(ingest_size, image_size)
     environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,

@@ -5,9 +5,10 @@ terminal's formatter prints; the UI's log list and the `--watch` stream show the
 in a row name nothing. tidy_run_logs() makes every task-run line sent to the API start with its task run's
 name (train-scratch-main: Finished in state Completed()); the terminal's lines are left as they were.
 
-A flow run refused before any work (refused()) ends Failed with one sentence as its message. A deployment's flow-run
-process then logs "Engine execution exited with unexpected exception" with a traceback of Prefect's engine, which
-says nothing the sentence does not: tidy_run_logs() drops that line for an InputRefused, and only for it.
+A flow run that ends in a state its flow chose and explained (refused before any work, "Partial", "Skipped") is not
+a crash, yet a deployment's flow-run process then logs "Engine execution exited with unexpected exception" with a
+traceback of Prefect's engine, which says nothing the state's message does not: tidy_run_logs() drops that line for
+those outcomes, and only for them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import logging
 from prefect.states import Failed, State
 
 TASK_RUN_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"
+ENGINE_EXIT_LINE = "Engine execution exited with unexpected exception"  # Prefect's, with a traceback
+_CHOSEN_OUTCOMES: list[type[BaseException]] = []  # a flow's own outcome errors (flows.compare.NoArmCompletedError)
 
 
 class InputRefused(ValueError):
@@ -33,24 +36,32 @@ class TaskNamingFormatter(logging.Formatter):
         return f"{name}: {text}" if name and not text.startswith(str(name)) else text
 
 
-class _RefusalWithoutTraceback(logging.Filter):
-    """Drops the engine's traceback line of a flow run that ended with an InputRefused."""
+class _OutcomeWithoutTraceback(logging.Filter):
+    """Drops the engine's traceback line of a flow run that ended in a state its flow chose and explained in its
+    message: refused (InputRefused), "Partial" or "Skipped" (Cancelled type: CancelledRun; Failed type with data:
+    FailedRun), no arm completed. A crash keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], InputRefused))
+        from prefect.exceptions import CancelledRun, FailedRun
+
+        error = record.exc_info[1] if record.exc_info else None
+        chosen = (InputRefused, CancelledRun, FailedRun, *_CHOSEN_OUTCOMES)
+        return not (record.getMessage().startswith(ENGINE_EXIT_LINE) and isinstance(error, chosen))
 
 
-def tidy_run_logs() -> None:
-    """Name task runs in their API log lines, and keep a refused run's log to its sentence (once per process; each
-    flow calls it first)."""
+def tidy_run_logs(*outcomes: type[BaseException]) -> None:
+    """Name task runs in their API log lines, and keep the log of a run that ended as its flow chose (refused,
+    partial, skipped, or with one of `outcomes`) to its sentence, without the engine's traceback (once per process;
+    each flow calls it first)."""
     from prefect.logging.handlers import APILogHandler
 
+    _CHOSEN_OUTCOMES.extend(outcome for outcome in outcomes if outcome not in _CHOSEN_OUTCOMES)
     for handler in logging.getLogger(TASK_RUN_LOGGER).handlers:
         if isinstance(handler, APILogHandler) and not isinstance(handler.formatter, TaskNamingFormatter):
             handler.setFormatter(TaskNamingFormatter())
     flow_runs = logging.getLogger(FLOW_RUN_LOGGER)
-    if not any(isinstance(f, _RefusalWithoutTraceback) for f in flow_runs.filters):
-        flow_runs.addFilter(_RefusalWithoutTraceback())
+    if not any(isinstance(f, _OutcomeWithoutTraceback) for f in flow_runs.filters):
+        flow_runs.addFilter(_OutcomeWithoutTraceback())
 
 
 def send_run_logs_now() -> None:
