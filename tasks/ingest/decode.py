@@ -172,7 +172,7 @@ def decode_isolating_crashes(
     is decoded alone. Returns what the files decoded now hold, by content hash."""
     decoded: dict[str, CachedFile] = {}
     pending = [source for source in sources if not is_cached(source, cache_dir)]
-    deaths_without_culprit = 0
+    deaths_without_culprit, died = 0, False
     while pending:
         for source in [source for source in pending if was_being_decoded(source, cache_dir)]:
             decoded.update(decode_alone(source, cache_dir, size, window))
@@ -187,9 +187,14 @@ def decode_isolating_crashes(
             decoded.update(decode_rest(rest))
             break
         except DecoderProcessDied:
+            died = True
             pending = [source for source in rest if not is_cached(source, cache_dir)]
             culprit = any(was_being_decoded(source, cache_dir) for source in pending)
             deaths_without_culprit = 0 if culprit else deaths_without_culprit + 1
+    if died:
+        for source in sources:  # a sibling terminated after storing its result, before removing its marker
+            if is_cached(source, cache_dir):
+                decoding_marker(cache_path(Path(cache_dir), source.content_sha256)).unlink(missing_ok=True)
     return decoded
 
 
