@@ -124,7 +124,7 @@ def _rule_details(rec: Recommendation, arms: Sequence[ArmResult], comparisons: S
         f"Rule: no claim with fewer than {rec.min_patients_per_class} test patients of either class. Above that, an "
         f"arm with at least 20% fewer computed FLOPs (training + inference) is preferred only when non-inferior: the "
         f"lower bound of the 95% MOVER interval of its AUC difference to every arm not materially cheaper lies above "
-        f"−{margin} (the margin). The best arm is called significantly better only when its Holm-adjusted exact "
+        f"−{margin} (the margin). The best arm is called significantly better only when its Holm-adjusted paired "
         f"permutation p-value against every other arm is below {fmt(rec.alpha, 2)}."
     )
     return details
@@ -160,7 +160,7 @@ def recommendation_sentences(
             if (pc := _find(comparisons, best, o)) is not None and (t := _oriented(pc, best or "", level)) is not None
         )
         return (f"Use {best}: its {level}-level test AUC {_auc_of(arms, best, level)} is significantly higher than "
-                f"every other arm's (Holm-adjusted exact permutation tests; {beaten}).", details)
+                f"every other arm's (Holm-adjusted paired permutation tests; {beaten}).", details)
     if rec.basis == "non_inferior":
         other = rec.deciding_arms[1] if len(rec.deciding_arms) == 2 else best
         pc = _find(comparisons, rec.preferred_arm, other)

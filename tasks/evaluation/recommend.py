@@ -2,7 +2,7 @@
 
 The rule claims only what a test valid at the sample size supports (docs/verdict.md, with its calibration):
 below MIN_PATIENTS_PER_CLASS positive or negative test patients nothing is claimed; above it, "significant" rests on
-Holm-adjusted exact permutation p-values and "non-inferior" on the lower bound of a MOVER interval that holds near
+Holm-adjusted paired permutation p-values and "non-inferior" on the lower bound of a MOVER interval that holds near
 AUC 1. Arms are ranked by computed FLOPs, never by measured time, so identical predictions give the same verdict.
 """
 
