@@ -92,7 +92,8 @@ def simulate_cohort(rng: np.random.Generator, n_patients: int, separations: tupl
     shared_slice = rng.standard_normal(patient.size)
     probs = []
     for mu in separations:
-        score = mu * label + math.sqrt(PATIENT_SHARE) * shared_patient + math.sqrt(1 - PATIENT_SHARE) * rng.standard_normal(n_patients)
+        own = rng.standard_normal(n_patients)
+        score = mu * label + math.sqrt(PATIENT_SHARE) * shared_patient + math.sqrt(1 - PATIENT_SHARE) * own
         noise = math.sqrt(SLICE_SHARE) * shared_slice + math.sqrt(1 - SLICE_SHARE) * rng.standard_normal(patient.size)
         probs.append(expit(score[patient] + SLICE_SD * noise - mu / 2))
     return label[patient], patient, probs
@@ -131,10 +132,11 @@ def _pooled(targets: np.ndarray, patient: np.ndarray, probs: np.ndarray) -> Pool
 
 def _arm_result(name: str, pooled: PooledArm) -> ArmResult:
     """An ArmResult with what the rule and the headline read: patient-level AUC and the computed cost."""
-    empty = {k: MetricValue() for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")}
+    others = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")
+    empty = {k: MetricValue() for k in others}
     auc = roc_auc(pooled.patients.targets, pooled.patients.probs)
-    metrics = TestMetrics(level="patient", n_images=int(pooled.slices.targets.size), n_patients=len(pooled.patients.patients),
-                          roc_auc=MetricValue(value=auc), **empty)
+    metrics = TestMetrics(level="patient", n_images=int(pooled.slices.targets.size),
+                          n_patients=len(pooled.patients.patients), roc_auc=MetricValue(value=auc), **empty)
     return ArmResult(name=name, status="completed", cost=ArmCostSummary(total_flops=FLOPS[name], flops_per_image=1e9),
                      test_metrics=metrics.model_copy(update={"level": "slice"}), patient_metrics=metrics)
 

@@ -119,7 +119,8 @@ def _rule_details(rec: Recommendation, arms: Sequence[ArmResult], comparisons: S
     ]
     costed = [f"{a.name} {_flops_text(a)}" for a in arms if a.status == "completed" and a.cost.total_flops]
     if costed:
-        details.append(f"Training cost, computed: {', '.join(costed)}; measured times are shown but never rank the arms.")
+        details.append(f"Training cost, computed: {', '.join(costed)}; measured times are shown but never rank the "
+                       f"arms.")
     details.append(
         f"Rule: no claim with fewer than {rec.min_patients_per_class} test patients of either class. Above that, an "
         f"arm with at least 20% fewer computed FLOPs (training + inference) is preferred only when non-inferior: the "
@@ -180,8 +181,8 @@ def recommendation_sentences(
     reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
     if reasons:
         pair_text += f" The AUC comparison is {'; '.join(reasons)}."
-    needed = (f" About {rec.patients_needed} test patients (now {n_patients}) would give {round(100 * rec.power)}% power "
-              f"to show the cheaper arm non-inferior within {margin} AUC, if the arms truly performed alike."
+    needed = (f" About {rec.patients_needed} test patients (now {n_patients}) would give {round(100 * rec.power)}% "
+              f"power to show the cheaper arm non-inferior within {margin} AUC, if the arms truly performed alike."
               if rec.patients_needed else "")
     return (f"Inconclusive at this sample size ({n_patients} test patients): no arm is significantly better than the "
             f"others, and no materially cheaper arm is shown non-inferior within {margin} AUC ({level} level); "
@@ -243,7 +244,8 @@ def word_results(results: ComparisonResults) -> ComparisonResults:
     the report, results.json and the Prefect artifacts are written.
     """
     minimum = results.evaluation.min_patients_per_class
-    comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc, minimum)}) for pc in results.comparisons]
+    comparisons = [pc.model_copy(update={"plain_words": comparison_sentence(pc, minimum)})
+                   for pc in results.comparisons]
     n_patients = results.evaluation.n_test_patients
     headline, details = recommendation_sentences(results.recommendation, results.arms, comparisons, n_patients)
     recommendation = results.recommendation.model_copy(update={"headline": headline, "details": details})

@@ -114,7 +114,9 @@ def _clustered_covariance(
     return cov
 
 
-def not_estimable_reason(y_true: ArrayLike, groups: Sequence[Hashable] | np.ndarray | None = None, unit: str = "images") -> str:
+def not_estimable_reason(
+    y_true: ArrayLike, groups: Sequence[Hashable] | np.ndarray | None = None, unit: str = "images"
+) -> str:
     """Why an AUC variance cannot be estimated ('' when it can): fewer than 2 positive or 2 negative units.
 
     A unit is a patient when groups are given (a patient with a positive image counts as a positive unit, one
@@ -465,6 +467,11 @@ def _auc_correlation(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.nda
     return float(min(1.0, max(0.0, cov[0, 1] / math.sqrt(cov[0, 0] * cov[1, 1]))))
 
 
+def _mover_half(first: float, second: float, r: float) -> float:
+    """sqrt(first^2 + second^2 - 2 r first second): one side of a MOVER interval from the two arms' distances."""
+    return math.sqrt(max(0.0, first * first + second * second - 2.0 * r * first * second))
+
+
 def paired_auc_comparison(
     y_true: ArrayLike,
     prob_a: ArrayLike,
@@ -504,8 +511,8 @@ def paired_auc_comparison(
     r = _auc_correlation(y, a, b, None if groups is None else units)
     (low_a, high_a), (low_b, high_b) = auc_score_interval(auc_a, m, n, level), auc_score_interval(auc_b, m, n, level)
     diff = auc_a - auc_b
-    below = math.sqrt(max(0.0, (auc_a - low_a) ** 2 + (high_b - auc_b) ** 2 - 2 * r * (auc_a - low_a) * (high_b - auc_b)))
-    above = math.sqrt(max(0.0, (high_a - auc_a) ** 2 + (auc_b - low_b) ** 2 - 2 * r * (high_a - auc_a) * (auc_b - low_b)))
+    below = _mover_half(auc_a - low_a, high_b - auc_b, r)
+    above = _mover_half(high_a - auc_a, auc_b - low_b, r)
     ci = (max(-1.0, diff - below), min(1.0, diff + above))
     se = (ci[1] - ci[0]) / (2.0 * float(stats.norm.ppf(0.5 + level / 2.0)))
     return AucComparison(auc_a, auc_b, diff, flip.p_value, ci, se, level, m, n, test_method, interval_method, r)

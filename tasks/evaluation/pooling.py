@@ -70,7 +70,9 @@ def _candidate_thresholds(prob: np.ndarray) -> np.ndarray:
     return np.concatenate([[min(1.0, values[-1] + 1e-9)], mids[::-1], [max(0.0, values[0] - 1e-9)]])
 
 
-def choose_operating_point(y_val: ArrayLike, p_val: ArrayLike, rule: str, target: float | None = None) -> OperatingPoint:
+def choose_operating_point(
+    y_val: ArrayLike, p_val: ArrayLike, rule: str, target: float | None = None
+) -> OperatingPoint:
     """Threshold chosen on validation predictions, to be applied unchanged to the test predictions.
 
     youden: maximise J = sensitivity + specificity - 1 (Youden 1950) over midpoints between distinct validation

@@ -97,7 +97,9 @@ def materially_cheaper(cheap: ArmSummary, dear: ArmSummary) -> bool:
     return bool(cheap.flops and dear.flops and cheap.flops * MATERIAL_COST_RATIO <= dear.flops)
 
 
-def _non_inferior_arm(ranked: list[ArmSummary], pairs: list[PairDecision], margin: float) -> tuple[ArmSummary, PairDecision] | None:
+def _non_inferior_arm(
+    ranked: list[ArmSummary], pairs: list[PairDecision], margin: float
+) -> tuple[ArmSummary, PairDecision] | None:
     """The cheapest arm within the margin of every arm not materially cheaper than it, with its closest call.
 
     Rivals of arm X: every other arm except those materially cheaper than X; at least one must be materially
@@ -140,9 +142,11 @@ def recommend(
     if not completed:
         return Verdict("none", None, None, margin, alpha, [], min_per_class=min_per_class)
     if len(completed) == 1:
-        return Verdict("single_arm", completed[0].name, completed[0].name, margin, alpha, [], min_per_class=min_per_class)
+        only = completed[0].name
+        return Verdict("single_arm", only, only, margin, alpha, [], min_per_class=min_per_class)
     names = [a.name for a in completed]
-    keys = [(x, y) for i, x in enumerate(names) for y in names[i + 1:] if (x, y) in comparisons or (y, x) in comparisons]
+    keys = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]
+            if (x, y) in comparisons or (y, x) in comparisons]
     raw = [comparisons[k] if k in comparisons else _oriented(comparisons[(k[1], k[0])], True) for k in keys]
     pairs = [PairDecision(k[0], k[1], t, p) for k, t, p in zip(keys, raw, holm_adjust([t.p_value for t in raw]))]
     best = min(completed, key=lambda a: (-(a.auc or 0.0), a.name))

@@ -83,7 +83,8 @@ def roc_auc(y_true: ArrayLike, prob: ArrayLike) -> float:
 
 
 def expected_calibration_error(
-    y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10, mode: Literal["top_label", "positive_class"] = "positive_class"
+    y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10,
+    mode: Literal["top_label", "positive_class"] = "positive_class",
 ) -> float:
     """ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)| over equal-width bins (Guo et al. 2017, eq. 3).
 
@@ -218,7 +219,9 @@ def bootstrap_ci(
     return result
 
 
-def _metric_evaluator(metrics: Sequence[str] | MetricFn | None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
+def _metric_evaluator(
+    metrics: Sequence[str] | MetricFn | None,
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
     """(y, p, thresholds) -> {name: value} for named metrics or a callable (y, p)."""
     if callable(metrics):
         fn = metrics
@@ -357,7 +360,10 @@ def clustered_wilson_interval(hits: np.ndarray, units: np.ndarray, level: float 
     x, m = np.bincount(cluster, weights=hits), np.bincount(cluster).astype(np.float64)
     k, p = x.size, float(hits.mean())
     variance = k / (k - 1) * float(np.sum((x - p * m) ** 2)) / float(m.sum()) ** 2 if k > 1 else 0.0
-    n_eff = float(k) if variance <= 0 or p in (0.0, 1.0) else min(float(hits.size), max(float(k), p * (1 - p) / variance))
+    if variance <= 0 or p in (0.0, 1.0):
+        n_eff = float(k)
+    else:
+        n_eff = min(float(hits.size), max(float(k), p * (1 - p) / variance))
     return wilson_interval(p * n_eff, n_eff, level)
 
 

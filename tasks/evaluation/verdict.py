@@ -13,8 +13,8 @@ import numpy as np
 
 from data_schemas.report import ArmCostSummary, ArmResult, DeLongResult, McNemarResult, PairedComparison, Recommendation
 from tasks.evaluation import pairs
-from tasks.evaluation.runs import PooledArm
 from tasks.evaluation.recommend import ArmSummary, Verdict, recommend
+from tasks.evaluation.runs import PooledArm
 
 
 def _finite(value: float | None) -> float | None:
@@ -82,7 +82,8 @@ def paired_comparisons(
     pooled: dict[str, PooledArm],
 ) -> tuple[list[PairedComparison], dict[tuple[str, str], pairs.AucComparison]]:
     """Every pair of completed arms, with Holm-adjusted p-values per family (test and level) over all pairs."""
-    tested = [(x, y, t) for x, y in combinations(sorted(pooled), 2) if (t := pair_tests(pooled[x], pooled[y])) is not None]
+    tested = [(x, y, t) for x, y in combinations(sorted(pooled), 2)
+              if (t := pair_tests(pooled[x], pooled[y])) is not None]
     families = ("slice_auc", "slice_decision", "patient_auc", "patient_decision")
     holm = {f: pairs.holm_adjust([getattr(t, f).p_value for _, _, t in tested]) for f in families}
     comparisons = [
