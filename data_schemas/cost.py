@@ -121,6 +121,13 @@ class Calibration(StrictModel):
     )
     seconds_taken: float
     measured_at: str
+    load_average: float | None = Field(
+        default=None, ge=0, description="1-minute load average when the measurement started (os.getloadavg)"
+    )
+    cpus: int | None = Field(default=None, description="CPUs of the machine (os.cpu_count), to read the load against")
+    step_spread: float | None = Field(
+        default=None, ge=0, description="(slowest - fastest) / mean of the timed steps: how steady the machine was"
+    )
 
 
 class CalibrationCache(StrictModel):

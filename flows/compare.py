@@ -72,6 +72,7 @@ from reports.cost_tables import wall_time_line
 from tasks.common.paths import refuse_non_folder
 from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
+from tasks.cost.calibration import describe_calibration
 from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
@@ -448,6 +449,8 @@ def compare_flow(
                                                        elapsed_seconds=time.time() - environment.started_at))
         if cost.wall_time is not None:
             logger.info("%s", wall_time_line(cost.wall_time))
+            if cost.calibration is not None:
+                logger.info("The wall-time prediction used %s.", describe_calibration(cost.calibration))
         stages.advance("cost estimated")
 
         train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,

@@ -20,6 +20,7 @@ from data_schemas.cost import COST_FILE, CostReport
 from data_schemas.files import sha256_file
 from flows.parameters import Calibrate, CostInputsParameter, CostOutFolder, Force, WallTimePlanParameter
 from reports.cost_tables import markdown_table, wall_time_line
+from tasks.cost.calibration import describe_calibration
 from tasks.cost.catalogue import default_catalogue_path
 from tasks.cost.estimate import calibrate_task, config_hash, estimate_task, existing_report, write_task
 from tasks.cost.wall_time import predict_wall_time
@@ -52,6 +53,8 @@ def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate:
             predicted = predict_wall_time(report, wall_time_plan, cost_stage_seconds=time.monotonic() - started)
             report = report.model_copy(update={"wall_time": predicted})
             get_run_logger().info("%s", wall_time_line(predicted))
+            if report.calibration is not None:
+                get_run_logger().info("The wall-time prediction used %s.", describe_calibration(report.calibration))
         write_task(out_dir, report)
     create_markdown_artifact(
         key=ARTIFACT_KEY,

@@ -9,6 +9,7 @@ Calibration: never from the function under test. FLOP counts run on the meta dev
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -394,6 +395,40 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     first = cost_calibration.load_or_calibrate(64, 1, "bf16", 16)
     second = cost_calibration.load_or_calibrate(64, 1, "bf16", 16)
     assert len(calls) == 1 and first == second and (tmp_path / "calibration.json").is_file()
+
+
+def test_calibration_records_the_load_and_the_spread_of_its_steps(monkeypatch):
+    """Steps of 0.4, 0.5, 0.5 and 0.6 s: spread (0.6 - 0.4) / 0.5 = 40%; the load average at its start is kept."""
+    monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(cost_calibration, "load_average", lambda: 3.5)
+    monkeypatch.setattr(cost_calibration, "_time_training_steps",
+                        lambda *a, **k: cost_calibration.StepTimes(3.0, 4, 2.0, (0.4, 0.5, 0.5, 0.6)))
+    calibration = cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16)
+    assert calibration.load_average == 3.5 and calibration.cpus == os.cpu_count()
+    assert calibration.step_spread == pytest.approx(0.4, rel=1e-12)
+    assert "load 3.5 on" in cost_calibration.describe_calibration(calibration)
+
+
+def test_a_cached_calibration_is_checked_by_a_probe_and_measured_again_when_they_disagree(tmp_path, monkeypatch):
+    """A calibration cached on a busy machine (half the rate) is replaced once a probe finds the rate 2x higher;
+    a probe within 20% keeps it. Each answer says which calibration is used."""
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
+    busy = _calibration()
+    quiet = busy.model_copy(update={"train_images_per_second": 2 * busy.train_images_per_second,
+                                    "measured_at": "2025-01-02T00:00:00+00:00"})
+    measured = [busy, quiet]
+    monkeypatch.setattr(cost_calibration, "calibrate_this_machine", lambda *a, **k: measured.pop(0))
+    first, said = cost_calibration.checked_calibration(64, 1, "bf16", 16)
+    assert first == busy and said.startswith("Calibrated this machine now")
+
+    monkeypatch.setattr(cost_calibration, "probe_images_per_second", lambda c: 1.1 * busy.train_images_per_second)
+    kept, said = cost_calibration.checked_calibration(64, 1, "bf16", 16)
+    assert kept == busy and len(measured) == 1 and "agrees within 10%" in said and busy.measured_at in said
+
+    monkeypatch.setattr(cost_calibration, "probe_images_per_second", lambda c: 2.0 * busy.train_images_per_second)
+    fresh, said = cost_calibration.checked_calibration(64, 1, "bf16", 16)
+    assert fresh == quiet and not measured and said.startswith("Re-calibrated") and "disagreed by 100%" in said
+    assert cost_calibration.load_or_calibrate(64, 1, "bf16", 16) == quiet  # the cache now holds the new one
 
 
 def test_counts_and_activation_bytes_are_kept_on_disk_and_counted_again_when_the_code_changes(tmp_path, monkeypatch):

@@ -1,10 +1,16 @@
 """This machine measured once: a matrix-product rate (taken as peak) and a few real ResNet-50 training steps.
 
-The result is cached by torch version, CPU, threads, size, channels and precision (tasks.cost.caches).
+The result is cached by torch version, CPU, threads, size, channels and precision (tasks.cost.caches), with the
+load average and the spread of its timed steps beside it. A cached figure is checked before it is used: a short
+probe (two warm-up and two timed steps at the calibration's batch) re-measures the training rate, and when the
+two disagree by more than PROBE_TOLERANCE the machine is calibrated again and the cache replaced, so a
+calibration taken while other work loaded the machine does not poison every later prediction.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,8 @@ from tasks.cost.catalogue import this_machine_precision
 from tasks.cost.flops import count_phase, phase_model
 
 CALIBRATION_STEP_FLOPS = 1.2e11  # calibration batch = this / train FLOPs per image: about a second per step
+PROBE_TOLERANCE = 0.20  # a cached rate further than this from the probe's is measured again
+PROBE_TIMED_STEPS = 2
 
 
 def _calibration_key(image_size: int, channels: int, precision: str) -> tuple[str, dict]:
@@ -59,17 +67,35 @@ class StepTimes:
         first_step_seconds: the first step (oneDNN builds its kernels, memory is allocated).
         steps: timed steps after the two warm-up steps.
         timed_seconds: their total wall time.
+        step_seconds: each timed step's wall time.
     """
 
     first_step_seconds: float
     steps: int
     timed_seconds: float
+    step_seconds: tuple[float, ...] = ()
+
+    @property
+    def spread(self) -> float | None:
+        """(slowest - fastest) / mean of the timed steps; None without two of them."""
+        times = self.step_seconds
+        return (max(times) - min(times)) / (sum(times) / len(times)) if len(times) >= 2 else None
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, where the system reports one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _time_training_steps(
-    image_size: int, channels: int, *, batch: int, autocast_on: bool, deadline: float, min_timed_s: float
+    image_size: int, channels: int, *, batch: int, autocast_on: bool, deadline: float, min_timed_s: float,
+    min_steps: int = 3,
 ) -> StepTimes:
-    """Two warm-up steps, then timed steps until at least 3 steps and `min_timed_s` are done or `deadline` passes.
+    """Two warm-up steps, then timed steps until at least `min_steps` steps and `min_timed_s` are done or `deadline`
+    passes.
 
     A step is what training does: channels_last, bf16 autocast when on, Adam, cross-entropy, on the arms' ResNet-50.
     """
@@ -92,11 +118,10 @@ def _time_training_steps(
 
     first = step()
     step()
-    steps, timed = 0, 0.0
-    while (steps < 3 or timed < min_timed_s) and (steps == 0 or time.perf_counter() < deadline):
-        timed += step()
-        steps += 1
-    return StepTimes(first_step_seconds=first, steps=steps, timed_seconds=timed)
+    times: list[float] = []
+    while (len(times) < min_steps or sum(times) < min_timed_s) and (not times or time.perf_counter() < deadline):
+        times.append(step())
+    return StepTimes(first_step_seconds=first, steps=len(times), timed_seconds=sum(times), step_seconds=tuple(times))
 
 
 def calibrate_this_machine(
@@ -120,7 +145,7 @@ def calibrate_this_machine(
     """
     import torch
 
-    started = time.perf_counter()
+    started, load = time.perf_counter(), load_average()
     precision = this_machine_precision(requested_precision)
     key, fields = _calibration_key(image_size, channels, precision)
     autocast_on = precision == "bf16"
@@ -147,7 +172,29 @@ def calibrate_this_machine(
         warmup_seconds=max(0.0, times.first_step_seconds - times.timed_seconds / times.steps),
         seconds_taken=time.perf_counter() - started,
         measured_at=utc_now(),
+        load_average=load,
+        cpus=os.cpu_count(),
+        step_spread=times.spread,
     )
+
+
+def probe_images_per_second(calibration: Calibration) -> float:
+    """This machine's training rate now, at a calibration's size, channels, precision and batch: two warm-up steps,
+    then PROBE_TIMED_STEPS timed ones (a few seconds)."""
+    times = _time_training_steps(
+        calibration.image_size, calibration.channels, batch=calibration.train_batch_size,
+        autocast_on=calibration.precision == "bf16", deadline=math.inf, min_timed_s=0.0, min_steps=PROBE_TIMED_STEPS,
+    )
+    return times.steps * calibration.train_batch_size / times.timed_seconds
+
+
+def describe_calibration(calibration: Calibration) -> str:
+    """Which calibration, in words: when it was measured, its rate, and how loaded and steady the machine was."""
+    load = f"load {calibration.load_average:.1f} on {calibration.cpus} CPUs" if calibration.load_average is not None \
+        else "load not recorded"
+    spread = f", step spread {calibration.step_spread:.0%}" if calibration.step_spread is not None else ""
+    return (f"the calibration measured {calibration.measured_at} ({calibration.train_images_per_second:.1f} training "
+            f"images/s at {calibration.image_size} px, {load}{spread})")
 
 
 def load_or_calibrate(
@@ -174,3 +221,31 @@ def load_or_calibrate(
     cache.entries[key] = calibration
     write_model_json(cache_path, cache)
     return calibration
+
+
+def checked_calibration(
+    image_size: int, channels: int, requested_precision: str = "bf16", batch_size: int = 32, *,
+    cache_path: Path | None = None,
+) -> tuple[Calibration, str]:
+    """load_or_calibrate, with a cached figure checked by a short probe first (module doc) and measured again when
+    they disagree by more than PROBE_TOLERANCE; returns the calibration and a sentence saying which one it is."""
+    cache_path = Path(cache_path or calibration_cache_path())
+    key, _ = _calibration_key(image_size, channels, this_machine_precision(requested_precision))
+    cached = None
+    if cache_path.is_file():
+        try:
+            cached = read_model_json(cache_path, CalibrationCache).entries.get(key)
+        except Exception:  # a corrupt cache is re-measured, never fatal
+            cached = None
+    if cached is None:
+        calibration = load_or_calibrate(image_size, channels, requested_precision, batch_size, cache_path=cache_path)
+        return calibration, f"Calibrated this machine now: {describe_calibration(calibration)}."
+    probe, load = probe_images_per_second(cached), load_average()
+    disagreement = abs(probe / cached.train_images_per_second - 1.0)
+    now = f"{probe:.1f} images/s" + (f" at load {load:.1f}" if load is not None else "")
+    if disagreement <= PROBE_TOLERANCE:
+        return cached, f"Using {describe_calibration(cached)}; a short probe now agrees within {disagreement:.0%} ({now})."
+    calibration = load_or_calibrate(image_size, channels, requested_precision, batch_size, cache_path=cache_path,
+                                    refresh=True)
+    return calibration, (f"Re-calibrated: {describe_calibration(cached)} disagreed by {disagreement:.0%} with a short "
+                         f"probe ({now}); now using {describe_calibration(calibration)}.")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_schemas.arms import DEFAULT_MODEL, ArmSpec, default_arms, parse_arm, parse_arms
@@ -38,7 +38,7 @@ from data_schemas.cost import (
 )
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
 from tasks.common.environment import ctcompare_version, utc_now
-from tasks.cost.calibration import load_or_calibrate
+from tasks.cost.calibration import checked_calibration
 from tasks.cost.catalogue import default_catalogue_path, load_catalogue, price_this_machine, resolve_precision
 from tasks.cost.flops import (
     FLOP_CONVENTION,
@@ -374,8 +374,10 @@ def resolve_cost_inputs(*, dataset: Path | None = None, n_images: int | None = N
 
 @task(name="cost-calibrate", task_run_name="calibrate-{image_size}px", cache_policy=NO_CACHE)
 def calibrate_task(image_size: int, channels: int, precision: Precision, batch_size: int) -> Calibration:
-    """Cached calibration of this machine (load_or_calibrate)."""
-    return load_or_calibrate(image_size, channels, precision, batch_size)
+    """This machine's calibration, a cached one checked by a short probe first (checked_calibration); logs which."""
+    calibration, sentence = checked_calibration(image_size, channels, precision, batch_size)
+    get_run_logger().info("%s", sentence)
+    return calibration
 
 
 @task(name="cost-estimate", cache_policy=NO_CACHE)
