@@ -87,7 +87,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 def _cli(argv: list[str]) -> int:
-    from flows import train as train_flow_module
+    from flows.cli import train as train_flow_module
 
     parser = argparse.ArgumentParser(prog="ctcompare")
     train_flow_module.register(parser.add_subparsers(dest="command", required=True))
@@ -264,7 +264,7 @@ def test_bad_weights_file_is_a_clear_error(dataset_dir, runs, weights_file, tmp_
     truncated = tmp_path / "broken.pth"
     truncated.write_bytes(weights_file.read_bytes()[:1000])
     run_dir = runs / "imagenet-broken"
-    from flows import train as train_flow_module
+    from flows.cli import train as train_flow_module
 
     parser = argparse.ArgumentParser(prog="ctcompare")
     train_flow_module.register(parser.add_subparsers(dest="command", required=True))
