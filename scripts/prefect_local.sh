@@ -59,6 +59,10 @@ case "$command" in
     server)
         # The server itself needs no API URL; the UI talks to the API it serves.
         unset PREFECT_API_URL
+        # Stream flow-run logs to watchers (off by default in Prefect): `prefect deployment run ... --watch` then
+        # shows the run's log lines, down to its last one, the report's address.
+        export PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="${PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED:-true}"
+        export PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="${PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED:-true}"
         mkdir -p "$CTCOMPARE_REPORTS_ROOT"
         # Both run in the background of this script, which stops both when either ends, on Ctrl-C and on SIGTERM.
         "$CTCOMPARE" serve "$CTCOMPARE_REPORTS_ROOT" --port "$CTCOMPARE_REPORTS_PORT" &
