@@ -93,8 +93,9 @@ REPORT_LOCK_TIMEOUT_S = 30.0
 NO_PACKAGE = "no package"  # a completed arm's outcome when its model package is missing or failed its check
 
 
-class NoArmCompletedError(RuntimeError):
-    """No requested arm completed: the comparison's flow run ends Failed; `summary` still names the report."""
+class ComparisonNotComplete(RuntimeError):
+    """Some requested arm did not complete: the data of the comparison's "Partial" (or Failed) state, which a
+    deployment's flow-run process can raise as an error (a plain dict it cannot); `summary` still names the report."""
 
     def __init__(self, message: str, summary: dict[str, Any]) -> None:
         super().__init__(message, summary)  # both in args, so the error pickles with its summary
@@ -106,6 +107,10 @@ class NoArmCompletedError(RuntimeError):
     def summary(self) -> dict[str, Any]:
         """The flow's summary dict (report, link, arms)."""
         return self.args[1]
+
+
+class NoArmCompletedError(ComparisonNotComplete):
+    """No requested arm completed: the comparison's flow run ends Failed."""
 
 
 @task(name="prepare-split", cache_policy=NO_CACHE)
@@ -417,8 +422,9 @@ def compare_flow(
     gives the report's address.
     """
     # `plan` is the run plan the command line already resolved from these parameters; without it, resolved here.
-    # Each state's data is the summary dict (for Failed inside a NoArmCompletedError): a direct call returns it.
-    tidy_run_logs(NoArmCompletedError)
+    # A Completed state's data is the summary dict, which a direct call returns; any other state's data is a
+    # ComparisonNotComplete holding it (a direct call raises it).
+    tidy_run_logs(ComparisonNotComplete)
     logger = get_run_logger()
     ingest_size = _ingest_size(ingest_size, image_size)
     environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,
@@ -559,7 +565,8 @@ def not_completed(summary: dict[str, Any]) -> list[str]:
 
 
 def final_state(results: ComparisonResults, summary: dict[str, Any]) -> State:
-    """The comparison's state, never the green of a success unless every requested arm completed; data: summary.
+    """The comparison's state, never the green of a success unless every requested arm completed; its data the
+    summary (a ComparisonNotComplete holding it unless Completed).
 
     Completed: every arm completed. "Partial": some arm did not, the others are compared: Cancelled type (grey in
     the UI's runs list and chart) when the rest were skipped, Failed type (red) when one failed. Failed: no arm
@@ -573,5 +580,5 @@ def final_state(results: ComparisonResults, summary: dict[str, Any]) -> State:
     if missing:
         kind = Failed if "failed" in summary["arms"].values() else Cancelled
         message = f"Partial comparison: {', '.join(missing)} did not complete; the others are compared. {report}"
-        return kind(name=PARTIAL_STATE_NAME, data=summary, message=message)
+        return kind(name=PARTIAL_STATE_NAME, data=ComparisonNotComplete(message, summary), message=message)
     return Completed(message=f"Every requested arm completed. {report}", data=summary)

@@ -19,7 +19,7 @@ from prefect.states import Failed, State
 
 TASK_RUN_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"
 ENGINE_EXIT_LINE = "Engine execution exited with unexpected exception"  # Prefect's, with a traceback
-_CHOSEN_OUTCOMES: list[type[BaseException]] = []  # a flow's own outcome errors (flows.compare.NoArmCompletedError)
+_CHOSEN_OUTCOMES: list[type[BaseException]] = []  # a flow's own outcome errors (flows.compare.ComparisonNotComplete)
 
 
 class InputRefused(ValueError):

@@ -20,6 +20,22 @@ from flows.parameters import PlanFile, PlannedRunFolder, Resume, TrainDataset, T
 from flows.run_logs import tidy_run_logs
 
 
+class RunsSkipped(RuntimeError):
+    """Every run of a train flow run was skipped (no weights): the data of its "Skipped" state, which a deployment's
+    flow-run process can raise as an error (a plain list it cannot); `summaries` holds each run's RunSummary."""
+
+    def __init__(self, message: str, summaries: list[RunSummary]) -> None:
+        super().__init__(message, summaries)  # both in args, so the error pickles with the summaries
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def summaries(self) -> list[RunSummary]:
+        """Each skipped run's RunSummary (status "skipped", reason)."""
+        return self.args[1]
+
+
 @flow(name="train", log_prints=True)
 def train_flow(
     *,
@@ -35,11 +51,11 @@ def train_flow(
     run=... is how a comparison hands one training run to a work pool. weights_path: the ResNet-50 weights file;
     weights_dir: a folder of torchvision-format weights files named by model (e.g. resnet18-f37072fd.pth).
     When every run was skipped (no weights), the flow run ends "Skipped" (Cancelled type, grey in the UI), its data
-    the summaries all the same.
+    a RunsSkipped holding the summaries.
     """
     from tasks.training.train import SKIPPED_STATE_NAME, run_summary, train_arm_task
 
-    tidy_run_logs()
+    tidy_run_logs(RunsSkipped)
     plan = read_plan(Path(plan_path))
     runs = [plan.run(run).run_dir] if run is not None else [planned.run_dir for planned in plan.runs]
     summaries = [
@@ -50,6 +66,7 @@ def train_flow(
     ]
     if summaries and all(summary.status == "skipped" for summary in summaries):
         reasons = "; ".join(f"{summary.arm}: {summary.reason}" for summary in summaries)
-        return Cancelled(name=SKIPPED_STATE_NAME, message=f"Skipped: {reasons}", data=summaries)
+        message = f"Skipped: {reasons}"
+        return Cancelled(name=SKIPPED_STATE_NAME, message=message, data=RunsSkipped(message, summaries))
     return summaries
 

@@ -96,11 +96,12 @@ def check_source_labels(source: Path, labels: Path | None, plan: RunPlan) -> Non
 def report_outcome(state: State) -> int:
     """Print the outcome of a compare flow run; exit code 0 (all arms), EXIT_PARTIAL or EXIT_NO_ARM. The last line
     is the report's address, or for a partial or failed comparison the arms that did not complete and the address."""
-    from flows.compare import NoArmCompletedError, not_completed
+    from flows.compare import ComparisonNotComplete, NoArmCompletedError, not_completed
 
     outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, NoArmCompletedError):
-        summary, code = outcome.summary, EXIT_NO_ARM
+    if isinstance(outcome, ComparisonNotComplete):
+        summary = outcome.summary
+        code = EXIT_NO_ARM if isinstance(outcome, NoArmCompletedError) else EXIT_PARTIAL
     elif isinstance(outcome, BaseException):
         raise outcome
     else:

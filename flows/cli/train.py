@@ -96,13 +96,14 @@ def _run_train(args: argparse.Namespace) -> int:
     """`ctcompare train`: check the arguments, write the plan, run the flow, print one line per run."""
     check_train_arguments(args)
     plan_path = _plan_for_cli(args)
-    from flows.train import train_flow
+    from flows.train import RunsSkipped, train_flow
 
     try:
         state = train_flow(dataset_dir=Path(args.dataset_dir), plan_path=plan_path, resume=args.resume,
                            weights_path=Path(args.weights) if args.weights else None,
                            weights_dir=Path(args.weights_dir) if args.weights_dir else None, return_state=True)
-        summaries = state.result(raise_on_failure=not state.is_cancelled())  # Cancelled "Skipped": every run skipped
+        outcome = state.result(raise_on_failure=not state.is_cancelled())
+        summaries = outcome.summaries if isinstance(outcome, RunsSkipped) else outcome  # Skipped: every run skipped
     except ValueError as error:  # bad weights file, mismatched split file, bad labels: one sentence
         print(f"ctcompare train: {str(error).splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
