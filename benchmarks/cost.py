@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tasks.cost import calibration as cost_calibration  # noqa: E402
-from tasks.cost import estimate as cost_estimate  # noqa: E402
-from tasks.cost import flops as cost_flops  # noqa: E402
+from tasks.cost import (
+    calibration as cost_calibration,  # noqa: E402
+    estimate as cost_estimate,  # noqa: E402
+    flops as cost_flops,  # noqa: E402
+)
 
 
 def train_for_real(n_images: int, size: int, epochs: int, batch_size: int, precision: str) -> tuple[float, list[float]]:

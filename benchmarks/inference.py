@@ -1,4 +1,5 @@
-"""Do the deployment-cost figures (tasks.packaging.deploy_cost) match a bare torch.inference_mode() loop over the same model?
+"""Do the deployment-cost figures (tasks.packaging.deploy_cost) match a bare torch.inference_mode() loop over the same
+model?
 
     PYTHONPATH=. .venv/bin/python benchmarks/inference.py [--package PATH] [--size 112] [--threads N]
         [--precision auto|fp32|bf16] [--budget 10] [--int8]
@@ -9,7 +10,8 @@
 2. tasks.packaging.deploy_cost's timing (time_model within a --budget of seconds: batch-1 latency as the median of
    per-forward timings after warm-up, batch-32 throughput), as the report quotes it.
 3. A bare loop over the same module, input, precision and threads: warm-up, then one perf_counter pair around as
-   many batch-1 forwards (mean latency) and batch-32 forwards (throughput) as time_model ran in that round. The two methods
+   many batch-1 forwards (mean latency) and batch-32 forwards (throughput) as time_model ran in that round. The two
+   methods
    alternate for --rounds rounds and each figure is the median over rounds.
 4. Prints both side by side with measured / bare ratios; the bar is agreement within 15% (0.85-1.15).
    With --int8 the compressed variant (calibrated on the training images) is measured the same way.
@@ -106,7 +108,8 @@ def report(label: str, cost: DeploymentCost, bare_ms: float, bare_ips: float) ->
           f"{cost.package_bytes / 1e6:.1f} MB, {cost.parameters / 1e6:.1f} M parameters, "
           f"{cost.forward_gflops_per_image:.2f} GFLOPs/image, channels-last {cost.channels_last}")
     print(f"  {'figure':<34}{'deploy_cost':>14}{'bare loop':>14}{'ratio':>8}")
-    print(f"  {'batch-1 latency, ms (median|mean)':<34}{cost.latency_ms_median:>14.2f}{bare_ms:>14.2f}{latency_ratio:>8.3f}")
+    print(f"  {'batch-1 latency, ms (median|mean)':<34}{cost.latency_ms_median:>14.2f}{bare_ms:>14.2f}"
+          f"{latency_ratio:>8.3f}")
     print(f"  {'batch-1 latency p90, ms':<34}{cost.latency_ms_p90:>14.2f}{'':>14}{'':>8}")
     print(f"  {'batch-32 throughput, images/s':<34}{cost.throughput_images_per_second:>14.1f}{bare_ips:>14.1f}"
           f"{throughput_ratio:>8.3f}")

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def plain_loop(src_dir: Path, size: int) -> tuple[int, float, float]:
-    """The baseline: one process, no validation, no hashing, no cache, no Prefect. Returns (images, list s, decode s)."""
+    """The baseline: one process, no validation, no hashing, no cache, no Prefect. Returns (images, list s, decode
+    s)."""
     import numpy as np
     import pydicom
     from pydicom.pixels import apply_rescale
@@ -140,7 +141,8 @@ me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resou
 with open("/proc/self/status") as status:
     peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 print(json.dumps({
-    "seconds": seconds, "flow_run_id": str(state.state_details.flow_run_id), "n_images": state.result()["card"]["n_images"],
+    "seconds": seconds, "flow_run_id": str(state.state_details.flow_run_id),
+    "n_images": state.result()["card"]["n_images"],
     "cpu": [me.ru_utime + me.ru_stime, workers.ru_utime + workers.ru_stime],
     "peak_rss_mib": [peak_kib / 1024, workers.ru_maxrss / 1024],
 }))
@@ -175,7 +177,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=0, help="0: all cores")
     parser.add_argument("--cohort", type=Path, default=None,
-                        help="folder of the synthetic cohort, written once and reused (default: a folder per size in the temp dir)")
+                        help="folder of the synthetic cohort, written once and reused (default: a folder per size in "
+                             "the temp dir)")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
                         help="checkout whose code the ingest runs (default this one; another gives a before/after)")
     parser.add_argument("--ingest-only", action="store_true",
@@ -220,7 +223,13 @@ def main() -> None:
     api_url = this_api_url()
 
     out = state / "dataset"
-    kwargs = dict(src_dir=str(cohort.dicom_dir), out_dir=str(out), labels=str(cohort.labels_path), size=args.size, workers=args.workers)
+    kwargs = dict(
+        src_dir=str(cohort.dicom_dir),
+        out_dir=str(out),
+        labels=str(cohort.labels_path),
+        size=args.size,
+        workers=args.workers,
+    )
     first = ingest_in_child(kwargs, args.repo, api_url)
     phases = flow_phases(uuid.UUID(first["flow_run_id"]))
     print(f"flow done; {load()}")
@@ -229,7 +238,6 @@ def main() -> None:
         shutil.rmtree(state, ignore_errors=True)
         return
     _, _, plain_decode_b = plain_loop(cohort.dicom_dir, args.size)
-    plain_seconds = (plain_decode_a + plain_decode_b) / 2
 
     (out / "dataset.json").unlink()  # forces a full assembly; every decode is a cache hit
     cached = ingest_in_child(kwargs, args.repo, api_url)
@@ -256,7 +264,9 @@ def compare_with_dask(cohort: object, state: Path, args: argparse.Namespace) -> 
         print(f"Dask LocalCluster (2 workers x 1 thread) start: {time.perf_counter() - started:.1f} s (not counted)")
         for name in ("Dask, cold workers", "Dask, warm workers"):
             out = state / name.split()[-2].rstrip(",")
-            runs[name] = ingest_in_child({**base, "out_dir": str(out), "dask_address": cluster.scheduler_address}, args.repo, api_url)
+            runs[name] = ingest_in_child(
+                {**base, "out_dir": str(out), "dask_address": cluster.scheduler_address}, args.repo, api_url
+            )
     phases = {name: flow_phases(uuid.UUID(run["flow_run_id"])) for name, run in runs.items()}
     print(f"\n{'phase':<28}" + "".join(f"{name:>20}" for name in runs))
     for phase in phases["process pool"]:
@@ -280,7 +290,8 @@ def print_ingest_only(first: dict, phases: dict[str, float], size: int) -> None:
     print(f"{'end to end (wall)':<28}{first['seconds']:>12.2f}   = {first['n_images'] / first['seconds']:.0f} images/s")
     flow_peak, worker_peak = first["peak_rss_mib"]
     print(f"peak RSS of the ingest: flow's process {flow_peak:.0f} MiB, largest decode worker {worker_peak:.0f} MiB; "
-          f"images.npy is {first['n_images'] * size * size * 2 / 2**20:.0f} MiB; CPU seconds {first['cpu'][0]:.1f} in the "
+          f"images.npy is {first['n_images'] * size * size * 2 / 2**20:.0f} MiB; CPU seconds {first['cpu'][0]:.1f} in "
+          "the "
           f"flow's process + {first['cpu'][1]:.1f} in the decode workers; {load()}")
 
 
@@ -295,11 +306,14 @@ def report(args: argparse.Namespace, *, n_plain: int, plain: tuple[float, float,
     print(f"{'phase of ctcompare ingest':<28}{'first run s':>12}{'all cached s':>14}")
     for name in phases:
         print(f"{name:<28}{phases[name]:>12.2f}{cached_phases[name]:>14.2f}")
-    print(f"{'Prefect outside the run':<28}{flow_seconds - phases['flow run']:>12.2f}{cached['seconds'] - cached_phases['flow run']:>14.2f}")
+    print(f"{'Prefect outside the run':<28}{flow_seconds - phases['flow run']:>12.2f}"
+          f"{cached['seconds'] - cached_phases['flow run']:>14.2f}")
     print(f"{'end to end (wall)':<28}{flow_seconds:>12.2f}{cached['seconds']:>14.2f}")
     decode_rate = n_flow / phases["decode"]
-    print(f"\ndecode phase: {decode_rate:.0f} images/s = {decode_rate / plain_rate:.2f}x the plain loop (target >= 1.7x)")
-    print(f"end to end:   {n_flow / flow_seconds:.0f} images/s = {n_flow / flow_seconds / plain_rate:.2f}x the plain loop "
+    print(f"\ndecode phase: {decode_rate:.0f} images/s = {decode_rate / plain_rate:.2f}x the plain loop (target >= "
+          "1.7x)")
+    print(f"end to end:   {n_flow / flow_seconds:.0f} images/s = {n_flow / flow_seconds / plain_rate:.2f}x the plain "
+          "loop "
           f"(target >= 1.5x at 1,500 files, >= 1.7x at 15,000)")
     # A second baseline: the same loop with one torch thread (its resize no longer spreads over the cores, and
     # on a busy machine no longer spins OpenMP threads), i.e. what one decode worker does.
@@ -311,7 +325,8 @@ def report(args: argparse.Namespace, *, n_plain: int, plain: tuple[float, float,
     torch.set_num_threads(threads)
     single_rate = n_plain / single_seconds
     print(f"plain loop, 1 process, 1 torch thread: {single_seconds:.1f} s = {single_rate:.0f} images/s; "
-          f"decode phase = {decode_rate / single_rate:.2f}x, end to end = {n_flow / flow_seconds / single_rate:.2f}x this loop")
+          f"decode phase = {decode_rate / single_rate:.2f}x, end to end = {n_flow / flow_seconds / single_rate:.2f}x "
+          "this loop")
     # CPU seconds do not depend on how busy the machine is: the work the flow adds over the plain loop.
     flow_cpu = first["cpu"]
     print(f"CPU seconds: plain loop {plain_cpu:.1f} s; flow {sum(flow_cpu):.1f} s = {flow_cpu[0]:.1f} s in the flow's "

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/label_precheck.py [--patients 150] [--slices 10] [--cohort DIR]
 
-Writes (or reuses) a synthetic cohort, lists it as ingest does (tasks.ingest.discover.discover_files), then times, for each
+Writes (or reuses) a synthetic cohort, lists it as ingest does (tasks.ingest.discover.discover_files), then times, for
+each
 key column, the header pass of ingest_flow's labels check, and once a plain `pydicom.dcmread` of every file with
 its pixel data (what the check avoids). Load (uptime) is printed: figures taken on a busy machine are noisy.
 """
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pydicom
 
+from tasks.demo.synth import synthesize_cohort
 from tasks.ingest.dicom_io import read_ct_file
 from tasks.ingest.discover import discover_files
 from tasks.ingest.labels import KEY_ELEMENTS, check_labels_match_headers, read_labels
-from tasks.demo.synth import synthesize_cohort
 
 
 def main() -> None:
@@ -34,7 +35,8 @@ def main() -> None:
     cohort = synthesize_cohort(args.cohort, patients=args.patients, slices_per_patient=args.slices, seed=0)
     started = time.perf_counter()
     sources, _ = discover_files(cohort.dicom_dir)
-    print(f"{len(sources)} files listed and hashed in {time.perf_counter() - started:.2f} s; load {os.getloadavg()[0]:.1f}")
+    print(f"{len(sources)} files listed and hashed in {time.perf_counter() - started:.2f} s; load "
+          f"{os.getloadavg()[0]:.1f}")
     first = read_ct_file(Path(sources[0].path), sources[0].relative_path).record
     with tempfile.TemporaryDirectory() as folder:
         for column in (*KEY_ELEMENTS, "path"):

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = KEPT in again_output
     headlines = [output.strip().splitlines()[-2] for output in (first_output, again_output)]
     print(f"cohort: {args.patients} patients x {args.slices} slices, smoke profile, arms scratch, imagenet, "
-          f"imagenet-linear; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} CPUs)")
+          f"imagenet-linear; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} "
+          "CPUs)")
     print(f"first run     {first:7.1f} s wall (training stage {train:.1f} s, ship-arms {ship:.1f} s)")
     print(f"re-run        {again:7.1f} s wall (evaluation, packages and report kept: {kept})")
     print(f"re-run / first run: {again / first:.3f} (goal <= {RERUN_GOAL})")

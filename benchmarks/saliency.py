@@ -74,9 +74,9 @@ def _demo(work: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
     """Synthetic cohort -> dataset at --size with lesions -> untrained run folders."""
     from data_schemas.visual import LESIONS_SIDECAR_FILE
     from flows.ingest import ingest_flow
+    from tasks.demo.synth import synthesize_cohort
     from tasks.ingest.lesions import attach_lesions
     from tasks.training.models import build_resnet50
-    from tasks.demo.synth import synthesize_cohort
 
     started = time.perf_counter()
     cohort = synthesize_cohort(work / "cohort", patients=args.patients, slices_per_patient=args.slices, seed=0)

@@ -81,8 +81,10 @@ def measure(label: str, cost_argv: list[str], work: Path, env: dict[str, str], r
         again_start.append(start or wall)
         again_wall.append(wall)
     return {
-        "new folder: start": statistics.median(fresh_start), "new folder: wall": statistics.median(fresh_wall),
-        "cost.json reused: start": statistics.median(again_start), "cost.json reused: wall": statistics.median(again_wall),
+        "new folder: start": statistics.median(fresh_start),
+        "new folder: wall": statistics.median(fresh_wall),
+        "cost.json reused: start": statistics.median(again_start),
+        "cost.json reused: wall": statistics.median(again_wall),
     }
 
 
@@ -103,7 +105,9 @@ def main() -> None:
         timed_command([*cost_argv, "--out", str(work / "calibrating")], work, env)  # calibrates once (cached)
         print(f"calibration run (not counted): {time.perf_counter() - started:.1f} s")
 
-        floor = statistics.median(timed_command([sys.executable, "-c", "import prefect"], work, env)[1] for _ in range(args.repeats))
+        floor = statistics.median(
+            timed_command([sys.executable, "-c", "import prefect"], work, env)[1] for _ in range(args.repeats)
+        )
         helps = statistics.median(timed_command([*CTCOMPARE, "--help"], work, env)[1] for _ in range(args.repeats))
         temporary = measure("temporary", cost_argv, work, env, args.repeats)
 
@@ -115,7 +119,8 @@ def main() -> None:
                 raise RuntimeError(f"the command did not use the project server:\n{output[-2000:]}")
             served = measure("server", cost_argv, work, server_env, args.repeats)
 
-        print(f"\n`{' '.join(['ctcompare', *cost_argv[3:]])}`, calibration cached; median of {args.repeats} runs, seconds")
+        print(f"\n`{' '.join(['ctcompare', *cost_argv[3:]])}`, calibration cached; median of {args.repeats} runs, "
+              "seconds")
         print(f"{'':28s}{'temporary API':>15s}{'project server':>16s}{'ratio':>8s}")
         for key in temporary:
             print(f"{key:28s}{temporary[key]:15.2f}{served[key]:16.2f}{temporary[key] / served[key]:7.2f}x")

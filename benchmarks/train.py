@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data_schemas.training import resolve_train_config  # noqa: E402
-from tasks.training.augment import normalise  # noqa: E402
-from tasks.training.models import forward_flops_per_image, scratch_resnet50  # noqa: E402
 from tasks.common.runtime import Runtime, choose_runtime  # noqa: E402
+from tasks.training.augment import normalise  # noqa: E402
 from tasks.training.loop import make_optimizer, make_setup, param_groups, train_one_epoch  # noqa: E402
+from tasks.training.models import forward_flops_per_image, scratch_resnet50  # noqa: E402
 
 
 def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
@@ -44,7 +44,8 @@ def _model(rt: Runtime, channels_last: bool) -> torch.nn.Module:
 
 
 def pipeline_loop(x, y, cfg, rt, warmup_steps: int) -> float:
-    """The pipeline's own set-up and epoch (tasks.training.loop), as tasks.training.train runs them for the scratch arm."""
+    """The pipeline's own set-up and epoch (tasks.training.loop), as tasks.training.train runs them for the scratch
+    arm."""
     setup = make_setup(config=cfg, runtime=rt, backbone=None, seed=0, y_train=y, arm="scratch")
     n_warm = warmup_steps * cfg.batch_size
     train_one_epoch(setup, x[:n_warm], y[:n_warm], 0)
@@ -149,7 +150,8 @@ def measured_peak(size: int, precision: str) -> tuple[float, str]:
         return calibration.matmul_flops_per_second, "tasks.cost.calibration (matrix-product rate)"
     except Exception as error:  # noqa: BLE001
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return cost._matmul_rate(dtype), f"tasks.cost.calibration._matmul_rate ({type(error).__name__} from calibration)"
+        return cost._matmul_rate(dtype), (f"tasks.cost.calibration._matmul_rate ({type(error).__name__} from "
+                                          "calibration)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
           f"precision {rt.precision}, channels_last {rt.channels_last}; {args.images} images at {args.size} px, "
           f"batch {args.batch_size}, best of {args.repeats}")
     if os.getloadavg()[0] > (os.cpu_count() or 1):
-        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: the machine is shared, figures are noisy")
+        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: the machine is shared, figures "
+              "are noisy")
 
     load_before = os.getloadavg()[0]
     best = {"pipeline": 0.0, "bare": 0.0, "tutorial": 0.0, "tutorial+": 0.0}
@@ -188,14 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_source = measured_peak(args.size, rt.precision)
     print()
     print(f"pipeline (augmentation on)   {best['pipeline']:7.1f} img/s")
-    print(f"bare loop (same precision)   {best['bare']:7.1f} img/s   pipeline / bare     = {best['pipeline'] / best['bare']:.2f}x (target >= 0.95)")
+    print(f"bare loop (same precision)   {best['bare']:7.1f} img/s   pipeline / bare     = "
+          f"{best['pipeline'] / best['bare']:.2f}x (target >= 0.95)")
     if best["tutorial"]:
-        print(f"MONAI-tutorial style (fp32)  {best['tutorial']:7.1f} img/s   pipeline / tutorial = {best['pipeline'] / best['tutorial']:.2f}x (target >= 2)")
+        print(f"MONAI-tutorial style (fp32)  {best['tutorial']:7.1f} img/s   pipeline / tutorial = "
+              f"{best['pipeline'] / best['tutorial']:.2f}x (target >= 2)")
         plus = f"{rt.precision}{' + channels-last' if rt.channels_last else ''}"
         print(f"MONAI-tutorial style ({plus}) {best['tutorial+']:7.1f} img/s   pipeline / tutorial+ = "
               f"{best['pipeline'] / best['tutorial+']:.2f}x")
     achieved = flops * best["pipeline"]
-    print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per training image (3 x forward); achieved {achieved / 1e9:.1f} GFLOP/s; "
+    print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per training image (3 x forward); achieved {achieved / 1e9:.1f} "
+          "GFLOP/s; "
           f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); MFU {achieved / peak:.1%}")
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
     return 0

@@ -7,14 +7,15 @@ Conventions used everywhere in the cost stage:
     bytes       memory in bytes; GB in the catalogue means 10^9 bytes as vendors quote it.
 
 cost.json is written once, by the cost stage, and holds estimates only. What a run really took lives in that run's
-timing.json; evaluation sets the two side by side (tasks.cost.estimate.estimated_seconds_for prices the epochs actually run).
+timing.json; evaluation sets the two side by side (tasks.cost.estimate.estimated_seconds_for prices the epochs actually
+run).
 """
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from data_schemas.arms import (
     DEFAULT_MODEL,
@@ -62,7 +63,8 @@ class DeviceSpec(StrictModel):
     label: str = Field(min_length=1, description="what a person calls it, for tables")
     kind: Literal["gpu", "cpu"]
     memory_gb: float = Field(gt=0, description="device memory in 10^9 bytes (RAM for a CPU)")
-    rates: dict[Precision, DeviceRate] = Field(description="peak and utilisation per supported precision; fp32 required")
+    rates: dict[Precision, DeviceRate] = Field(description="peak and utilisation per supported precision; fp32 "
+                                                           "required")
     source: str = Field(min_length=1, description="where the peak figures come from")
     notes: str = ""
 
@@ -117,7 +119,8 @@ class Calibration(StrictModel):
     train_flops_per_second: float = Field(gt=0, description="achieved: images/s x FLOPs per image")
     utilisation: float = Field(gt=0, description="train_flops_per_second / matmul_flops_per_second")
     warmup_seconds: float = Field(
-        default=0.0, ge=0, description="extra time of the first training step (kernel selection, allocation): paid once per run"
+        default=0.0, ge=0, description="extra time of the first training step (kernel selection, allocation): paid "
+                                       "once per run"
     )
     seconds_taken: float
     measured_at: str
@@ -193,9 +196,12 @@ class CostInputs(StrictModel):
     num_classes: int = Field(default=2, ge=2)
     optimizer: OptimizerName = "adam"
     head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs, within `epochs`")
-    linear_fit_iterations: int = Field(default=100, ge=1, description="imagenet-linear arm: logistic-regression iterations")
-    device_memory_gb: float | None = Field(default=None, gt=0, description="also report the largest batch for this memory")
-    dataset_content_hash: str | None = Field(default=None, description="dataset.json content_hash when read from a dataset")
+    linear_fit_iterations: int = Field(default=100, ge=1, description="imagenet-linear arm: logistic-regression "
+                                                                      "iterations")
+    device_memory_gb: float | None = Field(default=None, gt=0, description="also report the largest batch for this "
+                                                                           "memory")
+    dataset_content_hash: str | None = Field(default=None, description="dataset.json content_hash when read from a "
+                                                                       "dataset")
 
     @field_validator("arms", mode="before")
     @classmethod
@@ -219,7 +225,8 @@ class MemoryEstimate(StrictModel):
     gradients_bytes: int = Field(ge=0, description="fp32 gradient per trainable parameter")
     optimizer_bytes: int = Field(ge=0, description="Adam: 2 x trainable fp32 (m, v); SGD momentum: 1 x")
     activations_bytes_per_image: int = Field(ge=0, description="measured tensors kept for backward, per image")
-    activations_fixed_bytes: int = Field(ge=0, description="measured batch-independent saved tensors (autocast weight copies)")
+    activations_fixed_bytes: int = Field(ge=0, description="measured batch-independent saved tensors (autocast weight "
+                                                           "copies)")
     activations_bytes: int = Field(ge=0, description="for the configured batch size")
     total_bytes: int = Field(ge=0)
     method: str = Field(description="how activations were measured")
@@ -235,8 +242,10 @@ class DeviceEstimate(StrictModel):
     utilisation: float
     effective_flops_per_second: float
     seconds_per_epoch: float
-    overhead_seconds: float = Field(default=0.0, ge=0, description="fixed start-up time (this machine: calibrated warm-up)")
-    seconds: float = Field(description="estimated wall time for the planned run: flops_total / effective rate + overhead")
+    overhead_seconds: float = Field(default=0.0, ge=0, description="fixed start-up time (this machine: calibrated "
+                                                                   "warm-up)")
+    seconds: float = Field(description="estimated wall time for the planned run: flops_total / effective rate + "
+                                       "overhead")
     max_batch_size: int = Field(ge=0, description="largest batch whose training memory fits (90% of device memory)")
     batch_fits: bool
 
@@ -256,10 +265,12 @@ class ArmCost(StrictModel):
     params_trainable: int
     forward_flops_per_image: float
     train_flops_per_image: float = Field(description="FLOPs per image per epoch of the main training phase")
-    head_phase_flops_per_image: float | None = Field(default=None, description="imagenet arm: per image in a head-only epoch")
+    head_phase_flops_per_image: float | None = Field(default=None, description="imagenet arm: per image in a head-only "
+                                                                               "epoch")
     classifier_fit_flops: float = Field(default=0.0, description="imagenet-linear arm: logistic-regression fit")
     n_images: int = Field(ge=1, description="training images priced per epoch")
-    head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs at the start, within epochs")
+    head_warmup_epochs: int = Field(default=0, ge=0, description="imagenet arm: head-only epochs at the start, within "
+                                                                 "epochs")
     flops_per_epoch: float = Field(description="n_images x train_flops_per_image; linear arm: the single feature pass")
     flops_total: float
     epochs_effective: int = Field(description="passes over the data: epochs, or 1 for the linear arm")
@@ -334,7 +345,8 @@ class CostReport(StrictModel):
     schema_version: Literal["1.1"] = COST_SCHEMA_VERSION
     created_at: str
     ctcompare_version: str
-    config_hash: str = Field(description="sha256 of inputs, catalogue and calibration choice: equal hash, same estimate")
+    config_hash: str = Field(description="sha256 of inputs, catalogue and calibration choice: equal hash, same "
+                                         "estimate")
     flop_convention: str
     inputs: CostInputs
     calibrated: bool
@@ -348,7 +360,8 @@ class CostReport(StrictModel):
     )
 
     def arm(self, name: str) -> ArmCost:
-        """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch'); KeyError if absent."""
+        """The estimate of arm `name` in any accepted spelling ('resnet50:scratch' finds 'scratch'); KeyError if
+        absent."""
         try:
             name = canonical_arm_name(name)
         except ValueError:

@@ -29,7 +29,8 @@ def parse_operating_point(text: str) -> tuple[str, float | None]:
             number = float("nan")
         if 0.0 < number < 1.0:
             return rule, number
-    raise ValueError(f"operating_point {text!r} is not valid; choose from {', '.join(OPERATING_POINT_RULES)} with a target in (0, 1).")
+    raise ValueError(f"operating_point {text!r} is not valid; choose from {', '.join(OPERATING_POINT_RULES)} with a "
+                     "target in (0, 1).")
 
 
 class EvaluationSettings(StrictModel):

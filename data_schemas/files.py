@@ -128,7 +128,9 @@ def read_model_json(path: Path, model_type: type[ModelT]) -> ModelT:
     return model_type.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
-def write_models_csv(path: Path, rows: Iterable[BaseModel], model_type: type[BaseModel], *, mode: int | None = None) -> None:
+def write_models_csv(
+    path: Path, rows: Iterable[BaseModel], model_type: type[BaseModel], *, mode: int | None = None
+) -> None:
     """Atomically write pydantic rows as CSV, columns in the model's field order (mode as in atomic_write_bytes)."""
     fields = list(model_type.model_fields)
     buffer = io.StringIO()

@@ -5,5 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 LabelKeyColumn = Literal["patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "path"]
-LABEL_KEY_COLUMNS: tuple[str, ...] = ("patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "path")
+LABEL_KEY_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "path",
+)
 LABEL_COLUMN = "label"

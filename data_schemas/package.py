@@ -170,7 +170,8 @@ class ModelPackageMeta(StrictModel):
 
 
 class DeploymentCost(StrictModel):
-    """What one model costs to run on a CPU (tasks.packaging.deploy_cost.measure_deployment_cost; methods in its docstring).
+    """What one model costs to run on a CPU (tasks.packaging.deploy_cost.measure_deployment_cost; methods in its
+    docstring).
 
     Args:
         arm: the arm measured.

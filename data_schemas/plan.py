@@ -2,7 +2,8 @@
 
 The compare flow builds it at the start and writes it beside splits.csv; `ctcompare train` builds a plan of its own
 runs the same way. It holds each training run's resolved TrainConfig (key: arm, outer fold, share of the training
-patients, training input size; its folder relative to the plan's folder), the split settings, the cost inputs and the evaluation
+patients, training input size; its folder relative to the plan's folder), the split settings, the cost inputs and the
+evaluation
 settings. Profile and `--set` strings are resolved here and nowhere else: `--set` keys that are evaluation settings
 (EVALUATION_SETTING_KEYS) go into `evaluation`, every other key is a TrainConfig override.
 """
@@ -25,9 +26,9 @@ from data_schemas.training import (
     SPLITS_FILE,
     ProfileName,
     TrainConfig,
+    check_split_fractions,
     load_profiles,
     parse_override_value,
-    check_split_fractions,
     resolve_train_config,
 )
 
@@ -129,7 +130,8 @@ class RunPlan(StrictModel):
         for planned in self.runs:
             if planned.run_dir == run_dir:
                 return planned
-        raise ValueError(f"run folder '{run_dir}' is not in the plan; planned: {', '.join(r.run_dir for r in self.runs)}.")
+        raise ValueError(f"run folder '{run_dir}' is not in the plan; planned: "
+                         f"{', '.join(r.run_dir for r in self.runs)}.")
 
     def main_run(self, arm: str) -> PlannedRun:
         """The arm's run on outer fold 0 with every training patient at the profile's size."""
@@ -187,7 +189,9 @@ def split_overrides(settings: dict[str, str] | None) -> tuple[dict[str, str], di
     return train, evaluation
 
 
-def resolve_evaluation(profile: str, folds: int | None, overrides: dict[str, str], n_bootstrap: int) -> EvaluationSettings:
+def resolve_evaluation(
+    profile: str, folds: int | None, overrides: dict[str, str], n_bootstrap: int
+) -> EvaluationSettings:
     """Profile defaults -> `--folds K` (cross-validated, K outer folds) -> `--set` values -> bootstrap count."""
     values: dict[str, Any] = dict(load_profiles()[profile].evaluation)
     if folds is not None:
@@ -199,7 +203,8 @@ def resolve_evaluation(profile: str, folds: int | None, overrides: dict[str, str
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "evaluation"
-        raise ValueError(f"invalid evaluation setting '{where}': {first['msg'].removeprefix('Value error, ').rstrip('.')}.") from None
+        raise ValueError(f"invalid evaluation setting '{where}': "
+                         f"{first['msg'].removeprefix('Value error, ').rstrip('.')}.") from None
 
 
 def run_folder(layout: Layout, arm: str, outer_fold: int, fraction: float, cross_validated: bool,
@@ -303,7 +308,9 @@ def check_sizes(sizes: list[int] | None) -> list[int]:
     return [int(s) for s in values]
 
 
-def _size_runs(arm: str, config: TrainConfig, sizes: list[int], layout: Layout, cross_validated: bool) -> list[PlannedRun]:
+def _size_runs(
+    arm: str, config: TrainConfig, sizes: list[int], layout: Layout, cross_validated: bool
+) -> list[PlannedRun]:
     """The arm's input-size runs on outer fold 0 (a size equal to its own image_size is the main run)."""
     return [
         PlannedRun(arm=arm, outer_fold=0, train_fraction=1.0, input_size=size,

@@ -18,7 +18,6 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from data_schemas.base import StrictModel
-
 from data_schemas.cost import WallTimeEstimate
 from data_schemas.dataset import DatasetCard
 from data_schemas.metrics import MetricValue
@@ -470,7 +469,8 @@ class EvaluationSummary(StrictModel):
     n_test_images: int = 0
     n_labelled_patients: int = 0
     holdout_test_fraction: float | None = Field(default=None, gt=0, lt=1)
-    auc_test: str = ("exact paired permutation test, each patient's two arms swapped (Bandos et al. 2005); MOVER interval "
+    auc_test: str = ("exact paired permutation test, each patient's two arms swapped (Bandos et al. 2005); MOVER "
+                     "interval "
                      "(Zou & Donner 2008)")
     decision_test: str = "clustered McNemar with per-patient proportions (Durkalski et al. 2003)"
     min_patients_per_class: int = Field(default=10, description="the verdict's minimum of test patients per class")
@@ -516,7 +516,8 @@ class InputSizePoint(StrictModel):
 
     arm: str
     image_size: int = Field(ge=16)
-    test_auc: MetricValue = Field(description="slice-level test AUC with its patient-clustered bootstrap 95% CI (as data_efficiency)")
+    test_auc: MetricValue = Field(description="slice-level test AUC with its patient-clustered bootstrap 95% CI (as "
+                                              "data_efficiency)")
     val_auc: float | None = Field(default=None, description="slice-level validation AUC of the same run")
     chosen: bool = Field(default=False, description="the size chosen on validation AUC")
     vs_chosen: DeLongResult | None = None
@@ -561,7 +562,8 @@ class BudgetChoice(StrictModel):
 
 
 class WhatToTrain(StrictModel):
-    """"What to train": answers read off measured numbers, never a winner from a point estimate (reports.wording words them).
+    """"What to train": answers read off measured numbers, never a winner from a point estimate (reports.wording words
+    them).
 
     Args:
         budgets: for each completed arm's measured training compute as a budget, ascending, the highest point
@@ -702,7 +704,8 @@ class ComparisonResults(StrictModel):
     reproducibility: Reproducibility
     compression: CompressionComparison | None = None
     predicted_wall_time: WallTimeEstimate | None = None
-    compression_package_dir: str = Field(default="", description="the compressed package's folder, relative to the report folder")
+    compression_package_dir: str = Field(default="", description="the compressed package's folder, relative to the "
+                                                                 "report folder")
     visual: VisualSummary | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")

@@ -31,10 +31,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from data_schemas.arms import RESIZE_METHOD, canonical_arm_name, parse_arm
+from data_schemas.arms import ARM_NAMES, MIN_IMAGE_SIZE, RESIZE_METHOD, ArmName, canonical_arm_name, parse_arm  # noqa: F401 - re-exported: the ResNet-50 arms
 from data_schemas.base import StrictModel
-
-from data_schemas.arms import ARM_NAMES, MIN_IMAGE_SIZE, ArmName  # noqa: F401 - re-exported: the ResNet-50 arms
 
 MAX_IMAGE_SIZE = 1024  # the largest square image a dataset is ingested or an arm trained at
 
@@ -134,9 +132,11 @@ class TrainConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     linear: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
-    train_fraction: float = Field(default=1.0, gt=0, le=1, description="share of training patients used (data-efficiency curves)")
+    train_fraction: float = Field(default=1.0, gt=0, le=1, description="share of training patients used "
+                                                                       "(data-efficiency curves)")
     test_fraction: float = Field(default=0.15, gt=0, lt=1)
-    positive_label: str | None = Field(default=None, description="None: the other label of one named like normal/negative/benign/0, else the last sorted label")
+    positive_label: str | None = Field(default=None, description="None: the other label of one named like "
+                                                                 "normal/negative/benign/0, else the last sorted label")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -203,7 +203,8 @@ class RunConfig(StrictModel):
     n_val_patients: int
     n_test_patients: int
     patient_overlap: int = Field(description="patients found in two parts (checked; must be 0)")
-    model_selection: str = Field(default="", description="which quantity chose the best epoch and stopped training, and why")
+    model_selection: str = Field(default="", description="which quantity chose the best epoch and stopped training, "
+                                                         "and why")
     weights: WeightsInfo | None = None
     device: str
     precision: Literal["fp32", "bf16", "fp16"]
@@ -310,7 +311,8 @@ class LinearProbeModel(StrictModel):
     intercept: float
     class_weight: str | None
     depth: str | None = Field(
-        default=None, description="the module whose pooled output the probe reads; None: the head's input (ResNet layer4)",
+        default=None, description="the module whose pooled output the probe reads; None: the head's input (ResNet "
+                                  "layer4)",
     )
 
 

@@ -32,12 +32,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.arms import ArmName
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
-from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
-from data_schemas.package import PACKAGE_DIR, CompressionComparison
 from data_schemas.files import atomic_write_text, printable_path
-from data_schemas.report import REPORT_HTML_FILE, REPORT_LOCK_FILE, ArmResult, ComparisonResults, outermost_report_folder
-from data_schemas.visual import VisualSummary
+from data_schemas.package import PACKAGE_DIR, CompressionComparison
+from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, build_run_plan, with_cost_inputs, write_plan
+from data_schemas.report import (
+    REPORT_HTML_FILE,
+    REPORT_LOCK_FILE,
+    ArmResult,
+    ComparisonResults,
+    outermost_report_folder,
+)
 from data_schemas.training import SPLITS_FILE
+from data_schemas.visual import VisualSummary
 from flows.cost import cost_flow
 from flows.ingest import ingest_flow
 from flows.lifeline import command_started_at
@@ -66,18 +72,18 @@ from flows.parameters import (
 )
 from flows.run_logs import refused, send_run_logs_now, tidy_run_logs
 from flows.serve import BASE_URL_ENV, report_url
-from reports.wording import word_results
-from reports.render import metrics_table, render_report, summary_markdown, update_index
 from reports.cost_tables import wall_time_line
+from reports.render import metrics_table, render_report, summary_markdown, update_index
+from reports.wording import word_results
 from tasks.common.paths import refuse_non_folder
 from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
 from tasks.cost.calibration import describe_calibration
 from tasks.cost.wall_time import wall_time_plan
-from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.evaluation.evaluate import build_results
+from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.bundle import BUNDLE_DIR, write_bundle_task
+from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.packaging.package import package_metrics
 from tasks.packaging.ship import compress_and_compare, ship_run
 from tasks.saliency.saliency import build_visual_summary
@@ -118,8 +124,13 @@ def prepare_split(*, dataset_dir: Path, splits_path: Path, settings: SplitSettin
     """Make (or reuse) the one patient-level split every arm shares; returns the main run's training images."""
     dataset = load_dataset(dataset_dir, in_memory=False)
     try:
-        rows, _ = ensure_splits(manifest_rows=dataset.manifest, images=dataset.images, dataset_hash=dataset.card.content_hash,
-                                splits_path=splits_path, settings=settings)
+        rows, _ = ensure_splits(
+            manifest_rows=dataset.manifest,
+            images=dataset.images,
+            dataset_hash=dataset.card.content_hash,
+            splits_path=splits_path,
+            settings=settings,
+        )
     except SplitsMismatchError as error:
         raise SplitsMismatchError(
             f"{splits_path.parent} holds a comparison made with other data or settings ({error}); "
@@ -139,7 +150,9 @@ def train_on_pool(deployment: str, label: str, parameters: dict[str, Any]) -> st
 
 
 @task(name="evaluate-arms", cache_policy=NO_CACHE)
-def evaluate_arms(*, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str) -> ComparisonResults:
+def evaluate_arms(
+    *, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str
+) -> ComparisonResults:
     """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
     fractions = {arm: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(arm)} for arm in plan.arms}
     sizes = {arm: {r.config.image_size: report_dir / r.run_dir for r in plan.size_runs(arm)} for arm in plan.arms}
@@ -214,7 +227,9 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
             arms.append(_ship_arm(arm, plan=plan, environment=environment, results=results, report_dir=report_dir,
                                   dataset_dir=dataset_dir, budget_seconds=budget) if arm.status == "completed" else arm)
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
-            logger.warning("%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            logger.warning(
+                "%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__
+            )
             arms.append(arm)
     shipped = results.model_copy(update={"arms": arms})
     try:
@@ -223,14 +238,18 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     except Exception as error:  # noqa: BLE001
         logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         compressed = None
-    logger.info("Shipped %d arm(s) in %.1f s", sum(a.deployment is not None for a in arms), time.perf_counter() - started)
+    logger.info(
+        "Shipped %d arm(s) in %.1f s", sum(a.deployment is not None for a in arms), time.perf_counter() - started
+    )
     if compressed is None:
         return shipped
     return shipped.model_copy(update={"compression": compressed[0], "compression_package_dir": compressed[1]})
 
 
 @task(name="visual-summary", cache_policy=NO_CACHE)
-def visual_summary(*, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path) -> VisualSummary | None:
+def visual_summary(
+    *, plan: RunPlan, results: ComparisonResults, report_dir: Path, dataset_dir: Path
+) -> VisualSummary | None:
     """Example images, GradCAM per completed network arm's main run on one slice selection, and the shortcut
     check when the dataset has lesions.csv; None when no network arm completed."""
     runs = {arm.name: report_dir / plan.main_run(arm.name).run_dir for arm in results.completed_arms}
@@ -356,13 +375,20 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
             if train_deployment:
                 label = planned.run_dir.removeprefix("runs/").replace("/", "-")
                 as_json = {key: str(value) if isinstance(value, Path) else value for key, value in parameters.items()}
-                futures.append(runner.submit(train_on_pool, {"deployment": train_deployment, "label": label, "parameters": as_json}))
+                futures.append(
+                    runner.submit(
+                        train_on_pool, {"deployment": train_deployment, "label": label, "parameters": as_json}
+                    )
+                )
             else:
                 futures.append(runner.submit(train_arm_task, parameters))
         for planned, future in zip(plan.runs, futures):
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
-                logger.warning("A training run failed: %s", str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__)
+                logger.warning(
+                    "A training run failed: %s",
+                    str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__,
+                )
             if stages is not None:
                 stages.advance(f"training run {planned.run_dir} finished")
     logger.info("Training stage: %d run(s) in %.1f s", len(plan.runs), time.perf_counter() - started)
@@ -387,7 +413,8 @@ def _publish(results: ComparisonResults, html: Path, link: str) -> None:
     """The Prefect artifacts of a comparison: summary, metrics table, link to the report (http:// when served)."""
     create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(results, report_link=link),
                              description="Comparison summary and recommendation")
-    create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by patient)")
+    create_table_artifact(key=METRICS_KEY, table=metrics_table(results), description="Test metrics per arm (95% CI by "
+                                                                                     "patient)")
     create_link_artifact(key=LINK_KEY, link=link, link_text="report.html", description="The full comparison report")
 
 
@@ -536,7 +563,9 @@ def add_packages_and_pictures(*, plan: RunPlan, environment: RunEnvironment, res
         results = shipped.result()
     else:
         logger.warning("No model packages: %s", shipped.message or shipped.name)
-    visual = visual_summary(plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir, return_state=True)
+    visual = visual_summary(
+        plan=plan, results=results, report_dir=report_dir, dataset_dir=dataset_dir, return_state=True
+    )
     if visual.is_completed():
         return results.model_copy(update={"visual": visual.result()})
     logger.warning("No visual section: %s", visual.message or visual.name)

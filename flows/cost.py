@@ -46,7 +46,9 @@ def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate:
     if report is None or wall_time_plan is not None:
         if report is None:
             calibration = (
-                calibrate_task(inputs.image_size, inputs.channels, inputs.precision, inputs.batch_size) if calibrate else None
+                calibrate_task(inputs.image_size, inputs.channels, inputs.precision, inputs.batch_size)
+                if calibrate
+                else None
             )
             report = estimate_task(inputs, calibration)
         if wall_time_plan is not None:

@@ -12,8 +12,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_schemas.files import path_from_printable, printable_path
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, QuarantineReason, WindowSpec
+from data_schemas.files import path_from_printable, printable_path
 from flows.parameters import (
     Accession,
     AllowBurnedIn,
@@ -39,6 +39,7 @@ from tasks.common.paths import check_folder_writable, nearest_existing, refuse_n
 from tasks.common.progress import RunProgress, progress
 from tasks.ingest import dicomweb
 from tasks.ingest.assemble import IngestResult, assemble_dataset
+from tasks.ingest.dataset_store import refuse_private_under_report
 from tasks.ingest.decode import (
     CachedFile,
     chunk_is_cached_on_disk,
@@ -50,7 +51,6 @@ from tasks.ingest.decode import (
     preprocessing_signature,
 )
 from tasks.ingest.dicomweb import Mirror, StudyQuery
-from tasks.ingest.dataset_store import refuse_private_under_report
 from tasks.ingest.discover import SourceFile, discover_files
 from tasks.ingest.errors import IngestError
 from tasks.ingest.labels import LabelTable, check_labels_task, read_labels
@@ -175,7 +175,8 @@ def decode_sources(sources: list[SourceFile], out: Path, cache_dir: Path, *, siz
                                None if dask_address else count_files) as (runner, pool):
             if label_table is not None:  # headers only (on the pool's workers): labels matching no file are refused
                 check_labels_task(label_table, sources, pool)
-            (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)  # source paths, UIDs, the key: owner only
+            # source paths, UIDs, the key: owner only
+            (out / PRIVATE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
             futures = [
                 runner.submit(
                     # A cached chunk result is trusted only while its decoded files are still on disk.

@@ -35,7 +35,8 @@ LABELS_FORMAT = ("a CSV with one key column (patient_id, study_instance_uid, ser
 
 
 def described(**kwargs: Any) -> FieldInfo:
-    """pydantic.Field(...) with the description also under json_schema_extra: Prefect's form builder wraps each parameter
+    """pydantic.Field(...) with the description also under json_schema_extra: Prefect's form builder wraps each
+    parameter
     in a Field of its own whose description (None without a docstring entry) hides the annotation's, but keeps this."""
     if "description" in kwargs:
         kwargs["json_schema_extra"] = {"description": kwargs["description"]}
@@ -58,7 +59,8 @@ Window = Annotated[str, described(pattern=WINDOW_PATTERN, description="CT window
 
 # ------------------------------------------------------------------------------------------------------ compare
 CompareSource = Annotated[str, described(description="a DICOM folder (ingested beside the report folder, into "
-                                     f"OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'; {RELATIVE_PATHS}")]
+                                     "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'; "
+                                     f"{RELATIVE_PATHS}")]
 ReportFolder = Annotated[str, described(description="report folder (report.html, results.json, the runs); index.html "
                                     f"in its parent lists every report there; {RELATIVE_PATHS}")]
 CompareLabels = Annotated[str | None, described(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
@@ -70,7 +72,8 @@ Arms = Annotated[list[ArmChoice], described(  # type: ignore[valid-type]
     "from random initialisation; imagenet: from ImageNet weights, fine-tuned; imagenet-linear: frozen ImageNet "
     "features and a logistic regression), MODEL:MODE another model (resnet18: ResNet-18, mobilenet_v3_large: "
     "MobileNetV3-Large)")]
-WeightsFile = Annotated[str | None, described(description="ImageNet ResNet-50 weights (a torchvision-format state dict) "
+WeightsFile = Annotated[str | None, described(description="ImageNet ResNet-50 weights (a torchvision-format state "
+                                                          "dict) "
                                           "for the pretrained arms; without it they use the torch hub cache or "
                                           f"download, else are skipped; {RELATIVE_PATHS}")]
 Folds = Annotated[Annotated[int, described(ge=2, le=20)] | None, described(
@@ -80,8 +83,8 @@ Fractions = Annotated[list[Annotated[float, described(gt=0, le=1, allow_inf_nan=
     description="data-efficiency curve: also train each arm on these shares of the training patients, "
     "e.g. 0.1,0.25,0.5,1")]
 TrainSizes = Annotated[list[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]] | None, described(
-    description=f"input-size curve: also train each arm at these training input sizes in pixels "
-    f"on the same split, resized from one ingest at the largest")]
+    description="input-size curve: also train each arm at these training input sizes in pixels "
+    "on the same split, resized from one ingest at the largest")]
 Settings = Annotated[dict[str, str] | None, described(description="profile settings to override, KEY -> VALUE (e.g. "
                                                   "epochs -> 3, image_size -> 112; in a terminal --set KEY=VALUE)")]
 Bootstrap = Annotated[int, described(ge=10, le=100_000, description="patient-level bootstrap resamples for the 95% "
@@ -138,16 +141,24 @@ FetchThreads = Annotated[int, described(ge=1, le=32, description="instance retri
 
 # --------------------------------------------------------------------------------------------- cost and train
 CostOutFolder = Annotated[Path, described(description="folder for cost.json")]
-CostInputsParameter = Annotated[CostInputs, described(description="what to price: training images, image size, channels, "
+CostInputsParameter = Annotated[CostInputs, described(description="what to price: training images, image size, "
+                                                                  "channels, "
                                                 "epochs, batch size, arms, precision, optimizer")]
 Force = Annotated[bool, described(description="recompute even when cost.json was made from the same inputs")]
-WallTimePlanParameter = Annotated[WallTimePlan | None, described(description="a whole comparison's planned runs and stages; when given, the predicted wall time of the comparison is logged and stored in cost.json")]
+WallTimePlanParameter = Annotated[
+    WallTimePlan | None,
+    described(
+        description="a whole comparison's planned runs and stages; when given, the predicted wall time of the "
+                    "comparison is logged and stored in cost.json"
+    ),
+]
 TrainDataset = Annotated[Path, described(description="dataset folder written by 'ctcompare ingest'")]
 PlanFile = Annotated[Path, described(description="the run plan (plan.json) whose runs are trained")]
 PlannedRunFolder = Annotated[str | None, described(description="train only this run: its folder as written in the plan "
                                                "(e.g. runs/scratch/main); empty: every run of the plan")]
 TrainWeights = Annotated[Path | None, described(description="ResNet-50 ImageNet weights file (torchvision format)")]
-WeightsFolder = Annotated[Path | None, described(description="folder of torchvision-format weights files named by model "
+WeightsFolder = Annotated[Path | None, described(description="folder of torchvision-format weights files named by "
+                                                             "model "
                                             "(e.g. resnet18-f37072fd.pth) for the other models' pretrained arms")]
 Resume = Annotated[bool, described(description="continue each run from its last finished epoch")]
 
@@ -165,7 +176,8 @@ PredictSize = Annotated[Annotated[int, described(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE
 BatchSize = Annotated[int, described(ge=1, le=1024, description="images per forward pass")]
 Precision = Annotated[Literal["auto", "fp32", "bf16"], described(description="auto: bf16 where this CPU runs it "
                                                              "natively, else fp32; int8 packages run int8 kernels")]
-CohortFolder = Annotated[str, described(description="folder to write the cohort into (dicom/, labels.csv, lesions.csv)")]
+CohortFolder = Annotated[str, described(description="folder to write the cohort into (dicom/, labels.csv, "
+                                                    "lesions.csv)")]
 Patients = Annotated[int, described(ge=2, le=20_000,  # tasks.demo.patients.MAX_PATIENTS
                                  description="patients in the cohort (at least 2: both labels occur)")]
 SlicesPerPatient = Annotated[int, described(ge=1, le=1000, description="CT slices per patient")]
@@ -227,7 +239,9 @@ class _Quiet(logging.Filter):
         return not record.getMessage().startswith("Parameter validation failed")
 
 
-def check_flow_parameters(flow: Flow, parameters: dict[str, Any], options: dict[str, str] | None = None) -> dict[str, Any]:
+def check_flow_parameters(
+    flow: Flow, parameters: dict[str, Any], options: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The parameters validated against the flow's own signature (Flow.validate_parameters: pydantic, no API, no
     server), or ValueError with one sentence naming the first bad one as the user typed it (`options` maps a
     parameter to its command-line spelling; default --name-with-dashes) and what it allows."""
@@ -285,7 +299,8 @@ def as_seen(message: str) -> str:
 
 def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
     """ValueError (one sentence) unless the ResNet-50 weights file exists and loads as one (the training stage's own
-    loader, tasks.training.weights.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite values)."""
+    loader, tasks.training.weights.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite
+    values)."""
     if path is None:
         return
     from tasks.training.weights import read_weights_file

@@ -26,18 +26,18 @@ from flows.parameters import (
     DicomSource,
     Modality,
     Overlay,
-    SendUrl,
-    StudyDate,
-    StudyUidsFile,
     PackagePath,
     Precision,
     PredictionsFolder,
     PredictLabels,
     PredictSize,
     PredictWindow,
+    SendUrl,
+    StudyDate,
+    StudyUidsFile,
 )
-from tasks.ingest.labels import read_labels
 from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
+from tasks.ingest.labels import read_labels
 from tasks.packaging.dicom_overlay import write_study_overlays_task
 from tasks.packaging.dicom_sr import send_reports_task, write_study_reports_task
 from tasks.packaging.package import load_package

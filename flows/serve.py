@@ -248,7 +248,8 @@ def serving(server: ReportServer) -> Iterator[ReportServer]:
     try:
         atomic_write_text(record, text + "\n")
     except OSError as error:
-        print(f"ctcompare serve: could not record the address in {record} ({error.strerror}); report links stay file:// "
+        print(f"ctcompare serve: could not record the address in {record} ({error.strerror}); report links stay "
+              "file:// "
               f"unless {BASE_URL_ENV} is set.", file=sys.stderr)
     try:
         yield server
@@ -275,7 +276,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def served_base(folder: Path) -> str | None:
-    """The URL recorded in folder/.ctcompare-serve.json by a `ctcompare serve` still running on this machine, else None."""
+    """The URL recorded in folder/.ctcompare-serve.json by a `ctcompare serve` still running on this machine, else
+    None."""
     try:
         record = json.loads((Path(folder) / SERVE_RECORD_FILE).read_text(encoding="utf-8"))
         url, pid, hostname = str(record["url"]), int(record["pid"]), str(record["hostname"])

@@ -57,7 +57,8 @@ def format_table(report: CostReport) -> str:
     for a in report.arms:
         lines.append(
             f"{a.arm:<{arm_w}}{MODEL_LABELS[a.model]:<19}{_params(a):>19}{a.forward_flops_per_image / 1e9:>11.2f}"
-            f"{a.train_flops_per_image / 1e9:>13.2f}{a.flops_total / 1e15:>10.2f}{fmt_si(a.memory.total_bytes, 'B'):>11}"
+            f"{a.train_flops_per_image / 1e9:>13.2f}{a.flops_total / 1e15:>10.2f}"
+            f"{fmt_si(a.memory.total_bytes, 'B'):>11}"
         )
     lines += ["", f"{'estimated time':<{arm_w}}" + "".join(f"{short[n]:>{width}}" for n in names)]
     for a in report.arms:
@@ -88,7 +89,8 @@ def markdown_table(report: CostReport) -> str:
     ]
     for a in report.arms:
         out.append(
-            f"| {a.arm} | {MODEL_LABELS[a.model]} | {_params(a)} | {a.forward_flops_per_image / 1e9:.2f} | {a.train_flops_per_image / 1e9:.2f} | "
+            f"| {a.arm} | {MODEL_LABELS[a.model]} | {_params(a)} | {a.forward_flops_per_image / 1e9:.2f} | "
+            f"{a.train_flops_per_image / 1e9:.2f} | "
             f"{a.flops_total / 1e15:.3f} | {fmt_si(a.memory.total_bytes, 'B')} |"
         )
     out += ["", "| arm | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---:|" * len(names)]
@@ -112,14 +114,16 @@ def markdown_table(report: CostReport) -> str:
 
 def _range(low: float, high: float) -> str:
     """'4.6 min' or '4.6 to 6.4 min'-style text of a range of seconds."""
-    return format_duration(low) if format_duration(low) == format_duration(high) else f"{format_duration(low)} to {format_duration(high)}"
+    return format_duration(low) if format_duration(low) == format_duration(high) else (f"{format_duration(low)} to "
+                                                                                       f"{format_duration(high)}")
 
 
 def wall_time_line(estimate: WallTimeEstimate) -> str:
     """The one log line of the prediction: 'Predicted wall time of this comparison: ...'."""
     training = [s for s in estimate.stages if s.stage.startswith("training ")]
     spent = sum(s.seconds_min for s in estimate.stages if s.basis == "measured")
-    spread = "" if estimate.seconds_min == estimate.seconds_max else " (the range is early stopping: earliest stop .. every epoch)"
+    spread = "" if estimate.seconds_min == estimate.seconds_max else (" (the range is early stopping: earliest stop "
+                                                                      ".. every epoch)")
     return (
         f"Predicted wall time of this comparison: {_range(estimate.seconds_min, estimate.seconds_max)}{spread}; "
         f"training {_range(sum(s.seconds_min for s in training), sum(s.seconds_max for s in training))}, "

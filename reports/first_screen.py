@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from data_schemas.report import ArmResult, ComparisonResults, PairedComparison
 from data_schemas.training import PRETRAINED_ARMS
-from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si
-from reports.formatting import format_duration as fmt_seconds
+from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si, format_duration as fmt_seconds
 from reports.wording import auc_with_ci
 
 SMOKE_PROFILE = "smoke"

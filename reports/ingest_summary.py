@@ -18,8 +18,10 @@ def dataset_card_markdown(card: DatasetCard) -> str:
     lines = [
         "# CT dataset ingested",
         "",
-        f"- **Images**: {card.n_images} from {card.n_patients} patients, {card.n_studies} studies, {card.n_series} series",
-        f"- **Files**: {card.n_files_seen} seen, {card.n_files_ingested} ingested, {card.n_files_quarantined} quarantined",
+        f"- **Images**: {card.n_images} from {card.n_patients} patients, {card.n_studies} studies, {card.n_series} "
+        "series",
+        f"- **Files**: {card.n_files_seen} seen, {card.n_files_ingested} ingested, {card.n_files_quarantined} "
+        "quarantined",
         f"- **Conversion**: {card.image_size} x {card.image_size}, window {card.window.name}; {card.value_mapping}",
         f"- **Dataset hash**: `{card.content_hash[:16]}`",
         "",

@@ -28,11 +28,6 @@ from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
-from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, md_escape
-from reports.formatting import format_duration as fmt_seconds
-from reports.gallery import render_visual_html, render_visual_md
-from reports.first_screen import first_screen_context
-from reports.wording import evaluation_sentences
 from data_schemas.package import MODEL_CARD_FILE
 from data_schemas.report import (
     FIGURES_DIR,
@@ -46,6 +41,10 @@ from data_schemas.report import (
     ArmResult,
     ComparisonResults,
 )
+from reports.first_screen import first_screen_context
+from reports.formatting import fmt, fmt_ci, fmt_p, fmt_pct, fmt_ratio, fmt_si, format_duration as fmt_seconds, md_escape
+from reports.gallery import render_visual_html, render_visual_md
+from reports.wording import evaluation_sentences
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 INDEX_FILE = "index.html"
@@ -227,7 +226,12 @@ def _input_size_figure(results: ComparisonResults) -> bytes:
             xs, cy, lo, hi = zip(*costed)
             by_cost.errorbar(xs, cy, yerr=[lo, hi], **style)
     by_size.set(xlabel="training input size (px)", ylabel="test ROC AUC (95% CI)", title="AUC against input size")
-    by_cost.set(xlabel="measured training FLOPs", ylabel="test ROC AUC (95% CI)", title="AUC against training cost", xscale="log")
+    by_cost.set(
+        xlabel="measured training FLOPs",
+        ylabel="test ROC AUC (95% CI)",
+        title="AUC against training cost",
+        xscale="log",
+    )
     for ax in (by_size, by_cost):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -248,7 +252,8 @@ def _depth_figure(results: ComparisonResults) -> bytes:
             if p.chosen and p.val_auc is not None:
                 ax.plot([x], [p.val_auc], marker="o", markersize=14, fillstyle="none", color=color)
         ax.set_xticks(xs, [p.depth for p in pts])
-    ax.set(xlabel="probe depth (shallow to deep)", ylabel="ROC AUC", title="Linear probe: AUC against depth (ringed: chosen on validation)")
+    ax.set(xlabel="probe depth (shallow to deep)", ylabel="ROC AUC", title="Linear probe: AUC against depth (ringed: "
+                                                                           "chosen on validation)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
@@ -449,7 +454,8 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     except (ValueError, OSError, AttributeError):
         version = None
     if version and version != REPORT_SCHEMA_VERSION:
-        return f"results.json of schema {version}; this version reads {REPORT_SCHEMA_VERSION} (re-run the comparison to update it)"
+        return (f"results.json of schema {version}; this version reads {REPORT_SCHEMA_VERSION} (re-run the comparison "
+                "to update it)")
     return type(error).__name__
 
 
@@ -498,8 +504,13 @@ def metrics_table(results: ComparisonResults) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for arm in results.arms:
         tm = arm.test_metrics
-        row = {"arm": arm.name, "patient_roc_auc": deciding[arm.name].auc, "auc_difference": deciding[arm.name].diff or "—",
-               "train_time": fmt_seconds(arm.cost.actual_seconds), "status": arm.status}
+        row = {
+            "arm": arm.name,
+            "patient_roc_auc": deciding[arm.name].auc,
+            "auc_difference": deciding[arm.name].diff or "—",
+            "train_time": fmt_seconds(arm.cost.actual_seconds),
+            "status": arm.status,
+        }
         for name in METRIC_NAMES:
             row[f"slice_{name}"] = fmt_ci(getattr(tm, name), 3) if tm is not None else "—"
         row["note"] = arm.reason

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data_schemas.report import ArmResult, ComparisonResults, DeLongResult, EvaluationSummary, MetricValue, PairedComparison, Recommendation
-from data_schemas.report import AUC_TIE_TOLERANCE, InputSizePoint, ProbeDepthPoint, WhatToTrain
+from data_schemas.report import (
+    AUC_TIE_TOLERANCE,
+    ArmResult,
+    ComparisonResults,
+    DeLongResult,
+    EvaluationSummary,
+    InputSizePoint,
+    MetricValue,
+    PairedComparison,
+    ProbeDepthPoint,
+    Recommendation,
+    WhatToTrain,
+)
 from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si, format_duration
 
 
@@ -36,7 +47,8 @@ def difference_text(test: DeLongResult) -> str:
         return test.reason or "not estimable"
     low, high = test.ci_of_diff
     holm = f", Holm-adjusted {p_text(test.p_holm)}" if test.p_holm is not None else ""
-    return f"{fmt(test.diff, 3)} ({round(100 * test.level)}% CI {fmt(low, 3)} to {fmt(high, 3)}; {p_text(test.p_value)}{holm})"
+    return (f"{fmt(test.diff, 3)} ({round(100 * test.level)}% CI {fmt(low, 3)} to {fmt(high, 3)}; "
+            f"{p_text(test.p_value)}{holm})")
 
 
 def significant(test: DeLongResult, minimum: int, alpha: float = 0.05) -> bool:
@@ -146,7 +158,8 @@ def recommendation_sentences(
                     "test_fraction."), details
         return "No arm completed, so there is nothing to recommend.", details
     if rec.basis == "single_arm":
-        return f"Only {best} completed, with {level}-level test AUC {_auc_of(arms, best, level)}; no comparison is possible.", details
+        return (f"Only {best} completed, with {level}-level test AUC {_auc_of(arms, best, level)}; no comparison is "
+                "possible."), details
     if rec.basis == "too_few":
         needed = f" About {rec.patients_needed} test patients would be needed" if rec.patients_needed else ""
         planned = (f"{needed} to show the cheaper arm non-inferior within {margin} AUC with {round(100 * rec.power)}% "
@@ -176,9 +189,12 @@ def recommendation_sentences(
     if len(rec.deciding_arms) == 2 and (pc := _find(comparisons, *rec.deciding_arms)) is not None:
         test = _oriented(pc, rec.deciding_arms[0], level)
         if test is not None and test.diff is not None:
-            pair_text = (f" AUC({rec.deciding_arms[0]}) − AUC({rec.deciding_arms[1]}) = {difference_text(test)}: the interval "
+            pair_text = (f" AUC({rec.deciding_arms[0]}) − AUC({rec.deciding_arms[1]}) = {difference_text(test)}: the "
+                         "interval "
                          f"includes losses larger than the margin.")
-    reasons = sorted({t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason})
+    reasons = sorted(
+        {t.reason for pc in comparisons if (t := pc.patient_delong if level == "patient" else pc.delong) and t.reason}
+    )
     if reasons:
         pair_text += f" The AUC comparison is {'; '.join(reasons)}."
     needed = (f" About {rec.patients_needed} test patients (now {n_patients}) would give {round(100 * rec.power)}% "
@@ -191,7 +207,9 @@ def recommendation_sentences(
 
 def _width_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult]) -> str:
     """The measured interval widths of this mode, and the other mode's width as an expectation with its inputs."""
-    widths = [(a.name, a.patient_metrics.roc_auc) for a in arms if a.status == "completed" and a.patient_metrics is not None]
+    widths = [
+        (a.name, a.patient_metrics.roc_auc) for a in arms if a.status == "completed" and a.patient_metrics is not None
+    ]
     measured = ", ".join(f"{name} {fmt(auc.ci_high - auc.ci_low, 2)}" for name, auc in widths
                          if auc.ci_low is not None and auc.ci_high is not None)
     text = (f" Measured here, the width of the patient-level 95% AUC interval: {measured} "
@@ -214,8 +232,10 @@ def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) 
     runs = sorted(set(ev.runs_per_arm.values()))
     tested = f"{ev.n_test_patients} test patients ({ev.n_test_images} slices)"
     if ev.mode == "cross-validated":
-        mode = (f"Cross-validated: {'/'.join(map(str, runs))} outer folds per arm, each labelled patient tested once by a "
-                f"model that never saw it; the out-of-fold predictions are pooled, so every metric, interval and test uses "
+        mode = (f"Cross-validated: {'/'.join(map(str, runs))} outer folds per arm, each labelled patient tested once "
+                "by a "
+                "model that never saw it; the out-of-fold predictions are pooled, so every metric, interval and test "
+                "uses "
                 f"{tested}. Pooling treats an arm's fold models as one model: the intervals and tests count the "
                 f"variation between test patients but ignore the variation between fold models (each fold's AUC and "
                 f"threshold are shown beside the pooled figure).")
@@ -224,15 +244,18 @@ def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) 
     return [
         mode + _width_sentences(ev, arms),
         f"Patient probability: the {ev.aggregation} of the patient's slice probabilities (option: "
-        f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC tests.",
-        f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and patients "
+        f"{'max' if ev.aggregation == 'mean' else 'mean'}). The recommendation uses the {ev.primary_level}-level AUC "
+        "tests.",
+        f"Operating point: rule '{ev.operating_point}', chosen on each run's validation predictions (slices and "
+        "patients "
         f"separately) and applied unchanged to its test predictions; a run without usable validation predictions uses "
         f"the fixed 0.5, labelled 'fallback'. Thresholds per arm are listed below.",
         f"Intervals: {round(100 * ev.ci_level)}% percentile bootstrap over patients ({ev.n_bootstrap} resamples); "
         f"sensitivity, specificity and accuracy: Clopper-Pearson per patient, Wilson at the cluster-adjusted sample "
         f"size per slice (they hold at 0% and 100%). AUC tests: "
         f"{ev.auc_test}, per patient and per slice (a patient's slices swapped together). Decision tests: "
-        f"{ev.decision_test}, or a sign-flip test over discordant patients when fewer than 25 disagree. Pairwise p-values are "
+        f"{ev.decision_test}, or a sign-flip test over discordant patients when fewer than 25 disagree. Pairwise "
+        "p-values are "
         f"shown raw and Holm-adjusted over all pairs. Non-inferiority margin {fmt(ev.non_inferiority_margin, 2)} AUC.",
     ]
 
@@ -240,7 +263,8 @@ def evaluation_sentences(ev: EvaluationSummary, arms: Sequence[ArmResult] = ()) 
 def word_results(results: ComparisonResults) -> ComparisonResults:
     """The results with every sentence filled in: each paired comparison, the recommendation and the evaluation notes.
 
-    The evaluation stage (tasks.evaluation.evaluate) returns numbers and decisions only; the flow words them here, once, before
+    The evaluation stage (tasks.evaluation.evaluate) returns numbers and decisions only; the flow words them here,
+    once, before
     the report, results.json and the Prefect artifacts are written.
     """
     minimum = results.evaluation.min_patients_per_class
@@ -302,9 +326,11 @@ def _size_sentence(arm: str, rows: Sequence[InputSizePoint]) -> str:
                and p.vs_chosen.p_holm < 0.05]
     verdict = (f"the paired test shows {_names(differs)} different from the chosen size" if differs
                else "the paired test shows no size different from the chosen one") if compared else ""
-    return (f"{arm}: {chosen.image_size} px is chosen on validation AUC (slice level: {by_val}), never on test. "
-            f"Test AUC (slice level, 95% CI by patient): {tests}; {point}."
-            + (f" AUC(size) − AUC({chosen.image_size} px) on the same test images: {pairs}; {verdict}." if pairs else ""))
+    return (
+        f"{arm}: {chosen.image_size} px is chosen on validation AUC (slice level: {by_val}), never on test. "
+        f"Test AUC (slice level, 95% CI by patient): {tests}; {point}."
+        + (f" AUC(size) − AUC({chosen.image_size} px) on the same test images: {pairs}; {verdict}." if pairs else "")
+    )
 
 
 def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes: Sequence[InputSizePoint],
@@ -322,15 +348,20 @@ def what_to_train_sentences(what: WhatToTrain, arms: Sequence[ArmResult], sizes:
     if what.smallest_non_inferior and what.highest_arm:
         top = [what.highest_arm, *what.tied_with]
         small, high = by_name.get(what.smallest_non_inferior), by_name.get(what.highest_arm)
-        flops = fmt_si(small.cost.flops_per_image, "FLOP") if small is not None and small.cost.flops_per_image else "n/a"
+        flops = (
+            fmt_si(small.cost.flops_per_image, "FLOP") if small is not None and small.cost.flops_per_image else "n/a"
+        )
         reference = f"{_names(top)} (the highest point estimate{'s' if len(top) > 1 else ''}, AUC {_auc_text(high)})"
         if what.smallest_non_inferior in top:
-            lines.append(f"No model with fewer FLOPs per image is shown non-inferior within {fmt(what.margin, 2)} AUC to "
+            lines.append(f"No model with fewer FLOPs per image is shown non-inferior within {fmt(what.margin, 2)} AUC "
+                         "to "
                          f"{reference}; {what.smallest_non_inferior} runs {flops} per image forward.")
         else:
             low, high_ci = what.smallest_ci_of_diff or (None, None)
-            lines.append(f"The smallest model shown non-inferior to {reference} is {what.smallest_non_inferior} ({flops} "
-                         f"per image forward, AUC {_auc_text(small)}): its AUC difference is {fmt(low)} to {fmt(high_ci)} "
+            lines.append(f"The smallest model shown non-inferior to {reference} is {what.smallest_non_inferior} "
+                         f"({flops} "
+                         f"per image forward, AUC {_auc_text(small)}): its AUC difference is {fmt(low)} to "
+                         f"{fmt(high_ci)} "
                          f"(95% CI, paired, patient level), above −{fmt(what.margin, 2)}.")
     for arm, depth in what.chosen_depth.items():
         rows = [p for p in depths if p.arm == arm]

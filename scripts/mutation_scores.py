@@ -30,7 +30,9 @@ def scoped_modules() -> list[str]:
     """The modules (evaluation.statistics, splits, ...) listed in pyproject's [tool.mutmut] only_mutate, dotted
     below tasks/."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    return [Path(path).relative_to("tasks").with_suffix("").as_posix().replace("/", ".") for path in config["only_mutate"]]
+    return [
+        Path(path).relative_to("tasks").with_suffix("").as_posix().replace("/", ".") for path in config["only_mutate"]
+    ]
 
 
 def module_of(mutant: str) -> str:
@@ -55,7 +57,8 @@ def score_line(module: str, only: set[str] | None = None) -> str:
     killed = sum(statuses[s] for s in KILLED)
     score = f"{100.0 * killed / checked:5.1f}%" if checked else "  n/a "
     others = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s not in KILLED and s != "not checked")
-    return f"tasks/{module.replace('.', '/') + '.py':28s} {killed:5d} / {checked:5d} killed  {score}  (of {total} mutants; {others or 'none other'})"
+    return (f"tasks/{module.replace('.', '/') + '.py':28s} {killed:5d} / {checked:5d} killed  {score}  (of {total} "
+            f"mutants; {others or 'none other'})")
 
 
 def main(argv: list[str]) -> int:

@@ -57,7 +57,9 @@ def content_order(manifest_rows: Sequence[ManifestRow], content_keys: Sequence[s
     for row in labelled:
         by_patient[row.patient_key].append(content_keys[row.index])
     patient_key = {p: hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest() for p, keys in by_patient.items()}
-    return sorted(labelled, key=lambda r: (patient_key[r.patient_key], content_keys[r.index], r.patient_key, r.image_key))
+    return sorted(
+        labelled, key=lambda r: (patient_key[r.patient_key], content_keys[r.index], r.patient_key, r.image_key)
+    )
 
 
 def patient_ordinals(patient_keys: Sequence[str]) -> np.ndarray:
@@ -99,7 +101,8 @@ def _outer_folds(rows: Sequence[ManifestRow], settings: SplitSettings) -> list[i
 def parts_for_fold(rows: Sequence[SplitRow], outer_fold: int, settings: SplitSettings) -> dict[str, list[SplitRow]]:
     """{"train", "val", "test"} rows of the run on outer_fold, in the split file's (content) order."""
     if not 0 <= outer_fold < settings.outer_folds:
-        raise ValueError(f"outer fold {outer_fold} does not exist; the split has {settings.outer_folds} (0 to {settings.outer_folds - 1}).")
+        raise ValueError(f"outer fold {outer_fold} does not exist; the split has {settings.outer_folds} (0 to "
+                         f"{settings.outer_folds - 1}).")
     test = [r for r in rows if r.fold == outer_fold]
     rest = [r for r in rows if r.fold != outer_fold]
     n_val = max(2, int(round((1.0 - _test_share(settings)) / settings.val_fraction)))
@@ -115,7 +118,8 @@ def parts_for_fold(rows: Sequence[SplitRow], outer_fold: int, settings: SplitSet
 def make_splits(manifest_rows: Sequence[ManifestRow], images: np.ndarray, settings: SplitSettings) -> list[SplitRow]:
     """Split labelled images by patient, stratified by label; rows in pixel-content order (see the module doc)."""
     if len({row.label for row in manifest_rows if row.label != ""}) < 2:
-        raise ValueError("the dataset needs at least two labels to split and train (found fewer among labelled images).")
+        raise ValueError("the dataset needs at least two labels to split and train (found fewer among labelled "
+                         "images).")
     ordered = content_order(manifest_rows, image_content_keys(images))
     folds = _outer_folds(ordered, settings)
     rows = [
@@ -166,14 +170,20 @@ def subsample_patients(rows: Sequence[SplitRow], fraction: float, seed: int) -> 
 
 def _counts(rows: Sequence[SplitRow]) -> PartCounts:
     return PartCounts(
-        images=len(rows), patients=len({r.patient_key for r in rows}), labels=dict(sorted(Counter(r.label for r in rows).items()))
+        images=len(rows),
+        patients=len({r.patient_key for r in rows}),
+        labels=dict(sorted(Counter(r.label for r in rows).items())),
     )
 
 
 def info_path(splits_path: Path) -> Path:
     """splits.json beside splits.csv (or <file>.json for another name)."""
     splits_path = Path(splits_path)
-    return splits_path.with_name(SPLITS_INFO_FILE) if splits_path.name == "splits.csv" else Path(str(splits_path) + ".json")
+    return (
+        splits_path.with_name(SPLITS_INFO_FILE)
+        if splits_path.name == "splits.csv"
+        else Path(str(splits_path) + ".json")
+    )
 
 
 def write_splits(
@@ -184,12 +194,20 @@ def write_splits(
     splits_path = Path(splits_path)
     write_models_csv(splits_path, rows, SplitRow)
     info = SplitsInfo(
-        dataset_hash=dataset_hash, seed=settings.seed, val_fraction=settings.val_fraction,
-        test_fraction=settings.test_fraction, mode=settings.mode, folds=settings.outer_folds,
-        folds_requested=settings.outer_folds if settings.mode == "cross-validated" else None, ordering=ORDERING,
-        splitter=SPLITTER, parts={part: _counts([r for r in rows if r.part == part]) for part in ("train", "val", "test")},
-        n_unlabeled_excluded=n_unlabeled, patient_overlap=count_patient_overlap(rows),
-        splits_sha256=sha256_file(splits_path), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset_hash=dataset_hash,
+        seed=settings.seed,
+        val_fraction=settings.val_fraction,
+        test_fraction=settings.test_fraction,
+        mode=settings.mode,
+        folds=settings.outer_folds,
+        folds_requested=settings.outer_folds if settings.mode == "cross-validated" else None,
+        ordering=ORDERING,
+        splitter=SPLITTER,
+        parts={part: _counts([r for r in rows if r.part == part]) for part in ("train", "val", "test")},
+        n_unlabeled_excluded=n_unlabeled,
+        patient_overlap=count_patient_overlap(rows),
+        splits_sha256=sha256_file(splits_path),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     write_model_json(info_path(splits_path), info)
     return info
@@ -203,13 +221,20 @@ def read_splits(splits_path: Path) -> tuple[list[SplitRow], SplitsInfo]:
         raise FileNotFoundError(f"{splits_path} or its {meta.name} is missing; the split was never completed.")
     info = read_model_json(meta, SplitsInfo)
     if sha256_file(splits_path) != info.splits_sha256:
-        raise SplitsMismatchError(f"{splits_path} does not match the hash recorded in {meta.name}; it was edited or is partial.")
+        raise SplitsMismatchError(f"{splits_path} does not match the hash recorded in {meta.name}; it was edited or is "
+                                  "partial.")
     rows = read_models_csv(splits_path, SplitRow)
     check_no_patient_overlap(rows)
     return rows, info
 
 
-def _mismatches(info: SplitsInfo, rows: Sequence[SplitRow], manifest_rows: Sequence[ManifestRow], dataset_hash: str, settings: SplitSettings) -> list[str]:
+def _mismatches(
+    info: SplitsInfo,
+    rows: Sequence[SplitRow],
+    manifest_rows: Sequence[ManifestRow],
+    dataset_hash: str,
+    settings: SplitSettings,
+) -> list[str]:
     """What differs between an existing split and the one asked for (empty: reuse it)."""
     problems = []
     if info.dataset_hash != dataset_hash:
@@ -219,7 +244,9 @@ def _mismatches(info: SplitsInfo, rows: Sequence[SplitRow], manifest_rows: Seque
     if (info.val_fraction, info.test_fraction) != (settings.val_fraction, settings.test_fraction):
         problems.append(f"val/test fractions {info.val_fraction}/{info.test_fraction}")
     if (info.mode, info.folds) != (settings.mode, settings.outer_folds) or info.ordering != ORDERING:
-        problems.append(f"{info.mode} mode with {info.folds} outer folds" if info.ordering == ORDERING else "an older split method")
+        problems.append(
+            f"{info.mode} mode with {info.folds} outer folds" if info.ordering == ORDERING else "an older split method"
+        )
     labelled = {row.image_key for row in manifest_rows if row.label != ""}
     if not problems and labelled != {row.image_key for row in rows}:
         problems.append("other images")
@@ -227,7 +254,12 @@ def _mismatches(info: SplitsInfo, rows: Sequence[SplitRow], manifest_rows: Seque
 
 
 def ensure_splits(
-    *, manifest_rows: Sequence[ManifestRow], images: np.ndarray, dataset_hash: str, splits_path: Path, settings: SplitSettings,
+    *,
+    manifest_rows: Sequence[ManifestRow],
+    images: np.ndarray,
+    dataset_hash: str,
+    splits_path: Path,
+    settings: SplitSettings,
 ) -> tuple[list[SplitRow], SplitsInfo]:
     """Reuse splits_path when it was made for this dataset and these settings; else make and write it.
 
@@ -244,5 +276,7 @@ def ensure_splits(
         return rows, info
     rows = make_splits(manifest_rows, images, settings)
     n_unlabeled = sum(1 for row in manifest_rows if row.label == "")
-    info = write_splits(splits_path=splits_path, rows=rows, dataset_hash=dataset_hash, settings=settings, n_unlabeled=n_unlabeled)
+    info = write_splits(
+        splits_path=splits_path, rows=rows, dataset_hash=dataset_hash, settings=settings, n_unlabeled=n_unlabeled
+    )
     return rows, info

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.data
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
@@ -72,7 +72,12 @@ def write_bad_inputs(root: Path) -> dict[str, str]:
     del ds.PixelData
     ds.save_as(root / "bad/no_pixels.dcm", enforce_file_format=True)
     shutil.copy(pydicom_file("MR_small.dcm"), put("bad/mr.dcm", "not_ct"))
-    ct_variant(put("bad/colour.dcm", "not_grayscale"), PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0)
+    ct_variant(
+        put("bad/colour.dcm", "not_grayscale"),
+        PhotometricInterpretation="RGB",
+        SamplesPerPixel=3,
+        PlanarConfiguration=0,
+    )
     ct_variant(put("bad/palette.dcm", "not_grayscale"), PhotometricInterpretation="PALETTE COLOR")
     nodecoder = ct_variant(put("bad/mpeg2.dcm", "no_decoder"))
     ds = pydicom.dcmread(nodecoder)
@@ -134,7 +139,9 @@ def _explicit_le_group(elements: dict[int, tuple[str, bytes]]) -> bytes:
             value += b"\x00"
         head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
         long_form = vr in {"OB", "OW", "OF", "OD", "OL", "SQ", "UC", "UN", "UR", "UT"}
-        encoded += head + (b"\x00\x00" + struct.pack("<I", len(value)) if long_form else struct.pack("<H", len(value))) + value
+        encoded += (
+            head + (b"\x00\x00" + struct.pack("<I", len(value)) if long_form else struct.pack("<H", len(value))) + value
+        )
     return struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(encoded)) + encoded
 
 

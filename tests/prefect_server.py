@@ -212,11 +212,14 @@ class PrefectStack:
             if worker is not None and worker.poll() is not None:
                 raise RuntimeError(f"the worker exited with {worker.returncode}:\n{self.log_tail('worker')}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout_s:.0f} s:\n{self.log_tail('worker')}")
+                raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout_s:.0f} "
+                                   f"s:\n{self.log_tail('worker')}")
             time.sleep(1)
 
     def task_runs(self, flow_run_id: str) -> list[dict[str, Any]]:
-        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+        return self.post(
+            "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+        )
 
     def final_task_runs(self, flow_run_id: str, name_prefix: str = "", timeout_s: float = 60) -> list[dict[str, Any]]:
         """The flow run's task runs once all are in a terminal state (task states reach the API as events, a bit

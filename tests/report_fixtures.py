@@ -97,8 +97,15 @@ class Patient:
 def make_patients(n: int, *, seed: int, prefix: str = "p", slices: tuple[int, int] = (3, 6)) -> list[Patient]:
     """n patients, alternating labels, 3 to 6 slices each, with a shared per-patient effect (clustered slices)."""
     rng = np.random.default_rng(seed)
-    return [Patient(f"{prefix}{i:03d}" + "ab" * 16, i % 2, int(rng.integers(slices[0], slices[1] + 1)), float(rng.normal(0, 0.6)))
-            for i in range(n)]
+    return [
+        Patient(
+            f"{prefix}{i:03d}" + "ab" * 16,
+            i % 2,
+            int(rng.integers(slices[0], slices[1] + 1)),
+            float(rng.normal(0, 0.6)),
+        )
+        for i in range(n)
+    ]
 
 
 def prediction_rows(patients: list[Patient], strength: float, seed: int) -> list[PredictionRow]:
@@ -116,9 +123,18 @@ def prediction_rows(patients: list[Patient], strength: float, seed: int) -> list
 def _history(epochs: int, best: int) -> list[EpochMetrics]:
     """A learning curve whose validation loss is lowest at `best`."""
     return [
-        EpochMetrics(epoch=e, phase="full", train_loss=0.8 - 0.05 * e, val_loss=0.7 - 0.04 * min(e, best) + 0.02 * max(0, e - best),
-                     train_eval_loss=0.68 - 0.05 * e, val_auc=0.6 + 0.03 * min(e, best), lr_head=1e-3, epoch_seconds=10.0,
-                     elapsed_seconds=10.0 * e, is_best=e == best)
+        EpochMetrics(
+            epoch=e,
+            phase="full",
+            train_loss=0.8 - 0.05 * e,
+            val_loss=0.7 - 0.04 * min(e, best) + 0.02 * max(0, e - best),
+            train_eval_loss=0.68 - 0.05 * e,
+            val_auc=0.6 + 0.03 * min(e, best),
+            lr_head=1e-3,
+            epoch_seconds=10.0,
+            elapsed_seconds=10.0 * e,
+            is_best=e == best,
+        )
         for e in range(1, epochs + 1)
     ]
 
@@ -128,9 +144,18 @@ def loss_rows(val: list[Patient], seed: int, *, chosen: int = 5, last: int = 8) 
     rng = np.random.default_rng(seed)
     train = make_patients(20, seed=seed + 7, prefix="t")
     means = {("chosen", "train"): 0.43, ("chosen", "val"): 0.60, ("last", "train"): 0.28, ("last", "val"): 0.75}
-    return [OverfittingLossRow(epoch=chosen if role == "chosen" else last, role=role, part=part, patient_key=p.key,
-                               loss=float(rng.gamma(4.0, mean / 4.0)))
-            for (role, part), mean in means.items() for p in (train if part == "train" else val) for _ in range(p.n_slices)]
+    return [
+        OverfittingLossRow(
+            epoch=chosen if role == "chosen" else last,
+            role=role,
+            part=part,
+            patient_key=p.key,
+            loss=float(rng.gamma(4.0, mean / 4.0)),
+        )
+        for (role, part), mean in means.items()
+        for p in (train if part == "train" else val)
+        for _ in range(p.n_slices)
+    ]
 
 
 def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient] | None, seed: int,
@@ -142,15 +167,40 @@ def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient
     run_dir.mkdir(parents=True, exist_ok=True)
     train = TrainConfig(image_size=32, epochs=8, batch_size=8, lr=1e-3)
     config = RunConfig(
-        arm=arm, profile="smoke", seed=seed, fold=0, folds=1, train=train, dataset_hash="ab12cd34" * 8, dataset_image_size=32,
-        splits_path="splits.csv", splits_sha256="0" * 64, classes=CLASSES, positive_label=CLASSES[1], n_train_images=400,
-        n_val_images=60, n_test_images=sum(p.n_slices for p in test), n_train_patients=n_train_patients, n_val_patients=len(val or []),
-        n_test_patients=len(test), patient_overlap=0, device="cpu", precision="fp32", channels_last=False, num_threads=1,
-        torch_version="2", torchvision_version="0", config_hash="c" * 64, created_at="2025-01-01T10:00:00+00:00",
+        arm=arm,
+        profile="smoke",
+        seed=seed,
+        fold=0,
+        folds=1,
+        train=train,
+        dataset_hash="ab12cd34" * 8,
+        dataset_image_size=32,
+        splits_path="splits.csv",
+        splits_sha256="0" * 64,
+        classes=CLASSES,
+        positive_label=CLASSES[1],
+        n_train_images=400,
+        n_val_images=60,
+        n_test_images=sum(p.n_slices for p in test),
+        n_train_patients=n_train_patients,
+        n_val_patients=len(val or []),
+        n_test_patients=len(test),
+        patient_overlap=0,
+        device="cpu",
+        precision="fp32",
+        channels_last=False,
+        num_threads=1,
+        torch_version="2",
+        torchvision_version="0",
+        config_hash="c" * 64,
+        created_at="2025-01-01T10:00:00+00:00",
     )
     write_model_json(run_dir / CONFIG_FILE, config)
     if status != "completed":
-        write_model_json(run_dir / STATUS_FILE, RunSummary(arm=arm, status=status, reason=reason, run_dir=str(run_dir), updated_at="t"))
+        write_model_json(
+            run_dir / STATUS_FILE,
+            RunSummary(arm=arm, status=status, reason=reason, run_dir=str(run_dir), updated_at="t"),
+        )
         return run_dir
     strength = ARM_STRENGTH.get(arm, 1.0)
     write_models_csv(run_dir / PREDICTIONS_FILE, prediction_rows(test, strength, seed), PredictionRow)
@@ -161,10 +211,22 @@ def write_run(run_dir: Path, *, arm: str, test: list[Patient], val: list[Patient
     history = _history(8, best=5)
     write_models_csv(run_dir / METRICS_FILE, history, EpochMetrics)
     seconds = ARM_SECONDS.get(arm, 100.0)
-    write_model_json(run_dir / TIMING_FILE, TimingInfo(
-        wall_seconds=seconds, train_seconds=seconds * 0.9, eval_seconds=seconds * 0.1, epochs_run=8, train_images_seen=3200,
-        images_per_second=40.0, forward_flops_per_image=4.1e9, train_flops_per_image=1.23e10, achieved_flops_per_second=5e11,
-        device="cpu", precision="fp32"))
+    write_model_json(
+        run_dir / TIMING_FILE,
+        TimingInfo(
+            wall_seconds=seconds,
+            train_seconds=seconds * 0.9,
+            eval_seconds=seconds * 0.1,
+            epochs_run=8,
+            train_images_seen=3200,
+            images_per_second=40.0,
+            forward_flops_per_image=4.1e9,
+            train_flops_per_image=1.23e10,
+            achieved_flops_per_second=5e11,
+            device="cpu",
+            precision="fp32",
+        ),
+    )
     write_model_json(run_dir / STATUS_FILE, RunSummary(arm=arm, status="completed", run_dir=str(run_dir), epochs_run=8,
                                                        best_epoch=5, updated_at="2025-01-01T10:00:00+00:00"))
     return run_dir
@@ -175,22 +237,60 @@ def write_dataset_and_split(root: Path, test: list[Patient], others: list[Patien
     dataset_dir = root / "dataset"
     dataset_dir.mkdir(parents=True, exist_ok=True)
     write_model_json(dataset_dir / "dataset.json", make_example_card())
-    rows = [SplitRow(image_key=f"{p.key[:8]}-img{j}", patient_key=p.key, label=CLASSES[p.target], part=part, fold=None if part == "test" else 0)
-            for group, part in ((test, "test"), (others[: len(others) // 5], "val"), (others[len(others) // 5:], "train"))
-            for p in group for j in range(p.n_slices)]
+    rows = [
+        SplitRow(
+            image_key=f"{p.key[:8]}-img{j}",
+            patient_key=p.key,
+            label=CLASSES[p.target],
+            part=part,
+            fold=None if part == "test" else 0,
+        )
+        for group, part in ((test, "test"), (others[: len(others) // 5], "val"), (others[len(others) // 5 :], "train"))
+        for p in group
+        for j in range(p.n_slices)
+    ]
     splits = root / SPLITS_FILE
     write_models_csv(splits, rows, SplitRow)
-    parts = {part: PartCounts(images=sum(1 for r in rows if r.part == part), patients=len({r.patient_key for r in rows if r.part == part}),
-                              labels={}) for part in ("train", "val", "test")}
-    write_model_json(root / SPLITS_INFO_FILE, SplitsInfo(
-        dataset_hash="ab12cd34" * 8, seed=0, val_fraction=0.15, test_fraction=0.15, folds=1, splitter="StratifiedGroupKFold",
-        parts=parts, n_unlabeled_excluded=0, patient_overlap=0, splits_sha256="0" * 64, created_at="2025-01-01T10:00:00+00:00"))
+    parts = {
+        part: PartCounts(
+            images=sum(1 for r in rows if r.part == part),
+            patients=len({r.patient_key for r in rows if r.part == part}),
+            labels={},
+        )
+        for part in ("train", "val", "test")
+    }
+    write_model_json(
+        root / SPLITS_INFO_FILE,
+        SplitsInfo(
+            dataset_hash="ab12cd34" * 8,
+            seed=0,
+            val_fraction=0.15,
+            test_fraction=0.15,
+            folds=1,
+            splitter="StratifiedGroupKFold",
+            parts=parts,
+            n_unlabeled_excluded=0,
+            patient_overlap=0,
+            splits_sha256="0" * 64,
+            created_at="2025-01-01T10:00:00+00:00",
+        ),
+    )
     return dataset_dir, splits
 
 
-def write_comparison(root: Path, *, arms: tuple[str, ...], mode: str, folds: int = 3, n_patients: int = 36, seed: int = 0,
-                     skip: tuple[str, ...] = (), without_val: bool = False) -> tuple[Path, Path, dict[str, list[Path]]]:
-    """Dataset, split and run folders of a comparison: one run per arm (holdout) or `folds` outer folds (cross-validated)."""
+def write_comparison(
+    root: Path,
+    *,
+    arms: tuple[str, ...],
+    mode: str,
+    folds: int = 3,
+    n_patients: int = 36,
+    seed: int = 0,
+    skip: tuple[str, ...] = (),
+    without_val: bool = False,
+) -> tuple[Path, Path, dict[str, list[Path]]]:
+    """Dataset, split and run folders of a comparison: one run per arm (holdout) or `folds` outer folds
+    (cross-validated)."""
     patients = make_patients(n_patients, seed=seed)
     val = make_patients(16, seed=seed + 1, prefix="v")
     if mode == "holdout":
@@ -202,8 +302,15 @@ def write_comparison(root: Path, *, arms: tuple[str, ...], mode: str, folds: int
     arm_runs: dict[str, list[Path]] = {}
     for a, arm in enumerate(arms):
         arm_runs[arm] = [
-            write_run(root / "runs" / arm / f"fold-{k}", arm=arm, test=group, val=None if without_val else val, seed=seed + 10 * a + k,
-                      status="skipped" if arm in skip else "completed", reason=SKIP_REASON if arm in skip else "")
+            write_run(
+                root / "runs" / arm / f"fold-{k}",
+                arm=arm,
+                test=group,
+                val=None if without_val else val,
+                seed=seed + 10 * a + k,
+                status="skipped" if arm in skip else "completed",
+                reason=SKIP_REASON if arm in skip else "",
+            )
             for k, group in enumerate(groups)
         ]
     assert len({p.key for p in tested}) == len(tested)
@@ -229,14 +336,45 @@ def make_example_results(
         fractions = None
         if with_data_efficiency:
             test = make_patients(36, seed=seed)[:12]
-            fractions = {arm: {f: write_run(root / "fractions" / arm / f"{f:g}", arm=arm, test=test, val=None, seed=seed + int(100 * f),
-                                            n_train_patients=int(80 * f)) for f in (0.25, 0.5, 1.0)}
-                         for arm in arm_runs if not (skip_imagenet and arm == "imagenet")}
-        results = word_results(build_results(
-            dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
-            evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=100), cost_path=root / "cost.json",
-            run_id=run_id, seed=seed, command="ctcompare compare --dataset DATASET --profile smoke", fraction_dirs=fractions,
-        ))
-    return results.model_copy(update={"created_at": created_at, "reproducibility": results.reproducibility.model_copy(
-        update={"created_at": created_at, "package_versions": {"torch": "2.14.1", "numpy": "2.4.6"}, "platform": "Linux-x86_64",
-                "python_version": "3.12.3", "ctcompare_version": "0.1.0"})})
+            fractions = {
+                arm: {
+                    f: write_run(
+                        root / "fractions" / arm / f"{f:g}",
+                        arm=arm,
+                        test=test,
+                        val=None,
+                        seed=seed + int(100 * f),
+                        n_train_patients=int(80 * f),
+                    )
+                    for f in (0.25, 0.5, 1.0)
+                }
+                for arm in arm_runs
+                if not (skip_imagenet and arm == "imagenet")
+            }
+        results = word_results(
+            build_results(
+                dataset_dir=dataset_dir,
+                splits_path=splits,
+                arm_runs=arm_runs,
+                evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=100),
+                cost_path=root / "cost.json",
+                run_id=run_id,
+                seed=seed,
+                command="ctcompare compare --dataset DATASET --profile smoke",
+                fraction_dirs=fractions,
+            )
+        )
+    return results.model_copy(
+        update={
+            "created_at": created_at,
+            "reproducibility": results.reproducibility.model_copy(
+                update={
+                    "created_at": created_at,
+                    "package_versions": {"torch": "2.14.1", "numpy": "2.4.6"},
+                    "platform": "Linux-x86_64",
+                    "python_version": "3.12.3",
+                    "ctcompare_version": "0.1.0",
+                }
+            ),
+        }
+    )

@@ -14,8 +14,8 @@ from data_schemas.files import read_models_csv
 from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import SPLITS_FILE, PredictionRow, SplitRow
 from flows.ingest import ingest_flow
-from tasks.packaging.package import write_package
 from tasks.demo.synth import CohortSummary, synthesize_cohort
+from tasks.packaging.package import write_package
 
 INGEST_SIZE = 48  # larger than the smoke profile's 32 px, so the ingest -> training resize is exercised
 METRICS = {
@@ -103,4 +103,6 @@ def run_probabilities(run_dir: Path) -> dict[str, float]:
 
 def paths_of(dataset_dir: Path) -> dict[str, str]:
     """image key -> relative source path of a dataset (its private index)."""
-    return {row.image_key: row.relative_path for row in read_models_csv(dataset_dir / PRIVATE_INDEX_FILE, PrivateIndexRow)}
+    return {
+        row.image_key: row.relative_path for row in read_models_csv(dataset_dir / PRIVATE_INDEX_FILE, PrivateIndexRow)
+    }

@@ -75,7 +75,9 @@ def test_arm_names_resolve_profiles_by_mode():
 
 def test_weights_file_for_each_model(weights_dir, resnet50_weights_file):
     assert weights_file_for("resnet18", None, weights_dir).name.startswith("resnet18-")
-    assert weights_file_for("mobilenet_v3_large", resnet50_weights_file, weights_dir).name.startswith("mobilenet_v3_large-")
+    assert weights_file_for("mobilenet_v3_large", resnet50_weights_file, weights_dir).name.startswith(
+        "mobilenet_v3_large-"
+    )
     assert weights_file_for("resnet50", resnet50_weights_file, weights_dir) == resnet50_weights_file
     assert weights_file_for("resnet18", resnet50_weights_file, None) is None  # --weights is ResNet-50's file only
 
@@ -231,12 +233,19 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     chosen = next(p for p in depths if p.chosen)
     assert what is not None and what.chosen_depth == {"resnet18:imagenet-linear": chosen.depth}
     assert what.highest_arm in arms and what.smallest_non_inferior in arms and what.margin == 0.02
-    assert [b.budget_flops for b in what.budgets] == sorted(b.budget_flops for b in what.budgets) and len(what.budgets) == 2
+    assert [b.budget_flops for b in what.budgets] == sorted(b.budget_flops for b in what.budgets) and len(
+        what.budgets
+    ) == 2
     best_auc = {a.name: a.patient_metrics.roc_auc.value for a in results.arms}
     top = max(best_auc.values())
     assert what.budgets[-1].highest_arm == min(a for a, v in best_auc.items() if v >= top - 0.0005)  # ties by name
     for arm, size in what.chosen_size.items():  # chosen on validation AUC, never on test
-        assert size == max((p for p in results.input_sizes if p.arm == arm), key=lambda p: (p.val_auc, -p.image_size)).image_size
+        assert (
+            size
+            == max(
+                (p for p in results.input_sizes if p.arm == arm), key=lambda p: (p.val_auc, -p.image_size)
+            ).image_size
+        )
     assert what.sentences and any("training budget" in s for s in what.sentences)
     paths = render_report(results, tmp_path / "rendered")
     markdown = paths["markdown"].read_text(encoding="utf-8")

@@ -13,7 +13,8 @@ from flows.cli import COMMANDS, build_parser, main
 
 def test_listing_names_every_command_without_importing_flows(capsys: pytest.CaptureFixture[str]) -> None:
     code = subprocess.run(
-        [sys.executable, "-c", "import sys, flows.cli as c; c.build_parser(None); print(sorted(m for m in sys.modules if m.startswith(('torch', 'flows.', 'tasks.'))))"],
+        [sys.executable, "-c", "import sys, flows.cli as c; c.build_parser(None); print(sorted(m for m in sys.modules "
+                               "if m.startswith(('torch', 'flows.', 'tasks.'))))"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )
     assert code.stdout.strip() == ("['flows.cli', 'flows.cli.errors', 'flows.cli.prefect_api', 'tasks.common', "

@@ -11,7 +11,7 @@ import markupsafe
 import pytest
 import torch
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
 
 from data_schemas.dataset import ManifestRow
@@ -20,12 +20,11 @@ from data_schemas.plan import read_plan
 from data_schemas.report import ComparisonResults
 from data_schemas.training import EpochMetrics, PredictionRow
 from data_schemas.visual import LESIONS_SIDECAR_FILE
-from flows.cli import main
-from flows.cli import EXIT_NO_ARM, EXIT_PARTIAL
+from flows.cli import EXIT_NO_ARM, EXIT_PARTIAL, main
 from reports.render import SECTION_IDS
+from tasks.demo.synth import synthesize_cohort
 from tasks.ingest.lesions import attach_lesions
 from tasks.packaging.package import load_package
-from tasks.demo.synth import synthesize_cohort
 
 
 def package_parameters(package) -> int:
@@ -101,7 +100,11 @@ def shareable_files(root: Path) -> list[Path]:
 
 def test_compare_writes_a_complete_report(full_run: Path) -> None:
     results = ComparisonResults.model_validate_json((full_run / "results.json").read_text())
-    assert {arm.name: arm.status for arm in results.arms} == {"scratch": "completed", "imagenet": "completed", "imagenet-linear": "completed"}
+    assert {arm.name: arm.status for arm in results.arms} == {
+        "scratch": "completed",
+        "imagenet": "completed",
+        "imagenet-linear": "completed",
+    }
     assert results.split.no_patient_overlap
     assert len(results.comparisons) == 3
     for comparison in results.comparisons:
@@ -180,7 +183,9 @@ def test_visual_section_shows_each_network_arm_on_the_same_slices(full_run: Path
     assert html.count('<td data-arm="scratch">') == html.count('<td data-arm="imagenet">')
     assert "No map is shown for the linear-probe arm" in html
     md = (full_run / "report.md").read_text()
-    assert "visual_saliency_scratch_00.png" in md and (full_run / "figures" / "visual_saliency_scratch_00.png").is_file()
+    assert (
+        "visual_saliency_scratch_00.png" in md and (full_run / "figures" / "visual_saliency_scratch_00.png").is_file()
+    )
 
 
 async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:
@@ -190,7 +195,9 @@ async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[st
         run = next(r for r in runs if flows.get(r.flow_id) == flow_name)
         artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-    return {a.key: json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in artifacts if a.key}, [log.message for log in logs]
+    return {a.key: json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in artifacts if a.key}, [
+        log.message for log in logs
+    ]
 
 
 def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: Path, cohort) -> None:
@@ -201,7 +208,9 @@ def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: P
     # nothing private under the report folder: the dataset (and its private part) lies beside it
     assert not [p for p in full_run.rglob("*") if p.name in {"private", "quarantine.csv", "hmac.key", "index.csv"}]
     assert (dataset_of(full_run) / "private").is_dir()
-    texts = {str(p): p.read_text(errors="replace") for p in shareable_files(full_run) + shareable_files(dataset_of(full_run))}
+    texts = {
+        str(p): p.read_text(errors="replace") for p in shareable_files(full_run) + shareable_files(dataset_of(full_run))
+    }
     assert any(p.endswith("manifest.csv") for p in texts) and any(p.endswith("report.html") for p in texts)
     assert any(p.endswith("plan.json") for p in texts) and any(p.endswith("val_predictions.csv") for p in texts)
     texts.update({f"artifact {key}": data for key, data in artifacts.items()})
@@ -258,10 +267,26 @@ def test_an_arm_that_fails_mid_training_is_reported_and_the_others_compared(
     monkeypatch.setattr(train_loop, "train_one_epoch", fail_after_head_phase)
     out = tmp_path / "reports" / "one-arm-fails"
     capsys.readouterr()
-    code = main([
-        "compare", str(dataset_of(full_run)), "--out", str(out), "--profile", "smoke", "--arms", "scratch", "imagenet",
-        "--weights", str(resnet50_weights_file), "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
-    ])
+    code = main(
+        [
+            "compare",
+            str(dataset_of(full_run)),
+            "--out",
+            str(out),
+            "--profile",
+            "smoke",
+            "--arms",
+            "scratch",
+            "imagenet",
+            "--weights",
+            str(resnet50_weights_file),
+            "--no-calibrate",
+            "--bootstrap",
+            "20",
+            "--set",
+            "download_weights=false",
+        ]
+    )
     assert code == EXIT_PARTIAL == 3
     assert latest_compare_state() == ("FAILED", "Partial")  # red in the UI: an arm failed
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -282,7 +307,9 @@ def test_an_arm_that_fails_mid_training_is_reported_and_the_others_compared(
     assert '<td data-arm="scratch">' in html
 
 
-def test_no_completed_arm_fails_the_flow_run(full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_completed_arm_fails_the_flow_run(
+    full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "reports" / "nothing"
     capsys.readouterr()
     code = main([
@@ -320,7 +347,11 @@ def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None
     results = ComparisonResults.model_validate_json((out / "results.json").read_text())
     (folds,) = results.folds
     assert folds.arm == "scratch" and [f.fold for f in folds.per_fold] == [0, 1]
-    assert min(f.metrics["roc_auc"] for f in folds.per_fold) <= folds.mean["roc_auc"] <= max(f.metrics["roc_auc"] for f in folds.per_fold)
+    assert (
+        min(f.metrics["roc_auc"] for f in folds.per_fold)
+        <= folds.mean["roc_auc"]
+        <= max(f.metrics["roc_auc"] for f in folds.per_fold)
+    )
     points = sorted(results.data_efficiency, key=lambda p: p.fraction)
     assert [p.fraction for p in points] == [0.5, 1.0]
     assert points[0].n_train_patients < points[1].n_train_patients
@@ -331,7 +362,10 @@ def test_folds_and_data_efficiency_curve(full_run: Path, tmp_path: Path) -> None
 
     # cross-validated: the two outer folds' test parts partition every labelled patient
     plan = read_plan(out / "plan.json")
-    assert plan.split.mode == "cross-validated" and [r.run_dir for r in plan.pooled_runs("scratch")] == ["runs/scratch/main", "runs/scratch/fold-1"]
+    assert plan.split.mode == "cross-validated" and [r.run_dir for r in plan.pooled_runs("scratch")] == [
+        "runs/scratch/main",
+        "runs/scratch/fold-1",
+    ]
     labelled = {r.patient_key for r in read_models_csv(dataset_of(full_run) / "manifest.csv", ManifestRow) if r.label}
     fold_of: dict[str, int] = {}
     for k, run in enumerate(plan.pooled_runs("scratch")):

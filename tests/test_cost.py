@@ -13,17 +13,19 @@ import os
 from pathlib import Path
 
 import pytest
-
 import resnet50_by_hand as hand
+
 from data_schemas.arms import ARM_NAMES
 from data_schemas.cost import COST_FILE, THIS_MACHINE, Calibration, CostReport, ModelCountsCache
 from data_schemas.files import read_model_json
 from reports.cost_tables import format_table, markdown_table
-from tasks.cost import calibration as cost_calibration
-from tasks.cost import catalogue as cost_catalogue
-from tasks.cost import estimate as cost_estimate
-from tasks.cost import flops as cost_flops
-from tasks.cost import memory as cost_memory
+from tasks.cost import (
+    calibration as cost_calibration,
+    catalogue as cost_catalogue,
+    estimate as cost_estimate,
+    flops as cost_flops,
+    memory as cost_memory,
+)
 from tasks.training.models import count_flops, forward_flops_per_image
 
 DAY = 86_400.0
@@ -136,7 +138,9 @@ def test_resnet18_stem_and_forward_flops_by_hand():
     assert counts.train_flops_per_image == 3 * by_hand - convs[0].flops
     rgb = cost_flops.count_phase("full", 64, 3, 2, "resnet18").forward_flops_per_image
     assert rgb - by_hand == 2 * convs[0].flops
-    assert counts.params_total == sum(conv.weights for conv in convs) + 2 * sum(conv.c_out for conv in convs) + 512 * 2 + 2
+    assert (
+        counts.params_total == sum(conv.weights for conv in convs) + 2 * sum(conv.c_out for conv in convs) + 512 * 2 + 2
+    )
 
 
 @pytest.mark.parametrize("model", ["resnet50", "resnet18", "mobilenet_v3_large"])
@@ -159,7 +163,9 @@ def test_depthwise_convolution_backward_is_counted_by_hand():
     the depthwise weight gradient 64 times."""
     import torch
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 1, bias=False), torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 64, 1, bias=False), torch.nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+    )
     assert count_flops(net, 16, 1) == 2 * 64 * 256 + 2 * 64 * 9 * 256 == 327_680
     assert count_flops(net, 16, 1, backward=True) == 327_680 + 2 * 64 * 256 + 2 * (2 * 64 * 9 * 256) == 950_272
 
@@ -177,11 +183,15 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     the MobileNetV3 probe fits 1280 features), the note says utilisation is ResNet-50's, and the tables name the
     models."""
     arms = ["scratch", "resnet18:imagenet", "mobilenet_v3_large:imagenet-linear"]
-    inputs = cost_estimate.resolve_cost_inputs(n_images=10, image_size=64, epochs=2, arms=["resnet50:scratch", *arms[1:]])
+    inputs = cost_estimate.resolve_cost_inputs(
+        n_images=10, image_size=64, epochs=2, arms=["resnet50:scratch", *arms[1:]]
+    )
     assert inputs.arms == arms
     report = cost_estimate.build_cost_report(inputs)
     assert [(a.arm, a.model) for a in report.arms] == [
-        ("scratch", "resnet50"), ("resnet18:imagenet", "resnet18"), ("mobilenet_v3_large:imagenet-linear", "mobilenet_v3_large"),
+        ("scratch", "resnet50"),
+        ("resnet18:imagenet", "resnet18"),
+        ("mobilenet_v3_large:imagenet-linear", "mobilenet_v3_large"),
     ]
     resnet18 = report.arm("resnet18:imagenet")
     convs = _resnet18_convs(64, 1)
@@ -190,8 +200,15 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     assert "ResNet-18 from ImageNet weights" in resnet18.description
     mobile = report.arm("mobilenet_v3_large:imagenet-linear")
     assert mobile.params_trainable == 1280 + 1 and mobile.classifier_fit_flops == 100 * 4 * 10 * 1280
-    assert mobile.forward_flops_per_image == cost_flops.count_phase("features", 64, 1, 2, "mobilenet_v3_large").forward_flops_per_image
-    assert mobile.forward_flops_per_image < resnet18.forward_flops_per_image < report.arm("scratch").forward_flops_per_image
+    assert (
+        mobile.forward_flops_per_image
+        == cost_flops.count_phase("features", 64, 1, 2, "mobilenet_v3_large").forward_flops_per_image
+    )
+    assert (
+        mobile.forward_flops_per_image
+        < resnet18.forward_flops_per_image
+        < report.arm("scratch").forward_flops_per_image
+    )
     assert mobile.memory.optimizer_bytes == 0 and mobile.memory.activations_bytes_per_image > 0
     assert any("ResNet-50's" in note for note in report.notes)
     assert report.arm("resnet50:scratch") == report.arms[0]
@@ -201,7 +218,10 @@ def test_arms_of_every_model_are_priced_by_their_own_model():
     del older["arms"][0]["model"]
     assert CostReport.model_validate(older).arms[0].model == "resnet50"
     table, markdown = format_table(report), markdown_table(report)
-    assert "mobilenet_v3_large:imagenet-linear  MobileNetV3-Large" in table and "| resnet18:imagenet | ResNet-18 |" in markdown
+    assert (
+        "mobilenet_v3_large:imagenet-linear  MobileNetV3-Large" in table
+        and "| resnet18:imagenet | ResNet-18 |" in markdown
+    )
 
 
 # ============================================================================================ freezing
@@ -266,7 +286,11 @@ def test_linear_arm_is_one_forward_pass_plus_a_small_fit():
     assert arm.memory.method.startswith("no-grad forward: peak of live tensors")  # not the training phase's method
     a100 = next(d for d in arm.devices if d.device == "a100")
     assert a100.peak_flops_per_second == 312e12 and a100.precision == "bf16"  # devices.json: 312 TFLOP/s bf16
-    assert cost_flops.classifier_params(2) == 2049 and cost_flops.classifier_params(5) == 5 * 2048 + 5 and cost_flops.classifier_params(3, dim=10) == 33
+    assert (
+        cost_flops.classifier_params(2) == 2049
+        and cost_flops.classifier_params(5) == 5 * 2048 + 5
+        and cost_flops.classifier_params(3, dim=10) == 33
+    )
 
 
 # ============================================================================================ time
@@ -292,11 +316,21 @@ def test_estimate_for_the_epochs_actually_run():
     report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     head, full = 50 * hand.head_only_training_flops(64, 1, 2), 50 * hand.full_training_flops(64, 1, 2)
     scratch, imagenet, linear = (report.arm(a) for a in ARM_NAMES)
-    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE, 4) == pytest.approx(4 * full / RATE + WARMUP, rel=1e-12)
-    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE) == pytest.approx(10 * full / RATE + WARMUP, rel=1e-12)
-    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 2) == pytest.approx(2 * head / RATE + WARMUP, rel=1e-12)
-    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 5) == pytest.approx((3 * head + 2 * full) / RATE + WARMUP, rel=1e-12)
-    assert cost_estimate.estimated_seconds_for(linear, THIS_MACHINE, 7) == cost_estimate.estimated_seconds_for(linear, THIS_MACHINE)
+    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE, 4) == pytest.approx(
+        4 * full / RATE + WARMUP, rel=1e-12
+    )
+    assert cost_estimate.estimated_seconds_for(scratch, THIS_MACHINE) == pytest.approx(
+        10 * full / RATE + WARMUP, rel=1e-12
+    )
+    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 2) == pytest.approx(
+        2 * head / RATE + WARMUP, rel=1e-12
+    )
+    assert cost_estimate.estimated_seconds_for(imagenet, THIS_MACHINE, 5) == pytest.approx(
+        (3 * head + 2 * full) / RATE + WARMUP, rel=1e-12
+    )
+    assert cost_estimate.estimated_seconds_for(linear, THIS_MACHINE, 7) == cost_estimate.estimated_seconds_for(
+        linear, THIS_MACHINE
+    )
     with pytest.raises(KeyError, match="no estimate for device"):
         cost_estimate.estimated_seconds_for(scratch, "tpu-v9", 1)
 
@@ -306,7 +340,9 @@ def test_imagenet_90_epochs_is_1e18_mac_and_about_two_weeks_on_m40(imagenet_coun
     "~10^18 single-precision operations"); at 7 TFLOP/s x 0.35: 2.80e18 / 2.45e12 = 1.14e6 s = 13.2 days
     (You et al. 2018: "14 days")."""
     total = 1.28e6 * 90 * hand.full_training_flops(224, 3, 1000)
-    seconds = cost_catalogue.estimate_seconds(1.28e6 * 90 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("m40"), "bf16")
+    seconds = cost_catalogue.estimate_seconds(
+        1.28e6 * 90 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("m40"), "bf16"
+    )
     assert seconds == pytest.approx(total / (7.0e12 * 0.35), rel=1e-12)
     assert 13.1 < seconds / DAY < 13.3
 
@@ -315,7 +351,9 @@ def test_1500_images_100_epochs_on_1080ti_is_13_minutes(imagenet_counts):
     """1,500 x 100 image-passes x 24.30 GFLOPs = 3.64e15 FLOPs / (11.3e12 x 0.40, bf16 falls back to fp32)
     = 806 s = 13.4 minutes."""
     total = 1500 * 100 * hand.full_training_flops(224, 3, 1000)
-    seconds = cost_catalogue.estimate_seconds(1500 * 100 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("gtx-1080-ti"), "bf16")
+    seconds = cost_catalogue.estimate_seconds(
+        1500 * 100 * imagenet_counts.train_flops_per_image, cost_catalogue.load_catalogue().get("gtx-1080-ti"), "bf16"
+    )
     assert seconds == pytest.approx(total / (11.3e12 * 0.40), rel=1e-12)
     assert 800 < seconds < 812
 
@@ -337,18 +375,26 @@ def test_activation_memory_per_image_is_every_saved_tensor_counted_by_hand():
 def test_memory_breakdown_and_max_batch():
     """weights 4 B x (params + buffers), grads 4 B x trainable, Adam 8 B x trainable; activations fixed + batch x
     per image; max batch = floor((0.9 x memory - everything batch-independent) / per image)."""
-    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=64, batch_size=8, device_memory_gb=4, precision="fp32")
+    inputs = cost_estimate.resolve_cost_inputs(
+        n_images=100, image_size=64, batch_size=8, device_memory_gb=4, precision="fp32"
+    )
     m = cost_estimate.estimate_arm("scratch", inputs, cost_catalogue.load_catalogue()).memory
     params = hand.parameters(1, 2)
     per_image = hand.fp32_saved_bytes_per_image(64, 1)
-    assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (4 * (params + hand.buffers()), 4 * params, 8 * params)
+    assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (
+        4 * (params + hand.buffers()),
+        4 * params,
+        8 * params,
+    )
     assert m.activations_bytes_per_image == per_image
     assert m.activations_bytes == m.activations_fixed_bytes + 8 * per_image
     assert m.total_bytes == 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes + 8 * per_image
     arm = cost_estimate.estimate_arm("scratch", inputs, cost_catalogue.load_catalogue())
     fixed = 16 * params + 4 * hand.buffers() + m.activations_fixed_bytes
     assert arm.max_batch_for_given_memory == int((0.9 * 4e9 - fixed) // per_image)
-    sgd = cost_estimate.estimate_arm("scratch", inputs.model_copy(update={"optimizer": "sgd"}), cost_catalogue.load_catalogue()).memory
+    sgd = cost_estimate.estimate_arm(
+        "scratch", inputs.model_copy(update={"optimizer": "sgd"}), cost_catalogue.load_catalogue()
+    ).memory
     assert sgd.optimizer_bytes == 4 * params
     assert cost_memory.max_batch_size(1e6, 10**9, 10) == 0
 
@@ -378,7 +424,9 @@ def test_calibration_arithmetic_from_timed_steps(monkeypatch):
     """4 timed steps of batch 16 in 2.0 s after a 3.0 s first step: 32 img/s, achieved = 32 x train FLOPs per
     image, utilisation = achieved / matmul peak, warm-up = 3.0 - 2.0 / 4 = 2.5 s."""
     monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
-    monkeypatch.setattr(cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(3.0, 4, 2.0))
+    monkeypatch.setattr(
+        cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(3.0, 4, 2.0)
+    )
     calibration = cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16)
     achieved = 32 * hand.full_training_flops(64, 1, 2)
     assert calibration.train_batch_size == 16 and calibration.train_images_per_second == 32
@@ -503,7 +551,9 @@ def test_broken_catalogue_entry_raises_clear_error(tmp_path, breakage, message):
 
 
 def test_cost_json_round_trip_and_an_older_file_is_recomputed(tmp_path):
-    inputs = cost_estimate.resolve_cost_inputs(n_images=200, image_size=64, epochs=4, arms=["scratch", "imagenet-linear"])
+    inputs = cost_estimate.resolve_cost_inputs(
+        n_images=200, image_size=64, epochs=4, arms=["scratch", "imagenet-linear"]
+    )
     report = cost_estimate.build_cost_report(inputs)
     path = cost_estimate.write_cost_report(tmp_path, report)
     assert read_model_json(path, CostReport) == report
@@ -517,7 +567,9 @@ def test_cost_json_round_trip_and_an_older_file_is_recomputed(tmp_path):
 
 def test_tables_show_every_arm_device_and_duration():
     """The terminal table and the artifact name each arm and device; durations go through format_duration."""
-    inputs = cost_estimate.resolve_cost_inputs(n_images=64, image_size=64, epochs=3, arms=["scratch", "imagenet"], device_memory_gb=8)
+    inputs = cost_estimate.resolve_cost_inputs(
+        n_images=64, image_size=64, epochs=3, arms=["scratch", "imagenet"], device_memory_gb=8
+    )
     report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
     seconds = _this_machine(report.arm("scratch")).seconds
     total = 3 * 64 * hand.full_training_flops(64, 1, 2) / RATE + WARMUP
@@ -622,7 +674,8 @@ def test_cost_from_dataset_folder_prices_its_labelled_images(tmp_path, monkeypat
         ({"num_classes": 1}, "--num-classes must be at least 2 (got 1)."),
         ({"device_memory_gb": 0}, "--device-memory-gb must be greater than 0.0 (got 0)."),
         ({"head_warmup_epochs": 5, "epochs": 2}, "head_warmup_epochs (5) cannot exceed epochs (2)."),
-        ({"batch_size": "many"}, "--batch-size: Input should be a valid integer, unable to parse string as an integer (got 'many')."),
+        ({"batch_size": "many"}, "--batch-size: Input should be a valid integer, unable to parse string as an integer "
+                                 "(got 'many')."),
         ({"optimizer": "lion"}, "--optimizer must be one of 'adam' or 'sgd' (got 'lion')."),
     ],
     ids=["below-range", "above-range", "channels", "at-least", "greater-than", "model-rule", "not-a-number", "choice"],
@@ -640,9 +693,13 @@ def test_bad_image_count_and_unknown_setting_are_one_sentence():
     with pytest.raises(ValueError) as caught:
         cost_estimate.resolve_cost_inputs(dataset=Path("cohort"), n_images=10)
     assert str(caught.value) == "give either --dataset DATASET_DIR or --images N, not both."
-    with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, channels, "):
+    with pytest.raises(ValueError, match=r"^unknown cost setting 'epoch'; valid settings are arms, batch_size, "
+                                         r"channels, "):
         cost_estimate.resolve_cost_inputs(n_images=10, epoch=3)
-    assert cost_estimate._field_bounds("image_size") == (32, 2048) and cost_estimate._field_bounds("n_images") == (1, None)
+    assert cost_estimate._field_bounds("image_size") == (32, 2048) and cost_estimate._field_bounds("n_images") == (
+        1,
+        None,
+    )
     assert cost_estimate._field_bounds("device_memory_gb") == (None, None)  # gt, not ge
 
 
@@ -661,9 +718,13 @@ def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
 
     monkeypatch.setattr(cost_calibration, "phase_model", tiny)
 
-    enough = cost_calibration._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0)
+    enough = cost_calibration._time_training_steps(
+        32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0
+    )
     assert enough.steps == 3 and enough.timed_seconds > 0 and enough.first_step_seconds > 0
-    late = cost_calibration._time_training_steps(32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0)
+    late = cost_calibration._time_training_steps(
+        32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0
+    )
     assert late.steps == 1 and late.timed_seconds > 0
     assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
     rate = cost_calibration._matmul_rate(torch.float32, n=64, seconds=0.01)
@@ -673,8 +734,12 @@ def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
 @pytest.mark.parametrize("first_step, warmup", [(0.6, 0.1), (0.2, 0.0)], ids=["small", "clipped-at-0"])
 def test_calibrated_warmup_is_first_step_minus_a_timed_step_never_negative(monkeypatch, first_step, warmup):
     monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
-    monkeypatch.setattr(cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(first_step, 4, 2.0))
-    assert cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(warmup, abs=1e-12)
+    monkeypatch.setattr(
+        cost_calibration, "_time_training_steps", lambda *a, **k: cost_calibration.StepTimes(first_step, 4, 2.0)
+    )
+    assert cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16).warmup_seconds == pytest.approx(
+        warmup, abs=1e-12
+    )
 
 
 def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch):
@@ -695,24 +760,37 @@ def test_calibration_cache_is_keyed_by_size_and_precision(tmp_path, monkeypatch)
     cache.write_text("{not json")
     cost_calibration.load_or_calibrate(64, 1, "bf16", 16, cache_path=cache)
     assert len(calls) == 6 and cache.is_file()
-    assert cost_catalogue.this_machine_precision("fp16") == "bf16" and cost_catalogue.this_machine_precision("tf32") == "fp32"
+    assert (
+        cost_catalogue.this_machine_precision("fp16") == "bf16"
+        and cost_catalogue.this_machine_precision("tf32") == "fp32"
+    )
     monkeypatch.setattr(tasks.common.runtime, "cpu_has_fast_bf16", lambda: False)
     assert cost_catalogue.this_machine_precision("bf16") == "fp32"
 
 
 def test_cost_inputs_from_a_dataset_card(tmp_path):
     """Images = labelled images (all when none is labelled), size, channels and classes from dataset.json."""
-    from data_schemas.files import write_model_json
     from report_fixtures import make_example_card
 
-    card = make_example_card(content_hash="f" * 64).model_copy(update={
-        "n_images": 1500, "n_unlabeled_images": 60, "image_size": 96, "label_distribution": {"a": 500, "b": 500, "c": 440}})
+    from data_schemas.files import write_model_json
+
+    card = make_example_card(content_hash="f" * 64).model_copy(
+        update={
+            "n_images": 1500,
+            "n_unlabeled_images": 60,
+            "image_size": 96,
+            "label_distribution": {"a": 500, "b": 500, "c": 440},
+        }
+    )
     write_model_json(tmp_path / "dataset.json", card)
     inputs = cost_estimate.resolve_cost_inputs(dataset=tmp_path, epochs=3)
     assert (inputs.n_images, inputs.image_size, inputs.channels, inputs.num_classes, inputs.dataset_content_hash) == (
         1440, 96, card.channels, 3, "f" * 64)
-    assert cost_estimate.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64  # a setting overrides the card
-    write_model_json(tmp_path / "dataset.json", card.model_copy(update={"n_unlabeled_images": 1500, "label_distribution": {}}))
+    # a setting overrides the card
+    assert cost_estimate.resolve_cost_inputs(dataset=tmp_path, image_size=64).image_size == 64
+    write_model_json(
+        tmp_path / "dataset.json", card.model_copy(update={"n_unlabeled_images": 1500, "label_distribution": {}})
+    )
     unlabelled = cost_estimate.resolve_cost_inputs(dataset=tmp_path)
     assert (unlabelled.n_images, unlabelled.num_classes) == (1500, 2)
     (tmp_path / "dataset.json").write_text('{"n_images": "many"}')
@@ -720,4 +798,5 @@ def test_cost_inputs_from_a_dataset_card(tmp_path):
         cost_estimate.resolve_cost_inputs(dataset=tmp_path)
     with pytest.raises(ValueError) as caught:
         cost_estimate.resolve_cost_inputs(dataset=tmp_path / "nowhere")
-    assert str(caught.value) == f"{tmp_path / 'nowhere'} is not a ctcompare dataset folder: dataset.json is missing (run 'ctcompare ingest')."
+    assert str(caught.value) == (f"{tmp_path / 'nowhere'} is not a ctcompare dataset folder: dataset.json is missing "
+                                 "(run 'ctcompare ingest').")

@@ -16,14 +16,18 @@ from tests.dicom_factory import ct_variant, write_bad_inputs
 
 
 @pytest.mark.timeout(400)
-def test_process_pool_and_local_dask_cluster_write_byte_identical_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_process_pool_and_local_dask_cluster_write_byte_identical_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from distributed import Client, LocalCluster, get_task_stream
 
     monkeypatch.setenv("CTCOMPARE_HMAC_KEY", "fixed-key-for-the-comparison")  # same pseudonyms in both datasets
     src = tmp_path / "src"
     for patient in range(12):  # 36 files: enough for the flow to use its process pool (32 or more)
         for instance in range(3):
-            ct_variant(src / f"p{patient:02d}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1)
+            ct_variant(
+                src / f"p{patient:02d}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1
+            )
     write_bad_inputs(src / "junk")  # quarantine decisions must not depend on where the chunks ran
 
     pools: list[DecodePool] = []

@@ -81,8 +81,24 @@ def test_two_concurrent_ingests_of_different_sizes_end_in_one_consistent_dataset
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", SLOW_WRITER, "ingest", str(src), "--out", str(out), "--size", str(size), "--workers", "1"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-c",
+                SLOW_WRITER,
+                "ingest",
+                str(src),
+                "--out",
+                str(out),
+                "--size",
+                str(size),
+                "--workers",
+                "1",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for size in (32, 48)
     ]
@@ -93,7 +109,9 @@ def test_two_concurrent_ingests_of_different_sizes_end_in_one_consistent_dataset
     assert all("Dataset written" in output for output in outputs)
 
 
-def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tasks.ingest.assemble
 
     src = small_cohort(tmp_path / "src", n=2)
@@ -102,7 +120,8 @@ def test_a_second_writer_waits_for_the_lock_or_refuses_with_one_sentence(tmp_pat
     holder = FileLock(out / DATASET_LOCK_FILE, thread_local=False)  # released by the timer thread below
     holder.acquire()
     monkeypatch.setattr(tasks.ingest.assemble, "DATASET_LOCK_TIMEOUT_S", 0.5)
-    with pytest.raises(OutputWriteError, match=rf"^dataset folder {re.escape(str(out))} is being written by another ctcompare run \(waited 0.5 s\); run again when it has finished\.$"):
+    with pytest.raises(OutputWriteError, match=rf"^dataset folder {re.escape(str(out))} is being written by another "
+                                               r"ctcompare run \(waited 0.5 s\); run again when it has finished\.$"):
         ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
     assert not (out / "dataset.json").exists()
     monkeypatch.setattr(tasks.ingest.assemble, "DATASET_LOCK_TIMEOUT_S", 120.0)
@@ -131,11 +150,17 @@ def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pat
     src = small_cohort(tmp_path / "src", n=2)
     out = tmp_path / "dataset"
     ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid, host = int(dead.stdout), socket.gethostname()
     cache = next((out / "private/cache").iterdir())
-    stale = [out / f".images.npy.0123456789ab.{dead_pid}@{host}.tmp", out / ".images.npy.tmp",
-             out / PRIVATE_DIR / f".index.csv.0123456789ab.{dead_pid}@{host}.tmp", cache / f".x.npz.0123456789ab.{dead_pid}@{host}.tmp"]
+    stale = [
+        out / f".images.npy.0123456789ab.{dead_pid}@{host}.tmp",
+        out / ".images.npy.tmp",
+        out / PRIVATE_DIR / f".index.csv.0123456789ab.{dead_pid}@{host}.tmp",
+        cache / f".x.npz.0123456789ab.{dead_pid}@{host}.tmp",
+    ]
     live = cache / f".y.npz.0123456789ab.1@{host}.tmp"  # pid 1 runs: a concurrent decoder's write in progress
     for path in [*stale, live]:
         path.write_bytes(b"partial")
@@ -157,7 +182,9 @@ def documented_private_table() -> dict[str, str]:
     return rows
 
 
-def test_private_part_is_placed_and_permissioned_as_the_docs_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_part_is_placed_and_permissioned_as_the_docs_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CTCOMPARE_HMAC_KEY")
     src = small_cohort(tmp_path / "src", n=2)
     (src / "notes.txt").write_text("not an image")
@@ -186,7 +213,9 @@ def test_private_part_is_placed_and_permissioned_as_the_docs_say(tmp_path: Path,
     assert "JOHN_DOE" not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
 
 
-def test_row_order_and_images_do_not_depend_on_the_pseudonymization_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row_order_and_images_do_not_depend_on_the_pseudonymization_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = small_cohort(tmp_path / "src", n=6)
     manifests = []
     for key in ("first-secret", "second-secret"):
@@ -194,7 +223,9 @@ def test_row_order_and_images_do_not_depend_on_the_pseudonymization_key(tmp_path
         out = tmp_path / key
         ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1)
         manifests.append(read_models_csv(out / MANIFEST_FILE, ManifestRow))
-    assert (tmp_path / "first-secret" / IMAGES_FILE).read_bytes() == (tmp_path / "second-secret" / IMAGES_FILE).read_bytes()
+    assert (tmp_path / "first-secret" / IMAGES_FILE).read_bytes() == (
+        tmp_path / "second-secret" / IMAGES_FILE
+    ).read_bytes()
     first, second = ([row.model_dump(exclude=KEY_COLUMNS) for row in rows] for rows in manifests)
     assert first == second
     assert [r.patient_key for r in manifests[0]] != [r.patient_key for r in manifests[1]]  # the keys did change
@@ -232,7 +263,9 @@ def test_disk_full_while_writing_the_dataset_is_one_sentence_naming_the_folder(
     assert not (out / "dataset.json").exists()
 
 
-def test_disk_full_while_decoding_is_one_sentence_and_never_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_decoding_is_one_sentence_and_never_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tasks.ingest.decode
 
     def disk_full(*args: object, **kwargs: object) -> None:
@@ -244,7 +277,10 @@ def test_disk_full_while_decoding_is_one_sentence_and_never_retried(tmp_path: Pa
     state = ingest_flow(src_dir=str(src), out_dir=str(out), size=32, workers=1, return_state=True)
     error = state.result(raise_on_failure=False)
     assert isinstance(error, OutputWriteError)
-    assert re.fullmatch(rf"cannot write decoded images into {re.escape(str(out.resolve()))}/private/cache/\w+ \(No space left on device\)\.", str(error))
+    assert re.fullmatch(rf"cannot write decoded images into {re.escape(str(out.resolve()))}/private/cache/\w+ \(No "
+                        r"space left on device\)\.", str(error))
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert runs and all(run.run_count == 1 for run in runs), "a chunk that cannot be written was retried"

@@ -10,15 +10,15 @@ import torch
 
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.package import DEPLOY_COST_FILE, PACKAGE_FILE, DeploymentCost, ImagePrediction
-from flows.predict import predict_flow
 from data_schemas.training import SplitRow
+from flows.predict import predict_flow
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import deploy_cost_task, measure_deployment_cost, parameter_count
-from tasks.training.models import forward_flops_per_image, scratch_resnet50
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import predict_images, prepare_model
 from tasks.packaging.quantize import compare_compression, int8_engine, training_images, write_compressed_package
-from tests.ship_fixtures import ShippedRun, shared_shipped_run, copy_test_patient_files
+from tasks.training.models import forward_flops_per_image, scratch_resnet50
+from tests.ship_fixtures import ShippedRun, copy_test_patient_files, shared_shipped_run
 
 QUICK = {"budget_seconds": 0.3}
 
@@ -62,7 +62,9 @@ def test_compressed_variant_is_smaller_and_agrees(shipped: ShippedRun, compresse
     full, small = load_package(shipped.package_dir), load_package(compressed)
     expected = "int8" if int8_engine() else "bf16"
     assert small.meta.weights_variant == expected
-    assert ("calibrated on 12 training images" if expected == "int8" else "int8 quantization is unsupported") in small.meta.compression
+    assert (
+        "calibrated on 12 training images" if expected == "int8" else "int8 quantization is unsupported"
+    ) in small.meta.compression
     assert compressed.stat().st_size < 0.5 * (shipped.package_dir / PACKAGE_FILE).stat().st_size
     raw = torch.load(compressed, weights_only=True)  # still one weights-only file
     assert raw["metadata"]["weights_variant"] == expected
@@ -91,7 +93,11 @@ def _paired_interval_by_hand(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int
     from tasks.evaluation.statistics import roc_auc
 
     rng = np.random.default_rng(seed)
-    changes = [roc_auc(y[i], b[i]) - roc_auc(y[i], a[i]) for i in rng.integers(0, y.size, (n, y.size)) if 0 < y[i].sum() < y.size]
+    changes = [
+        roc_auc(y[i], b[i]) - roc_auc(y[i], a[i])
+        for i in rng.integers(0, y.size, (n, y.size))
+        if 0 < y[i].sum() < y.size
+    ]
     low, high = np.percentile(changes, [2.5, 97.5])
     return float(low), float(high)
 
@@ -105,24 +111,44 @@ def test_compression_is_judged_on_the_predictions_of_the_report_tables(shipped: 
     from tasks.packaging.deploy_cost import evaluate_compression, run_test_images
 
     full = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=1, **QUICK)
-    result = evaluate_compression(full_package=shipped.package_dir, compressed_package=compressed.parent,
-                                  run_dir=shipped.run_dir, dataset_dir=shipped.dataset_dir, full_cost=full, tolerance=0.02,
-                                  budget_seconds=QUICK["budget_seconds"], n_bootstrap=200, seed=3)
+    result = evaluate_compression(
+        full_package=shipped.package_dir,
+        compressed_package=compressed.parent,
+        run_dir=shipped.run_dir,
+        dataset_dir=shipped.dataset_dir,
+        full_cost=full,
+        tolerance=0.02,
+        budget_seconds=QUICK["budget_seconds"],
+        n_bootstrap=200,
+        seed=3,
+    )
     rows = read_models_csv(shipped.run_dir / PREDICTIONS_FILE, PredictionRow)
-    table = aggregate_by_patient([r.patient_key for r in rows], [r.target for r in rows], [r.prob_positive for r in rows], "mean")
+    table = aggregate_by_patient(
+        [r.patient_key for r in rows], [r.target for r in rows], [r.prob_positive for r in rows], "mean"
+    )
     assert result.level == "patient" and result.n_patients == len(table.patients) and result.tolerance == 0.02
     assert result.auc_full == pytest.approx(roc_auc(table.targets, table.probs), abs=1e-12)
     images, _, _ = run_test_images(shipped.run_dir, shipped.dataset_dir)
-    small = aggregate_by_patient([r.patient_key for r in rows], [r.target for r in rows],
-                                 predict_images(prepare_model(load_package(compressed.parent), "auto"), images, progress=False), "mean")
+    small = aggregate_by_patient(
+        [r.patient_key for r in rows],
+        [r.target for r in rows],
+        predict_images(prepare_model(load_package(compressed.parent), "auto"), images, progress=False),
+        "mean",
+    )
     assert result.auc_compressed == pytest.approx(roc_auc(small.targets, small.probs), abs=1e-6)
     if result.interval is not None:
-        assert result.interval == pytest.approx(_paired_interval_by_hand(table.targets, table.probs, small.probs, 200, 3), abs=1e-6)
+        assert result.interval == pytest.approx(
+            _paired_interval_by_hand(table.targets, table.probs, small.probs, 200, 3), abs=1e-6
+        )
     assert "patient-level test AUC" in result.statement and "report's tables" in result.statement
 
 
-@pytest.mark.parametrize("scale, noise, judgement", [(1.0, 0.05, "within"), (0.0, 4.0, "beyond"), (1.0, 0.7, "undecided")])
-def test_auc_change_is_judged_against_the_tolerance(shipped: ShippedRun, scale: float, noise: float, judgement: str) -> None:
+@pytest.mark.parametrize(
+    "scale, noise, judgement", [(1.0, 0.05, "within"), (0.0, 4.0, "beyond"), (1.0, 0.7, "undecided")]
+)
+def test_auc_change_is_judged_against_the_tolerance(
+    shipped: ShippedRun, scale: float, noise: float, judgement: str
+) -> None:
     """Within when the paired interval's lower bound lies above -tolerance, beyond when its upper bound lies below,
     undecided otherwise; the statement says which, at the patient level, with the interval and the tolerance."""
     from tasks.packaging.quantize import PairedPredictions
@@ -145,7 +171,9 @@ def test_auc_change_is_judged_against_the_tolerance(shipped: ShippedRun, scale: 
     assert result.judgement == judgement == ("within" if low > -0.02 else "beyond" if high < -0.02 else "undecided")
     assert "patient-level" in result.statement and "tolerance of 0.02 AUC" in result.statement
     assert f"{low:+.3f} to {high:+.3f}" in result.statement and "25% of the full-precision size" in result.statement
-    one_class = PairedPredictions(targets=np.ones(6, dtype=int), patients=list("aabbcc"), full=np.full(6, 0.6), compressed=np.full(6, 0.5))
+    one_class = PairedPredictions(
+        targets=np.ones(6, dtype=int), patients=list("aabbcc"), full=np.full(6, 0.6), compressed=np.full(6, 0.5)
+    )
     assert compare_compression(full, small, one_class, tolerance=0.02).judgement == "not_estimable"
 
 

@@ -52,7 +52,8 @@ def test_prefect_yaml_is_portable_with_inactive_schedules() -> None:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     absolute = [s for s in _strings(config) if s.startswith(("/", "~")) or str(ROOT) in s]
     assert not absolute, f"absolute paths in prefect.yaml: {absolute}"
-    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTCOMPARE_ROOT }}"}}]
+    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $CTCOMPARE_ROOT "
+                                                                                                "}}"}}]
     deployments = {(d["entrypoint"].split(":")[1], d["name"]): d for d in config["deployments"]}
     nightly = deployments["ingest_flow", "nightly"]
     weekly = deployments["compare_flow", "weekly"]
@@ -96,7 +97,10 @@ def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack)
     assert nightly["enforce_parameter_schema"] is True
     assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", False)]
     # The pull step keeps its placeholder: each worker fills in its own checkout at run time.
-    assert nightly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $CTCOMPARE_ROOT }}"
+    assert (
+        nightly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+        == "{{ $CTCOMPARE_ROOT }}"
+    )
     assert str(ROOT) not in json.dumps(nightly)
     # The form in the UI: typed fields with bounds and defaults.
     size = nightly["parameter_openapi_schema"]["properties"]["size"]
@@ -185,7 +189,9 @@ def test_unlabelled_nightly_warns_and_the_weekly_names_the_labels_to_give(stack:
     incoming = tmp_path / "incoming"
     for patient in range(3):
         for instance in range(2):
-            ct_variant(incoming / f"p{patient}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1)
+            ct_variant(
+                incoming / f"p{patient}" / f"{instance}.dcm", patient_id=f"PAT{patient}", InstanceNumber=instance + 1
+            )
     parameters = {"src_dir": str(incoming), "out_dir": str(tmp_path / "dataset"), "size": "32", "labels": "null"}
     states = []
     for _ in range(2):

@@ -1,4 +1,5 @@
-"""Tests of tasks.evaluation.evaluate.build_results on run folders written directly with the schemas (no training code)."""
+"""Tests of tasks.evaluation.evaluate.build_results on run folders written directly with the schemas (no training
+code)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,41 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
 
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_models_csv
 from data_schemas.report import ComparisonResults
 from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, EpochMetrics, PredictionRow
-from report_fixtures import SKIP_REASON, Patient, make_patients, write_comparison, write_dataset_and_split, write_run
 from reports.render import render_report
-from tasks.evaluation import pooling
-from tasks.evaluation import statistics as st
 from reports.wording import word_results
+from tasks.evaluation import pooling, statistics as st
 from tasks.evaluation.evaluate import build_results
 
 
-def _build(root: Path, arm_runs: dict[str, list[Path]], mode: str, dataset_dir: Path, splits: Path, **settings) -> ComparisonResults:
-    return word_results(build_results(
-        dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs,
-        evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=50, **settings), cost_path=root / "cost.json",
-        run_id="test-run", seed=0, command="ctcompare compare",
-    ))
+def _build(
+    root: Path, arm_runs: dict[str, list[Path]], mode: str, dataset_dir: Path, splits: Path, **settings
+) -> ComparisonResults:
+    return word_results(
+        build_results(
+            dataset_dir=dataset_dir,
+            splits_path=splits,
+            arm_runs=arm_runs,
+            evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=50, **settings),
+            cost_path=root / "cost.json",
+            run_id="test-run",
+            seed=0,
+            command="ctcompare compare",
+        )
+    )
 
 
 def _test_patients(run_dirs: list[Path]) -> list[str]:
-    return [key for d in run_dirs for key in sorted({r.patient_key for r in read_models_csv(d / PREDICTIONS_FILE, PredictionRow)})]
+    return [
+        key
+        for d in run_dirs
+        for key in sorted({r.patient_key for r in read_models_csv(d / PREDICTIONS_FILE, PredictionRow)})
+    ]
 
 
 @pytest.mark.parametrize("mode, n_runs", [("holdout", 1), ("cross-validated", 3)])
@@ -36,7 +49,10 @@ def test_pooling_covers_each_test_patient_once(tmp_path: Path, mode: str, n_runs
     dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode=mode)
     results = _build(tmp_path, arm_runs, mode, dataset_dir, splits)
     ComparisonResults.model_validate_json(results.model_dump_json())  # what results.json holds validates again
-    assert results.evaluation.mode == mode and results.evaluation.runs_per_arm == {"scratch": n_runs, "imagenet": n_runs}
+    assert results.evaluation.mode == mode and results.evaluation.runs_per_arm == {
+        "scratch": n_runs,
+        "imagenet": n_runs,
+    }
     tested = _test_patients(arm_runs["scratch"])
     assert len(tested) == len(set(tested)) == (12 if mode == "holdout" else 36)
     n_images = sum(len(read_models_csv(d / PREDICTIONS_FILE, PredictionRow)) for d in arm_runs["scratch"])
@@ -76,7 +92,9 @@ def test_each_fold_applies_its_own_validation_threshold(tmp_path: Path) -> None:
     hits = positives = 0
     for k, run_dir in enumerate(arm_runs["scratch"]):
         val = read_models_csv(run_dir / VAL_PREDICTIONS_FILE, PredictionRow)
-        expected = pooling.choose_operating_point([r.target for r in val], [r.prob_positive for r in val], "sensitivity", 0.8)
+        expected = pooling.choose_operating_point(
+            [r.target for r in val], [r.prob_positive for r in val], "sensitivity", 0.8
+        )
         assert arm.operating_point.slice_thresholds[k] == pytest.approx(expected.threshold)
         test = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
         hits += sum(r.target == 1 and r.prob_positive >= expected.threshold for r in test)
@@ -115,7 +133,10 @@ def test_like_for_like_overfitting_gap_and_stopping_monitor(tmp_path: Path) -> N
 def _single_positive_cohort(tmp_path: Path, test: list[Patient]) -> ComparisonResults:
     val = make_patients(10, seed=5, prefix="v")
     dataset_dir, splits = write_dataset_and_split(tmp_path, test, val)
-    arm_runs = {arm: [write_run(tmp_path / "runs" / arm, arm=arm, test=test, val=val, seed=i)] for i, arm in enumerate(("scratch", "imagenet"))}
+    arm_runs = {
+        arm: [write_run(tmp_path / "runs" / arm, arm=arm, test=test, val=val, seed=i)]
+        for i, arm in enumerate(("scratch", "imagenet"))
+    }
     return _build(tmp_path, arm_runs, "holdout", dataset_dir, splits)
 
 
@@ -141,7 +162,9 @@ def test_one_patient_is_not_estimable_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_skipped_arm_keeps_its_reason(tmp_path: Path) -> None:
-    dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="cross-validated", skip=("imagenet",))
+    dataset_dir, splits, arm_runs = write_comparison(
+        tmp_path, arms=("scratch", "imagenet"), mode="cross-validated", skip=("imagenet",)
+    )
     results = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits)
     imagenet = results.arm("imagenet")
     assert imagenet.status == "skipped" and SKIP_REASON in imagenet.reason and imagenet.reason.startswith("run 1 of 3")
@@ -151,7 +174,9 @@ def test_skipped_arm_keeps_its_reason(tmp_path: Path) -> None:
 def test_same_inputs_give_the_same_numbers(tmp_path: Path) -> None:
     dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="cross-validated")
     first = _build(tmp_path, arm_runs, "cross-validated", dataset_dir, splits)
-    again = _build(tmp_path, {k: list(v) for k, v in reversed(list(arm_runs.items()))}, "cross-validated", dataset_dir, splits)
+    again = _build(
+        tmp_path, {k: list(v) for k, v in reversed(list(arm_runs.items()))}, "cross-validated", dataset_dir, splits
+    )
     assert first.arm("scratch").patient_metrics == again.arm("scratch").patient_metrics
     assert first.comparisons[0].patient_delong == again.comparisons[0].patient_delong
     assert np.isfinite(first.comparisons[0].patient_delong.p_value)
@@ -175,9 +200,14 @@ def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
     evaluation = EvaluationSettings(n_bootstrap=40)
     half = write_run(tmp_path / "half", arm="scratch", test=test, val=None, seed=1, n_train_patients=40)
     full = write_run(tmp_path / "full", arm="scratch", test=test, val=None, seed=2, n_train_patients=80)
-    failed = write_run(tmp_path / "failed", arm="scratch", test=test, val=None, seed=3, status="failed", reason="out of memory")
+    failed = write_run(
+        tmp_path / "failed", arm="scratch", test=test, val=None, seed=3, status="failed", reason="out of memory"
+    )
     points = efficiency_points("scratch", {1.0: full, 0.25: failed, 0.5: half}, evaluation, seed=7)
-    assert [(p.arm, p.fraction, p.n_train_patients, p.n_train_images) for p in points] == [("scratch", 0.5, 40, 400), ("scratch", 1.0, 80, 400)]
+    assert [(p.arm, p.fraction, p.n_train_patients, p.n_train_images) for p in points] == [
+        ("scratch", 0.5, 40, 400),
+        ("scratch", 1.0, 80, 400),
+    ]
     for point, run_dir in zip(points, [half, full]):
         rows = read_models_csv(run_dir / PREDICTIONS_FILE, PredictionRow)
         assert point.test_auc.value == pytest.approx(_auc_by_hand(rows), abs=1e-12)
@@ -193,13 +223,21 @@ def test_data_efficiency_and_input_size_points_by_hand(tmp_path: Path) -> None:
     (untimed / TIMING_FILE).unlink()
     sizes = size_points("scratch", {64: full, 32: half, 16: failed, 128: untimed}, evaluation, seed=7)
     assert [p.image_size for p in sizes] == [32, 64, 128]
-    assert sizes[0].train_seconds == 600.0 and sizes[0].train_flops == 1.23e10 * 3200 and sizes[0].forward_flops_per_image == 4.1e9
-    assert sizes[0].test_auc.value == pytest.approx(_auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12)
+    assert (
+        sizes[0].train_seconds == 600.0
+        and sizes[0].train_flops == 1.23e10 * 3200
+        and sizes[0].forward_flops_per_image == 4.1e9
+    )
+    assert sizes[0].test_auc.value == pytest.approx(
+        _auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12
+    )
     assert sizes[0].test_auc.ci_low == points[0].test_auc.ci_low and sizes[0].arm == "scratch"
     assert (sizes[2].train_seconds, sizes[2].train_flops, sizes[2].forward_flops_per_image) == (None, None, None)
     (probe,) = size_points("imagenet-linear", {64: linear}, evaluation, seed=7)
     assert probe.train_flops == 4.1e9 * 3200 and probe.train_seconds == 90.0  # a linear probe only runs forward
-    one_class = write_run(tmp_path / "one-class", arm="scratch", test=[p for p in test if p.target == 1], val=None, seed=6)
+    one_class = write_run(
+        tmp_path / "one-class", arm="scratch", test=[p for p in test if p.target == 1], val=None, seed=6
+    )
     (undefined,) = efficiency_points("scratch", {1.0: one_class}, evaluation, seed=7)
     assert undefined.test_auc.value is None  # no negative image: no AUC, not NaN
 
@@ -216,7 +254,9 @@ def test_fraction_runs_and_a_cost_file_beside_the_runs_reach_the_results(tmp_pat
     dataset_dir, splits, arm_runs = write_comparison(tmp_path, arms=("scratch", "imagenet"), mode="holdout")
     cost = C.build_cost_report(C.resolve_cost_inputs(n_images=400, image_size=32, epochs=8, arms=["scratch"]))
     write_model_json(tmp_path / "cost.json", cost)
-    half = write_run(tmp_path / "half", arm="scratch", test=make_patients(14, seed=5), val=None, seed=1, n_train_patients=40)
+    half = write_run(
+        tmp_path / "half", arm="scratch", test=make_patients(14, seed=5), val=None, seed=1, n_train_patients=40
+    )
     results = build_results(
         dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs, evaluation=EvaluationSettings(n_bootstrap=20),
         cost_path=tmp_path / "cost.json", run_id="test-run", seed=0, command="ctcompare compare",
@@ -224,7 +264,9 @@ def test_fraction_runs_and_a_cost_file_beside_the_runs_reach_the_results(tmp_pat
     )
     (point,) = results.data_efficiency
     assert (point.arm, point.fraction, point.n_train_patients) == ("scratch", 0.5, 40)
-    assert point.test_auc.value == pytest.approx(_auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12)
+    assert point.test_auc.value == pytest.approx(
+        _auc_by_hand(read_models_csv(half / PREDICTIONS_FILE, PredictionRow)), abs=1e-12
+    )
     planned = next(d for d in cost.arm("scratch").devices if d.device == THIS_MACHINE)
     peak = next(d for d in cost.devices if d.name == THIS_MACHINE).rates["fp32"].peak_tflops * 1e12
     scratch = results.arm("scratch").cost
@@ -267,7 +309,9 @@ def test_overfitting_gap_at_chosen_and_last_epoch_per_fold_with_a_patient_bootst
                 if r.role == gap.role]
         val, train = [r.loss for r in rows if r.part == "val"], [r.loss for r in rows if r.part == "train"]
         assert gap.gap.value == pytest.approx(np.mean(val) - np.mean(train), abs=1e-12)
-        assert gap.epoch == (5 if gap.role == "chosen" else 8) and gap.n_val_patients == 16 and gap.n_train_patients == 20
+        assert (
+            gap.epoch == (5 if gap.role == "chosen" else 8) and gap.n_val_patients == 16 and gap.n_train_patients == 20
+        )
         assert gap.gap.ci_low < gap.gap.value < gap.gap.ci_high
         # by hand: per-patient sums and counts, patients drawn with replacement in each part
         def sums(part: str) -> tuple[np.ndarray, np.ndarray]:

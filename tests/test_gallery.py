@@ -1,4 +1,5 @@
-"""The visual section end to end: synthetic cohort -> ingest -> lesions -> run folders -> summary -> HTML and Markdown."""
+"""The visual section end to end: synthetic cohort -> ingest -> lesions -> run folders -> summary -> HTML and
+Markdown."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from data_schemas.synth import IdentifiersFile
 from data_schemas.visual import LESIONS_SIDECAR_FILE, ImageLesionRow, LesionSidecarRow, VisualSummary
 from flows.ingest import ingest_flow
 from reports.gallery import render_visual_html, render_visual_md
+from tasks.demo.synth import synthesize_cohort
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.lesions import attach_lesions
-from tasks.training.models import build_resnet50
 from tasks.saliency.saliency import build_visual_summary
-from tasks.demo.synth import synthesize_cohort
+from tasks.training.models import build_resnet50
 
 NETWORK_ARMS = ("scratch", "imagenet")
 MODEL_SIZE = 64  # ResNet-50's layer4 is 2 x 2 here: the smallest size with a map that is not flat
@@ -58,7 +59,9 @@ def test_lesions_land_on_the_nodules_and_the_dataset_file_is_keyed_by_image_key(
     sidecar = read_models_csv(cohort.out_dir / LESIONS_SIDECAR_FILE, LesionSidecarRow)
     lesions = read_models_csv(dataset_dir / "lesions.csv", ImageLesionRow)
     assert sidecar and len(lesions) == len(sidecar)
-    assert (dataset_dir / "lesions.csv").read_text().splitlines()[0] == "image_key,lesion,center_row,center_col,radius_px"
+    assert (dataset_dir / "lesions.csv").read_text().splitlines()[
+        0
+    ] == "image_key,lesion,center_row,center_col,radius_px"
     dataset = load_dataset(dataset_dir)
     index_of = {row.image_key: i for i, row in enumerate(dataset.manifest)}
     labels = {row.image_key: row.label for row in dataset.manifest}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, ManifestRow, QuarantineRow, WindowSpec
+from data_schemas.files import read_models_csv
 from flows.ingest import ingest_flow
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.errors import IngestError
-from data_schemas.files import read_models_csv
 from tasks.ingest.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
 from tests.dicom_factory import ct_variant, deflated_ct, multiframe_ct, pydicom_file, with_raw_element, write_bad_inputs
 
@@ -70,7 +70,9 @@ def test_pydicom_test_files_ct_accepted_everything_else_quarantined(tmp_path: Pa
     assert reasons["MR_small.dcm"] == "not_ct"
     assert reasons["MR_truncated.dcm"] in {"not_ct", "truncated"}
     assert reasons["rtplan.dcm"] == "not_ct"
-    assert set(reasons) | {"CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"} == {p.name for p in src.iterdir()}
+    assert set(reasons) | {"CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"} == {
+        p.name for p in src.iterdir()
+    }
     dataset = load_dataset(out)
     assert dataset.images.shape == (3, 1, 64, 64) and dataset.images.dtype == np.float16
     assert 0.0 <= float(dataset.images.min()) and float(dataset.images.max()) <= 1.0
@@ -129,7 +131,8 @@ def test_label_file_errors_are_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match=r"rows 2 and 3 give the same patient_id different labels"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o2"), labels=str(conflict), size=32, workers=1)
     nomatch = write_labels(tmp_path / "n.csv", [("P7", "nodule")])
-    with pytest.raises(IngestError, match=r"matches any of the 1 file\(s\) found: its 1 label\(s\) were checked against the headers, before decoding"):
+    with pytest.raises(IngestError, match=r"matches any of the 1 file\(s\) found: its 1 label\(s\) were checked "
+                                          r"against the headers, before decoding"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o3"), labels=str(nomatch), size=32, workers=1)
 
 
@@ -209,7 +212,9 @@ def test_cli_exit_codes_and_one_sentence_errors(tmp_path: Path, capsys: pytest.C
     assert "no CT image could be ingested" in capsys.readouterr().out
 
 
-def test_a_crash_while_rewriting_leaves_no_card_that_readers_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_while_rewriting_leaves_no_card_that_readers_trust(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tasks.ingest.dataset_store as store
 
     src = tmp_path / "src"

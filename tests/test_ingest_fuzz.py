@@ -32,8 +32,8 @@ from data_schemas.dataset import (
 )
 from data_schemas.files import printable_path, read_models_csv, sha256_file
 from flows.ingest import ingest_flow
-from tasks.ingest.dicom_io import MAX_MATRIX_SIDE
 from tasks.ingest.decode import convert_file
+from tasks.ingest.dicom_io import MAX_MATRIX_SIDE
 from tasks.ingest.discover import SourceFile
 from tasks.ingest.preprocess import parse_window
 from tests.dicom_factory import (
@@ -180,7 +180,9 @@ def test_every_mutant_is_accepted_sane_or_quarantined_with_a_reason(corpus: tupl
     window = parse_window("lung")
     verdicts: dict[str, int] = {}
     for mutant in mutants:
-        source = SourceFile(path=str(mutant.path), relative_path=mutant.path.name, content_sha256=sha256_file(mutant.path))
+        source = SourceFile(
+            path=str(mutant.path), relative_path=mutant.path.name, content_sha256=sha256_file(mutant.path)
+        )
         converted = convert_file(source, SIZE, window)  # must never raise
         if converted.record.accepted:
             assert_sane(converted.record, converted.images, converted.hu_sample)
@@ -214,8 +216,12 @@ def test_ingest_flow_on_mutants_beside_good_files_completes_without_retries(
     assert not any(path.startswith("good/") for path in quarantine), "a good file was quarantined"
     assert all(row.message.startswith(f"{path}: ") for path, row in quarantine.items())
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    assert task_runs and all(run.run_count == 1 and run.state.is_completed() for run in task_runs), "a chunk failed or was retried"
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert task_runs and all(run.run_count == 1 and run.state.is_completed() for run in task_runs), (
+        "a chunk failed or was retried"
+    )
 
 
 HOSTILE_SEED = 23
@@ -230,7 +236,9 @@ def write_hostile_corpus(root: Path, rng: random.Random) -> set[str]:
     good.append(deflated_ct(root / "good/deflated.dcm", PatientID="GOOD3"))
     good.append(multiframe_ct(root / "good/multi.dcm", frames=2))
     good.append(ct_variant(non_utf8_name(root / "good"), patient_id="GOOD4"))
-    good.append(raw_dataset(ct_variant(root / "raw-source.dcm", patient_id="GOOD5"), root / "good/raw-implicit", implicit=True))
+    good.append(
+        raw_dataset(ct_variant(root / "raw-source.dcm", patient_id="GOOD5"), root / "good/raw-implicit", implicit=True)
+    )
     (root / "raw-source.dcm").unlink()
     padded = ct_variant(root / "good/padded.dcm", patient_id="GOOD6")
     padded.write_bytes(padded.read_bytes() + b"\x00" * 16)

@@ -32,11 +32,26 @@ COHORT = {
 # key column -> (labels file rows, expected label per file; "" = unlabelled). The study and series files each carry a
 # row keyed by a UID of the other kind ("wrong-kind"), which must match nothing: read as the other kind, it would.
 KEY_CASES: dict[str, tuple[list[tuple[str, str]], dict[str, str]]] = {
-    "patient_id": ([("P1", "nodule"), ("P2", "normal")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "nodule", "sub/d.dcm": "normal"}),
-    "study_instance_uid": ([(STUDY_1, "nodule"), (STUDY_3, "normal"), (SERIES_3, "wrong-kind")], {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "", "sub/d.dcm": "normal"}),
-    "series_instance_uid": ([(SERIES_2, "nodule"), (SERIES_3, "normal"), (STUDY_3, "wrong-kind")], {"a.dcm": "", "b.dcm": "nodule", "sub/c.dcm": "normal", "sub/d.dcm": ""}),
-    "sop_instance_uid": ([(SOP_C, "nodule"), (SOP_A, "normal")], {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "nodule", "sub/d.dcm": ""}),
-    "path": ([("sub/d.dcm", "nodule"), ("a.dcm", "normal")], {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "", "sub/d.dcm": "nodule"}),
+    "patient_id": (
+        [("P1", "nodule"), ("P2", "normal")],
+        {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "nodule", "sub/d.dcm": "normal"},
+    ),
+    "study_instance_uid": (
+        [(STUDY_1, "nodule"), (STUDY_3, "normal"), (SERIES_3, "wrong-kind")],
+        {"a.dcm": "nodule", "b.dcm": "nodule", "sub/c.dcm": "", "sub/d.dcm": "normal"},
+    ),
+    "series_instance_uid": (
+        [(SERIES_2, "nodule"), (SERIES_3, "normal"), (STUDY_3, "wrong-kind")],
+        {"a.dcm": "", "b.dcm": "nodule", "sub/c.dcm": "normal", "sub/d.dcm": ""},
+    ),
+    "sop_instance_uid": (
+        [(SOP_C, "nodule"), (SOP_A, "normal")],
+        {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "nodule", "sub/d.dcm": ""},
+    ),
+    "path": (
+        [("sub/d.dcm", "nodule"), ("a.dcm", "normal")],
+        {"a.dcm": "normal", "b.dcm": "", "sub/c.dcm": "", "sub/d.dcm": "nodule"},
+    ),
 }
 
 
@@ -59,7 +74,9 @@ def images_by_file(dataset: Path) -> dict[str, np.ndarray]:
     loaded = load_dataset(dataset)
     index = read_models_csv(dataset / PRIVATE_INDEX_FILE, PrivateIndexRow)
     positions = {row.image_key: position for position, row in enumerate(loaded.manifest)}
-    return {row.relative_path: np.asarray(loaded.images[positions[row.image_key], 0], dtype=np.float32) for row in index}
+    return {
+        row.relative_path: np.asarray(loaded.images[positions[row.image_key], 0], dtype=np.float32) for row in index
+    }
 
 
 def test_every_label_key_kind_labels_exactly_its_files(tmp_path: Path) -> None:
@@ -92,7 +109,10 @@ def test_monochrome1_file_is_stored_inverted_and_flagged(tmp_path: Path) -> None
     assert float(mono2.std()) > 0.05  # a real image, not a flat one whose inverse could look alike
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=2e-3, err_msg="MONOCHROME1 was not inverted by ingest")
     paths = {row.image_key: row.relative_path for row in read_models_csv(out / PRIVATE_INDEX_FILE, PrivateIndexRow)}
-    photometric = {paths[row.image_key]: row.photometric_interpretation for row in read_models_csv(out / "manifest.csv", ManifestRow)}
+    photometric = {
+        paths[row.image_key]: row.photometric_interpretation
+        for row in read_models_csv(out / "manifest.csv", ManifestRow)
+    }
     assert photometric == {"mono1.dcm": "MONOCHROME1", "mono2.dcm": "MONOCHROME2"}
     records = {}
     for cached in (out / "private/cache").rglob("*.npz"):
@@ -132,7 +152,12 @@ def test_a_uid_of_the_other_kind_matches_nothing(tmp_path: Path, key: str) -> No
 
     src = tmp_path / "src"
     fields = COHORT["a.dcm"]
-    ct_variant(src / "a.dcm", patient_id="P1", StudyInstanceUID=fields["StudyInstanceUID"], SeriesInstanceUID=fields["SeriesInstanceUID"])
+    ct_variant(
+        src / "a.dcm",
+        patient_id="P1",
+        StudyInstanceUID=fields["StudyInstanceUID"],
+        SeriesInstanceUID=fields["SeriesInstanceUID"],
+    )
     other = fields["SeriesInstanceUID"] if key == "study_instance_uid" else fields["StudyInstanceUID"]
     labels = write_labels(tmp_path / "labels.csv", key, [(other, "nodule")])
     with pytest.raises(IngestError, match=f"no {key} in labels file labels.csv matches"):

@@ -15,12 +15,19 @@ from pathlib import Path
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from data_schemas.dataset import PRIVATE_INDEX_FILE, QUARANTINE_FILE, DatasetCard, PrivateIndexRow, QuarantineReason, QuarantineRow
+from data_schemas.dataset import (
+    PRIVATE_INDEX_FILE,
+    QUARANTINE_FILE,
+    DatasetCard,
+    PrivateIndexRow,
+    QuarantineReason,
+    QuarantineRow,
+)
 from data_schemas.files import printable_path, read_models_csv, sha256_file
 from flows.ingest import ingest_flow
 from tasks.ingest.decode import cache_path, decoding_marker, preprocessing_signature
-from tasks.ingest.discover import SourceFile
 from tasks.ingest.dicom_io import Rejected, decoding_plugins, read_ct_file
+from tasks.ingest.discover import SourceFile
 from tasks.ingest.preprocess import parse_window
 from tests.dicom_factory import ct_variant, jpeg2000_crasher, non_utf8_name, raw_dataset
 
@@ -32,7 +39,9 @@ SIZE = 32
 
 
 def _source(path: Path, root: Path) -> SourceFile:
-    return SourceFile(path=str(path), relative_path=printable_path(path.relative_to(root)), content_sha256=sha256_file(path))
+    return SourceFile(
+        path=str(path), relative_path=printable_path(path.relative_to(root)), content_sha256=sha256_file(path)
+    )
 
 
 def test_decoder_abort_and_non_utf8_name_leave_the_ingest_going(tmp_path: Path) -> None:
@@ -67,7 +76,9 @@ _real_convert_file = decode.convert_file
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_dead_decode_process_costs_only_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+def test_a_dead_decode_process_costs_only_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
     src = tmp_path / "src"
     paths = [ct_variant(src / f"ct{i:02d}.dcm", patient_id=f"P{i}") for i in range(12)]
     paths += [ct_variant(src / "boom1.dcm"), ct_variant(src / "boom2.dcm")]
@@ -90,7 +101,9 @@ def test_a_dead_decode_process_costs_only_its_file(tmp_path: Path, monkeypatch: 
     assert not list(cache_dir.rglob("*.decoding"))
 
 
-def test_a_file_left_half_decoded_by_a_killed_run_is_decoded_alone_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_left_half_decoded_by_a_killed_run_is_decoded_alone_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     sources = [_source(ct_variant(src / f"ct{i}.dcm", patient_id=f"P{i}"), src) for i in range(3)]
     window = parse_window("lung")
@@ -112,7 +125,9 @@ def test_a_file_left_half_decoded_by_a_killed_run_is_decoded_alone_first(tmp_pat
     assert not marker.exists()
 
 
-def test_jpeg2000_tries_openjpeg_before_gdcm_and_refusals_are_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_jpeg2000_tries_openjpeg_before_gdcm_and_refusals_are_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     plugins = decoding_plugins(JPEG2000Lossless)
     assert plugins[0] == "pylibjpeg" and "gdcm" in plugins[1:]
     # A codestream every plugin refuses, without crashing any: the JPEG 2000 marker and a few bytes.

@@ -27,8 +27,8 @@ import torch
 from data_schemas.files import read_model_json
 from data_schemas.plan import build_run_plan, read_plan, write_plan
 from data_schemas.training import CHECKPOINT_FILE, RunSummary, resolve_train_config
-from tasks.ingest.dataset_store import load_dataset, write_dataset
 from tasks.common.runtime import choose_runtime
+from tasks.ingest.dataset_store import load_dataset, write_dataset
 from tasks.splits import parts_for_fold, read_splits
 from tasks.training.train import train_arm
 from tests.test_progress import FakeTerminal
@@ -53,7 +53,10 @@ def one_abnormal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dataset = load_dataset(base)
     settings = build_run_plan(profile="smoke", arms=["scratch"], seed=0, layout="single-arm").split
     for abnormal in sorted({r.patient_key for r in dataset.manifest if r.label == "abnormal"}):
-        rows = [r.model_copy(update={"label": "abnormal" if r.patient_key == abnormal else "normal"}) for r in dataset.manifest]
+        rows = [
+            r.model_copy(update={"label": "abnormal" if r.patient_key == abnormal else "normal"})
+            for r in dataset.manifest
+        ]
         card = dataset.card.model_copy(update={"label_distribution": dict(Counter(r.label for r in rows))})
         root = tmp_path_factory.mktemp("one-abnormal")
         card = write_dataset(root, dataset.images, rows, card)
@@ -67,18 +70,22 @@ def one_abnormal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------------------- a part with one class
 
 
-def test_a_training_part_with_one_class_is_refused_before_training_and_recorded_as_failed(one_abnormal_dataset, tmp_path, capsys):
+def test_a_training_part_with_one_class_is_refused_before_training_and_recorded_as_failed(
+    one_abnormal_dataset, tmp_path, capsys
+):
     from tasks.evaluation.evaluate import read_arm
 
     run_dir = tmp_path / "runs" / "scratch"
     plan_path = one_run_plan(run_dir, "scratch")
-    with pytest.raises(ValueError, match=r"^the training part of this run holds images of one class only \(\d+ normal, 0 abnormal images\)"):
+    with pytest.raises(ValueError, match=r"^the training part of this run holds images of one class only \(\d+ normal, "
+                                         r"0 abnormal images\)"):
         train_arm(dataset_dir=one_abnormal_dataset, plan_path=plan_path, run=".")
     rows, _ = read_splits(tmp_path / "runs" / "splits.csv")
     n_train = len(parts_for_fold(rows, 0, read_plan(plan_path).split)["train"])
     summary = read_model_json(run_dir / "status.json", RunSummary)
     assert summary.status == "failed"
-    assert summary.reason.startswith(f"the training part of this run holds images of one class only ({n_train} normal, 0 abnormal images)")
+    assert summary.reason.startswith(f"the training part of this run holds images of one class only ({n_train} normal, "
+                                     "0 abnormal images)")
     assert not (run_dir / CHECKPOINT_FILE).exists() and not (run_dir / "metrics.csv").exists()  # no epoch ran
 
     # the comparison reads it as a failed arm with that reason (not "completed")
@@ -194,9 +201,9 @@ def test_feature_extraction_shows_a_bar_on_a_terminal(resnet50_weights_file, mon
     # a bar redraws at most every 0.1 s: a fast test loop would show only its start; draw every update
     monkeypatch.setattr(importlib.import_module("tasks.common.progress"), "BAR_MIN_INTERVAL_S", 0.0)
     from tasks.training.linear_probe import extract_multi_depth_features
+    from tasks.training.loop import batch_progress
     from tasks.training.models import feature_extractor
     from tasks.training.weights import resolve_imagenet_weights
-    from tasks.training.loop import batch_progress
 
     backbone, _ = resolve_imagenet_weights(resnet50_weights_file, allow_download=False)
     model = feature_extractor(backbone, model="resnet50")
@@ -245,7 +252,8 @@ def test_read_only_output_is_refused_before_work_in_one_line(inside, dataset_dir
             code = main(command + ["--out", str(out)])
             line = _one_line_no_traceback(capsys.readouterr().err)
             assert code == 2
-            assert line == f"ctcompare {command[0]}: --out {out} cannot be written (checked {locked}); give a writable folder."
+            assert line == (f"ctcompare {command[0]}: --out {out} cannot be written (checked {locked}); give a "
+                            "writable folder.")
         assert list(locked.iterdir()) == []  # nothing created
 
 
@@ -274,7 +282,8 @@ def test_full_disk_during_training_is_one_sentence(dataset_dir, tmp_path, monkey
     prefect_lines = [r for r in caplog.records if r.name.startswith("prefect") and "No space left" in r.getMessage()]
     assert prefect_lines and not any(r.exc_info for r in prefect_lines)
     last = err.strip().splitlines()[-1]
-    assert last == (f"ctcompare train: the disk holding {run_dir / 'config.json'} is full; free space on it and re-run: "
+    assert last == (f"ctcompare train: the disk holding {run_dir / 'config.json'} is full; free space on it and "
+                    "re-run: "
                     "finished work is kept.")
     assert err.count("free space on it") == 1
 
@@ -307,7 +316,9 @@ def test_unwritable_cause_is_found_through_wrapping_exceptions():
 def small_cohort(tmp_path_factory: pytest.TempPathFactory):
     from tasks.demo.synth import synthesize_cohort
 
-    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), patients=6, slices_per_patient=2, seed=11, matrix_sizes=(64,))
+    return synthesize_cohort(
+        tmp_path_factory.mktemp("cohort"), patients=6, slices_per_patient=2, seed=11, matrix_sizes=(64,)
+    )
 
 
 def _write_labels(path: Path, column: str, rows: list[tuple[str, str]]) -> Path:
@@ -332,8 +343,8 @@ def test_header_keys_are_the_keys_ingest_matches(small_cohort):
 
 
 def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
-    from flows.ingest import ingest_flow
     from flows.cli.ingest import register
+    from flows.ingest import ingest_flow
     from tasks.ingest.errors import IngestError
 
     unknown = [(f"MRN{9_000_000 + i}", "normal" if i % 2 else "abnormal") for i in range(5)]
@@ -342,8 +353,10 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
     with pytest.raises(IngestError) as refused:
         ingest_flow(src_dir=str(small_cohort.dicom_dir), out_dir=str(out), labels=str(labels), size=32)
     sentence = str(refused.value)
-    assert sentence == ("no patient_id in labels file labels.csv matches any of the 12 file(s) found: its 5 label(s) were "
-                        "checked against the headers, before decoding; check that the key column holds the values stored "
+    assert sentence == ("no patient_id in labels file labels.csv matches any of the 12 file(s) found: its 5 label(s) "
+                        "were "
+                        "checked against the headers, before decoding; check that the key column holds the values "
+                        "stored "
                         "in the DICOM headers.")
     assert not any(key in sentence for key, _ in unknown)
     assert not list(out.rglob("*.npz")) and not (out / "dataset.json").exists()  # nothing was decoded
@@ -351,7 +364,9 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
     # `ctcompare ingest` says it in one line, exit 1
     parser = argparse.ArgumentParser(prog="ctcompare")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ingest", str(small_cohort.dicom_dir), "--out", str(out), "--labels", str(labels), "--size", "32"])
+    args = parser.parse_args(
+        ["ingest", str(small_cohort.dicom_dir), "--out", str(out), "--labels", str(labels), "--size", "32"]
+    )
     capsys.readouterr()
     assert args.handler(args) == 1
     assert capsys.readouterr().out.strip() == f"ctcompare ingest: {sentence}"
@@ -367,18 +382,25 @@ def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_pat
     assert len(patient_ids) == 6
     rows = [(patient_ids[0], "normal"), (patient_ids[1], "abnormal"), ("MRN0000000", "normal")]
     lines: list[str] = []
-    match = check_labels_match_headers(read_labels(_write_labels(tmp_path / "some.csv", "patient_id", rows)), sources, lines.append)
+    match = check_labels_match_headers(
+        read_labels(_write_labels(tmp_path / "some.csv", "patient_id", rows)), sources, lines.append
+    )
     assert (match.n_matched_files, match.n_matched_labels, match.n_files, match.n_labels) == (4, 2, 12, 3)
-    assert lines == ["Labels: 4 of 12 file(s) have a patient_id in some.csv (2 of 3 label(s) used); the others stay unlabelled."]
+    assert lines == ["Labels: 4 of 12 file(s) have a patient_id in some.csv (2 of 3 label(s) used); the others stay "
+                     "unlabelled."]
     assert not any(pid in lines[0] for pid in patient_ids)
 
     every = [(pid, "normal" if i % 2 else "abnormal") for i, pid in enumerate(patient_ids)]
     lines.clear()
-    check_labels_match_headers(read_labels(_write_labels(tmp_path / "all.csv", "patient_id", every)), sources, lines.append)
+    check_labels_match_headers(
+        read_labels(_write_labels(tmp_path / "all.csv", "patient_id", every)), sources, lines.append
+    )
     assert lines == []  # every file labelled: nothing to say
 
     by_path = [(s.relative_path, "normal") for s in sources[:3]] + [("elsewhere/x.dcm", "abnormal")]
-    match = check_labels_match_headers(read_labels(_write_labels(tmp_path / "path.csv", "path", by_path)), sources, lines.append)
+    match = check_labels_match_headers(
+        read_labels(_write_labels(tmp_path / "path.csv", "path", by_path)), sources, lines.append
+    )
     assert (match.n_matched_files, match.n_labels) == (3, 4)
 
 
@@ -390,7 +412,11 @@ def test_the_labels_check_reads_the_headers_on_the_decode_pool_with_the_same_cou
 
     sources, _ = discover_files(small_cohort.dicom_dir)
     keys = header_keys(sources, "patient_id")
-    labels = read_labels(_write_labels(tmp_path / "some.csv", "patient_id", [(sorted(set(keys))[0], "normal"), ("MRN0000000", "abnormal")]))
+    labels = read_labels(
+        _write_labels(
+            tmp_path / "some.csv", "patient_id", [(sorted(set(keys))[0], "normal"), ("MRN0000000", "abnormal")]
+        )
+    )
     in_process = match_labels_to_headers(labels, sources)
     with decode_pool(2, decode_files) as pool:
         assert pool.map_batches(partial(header_keys, key_column="patient_id"), sources, batch=5) == keys  # in order

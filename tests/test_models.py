@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import resnet50_by_hand as hand
 import torch
 from torchvision.models import resnet18, resnet50
 
-from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from data_schemas.files import sha256_file
-import resnet50_by_hand as hand
+from data_schemas.training import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from tasks.training.models import (
     as_feature_extractor,
     build_resnet50,
@@ -20,14 +20,14 @@ from tasks.training.models import (
     scratch_resnet50,
 )
 from tasks.training.weights import (
+    WeightsFileError,
+    WeightsUnavailableError,
     fold_gray_normalisation,
     hub_checkpoint_dir,
     load_imagenet_state_dict,
     resolve_imagenet_weights,
     sum_rgb_conv1,
     weights_file_name,
-    WeightsFileError,
-    WeightsUnavailableError,
 )
 
 
@@ -82,7 +82,9 @@ def test_folded_grey_stem_equals_rgb_network_on_interior(rgb_state):
     rgb.eval()
     grey = build_resnet50(weights=rgb_state).eval()
     g = torch.rand(2, 1, 48, 48)
-    x_rgb = (g.repeat(1, 3, 1, 1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x_rgb = (g.repeat(1, 3, 1, 1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
     z = (g - GRAY_MEAN) / GRAY_STD
     with torch.no_grad():
         a = rgb.relu(rgb.bn1(rgb.conv1(x_rgb)))
@@ -200,7 +202,6 @@ def test_feature_extractor_of_a_built_model_drops_only_the_head():
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from torchvision.models import get_model  # noqa: E402
 
 from data_schemas.arms import ARM_MODES, MODEL_NAMES, ArmSpec, canonical_arm_name, parse_arm, parse_arms  # noqa: E402
@@ -387,7 +388,8 @@ def test_resize_is_antialiased_bicubic_and_stays_in_range():
 
 
 def test_probe_extraction_in_batches_gives_every_depth_and_the_top_features():
-    """tasks.training.linear_probe: three depths over 5 images in batches of 2 (one pass per batch) equal one whole pass;
+    """tasks.training.linear_probe: three depths over 5 images in batches of 2 (one pass per batch) equal one whole
+    pass;
     the deepest equals the single-depth extraction of the same frozen ResNet-18 (its head is Identity)."""
     from tasks.training.augment import normalise
     from tasks.training.linear_probe import extract_features, extract_multi_depth_features

@@ -13,13 +13,15 @@ TESTS = Path(__file__).resolve().parent
 SKIP_NAMES = {"skip", "skipif", "importorskip", "xfail", "skipTest", "skipUnless", "skipIf", "SkipTest"}
 # "file.py:line source" -> why the reason lies outside the project.
 ALLOWED_SKIPS: dict[str, str] = {
-    "pacs/conftest.py:22 pytest.skip(reason)": "Orthanc is a Debian package that only root can install (`make orthanc`);"
+    "pacs/conftest.py:22 pytest.skip(reason)": "Orthanc is a Debian package that only root can install (`make "
+                                               "orthanc`);"
     " under CI (CI=true) the PACS tests fail instead of skipping",
 }
 
 
 def skip_sites(source: str) -> list[int]:
-    """Line numbers where source skips or expects failure: pytest.skip/importorskip/xfail, mark.skip(if), unittest skips."""
+    """Line numbers where source skips or expects failure: pytest.skip/importorskip/xfail, mark.skip(if), unittest
+    skips."""
     tree = ast.parse(source)
     # A bare name counts only when imported from pytest or unittest (`from pytest import skip`); a variable called
     # `skip` elsewhere is not a skip.

@@ -53,7 +53,10 @@ def test_a_diverged_network_fails_its_arm_with_the_epoch(dataset_dir, tmp_path, 
     assert code == 1 and "NaN or infinite in epoch 2" in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
     summary = read_model_json(run_dir / "status.json", RunSummary)
-    assert summary.status == "failed" and "the network's validation outputs became NaN or infinite in epoch 2" in summary.reason
+    assert (
+        summary.status == "failed"
+        and "the network's validation outputs became NaN or infinite in epoch 2" in summary.reason
+    )
     assert "\n" not in summary.reason and summary.reason.endswith("may help.")
     assert [row.epoch for row in read_models_csv(run_dir / "metrics.csv", EpochMetrics)] == [1]  # epoch 1 was fine
     assert not (run_dir / "predictions.csv").exists() and not (run_dir / "val_predictions.csv").exists()
@@ -64,8 +67,13 @@ def test_a_diverged_network_fails_its_arm_with_the_epoch(dataset_dir, tmp_path, 
 def test_non_finite_probabilities_are_never_written(tmp_path):
     rows = [SplitRow(image_key=f"{i:064x}", patient_key=f"{i:064x}", label="abnormal", part="test") for i in range(3)]
     for bad in (np.nan, np.inf, -np.inf):
-        with pytest.raises(NonFiniteOutputError, match=r"the test probabilities became NaN or infinite in epoch 4 \(1 of 3"):
+        with pytest.raises(NonFiniteOutputError, match=r"the test probabilities became NaN or infinite in epoch 4 \(1 "
+                                                       r"of 3"):
             write_predictions(tmp_path, rows=rows, probs=np.array([0.2, bad, 0.7]), positive_label="abnormal", epoch=4)
         assert not (tmp_path / "predictions.csv").exists()
     write_predictions(tmp_path, rows=rows, probs=np.array([0.2, 1.0, 0.0]), positive_label="abnormal", epoch=4)
-    assert [row.prob_positive for row in read_models_csv(tmp_path / "predictions.csv", PredictionRow)] == [0.2, 1.0, 0.0]
+    assert [row.prob_positive for row in read_models_csv(tmp_path / "predictions.csv", PredictionRow)] == [
+        0.2,
+        1.0,
+        0.0,
+    ]

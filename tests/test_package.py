@@ -17,10 +17,10 @@ from reports.model_card import CARD_SECTIONS
 from tasks.packaging.package import PackageError, load_package, write_package
 from tests.ship_fixtures import (
     ShippedRun,
-    shared_shipped_run,
     copy_test_patient_files,
     paths_of,
     run_probabilities,
+    shared_shipped_run,
     train_smoke_run,
 )
 
@@ -32,7 +32,10 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
 
 def _predicted_by_path(pred_dir: Path) -> dict[str, float]:
     paths = paths_of(pred_dir / "dataset")
-    return {paths[row.image_key]: row.prob_positive for row in read_models_csv(pred_dir / "predictions.csv", ImagePrediction)}
+    return {
+        paths[row.image_key]: row.prob_positive
+        for row in read_models_csv(pred_dir / "predictions.csv", ImagePrediction)
+    }
 
 
 def _round_trip(run: ShippedRun, package: Path, tmp_path: Path) -> tuple[dict[str, float], dict[str, float]]:
@@ -44,7 +47,9 @@ def _round_trip(run: ShippedRun, package: Path, tmp_path: Path) -> tuple[dict[st
     away = run.dataset_dir.with_name("dataset-away")
     run.dataset_dir.rename(away)  # predict must never need the training dataset
     try:
-        code = main(["predict", str(handed_over), str(new_files), "--out", str(tmp_path / "pred"), "--precision", "fp32"])
+        code = main(
+            ["predict", str(handed_over), str(new_files), "--out", str(tmp_path / "pred"), "--precision", "fp32"]
+        )
     finally:
         away.rename(run.dataset_dir)
     assert code == 0
@@ -67,7 +72,9 @@ def test_round_trip_equals_the_runs_test_predictions(shipped: ShippedRun, tmp_pa
 
 def test_package_is_one_weights_only_file_with_hashes(shipped: ShippedRun, tmp_path: Path) -> None:
     raw = torch.load(shipped.package_dir / PACKAGE_FILE, weights_only=True)
-    assert raw["format"] == "ctcompare-model-package" and all(isinstance(v, torch.Tensor) for v in raw["state_dict"].values())
+    assert raw["format"] == "ctcompare-model-package" and all(
+        isinstance(v, torch.Tensor) for v in raw["state_dict"].values()
+    )
     meta = raw["metadata"]
     json.dumps(meta)  # JSON-able
     recipe = meta["recipe"]

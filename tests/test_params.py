@@ -80,60 +80,119 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 LABELLED = ["--labels", "{in}/labels.csv"]
 CASES: dict[str, tuple[list[str], str]] = {
-    "arms typo": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", "scrach"],
-                  "unknown arm(s) scrach; choose from scratch"),
+    "arms typo": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", "scrach"],
+        "unknown arm(s) scrach; choose from scratch",
+    ),
     "arms empty": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--arms", ","], "unknown arm(s) (none given)"),
-    "parallel-arms 0": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--parallel-arms", "0"], "--parallel-arms must be a whole number from 1 to 16"),
-    "seed -1": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--seed", "-1"], "--seed must be a whole number from 0"),
-    "folds 1": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--folds", "1"], "--folds must be a whole number from 2 to 20"),
+    "parallel-arms 0": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--parallel-arms", "0"],
+        "--parallel-arms must be a whole number from 1 to 16",
+    ),
+    "seed -1": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--seed", "-1"],
+        "--seed must be a whole number from 0",
+    ),
+    "folds 1": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--folds", "1"],
+        "--folds must be a whole number from 2 to 20",
+    ),
     "bootstrap 0": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--bootstrap", "0"], "--bootstrap must be"),
     "lr Infinity": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--set", "lr=Infinity"], "'lr'"),
-    "fractions sum": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--set", "val_fraction=0.9", "--set", "test_fraction=0.9"],
-                      "val_fraction + test_fraction must be below 1"),
+    "fractions sum": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--set", "val_fraction=0.9", "--set", "test_fraction=0.9"],
+        "val_fraction + test_fraction must be below 1",
+    ),
     "image_size 16": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--set", "image_size=16"], "'image_size'"),
-    "sizes 16": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--sizes", "16,64"], "--sizes must be a list of whole numbers from 32"),
-    "fractions 0": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--fractions", "0,0.5"], "--fractions must be"),
+    "sizes 16": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--sizes", "16,64"],
+        "--sizes must be a list of whole numbers from 32",
+    ),
+    "fractions 0": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--fractions", "0,0.5"],
+        "--fractions must be",
+    ),
     "empty source": (["compare", "{in}/empty", "--out", "rep", *LABELLED], "holds no file"),
     "no labels": (["compare", "{in}/dicom", "--out", "rep"], "needs --labels"),
-    "truncated weights": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/truncated.pth"], "--weights"),
+    "truncated weights": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/truncated.pth"],
+        "--weights",
+    ),
     "demo truncated weights": (["demo", "--out", "rep", "--weights", "{in}/truncated.pth"], "--weights"),
     "demo patients": (["demo", "--out", "rep", "--patients", "1"], "--patients must be"),
-    "ingest workers": (["ingest", "{in}/dicom", "--out", "rep", "--workers", "-1"], "--workers must be a whole number from 0 to 256"),
-    "ingest size": (["ingest", "{in}/dicom", "--out", "rep", "--size", "16"], "--size must be a whole number from 32 to 1024"),
-    "ingest window": (["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"], "valid choices are lung, mediastinal, bone, none"),
+    "ingest workers": (
+        ["ingest", "{in}/dicom", "--out", "rep", "--workers", "-1"],
+        "--workers must be a whole number from 0 to 256",
+    ),
+    "ingest size": (
+        ["ingest", "{in}/dicom", "--out", "rep", "--size", "16"],
+        "--size must be a whole number from 32 to 1024",
+    ),
+    "ingest window": (
+        ["ingest", "{in}/dicom", "--out", "rep", "--window", "lungs"],
+        "valid choices are lung, mediastinal, bone, none",
+    ),
     "ingest empty source": (["ingest", "{in}/empty", "--out", "rep"], "holds no file"),
     "labels inside the source": (["compare", "{in}/scan", "--out", "rep"], "/scan/labels.csv is there: add --labels"),
-    "compare missing labels": (["compare", "{in}/dicom", "--out", "rep", "--labels", "{in}/missing.csv"],
-                               "labels file {in}/missing.csv does not exist"),
-    "compare missing weights": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/missing.pth"],
-                                "{in}/missing.pth does not exist"),
-    "compare under a report": (["compare", "{in}/dicom", "--out", "{in}/reports/r1/sub", *LABELLED],
-                               "lies inside the report folder {in}/reports/r1"),
-    "ingest under a report": (["ingest", "{in}/dicom", "--out", "{in}/reports/r1/sub-dataset"],
-                              "inside the report folder {in}/reports/r1"),
-    "compare labels wrong columns": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/no-key.csv"],
-                                    "must have exactly one key column"),
-    "compare labels conflict": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/conflict.csv"],
-                                "rows 2 and 3 give the same patient_id different labels"),
+    "compare missing labels": (
+        ["compare", "{in}/dicom", "--out", "rep", "--labels", "{in}/missing.csv"],
+        "labels file {in}/missing.csv does not exist",
+    ),
+    "compare missing weights": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/missing.pth"],
+        "{in}/missing.pth does not exist",
+    ),
+    "compare under a report": (
+        ["compare", "{in}/dicom", "--out", "{in}/reports/r1/sub", *LABELLED],
+        "lies inside the report folder {in}/reports/r1",
+    ),
+    "ingest under a report": (
+        ["ingest", "{in}/dicom", "--out", "{in}/reports/r1/sub-dataset"],
+        "inside the report folder {in}/reports/r1",
+    ),
+    "compare labels wrong columns": (
+        ["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/no-key.csv"],
+        "must have exactly one key column",
+    ),
+    "compare labels conflict": (
+        ["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/conflict.csv"],
+        "rows 2 and 3 give the same patient_id different labels",
+    ),
     "compare one class": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/one-class.csv"], "one class only"),
-    "compare labels match nothing": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/no-match.csv"],
-                                     "matches any of the 4 file(s)"),
+    "compare labels match nothing": (
+        ["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/no-match.csv"],
+        "matches any of the 4 file(s)",
+    ),
     "ingest one class": (["ingest", "{in}/ct", "--out", "rep", "--labels", "{in}/one-class.csv"], "one class only"),
-    "ingest labels match nothing": (["ingest", "{in}/ct", "--out", "rep", "--labels", "{in}/no-match.csv"],
-                                    "matches any of the 4 file(s)"),
-    "folds per class": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/two-class.csv", "--folds", "3"],
-                        "--folds 3 needs at least 3 labelled patients of each class"),
+    "ingest labels match nothing": (
+        ["ingest", "{in}/ct", "--out", "rep", "--labels", "{in}/no-match.csv"],
+        "matches any of the 4 file(s)",
+    ),
+    "folds per class": (
+        ["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/two-class.csv", "--folds", "3"],
+        "--folds 3 needs at least 3 labelled patients of each class",
+    ),
     "compare on a file": (["compare", "{in}/labels.csv", "--out", "rep"], "is a file; give a DICOM folder"),
-    "train deployment without a server": (["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/two-class.csv",
-                                           "--train-deployment", "nope/nope"], "needs the Prefect server"),
-    "dask address unreachable": (["ingest", "{in}/ct", "--out", "rep", "--dask-address", "tcp://127.0.0.1:9"],
-                                 "--dask-address tcp://127.0.0.1:9 does not answer"),
-    "train fake weights in weights-dir": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run",
-                                           "--weights-dir", "{in}/weights-dir"], "--weights-dir: weights file"),
-    "protocol-4 pickle as weights": (["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights",
-                                      "{in}/protocol4.pth"], "is not a readable PyTorch state dict"),
-    "train truncated weights": (["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights",
-                                 "{in}/truncated.pth"], "--weights"),
+    "train deployment without a server": (
+        ["compare", "{in}/ct", "--out", "rep", "--labels", "{in}/two-class.csv", "--train-deployment", "nope/nope"],
+        "needs the Prefect server",
+    ),
+    "dask address unreachable": (
+        ["ingest", "{in}/ct", "--out", "rep", "--dask-address", "tcp://127.0.0.1:9"],
+        "--dask-address tcp://127.0.0.1:9 does not answer",
+    ),
+    "train fake weights in weights-dir": (
+        ["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights-dir", "{in}/weights-dir"],
+        "--weights-dir: weights file",
+    ),
+    "protocol-4 pickle as weights": (
+        ["compare", "{in}/dicom", "--out", "rep", *LABELLED, "--weights", "{in}/protocol4.pth"],
+        "is not a readable PyTorch state dict",
+    ),
+    "train truncated weights": (
+        ["train", "{in}/dataset", "--arm", "imagenet", "--out", "run", "--weights", "{in}/truncated.pth"],
+        "--weights",
+    ),
 }
 
 
@@ -192,8 +251,17 @@ def test_help_shows_the_flow_parameters_descriptions_and_bounds(capsys: pytest.C
     assert " ".join(ingest_flow.parameters.properties["workers"]["description"].split()) in texts["ingest"]
 
 
-@pytest.mark.parametrize("flow_path", ["flows.compare:compare_flow", "flows.ingest:ingest_flow", "flows.cost:cost_flow",
-                                       "flows.train:train_flow", "flows.predict:predict_flow", "flows.synth:synth_flow"])
+@pytest.mark.parametrize(
+    "flow_path",
+    [
+        "flows.compare:compare_flow",
+        "flows.ingest:ingest_flow",
+        "flows.cost:cost_flow",
+        "flows.train:train_flow",
+        "flows.predict:predict_flow",
+        "flows.synth:synth_flow",
+    ],
+)
 def test_every_flow_parameter_has_a_description(flow_path: str) -> None:
     import importlib
 

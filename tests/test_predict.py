@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_schemas.dataset import QuarantineRow
+from data_schemas.dataset import QuarantineRow, WindowSpec
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.package import PACKAGE_FILE, ImagePrediction, PatientPrediction, PredictSummary
 from flows.cli import main
 from flows.predict import predict_flow
-from tasks.packaging.predict import RecipeConflict, check_request, window_argument
 from tasks.packaging.package import load_package
-from data_schemas.dataset import WindowSpec
+from tasks.packaging.predict import RecipeConflict, check_request, window_argument
 from tests.dicom_factory import write_bad_inputs
 from tests.ship_fixtures import ShippedRun, copy_test_patient_files, paths_of, run_probabilities, shared_shipped_run
 
@@ -38,7 +37,10 @@ def test_hostile_files_are_quarantined_and_the_rest_predicted(shipped: ShippedRu
     expected = write_bad_inputs(src)
     summary = predict_flow(package=str(shipped.package_dir), dicom_dir=str(src), out_dir=str(tmp_path / "pred"),
                            precision="fp32")
-    quarantined = {row.relative_path: row.reason.value for row in read_models_csv(tmp_path / "pred" / "quarantine.csv", QuarantineRow)}
+    quarantined = {
+        row.relative_path: row.reason.value
+        for row in read_models_csv(tmp_path / "pred" / "quarantine.csv", QuarantineRow)
+    }
     for relative, reason in expected.items():
         assert quarantined.get(relative) == reason, relative
     predicted = {paths_of(tmp_path / "pred" / "dataset")[row.image_key]
@@ -72,7 +74,9 @@ def test_unknown_labels_and_foreign_recipe_are_refused(shipped: ShippedRun, tmp_
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as handle:
         csv.writer(handle).writerows([["patient_id", "label"], ["X1", "cancer"]])
-    code = main(["predict", str(shipped.package_dir), str(tmp_path), "--out", str(tmp_path / "pred"), "--labels", str(labels)])
+    code = main(
+        ["predict", str(shipped.package_dir), str(tmp_path), "--out", str(tmp_path / "pred"), "--labels", str(labels)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cancer" in err and "normal, nodule" in err
     _one_sentence(err)

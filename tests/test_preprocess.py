@@ -34,7 +34,9 @@ def test_parse_window_gives_the_documented_level_and_width(text: str, name: str,
 
 @pytest.mark.parametrize("bad", ["40,0", "40,0.0", "40,-1", "40;400", "40,400,1", "lung2", "x40,400"])
 def test_parse_window_refuses_what_is_not_a_window(bad: str) -> None:
-    with pytest.raises(ValueError, match=r"unknown window .*valid choices are lung, mediastinal, bone, none, WL,WW") as refused:
+    with pytest.raises(
+        ValueError, match=r"unknown window .*valid choices are lung, mediastinal, bone, none, WL,WW"
+    ) as refused:
         parse_window(bad)
     assert str(refused.value).endswith("(e.g. '-600,1500': level and a positive width in HU)")
 
@@ -108,7 +110,8 @@ def test_resize_of_a_float64_image_gives_float32() -> None:
 
 
 def test_source_point_lands_where_pad_and_resize_put_it() -> None:
-    """rows 30, pads (10, 10, 0, 0): side 50, size 25 -> scale 0.5; (0, 0) -> ((0+10+0.5)*0.5-0.5, (0+0+0.5)*0.5-0.5)."""
+    """rows 30, pads (10, 10, 0, 0): side 50, size 25 -> scale 0.5; (0, 0) -> ((0+10+0.5)*0.5-0.5,
+    (0+0+0.5)*0.5-0.5)."""
     row, col, scale = source_point_to_image(0.0, 0.0, rows=30, pads=(10, 10, 0, 0), size=25)
     assert (row, col, scale) == pytest.approx((4.75, -0.25, 0.5))
     row, col, scale = source_point_to_image(7.0, 3.0, rows=40, pads=(0, 0, 5, 7), size=80)

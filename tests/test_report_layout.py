@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from report_fixtures import SKIP_REASON, make_example_results
 
 from data_schemas.report import ComparisonResults
-from report_fixtures import SKIP_REASON, make_example_results
 from reports.first_screen import OUTCOMES, first_screen_context, report_banners
 from reports.render import SECTION_IDS, render_report
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from report_fixtures import SKIP_REASON, make_example_results
 
 from data_schemas.report import (
     ArmResult,
@@ -19,8 +20,8 @@ from data_schemas.report import (
     PairedComparison,
     Recommendation,
 )
+from reports.first_screen import report_banners
 from reports.formatting import md_escape
-from reports.wording import recommendation_sentences
 from reports.render import (
     SECTION_IDS,
     learning_plot,
@@ -30,8 +31,7 @@ from reports.render import (
     summary_markdown,
     update_index,
 )
-from report_fixtures import SKIP_REASON, make_example_results
-from reports.first_screen import report_banners
+from reports.wording import recommendation_sentences
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,10 +106,25 @@ def test_html_has_every_section_and_embedded_plots(rendered: tuple[ComparisonRes
 def test_markdown_and_figures(rendered: tuple[ComparisonResults, dict[str, Path]]) -> None:
     results, paths = rendered
     md = paths["markdown"].read_text(encoding="utf-8")
-    for heading in ("## Verdict", "## How the verdict was reached", "## Dataset card", "## Split", "## Cost", "## Test metrics",
-                    "## Paired comparisons", "## Learning curves", "## ROC curves", "## Calibration",
-                    "## Confusion matrices", "## Convergence", "## Outer folds", "## Data efficiency",
-                    "## Reproducibility", "## Evaluation", "## Per-patient results"):
+    for heading in (
+        "## Verdict",
+        "## How the verdict was reached",
+        "## Dataset card",
+        "## Split",
+        "## Cost",
+        "## Test metrics",
+        "## Paired comparisons",
+        "## Learning curves",
+        "## ROC curves",
+        "## Calibration",
+        "## Confusion matrices",
+        "## Convergence",
+        "## Outer folds",
+        "## Data efficiency",
+        "## Reproducibility",
+        "## Evaluation",
+        "## Per-patient results",
+    ):
         assert heading in md
     figures = [p for k, p in paths.items() if k.startswith("figure:")]
     assert figures and all(p.read_bytes().startswith(PNG_MAGIC) for p in figures)
@@ -157,7 +172,9 @@ def test_markdown_escapes_user_supplied_names(tmp_path: Path) -> None:
     evil = "lesion|<b>x</b>*"
     card = results.dataset.card.model_copy(update={"label_distribution": {"normal": 1, evil: 2}})
     dataset = results.dataset.model_copy(update={"classes": ["normal", evil], "positive_class": evil, "card": card})
-    patients = [row.model_copy(update={"label": evil if row.label == "lesion" else row.label}) for row in results.patients]
+    patients = [
+        row.model_copy(update={"label": evil if row.label == "lesion" else row.label}) for row in results.patients
+    ]
     evil_results = results.model_copy(update={"dataset": dataset, "patients": patients})
     md = render_report(evil_results, tmp_path / "run")["markdown"].read_text(encoding="utf-8")
     assert evil not in md and "<b>" not in md
@@ -245,24 +262,50 @@ def test_schema_guards() -> None:
 
 
 def _pair(diff: float, low: float, high: float, p: float, holm: float) -> PairedComparison:
-    test = DeLongResult(auc_a=0.8 + diff, auc_b=0.8, diff=diff, z=1.0, p_value=p, p_holm=holm, ci_of_diff=(low, high), method="DeLong")
+    test = DeLongResult(
+        auc_a=0.8 + diff, auc_b=0.8, diff=diff, z=1.0, p_value=p, p_holm=holm, ci_of_diff=(low, high), method="DeLong"
+    )
     return PairedComparison(arm_a="imagenet-linear", arm_b="imagenet", patient_delong=test, delong=test)
 
 
 @pytest.mark.parametrize(
     "basis, pair, must, must_not",
     [
-        ("non_inferior", _pair(-0.004, -0.015, 0.007, 0.4, 0.4), ["Prefer the cheaper imagenet-linear", "non-inferior", "0.02", "-0.015"], ["significantly"]),
-        ("inconclusive", _pair(-0.10, -0.22, 0.02, 0.09, 0.09), ["Inconclusive", "-0.220", "400 test patients", "margin"], ["Prefer", "Use "]),
-        ("significant", _pair(-0.10, -0.18, -0.02, 0.01, 0.01), ["Use imagenet", "significantly higher", "AUC(imagenet) − AUC(imagenet-linear) = 0.100", "0.020 to 0.180"], ["Inconclusive"]),
+        (
+            "non_inferior",
+            _pair(-0.004, -0.015, 0.007, 0.4, 0.4),
+            ["Prefer the cheaper imagenet-linear", "non-inferior", "0.02", "-0.015"],
+            ["significantly"],
+        ),
+        (
+            "inconclusive",
+            _pair(-0.10, -0.22, 0.02, 0.09, 0.09),
+            ["Inconclusive", "-0.220", "400 test patients", "margin"],
+            ["Prefer", "Use "],
+        ),
+        (
+            "significant",
+            _pair(-0.10, -0.18, -0.02, 0.01, 0.01),
+            ["Use imagenet", "significantly higher", "AUC(imagenet) − AUC(imagenet-linear) = 0.100", "0.020 to 0.180"],
+            ["Inconclusive"],
+        ),
     ],
 )
-def test_headline_agrees_with_its_interval(basis: str, pair: PairedComparison, must: list[str], must_not: list[str]) -> None:
+def test_headline_agrees_with_its_interval(
+    basis: str, pair: PairedComparison, must: list[str], must_not: list[str]
+) -> None:
     results = make_example_results(with_folds=False, with_data_efficiency=False)
     arms = [a.model_copy(update={"name": n}) for a, n in zip(results.completed_arms, ("imagenet-linear", "imagenet"))]
     preferred = {"non_inferior": "imagenet-linear", "significant": "imagenet"}.get(basis)
-    rec = Recommendation(headline="", basis=basis, preferred_arm=preferred, best_arm="imagenet", margin=0.02,
-                         patients_needed=400 if basis == "inconclusive" else None, deciding_arms=["imagenet-linear", "imagenet"])
+    rec = Recommendation(
+        headline="",
+        basis=basis,
+        preferred_arm=preferred,
+        best_arm="imagenet",
+        margin=0.02,
+        patients_needed=400 if basis == "inconclusive" else None,
+        deciding_arms=["imagenet-linear", "imagenet"],
+    )
     headline, details = recommendation_sentences(rec, arms, [pair], n_patients=36)
     for text in must:
         assert text in headline, (text, headline)
@@ -317,7 +360,9 @@ def test_banners_name_what_makes_numbers_less_than_they_seem() -> None:
 
     chance_auc = MetricValue(value=0.56, ci_low=0.41, ci_high=0.70)
     scratch = real.arm("scratch")
-    near_chance = _with_arms(real, scratch={"patient_metrics": scratch.patient_metrics.model_copy(update={"roc_auc": chance_auc})})
+    near_chance = _with_arms(
+        real, scratch={"patient_metrics": scratch.patient_metrics.model_copy(update={"roc_auc": chance_auc})}
+    )
     (chance,) = [b for b in report_banners(near_chance) if b.kind == "chance"]
     assert "scratch" in chance.text and "0.41 to 0.70" in chance.text and "imagenet" not in chance.text
     clear = _with_arms(real, scratch={"patient_metrics": scratch.patient_metrics.model_copy(
@@ -334,8 +379,11 @@ def test_banners_open_report_markdown_and_summary(tmp_path: Path) -> None:
     base = make_example_results(skip_imagenet=True, with_folds=False, with_data_efficiency=False)
     evil = ArmWeights(file_name="<b>w</b>.pt", sha256="ab" * 32, hash_checked=False)
     results = _with_arms(base, scratch={"profile": "smoke"})
-    results = results.model_copy(update={"arms": [results.arms[0].model_copy(update={"name": "imagenet-linear", "weights": evil}),
-                                                  results.arms[1]]})
+    results = results.model_copy(
+        update={
+            "arms": [results.arms[0].model_copy(update={"name": "imagenet-linear", "weights": evil}), results.arms[1]]
+        }
+    )
     kinds = _banner_kinds(results)
     assert kinds == ["smoke", "weights", "partial"] or kinds == ["smoke", "weights", "chance", "partial"]
     paths = render_report(results, tmp_path / "run")

@@ -31,9 +31,17 @@ def comparable_numbers(results: ComparisonResults) -> dict[str, Any]:
     return {
         "arms": arms,
         "split": results.split.model_dump(),
-        "recommendation": (results.recommendation.basis, results.recommendation.preferred_arm, results.recommendation.best_arm),
+        "recommendation": (
+            results.recommendation.basis,
+            results.recommendation.preferred_arm,
+            results.recommendation.best_arm,
+        ),
         # not the content hash: it covers manifest.csv, whose keys are the (key-dependent) pseudonyms
-        "dataset": (results.dataset.card.n_images, results.dataset.card.n_patients, results.dataset.card.label_distribution),
+        "dataset": (
+            results.dataset.card.n_images,
+            results.dataset.card.n_patients,
+            results.dataset.card.label_distribution,
+        ),
     }
 
 
@@ -44,14 +52,35 @@ def test_two_processes_with_two_keys_give_the_same_results(tmp_path: Path) -> No
         env = {**os.environ, "CTCOMPARE_HMAC_KEY": key, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
                "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)
-        argv = [sys.executable, "-m", "flows.cli", "compare", str(cohort.dicom_dir), "--labels", str(cohort.labels_path),
-                "--out", str(tmp_path / f"reports-{name}" / "run"), "--profile", "smoke", "--arms", "scratch",
-                "--no-calibrate", "--bootstrap", "50", "--set", "test_fraction=0.34"]
-        processes.append(subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        argv = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "compare",
+            str(cohort.dicom_dir),
+            "--labels",
+            str(cohort.labels_path),
+            "--out",
+            str(tmp_path / f"reports-{name}" / "run"),
+            "--profile",
+            "smoke",
+            "--arms",
+            "scratch",
+            "--no-calibrate",
+            "--bootstrap",
+            "50",
+            "--set",
+            "test_fraction=0.34",
+        ]
+        processes.append(
+            subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     for process in processes:
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output[-3000:]
-    first, second = (read_model_json(tmp_path / f"reports-{n}" / "run" / "results.json", ComparisonResults) for n in "ab")
+    first, second = (
+        read_model_json(tmp_path / f"reports-{n}" / "run" / "results.json", ComparisonResults) for n in "ab"
+    )
     assert first.arms[0].status == "completed"
     assert comparable_numbers(first) == comparable_numbers(second)
     images = [(tmp_path / f"reports-{n}" / "run-dataset" / "images.npy").read_bytes() for n in "ab"]

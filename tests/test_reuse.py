@@ -28,8 +28,15 @@ def _stamp(path: Path) -> int:
 def test_unchanged_inputs_keep_the_package_and_its_cost(shipped: ShippedRun, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(shipped.run_dir, run_dir, ignore=shutil.ignore_patterns("package*"))
-    settings = {"run_dir": run_dir, "dataset_dir": shipped.dataset_dir, "threshold_rule": "fixed", "aggregation": "mean",
-                "metrics": None, "weights_path": None, "budget_seconds": BUDGET_S}
+    settings = {
+        "run_dir": run_dir,
+        "dataset_dir": shipped.dataset_dir,
+        "threshold_rule": "fixed",
+        "aggregation": "mean",
+        "metrics": None,
+        "weights_path": None,
+        "budget_seconds": BUDGET_S,
+    }
     first = ship_run(threshold=0.5, **settings)
     model, cost = first.package_dir / PACKAGE_FILE, first.package_dir / DEPLOY_COST_FILE
     written = (_stamp(model), _stamp(cost))

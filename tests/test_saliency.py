@@ -12,9 +12,9 @@ from torch import nn
 from data_schemas.training import PredictionRow
 from data_schemas.visual import ImageLesionRow
 from tasks.ingest.lesions import lesion_mask
-from tasks.training.models import build_resnet50
 from tasks.ingest.preprocess import pad_to_square, resize_square, source_point_to_image
 from tasks.saliency.saliency import pointing_game, saliency_maps, select_slices
+from tasks.training.models import build_resnet50
 
 SIDE = 32
 DISC_RADIUS = 3.0

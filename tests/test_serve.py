@@ -89,14 +89,28 @@ def test_serves_reports_and_nothing_else(server: ReportServer) -> None:
     assert _get(server, "/")[1] == b"<html>index</html>"
     refused = [
         # not a report file: DICOM, CSV in or out of a report, a package's model, a dataset, an index of no report
-        "/cohort/dicom/PAT12345/1.dcm", "/labels.csv", "/trial%201/splits.csv", "/trial%201/notes.txt",
-        "/trial%201/runs/scratch/main/test_predictions.csv", "/trial%201/runs/scratch/main/package/model.pt",
-        "/trial%201/dataset/dataset.json", "/cohort/index.html", "/cohort/",
-        "/../outside.txt", "/%2e%2e/outside.txt", "/trial%201/../../outside.txt", "/trial%201/%2E%2E/%2E%2E/outside.txt",
+        "/cohort/dicom/PAT12345/1.dcm",
+        "/labels.csv",
+        "/trial%201/splits.csv",
+        "/trial%201/notes.txt",
+        "/trial%201/runs/scratch/main/test_predictions.csv",
+        "/trial%201/runs/scratch/main/package/model.pt",
+        "/trial%201/dataset/dataset.json",
+        "/cohort/index.html",
+        "/cohort/",
+        "/../outside.txt",
+        "/%2e%2e/outside.txt",
+        "/trial%201/../../outside.txt",
+        "/trial%201/%2E%2E/%2E%2E/outside.txt",
         "/link-out/outside.txt",  # symbolic link out of the root
-        "/trial%201/private/hmac.key", "/trial%201/dataset/private/index.csv", "/trial%201/PRIVATE/hmac.key",
+        "/trial%201/private/hmac.key",
+        "/trial%201/dataset/private/index.csv",
+        "/trial%201/PRIVATE/hmac.key",
         "/trial%201/shortcut/hmac.key",  # symbolic link into a private folder
-        "/trial%201/runs/best.pt", "/trial%201/weights.pth", "/trial%201/.hidden", f"/{SERVE_RECORD_FILE}",
+        "/trial%201/runs/best.pt",
+        "/trial%201/weights.pth",
+        "/trial%201/.hidden",
+        f"/{SERVE_RECORD_FILE}",
         "/trial%201/",  # no directory listings
         "/trial%201/report.html%00.txt",
     ]
@@ -129,9 +143,13 @@ def test_report_url_without_server_or_with_a_base_url(reports_root: Path, monkey
     report = reports_root / "trial 1" / "report.html"
     assert report_url(report, reports_root) == report.resolve().as_uri()
     # a record left by a server that was killed (its process is gone) is ignored
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     (reports_root / SERVE_RECORD_FILE).write_text(
-        f'{{"url": "http://127.0.0.1:9/", "pid": {int(gone.stdout)}, "hostname": "{socket.gethostname()}"}}', encoding="utf-8")
+        f'{{"url": "http://127.0.0.1:9/", "pid": {int(gone.stdout)}, "hostname": "{socket.gethostname()}"}}',
+        encoding="utf-8",
+    )
     assert report_url(report, reports_root).startswith("file://")
     monkeypatch.setenv(BASE_URL_ENV, "https://intranet.example/ctcompare")
     assert report_url(report, reports_root) == "https://intranet.example/ctcompare/trial%201/report.html"
@@ -175,7 +193,10 @@ def test_cli_serves_until_stopped(reports_root: Path, tmp_path: Path, monkeypatc
     process = _cli(str(reports_root), "--port", "0", cwd=tmp_path)
     try:
         line = process.stdout.readline() if process.stdout else ""
-        assert "Reports: http://127.0.0.1:" in line, (line, process.stderr.read() if process.poll() is not None and process.stderr else "")
+        assert "Reports: http://127.0.0.1:" in line, (
+            line,
+            process.stderr.read() if process.poll() is not None and process.stderr else "",
+        )
         base = line.rsplit("Reports: ", 1)[1].strip()
         port = int(base.rsplit(":", 1)[1].strip("/"))
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

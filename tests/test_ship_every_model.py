@@ -74,4 +74,7 @@ def test_the_arm_is_packaged_costed_and_predicted(arm, shipped, weights_dir, res
         assert small.meta.weights_variant == ("int8" if int8_engine() else "bf16")
         probabilities = predict_images(prepare_model(small), dataset.images, progress=False)
         assert probabilities.shape == (len(dataset.manifest),) and np.isfinite(probabilities).all()
-        assert measure_deployment_cost(compressed, threads=1, budget_seconds=BUDGET_S).precision == small.meta.weights_variant
+        assert (
+            measure_deployment_cost(compressed, threads=1, budget_seconds=BUDGET_S).precision
+            == small.meta.weights_variant
+        )

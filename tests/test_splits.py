@@ -111,7 +111,9 @@ def test_split_does_not_depend_on_pseudonyms_or_manifest_order():
         b = make_splits(shuffled, images[order], settings)
         content = {r.image_key: images[r.index].tobytes() for r in manifest}
         content_b = {r.image_key: images[order][r.index].tobytes() for r in shuffled}
-        assert [(content[r.image_key], r.part, r.fold) for r in a] == [(content_b[r.image_key], r.part, r.fold) for r in b]
+        assert [(content[r.image_key], r.part, r.fold) for r in a] == [
+            (content_b[r.image_key], r.part, r.fold) for r in b
+        ]
         for fold in range(settings.outer_folds):
             pa, pb = parts_for_fold(a, fold, settings), parts_for_fold(b, fold, settings)
             for part in ("train", "val", "test"):  # same images in the same order: same training batches
@@ -124,7 +126,9 @@ def test_write_read_and_reuse(tmp_path):
     images = _images(len(manifest))
 
     def ensure(dataset_hash: str, settings: SplitSettings):
-        return ensure_splits(manifest_rows=manifest, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings)
+        return ensure_splits(
+            manifest_rows=manifest, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings
+        )
 
     rows, info = ensure("hash-a", HOLDOUT)
     assert info.patient_overlap == 0 and info.n_unlabeled_excluded == 1
@@ -169,8 +173,11 @@ def test_subsample_patients_keeps_whole_patients_per_label_and_nests() -> None:
     from tasks.splits import subsample_patients
 
     rows = [
-        SplitRow(image_key=f"i{p}-{k}", patient_key=f"p{p}", label="nodule" if p % 2 else "normal", part="train", fold=0)
-        for p in range(20) for k in range(3)
+        SplitRow(
+            image_key=f"i{p}-{k}", patient_key=f"p{p}", label="nodule" if p % 2 else "normal", part="train", fold=0
+        )
+        for p in range(20)
+        for k in range(3)
     ]
     small = subsample_patients(rows, 0.2, seed=1)
     larger = subsample_patients(rows, 0.5, seed=1)
@@ -192,7 +199,9 @@ def test_a_reused_split_names_every_difference_in_one_sentence(tmp_path):
 
     def refusal(dataset_hash: str, settings: SplitSettings, rows=manifest) -> str:
         with pytest.raises(SplitsMismatchError) as caught:
-            ensure_splits(manifest_rows=rows, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings)
+            ensure_splits(
+                manifest_rows=rows, images=images, dataset_hash=dataset_hash, splits_path=path, settings=settings
+            )
         return str(caught.value)
 
     ensure_splits(manifest_rows=manifest, images=images, dataset_hash="hash-a", splits_path=path, settings=HOLDOUT)
@@ -200,10 +209,13 @@ def test_a_reused_split_names_every_difference_in_one_sentence(tmp_path):
     assert refusal("hash-b", _settings(seed=3)) == f"{path} was made for another dataset, seed 0{tail}"
     assert refusal("hash-a", _settings(val_fraction=0.25)) == f"{path} was made for val/test fractions 0.2/0.2{tail}"
     assert refusal("hash-a", _settings(test_fraction=0.25)) == f"{path} was made for val/test fractions 0.2/0.2{tail}"
-    assert refusal("hash-a", _settings(mode="cross-validated", outer_folds=3)) == f"{path} was made for holdout mode with 1 outer folds{tail}"
+    assert refusal("hash-a", _settings(mode="cross-validated", outer_folds=3)) == (f"{path} was made for holdout mode "
+                                                                                   f"with 1 outer folds{tail}")
     extra = manifest + [manifest[0].model_copy(update={"index": len(manifest), "image_key": "new-image"})]
     assert refusal("hash-a", HOLDOUT, extra) == f"{path} was made for other images{tail}"
-    unlabelled_extra = manifest + [manifest[-1].model_copy(update={"index": len(manifest), "image_key": "new-unlabelled"})]
+    unlabelled_extra = manifest + [
+        manifest[-1].model_copy(update={"index": len(manifest), "image_key": "new-unlabelled"})
+    ]
     ensure_splits(manifest_rows=unlabelled_extra, images=_images(len(unlabelled_extra)), dataset_hash="hash-a",
                   splits_path=path, settings=HOLDOUT)  # an unlabelled image is not in the split: reused
     info = read_model_json(info_path(path), SplitsInfo)
@@ -233,5 +245,7 @@ def test_a_split_without_its_info_file_is_made_again_and_reading_it_says_why(tmp
     with pytest.raises(FileNotFoundError) as caught:
         read_splits(path)
     assert str(caught.value) == f"{path} or its splits.json is missing; the split was never completed."
-    again, info = ensure_splits(manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT)
+    again, info = ensure_splits(
+        manifest_rows=manifest, images=images, dataset_hash="h", splits_path=path, settings=HOLDOUT
+    )
     assert again == rows and info_path(path).is_file() and read_splits(path)[1] == info

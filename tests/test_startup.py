@@ -1,4 +1,5 @@
-"""Start-up and shut-down: no Prefect for commands without a flow; the project server is used; no orphans after kill -9."""
+"""Start-up and shut-down: no Prefect for commands without a flow; the project server is used; no orphans after kill
+-9."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> 
         capture_output=True, text=True, cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [f"ctcompare ingest: source folder {tmp_path / 'missing'} does not exist or is not a folder."]
+    assert result.stderr.splitlines() == [f"ctcompare ingest: source folder {tmp_path / 'missing'} does not exist or "
+                                          "is not a folder."]
 
 
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
@@ -81,8 +83,22 @@ def test_a_command_records_its_run_on_the_running_project_server(project_server:
     recorded = json.loads((project_server.state_dir / "prefect" / SERVER_FILE).read_text())
     assert recorded["api_url"] == project_server.api_url
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "cohort"), "--patients", "2", "--slices-per-patient", "2"],
-        cwd=tmp_path, env=project_server.user_env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "synth",
+            str(tmp_path / "cohort"),
+            "--patients",
+            "2",
+            "--slices-per-patient",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=project_server.user_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "temporary" not in result.stderr, result.stderr
@@ -114,8 +130,23 @@ def test_kill_9_of_an_ingest_leaves_no_worker_or_temporary_server(tmp_path: Path
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "wb") as stderr:
         command = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "ingest", str(cohort.dicom_dir), "--out", str(out), "--size", "64", "--workers", "2"],
-            cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), stdout=subprocess.DEVNULL, stderr=stderr,
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "ingest",
+                str(cohort.dicom_dir),
+                "--out",
+                str(out),
+                "--size",
+                "64",
+                "--workers",
+                "2",
+            ],
+            cwd=tmp_path,
+            env=_plain_env(tmp_path / "prefect"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
         )
     try:
         # Wait until the pool is decoding: the first decoded files land in the private cache.

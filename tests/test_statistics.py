@@ -9,9 +9,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from tasks.evaluation import pairs, pooling
-from tasks.evaluation import recommend as rule
-from tasks.evaluation import statistics as st
+from tasks.evaluation import pairs, pooling, statistics as st
 
 
 def _synthetic(n_patients: int, images_per_patient: int = 4, shift: float = 1.0, seed: int = 0):
@@ -289,7 +287,10 @@ def test_mcnemar_many_discordant_patients_is_durkalski_chi_square() -> None:
     assert r.method == "clustered" and r.n_discordant_units == 60
     assert r.statistic == pytest.approx(400 / 60)
     assert r.p_value == pytest.approx(stats.chi2.sf(400 / 60, df=1))
-    assert "Durkalski et al. 2003" in pairs.METHOD_LABELS[r.method] and "no continuity correction" in pairs.METHOD_LABELS[r.method]
+    assert (
+        "Durkalski et al. 2003" in pairs.METHOD_LABELS[r.method]
+        and "no continuity correction" in pairs.METHOD_LABELS[r.method]
+    )
 
 
 def test_sign_flip_p_value_matches_enumeration() -> None:
@@ -317,7 +318,9 @@ def _obuchowski_direct(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.n
         pos_g, neg_g = groups[y == 1], groups[y == 0]
         big_a = np.array([v10[pos_g == k].sum() - auc * (pos_g == k).sum() for k in patients])
         big_b = np.array([v01[neg_g == k].sum() - auc * (neg_g == k).sum() for k in patients])
-        parts.append((big_a, big_b, sum((pos_g == k).any() for k in patients), sum((neg_g == k).any() for k in patients)))
+        parts.append(
+            (big_a, big_b, sum((pos_g == k).any() for k in patients), sum((neg_g == k).any() for k in patients))
+        )
 
     def cov(r: int, t: int) -> float:
         ar, br, i10, i01 = parts[r]
@@ -385,7 +388,9 @@ def test_bootstrap_interval_width_matches_its_nominal_level() -> None:
     se = values.std(ddof=1) / math.sqrt(n)
 
     def width(level: float) -> float:
-        iv = st.bootstrap_ci(y, values, np.arange(n), lambda yy, pp: float(np.mean(pp)), n_resamples=3000, seed=2, level=level)
+        iv = st.bootstrap_ci(
+            y, values, np.arange(n), lambda yy, pp: float(np.mean(pp)), n_resamples=3000, seed=2, level=level
+        )
         return iv["metric"].ci_high - iv["metric"].ci_low
 
     assert width(0.95) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.08)

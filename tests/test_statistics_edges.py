@@ -1,4 +1,5 @@
-"""Edges of tasks/evaluation/statistics.py that mutation testing found unchecked: each test pins a number or a field by hand.
+"""Edges of tasks/evaluation/statistics.py that mutation testing found unchecked: each test pins a number or a field by
+hand.
 
 The clustered DeLong variance is recomputed here from Obuchowski's (1997) definitions with plain loops over
 image pairs, independently of the vectorised midrank code.
@@ -11,9 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.evaluation import pairs, pooling
-from tasks.evaluation import recommend as rule
-from tasks.evaluation import statistics as st
+from tasks.evaluation import pairs, pooling, statistics as st
 
 
 def test_bootstrap_with_one_resample_and_with_no_images() -> None:

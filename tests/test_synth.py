@@ -14,10 +14,10 @@ import pytest
 from pydicom.pixels import apply_rescale
 from pydicom.uid import CTImageStorage, RLELossless
 
+from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.synth import COHORT_CARD_FILE, CohortCard, IdentifiersFile, LabelRow
 from data_schemas.visual import LESIONS_SIDECAR_FILE, LesionSidecarRow
 from flows.cli import main
-from data_schemas.files import read_model_json, read_models_csv
 from tasks.demo.planning import plan_cohort
 from tasks.demo.render import render_patient_hu
 from tasks.demo.synth import (

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from data_schemas.dataset import DatasetCard, DatasetFingerprint, ManifestRow, NumericSummary, WindowSpec
+from data_schemas.files import read_model_json, read_models_csv, sha256_file
+from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import (
     BEST_FILE,
     CHECKPOINT_FILE,
+    VAL_PREDICTIONS_FILE,
     EpochMetrics,
     LinearProbeModel,
     PredictionRow,
@@ -22,15 +25,14 @@ from data_schemas.training import (
     RunSummary,
     SplitRow,
     TimingInfo,
+    TrainConfig,
+    resolve_train_config,
 )
 from flows.cli import UsageError
-from tasks.ingest.dataset_store import write_dataset
-from data_schemas.files import read_model_json, read_models_csv, sha256_file
-from data_schemas.plan import build_run_plan, write_plan
-from data_schemas.training import VAL_PREDICTIONS_FILE, resolve_train_config
 from tasks.common.runtime import choose_runtime
-from tasks.training.train import TrainingInterrupted, train_arm
+from tasks.ingest.dataset_store import write_dataset
 from tasks.training.loop import predict_probs, state_copy
+from tasks.training.train import TrainingInterrupted, train_arm
 
 N_PATIENTS, PER_PATIENT, SIZE = 18, 3, 40
 
@@ -126,7 +128,9 @@ def _check_outputs(run_dir: Path) -> RunSummary:
 
 def test_scratch_arm_end_to_end_via_cli(dataset_dir, runs, capsys):
     run_dir = runs / "scratch"
-    code = _cli(["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke", "--seed", "0"])
+    code = _cli(
+        ["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke", "--seed", "0"]
+    )
     assert code == 0
     summary = _check_outputs(run_dir)
     assert summary.epochs_run == 2
@@ -153,9 +157,9 @@ def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):
     assert [m.epoch for m in metrics if m.is_best][-1] == best_epoch
     # the test predictions were made with exactly these weights
     config = read_model_json(run_dir / "config.json", RunConfig)
-    from tasks.training.models import scratch_resnet50
-    from tasks.training.augment import images_to_tensor
     from tasks.ingest.dataset_store import load_dataset
+    from tasks.training.augment import images_to_tensor
+    from tasks.training.models import scratch_resnet50
 
     model = scratch_resnet50(dropout=config.train.dropout)
     model.load_state_dict(best["state_dict"])
@@ -226,10 +230,16 @@ def test_prefect_retry_resumes_from_last_epoch_and_matches_uninterrupted(dataset
 
 def test_imagenet_arm_uses_weights_file(dataset_dir, runs, weights_file):
     run_dir = runs / "imagenet"
-    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet"), run=".", weights_path=weights_file)
+    summary = train_arm(
+        dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet"), run=".", weights_path=weights_file
+    )
     assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 2
     config = read_model_json(run_dir / "config.json", RunConfig)
-    assert config.weights is not None and config.weights.sha256 == sha256_file(weights_file) and config.weights.hash_checked
+    assert (
+        config.weights is not None
+        and config.weights.sha256 == sha256_file(weights_file)
+        and config.weights.hash_checked
+    )
     assert config.splits_sha256 == read_model_json(runs / "scratch" / "config.json", RunConfig).splits_sha256
     metrics = _metrics(run_dir)
     assert metrics[0].phase == "head" and metrics[0].lr_backbone == 0.0  # head-only warm-up epoch
@@ -238,13 +248,18 @@ def test_imagenet_arm_uses_weights_file(dataset_dir, runs, weights_file):
 
 def test_linear_arm(dataset_dir, runs, weights_file):
     run_dir = runs / "linear"
-    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet-linear"), run=".", weights_path=weights_file)
+    summary = train_arm(
+        dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "imagenet-linear"), run=".", weights_path=weights_file
+    )
     assert _check_outputs(run_dir).status == "completed" and summary.epochs_run == 1
     probe = read_model_json(run_dir / "linear_model.json", LinearProbeModel)
     depths = read_model_json(run_dir / "probe_depths.json", ProbeDepths)
     assert [d.depth for d in depths.depths] == ["layer2", "layer3", "layer4"]
     assert [d.feature_dim for d in depths.depths] == [512, 1024, 2048]
-    assert len(probe.coef) == {d.depth: d.feature_dim for d in depths.depths}[depths.chosen_depth] and probe.C in probe.Cs_tried
+    assert (
+        len(probe.coef) == {d.depth: d.feature_dim for d in depths.depths}[depths.chosen_depth]
+        and probe.C in probe.Cs_tried
+    )
     assert _metrics(run_dir)[0].phase == "linear"
     _check_overfitting_losses(run_dir, _metrics(run_dir), chosen=1, last=1)
 
@@ -294,8 +309,8 @@ def test_overrides_are_recorded():
 
 
 def _part_tensor(dataset_dir: Path, keys: list[str], size: int) -> torch.Tensor:
-    from tasks.training.augment import images_to_tensor
     from tasks.ingest.dataset_store import load_dataset
+    from tasks.training.augment import images_to_tensor
 
     dataset = load_dataset(dataset_dir)
     index_of = {r.image_key: r.index for r in dataset.manifest}
@@ -308,10 +323,9 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
     import torch.nn.functional as F
 
     from data_schemas.plan import read_plan
-    from data_schemas.training import SplitRow
-    from tasks.training.models import scratch_resnet50
     from tasks.splits import parts_for_fold, read_splits
     from tasks.training.loop import auc_or_none
+    from tasks.training.models import scratch_resnet50
 
     run_dir = runs / "early-stop"
     # no later epoch can improve the validation loss by 10: epoch 1 stays best, patience 1 would stop after epoch 2,
@@ -370,9 +384,9 @@ def _check_overfitting_losses(run_dir: Path, metrics: list, *, chosen: int, last
 def test_head_only_phase_freezes_the_backbone(weights_file):
     """In the head-only epoch the backbone is bit-identical afterwards, has requires_grad False, no gradient and
     no optimizer state; the head does learn."""
+    from tasks.training.loop import make_setup, train_one_epoch
     from tasks.training.models import is_head_parameter
     from tasks.training.weights import resolve_imagenet_weights
-    from tasks.training.loop import make_setup, train_one_epoch
 
     config = resolve_train_config("smoke", "imagenet", {"augment.enabled": "false"})
     assert config.freeze_epochs == 1
@@ -404,9 +418,9 @@ def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, mo
     """The same DICOM ingested with two HMAC keys: other pseudonyms and row order, the same split by pixel content
     and the same per-epoch training losses."""
     from flows.ingest import ingest_flow
+    from tasks.demo.synth import synthesize_cohort
     from tasks.ingest.dataset_store import load_dataset
     from tasks.ingest.pseudonymize import HMAC_KEY_ENV
-    from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=10, slices_per_patient=2, seed=5, matrix_sizes=(64,))
     outcomes = []
@@ -419,7 +433,10 @@ def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, mo
         assert summary.status == "completed"
         dataset = load_dataset(dataset_dir)
         pixels = {r.image_key: dataset.images[r.index].tobytes() for r in dataset.manifest}
-        split = [(pixels[r.image_key], r.part, r.fold) for r in read_models_csv(tmp_path / key / "runs" / "splits.csv", SplitRow)]
+        split = [
+            (pixels[r.image_key], r.part, r.fold)
+            for r in read_models_csv(tmp_path / key / "runs" / "splits.csv", SplitRow)
+        ]
         losses = [(m.train_loss, m.val_loss, m.train_eval_loss) for m in _metrics(run_dir)]
         outcomes.append((set(pixels), {r.patient_key for r in dataset.manifest}, split, losses))
     (keys_a, patients_a, split_a, losses_a), (keys_b, patients_b, split_b, losses_b) = outcomes
@@ -440,15 +457,29 @@ def test_plan_resolves_settings_once_with_one_set_of_names():
     assert plan.overrides == {"epochs": "3"} and not set(plan.overrides) & set(EVALUATION_SETTING_KEYS)
     assert plan.evaluation.operating_point == "sensitivity:0.9" and plan.evaluation.aggregation == "max"
     assert plan.split.mode == "holdout" and plan.split.outer_folds == 1 and plan.split.seed == 4
-    assert [r.run_dir for r in plan.runs] == ["runs/scratch/main", "runs/scratch/fraction-0.5", "runs/imagenet/main", "runs/imagenet/fraction-0.5"]
+    assert [r.run_dir for r in plan.runs] == [
+        "runs/scratch/main",
+        "runs/scratch/fraction-0.5",
+        "runs/imagenet/main",
+        "runs/imagenet/fraction-0.5",
+    ]
     assert all(r.config.epochs == 3 for r in plan.runs) and plan.run("runs/imagenet/main").config.freeze_epochs == 1
     assert plan.run("runs/scratch/fraction-0.5").config.train_fraction == 0.5
     costed = with_cost_inputs(plan, n_train_images=40).cost
-    assert (costed.n_images, costed.epochs, costed.head_warmup_epochs, costed.arms) == (40, 3, 1, ["scratch", "imagenet"])
+    assert (costed.n_images, costed.epochs, costed.head_warmup_epochs, costed.arms) == (
+        40,
+        3,
+        1,
+        ["scratch", "imagenet"],
+    )
 
     cross = build_run_plan(profile="smoke", arms=["scratch"], seed=0, folds=3)
     assert cross.split.mode == cross.evaluation.mode == "cross-validated" and cross.split.outer_folds == 3
-    assert [r.run_dir for r in cross.pooled_runs("scratch")] == ["runs/scratch/main", "runs/scratch/fold-1", "runs/scratch/fold-2"]
+    assert [r.run_dir for r in cross.pooled_runs("scratch")] == [
+        "runs/scratch/main",
+        "runs/scratch/fold-1",
+        "runs/scratch/fold-2",
+    ]
     single = build_run_plan(profile="smoke", arms=["scratch"], seed=0, folds=2, layout="single-arm")
     assert [r.run_dir for r in single.runs] == ["fold-0", "fold-1"]
     full = build_run_plan(profile="full", arms=["scratch"], seed=0)
@@ -478,8 +509,7 @@ class _TinyNet(torch.nn.Module):
         return self.fc(self.drop(torch.relu(self.bn1(self.conv1(x))).mean(dim=(2, 3))))
 
 
-def _tiny_config(**overrides) -> "TrainConfig":
-    from data_schemas.training import TrainConfig
+def _tiny_config(**overrides) -> TrainConfig:
 
     values = dict(image_size=32, epochs=6, batch_size=4, eval_batch_size=3, lr=0.05, device="cpu", precision="fp32",
                   channels_last="off", augment={"enabled": False}, class_balance="none", label_smoothing=0.0,
@@ -594,7 +624,9 @@ def test_learning_rate_schedule_values():
     assert [lr_factor(capped, 0, s, 2) for s in range(2)] == pytest.approx([0.5, 1.0])
     assert lr_factor(capped, 1, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     constant = _tiny_config(epochs=3, schedule="constant", warmup_epochs=1.0)
-    assert [lr_factor(constant, e, s, 4) for e in range(3) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 9)
+    assert [lr_factor(constant, e, s, 4) for e in range(3) for s in range(4)] == pytest.approx(
+        [0.25, 0.5, 0.75] + [1.0] * 9
+    )
     onecycle = _tiny_config(epochs=2, schedule="onecycle", warmup_epochs=0.0)  # warm-up 30% of 10 steps
     assert [lr_factor(onecycle, 0, s, 5) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert lr_factor(onecycle, 1, 4, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
@@ -604,7 +636,9 @@ def test_learning_rate_schedule_values():
     assert [lr_factor(phased, 1, s, 2) for s in range(2)] == pytest.approx([0.5, 1.0])
     assert lr_factor(phased, 3, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
     none = _tiny_config(epochs=2, schedule="cosine", warmup_epochs=0.0)
-    assert lr_factor(none, 0, 0, 2) == 1.0 and lr_factor(none, 1, 1, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert lr_factor(none, 0, 0, 2) == 1.0 and lr_factor(none, 1, 1, 2) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 3 / 4))
+    )
 
 
 def test_parameter_groups_and_optimizers():
@@ -618,9 +652,24 @@ def test_parameter_groups_and_optimizers():
     assert ids["head"] == {id(model.fc.weight)} and ids["head-no_decay"] == {id(model.fc.bias)}
     assert ids["backbone"] == {id(model.conv1.weight)}
     assert ids["backbone-no_decay"] == {id(model.conv1.bias), id(model.bn1.weight), id(model.bn1.bias)}
-    assert {n: g["weight_decay"] for n, g in groups.items()} == {"head": 0.25, "head-no_decay": 0.0, "backbone": 0.25, "backbone-no_decay": 0.0}
-    assert {n: g["lr_mult"] for n, g in groups.items()} == {"head": 1.0, "head-no_decay": 1.0, "backbone": 0.5, "backbone-no_decay": 0.5}
-    assert {n: g["is_head"] for n, g in groups.items()} == {"head": True, "head-no_decay": True, "backbone": False, "backbone-no_decay": False}
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {
+        "head": 0.25,
+        "head-no_decay": 0.0,
+        "backbone": 0.25,
+        "backbone-no_decay": 0.0,
+    }
+    assert {n: g["lr_mult"] for n, g in groups.items()} == {
+        "head": 1.0,
+        "head-no_decay": 1.0,
+        "backbone": 0.5,
+        "backbone-no_decay": 0.5,
+    }
+    assert {n: g["is_head"] for n, g in groups.items()} == {
+        "head": True,
+        "head-no_decay": True,
+        "backbone": False,
+        "backbone-no_decay": False,
+    }
     assert all(g["lr"] == 0.125 for g in groups.values())
     adamw = make_optimizer(param_groups(model, config, 1.0), config)
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["lr"] == 0.125
@@ -644,7 +693,13 @@ def test_head_phase_learning_rates_and_freezing():
     assert _set_lr(setup_untagged, 0, 0, 2, head_phase=True) == {"head": 0.5} and untagged.param_groups[0]["lr"] == 0.5
     freeze_backbone(setup.model, True)
     assert {n: p.requires_grad for n, p in setup.model.named_parameters()} == {
-        "conv1.weight": False, "conv1.bias": False, "bn1.weight": False, "bn1.bias": False, "fc.weight": True, "fc.bias": True}
+        "conv1.weight": False,
+        "conv1.bias": False,
+        "bn1.weight": False,
+        "bn1.bias": False,
+        "fc.weight": True,
+        "fc.bias": True,
+    }
     freeze_backbone(setup.model, False)
     assert all(p.requires_grad for p in setup.model.parameters())
 
@@ -667,8 +722,15 @@ def test_one_epoch_steps_images_order_and_loss():
     fresh.load_state_dict(start)
     fresh.train()
     with torch.no_grad():
-        expected = sum(float(torch.nn.functional.cross_entropy(fresh(normalise(data.x_train[order[i:i + 4]])), data.y_train[order[i:i + 4]])) * 4
-                       for i in (0, 4))
+        expected = sum(
+            float(
+                torch.nn.functional.cross_entropy(
+                    fresh(normalise(data.x_train[order[i : i + 4]])), data.y_train[order[i : i + 4]]
+                )
+            )
+            * 4
+            for i in (0, 4)
+        )
     assert result.loss_sum == pytest.approx(expected, rel=1e-4)
     again = _tiny_setup(config)
     assert train_one_epoch(again, data.x_train, data.y_train, epoch=0).loss_sum == result.loss_sum
@@ -688,7 +750,9 @@ def test_one_epoch_with_a_head_phase_trains_only_the_head():
     before = state_copy(setup.model)
     result = train_one_epoch(setup, data.x_train, data.y_train, epoch=0)
     assert result.lr == {"head": 0.1, "backbone": 0.0}
-    assert torch.equal(setup.model.conv1.weight.detach(), before["conv1.weight"]) and setup.model.conv1.weight.grad is None
+    assert (
+        torch.equal(setup.model.conv1.weight.detach(), before["conv1.weight"]) and setup.model.conv1.weight.grad is None
+    )
     assert not torch.equal(setup.model.fc.weight.detach(), before["fc.weight"])
     result = train_one_epoch(setup, data.x_train, data.y_train, epoch=1)
     assert result.lr == {"head": 0.1, "backbone": 0.05}
@@ -761,8 +825,15 @@ def test_train_eval_subsample_is_fixed_sorted_and_capped():
     assert TRAIN_EVAL_IMAGES == 512
     assert torch.equal(train_eval_subsample(10, seed=0), torch.arange(10))
     big = train_eval_subsample(2000, seed=0)
-    assert len(big) == 512 and len(set(big.tolist())) == 512 and torch.equal(big, big.sort().values) and int(big.max()) < 2000
-    assert torch.equal(big, train_eval_subsample(2000, seed=0)) and not torch.equal(big, train_eval_subsample(2000, seed=1))
+    assert (
+        len(big) == 512
+        and len(set(big.tolist())) == 512
+        and torch.equal(big, big.sort().values)
+        and int(big.max()) < 2000
+    )
+    assert torch.equal(big, train_eval_subsample(2000, seed=0)) and not torch.equal(
+        big, train_eval_subsample(2000, seed=1)
+    )
 
 
 def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
@@ -771,8 +842,11 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
     import tasks.training.loop as train_loop
 
     losses = iter([0.9, 0.7, 0.8, 0.75, 0.1, 0.1])
-    monkeypatch.setattr(train_loop, "_evaluate",
-                        lambda setup, data, progress=None: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25})
+    monkeypatch.setattr(
+        train_loop,
+        "_evaluate",
+        lambda setup, data, progress=None: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25},
+    )
     config = _tiny_config(epochs=6, early_stopping_patience=2, min_epochs=1, lr=0.05, freeze_epochs=1)
     setup, data = _tiny_setup(config, head_epochs=1), _tiny_data()
     saved, calls = {}, []
@@ -794,8 +868,15 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
     assert not torch.equal(state.best_state["fc.weight"], setup.model.fc.weight.detach())
     history = [EpochMetrics.model_validate(row) for row in state.history]
     assert [h.epoch for h in history] == [1, 2, 3, 4] and [h.is_best for h in history] == [True, True, False, False]
-    assert [h.phase for h in history] == ["head", "full", "full", "full"] and [h.val_loss for h in history] == [0.9, 0.7, 0.8, 0.75]
-    assert [h.lr_backbone for h in history] == [0.0, 0.05, 0.05, 0.05] and all(h.train_eval_loss == 0.25 for h in history)
+    assert [h.phase for h in history] == ["head", "full", "full", "full"] and [h.val_loss for h in history] == [
+        0.9,
+        0.7,
+        0.8,
+        0.75,
+    ]
+    assert [h.lr_backbone for h in history] == [0.0, 0.05, 0.05, 0.05] and all(
+        h.train_eval_loss == 0.25 for h in history
+    )
     assert history[-1].elapsed_seconds == pytest.approx(state.train_seconds + state.eval_seconds)
     assert train_loop.fit(setup, data, state, on_epoch_end) is state and len(calls) == 4  # stopped: nothing more
 
@@ -803,7 +884,11 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
 def test_fit_runs_all_epochs_without_patience(monkeypatch):
     import tasks.training.loop as train_loop
 
-    monkeypatch.setattr(train_loop, "_evaluate", lambda setup, data, progress=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None})
+    monkeypatch.setattr(
+        train_loop,
+        "_evaluate",
+        lambda setup, data, progress=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None},
+    )
     config = _tiny_config(epochs=3, early_stopping_patience=None)
     state = train_loop.fit(_tiny_setup(config), _tiny_data(), train_loop.TrainState(), lambda state, improved: None)
     assert state.epoch == 3 and not state.stopped and state.best_epoch == 1 and state.bad_epochs == 2
@@ -815,7 +900,8 @@ def test_selection_is_described_with_its_numbers():
 
     text = describe_selection(_tiny_config(early_stopping_patience=4, min_epochs=9, epochs=6))
     assert text.startswith("best epoch by val_loss: plain cross-entropy")
-    assert "stop after 4 epochs without improvement, not before epoch 6" in text and text.endswith("the test part is never used")
+    assert "stop after 4 epochs without improvement, not before epoch 6" in text and text.endswith("the test part is "
+                                                                                                   "never used")
     text = describe_selection(_tiny_config(early_stopping_monitor="val_auc_ema", early_stopping_patience=None))
     assert "weight 0.5 on the newest epoch" in text and "no early stopping" in text
 
@@ -830,12 +916,19 @@ def test_setup_of_each_arm_kind():
     config = _tiny_config(epochs=3, freeze_epochs=5, backbone_lr_mult=0.25, class_balance="loss_weights")
     runtime = choose_runtime(config)
     y = torch.tensor([0, 0, 0, 1])
-    scratch = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, label="s", arm="resnet18:scratch")
+    scratch = make_setup(
+        config=config, runtime=runtime, backbone=None, seed=3, y_train=y, label="s", arm="resnet18:scratch"
+    )
     assert (scratch.head_epochs, scratch.model_name, scratch.label, scratch.seed) == (0, "resnet18", "s", 3)
     assert torch.allclose(scratch.class_weights, torch.tensor([4 / 6, 4 / 2])) and scratch.sample_weights is None
     assert scratch.scaler is None and scratch.config is config and scratch.runtime is runtime
     assert {g["lr_mult"] for g in scratch.optimizer.param_groups} == {1.0}  # scratch trains the backbone at full rate
-    assert {n for g in scratch.optimizer.param_groups for n in [g["name"]]} == {"head", "head-no_decay", "backbone", "backbone-no_decay"}
+    assert {n for g in scratch.optimizer.param_groups for n in [g["name"]]} == {
+        "head",
+        "head-no_decay",
+        "backbone",
+        "backbone-no_decay",
+    }
     again = make_setup(config=config, runtime=runtime, backbone=None, seed=3, y_train=y, arm="resnet18:scratch")
     same = [torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), scratch.model.state_dict().values())]
     assert all(same)
@@ -844,21 +937,44 @@ def test_setup_of_each_arm_kind():
 
     torch.manual_seed(11)
     backbone = {k: v for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
-    pretrained = make_setup(config=config, runtime=runtime, backbone=backbone, seed=3, y_train=y, arm="resnet18:imagenet")
+    pretrained = make_setup(
+        config=config, runtime=runtime, backbone=backbone, seed=3, y_train=y, arm="resnet18:imagenet"
+    )
     assert pretrained.head_epochs == 3 and pretrained.model_name == "resnet18"  # min(freeze_epochs 5, epochs 3)
     assert torch.equal(pretrained.model.state_dict()["layer1.0.conv1.weight"], backbone["layer1.0.conv1.weight"])
     assert {g["name"]: g["lr_mult"] for g in pretrained.optimizer.param_groups} == {
         "backbone": 0.25, "backbone-no_decay": 0.25, "head": 1.0, "head-no_decay": 1.0}
     two = _tiny_config(epochs=3, freeze_epochs=2)
-    assert make_setup(config=two, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet").head_epochs == 2
+    assert (
+        make_setup(
+            config=two, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet"
+        ).head_epochs
+        == 2
+    )
 
-    sampler = make_setup(config=_tiny_config(class_balance="sampler"), runtime=runtime, backbone=None, seed=0, y_train=y,
-                         arm="resnet18:scratch")
-    assert sampler.class_weights is None and torch.allclose(sampler.sample_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
-    plain = make_setup(config=_tiny_config(class_balance="none", optimizer="sgd"), runtime=runtime, backbone=None, seed=0,
-                       y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    sampler = make_setup(
+        config=_tiny_config(class_balance="sampler"),
+        runtime=runtime,
+        backbone=None,
+        seed=0,
+        y_train=y,
+        arm="resnet18:scratch",
+    )
+    assert sampler.class_weights is None and torch.allclose(
+        sampler.sample_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    )
+    plain = make_setup(
+        config=_tiny_config(class_balance="none", optimizer="sgd"),
+        runtime=runtime,
+        backbone=None,
+        seed=0,
+        y_train=torch.tensor([1, 1]),
+        arm="resnet18:scratch",
+    )
     assert plain.class_weights is None and plain.sample_weights is None and type(plain.optimizer) is torch.optim.SGD
-    one_class = make_setup(config=config, runtime=runtime, backbone=None, seed=0, y_train=torch.tensor([1, 1]), arm="resnet18:scratch")
+    one_class = make_setup(
+        config=config, runtime=runtime, backbone=None, seed=0, y_train=torch.tensor([1, 1]), arm="resnet18:scratch"
+    )
     assert torch.allclose(one_class.class_weights, torch.tensor([1.0, 0.5]))  # an absent class counts as 1: 2 / (2 * 1)
     with pytest.raises(ValueError, match="linear probe"):
         make_setup(config=config, runtime=runtime, backbone=backbone, seed=0, y_train=y, arm="resnet18:imagenet-linear")

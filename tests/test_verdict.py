@@ -14,8 +14,7 @@ from scipy import stats
 from data_schemas.files import read_model_json, write_model_json
 from data_schemas.training import TIMING_FILE, TimingInfo
 from reports.wording import recommendation_sentences, word_results
-from tasks.evaluation import pairs
-from tasks.evaluation import recommend as rule
+from tasks.evaluation import pairs, recommend as rule
 from tasks.evaluation.statistics import roc_auc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

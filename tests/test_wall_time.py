@@ -1,7 +1,8 @@
 """The cost stage's prediction of a whole comparison's wall time, checked against arithmetic done by hand.
 
 Training FLOPs come from tests/resnet50_by_hand.py (an independent count), this machine's rate from a fixed
-calibration, the fixed stages from the constants in tasks/cost/wall_time.py written out here as numbers; what the command
+calibration, the fixed stages from the constants in tasks/cost/wall_time.py written out here as numbers; what the
+command
 spent before its cost stage is measured and added as it is.
 """
 
@@ -17,10 +18,12 @@ import resnet50_by_hand as hand
 from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
 from data_schemas.plan import RunEnvironment, build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
-from tasks.cost import calibration as cost_calibration
-from tasks.cost import catalogue as cost_catalogue
-from tasks.cost import estimate as cost_estimate
-from tasks.cost import wall_time as cost_wall_time
+from tasks.cost import (
+    calibration as cost_calibration,
+    catalogue as cost_catalogue,
+    estimate as cost_estimate,
+    wall_time as cost_wall_time,
+)
 
 RATE = 40e9  # the fixed calibration's achieved training FLOP/s
 WARMUP = 5.0  # its first-step warm-up, seconds (once per run)
@@ -41,7 +44,9 @@ def _calibration() -> Calibration:
 @pytest.fixture(scope="module")
 def report() -> CostReport:
     """Scratch and imagenet priced for 100 images, 10 epochs at 64 px, 2 of them head-only for imagenet."""
-    inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, head_warmup_epochs=2, arms=["scratch", "imagenet"])
+    inputs = cost_estimate.resolve_cost_inputs(
+        n_images=100, image_size=SIZE, epochs=10, head_warmup_epochs=2, arms=["scratch", "imagenet"]
+    )
     return cost_estimate.build_cost_report(inputs, calibration=_calibration())
 
 
@@ -56,10 +61,14 @@ def test_one_run_is_its_epochs_flops_over_the_rate_scaled_to_its_images_and_size
     full = hand.full_training_flops(SIZE, 1, 2)
     half_size = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=50, image_size=SIZE // 2)
     # 6 epochs x 100 images x full FLOPs, then x 50/100 images x (32/64)^2 pixels, x 1.23 for the epochs' wall time
-    assert cost_wall_time.run_training_seconds(report, half_size, 6) == pytest.approx(6 * 100 * full / RATE * 0.5 * 0.25 * 1.23 + WARMUP, rel=1e-12)
+    assert cost_wall_time.run_training_seconds(report, half_size, 6) == pytest.approx(
+        6 * 100 * full / RATE * 0.5 * 0.25 * 1.23 + WARMUP, rel=1e-12
+    )
     head = hand.head_only_training_flops(SIZE, 1, 2)
     imagenet = PlannedRunWork(arm="imagenet", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
-    assert cost_wall_time.run_training_seconds(report, imagenet, 10) == pytest.approx((2 * 100 * head + 8 * 100 * full) / RATE * 1.23 + WARMUP, rel=1e-12)
+    assert cost_wall_time.run_training_seconds(report, imagenet, 10) == pytest.approx(
+        (2 * 100 * head + 8 * 100 * full) / RATE * 1.23 + WARMUP, rel=1e-12
+    )
 
 
 def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> None:
@@ -83,10 +92,17 @@ def test_whole_comparison_is_every_stage_added_by_hand(report: CostReport) -> No
     scratch_max = 1.23 * (10 * 100 * full / RATE + 10 * 25 * full / RATE)
     imagenet_min = 1.23 * (2 * 100 * head + 4 * 100 * full) / RATE
     imagenet_max = 1.23 * (2 * 100 * head + 8 * 100 * full) / RATE
-    assert predicted.seconds_min == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_min + imagenet_min, rel=1e-9)
-    assert predicted.seconds_max == pytest.approx(fixed_before + fixed_after + runs_setup + scratch_max + imagenet_max, rel=1e-9)
+    assert predicted.seconds_min == pytest.approx(
+        fixed_before + fixed_after + runs_setup + scratch_min + imagenet_min, rel=1e-9
+    )
+    assert predicted.seconds_max == pytest.approx(
+        fixed_before + fixed_after + runs_setup + scratch_max + imagenet_max, rel=1e-9
+    )
     assert predicted.seconds_min == pytest.approx(sum(s.seconds_min for s in predicted.stages), rel=1e-12)
-    assert [s.stage for s in predicted.stages][:2] == ["before the cost stage (start-up, cohort, ingest, split)", "cost stage"]
+    assert [s.stage for s in predicted.stages][:2] == [
+        "before the cost stage (start-up, cohort, ingest, split)",
+        "cost stage",
+    ]
     assert predicted.notes == []
 
 
@@ -107,7 +123,9 @@ def test_skipped_pretrained_runs_cost_a_skip_and_no_package(report: CostReport) 
 def test_a_linear_probe_run_is_its_feature_pass_and_fit_plus_its_own_set_up() -> None:
     inputs = cost_estimate.resolve_cost_inputs(n_images=100, image_size=SIZE, epochs=10, arms=["imagenet-linear"])
     linear_report = cost_estimate.build_cost_report(inputs, calibration=_calibration())
-    plan = WallTimePlan(runs=[PlannedRunWork(arm="imagenet-linear", max_epochs=1, min_epochs=1, n_images=100, image_size=SIZE)])
+    plan = WallTimePlan(
+        runs=[PlannedRunWork(arm="imagenet-linear", max_epochs=1, min_epochs=1, n_images=100, image_size=SIZE)]
+    )
     predicted = cost_wall_time.predict_wall_time(linear_report, plan, cost_stage_seconds=0.0)
     arm = linear_report.arm("imagenet-linear")
     # one no-grad feature pass + the logistic fit, x 1.23, + warm-up + the linear run's 12.5 s set-up
@@ -121,13 +139,18 @@ def test_the_plan_of_the_cpu_profile_stops_between_epoch_6_and_10_and_skips_with
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached weights
     plan = build_run_plan(profile="cpu", arms=["scratch", "imagenet", "imagenet-linear"], seed=0, fractions=[0.5, 1.0])
-    work = cost_wall_time.wall_time_plan(plan, RunEnvironment(started_at=0.0), n_train_images=1000, elapsed_seconds=30.0)
+    work = cost_wall_time.wall_time_plan(
+        plan, RunEnvironment(started_at=0.0), n_train_images=1000, elapsed_seconds=30.0
+    )
     assert {(r.arm, r.n_images, r.min_epochs, r.max_epochs, r.trained) for r in work.runs} == {
         (arm, n, 6, 10, arm == "scratch") for arm in ("scratch", "imagenet", "imagenet-linear") for n in (500, 1000)
     }
-    with_weights = cost_wall_time.wall_time_plan(plan, RunEnvironment(weights=tmp_path / "resnet50.pth", started_at=0.0),
-                                    n_train_images=1000)
-    assert all(r.trained for r in with_weights.runs) and with_weights.elapsed_seconds == 0 and work.elapsed_seconds == 30.0
+    with_weights = cost_wall_time.wall_time_plan(
+        plan, RunEnvironment(weights=tmp_path / "resnet50.pth", started_at=0.0), n_train_images=1000
+    )
+    assert (
+        all(r.trained for r in with_weights.runs) and with_weights.elapsed_seconds == 0 and work.elapsed_seconds == 30.0
+    )
 
 
 class _Lines(logging.Handler):
@@ -169,11 +192,18 @@ def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
     from data_schemas.cost import StageTime, WallTimeEstimate
     from reports.render import render_report
 
-    estimate = WallTimeEstimate(seconds_min=290.0, seconds_max=410.0, formula="T = sum of stages",
-                                stages=[StageTime(stage="training scratch", seconds_min=290.0, seconds_max=410.0, basis="hand")])
-    results = make_example_results(with_folds=False, with_data_efficiency=False).model_copy(update={"predicted_wall_time": estimate})
+    estimate = WallTimeEstimate(
+        seconds_min=290.0,
+        seconds_max=410.0,
+        formula="T = sum of stages",
+        stages=[StageTime(stage="training scratch", seconds_min=290.0, seconds_max=410.0, basis="hand")],
+    )
+    results = make_example_results(with_folds=False, with_data_efficiency=False).model_copy(
+        update={"predicted_wall_time": estimate}
+    )
     paths = render_report(results, tmp_path)
     for key in ("markdown", "html"):
         text = " ".join(paths[key].read_text().split())
         cost_section = text[text.index("Cost: estimate vs actual"):]
-        assert "Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 min" in cost_section
+        assert ("Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 "
+                "min") in cost_section

@@ -7,17 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import report_fixtures
+from report_fixtures import make_patients, write_comparison, write_dataset_and_split, write_run
+
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_models_csv
 from data_schemas.report import ComparisonResults
 from data_schemas.training import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, PredictionRow
-from report_fixtures import make_patients, write_comparison, write_dataset_and_split, write_run
 from reports.render import render_report
 from reports.wording import word_results
-from tasks.evaluation import pairs
-from tasks.evaluation import statistics as st
+from tasks.evaluation import pairs, statistics as st
 from tasks.evaluation.evaluate import build_results
 from tasks.evaluation.what_to_train import size_points
 

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         make_local_state()
     except OSError as error:
         return _refused(args.command, UsageError(
-            f"cannot make {printable_path(os.environ['PREFECT_HOME'])} for Prefect's state ({error.strerror or error}); "
+            f"cannot make {printable_path(os.environ['PREFECT_HOME'])} for Prefect's state "
+            f"({error.strerror or error}); "
             "run from a folder you can write, or set PREFECT_HOME."))
     if api_note:
         announce_temporary_server(api_note)

@@ -37,8 +37,8 @@ def dicomweb_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The DICOMweb ingest flow's parameters (SRC is a URL), checked like the folder ingest's: UsageError (one
     sentence) before any request and before any folder is made."""
     from flows.ingest import check_dicomweb_arguments, ingest_dicomweb_flow
-    from tasks.ingest.labels import read_labels
     from tasks.ingest.dicomweb import keyed_on_accession
+    from tasks.ingest.labels import read_labels
 
     parameters = {"url": args.src_dir, "out_dir": args.out, "study_date": args.study_date, "modality": args.modality,
                   "accession": args.accession, "study_uids_file": args.study_list, "labels": args.labels,

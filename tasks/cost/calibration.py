@@ -244,7 +244,8 @@ def checked_calibration(
     disagreement = abs(probe / cached.train_images_per_second - 1.0)
     now = f"{probe:.1f} images/s" + (f" at load {load:.1f}" if load is not None else "")
     if disagreement <= PROBE_TOLERANCE:
-        return cached, f"Using {describe_calibration(cached)}; a short probe now agrees within {disagreement:.0%} ({now})."
+        return cached, (f"Using {describe_calibration(cached)}; a short probe now agrees within {disagreement:.0%} "
+                        f"({now}).")
     calibration = load_or_calibrate(image_size, channels, requested_precision, batch_size, cache_path=cache_path,
                                     refresh=True)
     return calibration, (f"Re-calibrated: {describe_calibration(cached)} disagreed by {disagreement:.0%} with a short "

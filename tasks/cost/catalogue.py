@@ -68,7 +68,8 @@ def ram_bytes() -> int:
 
 
 def this_machine_precision(requested: str) -> str:
-    """bf16/fp16 requests run as bf16 autocast when the CPU supports it (tasks.common.runtime), else fp32; no CPU tf32."""
+    """bf16/fp16 requests run as bf16 autocast when the CPU supports it (tasks.common.runtime), else fp32; no CPU
+    tf32."""
     from tasks.common.runtime import cpu_has_fast_bf16
 
     return "bf16" if requested in ("bf16", "fp16") and cpu_has_fast_bf16() else "fp32"

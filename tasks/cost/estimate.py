@@ -69,7 +69,8 @@ def _linear_arm_work(spec: ArmSpec, inputs: CostInputs) -> dict[str, Any]:
         "epochs_effective": 1,
         "formulas": [
             "flops_total = n_images x forward_flops_per_image (one no-grad feature pass) + classifier_fit_flops",
-            f"classifier_fit_flops = iterations ({inputs.linear_fit_iterations}) x 4 x n x {dim} x classes(1 if binary)",
+            f"classifier_fit_flops = iterations ({inputs.linear_fit_iterations}) x 4 x n x {dim} x classes(1 if "
+            "binary)",
         ],
     }
 
@@ -198,7 +199,9 @@ def estimated_seconds_for(arm: ArmCost, device: str, epochs_run: int | None = No
         if estimate.device == device:
             if epochs_run is None:
                 return estimate.seconds
-            return arm_flops_for_epochs(arm, epochs_run) / estimate.effective_flops_per_second + estimate.overhead_seconds
+            return (
+                arm_flops_for_epochs(arm, epochs_run) / estimate.effective_flops_per_second + estimate.overhead_seconds
+            )
     raise KeyError(f"arm {arm.arm!r} has no estimate for device {device!r}")
 
 
@@ -329,7 +332,8 @@ def _dataset_facts(dataset: Path) -> dict[str, Any]:
 
     card_path = Path(dataset) / DATASET_CARD_FILE
     if not card_path.is_file():
-        raise ValueError(f"{dataset} is not a ctcompare dataset folder: {DATASET_CARD_FILE} is missing (run 'ctcompare ingest').")
+        raise ValueError(f"{dataset} is not a ctcompare dataset folder: {DATASET_CARD_FILE} is missing (run 'ctcompare "
+                         "ingest').")
     try:
         card = read_model_json(card_path, DatasetCard)
     except (ValidationError, ValueError) as error:
@@ -362,7 +366,8 @@ def resolve_cost_inputs(*, dataset: Path | None = None, n_images: int | None = N
         raise ValueError("give --dataset DATASET_DIR (an ingested dataset folder) or --images N (how many images).")
     source = _dataset_facts(dataset) if dataset is not None else {"n_images": n_images}
     fields = {**INPUT_DEFAULTS, **source, **{k: v for k, v in settings.items() if v is not None}}
-    fields["arms"] = [spec.name for spec in parse_arms(fields.get("arms") or default_arms())]  # ValueError: one sentence
+    # ValueError: one sentence
+    fields["arms"] = [spec.name for spec in parse_arms(fields.get("arms") or default_arms())]
     try:
         return CostInputs(**fields)
     except ValidationError as error:

@@ -55,8 +55,11 @@ def phase_model(phase: str, channels: int, num_classes: int = 2, device: str = "
 
 
 @functools.lru_cache(maxsize=128)
-def count_phase(phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = DEFAULT_MODEL) -> PhaseCounts:
-    """FLOPs and parameter counts of one phase of `model`, counted on the meta device (tasks.training.models.count_flops);
+def count_phase(
+    phase: str, image_size: int, channels: int, num_classes: int = 2, model: str = DEFAULT_MODEL
+) -> PhaseCounts:
+    """FLOPs and parameter counts of one phase of `model`, counted on the meta device
+    (tasks.training.models.count_flops);
     kept in model_counts.json, so that a later estimate needs no model built.
 
     full: train = 3 x forward - stem conv (every weight gradient, every input gradient but the first conv's);

@@ -81,7 +81,8 @@ def _training_stages(report: CostReport, runs: list[PlannedRunWork]) -> list[Sta
         basis = (f"{len(trained)} run(s), {work}: cost estimate x {TRAIN_WALL_FACTOR:g} + {setup:g} s each"
                  if trained else "")
         if skipped:
-            basis += ("; " if basis else "") + f"{skipped} run(s) skipped (no pretrained weights), {RUN_SKIPPED_S:g} s each"
+            basis += ("; " if basis else "") + (f"{skipped} run(s) skipped (no pretrained weights), {RUN_SKIPPED_S:g} "
+                                                "s each")
         stages.append(_stage(f"training {arm}", low, high, basis))
     return stages
 
@@ -93,7 +94,9 @@ def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seco
     cost_stage_seconds: the cost stage's own time so far (measured by the caller). The range spans early stopping:
     min = every run stops at its earliest epoch, max = every run trains all its epochs.
     """
-    arms = [arm for arm in dict.fromkeys(run.arm for run in plan.runs) if any(r.trained for r in plan.runs if r.arm == arm)]
+    arms = [
+        arm for arm in dict.fromkeys(run.arm for run in plan.runs) if any(r.trained for r in plan.runs if r.arm == arm)
+    ]
     stages = [
         _stage("before the cost stage (start-up, cohort, ingest, split)", plan.elapsed_seconds, basis="measured"),
         _stage("cost stage", cost_stage_seconds, basis="measured"),
@@ -110,9 +113,11 @@ def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seco
     ]
     notes = []
     if not report.calibrated:
-        notes.append("this machine is not calibrated: the training time uses catalogue defaults (expect a large error).")
+        notes.append("this machine is not calibrated: the training time uses catalogue defaults (expect a large "
+                     "error).")
     if any(not r.trained for r in plan.runs):
-        notes.append("pretrained arms are priced as skipped: no weights file was given and none is in torchvision's cache "
+        notes.append("pretrained arms are priced as skipped: no weights file was given and none is in torchvision's "
+                     "cache "
                      "(a download, where the network allows one, is not priced).")
     return WallTimeEstimate(
         seconds_min=sum(s.seconds_min for s in stages), seconds_max=sum(s.seconds_max for s in stages),
@@ -139,10 +144,16 @@ def wall_time_plan(plan: RunPlan, environment: RunEnvironment, *, n_train_images
     runs = []
     for planned in plan.runs:
         spec, config = parse_arm(planned.arm), planned.config
-        runs.append(PlannedRunWork(
-            arm=planned.arm, max_epochs=config.epochs,
-            min_epochs=earliest_stop_epoch(epochs=config.epochs, min_epochs=config.min_epochs, patience=config.early_stopping_patience),
-            n_images=max(1, round(n_train_images * planned.train_fraction)), image_size=config.image_size,
-            trained=spec.mode == "scratch" or pretrained_weights_available(spec.model, environment.weights),
-        ))
+        runs.append(
+            PlannedRunWork(
+                arm=planned.arm,
+                max_epochs=config.epochs,
+                min_epochs=earliest_stop_epoch(
+                    epochs=config.epochs, min_epochs=config.min_epochs, patience=config.early_stopping_patience
+                ),
+                n_images=max(1, round(n_train_images * planned.train_fraction)),
+                image_size=config.image_size,
+                trained=spec.mode == "scratch" or pretrained_weights_available(spec.model, environment.weights),
+            )
+        )
     return WallTimePlan(runs=runs, elapsed_seconds=elapsed_seconds)

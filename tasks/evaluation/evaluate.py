@@ -56,15 +56,24 @@ from data_schemas.training import (
     SplitsInfo,
     TimingInfo,
 )
-from tasks.evaluation import pooling
-from tasks.evaluation import statistics as st
+from tasks.cost.estimate import estimated_seconds_for
+from tasks.evaluation import pooling, statistics as st
 from tasks.evaluation.overfitting import run_gaps
 from tasks.evaluation.runs import PooledArm, RunData, finite, is_linear, pool_runs, read_run
 from tasks.evaluation.verdict import class_counts, decide, paired_comparisons
 from tasks.evaluation.what_to_train import depth_points, efficiency_points, size_points, what_to_train
-from tasks.cost.estimate import estimated_seconds_for
 
-REPORTED_PACKAGES = ("ctcompare", "torch", "torchvision", "monai", "prefect", "pydicom", "scikit-learn", "numpy", "scipy")
+REPORTED_PACKAGES = (
+    "ctcompare",
+    "torch",
+    "torchvision",
+    "monai",
+    "prefect",
+    "pydicom",
+    "scikit-learn",
+    "numpy",
+    "scipy",
+)
 PSEUDONYM_CHARS = 12
 MONITOR_WHY = {
     "val_loss": "plain validation cross-entropy: it uses every validation image's probability, so it moves smoothly "
@@ -97,7 +106,8 @@ def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
             images_per_class=dict(sorted(Counter(r.label for r in part_rows).items())),
         ))
     return SplitSummary(
-        parts=parts, no_patient_overlap=info.patient_overlap == 0, strategy=f"{info.splitter}, grouped by patient, stratified by label",
+        parts=parts, no_patient_overlap=info.patient_overlap == 0, strategy=f"{info.splitter}, grouped by patient, "
+                                                                            "stratified by label",
         seed=info.seed, n_folds=info.folds,
     )
 
@@ -109,7 +119,14 @@ def split_summary(rows: list[SplitRow], info: SplitsInfo) -> SplitSummary:
 
 
 def metric_block(
-    targets: np.ndarray, probs: np.ndarray, groups: list[str], thresholds: np.ndarray, *, level: str, n_bootstrap: int, seed: int
+    targets: np.ndarray,
+    probs: np.ndarray,
+    groups: list[str],
+    thresholds: np.ndarray,
+    *,
+    level: str,
+    n_bootstrap: int,
+    seed: int,
 ) -> TestMetrics:
     """Point metrics at the given per-unit thresholds with 95% intervals: patient-level bootstrap, except
     sensitivity, specificity and accuracy (Clopper-Pearson per patient, cluster-adjusted Wilson per slice)."""
@@ -132,9 +149,13 @@ def metric_block(
 def pooled_metrics(pooled: PooledArm, n_bootstrap: int, seed: int) -> tuple[TestMetrics, TestMetrics]:
     """Slice-level and patient-level test metrics of one arm's pooled predictions."""
     s = pooled.slices
-    by_slice = metric_block(s.targets, s.probs, s.patient_keys, pooled.slice_thresholds, level="slice", n_bootstrap=n_bootstrap, seed=seed)
+    by_slice = metric_block(
+        s.targets, s.probs, s.patient_keys, pooled.slice_thresholds, level="slice", n_bootstrap=n_bootstrap, seed=seed
+    )
     p = pooled.patients
-    by_patient = metric_block(p.targets, p.probs, p.patients, pooled.patient_thresholds, level="patient", n_bootstrap=n_bootstrap, seed=seed)
+    by_patient = metric_block(
+        p.targets, p.probs, p.patients, pooled.patient_thresholds, level="patient", n_bootstrap=n_bootstrap, seed=seed
+    )
     by_patient = by_patient.model_copy(update={"n_images": int(s.targets.size)})
     return by_slice, by_patient
 
@@ -146,13 +167,24 @@ def fold_summary(arm: str, runs: list[RunData], aggregation: str) -> ArmFolds | 
     per_fold = []
     for fold, run in enumerate(runs):
         t = run.test
-        metrics = {k: v for k, v in st.binary_metrics(t.targets, t.probs, run.slice_point.threshold).items() if math.isfinite(v)}
+        metrics = {
+            k: v
+            for k, v in st.binary_metrics(t.targets, t.probs, run.slice_point.threshold).items()
+            if math.isfinite(v)
+        }
         patients = pooling.aggregate_by_patient(t.patient_keys, t.targets, t.probs, aggregation)  # type: ignore[arg-type]
         patient_auc = st.roc_auc(patients.targets, patients.probs)
         if math.isfinite(patient_auc):
             metrics["patient_roc_auc"] = patient_auc
-        per_fold.append(FoldMetrics(fold=fold, n_train_patients=run.config.n_train_patients if run.config else None,
-                                    n_test_patients=len(patients.patients), threshold=run.slice_point.threshold, metrics=metrics))
+        per_fold.append(
+            FoldMetrics(
+                fold=fold,
+                n_train_patients=run.config.n_train_patients if run.config else None,
+                n_test_patients=len(patients.patients),
+                threshold=run.slice_point.threshold,
+                metrics=metrics,
+            )
+        )
     names = sorted(set.intersection(*(set(f.metrics) for f in per_fold)))
     values = {name: np.array([f.metrics[name] for f in per_fold]) for name in names}
     return ArmFolds(arm=arm, per_fold=per_fold, mean={n: float(v.mean()) for n, v in values.items()},
@@ -162,11 +194,19 @@ def fold_summary(arm: str, runs: list[RunData], aggregation: str) -> ArmFolds | 
 def _operating_point_choice(runs: list[RunData], evaluation: EvaluationSettings) -> OperatingPointChoice:
     """The thresholds of every run and how they were chosen."""
     rules = {r.slice_point.rule for r in runs}
-    source = "fixed" if rules == {"fixed"} else "fallback" if "fallback" in rules | {r.patient_point.rule for r in runs} else "validation"
+    source = (
+        "fixed"
+        if rules == {"fixed"}
+        else "fallback"
+        if "fallback" in rules | {r.patient_point.rule for r in runs}
+        else "validation"
+    )
     notes = sorted({r.slice_point.note or r.patient_point.note for r in runs} - {""})
     return OperatingPointChoice(
-        rule=evaluation.operating_point, source=source,  # type: ignore[arg-type]
-        slice_thresholds=[r.slice_point.threshold for r in runs], patient_thresholds=[r.patient_point.threshold for r in runs],
+        rule=evaluation.operating_point,
+        source=source,  # type: ignore[arg-type]
+        slice_thresholds=[r.slice_point.threshold for r in runs],
+        patient_thresholds=[r.patient_point.threshold for r in runs],
         note="; ".join(notes),
     )
 
@@ -204,9 +244,13 @@ def _cost(arm: str, timings: list[TimingInfo], cost_file: CostReport | None) -> 
             peak = rate.peak_tflops * 1e12 if rate else None
     utilisation = first.achieved_flops_per_second / peak if peak else None
     return ArmCostSummary(
-        estimated_seconds=estimated, actual_seconds=sum(t.wall_seconds for t in timings), images_per_second=first.images_per_second,
-        flops_per_image=first.forward_flops_per_image, total_flops=flops_total or None,
-        utilisation=None if utilisation is None else min(1.0, utilisation), device=f"{first.device} ({first.precision})",
+        estimated_seconds=estimated,
+        actual_seconds=sum(t.wall_seconds for t in timings),
+        images_per_second=first.images_per_second,
+        flops_per_image=first.forward_flops_per_image,
+        total_flops=flops_total or None,
+        utilisation=None if utilisation is None else min(1.0, utilisation),
+        device=f"{first.device} ({first.precision})",
     )
 
 
@@ -215,10 +259,17 @@ def _config_dict(config: RunConfig | None) -> dict:
     if config is None:
         return {}
     return {
-        "profile": config.profile, "overrides": config.overrides, "train": config.train.model_dump(mode="json"),
-        "precision": config.precision, "channels_last": config.channels_last, "device": config.device,
-        "weights": None if config.weights is None else {"file": config.weights.file_name, "sha256": config.weights.sha256, "source": config.weights.source},
-        "classes": config.classes, "config_hash": config.config_hash,
+        "profile": config.profile,
+        "overrides": config.overrides,
+        "train": config.train.model_dump(mode="json"),
+        "precision": config.precision,
+        "channels_last": config.channels_last,
+        "device": config.device,
+        "weights": None
+        if config.weights is None
+        else {"file": config.weights.file_name, "sha256": config.weights.sha256, "source": config.weights.source},
+        "classes": config.classes,
+        "config_hash": config.config_hash,
     }
 
 
@@ -237,21 +288,30 @@ def _training_story(arm: str, run: RunData) -> dict:
     epochs_to = st.epochs_to_fraction_of_best(val_aucs) if any(v is not None for v in val_aucs) else None
     best = next((m for m in history if m.epoch == run.status.best_epoch), None)
     # Like for like: plain eval-mode cross-entropy on both sides (train_loss carries smoothing, weights, augmentation).
-    gap = None if best is None or best.val_loss is None or best.train_eval_loss is None else best.val_loss - best.train_eval_loss
+    gap = (
+        None
+        if best is None or best.val_loss is None or best.train_eval_loss is None
+        else best.val_loss - best.train_eval_loss
+    )
     max_epochs = config.train.epochs if config else None
     stopping = None if config is None or is_linear(arm) else EarlyStoppingInfo(
         monitor=config.train.early_stopping_monitor, patience=config.train.early_stopping_patience,
         min_epochs=config.train.min_epochs, why=MONITOR_WHY.get(config.train.early_stopping_monitor, ""),
     )
     return dict(
-        learning_curve=_learning_curve(history), best_epoch=run.status.best_epoch,
+        learning_curve=_learning_curve(history),
+        best_epoch=run.status.best_epoch,
         stopped_epoch=history[-1].epoch if history else None,
         early_stopped=bool(history and max_epochs and history[-1].epoch < max_epochs and not is_linear(arm)),
-        overfitting_gap=gap, early_stopping=stopping,
+        overfitting_gap=gap,
+        early_stopping=stopping,
         convergence=Convergence(
-            best_val_auc=finite(max((v for v in val_aucs if v is not None), default=None)), epochs_to_fraction=epochs_to,
+            best_val_auc=finite(max((v for v in val_aucs if v is not None), default=None)),
+            epochs_to_fraction=epochs_to,
             seconds_to_fraction=st.seconds_to_epoch([m.epoch_seconds for m in history], epochs_to),
-        ) if history else None,
+        )
+        if history
+        else None,
     )
 
 
@@ -262,8 +322,14 @@ def read_arm(
     found = [read_run(Path(d), evaluation) for d in run_dirs]
     configs = [f.config if isinstance(f, RunData) else None for f in found]
     config = next((c for c in configs if c is not None), None)
-    common = dict(name=arm, config=_config_dict(config), seed=None if config is None else config.seed, n_runs=len(run_dirs),
-                  profile="" if config is None else config.profile, weights=_arm_weights(config))
+    common = dict(
+        name=arm,
+        config=_config_dict(config),
+        seed=None if config is None else config.seed,
+        n_runs=len(run_dirs),
+        profile="" if config is None else config.profile,
+        weights=_arm_weights(config),
+    )
     unfinished = [(i, f) for i, f in enumerate(found) if not isinstance(f, RunData)]
     if not run_dirs or unfinished:
         where = (lambda i: f"run {i + 1} of {len(run_dirs)}: ") if len(run_dirs) > 1 else (lambda i: "")
@@ -298,8 +364,14 @@ def patient_table(pooled: dict[str, PooledArm], classes: list[str]) -> list[Pati
     for arm in sorted(pooled):
         p = pooled[arm]
         for i, key in enumerate(p.patients.patients):
-            row = rows.setdefault(key, PatientRow(pseudonym=key[:PSEUDONYM_CHARS], label=classes[int(p.patients.targets[i])],
-                                                  n_images=p.patient_images[key]))
+            row = rows.setdefault(
+                key,
+                PatientRow(
+                    pseudonym=key[:PSEUDONYM_CHARS],
+                    label=classes[int(p.patients.targets[i])],
+                    n_images=p.patient_images[key],
+                ),
+            )
             row.probs[arm] = round(float(p.patients.probs[i]), 4)
             row.correct[arm] = bool((p.patients.probs[i] >= p.patient_thresholds[i]) == bool(p.patients.targets[i]))
     return [rows[k] for k in sorted(rows)]
@@ -375,20 +447,34 @@ def build_results(
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     versions = package_versions()
     return ComparisonResults(
-        run_id=run_id, created_at=created,
+        run_id=run_id,
+        created_at=created,
         dataset=DatasetSummary(card=card, classes=classes, positive_class=classes[-1], name=Path(dataset_dir).name),
-        split=split_summary(rows, info), evaluation=summary_eval, arms=arms, comparisons=comparisons,
-        patients=patient_table(pooled, classes), folds=folds or None,
-        data_efficiency=[p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)] or None,
-        input_sizes=sizes or None, probe_depths=depths or None,
+        split=split_summary(rows, info),
+        evaluation=summary_eval,
+        arms=arms,
+        comparisons=comparisons,
+        patients=patient_table(pooled, classes),
+        folds=folds or None,
+        data_efficiency=[
+            p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)
+        ]
+        or None,
+        input_sizes=sizes or None,
+        probe_depths=depths or None,
         predicted_wall_time=cost_file.wall_time if cost_file is not None else None,
         what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
         recommendation=decide(arms, tests, evaluation.non_inferiority_margin, *class_counts(pooled)),
         reproducibility=Reproducibility(
-            run_id=run_id, created_at=created, dataset_hash=card.content_hash,
-            ctcompare_version=versions.get("ctcompare", ""), package_versions=versions,
+            run_id=run_id,
+            created_at=created,
+            dataset_hash=card.content_hash,
+            ctcompare_version=versions.get("ctcompare", ""),
+            package_versions=versions,
             seeds={"split": info.seed, **{a.name: a.seed for a in arms if a.seed is not None}},
-            configs={a.name: a.config for a in arms}, python_version=sys.version.split()[0],
-            platform=platform.platform(terse=True), command=command,
+            configs={a.name: a.config for a in arms},
+            python_version=sys.version.split()[0],
+            platform=platform.platform(terse=True),
+            command=command,
         ),
     )

@@ -29,8 +29,7 @@ from data_schemas.report import (
     WhatToTrain,
 )
 from data_schemas.training import PROBE_DEPTHS_FILE, ProbeDepths
-from tasks.evaluation import pairs
-from tasks.evaluation import statistics as st
+from tasks.evaluation import pairs, statistics as st
 from tasks.evaluation.recommend import MIN_PATIENTS_PER_CLASS
 from tasks.evaluation.runs import RunData, finite, is_linear, read_run
 from tasks.evaluation.verdict import auc_result

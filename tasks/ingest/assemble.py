@@ -102,7 +102,10 @@ class IngestResult:
 
 
 def _input_signature(
-    records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow], settings: dict[str, object], labels: LabelTable | None
+    records: list[DecodedFileRecord],
+    discovery_rejects: list[QuarantineRow],
+    settings: dict[str, object],
+    labels: LabelTable | None,
 ) -> str:
     return sha256_json({
         "files": [(r.relative_path, r.content_sha256, r.accepted) for r in records],
@@ -121,12 +124,14 @@ def apply_burned_in_policy(records: list[DecodedFileRecord], allow_burned_in: bo
         if record.accepted and record.burned_in_annotation:
             record = record.model_copy(update={
                 "accepted": False, "reason": QuarantineReason.BURNED_IN_ANNOTATION,
-                "message": f"{record.relative_path}: header says BurnedInAnnotation YES (text in the pixels); use --allow-burned-in to include it knowingly",
+                "message": f"{record.relative_path}: header says BurnedInAnnotation YES (text in the pixels); use "
+                           "--allow-burned-in to include it knowingly",
             })
         elif record.accepted and record.secondary_capture:
             record = record.model_copy(update={
                 "accepted": False, "reason": QuarantineReason.SECONDARY_CAPTURE,
-                "message": f"{record.relative_path}: Secondary Capture object (may show burned-in text); use --allow-burned-in to include it knowingly",
+                "message": f"{record.relative_path}: Secondary Capture object (may show burned-in text); use "
+                           "--allow-burned-in to include it knowingly",
             })
         result.append(record)
     return result
@@ -200,7 +205,14 @@ def build_rows(ordered: list[CachedFile], secret: bytes, labels: LabelTable | No
                 transfer_syntax=record.transfer_syntax, photometric_interpretation=record.photometric_interpretation,
                 pad_top=pad_top, pad_bottom=pad_bottom, pad_left=pad_left, pad_right=pad_right,
             ))
-            rows.index.append(PrivateIndexRow(image_key=image_key, relative_path=record.relative_path, content_sha256=record.content_sha256, frame=frame_number))
+            rows.index.append(
+                PrivateIndexRow(
+                    image_key=image_key,
+                    relative_path=record.relative_path,
+                    content_sha256=record.content_sha256,
+                    frame=frame_number,
+                )
+            )
         rows.image_files.append(record)
         rows.hu_samples.append(item.hu_sample)
     return rows
@@ -214,13 +226,23 @@ def cached_image_blocks(records: list[DecodedFileRecord], cache_dir: Path, size:
             with np.load(cache_path(cache_dir, record.content_sha256)) as cached:
                 images = cached["images"]
             if images.shape[0] != record.n_frames:
-                raise ValueError(f"cached images of {record.relative_path} have {images.shape[0]} frame(s), its record {record.n_frames}")
+                raise ValueError(f"cached images of {record.relative_path} have {images.shape[0]} frame(s), its record "
+                                 f"{record.n_frames}")
             yield images[:, None]
 
     return ImageBlocks(shape=(sum(r.n_frames for r in records), 1, size, size), blocks=blocks)
 
 
-def build_card(rows: DatasetRows, *, size: int, window: WindowSpec, labels: LabelTable | None, n_files_seen: int, n_accepted: int, quarantine: list[QuarantineRow]) -> DatasetCard:
+def build_card(
+    rows: DatasetRows,
+    *,
+    size: int,
+    window: WindowSpec,
+    labels: LabelTable | None,
+    n_files_seen: int,
+    n_accepted: int,
+    quarantine: list[QuarantineRow],
+) -> DatasetCard:
     """The dataset card (content_hash left empty: write_dataset fills it from the files it writes)."""
     manifest = rows.manifest
     level, width = window_level_width(window)
@@ -275,7 +297,12 @@ def _writing_into(folder: Path) -> Iterator[None]:
 def _unchanged_dataset(out_dir: Path, signature: str) -> IngestResult | None:
     """The existing dataset when it was built from the same inputs and its files still match its card."""
     state_path, card_path = out_dir / INGEST_STATE_FILE, out_dir / DATASET_CARD_FILE
-    if not (state_path.is_file() and card_path.is_file() and (out_dir / IMAGES_FILE).is_file() and (out_dir / MANIFEST_FILE).is_file()):
+    if not (
+        state_path.is_file()
+        and card_path.is_file()
+        and (out_dir / IMAGES_FILE).is_file()
+        and (out_dir / MANIFEST_FILE).is_file()
+    ):
         return None
     state = json.loads(state_path.read_text())
     card = DatasetCard.model_validate_json(card_path.read_text())
@@ -283,7 +310,9 @@ def _unchanged_dataset(out_dir: Path, signature: str) -> IngestResult | None:
         return None
     if dataset_content_hash(out_dir / IMAGES_FILE, out_dir / MANIFEST_FILE) != card.content_hash:
         return None
-    return IngestResult(card=card, out_dir=out_dir, skipped=True, quarantine=read_models_csv(out_dir / QUARANTINE_FILE, QuarantineRow))
+    return IngestResult(
+        card=card, out_dir=out_dir, skipped=True, quarantine=read_models_csv(out_dir / QUARANTINE_FILE, QuarantineRow)
+    )
 
 
 def _write_private_files(out_dir: Path, quarantine: list[QuarantineRow], rows: DatasetRows | None) -> None:
@@ -310,7 +339,8 @@ def assemble_dataset(
     """Under the dataset folder's write lock: pseudonymize, order by content, label, fingerprint and write the folder.
 
     `files` (load_cached_files) carry no images: images.npy is streamed from the cache one file at a time, in the
-    final order, so memory does not grow with the number of images. A second run into the same folder waits up to DATASET_LOCK_TIMEOUT_S for the first, then refuses with one
+    final order, so memory does not grow with the number of images. A second run into the same folder waits up to
+    DATASET_LOCK_TIMEOUT_S for the first, then refuses with one
     sentence; an unwritable folder (disk full, read-only) also gives one sentence naming it.
     """
     try:
@@ -334,25 +364,50 @@ def _assemble_locked(
 
     records = mark_duplicates(apply_burned_in_policy(records, allow_burned_in))
     by_path = {item.record.relative_path: item for item in files}
-    accepted = [CachedFile(r, by_path[r.relative_path].image_sha256, by_path[r.relative_path].hu_sample) for r in records if r.accepted]
+    accepted = [
+        CachedFile(r, by_path[r.relative_path].image_sha256, by_path[r.relative_path].hu_sample)
+        for r in records
+        if r.accepted
+    ]
     quarantine = sorted(
-        discovery_rejects + [QuarantineRow(relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message) for r in records if not r.accepted],
+        discovery_rejects
+        + [
+            QuarantineRow(
+                relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message
+            )
+            for r in records
+            if not r.accepted
+        ],
         key=lambda q: q.relative_path,
     )
     n_files_seen = len(records) + len(discovery_rejects)
     if not accepted:
         _write_private_files(out_dir, quarantine, None)
-        raise IngestError(f"no CT image could be ingested from {n_files_seen} file(s); see {out_dir / QUARANTINE_FILE} for the reason of each.")
+        raise IngestError(f"no CT image could be ingested from {n_files_seen} file(s); see {out_dir / QUARANTINE_FILE} "
+                          "for the reason of each.")
 
     rows = build_rows(order_by_content(accepted), load_or_create_secret(out_dir / PRIVATE_DIR), labels)
     if labels is not None and rows.label_hits == 0:
         raise IngestError(
-            f"no {labels.key_column} in labels file {labels.source_name} matches any of the {len(accepted)} ingested file(s); "
+            f"no {labels.key_column} in labels file {labels.source_name} matches any of the {len(accepted)} ingested "
+            "file(s); "
             "check that the key column holds the values stored in the DICOM headers."
         )
-    card = build_card(rows, size=size, window=window, labels=labels, n_files_seen=n_files_seen, n_accepted=len(accepted), quarantine=quarantine)
+    card = build_card(
+        rows,
+        size=size,
+        window=window,
+        labels=labels,
+        n_files_seen=n_files_seen,
+        n_accepted=len(accepted),
+        quarantine=quarantine,
+    )
     # Private files first, the shareable dataset last (dataset.json marks completion), then the state.
     _write_private_files(out_dir, quarantine, rows)
     card = write_dataset(out_dir, cached_image_blocks(rows.image_files, cache_dir, size), rows.manifest, card)
-    atomic_write_text(out_dir / INGEST_STATE_FILE, json.dumps({"signature": signature, "content_hash": card.content_hash}) + "\n", mode=PRIVATE_FILE_MODE)
+    atomic_write_text(
+        out_dir / INGEST_STATE_FILE,
+        json.dumps({"signature": signature, "content_hash": card.content_hash}) + "\n",
+        mode=PRIVATE_FILE_MODE,
+    )
     return IngestResult(card=card, out_dir=out_dir, skipped=False, quarantine=quarantine)

@@ -185,7 +185,8 @@ def write_images_npy(path: Path, images: np.ndarray | ImageBlocks) -> None:
             for block in stream.blocks():
                 block = np.ascontiguousarray(block, dtype=np.float16)
                 if block.shape[1:] != tuple(stream.shape[1:]):
-                    raise ValueError(f"an image block has shape {block.shape}; images.npy rows are {tuple(stream.shape[1:])}")
+                    raise ValueError(f"an image block has shape {block.shape}; images.npy rows are "
+                                     f"{tuple(stream.shape[1:])}")
                 handle.write(memoryview(block).cast("B"))
                 written += block.nbytes
         if written != expected:
@@ -196,7 +197,9 @@ def write_images_npy(path: Path, images: np.ndarray | ImageBlocks) -> None:
         raise
 
 
-def write_dataset(root: Path, images: np.ndarray | ImageBlocks, manifest: list[ManifestRow], card: DatasetCard) -> DatasetCard:
+def write_dataset(
+    root: Path, images: np.ndarray | ImageBlocks, manifest: list[ManifestRow], card: DatasetCard
+) -> DatasetCard:
     """Write images.npy (from an array or streamed ImageBlocks), manifest.csv and dataset.json (card.content_hash is
     filled in here); return the card."""
     root = Path(root)
@@ -219,7 +222,8 @@ def load_dataset(root: Path, in_memory: bool = True) -> LoadedDataset:
     root = Path(root)
     card_path = root / DATASET_CARD_FILE
     if not card_path.is_file():
-        raise FileNotFoundError(f"{root} is not a ctcompare dataset: {DATASET_CARD_FILE} is missing (run 'ctcompare ingest' first).")
+        raise FileNotFoundError(f"{root} is not a ctcompare dataset: {DATASET_CARD_FILE} is missing (run 'ctcompare "
+                                "ingest' first).")
     card = read_model_json(card_path, DatasetCard)
     manifest = read_models_csv(root / MANIFEST_FILE, ManifestRow)
     images = np.load(root / IMAGES_FILE, mmap_mode="r")

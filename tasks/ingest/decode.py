@@ -58,7 +58,13 @@ class ConvertedFile:
 
 
 def _rejected_file(source: SourceFile, size: int, reason: QuarantineReason, message: str) -> ConvertedFile:
-    record = DecodedFileRecord(relative_path=source.relative_path, content_sha256=source.content_sha256, accepted=False, reason=reason, message=message)
+    record = DecodedFileRecord(
+        relative_path=source.relative_path,
+        content_sha256=source.content_sha256,
+        accepted=False,
+        reason=reason,
+        message=message,
+    )
     return ConvertedFile(record=record, images=np.zeros((0, size, size), np.float16), hu_sample=np.zeros(0, np.float32))
 
 
@@ -88,12 +94,20 @@ def _store_in_cache(converted: ConvertedFile, cache_file: Path) -> CachedFile:
     digest = image_hash(converted.images)
     record_json = converted.record.model_dump_json()
     buffer = io.BytesIO()
-    np.savez(buffer, images=converted.images, hu_sample=converted.hu_sample, record=np.array(record_json), image_sha256=np.array(digest))
+    np.savez(
+        buffer,
+        images=converted.images,
+        hu_sample=converted.hu_sample,
+        record=np.array(record_json),
+        image_sha256=np.array(digest),
+    )
     # No fsync: a cache entry lost in a crash is simply decoded again; the rename still keeps it whole.
     atomic_write_bytes(cache_file, buffer.getvalue(), durable=False, mode=PRIVATE_FILE_MODE)
     # The record as a later read of this entry gives it (same types), so a run's output does not depend on
     # whether a file was decoded now or earlier.
-    return CachedFile(record=DecodedFileRecord.model_validate_json(record_json), image_sha256=digest, hu_sample=converted.hu_sample)
+    return CachedFile(
+        record=DecodedFileRecord.model_validate_json(record_json), image_sha256=digest, hu_sample=converted.hu_sample
+    )
 
 
 def decoding_marker(cache_file: Path) -> Path:
@@ -274,7 +288,8 @@ def chunk_sources(sources: list[SourceFile], workers: int, max_chunk: int = 64) 
 
 
 def chunk_is_cached_on_disk(sources: list[SourceFile], cache_dir: Path) -> bool:
-    """True when every file of the chunk has its decoded result in the cache (a Prefect cache hit is trusted only then)."""
+    """True when every file of the chunk has its decoded result in the cache (a Prefect cache hit is trusted only
+    then)."""
     return all(cache_path(cache_dir, source.content_sha256).exists() for source in sources)
 
 

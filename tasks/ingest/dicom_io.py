@@ -42,7 +42,16 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 MAX_MATRIX_SIDE = 4096
 MAX_TOTAL_PIXELS = 2_000 * 1024 * 1024 // 2  # 2 GiB of 16-bit samples per file
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
-KNOWN_PHOTOMETRIC = GRAYSCALE | {"PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
+KNOWN_PHOTOMETRIC = GRAYSCALE | {
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "XYB",
+}
 # Secondary Capture (single- and multi-frame): screenshots and derived pictures that may carry burned-in text.
 SECONDARY_CAPTURE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7",
@@ -131,7 +140,11 @@ def real_in(low: float, high: float, *, multi: bool = False) -> Callable[[object
     """Converter to a finite number in [low, high] (the first of several when multi; every one is checked)."""
 
     def convert(value: object) -> float:
-        values = list(value) if multi and _is_multi(value) and not isinstance(value, (bytes, bytearray)) else [_single(value)]
+        values = (
+            list(value)
+            if multi and _is_multi(value) and not isinstance(value, (bytes, bytearray))
+            else [_single(value)]
+        )
         numbers = [float(item) for item in values]  # type: ignore[arg-type]
         if not numbers or not all(math.isfinite(n) and low <= n <= high for n in numbers):
             raise ValueError("not a finite number in range")
@@ -175,15 +188,19 @@ def header_value(
         value = ds.get(keyword)  # pydicom parses the raw bytes on first access: this itself can raise
         empty = value is None or (isinstance(value, (str, bytes, list, MultiValue, Sequence)) and len(value) == 0)
     except Exception:
-        raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} cannot be parsed") from None
+        raise Rejected(
+            QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} cannot be parsed"
+        ) from None
     if empty:
         if required:
-            raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} is missing or empty")
+            raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} is missing or "
+                                                            "empty")
         return None
     try:
         return convert(value)
     except Exception:
-        raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} has an invalid value") from None
+        raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: header element {keyword} has an invalid "
+                                                        "value") from None
 
 
 def _text(ds: Dataset, keyword: str, relative_path: str, max_length: int = 64) -> str:
@@ -218,7 +235,8 @@ def _shared_pixel_measures(ds: Dataset, relative_path: str) -> Dataset | None:
         return None
     except Exception:
         raise Rejected(
-            QuarantineReason.INVALID_HEADER, f"{relative_path}: header element SharedFunctionalGroupsSequence cannot be parsed"
+            QuarantineReason.INVALID_HEADER, f"{relative_path}: header element SharedFunctionalGroupsSequence cannot "
+                                             "be parsed"
         ) from None
 
 
@@ -266,12 +284,20 @@ def read_header(path: Path, relative_path: str) -> Dataset:
     except zlib.error:
         raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: deflated data set is cut or corrupt") from None
     except (EOFError, OSError) as error:
-        raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: file ends inside the DICOM header ({type(error).__name__})") from None
+        raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: file ends inside the DICOM header "
+                                                   f"({type(error).__name__})") from None
     except Exception as error:  # pydicom raises many kinds of errors on corrupt headers
-        raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: unreadable DICOM header ({type(error).__name__})") from None
+        raise Rejected(QuarantineReason.INVALID_HEADER, f"{relative_path}: unreadable DICOM header "
+                                                        f"({type(error).__name__})") from None
     try:
         ds = pydicom.dcmread(path, force=True)
-        if "SOPClassUID" in ds and "SOPInstanceUID" in ds and "PixelData" in ds or "Modality" in ds and "SOPClassUID" in ds:
+        if (
+            "SOPClassUID" in ds
+            and "SOPInstanceUID" in ds
+            and "PixelData" in ds
+            or "Modality" in ds
+            and "SOPClassUID" in ds
+        ):
             _check_parsed_to_end(ds, size, relative_path)
             return _with_inferred_transfer_syntax(ds)
     except Rejected:
@@ -316,7 +342,13 @@ def _check_image_header(ds: Dataset, relative_path: str) -> str:
         raise Rejected(QuarantineReason.DICOMDIR, f"{relative_path}: DICOMDIR (a media index, not an image)")
     modality = _text(ds, "Modality", relative_path, 16).upper()
     if modality != "CT" and sop_class not in CT_SOP_CLASSES:
-        shown = "missing" if not modality else modality if modality.isalnum() and len(modality) <= 4 else "not a modality code"
+        shown = (
+            "missing"
+            if not modality
+            else modality
+            if modality.isalnum() and len(modality) <= 4
+            else "not a modality code"
+        )
         raise Rejected(QuarantineReason.NOT_CT, f"{relative_path}: modality is {shown}, not CT")
     if "PixelData" not in ds:
         raise Rejected(QuarantineReason.NO_PIXEL_DATA, f"{relative_path}: CT object without pixel data")
@@ -347,7 +379,13 @@ def _pixel_layout(ds: Dataset, relative_path: str) -> PixelLayout:
     cols = header_value(ds, "Columns", integer_in(0, 65535), relative_path, required=True)
     frames = header_value(ds, "NumberOfFrames", integer_in(-(2**31), 2**31 - 1), relative_path)
     frames = 1 if frames is None else frames
-    if rows < 1 or cols < 1 or frames < 1 or max(rows, cols) > MAX_MATRIX_SIDE or rows * cols * frames > MAX_TOTAL_PIXELS:
+    if (
+        rows < 1
+        or cols < 1
+        or frames < 1
+        or max(rows, cols) > MAX_MATRIX_SIDE
+        or rows * cols * frames > MAX_TOTAL_PIXELS
+    ):
         raise Rejected(
             QuarantineReason.ABSURD_SIZE,
             f"{relative_path}: header claims {frames} frame(s) of {rows} x {cols}; "
@@ -372,7 +410,9 @@ def _check_pixel_data(ds: Dataset, layout: PixelLayout, syntax: UID, relative_pa
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise Rejected(QuarantineReason.NO_DECODER, f"{relative_path}: no decoder for transfer syntax {syntax}") from None
+        raise Rejected(
+            QuarantineReason.NO_DECODER, f"{relative_path}: no decoder for transfer syntax {syntax}"
+        ) from None
     if not decoder.is_available:
         raise Rejected(
             QuarantineReason.NO_DECODER,
@@ -381,7 +421,8 @@ def _check_pixel_data(ds: Dataset, layout: PixelLayout, syntax: UID, relative_pa
     try:
         data = ds.PixelData  # reads the deferred value now that its size is known to be sane
     except Exception as error:
-        raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: pixel data cannot be read ({type(error).__name__})") from None
+        raise Rejected(QuarantineReason.TRUNCATED, f"{relative_path}: pixel data cannot be read "
+                                                   f"({type(error).__name__})") from None
     if not syntax.is_compressed:
         expected = layout.rows * layout.columns * layout.frames * layout.bits_allocated // 8
         if not isinstance(data, (bytes, bytearray)) or len(data) < expected:
@@ -416,7 +457,9 @@ def _integer_rescale(ds: Dataset, pixels: np.ndarray, slope: float | None, inter
         return False
     if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
         return False
-    return float(slope).is_integer() and float(intercept).is_integer() and abs(slope) <= 2**7 and abs(intercept) <= 2**22
+    return (
+        float(slope).is_integer() and float(intercept).is_integer() and abs(slope) <= 2**7 and abs(intercept) <= 2**22
+    )
 
 
 def decoding_plugins(syntax: UID) -> list[str]:
@@ -425,7 +468,9 @@ def decoding_plugins(syntax: UID) -> list[str]:
     available = list(get_decoder(syntax).available_plugins) if syntax.is_compressed else []
     if syntax not in JPEG_2000_SYNTAXES:
         return available
-    return [name for name in PREFERRED_PLUGINS if name in available] + [n for n in available if n not in PREFERRED_PLUGINS]
+    return [name for name in PREFERRED_PLUGINS if name in available] + [
+        n for n in available if n not in PREFERRED_PLUGINS
+    ]
 
 
 def _decoder_detail(plugin: str, error: Exception) -> str:
@@ -445,7 +490,8 @@ def decode_pixels(ds: Dataset, syntax: UID, relative_path: str) -> np.ndarray:
         try:
             return ds.pixel_array
         except Exception as error:
-            raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded ({type(error).__name__})") from None
+            raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded "
+                                                          f"({type(error).__name__})") from None
     failures = []
     for plugin in plugins:
         try:
@@ -453,7 +499,8 @@ def decode_pixels(ds: Dataset, syntax: UID, relative_path: str) -> np.ndarray:
             return ds.pixel_array
         except Exception as error:
             failures.append(_decoder_detail(plugin, error))
-    raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded ({'; '.join(failures)})")
+    raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded "
+                                                  f"({'; '.join(failures)})")
 
 
 def _decode_hounsfield(ds: Dataset, layout: PixelLayout, syntax: UID, relative_path: str) -> np.ndarray:
@@ -470,7 +517,8 @@ def _decode_hounsfield(ds: Dataset, layout: PixelLayout, syntax: UID, relative_p
         else:
             hu = apply_rescale(pixels, ds).astype(np.float32, copy=False)
     except Exception as error:
-        raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded ({type(error).__name__})") from None
+        raise Rejected(QuarantineReason.DECODE_ERROR, f"{relative_path}: pixel data could not be decoded "
+                                                      f"({type(error).__name__})") from None
     if not np.isfinite(hu).all():
         raise Rejected(
             QuarantineReason.INVALID_HEADER,
@@ -479,7 +527,9 @@ def _decode_hounsfield(ds: Dataset, layout: PixelLayout, syntax: UID, relative_p
     return hu
 
 
-def _file_record(ds: Dataset, layout: PixelLayout, syntax: UID, sop_class: str, relative_path: str) -> DecodedFileRecord:
+def _file_record(
+    ds: Dataset, layout: PixelLayout, syntax: UID, sop_class: str, relative_path: str
+) -> DecodedFileRecord:
     """The accepted file's metadata, every element converted under the guard."""
     instance = header_value(ds, "InstanceNumber", integer_in(-(2**31), 2**31 - 1), relative_path)
     return DecodedFileRecord(

@@ -51,7 +51,8 @@ def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError as error:
-            reject(_relative(directory, src_dir) or ".", QuarantineReason.UNREADABLE, f"folder cannot be listed ({error.strerror})")
+            reject(_relative(directory, src_dir) or ".", QuarantineReason.UNREADABLE, "folder cannot be listed "
+                                                                                      f"({error.strerror})")
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -66,7 +67,8 @@ def discover_files(src_dir: Path) -> tuple[list[SourceFile], list[QuarantineRow]
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if (info.st_dev, info.st_ino) in visited:
-                    reject(relative, QuarantineReason.SYMLINK_LOOP, "link to a folder already visited (symbolic link loop)")
+                    reject(relative, QuarantineReason.SYMLINK_LOOP, "link to a folder already visited (symbolic link "
+                                                                    "loop)")
                 else:
                     visited.add((info.st_dev, info.st_ino))
                     stack.append(path)

@@ -48,7 +48,8 @@ def read_labels(path: Path) -> LabelTable:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in (reader.fieldnames or [])]
         if LABEL_COLUMN not in columns:
-            raise IngestError(f"labels file {path.name} has no '{LABEL_COLUMN}' column (columns found: {', '.join(columns) or 'none'}).")
+            raise IngestError(f"labels file {path.name} has no '{LABEL_COLUMN}' column (columns found: "
+                              f"{', '.join(columns) or 'none'}).")
         keys = [name for name in columns if name in LABEL_KEY_COLUMNS]
         if len(keys) != 1:
             raise IngestError(
@@ -182,7 +183,8 @@ def check_labels_match_headers(labels: LabelTable, sources: Sequence[SourceFile]
         )
     if match.n_matched_files < match.n_files:
         log(f"Labels: {match.n_matched_files} of {match.n_files} file(s) have a {match.key_column} in "
-            f"{labels.source_name} ({match.n_matched_labels} of {match.n_labels} label(s) used); the others stay unlabelled.")
+            f"{labels.source_name} ({match.n_matched_labels} of {match.n_labels} label(s) used); the others stay "
+            "unlabelled.")
     return match
 
 

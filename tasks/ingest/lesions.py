@@ -27,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_schemas.dataset import DATASET_CARD_FILE, MANIFEST_FILE, PRIVATE_INDEX_FILE, DatasetCard, ManifestRow, PrivateIndexRow
+from data_schemas.dataset import (
+    DATASET_CARD_FILE,
+    MANIFEST_FILE,
+    PRIVATE_INDEX_FILE,
+    DatasetCard,
+    ManifestRow,
+    PrivateIndexRow,
+)
 from data_schemas.files import read_model_json, read_models_csv, write_models_csv
 from data_schemas.visual import DATASET_LESIONS_FILE, ImageLesionRow, LesionSidecarRow
 from tasks.ingest.preprocess import source_point_to_image
@@ -51,7 +58,9 @@ def _key_of_path(index: list[PrivateIndexRow]) -> dict[tuple[str, int], str]:
     return {(row.relative_path, row.frame): row.image_key for row in index}
 
 
-def _match(path: str, frame: int, keys: dict[tuple[str, int], str], by_suffix: dict[tuple[str, int], str]) -> str | None:
+def _match(
+    path: str, frame: int, keys: dict[tuple[str, int], str], by_suffix: dict[tuple[str, int], str]
+) -> str | None:
     """The image key of a sidecar path: exact match first, then a path under a folder above the ingest root."""
     return keys.get((path, frame)) or by_suffix.get((path, frame))
 

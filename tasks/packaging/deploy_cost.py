@@ -35,15 +35,14 @@ from prefect.cache_policies import NO_CACHE
 
 from data_schemas.files import read_model_json, read_models_csv, write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
-from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE
-from data_schemas.training import PredictionRow
+from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE, PredictionRow
 from tasks.common.environment import cpu_name
+from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.ingest.dataset_store import load_dataset
-from tasks.training.models import count_flops
 from tasks.packaging.package import float_architecture, load_package, package_file, write_card
 from tasks.packaging.predict import PackagedModel, default_threads, predict_images, prepare_model
-from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.packaging.quantize import PairedPredictions, compare_compression
+from tasks.training.models import count_flops
 
 THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_TIME_BUDGET_S = 10.0  # per package
@@ -113,8 +112,12 @@ def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
     forwards_within(model, big, 0.0, min_runs=1)  # the first call at a new batch size allocates
     left = budget_seconds - (time.perf_counter() - started)
     batches = forwards_within(model, big, left, min_runs=1)
-    return Timing(latency_ms=np.asarray(latency) * 1e3, images_per_second=THROUGHPUT_BATCH_SIZE * len(batches) / sum(batches),
-                  warmup_runs=len(warmup), batches=len(batches))
+    return Timing(
+        latency_ms=np.asarray(latency) * 1e3,
+        images_per_second=THROUGHPUT_BATCH_SIZE * len(batches) / sum(batches),
+        warmup_runs=len(warmup),
+        batches=len(batches),
+    )
 
 
 def measure_deployment_cost(package_path: Path, *, precision: str = "auto", threads: int | None = None,
@@ -170,7 +173,11 @@ def record_cost(folder: Path, meta: ModelPackageMeta, cost: DeploymentCost, key:
     return cost
 
 
-@task(name="deploy-cost", cache_policy=NO_CACHE, task_run_name="deploy-cost-{package_path.parent.parent.name}-{package_path.parent.name}")
+@task(
+    name="deploy-cost",
+    cache_policy=NO_CACHE,
+    task_run_name="deploy-cost-{package_path.parent.parent.name}-{package_path.parent.name}",
+)
 def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int | None = None, *,
                      budget_seconds: float = DEFAULT_TIME_BUDGET_S, reuse: bool = True) -> DeploymentCost:
     """Measure a package, write deploy_cost.json beside its model.pt and add the figures to its model card; figures

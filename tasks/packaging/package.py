@@ -19,24 +19,25 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from data_schemas.arms import RESIZE_METHOD, parse_arm
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json
 from data_schemas.metrics import MetricValue
-from data_schemas.report import METRIC_NAMES, ArmResult, TestMetrics
 from data_schemas.package import (
     CHECKSUMS_FILE,
-    DeploymentCost,
     MODEL_CARD_FILE,
     PACKAGE_DIR,
     PACKAGE_FILE,
     PACKAGE_FORMAT,
     PACKAGE_FORMAT_VERSION,
+    DeploymentCost,
     ModelPackageMeta,
     OperatingPoint,
     PackageMetrics,
     PreprocessRecipe,
     TrainingDataSummary,
 )
+from data_schemas.report import METRIC_NAMES, ArmResult, TestMetrics
 from data_schemas.training import (
     BEST_FILE,
     CONFIG_FILE,
@@ -48,9 +49,8 @@ from data_schemas.training import (
     RunConfig,
     RunSummary,
 )
-from data_schemas.arms import RESIZE_METHOD, parse_arm
-from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
+from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.training.models import as_feature_extractor, build_model, feature_extractor, pooled_at_depth
 from tasks.training.weights import resolve_imagenet_weights
 
@@ -257,12 +257,20 @@ def write_package(
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
     operating_point = OperatingPoint(threshold=threshold, rule=threshold_rule, aggregation=aggregation)  # type: ignore[arg-type]
     sources = source_files(run_dir, card, config)
-    key = inputs_key({"format": PACKAGE_FORMAT_VERSION, "sources": sources, "operating_point": operating_point.model_dump(),
-                      "metrics": checked_metrics.model_dump(mode="json") if checked_metrics is not None else None})
+    key = inputs_key(
+        {
+            "format": PACKAGE_FORMAT_VERSION,
+            "sources": sources,
+            "operating_point": operating_point.model_dump(),
+            "metrics": checked_metrics.model_dump(mode="json") if checked_metrics is not None else None,
+        }
+    )
     if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
         return out_dir / PACKAGE_FILE
     if parse_arm(config.arm).mode == "imagenet-linear":
-        state = _linear_probe_state(config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth)
+        state = _linear_probe_state(
+            config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth
+        )
     else:
         state = _network_state(run_dir)
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
@@ -295,7 +303,8 @@ def package_file(path: Path) -> Path:
     if (path / CONFIG_FILE).is_file():
         raise PackageError(
             f"run folder {path} holds no model package ({PACKAGE_DIR}/{PACKAGE_FILE}); package it first "
-            "(tasks.packaging.package.write_package), since a run folder alone does not record its preprocessing window."
+            "(tasks.packaging.package.write_package), since a run folder alone does not record its preprocessing "
+            "window."
         )
     raise PackageError(f"{path} is neither a model package ({PACKAGE_FILE}) nor a run folder holding one.")
 

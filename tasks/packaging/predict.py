@@ -1,4 +1,5 @@
-"""Running a model package on newly ingested images: recipe checks, batched inference, predictions per image and patient.
+"""Running a model package on newly ingested images: recipe checks, batched inference, predictions per image and
+patient.
 
 The new DICOM files are ingested by the ordinary ingest flow with the package's own window and size (flows/predict.py),
 so validation, quarantine, pseudonymization and conversion are the ones the model was trained with. Here: refuse a
@@ -38,14 +39,14 @@ from data_schemas.package import (
     PatientPrediction,
     PredictSummary,
 )
-from tasks.training.augment import images_to_tensor
+from tasks.common.runtime import Runtime, choose_runtime
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.decode import PREPROCESS_VERSION
-from tasks.training.linear_probe import predict_linear_probe
-from tasks.packaging.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
 from tasks.ingest.preprocess import NAMED_WINDOWS, parse_window, window_level_width
+from tasks.packaging.package import TRAIN_RESIZE_METHOD, LoadedPackage, float_model, load_package
 from tasks.packaging.quantize import int8_model
-from tasks.common.runtime import Runtime, choose_runtime
+from tasks.training.augment import images_to_tensor
+from tasks.training.linear_probe import predict_linear_probe
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 RESIZE_CHUNK = 256  # images resized to the training size at a time: bounds memory on large folders
@@ -158,7 +159,8 @@ def default_threads() -> int:
 
 
 def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: int | None = None) -> Runtime:
-    """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.common.runtime), else fp32."""
+    """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.common.runtime), else
+    fp32."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISION_CHOICES)}.")
     threads = threads or default_threads()
@@ -255,8 +257,10 @@ def source_images(dataset_dir: Path, dicom_dir: Path | None) -> dict[str, Source
             headers[row.relative_path] = _identifiers(Path(dicom_dir) / row.relative_path)
         found = headers.get(row.relative_path, {})
         sources[row.image_key] = SourceImage(
-            source_path=row.relative_path, patient_id=found.get("PatientID", ""),
-            study_instance_uid=found.get("StudyInstanceUID", ""), series_instance_uid=found.get("SeriesInstanceUID", ""),
+            source_path=row.relative_path,
+            patient_id=found.get("PatientID", ""),
+            study_instance_uid=found.get("StudyInstanceUID", ""),
+            series_instance_uid=found.get("SeriesInstanceUID", ""),
             sop_instance_uid=found.get("SOPInstanceUID", ""),
         )
     return sources
@@ -292,16 +296,31 @@ def aggregate_patients(meta: ModelPackageMeta, rows: list[ImagePrediction]) -> l
         prob = float(reduce([r.prob_positive for r in group]))
         labels = sorted({r.label for r in group if r.label})
         ids = sorted({r.patient_id for r in group if r.patient_id})
-        patients.append(PatientPrediction(
-            patient_id=" / ".join(ids), patient_key=key, n_images=len(group), label=labels[0] if len(labels) == 1 else "",
-            prob_positive=prob, aggregation=meta.operating_point.aggregation, threshold=meta.operating_point.threshold,
-            decision=decide(meta, prob),
-        ))
+        patients.append(
+            PatientPrediction(
+                patient_id=" / ".join(ids),
+                patient_key=key,
+                n_images=len(group),
+                label=labels[0] if len(labels) == 1 else "",
+                prob_positive=prob,
+                aggregation=meta.operating_point.aggregation,
+                threshold=meta.operating_point.threshold,
+                decision=decide(meta, prob),
+            )
+        )
     return patients
 
 
-def predict_dataset(package_path: Path, dataset_dir: Path, out_dir: Path, *, batch_size: int = 32,
-                    precision: str = "auto", threads: int | None = None, dicom_dir: Path | None = None) -> PredictSummary:
+def predict_dataset(
+    package_path: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    *,
+    batch_size: int = 32,
+    precision: str = "auto",
+    threads: int | None = None,
+    dicom_dir: Path | None = None,
+) -> PredictSummary:
     """Predict every image of an ingested dataset folder; write predictions, patient predictions and predict.json
     into out_dir (owner-only). dicom_dir: the folder the dataset was ingested from, whose headers give each row's
     PatientID and UIDs (the source paths come from the dataset's private index either way)."""

@@ -31,15 +31,21 @@ from torch import nn
 
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
 from data_schemas.files import read_model_json
-from data_schemas.plan import SplitSettings
 from data_schemas.package import PACKAGE_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
+from data_schemas.plan import SplitSettings
+from tasks.common.reuse import inputs_key, recorded_package_inputs
 from tasks.evaluation.pooling import aggregate_by_patient
 from tasks.evaluation.statistics import roc_auc
-from tasks.training.augment import images_to_tensor
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.package import LoadedPackage, PackageError, float_architecture, tensors_sha256, write_package_folder
-from tasks.common.reuse import inputs_key, recorded_package_inputs
+from tasks.packaging.package import (
+    LoadedPackage,
+    PackageError,
+    float_architecture,
+    tensors_sha256,
+    write_package_folder,
+)
 from tasks.splits import parts_for_fold, read_splits, subsample_patients
+from tasks.training.augment import images_to_tensor
 
 INT8_ENGINES = ("x86", "fbgemm")
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -108,7 +114,9 @@ def training_images(dataset_dir: Path, meta: ModelPackageMeta, limit: int = DEFA
     settings = SplitSettings(seed=info.seed, mode=info.mode, outer_folds=info.folds, val_fraction=info.val_fraction,
                              test_fraction=info.test_fraction)
     # the run's own training patients: its outer fold's train part, subsampled as the run was (fraction runs)
-    train = subsample_patients(parts_for_fold(rows, config.fold, settings)["train"], config.train.train_fraction, config.seed)
+    train = subsample_patients(
+        parts_for_fold(rows, config.fold, settings)["train"], config.train.train_fraction, config.seed
+    )
     dataset = load_dataset(Path(dataset_dir), in_memory=False)
     index_of = {row.image_key: row.index for row in dataset.manifest}
     picks = np.linspace(0, len(train) - 1, num=min(limit, len(train))).round().astype(int)
@@ -125,7 +133,9 @@ def _calibrate(model: nn.Module, meta: ModelPackageMeta, images: np.ndarray, bat
         model((x[start : start + batch_size] - recipe.normalisation_mean) / recipe.normalisation_std)
 
 
-def quantize_state(package: LoadedPackage, calibration: np.ndarray, batch_size: int = 32) -> tuple[ModelPackageMeta, dict[str, Any]]:
+def quantize_state(
+    package: LoadedPackage, calibration: np.ndarray, batch_size: int = 32
+) -> tuple[ModelPackageMeta, dict[str, Any]]:
     """The compressed variant's metadata and state: int8 when an engine exists, else bf16 weights."""
     meta = package.meta
     if meta.weights_variant != "fp32":

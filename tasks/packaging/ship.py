@@ -11,10 +11,10 @@ from typing import Any
 from data_schemas.files import read_model_json, write_model_json
 from data_schemas.package import PACKAGE_DIR, CachedCompression, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE
+from tasks.common.reuse import file_sha256, inputs_key
 from tasks.packaging.deploy_cost import deploy_cost_task, evaluate_compression
 from tasks.packaging.package import load_package, write_package
 from tasks.packaging.quantize import write_compressed_package
-from tasks.common.reuse import file_sha256, inputs_key
 
 COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the full package/ in the run folder
 COMPRESSION_FILE = "compression.json"  # in the compressed package's folder: CachedCompression
@@ -44,7 +44,9 @@ def compress_and_compare(*, full_package: Path, dataset_dir: Path, full_cost: De
     one on the run's test images; both kept when their inputs are unchanged. Returns (comparison, its folder)."""
     full_package = Path(full_package)
     run_dir = full_package.parent
-    compressed = write_compressed_package(load_package(full_package), dataset_dir, run_dir / COMPRESSED_PACKAGE_DIR).parent
+    compressed = write_compressed_package(
+        load_package(full_package), dataset_dir, run_dir / COMPRESSED_PACKAGE_DIR
+    ).parent
     key = inputs_key({"compressed": file_sha256(compressed / "model.pt"), "full_cost": full_cost.inputs_sha256,
                       "full": file_sha256(full_package / "model.pt"), "budget_seconds": budget_seconds,
                       "predictions": file_sha256(run_dir / PREDICTIONS_FILE), "tolerance": tolerance,

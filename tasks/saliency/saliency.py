@@ -11,7 +11,8 @@ nodule slices (false negatives first), and seeded random slices.
 
 Shortcut check (only with <dataset>/lesions.csv, see tasks/ingest/lesions.py). Pointing game (Zhang et al. 2018): a
 positive slice is a hit when its map's maximum lies inside a lesion disc; the hit rate gets a 95% percentile
-bootstrap interval resampling patients (tasks.evaluation.statistics.bootstrap_ci). Chance level: a maximum placed uniformly
+bootstrap interval resampling patients (tasks.evaluation.statistics.bootstrap_ci). Chance level: a maximum placed
+uniformly
 at random hits with probability equal to the lesions' area fraction, given beside the share of map mass inside.
 """
 
@@ -38,12 +39,12 @@ from data_schemas.visual import (
     SelectedSlice,
     VisualSummary,
 )
-from tasks.training.augment import images_to_tensor, normalise
+from tasks.evaluation.statistics import bootstrap_ci
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.lesions import lesion_mask, load_lesions
-from tasks.training.models import build_resnet50
-from tasks.evaluation.statistics import bootstrap_ci
 from tasks.saliency.thumbnails import dataset_gallery, gray_thumbnail, overlay_thumbnail, resize_to, short_key
+from tasks.training.augment import images_to_tensor, normalise
+from tasks.training.models import build_resnet50
 
 RESNET_TARGET_LAYER = "layer4"
 POSITIVE_CLASS = 1
@@ -225,7 +226,8 @@ def build_visual_summary(*, dataset_dir: Path, arm_runs: dict[str, Path], n_slic
         raise ValueError("build_visual_summary needs at least one arm's run folder.")
     finished = {arm: Path(run) for arm, run in arm_runs.items() if (Path(run) / PREDICTIONS_FILE).is_file()}
     if not finished:
-        raise ValueError(f"none of the run folders of {', '.join(arm_runs)} holds test predictions ({PREDICTIONS_FILE}).")
+        raise ValueError(f"none of the run folders of {', '.join(arm_runs)} holds test predictions "
+                         f"({PREDICTIONS_FILE}).")
     dataset = load_dataset(Path(dataset_dir), in_memory=False)
     index_of = {row.image_key: i for i, row in enumerate(dataset.manifest)}
     predictions = {arm: read_run_predictions(run) for arm, run in finished.items()}
@@ -243,13 +245,15 @@ def build_visual_summary(*, dataset_dir: Path, arm_runs: dict[str, Path], n_slic
     arms = []
     for arm in arm_runs:
         if arm not in finished:
-            arms.append(ArmSaliency(arm=arm, available=False, note=f"No map for {arm}: its run has no test predictions."))
+            arms.append(ArmSaliency(arm=arm, available=False, note=f"No map for {arm}: its run has no test "
+                                                                   "predictions."))
             continue
         run_dir = finished[arm]
         by_key = {row.image_key: row.prob_positive for row in predictions[arm]}
         arms.append(_arm_panel(arm, Path(run_dir), images=images, slices=slices,
                                probs=[round(by_key[s.image_key], 4) for s in slices], pointing=pointing, seed=seed))
-    thumbs = [gray_thumbnail(images[i, 0], f"{s.label} · {SELECTION_REASON_TEXT[s.reason]} · image {short_key(s.image_key)}")
+    thumbs = [gray_thumbnail(images[i, 0], f"{s.label} · {SELECTION_REASON_TEXT[s.reason]} · image "
+                                           f"{short_key(s.image_key)}")
               for i, s in enumerate(slices)]
     return VisualSummary(dataset=dataset_gallery(dataset.images, dataset.manifest, seed=seed), slices=slices,
                          images=thumbs, arms=arms, lesions_known=pointing is not None,

@@ -2,7 +2,8 @@
 
 Compression: 8-bit grayscale PNG (one byte a pixel before deflate) for slices and means, indexed-colour PNG
 (OVERLAY_COLORS colours) for saliency overlays, at most 128 px a side (MAX_THUMBNAIL_SIDE). Measured at 112 px on
-the synthetic demo: a slice about 6 kB, an overlay about 7 kB (11 kB as RGB). Captions hold pseudonymous keys only (their first KEY_CHARS characters).
+the synthetic demo: a slice about 6 kB, an overlay about 7 kB (11 kB as RGB). Captions hold pseudonymous keys only
+(their first KEY_CHARS characters).
 """
 
 from __future__ import annotations

@@ -16,7 +16,32 @@ from tasks.training.models import (
     pooled_at_depth,
     scratch_resnet50,
 )
-from tasks.training.weights import hub_checkpoint_dir, read_weights_file, resolve_imagenet_weights, weights_file_name
 from tasks.training.train import train_arm, train_arm_task
+from tasks.training.weights import hub_checkpoint_dir, read_weights_file, resolve_imagenet_weights, weights_file_name
 
-__all__ = ["as_feature_extractor", "build_model", "build_resnet50", "count_flops", "feature_dim", "feature_extractor", "forward_flops_per_image", "hub_checkpoint_dir", "images_to_tensor", "is_head_parameter", "make_optimizer", "make_setup", "model_def", "normalise", "param_groups", "pooled_at_depth", "predict_linear_probe", "read_weights_file", "resolve_imagenet_weights", "scratch_resnet50", "train_arm", "train_arm_task", "train_one_epoch", "weights_file_name"]
+__all__ = [
+    "as_feature_extractor",
+    "build_model",
+    "build_resnet50",
+    "count_flops",
+    "feature_dim",
+    "feature_extractor",
+    "forward_flops_per_image",
+    "hub_checkpoint_dir",
+    "images_to_tensor",
+    "is_head_parameter",
+    "make_optimizer",
+    "make_setup",
+    "model_def",
+    "normalise",
+    "param_groups",
+    "pooled_at_depth",
+    "predict_linear_probe",
+    "read_weights_file",
+    "resolve_imagenet_weights",
+    "scratch_resnet50",
+    "train_arm",
+    "train_arm_task",
+    "train_one_epoch",
+    "weights_file_name",
+]

@@ -67,7 +67,8 @@ def extract_multi_depth_features(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{depth: (N, C_depth) float32 pooled features} of [0, 1] images, every depth from the same forward pass of each
-    batch (tasks.training.models.multi_depth_features; depths e.g. tasks.training.models.probe_depths(model_name)); on_batch(n) after
+    batch (tasks.training.models.multi_depth_features; depths e.g. tasks.training.models.probe_depths(model_name));
+    on_batch(n) after
     each batch of n images (a progress count, e.g. tasks.training.loop.batch_progress)."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {depth: [] for depth in depths}

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from data_schemas.training import EpochMetrics, TrainConfig
-from tasks.training.augment import augment_batch, mixup, normalise
 from data_schemas.arms import ArmSpec, parse_arm
-from tasks.training.models import build_arm_model, is_head_parameter, is_no_decay_parameter
+from data_schemas.training import EpochMetrics, TrainConfig
 from tasks.common.progress import progress as show_progress
 from tasks.common.runtime import Runtime
+from tasks.training.augment import augment_batch, mixup, normalise
+from tasks.training.models import build_arm_model, is_head_parameter, is_no_decay_parameter
 from tasks.training.run_folder import require_finite
 
 EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
@@ -156,7 +156,8 @@ def make_setup(*, config: TrainConfig, runtime: Runtime, backbone: dict[str, tor
     arm None means ResNet-50: the imagenet arm with a backbone, else scratch."""
     spec = parse_arm(arm if arm is not None else ("imagenet" if backbone is not None else "scratch"))
     if spec.mode == "imagenet-linear":
-        raise ValueError("the imagenet-linear arm has no training loop: it fits a linear probe (tasks.training.linear_probe).")
+        raise ValueError("the imagenet-linear arm has no training loop: it fits a linear probe "
+                         "(tasks.training.linear_probe).")
     torch.manual_seed(seed)
     model = build_arm_model(spec, num_classes=2, dropout=config.dropout, backbone=backbone if spec.pretrained else None)
     backbone_mult = config.backbone_lr_mult if spec.pretrained else 1.0
@@ -164,14 +165,24 @@ def make_setup(*, config: TrainConfig, runtime: Runtime, backbone: dict[str, tor
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     counts = torch.bincount(y_train, minlength=2).float()
-    class_weights = (counts.sum() / (2 * counts.clamp(min=1))).to(runtime.device) if config.class_balance == "loss_weights" else None
+    class_weights = (
+        (counts.sum() / (2 * counts.clamp(min=1))).to(runtime.device)
+        if config.class_balance == "loss_weights"
+        else None
+    )
     sample_weights = (1.0 / counts.clamp(min=1))[y_train.cpu()] if config.class_balance == "sampler" else None
     return FitSetup(
-        model=model, optimizer=make_optimizer(param_groups(model, config, backbone_mult, spec.model), config),
-        config=config, runtime=runtime, seed=seed,
+        model=model,
+        optimizer=make_optimizer(param_groups(model, config, backbone_mult, spec.model), config),
+        config=config,
+        runtime=runtime,
+        seed=seed,
         head_epochs=min(config.freeze_epochs, config.epochs) if spec.pretrained else 0,
-        class_weights=class_weights, sample_weights=sample_weights,
-        scaler=torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None, label=label, model_name=spec.model,
+        class_weights=class_weights,
+        sample_weights=sample_weights,
+        scaler=torch.amp.GradScaler("cuda") if runtime.precision == "fp16" else None,
+        label=label,
+        model_name=spec.model,
     )
 
 
@@ -187,7 +198,11 @@ def lr_factor(config: TrainConfig, epoch: int, step_in_epoch: int, steps_per_epo
     start, length = (0, head_epochs) if epoch < head_epochs else (head_epochs, config.epochs - head_epochs)
     total = max(1, length * steps_per_epoch)
     t = (epoch - start) * steps_per_epoch + step_in_epoch
-    warmup = max(1.0, 0.3 * total) if config.schedule == "onecycle" else min(config.warmup_epochs * steps_per_epoch, 0.5 * total)
+    warmup = (
+        max(1.0, 0.3 * total)
+        if config.schedule == "onecycle"
+        else min(config.warmup_epochs * steps_per_epoch, 0.5 * total)
+    )
     if warmup > 0 and t < warmup:
         return (t + 1) / warmup
     if config.schedule == "constant":
@@ -229,7 +244,9 @@ def _step(setup: FitSetup, xb: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return loss.detach()
 
 
-def train_one_epoch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int, progress: str | None = None) -> EpochResult:
+def train_one_epoch(
+    setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int, progress: str | None = None
+) -> EpochResult:
     """One epoch over the in-memory tensor: seeded order, batched augmentation, autocast, schedule.
 
     Batch order, augmentation and dropout depend only on (seed, epoch), so a resumed run repeats the same epoch.
@@ -253,7 +270,9 @@ def train_one_epoch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tenso
     with batch_progress(steps_per_epoch * batch_size, progress) as count_images:
         for i in range(steps_per_epoch):
             lr_now = _set_lr(setup, epoch, i, steps_per_epoch, head_phase)
-            loss, n_images = _train_batch(setup, x_train, y_train, order[i * batch_size : (i + 1) * batch_size], generator)
+            loss, n_images = _train_batch(
+                setup, x_train, y_train, order[i * batch_size : (i + 1) * batch_size], generator
+            )
             loss_total += loss
             images += n_images
             if count_images is not None:
@@ -268,7 +287,9 @@ def _train_batch(setup: FitSetup, x_train: torch.Tensor, y_train: torch.Tensor, 
                  generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """Augment, mix and step on the rows `index` of the training tensor; (summed loss as a tensor, images)."""
     cfg, rt = setup.config, setup.runtime
-    xb = normalise(augment_batch(x_train.index_select(0, index), cfg.augment, generator)).to(rt.device, non_blocking=True)
+    xb = normalise(augment_batch(x_train.index_select(0, index), cfg.augment, generator)).to(
+        rt.device, non_blocking=True
+    )
     if rt.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     target = F.one_hot(y_train.index_select(0, index), 2).float().to(rt.device, non_blocking=True)
@@ -306,7 +327,9 @@ def auc_or_none(targets: np.ndarray, probs: np.ndarray) -> float | None:
     return float(roc_auc_score(targets, probs)) if len(np.unique(targets)) == 2 else None
 
 
-def update_selection(state: TrainState, config: TrainConfig, *, val_loss: float | None, val_auc: float | None, train_loss: float) -> bool:
+def update_selection(
+    state: TrainState, config: TrainConfig, *, val_loss: float | None, val_auc: float | None, train_loss: float
+) -> bool:
     """Update the monitored quantity, best epoch and patience counter after a finished epoch; True when improved.
 
     Falls back to validation loss when AUC is undefined, and to training loss when the validation part is empty.
@@ -325,7 +348,9 @@ def update_selection(state: TrainState, config: TrainConfig, *, val_loss: float 
     else:
         state.bad_epochs += 1
     patience = config.early_stopping_patience
-    state.stopped = patience is not None and state.bad_epochs >= patience and state.epoch >= min(config.min_epochs, config.epochs)
+    state.stopped = (
+        patience is not None and state.bad_epochs >= patience and state.epoch >= min(config.min_epochs, config.epochs)
+    )
     return improved
 
 
@@ -343,7 +368,9 @@ def _evaluate(setup: FitSetup, data: FitData, progress: str | None = None, epoch
             "train_eval_loss": plain_loss(train_logits, data.y_train_eval)}
 
 
-def fit(setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callable[[TrainState, bool], None]) -> TrainState:
+def fit(
+    setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callable[[TrainState, bool], None]
+) -> TrainState:
     """Train until cfg.epochs or early stopping; after each epoch on_epoch_end(state, improved) saves the run."""
     cfg = setup.config
     while state.epoch < cfg.epochs and not state.stopped:
@@ -358,7 +385,9 @@ def fit(setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callabl
         state.eval_seconds += time.perf_counter() - started - train_seconds
         state.images_seen += result.images
         train_loss = result.loss_sum / max(1, result.images)
-        improved = update_selection(state, cfg, val_loss=evaluation["val_loss"], val_auc=evaluation["val_auc"], train_loss=train_loss)
+        improved = update_selection(
+            state, cfg, val_loss=evaluation["val_loss"], val_auc=evaluation["val_auc"], train_loss=train_loss
+        )
         state.history.append(EpochMetrics(
             epoch=state.epoch, phase="head" if state.epoch <= setup.head_epochs else "full", train_loss=train_loss,
             lr_head=result.lr["head"], lr_backbone=result.lr["backbone"], **evaluation,
@@ -374,9 +403,12 @@ def fit(setup: FitSetup, data: FitData, state: TrainState, on_epoch_end: Callabl
 def describe_selection(config: TrainConfig) -> str:
     """config.json's record of how the best epoch was chosen and why (see the module doc)."""
     if config.early_stopping_monitor == "val_auc_ema":
-        what = f"validation AUC smoothed by an exponential moving average (weight {EMA_ALPHA} on the newest epoch), so one noisy epoch cannot win"
+        what = (f"validation AUC smoothed by an exponential moving average (weight {EMA_ALPHA} on the newest epoch), "
+                "so one noisy epoch cannot win")
     else:
-        what = "plain cross-entropy on the validation part (no smoothing, no class weights): it moves smoothly on a small validation set, where AUC jumps with one patient"
+        what = ("plain cross-entropy on the validation part (no smoothing, no class weights): it moves smoothly on a "
+                "small validation set, where AUC jumps with one patient")
     stop = ("no early stopping" if config.early_stopping_patience is None else
-            f"stop after {config.early_stopping_patience} epochs without improvement, not before epoch {min(config.min_epochs, config.epochs)}")
+            f"stop after {config.early_stopping_patience} epochs without improvement, not before epoch "
+            f"{min(config.min_epochs, config.epochs)}")
     return f"best epoch by {config.early_stopping_monitor}: {what}; {stop}; the test part is never used"

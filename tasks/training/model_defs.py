@@ -18,10 +18,10 @@ from torchvision.models import (
     ResNet50_Weights,
     WeightsEnum,
     mobilenet_v3_large,
+    quantization as quantizable_models,
     resnet18,
     resnet50,
 )
-from torchvision.models import quantization as quantizable_models
 
 from data_schemas.arms import DEFAULT_MODEL, MODEL_LABELS, MODEL_NAMES
 

@@ -63,7 +63,9 @@ def _build(
         raise ValueError(f"torchvision has no quantizable {model}.")
     net = builder(weights=None, **dict(definition.scratch_kwargs if backbone is None else ()))
     _set_submodule(net, definition.stem, _grey_stem(net.get_submodule(definition.stem), in_channels))
-    _set_submodule(net, definition.head, _new_head(net.get_submodule(definition.head).in_features, num_classes, dropout))
+    _set_submodule(
+        net, definition.head, _new_head(net.get_submodule(definition.head).in_features, num_classes, dropout)
+    )
     if definition.dropout_before_head:
         _set_submodule(net, definition.dropout_before_head, nn.Identity())  # the new head carries the dropout
     if backbone is not None:
@@ -116,7 +118,9 @@ def build_resnet50(
     )
 
 
-def build_resnet18(*, num_classes: int = 2, in_channels: int = 1, dropout: float = 0.0, weights: WeightsSource = None) -> ResNet:
+def build_resnet18(
+    *, num_classes: int = 2, in_channels: int = 1, dropout: float = 0.0, weights: WeightsSource = None
+) -> ResNet:
     """torchvision ResNet-18 with a 1-channel stem and a new dropout + linear head (build_model)."""
     return build_model("resnet18", num_classes=num_classes, in_channels=in_channels, dropout=dropout, weights=weights)
 
@@ -131,14 +135,21 @@ def build_mobilenet_v3_large(
 
 
 def build_arm_model(
-    arm: ArmSpec | str, *, num_classes: int = 2, dropout: float = 0.0, backbone: Mapping[str, torch.Tensor] | None = None
+    arm: ArmSpec | str,
+    *,
+    num_classes: int = 2,
+    dropout: float = 0.0,
+    backbone: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """The model an arm trains: scratch -> random; imagenet -> `backbone` + new head; imagenet-linear -> the frozen
     feature extractor of `backbone`. `backbone` comes from resolve_imagenet_weights(path, model=arm.model)."""
     spec = parse_arm(arm)
     if spec.pretrained and backbone is None:
-        raise ValueError(f"arm {spec.name!r} starts from ImageNet weights: pass backbone=resolve_imagenet_weights(...)[0].")
-    net = build_model(spec.model, num_classes=num_classes, dropout=dropout, weights=backbone if spec.pretrained else None)
+        raise ValueError(f"arm {spec.name!r} starts from ImageNet weights: pass "
+                         "backbone=resolve_imagenet_weights(...)[0].")
+    net = build_model(
+        spec.model, num_classes=num_classes, dropout=dropout, weights=backbone if spec.pretrained else None
+    )
     return as_feature_extractor(net) if spec.mode == "imagenet-linear" else net
 
 
@@ -236,13 +247,16 @@ def _conv_backward_flops(
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-def count_flops(model: nn.Module, image_size: int, in_channels: int, *, backward: bool = False, batch: int = 2) -> float:
+def count_flops(
+    model: nn.Module, image_size: int, in_channels: int, *, backward: bool = False, batch: int = 2
+) -> float:
     """FLOPs per image of one forward pass (and, with `backward`, its backward pass): the one FLOP counter.
 
     Counted by torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add; only matmul/conv-type ops are
     counted, so BatchNorm, ReLU, pooling and the optimizer step count 0). A convolution costs
     2 x C_in/groups x C_out x k x k x H_out x W_out per image forward; its input gradient and its weight gradient cost
-    the same again each (_conv_backward_flops corrects torch's count for grouped convolutions). The pass runs on the model's device (the meta device makes it free: shapes only). Backward
+    the same again each (_conv_backward_flops corrects torch's count for grouped convolutions). The pass runs on the
+    model's device (the meta device makes it free: shapes only). Backward
     runs only if some parameter requires grad, and autograd computes only what the trainable parameters need: a
     frozen layer gets no weight gradient, a frozen prefix no backward at all, and the input never requires grad,
     so conv1 has no input gradient. Counted at `batch` (BatchNorm in train mode refuses a single value per channel)
@@ -309,7 +323,8 @@ def multi_depth_features(net: nn.Module, x: torch.Tensor, depths: Sequence[str])
     modules = dict(net.named_modules())
     unknown = [d for d in depths if d not in modules]
     if unknown or not depths:
-        raise ValueError(f"unknown depth {unknown[0] if unknown else '(none given)'!r}; e.g. {', '.join(RESNET_DEPTHS)}.")
+        raise ValueError(f"unknown depth {unknown[0] if unknown else '(none given)'!r}; e.g. "
+                         f"{', '.join(RESNET_DEPTHS)}.")
     pooled: dict[str, torch.Tensor] = {}
 
     def hook_for(depth: str) -> Callable[..., None]:

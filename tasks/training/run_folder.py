@@ -51,7 +51,9 @@ class NonFiniteOutputError(ValueError):
 
 def require_finite(values: np.ndarray | torch.Tensor | float, what: str, epoch: int | None) -> None:
     """NonFiniteOutputError, one sentence naming `what` and the epoch, unless every value is finite."""
-    array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
+    array = (
+        values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
+    )
     bad = int(array.size - np.isfinite(array).sum())
     if bad:
         when = f" in epoch {epoch}" if epoch is not None else ""
@@ -74,7 +76,13 @@ def save_torch(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, *, state: Any, config_hash: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None,
+    run_dir: Path,
+    *,
+    state: Any,
+    config_hash: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any = None,
 ) -> None:
     """checkpoint_last.pt: the state dataclass (every field), model, optimizer, scaler and torch RNG, atomically."""
     save_torch(Path(run_dir) / CHECKPOINT_FILE, {
@@ -87,7 +95,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    run_dir: Path, *, state_type: type, config_hash: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None,
+    run_dir: Path,
+    *,
+    state_type: type,
+    config_hash: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any = None,
 ) -> tuple[Any | None, str]:
     """The pair of save_checkpoint: restores model, optimizer, scaler and RNG and returns (state, "") or, when the
     checkpoint is missing, unreadable or of another configuration, (None, why)."""
@@ -140,7 +154,9 @@ def write_predictions(run_dir: Path, *, rows: Sequence[SplitRow], probs: np.ndar
                       target=int(row.label == positive_label), prob_positive=float(min(1.0, max(0.0, p))))
         for row, p in zip(rows, probs)
     ]
-    write_models_csv(Path(run_dir) / (VAL_PREDICTIONS_FILE if validation else PREDICTIONS_FILE), predictions, PredictionRow)
+    write_models_csv(
+        Path(run_dir) / (VAL_PREDICTIONS_FILE if validation else PREDICTIONS_FILE), predictions, PredictionRow
+    )
 
 
 def write_overfitting_losses(run_dir: Path, rows: Sequence[OverfittingLossRow]) -> None:

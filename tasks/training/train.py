@@ -40,9 +40,9 @@ from data_schemas.training import (
     FEATURES_FILE,
     LINEAR_MODEL_FILE,
     DepthProbe,
+    EpochMetrics,
     LinearProbeModel,
     ProbeDepths,
-    EpochMetrics,
     RunConfig,
     RunSummary,
     SplitRow,
@@ -50,14 +50,35 @@ from data_schemas.training import (
     TrainConfig,
     WeightsInfo,
 )
+from tasks.common.paths import UNWRITABLE_ERRNOS
+from tasks.common.progress import RunProgress
+from tasks.common.runtime import Runtime, choose_runtime
+from tasks.ingest.dataset_store import LoadedDataset, load_dataset
+from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
 from tasks.training.augment import images_to_tensor
 from tasks.training.gap_losses import image_log_losses, network_losses, probe_losses
-from tasks.ingest.dataset_store import LoadedDataset, load_dataset
-from tasks.common.paths import UNWRITABLE_ERRNOS
-from tasks.training.linear_probe import choose_depth, extract_multi_depth_features, fit_linear_probe, predict_linear_probe
+from tasks.training.linear_probe import (
+    choose_depth,
+    extract_multi_depth_features,
+    fit_linear_probe,
+    predict_linear_probe,
+)
+from tasks.training.loop import (
+    FitData,
+    FitSetup,
+    TrainState,
+    auc_or_none,
+    batch_progress,
+    describe_selection,
+    fit,
+    make_setup,
+    predict_probs,
+    run_logger as _logger,
+    state_copy,
+    train_eval_subsample,
+)
 from tasks.training.model_defs import model_def
 from tasks.training.models import feature_extractor, forward_flops_per_image, probe_depths
-from tasks.training.weights import resolve_imagenet_weights, weights_file_name, WeightsUnavailableError
 from tasks.training.run_folder import (
     clear_training_files,
     completed_run,
@@ -73,25 +94,11 @@ from tasks.training.run_folder import (
     write_status,
     write_timing,
 )
-from tasks.common.progress import RunProgress
-from tasks.common.runtime import Runtime, choose_runtime
-from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
-from tasks.training.loop import (
-    FitData,
-    FitSetup,
-    TrainState,
-    auc_or_none,
-    batch_progress,
-    describe_selection,
-    fit,
-    make_setup,
-    predict_probs,
-    run_logger as _logger,
-    state_copy,
-    train_eval_subsample,
-)
+from tasks.training.weights import WeightsUnavailableError, resolve_imagenet_weights, weights_file_name
 
-NEGATIVE_LABEL_NAMES = frozenset({"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"})
+NEGATIVE_LABEL_NAMES = frozenset(
+    {"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"}
+)
 
 
 SKIPPED_STATE_NAME = "Skipped"  # the state of a run skipped for want of weights: Cancelled type, grey in the UI
@@ -131,7 +138,14 @@ def _classes(rows: list[SplitRow], positive_label: str | None) -> tuple[list[str
     return [negative, positive], positive
 
 
-def build_split_tensors(images: np.ndarray, index_of: dict[str, int], parts: dict[str, list[SplitRow]], size: int, positive: str, classes: list[str]) -> SplitTensors:
+def build_split_tensors(
+    images: np.ndarray,
+    index_of: dict[str, int],
+    parts: dict[str, list[SplitRow]],
+    size: int,
+    positive: str,
+    classes: list[str],
+) -> SplitTensors:
     """Gather each part's rows (in the split file's pixel-content order) from the array and resize them once."""
     x, y = {}, {}
     for name, rows in parts.items():
@@ -167,7 +181,16 @@ class RunContext:
 def _config_identity(config: RunConfig) -> dict[str, Any]:
     """What makes two runs the same run (paths, names, thread counts and times excluded)."""
     data = config.model_dump(mode="json")
-    for key in ("overrides", "profile", "splits_path", "num_threads", "config_hash", "created_at", "torch_version", "torchvision_version"):
+    for key in (
+        "overrides",
+        "profile",
+        "splits_path",
+        "num_threads",
+        "config_hash",
+        "created_at",
+        "torch_version",
+        "torchvision_version",
+    ):
         data.pop(key, None)
     if data.get("weights"):
         data["weights"] = {"sha256": data["weights"]["sha256"]}
@@ -181,12 +204,23 @@ def _timing(ctx: RunContext, *, train_seconds: float, eval_seconds: float, image
     seconds = feature_seconds if feature_seconds is not None else train_seconds
     ips = images_seen / max(seconds, 1e-9)
     step_flops = flops if feature_seconds is not None else 3 * flops
-    write_timing(ctx.run_dir, TimingInfo(
-        wall_seconds=train_seconds + eval_seconds + (feature_seconds or 0.0), train_seconds=train_seconds,
-        eval_seconds=eval_seconds, feature_seconds=feature_seconds, epochs_run=epochs_run, train_images_seen=images_seen,
-        images_per_second=ips, forward_flops_per_image=flops, train_flops_per_image=step_flops,
-        achieved_flops_per_second=step_flops * ips, device=str(ctx.runtime.device), precision=ctx.runtime.precision,
-    ))
+    write_timing(
+        ctx.run_dir,
+        TimingInfo(
+            wall_seconds=train_seconds + eval_seconds + (feature_seconds or 0.0),
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            feature_seconds=feature_seconds,
+            epochs_run=epochs_run,
+            train_images_seen=images_seen,
+            images_per_second=ips,
+            forward_flops_per_image=flops,
+            train_flops_per_image=step_flops,
+            achieved_flops_per_second=step_flops * ips,
+            device=str(ctx.runtime.device),
+            precision=ctx.runtime.precision,
+        ),
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -209,7 +243,14 @@ def _fit_data(ctx: RunContext) -> FitData:
         x_train, y_train = x_train.to(rt.device), y_train.to(rt.device)
         for part in ("val", "test"):
             data.x[part] = data.x[part].pin_memory()
-    return FitData(x_train=x_train, y_train=y_train, x_val=data.x["val"], y_val=data.y["val"], x_train_eval=x_eval, y_train_eval=y_eval)
+    return FitData(
+        x_train=x_train,
+        y_train=y_train,
+        x_val=data.x["val"],
+        y_val=data.y["val"],
+        x_train_eval=x_eval,
+        y_train_eval=y_eval,
+    )
 
 
 def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
@@ -222,8 +263,16 @@ def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
             if state.best_state is None:
                 state.best_state = state_copy(setup.model)
             if state.best_epoch is not None:  # repair what an interrupted epoch may have left half-done
-                write_best(ctx.run_dir, state_dict=state.best_state, epoch=state.best_epoch, val_auc=state.best_val_auc,
-                           val_loss=state.best_val_loss, config_hash=ctx.config.config_hash, arm=ctx.arm, classes=ctx.data.classes)
+                write_best(
+                    ctx.run_dir,
+                    state_dict=state.best_state,
+                    epoch=state.best_epoch,
+                    val_auc=state.best_val_auc,
+                    val_loss=state.best_val_loss,
+                    config_hash=ctx.config.config_hash,
+                    arm=ctx.arm,
+                    classes=ctx.data.classes,
+                )
             write_metrics(ctx.run_dir, state.history)
             log.info("%s: resuming after epoch %d of %d", ctx.arm, state.epoch, ctx.config.train.epochs)
             return state
@@ -235,7 +284,9 @@ def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
     return TrainState()
 
 
-def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int], None] | None) -> Callable[[TrainState, bool], None]:
+def _epoch_saver(
+    ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int], None] | None
+) -> Callable[[TrainState, bool], None]:
     """What happens after each epoch: checkpoint, then best.pt and metrics.csv from the same state, a log line."""
     log, cfg = _logger(), ctx.config.train
 
@@ -243,11 +294,20 @@ def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int],
         save_checkpoint(ctx.run_dir, state=state, config_hash=ctx.config.config_hash, model=setup.model,
                         optimizer=setup.optimizer, scaler=setup.scaler)
         if improved:
-            write_best(ctx.run_dir, state_dict=state_copy(setup.model), epoch=state.epoch, val_auc=state.best_val_auc,
-                       val_loss=state.best_val_loss, config_hash=ctx.config.config_hash, arm=ctx.arm, classes=ctx.data.classes)
+            write_best(
+                ctx.run_dir,
+                state_dict=state_copy(setup.model),
+                epoch=state.epoch,
+                val_auc=state.best_val_auc,
+                val_loss=state.best_val_loss,
+                config_hash=ctx.config.config_hash,
+                arm=ctx.arm,
+                classes=ctx.data.classes,
+            )
         write_metrics(ctx.run_dir, state.history)
         row = EpochMetrics.model_validate(state.history[-1])
-        log.info("%s epoch %d/%d%s: train_loss=%.4f train_eval_loss=%s val_loss=%s val_auc=%s lr=%.2e %.1f img/s %.1fs%s%s",
+        log.info("%s epoch %d/%d%s: train_loss=%.4f train_eval_loss=%s val_loss=%s val_auc=%s lr=%.2e %.1f img/s "
+                 "%.1fs%s%s",
                  ctx.arm, row.epoch, cfg.epochs, " (head only)" if row.phase == "head" else "", row.train_loss,
                  _fmt(row.train_eval_loss), _fmt(row.val_loss), _fmt(row.val_auc), row.lr_head or 0.0,
                  row.images_per_second or 0.0, row.epoch_seconds, " [best]" if improved else "",
@@ -261,8 +321,15 @@ def _epoch_saver(ctx: RunContext, setup: FitSetup, on_epoch_end: Callable[[int],
 def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], None] | None) -> RunSummary:
     """Fit (resuming when asked), then predict the validation and test parts with the best epoch's weights."""
     cfg, rt, data = ctx.config.train, ctx.runtime, ctx.data
-    setup = make_setup(config=cfg, runtime=rt, backbone=ctx.backbone, seed=ctx.seed, y_train=data.y["train"], label=ctx.arm,
-                       arm=ctx.arm)
+    setup = make_setup(
+        config=cfg,
+        runtime=rt,
+        backbone=ctx.backbone,
+        seed=ctx.seed,
+        y_train=data.y["train"],
+        label=ctx.arm,
+        arm=ctx.arm,
+    )
     fit_data = _fit_data(ctx)
     state = fit(setup, fit_data, _start_state(ctx, setup, resume), _epoch_saver(ctx, setup, on_epoch_end))
     started = time.perf_counter()
@@ -285,8 +352,14 @@ def _train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], 
     test_auc = auc_or_none(data.y["test"].numpy(), probs["test"])
     _logger().info("%s: done, best epoch %s (val loss %s, val AUC %s), test AUC %s", ctx.arm, state.best_epoch,
                    _fmt(state.best_val_loss), _fmt(state.best_val_auc), _fmt(test_auc))
-    return ctx.status("completed", epochs_run=len(state.history), best_epoch=state.best_epoch, best_val_auc=state.best_val_auc,
-                      test_auc=test_auc, wall_seconds=time.perf_counter() - ctx.started)
+    return ctx.status(
+        "completed",
+        epochs_run=len(state.history),
+        best_epoch=state.best_epoch,
+        best_val_auc=state.best_val_auc,
+        test_auc=test_auc,
+        wall_seconds=time.perf_counter() - ctx.started,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- linear probe
@@ -374,20 +447,49 @@ def _train_linear(ctx: RunContext) -> RunSummary:
     write_probe_depths(ctx.run_dir, depths)
     write_model_json(ctx.run_dir / LINEAR_MODEL_FILE, probe)
     targets = {part: data.y[part].numpy() for part in PARTS}
-    write_predictions(ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True)
+    write_predictions(
+        ctx.run_dir, rows=data.rows["val"], probs=probs["val"], positive_label=data.positive_label, validation=True
+    )
     write_predictions(ctx.run_dir, rows=data.rows["test"], probs=probs["test"], positive_label=data.positive_label)
     write_overfitting_losses(ctx.run_dir, probe_losses(ctx.data.rows, targets, probs))
     fit_seconds = time.perf_counter() - t_fit
     val_auc = auc_or_none(targets["val"], probs["val"])
-    write_metrics(ctx.run_dir, [EpochMetrics(
-        epoch=1, phase="linear", val_loss=_log_loss(targets["val"], probs["val"]), val_auc=val_auc,
-        train_eval_loss=_log_loss(targets["train"], probs["train"]), images_per_second=n_images / max(feature_seconds, 1e-9),
-        epoch_seconds=feature_seconds + fit_seconds, elapsed_seconds=feature_seconds + fit_seconds, is_best=True,
-    ).model_dump(mode="json")])
-    _timing(ctx, train_seconds=fit_seconds, eval_seconds=0.0, images_seen=n_images, epochs_run=1, feature_seconds=feature_seconds)
+    write_metrics(
+        ctx.run_dir,
+        [
+            EpochMetrics(
+                epoch=1,
+                phase="linear",
+                val_loss=_log_loss(targets["val"], probs["val"]),
+                val_auc=val_auc,
+                train_eval_loss=_log_loss(targets["train"], probs["train"]),
+                images_per_second=n_images / max(feature_seconds, 1e-9),
+                epoch_seconds=feature_seconds + fit_seconds,
+                elapsed_seconds=feature_seconds + fit_seconds,
+                is_best=True,
+            ).model_dump(mode="json")
+        ],
+    )
+    _timing(
+        ctx,
+        train_seconds=fit_seconds,
+        eval_seconds=0.0,
+        images_seen=n_images,
+        epochs_run=1,
+        feature_seconds=feature_seconds,
+    )
     test_auc = auc_or_none(targets["test"], probs["test"])
-    log.info("%s: features of %d images at %s in %.1fs; depth %s chosen on validation (C=%.3g): val AUC %s, test AUC %s",
-             ctx.arm, n_images, ", ".join(features), feature_seconds, depths.chosen_depth, probe.C, _fmt(val_auc), _fmt(test_auc))
+    log.info(
+        "%s: features of %d images at %s in %.1fs; depth %s chosen on validation (C=%.3g): val AUC %s, test AUC %s",
+        ctx.arm,
+        n_images,
+        ", ".join(features),
+        feature_seconds,
+        depths.chosen_depth,
+        probe.C,
+        _fmt(val_auc),
+        _fmt(test_auc),
+    )
     return ctx.status("completed", epochs_run=1, best_epoch=1, best_val_auc=val_auc, test_auc=test_auc,
                       wall_seconds=time.perf_counter() - ctx.started)
 
@@ -395,8 +497,18 @@ def _train_linear(ctx: RunContext) -> RunSummary:
 # ------------------------------------------------------------------------------------------------ entry points
 
 
-def _run_config(plan: RunPlan, run: PlannedRun, *, dataset: LoadedDataset, splits_path: Path, splits_sha256: str,
-                parts: dict[str, list[SplitRow]], classes: list[str], weights: WeightsInfo | None, runtime: Runtime) -> RunConfig:
+def _run_config(
+    plan: RunPlan,
+    run: PlannedRun,
+    *,
+    dataset: LoadedDataset,
+    splits_path: Path,
+    splits_sha256: str,
+    parts: dict[str, list[SplitRow]],
+    classes: list[str],
+    weights: WeightsInfo | None,
+    runtime: Runtime,
+) -> RunConfig:
     """config.json of the run, with its config_hash (the run's identity)."""
     def patients(name: str) -> int:
         return len({r.patient_key for r in parts[name]})
@@ -424,7 +536,8 @@ def weights_file_for(model: str, weights_path: Path | None, weights_dir: Path | 
                 return candidate
         named = sorted(p for p in Path(weights_dir).glob(f"{model}-*.pth") if p.stem[len(model) + 1:].isalnum())
         if len(named) > 1:
-            raise ValueError(f"{weights_dir} holds several {model} weights files ({', '.join(p.name for p in named)}); keep one.")
+            raise ValueError(f"{weights_dir} holds several {model} weights files ({', '.join(p.name for p in named)}); "
+                             "keep one.")
         if named:
             return named[0]
     return Path(weights_path) if weights_path is not None and model == DEFAULT_MODEL else None
@@ -489,7 +602,8 @@ def train_arm(
 
     run: the run's folder as written in the plan (relative to plan_path's folder). weights_path is the ResNet-50
     weights file; weights_dir a folder of torchvision-format files named by model (weights_file_for); without
-    them the torch hub cache is searched (tasks.training.weights.resolve_imagenet_weights). Pretrained arms without weights
+    them the torch hub cache is searched (tasks.training.weights.resolve_imagenet_weights). Pretrained arms without
+    weights
     are skipped (status.json "skipped", reason = where to put the file), not an error. Bad settings, a bad weights
     file or a mismatched split raise ValueError subclasses with one sentence.
     """
@@ -500,8 +614,13 @@ def train_arm(
     run_dir = Path(os.path.normpath(plan_path.parent / planned.run_dir))
     splits_path = Path(os.path.normpath(plan_path.parent / plan.splits_file))
     dataset = load_dataset(Path(dataset_dir), in_memory=True)
-    rows, info = ensure_splits(manifest_rows=dataset.manifest, images=dataset.images, dataset_hash=dataset.card.content_hash,
-                               splits_path=splits_path, settings=plan.split)
+    rows, info = ensure_splits(
+        manifest_rows=dataset.manifest,
+        images=dataset.images,
+        dataset_hash=dataset.card.content_hash,
+        splits_path=splits_path,
+        settings=plan.split,
+    )
     parts = _patient_parts(plan, planned, rows)
     classes, positive = _classes(rows, planned.config.positive_label)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -516,7 +635,9 @@ def train_arm(
     config = _run_config(plan, planned, dataset=dataset, splits_path=splits_path, splits_sha256=info.splits_sha256,
                          parts=parts, classes=classes, weights=weights_info, runtime=runtime)
     if skip_reason is None and (previous := completed_run(run_dir, config.config_hash)) is not None:
-        log.info("%s: %s already holds a completed run with this configuration; not training again", planned.arm, run_dir)
+        log.info(
+            "%s: %s already holds a completed run with this configuration; not training again", planned.arm, run_dir
+        )
         return previous
     write_config(run_dir, config)
     data = build_split_tensors(dataset.images, {r.image_key: r.index for r in dataset.manifest}, parts,
@@ -555,7 +676,8 @@ def _retry_worthwhile(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def planned_run_name(planned: PlannedRun) -> str:
-    """The name of a run's task run: train-<arm>-main, -fold<k>, -fraction<f> or -size<px> (e.g. train-imagenet-fold2)."""
+    """The name of a run's task run: train-<arm>-main, -fold<k>, -fraction<f> or -size<px> (e.g.
+    train-imagenet-fold2)."""
     if planned.input_size is not None:
         which = f"size{planned.input_size}"
     elif planned.train_fraction < 1.0:

@@ -42,7 +42,8 @@ class WeightsUnavailableError(RuntimeError):
 
 
 class WeightsFileError(ValueError):
-    """A weights file that exists but is not a usable state dict of the model (corrupt, truncated, wrong model, bad hash)."""
+    """A weights file that exists but is not a usable state dict of the model (corrupt, truncated, wrong model, bad
+    hash)."""
 
 
 def hub_checkpoint_dir() -> Path:
@@ -59,7 +60,8 @@ def unavailable_message(model: str = DEFAULT_MODEL) -> str:
     """The one sentence printed when no ImageNet weights of `model` can be found."""
     weights = model_def(model).weights[0]
     return (
-        f"ImageNet {model_label(model)} weights are not available: put {weights_file_name(weights)} (from {weights.url}) in "
+        f"ImageNet {model_label(model)} weights are not available: put {weights_file_name(weights)} (from "
+        f"{weights.url}) in "
         f"{hub_checkpoint_dir()}, or pass --weights PATH to a torchvision-format {model_label(model)} state dict "
         "(the weights parameter of a flow run)."
     )
@@ -153,7 +155,9 @@ def _download(model: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     try:
         state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
     except Exception as error:  # noqa: BLE001 - offline, proxy, DNS, hash: all mean "not available"
-        raise WeightsUnavailableError(f"{unavailable_message(model)} (download failed: {type(error).__name__})") from None
+        raise WeightsUnavailableError(
+            f"{unavailable_message(model)} (download failed: {type(error).__name__})"
+        ) from None
     cached = hub_checkpoint_dir() / weights_file_name(weights)
     backbone = check_state_dict(state, model, source=str(cached))
     info = WeightsInfo(
