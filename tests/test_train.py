@@ -845,7 +845,9 @@ def test_fit_stops_early_and_keeps_the_best_epochs_weights(monkeypatch):
     monkeypatch.setattr(
         train_loop,
         "_evaluate",
-        lambda setup, data, progress=None: {"val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25},
+        lambda setup, data, progress=None, epoch=None: {
+            "val_loss": next(losses), "val_auc": 0.5, "train_eval_loss": 0.25,
+        },
     )
     config = _tiny_config(epochs=6, early_stopping_patience=2, min_epochs=1, lr=0.05, freeze_epochs=1)
     setup, data = _tiny_setup(config, head_epochs=1), _tiny_data()
@@ -887,7 +889,7 @@ def test_fit_runs_all_epochs_without_patience(monkeypatch):
     monkeypatch.setattr(
         train_loop,
         "_evaluate",
-        lambda setup, data, progress=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None},
+        lambda setup, data, progress=None, epoch=None: {"val_loss": 1.0, "val_auc": None, "train_eval_loss": None},
     )
     config = _tiny_config(epochs=3, early_stopping_patience=None)
     state = train_loop.fit(_tiny_setup(config), _tiny_data(), train_loop.TrainState(), lambda state, improved: None)
