@@ -18,11 +18,14 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def fmt_ci(mv: MetricValue | None, digits: int = 3) -> str:
-    """'0.912 (0.871–0.944)', or just the value when the interval is missing."""
+    """'0.912 (0.871–0.944)', or just the value when the interval is missing; a zero-width interval (every
+    resample gave the same value, as at perfect separation in a small sample) is not estimable, never certainty."""
     if mv is None or mv.value is None:
         return "—"
     if mv.ci_low is None or mv.ci_high is None or not (math.isfinite(mv.ci_low) and math.isfinite(mv.ci_high)):
         return fmt(mv.value, digits)
+    if mv.ci_high - mv.ci_low <= 1e-12:
+        return f"{mv.value:.{digits}f} (interval not estimable)"
     return f"{mv.value:.{digits}f} ({mv.ci_low:.{digits}f}–{mv.ci_high:.{digits}f})"
 
 

@@ -621,7 +621,7 @@ def test_cli_json_output_parses(tmp_path, capsys):
     "argv, fragment",
     [
         (["--images", "10", "--size", "0"], "--size must be between 32 and 2048"),
-        (["--images", "10", "--arms", "scratch", "transfer"], "MODE one of scratch, imagenet, imagenet-linear"),
+        (["--images", "10", "--arms", "scratch", "transfer"], "choose from scratch, imagenet, imagenet-linear"),
         (["--images", "10", "--arms", "vgg16:scratch"], "MODEL one of resnet50, resnet18, mobilenet_v3_large"),
         (["--images", "10", "--arms", "scratch", "resnet50:scratch"], "each arm may be listed once"),
         (["--images", "0"], "--images must be at least 1"),
