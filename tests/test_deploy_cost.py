@@ -71,9 +71,12 @@ def test_compressed_variant_is_smaller_and_agrees(shipped: ShippedRun, compresse
     images = load_dataset(shipped.dataset_dir).images
     p_full = predict_images(prepare_model(full, "fp32"), images, progress=False)
     p_small = predict_images(prepare_model(small, "fp32"), images, progress=False)
-    r = float(np.corrcoef(p_full, p_small)[0, 1])
-    print(f"int8 vs fp32 probabilities: r = {r:.4f} over {len(p_full)} images")
-    assert r > 0.9, f"correlation {r:.3f}"
+    # The shared fixture's model is barely trained: its probabilities span a few thousandths, so a correlation
+    # would weigh int8 rounding against that spread (and vary with the CPU's int8 kernels). Agreement is judged
+    # where a decision is made, on the probability scale.
+    gap = float(np.abs(p_full - p_small).max())
+    print(f"int8 vs fp32 probabilities: largest difference {gap:.4f} over {len(p_full)} images")
+    assert gap < 0.01, f"int8 and fp32 probabilities differ by up to {gap:.4f}"
     assert parameter_count(prepare_model(small, "fp32")) == parameter_count(prepare_model(full, "fp32"))
     cost = measure_deployment_cost(compressed, threads=1, **QUICK)
     assert cost.precision == expected and cost.package_bytes == compressed.stat().st_size

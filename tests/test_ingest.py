@@ -13,6 +13,7 @@ import pytest
 from data_schemas.dataset import QUARANTINE_FILE, DatasetCard, ManifestRow, QuarantineRow, WindowSpec
 from data_schemas.files import read_models_csv
 from flows.ingest import ingest_flow
+from flows.run_logs import InputRefused
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.errors import IngestError
 from tasks.ingest.preprocess import hu_frame_to_image, pad_to_square, parse_window, window_to_unit_range
@@ -121,17 +122,21 @@ def test_labels_are_matched_and_unlabeled_images_listed(tmp_path: Path) -> None:
     assert (out / "private/unlabeled.csv").read_text().splitlines() == ["relative_path", "P3_3.dcm"]
 
 
+# The flow refuses a bad labels file before any work: InputRefused from a direct call, IngestError from the check.
+REFUSED = (IngestError, InputRefused)
+
+
 def test_label_file_errors_are_one_sentence(tmp_path: Path) -> None:
     src = tmp_path / "src"
     ct_variant(src / "a.dcm", patient_id="P1")
     bad_key = write_labels(tmp_path / "k.csv", [("P1", "x")], key="mrn")
-    with pytest.raises(IngestError, match="exactly one key column, one of patient_id"):
+    with pytest.raises(REFUSED, match="exactly one key column, one of patient_id"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o1"), labels=str(bad_key), size=32, workers=1)
     conflict = write_labels(tmp_path / "c.csv", [("P1", "nodule"), ("P1", "normal")])
-    with pytest.raises(IngestError, match=r"rows 2 and 3 give the same patient_id different labels"):
+    with pytest.raises(REFUSED, match=r"rows 2 and 3 give the same patient_id different labels"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o2"), labels=str(conflict), size=32, workers=1)
     nomatch = write_labels(tmp_path / "n.csv", [("P7", "nodule")])
-    with pytest.raises(IngestError, match=r"matches any of the 1 file\(s\) found: its 1 label\(s\) were checked "
+    with pytest.raises(REFUSED, match=r"matches any of the 1 file\(s\) found: its 1 label\(s\) were checked "
                                           r"against the headers, before decoding"):
         ingest_flow(src_dir=str(src), out_dir=str(tmp_path / "o3"), labels=str(nomatch), size=32, workers=1)
 

@@ -343,6 +343,7 @@ def test_header_keys_are_the_keys_ingest_matches(small_cohort):
 
 
 def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp_path, capsys):
+    from flows.cli.errors import UsageError
     from flows.cli.ingest import register
     from flows.ingest import ingest_flow
     from tasks.ingest.errors import IngestError
@@ -361,15 +362,16 @@ def test_labels_matching_no_file_are_refused_before_any_decode(small_cohort, tmp
     assert not any(key in sentence for key, _ in unknown)
     assert not list(out.rglob("*.npz")) and not (out / "dataset.json").exists()  # nothing was decoded
 
-    # `ctcompare ingest` says it in one line, exit 1
+    # `ctcompare ingest` refuses it before Prefect starts, in the same sentence
     parser = argparse.ArgumentParser(prog="ctcompare")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
         ["ingest", str(small_cohort.dicom_dir), "--out", str(out), "--labels", str(labels), "--size", "32"]
     )
     capsys.readouterr()
-    assert args.handler(args) == 1
-    assert capsys.readouterr().out.strip() == f"ctcompare ingest: {sentence}"
+    with pytest.raises(UsageError) as usage:  # the dispatcher prints it as one line, exit 2
+        args.handler(args)
+    assert str(usage.value) == sentence
 
 
 def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_path):
@@ -397,7 +399,8 @@ def test_labels_matching_some_files_log_one_line_of_counts(small_cohort, tmp_pat
     )
     assert lines == []  # every file labelled: nothing to say
 
-    by_path = [(s.relative_path, "normal") for s in sources[:3]] + [("elsewhere/x.dcm", "abnormal")]
+    by_path = [(s.relative_path, "normal" if i else "abnormal") for i, s in enumerate(sources[:3])]
+    by_path.append(("elsewhere/x.dcm", "abnormal"))
     match = check_labels_match_headers(
         read_labels(_write_labels(tmp_path / "path.csv", "path", by_path)), sources, lines.append
     )

@@ -70,9 +70,10 @@ def test_a_completed_arm_without_its_package_is_not_counted_completed() -> None:
     assert outcomes["scratch"] == NO_PACKAGE and outcomes["imagenet"] == "completed"
     headline = outcome_headline(unshipped, outcomes)
     assert headline.startswith(unshipped.recommendation.headline) and "No model package for scratch" in headline
-    summary = {"recommendation": headline, "arms": outcomes}
+    summary = {"recommendation": headline, "arms": outcomes, "link": "http://127.0.0.1:8765/r/report.html"}
     state = final_state(unshipped, summary)
     assert state.name == PARTIAL_STATE_NAME and not_completed(summary) == ["scratch (no package)"]
+    assert state.message.endswith("Report: http://127.0.0.1:8765/r/report.html")
 
 
 # Holds a report folder's lock until its stdin closes; says "held" once it has it.

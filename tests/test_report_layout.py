@@ -20,14 +20,14 @@ class _Sections(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self.current, self.depth, self.skip = "first", 0, 0
+        self.current, self.depth, self.hidden_depth = "first", 0, 0
         self.text: dict[str, list[str]] = {"first": []}
         self.open_attr: list[bool] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = dict(attrs)
         if tag in ("script", "style"):
-            self.skip += 1
+            self.hidden_depth += 1
         if tag == "details":
             if self.depth == 0:
                 self.current = values.get("id") or f"details-{len(self.text)}"
@@ -37,12 +37,12 @@ class _Sections(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style"):
-            self.skip -= 1
+            self.hidden_depth -= 1
         if tag == "details":
             self.depth -= 1
 
     def handle_data(self, data: str) -> None:
-        if not self.skip:
+        if not self.hidden_depth:
             self.text[self.current].append(data)
 
 
