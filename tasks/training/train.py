@@ -263,16 +263,7 @@ def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
             if state.best_state is None:
                 state.best_state = state_copy(setup.model)
             if state.best_epoch is not None:  # repair what an interrupted epoch may have left half-done
-                write_best(
-                    ctx.run_dir,
-                    state_dict=state.best_state,
-                    epoch=state.best_epoch,
-                    val_auc=state.best_val_auc,
-                    val_loss=state.best_val_loss,
-                    config_hash=ctx.config.config_hash,
-                    arm=ctx.arm,
-                    classes=ctx.data.classes,
-                )
+                _write_best(ctx, state, state.best_state, state.best_epoch)
             write_metrics(ctx.run_dir, state.history)
             log.info("%s: resuming after epoch %d of %d", ctx.arm, state.epoch, ctx.config.train.epochs)
             return state
@@ -282,6 +273,12 @@ def _start_state(ctx: RunContext, setup: FitSetup, resume: bool) -> TrainState:
         log.warning("%s: %s exists; starting over (pass --resume to continue it)", ctx.arm, CHECKPOINT_FILE)
     clear_training_files(ctx.run_dir)
     return TrainState()
+
+
+def _write_best(ctx: RunContext, state: TrainState, state_dict: dict, epoch: int) -> None:
+    """best.pt of this run: the given weights as the best epoch's, with the state's best validation figures."""
+    write_best(ctx.run_dir, state_dict=state_dict, epoch=epoch, val_auc=state.best_val_auc,
+               val_loss=state.best_val_loss, config_hash=ctx.config.config_hash, arm=ctx.arm, classes=ctx.data.classes)
 
 
 def _epoch_saver(
@@ -294,16 +291,7 @@ def _epoch_saver(
         save_checkpoint(ctx.run_dir, state=state, config_hash=ctx.config.config_hash, model=setup.model,
                         optimizer=setup.optimizer, scaler=setup.scaler)
         if improved:
-            write_best(
-                ctx.run_dir,
-                state_dict=state_copy(setup.model),
-                epoch=state.epoch,
-                val_auc=state.best_val_auc,
-                val_loss=state.best_val_loss,
-                config_hash=ctx.config.config_hash,
-                arm=ctx.arm,
-                classes=ctx.data.classes,
-            )
+            _write_best(ctx, state, state_copy(setup.model), state.epoch)
         write_metrics(ctx.run_dir, state.history)
         row = EpochMetrics.model_validate(state.history[-1])
         log.info("%s epoch %d/%d%s: train_loss=%.4f train_eval_loss=%s val_loss=%s val_auc=%s lr=%.2e %.1f img/s "
