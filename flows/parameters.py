@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
 from data_schemas.arms import ARM_CHOICES, MIN_IMAGE_SIZE
 from data_schemas.cost import CostInputs, WallTimePlan
@@ -96,9 +97,11 @@ ParallelArms = Annotated[int, described(ge=1, le=16, description="training runs 
 NewFolderPerRun = Annotated[bool, described(description="write each run into a new folder in OUT_DIR named by its UTC "
                                         "start time (e.g. OUT_DIR/20260105T030000Z), so scheduled runs keep every "
                                         "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
-CheckedPlan = Annotated[RunPlan | None, described(description="the run plan already resolved from the parameters "
-                                               "above (the command line passes the one it checked); empty: "
-                                               "resolved at the start of the flow run")]
+# Not in the run form (SkipJsonSchema): a person cannot fill in a whole run plan; the command line passes the one it
+# checked, and a flow run from the form resolves its own from the parameters above.
+CheckedPlan = Annotated[RunPlan | None, SkipJsonSchema(), described(
+    description="the run plan already resolved from the parameters above; empty: resolved at the start of the flow "
+                "run")]
 TrainDeployment = Annotated[str | None, described(description="run each training run as a flow run of this deployment "
                                               "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
                                               "the same path on every worker")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,54 @@ def test_every_flow_parameter_has_a_description(flow_path: str) -> None:
     assert properties
     missing = [key for key, schema in properties.items() if not schema.get("description")]
     assert not missing, f"{flow_path}: no description for {missing}"
+
+
+def _form_fields(schema: dict) -> dict[str, dict]:
+    """Each parameter of a run form as the field a person fills in: an optional parameter's non-null branch."""
+    fields = {}
+    for name, prop in schema["properties"].items():
+        branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+        assert len(branches) == 1, (name, prop)
+        fields[name] = {**prop, **branches[0]}
+    return fields
+
+
+def _fillable(field: dict) -> bool:
+    """A field the UI's form draws as an input: text, number, switch, a list of those, or a text-to-text map."""
+    if "$ref" in field or "allOf" in field:
+        return False
+    if field.get("type") == "array":
+        return _fillable(field.get("items") or {})
+    if field.get("type") == "object":
+        return (field.get("additionalProperties") or {}).get("type") == "string" and "properties" not in field
+    return field.get("type") in {"string", "integer", "number", "boolean"}
+
+
+def test_every_deployments_run_form_is_one_a_person_fills_in() -> None:
+    """The form `prefect deploy` stores for each deployment of prefect.yaml (parameter_schema, as `prefect deploy`
+    builds it from the flow's signature): only inputs a person can fill in (no nested model such as a run plan),
+    arms a list of choices, plain-text descriptions that say how a relative path resolves."""
+    import importlib
+
+    import yaml
+    from prefect.utilities.callables import parameter_schema
+
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    forms = {}
+    for deployment in config["deployments"]:
+        path, function = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        forms[f"{flow.name}/{deployment['name']}"] = schema
+        fields = _form_fields(schema)
+        assert not schema.get("definitions"), (deployment["name"], sorted(schema["definitions"]))
+        assert not [name for name, field in fields.items() if not _fillable(field)], deployment["name"]
+        assert not [name for name, field in fields.items() if re.search(r"<|\.py\b|Error\b", field["description"])]
+        for name in deployment.get("parameters") or {}:
+            assert name in fields, (deployment["name"], name)
+    compare = _form_fields(forms["compare/on-demand"])
+    assert "plan" not in compare and "source" in compare and "out_dir" in compare
+    assert compare["arms"]["type"] == "array" and {"scratch", "imagenet", "resnet18:imagenet"} <= set(
+        compare["arms"]["items"]["enum"])
+    for name in ("source", "out_dir", "labels", "weights"):
+        assert "relative path resolves against" in compare[name]["description"], name
