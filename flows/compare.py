@@ -44,7 +44,7 @@ from data_schemas.report import (
 )
 from data_schemas.training import SPLITS_FILE
 from data_schemas.visual import VisualSummary
-from flows.cost import cost_flow
+from flows.cost import cost_flow, log_wall_time
 from flows.ingest import ingest_flow
 from flows.lifeline import command_started_at
 from flows.parameters import (
@@ -72,13 +72,11 @@ from flows.parameters import (
 )
 from flows.run_logs import refused, send_run_logs_now, tidy_run_logs
 from flows.serve import BASE_URL_ENV, report_url
-from reports.cost_tables import wall_time_line
 from reports.render import metrics_table, render_report, summary_markdown, update_index
 from reports.wording import word_results
 from tasks.common.paths import refuse_non_folder
 from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
-from tasks.cost.calibration import describe_calibration
 from tasks.cost.wall_time import wall_time_plan
 from tasks.evaluation.evaluate import build_results
 from tasks.ingest.dataset_store import load_dataset
@@ -480,10 +478,7 @@ def compare_flow(
         cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
                          wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train,
                                                        elapsed_seconds=time.time() - environment.started_at))
-        if cost.wall_time is not None:
-            logger.info("%s", wall_time_line(cost.wall_time))
-            if cost.calibration is not None:
-                logger.info("The wall-time prediction used %s.", describe_calibration(cost.calibration))
+        log_wall_time(cost)
         stages.advance("cost estimated")
 
         train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,

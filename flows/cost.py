@@ -28,6 +28,26 @@ from tasks.cost.wall_time import predict_wall_time
 ARTIFACT_KEY = "ctcompare-cost"
 
 
+def log_wall_time(report: CostReport) -> None:
+    """Log a cost report's predicted wall time and which calibration it used, in the current flow run."""
+    if report.wall_time is None:
+        return
+    logger = get_run_logger()
+    logger.info("%s", wall_time_line(report.wall_time))
+    if report.calibration is not None:
+        logger.info("The wall-time prediction used %s.", describe_calibration(report.calibration))
+    else:
+        logger.info("The wall-time prediction used the device catalogue's guess (this machine not calibrated).")
+
+
+def _is_subflow() -> bool:
+    """True inside a flow run started by another flow run (its parent logs what matters to the person watching)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context and context.flow_run and context.flow_run.parent_task_run_id)
+
+
 @flow(name="cost", validate_parameters=True)
 def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate: Calibrate = True,
               force: Force = False, wall_time_plan: WallTimePlanParameter = None) -> CostReport:
@@ -36,8 +56,9 @@ def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate:
     inputs: what to price (tasks.cost.estimate.resolve_cost_inputs builds it from a dataset folder or an image count);
     n_images must be the training images only. calibrate: measure this machine (cached) instead of using the
     catalogue's guess. A cost.json made from the same inputs, catalogue and calibration choice is reused unless
-    force=True. wall_time_plan: a whole comparison's runs and stages; its predicted wall time is logged
-    ("Predicted wall time of this comparison: ...") and stored in cost.json.
+    force=True. wall_time_plan: a whole comparison's runs and stages; its predicted wall time is stored in cost.json
+    and logged ("Predicted wall time of this comparison: ...", log_wall_time) when this is not a subflow: the
+    comparison logs it in its own run.
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -54,9 +75,8 @@ def cost_flow(*, inputs: CostInputsParameter, out_dir: CostOutFolder, calibrate:
         if wall_time_plan is not None:
             predicted = predict_wall_time(report, wall_time_plan, cost_stage_seconds=time.monotonic() - started)
             report = report.model_copy(update={"wall_time": predicted})
-            get_run_logger().info("%s", wall_time_line(predicted))
-            if report.calibration is not None:
-                get_run_logger().info("The wall-time prediction used %s.", describe_calibration(report.calibration))
+            if not _is_subflow():  # a comparison logs its prediction in its own run, where it is read
+                log_wall_time(report)
         write_task(out_dir, report)
     create_markdown_artifact(
         key=ARTIFACT_KEY,

@@ -186,6 +186,41 @@ def test_cost_flow_logs_the_prediction_and_stores_it_in_cost_json(report: CostRe
     assert line in markdown_table(stored)
 
 
+def test_a_comparison_logs_the_prediction_once_in_its_own_run_not_in_the_cost_subflow(tmp_path: Path) -> None:
+    """As compare_flow does: cost_flow as a subflow stores the prediction, and the parent logs it (log_wall_time)
+    with the calibration it used, once, under the parent's flow run."""
+    from prefect import flow
+    from prefect.context import get_run_context
+
+    from flows.cost import cost_flow, log_wall_time
+
+    plan = WallTimePlan(runs=[PlannedRunWork(arm="scratch", max_epochs=2, min_epochs=2, n_images=8, image_size=32)])
+    inputs = cost_estimate.resolve_cost_inputs(n_images=8, image_size=32, epochs=2, arms=["scratch"])
+
+    @flow(name="comparison-like")
+    def parent() -> str:
+        log_wall_time(cost_flow(inputs=inputs, out_dir=tmp_path, calibrate=False, wall_time_plan=plan))
+        return str(get_run_context().flow_run.id)
+
+    records: list[logging.LogRecord] = []
+    handler = _Lines()
+    handler.emit = records.append  # type: ignore[method-assign]
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    level = flow_logger.level
+    flow_logger.addHandler(handler)
+    flow_logger.setLevel(logging.INFO)  # the tests run Prefect at WARNING
+    try:
+        parent_id = parent()
+    finally:
+        flow_logger.removeHandler(handler)
+        flow_logger.setLevel(level)
+    predicted = [r for r in records if r.getMessage().startswith("Predicted wall time of this comparison: ")]
+    used = [r for r in records if r.getMessage().startswith("The wall-time prediction used ")]
+    assert [str(r.flow_run_id) for r in predicted] == [parent_id], [r.getMessage() for r in records]
+    assert [str(r.flow_run_id) for r in used] == [parent_id]
+    assert "not calibrated" in used[0].getMessage()
+
+
 def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
     from report_fixtures import make_example_results
 
@@ -207,3 +242,4 @@ def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
         cost_section = text[text.index("Cost: estimate vs actual"):]
         assert ("Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 "
                 "min") in cost_section
+
