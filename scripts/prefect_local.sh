@@ -100,10 +100,13 @@ case "$command" in
         if (( $# == 0 )); then set -- --all; fi
         # CTCOMPARE_ROOT is left out on purpose: prefect.yaml's pull step keeps the placeholder {{ $CTCOMPARE_ROOT }}
         # and each worker fills it in from its own environment at run time (no path of this machine is stored).
-        # Prefect's own hints after each deployment (start a generic worker, run it by hand) are left out: the
-        # worker this project needs is `make worker`, said once at the end.
-        env -u CTCOMPARE_ROOT "$PREFECT" --no-prompt deploy --prefect-file "$ROOT/prefect.yaml" "$@" \
-            | awk '/^To (execute|schedule)/ {skip = 1; next} skip && /^[[:space:]]*(\$ |$)/ {next} {skip = 0; print}'
+        # Prefect's own hints after each deployment (start a generic worker, run it by hand) are left out, each from
+        # its "To ..." line through its "$ prefect ..." command (lines unwrapped, whatever the width): the worker
+        # this project needs is `make worker`, said once at the end.
+        env -u CTCOMPARE_ROOT PREFECT_CLI_WRAP_LINES=false \
+            "$PREFECT" --no-prompt deploy --prefect-file "$ROOT/prefect.yaml" "$@" \
+            | awk '/^To (execute|schedule)/ {skip = 1; next} skip && /^[[:space:]]*\$ prefect / {skip = 0; next}
+                   skip {next} /^[[:space:]]*$/ {if (blank) next; blank = 1; print; next} {blank = 0; print}'
         echo "Deployed. Start a worker with:  make worker   (the runs wait in the pool until one runs)"
         ;;
     worker)

@@ -88,6 +88,7 @@ class PrefectStack:
         self.reports_url = f"http://127.0.0.1:{self.reports_port}/"
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.deploy_output = ""
         base = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
         self.env = {
             **base,
@@ -144,10 +145,12 @@ class PrefectStack:
         raise RuntimeError(f"prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail('server')}")
 
     def deploy(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-        """`scripts/prefect_local.sh deploy [ARGS]`: the work pool, then `prefect deploy --all` (or ARGS)."""
-        result = self.cli(str(SCRIPT), "deploy", *args, timeout_s=timeout_s)
+        """`scripts/prefect_local.sh deploy [ARGS]`: the work pool, then `prefect deploy --all` (or ARGS), its output
+        kept in deploy_output. At 80 columns, the width a pipe gets without a terminal's."""
+        result = self.cli(str(SCRIPT), "deploy", *args, timeout_s=timeout_s, columns=80)
         if result.returncode != 0:
             raise RuntimeError(f"deploy failed ({result.returncode}):\n{result.stdout[-4000:]}")
+        self.deploy_output = result.stdout
         return result
 
     def start_worker(self) -> None:
@@ -165,10 +168,10 @@ class PrefectStack:
         self.stop()
 
     # -- commands and the API ------------------------------------------------------------------------------------
-    def cli(self, *argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *argv: str, timeout_s: float = 120, columns: int = 200) -> subprocess.CompletedProcess:
         """Run a command with the stack's environment (stdout and stderr together in .stdout)."""
         return subprocess.run(
-            list(argv), cwd=ROOT, env={**self.env, "COLUMNS": "200"}, stdout=subprocess.PIPE,
+            list(argv), cwd=ROOT, env={**self.env, "COLUMNS": str(columns)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
         )
 

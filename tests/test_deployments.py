@@ -90,6 +90,21 @@ def test_the_operations_guide_lists_every_deployment() -> None:
         assert f"`{flow.name}/{deployment['name']}`" in guide, f"{flow.name}/{deployment['name']} not in operations.md"
 
 
+def test_make_deploy_ends_by_naming_make_worker_and_not_prefects_generic_worker(stack: PrefectStack) -> None:
+    """`make deploy` names every deployment it made, then `make worker` once as its last line; Prefect's generic
+    hints (`prefect worker start ...`, `prefect deployment run ...`) are left out, even wrapped at 80 columns."""
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    output = stack.deploy_output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "make worker" in lines[-1], lines[-5:]
+    assert "prefect worker start" not in output and "prefect deployment run" not in output, output[-2000:]
+    assert "pulls work from" not in output, output[-2000:]  # no stray end of a wrapped hint either
+    for deployment in config["deployments"]:
+        path, function = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+        assert f"'{flow.name}/{deployment['name']}'" in output, (flow.name, deployment["name"], output[-2000:])
+
+
 def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack) -> None:
     pool = stack.get(f"/work_pools/{stack.pool}")
     assert pool["type"] == "process"
