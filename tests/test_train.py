@@ -317,9 +317,15 @@ def _part_tensor(dataset_dir: Path, keys: list[str], size: int) -> torch.Tensor:
     return images_to_tensor(dataset.images[[index_of[k] for k in keys]], size)
 
 
-def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, runs):
+def _epoch_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The training log's per-epoch lines ('ARM epoch N/M ...')."""
+    return [r.getMessage() for r in caplog.records if " epoch " in r.getMessage() and "train_loss=" in r.getMessage()]
+
+
+def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, runs, caplog):
     """A run stopped early whose best epoch is not its last: predictions and logged validation figures come from
-    best.pt on the validation part (never the test part, never the last epoch's weights)."""
+    best.pt on the validation part (never the test part, never the last epoch's weights). Its last epoch's log
+    line, epoch 3 of 12, says "early stop"."""
     import torch.nn.functional as F
 
     from data_schemas.plan import read_plan
@@ -332,8 +338,12 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
     # min_epochs 3 holds it to epoch 3, long before the 12 allowed epochs
     settings = {"epochs": "12", "early_stopping_patience": "1", "early_stopping_min_delta": "10", "min_epochs": "3"}
     plan_path = one_run_plan(run_dir, "scratch", settings)
+    caplog.set_level("INFO", logger="ctcompare.train")
     summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=".")
     assert summary.status == "completed" and summary.epochs_run == 3 and summary.best_epoch == 1
+    lines = _epoch_lines(caplog)
+    assert [line.split(":")[0] for line in lines] == [f"scratch epoch {n}/12" for n in (1, 2, 3)]
+    assert [line.endswith("[early stop]") for line in lines] == [False, False, True], lines
     metrics = _metrics(run_dir)
     assert [m.is_best for m in metrics] == [True, False, False]
     assert all(m.train_eval_loss is not None and m.train_eval_loss > 0 for m in metrics)
@@ -363,6 +373,19 @@ def test_early_stopping_fires_and_outputs_come_from_the_best_epoch(dataset_dir, 
             assert metrics[0].val_auc == pytest.approx(auc_or_none(targets.numpy(), probs), abs=1e-6)
     assert {r.image_key for r in expected} == {p.image_key for p in predicted}
     _check_overfitting_losses(run_dir, metrics, chosen=1, last=3)
+
+
+def test_a_run_whose_patience_ends_on_its_last_planned_epoch_is_not_called_an_early_stop(dataset_dir, runs, caplog):
+    """Patience 1 runs out after epoch 2 of 2: training ended where it was planned to, so no line says "early
+    stop"."""
+    run_dir = runs / "stop-on-last-epoch"
+    settings = {"epochs": "2", "early_stopping_patience": "1", "early_stopping_min_delta": "10", "min_epochs": "1"}
+    caplog.set_level("INFO", logger="ctcompare.train")
+    summary = train_arm(dataset_dir=dataset_dir, plan_path=one_run_plan(run_dir, "scratch", settings), run=".")
+    assert summary.status == "completed" and summary.epochs_run == 2 and summary.best_epoch == 1
+    lines = _epoch_lines(caplog)
+    assert [line.split(":")[0] for line in lines] == ["scratch epoch 1/2", "scratch epoch 2/2"]
+    assert not [line for line in lines if "early stop" in line], lines
 
 
 def _check_overfitting_losses(run_dir: Path, metrics: list, *, chosen: int, last: int) -> None:
