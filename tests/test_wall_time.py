@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import resnet50_by_hand as hand
 
-from data_schemas.cost import COST_FILE, Calibration, CostReport, PlannedRunWork, WallTimePlan
+from data_schemas.cost import COST_FILE, Calibration, CalibrationCache, CostReport, PlannedRunWork, WallTimePlan
 from data_schemas.plan import RunEnvironment, build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
 from tasks.cost import (
@@ -243,3 +243,85 @@ def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
         assert ("Predicted wall time of the whole comparison, made by the cost stage before training: 4.8 min to 6.8 "
                 "min") in cost_section
 
+
+def _first_epoch_folder(report: CostReport, root: Path, epoch_seconds: float) -> tuple[Path, str, Calibration]:
+    """A comparison's report folder after a scratch run's first epoch (100 images at 64 px, epochs 6..10): cost.json
+    with the prediction, plan.json, and the run's config.json and metrics.csv; the calibration cached."""
+    from data_schemas.files import write_model_json, write_models_csv
+    from data_schemas.plan import write_plan
+    from data_schemas.training import CONFIG_FILE, METRICS_FILE, EpochMetrics, RunConfig, TrainConfig
+
+    work = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
+    predicted = cost_wall_time.predict_wall_time(report, WallTimePlan(runs=[work]), cost_stage_seconds=1.0)
+    write_model_json(root / COST_FILE, report.model_copy(update={"wall_time": predicted}))
+    plan_path = write_plan(root, build_run_plan(profile="smoke", arms=["scratch"], seed=0))
+    run = build_run_plan(profile="smoke", arms=["scratch"], seed=0).runs[0].run_dir
+    calibration = report.calibration
+    config = RunConfig(
+        arm="scratch", profile="cpu", seed=0, fold=0, folds=1,
+        train=TrainConfig(image_size=SIZE, epochs=10, batch_size=8, lr=1e-3, min_epochs=6, early_stopping_patience=3),
+        dataset_hash="ab" * 32, dataset_image_size=SIZE, splits_path="splits.csv", splits_sha256="0" * 64,
+        classes=["normal", "abnormal"], positive_label="abnormal", n_train_images=100, n_val_images=20,
+        n_test_images=20, n_train_patients=50, n_val_patients=10, n_test_patients=10, patient_overlap=0, device="cpu",
+        precision=calibration.precision, channels_last=False, num_threads=calibration.threads, torch_version="2",
+        torchvision_version="0", config_hash="c" * 64, created_at="2025-01-01T10:00:00+00:00",
+    )
+    (root / run).mkdir(parents=True)
+    write_model_json(root / run / CONFIG_FILE, config)
+    write_models_csv(root / run / METRICS_FILE, [EpochMetrics(
+        epoch=1, phase="full", epoch_seconds=epoch_seconds, elapsed_seconds=epoch_seconds, is_best=True)],
+        EpochMetrics)
+    write_model_json(root / "cache" / "calibration.json", CalibrationCache(entries={calibration.key: calibration}))
+    return plan_path, run, calibration
+
+
+def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached_calibration(
+    report: CostReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks.cost.first_epoch import _span as span, first_epoch_watch
+
+    full = hand.full_training_flops(SIZE, 1, 2)
+    epoch = 1.23 * 100 * full / RATE  # one epoch's compute x the epochs' wall-time factor
+    predicted_first = epoch + WARMUP
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
+    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, epoch_seconds=2 * predicted_first)
+    logger = logging.getLogger("test.first_epoch")
+    caplog.set_level(logging.INFO, logger="test.first_epoch")
+    watch = first_epoch_watch(plan_path, run, logger)
+    assert watch is not None
+    watch(2)  # not the first epoch: nothing judged
+    assert not caplog.records
+    watch(1)
+    [record] = caplog.records
+    text = record.getMessage()
+    assert record.levelno == logging.WARNING and "2.00x, more than 20% off" in text, text
+    assert f"predicted {predicted_first:.1f} s from the calibration measured {calibration.measured_at}" in text
+    # the run's remaining epochs (5 or 9 of them) twice as long; the comparison's training part too
+    rest = f"remaining epochs about {span(2 * 5 * epoch, 2 * 9 * epoch)} (predicted {span(5 * epoch, 9 * epoch)})"
+    assert rest in text, text
+    stored = CostReport.model_validate(json.loads((tmp_path / COST_FILE).read_text())).wall_time
+    training = [s for s in stored.stages if s.stage.startswith("training ")]
+    low = stored.seconds_min + sum(s.seconds_min for s in training)
+    high = stored.seconds_max + sum(s.seconds_max for s in training)
+    assert f"the comparison about {span(low, high)} in all (predicted {span(stored.seconds_min, stored.seconds_max)})" \
+        in text, text
+    assert "the cached calibration is dropped" in text
+    cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
+    assert calibration.key not in cache.entries
+
+
+def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibration(
+    report: CostReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tasks.cost.first_epoch import first_epoch_watch
+
+    predicted_first = 1.23 * 100 * hand.full_training_flops(SIZE, 1, 2) / RATE + WARMUP
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
+    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, epoch_seconds=1.15 * predicted_first)
+    caplog.set_level(logging.INFO, logger="test.first_epoch")
+    first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and "within 15%, the prediction stands" in record.getMessage()
+    cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
+    assert calibration.key in cache.entries
+    assert first_epoch_watch(tmp_path / "elsewhere" / "plan.json", run, logging.getLogger("x")) is None  # no cost.json

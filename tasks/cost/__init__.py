@@ -10,12 +10,13 @@ from tasks.cost.estimate import (
     resolve_cost_inputs,
     write_task,
 )
+from tasks.cost.first_epoch import first_epoch_watch
 from tasks.cost.flops import count_phase
 from tasks.cost.memory import measure_activation_memory
 from tasks.cost.wall_time import predict_wall_time, wall_time_plan
 
 __all__ = [
     "build_cost_report", "calibrate_task", "count_phase", "default_catalogue_path", "estimate_task",
-    "estimated_seconds_for", "load_catalogue", "load_or_calibrate", "measure_activation_memory", "predict_wall_time",
-    "resolve_cost_inputs", "wall_time_plan", "write_task",
+    "estimated_seconds_for", "first_epoch_watch", "load_catalogue", "load_or_calibrate", "measure_activation_memory",
+    "predict_wall_time", "resolve_cost_inputs", "wall_time_plan", "write_task",
 ]

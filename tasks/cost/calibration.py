@@ -4,7 +4,8 @@ The result is cached by torch version, CPU, threads, size, channels and precisio
 load average and the spread of its timed steps beside it. A cached figure is checked before it is used: a short
 probe (two warm-up and two timed steps at the calibration's batch) re-measures the training rate, and when the
 two disagree by more than PROBE_TOLERANCE the machine is calibrated again and the cache replaced, so a
-calibration taken while other work loaded the machine does not poison every later prediction.
+calibration taken while other work loaded the machine does not poison every later prediction. A comparison's
+first training epoch checks it once more (tasks.cost.first_epoch), and drops it from the cache when they disagree.
 """
 
 from __future__ import annotations
@@ -221,6 +222,22 @@ def load_or_calibrate(
     cache.entries[key] = calibration
     write_model_json(cache_path, cache)
     return calibration
+
+
+def forget_calibration(calibration: Calibration, *, cache_path: Path | None = None) -> bool:
+    """Drop `calibration` from the cache, so the next cost stage measures this machine again; False when the cache
+    no longer holds it (another measurement replaced it meanwhile, or it was never cached)."""
+    cache_path = Path(cache_path or calibration_cache_path())
+    try:
+        cache = read_model_json(cache_path, CalibrationCache)
+    except Exception:  # noqa: BLE001 - no cache, or a corrupt one (re-measured anyway): nothing to drop
+        return False
+    cached = cache.entries.get(calibration.key)
+    if cached is None or cached.measured_at != calibration.measured_at:
+        return False
+    del cache.entries[calibration.key]
+    write_model_json(cache_path, cache)
+    return True
 
 
 def checked_calibration(

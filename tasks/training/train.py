@@ -53,6 +53,7 @@ from data_schemas.training import (
 from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.common.progress import RunProgress
 from tasks.common.runtime import Runtime, choose_runtime
+from tasks.cost.first_epoch import first_epoch_watch
 from tasks.ingest.dataset_store import LoadedDataset, load_dataset
 from tasks.splits import count_patient_overlap, ensure_splits, parts_for_fold, patient_ordinals, subsample_patients
 from tasks.training.augment import images_to_tensor
@@ -703,9 +704,12 @@ def train_arm_task(
     except (OSError, ValueError):  # train_arm says why in one sentence
         arm, epochs = run, 0
     bar = RunProgress(f"{name}: starting")
+    first_epoch_check = first_epoch_watch(Path(plan_path), run, _logger())  # a comparison's cost.json: else None
 
     def on_epoch_end(epoch: int) -> None:
         bar.update(epoch, epochs, f"{arm}: epoch {epoch}/{epochs} trained and validated")
+        if first_epoch_check is not None:
+            first_epoch_check(epoch)
 
     summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path,
                         resume=resume, weights_dir=weights_dir, on_epoch_end=on_epoch_end if epochs else None)

@@ -1,0 +1,163 @@
+"""A comparison's training runs checked, after their first epoch, against the wall time predicted before training.
+
+The cost stage predicts each run's epochs from this machine's calibration (tasks.cost.wall_time). When a run's first
+epoch disagrees with its prediction by more than FIRST_EPOCH_TOLERANCE (the short probe's rule, tasks.cost.calibration),
+the run's remaining epochs and the comparison's prediction are scaled by the measured ratio and logged, and the cached
+calibration is dropped, so the next cost stage measures this machine again. Not judged: an epoch predicted shorter
+than MIN_JUDGED_EPOCH_S (mostly fixed costs, evaluation and the first step's kernel selection, that a rate measured
+over whole training steps does not describe), a run on another device, precision or thread count than the
+calibration's, and a run sharing the machine with other training runs of its plan (parallel arms).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_schemas.cost import COST_FILE, CostReport, PlannedRunWork
+from data_schemas.files import read_model_json, read_models_csv
+from data_schemas.plan import RunPlan, read_plan
+from data_schemas.training import CONFIG_FILE, METRICS_FILE, STATUS_FILE, EpochMetrics, RunConfig, RunSummary
+from tasks.cost.calibration import PROBE_TOLERANCE, describe_calibration, forget_calibration
+from tasks.cost.wall_time import earliest_stop_epoch, run_training_seconds
+
+FIRST_EPOCH_TOLERANCE = PROBE_TOLERANCE
+MIN_JUDGED_EPOCH_S = 5.0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def _span(low: float, high: float) -> str:
+    return _minutes(low) if _minutes(low) == _minutes(high) else f"{_minutes(low)} to {_minutes(high)}"
+
+
+@dataclass(frozen=True)
+class FirstEpochCheck:
+    """One run's first epoch against its prediction, and the predictions it corrects.
+
+    Args:
+        arm: the run's arm.
+        measured_s: the first epoch's wall time (training and its validation).
+        predicted_s: its prediction (run_training_seconds for one epoch: compute x TRAIN_WALL_FACTOR + warm-up).
+        rest_s: the run's remaining epochs as predicted, (earliest stop, last epoch).
+        total_s: the comparison's predicted wall time, (earliest stop, every epoch).
+        training_s: the part of total_s that is training, (earliest stop, every epoch).
+        calibration: which calibration the prediction used, in words.
+    """
+
+    arm: str
+    measured_s: float
+    predicted_s: float
+    rest_s: tuple[float, float]
+    total_s: tuple[float, float]
+    training_s: tuple[float, float]
+    calibration: str
+
+    @property
+    def ratio(self) -> float:
+        """measured / predicted."""
+        return self.measured_s / self.predicted_s
+
+    @property
+    def disagrees(self) -> bool:
+        """True when the first epoch is further than FIRST_EPOCH_TOLERANCE from its prediction."""
+        return abs(self.ratio - 1.0) > FIRST_EPOCH_TOLERANCE
+
+    def corrected_total_s(self) -> tuple[float, float]:
+        """The comparison's prediction with its training scaled by the measured ratio."""
+        return tuple(total + (self.ratio - 1.0) * train for total, train in zip(self.total_s, self.training_s))
+
+    def sentence(self, calibration_dropped: bool) -> str:
+        """What the log says: agreement, or the corrected estimates and what happens to the calibration."""
+        said = (f"{self.arm}: the first epoch took {self.measured_s:.1f} s, predicted {self.predicted_s:.1f} s "
+                f"from {self.calibration}")
+        if not self.disagrees:
+            return f"{said}: within {abs(self.ratio - 1.0):.0%}, the prediction stands."
+        low, high = self.corrected_total_s()
+        dropped = ("the cached calibration is dropped, so the next cost stage measures this machine again"
+                   if calibration_dropped else "the cached calibration was already replaced")
+        return (f"{said}: {self.ratio:.2f}x, more than {FIRST_EPOCH_TOLERANCE:.0%} off. Corrected from this epoch: "
+                f"this run's remaining epochs about {_span(*(s * self.ratio for s in self.rest_s))} (predicted "
+                f"{_span(*self.rest_s)}), the comparison about {_span(low, high)} in all (predicted "
+                f"{_span(*self.total_s)}); {dropped}.")
+
+
+def check_first_epoch(report: CostReport, config: RunConfig, measured_s: float) -> FirstEpochCheck | None:
+    """The run's first epoch (config.json's run, measured_s of wall time) against the cost report's prediction;
+    None when not judged (module doc): no calibration or prediction, another device, precision or thread count, or
+    an epoch predicted under MIN_JUDGED_EPOCH_S."""
+    calibration, wall_time = report.calibration, report.wall_time
+    if calibration is None or wall_time is None or config.device != "cpu":
+        return None
+    if (config.precision, config.num_threads) != (calibration.precision, calibration.threads):
+        return None
+    train = config.train
+    work = PlannedRunWork(
+        arm=config.arm, max_epochs=train.epochs, n_images=config.n_train_images, image_size=train.image_size,
+        min_epochs=earliest_stop_epoch(epochs=train.epochs, min_epochs=train.min_epochs,
+                                       patience=train.early_stopping_patience),
+    )
+    predicted = run_training_seconds(report, work, 1)
+    if predicted < MIN_JUDGED_EPOCH_S:
+        return None
+    training = [s for s in wall_time.stages if s.stage.startswith("training ")]
+    return FirstEpochCheck(
+        arm=config.arm, measured_s=measured_s, predicted_s=predicted,
+        rest_s=tuple(run_training_seconds(report, work, epochs) - predicted
+                     for epochs in (work.min_epochs, work.max_epochs)),
+        total_s=(wall_time.seconds_min, wall_time.seconds_max),
+        training_s=(sum(s.seconds_min for s in training), sum(s.seconds_max for s in training)),
+        calibration=describe_calibration(calibration),
+    )
+
+
+def _others_training(plan: RunPlan, report_dir: Path, run: str) -> bool:
+    """True when another run of the plan says it is training now (status.json "running")."""
+    for planned in plan.runs:
+        status = report_dir / planned.run_dir / STATUS_FILE
+        if planned.run_dir != run and status.is_file():
+            try:
+                if read_model_json(status, RunSummary).status == "running":
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def first_epoch_watch(plan_path: Path, run: str, log: logging.Logger | logging.LoggerAdapter,
+                      ) -> Callable[[int], None] | None:
+    """For a training run's on_epoch_end: after epoch 1, the check above against the cost.json beside the plan (a
+    comparison's), said in `log`, and the cached calibration dropped when they disagree. None without a cost.json
+    holding a prediction and a calibration."""
+    report_dir = Path(plan_path).resolve().parent
+    try:
+        report = read_model_json(report_dir / COST_FILE, CostReport)
+        plan = read_plan(Path(plan_path))
+        run_dir = Path(os.path.normpath(report_dir / plan.run(run).run_dir))
+    except (OSError, ValueError):
+        return None
+    if report.calibration is None or report.wall_time is None:
+        return None
+
+    def after_epoch(epoch: int) -> None:
+        if epoch != 1:  # only a run's own first epoch (a resumed run starts later)
+            return
+        try:
+            config = read_model_json(run_dir / CONFIG_FILE, RunConfig)
+            first = read_models_csv(run_dir / METRICS_FILE, EpochMetrics)[0]
+        except (OSError, ValueError, IndexError):
+            return
+        check = check_first_epoch(report, config, first.epoch_seconds)
+        if check is None or _others_training(plan, report_dir, run):
+            return
+        if not check.disagrees:
+            log.info("%s", check.sentence(calibration_dropped=False))
+            return
+        log.warning("%s", check.sentence(calibration_dropped=forget_calibration(report.calibration)))
+
+    return after_epoch
