@@ -89,8 +89,8 @@ class FirstEpochCheck:
 
 def check_first_epoch(report: CostReport, config: RunConfig, measured_s: float) -> FirstEpochCheck | None:
     """The run's first epoch (config.json's run, measured_s of wall time) against the cost report's prediction;
-    None when not judged (module doc): no calibration or prediction, another device, precision or thread count, or
-    an epoch predicted under MIN_JUDGED_EPOCH_S."""
+    None when not judged (module doc): no calibration or prediction, an arm the report did not price, another
+    device, precision or thread count, or an epoch predicted under MIN_JUDGED_EPOCH_S."""
     calibration, wall_time = report.calibration, report.wall_time
     if calibration is None or wall_time is None or config.device != "cpu":
         return None
@@ -102,7 +102,10 @@ def check_first_epoch(report: CostReport, config: RunConfig, measured_s: float) 
         min_epochs=earliest_stop_epoch(epochs=train.epochs, min_epochs=train.min_epochs,
                                        patience=train.early_stopping_patience),
     )
-    predicted = run_training_seconds(report, work, 1)
+    try:
+        predicted = run_training_seconds(report, work, 1)
+    except (KeyError, StopIteration):  # an arm (or this machine) the cost report did not price
+        return None
     if predicted < MIN_JUDGED_EPOCH_S:
         return None
     training = [s for s in wall_time.stages if s.stage.startswith("training ")]
