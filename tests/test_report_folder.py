@@ -16,8 +16,8 @@ from flows.compare import (
     final_state,
     not_completed,
     outcome_headline,
-    report_write_lock,
 )
+from flows.report_folder import report_write_lock
 from tests.report_fixtures import make_example_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SECOND_WRITER = """
 import sys
 from pathlib import Path
-import flows.compare as compare
-compare.REPORT_LOCK_TIMEOUT_S = 0.2
+import flows.report_folder as report_folder
+report_folder.REPORT_LOCK_TIMEOUT_S = 0.2
 try:
-    with compare.report_write_lock(Path(sys.argv[1])):
+    with report_folder.report_write_lock(Path(sys.argv[1])):
         print("acquired")
-except compare.ReportBusyError as error:
+except report_folder.ReportBusyError as error:
     print(error)
 """
 
@@ -80,7 +80,7 @@ def test_a_completed_arm_without_its_package_is_not_counted_completed() -> None:
 HOLDER = """
 import sys
 from pathlib import Path
-from flows.compare import report_write_lock
+from flows.report_folder import report_write_lock
 with report_write_lock(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()
@@ -90,7 +90,7 @@ with report_write_lock(Path(sys.argv[1])):
 def test_compare_into_a_folder_another_comparison_writes_is_refused_before_prefect(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import flows.compare
+    import flows.report_folder
     from flows.cli import main
 
     source = tmp_path / "dataset"
@@ -103,7 +103,7 @@ def test_compare_into_a_folder_another_comparison_writes_is_refused_before_prefe
                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(flows.compare, "REPORT_LOCK_TIMEOUT_S", 0.2)
+        monkeypatch.setattr(flows.report_folder, "REPORT_LOCK_TIMEOUT_S", 0.2)
         code = main(["compare", str(source), "--out", str(report_dir), "--profile", "smoke", "--arms", "scratch"])
     finally:
         holder.communicate("", timeout=60)

@@ -53,7 +53,8 @@ def compare_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The compare flow's parameters from the command line, with the run plan resolved from them under "plan";
     checked against the flow's signature, the plan, the paths and the weights file: UsageError (one sentence)
     before Prefect starts."""
-    from flows.compare import check_compare_paths, compare_flow, comparison_plan
+    from flows.compare import compare_flow, comparison_plan
+    from flows.report_folder import check_compare_paths
 
     parameters = {
         "source": args.source, "out_dir": args.out, "labels": args.labels, "profile": args.profile,
@@ -121,7 +122,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     """`ctcompare compare`: refuse bad input before Prefect starts, take the report folder's write lock (a folder
     another comparison is writing is refused in one sentence), run the flow with the checked plan."""
     parameters = compare_parameters(args)
-    from flows.compare import ReportBusyError, compare_flow, report_write_lock
+    from flows.compare import compare_flow
+    from flows.report_folder import ReportBusyError, report_write_lock
 
     report_dir = Path(args.out).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
