@@ -142,8 +142,7 @@ def compare_flow(
     """
     tidy_run_logs(ComparisonNotComplete)
     ingest_size = _ingest_size(ingest_size, image_size)
-    environment = RunEnvironment(weights=Path(weights).resolve() if weights else None,
-                                 started_at=command_started_at() or time.time())
+    environment = run_environment(weights)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     src, out = Path(source).resolve(), Path(out_dir).resolve()
     report_dir = out / run_id if new_folder_per_run else out
@@ -162,8 +161,7 @@ def compare_flow(
                                     new_folder_per_run=new_folder_per_run)
         plan, plan_path, n_train = plan_with_split(plan, dataset_dir=dataset_dir, report_dir=report_dir)
         stages = ComparisonProgress(len(plan.runs))
-        estimate_cost(plan, environment, report_dir=report_dir, n_train_images=n_train, calibrate=calibrate,
-                      stages=stages)
+        estimate_cost(plan, environment, n_train, report_dir=report_dir, calibrate=calibrate, stages=stages)
         train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
                   parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)
         command = rerun_command(source=source, out_dir=out_dir, labels=labels, plan=plan, environment=environment,
@@ -192,6 +190,12 @@ def announce_outcome(results: ComparisonResults, *, html: Path, report_dir: Path
     return final_state(results, {"report": str(html), "link": link, "report_dir": str(report_dir),
                                  "recommendation": outcome_headline(results, outcomes), "arms": outcomes})
 
+
+
+def run_environment(weights: str | None) -> RunEnvironment:
+    """What a comparison runs with besides its plan: the weights file (resolved) and when the command started."""
+    return RunEnvironment(weights=Path(weights).resolve() if weights else None,
+                          started_at=command_started_at() or time.time())
 
 
 def _ingest_size(ingest_size: int, image_size: int | None) -> int:

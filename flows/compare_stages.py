@@ -249,9 +249,10 @@ def add_packages_and_pictures(*, plan: RunPlan, environment: RunEnvironment, res
     return results
 
 
-def estimate_cost(plan: RunPlan, environment: RunEnvironment, *, report_dir: Path, n_train_images: int,
+def estimate_cost(plan: RunPlan, environment: RunEnvironment, n_train_images: int, *, report_dir: Path,
                   calibrate: bool, stages: ComparisonProgress) -> None:
-    """cost.json for the plan (the cost flow) and the comparison's predicted wall time, logged on this run."""
+    """cost.json for the plan (the cost flow) and the comparison's predicted wall time from its n_train_images,
+    logged on this run."""
     cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
                      wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train_images,
                                                    elapsed_seconds=time.time() - environment.started_at))
