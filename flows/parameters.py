@@ -47,6 +47,8 @@ def described(**kwargs: Any) -> FieldInfo:
 # ------------------------------------------------------------------------------------------- shared parameters
 Seed = Annotated[int, described(ge=0, le=MAX_SEED, description="random seed of the split, the training runs and the "
                             "bootstrap; the same seed and data give the same numbers")]
+CohortSeed = Annotated[int, described(ge=0, le=MAX_SEED, description="random seed of the cohort: the same seed and "
+                                  "settings write the same patients, images and labels")]
 IngestSize = Annotated[int, described(
     ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
     description="ingest size: each DICOM image is stored in the dataset as size x size pixels. Not the training "
@@ -59,9 +61,9 @@ Window = Annotated[str, described(pattern=WINDOW_PATTERN, description="CT window
                               "bone, none, or 'LEVEL,WIDTH' in Hounsfield units")]
 
 # ------------------------------------------------------------------------------------------------------ compare
-CompareSource = Annotated[str, described(description="a DICOM folder (ingested beside the report folder, into "
-                                     "OUT_DIR-dataset) or a dataset folder made by 'ctcompare ingest'; "
-                                     f"{RELATIVE_PATHS}")]
+CompareSource = Annotated[str, described(description="a DICOM folder (ingested once, beside the report folder, into "
+                                     "a folder named after it with -dataset added) or a dataset folder made by "
+                                     f"'ctcompare ingest'; {RELATIVE_PATHS}")]
 ReportFolder = Annotated[str, described(description="report folder (report.html, results.json, the runs); index.html "
                                     f"in its parent lists every report there; {RELATIVE_PATHS}")]
 CompareLabels = Annotated[str | None, described(description=f"labels file of a DICOM source, {LABELS_FORMAT}; required "
@@ -94,17 +96,18 @@ Calibrate = Annotated[bool, described(description="measure this machine's speed 
                                   "estimate instead of the device catalogue's guess")]
 ParallelArms = Annotated[int, described(ge=1, le=16, description="training runs at once in this flow run (1: each run "
                                     "uses every core)")]
-NewFolderPerRun = Annotated[bool, described(description="write each run into a new folder in OUT_DIR named by its UTC "
-                                        "start time (e.g. OUT_DIR/20260105T030000Z), so scheduled runs keep every "
-                                        "report; otherwise a re-run into OUT_DIR reuses the runs trained there")]
+NewFolderPerRun = Annotated[bool, described(description="write each run into a new folder inside the report folder, "
+                                        "named by its UTC start time (e.g. 20260105T030000Z), so scheduled runs keep "
+                                        "every report; otherwise a re-run into the same report folder reuses the runs "
+                                        "trained there")]
 # Not in the run form (SkipJsonSchema): a person cannot fill in a whole run plan; the command line passes the one it
 # checked, and a flow run from the form resolves its own from the parameters above.
 CheckedPlan = Annotated[RunPlan | None, SkipJsonSchema(), described(
     description="the run plan already resolved from the parameters above; empty: resolved at the start of the flow "
                 "run")]
 TrainDeployment = Annotated[str | None, described(description="run each training run as a flow run of this deployment "
-                                              "(e.g. train/arm) on its work pool; the dataset and OUT_DIR must be at "
-                                              "the same path on every worker")]
+                                              "(e.g. train/arm) on its work pool; the dataset and the report folder "
+                                              "must be at the same path on every worker")]
 
 
 # ------------------------------------------------------------------------------------------------------- ingest

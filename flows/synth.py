@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.parameters import CohortFolder, MatrixSizes, Patients, Seed, SlicesPerPatient
+from flows.parameters import CohortFolder, CohortSeed, MatrixSizes, Patients, SlicesPerPatient
 from tasks.demo.synth import (
     DEFAULT_MATRIX_SIZES,
     CohortSummary,
@@ -18,7 +18,7 @@ from tasks.demo.synth import (
 
 @flow(name="synth", log_prints=False)
 def synth_flow(out_dir: CohortFolder, patients: Patients = 150, slices_per_patient: SlicesPerPatient = 10,
-               seed: Seed = 0, matrix_sizes: MatrixSizes = None) -> CohortSummary:
+               seed: CohortSeed = 0, matrix_sizes: MatrixSizes = None) -> CohortSummary:
     """Write a synthetic cohort to out_dir; a complete cohort with the same parameters is kept as it is."""
     logger = get_run_logger()
 

@@ -39,3 +39,16 @@ def test_a_deployments_flow_run_names_the_parameters_as_its_form_shows(monkeypat
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f1c2a4e-0000-4000-8000-000000000000")
     assert as_seen(message) == ("weights: no file; unknown setting 'x' in settings; change it with "
                                 'settings {"image_size": "112"} in /tmp/a--b.')
+
+
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    """No option or positional argument of a command is printed bare, without a line of help."""
+    import argparse
+
+    from flows.cli import build_parser
+
+    for command in COMMANDS:
+        subparsers = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+        bare = [action.dest for action in subparsers.choices[command]._actions
+                if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()]
+        assert not bare, (command, bare)

@@ -142,8 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `ctcompare compare`."""
     parser = subparsers.add_parser("compare", help="the whole comparison: ingest, cost, train every arm, report",
                                    description=DESCRIPTION)
-    parser.add_argument("source", help=help_for(CompareSource))
-    parser.add_argument("--out", required=True, help=help_for(ReportFolder))
+    parser.add_argument("source", metavar="SOURCE", help=help_for(CompareSource))
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help=help_for(ReportFolder))
     parser.add_argument("--labels", help=help_for(CompareLabels))
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help=help_for(Profile, "cpu"))
     parser.add_argument("--arms", nargs="+", help=help_for(Arms, ", ".join(ARM_NAMES))

@@ -76,8 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--images", type=int, metavar="N", help="number of training images")
     parser.add_argument("--size", type=int, default=None, help="input side in px (default: the dataset's, else 224)")
     parser.add_argument("--channels", type=int, default=None, help="input channels (default 1)")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs to price (default 100)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="training batch size, for memory and this machine's timed steps (default 32)")
     parser.add_argument(
         "--arms",
         nargs="+",

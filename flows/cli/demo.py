@@ -15,10 +15,10 @@ from flows.cli.checks import arm_list
 from flows.cli.compare import report_outcome
 from flows.cli.errors import UsageError
 from flows.parameters import (
+    MAX_SEED,
     Arms,
     Patients,
     Profile,
-    Seed,
     SlicesPerPatient,
     WeightsFile,
     check_flow_parameters,
@@ -76,5 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--weights", help=help_for(WeightsFile))
     demo.add_argument("--patients", type=int, default=150, help=help_for(Patients, 150))
     demo.add_argument("--slices-per-patient", type=int, default=10, help=help_for(SlicesPerPatient, 10))
-    demo.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the cohort, the split, the training runs and "
+                      f"the bootstrap: the same seed gives the same demo (a whole number from 0 to {MAX_SEED}; "
+                      "default 0)")
     demo.set_defaults(handler=_run_demo)

@@ -128,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_archive_options(parser: argparse.ArgumentParser) -> None:
     """The study filters and credentials of a DICOMweb source (ingest and predict)."""
-    group = parser.add_argument_group("DICOMweb source (SRC is a URL)")
+    group = parser.add_argument_group("DICOMweb source (when the source is a URL)")
     group.add_argument("--study-date", default="yesterday", help=help_for(StudyDate, "yesterday"))
     group.add_argument("--modality", default="CT", help=help_for(Modality, "CT"))
     group.add_argument("--accession", default=None, help=help_for(Accession))

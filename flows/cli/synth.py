@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from flows.cli.errors import EXIT_OK, UsageError
-from flows.parameters import CohortFolder, Patients, Seed, SlicesPerPatient, check_flow_parameters, help_for
+from flows.parameters import CohortFolder, CohortSeed, Patients, SlicesPerPatient, check_flow_parameters, help_for
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -54,5 +54,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help=help_for(CohortFolder))
     parser.add_argument("--patients", type=int, default=150, help=help_for(Patients, 150))
     parser.add_argument("--slices-per-patient", type=int, default=10, help=help_for(SlicesPerPatient, 10))
-    parser.add_argument("--seed", type=int, default=0, help=help_for(Seed, 0))
+    parser.add_argument("--seed", type=int, default=0, help=help_for(CohortSeed, 0))
     parser.set_defaults(handler=_run_synth)

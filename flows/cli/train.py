@@ -16,7 +16,7 @@ from data_schemas.plan import build_run_plan, write_plan
 from data_schemas.training import PROFILE_NAMES, SPLITS_FILE, RunSummary
 from flows.cli.checks import parse_overrides
 from flows.cli.errors import EXIT_FAILED, EXIT_OK, UsageError
-from flows.parameters import MAX_SEED, Resume, Seed, TrainWeights, check_weights_loadable, help_for
+from flows.parameters import MAX_SEED, Resume, Seed, TrainDataset, TrainWeights, check_weights_loadable, help_for
 
 
 def _plan_for_cli(args: argparse.Namespace) -> Path:
@@ -119,11 +119,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "split is shared: by default RUN_DIR/../splits.csv, reused when it matches the dataset, seed and settings. "
         "The resolved settings are written to RUN_DIR/plan.json.",
     )
-    parser.add_argument("dataset_dir", metavar="DATASET_DIR")
+    parser.add_argument("dataset_dir", metavar="DATASET_DIR", help=help_for(TrainDataset))
     parser.add_argument("--arm", required=True, metavar="ARM",
                         help=f"MODE or MODEL:MODE; MODE one of {', '.join(ARM_MODES)}, MODEL one of "
                         f"{', '.join(MODEL_NAMES)} (a bare MODE means {DEFAULT_MODEL}), e.g. resnet18:imagenet")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write: config.json, "
+                        "metrics.csv per epoch, the best epoch's weights, predictions, status.json")
     parser.add_argument("--profile", default="cpu", choices=PROFILE_NAMES, help="settings profile (default: cpu)")
     parser.add_argument("--weights", metavar="PATH", help=help_for(TrainWeights))
     parser.add_argument("--weights-dir", metavar="DIR", help="folder of torchvision-format weights files named by "
