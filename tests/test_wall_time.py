@@ -244,33 +244,35 @@ def test_the_report_cost_section_shows_the_prediction(tmp_path: Path) -> None:
                 "min") in cost_section
 
 
-def _first_epoch_folder(report: CostReport, root: Path, epoch_seconds: float) -> tuple[Path, str, Calibration]:
-    """A comparison's report folder after a scratch run's first epoch (100 images at 64 px, epochs 6..10): cost.json
-    with the prediction, plan.json, and the run's config.json and metrics.csv; the calibration cached."""
+def _first_epoch_folder(report: CostReport, root: Path, train_seconds: float) -> tuple[Path, str, Calibration]:
+    """A comparison's report folder after a scratch run's first epoch (400 images at 64 px in batches of 8, epochs
+    6..10, its training part train_seconds): cost.json with the prediction, plan.json, the run's config.json and
+    metrics.csv; the calibration cached."""
     from data_schemas.files import write_model_json, write_models_csv
     from data_schemas.plan import write_plan
     from data_schemas.training import CONFIG_FILE, METRICS_FILE, EpochMetrics, RunConfig, TrainConfig
 
-    work = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=100, image_size=SIZE)
+    work = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=400, image_size=SIZE)
     predicted = cost_wall_time.predict_wall_time(report, WallTimePlan(runs=[work]), cost_stage_seconds=1.0)
     write_model_json(root / COST_FILE, report.model_copy(update={"wall_time": predicted}))
-    plan_path = write_plan(root, build_run_plan(profile="smoke", arms=["scratch"], seed=0))
-    run = build_run_plan(profile="smoke", arms=["scratch"], seed=0).runs[0].run_dir
+    plan = build_run_plan(profile="smoke", arms=["scratch"], seed=0)
+    plan_path, run = write_plan(root, plan), plan.runs[0].run_dir
     calibration = report.calibration
     config = RunConfig(
         arm="scratch", profile="cpu", seed=0, fold=0, folds=1,
         train=TrainConfig(image_size=SIZE, epochs=10, batch_size=8, lr=1e-3, min_epochs=6, early_stopping_patience=3),
         dataset_hash="ab" * 32, dataset_image_size=SIZE, splits_path="splits.csv", splits_sha256="0" * 64,
-        classes=["normal", "abnormal"], positive_label="abnormal", n_train_images=100, n_val_images=20,
+        classes=["normal", "abnormal"], positive_label="abnormal", n_train_images=400, n_val_images=20,
         n_test_images=20, n_train_patients=50, n_val_patients=10, n_test_patients=10, patient_overlap=0, device="cpu",
         precision=calibration.precision, channels_last=False, num_threads=calibration.threads, torch_version="2",
         torchvision_version="0", config_hash="c" * 64, created_at="2025-01-01T10:00:00+00:00",
     )
     (root / run).mkdir(parents=True)
     write_model_json(root / run / CONFIG_FILE, config)
+    # the epoch's wall time also holds its validation, which the check leaves out
     write_models_csv(root / run / METRICS_FILE, [EpochMetrics(
-        epoch=1, phase="full", epoch_seconds=epoch_seconds, elapsed_seconds=epoch_seconds, is_best=True)],
-        EpochMetrics)
+        epoch=1, phase="full", images_per_second=400 / train_seconds, epoch_seconds=train_seconds + 30.0,
+        elapsed_seconds=train_seconds + 30.0, is_best=True)], EpochMetrics)
     write_model_json(root / "cache" / "calibration.json", CalibrationCache(entries={calibration.key: calibration}))
     return plan_path, run, calibration
 
@@ -281,10 +283,10 @@ def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached
     from tasks.cost.first_epoch import _span as span, first_epoch_watch
 
     full = hand.full_training_flops(SIZE, 1, 2)
-    epoch = 1.23 * 100 * full / RATE  # one epoch's compute x the epochs' wall-time factor
-    predicted_first = epoch + WARMUP
+    predicted_first = 400 * full / RATE + WARMUP  # the calibration's compute for the epoch's 400 images + warm-up
+    epoch = 1.23 * 400 * full / RATE  # one later epoch as the wall-time prediction prices it
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
-    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, epoch_seconds=2 * predicted_first)
+    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, train_seconds=2 * predicted_first)
     logger = logging.getLogger("test.first_epoch")
     caplog.set_level(logging.INFO, logger="test.first_epoch")
     watch = first_epoch_watch(plan_path, run, logger)
@@ -295,7 +297,8 @@ def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached
     [record] = caplog.records
     text = record.getMessage()
     assert record.levelno == logging.WARNING and "2.00x, more than 20% off" in text, text
-    assert f"predicted {predicted_first:.1f} s from the calibration measured {calibration.measured_at}" in text
+    assert (f"the first epoch's training took {2 * predicted_first:.1f} s, predicted {predicted_first:.1f} s from the "
+            f"calibration measured {calibration.measured_at}") in text, text
     # the run's remaining epochs (5 or 9 of them) twice as long; the comparison's training part too
     rest = f"remaining epochs about {span(2 * 5 * epoch, 2 * 9 * epoch)} (predicted {span(5 * epoch, 9 * epoch)})"
     assert rest in text, text
@@ -315,9 +318,9 @@ def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibrati
 ) -> None:
     from tasks.cost.first_epoch import first_epoch_watch
 
-    predicted_first = 1.23 * 100 * hand.full_training_flops(SIZE, 1, 2) / RATE + WARMUP
+    predicted_first = 400 * hand.full_training_flops(SIZE, 1, 2) / RATE + WARMUP
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
-    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, epoch_seconds=1.15 * predicted_first)
+    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, train_seconds=1.15 * predicted_first)
     caplog.set_level(logging.INFO, logger="test.first_epoch")
     first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
     [record] = caplog.records
@@ -325,3 +328,22 @@ def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibrati
     cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
     assert calibration.key in cache.entries
     assert first_epoch_watch(tmp_path / "elsewhere" / "plan.json", run, logging.getLogger("x")) is None  # no cost.json
+
+
+def test_a_first_epoch_the_calibration_cannot_judge_is_left_alone(report: CostReport, tmp_path: Path) -> None:
+    """A head-only epoch, other threads than the calibration's, or a training part under 5 s: not judged."""
+    from data_schemas.files import read_models_csv
+    from data_schemas.training import CONFIG_FILE, METRICS_FILE, EpochMetrics, RunConfig
+    from tasks.cost.first_epoch import check_first_epoch
+
+    _first_epoch_folder(report, tmp_path, train_seconds=100.0)
+    cost = CostReport.model_validate(json.loads((tmp_path / COST_FILE).read_text()))
+    run_dir = next(tmp_path.rglob(CONFIG_FILE)).parent
+    config = RunConfig.model_validate(json.loads((run_dir / CONFIG_FILE).read_text()))
+    [first] = read_models_csv(run_dir / METRICS_FILE, EpochMetrics)
+    assert check_first_epoch(cost, config, first) is not None
+    assert check_first_epoch(cost, config, first.model_copy(update={"phase": "head"})) is None
+    assert check_first_epoch(cost, config.model_copy(update={"num_threads": config.num_threads + 1}), first) is None
+    small = config.model_copy(update={"n_train_images": 40})  # 40 images: about 2 s of compute at this rate
+    assert check_first_epoch(cost, small, first) is None
+    assert check_first_epoch(cost.model_copy(update={"calibration": None}), config, first) is None

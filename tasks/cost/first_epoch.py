@@ -1,12 +1,13 @@
-"""A comparison's training runs checked, after their first epoch, against the wall time predicted before training.
+"""A comparison's training runs checked, after their first epoch, against the calibration the prediction used.
 
-The cost stage predicts each run's epochs from this machine's calibration (tasks.cost.wall_time). When a run's first
-epoch disagrees with its prediction by more than FIRST_EPOCH_TOLERANCE (the short probe's rule, tasks.cost.calibration),
-the run's remaining epochs and the comparison's prediction are scaled by the measured ratio and logged, and the cached
-calibration is dropped, so the next cost stage measures this machine again. Not judged: an epoch predicted shorter
-than MIN_JUDGED_EPOCH_S (mostly fixed costs, evaluation and the first step's kernel selection, that a rate measured
-over whole training steps does not describe), a run on another device, precision or thread count than the
-calibration's, and a run sharing the machine with other training runs of its plan (parallel arms).
+The cost stage predicts each run's epochs from this machine's calibration (tasks.cost.wall_time). After a run's
+first epoch, the training part of that epoch (its validation left out, which the calibration does not measure) is
+compared with what the calibration predicts for it. When they disagree by more than FIRST_EPOCH_TOLERANCE (the short
+probe's rule, tasks.cost.calibration), the run's remaining epochs and the comparison's prediction are scaled by the
+measured ratio and logged, and the cached calibration is dropped, so the next cost stage measures this machine again.
+Not judged: a training part predicted shorter than MIN_JUDGED_EPOCH_S (mostly the first steps' kernel selection), a
+head-only epoch (a frozen backbone's steps are not the calibration's), a run on another device, precision or thread
+count than the calibration's, and a run sharing the machine with other training runs of its plan (parallel arms).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_schemas.cost import COST_FILE, CostReport, PlannedRunWork
+from data_schemas.cost import COST_FILE, THIS_MACHINE, CostReport, PlannedRunWork
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.plan import RunPlan, read_plan
 from data_schemas.training import CONFIG_FILE, METRICS_FILE, STATUS_FILE, EpochMetrics, RunConfig, RunSummary
@@ -42,8 +43,8 @@ class FirstEpochCheck:
 
     Args:
         arm: the run's arm.
-        measured_s: the first epoch's wall time (training and its validation).
-        predicted_s: its prediction (run_training_seconds for one epoch: compute x TRAIN_WALL_FACTOR + warm-up).
+        measured_s: the training part of the first epoch (its validation left out), seconds.
+        predicted_s: its prediction from the calibration: compute at the calibrated rate + warm-up.
         rest_s: the run's remaining epochs as predicted, (earliest stop, last epoch).
         total_s: the comparison's predicted wall time, (earliest stop, every epoch).
         training_s: the part of total_s that is training, (earliest stop, every epoch).
@@ -74,8 +75,8 @@ class FirstEpochCheck:
 
     def sentence(self, calibration_dropped: bool) -> str:
         """What the log says: agreement, or the corrected estimates and what happens to the calibration."""
-        said = (f"{self.arm}: the first epoch took {self.measured_s:.1f} s, predicted {self.predicted_s:.1f} s "
-                f"from {self.calibration}")
+        said = (f"{self.arm}: the first epoch's training took {self.measured_s:.1f} s, predicted "
+                f"{self.predicted_s:.1f} s from {self.calibration}")
         if not self.disagrees:
             return f"{said}: within {abs(self.ratio - 1.0):.0%}, the prediction stands."
         low, high = self.corrected_total_s()
@@ -87,31 +88,46 @@ class FirstEpochCheck:
                 f"{_span(*self.total_s)}); {dropped}.")
 
 
-def check_first_epoch(report: CostReport, config: RunConfig, measured_s: float) -> FirstEpochCheck | None:
-    """The run's first epoch (config.json's run, measured_s of wall time) against the cost report's prediction;
-    None when not judged (module doc): no calibration or prediction, an arm the report did not price, another
-    device, precision or thread count, or an epoch predicted under MIN_JUDGED_EPOCH_S."""
+def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics) -> FirstEpochCheck | None:
+    """The training part of a run's first epoch (config.json's run; its metrics.csv row `first`) against what the
+    calibration predicts for it; None when not judged (module doc): no calibration or prediction, an arm the report
+    did not price, a head-only epoch, another device, precision or thread count, or a part predicted under
+    MIN_JUDGED_EPOCH_S.
+
+        images      = steps x batch (train_one_epoch: n_train // batch full batches)
+        measured    = images / the epoch's training images per second
+        predicted   = images x train FLOPs per image x (s_run / s_priced)^2 / (peak x utilisation) + warm-up
+    """
     calibration, wall_time = report.calibration, report.wall_time
-    if calibration is None or wall_time is None or config.device != "cpu":
+    if calibration is None or wall_time is None or config.device != "cpu" or first.phase != "full":
         return None
     if (config.precision, config.num_threads) != (calibration.precision, calibration.threads):
         return None
+    if not first.images_per_second:
+        return None
     train = config.train
+    try:
+        arm = report.arm(config.arm)
+        machine = next(d for d in arm.devices if d.device == THIS_MACHINE)
+    except (KeyError, StopIteration):
+        return None
+    batch = min(train.batch_size, config.n_train_images)
+    images = max(1, config.n_train_images // batch) * batch
+    per_image = arm.train_flops_per_image * (train.image_size / report.inputs.image_size) ** 2
+    compute = images * per_image / machine.effective_flops_per_second
+    if compute < MIN_JUDGED_EPOCH_S:
+        return None
     work = PlannedRunWork(
         arm=config.arm, max_epochs=train.epochs, n_images=config.n_train_images, image_size=train.image_size,
         min_epochs=earliest_stop_epoch(epochs=train.epochs, min_epochs=train.min_epochs,
                                        patience=train.early_stopping_patience),
     )
-    try:
-        predicted = run_training_seconds(report, work, 1)
-    except (KeyError, StopIteration):  # an arm (or this machine) the cost report did not price
-        return None
-    if predicted < MIN_JUDGED_EPOCH_S:
-        return None
+    first_epoch = run_training_seconds(report, work, 1)
     training = [s for s in wall_time.stages if s.stage.startswith("training ")]
     return FirstEpochCheck(
-        arm=config.arm, measured_s=measured_s, predicted_s=predicted,
-        rest_s=tuple(run_training_seconds(report, work, epochs) - predicted
+        arm=config.arm, measured_s=images / first.images_per_second,
+        predicted_s=compute + machine.overhead_seconds,
+        rest_s=tuple(run_training_seconds(report, work, epochs) - first_epoch
                      for epochs in (work.min_epochs, work.max_epochs)),
         total_s=(wall_time.seconds_min, wall_time.seconds_max),
         training_s=(sum(s.seconds_min for s in training), sum(s.seconds_max for s in training)),
@@ -155,7 +171,7 @@ def first_epoch_watch(plan_path: Path, run: str, log: logging.Logger | logging.L
             first = read_models_csv(run_dir / METRICS_FILE, EpochMetrics)[0]
         except (OSError, ValueError, IndexError):
             return
-        check = check_first_epoch(report, config, first.epoch_seconds)
+        check = check_first_epoch(report, config, first)
         if check is None or _others_training(plan, report_dir, run):
             return
         if not check.disagrees:
