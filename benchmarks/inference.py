@@ -61,7 +61,7 @@ def make_package(root: Path, size: int) -> tuple[Path, Path]:
     if summary.status != "completed":
         raise SystemExit(f"benchmark training run did not complete: {summary.reason}")
     package = write_package(run_dir=run_dir, dataset_dir=dataset, out_dir=run_dir / "package", threshold=0.5,
-                            threshold_rule="fixed:0.5 (benchmark)", aggregation="mean", metrics=None)
+                            threshold_rule="fixed:0.5 (benchmark)", aggregation="mean", metrics=None).path
     return package, dataset
 
 

@@ -43,14 +43,25 @@ RUN_OUTPUT_FILES = (CONFIG_FILE, STATUS_FILE, METRICS_FILE, PREDICTIONS_FILE, VA
 _FILE_HASHES: dict[tuple[str, int, int, int], str] = {}
 
 
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    """A file's identity for the hash memory: resolved path, inode, size and modification time."""
+    status = Path(path).stat()
+    return str(Path(path).resolve()), status.st_ino, status.st_size, status.st_mtime_ns
+
+
 def file_sha256(path: Path) -> str:
     """sha256_file, remembered in this process for an unchanged file (same inode, size and modification time): a
     package's 100 MB model.pt is hashed once per write, not once per check."""
-    status = Path(path).stat()
-    identity = (str(Path(path).resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+    identity = _identity(path)
     if identity not in _FILE_HASHES:
         _FILE_HASHES[identity] = sha256_file(path)
     return _FILE_HASHES[identity]
+
+
+def remember_file_sha256(path: Path, digest: str) -> None:
+    """Record the SHA-256 of a file this process has just written from bytes it hashed while writing, so that
+    file_sha256 does not read it back."""
+    _FILE_HASHES[_identity(path)] = digest
 
 
 @lru_cache(maxsize=8)

@@ -5,11 +5,16 @@
                             outputs), plus the recipe: intensity window, sizes, normalisation, threshold
     configs/inference.json  runs the model on a folder of DICOM files with MONAI transforms and writes
                             OUTPUT_DIR/probabilities.csv (file, prob_positive), one row per file
-    models/model.pt         the network's weights (a state dict, keys as in ctcompare's model)
+    models/model.pt         the package's own model.pt, hard-linked (copied where the file system cannot link):
+                            the weights under "state_dict" (keys as in ctcompare's model), the package's metadata
+                            under "metadata"; monai.bundle.load(..., key_in_ckpt="state_dict") reads the weights
     models/model.ts         the same network as TorchScript, softmax (or the linear probe) included: inference needs
                             no ctcompare code
     docs/README.md          the package's model card
     LICENSE                 the licence of the code and of the weights
+
+The bundle is written again only when the package or its model card changed (the key in metadata.json's
+"ctcompare_inputs_sha256", tasks.common.reuse).
 
 Run it from the bundle folder:
     python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \
@@ -23,6 +28,7 @@ predict` on the same files. Each file is read as one frame (multi-frame files: u
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,11 +42,15 @@ from torch import nn
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
 from data_schemas.package import MODEL_CARD_FILE, ModelPackageMeta
+from tasks.common.reuse import file_sha256, inputs_key
 from tasks.ingest.preprocess import window_level_width
-from tasks.packaging.package import LoadedPackage, float_model, load_package
+from tasks.packaging.package import LoadedPackage, float_model, load_package, package_file
 
 BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
 BUNDLE_CSV = "probabilities.csv"
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
+                "docs/README.md", "LICENSE")
+INPUTS_FIELD = "ctcompare_inputs_sha256"  # in configs/metadata.json: what the bundle was made from
 LICENSE_TEXT = "Apache-2.0"
 METADATA_SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -186,9 +196,39 @@ def inference_config(meta: ModelPackageMeta) -> dict[str, Any]:
     }
 
 
-def write_bundle(package: Path | LoadedPackage, out_dir: Path) -> Path:
-    """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir."""
-    loaded = package if isinstance(package, LoadedPackage) else load_package(Path(package))
+def bundle_inputs_key(model_path: Path) -> str:
+    """What a bundle is made from: the package's model.pt, its model card (the bundle's README) and the code."""
+    card = model_path.parent / MODEL_CARD_FILE
+    return inputs_key({"package": file_sha256(model_path), "card": file_sha256(card) if card.is_file() else None})
+
+
+def recorded_bundle_inputs(out_dir: Path) -> str | None:
+    """The inputs key of the whole bundle in out_dir, or None when there is none or a file is missing."""
+    if not all((out_dir / name).is_file() for name in BUNDLE_FILES):
+        return None
+    try:
+        return json.loads((out_dir / "configs" / "metadata.json").read_text()).get(INPUTS_FIELD)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (the weights are stored once), a copy where the file system cannot link."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = True) -> Path:
+    """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir.
+    reuse: keep a whole bundle in out_dir made from the same package and model card (bundle_inputs_key)."""
+    out_dir = Path(out_dir)
+    model_path = package.path if isinstance(package, LoadedPackage) else package_file(Path(package))
+    key = bundle_inputs_key(model_path)
+    if reuse and recorded_bundle_inputs(out_dir) == key:
+        return out_dir
+    loaded = package if isinstance(package, LoadedPackage) else load_package(model_path)
     meta = loaded.meta
     if meta.weights_variant == "int8":
         raise ValueError("a MONAI bundle is written from the full-precision package, not its int8 variant.")
@@ -201,9 +241,9 @@ def write_bundle(package: Path | LoadedPackage, out_dir: Path) -> Path:
     with torch.no_grad():
         traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
     torch.jit.save(traced, str(staging / "models" / "model.ts"))
-    torch.save(network.network.state_dict(), staging / "models" / "model.pt")
-    atomic_write_text(staging / "configs" / "metadata.json",
-                      json.dumps(bundle_metadata(meta, loaded.sha256), indent=2) + "\n")
+    _link_or_copy(loaded.path, staging / "models" / "model.pt")
+    metadata = {**bundle_metadata(meta, loaded.sha256), INPUTS_FIELD: key}
+    atomic_write_text(staging / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n")
     atomic_write_text(staging / "configs" / "inference.json", json.dumps(inference_config(meta), indent=2) + "\n")
     card = loaded.path.parent / MODEL_CARD_FILE
     readme = card.read_text() if card.is_file() else f"# ctcompare {meta.arm}\n"
@@ -223,7 +263,10 @@ From the bundle folder:
         --dataset_dir DICOM_DIR --output_dir OUT_DIR
 
 OUT_DIR/probabilities.csv gets one row per DICOM file (path relative to DICOM_DIR, probability of the positive
-class). The threshold and patient aggregation are in configs/metadata.json. Research use only, not for diagnosis.
+class). The threshold and patient aggregation are in configs/metadata.json. models/model.ts is the whole network
+(TorchScript, probabilities out); models/model.pt is the ctcompare package file, whose weights
+`monai.bundle.load(..., key_in_ckpt="state_dict")` or `torch.load(path, weights_only=True)["state_dict"]` reads.
+Research use only, not for diagnosis.
 """
 
 

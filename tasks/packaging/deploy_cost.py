@@ -33,20 +33,20 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from data_schemas.files import read_model_json, read_models_csv, write_model_json
+from data_schemas.files import read_model_json, read_models_csv, sha256_json, write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
 from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE, PredictionRow
 from tasks.common.environment import cpu_name
 from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.package import float_architecture, load_package, package_file, write_card
+from tasks.packaging.package import LoadedPackage, float_architecture, load_package, package_file, write_card
 from tasks.packaging.predict import PackagedModel, default_threads, predict_images, prepare_model
 from tasks.packaging.quantize import PairedPredictions, compare_compression
 from tasks.training.models import count_flops
 
 THROUGHPUT_BATCH_SIZE = 32
 DEFAULT_TIME_BUDGET_S = 10.0  # per package
-QUICK_TIME_BUDGET_S = 1.0  # the smoke profile and tests: figures too noisy to quote
+QUICK_TIME_BUDGET_S = 0.25  # the smoke profile: figures too noisy to quote (the report says so)
 WARMUP_SHARE, LATENCY_SHARE = 0.15, 0.45  # of the budget; throughput batches get the rest
 MIN_TIMED_RUNS = 3
 MAX_FORWARDS = 2000  # per phase: a tiny model on a fast CPU stops here before its budget ends
@@ -85,20 +85,38 @@ def forwards_within(model: PackagedModel, x: torch.Tensor, seconds: float, *, mi
     return times
 
 
+_ARCHITECTURE_FIGURES: dict[str, tuple[int, float]] = {}  # architecture_key -> (parameters, FLOPs per image)
+
+
+def architecture_key(meta: ModelPackageMeta) -> str:
+    """What a package's parameter and FLOP counts depend on: its network (arm, classes, head, probe depth) and size."""
+    depth = meta.linear_probe.depth if meta.linear_probe is not None else None
+    return sha256_json({"arm": meta.arm, "kind": meta.kind, "classes": len(meta.classes), "depth": depth,
+                        "dropout": meta.run_config.train.dropout, "size": meta.recipe.train_image_size})
+
+
+def architecture_figures(meta: ModelPackageMeta) -> tuple[int, float]:
+    """(parameters, FLOPs of one forward of one image) of the package's float network (module doc), counted on the
+    meta device (shapes only) once per architecture and size in this process."""
+    key = architecture_key(meta)
+    if key not in _ARCHITECTURE_FIGURES:
+        with torch.device("meta"):
+            network = float_architecture(meta).eval()
+        _ARCHITECTURE_FIGURES[key] = (sum(p.numel() for p in network.parameters()),
+                                      count_flops(network, meta.recipe.train_image_size, 1))
+    return _ARCHITECTURE_FIGURES[key]
+
+
 def parameter_count(model: PackagedModel) -> int:
     """Parameters of the float architecture (+ a linear probe's coefficients and intercept)."""
     meta = model.package.meta
-    with torch.device("meta"):  # shapes only
-        count = sum(p.numel() for p in float_architecture(meta).parameters())
+    count = architecture_figures(meta)[0]
     return count + (len(meta.linear_probe.coef) + 1 if meta.linear_probe is not None else 0)
 
 
 def forward_flops(model: PackagedModel) -> float:
     """FLOPs of one forward pass of one image through the package's float network (module doc)."""
-    meta = model.package.meta
-    with torch.device("meta"):
-        network = float_architecture(meta).eval()
-    return count_flops(network, meta.recipe.train_image_size, 1)
+    return architecture_figures(model.package.meta)[1]
 
 
 def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
@@ -186,12 +204,19 @@ def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int |
     Run one at a time: the timings need the CPU to themselves. budget_seconds: see the module doc (the smoke profile
     passes QUICK_TIME_BUDGET_S, whose figures the report marks as too noisy to quote).
     """
-    folder = package_file(package_path).parent
+    return package_cost(package_path, precision, threads, budget_seconds=budget_seconds, reuse=reuse)
+
+
+def package_cost(package: Path | LoadedPackage, precision: str = "auto", threads: int | None = None, *,
+                 budget_seconds: float = DEFAULT_TIME_BUDGET_S, reuse: bool = True) -> DeploymentCost:
+    """deploy_cost_task's work on a package's path, or on a package this process holds (then not read again)."""
+    folder = (package.path if isinstance(package, LoadedPackage) else package_file(package)).parent
     key = cost_inputs_key(folder, precision, threads, budget_seconds)
     if reuse and (cached := recorded_cost(folder, key)) is not None:
         return cached
-    model = prepare_model(load_package(folder), precision, threads)
-    return record_cost(folder, model.package.meta, prepared_model_cost(model, budget_seconds), key)
+    loaded = package if isinstance(package, LoadedPackage) else load_package(folder)
+    model = prepare_model(loaded, precision, threads)
+    return record_cost(folder, loaded.meta, prepared_model_cost(model, budget_seconds), key)
 
 
 def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -203,8 +228,8 @@ def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.nd
     return images, np.array([row.target for row in rows]), [row.patient_key for row in rows]
 
 
-def evaluate_compression(*, full_package: Path, compressed_package: Path, run_dir: Path, dataset_dir: Path,
-                         full_cost: DeploymentCost, tolerance: float, aggregation: str = "mean",
+def evaluate_compression(*, full_package: Path, compressed_package: Path | PackagedModel, run_dir: Path,
+                         dataset_dir: Path, full_cost: DeploymentCost, tolerance: float, aggregation: str = "mean",
                          budget_seconds: float = DEFAULT_TIME_BUDGET_S, n_bootstrap: int = 1000,
                          seed: int = 0) -> CompressionComparison:
     """Measure the compressed package (as deploy_cost_task does: deploy_cost.json, figures in its card) and put it
@@ -213,10 +238,14 @@ def evaluate_compression(*, full_package: Path, compressed_package: Path, run_di
     The full-precision side is the run's predictions.csv, the very predictions the report's metric tables are
     computed from; the compressed package predicts the same images as `ctcompare predict` runs it by default (int8
     kernels, or bf16 weights under the runtime's choice), prepared once for timing and predictions (an int8
-    conversion takes seconds). full_package names the package the compressed one was made from.
+    conversion takes seconds; a PackagedModel given for compressed_package is that prepared model, e.g. the module
+    the quantization has just converted). full_package names the package the compressed one was made from.
     """
-    small = prepare_model(load_package(compressed_package), "auto")
-    folder = package_file(compressed_package).parent
+    if isinstance(compressed_package, PackagedModel):
+        small = compressed_package
+    else:
+        small = prepare_model(load_package(compressed_package), "auto")
+    folder = small.package.path.parent
     compressed_cost = record_cost(folder, small.package.meta, prepared_model_cost(small, budget_seconds),
                                   cost_inputs_key(folder, "auto", None, budget_seconds))
     rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)

@@ -49,7 +49,7 @@ from data_schemas.training import (
     RunConfig,
     RunSummary,
 )
-from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
+from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs, remember_file_sha256
 from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.training.models import as_feature_extractor, build_model, feature_extractor, pooled_at_depth
 from tasks.training.weights import resolve_imagenet_weights
@@ -142,9 +142,8 @@ def _completed_config(run_dir: Path) -> RunConfig:
 
 
 def _network_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The best epoch's weights (best.pt, read weights-only)."""
-    best = torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)
-    return {k: v.detach().clone() for k, v in best["state_dict"].items()}
+    """The best epoch's weights (best.pt, read weights-only: fresh tensors of their own, nothing to copy)."""
+    return dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)["state_dict"])
 
 
 def _backbone_file(config: RunConfig, weights_path: Path | None) -> Path:
@@ -198,15 +197,18 @@ def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Ma
     )
 
 
-def save_package_file(path: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> Path:
-    """Write model.pt atomically: format marker, JSON-able metadata, tensors."""
+def save_package_file(path: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> str:
+    """Write model.pt atomically (format marker, JSON-able metadata, tensors); returns its SHA-256, taken from the
+    bytes as they are written (the file is not read back to hash it)."""
     buffer = io.BytesIO()
     torch.save({
         "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION,
         "metadata": meta.model_dump(mode="json"), "state_dict": dict(state),
     }, buffer)
+    digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
     atomic_write_bytes(path, buffer.getbuffer())
-    return path
+    remember_file_sha256(path, digest)
+    return digest
 
 
 def write_card(out_dir: Path, meta: ModelPackageMeta, cost: DeploymentCost | None = None) -> Path:
@@ -220,12 +222,13 @@ def write_card(out_dir: Path, meta: ModelPackageMeta, cost: DeploymentCost | Non
     return card
 
 
-def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> Path:
-    """model.pt, MODEL_CARD.md and SHA256SUMS in out_dir; returns the model.pt path."""
+def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> LoadedPackage:
+    """model.pt, MODEL_CARD.md and SHA256SUMS in out_dir; returns the package as written (as load_package would
+    read it back, without reading it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = save_package_file(out_dir / PACKAGE_FILE, meta, state)
+    digest = save_package_file(out_dir / PACKAGE_FILE, meta, state)
     write_card(out_dir, meta)
-    return model_path
+    return LoadedPackage(meta=meta, state_dict=dict(state), path=out_dir / PACKAGE_FILE, sha256=digest)
 
 
 def write_package(
@@ -239,8 +242,8 @@ def write_package(
     metrics: dict[str, Any] | None,
     weights_path: Path | None = None,
     reuse: bool = True,
-) -> Path:
-    """Package one completed run (network or linear probe) into out_dir; returns the path of model.pt.
+) -> LoadedPackage:
+    """Package one completed run (network or linear probe) into out_dir; returns the package (model.pt: its .path).
 
     threshold/threshold_rule: the operating point chosen on validation predictions; aggregation: "mean" or "max";
     metrics: the test metrics with intervals in PackageMetrics form; weights_path: the ImageNet backbone file of a
@@ -266,7 +269,7 @@ def write_package(
         }
     )
     if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
-        return out_dir / PACKAGE_FILE
+        return load_package(out_dir)
     if parse_arm(config.arm).mode == "imagenet-linear":
         state = _linear_probe_state(
             config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth

@@ -173,12 +173,18 @@ def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: in
     return choose_runtime(config)
 
 
-def prepare_model(package: LoadedPackage, precision: str = "auto", threads: int | None = None) -> PackagedModel:
-    """Build the package's module for its weights variant and put it in the runtime's memory format."""
+def prepare_model(package: LoadedPackage, precision: str = "auto", threads: int | None = None, *,
+                  int8_module: torch.nn.Module | None = None) -> PackagedModel:
+    """Build the package's module for its weights variant and put it in the runtime's memory format.
+
+    int8_module: for an int8 package, the converted module its state was taken from (tasks.packaging.quantize),
+    run as it is instead of rebuilding it from the state.
+    """
     meta = package.meta
     runtime = predict_runtime(meta, precision, threads)
     if meta.weights_variant == "int8":
-        return PackagedModel(package, int8_model(meta, package.state_dict), runtime, "int8")
+        module = int8_module if int8_module is not None else int8_model(meta, package.state_dict)
+        return PackagedModel(package, module, runtime, "int8")
     module = float_model(meta, package.state_dict)
     if runtime.channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -4,8 +4,10 @@ Method: PyTorch eager-mode static quantization (torch.ao.quantization) on torchv
 model (torchvision.models.quantization: ResNet-50, ResNet-18 or MobileNetV3-Large with residual adds and
 squeeze-excitation products through FloatFunctional, QuantStub/DeQuantStub; the same state-dict keys as the float
 model, built by tasks.packaging.package.float_architecture): conv+bn(+relu)
-fused, the "x86" backend's default qconfig (per-channel symmetric int8 weights, histogram-observed uint8 activations
-with reduce_range), calibrated on training images only (the run's own training part of its split), then converted.
+fused, the "x86" backend's default per-channel symmetric int8 weights and uint8 activations with reduce_range whose
+ranges are the minimum and maximum observed over the calibration images (MinMaxObserver: one pass, no histogram
+search; the paired comparison with the full model on the test patients reports what this costs), calibrated on
+training images only (the run's own training part of its split), then converted.
 Eager mode runs on the fbgemm/x86 int8 kernels without torch.compile, which matters on a CPU-only machine; the
 PT2E X86InductorQuantizer path needs inductor compilation to be fast. Where no x86/fbgemm engine exists (e.g. an ARM
 build with qnnpack only) the variant falls back to bf16 weights (half the size; computed in fp32/bf16) and says so.
@@ -65,24 +67,26 @@ def int8_engine() -> str | None:
     return next((engine for engine in INT8_ENGINES if engine in supported), None)
 
 
-def _skeleton_qconfig(engine: str) -> tq.QConfig:
-    """The engine's default qconfig with min/max activation observers instead of histograms: conversion gives the
-    same quantized module types without the histograms' parameter search, for a skeleton whose scales and zero
-    points are then loaded from a package."""
+def _qconfig(engine: str) -> tq.QConfig:
+    """The engine's default per-channel weight observer with min/max activation observers (module doc)."""
     default = tq.get_default_qconfig(engine)
     return tq.QConfig(activation=tq.MinMaxObserver.with_args(reduce_range=True), weight=default.weight)
 
 
 def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, torch.Tensor] | None) -> nn.Module:
-    """Fused and observed (not yet converted) model: with the float weights and the engine's default qconfig for
-    calibration, or (float_state None) a skeleton for int8_model."""
-    model = float_architecture(meta, quantizable=True).eval()
-    if float_state is not None:
-        model.load_state_dict({k: v.float() for k, v in float_state.items()})
+    """Fused and observed (not yet converted) model: with the float weights for calibration (built on the meta
+    device and given them: no random initialisation to throw away), or (float_state None) a skeleton for
+    int8_model, whose scales and zero points are then loaded from a package."""
+    if float_state is None:
+        model = float_architecture(meta, quantizable=True).eval()
+    else:
+        with torch.device("meta"):
+            model = float_architecture(meta, quantizable=True).eval()
+        model.load_state_dict({k: v.float() for k, v in float_state.items()}, assign=True)
     torch.backends.quantized.engine = engine
     with _quiet():
         model.fuse_model(is_qat=False)
-        model.qconfig = tq.get_default_qconfig(engine) if float_state is not None else _skeleton_qconfig(engine)
+        model.qconfig = _qconfig(engine)
         tq.prepare(model, inplace=True)
     return model
 
@@ -135,8 +139,9 @@ def _calibrate(model: nn.Module, meta: ModelPackageMeta, images: np.ndarray, bat
 
 def quantize_state(
     package: LoadedPackage, calibration: np.ndarray, batch_size: int = 32
-) -> tuple[ModelPackageMeta, dict[str, Any]]:
-    """The compressed variant's metadata and state: int8 when an engine exists, else bf16 weights."""
+) -> tuple[ModelPackageMeta, dict[str, Any], nn.Module | None]:
+    """The compressed variant's metadata and state: int8 when an engine exists, else bf16 weights; with the converted
+    int8 module (None for bf16), which int8_model rebuilds from the state."""
     meta = package.meta
     if meta.weights_variant != "fp32":
         raise PackageError(f"the package is already {meta.weights_variant}; compress the full-precision one.")
@@ -144,33 +149,46 @@ def quantize_state(
     if engine is None:
         state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in package.state_dict.items()}
         note = "bf16 weights: this torch build has no x86/fbgemm int8 engine, so int8 quantization is unsupported"
-        variant = "bf16"
+        variant, model = "bf16", None
     else:
         model = _prepared(meta, engine, package.state_dict)
         with _quiet():
             _calibrate(model, meta, calibration, batch_size)
             tq.convert(model, inplace=True)
         state = dict(model.state_dict())
-        note = (f"post-training static int8 ({engine} engine, eager mode, per-channel weights), calibrated on "
-                f"{calibration.shape[0]} training images")
+        note = (f"post-training static int8 ({engine} engine, eager mode, per-channel weights, min/max activation "
+                f"ranges), calibrated on {calibration.shape[0]} training images")
         variant = "int8"
     new_meta = meta.model_copy(update={"weights_variant": variant, "compression": note,
                                        "weights_sha256": tensors_sha256(state)})
-    return new_meta, state
+    return new_meta, state, model.eval() if model is not None else None
+
+
+def compression_key(package: LoadedPackage, calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> str:
+    """The inputs key of a compressed package (tasks.common.reuse): the full package's model.pt, the number of
+    calibration images, the engine and the dataset."""
+    return inputs_key({"package": package.sha256, "calibration_images": calibration_images, "engine": int8_engine(),
+                       "dataset": package.meta.run_config.dataset_hash})
+
+
+def compress_package(package: LoadedPackage, dataset_dir: Path, out_dir: Path, *,
+                     calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> tuple[LoadedPackage, nn.Module | None]:
+    """Quantize a full-precision package on its training images and write it into out_dir as a package of its own;
+    returns it with the converted int8 module (None for a bf16 variant), ready to run without rebuilding it."""
+    calibration = training_images(dataset_dir, package.meta, calibration_images)
+    meta, state, module = quantize_state(package, calibration)
+    key = compression_key(package, calibration_images)
+    return write_package_folder(Path(out_dir), meta.model_copy(update={"inputs_sha256": key}), state), module
 
 
 def write_compressed_package(package: LoadedPackage, dataset_dir: Path, out_dir: Path, *,
                              calibration_images: int = DEFAULT_CALIBRATION_IMAGES, reuse: bool = True) -> Path:
-    """Quantize a full-precision package on its training images and write it as a package of its own; an intact
-    one in out_dir made from the same package, images and engine is kept (reuse, tasks.common.reuse)."""
-    key = inputs_key({"package": package.sha256, "calibration_images": calibration_images, "engine": int8_engine(),
-                      "dataset": package.meta.run_config.dataset_hash})
+    """compress_package, unless an intact package in out_dir was made from the same package, images and engine
+    (reuse, tasks.common.reuse); returns the path of its model.pt."""
     out_dir = Path(out_dir)
-    if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
+    if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == compression_key(package, calibration_images):
         return out_dir / PACKAGE_FILE
-    calibration = training_images(dataset_dir, package.meta, calibration_images)
-    meta, state = quantize_state(package, calibration)
-    return write_package_folder(out_dir, meta.model_copy(update={"inputs_sha256": key}), state)
+    return compress_package(package, dataset_dir, out_dir, calibration_images=calibration_images)[0].path
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Shipping a compared arm: its package, its deployment cost, and the compressed variant with its comparison, each
-skipped when its inputs have not changed (tasks.common.reuse), so a re-run of an unchanged comparison ships in
-seconds."""
+"""Shipping a compared arm: its package, its deployment cost, its MONAI bundle, and the compressed variant with its
+comparison, each skipped when its inputs have not changed (tasks.common.reuse), so a re-run of an unchanged
+comparison ships in seconds. Each package is read from disk at most once per shipping: what is written here is
+measured, bundled and compared from memory."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from data_schemas.files import read_model_json, write_model_json
-from data_schemas.package import PACKAGE_DIR, CachedCompression, CompressionComparison, DeploymentCost
+from data_schemas.package import PACKAGE_DIR, PACKAGE_FILE, CachedCompression, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE
-from tasks.common.reuse import file_sha256, inputs_key
-from tasks.packaging.deploy_cost import deploy_cost_task, evaluate_compression
+from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
+from tasks.packaging.bundle import BUNDLE_DIR, write_bundle
+from tasks.packaging.deploy_cost import evaluate_compression, package_cost
 from tasks.packaging.package import load_package, write_package
-from tasks.packaging.quantize import write_compressed_package
+from tasks.packaging.predict import PackagedModel, prepare_model
+from tasks.packaging.quantize import compress_package, compression_key
 
 COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the full package/ in the run folder
 COMPRESSION_FILE = "compression.json"  # in the compressed package's folder: CachedCompression
@@ -22,33 +25,42 @@ COMPRESSION_FILE = "compression.json"  # in the compressed package's folder: Cac
 
 @dataclass(frozen=True)
 class ShippedArm:
-    """One packaged and costed run: its package folder and its deployment cost."""
+    """One packaged and costed run: its package folder, its MONAI bundle folder and its deployment cost."""
 
     package_dir: Path
+    bundle_dir: Path
     cost: DeploymentCost
 
 
 def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_rule: str, aggregation: str,
              metrics: dict[str, Any] | None, weights_path: Path | None, budget_seconds: float) -> ShippedArm:
-    """RUN_DIR/package (write_package) and its deployment cost (deploy_cost_task), each kept when unchanged."""
-    package_dir = Path(run_dir) / PACKAGE_DIR
-    write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=package_dir, threshold=threshold,
-                  threshold_rule=threshold_rule, aggregation=aggregation, metrics=metrics, weights_path=weights_path)
-    return ShippedArm(package_dir=package_dir, cost=deploy_cost_task(package_dir, budget_seconds=budget_seconds))
+    """RUN_DIR/package (write_package), its deployment cost (package_cost) and RUN_DIR/bundle (write_bundle, with
+    the costed model card), each kept when unchanged; a package written here is measured and bundled from memory."""
+    run_dir = Path(run_dir)
+    package = write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR,
+                            threshold=threshold, threshold_rule=threshold_rule, aggregation=aggregation,
+                            metrics=metrics, weights_path=weights_path)
+    cost = package_cost(package, budget_seconds=budget_seconds)
+    bundle = write_bundle(package, run_dir / BUNDLE_DIR)
+    return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost)
 
 
 def compress_and_compare(*, full_package: Path, dataset_dir: Path, full_cost: DeploymentCost, budget_seconds: float,
                          tolerance: float, aggregation: str, n_bootstrap: int,
                          seed: int) -> tuple[CompressionComparison, Path]:
     """The compressed variant beside a full package (RUN_DIR/package-compressed) and its comparison with the full
-    one on the run's test images; both kept when their inputs are unchanged. Returns (comparison, its folder)."""
-    full_package = Path(full_package)
-    run_dir = full_package.parent
-    compressed = write_compressed_package(
-        load_package(full_package), dataset_dir, run_dir / COMPRESSED_PACKAGE_DIR
-    ).parent
-    key = inputs_key({"compressed": file_sha256(compressed / "model.pt"), "full_cost": full_cost.inputs_sha256,
-                      "full": file_sha256(full_package / "model.pt"), "budget_seconds": budget_seconds,
+    one on the run's test images; both kept when their inputs are unchanged. Returns (comparison, its folder).
+
+    A variant quantized here is measured and compared with the module the quantization converted (not rebuilt)."""
+    full = load_package(Path(full_package))
+    run_dir = full.path.parent.parent
+    compressed = run_dir / COMPRESSED_PACKAGE_DIR
+    fresh: PackagedModel | None = None
+    if recorded_package_inputs(compressed / PACKAGE_FILE) != compression_key(full):
+        written, module = compress_package(full, dataset_dir, compressed)
+        fresh = prepare_model(written, "auto", int8_module=module)
+    key = inputs_key({"compressed": file_sha256(compressed / PACKAGE_FILE), "full_cost": full_cost.inputs_sha256,
+                      "full": full.sha256, "budget_seconds": budget_seconds,
                       "predictions": file_sha256(run_dir / PREDICTIONS_FILE), "tolerance": tolerance,
                       "aggregation": aggregation, "n_bootstrap": n_bootstrap, "seed": seed})
     cache = compressed / COMPRESSION_FILE
@@ -59,7 +71,7 @@ def compress_and_compare(*, full_package: Path, dataset_dir: Path, full_cost: De
             cached = None
         if cached is not None and cached.inputs_sha256 == key:
             return cached.comparison, compressed
-    comparison = evaluate_compression(full_package=full_package, compressed_package=compressed, run_dir=run_dir,
+    comparison = evaluate_compression(full_package=full.path, compressed_package=fresh or compressed, run_dir=run_dir,
                                       dataset_dir=dataset_dir, full_cost=full_cost, tolerance=tolerance,
                                       aggregation=aggregation, budget_seconds=budget_seconds,
                                       n_bootstrap=n_bootstrap, seed=seed)
