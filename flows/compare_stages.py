@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.files import atomic_write_text
-from data_schemas.package import PACKAGE_DIR, CompressionComparison
+from data_schemas.package import CompressionComparison
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, with_cost_inputs, write_plan
 from data_schemas.report import REPORT_HTML_FILE, ArmResult, ComparisonResults
 from data_schemas.training import SPLITS_FILE
@@ -26,7 +26,6 @@ from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_r
 from tasks.cost.wall_time import wall_time_plan
 from tasks.evaluation.evaluate import build_results
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.bundle import BUNDLE_DIR, write_bundle_task
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.packaging.package import package_metrics
 from tasks.packaging.ship import compress_and_compare, ship_run
@@ -99,7 +98,8 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
 
 def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
               report_dir: Path, dataset_dir: Path, budget_seconds: float) -> ArmResult:
-    """Package the arm's main run at its validation-chosen patient threshold and measure what it costs to run."""
+    """Package the arm's main run at its validation-chosen patient threshold, measure what it costs to run and
+    write it as a MONAI bundle too (tasks.packaging.ship.ship_run)."""
     run_dir = report_dir / plan.main_run(arm.name).run_dir
     point = arm.operating_point
     usable = point is not None and point.source != "fallback" and bool(point.patient_thresholds)
@@ -111,7 +111,6 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
                        aggregation=plan.evaluation.aggregation,
                        metrics=metrics.model_dump() if metrics is not None else None,
                        weights_path=environment.weights, budget_seconds=budget_seconds)
-    write_bundle_task(run_dir / PACKAGE_DIR, run_dir / BUNDLE_DIR)  # the same model as a MONAI bundle
     return arm.model_copy(update={"deployment": shipped.cost,
                                   "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
 
@@ -135,12 +134,13 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
 @task(name="ship-arms", cache_policy=NO_CACHE)
 def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults, report_dir: Path,
               dataset_dir: Path) -> ComparisonResults:
-    """A model package (RUN_DIR/package: weights, recipe, threshold, MODEL_CARD.md) per completed arm's main run,
-    its deployment cost measured one arm at a time, and the recommended arm's compressed variant.
+    """A model package (RUN_DIR/package: weights, recipe, threshold, MODEL_CARD.md) and MONAI bundle
+    (RUN_DIR/bundle) per completed arm's main run, its deployment cost measured one arm at a time, and the
+    recommended arm's compressed variant.
 
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
-    QUICK_TIME_BUDGET_S (about a second per package), the others within DEFAULT_TIME_BUDGET_S; each piece is
-    skipped when its inputs have not changed (tasks.packaging.ship).
+    QUICK_TIME_BUDGET_S (a quarter of a second per package), the others within DEFAULT_TIME_BUDGET_S; each piece
+    is skipped when its inputs have not changed (tasks.packaging.ship).
     """
     logger = get_run_logger()
     started = time.perf_counter()
