@@ -454,7 +454,10 @@ def test_calibration_records_the_load_and_the_spread_of_its_steps(monkeypatch):
     calibration = cost_calibration.calibrate_this_machine(64, 1, "bf16", batch_size=16)
     assert calibration.load_average == 3.5 and calibration.cpus == os.cpu_count()
     assert calibration.step_spread == pytest.approx(0.4, rel=1e-12)
-    assert "load 3.5 on" in cost_calibration.describe_calibration(calibration)
+    said = cost_calibration.describe_calibration(calibration)
+    assert f"load 3.5 on {os.cpu_count()} CPUs, step spread 40%" in said, said
+    one_step = calibration.model_copy(update={"step_spread": None})
+    assert "step spread not measured" in cost_calibration.describe_calibration(one_step)
 
 
 def test_a_cached_calibration_is_checked_by_a_probe_and_measured_again_when_they_disagree(tmp_path, monkeypatch):

@@ -193,7 +193,8 @@ def describe_calibration(calibration: Calibration) -> str:
     """Which calibration, in words: when it was measured, its rate, and how loaded and steady the machine was."""
     load = f"load {calibration.load_average:.1f} on {calibration.cpus} CPUs" if calibration.load_average is not None \
         else "load not recorded"
-    spread = f", step spread {calibration.step_spread:.0%}" if calibration.step_spread is not None else ""
+    spread = (f", step spread {calibration.step_spread:.0%}" if calibration.step_spread is not None
+              else ", step spread not measured (fewer than two timed steps)")
     return (f"the calibration measured {calibration.measured_at} ({calibration.train_images_per_second:.1f} training "
             f"images/s at {calibration.image_size} px, {load}{spread})")
 
