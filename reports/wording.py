@@ -25,11 +25,14 @@ from reports.formatting import fmt, fmt_ci, fmt_p, fmt_si, format_duration
 
 
 def auc_with_ci(metric: MetricValue | None, level: float = 0.95) -> str:
-    """'0.82 (95% CI 0.71 to 0.90)', or 'not estimable'."""
+    """'0.82 (95% CI 0.71 to 0.90)', or 'not estimable'; a zero-width interval (every resample gave the same value)
+    is not estimable, never certainty."""
     if metric is None or metric.value is None:
         return "not estimable"
     if metric.ci_low is None or metric.ci_high is None:
         return fmt(metric.value, 2)
+    if metric.ci_high - metric.ci_low <= 1e-12:
+        return f"{fmt(metric.value, 2)} (interval not estimable)"
     return f"{fmt(metric.value, 2)} ({round(100 * level)}% CI {fmt(metric.ci_low, 2)} to {fmt(metric.ci_high, 2)})"
 
 

@@ -3,8 +3,10 @@
 The suite runs in parallel (`make test`: pytest-xdist). Each worker is its own process and imports this file itself,
 so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own Prefect test API on a free
 port with its own database, its own cost caches (CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a
-test writes is shared with another worker. Torch keeps its default thread count in every worker: a tiny model trained
-with fewer threads is a slightly different model, and some tests check what such a model does.
+test writes is shared with another worker. Every test process, and every process a test starts, runs torch (OpenMP,
+MKL) on one thread: the suite already runs one process per core, and more compute threads than cores make OpenMP's
+spinning threads compete with each other (docs/benchmarks.md gives the measured cost). One thread also makes every
+tiny model a test trains the same on a machine with any number of cores.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
 os.environ["TORCH_HOME"] = str(_STATE / "torch")
 os.environ["CTCOMPARE_HMAC_KEY"] = "test-secret-not-for-production"
 os.environ.pop("PREFECT_API_URL", None)
+for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_threads] = "1"
 
 
 import pytest  # noqa: E402

@@ -1,5 +1,8 @@
 """The same cohort, settings and seed give the same verdict on any machine: two comparisons run at once, in two
-processes, with two different pseudonymization keys and two different output folders, write the same numbers."""
+processes, with two different pseudonymization keys and two different output folders, write the same numbers.
+
+Both processes talk to this test session's Prefect API, as runs of one team talk to its project server: the Prefect
+back end records the runs and holds none of the numbers compared here."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from prefect.settings import PREFECT_API_URL
 
 from data_schemas.files import read_model_json
 from data_schemas.report import ComparisonResults
@@ -50,8 +55,8 @@ def test_two_processes_with_two_keys_give_the_same_results(tmp_path: Path) -> No
     processes = []
     for name, key in (("a", "first-secret-key"), ("b", "another-secret-key")):
         env = {**os.environ, "CTCOMPARE_HMAC_KEY": key, "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
-               "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
+               "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_API_URL": str(PREFECT_API_URL.value())}
         argv = [
             sys.executable,
             "-m",
