@@ -276,7 +276,9 @@ def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: Prefect
     assert f"Report: {link}" in messages[-3:], messages[-5:]
     messages = stack.wait_for_log(flow_run_id, "Finished in state Partial")
     assert not [m for m in messages if "Traceback" in m], "a partial comparison is not a crash"
-    assert any(m.startswith("Predicted wall time of this comparison") for m in messages), messages[:20]
+    # the prediction and the calibration it used, once, in the comparison's own run (not only in its cost subflow)
+    assert sum(m.startswith("Predicted wall time of this comparison") for m in messages) == 1, messages[:20]
+    assert sum(m.startswith("The wall-time prediction used ") for m in messages) == 1, messages[:20]
     assert any(m.startswith("train-scratch-main: Finished in state Completed") for m in messages), messages[-20:]
     assert any("epoch 1/" in message for message in messages), messages[-20:]
     identifiers = [value for value in cohort.identifiers if len(value) >= 6]
