@@ -133,7 +133,7 @@ def test_choose_depth_uses_validation_only():
 
 
 def test_probe_depths_setting_is_checked_against_the_model():
-    from tasks.training.train import _depths
+    from tasks.training.linear_arm import _depths
 
     assert _depths("resnet18", None) == ("layer2", "layer3", "layer4")
     assert _depths("resnet50", ["layer4", "layer2"]) == ("layer2", "layer4")  # shallow to deep, as probed
