@@ -35,7 +35,8 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
-from data_schemas.report import ArmCostSummary, ArmResult, MetricValue, TestMetrics  # noqa: E402
+from data_schemas.metrics import MetricValue  # noqa: E402
+from data_schemas.report import ArmCostSummary, ArmResult, TestMetrics  # noqa: E402
 from reports.wording import comparison_sentence, recommendation_sentences  # noqa: E402
 from tasks.evaluation.pooling import aggregate_by_patient  # noqa: E402
 from tasks.evaluation.recommend import MIN_PATIENTS_PER_CLASS  # noqa: E402

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from data_schemas.report import MetricValue
+from data_schemas.metrics import MetricValue
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from data_schemas.metrics import MetricValue
 from data_schemas.report import (
     AUC_TIE_TOLERANCE,
     ArmResult,
@@ -15,7 +16,6 @@ from data_schemas.report import (
     DeLongResult,
     EvaluationSummary,
     InputSizePoint,
-    MetricValue,
     PairedComparison,
     ProbeDepthPoint,
     Recommendation,

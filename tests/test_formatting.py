@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from data_schemas.report import MetricValue
+from data_schemas.metrics import MetricValue
 from reports.formatting import fmt_ci
 from reports.wording import auc_with_ci
 

@@ -11,15 +11,8 @@ import pytest
 from pydantic import ValidationError
 from report_fixtures import SKIP_REASON, make_example_results
 
-from data_schemas.report import (
-    ArmResult,
-    ArmWeights,
-    ComparisonResults,
-    DeLongResult,
-    MetricValue,
-    PairedComparison,
-    Recommendation,
-)
+from data_schemas.metrics import MetricValue
+from data_schemas.report import ArmResult, ArmWeights, ComparisonResults, DeLongResult, PairedComparison, Recommendation
 from reports.first_screen import report_banners
 from reports.formatting import md_escape
 from reports.render import (

@@ -220,7 +220,8 @@ def test_identical_predictions_give_the_same_verdict_whatever_the_timings(tmp_pa
 
 
 def _worded(verdict: rule.Verdict, aucs: dict[str, float], n_positive: int = 40, n_negative: int = 40):
-    from data_schemas.report import ArmCostSummary, ArmResult, MetricValue, PairedComparison, TestMetrics
+    from data_schemas.metrics import MetricValue
+    from data_schemas.report import ArmCostSummary, ArmResult, PairedComparison, TestMetrics
     from tasks.evaluation.verdict import auc_result, recommendation_of
 
     others = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")

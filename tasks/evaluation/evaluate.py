@@ -24,6 +24,7 @@ from data_schemas.cost import THIS_MACHINE, CostReport
 from data_schemas.dataset import DatasetCard
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, read_models_csv
+from data_schemas.metrics import MetricValue
 from data_schemas.report import (
     ArmCostSummary,
     ArmFolds,
@@ -38,7 +39,6 @@ from data_schemas.report import (
     EpochRecord,
     EvaluationSummary,
     FoldMetrics,
-    MetricValue,
     OperatingPointChoice,
     PatientRow,
     Reproducibility,

@@ -14,7 +14,8 @@ from collections import defaultdict
 import numpy as np
 
 from data_schemas.files import read_models_csv
-from data_schemas.report import MetricValue, OverfittingGap
+from data_schemas.metrics import MetricValue
+from data_schemas.report import OverfittingGap
 from data_schemas.training import OVERFITTING_LOSSES_FILE, EpochMetrics, OverfittingLossRow
 from tasks.evaluation.runs import RunData, finite
 

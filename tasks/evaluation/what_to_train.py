@@ -16,6 +16,7 @@ import numpy as np
 
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json
+from data_schemas.metrics import MetricValue
 from data_schemas.report import (
     AUC_TIE_TOLERANCE,
     ArmResult,
@@ -23,7 +24,6 @@ from data_schemas.report import (
     DataEfficiencyPoint,
     DeLongResult,
     InputSizePoint,
-    MetricValue,
     PairedComparison,
     ProbeDepthPoint,
     WhatToTrain,
