@@ -24,7 +24,7 @@ from reports.wording import word_results
 from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
 from tasks.cost.wall_time import wall_time_plan
-from tasks.evaluation.evaluate import build_results
+from tasks.evaluation.evaluate import ArmRunFolders, build_results
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.packaging.package import package_metrics
@@ -77,14 +77,10 @@ def evaluate_arms(
     *, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str
 ) -> ComparisonResults:
     """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
-    fractions = {arm: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(arm)} for arm in plan.arms}
-    sizes = {arm: {r.config.image_size: report_dir / r.run_dir for r in plan.size_runs(arm)} for arm in plan.arms}
     return word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
-        arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
-        evaluation=plan.evaluation, cost_path=report_dir / "cost.json", run_id=run_id, seed=plan.seed, command=command,
-        fraction_dirs=fractions if any(len(runs) > 1 for runs in fractions.values()) else None,
-        size_dirs=sizes if plan.sizes else None,
+        runs=ArmRunFolders.of_plan(plan, report_dir), evaluation=plan.evaluation, cost_path=report_dir / "cost.json",
+        run_id=run_id, seed=plan.seed, command=command,
     ))
 
 

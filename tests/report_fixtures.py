@@ -36,7 +36,7 @@ from data_schemas.training import (
     TrainConfig,
 )
 from reports.wording import word_results
-from tasks.evaluation.evaluate import build_results
+from tasks.evaluation.evaluate import ArmRunFolders, build_results
 
 SKIP_REASON = (
     "no ImageNet weights file found; put resnet50-11ad3fa6.pth in $TORCH_HOME/hub/checkpoints "
@@ -355,13 +355,12 @@ def make_example_results(
             build_results(
                 dataset_dir=dataset_dir,
                 splits_path=splits,
-                arm_runs=arm_runs,
+                runs=ArmRunFolders(pooled=arm_runs, fractions=fractions),
                 evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=100),
                 cost_path=root / "cost.json",
                 run_id=run_id,
                 seed=seed,
                 command="ctcompare compare --dataset DATASET --profile smoke",
-                fraction_dirs=fractions,
             )
         )
     return results.model_copy(

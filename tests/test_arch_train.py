@@ -205,7 +205,7 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     from data_schemas.evaluation import EvaluationSettings
     from reports.render import render_report
     from reports.wording import word_results
-    from tasks.evaluation.evaluate import build_results
+    from tasks.evaluation.evaluate import ArmRunFolders, build_results
 
     report_dir = tmp_path / "report"
     arms = ["resnet18:scratch", "resnet18:imagenet-linear"]
@@ -218,10 +218,11 @@ def test_sizes_depths_and_what_to_train_reach_the_report(dataset_dir, weights_di
     assert (small.train.image_size, small.dataset_image_size) == (36, 40) and "bicubic" in small.resize_method
     results = word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
-        arm_runs={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
+        runs=ArmRunFolders(pooled={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
+                           sizes={arm: {r.config.image_size: report_dir / r.run_dir for r in plan.size_runs(arm)}
+                                  for arm in plan.arms}),
         evaluation=EvaluationSettings(n_bootstrap=50), cost_path=report_dir / "cost.json", run_id="t", seed=0,
-        command="ctcompare compare", size_dirs={arm: {r.config.image_size: report_dir / r.run_dir
-                                                       for r in plan.size_runs(arm)} for arm in plan.arms},
+        command="ctcompare compare",
     ))
     assert sorted((p.arm, p.image_size) for p in results.input_sizes) == sorted((a, s) for a in arms for s in (32, 36))
     assert all(p.test_auc.value is not None and p.train_seconds and p.train_flops for p in results.input_sizes)

@@ -16,7 +16,7 @@ from data_schemas.training import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTION
 from reports.render import render_report
 from reports.wording import word_results
 from tasks.evaluation import pooling, statistics as st
-from tasks.evaluation.evaluate import build_results
+from tasks.evaluation.evaluate import ArmRunFolders, build_results
 
 
 def _build(
@@ -26,7 +26,7 @@ def _build(
         build_results(
             dataset_dir=dataset_dir,
             splits_path=splits,
-            arm_runs=arm_runs,
+            runs=ArmRunFolders(pooled=arm_runs),
             evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=50, **settings),
             cost_path=root / "cost.json",
             run_id="test-run",
@@ -258,9 +258,10 @@ def test_fraction_runs_and_a_cost_file_beside_the_runs_reach_the_results(tmp_pat
         tmp_path / "half", arm="scratch", test=make_patients(14, seed=5), val=None, seed=1, n_train_patients=40
     )
     results = build_results(
-        dataset_dir=dataset_dir, splits_path=splits, arm_runs=arm_runs, evaluation=EvaluationSettings(n_bootstrap=20),
-        cost_path=tmp_path / "cost.json", run_id="test-run", seed=0, command="ctcompare compare",
-        fraction_dirs={"scratch": {0.5: half}},
+        dataset_dir=dataset_dir, splits_path=splits,
+        runs=ArmRunFolders(pooled=arm_runs, fractions={"scratch": {0.5: half}}),
+        evaluation=EvaluationSettings(n_bootstrap=20), cost_path=tmp_path / "cost.json", run_id="test-run", seed=0,
+        command="ctcompare compare",
     )
     (point,) = results.data_efficiency
     assert (point.arm, point.fraction, point.n_train_patients) == ("scratch", 0.5, 40)

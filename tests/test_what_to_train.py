@@ -17,7 +17,7 @@ from data_schemas.training import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, Predic
 from reports.render import render_report
 from reports.wording import word_results
 from tasks.evaluation import pairs, statistics as st
-from tasks.evaluation.evaluate import build_results
+from tasks.evaluation.evaluate import ArmRunFolders, build_results
 from tasks.evaluation.what_to_train import size_points
 
 
@@ -33,13 +33,12 @@ def _results(
         build_results(
             dataset_dir=dataset_dir,
             splits_path=splits,
-            arm_runs=arm_runs,
+            runs=ArmRunFolders(pooled=arm_runs, sizes=size_dirs),
             evaluation=EvaluationSettings(mode=mode, outer_folds=3, n_bootstrap=60),
             cost_path=root / "cost.json",
             run_id="t",
             seed=0,
             command="ctcompare compare",
-            size_dirs=size_dirs,
         )
     )
 

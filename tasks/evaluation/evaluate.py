@@ -14,6 +14,7 @@ import math
 import platform
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +26,7 @@ from data_schemas.dataset import DatasetCard
 from data_schemas.evaluation import EvaluationSettings
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.metrics import MetricValue
+from data_schemas.plan import RunPlan
 from data_schemas.report import (
     ArmCostSummary,
     ArmFolds,
@@ -404,32 +406,82 @@ def _check_runs(arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings)
                              f"use mode 'cross-validated' to pool outer folds.")
 
 
+@dataclass(frozen=True)
+class ArmRunFolders:
+    """The run folders a comparison scores, per arm.
+
+    Args:
+        pooled: the runs whose test predictions are pooled (one in hold-out mode, the outer folds in cross-validated
+            mode); imagenet-linear arms' probe_depths.json (first run) gives AUC against depth.
+        fractions: runs on fractions of the training patients, by fraction (--fractions).
+        sizes: runs at each training image size, by size (--sizes).
+    """
+
+    pooled: dict[str, list[Path]]
+    fractions: dict[str, dict[float, Path]] | None = None
+    sizes: dict[str, dict[int, Path]] | None = None
+
+    @classmethod
+    def of_plan(cls, plan: RunPlan, report_dir: Path) -> ArmRunFolders:
+        """A comparison plan's run folders under report_dir: fractions when an arm has several, sizes when planned."""
+        fractions = {a: {r.train_fraction: report_dir / r.run_dir for r in plan.fraction_runs(a)} for a in plan.arms}
+        sizes = {a: {r.config.image_size: report_dir / r.run_dir for r in plan.size_runs(a)} for a in plan.arms}
+        return cls(pooled={arm: [report_dir / r.run_dir for r in plan.pooled_runs(arm)] for arm in plan.arms},
+                   fractions=fractions if any(len(runs) > 1 for runs in fractions.values()) else None,
+                   sizes=sizes if plan.sizes else None)
+
+
 def build_results(
     *,
     dataset_dir: Path,
     splits_path: Path,
-    arm_runs: dict[str, list[Path]],
+    runs: ArmRunFolders,
     evaluation: EvaluationSettings,
     cost_path: Path,
     run_id: str,
     seed: int,
     command: str,
-    fraction_dirs: dict[str, dict[float, Path]] | None = None,
-    size_dirs: dict[str, dict[int, Path]] | None = None,
 ) -> ComparisonResults:
-    """Assemble every number of the report from the validated files of the earlier stages.
-
-    arm_runs: per arm, the runs whose test predictions are pooled (one in hold-out mode, the outer folds in
-    cross-validated mode); fraction_dirs: runs on fractions of the training patients per arm (--fractions);
-    size_dirs: runs at each training image size per arm (--sizes). imagenet-linear arms' probe_depths.json
-    (first run) gives AUC against depth.
-    """
-    _check_runs(arm_runs, evaluation)
+    """Assemble every number of the report from the validated files of the earlier stages (runs: which run folders
+    are pooled, and which make the data-efficiency and input-size curves)."""
+    _check_runs(runs.pooled, evaluation)
     card = read_model_json(Path(dataset_dir) / "dataset.json", DatasetCard)
     rows = read_models_csv(splits_path, SplitRow)
     info = read_model_json(splits_path.with_suffix(".json"), SplitsInfo)
     cost_file = read_model_json(cost_path, CostReport) if cost_path is not None and Path(cost_path).is_file() else None
+    arms, pooled, folds = _read_arms(runs.pooled, evaluation, cost_file, seed)
+    comparisons, tests = paired_comparisons(pooled)
+    # [negative, positive] as the training stage resolved them; any run of the comparison will do.
+    classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
+    sizes = [p for arm, dirs in (runs.sizes or {}).items() for p in size_points(arm, dirs, evaluation, seed)]
+    depths = [p for arm, dirs in runs.pooled.items() if dirs for p in depth_points(arm, Path(dirs[0]))]
+    efficiency = [p for arm, dirs in (runs.fractions or {}).items()
+                  for p in efficiency_points(arm, dirs, evaluation, seed)]
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return ComparisonResults(
+        run_id=run_id,
+        created_at=created,
+        dataset=DatasetSummary(card=card, classes=classes, positive_class=classes[-1], name=Path(dataset_dir).name),
+        split=split_summary(rows, info),
+        evaluation=_evaluation_summary(evaluation, arms, rows, info),
+        arms=arms,
+        comparisons=comparisons,
+        patients=patient_table(pooled, classes),
+        folds=folds or None,
+        data_efficiency=efficiency or None,
+        input_sizes=sizes or None,
+        probe_depths=depths or None,
+        predicted_wall_time=cost_file.wall_time if cost_file is not None else None,
+        what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
+        recommendation=decide(arms, tests, evaluation.non_inferiority_margin, *class_counts(pooled)),
+        reproducibility=_reproducibility(run_id=run_id, created_at=created, card=card, info=info, arms=arms,
+                                         command=command),
+    )
 
+
+def _read_arms(arm_runs: dict[str, list[Path]], evaluation: EvaluationSettings, cost_file: CostReport | None,
+               seed: int) -> tuple[list[ArmResult], dict[str, PooledArm], list[ArmFolds]]:
+    """Every arm's result, the pooled predictions of the arms that have some, and their per-fold summaries."""
     arms, pooled, folds = [], {}, []
     for arm, run_dirs in arm_runs.items():
         result, pooled_arm, runs = read_arm(arm, list(run_dirs), evaluation, cost_file, seed)
@@ -438,43 +490,22 @@ def build_results(
             pooled[arm] = pooled_arm
             if (summary := fold_summary(arm, runs, evaluation.aggregation)) is not None:
                 folds.append(summary)
-    comparisons, tests = paired_comparisons(pooled)
-    # [negative, positive] as the training stage resolved them; any run of the comparison will do.
-    classes = next((a.config["classes"] for a in arms if a.config.get("classes")), sorted({r.label for r in rows}))
-    summary_eval = _evaluation_summary(evaluation, arms, rows, info)
-    sizes = [p for arm, dirs in (size_dirs or {}).items() for p in size_points(arm, dirs, evaluation, seed)]
-    depths = [p for arm, dirs in arm_runs.items() if dirs for p in depth_points(arm, Path(dirs[0]))]
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return arms, pooled, folds
+
+
+def _reproducibility(*, run_id: str, created_at: str, card: DatasetCard, info: SplitsInfo, arms: list[ArmResult],
+                     command: str) -> Reproducibility:
+    """What is needed to rerun the comparison and to check that a rerun matched."""
     versions = package_versions()
-    return ComparisonResults(
+    return Reproducibility(
         run_id=run_id,
-        created_at=created,
-        dataset=DatasetSummary(card=card, classes=classes, positive_class=classes[-1], name=Path(dataset_dir).name),
-        split=split_summary(rows, info),
-        evaluation=summary_eval,
-        arms=arms,
-        comparisons=comparisons,
-        patients=patient_table(pooled, classes),
-        folds=folds or None,
-        data_efficiency=[
-            p for arm, dirs in (fraction_dirs or {}).items() for p in efficiency_points(arm, dirs, evaluation, seed)
-        ]
-        or None,
-        input_sizes=sizes or None,
-        probe_depths=depths or None,
-        predicted_wall_time=cost_file.wall_time if cost_file is not None else None,
-        what_to_train=what_to_train(arms, comparisons, evaluation.non_inferiority_margin, sizes, depths),
-        recommendation=decide(arms, tests, evaluation.non_inferiority_margin, *class_counts(pooled)),
-        reproducibility=Reproducibility(
-            run_id=run_id,
-            created_at=created,
-            dataset_hash=card.content_hash,
-            ctcompare_version=versions.get("ctcompare", ""),
-            package_versions=versions,
-            seeds={"split": info.seed, **{a.name: a.seed for a in arms if a.seed is not None}},
-            configs={a.name: a.config for a in arms},
-            python_version=sys.version.split()[0],
-            platform=platform.platform(terse=True),
-            command=command,
-        ),
+        created_at=created_at,
+        dataset_hash=card.content_hash,
+        ctcompare_version=versions.get("ctcompare", ""),
+        package_versions=versions,
+        seeds={"split": info.seed, **{a.name: a.seed for a in arms if a.seed is not None}},
+        configs={a.name: a.config for a in arms},
+        python_version=sys.version.split()[0],
+        platform=platform.platform(terse=True),
+        command=command,
     )
