@@ -363,23 +363,7 @@ def _assemble_locked(
         return unchanged
 
     records = mark_duplicates(apply_burned_in_policy(records, allow_burned_in))
-    by_path = {item.record.relative_path: item for item in files}
-    accepted = [
-        CachedFile(r, by_path[r.relative_path].image_sha256, by_path[r.relative_path].hu_sample)
-        for r in records
-        if r.accepted
-    ]
-    quarantine = sorted(
-        discovery_rejects
-        + [
-            QuarantineRow(
-                relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message
-            )
-            for r in records
-            if not r.accepted
-        ],
-        key=lambda q: q.relative_path,
-    )
+    accepted, quarantine = _accepted_and_quarantined(files, records, discovery_rejects)
     n_files_seen = len(records) + len(discovery_rejects)
     if not accepted:
         _write_private_files(out_dir, quarantine, None)
@@ -411,3 +395,28 @@ def _assemble_locked(
         mode=PRIVATE_FILE_MODE,
     )
     return IngestResult(card=card, out_dir=out_dir, skipped=False, quarantine=quarantine)
+
+
+def _accepted_and_quarantined(
+    files: list[CachedFile], records: list[DecodedFileRecord], discovery_rejects: list[QuarantineRow]
+) -> tuple[list[CachedFile], list[QuarantineRow]]:
+    """The accepted files (with their cached image hash and HU sample), and every rejected one as a quarantine row
+    (with discovery's rejects), by relative path."""
+    by_path = {item.record.relative_path: item for item in files}
+    accepted = [
+        CachedFile(r, by_path[r.relative_path].image_sha256, by_path[r.relative_path].hu_sample)
+        for r in records
+        if r.accepted
+    ]
+    quarantine = sorted(
+        discovery_rejects
+        + [
+            QuarantineRow(
+                relative_path=r.relative_path, reason=r.reason or QuarantineReason.DECODE_ERROR, message=r.message
+            )
+            for r in records
+            if not r.accepted
+        ],
+        key=lambda q: q.relative_path,
+    )
+    return accepted, quarantine
