@@ -17,9 +17,9 @@ and discriminative learning rates), imagenet-linear (frozen ImageNet features, l
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, get_args
+from typing import Annotated, Iterable, Literal, get_args
 
-from pydantic import ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 
 from data_schemas.base import StrictModel
 
@@ -117,6 +117,10 @@ def parse_arm(text: str | ArmSpec) -> ArmSpec:
 def canonical_arm_name(text: str | ArmSpec) -> str:
     """The canonical name of an arm given in any accepted spelling ('resnet50:scratch' -> 'scratch')."""
     return parse_arm(text).name
+
+
+# A model field holding an arm: any accepted spelling is stored under its canonical name.
+CanonicalArm = Annotated[str, AfterValidator(canonical_arm_name)]
 
 
 def parse_arms(texts: Iterable[str | ArmSpec]) -> list[ArmSpec]:

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from data_schemas.arms import (
     DEFAULT_MODEL,
     MIN_IMAGE_SIZE,
+    CanonicalArm,
     ModelName,
     canonical_arm_name,
     default_arms,
@@ -253,12 +254,7 @@ class DeviceEstimate(StrictModel):
 class ArmCost(StrictModel):
     """The estimate for one arm on every device of the catalogue."""
 
-    @field_validator("arm")
-    @classmethod
-    def _canonical_arm(cls, value: str) -> str:
-        return canonical_arm_name(value)
-
-    arm: str = Field(description="canonical arm name (data_schemas.arms.parse_arm)")
+    arm: CanonicalArm = Field(description="canonical arm name (data_schemas.arms.parse_arm)")
     model: ModelName = Field(default=DEFAULT_MODEL, description="torchvision model of the arm")
     description: str
     params_total: int

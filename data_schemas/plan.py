@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from data_schemas.arms import ARM_MODES, MIN_IMAGE_SIZE, MODEL_NAMES, canonical_arm_name, parse_arm, parse_arms
+from data_schemas.arms import (
+    ARM_MODES,
+    MIN_IMAGE_SIZE,
+    MODEL_NAMES,
+    CanonicalArm,
+    canonical_arm_name,
+    parse_arm,
+    parse_arms,
+)
 from data_schemas.base import StrictModel
 from data_schemas.cost import CostInputs
 from data_schemas.evaluation import EvaluationSettings
@@ -77,18 +85,12 @@ class PlannedRun(StrictModel):
         config: the run's resolved training settings.
     """
 
-    arm: str
+    arm: CanonicalArm
     outer_fold: int = Field(ge=0)
     train_fraction: float = Field(gt=0, le=1)
     input_size: int | None = Field(default=None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     run_dir: str
     config: TrainConfig
-
-    @field_validator("arm")
-    @classmethod
-    def _canonical_arm(cls, value: str) -> str:
-        """Any accepted spelling of an arm is stored under its canonical name."""
-        return canonical_arm_name(value)
 
 
 class RunPlan(StrictModel):

@@ -31,7 +31,15 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from data_schemas.arms import ARM_NAMES, MIN_IMAGE_SIZE, RESIZE_METHOD, ArmName, canonical_arm_name, parse_arm  # noqa: F401 - re-exported: the ResNet-50 arms
+from data_schemas.arms import (  # noqa: F401 - re-exported: the ResNet-50 arms
+    ARM_NAMES,
+    MIN_IMAGE_SIZE,
+    RESIZE_METHOD,
+    ArmName,
+    CanonicalArm,
+    canonical_arm_name,
+    parse_arm,
+)
 from data_schemas.base import StrictModel
 
 MAX_IMAGE_SIZE = 1024  # the largest square image a dataset is ingested or an arm trained at
@@ -67,8 +75,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 GRAY_MEAN: float = sum(IMAGENET_MEAN) / 3
 GRAY_STD: float = sum(IMAGENET_STD) / 3
-
-
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -180,7 +186,7 @@ class RunConfig(StrictModel):
     """config.json of one run."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
-    arm: str = Field(description="canonical arm name (data_schemas.arms): 'scratch', 'resnet18:imagenet', ...")
+    arm: CanonicalArm = Field(description="canonical arm name (data_schemas.arms): 'scratch', 'resnet18:imagenet', ...")
     profile: str
     overrides: dict[str, str] = Field(default_factory=dict, description="--set key=value pairs as given")
     seed: int
@@ -214,12 +220,6 @@ class RunConfig(StrictModel):
     torchvision_version: str
     config_hash: str = Field(description="SHA-256 of everything above except run-local paths: the run's identity")
     created_at: str
-
-    @field_validator("arm")
-    @classmethod
-    def _canonical_arm(cls, value: str) -> str:
-        """Any accepted spelling of an arm is stored under its canonical name."""
-        return canonical_arm_name(value)
 
 
 # ------------------------------------------------------------------------------------------------------ outputs
@@ -347,7 +347,7 @@ class RunSummary(StrictModel):
     """status.json, and what train_arm returns."""
 
     schema_version: Literal["1.0"] = TRAINING_SCHEMA_VERSION
-    arm: str = Field(description="canonical arm name (data_schemas.arms)")
+    arm: CanonicalArm = Field(description="canonical arm name (data_schemas.arms)")
     status: Literal["running", "completed", "skipped", "failed"]
     reason: str = ""
     run_dir: str
@@ -359,12 +359,6 @@ class RunSummary(StrictModel):
     test_auc: float | None = None
     wall_seconds: float | None = None
     updated_at: str
-
-    @field_validator("arm")
-    @classmethod
-    def _canonical_arm(cls, value: str) -> str:
-        """Any accepted spelling of an arm is stored under its canonical name."""
-        return canonical_arm_name(value)
 
 
 # ------------------------------------------------------------------------------------------------------- splits
