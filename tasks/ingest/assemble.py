@@ -7,7 +7,6 @@ inputs is kept as it is.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -37,7 +36,6 @@ from data_schemas.dataset import (
 )
 from data_schemas.files import atomic_write_text, read_models_csv, sha256_json, write_models_csv
 from tasks.common.environment import ctcompare_version, utc_now
-from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.ingest.dataset_store import (
     PRIVATE_FILE_MODE,
     DatasetBusyError,
@@ -47,7 +45,7 @@ from tasks.ingest.dataset_store import (
     write_dataset,
 )
 from tasks.ingest.decode import CachedFile, cache_path, preprocessing_signature
-from tasks.ingest.errors import IngestError, OutputWriteError
+from tasks.ingest.errors import IngestError, OutputWriteError, writing_into
 from tasks.ingest.labels import LabelTable, label_key
 from tasks.ingest.preprocess import window_level_width
 from tasks.ingest.pseudonymize import load_or_create_secret, pseudonym
@@ -283,17 +281,6 @@ def build_card(
     )
 
 
-@contextlib.contextmanager
-def _writing_into(folder: Path) -> Iterator[None]:
-    """Turn an OSError while writing (disk full, read-only, no permission) into one sentence naming the folder."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in UNWRITABLE_ERRNOS:
-            raise
-        raise OutputWriteError(f"cannot write the dataset into {folder} ({error.strerror or error}).") from None
-
-
 def _unchanged_dataset(out_dir: Path, signature: str) -> IngestResult | None:
     """The existing dataset when it was built from the same inputs and its files still match its card."""
     state_path, card_path = out_dir / INGEST_STATE_FILE, out_dir / DATASET_CARD_FILE
@@ -344,7 +331,7 @@ def assemble_dataset(
     sentence; an unwritable folder (disk full, read-only) also gives one sentence naming it.
     """
     try:
-        with _writing_into(out_dir), dataset_write_lock(out_dir, DATASET_LOCK_TIMEOUT_S):
+        with writing_into(out_dir, "the dataset"), dataset_write_lock(out_dir, DATASET_LOCK_TIMEOUT_S):
             return _assemble_locked(files, discovery_rejects, out_dir, cache_dir, size, window, labels, allow_burned_in)
     except DatasetBusyError as error:
         raise OutputWriteError(str(error)) from None

@@ -8,10 +8,9 @@ a re-run decodes only new or changed files. A file that cannot become an image i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,11 @@ from prefect.states import State
 
 from data_schemas.dataset import DecodedFileRecord, QuarantineReason, WindowSpec
 from data_schemas.files import atomic_write_bytes, sha256_json
-from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.ingest.dataset_store import PRIVATE_FILE_MODE, make_private_dirs
 from tasks.ingest.decode_pool import CHILD_BATCH_FILES, DecodePool, DecoderProcessDied, ProgressCallback, run_in_child
 from tasks.ingest.dicom_io import Rejected, read_ct_file
 from tasks.ingest.discover import SourceFile
-from tasks.ingest.errors import OutputWriteError
+from tasks.ingest.errors import OutputWriteError, writing_into
 from tasks.ingest.preprocess import hu_frame_to_image
 
 # Bump when the conversion recipe changes: it invalidates every cached decode.
@@ -127,17 +125,6 @@ def was_being_decoded(source: SourceFile, cache_dir: str | Path) -> bool:
     return decoding_marker(cache_file).exists() and not cache_file.exists()
 
 
-@contextlib.contextmanager
-def _writing_cache(cache_dir: str) -> Iterator[None]:
-    """Turn an OSError that means 'no more bytes fit' into one sentence naming the cache folder (never retried)."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in UNWRITABLE_ERRNOS:
-            raise
-        raise OutputWriteError(f"cannot write decoded images into {cache_dir} ({error.strerror or error}).") from None
-
-
 def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: WindowSpec) -> dict[str, CachedFile]:
     """Validate and decode the files not yet in the content-addressed cache; returns those decoded now, by content
     hash (the others are read from the cache when needed). Each decode is bracketed by its decoding_marker, so a
@@ -148,7 +135,7 @@ def decode_files(sources: list[SourceFile], cache_dir: str, size: int, window: W
         if cache_file.exists():
             continue
         marker = decoding_marker(cache_file)
-        with _writing_cache(cache_dir):
+        with writing_into(cache_dir, "decoded images"):
             make_private_dirs(marker.parent)
             marker.touch()
             decoded[source.content_sha256] = _store_in_cache(convert_file(source, size, window), cache_file)
@@ -162,7 +149,7 @@ def store_decoder_crash(source: SourceFile, cache_dir: str, size: int, how: str)
     message = f"{source.relative_path}: decoding it killed its process ({how}), also when decoded alone"
     rejected = _rejected_file(source, size, QuarantineReason.DECODER_CRASHED, message)
     cache_file = cache_path(Path(cache_dir), source.content_sha256)
-    with _writing_cache(cache_dir):
+    with writing_into(cache_dir, "decoded images"):
         entry = _store_in_cache(rejected, cache_file)
     decoding_marker(cache_file).unlink(missing_ok=True)
     return entry
