@@ -297,8 +297,9 @@ def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached
     [record] = caplog.records
     text = record.getMessage()
     assert record.levelno == logging.WARNING and "2.00x, more than 20% off" in text, text
-    assert (f"the first epoch's training took {2 * predicted_first:.1f} s, predicted {predicted_first:.1f} s from the "
-            f"calibration measured {calibration.measured_at}") in text, text
+    assert (f"the first epoch's training took {2 * predicted_first:.1f} s, predicted {predicted_first - WARMUP:.1f} s "
+            f"to {predicted_first:.1f} s (without and with the first steps' warm-up) from the calibration measured "
+            f"{calibration.measured_at}") in text, text
     # the run's remaining epochs (5 or 9 of them) twice as long; the comparison's training part too
     rest = f"remaining epochs about {span(2 * 5 * epoch, 2 * 9 * epoch)} (predicted {span(5 * epoch, 9 * epoch)})"
     assert rest in text, text
@@ -328,6 +329,25 @@ def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibrati
     cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
     assert calibration.key in cache.entries
     assert first_epoch_watch(tmp_path / "elsewhere" / "plan.json", run, logging.getLogger("x")) is None  # no cost.json
+
+
+def test_a_first_epoch_that_skipped_the_warm_up_is_not_called_fast(report: CostReport, tmp_path: Path) -> None:
+    """Kernels this process already built: the epoch pays no warm-up, and the compute alone is still a match."""
+    from data_schemas.files import read_models_csv
+    from data_schemas.training import CONFIG_FILE, METRICS_FILE, EpochMetrics, RunConfig
+    from tasks.cost.first_epoch import check_first_epoch
+
+    compute = 400 * hand.full_training_flops(SIZE, 1, 2) / RATE
+    _first_epoch_folder(report, tmp_path, train_seconds=compute)
+    cost = CostReport.model_validate(json.loads((tmp_path / COST_FILE).read_text()))
+    run_dir = next(tmp_path.rglob(CONFIG_FILE)).parent
+    config = RunConfig.model_validate(json.loads((run_dir / CONFIG_FILE).read_text()))
+    [first] = read_models_csv(run_dir / METRICS_FILE, EpochMetrics)
+    check = check_first_epoch(cost, config, first)
+    assert check is not None and check.predicted_s == pytest.approx((compute, compute + WARMUP))
+    assert check.ratio == pytest.approx(1.0) and not check.disagrees
+    fast = check_first_epoch(cost, config, first.model_copy(update={"images_per_second": 400 / (0.5 * compute)}))
+    assert fast.ratio == pytest.approx(0.5) and fast.disagrees
 
 
 def test_a_first_epoch_the_calibration_cannot_judge_is_left_alone(report: CostReport, tmp_path: Path) -> None:

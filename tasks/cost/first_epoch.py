@@ -44,7 +44,9 @@ class FirstEpochCheck:
     Args:
         arm: the run's arm.
         measured_s: the training part of the first epoch (its validation left out), seconds.
-        predicted_s: its prediction from the calibration: compute at the calibrated rate + warm-up.
+        predicted_s: its prediction from the calibration, (compute at the calibrated rate, the same + the
+            calibration's warm-up): a run pays between none of the first steps' warm-up (kernels this process has
+            already built) and all of it.
         rest_s: the run's remaining epochs as predicted, (earliest stop, last epoch).
         total_s: the comparison's predicted wall time, (earliest stop, every epoch).
         training_s: the part of total_s that is training, (earliest stop, every epoch).
@@ -53,7 +55,7 @@ class FirstEpochCheck:
 
     arm: str
     measured_s: float
-    predicted_s: float
+    predicted_s: tuple[float, float]
     rest_s: tuple[float, float]
     total_s: tuple[float, float]
     training_s: tuple[float, float]
@@ -61,8 +63,9 @@ class FirstEpochCheck:
 
     @property
     def ratio(self) -> float:
-        """measured / predicted."""
-        return self.measured_s / self.predicted_s
+        """measured / the nearer end of the predicted range (1 inside it)."""
+        low, high = self.predicted_s
+        return self.measured_s / min(max(self.measured_s, low), high)
 
     @property
     def disagrees(self) -> bool:
@@ -75,16 +78,17 @@ class FirstEpochCheck:
 
     def sentence(self, calibration_dropped: bool) -> str:
         """What the log says: agreement, or the corrected estimates and what happens to the calibration."""
-        said = (f"{self.arm}: the first epoch's training took {self.measured_s:.1f} s, predicted "
-                f"{self.predicted_s:.1f} s from {self.calibration}")
+        low, high = self.predicted_s
+        said = (f"{self.arm}: the first epoch's training took {self.measured_s:.1f} s, predicted {low:.1f} s to "
+                f"{high:.1f} s (without and with the first steps' warm-up) from {self.calibration}")
         if not self.disagrees:
             return f"{said}: within {abs(self.ratio - 1.0):.0%}, the prediction stands."
-        low, high = self.corrected_total_s()
+        total_low, total_high = self.corrected_total_s()
         dropped = ("the cached calibration is dropped, so the next cost stage measures this machine again"
                    if calibration_dropped else "the cached calibration was already replaced")
         return (f"{said}: {self.ratio:.2f}x, more than {FIRST_EPOCH_TOLERANCE:.0%} off. Corrected from this epoch: "
                 f"this run's remaining epochs about {_span(*(s * self.ratio for s in self.rest_s))} (predicted "
-                f"{_span(*self.rest_s)}), the comparison about {_span(low, high)} in all (predicted "
+                f"{_span(*self.rest_s)}), the comparison about {_span(total_low, total_high)} in all (predicted "
                 f"{_span(*self.total_s)}); {dropped}.")
 
 
@@ -96,7 +100,8 @@ def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics
 
         images      = steps x batch (train_one_epoch: n_train // batch full batches)
         measured    = images / the epoch's training images per second
-        predicted   = images x train FLOPs per image x (s_run / s_priced)^2 / (peak x utilisation) + warm-up
+        predicted   = images x train FLOPs per image x (s_run / s_priced)^2 / (peak x utilisation)
+                      (+ the calibration's warm-up at the range's top)
     """
     calibration, wall_time = report.calibration, report.wall_time
     if calibration is None or wall_time is None or config.device != "cpu" or first.phase != "full":
@@ -126,7 +131,7 @@ def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics
     training = [s for s in wall_time.stages if s.stage.startswith("training ")]
     return FirstEpochCheck(
         arm=config.arm, measured_s=images / first.images_per_second,
-        predicted_s=compute + machine.overhead_seconds,
+        predicted_s=(compute, compute + machine.overhead_seconds),
         rest_s=tuple(run_training_seconds(report, work, epochs) - first_epoch
                      for epochs in (work.min_epochs, work.max_epochs)),
         total_s=(wall_time.seconds_min, wall_time.seconds_max),
