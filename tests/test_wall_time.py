@@ -255,7 +255,7 @@ def _first_epoch_folder(report: CostReport, root: Path, train_seconds: float) ->
     work = PlannedRunWork(arm="scratch", max_epochs=10, min_epochs=6, n_images=400, image_size=SIZE)
     predicted = cost_wall_time.predict_wall_time(report, WallTimePlan(runs=[work]), cost_stage_seconds=1.0)
     write_model_json(root / COST_FILE, report.model_copy(update={"wall_time": predicted}))
-    plan = build_run_plan(profile="smoke", arms=["scratch"], seed=0)
+    plan = build_run_plan(profile="smoke", arms=["scratch", "imagenet"], seed=0)
     plan_path, run = write_plan(root, plan), plan.runs[0].run_dir
     calibration = report.calibration
     config = RunConfig(
@@ -367,3 +367,28 @@ def test_a_first_epoch_the_calibration_cannot_judge_is_left_alone(report: CostRe
     small = config.model_copy(update={"n_train_images": 40})  # 40 images: about 2 s of compute at this rate
     assert check_first_epoch(cost, small, first) is None
     assert check_first_epoch(cost.model_copy(update={"calibration": None}), config, first) is None
+
+
+def test_a_first_epoch_is_not_judged_while_another_run_of_the_plan_trains(
+    report: CostReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parallel arms share the cores: a slow first epoch then says nothing about the calibration."""
+    from data_schemas.training import STATUS_FILE
+    from tasks.cost.first_epoch import first_epoch_watch
+    from tasks.training.run_folder import write_status
+
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
+    compute = 400 * hand.full_training_flops(SIZE, 1, 2) / RATE
+    plan_path, run, calibration = _first_epoch_folder(report, tmp_path, train_seconds=3 * compute)
+    other = next(r.run_dir for r in build_run_plan(profile="smoke", arms=["scratch", "imagenet"], seed=0).runs
+                 if r.run_dir != run)
+    write_status(tmp_path / other, arm="imagenet", status="running")
+    assert (tmp_path / other / STATUS_FILE).is_file()
+    caplog.set_level(logging.INFO, logger="test.first_epoch")
+    first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
+    assert not caplog.records
+    cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
+    assert calibration.key in cache.entries
+    write_status(tmp_path / other, arm="imagenet", status="completed")
+    first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
