@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from data_schemas.cost import WallTimeEstimate
 from data_schemas.files import atomic_write_text
 from data_schemas.package import CompressionComparison
 from data_schemas.plan import RunEnvironment, RunPlan, SplitSettings, with_cost_inputs, write_plan
@@ -180,16 +181,25 @@ def visual_summary(
 
 
 class ComparisonProgress:
-    """The comparison's progress artifact on its own run page: its stages and each training run, with time left."""
+    """The comparison's progress artifact on its own run page: its stages and each training run, with time left:
+    from the cost stage on, until the predicted wall time (its every-epoch end) runs out, the prediction's;
+    otherwise at the pace of the steps so far."""
 
     def __init__(self, n_runs: int) -> None:
         self.done, self.total = 0, n_runs + 4  # cost, the runs, evaluation, packages and pictures, the report
         self.bar = RunProgress(f"comparison: {n_runs} training run(s) planned")
+        self.predicted_end: float | None = None
+
+    def expect(self, estimate: WallTimeEstimate | None, started_at: float) -> None:
+        """The predicted wall time of the comparison that started at started_at (epoch seconds)."""
+        self.predicted_end = started_at + estimate.seconds_max if estimate is not None else None
 
     def advance(self, what: str) -> None:
         """One more stage (or training run) finished: `what` it was."""
         self.done += 1
-        self.bar.update(self.done, self.total, f"comparison: {what} ({self.done}/{self.total} steps)")
+        left = self.predicted_end - time.time() if self.predicted_end is not None else None
+        self.bar.update(self.done, self.total, f"comparison: {what} ({self.done}/{self.total} steps)",
+                        left_s=left if left is not None and left > 0 else None)
 
 
 def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, dataset_dir: Path, parallel_arms: int,
@@ -253,6 +263,7 @@ def estimate_cost(plan: RunPlan, environment: RunEnvironment, n_train_images: in
                      wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train_images,
                                                    elapsed_seconds=time.time() - environment.started_at))
     log_wall_time(cost)
+    stages.expect(cost.wall_time, environment.started_at)
     stages.advance("cost estimated")
 
 

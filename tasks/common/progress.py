@@ -129,8 +129,9 @@ class RunProgress:
         except Exception as error:  # noqa: BLE001 - see the class doc
             logging.getLogger(__name__).debug("No progress artifact: %s", error)
 
-    def update(self, done: float, total: float, what: str) -> None:
-        """done of total finished: the bar at done/total, the line `what` with the time left at the pace so far."""
+    def update(self, done: float, total: float, what: str, left_s: float | None = None) -> None:
+        """done of total finished: the bar at done/total, the line `what` with the time left: left_s when given (a
+        prediction), else at the pace so far."""
         share = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
         now = time.monotonic()
         if self.artifact_id is None or (share < 1.0 and now - self.last_sent < self.UPDATE_EVERY_S):
@@ -138,6 +139,7 @@ class RunProgress:
         self.last_sent = now
         elapsed = now - self.started
         left = elapsed * (1.0 - share) / share if 0.0 < share < 1.0 else 0.0
+        left = left_s if left_s is not None and share < 1.0 else left
         try:
             from prefect.artifacts import update_progress_artifact
             from tqdm import tqdm
