@@ -78,6 +78,14 @@ def seconds(pattern: re.Pattern[str], output: str, what: str) -> float:
     return float(found[-1])
 
 
+def headline(output: str) -> str:
+    """The command's headline: the line printed before its last "Report: ..." line (Prefect's temporary server may
+    log after it while stopping)."""
+    lines = output.splitlines()
+    report = max((i for i, line in enumerate(lines) if line.startswith("Report: ")), default=None)
+    return lines[report - 1] if report else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=20)
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     (root / "first-run.log").write_text(first_output)
     (root / "re-run.log").write_text(again_output)
     kept = KEPT in again_output
-    headlines = [output.strip().splitlines()[-2] for output in (first_output, again_output)]
+    headlines = [headline(output) for output in (first_output, again_output)]
     print(f"cohort: {args.patients} patients x {args.slices} slices, smoke profile, arms scratch, imagenet, "
           f"imagenet-linear; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} "
           "CPUs)")

@@ -195,6 +195,9 @@ class DeploymentCost(StrictModel):
         measured_at: UTC time.
         inputs_sha256: the inputs key of the measurement (package, precision, threads, budget, CPU, torch, code):
             an unchanged re-run reuses the figures (tasks.common.reuse).
+        timed_on: the arm whose package's forwards gave the latency and throughput, when it is another package of
+            the same network at the same size and runtime, measured in the same stage (a forward's cost depends on
+            the shapes and the runtime, not on the weights' values); None: this package's own forwards.
     """
 
     arm: str
@@ -217,6 +220,7 @@ class DeploymentCost(StrictModel):
     torch_version: str
     measured_at: str
     inputs_sha256: str = ""
+    timed_on: str | None = None
 
 
 class CompressionComparison(StrictModel):

@@ -29,7 +29,7 @@ from tasks.evaluation.evaluate import ArmRunFolders, build_results
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.packaging.package import package_metrics
-from tasks.packaging.ship import compress_and_compare, ship_run
+from tasks.packaging.ship import SameNetworkWork, compress_and_compare, ship_run
 from tasks.saliency.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
 from tasks.training.train import train_arm_task
@@ -94,7 +94,7 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
 
 
 def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
-              report_dir: Path, dataset_dir: Path, budget_seconds: float) -> ArmResult:
+              report_dir: Path, dataset_dir: Path, budget_seconds: float, shared: SameNetworkWork) -> ArmResult:
     """Package the arm's main run at its validation-chosen patient threshold, measure what it costs to run and
     write it as a MONAI bundle too (tasks.packaging.ship.ship_run)."""
     run_dir = report_dir / plan.main_run(arm.name).run_dir
@@ -107,7 +107,7 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
     shipped = ship_run(run_dir=run_dir, dataset_dir=dataset_dir, threshold=threshold, threshold_rule=rule,
                        aggregation=plan.evaluation.aggregation,
                        metrics=metrics.model_dump() if metrics is not None else None,
-                       weights_path=environment.weights, budget_seconds=budget_seconds)
+                       weights_path=environment.weights, budget_seconds=budget_seconds, shared=shared)
     return arm.model_copy(update={"deployment": shipped.cost,
                                   "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
 
@@ -136,17 +136,19 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     recommended arm's compressed variant.
 
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
-    QUICK_TIME_BUDGET_S (a quarter of a second per package), the others within DEFAULT_TIME_BUDGET_S; each piece
-    is skipped when its inputs have not changed (tasks.packaging.ship).
+    QUICK_TIME_BUDGET_S (a quarter of a second per package), the others within DEFAULT_TIME_BUDGET_S; arms of the
+    same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each piece is
+    skipped when its inputs have not changed (tasks.packaging.ship).
     """
     logger = get_run_logger()
     started = time.perf_counter()
     budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
-    arms = []
+    arms, shared = [], SameNetworkWork()
     for arm in results.arms:
         try:
             arms.append(_ship_arm(arm, plan=plan, environment=environment, results=results, report_dir=report_dir,
-                                  dataset_dir=dataset_dir, budget_seconds=budget) if arm.status == "completed" else arm)
+                                  dataset_dir=dataset_dir, budget_seconds=budget, shared=shared)
+                        if arm.status == "completed" else arm)
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
             logger.warning(
                 "%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__

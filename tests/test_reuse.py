@@ -1,5 +1,6 @@
 """Re-runs skip packaging work whose inputs are unchanged: the package, its deployment cost and the compressed
-variant with its comparison are kept, and made again when an input or the files change."""
+variant with its comparison are kept, and made again when an input or the files change; packages of the same network
+shipped together share one timing and one TorchScript trace."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_schemas.package import DEPLOY_COST_FILE, MODEL_CARD_FILE, PACKAGE_FILE
-from tasks.packaging.package import load_package
-from tasks.packaging.ship import COMPRESSION_FILE, compress_and_compare, ship_run
+from tasks.packaging.bundle import ProbabilityNetwork, write_bundle
+from tasks.packaging.deploy_cost import package_cost
+from tasks.packaging.package import LoadedPackage, float_model, load_package
+from tasks.packaging.ship import COMPRESSION_FILE, SameNetworkWork, compress_and_compare, ship_run
 from tests.ship_fixtures import ShippedRun, shared_shipped_run
 
 BUDGET_S = 0.1
@@ -68,3 +72,30 @@ def test_unchanged_inputs_keep_the_compressed_variant_and_its_comparison(shipped
     other, _ = compress_and_compare(**{**settings, "seed": 1})  # another bootstrap seed: compared again, not quantized
     assert _stamp(folder / PACKAGE_FILE) == written[0] and _stamp(folder / COMPRESSION_FILE) != written[1]
     assert other.compressed.inputs_sha256 == comparison.compressed.inputs_sha256
+
+
+def test_packages_of_the_same_network_share_one_timing_and_one_trace(shipped: ShippedRun, tmp_path: Path) -> None:
+    first = load_package(shipped.package_dir)
+    other_dir = tmp_path / "other"
+    shutil.copytree(shipped.package_dir, other_dir, ignore=shutil.ignore_patterns(DEPLOY_COST_FILE))
+    # the same network with other weights, as another arm of the same model would have
+    other = load_package(other_dir)
+    other = LoadedPackage(meta=other.meta.model_copy(update={"arm": "imagenet"}), path=other.path, sha256=other.sha256,
+                          state_dict={k: v * 1.5 if v.is_floating_point() else v for k, v in other.state_dict.items()})
+    shared = SameNetworkWork()
+    timed = package_cost(first, "fp32", 1, budget_seconds=BUDGET_S, timings=shared.timings, reuse=False)
+    reused = package_cost(other, "fp32", 1, budget_seconds=BUDGET_S, timings=shared.timings, reuse=False)
+    assert timed.timed_on is None and reused.timed_on == first.meta.arm and reused.arm == "imagenet"
+    assert reused.latency_ms_median == timed.latency_ms_median and reused.timed_runs == timed.timed_runs
+    assert f"Timed on the {first.meta.arm} arm's package" in (other_dir / MODEL_CARD_FILE).read_text()
+
+    write_bundle(first, tmp_path / "bundle-first", traces=shared.traces)
+    second = write_bundle(other, tmp_path / "bundle-other", traces=shared.traces)
+    size = other.meta.recipe.train_image_size
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ProbabilityNetwork(float_model(other.meta, other.state_dict), other.meta).eval()(x)
+        got = torch.jit.load(str(second / "models" / "model.ts"))(x)
+        firsts = torch.jit.load(str(tmp_path / "bundle-first" / "models" / "model.ts"))(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, firsts)  # the shared trace carries each package's own weights

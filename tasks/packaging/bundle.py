@@ -44,7 +44,7 @@ from data_schemas.files import atomic_write_bytes, atomic_write_text
 from data_schemas.package import MODEL_CARD_FILE, ModelPackageMeta
 from tasks.common.reuse import file_sha256, inputs_key
 from tasks.ingest.preprocess import window_level_width
-from tasks.packaging.package import LoadedPackage, float_model, load_package, package_file
+from tasks.packaging.package import LoadedPackage, architecture_key, float_model, load_package, package_file
 
 BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
 BUNDLE_CSV = "probabilities.csv"
@@ -220,9 +220,29 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = True) -> Path:
+def traced_network(network: ProbabilityNetwork, meta: ModelPackageMeta,
+                   traces: dict[str, torch.jit.ScriptModule] | None = None) -> torch.jit.ScriptModule:
+    """The network as TorchScript, traced at the trained size; for a classifier whose network was traced before (in
+    `traces`, by architecture_key), that trace given this network's weights: the graph is the same, the weights are
+    its parameters (a linear probe's intercept is a constant of its trace, so probes are always traced)."""
+    key = architecture_key(meta) if meta.kind == "network" else None
+    if traces is not None and key in traces:
+        traced = traces[key]
+        traced.load_state_dict(network.state_dict())
+        return traced
+    size = meta.recipe.train_image_size
+    with torch.no_grad():
+        traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
+    if traces is not None and key is not None:
+        traces[key] = traced
+    return traced
+
+
+def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = True,
+                 traces: dict[str, torch.jit.ScriptModule] | None = None) -> Path:
     """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir.
-    reuse: keep a whole bundle in out_dir made from the same package and model card (bundle_inputs_key)."""
+    reuse: keep a whole bundle in out_dir made from the same package and model card (bundle_inputs_key); traces:
+    see traced_network."""
     out_dir = Path(out_dir)
     model_path = package.path if isinstance(package, LoadedPackage) else package_file(Path(package))
     key = bundle_inputs_key(model_path)
@@ -237,10 +257,7 @@ def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = 
     for folder in ("configs", "models", "docs"):
         (staging / folder).mkdir(parents=True)
     network = ProbabilityNetwork(float_model(meta, loaded.state_dict), meta).eval()
-    size = meta.recipe.train_image_size
-    with torch.no_grad():
-        traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
-    torch.jit.save(traced, str(staging / "models" / "model.ts"))
+    torch.jit.save(traced_network(network, meta, traces), str(staging / "models" / "model.ts"))
     _link_or_copy(loaded.path, staging / "models" / "model.pt")
     metadata = {**bundle_metadata(meta, loaded.sha256), INPUTS_FIELD: key}
     atomic_write_text(staging / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n")

@@ -8,10 +8,12 @@ Methods (each figure of data_schemas.package.DeploymentCost):
   float network (the arm's model; a linear probe's extractor cut at its depth) at the trained size, built on the
   meta device (2 FLOPs per multiply-add; convolutions and matmuls only). The probe's logistic regression adds
   2 x features, under 1e-5 of the total; int8 executes the same multiply-adds in int8.
-- A fixed time budget, not a fixed count (time_budget_seconds; seconds per package whatever the model's speed):
-  WARMUP_SHARE of it in untimed batch-1 forwards (at least one: oneDNN/fbgemm pick kernels and allocate on the
-  first calls), LATENCY_SHARE in timed batch-1 forwards (at least MIN_TIMED_RUNS), the rest in one untimed and then
-  timed batches (at least one).
+- A fixed time budget, not a fixed count (time_budget_seconds; seconds per package whatever the model's speed),
+  each phase ending at its share of the budget counted from the start: WARMUP_SHARE of it in untimed batch-1
+  forwards (at least one: oneDNN/fbgemm pick kernels and allocate on the first calls), up to WARMUP_SHARE +
+  LATENCY_SHARE in timed batch-1 forwards (at least MIN_TIMED_RUNS), the rest in one untimed batch (when the budget
+  has time left for it; otherwise the one timed batch includes that first call) and then timed batches (at least
+  one). The minimum counts can take longer than a short budget on a slow or busy machine.
 - latency_ms_median / latency_ms_p90: the `timed_runs` forwards of one image, each timed alone with
   time.perf_counter() around the forward under torch.inference_mode() and the package's autocast; median and the
   90th percentile (numpy linear interpolation) of those times. The image is seeded noise, already normalised:
@@ -38,9 +40,17 @@ from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, Deploy
 from data_schemas.training import PREDICTIONS_FILE as RUN_PREDICTIONS_FILE, PredictionRow
 from tasks.common.environment import cpu_name
 from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
+from tasks.common.runtime import Runtime
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.package import LoadedPackage, float_architecture, load_package, package_file, write_card
-from tasks.packaging.predict import PackagedModel, default_threads, predict_images, prepare_model
+from tasks.packaging.package import (
+    LoadedPackage,
+    architecture_key,
+    float_architecture,
+    load_package,
+    package_file,
+    write_card,
+)
+from tasks.packaging.predict import PackagedModel, default_threads, predict_images, predict_runtime, prepare_model
 from tasks.packaging.quantize import PairedPredictions, compare_compression
 from tasks.training.models import count_flops
 
@@ -88,13 +98,6 @@ def forwards_within(model: PackagedModel, x: torch.Tensor, seconds: float, *, mi
 _ARCHITECTURE_FIGURES: dict[str, tuple[int, float]] = {}  # architecture_key -> (parameters, FLOPs per image)
 
 
-def architecture_key(meta: ModelPackageMeta) -> str:
-    """What a package's parameter and FLOP counts depend on: its network (arm, classes, head, probe depth) and size."""
-    depth = meta.linear_probe.depth if meta.linear_probe is not None else None
-    return sha256_json({"arm": meta.arm, "kind": meta.kind, "classes": len(meta.classes), "depth": depth,
-                        "dropout": meta.run_config.train.dropout, "size": meta.recipe.train_image_size})
-
-
 def architecture_figures(meta: ModelPackageMeta) -> tuple[int, float]:
     """(parameters, FLOPs of one forward of one image) of the package's float network (module doc), counted on the
     meta device (shapes only) once per architecture and size in this process."""
@@ -123,13 +126,17 @@ def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second within a time budget, as the
     module doc says."""
     started = time.perf_counter()
+
+    def left_until(share: float) -> float:
+        return started + share * budget_seconds - time.perf_counter()
+
     one = sample_input(model, 1)
-    warmup = forwards_within(model, one, WARMUP_SHARE * budget_seconds, min_runs=1)
-    latency = forwards_within(model, one, LATENCY_SHARE * budget_seconds, min_runs=MIN_TIMED_RUNS)
+    warmup = forwards_within(model, one, left_until(WARMUP_SHARE), min_runs=1)
+    latency = forwards_within(model, one, left_until(WARMUP_SHARE + LATENCY_SHARE), min_runs=MIN_TIMED_RUNS)
     big = sample_input(model, THROUGHPUT_BATCH_SIZE, seed=1)
-    forwards_within(model, big, 0.0, min_runs=1)  # the first call at a new batch size allocates
-    left = budget_seconds - (time.perf_counter() - started)
-    batches = forwards_within(model, big, left, min_runs=1)
+    if left_until(1.0) > 0:  # the first call at a new batch size allocates: untimed while the budget allows
+        forwards_within(model, big, 0.0, min_runs=1)
+    batches = forwards_within(model, big, left_until(1.0), min_runs=1)
     return Timing(
         latency_ms=np.asarray(latency) * 1e3,
         images_per_second=THROUGHPUT_BATCH_SIZE * len(batches) / sum(batches),
@@ -208,15 +215,37 @@ def deploy_cost_task(package_path: Path, precision: str = "auto", threads: int |
 
 
 def package_cost(package: Path | LoadedPackage, precision: str = "auto", threads: int | None = None, *,
-                 budget_seconds: float = DEFAULT_TIME_BUDGET_S, reuse: bool = True) -> DeploymentCost:
-    """deploy_cost_task's work on a package's path, or on a package this process holds (then not read again)."""
+                 budget_seconds: float = DEFAULT_TIME_BUDGET_S, reuse: bool = True,
+                 timings: dict[str, DeploymentCost] | None = None) -> DeploymentCost:
+    """deploy_cost_task's work on a package's path, or on a package this process holds (then not read again).
+
+    timings: the figures of packages measured before in the same stage, by timing_key; a package of the same network
+    at the same size and runtime takes the timing from there (timed_on names the package timed) instead of running
+    its own forwards, since a forward's cost depends on the shapes and the runtime, not on the weights' values.
+    """
     folder = (package.path if isinstance(package, LoadedPackage) else package_file(package)).parent
     key = cost_inputs_key(folder, precision, threads, budget_seconds)
     if reuse and (cached := recorded_cost(folder, key)) is not None:
         return cached
     loaded = package if isinstance(package, LoadedPackage) else load_package(folder)
-    model = prepare_model(loaded, precision, threads)
-    return record_cost(folder, loaded.meta, prepared_model_cost(model, budget_seconds), key)
+    same = timing_key(loaded.meta, predict_runtime(loaded.meta, precision, threads), budget_seconds)
+    if timings is not None and same in timings:
+        timed = timings[same]
+        cost = timed.model_copy(update={"arm": loaded.meta.arm, "package_bytes": loaded.path.stat().st_size,
+                                        "timed_on": timed.timed_on or timed.arm})
+    else:
+        cost = prepared_model_cost(prepare_model(loaded, precision, threads), budget_seconds)
+        if timings is not None:
+            timings[same] = cost
+    return record_cost(folder, loaded.meta, cost, key)
+
+
+def timing_key(meta: ModelPackageMeta, runtime: Runtime, budget_seconds: float) -> str:
+    """What a package's timed figures depend on in this process: its network and size (architecture_key), its weights
+    variant, the runtime (precision, threads, memory format) and the time budget."""
+    return sha256_json({"network": architecture_key(meta), "variant": meta.weights_variant,
+                        "precision": runtime.precision, "threads": runtime.num_threads,
+                        "channels_last": runtime.channels_last, "budget_seconds": budget_seconds})
 
 
 def run_test_images(run_dir: Path, dataset_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

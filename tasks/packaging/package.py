@@ -21,7 +21,7 @@ from torch import nn
 
 from data_schemas.arms import RESIZE_METHOD, parse_arm
 from data_schemas.dataset import DATASET_CARD_FILE, DatasetCard
-from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json
+from data_schemas.files import atomic_write_bytes, atomic_write_text, read_model_json, sha256_json
 from data_schemas.metrics import MetricValue
 from data_schemas.package import (
     CHECKSUMS_FILE,
@@ -51,8 +51,8 @@ from data_schemas.training import (
 )
 from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs, remember_file_sha256
 from tasks.ingest.decode import PREPROCESS_VERSION
-from tasks.training.models import as_feature_extractor, build_model, feature_extractor, pooled_at_depth
-from tasks.training.weights import resolve_imagenet_weights
+from tasks.training.models import as_feature_extractor, build_model, pooled_at_depth
+from tasks.training.weights import check_state_dict, fold_gray_normalisation
 
 # How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
 TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.training.augment.images_to_tensor)"
@@ -162,14 +162,22 @@ def _backbone_file(config: RunConfig, weights_path: Path | None) -> Path:
 
 
 def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str | None) -> dict[str, torch.Tensor]:
-    """The frozen feature extractor (grey-folded ImageNet backbone, up to the probe's depth) the probe was fitted on,
-    checked by hash."""
+    """The frozen feature extractor (grey-folded ImageNet backbone, up to the probe's depth) the probe was fitted on:
+    the backbone file the run used (by its SHA-256), checked and folded as training folds it, keyed as the
+    extractor's architecture (built on the meta device: shapes and names only) keys it."""
     if config.weights is None:
         raise PackageError("the linear-probe run records no backbone weights; it cannot be packaged.")
     model = parse_arm(config.arm).model
-    backbone, _ = resolve_imagenet_weights(_backbone_file(config, weights_path), model=model)
-    extractor = pooled_at_depth(feature_extractor(backbone, model=model), depth)
-    return {k: v.detach().clone() for k, v in extractor.state_dict().items()}
+    path = _backbone_file(config, weights_path)
+    with warnings.catch_warnings():  # torch warns about the pickle protocol of some files; the file was checked
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    folded = fold_gray_normalisation(check_state_dict(raw, model, source=f"weights file {path}"), model)
+    with torch.device("meta"):
+        extractor = pooled_at_depth(as_feature_extractor(build_model(model)), depth)
+    # a file without BatchNorm's num_batches_tracked leaves the built model's own (zero) counters
+    return {key: folded[key] if key in folded else torch.zeros(value.shape, dtype=value.dtype)
+            for key, value in extractor.state_dict().items()}
 
 
 def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[str, str]:
@@ -359,6 +367,14 @@ def float_architecture(meta: ModelPackageMeta, quantizable: bool = False) -> nn.
     if meta.kind == "linear-probe":
         model = pooled_at_depth(as_feature_extractor(model), meta.linear_probe.depth if meta.linear_probe else None)
     return model
+
+
+def architecture_key(meta: ModelPackageMeta) -> str:
+    """What a package's network and its cost depend on: the model, classes, head, probe depth and trained size."""
+    depth = meta.linear_probe.depth if meta.linear_probe is not None else None
+    return sha256_json({"model": parse_arm(meta.arm).model, "kind": meta.kind, "classes": len(meta.classes),
+                        "depth": depth, "dropout": meta.run_config.train.dropout,
+                        "size": meta.recipe.train_image_size})
 
 
 def float_model(meta: ModelPackageMeta, state: Mapping[str, torch.Tensor]) -> nn.Module:

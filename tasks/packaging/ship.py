@@ -5,9 +5,11 @@ measured, bundled and compared from memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from data_schemas.files import read_model_json, write_model_json
 from data_schemas.package import PACKAGE_DIR, PACKAGE_FILE, CachedCompression, CompressionComparison, DeploymentCost
@@ -23,6 +25,16 @@ COMPRESSED_PACKAGE_DIR = "package-compressed"  # beside the full package/ in the
 COMPRESSION_FILE = "compression.json"  # in the compressed package's folder: CachedCompression
 
 
+@dataclass
+class SameNetworkWork:
+    """What the packages shipped in one stage share when their networks are the same (same architecture and size):
+    one timing (tasks.packaging.deploy_cost.package_cost) and one TorchScript trace
+    (tasks.packaging.bundle.traced_network); each package keeps its own weights, bundle and deploy_cost.json."""
+
+    timings: dict[str, DeploymentCost] = field(default_factory=dict)
+    traces: dict[str, torch.jit.ScriptModule] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ShippedArm:
     """One packaged and costed run: its package folder, its MONAI bundle folder and its deployment cost."""
@@ -33,15 +45,17 @@ class ShippedArm:
 
 
 def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_rule: str, aggregation: str,
-             metrics: dict[str, Any] | None, weights_path: Path | None, budget_seconds: float) -> ShippedArm:
+             metrics: dict[str, Any] | None, weights_path: Path | None, budget_seconds: float,
+             shared: SameNetworkWork | None = None) -> ShippedArm:
     """RUN_DIR/package (write_package), its deployment cost (package_cost) and RUN_DIR/bundle (write_bundle, with
-    the costed model card), each kept when unchanged; a package written here is measured and bundled from memory."""
+    the costed model card), each kept when unchanged; a package written here is measured and bundled from memory.
+    shared: the work of the arms shipped before in the same stage, which a package of the same network reuses."""
     run_dir = Path(run_dir)
     package = write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR,
                             threshold=threshold, threshold_rule=threshold_rule, aggregation=aggregation,
                             metrics=metrics, weights_path=weights_path)
-    cost = package_cost(package, budget_seconds=budget_seconds)
-    bundle = write_bundle(package, run_dir / BUNDLE_DIR)
+    cost = package_cost(package, budget_seconds=budget_seconds, timings=shared.timings if shared else None)
+    bundle = write_bundle(package, run_dir / BUNDLE_DIR, traces=shared.traces if shared else None)
     return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost)
 
 
