@@ -9,6 +9,11 @@ fresh cache folder, so the first run calibrates as a first run on a new machine 
 in a subprocess, twice: the first run ingests, calibrates, trains, evaluates, packages and measures; the re-run
 finds every input unchanged. Each run is timed from process start to exit.
 
+Two ways to run it, named in the output: by default no Prefect server runs, so each command starts Prefect's
+temporary API server (tens of seconds on a busy machine, in both runs); with --server a Prefect server runs
+beforehand as `make server` starts it (`prefect server start`, its address in PREFECT_HOME/ctcompare-server.json,
+where the commands look), the way the project is operated, and its start is not part of either run.
+
 Printed: both wall times and their ratio (goal <= 0.15), the first run's `ship-arms` stage and training stage
 (their own log lines: "Shipped N arm(s) in X s", "Training stage: N run(s) in X s") and the share of the one in
 the other (goal <= 0.20), the load average before and after, and whether both runs gave the same headline.
@@ -17,13 +22,17 @@ the other (goal <= 0.20), the load average before and after, and whether both ru
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +68,51 @@ def environment(root: Path) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_project_server(env: dict[str, str], timeout_s: float = 300.0) -> subprocess.Popen:
+    """`prefect server start` on a free loopback port (in its own process group), its address recorded in
+    PREFECT_HOME/ctcompare-server.json as `make server` records it; returns once /health answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_project_server(server)
+            raise RuntimeError(f"the Prefect server did not answer at {api_url}")
+        time.sleep(1)
+    home = Path(env["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ctcompare-server.json").write_text(json.dumps({"api_url": api_url, "pid": server.pid}) + "\n")
+    return server
+
+
+def stop_project_server(server: subprocess.Popen) -> None:
+    """End the server's process group (the server and what it started), SIGKILL after 30 s."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    except ProcessLookupError:
+        pass
+
+
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     """(wall seconds, output) of one command; RuntimeError when it fails."""
     started = time.perf_counter()
@@ -91,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=20)
     parser.add_argument("--slices", type=int, default=3, help="slices per patient")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--server", action="store_true",
+                        help="run both against a Prefect server started beforehand, as `make server` runs it")
     args = parser.parse_args(argv)
     root = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="ctcompare-rerun-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -101,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
                str(cohort.labels_path), "--out", str(root / "report"), "--profile", "smoke",
                "--weights", str(weights_file(root)), "--set", "download_weights=false"]
     env = environment(root)
-    load_before = os.getloadavg()
-    first, first_output = timed(command, env)
-    again, again_output = timed(command, env)
-    load_after = os.getloadavg()
+    server = start_project_server(env) if args.server else None
+    try:
+        load_before = os.getloadavg()
+        first, first_output = timed(command, env)
+        again, again_output = timed(command, env)
+        load_after = os.getloadavg()
+    finally:
+        if server is not None:
+            stop_project_server(server)
     ship, train = seconds(SHIPPED, first_output, "ship-arms"), seconds(TRAINED, first_output, "training stage")
     (root / "first-run.log").write_text(first_output)
     (root / "re-run.log").write_text(again_output)
@@ -113,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cohort: {args.patients} patients x {args.slices} slices, smoke profile, arms scratch, imagenet, "
           f"imagenet-linear; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} "
           "CPUs)")
+    print("Prefect API: " + ("a project server running beforehand (make server), as the project is operated"
+                             if args.server else "none running, so each command starts Prefect's temporary server"))
     print(f"first run     {first:7.1f} s wall (training stage {train:.1f} s, ship-arms {ship:.1f} s)")
     print(f"re-run        {again:7.1f} s wall (evaluation, packages and report kept: {kept})")
     print(f"re-run / first run: {again / first:.3f} (goal <= {RERUN_GOAL})")
