@@ -26,6 +26,7 @@ from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
 from tasks.cost.wall_time import wall_time_plan
 from tasks.evaluation.evaluate import ArmRunFolders, build_results
+from tasks.evaluation.runs import is_linear
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
 from tasks.packaging.package import package_metrics
@@ -176,7 +177,7 @@ def visual_summary(
     """Example images, GradCAM per completed network arm's main run on one slice selection, and the shortcut
     check when the dataset has lesions.csv; None when no network arm completed."""
     runs = {arm.name: report_dir / plan.main_run(arm.name).run_dir for arm in results.completed_arms}
-    if not any(name != "imagenet-linear" for name in runs):
+    if all(is_linear(name) for name in runs):
         get_run_logger().info("No visual section: no network arm completed.")
         return None
     return build_visual_summary(dataset_dir=dataset_dir, arm_runs=runs, seed=plan.seed)

@@ -25,7 +25,7 @@ from data_schemas.files import atomic_write_bytes, read_models_csv
 from data_schemas.package import PREDICT_DATASET_DIR, PREDICTIONS_FILE, ImagePrediction
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.package import float_model, load_package
-from tasks.saliency.saliency import RESNET_TARGET_LAYER, network_maps
+from tasks.saliency.saliency import network_maps, target_layer
 
 OVERLAY_DIR = "private/dicom-overlay"
 OVERLAY_SERIES_NUMBER = 9902
@@ -65,7 +65,7 @@ def write_study_overlays(package_path: Path, pred_dir: Path, source_dir: Path) -
     for study_uid in sorted(studies):
         _, image_key, header = max(studies[study_uid], key=lambda item: (item[0], item[1]))
         image = dataset.images[position[image_key]]
-        heat = network_maps(model, image[None], meta.recipe.train_image_size, RESNET_TARGET_LAYER)[0]
+        heat = network_maps(model, image[None], meta.recipe.train_image_size, target_layer(meta.arm))[0]
         secondary = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=overlay_rgb(image[0].astype(np.float32), heat),
             photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
@@ -78,7 +78,7 @@ def write_study_overlays(package_path: Path, pred_dir: Path, source_dir: Path) -
         secondary.SeriesDescription = OVERLAY_SERIES_DESCRIPTION
         secondary.ImageComments = "GradCAM of the AI model's positive class on its input; not for diagnosis"
         secondary.BurnedInAnnotation = "NO"
-        secondary.DerivationDescription = f"ctcompare {meta.arm}: GradCAM ({RESNET_TARGET_LAYER}) over the input"
+        secondary.DerivationDescription = f"ctcompare {meta.arm}: GradCAM ({target_layer(meta.arm)}) over the input"
         secondary.SourceImageSequence = [pydicom.Dataset()]
         secondary.SourceImageSequence[0].ReferencedSOPClassUID = header.SOPClassUID
         secondary.SourceImageSequence[0].ReferencedSOPInstanceUID = header.SOPInstanceUID

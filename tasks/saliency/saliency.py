@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from monai.visualize import GradCAM
 
+from data_schemas.arms import parse_arm
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.training import BEST_FILE, CONFIG_FILE, PREDICTIONS_FILE, PredictionRow, RunConfig
 from data_schemas.visual import (
@@ -44,9 +45,8 @@ from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.lesions import lesion_mask, load_lesions
 from tasks.saliency.thumbnails import dataset_gallery, gray_thumbnail, overlay_thumbnail, resize_to, short_key
 from tasks.training.augment import images_to_tensor, normalise
-from tasks.training.models import build_resnet50
+from tasks.training.models import build_model, probe_depths
 
-RESNET_TARGET_LAYER = "layer4"
 POSITIVE_CLASS = 1
 N_BOOTSTRAP = 2000
 
@@ -147,13 +147,20 @@ def load_network(run_dir: Path) -> tuple[torch.nn.Module, RunConfig] | None:
     """The trained network of a run folder (best.pt = {"state_dict", "epoch", ...}) and its config; None for a
     linear-probe run, whose classifier is not a network. The one place that knows the run-folder format."""
     config = read_model_json(Path(run_dir) / CONFIG_FILE, RunConfig)
-    if config.arm == "imagenet-linear":
+    spec = parse_arm(config.arm)
+    if spec.mode == "imagenet-linear":
         return None
-    # Both network arms share the architecture; the checkpoint replaces every weight, so no ImageNet file is read.
-    model = build_resnet50(in_channels=1, num_classes=2, dropout=config.train.dropout, weights=None)
+    # Scratch and imagenet arms of a model share its architecture; the checkpoint replaces every weight, so no
+    # ImageNet file is read.
+    model = build_model(spec.model, num_classes=2, dropout=config.train.dropout, weights=None)
     best = torch.load(Path(run_dir) / BEST_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(best["state_dict"])
     return model.eval(), config
+
+
+def target_layer(arm: str) -> str:
+    """The module GradCAM reads for an arm: its model's deepest block (stride 32), the last the head sees."""
+    return probe_depths(parse_arm(arm).model)[-1]
 
 
 def pointing_game(maps: np.ndarray, masks: np.ndarray, patient_keys: Sequence[str], *,
@@ -201,7 +208,8 @@ def _arm_panel(arm: str, run_dir: Path, *, images: np.ndarray, slices: list[Sele
         return ArmSaliency(arm=arm, available=False, note=LINEAR_PROBE_NO_MAP, probs=probs)
     model, config = loaded
     started = time.perf_counter()
-    maps = network_maps(model, images, config.train.image_size, RESNET_TARGET_LAYER)
+    layer = target_layer(config.arm)
+    maps = network_maps(model, images, config.train.image_size, layer)
     seconds = time.perf_counter() - started
     overlays = [overlay_thumbnail(np.asarray(images[i, 0], dtype=np.float32), maps[i],
                                   f"{arm} · p(nodule) = {probs[i]:.2f} · image {short_key(s.image_key)}")
@@ -209,9 +217,9 @@ def _arm_panel(arm: str, run_dir: Path, *, images: np.ndarray, slices: list[Sele
     game = None
     if pointing is not None:
         point_images, masks, patients = pointing
-        point_maps = network_maps(model, point_images, config.train.image_size, RESNET_TARGET_LAYER)
+        point_maps = network_maps(model, point_images, config.train.image_size, layer)
         game = pointing_game(point_maps, masks, patients, seed=seed)
-    return ArmSaliency(arm=arm, available=True, target_layer=RESNET_TARGET_LAYER, overlays=overlays, probs=probs,
+    return ArmSaliency(arm=arm, available=True, target_layer=layer, overlays=overlays, probs=probs,
                        seconds=round(seconds, 3), pointing_game=game)
 
 
@@ -252,9 +260,10 @@ def build_visual_summary(*, dataset_dir: Path, arm_runs: dict[str, Path], n_slic
         by_key = {row.image_key: row.prob_positive for row in predictions[arm]}
         arms.append(_arm_panel(arm, Path(run_dir), images=images, slices=slices,
                                probs=[round(by_key[s.image_key], 4) for s in slices], pointing=pointing, seed=seed))
+    layers = ", ".join(sorted({a.target_layer for a in arms if a.target_layer})) or "each model's deepest block"
     thumbs = [gray_thumbnail(images[i, 0], f"{s.label} · {SELECTION_REASON_TEXT[s.reason]} · image "
                                            f"{short_key(s.image_key)}")
               for i, s in enumerate(slices)]
     return VisualSummary(dataset=dataset_gallery(dataset.images, dataset.manifest, seed=seed), slices=slices,
                          images=thumbs, arms=arms, lesions_known=pointing is not None,
-                         method=f"GradCAM (monai.visualize) at {RESNET_TARGET_LAYER}, positive class", seed=seed)
+                         method=f"GradCAM (monai.visualize) at {layers}, positive class", seed=seed)
