@@ -26,7 +26,6 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 
 from data_schemas.arms import parse_arm
 from data_schemas.files import read_model_json, read_models_csv
@@ -89,6 +88,9 @@ def saliency_maps(model: torch.nn.Module, images: torch.Tensor, target_layer: st
 
     images: (N, C, H, W), exactly what the model takes (normalised). The model is left in eval mode.
     """
+    # imported where it runs: every command that imports this module would otherwise load MONAI at start-up
+    from monai.visualize import GradCAM
+
     model.eval()
     cam = GradCAM(nn_module=model, target_layers=target_layer, postprocessing=_unit_range)
     out = []
