@@ -235,7 +235,8 @@ def test_unlabelled_nightly_warns_and_the_weekly_names_the_labels_to_give(stack:
 def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: PrefectStack, tmp_path: Path) -> None:
     """The two scheduled deployments chained through a real worker, the weekly comparison with one arm skipped (no
     ImageNet weights): the skipped arm's task run and the comparison are not green, the link artifact is an http
-    address on the report server that returns the report, and the training published its progress."""
+    address on the report server that returns the report, and the training published its progress. The completed arm is
+    a ResNet-18 from scratch: chaining, states and links are the same for every model."""
     import httpx
 
     from tasks.demo.synth import synthesize_cohort
@@ -249,7 +250,8 @@ def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: Prefect
 
     out_dir = stack.reports_root / "weekly"
     result, flow_run_id = stack.run_deployment("compare/weekly", {
-        "source": str(dataset), "out_dir": str(out_dir), "profile": "smoke", "arms": '["scratch", "imagenet"]',
+        "source": str(dataset), "out_dir": str(out_dir), "profile": "smoke",
+        "arms": '["resnet18:scratch", "imagenet"]',
         "bootstrap": "10", "calibrate": "false", "settings": '{"download_weights": "false"}',
     })
     assert result.returncode == 0 and flow_run_id, result.stdout
@@ -259,7 +261,7 @@ def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: Prefect
     tasks = {t["name"]: t["state"] for t in stack.final_task_runs(flow_run_id, "train-")}
     assert (tasks["train-imagenet-main"]["type"], tasks["train-imagenet-main"]["name"]) == ("CANCELLED", "Skipped")
     assert "weights" in tasks["train-imagenet-main"]["message"]
-    assert tasks["train-scratch-main"]["type"] == "COMPLETED"
+    assert tasks["train-resnet18-scratch-main"]["type"] == "COMPLETED"
 
     artifacts = stack.artifacts(flow_run_id)
     keyed = {a["key"]: a for a in artifacts if a.get("key")}
@@ -279,7 +281,8 @@ def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: Prefect
     # the prediction and the calibration it used, once, in the comparison's own run (not only in its cost subflow)
     assert sum(m.startswith("Predicted wall time of this comparison") for m in messages) == 1, messages[:20]
     assert sum(m.startswith("The wall-time prediction used ") for m in messages) == 1, messages[:20]
-    assert any(m.startswith("train-scratch-main: Finished in state Completed") for m in messages), messages[-20:]
+    finished = "train-resnet18-scratch-main: Finished in state Completed"
+    assert any(m.startswith(finished) for m in messages), messages[-20:]
     assert any("epoch 1/" in message for message in messages), messages[-20:]
     identifiers = [value for value in cohort.identifiers if len(value) >= 6]
     leaked = [value for value in identifiers if any(value in message for message in messages)]
@@ -287,6 +290,7 @@ def test_nightly_then_weekly_tells_the_truth_and_links_the_report(stack: Prefect
 
 
 def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: PrefectStack, tmp_path: Path) -> None:
+    """The arm is a ResNet-18: the subject is the hand-over to the pool, which is the same for every model."""
     from tasks.demo.synth import synthesize_cohort
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=8, slices_per_patient=2, seed=1, matrix_sizes=(64,))
@@ -294,7 +298,7 @@ def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: Prefec
     before = {run["id"] for run in stack.flow_runs_of("train/arm")}
     result, flow_run_id = stack.run_deployment("compare/on-demand", {
         "source": str(cohort.dicom_dir), "labels": str(cohort.labels_path), "out_dir": str(out_dir),
-        "profile": "smoke", "arms": '["scratch"]', "image_size": "64", "bootstrap": "10", "calibrate": "false",
+        "profile": "smoke", "arms": '["resnet18:scratch"]', "image_size": "64", "bootstrap": "10", "calibrate": "false",
         "train_deployment": "train/arm",
     })
     assert result.returncode == 0 and flow_run_id, result.stdout
@@ -302,6 +306,6 @@ def test_comparison_hands_each_arm_to_the_pool_as_its_own_flow_run(stack: Prefec
     assert flow_run["state"]["type"] == "COMPLETED", stack.log_tail("worker")
     train_runs = [run for run in stack.flow_runs_of("train/arm") if run["id"] not in before]
     assert len(train_runs) == 1 and train_runs[0]["state"]["type"] == "COMPLETED"
-    assert train_runs[0]["parameters"]["run"] == "runs/scratch/main"
+    assert train_runs[0]["parameters"]["run"] == "runs/resnet18-scratch/main"
     results = json.loads((out_dir / "results.json").read_text())
     assert [arm["status"] for arm in results["arms"]] == ["completed"]
