@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 RERUN_GOAL, SHIP_SHARE_GOAL = 0.15, 0.20
 SHIPPED = re.compile(r"Shipped \d+ arm\(s\) in ([0-9.]+) s")
 TRAINED = re.compile(r"Training stage: \d+ run\(s\) in ([0-9.]+) s")
+SHIP_PIECES = re.compile(r"([\w-]+: package, deployment cost and MONAI bundle in [0-9.]+ s"
+                         r"|the compressed variant and its comparison [0-9.]+ s)")
 KEPT = "Nothing the report is made from has changed"
 
 
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Prefect API: " + ("a project server running beforehand (make server), as the project is operated"
                              if args.server else "none running, so each command starts Prefect's temporary server"))
     print(f"first run     {first:7.1f} s wall (training stage {train:.1f} s, ship-arms {ship:.1f} s)")
+    print("ship-arms pieces (first run): " + ("; ".join(SHIP_PIECES.findall(first_output)) or "not logged"))
     print(f"re-run        {again:7.1f} s wall (evaluation, packages and report kept: {kept})")
     print(f"re-run / first run: {again / first:.3f} (goal <= {RERUN_GOAL})")
     print(f"ship-arms / training stage (first run): {ship / train:.3f} (goal <= {SHIP_SHARE_GOAL})")

@@ -105,10 +105,13 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
     threshold = point.patient_thresholds[0] if usable and point is not None else 0.5
     rule = plan.evaluation.operating_point if usable else "fixed:0.5 (fallback: no usable validation predictions)"
     metrics = package_metrics(arm, results.evaluation.mode)
+    started = time.perf_counter()
     shipped = ship_run(run_dir=run_dir, dataset_dir=dataset_dir, threshold=threshold, threshold_rule=rule,
                        aggregation=plan.evaluation.aggregation,
                        metrics=metrics.model_dump() if metrics is not None else None,
                        weights_path=environment.weights, budget_seconds=budget_seconds, shared=shared)
+    get_run_logger().info("%s: package, deployment cost and MONAI bundle in %.1f s", arm.name,
+                          time.perf_counter() - started)
     return arm.model_copy(update={"deployment": shipped.cost,
                                   "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
 
@@ -156,15 +159,16 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
             )
             arms.append(arm)
     shipped = results.model_copy(update={"arms": arms})
+    compressing = time.perf_counter()
     try:
         compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir,
                                            budget_seconds=budget)
     except Exception as error:  # noqa: BLE001
         logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         compressed = None
-    logger.info(
-        "Shipped %d arm(s) in %.1f s", sum(a.deployment is not None for a in arms), time.perf_counter() - started
-    )
+    logger.info("Shipped %d arm(s) in %.1f s, the compressed variant and its comparison %.1f s of it",
+                sum(a.deployment is not None for a in arms), time.perf_counter() - started,
+                time.perf_counter() - compressing)
     if compressed is None:
         return shipped
     return shipped.model_copy(update={"compression": compressed[0], "compression_package_dir": compressed[1]})
