@@ -36,8 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from data_schemas.files import atomic_write_bytes, atomic_write_text
@@ -294,9 +292,3 @@ def _license_text(meta: ModelPackageMeta) -> str:
         f" (arm {meta.arm}); their use is governed by the owner's terms for that data. ImageNet-initialised arms "
         "also carry the terms of the torchvision ImageNet weights.\n"
     )
-
-
-@task(name="write-monai-bundle", cache_policy=NO_CACHE)
-def write_bundle_task(package_dir: Path, out_dir: Path) -> Path:
-    """The package as a MONAI bundle beside it."""
-    return write_bundle(package_dir, out_dir)
