@@ -31,11 +31,12 @@ orthanc:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
 	else echo "orthanc: not installed and not root; the PACS tests (tests/pacs) will be skipped"; fi
 
-# Parallel: one pytest-xdist worker per core (at most TEST_WORKERS, default 4), whole files per worker so that each
-# file's module fixtures (cohorts, trained tiny runs) are built once; the heaviest files start first (tests/conftest.py).
-TEST_WORKERS ?= 4
+# Parallel: one pytest-xdist worker per core plus one (many tests wait on servers and subprocesses; the extra worker
+# uses that time), each test process on one torch thread; whole files per worker so that each file's module fixtures
+# (cohorts, trained tiny runs) are built once; the heaviest files start first (tests/conftest.py).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install orthanc
-	$(BIN)/python -m pytest -q -n auto --maxprocesses $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install  ## ruff: pyflakes, pycodestyle, import order (settings: pyproject.toml [tool.ruff])
 	$(BIN)/ruff check .

@@ -4,9 +4,9 @@ The suite runs in parallel (`make test`: pytest-xdist). Each worker is its own p
 so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own Prefect test API on a free
 port with its own database, its own cost caches (CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a
 test writes is shared with another worker. Every test process, and every process a test starts, runs torch (OpenMP,
-MKL) on one thread: the suite already runs one process per core, and more compute threads than cores make OpenMP's
-spinning threads compete with each other (docs/benchmarks.md gives the measured cost). One thread also makes every
-tiny model a test trains the same on a machine with any number of cores.
+MKL) on one thread: the suite already runs about one process per core, and more compute threads than cores make
+OpenMP's spinning threads compete with each other (docs/benchmarks.md gives the measured cost). One thread also makes
+every tiny model a test trains the same on a machine with any number of cores.
 """
 
 from __future__ import annotations
