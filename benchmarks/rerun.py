@@ -38,27 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.weights_files import random_torchvision_file  # noqa: E402  (the weights file the tests use)
+
 RERUN_GOAL, SHIP_SHARE_GOAL = 0.15, 0.20
 SHIPPED = re.compile(r"Shipped \d+ arm\(s\) in ([0-9.]+) s")
 TRAINED = re.compile(r"Training stage: \d+ run\(s\) in ([0-9.]+) s")
 SHIP_PIECES = re.compile(r"([\w-]+: package, deployment cost and MONAI bundle in [0-9.]+ s"
                          r"|the compressed variant and its comparison [0-9.]+ s)")
 KEPT = "Nothing the report is made from has changed"
-
-
-def weights_file(directory: Path) -> Path:
-    """A torchvision-format ResNet-50 state dict named like torchvision's files (SHA-256 prefix in the name)."""
-    import torch
-    from torchvision.models import resnet50
-
-    from data_schemas.files import sha256_file
-
-    torch.manual_seed(7)
-    tmp = directory / "resnet50.tmp"
-    torch.save(resnet50(weights=None).state_dict(), tmp)
-    path = directory / f"resnet50-{sha256_file(tmp)[:8]}.pth"
-    tmp.rename(path)
-    return path
 
 
 def environment(root: Path) -> dict[str, str]:
@@ -157,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     cohort = synthesize_cohort(root / "cohort", patients=args.patients, slices_per_patient=args.slices, seed=0)
     command = [sys.executable, "-m", "flows.cli", "compare", str(cohort.dicom_dir), "--labels",
                str(cohort.labels_path), "--out", str(root / "report"), "--profile", "smoke",
-               "--weights", str(weights_file(root)), "--set", "download_weights=false"]
+               "--weights", str(random_torchvision_file(root)), "--set", "download_weights=false"]
     env = environment(root)
     server = start_project_server(env) if args.server else None
     try:

@@ -78,15 +78,6 @@ def resnet50_weights_file(tmp_path_factory: pytest.TempPathFactory):
 
     Random weights: no test touches the network, and the loading code is the same as for the real file.
     """
-    import torch
-    from torchvision.models import resnet50
+    from tests.weights_files import random_torchvision_file
 
-    from data_schemas.files import sha256_file
-
-    directory = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(7)
-    tmp = directory / "resnet50.tmp"
-    torch.save(resnet50(weights=None).state_dict(), tmp)
-    path = directory / f"resnet50-{sha256_file(tmp)[:8]}.pth"
-    tmp.rename(path)
-    return path
+    return random_torchvision_file(tmp_path_factory.mktemp("weights"), "resnet50", seed=7)

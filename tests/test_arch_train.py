@@ -22,6 +22,7 @@ from data_schemas.training import (
 )
 from tasks.training.train import train_arm, weights_file_for
 from tests.test_train import _cli, make_synthetic_dataset
+from tests.weights_files import random_torchvision_file
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +32,11 @@ def dataset_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _torchvision_file(directory: Path, model: str, seed: int) -> Path:
-    """A torchvision-format state dict of `model` (random weights) named '<model>-<SHA-256 prefix>.pth'."""
-    import torchvision.models as tvm
-
-    torch.manual_seed(seed)
-    tmp = directory / f"{model}.tmp"
-    torch.save(getattr(tvm, model)(weights=None).state_dict(), tmp)
-    path = directory / f"{model}-{sha256_file(tmp)[:8]}.pth"
-    tmp.rename(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("weights-dir")
-    _torchvision_file(directory, "resnet18", 1)
-    _torchvision_file(directory, "mobilenet_v3_large", 2)
+    random_torchvision_file(directory, "resnet18", 1)
+    random_torchvision_file(directory, "mobilenet_v3_large", 2)
     return directory
 
 

@@ -29,15 +29,7 @@ from tasks.training.weights import (
     sum_rgb_conv1,
     weights_file_name,
 )
-
-
-def _save_hashed(state: dict, directory: Path, stem: str = "resnet50") -> Path:
-    """Save like torchvision names its files: <stem>-<first 8 hex of SHA-256>.pth."""
-    tmp = directory / f"{stem}.tmp"
-    torch.save(state, tmp)
-    path = directory / f"{stem}-{sha256_file(tmp)[:8]}.pth"
-    tmp.rename(path)
-    return path
+from tests.weights_files import save_hashed
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def rgb_state():
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory, rgb_state):
-    return _save_hashed(rgb_state, tmp_path_factory.mktemp("weights"))
+    return save_hashed(rgb_state, tmp_path_factory.mktemp("weights"))
 
 
 def test_scratch_model_shape_and_init():
@@ -259,7 +251,7 @@ def _rgb_state(model: str) -> dict[str, torch.Tensor]:
 def rgb_file(request, tmp_path_factory) -> tuple[str, dict[str, torch.Tensor], Path]:
     """(model, its RGB state dict, that state saved under a torchvision-style hashed name), once per model."""
     state = _rgb_state(request.param)
-    return request.param, state, _save_hashed(state, tmp_path_factory.mktemp("rgb"), stem=request.param)
+    return request.param, state, save_hashed(state, tmp_path_factory.mktemp("rgb"), stem=request.param)
 
 
 def _stem(net: torch.nn.Module, model: str, x: torch.Tensor) -> torch.Tensor:
