@@ -19,7 +19,7 @@ from tasks.packaging.predict import predict_dataset, predict_images, prepare_mod
 from tasks.packaging.quantize import int8_engine, write_compressed_package
 from tasks.training.models import build_model, forward_flops_per_image
 from tests.ship_fixtures import ShippedRun, run_probabilities, shared_shipped_run, train_smoke_run
-from tests.test_arch_train import _torchvision_file
+from tests.weights_files import random_torchvision_file
 
 BUDGET_S = 0.2  # deployment-cost timing per package: the figures are not what is tested
 ARMS = ["resnet50:imagenet", *(f"{model}:{mode}" for model in ("resnet18", "mobilenet_v3_large")
@@ -34,8 +34,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> ShippedRun:
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("every-model-weights")
-    _torchvision_file(directory, "resnet18", 1)
-    _torchvision_file(directory, "mobilenet_v3_large", 2)
+    random_torchvision_file(directory, "resnet18", 1)
+    random_torchvision_file(directory, "mobilenet_v3_large", 2)
     return directory
 
 
