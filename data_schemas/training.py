@@ -5,7 +5,8 @@ A run folder (one arm, one fold) holds, all validated by the classes below:
                         hash, split file hash, weights identity, device, precision, and its own config_hash
     metrics.csv         EpochMetrics rows, one per finished epoch (rewritten atomically from the checkpoint)
     checkpoint_last.pt  torch checkpoint after every finished epoch (atomic; model, optimizer, step, history,
-                        early-stopping state, best weights when they are not the current ones)
+                        early-stopping state, best weights when they are not the current ones); removed once the
+                        run is completed (a completed run is not resumed)
     best.pt             {"state_dict", "epoch", "val_auc", "val_loss", "config_hash", "arm", "classes"}: weights
                         of the best epoch (chosen by TrainConfig.early_stopping_monitor)
     predictions.csv     PredictionRow per test image (hashed keys only), from the best epoch's weights

@@ -142,10 +142,12 @@ def test_scratch_arm_end_to_end_via_cli(dataset_dir, runs, capsys):
     assert all(m.train_loss is not None and m.images_per_second > 0 and m.lr_head is not None for m in metrics)
     assert "completed" in capsys.readouterr().out
 
+    # a completed run is not resumed, so its checkpoint (several times best.pt's size) is gone
+    assert not (run_dir / CHECKPOINT_FILE).exists()
     # a second run with the same configuration is not trained again
-    stamp = (run_dir / CHECKPOINT_FILE).stat().st_mtime_ns
+    stamp = (run_dir / BEST_FILE).stat().st_mtime_ns
     assert _cli(["train", str(dataset_dir), "--arm", "scratch", "--out", str(run_dir), "--profile", "smoke"]) == 0
-    assert (run_dir / CHECKPOINT_FILE).stat().st_mtime_ns == stamp
+    assert (run_dir / BEST_FILE).stat().st_mtime_ns == stamp
 
 
 def test_best_checkpoint_is_the_best_epoch(dataset_dir, runs):

@@ -23,6 +23,7 @@ from tasks.training.loop import (
 from tasks.training.run_context import RunContext, fmt_metric, write_run_timing
 from tasks.training.run_folder import (
     clear_training_files,
+    drop_checkpoint,
     load_checkpoint,
     save_checkpoint,
     write_best,
@@ -143,7 +144,7 @@ def train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], N
     test_auc = auc_or_none(data.y["test"].numpy(), probs["test"])
     _logger().info("%s: done, best epoch %s (val loss %s, val AUC %s), test AUC %s", ctx.arm, state.best_epoch,
                    fmt_metric(state.best_val_loss), fmt_metric(state.best_val_auc), fmt_metric(test_auc))
-    return ctx.status(
+    summary = ctx.status(
         "completed",
         epochs_run=len(state.history),
         best_epoch=state.best_epoch,
@@ -151,3 +152,5 @@ def train_network(ctx: RunContext, resume: bool, on_epoch_end: Callable[[int], N
         test_auc=test_auc,
         wall_seconds=time.perf_counter() - ctx.started,
     )
+    drop_checkpoint(ctx.run_dir)  # after status.json: a crash in between leaves a resumable, not a broken, folder
+    return summary

@@ -128,6 +128,12 @@ def clear_training_files(run_dir: Path) -> None:
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 
+def drop_checkpoint(run_dir: Path) -> None:
+    """Remove checkpoint_last.pt once the run is completed: a completed run is never resumed, and the checkpoint
+    (weights, optimizer moments and the best epoch's weights) is several times the size of best.pt."""
+    (Path(run_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
 def write_best(run_dir: Path, *, state_dict: dict[str, torch.Tensor], epoch: int, val_auc: float | None,
                val_loss: float | None, config_hash: str, arm: str, classes: list[str]) -> None:
     """best.pt: the weights of the selected epoch."""
