@@ -30,6 +30,7 @@ from data_schemas.base import StrictModel
 
 COST_SCHEMA_VERSION = "1.1"  # 1.1: estimates only (no `actual`), ArmCost.n_images and head_warmup_epochs
 COST_FILE = "cost.json"
+WALL_TIME_CORRECTION_FILE = "wall_time_correction.json"
 DEVICE_CATALOGUE_FILE = "devices.json"
 THIS_MACHINE = "this-machine"
 
@@ -332,6 +333,19 @@ class WallTimeEstimate(StrictModel):
     stages: list[StageTime]
     formula: str
     notes: list[str] = Field(default_factory=list)
+
+
+class WallTimeCorrection(StrictModel):
+    """wall_time_correction.json beside cost.json: the comparison's predicted wall time corrected by a training run's
+    first epoch, when that epoch disagreed with the calibration (tasks.cost.first_epoch). cost.json keeps the
+    prediction made before training; this file is what the progress shown in the UI counts down to."""
+
+    arm: str
+    run_dir: str
+    ratio: float = Field(gt=0, description="the first epoch's measured training time / its prediction")
+    seconds_min: float = Field(ge=0, description="the corrected wall time of the comparison, earliest stops")
+    seconds_max: float = Field(ge=0, description="the corrected wall time of the comparison, every epoch")
+    measured_at: float = Field(description="when the epoch was judged, seconds since the epoch (time.time())")
 
 
 class CostReport(StrictModel):

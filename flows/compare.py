@@ -160,7 +160,7 @@ def compare_flow(
         dataset_dir = ingest_source(src, out, labels=labels, size=max([ingest_size, *plan.sizes]),
                                     new_folder_per_run=new_folder_per_run)
         plan, plan_path, n_train = plan_with_split(plan, dataset_dir=dataset_dir, report_dir=report_dir)
-        stages = ComparisonProgress(len(plan.runs))
+        stages = ComparisonProgress(len(plan.runs), report_dir)
         estimate_cost(plan, environment, n_train, report_dir=report_dir, calibrate=calibrate, stages=stages)
         train_all(plan=plan, environment=environment, plan_path=plan_path, dataset_dir=dataset_dir,
                   parallel_arms=parallel_arms, train_deployment=train_deployment, stages=stages)

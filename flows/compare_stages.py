@@ -24,6 +24,7 @@ from reports.render import render_report, update_index
 from reports.wording import word_results
 from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
+from tasks.cost.first_epoch import corrected_wall_time
 from tasks.cost.wall_time import wall_time_plan
 from tasks.evaluation.evaluate import ArmRunFolders, build_results
 from tasks.evaluation.runs import is_linear
@@ -189,21 +190,29 @@ def visual_summary(
 
 class ComparisonProgress:
     """The comparison's progress artifact on its own run page: its stages and each training run, with time left:
-    from the cost stage on, until the predicted wall time (its every-epoch end) runs out, the prediction's;
-    otherwise at the pace of the steps so far."""
+    from the cost stage on, until the predicted wall time (its every-epoch end) runs out, the prediction's, or the
+    prediction as a training run's first epoch corrected it (wall_time_correction.json); otherwise at the pace of the
+    steps so far."""
 
-    def __init__(self, n_runs: int) -> None:
+    def __init__(self, n_runs: int, report_dir: Path | None = None) -> None:
         self.done, self.total = 0, n_runs + 4  # cost, the runs, evaluation, packages and pictures, the report
         self.bar = RunProgress(f"comparison: {n_runs} training run(s) planned")
+        self.report_dir = report_dir
+        self.started_at: float | None = None
         self.predicted_end: float | None = None
 
     def expect(self, estimate: WallTimeEstimate | None, started_at: float) -> None:
         """The predicted wall time of the comparison that started at started_at (epoch seconds)."""
+        self.started_at = started_at
         self.predicted_end = started_at + estimate.seconds_max if estimate is not None else None
 
     def advance(self, what: str) -> None:
         """One more stage (or training run) finished: `what` it was."""
         self.done += 1
+        if self.report_dir is not None and self.started_at is not None:
+            correction = corrected_wall_time(self.report_dir, since=self.started_at)
+            if correction is not None:
+                self.predicted_end = self.started_at + correction.seconds_max
         left = self.predicted_end - time.time() if self.predicted_end is not None else None
         self.bar.update(self.done, self.total, f"comparison: {what} ({self.done}/{self.total} steps)",
                         left_s=left if left is not None and left > 0 else None)

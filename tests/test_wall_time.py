@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
 import resnet50_by_hand as hand
 
-from data_schemas.cost import COST_FILE, Calibration, CalibrationCache, CostReport, PlannedRunWork, WallTimePlan
+from data_schemas.cost import (
+    COST_FILE,
+    WALL_TIME_CORRECTION_FILE,
+    Calibration,
+    CalibrationCache,
+    CostReport,
+    PlannedRunWork,
+    WallTimePlan,
+)
 from data_schemas.plan import RunEnvironment, build_run_plan
 from reports.cost_tables import markdown_table, wall_time_line
 from tasks.cost import (
@@ -280,7 +289,7 @@ def _first_epoch_folder(report: CostReport, root: Path, train_seconds: float) ->
 def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached_calibration(
     report: CostReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tasks.cost.first_epoch import _span as span, first_epoch_watch
+    from tasks.cost.first_epoch import _span as span, corrected_wall_time, first_epoch_watch
 
     full = hand.full_training_flops(SIZE, 1, 2)
     predicted_first = 400 * full / RATE + WARMUP  # the calibration's compute for the epoch's 400 images + warm-up
@@ -291,9 +300,10 @@ def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached
     caplog.set_level(logging.INFO, logger="test.first_epoch")
     watch = first_epoch_watch(plan_path, run, logger)
     assert watch is not None
-    watch(2)  # not the first epoch: nothing judged
+    assert watch(2) is None  # not the first epoch: nothing judged
     assert not caplog.records
-    watch(1)
+    judged_after = time.time()
+    check = watch(1)
     [record] = caplog.records
     text = record.getMessage()
     assert record.levelno == logging.WARNING and "2.00x, more than 20% off" in text, text
@@ -312,6 +322,34 @@ def test_a_first_epoch_twice_as_slow_corrects_the_estimates_and_drops_the_cached
     assert "the cached calibration is dropped" in text
     cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
     assert calibration.key not in cache.entries
+    # the progress bars count down to the corrected figures: the run's from the check, the comparison's from the file
+    assert check is not None and check.rest_left_s() == pytest.approx(2 * 9 * epoch, rel=1e-6)
+    correction = corrected_wall_time(tmp_path, since=judged_after)
+    assert correction is not None and (correction.arm, correction.run_dir) == ("scratch", run)
+    assert (correction.seconds_min, correction.seconds_max) == pytest.approx((low, high), rel=1e-9)
+    assert corrected_wall_time(tmp_path, since=time.time() + 60) is None  # one left by an earlier comparison
+
+
+def test_the_comparisons_progress_counts_down_to_the_corrected_wall_time(tmp_path: Path) -> None:
+    """ComparisonProgress: the prediction's end until a first epoch of this comparison corrects it; a correction an
+    earlier comparison left in the folder is ignored."""
+    from data_schemas.cost import StageTime, WallTimeCorrection, WallTimeEstimate
+    from data_schemas.files import write_model_json
+    from flows.compare_stages import ComparisonProgress
+
+    started = time.time()
+    training = StageTime(stage="training scratch", seconds_min=80, seconds_max=280, basis="rate x work")
+    estimate = WallTimeEstimate(seconds_min=100.0, seconds_max=300.0, formula="f", stages=[training])
+    progress = ComparisonProgress(2, tmp_path)
+    progress.expect(estimate, started)
+    stale = WallTimeCorrection(arm="scratch", run_dir="runs/scratch/main", ratio=2.0, seconds_min=180.0,
+                               seconds_max=580.0, measured_at=started - 3600.0)
+    write_model_json(tmp_path / WALL_TIME_CORRECTION_FILE, stale)
+    progress.advance("cost estimated")
+    assert progress.predicted_end == started + 300.0
+    write_model_json(tmp_path / WALL_TIME_CORRECTION_FILE, stale.model_copy(update={"measured_at": started + 5.0}))
+    progress.advance("training run runs/scratch/main finished")
+    assert progress.predicted_end == started + 580.0
 
 
 def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibration(
@@ -323,9 +361,11 @@ def test_a_first_epoch_within_20_percent_leaves_the_prediction_and_the_calibrati
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "cache"))
     plan_path, run, calibration = _first_epoch_folder(report, tmp_path, train_seconds=1.15 * predicted_first)
     caplog.set_level(logging.INFO, logger="test.first_epoch")
-    first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
+    check = first_epoch_watch(plan_path, run, logging.getLogger("test.first_epoch"))(1)
     [record] = caplog.records
     assert record.levelno == logging.INFO and "within 15%, the prediction stands" in record.getMessage()
+    assert check is not None and check.rest_left_s() == check.rest_s[1]  # the bar keeps the prediction
+    assert not (tmp_path / WALL_TIME_CORRECTION_FILE).exists()
     cache = CalibrationCache.model_validate(json.loads((tmp_path / "cache" / "calibration.json").read_text()))
     assert calibration.key in cache.entries
     assert first_epoch_watch(tmp_path / "elsewhere" / "plan.json", run, logging.getLogger("x")) is None  # no cost.json

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_schemas.cost import COST_FILE, THIS_MACHINE, CostReport, PlannedRunWork
-from data_schemas.files import read_model_json, read_models_csv
+from data_schemas.cost import (
+    COST_FILE,
+    THIS_MACHINE,
+    WALL_TIME_CORRECTION_FILE,
+    CostReport,
+    PlannedRunWork,
+    WallTimeCorrection,
+)
+from data_schemas.files import read_model_json, read_models_csv, write_model_json
 from data_schemas.plan import RunPlan, read_plan
 from data_schemas.training import CONFIG_FILE, METRICS_FILE, STATUS_FILE, EpochMetrics, RunConfig, RunSummary
 from tasks.cost.calibration import PROBE_TOLERANCE, describe_calibration, forget_calibration
@@ -75,6 +83,10 @@ class FirstEpochCheck:
     def corrected_total_s(self) -> tuple[float, float]:
         """The comparison's prediction with its training scaled by the measured ratio."""
         return tuple(total + (self.ratio - 1.0) * train for total, train in zip(self.total_s, self.training_s))
+
+    def rest_left_s(self) -> float:
+        """This run's remaining epochs, all of them, at the measured pace when it disagrees (else as predicted)."""
+        return self.rest_s[1] * (self.ratio if self.disagrees else 1.0)
 
     def sentence(self, calibration_dropped: bool) -> str:
         """What the log says: agreement, or the corrected estimates and what happens to the calibration."""
@@ -154,10 +166,11 @@ def _others_training(plan: RunPlan, report_dir: Path, run: str) -> bool:
 
 
 def first_epoch_watch(plan_path: Path, run: str, log: logging.Logger | logging.LoggerAdapter,
-                      ) -> Callable[[int], None] | None:
+                      ) -> Callable[[int], FirstEpochCheck | None] | None:
     """For a training run's on_epoch_end: after epoch 1, the check above against the cost.json beside the plan (a
-    comparison's), said in `log`, and the cached calibration dropped when they disagree. None without a cost.json
-    holding a prediction and a calibration."""
+    comparison's), said in `log` and returned. When they disagree, the cached calibration is dropped and the
+    corrected prediction written to wall_time_correction.json beside cost.json (the comparison's progress counts
+    down to it). None without a cost.json holding a prediction and a calibration."""
     report_dir = Path(plan_path).resolve().parent
     try:
         report = read_model_json(report_dir / COST_FILE, CostReport)
@@ -168,20 +181,38 @@ def first_epoch_watch(plan_path: Path, run: str, log: logging.Logger | logging.L
     if report.calibration is None or report.wall_time is None:
         return None
 
-    def after_epoch(epoch: int) -> None:
+    def after_epoch(epoch: int) -> FirstEpochCheck | None:
         if epoch != 1:  # only a run's own first epoch (a resumed run starts later)
-            return
+            return None
         try:
             config = read_model_json(run_dir / CONFIG_FILE, RunConfig)
             first = read_models_csv(run_dir / METRICS_FILE, EpochMetrics)[0]
         except (OSError, ValueError, IndexError):
-            return
+            return None
         check = check_first_epoch(report, config, first)
         if check is None or _others_training(plan, report_dir, run):
-            return
+            return None
         if not check.disagrees:
             log.info("%s", check.sentence(calibration_dropped=False))
-            return
+            return check
         log.warning("%s", check.sentence(calibration_dropped=forget_calibration(report.calibration)))
+        low, high = check.corrected_total_s()
+        try:
+            write_model_json(report_dir / WALL_TIME_CORRECTION_FILE, WallTimeCorrection(
+                arm=check.arm, run_dir=run, ratio=check.ratio, seconds_min=low, seconds_max=high,
+                measured_at=time.time()))
+        except OSError as error:  # the log already says it; a progress bar is never worth a failed run
+            log.debug("%s not written: %s", WALL_TIME_CORRECTION_FILE, error)
+        return check
 
     return after_epoch
+
+
+def corrected_wall_time(report_dir: Path, since: float) -> WallTimeCorrection | None:
+    """The comparison's wall time as corrected by a first epoch judged at or after `since` (this comparison's
+    start), or None: no correction yet, or one left by an earlier comparison in the folder."""
+    try:
+        correction = read_model_json(Path(report_dir) / WALL_TIME_CORRECTION_FILE, WallTimeCorrection)
+    except (OSError, ValueError):
+        return None
+    return correction if correction.measured_at >= since else None

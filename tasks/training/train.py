@@ -218,9 +218,10 @@ def train_arm_task(
     first_epoch_check = first_epoch_watch(Path(plan_path), run, _logger())  # a comparison's cost.json: else None
 
     def on_epoch_end(epoch: int) -> None:
-        bar.update(epoch, epochs, f"{arm}: epoch {epoch}/{epochs} trained and validated")
-        if first_epoch_check is not None:
-            first_epoch_check(epoch)
+        check = first_epoch_check(epoch) if first_epoch_check is not None else None
+        # after the first epoch, the time left is the calibration's, corrected when the epoch disagreed with it
+        bar.update(epoch, epochs, f"{arm}: epoch {epoch}/{epochs} trained and validated",
+                   left_s=check.rest_left_s() if check is not None else None)
 
     summary = train_arm(dataset_dir=dataset_dir, plan_path=plan_path, run=run, weights_path=weights_path,
                         resume=resume, weights_dir=weights_dir, on_epoch_end=on_epoch_end if epochs else None)
