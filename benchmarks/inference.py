@@ -68,7 +68,7 @@ def make_package(root: Path, size: int) -> tuple[Path, Path]:
 @torch.inference_mode()
 def bare_loop(model: PackagedModel, x: torch.Tensor, *, warmup: int, runs: int) -> float:
     """Seconds per forward: one perf_counter pair around `runs` forwards after `warmup` untimed ones."""
-    with model.runtime.autocast():
+    with model.runtime.threads(), model.runtime.autocast():
         for _ in range(warmup):
             model.module(x)
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from tasks.evaluation.evaluate import ArmRunFolders, build_results
 from tasks.evaluation.runs import is_linear
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
-from tasks.packaging.package import package_metrics
+from tasks.packaging.package import LoadedPackage, package_metrics
 from tasks.packaging.ship import SameNetworkWork, compress_and_compare, ship_run
 from tasks.saliency.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
@@ -96,9 +96,10 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
 
 
 def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
-              report_dir: Path, dataset_dir: Path, budget_seconds: float, shared: SameNetworkWork) -> ArmResult:
+              report_dir: Path, dataset_dir: Path, budget_seconds: float,
+              shared: SameNetworkWork) -> tuple[ArmResult, LoadedPackage]:
     """Package the arm's main run at its validation-chosen patient threshold, measure what it costs to run and
-    write it as a MONAI bundle too (tasks.packaging.ship.ship_run)."""
+    write it as a MONAI bundle too (tasks.packaging.ship.ship_run); with the package as written."""
     run_dir = report_dir / plan.main_run(arm.name).run_dir
     point = arm.operating_point
     usable = point is not None and point.source != "fallback" and bool(point.patient_thresholds)
@@ -113,21 +114,29 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
                        weights_path=environment.weights, budget_seconds=budget_seconds, shared=shared)
     get_run_logger().info("%s: package, deployment cost and MONAI bundle in %.1f s", arm.name,
                           time.perf_counter() - started)
-    return arm.model_copy(update={"deployment": shipped.cost,
-                                  "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
+    packaged = arm.model_copy(update={"deployment": shipped.cost,
+                                      "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
+    return packaged, shipped.package
+
+
+def _compressed_arm(results: ComparisonResults) -> str | None:
+    """The arm whose package gets a compressed variant: the recommended one, else the best."""
+    return results.recommendation.preferred_arm or results.recommendation.best_arm
 
 
 def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_dir: Path, dataset_dir: Path,
-                          budget_seconds: float) -> tuple[CompressionComparison, str] | None:
-    """The recommended (else best) arm's int8 (or bf16) package beside its full one, measured and compared; with
-    the compressed package's folder relative to the report folder."""
-    name = results.recommendation.preferred_arm or results.recommendation.best_arm
+                          budget_seconds: float,
+                          package: LoadedPackage | None) -> tuple[CompressionComparison, str] | None:
+    """The recommended (else best) arm's int8 (or bf16) package beside its full one (`package`: that package as
+    shipped in this stage, else read from its folder), measured and compared; with the compressed package's folder
+    relative to the report folder."""
+    name = _compressed_arm(results)
     arm = next((a for a in results.arms if a.name == name and a.deployment is not None), None)
     if arm is None:
         return None
     assert arm.deployment is not None  # selected above
     comparison, compressed = compress_and_compare(
-        full_package=report_dir / arm.package_dir, dataset_dir=dataset_dir, full_cost=arm.deployment,
+        full_package=package or report_dir / arm.package_dir, dataset_dir=dataset_dir, full_cost=arm.deployment,
         budget_seconds=budget_seconds, tolerance=plan.evaluation.non_inferiority_margin,
         aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
     return comparison, compressed.relative_to(report_dir).as_posix()
@@ -148,12 +157,17 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     logger = get_run_logger()
     started = time.perf_counter()
     budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
-    arms, shared = [], SameNetworkWork()
+    arms, shared, to_compress = [], SameNetworkWork(), None
     for arm in results.arms:
         try:
-            arms.append(_ship_arm(arm, plan=plan, environment=environment, results=results, report_dir=report_dir,
-                                  dataset_dir=dataset_dir, budget_seconds=budget, shared=shared)
-                        if arm.status == "completed" else arm)
+            if arm.status != "completed":
+                arms.append(arm)
+                continue
+            shipped_arm, package = _ship_arm(arm, plan=plan, environment=environment, results=results,
+                                             report_dir=report_dir, dataset_dir=dataset_dir, budget_seconds=budget,
+                                             shared=shared)
+            arms.append(shipped_arm)
+            to_compress = package if arm.name == _compressed_arm(results) else to_compress
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
             logger.warning(
                 "%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -163,7 +177,7 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     compressing = time.perf_counter()
     try:
         compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir,
-                                           budget_seconds=budget)
+                                           budget_seconds=budget, package=to_compress)
     except Exception as error:  # noqa: BLE001
         logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         compressed = None

@@ -6,6 +6,7 @@ No path, key or identifier of the training data reaches it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,14 @@ def _context(meta: ModelPackageMeta, package_bytes: int | None, cost: Deployment
 def render_model_card(meta: ModelPackageMeta, *, package_bytes: int | None = None,
                       cost: DeploymentCost | None = None) -> str:
     """The model card as Markdown; `cost` adds the measured deployment figures when known."""
-    env = jinja2.Environment(
+    return _card_environment().get_template(CARD_TEMPLATE).render(**_context(meta, package_bytes, cost))
+
+
+@lru_cache(maxsize=1)
+def _card_environment() -> jinja2.Environment:
+    """One Jinja environment per process, so the card's template is compiled once (a package's card is rendered
+    once when written and again with its deployment cost)."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
     )
-    return env.get_template(CARD_TEMPLATE).render(**_context(meta, package_bytes, cost))

@@ -47,6 +47,12 @@ def test_deployment_cost_figures(shipped: ShippedRun) -> None:
         measure_deployment_cost(shipped.package_dir, budget_seconds=0)
 
 
+
+def test_measuring_leaves_the_process_thread_count(shipped: ShippedRun) -> None:
+    before = torch.get_num_threads()
+    cost = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=before + 1, **QUICK)
+    assert cost.threads == before + 1 and torch.get_num_threads() == before
+
 def test_calibration_uses_training_images_only(shipped: ShippedRun) -> None:
     meta = load_package(shipped.package_dir).meta
     images = training_images(shipped.dataset_dir, meta, limit=1000)

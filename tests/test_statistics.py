@@ -83,6 +83,16 @@ def test_single_class_metrics_are_nan() -> None:
     assert m["sensitivity"] == pytest.approx(2 / 3)
 
 
+
+def test_resampled_auc_is_roc_auc_of_each_resample() -> None:
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 2, 25), np.round(rng.random(25) * 4) / 4  # few distinct values: many ties
+    draws = rng.integers(0, 25, size=(300, 25))
+    draws[0] = np.flatnonzero(y == 1)[0]  # one class only: not estimable
+    expected = np.array([st.roc_auc(y[d], p[d]) for d in draws])
+    assert np.isnan(expected[0])
+    np.testing.assert_array_equal(st.resampled_roc_auc(y, p, draws), expected)
+
 def test_bootstrap_covers_point_and_shrinks() -> None:
     y, p, g = _synthetic(30)
     small = st.bootstrap_ci(y, p, g, ["roc_auc", "accuracy"], n_resamples=300, seed=1)

@@ -5,9 +5,10 @@ Training and the cost stage both ask this module, so the precision a run is pric
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -54,6 +55,22 @@ class Runtime:
     def autocast(self):
         dtype = self.autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def threads(self):
+        """torch_threads(num_threads): the runtime's thread count inside the block only."""
+        return torch_threads(self.num_threads)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's CPU thread count set to `count` inside the block and put back after it, so that a runtime chosen for
+    one model (a package's measurement or prediction) does not change what the rest of the process runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def choose_runtime(config: TrainConfig) -> Runtime:

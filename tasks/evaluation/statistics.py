@@ -82,6 +82,30 @@ def roc_auc(y_true: ArrayLike, prob: ArrayLike) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+
+def resampled_roc_auc(y_true: ArrayLike, prob: ArrayLike, draws: np.ndarray) -> np.ndarray:
+    """roc_auc of every resample at once: row r of `draws` (R, n) holds the indices drawn for resample r; NaN for a
+    resample with one class.
+
+    The same midrank statistic, counted per row instead of sorted: a drawn value's midrank is the number of drawn
+    values below it plus (the number equal to it + 1) / 2. The rank sums are sums of half-integers, so each AUC is
+    the same float roc_auc gives.
+    """
+    y = _as_binary(y_true)
+    values, group = np.unique(np.asarray(prob, dtype=np.float64), return_inverse=True)
+    rows, width = draws.shape[0], values.size
+    drawn_group = group.reshape(-1)[draws]
+    per_group = np.bincount((drawn_group + width * np.arange(rows)[:, None]).ravel(),
+                            minlength=rows * width).reshape(rows, width).astype(np.float64)
+    midrank = np.cumsum(per_group, axis=1) - per_group + (per_group + 1.0) / 2.0
+    drawn_y = y[draws]
+    n_pos = drawn_y.sum(axis=1).astype(np.float64)
+    n_neg = draws.shape[1] - n_pos
+    rank_sum = (np.take_along_axis(midrank, drawn_group, axis=1) * drawn_y).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, NAN)
+
 def expected_calibration_error(
     y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10,
     mode: Literal["top_label", "positive_class"] = "positive_class",

@@ -45,8 +45,8 @@ from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.package import (
     LoadedPackage,
     architecture_key,
-    float_architecture,
     load_package,
+    meta_architecture,
     package_file,
     write_card,
 )
@@ -103,8 +103,7 @@ def architecture_figures(meta: ModelPackageMeta) -> tuple[int, float]:
     meta device (shapes only) once per architecture and size in this process."""
     key = architecture_key(meta)
     if key not in _ARCHITECTURE_FIGURES:
-        with torch.device("meta"):
-            network = float_architecture(meta).eval()
+        network = meta_architecture(meta).eval()
         _ARCHITECTURE_FIGURES[key] = (sum(p.numel() for p in network.parameters()),
                                       count_flops(network, meta.recipe.train_image_size, 1))
     return _ARCHITECTURE_FIGURES[key]
@@ -124,7 +123,13 @@ def forward_flops(model: PackagedModel) -> float:
 
 def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second within a time budget, as the
-    module doc says."""
+    module doc says, in the runtime's threads."""
+    with model.runtime.threads():
+        return _time_model(model, budget_seconds)
+
+
+def _time_model(model: PackagedModel, budget_seconds: float) -> Timing:
+    """time_model's phases."""
     started = time.perf_counter()
 
     def left_until(share: float) -> float:

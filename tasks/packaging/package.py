@@ -8,6 +8,7 @@ neither the dataset nor the run folder is needed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import warnings
@@ -369,6 +370,19 @@ def float_architecture(meta: ModelPackageMeta, quantizable: bool = False) -> nn.
     return model
 
 
+_META_ARCHITECTURES: dict[tuple[str, bool], nn.Module] = {}  # (architecture_key, quantizable) -> meta-device build
+
+
+def meta_architecture(meta: ModelPackageMeta, quantizable: bool = False) -> nn.Module:
+    """float_architecture on the meta device (names and shapes, no values), built once per architecture in this
+    process and copied for each caller: building runs every layer's initialiser, copying does not."""
+    key = (architecture_key(meta), quantizable)
+    if key not in _META_ARCHITECTURES:
+        with torch.device("meta"):
+            _META_ARCHITECTURES[key] = float_architecture(meta, quantizable)
+    return copy.deepcopy(_META_ARCHITECTURES[key])
+
+
 def architecture_key(meta: ModelPackageMeta) -> str:
     """What a package's network and its cost depend on: the model, classes, head, probe depth and trained size."""
     depth = meta.linear_probe.depth if meta.linear_probe is not None else None
@@ -382,8 +396,7 @@ def float_model(meta: ModelPackageMeta, state: Mapping[str, torch.Tensor]) -> nn
 
     Built on the meta device and given the package's tensors (assign): no random initialisation to throw away.
     """
-    with torch.device("meta"):
-        model = float_architecture(meta)
+    model = meta_architecture(meta)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise PackageError(f"the package's weights do not cover its {meta.arm} network.")

@@ -39,7 +39,7 @@ from data_schemas.package import (
     PatientPrediction,
     PredictSummary,
 )
-from tasks.common.runtime import Runtime, choose_runtime
+from tasks.common.runtime import Runtime, choose_runtime, torch_threads
 from tasks.ingest.dataset_store import load_dataset
 from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.ingest.preprocess import NAMED_WINDOWS, parse_window, window_level_width
@@ -160,17 +160,18 @@ def default_threads() -> int:
 
 def predict_runtime(meta: ModelPackageMeta, precision: str = "auto", threads: int | None = None) -> Runtime:
     """CPU runtime for a package: bf16 autocast + channels-last where the CPU gains (tasks.common.runtime), else
-    fp32."""
+    fp32; with `threads` (default: default_threads), which the package's forwards run with (Runtime.threads) while
+    the rest of the process keeps its own thread count."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISION_CHOICES)}.")
     threads = threads or default_threads()
     if meta.weights_variant == "int8":  # int8 kernels take fp32 activations; autocast does not apply
-        torch.set_num_threads(threads)
-        return Runtime(torch.device("cpu"), "fp32", False, torch.get_num_threads())
+        return Runtime(torch.device("cpu"), "fp32", False, threads)
     config = meta.run_config.train.model_copy(update={
         "device": "cpu", "precision": precision, "channels_last": "auto", "num_threads": threads,
     })
-    return choose_runtime(config)
+    with torch_threads(threads):  # choose_runtime sets the thread count; only the forwards take it
+        return choose_runtime(config)
 
 
 def prepare_model(package: LoadedPackage, precision: str = "auto", threads: int | None = None, *,
@@ -197,15 +198,16 @@ def forward_batches(model: PackagedModel, x: torch.Tensor, batch_size: int,
     """Probabilities of (N, 1, S, S) images in [0, 1] at the training size, normalised by the package's recipe."""
     recipe, runtime = model.package.meta.recipe, model.runtime
     out = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = (x[start : start + batch_size] - recipe.normalisation_mean) / recipe.normalisation_std
-        if runtime.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            outputs = model.module(xb)
-        out.append(model.probabilities(outputs.float()))
-        if on_batch is not None:
-            on_batch(xb.shape[0])
+    with runtime.threads():
+        for start in range(0, x.shape[0], batch_size):
+            xb = (x[start : start + batch_size] - recipe.normalisation_mean) / recipe.normalisation_std
+            if runtime.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast():
+                outputs = model.module(xb)
+            out.append(model.probabilities(outputs.float()))
+            if on_batch is not None:
+                on_batch(xb.shape[0])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 

@@ -37,12 +37,13 @@ from data_schemas.package import PACKAGE_FILE, CompressionComparison, Deployment
 from data_schemas.plan import SplitSettings
 from tasks.common.reuse import inputs_key, recorded_package_inputs
 from tasks.evaluation.pooling import aggregate_by_patient
-from tasks.evaluation.statistics import roc_auc
+from tasks.evaluation.statistics import resampled_roc_auc, roc_auc
 from tasks.ingest.dataset_store import load_dataset
 from tasks.packaging.package import (
     LoadedPackage,
     PackageError,
     float_architecture,
+    meta_architecture,
     tensors_sha256,
     write_package_folder,
 )
@@ -80,8 +81,7 @@ def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, tor
     if float_state is None:
         model = float_architecture(meta, quantizable=True).eval()
     else:
-        with torch.device("meta"):
-            model = float_architecture(meta, quantizable=True).eval()
+        model = meta_architecture(meta, quantizable=True).eval()
         model.load_state_dict({k: v.float() for k, v in float_state.items()}, assign=True)
     torch.backends.quantized.engine = engine
     with _quiet():
@@ -215,12 +215,10 @@ def paired_auc_change(pred: PairedPredictions, *, aggregation: str, n_bootstrap:
     n = y.size
     if min(int(y.sum()), int(n - y.sum())) < 2:
         return roc_auc(y, a), roc_auc(y, b), None, n
-    rng = np.random.default_rng(seed)
-    changes = []
-    for idx in rng.integers(0, n, size=(n_bootstrap, n)):
-        if 0 < y[idx].sum() < n:
-            changes.append(roc_auc(y[idx], b[idx]) - roc_auc(y[idx], a[idx]))
-    low, high = np.percentile(changes, [2.5, 97.5])
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+    two_classes = (y[draws].sum(axis=1) > 0) & (y[draws].sum(axis=1) < n)
+    changes = resampled_roc_auc(y, b, draws) - resampled_roc_auc(y, a, draws)
+    low, high = np.percentile(changes[two_classes], [2.5, 97.5])
     return roc_auc(y, a), roc_auc(y, b), (float(low), float(high)), n
 
 

@@ -17,7 +17,7 @@ from data_schemas.training import PREDICTIONS_FILE
 from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
 from tasks.packaging.bundle import BUNDLE_DIR, write_bundle
 from tasks.packaging.deploy_cost import evaluate_compression, package_cost
-from tasks.packaging.package import load_package, write_package
+from tasks.packaging.package import LoadedPackage, load_package, write_package
 from tasks.packaging.predict import PackagedModel, prepare_model
 from tasks.packaging.quantize import compress_package, compression_key
 
@@ -37,11 +37,13 @@ class SameNetworkWork:
 
 @dataclass(frozen=True)
 class ShippedArm:
-    """One packaged and costed run: its package folder, its MONAI bundle folder and its deployment cost."""
+    """One packaged and costed run: its package folder, its MONAI bundle folder and its deployment cost, with the
+    package as this process holds it (for compress_and_compare, without reading it again)."""
 
     package_dir: Path
     bundle_dir: Path
     cost: DeploymentCost
+    package: LoadedPackage
 
 
 def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_rule: str, aggregation: str,
@@ -56,17 +58,18 @@ def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_ru
                             metrics=metrics, weights_path=weights_path)
     cost = package_cost(package, budget_seconds=budget_seconds, timings=shared.timings if shared else None)
     bundle = write_bundle(package, run_dir / BUNDLE_DIR, traces=shared.traces if shared else None)
-    return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost)
+    return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost, package=package)
 
 
-def compress_and_compare(*, full_package: Path, dataset_dir: Path, full_cost: DeploymentCost, budget_seconds: float,
-                         tolerance: float, aggregation: str, n_bootstrap: int,
+def compress_and_compare(*, full_package: Path | LoadedPackage, dataset_dir: Path, full_cost: DeploymentCost,
+                         budget_seconds: float, tolerance: float, aggregation: str, n_bootstrap: int,
                          seed: int) -> tuple[CompressionComparison, Path]:
     """The compressed variant beside a full package (RUN_DIR/package-compressed) and its comparison with the full
     one on the run's test images; both kept when their inputs are unchanged. Returns (comparison, its folder).
 
-    A variant quantized here is measured and compared with the module the quantization converted (not rebuilt)."""
-    full = load_package(Path(full_package))
+    full_package: the package's path, or the package this process holds (ShippedArm.package: not read again). A
+    variant quantized here is measured and compared with the module the quantization converted (not rebuilt)."""
+    full = full_package if isinstance(full_package, LoadedPackage) else load_package(Path(full_package))
     run_dir = full.path.parent.parent
     compressed = run_dir / COMPRESSED_PACKAGE_DIR
     fresh: PackagedModel | None = None
