@@ -5,8 +5,9 @@ Methods (each figure of data_schemas.package.DeploymentCost):
   probe adds its coefficients (one per feature) + 1 intercept.
 - package_bytes: os.stat size of model.pt (weights + metadata, as shipped).
 - forward_gflops_per_image: tasks.training.models.count_flops / 1e9, torch's FlopCounterMode on the package's own
-  float network (the arm's model; a linear probe's extractor cut at its depth) at the trained size, built on the
-  meta device (2 FLOPs per multiply-add; convolutions and matmuls only). The probe's logistic regression adds
+  float network (the arm's model; a linear probe's extractor cut at its depth) at the trained size: the module
+  measured, or one built on the meta device (shapes only) for an int8 package (2 FLOPs per multiply-add;
+  convolutions and matmuls only; a count depends on shapes alone). The probe's logistic regression adds
   2 x features, under 1e-5 of the total; int8 executes the same multiply-adds in int8.
 - A fixed time budget, not a fixed count (time_budget_seconds; seconds per package whatever the model's speed),
   each phase ending at its share of the budget counted from the start: WARMUP_SHARE of it in untimed batch-1
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
 from data_schemas.files import read_model_json, read_models_csv, sha256_json, write_model_json
 from data_schemas.package import DEPLOY_COST_FILE, CompressionComparison, DeploymentCost, ModelPackageMeta
@@ -98,27 +100,33 @@ def forwards_within(model: PackagedModel, x: torch.Tensor, seconds: float, *, mi
 _ARCHITECTURE_FIGURES: dict[str, tuple[int, float]] = {}  # architecture_key -> (parameters, FLOPs per image)
 
 
-def architecture_figures(meta: ModelPackageMeta) -> tuple[int, float]:
-    """(parameters, FLOPs of one forward of one image) of the package's float network (module doc), counted on the
-    meta device (shapes only) once per architecture and size in this process."""
+def architecture_figures(meta: ModelPackageMeta, network: nn.Module | None = None) -> tuple[int, float]:
+    """(parameters, FLOPs of one forward of one image) of the package's float network (module doc), counted once per
+    architecture and size in this process: on `network` (that float network, in eval mode) when given, else on a
+    build on the meta device."""
     key = architecture_key(meta)
     if key not in _ARCHITECTURE_FIGURES:
-        network = meta_architecture(meta).eval()
+        network = network if network is not None else meta_architecture(meta).eval()
         _ARCHITECTURE_FIGURES[key] = (sum(p.numel() for p in network.parameters()),
-                                      count_flops(network, meta.recipe.train_image_size, 1))
+                                      count_flops(network, meta.recipe.train_image_size, 1, batch=1))
     return _ARCHITECTURE_FIGURES[key]
 
 
 def parameter_count(model: PackagedModel) -> int:
     """Parameters of the float architecture (+ a linear probe's coefficients and intercept)."""
     meta = model.package.meta
-    count = architecture_figures(meta)[0]
+    count = architecture_figures(meta, _float_network(model))[0]
     return count + (len(meta.linear_probe.coef) + 1 if meta.linear_probe is not None else 0)
 
 
 def forward_flops(model: PackagedModel) -> float:
     """FLOPs of one forward pass of one image through the package's float network (module doc)."""
-    return architecture_figures(model.package.meta)[1]
+    return architecture_figures(model.package.meta, _float_network(model))[1]
+
+
+def _float_network(model: PackagedModel) -> nn.Module | None:
+    """The prepared model's module when it is the float network (not int8 kernels)."""
+    return None if model.precision == "int8" else model.module
 
 
 def time_model(model: PackagedModel, budget_seconds: float) -> Timing:

@@ -94,7 +94,7 @@ def tensors_sha256(state: Mapping[str, Any]) -> str:
             if tensor.is_quantized:
                 tensor = tensor.int_repr()
             digest.update(str(tuple(tensor.shape)).encode("ascii"))
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
