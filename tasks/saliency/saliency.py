@@ -153,10 +153,11 @@ def load_network(run_dir: Path) -> tuple[torch.nn.Module, RunConfig] | None:
     if spec.mode == "imagenet-linear":
         return None
     # Scratch and imagenet arms of a model share its architecture; the checkpoint replaces every weight, so no
-    # ImageNet file is read.
-    model = build_model(spec.model, num_classes=2, dropout=config.train.dropout, weights=None)
+    # ImageNet file is read, and the network is built on the meta device (no random initialisation to throw away).
+    with torch.device("meta"):
+        model = build_model(spec.model, num_classes=2, dropout=config.train.dropout, weights=None)
     best = torch.load(Path(run_dir) / BEST_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["state_dict"])
+    model.load_state_dict(best["state_dict"], assign=True)
     return model.eval(), config
 
 
