@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -26,15 +26,15 @@ from tasks.common.progress import RunProgress
 from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_results
 from tasks.cost.first_epoch import corrected_wall_time
 from tasks.cost.wall_time import wall_time_plan
-from tasks.evaluation.evaluate import ArmRunFolders, build_results
-from tasks.evaluation.runs import is_linear
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
-from tasks.packaging.package import LoadedPackage, package_metrics
-from tasks.packaging.ship import SameNetworkWork, compress_and_compare, ship_run
-from tasks.saliency.saliency import build_visual_summary
 from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
-from tasks.training.train import train_arm_task
+
+if TYPE_CHECKING:
+    from tasks.packaging.package import LoadedPackage
+    from tasks.packaging.ship import SameNetworkWork
+
+# The stages that evaluate, train, package and picture import their modules (torch, scipy, matplotlib) when they
+# run: a re-run that finds nothing changed keeps the last report without them.
 
 
 def plan_with_split(plan: RunPlan, *, dataset_dir: Path, report_dir: Path) -> tuple[RunPlan, Path, int]:
@@ -80,6 +80,8 @@ def evaluate_arms(
     *, plan: RunPlan, report_dir: Path, dataset_dir: Path, run_id: str, command: str
 ) -> ComparisonResults:
     """Pooled test metrics with patient-level intervals and paired tests, from the planned runs' validated outputs."""
+    from tasks.evaluation.evaluate import ArmRunFolders, build_results
+
     return word_results(build_results(
         dataset_dir=dataset_dir, splits_path=report_dir / plan.splits_file,
         runs=ArmRunFolders.of_plan(plan, report_dir), evaluation=plan.evaluation, cost_path=report_dir / "cost.json",
@@ -100,6 +102,9 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
               shared: SameNetworkWork) -> tuple[ArmResult, LoadedPackage]:
     """Package the arm's main run at its validation-chosen patient threshold, measure what it costs to run and
     write it as a MONAI bundle too (tasks.packaging.ship.ship_run); with the package as written."""
+    from tasks.packaging.package import package_metrics
+    from tasks.packaging.ship import ship_run
+
     run_dir = report_dir / plan.main_run(arm.name).run_dir
     point = arm.operating_point
     usable = point is not None and point.source != "fallback" and bool(point.patient_thresholds)
@@ -130,6 +135,8 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
     """The recommended (else best) arm's int8 (or bf16) package beside its full one (`package`: that package as
     shipped in this stage, else read from its folder), measured and compared; with the compressed package's folder
     relative to the report folder."""
+    from tasks.packaging.ship import compress_and_compare
+
     name = _compressed_arm(results)
     arm = next((a for a in results.arms if a.name == name and a.deployment is not None), None)
     if arm is None:
@@ -154,6 +161,9 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each piece is
     skipped when its inputs have not changed (tasks.packaging.ship).
     """
+    from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
+    from tasks.packaging.ship import SameNetworkWork
+
     logger = get_run_logger()
     started = time.perf_counter()
     budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
@@ -195,6 +205,9 @@ def visual_summary(
 ) -> VisualSummary | None:
     """Example images, GradCAM per completed network arm's main run on one slice selection, and the shortcut
     check when the dataset has lesions.csv; None when no network arm completed."""
+    from tasks.evaluation.runs import is_linear
+    from tasks.saliency.saliency import build_visual_summary
+
     runs = {arm.name: report_dir / plan.main_run(arm.name).run_dir for arm in results.completed_arms}
     if all(is_linear(name) for name in runs):
         get_run_logger().info("No visual section: no network arm completed.")
@@ -236,6 +249,8 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
               train_deployment: str | None, stages: ComparisonProgress | None = None) -> None:
     """Run every planned training run, in this process or as flow runs of `train_deployment`; failures are
     logged and show up in the report from each run's status.json."""
+    from tasks.training.train import train_arm_task
+
     logger = get_run_logger()
     started = time.perf_counter()
     with ThreadPoolTaskRunner(max_workers=len(plan.runs) if train_deployment else parallel_arms) as runner:

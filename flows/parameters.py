@@ -306,12 +306,13 @@ def as_seen(message: str) -> str:
 def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
     """ValueError (one sentence) unless the ResNet-50 weights file exists and loads as one (the training stage's own
     loader, tasks.training.weights.read_weights_file: hash in the name, torch.load weights_only, keys, shapes, finite
-    values)."""
+    values); a file that passed that check and is unchanged since is not loaded again
+    (tasks.training.weights_record)."""
     if path is None:
         return
-    from tasks.training.weights import read_weights_file
+    from tasks.training.weights_record import check_weights_file
 
     try:
-        read_weights_file(Path(path))
+        check_weights_file(Path(path))
     except ValueError as error:
         raise ValueError(f"{option}: {str(error).splitlines()[0].rstrip('.')}.") from None

@@ -17,8 +17,6 @@ import io
 from pathlib import Path
 
 import jinja2
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from data_schemas.files import atomic_write_bytes
 from data_schemas.visual import PNG_DATA_URI_PREFIX, SELECTION_REASON_TEXT, Thumbnail, VisualSummary
@@ -53,6 +51,9 @@ def _safe(name: str) -> str:
 
 def histogram_png(v: VisualSummary) -> bytes:
     """Pixel-value histogram per class (share of pixels per bin), as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.2, 2.6), dpi=90)
     ax = fig.add_subplot()
     for cls in v.dataset.classes:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from data_schemas.dataset import ManifestRow
 from data_schemas.files import read_model_json, read_models_csv, sha256_file, write_model_json, write_models_csv
@@ -74,6 +73,8 @@ def _group_folds(labels: Sequence[str], groups: np.ndarray, n_splits: int, seed:
     if n_groups < n_splits:
         raise ValueError(f"only {n_groups} labelled patients, too few for {n_splits} patient-level folds.")
     fold_of = np.full(len(labels), -1, dtype=np.int64)
+    from sklearn.model_selection import StratifiedGroupKFold  # only when a split is made, not when one is reused
+
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has only k members": fine for small cohorts
         warnings.simplefilter("ignore", UserWarning)

@@ -13,11 +13,11 @@ from report_fixtures import SKIP_REASON, make_example_results
 
 from data_schemas.metrics import MetricValue
 from data_schemas.report import ArmResult, ArmWeights, ComparisonResults, DeLongResult, PairedComparison, Recommendation
+from reports.figures import learning_plot
 from reports.first_screen import report_banners
 from reports.formatting import md_escape
 from reports.render import (
     SECTION_IDS,
-    learning_plot,
     load_results,
     metrics_table,
     render_report,

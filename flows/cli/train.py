@@ -62,17 +62,18 @@ def check_train_arguments(args: argparse.Namespace) -> None:
 
 def check_weights_dir(arm: str, weights_dir: str | None) -> None:
     """ValueError (one sentence) unless the file a pretrained arm would take from --weights-dir (the training stage's
-    own choice, weights_file_for) loads as that model's weights (its own reader, read_weights_file)."""
+    own choice, weights_file_for) loads as that model's weights (its own reader, read_weights_file, unless it passed
+    it unchanged: tasks.training.weights_record)."""
     parsed = parse_arm(arm)
     if weights_dir is None or parsed.mode == "scratch":
         return
     from tasks.training.train import weights_file_for
-    from tasks.training.weights import read_weights_file
+    from tasks.training.weights_record import check_weights_file
 
     path = weights_file_for(parsed.model, None, Path(weights_dir))
     if path is not None:
         try:
-            read_weights_file(path, parsed.model)
+            check_weights_file(path, parsed.model)
         except ValueError as error:
             raise ValueError(f"--weights-dir: {str(error).splitlines()[0].rstrip('.')}.") from None
 

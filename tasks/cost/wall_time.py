@@ -128,11 +128,11 @@ def predict_wall_time(report: CostReport, plan: WallTimePlan, *, cost_stage_seco
 def pretrained_weights_available(model: str, weights_path: Path | str | None) -> bool:
     """True when a pretrained run of `model` will find weights: a weights file given, or one in torchvision's cache
     (the places tasks.training.weights.resolve_imagenet_weights looks before downloading)."""
+    if weights_path:
+        return True
     from tasks.training.model_defs import model_def
     from tasks.training.weights import hub_checkpoint_dir, weights_file_name
 
-    if weights_path:
-        return True
     return any((hub_checkpoint_dir() / weights_file_name(weights)).is_file() for weights in model_def(model).weights)
 
 

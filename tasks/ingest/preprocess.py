@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from data_schemas.dataset import WindowSpec
 
@@ -73,6 +71,9 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Bicubic antialiased resize of a square 2D image to size x size, clipped to [0, 1]."""
     if image.shape == (size, size):
         return image.astype(np.float32, copy=False)
+    import torch  # here, not at import: an ingest that decodes nothing new never loads torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     resized = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return resized[0, 0].clamp_(0.0, 1.0).numpy()

@@ -33,6 +33,7 @@ from data_schemas.arms import DEFAULT_MODEL
 from data_schemas.files import sha256_file
 from data_schemas.training import GRAY_MEAN, GRAY_STD, WeightsInfo
 from tasks.training.model_defs import model_def, model_label
+from tasks.training.weights_record import file_identity, remember_check
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 
@@ -123,10 +124,12 @@ def check_resnet50_state_dict(state: Mapping[str, Any], source: str = "weights")
 
 
 def read_weights_file(path: Path, model: str = DEFAULT_MODEL) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """Load a local state dict with weights_only=True, check the hash in a torchvision-style name, keys and shapes."""
+    """Load a local state dict with weights_only=True, check the hash in a torchvision-style name, keys and shapes;
+    a passed check is recorded (tasks.training.weights_record), so the next command need not load it to check it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsFileError(f"weights file {path} does not exist.")
+    identity = file_identity(path)
     digest = sha256_file(path)
     match = _HASH_IN_NAME.search(path.name)
     if match and not digest.startswith(match.group(1)):
@@ -146,6 +149,7 @@ def read_weights_file(path: Path, model: str = DEFAULT_MODEL) -> tuple[dict[str,
         raise WeightsFileError(f"weights file {path} is not a readable PyTorch state dict: {reason}.") from None
     backbone = check_state_dict(state, model, source=f"weights file {path}")
     info = WeightsInfo(source="file", path=str(path), file_name=path.name, sha256=digest, hash_checked=bool(match))
+    remember_check(path, model, info, identity)
     return backbone, info
 
 
