@@ -27,7 +27,7 @@ from tasks.common.reuse import REPORT_INPUTS_FILE, report_inputs_key, reusable_r
 from tasks.cost.first_epoch import corrected_wall_time
 from tasks.cost.wall_time import wall_time_plan
 from tasks.ingest.dataset_store import load_dataset
-from tasks.splits import SplitsMismatchError, ensure_splits, parts_for_fold
+from tasks.splits import SplitsMismatchError, ensure_splits, recorded_parts
 
 if TYPE_CHECKING:
     from tasks.packaging.package import LoadedPackage
@@ -62,7 +62,7 @@ def prepare_split(*, dataset_dir: Path, splits_path: Path, settings: SplitSettin
             f"{splits_path.parent} holds a comparison made with other data or settings ({error}); "
             "give another output folder, or set new_folder_per_run for a new folder per run."
         ) from None
-    return len(parts_for_fold(rows, 0, settings)["train"])
+    return len(recorded_parts(rows, 0, settings)["train"])
 
 
 @task(name="train-on-pool", cache_policy=NO_CACHE, task_run_name="train-on-pool-{label}")

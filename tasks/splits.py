@@ -116,6 +116,15 @@ def parts_for_fold(rows: Sequence[SplitRow], outer_fold: int, settings: SplitSet
     }
 
 
+def recorded_parts(rows: Sequence[SplitRow], outer_fold: int, settings: SplitSettings) -> dict[str, list[SplitRow]]:
+    """parts_for_fold of a split file's rows: outer fold 0's parts as the file records them (its part column, which
+    make_splits wrote from parts_for_fold), the other folds' carved by parts_for_fold. Reading them costs no
+    StratifiedGroupKFold (nor the sklearn import) on a re-run."""
+    if outer_fold != 0:
+        return parts_for_fold(rows, outer_fold, settings)
+    return {name: [r for r in rows if r.part == name] for name in ("train", "val", "test")}
+
+
 def make_splits(manifest_rows: Sequence[ManifestRow], images: np.ndarray, settings: SplitSettings) -> list[SplitRow]:
     """Split labelled images by patient, stratified by label; rows in pixel-content order (see the module doc)."""
     if len({row.label for row in manifest_rows if row.label != ""}) < 2:

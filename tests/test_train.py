@@ -928,7 +928,7 @@ def test_fit_runs_all_epochs_without_patience(monkeypatch):
 
 
 def test_selection_is_described_with_its_numbers():
-    from tasks.training.loop import describe_selection
+    from tasks.training.run_identity import describe_selection
 
     text = describe_selection(_tiny_config(early_stopping_patience=4, min_epochs=9, epochs=6))
     assert text.startswith("best epoch by val_loss: plain cross-entropy")

@@ -14,6 +14,13 @@ UNWRITABLE_ERRNOS: frozenset[int] = frozenset(
 )
 
 
+def cache_folder() -> Path:
+    """Where what is measured or checked once per machine is kept (calibration, model counts, weights-file checks,
+    the runtime probe): $CTCOMPARE_CACHE_DIR, else .ctcompare/ in the working folder. Losing it costs a re-measure."""
+    base = os.environ.get("CTCOMPARE_CACHE_DIR")
+    return Path(base) if base else Path.cwd() / ".ctcompare"
+
+
 def nearest_existing(path: Path) -> Path:
     """path itself when it exists, else its nearest existing parent (the folder a mkdir would write into)."""
     return path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))

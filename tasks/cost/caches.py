@@ -7,19 +7,19 @@ again, never fatal.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 from data_schemas.cost import ModelCountsCache
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
+from tasks.common.paths import cache_folder
 
 
 def calibration_cache_path() -> Path:
-    """$CTCOMPARE_CACHE_DIR/calibration.json, else .ctcompare/calibration.json in the working folder."""
-    base = os.environ.get("CTCOMPARE_CACHE_DIR")
-    return (Path(base) if base else Path.cwd() / ".ctcompare") / "calibration.json"
+    """$CTCOMPARE_CACHE_DIR/calibration.json, else .ctcompare/calibration.json in the working folder
+    (tasks.common.paths.cache_folder)."""
+    return cache_folder() / "calibration.json"
 
 
 def model_counts_cache_path() -> Path:

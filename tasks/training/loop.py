@@ -15,7 +15,6 @@ looked at here.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,20 +32,9 @@ from tasks.common.runtime import Runtime
 from tasks.training.augment import augment_batch, mixup, normalise
 from tasks.training.models import build_arm_model, is_head_parameter, is_no_decay_parameter
 from tasks.training.run_folder import require_finite
+from tasks.training.run_identity import EMA_ALPHA, run_logger
 
-EMA_ALPHA = 0.5  # val_auc_ema: weight of the newest epoch's AUC
 TRAIN_EVAL_IMAGES = 512  # the fixed training subsample of EpochMetrics.train_eval_loss
-_stdlib_log = logging.getLogger("ctcompare.train")
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow/task, else the stdlib logger."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        return _stdlib_log
 
 
 def batch_progress(total_images: int, description: str | None,
@@ -400,15 +388,3 @@ def fit(
     return state
 
 
-def describe_selection(config: TrainConfig) -> str:
-    """config.json's record of how the best epoch was chosen and why (see the module doc)."""
-    if config.early_stopping_monitor == "val_auc_ema":
-        what = (f"validation AUC smoothed by an exponential moving average (weight {EMA_ALPHA} on the newest epoch), "
-                "so one noisy epoch cannot win")
-    else:
-        what = ("plain cross-entropy on the validation part (no smoothing, no class weights): it moves smoothly on a "
-                "small validation set, where AUC jumps with one patient")
-    stop = ("no early stopping" if config.early_stopping_patience is None else
-            f"stop after {config.early_stopping_patience} epochs without improvement, not before epoch "
-            f"{min(config.min_epochs, config.epochs)}")
-    return f"best epoch by {config.early_stopping_monitor}: {what}; {stop}; the test part is never used"

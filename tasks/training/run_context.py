@@ -1,5 +1,5 @@
-"""A run being trained (RunContext: where it writes, what it trains on, with what) and the files every arm writes
-from it: config.json's RunConfig with its identity hash, and timing.json."""
+"""A run being trained (RunContext: where it writes, what it trains on, with what) and timing.json, which every arm
+writes from it. config.json's RunConfig and its identity hash are made in tasks.training.run_identity."""
 
 from __future__ import annotations
 
@@ -9,19 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
 from data_schemas.arms import parse_arm
-from data_schemas.files import sha256_json
-from data_schemas.plan import PlannedRun, RunPlan
-from data_schemas.training import RunConfig, RunSummary, TimingInfo, WeightsInfo
+from data_schemas.training import RunConfig, RunSummary, TimingInfo
 from tasks.common.runtime import Runtime
-from tasks.ingest.dataset_store import LoadedDataset
-from tasks.splits import count_patient_overlap
-from tasks.training.loop import describe_selection
 from tasks.training.models import forward_flops_per_image
-from tasks.training.run_folder import now, write_status, write_timing
-from tasks.training.split_data import RunSplit, SplitTensors
+from tasks.training.run_folder import write_status, write_timing
+from tasks.training.split_data import SplitTensors
 
 
 @dataclass
@@ -44,23 +38,6 @@ class RunContext:
                             config_hash=self.config.config_hash, **extra)
 
 
-def _config_identity(config: RunConfig) -> dict[str, Any]:
-    """What makes two runs the same run (paths, names, thread counts and times excluded)."""
-    data = config.model_dump(mode="json")
-    for key in (
-        "overrides",
-        "profile",
-        "splits_path",
-        "num_threads",
-        "config_hash",
-        "created_at",
-        "torch_version",
-        "torchvision_version",
-    ):
-        data.pop(key, None)
-    if data.get("weights"):
-        data["weights"] = {"sha256": data["weights"]["sha256"]}
-    return data
 
 
 def write_run_timing(ctx: RunContext, *, train_seconds: float, eval_seconds: float, images_seen: int,
@@ -92,33 +69,3 @@ def write_run_timing(ctx: RunContext, *, train_seconds: float, eval_seconds: flo
 def fmt_metric(value: float | None) -> str:
     """A metric with three decimals, "n/a" when there is none."""
     return f"{value:.3f}" if value is not None else "n/a"
-
-
-def make_run_config(
-    plan: RunPlan,
-    run: PlannedRun,
-    *,
-    dataset: LoadedDataset,
-    split: RunSplit,
-    weights: WeightsInfo | None,
-    runtime: Runtime,
-) -> RunConfig:
-    """config.json of the run, with its config_hash (the run's identity)."""
-    parts, classes = split.parts, split.classes
-
-    def patients(name: str) -> int:
-        return len({r.patient_key for r in parts[name]})
-
-    config = RunConfig(
-        arm=run.arm, profile=plan.profile, overrides=plan.overrides, seed=plan.seed, fold=run.outer_fold,
-        folds=plan.split.outer_folds, train=run.config, dataset_hash=dataset.card.content_hash,
-        dataset_image_size=dataset.card.image_size, splits_path=str(split.splits_path),
-        splits_sha256=split.splits_sha256,
-        classes=classes, positive_label=classes[1], n_train_images=len(parts["train"]), n_val_images=len(parts["val"]),
-        n_test_images=len(parts["test"]), n_train_patients=patients("train"), n_val_patients=patients("val"),
-        n_test_patients=patients("test"), patient_overlap=count_patient_overlap([r for p in parts.values() for r in p]),
-        model_selection=describe_selection(run.config), weights=weights, device=str(runtime.device),
-        precision=runtime.precision, channels_last=runtime.channels_last, num_threads=runtime.num_threads,
-        torch_version=torch.__version__, torchvision_version=torchvision.__version__, config_hash="", created_at=now(),
-    )
-    return config.model_copy(update={"config_hash": sha256_json(_config_identity(config))})

@@ -15,10 +15,9 @@ import dataclasses
 import io
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from data_schemas.files import atomic_write_bytes, read_model_json, write_model_json, write_models_csv
 from data_schemas.training import (
@@ -42,6 +41,10 @@ from data_schemas.training import (
     TimingInfo,
 )
 
+if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: reading a run folder's files needs none
+    import torch
+
+
 CHECKPOINT_FORMAT = 2
 
 
@@ -51,6 +54,8 @@ class NonFiniteOutputError(ValueError):
 
 def require_finite(values: np.ndarray | torch.Tensor | float, what: str, epoch: int | None) -> None:
     """NonFiniteOutputError, one sentence naming `what` and the epoch, unless every value is finite."""
+    import torch
+
     array = (
         values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=float)
     )
@@ -70,6 +75,8 @@ def now() -> str:
 
 def save_torch(path: Path, obj: Any) -> None:
     """torch.save, atomically: readers see the previous file or the whole new one."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
@@ -85,6 +92,8 @@ def save_checkpoint(
     scaler: Any = None,
 ) -> None:
     """checkpoint_last.pt: the state dataclass (every field), model, optimizer, scaler and torch RNG, atomically."""
+    import torch
+
     save_torch(Path(run_dir) / CHECKPOINT_FILE, {
         "format": CHECKPOINT_FORMAT, "config_hash": config_hash,
         "state": {field.name: getattr(state, field.name) for field in dataclasses.fields(state)},
@@ -105,6 +114,8 @@ def load_checkpoint(
 ) -> tuple[Any | None, str]:
     """The pair of save_checkpoint: restores model, optimizer, scaler and RNG and returns (state, "") or, when the
     checkpoint is missing, unreadable or of another configuration, (None, why)."""
+    import torch
+
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None, "no checkpoint"

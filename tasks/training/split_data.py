@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from data_schemas.plan import PlannedRun, RunPlan
 from data_schemas.training import SplitRow
 from tasks.ingest.dataset_store import LoadedDataset
-from tasks.splits import ensure_splits, parts_for_fold, subsample_patients
-from tasks.training.augment import images_to_tensor
+from tasks.splits import ensure_splits, recorded_parts, subsample_patients
+
+if TYPE_CHECKING:
+    import torch
+
 
 NEGATIVE_LABEL_NAMES = frozenset(
     {"0", "normal", "negative", "neg", "healthy", "benign", "control", "absent", "no", "false", "none"}
@@ -56,6 +59,10 @@ def build_split_tensors(
     classes: list[str],
 ) -> SplitTensors:
     """Gather each part's rows (in the split file's pixel-content order) from the array and resize them once."""
+    import torch  # here: a run's split and classes (a re-run's completed check) need no torch
+
+    from tasks.training.augment import images_to_tensor
+
     x, y = {}, {}
     for name, rows in parts.items():
         indices = np.asarray([index_of[row.image_key] for row in rows], dtype=np.int64)
@@ -107,6 +114,6 @@ def check_training_part_has_both_classes(parts: dict[str, list[SplitRow]], class
 
 def _patient_parts(plan: RunPlan, run: PlannedRun, rows: list[SplitRow]) -> dict[str, list[SplitRow]]:
     """The run's train/val/test rows: its outer fold's parts, training patients subsampled for fractions."""
-    parts = parts_for_fold(rows, run.outer_fold, plan.split)
+    parts = recorded_parts(rows, run.outer_fold, plan.split)
     parts["train"] = subsample_patients(parts["train"], run.config.train_fraction, plan.seed)
     return parts

@@ -21,29 +21,30 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
 
 from data_schemas.arms import DEFAULT_MODEL, parse_arm
-from data_schemas.plan import PlannedRun, read_plan
+from data_schemas.plan import PlannedRun, RunPlan, read_plan
 from data_schemas.training import RunSummary, TrainConfig, WeightsInfo
 from tasks.common.paths import UNWRITABLE_ERRNOS
 from tasks.common.progress import RunProgress
-from tasks.common.runtime import choose_runtime
+from tasks.common.runtime import choose_runtime, planned_runtime
 from tasks.cost.first_epoch import first_epoch_watch
 from tasks.ingest.dataset_store import load_dataset
-from tasks.training.linear_arm import train_linear
-from tasks.training.loop import run_logger as _logger
-from tasks.training.model_defs import model_def
-from tasks.training.network_arm import train_network
-from tasks.training.run_context import RunContext, make_run_config
 from tasks.training.run_folder import completed_run, write_config, write_status
-from tasks.training.split_data import build_split_tensors, check_training_part_has_both_classes, run_split
-from tasks.training.weights import WeightsUnavailableError, resolve_imagenet_weights, weights_file_name
+from tasks.training.run_identity import make_run_config, run_logger as _logger
+from tasks.training.split_data import RunSplit, build_split_tensors, check_training_part_has_both_classes, run_split
+from tasks.training.weights_record import recorded_check
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.ingest.dataset_store import LoadedDataset
+    from tasks.training.run_context import RunContext
 
 SKIPPED_STATE_NAME = "Skipped"  # the state of a run skipped for want of weights: Cancelled type, grey in the UI
 
@@ -57,6 +58,9 @@ def weights_file_for(model: str, weights_path: Path | None, weights_dir: Path | 
     """The local weights file of `model`: in weights_dir under torchvision's file name (e.g. resnet18-f37072fd.pth),
     else a single '<model>-<hash>.pth' there; else --weights for ResNet-50; else None (torch hub cache, download)."""
     if weights_dir is not None:
+        from tasks.training.model_defs import model_def
+        from tasks.training.weights import weights_file_name
+
         for weights in model_def(model).weights:
             if (candidate := Path(weights_dir) / weights_file_name(weights)).is_file():
                 return candidate
@@ -74,6 +78,8 @@ def _backbone(arm: str, run_dir: Path, config: TrainConfig, weights: tuple[Path 
     """(backbone state, WeightsInfo, skip reason) of a pretrained arm; (None, None, None) for scratch.
 
     weights: (--weights, the ResNet-50 file; --weights-dir, a folder of files named by model)."""
+    from tasks.training.weights import WeightsUnavailableError, resolve_imagenet_weights
+
     spec = parse_arm(arm)
     if not spec.pretrained:
         return None, None, None
@@ -123,21 +129,50 @@ def train_arm(
     except ValueError as error:  # before any training: the run is recorded as failed, with the reason
         write_status(run_dir, arm=planned.arm, status="failed", reason=str(error), fold=planned.outer_fold)
         raise
+    previous = _completed_unloaded(plan, planned, run_dir, dataset, split, (weights_path, weights_dir))
+    if previous is not None:
+        return previous
     backbone, weights_info, skip_reason = _backbone(planned.arm, run_dir, planned.config, (weights_path, weights_dir),
                                                     planned.outer_fold)
     runtime = choose_runtime(planned.config)
     config = make_run_config(plan, planned, dataset=dataset, split=split, weights=weights_info, runtime=runtime)
-    if skip_reason is None and (previous := completed_run(run_dir, config.config_hash)) is not None:
-        _logger().info("%s: %s already holds a completed run with this configuration; not training again",
-                       planned.arm, run_dir)
+    if skip_reason is None and (previous := _completed(planned.arm, run_dir, config.config_hash)) is not None:
         return previous
     write_config(run_dir, config)
     data = build_split_tensors(dataset.images, {r.image_key: r.index for r in dataset.manifest}, split.parts,
                                planned.config.image_size, split.classes[1], split.classes)
     del dataset
+    from tasks.training.run_context import RunContext
+
     ctx = RunContext(arm=planned.arm, run_dir=run_dir, config=config, runtime=runtime, data=data, seed=plan.seed,
                      fold=planned.outer_fold, backbone=backbone, started=started)
     return _run(ctx, skip_reason, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def _completed(arm: str, run_dir: Path, config_hash: str) -> RunSummary | None:
+    """The run folder's completed run of this configuration (logged as not trained again), else None."""
+    previous = completed_run(run_dir, config_hash)
+    if previous is not None:
+        _logger().info("%s: %s already holds a completed run with this configuration; not training again", arm, run_dir)
+    return previous
+
+
+def _completed_unloaded(plan: RunPlan, planned: PlannedRun, run_dir: Path, dataset: LoadedDataset, split: RunSplit,
+                        weights: tuple[Path | None, Path | None]) -> RunSummary | None:
+    """The completed run this one would repeat, found without loading weights or importing torch: the runtime from
+    the hardware probe and a pretrained arm's weights file from the record of its last check, both unchanged
+    (tasks.common.runtime, tasks.training.weights_record). None when either is unknown or the run must train."""
+    info = None
+    spec = parse_arm(planned.arm)
+    if spec.pretrained:
+        weights_path, weights_dir = weights
+        path = weights_file_for(spec.model, weights_path, None) if weights_dir is None else None
+        info = recorded_check(path, spec.model) if path is not None else None
+        if info is None:
+            return None
+    config = make_run_config(plan, planned, dataset=dataset, split=split, weights=info,
+                             runtime=planned_runtime(planned.config))
+    return _completed(planned.arm, run_dir, config.config_hash)
 
 
 def _run(ctx: RunContext, skip_reason: str | None, *, resume: bool,
@@ -154,8 +189,13 @@ def _run(ctx: RunContext, skip_reason: str | None, *, resume: bool,
              config.n_train_patients, config.n_val_patients, config.n_test_patients, config.train.image_size,
              ctx.runtime.device, ctx.runtime.precision)
     try:
-        linear = parse_arm(ctx.arm).mode == "imagenet-linear"
-        return train_linear(ctx) if linear else train_network(ctx, resume, on_epoch_end)
+        if parse_arm(ctx.arm).mode == "imagenet-linear":
+            from tasks.training.linear_arm import train_linear
+
+            return train_linear(ctx)
+        from tasks.training.network_arm import train_network
+
+        return train_network(ctx, resume, on_epoch_end)
     except BaseException as error:
         ctx.status("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise

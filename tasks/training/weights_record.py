@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from data_schemas.arms import DEFAULT_MODEL
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
 from data_schemas.training import WeightsInfo
-from tasks.cost.caches import calibration_cache_path
+from tasks.common.paths import cache_folder
 
 FileIdentity = tuple[str, int, int, int, int, int]
 
@@ -44,8 +44,8 @@ class WeightsChecks(BaseModel):
 
 
 def weights_checks_path() -> Path:
-    """weights_checks.json beside calibration.json (tasks.cost.caches.calibration_cache_path)."""
-    return calibration_cache_path().parent / "weights_checks.json"
+    """weights_checks.json in the cache folder (tasks.common.paths.cache_folder), beside the cost stage's caches."""
+    return cache_folder() / "weights_checks.json"
 
 
 def file_identity(path: Path) -> FileIdentity:
