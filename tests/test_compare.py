@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -176,6 +179,32 @@ def test_an_unchanged_rerun_keeps_every_stage_s_output(full_run: Path, cohort, r
     assert {path: path.stat().st_mtime_ns for path in kept} == before
     assert (full_run / "results.json").read_text() == results
 
+
+# Run as a command of its own: prints the exit code, then which of the libraries a kept report needs none of it loaded.
+RERUN_PROBE = """
+import sys
+from flows.cli import main
+code = main(sys.argv[1:])
+print("EXIT", code, *sorted(m for m in ("torch", "torchvision", "scipy", "sklearn", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_an_unchanged_rerun_decides_without_torch_or_plotting_libraries(full_run: Path, cohort,
+                                                                         resnet50_weights_file: Path) -> None:
+    """The same command in a new process (as a user re-runs it) checks the weights file, finds every run completed and
+    keeps the report without importing torch, torchvision, scipy, scikit-learn or matplotlib."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    results = (full_run / "results.json").read_text()
+    done = subprocess.run([sys.executable, "-c", RERUN_PROBE, *full_run_argv(cohort, resnet50_weights_file, full_run)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert "Nothing the report is made from has changed" in output, output[-3000:]
+    assert output.count("already holds a completed run with this configuration") == 3
+    assert done.stdout.splitlines()[-1] == "EXIT 0", output[-3000:]
+    assert (full_run / "results.json").read_text() == results
 
 def test_visual_section_shows_each_network_arm_on_the_same_slices(full_run: Path) -> None:
     raw = json.loads((full_run / "results.json").read_text())
