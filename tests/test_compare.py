@@ -196,7 +196,7 @@ def test_an_unchanged_rerun_decides_without_torch_or_plotting_libraries(full_run
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "INFO"}
     results = (full_run / "results.json").read_text()
     done = subprocess.run([sys.executable, "-c", RERUN_PROBE, *full_run_argv(cohort, resnet50_weights_file, full_run)],
                           env=env, capture_output=True, text=True, timeout=600)
