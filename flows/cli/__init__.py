@@ -9,6 +9,8 @@ until its handler runs: `ctcompare --help`, `COMMAND --help`, `--version` and a 
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import os
 import sys
@@ -102,11 +104,22 @@ def _refused(command: str, error: UsageError) -> int:
     return EXIT_USAGE
 
 
+def _exit_without_collecting() -> None:
+    """Turn the garbage collector off for the interpreter's teardown, whose collection passes over every object of
+    every imported module (Prefect, pydantic) are a large share of a short command such as a re-run. The command's
+    files are closed by then, and the atexit handlers registered before this one (logging's among them) still run
+    after it."""
+    gc.freeze()
+    gc.disable()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `ctcompare` command; returns its exit code (flows.cli.errors)."""
     from flows.lifeline import mark_command_start
 
     mark_command_start()
+    atexit.unregister(_exit_without_collecting)  # once, however often main runs in one process
+    atexit.register(_exit_without_collecting)
     configure_local_state(create=False)  # named now (Prefect reads it at import), made once the arguments parse
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
