@@ -173,12 +173,14 @@ def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str
     with warnings.catch_warnings():  # torch warns about the pickle protocol of some files; the file was checked
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    folded = fold_gray_normalisation(check_state_dict(raw, model, source=f"weights file {path}"), model)
+    backbone = check_state_dict(raw, model, source=f"weights file {path}")
     with torch.device("meta"):
-        extractor = pooled_at_depth(as_feature_extractor(build_model(model)), depth)
+        wanted = pooled_at_depth(as_feature_extractor(build_model(model)), depth).state_dict()
+    # only the layers up to the probe's depth are folded (copied) and packaged
+    folded = fold_gray_normalisation({key: value for key, value in backbone.items() if key in wanted}, model)
     # a file without BatchNorm's num_batches_tracked leaves the built model's own (zero) counters
     return {key: folded[key] if key in folded else torch.zeros(value.shape, dtype=value.dtype)
-            for key, value in extractor.state_dict().items()}
+            for key, value in wanted.items()}
 
 
 def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[str, str]:
