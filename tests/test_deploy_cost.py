@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_schemas.arms import parse_arm
 from data_schemas.files import read_model_json, read_models_csv
 from data_schemas.package import DEPLOY_COST_FILE, PACKAGE_FILE, DeploymentCost, ImagePrediction
 from data_schemas.training import SplitRow
@@ -17,8 +18,8 @@ from tasks.packaging.deploy_cost import deploy_cost_task, measure_deployment_cos
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import predict_images, prepare_model
 from tasks.packaging.quantize import compare_compression, int8_engine, training_images, write_compressed_package
-from tasks.training.models import forward_flops_per_image, scratch_resnet50
-from tests.ship_fixtures import ShippedRun, copy_test_patient_files, shared_shipped_run
+from tasks.training.models import build_model, forward_flops_per_image
+from tests.ship_fixtures import SHIPPED_ARM, ShippedRun, copy_test_patient_files, shared_shipped_run
 
 QUICK = {"budget_seconds": 0.3}
 
@@ -36,9 +37,10 @@ def compressed(shipped: ShippedRun) -> Path:
 
 def test_deployment_cost_figures(shipped: ShippedRun) -> None:
     cost = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=1, **QUICK)
-    assert cost.parameters == sum(p.numel() for p in scratch_resnet50().parameters())
+    model = parse_arm(SHIPPED_ARM).model
+    assert cost.parameters == sum(p.numel() for p in build_model(model).parameters())
     assert cost.package_bytes == (shipped.package_dir / PACKAGE_FILE).stat().st_size
-    assert cost.forward_gflops_per_image == pytest.approx(forward_flops_per_image(32) / 1e9)
+    assert cost.forward_gflops_per_image == pytest.approx(forward_flops_per_image(32, model=model) / 1e9)
     assert cost.image_size == 32 and cost.threads == 1 and cost.precision == "fp32" and not cost.channels_last
     assert 0 < cost.latency_ms_median <= cost.latency_ms_p90 and cost.throughput_images_per_second > 0
     assert cost.timed_runs >= 3 and cost.warmup_runs >= 1 and cost.throughput_batch_size == 32

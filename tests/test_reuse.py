@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_schemas.arms import parse_arm
 from data_schemas.package import DEPLOY_COST_FILE, MODEL_CARD_FILE, PACKAGE_FILE
 from tasks.packaging.bundle import ProbabilityNetwork, write_bundle
 from tasks.packaging.deploy_cost import package_cost
@@ -80,12 +81,13 @@ def test_packages_of_the_same_network_share_one_timing_and_one_trace(shipped: Sh
     shutil.copytree(shipped.package_dir, other_dir, ignore=shutil.ignore_patterns(DEPLOY_COST_FILE))
     # the same network with other weights, as another arm of the same model would have
     other = load_package(other_dir)
-    other = LoadedPackage(meta=other.meta.model_copy(update={"arm": "imagenet"}), path=other.path, sha256=other.sha256,
+    other_arm = f"{parse_arm(first.meta.arm).model}:imagenet"
+    other = LoadedPackage(meta=other.meta.model_copy(update={"arm": other_arm}), path=other.path, sha256=other.sha256,
                           state_dict={k: v * 1.5 if v.is_floating_point() else v for k, v in other.state_dict.items()})
     shared = SameNetworkWork()
     timed = package_cost(first, "fp32", 1, budget_seconds=BUDGET_S, timings=shared.timings, reuse=False)
     reused = package_cost(other, "fp32", 1, budget_seconds=BUDGET_S, timings=shared.timings, reuse=False)
-    assert timed.timed_on is None and reused.timed_on == first.meta.arm and reused.arm == "imagenet"
+    assert timed.timed_on is None and reused.timed_on == first.meta.arm and reused.arm == other_arm
     assert reused.latency_ms_median == timed.latency_ms_median and reused.timed_runs == timed.timed_runs
     assert f"Timed on the {first.meta.arm} arm's package" in (other_dir / MODEL_CARD_FILE).read_text()
 

@@ -27,7 +27,7 @@ from tasks.packaging.dicom_sr import (
 )
 from tests.orthanc_server import OrthancServer
 from tests.pacs.pacs_helpers import upload
-from tests.ship_fixtures import ShippedRun, copy_test_patient_files, shared_shipped_run
+from tests.ship_fixtures import SHIPPED_ARM, ShippedRun, copy_test_patient_files, shared_shipped_run
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_reports_sent_back_are_found_and_match_predictions(shipped: ShippedRun, 
         assert report["finding"] == finding_concept(expected.decision)
         assert report["probability"] == pytest.approx(expected.prob_positive, abs=1e-6)
         assert report["threshold"] == pytest.approx(expected.threshold)
-        assert report["algorithm"][0] == "ctcompare scratch (fp32)"
+        assert report["algorithm"][0] == f"ctcompare {SHIPPED_ARM} (fp32)"
         instances = sorted(str(ds.SOPInstanceUID) for ds in sources.values() if str(ds.StudyInstanceUID) == study_uid)
         assert report["referenced_sop_instance_uids"] == instances
         assert sorted(sop for _, sop in report["evidence"]) == instances
