@@ -183,6 +183,34 @@ class WeightsInfo(StrictModel):
     hash_checked: bool = Field(description="True when the file name carries a hash prefix and it matched")
 
 
+
+class WeightsCheck(StrictModel):
+    """One passed check of a weights file (tasks.training.weights_record): the file's identity when checked
+    (resolved path, device, inode, size, mtime_ns, ctime_ns), the checking code's identity and what it found."""
+
+    identity: tuple[str, int, int, int, int, int]
+    checker: str
+    sha256: str
+    hash_checked: bool
+
+
+class WeightsChecks(StrictModel):
+    """weights_checks.json in the cache folder: passed checks keyed '<model> <resolved path>'."""
+
+    schema_version: Literal["1.0"] = "1.0"
+    checks: dict[str, WeightsCheck] = Field(default_factory=dict)
+
+
+class HardwareProbe(StrictModel):
+    """runtime_probe.json in the cache folder: what torch said about this machine's hardware (tasks.common.runtime),
+    and the key (torch's installation, CPU, GPU device nodes and driver, GPU variables) it holds for."""
+
+    schema_version: Literal["1.0"] = "1.0"
+    key: str
+    cuda: bool
+    cuda_bf16: bool
+    cpu_fast_bf16: bool
+
 class RunConfig(StrictModel):
     """config.json of one run."""
 

@@ -21,25 +21,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from data_schemas.files import read_model_json, sha256_json, write_model_json
-from data_schemas.training import TrainConfig
+from data_schemas.training import HardwareProbe, TrainConfig
 from tasks.common.paths import cache_folder
 
 if TYPE_CHECKING:
     import torch
 
 GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
-
-
-class HardwareProbe(BaseModel):
-    """runtime_probe.json: what torch said about this machine's hardware, and the key it holds for."""
-
-    key: str
-    cuda: bool
-    cuda_bf16: bool
-    cpu_fast_bf16: bool
 
 
 def _cpu_description() -> str:

@@ -18,29 +18,14 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from data_schemas.arms import DEFAULT_MODEL
 from data_schemas.files import read_model_json, sha256_file, sha256_json, write_model_json
-from data_schemas.training import WeightsInfo
+from data_schemas.training import WeightsCheck, WeightsChecks, WeightsInfo
 from tasks.common.paths import cache_folder
 
 FileIdentity = tuple[str, int, int, int, int, int]
-
-
-class WeightsCheck(BaseModel):
-    """One passed check of a weights file."""
-
-    identity: FileIdentity
-    checker: str
-    sha256: str
-    hash_checked: bool
-
-
-class WeightsChecks(BaseModel):
-    """weights_checks.json: passed checks keyed '<model> <resolved path>'."""
-
-    checks: dict[str, WeightsCheck] = {}
 
 
 def weights_checks_path() -> Path:
