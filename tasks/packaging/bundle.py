@@ -42,7 +42,7 @@ from data_schemas.files import atomic_write_bytes, atomic_write_text
 from data_schemas.package import MODEL_CARD_FILE, ModelPackageMeta
 from tasks.common.reuse import file_sha256, inputs_key
 from tasks.ingest.preprocess import window_level_width
-from tasks.packaging.package import LoadedPackage, architecture_key, float_model, load_package, package_file
+from tasks.packaging.package import LoadedPackage, architecture_key, load_package, package_file
 
 BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
 BUNDLE_CSV = "probabilities.csv"
@@ -254,7 +254,7 @@ def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = 
     shutil.rmtree(staging, ignore_errors=True)
     for folder in ("configs", "models", "docs"):
         (staging / folder).mkdir(parents=True)
-    network = ProbabilityNetwork(float_model(meta, loaded.state_dict), meta).eval()
+    network = ProbabilityNetwork(loaded.float_network, meta).eval()
     torch.jit.save(traced_network(network, meta, traces), str(staging / "models" / "model.ts"))
     _link_or_copy(loaded.path, staging / "models" / "model.pt")
     metadata = {**bundle_metadata(meta, loaded.sha256), INPUTS_FIELD: key}

@@ -14,6 +14,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,6 +81,12 @@ class LoadedPackage:
     state_dict: dict[str, Any]
     path: Path
     sha256: str
+
+    @cached_property
+    def float_network(self) -> nn.Module:
+        """float_model of this float package, built once: the model its measurement times is the one its MONAI
+        bundle traces (its parameters are the package's own fp32 tensors; treat it as read-only)."""
+        return float_model(self.meta, self.state_dict)
 
 
 # ----------------------------------------------------------------------------------------------------- writing

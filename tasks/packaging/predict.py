@@ -186,9 +186,10 @@ def prepare_model(package: LoadedPackage, precision: str = "auto", threads: int 
     if meta.weights_variant == "int8":
         module = int8_module if int8_module is not None else int8_model(meta, package.state_dict)
         return PackagedModel(package, module, runtime, "int8")
-    module = float_model(meta, package.state_dict)
-    if runtime.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    if runtime.channels_last:  # converted in place: a model of its own
+        module = float_model(meta, package.state_dict).to(memory_format=torch.channels_last)
+    else:
+        module = package.float_network
     return PackagedModel(package, module, runtime, runtime.precision)
 
 
