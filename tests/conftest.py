@@ -50,19 +50,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_backend():
-    """One ephemeral Prefect API with a throw-away database for the whole test session (per xdist worker)."""
+def prefect_backend(tmp_path_factory: pytest.TempPathFactory):
+    """One ephemeral Prefect API with a throw-away database for the whole test session (per xdist worker); every
+    Prefect server of the session starts from a copy of one migrated database (tests/prefect_db.py)."""
     if os.environ.get("CTCOMPARE_TESTS_NO_PREFECT_HARNESS") == "1":
         # Mutation runs (scripts/mutation.sh) start a fresh pytest session per mutant and select unit tests only:
         # a 10-40 s server start per mutant would dominate. State still stays under the temp PREFECT_HOME above.
         yield
         return
-    from prefect.testing.utilities import prefect_test_harness
+    import prefect.testing.utilities as harness
 
-    # None: the start-up timeout is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS above, not the harness's 30 s,
-    # which parallel workers starting their servers at once on a busy machine can exceed.
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
+    from tests.prefect_db import TEMPLATE_ENV, migrated_database, seed_database
+
+    # the workers' basetemps share their parent: the first worker makes the template, the others copy it
+    os.environ[TEMPLATE_ENV] = str(migrated_database(tmp_path_factory.getbasetemp().parent))
+    make_folder = harness.mkdtemp
+
+    def folder_with_migrated_database(*args, **kwargs) -> str:
+        folder = make_folder(*args, **kwargs)
+        seed_database(Path(folder), "prefect-test.db")  # the harness's database file in its temporary folder
+        return folder
+
+    harness.mkdtemp = folder_with_migrated_database
+    try:
+        # None: the start-up timeout is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS above, not the harness's
+        # 30 s, which parallel workers starting their servers at once on a busy machine can exceed.
+        with harness.prefect_test_harness(server_startup_timeout=None):
+            yield
+    finally:
+        harness.mkdtemp = make_folder
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from tests.prefect_db import seed_database
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prefect_local.sh"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -79,6 +81,7 @@ class PrefectStack:
     def __init__(self, state_dir: Path, port: int | None = None, pool: str = "ctcompare-local") -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        seed_database(self.state_dir / "prefect")  # the server's database, migrated once per test session
         self.port = port or free_port()
         self.pool = pool
         self.api_url = f"http://127.0.0.1:{self.port}/api"

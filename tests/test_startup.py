@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from flows.cli import SERVER_FILE
+from tests.prefect_db import seed_database
 from tests.prefect_server import ROOT, PrefectStack
 
 PROBE = """
@@ -32,6 +33,7 @@ def _plain_env(prefect_home: Path) -> dict[str, str]:
     """The environment of a user's shell: no PREFECT_API_URL, this checkout on the path, state in prefect_home."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(ROOT))
+    seed_database(prefect_home)  # a temporary server's database, migrated once per test session
     return env
 
 
