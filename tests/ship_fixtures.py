@@ -49,8 +49,9 @@ def train_smoke_run(dataset_dir: Path, arm: str, run_dir: Path, weights_path: Pa
     assert summary.status == "completed", summary.reason
 
 
-def one_run_plan(run_dir: Path, arm: str, settings: dict[str, str], seed: int = 0) -> Path:
-    """run_dir/plan.json of a single smoke run trained in run_dir itself, its split file beside run_dir."""
+def one_run_plan(run_dir: Path, arm: str, settings: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """run_dir/plan.json of a single smoke run trained in run_dir itself, its split file beside run_dir (as `ctcompare
+    train` writes it)."""
     plan = build_run_plan(profile="smoke", arms=[arm], seed=seed, settings=settings, layout="single-arm")
     plan = plan.model_copy(update={"splits_file": f"../{SPLITS_FILE}"})
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ from tasks.common.runtime import choose_runtime
 from tasks.ingest.dataset_store import load_dataset, write_dataset
 from tasks.splits import parts_for_fold, read_splits
 from tasks.training.train import train_arm
+from tests.ship_fixtures import one_run_plan
 from tests.test_progress import FakeTerminal
-from tests.test_train import _cli, make_synthetic_dataset, one_run_plan
+from tests.test_train import _cli, make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

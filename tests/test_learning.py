@@ -12,7 +12,8 @@ from pathlib import Path
 from data_schemas.files import read_model_json
 from data_schemas.training import RunSummary
 from tasks.training.train import train_arm
-from tests.test_train import make_synthetic_dataset, one_run_plan
+from tests.ship_fixtures import one_run_plan
+from tests.test_train import make_synthetic_dataset
 
 
 def test_a_short_run_learns_an_easy_lesion(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from data_schemas.dataset import DatasetCard, DatasetFingerprint, ManifestRow, NumericSummary, WindowSpec
 from data_schemas.files import read_model_json, read_models_csv, sha256_file
-from data_schemas.plan import build_run_plan, write_plan
+from data_schemas.plan import build_run_plan
 from data_schemas.training import (
     BEST_FILE,
     CHECKPOINT_FILE,
@@ -33,6 +33,7 @@ from tasks.common.runtime import choose_runtime
 from tasks.ingest.dataset_store import write_dataset
 from tasks.training.loop import predict_probs, state_copy
 from tasks.training.train import TrainingInterrupted, train_arm
+from tests.ship_fixtures import one_run_plan
 
 N_PATIENTS, PER_PATIENT, SIZE = 18, 3, 40
 
@@ -98,12 +99,6 @@ def _cli(argv: list[str]) -> int:
         return args.handler(args)
     except UsageError:
         return 2
-
-
-def one_run_plan(run_dir: Path, arm: str, settings: dict[str, str] | None = None, profile: str = "smoke") -> Path:
-    """RUN_DIR/plan.json of one run with the split beside RUN_DIR, as `ctcompare train` writes it."""
-    plan = build_run_plan(profile=profile, arms=[arm], seed=0, settings=settings, layout="single-arm")
-    return write_plan(run_dir, plan.model_copy(update={"splits_file": "../splits.csv"}))
 
 
 def _metrics(run_dir: Path) -> list[EpochMetrics]:
@@ -479,7 +474,7 @@ def test_split_and_losses_do_not_depend_on_the_pseudonymization_key(tmp_path, mo
 
 
 def test_plan_resolves_settings_once_with_one_set_of_names():
-    from data_schemas.plan import EVALUATION_SETTING_KEYS, build_run_plan, with_cost_inputs
+    from data_schemas.plan import EVALUATION_SETTING_KEYS, with_cost_inputs
 
     plan = build_run_plan(profile="smoke", arms=["scratch", "imagenet"], seed=4,
                           settings={"epochs": "3", "operating_point": "sensitivity:0.9", "aggregation": "max"},
