@@ -310,7 +310,7 @@ def check_weights_loadable(path: str | None, option: str = "--weights") -> None:
     (tasks.training.weights_record)."""
     if path is None:
         return
-    from tasks.training.weights_record import check_weights_file
+    from tasks.training.weights_check import check_weights_file
 
     try:
         check_weights_file(Path(path))

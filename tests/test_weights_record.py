@@ -13,7 +13,8 @@ import torch
 
 import tasks.training.weights as weights_module
 from tasks.training.weights import WeightsFileError, read_weights_file
-from tasks.training.weights_record import check_weights_file, recorded_check, weights_checks_path
+from tasks.training.weights_check import check_weights_file
+from tasks.training.weights_record import recorded_check, weights_checks_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_a_bad_file_is_never_recorded(tmp_path: Path) -> None:
 
 
 def test_checking_a_recorded_file_imports_no_torch(checked_copy: Path) -> None:
-    code = ("import sys; from tasks.training.weights_record import check_weights_file; "
+    code = ("import sys; from tasks.training.weights_check import check_weights_file; "
             f"print(check_weights_file({str(checked_copy)!r}).sha256); print('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

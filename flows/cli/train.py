@@ -68,7 +68,7 @@ def check_weights_dir(arm: str, weights_dir: str | None) -> None:
     if weights_dir is None or parsed.mode == "scratch":
         return
     from tasks.training.train import weights_file_for
-    from tasks.training.weights_record import check_weights_file
+    from tasks.training.weights_check import check_weights_file
 
     path = weights_file_for(parsed.model, None, Path(weights_dir))
     if path is not None:

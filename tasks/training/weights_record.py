@@ -81,15 +81,3 @@ def remember_check(path: Path, model: str, info: WeightsInfo, identity_before: F
         write_model_json(weights_checks_path(), record)
     except OSError:
         pass
-
-
-def check_weights_file(path: Path, model: str = DEFAULT_MODEL) -> WeightsInfo:
-    """The WeightsInfo of a usable weights file of `model`: from the record of its last check while it is unchanged,
-    else from the full check (tasks.training.weights.read_weights_file, which records it). Raises WeightsFileError."""
-    recorded = recorded_check(path, model)
-    if recorded is not None:
-        return recorded
-    from tasks.training.weights import read_weights_file
-
-    return read_weights_file(Path(path), model)[1]
-
