@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -36,7 +37,9 @@ def md_cell(value: object) -> str:
     return text
 
 
+@lru_cache(maxsize=2)
 def _environment(autoescape: bool) -> jinja2.Environment:
+    """Jinja environment of the visual section; one per autoescape setting and process (templates compiled once)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)), autoescape=autoescape,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, fmt_pct=fmt_pct, md=md_cell)

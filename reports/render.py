@@ -12,6 +12,7 @@ so a kept report's summary and metrics table cost no plotting imports.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +72,10 @@ def dataset_label(results: ComparisonResults) -> str:
 # ---------------------------------------------------------------- rendering
 
 
+@lru_cache(maxsize=2)
 def _environment(autoescape: bool) -> jinja2.Environment:
-    """Jinja environment over reports/templates with the formatting filters."""
+    """Jinja environment over reports/templates with the formatting filters; one per autoescape setting and process,
+    so each template is compiled once (Jinja reloads a template whose file changed)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
         autoescape=autoescape,
