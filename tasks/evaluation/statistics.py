@@ -82,7 +82,6 @@ def roc_auc(y_true: ArrayLike, prob: ArrayLike) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-
 def resampled_roc_auc(y_true: ArrayLike, prob: ArrayLike, draws: np.ndarray) -> np.ndarray:
     """roc_auc of every resample at once: row r of `draws` (R, n) holds the indices drawn for resample r; NaN for a
     resample with one class.
@@ -105,6 +104,7 @@ def resampled_roc_auc(y_true: ArrayLike, prob: ArrayLike, draws: np.ndarray) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, NAN)
+
 
 def expected_calibration_error(
     y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10,

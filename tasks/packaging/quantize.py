@@ -216,9 +216,8 @@ def paired_auc_change(pred: PairedPredictions, *, aggregation: str, n_bootstrap:
     if min(int(y.sum()), int(n - y.sum())) < 2:
         return roc_auc(y, a), roc_auc(y, b), None, n
     draws = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
-    two_classes = (y[draws].sum(axis=1) > 0) & (y[draws].sum(axis=1) < n)
-    changes = resampled_roc_auc(y, b, draws) - resampled_roc_auc(y, a, draws)
-    low, high = np.percentile(changes[two_classes], [2.5, 97.5])
+    changes = resampled_roc_auc(y, b, draws) - resampled_roc_auc(y, a, draws)  # NaN where a resample has one class
+    low, high = np.percentile(changes[~np.isnan(changes)], [2.5, 97.5])
     return roc_auc(y, a), roc_auc(y, b), (float(low), float(high)), n
 
 
