@@ -30,6 +30,7 @@ from tasks.ingest.dataset_store import load_dataset
 from tasks.splits import SplitsMismatchError, ensure_splits, recorded_parts
 
 if TYPE_CHECKING:
+    from tasks.packaging.background import BackgroundWrites
     from tasks.packaging.package import LoadedPackage
     from tasks.packaging.ship import SameNetworkWork
 
@@ -99,9 +100,10 @@ def write_report(results: ComparisonResults, report_dir: Path) -> Path:
 
 def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults,
               report_dir: Path, dataset_dir: Path, budget_seconds: float,
-              shared: SameNetworkWork) -> tuple[ArmResult, LoadedPackage]:
+              shared: SameNetworkWork) -> tuple[ArmResult, LoadedPackage, BackgroundWrites]:
     """Package the arm's main run at its validation-chosen patient threshold, measure what it costs to run and
-    write it as a MONAI bundle too (tasks.packaging.ship.ship_run); with the package as written."""
+    write it as a MONAI bundle too (tasks.packaging.ship.ship_run); with the package as written and its files'
+    writes, which may still be under way."""
     from tasks.packaging.package import package_metrics
     from tasks.packaging.ship import ship_run
 
@@ -121,7 +123,7 @@ def _ship_arm(arm: ArmResult, *, plan: RunPlan, environment: RunEnvironment, res
                           time.perf_counter() - started)
     packaged = arm.model_copy(update={"deployment": shipped.cost,
                                       "package_dir": shipped.package_dir.relative_to(report_dir).as_posix()})
-    return packaged, shipped.package
+    return packaged, shipped.package, shipped.written
 
 
 def _compressed_arm(results: ComparisonResults) -> str | None:
@@ -149,6 +151,11 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
     return comparison, compressed.relative_to(report_dir).as_posix()
 
 
+def _first_line(error: BaseException) -> str:
+    """An error in one line for the log: its message's first line, else its type."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 @task(name="ship-arms", cache_policy=NO_CACHE)
 def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: ComparisonResults, report_dir: Path,
               dataset_dir: Path) -> ComparisonResults:
@@ -159,7 +166,9 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
     QUICK_TIME_BUDGET_S (a quarter of a second per package), the others within DEFAULT_TIME_BUDGET_S; arms of the
     same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each piece is
-    skipped when its inputs have not changed (tasks.packaging.ship).
+    skipped when its inputs have not changed (tasks.packaging.ship). Files are written in the background while the
+    next piece is made, never while a package is timed (tasks.packaging.background); an arm whose files could not be
+    written goes without a package, as one that could not be packaged.
     """
     from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
     from tasks.packaging.ship import SameNetworkWork
@@ -167,29 +176,34 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     logger = get_run_logger()
     started = time.perf_counter()
     budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
-    arms, shared, to_compress = [], SameNetworkWork(), None
+    arms, shared, to_compress, writing = [], SameNetworkWork(), None, []
     for arm in results.arms:
         try:
             if arm.status != "completed":
                 arms.append(arm)
                 continue
-            shipped_arm, package = _ship_arm(arm, plan=plan, environment=environment, results=results,
-                                             report_dir=report_dir, dataset_dir=dataset_dir, budget_seconds=budget,
-                                             shared=shared)
+            shipped_arm, package, written = _ship_arm(arm, plan=plan, environment=environment, results=results,
+                                                      report_dir=report_dir, dataset_dir=dataset_dir,
+                                                      budget_seconds=budget, shared=shared)
+            writing.append((len(arms), arm, written))
             arms.append(shipped_arm)
             to_compress = package if arm.name == _compressed_arm(results) else to_compress
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
-            logger.warning(
-                "%s: no model package: %s", arm.name, str(error).splitlines()[0] if str(error) else type(error).__name__
-            )
+            logger.warning("%s: no model package: %s", arm.name, _first_line(error))
             arms.append(arm)
+    for position, arm, written in writing:  # an arm whose files could not be written goes without a package
+        try:
+            written.result()
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s: no model package: %s", arm.name, _first_line(error))
+            arms[position] = arm
     shipped = results.model_copy(update={"arms": arms})
     compressing = time.perf_counter()
     try:
         compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir,
                                            budget_seconds=budget, package=to_compress)
     except Exception as error:  # noqa: BLE001
-        logger.warning("No compressed variant: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        logger.warning("No compressed variant: %s", _first_line(error))
         compressed = None
     logger.info("Shipped %d arm(s) in %.1f s, the compressed variant and its comparison %.1f s of it",
                 sum(a.deployment is not None for a in arms), time.perf_counter() - started,
@@ -271,10 +285,7 @@ def train_all(*, plan: RunPlan, environment: RunEnvironment, plan_path: Path, da
         for planned, future in zip(plan.runs, futures):
             outcome = future.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
-                logger.warning(
-                    "A training run failed: %s",
-                    str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__,
-                )
+                logger.warning("A training run failed: %s", _first_line(outcome))
             if stages is not None:
                 stages.advance(f"training run {planned.run_dir} finished")
     logger.info("Training stage: %d run(s) in %.1f s", len(plan.runs), time.perf_counter() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from data_schemas.package import DEPLOY_COST_FILE, PACKAGE_FILE, DeploymentCost,
 from data_schemas.training import SplitRow
 from flows.predict import predict_flow
 from tasks.ingest.dataset_store import load_dataset
+from tasks.packaging import deploy_cost
+from tasks.packaging.background import BackgroundWrites
 from tasks.packaging.deploy_cost import deploy_cost_task, measure_deployment_cost, parameter_count
 from tasks.packaging.package import load_package
 from tasks.packaging.predict import predict_images, prepare_model
@@ -54,6 +57,18 @@ def test_measuring_leaves_the_process_thread_count(shipped: ShippedRun) -> None:
     before = torch.get_num_threads()
     cost = measure_deployment_cost(shipped.package_dir, precision="fp32", threads=before + 1, **QUICK)
     assert cost.threads == before + 1 and torch.get_num_threads() == before
+
+def test_a_timing_waits_for_every_file_being_written(shipped: ShippedRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    happened, gate = [], threading.Event()
+    writes = BackgroundWrites()
+    writes.submit(lambda: (gate.wait(), happened.append("written")))
+    timing = deploy_cost._time_model
+    monkeypatch.setattr(deploy_cost, "_time_model", lambda *args: (happened.append("timed"), timing(*args))[1])
+    threading.Timer(0.2, gate.set).start()
+    measure_deployment_cost(shipped.package_dir, precision="fp32", threads=1, **QUICK)
+    writes.result()
+    assert happened == ["written", "timed"]
+
 
 def test_calibration_uses_training_images_only(shipped: ShippedRun) -> None:
     meta = load_package(shipped.package_dir).meta

@@ -14,7 +14,10 @@ from data_schemas.files import read_models_csv, sha256_file
 from data_schemas.package import CHECKSUMS_FILE, MODEL_CARD_FILE, PACKAGE_FILE, ImagePrediction, PatientPrediction
 from flows.cli import main
 from reports.model_card import CARD_SECTIONS
+from tasks.common.reuse import checksums_hold
+from tasks.packaging.background import BackgroundWrites
 from tasks.packaging.package import PackageError, load_package, write_package
+from tasks.training.weights_record import weights_checks_path
 from tests.ship_fixtures import (
     ShippedRun,
     copy_test_patient_files,
@@ -116,6 +119,29 @@ def test_linear_probe_arm_round_trip(shipped: ShippedRun, resnet50_weights_file:
     predicted, reference = _round_trip(linear, package, tmp_path)
     np.testing.assert_allclose([predicted[p] for p in reference], list(reference.values()), atol=1e-5)
     assert "No test metrics were given" in (package / MODEL_CARD_FILE).read_text()
+    # the backbone's SHA-256 from the record of its check, or (no record) hashed: the same package weights
+    weights_checks_path().unlink()
+    unrecorded = write_package(run_dir=run_dir, dataset_dir=shipped.dataset_dir, out_dir=tmp_path / "unrecorded",
+                               threshold=0.4, threshold_rule="youden on validation predictions", aggregation="max",
+                               metrics=None)
+    assert unrecorded.meta.weights_sha256 == load_package(package).meta.weights_sha256
+
+
+def test_a_package_written_in_the_background_is_the_one_written_at_once(shipped: ShippedRun, tmp_path: Path) -> None:
+    common = {"run_dir": shipped.run_dir, "dataset_dir": shipped.dataset_dir, "threshold": 0.5,
+              "threshold_rule": "fixed", "aggregation": "mean", "metrics": None}
+    writes = BackgroundWrites()
+    later = write_package(out_dir=tmp_path / "later", writes=writes, **common)
+    writes.result()
+    now = write_package(out_dir=tmp_path / "now", **common)
+    read = load_package(tmp_path / "later")
+    assert (read.sha256, read.meta, later.file_bytes) == (later.sha256, later.meta, later.path.stat().st_size)
+    assert now.file_bytes is not None and now.meta.weights_sha256 == later.meta.weights_sha256
+    assert checksums_hold(tmp_path / "later")
+    failing = BackgroundWrites()
+    failing.submit(lambda: (tmp_path / "no such folder" / "file").write_text(""))
+    with pytest.raises(FileNotFoundError):
+        failing.result()
 
 
 def test_bad_arguments_are_refused(shipped: ShippedRun, tmp_path: Path) -> None:

@@ -27,22 +27,26 @@ predict` on the same files. Each file is read as one frame (multi-frame files: u
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from data_schemas.files import atomic_write_bytes, atomic_write_text
+from data_schemas.files import atomic_write_text
 from data_schemas.package import MODEL_CARD_FILE, ModelPackageMeta
 from tasks.common.reuse import file_sha256, inputs_key
 from tasks.ingest.preprocess import window_level_width
 from tasks.packaging.package import LoadedPackage, architecture_key, load_package, package_file
+
+if TYPE_CHECKING:
+    from tasks.packaging.background import BackgroundWrites
 
 BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
 BUNDLE_CSV = "probabilities.csv"
@@ -194,10 +198,12 @@ def inference_config(meta: ModelPackageMeta) -> dict[str, Any]:
     }
 
 
-def bundle_inputs_key(model_path: Path) -> str:
-    """What a bundle is made from: the package's model.pt, its model card (the bundle's README) and the code."""
+def bundle_inputs_key(model_path: Path, package_sha256: str | None = None) -> str:
+    """What a bundle is made from: the package's model.pt (package_sha256: its SHA-256 when known), its model card
+    (the bundle's README) and the code."""
     card = model_path.parent / MODEL_CARD_FILE
-    return inputs_key({"package": file_sha256(model_path), "card": file_sha256(card) if card.is_file() else None})
+    return inputs_key({"package": package_sha256 or file_sha256(model_path),
+                       "card": file_sha256(card) if card.is_file() else None})
 
 
 def recorded_bundle_inputs(out_dir: Path) -> str | None:
@@ -221,11 +227,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def traced_network(network: ProbabilityNetwork, meta: ModelPackageMeta,
                    traces: dict[str, torch.jit.ScriptModule] | None = None) -> torch.jit.ScriptModule:
     """The network as TorchScript, traced at the trained size; for a classifier whose network was traced before (in
-    `traces`, by architecture_key), that trace given this network's weights: the graph is the same, the weights are
-    its parameters (a linear probe's intercept is a constant of its trace, so probes are always traced)."""
+    `traces`, by architecture_key), a copy of that trace given this network's weights: the graph is the same, the
+    weights are its parameters (a linear probe's intercept is a constant of its trace, so probes are always traced).
+    A trace is never changed once returned (its bundle may be being written in the background)."""
     key = architecture_key(meta) if meta.kind == "network" else None
     if traces is not None and key in traces:
-        traced = traces[key]
+        traced = copy.deepcopy(traces[key])
         traced.load_state_dict(network.state_dict())
         return traced
     size = meta.recipe.train_image_size
@@ -236,36 +243,55 @@ def traced_network(network: ProbabilityNetwork, meta: ModelPackageMeta,
     return traced
 
 
+def bundle_network(package: LoadedPackage,
+                   traces: dict[str, torch.jit.ScriptModule] | None = None) -> torch.jit.ScriptModule:
+    """The package's network with its probability step as TorchScript (models/model.ts; traces: see
+    traced_network)."""
+    return traced_network(ProbabilityNetwork(package.float_network, package.meta).eval(), package.meta, traces)
+
+
 def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = True,
-                 traces: dict[str, torch.jit.ScriptModule] | None = None) -> Path:
+                 traces: dict[str, torch.jit.ScriptModule] | None = None,
+                 network: torch.jit.ScriptModule | None = None, writes: BackgroundWrites | None = None) -> Path:
     """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir.
     reuse: keep a whole bundle in out_dir made from the same package and model card (bundle_inputs_key); traces:
-    see traced_network."""
+    see traced_network; network: the package's bundle_network when traced already; writes: write the bundle's
+    files in the background (tasks.packaging.background) once they are made, after the package's own."""
     out_dir = Path(out_dir)
     model_path = package.path if isinstance(package, LoadedPackage) else package_file(Path(package))
-    key = bundle_inputs_key(model_path)
+    key = bundle_inputs_key(model_path, package.sha256 if isinstance(package, LoadedPackage) else None)
     if reuse and recorded_bundle_inputs(out_dir) == key:
         return out_dir
     loaded = package if isinstance(package, LoadedPackage) else load_package(model_path)
     meta = loaded.meta
     if meta.weights_variant == "int8":
         raise ValueError("a MONAI bundle is written from the full-precision package, not its int8 variant.")
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    for folder in ("configs", "models", "docs"):
-        (staging / folder).mkdir(parents=True)
-    network = ProbabilityNetwork(loaded.float_network, meta).eval()
-    torch.jit.save(traced_network(network, meta, traces), str(staging / "models" / "model.ts"))
-    _link_or_copy(loaded.path, staging / "models" / "model.pt")
-    metadata = {**bundle_metadata(meta, loaded.sha256), INPUTS_FIELD: key}
-    atomic_write_text(staging / "configs" / "metadata.json", json.dumps(metadata, indent=2) + "\n")
-    atomic_write_text(staging / "configs" / "inference.json", json.dumps(inference_config(meta), indent=2) + "\n")
+    script = network if network is not None else bundle_network(loaded, traces)
     card = loaded.path.parent / MODEL_CARD_FILE
-    readme = card.read_text() if card.is_file() else f"# ctcompare {meta.arm}\n"
-    atomic_write_text(staging / "docs" / "README.md", readme + _RUN_NOTE)
-    atomic_write_bytes(staging / "LICENSE", _license_text(meta).encode())
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    files = {
+        "configs/metadata.json": json.dumps({**bundle_metadata(meta, loaded.sha256), INPUTS_FIELD: key}, indent=2)
+        + "\n",
+        "configs/inference.json": json.dumps(inference_config(meta), indent=2) + "\n",
+        "docs/README.md": (card.read_text() if card.is_file() else f"# ctcompare {meta.arm}\n") + _RUN_NOTE,
+        "LICENSE": _license_text(meta),
+    }
+
+    def write() -> None:
+        staging = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in ("configs", "models", "docs"):
+            (staging / folder).mkdir(parents=True)
+        torch.jit.save(script, str(staging / "models" / "model.ts"))
+        _link_or_copy(loaded.path, staging / "models" / "model.pt")
+        for name, text in files.items():
+            atomic_write_text(staging / name, text)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+
+    if writes is not None:
+        writes.submit(write)
+    else:
+        write()
     return out_dir
 
 

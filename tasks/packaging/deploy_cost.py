@@ -44,6 +44,7 @@ from tasks.common.environment import cpu_name
 from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.common.runtime import Runtime
 from tasks.ingest.dataset_store import load_dataset
+from tasks.packaging.background import wait_for_writes
 from tasks.packaging.package import (
     LoadedPackage,
     architecture_key,
@@ -131,7 +132,9 @@ def _float_network(model: PackagedModel) -> nn.Module | None:
 
 def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second within a time budget, as the
-    module doc says, in the runtime's threads."""
+    module doc says, in the runtime's threads; once every file being written in the background has been written
+    (tasks.packaging.background), so that nothing else runs while it is timed."""
+    wait_for_writes()
     with model.runtime.threads():
         return _time_model(model, budget_seconds)
 
@@ -168,14 +171,15 @@ def measure_deployment_cost(package_path: Path, *, precision: str = "auto", thre
 
 def prepared_model_cost(model: PackagedModel, budget_seconds: float) -> DeploymentCost:
     """measure_deployment_cost on a model already prepared (so that one int8 conversion serves several uses)."""
+    parameters, flops = parameter_count(model), forward_flops(model)  # counted before the timing, not during it
     timing = time_model(model, budget_seconds)
     latency = timing.latency_ms
     package = model.package
     meta = package.meta
     return DeploymentCost(
-        arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameter_count(model),
-        package_bytes=package.path.stat().st_size, image_size=meta.recipe.train_image_size,
-        forward_gflops_per_image=forward_flops(model) / 1e9,
+        arm=meta.arm, weights_variant=meta.weights_variant, parameters=parameters,
+        package_bytes=package.size(), image_size=meta.recipe.train_image_size,
+        forward_gflops_per_image=flops / 1e9,
         latency_ms_median=float(np.median(latency)), latency_ms_p90=float(np.percentile(latency, 90)),
         throughput_images_per_second=timing.images_per_second, throughput_batch_size=THROUGHPUT_BATCH_SIZE,
         warmup_runs=timing.warmup_runs, timed_runs=len(latency), time_budget_seconds=budget_seconds,
@@ -185,10 +189,10 @@ def prepared_model_cost(model: PackagedModel, budget_seconds: float) -> Deployme
     )
 
 
-def cost_inputs_key(package_path: Path, precision: str, threads: int | None, budget_seconds: float) -> str:
+def cost_inputs_key(package_sha256: str, precision: str, threads: int | None, budget_seconds: float) -> str:
     """The inputs key of a measurement (tasks.common.reuse): model.pt's SHA-256, the requested runtime, the budget,
     this CPU and torch."""
-    return inputs_key({"package": file_sha256(package_file(package_path)), "precision": precision,
+    return inputs_key({"package": package_sha256, "precision": precision,
                        "threads": threads or default_threads(), "budget_seconds": budget_seconds, "cpu": cpu_name(),
                        "torch": torch.__version__})
 
@@ -203,11 +207,12 @@ def recorded_cost(folder: Path, key: str) -> DeploymentCost | None:
     return cost if cost is not None and cost.inputs_sha256 == key and checksums_hold(folder) else None
 
 
-def record_cost(folder: Path, meta: ModelPackageMeta, cost: DeploymentCost, key: str) -> DeploymentCost:
-    """Write deploy_cost.json (with its inputs key) beside model.pt and the figures into the model card."""
+def record_cost(package: LoadedPackage, cost: DeploymentCost, key: str) -> DeploymentCost:
+    """Write deploy_cost.json (with its inputs key) beside the package's model.pt and the figures into its model
+    card."""
     cost = cost.model_copy(update={"inputs_sha256": key})
-    write_model_json(Path(folder) / DEPLOY_COST_FILE, cost)
-    write_card(Path(folder), meta, cost)
+    write_model_json(package.path.parent / DEPLOY_COST_FILE, cost)
+    write_card(package, cost)
     return cost
 
 
@@ -236,21 +241,22 @@ def package_cost(package: Path | LoadedPackage, precision: str = "auto", threads
     at the same size and runtime takes the timing from there (timed_on names the package timed) instead of running
     its own forwards, since a forward's cost depends on the shapes and the runtime, not on the weights' values.
     """
-    folder = (package.path if isinstance(package, LoadedPackage) else package_file(package)).parent
-    key = cost_inputs_key(folder, precision, threads, budget_seconds)
-    if reuse and (cached := recorded_cost(folder, key)) is not None:
+    model_path = package.path if isinstance(package, LoadedPackage) else package_file(package)
+    digest = package.sha256 if isinstance(package, LoadedPackage) else file_sha256(model_path)
+    key = cost_inputs_key(digest, precision, threads, budget_seconds)
+    if reuse and (cached := recorded_cost(model_path.parent, key)) is not None:
         return cached
-    loaded = package if isinstance(package, LoadedPackage) else load_package(folder)
+    loaded = package if isinstance(package, LoadedPackage) else load_package(model_path)
     same = timing_key(loaded.meta, predict_runtime(loaded.meta, precision, threads), budget_seconds)
     if timings is not None and same in timings:
         timed = timings[same]
-        cost = timed.model_copy(update={"arm": loaded.meta.arm, "package_bytes": loaded.path.stat().st_size,
+        cost = timed.model_copy(update={"arm": loaded.meta.arm, "package_bytes": loaded.size(),
                                         "timed_on": timed.timed_on or timed.arm})
     else:
         cost = prepared_model_cost(prepare_model(loaded, precision, threads), budget_seconds)
         if timings is not None:
             timings[same] = cost
-    return record_cost(folder, loaded.meta, cost, key)
+    return record_cost(loaded, cost, key)
 
 
 def timing_key(meta: ModelPackageMeta, runtime: Runtime, budget_seconds: float) -> str:
@@ -287,9 +293,8 @@ def evaluate_compression(*, full_package: Path, compressed_package: Path | Packa
         small = compressed_package
     else:
         small = prepare_model(load_package(compressed_package), "auto")
-    folder = small.package.path.parent
-    compressed_cost = record_cost(folder, small.package.meta, prepared_model_cost(small, budget_seconds),
-                                  cost_inputs_key(folder, "auto", None, budget_seconds))
+    compressed_cost = record_cost(small.package, prepared_model_cost(small, budget_seconds),
+                                  cost_inputs_key(small.package.sha256, "auto", None, budget_seconds))
     rows = read_models_csv(Path(run_dir) / RUN_PREDICTIONS_FILE, PredictionRow)
     images, targets, patients = run_test_images(run_dir, dataset_dir)
     pred = PairedPredictions(targets=targets, patients=patients, full=np.array([row.prob_positive for row in rows]),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -55,6 +55,10 @@ from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs,
 from tasks.ingest.decode import PREPROCESS_VERSION
 from tasks.training.models import as_feature_extractor, build_model, pooled_at_depth
 from tasks.training.weights import check_state_dict, fold_gray_normalisation
+from tasks.training.weights_record import recorded_check
+
+if TYPE_CHECKING:
+    from tasks.packaging.background import BackgroundWrites
 
 # How tasks.training.augment.images_to_tensor brings the ingested images to the training size (once, in memory).
 TRAIN_RESIZE_METHOD = RESIZE_METHOD + ", ingest size -> training size (tasks.training.augment.images_to_tensor)"
@@ -75,12 +79,19 @@ class LoadedPackage:
         state_dict: the tensors (float, bf16 or quantized).
         path: the model.pt file.
         sha256: SHA-256 of model.pt.
+        file_bytes: the size of model.pt when this process has just written it (the file may still be being written
+            in the background: tasks.packaging.background); None for a package read back.
     """
 
     meta: ModelPackageMeta
     state_dict: dict[str, Any]
     path: Path
     sha256: str
+    file_bytes: int | None = None
+
+    def size(self) -> int:
+        """model.pt's size in bytes."""
+        return self.file_bytes if self.file_bytes is not None else self.path.stat().st_size
 
     @cached_property
     def float_network(self) -> nn.Module:
@@ -150,18 +161,25 @@ def _completed_config(run_dir: Path) -> RunConfig:
 
 
 def _network_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The best epoch's weights (best.pt, read weights-only: fresh tensors of their own, nothing to copy)."""
-    return dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True)["state_dict"])
+    """The best epoch's weights (best.pt, read weights-only and memory-mapped: private pages read as they are used,
+    not copied; best.pt is only ever replaced whole, never rewritten in place)."""
+    return dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True, mmap=True)["state_dict"])
 
 
-def _backbone_file(config: RunConfig, weights_path: Path | None) -> Path:
+def _backbone_file(config: RunConfig, weights_path: Path | None) -> tuple[Path, bool]:
     """The weights file the run used: where config.json says, else weights_path, each accepted only with the SHA-256
-    config.json records (so a ResNet-50 --weights file is never taken for another model's backbone)."""
+    config.json records (so a ResNet-50 --weights file is never taken for another model's backbone). Returns it and
+    whether its full check is recorded for the file as it is now (tasks.training.weights_record): then its SHA-256
+    is the record's, not hashed again."""
     assert config.weights is not None
+    model = parse_arm(config.arm).model
     candidates = [Path(config.weights.path)] + ([Path(weights_path)] if weights_path is not None else [])
     for candidate in candidates:
-        if candidate.is_file() and file_sha256(candidate) == config.weights.sha256:
-            return candidate
+        if not candidate.is_file():
+            continue
+        recorded = recorded_check(candidate, model)
+        if (recorded.sha256 if recorded is not None else file_sha256(candidate)) == config.weights.sha256:
+            return candidate, recorded is not None
     where = " or ".join(str(c) for c in candidates)
     raise PackageError(
         f"the backbone weights the run used ({config.weights.file_name}, SHA-256 {config.weights.sha256[:12]}) are not "
@@ -169,18 +187,28 @@ def _backbone_file(config: RunConfig, weights_path: Path | None) -> Path:
     )
 
 
+def _read_weights_file(path: Path) -> Any:
+    """A weights file read weights-only, memory-mapped where its format allows (a legacy, non-zip file cannot be):
+    only the tensors used are then read from disk."""
+    with warnings.catch_warnings():  # torch warns about the pickle protocol of some files; the file was checked
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str | None) -> dict[str, torch.Tensor]:
     """The frozen feature extractor (grey-folded ImageNet backbone, up to the probe's depth) the probe was fitted on:
     the backbone file the run used (by its SHA-256), checked and folded as training folds it, keyed as the
-    extractor's architecture (built on the meta device: shapes and names only) keys it."""
+    extractor's architecture (built on the meta device: shapes and names only) keys it; only those layers are read
+    from the file."""
     if config.weights is None:
         raise PackageError("the linear-probe run records no backbone weights; it cannot be packaged.")
     model = parse_arm(config.arm).model
-    path = _backbone_file(config, weights_path)
-    with warnings.catch_warnings():  # torch warns about the pickle protocol of some files; the file was checked
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = check_state_dict(raw, model, source=f"weights file {path}")
+    path, recorded = _backbone_file(config, weights_path)
+    # a file whose full check is recorded unchanged passed the value check: names and shapes are checked again
+    backbone = check_state_dict(_read_weights_file(path), model, source=f"weights file {path}", values=not recorded)
     with torch.device("meta"):
         wanted = pooled_at_depth(as_feature_extractor(build_model(model)), depth).state_dict()
     # only the layers up to the probe's depth are folded (copied) and packaged
@@ -215,38 +243,54 @@ def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Ma
     )
 
 
-def save_package_file(path: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> str:
+def save_package_file(path: Path, meta: ModelPackageMeta, state: Mapping[str, Any],
+                      writes: BackgroundWrites | None = None) -> tuple[str, int]:
     """Write model.pt atomically (format marker, JSON-able metadata, tensors); returns its SHA-256, taken from the
-    bytes as they are written (the file is not read back to hash it)."""
+    bytes as they are written (the file is not read back to hash it), and its size. writes: write the file in the
+    background (tasks.packaging.background) once its bytes are made."""
     buffer = io.BytesIO()
     torch.save({
         "format": PACKAGE_FORMAT, "format_version": PACKAGE_FORMAT_VERSION,
         "metadata": meta.model_dump(mode="json"), "state_dict": dict(state),
     }, buffer)
     digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
-    atomic_write_bytes(path, buffer.getbuffer())
-    remember_file_sha256(path, digest)
-    return digest
+
+    def write() -> None:
+        atomic_write_bytes(path, buffer.getbuffer())
+        remember_file_sha256(path, digest)
+
+    if writes is not None:
+        writes.submit(write)
+    else:
+        write()
+    return digest, buffer.getbuffer().nbytes
 
 
-def write_card(out_dir: Path, meta: ModelPackageMeta, cost: DeploymentCost | None = None) -> Path:
-    """(Re)write MODEL_CARD.md beside model.pt, then SHA256SUMS over both; returns the card's path."""
+def write_card(package: LoadedPackage, cost: DeploymentCost | None = None) -> Path:
+    """(Re)write MODEL_CARD.md beside the package's model.pt, then SHA256SUMS over both; returns the card's path."""
     from reports.model_card import render_model_card
 
+    out_dir = package.path.parent
     card = out_dir / MODEL_CARD_FILE
-    atomic_write_text(card, render_model_card(meta, package_bytes=(out_dir / PACKAGE_FILE).stat().st_size, cost=cost))
-    sums = "".join(f"{file_sha256(out_dir / name)}  {name}\n" for name in (PACKAGE_FILE, MODEL_CARD_FILE))
-    atomic_write_text(out_dir / CHECKSUMS_FILE, sums)
+    text = render_model_card(package.meta, package_bytes=package.size(), cost=cost)
+    atomic_write_text(card, text)
+    card_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    remember_file_sha256(card, card_digest)
+    atomic_write_text(out_dir / CHECKSUMS_FILE,
+                      f"{package.sha256}  {PACKAGE_FILE}\n{card_digest}  {MODEL_CARD_FILE}\n")
     return card
 
 
-def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any]) -> LoadedPackage:
+def write_package_folder(out_dir: Path, meta: ModelPackageMeta, state: Mapping[str, Any],
+                         writes: BackgroundWrites | None = None) -> LoadedPackage:
     """model.pt, MODEL_CARD.md and SHA256SUMS in out_dir; returns the package as written (as load_package would
-    read it back, without reading it)."""
+    read it back, without reading it). writes: model.pt is written in the background (the card and sums at once)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = save_package_file(out_dir / PACKAGE_FILE, meta, state)
-    write_card(out_dir, meta)
-    return LoadedPackage(meta=meta, state_dict=dict(state), path=out_dir / PACKAGE_FILE, sha256=digest)
+    digest, size = save_package_file(out_dir / PACKAGE_FILE, meta, state, writes)
+    package = LoadedPackage(meta=meta, state_dict=dict(state), path=out_dir / PACKAGE_FILE, sha256=digest,
+                            file_bytes=size)
+    write_card(package)
+    return package
 
 
 def write_package(
@@ -260,13 +304,15 @@ def write_package(
     metrics: dict[str, Any] | None,
     weights_path: Path | None = None,
     reuse: bool = True,
+    writes: BackgroundWrites | None = None,
 ) -> LoadedPackage:
     """Package one completed run (network or linear probe) into out_dir; returns the package (model.pt: its .path).
 
     threshold/threshold_rule: the operating point chosen on validation predictions; aggregation: "mean" or "max";
     metrics: the test metrics with intervals in PackageMetrics form; weights_path: the ImageNet backbone file of a
     linear-probe run when it is no longer where config.json says. reuse: keep an intact package in out_dir made from
-    the same inputs (tasks.common.reuse) instead of writing it again.
+    the same inputs (tasks.common.reuse) instead of writing it again. writes: write model.pt in the background
+    (tasks.packaging.background; the returned package's file_bytes then says it was written here).
     """
     if aggregation not in AGGREGATION_CHOICES:
         raise ValueError(f"aggregation {aggregation!r} is not valid; choose one of {', '.join(AGGREGATION_CHOICES)}.")
@@ -296,7 +342,7 @@ def write_package(
         state = _network_state(run_dir)
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
                       metrics=checked_metrics, sources=sources, inputs_sha256=key)
-    return write_package_folder(out_dir, meta, state)
+    return write_package_folder(out_dir, meta, state, writes)
 
 
 def package_metrics(arm: ArmResult, mode: str) -> PackageMetrics | None:

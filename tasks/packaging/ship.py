@@ -15,7 +15,8 @@ from data_schemas.files import read_model_json, write_model_json
 from data_schemas.package import PACKAGE_DIR, PACKAGE_FILE, CachedCompression, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE
 from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
-from tasks.packaging.bundle import BUNDLE_DIR, write_bundle
+from tasks.packaging.background import BackgroundWrites
+from tasks.packaging.bundle import BUNDLE_DIR, bundle_network, write_bundle
 from tasks.packaging.deploy_cost import evaluate_compression, package_cost
 from tasks.packaging.package import LoadedPackage, load_package, write_package
 from tasks.packaging.predict import PackagedModel, prepare_model
@@ -38,12 +39,14 @@ class SameNetworkWork:
 @dataclass(frozen=True)
 class ShippedArm:
     """One packaged and costed run: its package folder, its MONAI bundle folder and its deployment cost, with the
-    package as this process holds it (for compress_and_compare, without reading it again)."""
+    package as this process holds it (for compress_and_compare, without reading it again) and its files' writes
+    (written.result() waits for them: they may still be under way)."""
 
     package_dir: Path
     bundle_dir: Path
     cost: DeploymentCost
     package: LoadedPackage
+    written: BackgroundWrites
 
 
 def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_rule: str, aggregation: str,
@@ -51,14 +54,21 @@ def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_ru
              shared: SameNetworkWork | None = None) -> ShippedArm:
     """RUN_DIR/package (write_package), its deployment cost (package_cost) and RUN_DIR/bundle (write_bundle, with
     the costed model card), each kept when unchanged; a package written here is measured and bundled from memory.
-    shared: the work of the arms shipped before in the same stage, which a package of the same network reuses."""
+    shared: the work of the arms shipped before in the same stage, which a package of the same network reuses.
+
+    The package's and the bundle's files are written in the background (tasks.packaging.background) while the work
+    goes on; ShippedArm.written waits for them. A package written here is traced for its bundle before it is timed,
+    while its model.pt is being written (the timing itself waits for every write)."""
     run_dir = Path(run_dir)
+    writes = BackgroundWrites()
     package = write_package(run_dir=run_dir, dataset_dir=dataset_dir, out_dir=run_dir / PACKAGE_DIR,
                             threshold=threshold, threshold_rule=threshold_rule, aggregation=aggregation,
-                            metrics=metrics, weights_path=weights_path)
+                            metrics=metrics, weights_path=weights_path, writes=writes)
+    traces = shared.traces if shared else None
+    network = bundle_network(package, traces) if package.file_bytes is not None else None  # written here: new bundle
     cost = package_cost(package, budget_seconds=budget_seconds, timings=shared.timings if shared else None)
-    bundle = write_bundle(package, run_dir / BUNDLE_DIR, traces=shared.traces if shared else None)
-    return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost, package=package)
+    bundle = write_bundle(package, run_dir / BUNDLE_DIR, traces=traces, network=network, writes=writes)
+    return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost, package=package, written=writes)
 
 
 def compress_and_compare(*, full_package: Path | LoadedPackage, dataset_dir: Path, full_cost: DeploymentCost,

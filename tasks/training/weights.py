@@ -86,12 +86,14 @@ def _key_problems(backbone: Mapping[str, Any], expected: set[str]) -> str:
 
 
 def check_state_dict(
-    state: Mapping[str, Any], model: str = DEFAULT_MODEL, source: str = "weights"
+    state: Mapping[str, Any], model: str = DEFAULT_MODEL, source: str = "weights", *, values: bool = True
 ) -> dict[str, torch.Tensor]:
     """Validate a torchvision state dict of `model`; return its backbone part (the head's keys dropped).
 
     Accepts checkpoints wrapped as {"state_dict": ...} or {"model": ...}, keys prefixed "module.", and a first conv
-    with 3 (RGB) or 1 (already grey) input channels. Raises WeightsFileError naming the first problem.
+    with 3 (RGB) or 1 (already grey) input channels. Raises WeightsFileError naming the first problem. values=False
+    leaves out the finite-values check (names and shapes only: no tensor is read), for a file whose full check is
+    recorded unchanged (tasks.training.weights_record).
     """
     if not isinstance(state, Mapping):
         raise WeightsFileError(f"{source} does not hold a state dict (found {type(state).__name__}).")
@@ -113,7 +115,7 @@ def check_state_dict(
         grey_stem = key == stem and tuple(value.shape) == (want[0], 1, *want[2:])
         if tuple(value.shape) != want and not grey_stem:
             raise WeightsFileError(f"{source}: '{key}' has shape {tuple(value.shape)}, expected {want}.")
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if values and value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightsFileError(f"{source}: '{key}' contains NaN or infinite values.")
     return {k: v.detach().to("cpu") for k, v in backbone.items()}
 
