@@ -14,7 +14,7 @@ from data_schemas.arms import parse_arm
 from data_schemas.package import DEPLOY_COST_FILE, MODEL_CARD_FILE, PACKAGE_FILE
 from tasks.packaging.bundle import ProbabilityNetwork, write_bundle
 from tasks.packaging.deploy_cost import package_cost
-from tasks.packaging.package import LoadedPackage, float_model, load_package
+from tasks.packaging.package import LoadedPackage, float_model, load_package, tensors_sha256
 from tasks.packaging.ship import COMPRESSION_FILE, SameNetworkWork, compress_and_compare, ship_run
 from tests.ship_fixtures import ShippedRun, shared_shipped_run
 
@@ -101,3 +101,5 @@ def test_packages_of_the_same_network_share_one_timing_and_one_trace(shipped: Sh
         firsts = torch.jit.load(str(tmp_path / "bundle-first" / "models" / "model.ts"))(x)
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, firsts)  # the shared trace carries each package's own weights
+    # and was given them without writing into the first package's tensors, which it was traced with
+    assert tensors_sha256(first.state_dict) == first.meta.weights_sha256

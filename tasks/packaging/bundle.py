@@ -27,10 +27,10 @@ predict` on the same files. Each file is read as one frame (multi-frame files: u
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,27 +224,40 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+@dataclass(frozen=True)
+class TracedNetwork:
+    """A package's network as TorchScript: a trace, and the package's weights when the trace is shared with the
+    packages of the same network shipped before (SameNetworkWork.traces), which `ready` gives it just before it is
+    saved, in the order the bundles are written."""
+
+    trace: torch.jit.ScriptModule
+    weights: dict[str, torch.Tensor] | None = None
+
+    def ready(self) -> torch.jit.ScriptModule:
+        """The trace with this package's weights: assigned, not copied, so the tensors of the package the trace was
+        made from (which it shared) are never written into."""
+        if self.weights is not None:
+            self.trace.load_state_dict(self.weights, assign=True)
+        return self.trace
+
+
 def traced_network(network: ProbabilityNetwork, meta: ModelPackageMeta,
-                   traces: dict[str, torch.jit.ScriptModule] | None = None) -> torch.jit.ScriptModule:
+                   traces: dict[str, torch.jit.ScriptModule] | None = None) -> TracedNetwork:
     """The network as TorchScript, traced at the trained size; for a classifier whose network was traced before (in
-    `traces`, by architecture_key), a copy of that trace given this network's weights: the graph is the same, the
-    weights are its parameters (a linear probe's intercept is a constant of its trace, so probes are always traced).
-    A trace is never changed once returned (its bundle may be being written in the background)."""
+    `traces`, by architecture_key), that trace with this network's weights: the graph is the same, the weights are
+    its parameters (a linear probe's intercept is a constant of its trace, so probes are always traced)."""
     key = architecture_key(meta) if meta.kind == "network" else None
     if traces is not None and key in traces:
-        traced = copy.deepcopy(traces[key])
-        traced.load_state_dict(network.state_dict())
-        return traced
+        return TracedNetwork(traces[key], network.state_dict())
     size = meta.recipe.train_image_size
     with torch.no_grad():
         traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
     if traces is not None and key is not None:
         traces[key] = traced
-    return traced
+    return TracedNetwork(traced)
 
 
-def bundle_network(package: LoadedPackage,
-                   traces: dict[str, torch.jit.ScriptModule] | None = None) -> torch.jit.ScriptModule:
+def bundle_network(package: LoadedPackage, traces: dict[str, torch.jit.ScriptModule] | None = None) -> TracedNetwork:
     """The package's network with its probability step as TorchScript (models/model.ts; traces: see
     traced_network)."""
     return traced_network(ProbabilityNetwork(package.float_network, package.meta).eval(), package.meta, traces)
@@ -252,7 +265,7 @@ def bundle_network(package: LoadedPackage,
 
 def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = True,
                  traces: dict[str, torch.jit.ScriptModule] | None = None,
-                 network: torch.jit.ScriptModule | None = None, writes: BackgroundWrites | None = None) -> Path:
+                 network: TracedNetwork | None = None, writes: BackgroundWrites | None = None) -> Path:
     """Write the MONAI bundle of a float (fp32 or bf16) package into out_dir (replaced whole); returns out_dir.
     reuse: keep a whole bundle in out_dir made from the same package and model card (bundle_inputs_key); traces:
     see traced_network; network: the package's bundle_network when traced already; writes: write the bundle's
@@ -281,7 +294,7 @@ def write_bundle(package: Path | LoadedPackage, out_dir: Path, *, reuse: bool = 
         shutil.rmtree(staging, ignore_errors=True)
         for folder in ("configs", "models", "docs"):
             (staging / folder).mkdir(parents=True)
-        torch.jit.save(script, str(staging / "models" / "model.ts"))
+        torch.jit.save(script.ready(), str(staging / "models" / "model.ts"))
         _link_or_copy(loaded.path, staging / "models" / "model.pt")
         for name, text in files.items():
             atomic_write_text(staging / name, text)
