@@ -164,11 +164,11 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     recommended arm's compressed variant.
 
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
-    QUICK_TIME_BUDGET_S (a tenth of a second per package: a few forwards), the others within DEFAULT_TIME_BUDGET_S; arms of the
-    same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each piece is
-    skipped when its inputs have not changed (tasks.packaging.ship). Files are written in the background while the
-    next piece is made, never while a package is timed (tasks.packaging.background); an arm whose files could not be
-    written goes without a package, as one that could not be packaged.
+    QUICK_TIME_BUDGET_S (a tenth of a second per package: a few forwards), the others within DEFAULT_TIME_BUDGET_S;
+    arms of the same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each
+    piece is skipped when its inputs have not changed (tasks.packaging.ship). Files are written in the background
+    while the next piece is made, never while a package is timed (tasks.packaging.background); an arm whose files
+    could not be written goes without a package, as one that could not be packaged.
     """
     from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
     from tasks.packaging.ship import SameNetworkWork
