@@ -1,12 +1,15 @@
 """Test-wide settings: every piece of state (Prefect, matplotlib, torch hub) stays in a temp dir, never in $HOME.
 
 The suite runs in parallel (`make test`: pytest-xdist). Each worker is its own process and imports this file itself,
-so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own Prefect test API on a free
-port with its own database, its own cost caches (CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a
-test writes is shared with another worker. Every test process, and every process a test starts, runs torch (OpenMP,
-MKL) on one thread: the suite already runs about one process per core, and more compute threads than cores make
-OpenMP's spinning threads compete with each other (docs/benchmarks.md gives the measured cost). One thread also makes
-every tiny model a test trains the same on a machine with any number of cores.
+so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own cost caches
+(CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a test writes is shared with another worker. They
+share one thing, the session's Prefect API (tests/prefect_db.py), as a team's processes share a project server: a
+test finds its own flow runs by their ids or parameters, never as "the latest run".
+
+Every test process, and every process a test starts, runs torch (OpenMP, MKL) on one thread: the suite already runs
+about one process per core, and more compute threads than cores make OpenMP's spinning threads compete with each
+other (docs/benchmarks.md gives the measured cost). One thread also makes every tiny model a test trains the same on
+a machine with any number of cores.
 """
 
 from __future__ import annotations
@@ -49,36 +52,57 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+_SESSION_API = pytest.StashKey[object]()  # the SessionPrefectAPI of this process, if it started one
+
+
+def _without_prefect_api() -> bool:
+    # Mutation runs (scripts/mutation.sh) start a fresh pytest session per mutant and select unit tests only: a
+    # server start per mutant would dominate. State still stays under the temp PREFECT_HOME above.
+    return os.environ.get("CTCOMPARE_TESTS_NO_PREFECT_HARNESS") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The process that hands out the tests (or runs them all) starts the session's Prefect API in the background,
+    before the test processes start: they inherit its address (tests/prefect_db.py)."""
+    if hasattr(config, "workerinput") or _without_prefect_api() or config.option.collectonly or config.option.help:
+        return
+    from tests.prefect_db import SessionPrefectAPI
+
+    api = SessionPrefectAPI(_STATE / "session-api")
+    os.environ.update(api.environment())
+    api.start()
+    config.stash[_SESSION_API] = api
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    api = config.stash.get(_SESSION_API, None)
+    if api is not None:
+        api.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_backend(tmp_path_factory: pytest.TempPathFactory):
-    """One ephemeral Prefect API with a throw-away database for the whole test session (per xdist worker); every
-    Prefect server of the session starts from a copy of one migrated database (tests/prefect_db.py)."""
-    if os.environ.get("CTCOMPARE_TESTS_NO_PREFECT_HARNESS") == "1":
-        # Mutation runs (scripts/mutation.sh) start a fresh pytest session per mutant and select unit tests only:
-        # a 10-40 s server start per mutant would dominate. State still stays under the temp PREFECT_HOME above.
+def prefect_backend():
+    """Every test process sends its flow runs to the session's Prefect API (one real server with a throw-away
+    database), once it answers; every other Prefect server of the session starts from a copy of its database."""
+    if _without_prefect_api():
         yield
         return
-    import prefect.testing.utilities as harness
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.prefect_db import TEMPLATE_ENV, migrated_database, seed_database
+    from tests.prefect_db import wait_until_ready
 
-    # the workers' basetemps share their parent: the first worker makes the template, the others copy it
-    os.environ[TEMPLATE_ENV] = str(migrated_database(tmp_path_factory.getbasetemp().parent))
-    make_folder = harness.mkdtemp
-
-    def folder_with_migrated_database(*args, **kwargs) -> str:
-        folder = make_folder(*args, **kwargs)
-        seed_database(Path(folder), "prefect-test.db")  # the harness's database file in its temporary folder
-        return folder
-
-    harness.mkdtemp = folder_with_migrated_database
-    try:
-        # None: the start-up timeout is PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS above, not the harness's
-        # 30 s, which parallel workers starting their servers at once on a busy machine can exceed.
-        with harness.prefect_test_harness(server_startup_timeout=None):
+    url = wait_until_ready()
+    if url is None:
+        raise RuntimeError("no session Prefect API: pytest_configure in tests/conftest.py starts it")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        # the process-wide settings too, as prefect_test_harness does: contexts copied earlier see the server
+        with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
             yield
-    finally:
-        harness.mkdtemp = make_folder
+            APILogWorker.drain_all()  # this process's logs and events reach the server before it stops
+            EventsWorker.drain_all()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,59 +1,133 @@
-"""A Prefect server database with every migration applied, made once per test session and copied for each server a
-test starts.
+"""The test session's Prefect API: one real server for every test process, and a migrated database for every other
+server a test starts.
 
-Every test starts its Prefect servers on a fresh PREFECT_HOME, and on a fresh database a server's start-up runs all
-of Prefect's migrations and registers its block types: most of the CPU time of a start. A copy of a database that
-has been through both starts like a user's second `make server`: the migrations find nothing to do. The servers are
-real and unchanged; only the file they open already holds Prefect's schema.
+The pytest process that hands out the tests (or the only one, without xdist) starts one Prefect API server on a free
+loopback port before the test processes exist, and stops it at the end; every test process sends its flow runs there,
+as a team's processes share one project server. The server is the same one Prefect's `prefect_test_harness` starts
+(uvicorn on `prefect.server.api.server:create_app`, ephemeral mode, no UI) on a throw-away SQLite database.
+
+Once it answers, a snapshot of its database (every migration applied, block types registered) becomes the session's
+template: each server a test starts itself (tests/prefect_server.py, test_startup) opens a copy, and so starts like a
+user's second `make server`, where the migrations find nothing to do.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import sqlite3
 import subprocess
 import sys
-from importlib.metadata import version
+import threading
+import time
 from pathlib import Path
 
-from filelock import FileLock
-
 TEMPLATE_ENV = "CTCOMPARE_TESTS_PREFECT_DB"  # where the template is, for the test processes and their children
+API_ENV = "CTCOMPARE_TESTS_PREFECT_API"  # the session server's API URL, for the test processes
+READY_ENV = "CTCOMPARE_TESTS_PREFECT_READY"  # a file the session server's starter writes: "ready" or why it is not
 DEFAULT_DATABASE = "prefect.db"  # the file of Prefect's default connection URL, in PREFECT_HOME
-
-# The two start-up steps of prefect.server.api.server.create_app's lifespan (run_migrations, add_block_types).
-_MIGRATE = """
-import asyncio, os, sys
-os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = "sqlite+aiosqlite:///" + sys.argv[1]
-from prefect.server.database import provide_database_interface
-from prefect.server.models.block_registration import run_block_auto_registration
-
-async def main():
-    db = provide_database_interface()
-    await db.create_db()
-    session = await db.session()
-    async with session:
-        await run_block_auto_registration(session=session)
-
-asyncio.run(main())
-"""
+START_TIMEOUT_S = 600  # a migration on a fresh database while the test processes import torch: a minute or more
 
 
-def migrated_database(shared_dir: Path) -> Path:
-    """shared_dir/prefect-VERSION-template.db, made by the first test process that asks (the others wait on its
-    lock)."""
-    template = Path(shared_dir) / f"prefect-{version('prefect')}-template.db"  # another Prefect, another schema
-    with FileLock(str(template) + ".lock"):
-        if not template.is_file():
-            partial = template.with_name(f"{template.stem}.partial.db")
-            partial.unlink(missing_ok=True)
-            env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-            env["PREFECT_HOME"] = str(Path(shared_dir) / "prefect-template-home")
-            env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-            subprocess.run([sys.executable, "-c", _MIGRATE, str(partial)], check=True, env=env, timeout=600,
-                           stdin=subprocess.DEVNULL, capture_output=True)
-            partial.rename(template)
-    return template
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class SessionPrefectAPI:
+    """One Prefect API server for the whole test session, started in the background by `start()`.
+
+    Args:
+        state_dir: a fresh folder for the server's database, its log, the template and the ready file.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{_free_loopback_port()}/api"
+        self.database = self.state_dir / "prefect-session.db"
+        self.template = self.state_dir / "prefect-template.db"
+        self.ready_file = self.state_dir / "ready"
+        self.log = self.state_dir / "server.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._starting = threading.Thread(target=self._start_and_snapshot, name="prefect-session-api", daemon=True)
+
+    def environment(self) -> dict[str, str]:
+        """What a test process needs to find the server and the template."""
+        return {API_ENV: self.url, READY_ENV: str(self.ready_file), TEMPLATE_ENV: str(self.template)}
+
+    def start(self) -> None:
+        """Start the server and return at once; `wait_until_ready` (in the test processes) waits for it."""
+        self._starting.start()
+
+    def _start_and_snapshot(self) -> None:
+        try:
+            env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+            env.update({
+                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
+            })
+            port = self.url.rsplit(":", 1)[1].split("/", 1)[0]
+            with open(self.log, "wb") as log:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                     "--host", "127.0.0.1", "--port", port, "--log-level", "error", "--lifespan", "on"],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+            self._wait_for_health()
+            partial = self.template.with_name("prefect-template.partial.db")
+            with sqlite3.connect(self.database) as source, sqlite3.connect(partial) as copy:
+                source.backup(copy)  # a consistent copy of a live database (its write-ahead log included)
+            partial.rename(self.template)
+            self.ready_file.write_text("ready")
+        except Exception as error:  # the test processes read this sentence instead of waiting in vain
+            self.ready_file.write_text(f"the session's Prefect API did not start: {error} (log: {self.log})")
+
+    def _wait_for_health(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self._process and self._process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"no answer from {self.url} within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        """Stop the server (killed if it does not stop within 10 s), then remove its folder."""
+        self._starting.join(timeout=START_TIMEOUT_S)
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def wait_until_ready() -> str | None:
+    """The session server's API URL once it answers (None when this session has none); raises with the starter's
+    sentence if it could not start."""
+    url, ready = os.environ.get(API_ENV), os.environ.get(READY_ENV)
+    if not url or not ready:
+        return None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not Path(ready).is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the session's Prefect API at {url} was not ready within {START_TIMEOUT_S} s")
+        time.sleep(0.2)
+    status = Path(ready).read_text()
+    if status != "ready":
+        raise RuntimeError(status)
+    return url
 
 
 def seed_database(directory: Path, name: str = DEFAULT_DATABASE) -> None:

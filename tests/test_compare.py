@@ -14,7 +14,14 @@ import markupsafe
 import pytest
 import torch
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.sorting import FlowRunSort
 
 from data_schemas.dataset import ManifestRow
@@ -83,13 +90,19 @@ def full_run(cohort, resnet50_weights_file: Path, tmp_path_factory: pytest.TempP
     return out
 
 
-def latest_compare_state() -> tuple[str, str]:
-    """(state type, state name) of the latest compare flow run."""
+async def _compare_run_of(client, out: Path):
+    """The latest compare flow run that wrote its report to `out`: the session's Prefect API holds the runs of every
+    test process, so "the latest compare run" may be another test's."""
+    runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["compare"])),
+                                       sort=FlowRunSort.START_TIME_DESC, limit=200)
+    return next(r for r in runs if Path(str(r.parameters.get("out_dir"))).resolve() == out.resolve())
+
+
+def compare_state_of(out: Path) -> tuple[str, str]:
+    """(state type, state name) of the latest compare flow run that wrote its report to `out`."""
     async def read() -> tuple[str, str]:
         async with get_client() as client:
-            flows = {f.id: f.name for f in await client.read_flows()}
-            runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
-            run = next(r for r in runs if flows.get(r.flow_id) == "compare")
+            run = await _compare_run_of(client, out)
             return run.state.type.value, run.state.name
     return asyncio.run(read())
 
@@ -137,7 +150,7 @@ def test_compare_writes_a_complete_report(full_run: Path) -> None:
     main_config = json.loads((full_run / "runs" / "scratch" / "main" / "config.json").read_text())
     assert plan.cost is not None and plan.cost.n_images == main_config["n_train_images"]
     assert plan.cost.head_warmup_epochs == plan.main_run("imagenet").config.freeze_epochs == 1
-    assert latest_compare_state() == ("COMPLETED", "Completed")
+    assert compare_state_of(full_run) == ("COMPLETED", "Completed")
 
 
 def test_every_completed_arm_is_packaged_costed_and_linked(full_run: Path) -> None:
@@ -223,11 +236,10 @@ def test_visual_section_shows_each_network_arm_on_the_same_slices(full_run: Path
     )
 
 
-async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[str]]:
+async def _flow_run_data(out: Path) -> tuple[dict[str, str], list[str]]:
+    """The keyed artifacts and the log messages of the latest compare flow run that wrote its report to `out`."""
     async with get_client() as client:
-        runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
-        flows = {f.id: f.name for f in await client.read_flows()}
-        run = next(r for r in runs if flows.get(r.flow_id) == flow_name)
+        run = await _compare_run_of(client, out)
         artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     return {a.key: json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in artifacts if a.key}, [
@@ -236,7 +248,7 @@ async def _latest_flow_run_data(flow_name: str) -> tuple[dict[str, str], list[st
 
 
 def test_prefect_artifacts_attached_and_nothing_identifies_a_patient(full_run: Path, cohort) -> None:
-    artifacts, logs = asyncio.run(_latest_flow_run_data("compare"))
+    artifacts, logs = asyncio.run(_flow_run_data(full_run))
     assert {"ctcompare-summary", "ctcompare-metrics", "ctcompare-report-link"} <= set(artifacts)
     identifiers = [value for value in cohort.identifiers if len(value) >= 4]
     assert identifiers, "the synthetic cohort must carry identifiers for this test to mean anything"
@@ -269,7 +281,7 @@ def test_pretrained_arm_without_weights_is_reported_as_skipped(full_run: Path, c
         "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
     ])
     assert code == EXIT_PARTIAL == 3
-    assert latest_compare_state() == ("CANCELLED", "Partial")  # grey in the UI: not the green of a full comparison
+    assert compare_state_of(out) == ("CANCELLED", "Partial")  # grey in the UI: not the green of a full comparison
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("Partial result: imagenet (skipped) did not complete; report: ") and "scratch" not in last
     assert last.endswith("report.html")
@@ -323,7 +335,7 @@ def test_an_arm_that_fails_mid_training_is_reported_and_the_others_compared(
         ]
     )
     assert code == EXIT_PARTIAL == 3
-    assert latest_compare_state() == ("FAILED", "Partial")  # red in the UI: an arm failed
+    assert compare_state_of(out) == ("FAILED", "Partial")  # red in the UI: an arm failed
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("Partial result: imagenet (failed) did not complete; report: ") and "scratch" not in last
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
@@ -352,7 +364,7 @@ def test_no_completed_arm_fails_the_flow_run(
         "--no-calibrate", "--bootstrap", "20", "--set", "download_weights=false",
     ])
     assert code == EXIT_NO_ARM == 1
-    assert latest_compare_state() == ("FAILED", "Failed")
+    assert compare_state_of(out) == ("FAILED", "Failed")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("No arm completed: imagenet (skipped) did not complete; report: ")
     results = ComparisonResults.model_validate_json((out / "results.json").read_text())
