@@ -100,6 +100,12 @@ def limit_compute_threads() -> None:
     torch.set_num_threads(1)
 
 
+def import_before_forking() -> None:
+    """Import torch in this process before forking decode processes: each would import it in its set-up
+    (limit_compute_threads), and forked children share the parent's copy instead of each loading it again."""
+    import torch  # noqa: F401
+
+
 class DecoderProcessDied(RuntimeError):
     """A process decoding files died (signal, abort, OOM kill) before it could answer.
 
@@ -152,6 +158,7 @@ def run_in_child(function: Callable[..., R], *args: object) -> R:
     """
     import psutil
 
+    import_before_forking()
     owner = (os.getpid(), psutil.Process().create_time())
     with _FORK_LOCK:
         read_fd, write_fd = os.pipe()
@@ -203,6 +210,7 @@ class DecodePool(Generic[Decoded]):
         """A pool of forked workers, all forked now, from this thread, before any batch queues."""
         import psutil
 
+        import_before_forking()
         me = psutil.Process()
         with _FORK_LOCK:
             executor = ProcessPoolExecutor(
