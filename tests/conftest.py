@@ -1,10 +1,10 @@
 """Test-wide settings: every piece of state (Prefect, matplotlib, torch hub) stays in a temp dir, never in $HOME.
 
 The suite runs in parallel (`make test`: pytest-xdist). Each worker is its own process and imports this file itself,
-so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches), its own cost caches
-(CTCOMPARE_CACHE_DIR) and its own basetemp for tmp_path; nothing a test writes is shared with another worker. They
-share one thing, the session's Prefect API (tests/prefect_db.py), as a team's processes share a project server: a
-test finds its own flow runs by their ids or parameters, never as "the latest run".
+so each gets its own state folder (PREFECT_HOME, matplotlib and torch caches) and its own basetemp for tmp_path.
+They share two things, as a team's processes on one machine do: the session's Prefect API (tests/prefect_db.py),
+where a test finds its own flow runs by their ids or parameters, never as "the latest run", and the machine caches
+(CTCOMPARE_CACHE_DIR, written atomically).
 
 Every test process, and every process a test starts, runs torch (OpenMP, MKL) on one thread: the suite already runs
 about one process per core, and more compute threads than cores make OpenMP's spinning threads compete with each
@@ -64,7 +64,13 @@ def _without_prefect_api() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     """The process that hands out the tests (or runs them all) starts the session's Prefect API in the background,
     before the test processes start: they inherit its address (tests/prefect_db.py)."""
-    if hasattr(config, "workerinput") or _without_prefect_api() or config.option.collectonly or config.option.help:
+    if hasattr(config, "workerinput"):
+        return
+    # The machine caches (calibration, model counts, hardware probe, weights checks) of this session, in a fresh
+    # folder shared by its test processes, never the working folder's: every session counts afresh (a mutation run's
+    # session per mutant included, so no mutant reads another's counts).
+    os.environ["CTCOMPARE_CACHE_DIR"] = str(_STATE / "machine-cache")
+    if _without_prefect_api() or config.option.collectonly or config.option.help:
         return
     from tests.prefect_db import SessionPrefectAPI
 
@@ -103,14 +109,6 @@ def prefect_backend():
             yield
             APILogWorker.drain_all()  # this process's logs and events reach the server before it stops
             EventsWorker.drain_all()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def cost_caches(tmp_path_factory: pytest.TempPathFactory):
-    """calibration.json and model_counts.json of this session in a fresh folder, never the working folder's: every
-    session counts afresh (a mutation run's session per mutant included, so no mutant reads another's counts)."""
-    os.environ["CTCOMPARE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cost-cache"))
-    yield
 
 
 @pytest.fixture(scope="session")
