@@ -27,6 +27,7 @@ predict` on the same files. Each file is read as one frame (multi-frame files: u
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ REQUIRED_METADATA = ("version", "changelog", "monai_version", "pytorch_version",
                      "network_data_format")
 
 
+@functools.lru_cache(maxsize=None)
 def _version(name: str) -> str:
+    """An installed distribution's version (looked up once per process: each lookup scans the installed ones)."""
     try:
         return version(name)
     except PackageNotFoundError:

@@ -21,10 +21,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -54,12 +53,19 @@ INT8_ENGINES = ("x86", "fbgemm")
 DEFAULT_CALIBRATION_IMAGES = 256
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.ao.quantization warns about its own deprecation on every call; one note in the module doc suffices."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# What torch.ao.quantization warns about on every call: its own deprecation, its observers' and quantized tensors'
+# old APIs, and (int8_model's skeleton) observers that saw no values, whose ranges the package's state replaces;
+# one note in the module doc suffices.
+QUANTIZATION_WARNINGS = (r"torch\.ao\.quantization is deprecated", r"Please use quant_min and quant_max",
+                         r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                         r"must run observer before calling calculate_qparams")
+
+
+def _silence_quantization_warnings() -> None:
+    """Ignore QUANTIZATION_WARNINGS from now on: narrow filters, each added once (warnings.catch_warnings is not
+    thread-safe, and a quantization may run in the shipping stage's background thread)."""
+    for message in QUANTIZATION_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def int8_engine() -> str | None:
@@ -84,10 +90,10 @@ def _prepared(meta: ModelPackageMeta, engine: str, float_state: Mapping[str, tor
         model = meta_architecture(meta, quantizable=True).eval()
         model.load_state_dict({k: v.float() for k, v in float_state.items()}, assign=True)
     torch.backends.quantized.engine = engine
-    with _quiet():
-        model.fuse_model(is_qat=False)
-        model.qconfig = _qconfig(engine)
-        tq.prepare(model, inplace=True)
+    _silence_quantization_warnings()
+    model.fuse_model(is_qat=False)
+    model.qconfig = _qconfig(engine)
+    tq.prepare(model, inplace=True)
     return model
 
 
@@ -97,14 +103,13 @@ def int8_model(meta: ModelPackageMeta, state: Mapping[str, Any]) -> nn.Module:
     if engine is None:
         raise PackageError("this torch build has no x86/fbgemm int8 engine; use the full-precision package.")
     model = _prepared(meta, engine, None)
-    with _quiet():
-        model(torch.zeros(1, 1, meta.recipe.train_image_size, meta.recipe.train_image_size))  # observers need a pass
-        tq.convert(model, inplace=True)
-        # Quantized modules read their state by format version, kept in a state dict's _metadata, which a plain
-        # dict in the package does not carry: the freshly converted skeleton has the same versions.
-        loaded = OrderedDict(state)
-        loaded._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
-        model.load_state_dict(loaded)
+    model(torch.zeros(1, 1, meta.recipe.train_image_size, meta.recipe.train_image_size))  # observers need a pass
+    tq.convert(model, inplace=True)
+    # Quantized modules read their state by format version, kept in a state dict's _metadata, which a plain
+    # dict in the package does not carry: the freshly converted skeleton has the same versions.
+    loaded = OrderedDict(state)
+    loaded._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(loaded)
     return model.eval()
 
 
@@ -152,9 +157,8 @@ def quantize_state(
         variant, model = "bf16", None
     else:
         model = _prepared(meta, engine, package.state_dict)
-        with _quiet():
-            _calibrate(model, meta, calibration, batch_size)
-            tq.convert(model, inplace=True)
+        _calibrate(model, meta, calibration, batch_size)
+        tq.convert(model, inplace=True)
         state = dict(model.state_dict())
         note = (f"post-training static int8 ({engine} engine, eager mode, per-channel weights, min/max activation "
                 f"ranges), calibrated on {calibration.shape[0]} training images")
