@@ -17,7 +17,7 @@ from reports.model_card import CARD_SECTIONS
 from tasks.common.reuse import checksums_hold
 from tasks.packaging.background import BackgroundWrites
 from tasks.packaging.package import PackageError, load_package, write_package
-from tasks.training.weights_record import weights_checks_path
+from tasks.training.weights_record import recorded_check
 from tests.ship_fixtures import (
     ShippedRun,
     copy_test_patient_files,
@@ -108,7 +108,8 @@ def test_model_card_has_every_section_and_no_identifier(shipped: ShippedRun) -> 
     assert not leaks
 
 
-def test_linear_probe_arm_round_trip(shipped: ShippedRun, resnet50_weights_file: Path, tmp_path: Path) -> None:
+def test_linear_probe_arm_round_trip(shipped: ShippedRun, resnet50_weights_file: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = shipped.run_dir.parent / "imagenet-linear"
     train_smoke_run(shipped.dataset_dir, "imagenet-linear", run_dir, resnet50_weights_file)
     package = run_dir / "package"
@@ -119,8 +120,10 @@ def test_linear_probe_arm_round_trip(shipped: ShippedRun, resnet50_weights_file:
     predicted, reference = _round_trip(linear, package, tmp_path)
     np.testing.assert_allclose([predicted[p] for p in reference], list(reference.values()), atol=1e-5)
     assert "No test metrics were given" in (package / MODEL_CARD_FILE).read_text()
-    # the backbone's SHA-256 from the record of its check, or (no record) hashed: the same package weights
-    weights_checks_path().unlink()
+    # the backbone's SHA-256 from the record of its check, or (no record: an empty cache folder) hashed
+    assert recorded_check(resnet50_weights_file, "resnet50") is not None
+    monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    assert recorded_check(resnet50_weights_file, "resnet50") is None
     unrecorded = write_package(run_dir=run_dir, dataset_dir=shipped.dataset_dir, out_dir=tmp_path / "unrecorded",
                                threshold=0.4, threshold_rule="youden on validation predictions", aggregation="max",
                                metrics=None)
