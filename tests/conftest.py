@@ -14,12 +14,15 @@ a machine with any number of cores.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 _STATE = Path(tempfile.mkdtemp(prefix=f"ctcompare-tests-{_WORKER}-"))
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # when this test process ends, after its servers stop
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
