@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 TEMPLATE_ENV = "CTCOMPARE_TESTS_PREFECT_DB"  # where the template is, for the test processes and their children
-API_ENV = "CTCOMPARE_TESTS_PREFECT_API"  # the session server's API URL, for the test processes
-READY_ENV = "CTCOMPARE_TESTS_PREFECT_READY"  # a file the session server's starter writes: "ready" or why it is not
+READY_ENV = "CTCOMPARE_TESTS_PREFECT_READY"  # the starter writes the server's API URL here, or why it did not start
 DEFAULT_DATABASE = "prefect.db"  # the file of Prefect's default connection URL, in PREFECT_HOME
 START_TIMEOUT_S = 600  # a migration on a fresh database while the test processes import torch: a minute or more
+PORT_ATTEMPTS = 3  # a free port can be taken by another process before the server binds it: try another
 
 
 def _free_loopback_port() -> int:
@@ -46,7 +46,6 @@ class SessionPrefectAPI:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{_free_loopback_port()}/api"
         self.database = self.state_dir / "prefect-session.db"
         self.template = self.state_dir / "prefect-template.db"
         self.ready_file = self.state_dir / "ready"
@@ -55,8 +54,8 @@ class SessionPrefectAPI:
         self._starting = threading.Thread(target=self._start_and_snapshot, name="prefect-session-api", daemon=True)
 
     def environment(self) -> dict[str, str]:
-        """What a test process needs to find the server and the template."""
-        return {API_ENV: self.url, READY_ENV: str(self.ready_file), TEMPLATE_ENV: str(self.template)}
+        """What a test process needs to find the server (once it answers) and the template."""
+        return {READY_ENV: str(self.ready_file), TEMPLATE_ENV: str(self.template)}
 
     def start(self) -> None:
         """Start the server and return at once; `wait_until_ready` (in the test processes) waits for it."""
@@ -64,41 +63,58 @@ class SessionPrefectAPI:
 
     def _start_and_snapshot(self) -> None:
         try:
-            env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-            env.update({
-                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
-            })
-            port = self.url.rsplit(":", 1)[1].split("/", 1)[0]
-            with open(self.log, "wb") as log:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                     "--host", "127.0.0.1", "--port", port, "--log-level", "error", "--lifespan", "on"],
-                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )
-            self._wait_for_health()
+            url = self._serve()
             partial = self.template.with_name("prefect-template.partial.db")
             with sqlite3.connect(self.database) as source, sqlite3.connect(partial) as copy:
                 source.backup(copy)  # a consistent copy of a live database (its write-ahead log included)
             partial.rename(self.template)
-            self.ready_file.write_text("ready")
+            self._announce(url)
         except Exception as error:  # the test processes read this sentence instead of waiting in vain
-            self.ready_file.write_text(f"the session's Prefect API did not start: {error} (log: {self.log})")
+            self._announce(f"the session's Prefect API did not start: {error} (log: {self.log})")
 
-    def _wait_for_health(self) -> None:
+    def _announce(self, text: str) -> None:
+        """Write the ready file whole (the test processes poll for it)."""
+        partial = self.ready_file.with_name("ready.partial")
+        partial.write_text(text)
+        partial.rename(self.ready_file)
+
+    def _serve(self) -> str:
+        """Start the server on a free loopback port (another one if that is taken first); its API URL."""
+        env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+        env.update({
+            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
+        })
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = _free_loopback_port()
+            with open(self.log, "ab") as log:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+            url = f"http://127.0.0.1:{port}/api"
+            if self._answers(url):
+                return url
+            if attempt == PORT_ATTEMPTS:
+                raise RuntimeError(f"the server exited with code {self._process.returncode}")
+        raise AssertionError("unreachable")
+
+    def _answers(self, url: str) -> bool:
+        """Wait until the server answers /health (True) or exits (False)."""
         import httpx
 
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self._process and self._process.returncode}")
+                return False
             try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"no answer from {self.url} within {START_TIMEOUT_S} s")
+        raise TimeoutError(f"no answer from {url} within {START_TIMEOUT_S} s")
 
     def stop(self) -> None:
         """Stop the server (killed if it does not stop within 10 s), then remove its folder."""
@@ -116,18 +132,18 @@ class SessionPrefectAPI:
 def wait_until_ready() -> str | None:
     """The session server's API URL once it answers (None when this session has none); raises with the starter's
     sentence if it could not start."""
-    url, ready = os.environ.get(API_ENV), os.environ.get(READY_ENV)
-    if not url or not ready:
+    ready = os.environ.get(READY_ENV)
+    if not ready:
         return None
     deadline = time.monotonic() + START_TIMEOUT_S
     while not Path(ready).is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the session's Prefect API at {url} was not ready within {START_TIMEOUT_S} s")
+            raise TimeoutError(f"the session's Prefect API was not ready within {START_TIMEOUT_S} s ({ready})")
         time.sleep(0.2)
     status = Path(ready).read_text()
-    if status != "ready":
+    if not status.startswith("http"):
         raise RuntimeError(status)
-    return url
+    return status
 
 
 def seed_database(directory: Path, name: str = DEFAULT_DATABASE) -> None:
