@@ -30,11 +30,9 @@ from tasks.ingest.dataset_store import load_dataset
 from tasks.splits import SplitsMismatchError, ensure_splits, recorded_parts
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     from tasks.packaging.background import BackgroundWrites
     from tasks.packaging.package import LoadedPackage
-    from tasks.packaging.ship import Compressed, SameNetworkWork
+    from tasks.packaging.ship import SameNetworkWork
 
 # The stages that evaluate, train, package and picture import their modules (torch, scipy, matplotlib) when they
 # run: a re-run that finds nothing changed keeps the last report without them.
@@ -135,8 +133,7 @@ def _compressed_arm(results: ComparisonResults) -> str | None:
 
 def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_dir: Path, dataset_dir: Path,
                           budget_seconds: float,
-                          package: LoadedPackage | None,
-                          started: Future[Compressed] | None = None) -> tuple[CompressionComparison, str] | None:
+                          package: LoadedPackage | None) -> tuple[CompressionComparison, str] | None:
     """The recommended (else best) arm's int8 (or bf16) package beside its full one (`package`: that package as
     shipped in this stage, else read from its folder), measured and compared; with the compressed package's folder
     relative to the report folder."""
@@ -150,8 +147,7 @@ def _compress_recommended(results: ComparisonResults, *, plan: RunPlan, report_d
     comparison, compressed = compress_and_compare(
         full_package=package or report_dir / arm.package_dir, dataset_dir=dataset_dir, full_cost=arm.deployment,
         budget_seconds=budget_seconds, tolerance=plan.evaluation.non_inferiority_margin,
-        aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed,
-        started=started)
+        aggregation=plan.evaluation.aggregation, n_bootstrap=plan.evaluation.n_bootstrap, seed=plan.seed)
     return comparison, compressed.relative_to(report_dir).as_posix()
 
 
@@ -170,19 +166,17 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     An arm that cannot be packaged keeps its numbers and gets no cost (logged); the smoke profile times with
     QUICK_TIME_BUDGET_S (a tenth of a second per package: a few forwards), the others within DEFAULT_TIME_BUDGET_S;
     arms of the same network share one timing and one TorchScript trace (tasks.packaging.ship.SameNetworkWork); each
-    piece is skipped when its inputs have not changed (tasks.packaging.ship). Files are written, and the compressed
-    variant is quantized, in the background while the next piece is made, never while a package is timed
-    (tasks.packaging.background); an arm whose files could not be written goes without a package, as one that could
-    not be packaged.
+    piece is skipped when its inputs have not changed (tasks.packaging.ship). Files are written in the background
+    while the next piece is made, never while a package is timed (tasks.packaging.background); an arm whose files
+    could not be written goes without a package, as one that could not be packaged.
     """
-    from tasks.packaging.background import wait_for_background
     from tasks.packaging.deploy_cost import DEFAULT_TIME_BUDGET_S, QUICK_TIME_BUDGET_S
-    from tasks.packaging.ship import SameNetworkWork, start_compression
+    from tasks.packaging.ship import SameNetworkWork
 
     logger = get_run_logger()
     started = time.perf_counter()
     budget = QUICK_TIME_BUDGET_S if plan.profile == "smoke" else DEFAULT_TIME_BUDGET_S
-    arms, shared, to_compress, quantizing, writing = [], SameNetworkWork(), None, None, []
+    arms, shared, to_compress, writing = [], SameNetworkWork(), None, []
     for arm in results.arms:
         try:
             if arm.status != "completed":
@@ -193,8 +187,7 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
                                                       budget_seconds=budget, shared=shared)
             writing.append((len(arms), arm, written))
             arms.append(shipped_arm)
-            if arm.name == _compressed_arm(results):
-                to_compress, quantizing = package, start_compression(package, dataset_dir)
+            to_compress = package if arm.name == _compressed_arm(results) else to_compress
         except Exception as error:  # noqa: BLE001 - one arm's package must not cost the whole report
             logger.warning("%s: no model package: %s", arm.name, _first_line(error))
             arms.append(arm)
@@ -208,11 +201,10 @@ def ship_arms(*, plan: RunPlan, environment: RunEnvironment, results: Comparison
     compressing = time.perf_counter()
     try:
         compressed = _compress_recommended(shipped, plan=plan, report_dir=report_dir, dataset_dir=dataset_dir,
-                                           budget_seconds=budget, package=to_compress, started=quantizing)
+                                           budget_seconds=budget, package=to_compress)
     except Exception as error:  # noqa: BLE001
         logger.warning("No compressed variant: %s", _first_line(error))
         compressed = None
-    wait_for_background()  # a quantization started for an arm that then lost its package included
     logger.info("Shipped %d arm(s) in %.1f s, the compressed variant and its comparison %.1f s of it",
                 sum(a.deployment is not None for a in arms), time.perf_counter() - started,
                 time.perf_counter() - compressing)

@@ -15,7 +15,7 @@ from data_schemas.package import DEPLOY_COST_FILE, MODEL_CARD_FILE, PACKAGE_FILE
 from tasks.packaging.bundle import ProbabilityNetwork, write_bundle
 from tasks.packaging.deploy_cost import package_cost
 from tasks.packaging.package import LoadedPackage, float_model, load_package, tensors_sha256
-from tasks.packaging.ship import COMPRESSION_FILE, SameNetworkWork, compress_and_compare, ship_run, start_compression
+from tasks.packaging.ship import COMPRESSION_FILE, SameNetworkWork, compress_and_compare, ship_run
 from tests.ship_fixtures import ShippedRun, shared_shipped_run
 
 BUDGET_S = 0.1
@@ -66,9 +66,8 @@ def test_unchanged_inputs_keep_the_compressed_variant_and_its_comparison(shipped
                     aggregation="mean", metrics=None, weights_path=None, budget_seconds=BUDGET_S)
     settings = {"full_package": full.package_dir, "dataset_dir": shipped.dataset_dir, "full_cost": full.cost,
                 "budget_seconds": BUDGET_S, "tolerance": 0.02, "aggregation": "mean", "n_bootstrap": 20, "seed": 0}
-    comparison, folder = compress_and_compare(**settings, started=start_compression(full.package, shipped.dataset_dir))
+    comparison, folder = compress_and_compare(**settings)
     written = (_stamp(folder / PACKAGE_FILE), _stamp(folder / COMPRESSION_FILE))
-    assert start_compression(full.package, shipped.dataset_dir) is None  # kept: nothing to quantize again
     again, _ = compress_and_compare(**settings)
     assert again == comparison and (_stamp(folder / PACKAGE_FILE), _stamp(folder / COMPRESSION_FILE)) == written
     other, _ = compress_and_compare(**{**settings, "seed": 1})  # another bootstrap seed: compared again, not quantized

@@ -44,7 +44,7 @@ from tasks.common.environment import cpu_name
 from tasks.common.reuse import checksums_hold, file_sha256, inputs_key
 from tasks.common.runtime import Runtime
 from tasks.ingest.dataset_store import load_dataset
-from tasks.packaging.background import wait_for_background
+from tasks.packaging.background import wait_for_writes
 from tasks.packaging.package import (
     LoadedPackage,
     architecture_key,
@@ -132,9 +132,9 @@ def _float_network(model: PackagedModel) -> nn.Module | None:
 
 def time_model(model: PackagedModel, budget_seconds: float) -> Timing:
     """Batch-1 forward times in ms (each timed alone) and batch-32 images per second within a time budget, as the
-    module doc says, in the runtime's threads; once the work handed to the background has finished (file writes,
-    quantizing: tasks.packaging.background), so that nothing else runs while it is timed."""
-    wait_for_background()
+    module doc says, in the runtime's threads; once every file being written in the background has been written
+    (tasks.packaging.background), so that nothing else runs while it is timed."""
+    wait_for_writes()
     with model.runtime.threads():
         return _time_model(model, budget_seconds)
 

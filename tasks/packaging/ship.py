@@ -5,19 +5,17 @@ measured, bundled and compared from memory."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from data_schemas.files import read_model_json, write_model_json
 from data_schemas.package import PACKAGE_DIR, PACKAGE_FILE, CachedCompression, CompressionComparison, DeploymentCost
 from data_schemas.training import PREDICTIONS_FILE
 from tasks.common.reuse import file_sha256, inputs_key, recorded_package_inputs
-from tasks.packaging.background import BackgroundWrites, in_background
+from tasks.packaging.background import BackgroundWrites
 from tasks.packaging.bundle import BUNDLE_DIR, bundle_network, write_bundle
 from tasks.packaging.deploy_cost import evaluate_compression, package_cost
 from tasks.packaging.package import LoadedPackage, load_package, write_package
@@ -73,34 +71,20 @@ def ship_run(*, run_dir: Path, dataset_dir: Path, threshold: float, threshold_ru
     return ShippedArm(package_dir=package.path.parent, bundle_dir=bundle, cost=cost, package=package, written=writes)
 
 
-Compressed = tuple[LoadedPackage, nn.Module | None]  # compress_package's result
-
-
-def start_compression(full: LoadedPackage, dataset_dir: Path) -> Future[Compressed] | None:
-    """The compressed variant of a package this process holds, quantized and written (RUN_DIR/package-compressed) in
-    the background (tasks.packaging.background) while the stage goes on; None when the one there is kept (made
-    from the same package, images and engine). Pass the future to compress_and_compare."""
-    compressed = full.path.parent.parent / COMPRESSED_PACKAGE_DIR
-    if recorded_package_inputs(compressed / PACKAGE_FILE) == compression_key(full):
-        return None
-    return in_background(lambda: compress_package(full, dataset_dir, compressed))
-
-
 def compress_and_compare(*, full_package: Path | LoadedPackage, dataset_dir: Path, full_cost: DeploymentCost,
                          budget_seconds: float, tolerance: float, aggregation: str, n_bootstrap: int,
-                         seed: int, started: Future[Compressed] | None = None) -> tuple[CompressionComparison, Path]:
+                         seed: int) -> tuple[CompressionComparison, Path]:
     """The compressed variant beside a full package (RUN_DIR/package-compressed) and its comparison with the full
     one on the run's test images; both kept when their inputs are unchanged. Returns (comparison, its folder).
 
     full_package: the package's path, or the package this process holds (ShippedArm.package: not read again). A
-    variant quantized here is measured and compared with the module the quantization converted (not rebuilt).
-    started: start_compression's future for this package, when it was started (then not quantized again)."""
+    variant quantized here is measured and compared with the module the quantization converted (not rebuilt)."""
     full = full_package if isinstance(full_package, LoadedPackage) else load_package(Path(full_package))
     run_dir = full.path.parent.parent
     compressed = run_dir / COMPRESSED_PACKAGE_DIR
     fresh: PackagedModel | None = None
-    if started is not None or recorded_package_inputs(compressed / PACKAGE_FILE) != compression_key(full):
-        written, module = started.result() if started is not None else compress_package(full, dataset_dir, compressed)
+    if recorded_package_inputs(compressed / PACKAGE_FILE) != compression_key(full):
+        written, module = compress_package(full, dataset_dir, compressed)
         fresh = prepare_model(written, "auto", int8_module=module)
     key = inputs_key({"compressed": file_sha256(compressed / PACKAGE_FILE), "full_cost": full_cost.inputs_sha256,
                       "full": full.sha256, "budget_seconds": budget_seconds,
