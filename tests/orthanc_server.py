@@ -12,13 +12,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Self
 
 import httpx
 
-from tests.prefect_server import free_port
+from tests.processes import free_port, wait_for_answer
 
 PLUGIN_FOLDERS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
 START_TIMEOUT_S = 30.0
@@ -79,16 +78,13 @@ class OrthancServer:
                 [orthanc_executable(), str(config)], cwd=self.state_dir, stdout=handle, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.dicomweb_url}/studies", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        answered = wait_for_answer(
+            self.process, lambda: httpx.get(f"{self.dicomweb_url}/studies", timeout=2).status_code == 200,
+            START_TIMEOUT_S)
+        if answered:
+            return self
+        if answered is False:
+            raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{self.log_tail()}")
         self.stop()
         raise RuntimeError(f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 

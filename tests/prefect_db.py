@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,17 +22,15 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
+from tests.processes import free_port, stop_process, wait_for_answer
+
 TEMPLATE_ENV = "CTCOMPARE_TESTS_PREFECT_DB"  # where the template is, for the test processes and their children
 READY_ENV = "CTCOMPARE_TESTS_PREFECT_READY"  # the starter writes the server's API URL here, or why it did not start
 DEFAULT_DATABASE = "prefect.db"  # the file of Prefect's default connection URL, in PREFECT_HOME
 START_TIMEOUT_S = 600  # a migration on a fresh database while the test processes import torch: a minute or more
 PORT_ATTEMPTS = 3  # a free port can be taken by another process before the server binds it: try another
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class SessionPrefectAPI:
@@ -86,7 +83,7 @@ class SessionPrefectAPI:
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
         })
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = _free_loopback_port()
+            port = free_port()
             with open(self.log, "ab") as log:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
@@ -94,38 +91,21 @@ class SessionPrefectAPI:
                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 )
             url = f"http://127.0.0.1:{port}/api"
-            if self._answers(url):
+            answered = wait_for_answer(
+                self._process, lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, START_TIMEOUT_S)
+            if answered:
                 return url
+            if answered is None:
+                raise TimeoutError(f"no answer from {url} within {START_TIMEOUT_S} s")
             if attempt == PORT_ATTEMPTS:
                 raise RuntimeError(f"the server exited with code {self._process.returncode}")
         raise AssertionError("unreachable")
 
-    def _answers(self, url: str) -> bool:
-        """Wait until the server answers /health (True) or exits (False)."""
-        import httpx
-
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                return False
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"no answer from {url} within {START_TIMEOUT_S} s")
-
     def stop(self) -> None:
-        """Stop the server (killed if it does not stop within 10 s), then remove its folder."""
+        """Stop the server (tests.processes.stop_process), then remove its folder."""
         self._starting.join(timeout=START_TIMEOUT_S)
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 

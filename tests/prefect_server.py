@@ -3,8 +3,8 @@ and a process worker.
 
 Everything is started through scripts/prefect_local.sh (the same commands `make server`, `make deploy` and
 `make worker` run), each in its own session, with an explicit environment: a temporary PREFECT_HOME, a free
-loopback port, and no PREFECT_* setting inherited from the test process (whose session-wide test harness is not
-used here). `stop()` ends every process it started by its PID (SIGTERM twice, then SIGKILL), and then whatever is
+loopback port, and no PREFECT_* setting inherited from the test process (whose session Prefect API is not used
+here). `stop()` ends every process it started by its PID (SIGTERM twice, then SIGKILL), and then whatever is
 left in those processes' groups (flow-run processes started by the worker).
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from typing import Any
 import httpx
 
 from tests.prefect_db import seed_database
+from tests.processes import free_port, stop_process, wait_for_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "prefect_local.sh"
@@ -44,35 +43,6 @@ def ctcompare_executable() -> str:
         if candidate.exists():
             return str(candidate)
     return "ctcompare"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM; a second SIGTERM (a worker may ignore its first); SIGKILL; then anything left in its group."""
-    for sig in (signal.SIGTERM, signal.SIGTERM):
-        if process.poll() is not None:
-            break
-        try:
-            process.send_signal(sig)
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-    if process.poll() is None:
-        process.kill()
-        process.wait(timeout=grace_s)
-    # Each process was started as the leader of its own session: its group id is its PID.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class PrefectStack:
@@ -135,17 +105,12 @@ class PrefectStack:
     def start_server(self, timeout_s: float = 180) -> None:
         """`scripts/prefect_local.sh server`: the Prefect server and the report server; returns once both answer."""
         server = self._start("server", "server")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {server.returncode}:\n{self.log_tail('server')}")
-            try:
-                if self.client.get("/health").status_code == 200 and httpx.get(self.reports_url, timeout=5).status_code:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail('server')}")
+        answered = wait_for_answer(server, lambda: self.client.get("/health").status_code == 200
+                                   and bool(httpx.get(self.reports_url, timeout=5).status_code), timeout_s, poll_s=0.5)
+        if answered is False:
+            raise RuntimeError(f"prefect server exited with {server.returncode}:\n{self.log_tail('server')}")
+        if answered is None:
+            raise RuntimeError(f"prefect server did not answer within {timeout_s:.0f} s:\n{self.log_tail('server')}")
 
     def deploy(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         """`scripts/prefect_local.sh deploy [ARGS]`: the work pool, then `prefect deploy --all` (or ARGS), its output

@@ -61,7 +61,7 @@ def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> 
 
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
     from flows.cli import project_server_url
-    from tests.prefect_server import free_port
+    from tests.processes import free_port
 
     (tmp_path / SERVER_FILE).write_text(json.dumps({"api_url": f"http://127.0.0.1:{free_port()}/api", "pid": 1}))
     assert project_server_url(tmp_path) is None

@@ -146,7 +146,7 @@ def test_cli_ingests_from_a_url_and_refuses_bad_arguments_before_any_work(
         fresh_orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from flows.cli import main
-    from tests.prefect_server import free_port
+    from tests.processes import free_port
 
     cohort = small_cohort(tmp_path / "cohort", seed=7)
     upload(fresh_orthanc.dicomweb_url, dicom_files(cohort))
