@@ -63,7 +63,7 @@ QUANTIZATION_WARNINGS = (r"torch\.ao\.quantization is deprecated", r"Please use 
 
 def _silence_quantization_warnings() -> None:
     """Ignore QUANTIZATION_WARNINGS from now on: narrow filters, each added once (warnings.catch_warnings is not
-    thread-safe, and a quantization may run in the shipping stage's background thread)."""
+    thread-safe, and the shipping stage's writing thread may be saving files, with warnings of their own, meanwhile)."""
     for message in QUANTIZATION_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
