@@ -57,6 +57,7 @@ from flows.parameters import (
 from flows.report_folder import check_compare_paths, dataset_folder, report_write_lock
 from flows.run_logs import refused, send_run_logs_now, tidy_run_logs
 from flows.serve import BASE_URL_ENV, report_url
+from flows.subflows import as_subflow
 from reports.render import metrics_table, summary_markdown
 
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
@@ -224,7 +225,8 @@ def ingest_source(src: Path, out: Path, *, labels: str | None, size: int, new_fo
     if (src / "dataset.json").is_file():
         return src
     dataset_dir = dataset_folder(out, new_folder_per_run)
-    ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=size)
+    with as_subflow():
+        ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=size)
     return dataset_dir
 
 

@@ -34,6 +34,7 @@ from flows.parameters import (
 )
 from flows.run_logs import refused, tidy_run_logs
 from flows.runners import chunk_task_runner
+from flows.subflows import as_subflow
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
 from tasks.common.progress import RunProgress, progress
@@ -279,8 +280,9 @@ def ingest_dicomweb_flow(
     files_dir, counts = mirror_archive(base_url, out, query, credentials_block, fetch_threads)
     if labels and dicomweb.keyed_on_accession(Path(labels)):  # the archive knows each study's accession number
         labels = str(Mirror.open(out).accession_labels(Path(labels)))
-    summary = ingest_flow(src_dir=str(files_dir), out_dir=str(out), labels=labels, size=size, window=window,
-                          workers=workers, allow_burned_in=allow_burned_in)
+    with as_subflow():
+        summary = ingest_flow(src_dir=str(files_dir), out_dir=str(out), labels=labels, size=size, window=window,
+                              workers=workers, allow_burned_in=allow_burned_in)
     return {**summary, "archive": counts}
 
 

@@ -36,6 +36,7 @@ from flows.parameters import (
     StudyDate,
     StudyUidsFile,
 )
+from flows.subflows import as_subflow
 from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
 from tasks.ingest.labels import read_labels
 from tasks.packaging.dicom_overlay import write_study_overlays_task
@@ -102,8 +103,9 @@ def predict_flow(
     out.chmod(IDENTIFIER_DIR_MODE)  # the predictions name patients: not a folder to share
     dataset_dir = out / PREDICT_DATASET_DIR
     try:
-        ingest_flow(src_dir=dicom_dir, out_dir=str(dataset_dir), labels=labels, size=checked["size"],
-                    window=checked["window"], workers=0)  # ingest's own policy: a pool only for 32+ files
+        with as_subflow():
+            ingest_flow(src_dir=dicom_dir, out_dir=str(dataset_dir), labels=labels, size=checked["size"],
+                        window=checked["window"], workers=0)  # ingest's own policy: a pool only for 32+ files
     finally:
         _copy_quarantine(out)
     summary = predict_dataset_task(checked["package_file"], dataset_dir, out, batch_size, precision,
