@@ -29,6 +29,7 @@ from data_schemas.arms import ArmName
 from data_schemas.plan import RunEnvironment, RunPlan, build_run_plan
 from data_schemas.report import ComparisonResults
 from flows.compare_stages import ComparisonProgress, estimate_cost, plan_with_split, report_results, train_all
+from flows.heartbeats import no_heartbeats
 from flows.ingest import ingest_flow
 from flows.lifeline import command_started_at
 from flows.parameters import (
@@ -57,7 +58,6 @@ from flows.parameters import (
 from flows.report_folder import check_compare_paths, dataset_folder, report_write_lock
 from flows.run_logs import refused, send_run_logs_now, tidy_run_logs
 from flows.serve import BASE_URL_ENV, report_url
-from flows.subflows import as_subflow
 from reports.render import metrics_table, summary_markdown
 
 DEFAULT_ARMS: list[ArmName] = ["scratch", "imagenet", "imagenet-linear"]
@@ -225,7 +225,7 @@ def ingest_source(src: Path, out: Path, *, labels: str | None, size: int, new_fo
     if (src / "dataset.json").is_file():
         return src
     dataset_dir = dataset_folder(out, new_folder_per_run)
-    with as_subflow():
+    with no_heartbeats():  # a subflow: the calling run has the heartbeat
         ingest_flow(src_dir=str(src), out_dir=str(dataset_dir), labels=labels, size=size)
     return dataset_dir
 

@@ -20,7 +20,7 @@ from data_schemas.report import REPORT_HTML_FILE, ArmResult, ComparisonResults
 from data_schemas.training import SPLITS_FILE
 from data_schemas.visual import VisualSummary
 from flows.cost import cost_flow, log_wall_time
-from flows.subflows import as_subflow
+from flows.heartbeats import no_heartbeats
 from reports.render import render_report, update_index
 from reports.wording import word_results
 from tasks.common.progress import RunProgress
@@ -316,7 +316,7 @@ def estimate_cost(plan: RunPlan, environment: RunEnvironment, n_train_images: in
                   calibrate: bool, stages: ComparisonProgress) -> None:
     """cost.json for the plan (the cost flow) and the comparison's predicted wall time from its n_train_images,
     logged on this run."""
-    with as_subflow():
+    with no_heartbeats():  # a subflow: the calling run has the heartbeat
         cost = cost_flow(inputs=plan.cost, out_dir=report_dir, calibrate=calibrate,
                          wall_time_plan=wall_time_plan(plan, environment, n_train_images=n_train_images,
                                                        elapsed_seconds=time.time() - environment.started_at))

@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_schemas.dataset import CACHE_DIR, PRIVATE_DIR, QuarantineReason, WindowSpec
 from data_schemas.files import path_from_printable, printable_path
+from flows.heartbeats import no_heartbeats
 from flows.parameters import (
     Accession,
     AllowBurnedIn,
@@ -34,7 +35,6 @@ from flows.parameters import (
 )
 from flows.run_logs import refused, tidy_run_logs
 from flows.runners import chunk_task_runner
-from flows.subflows import as_subflow
 from reports.ingest_summary import dataset_card_markdown, quarantine_table
 from tasks.common.paths import check_folder_writable, nearest_existing, refuse_non_folder
 from tasks.common.progress import RunProgress, progress
@@ -280,7 +280,7 @@ def ingest_dicomweb_flow(
     files_dir, counts = mirror_archive(base_url, out, query, credentials_block, fetch_threads)
     if labels and dicomweb.keyed_on_accession(Path(labels)):  # the archive knows each study's accession number
         labels = str(Mirror.open(out).accession_labels(Path(labels)))
-    with as_subflow():
+    with no_heartbeats():  # a subflow: the calling run has the heartbeat
         summary = ingest_flow(src_dir=str(files_dir), out_dir=str(out), labels=labels, size=size, window=window,
                               workers=workers, allow_burned_in=allow_burned_in)
     return {**summary, "archive": counts}

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from data_schemas.dataset import QUARANTINE_FILE
 from data_schemas.package import PREDICT_DATASET_DIR
+from flows.heartbeats import no_heartbeats
 from flows.ingest import check_dicomweb_arguments, check_ingest_arguments, ingest_flow, mirror_archive
 from flows.parameters import (
     Accession,
@@ -36,7 +37,6 @@ from flows.parameters import (
     StudyDate,
     StudyUidsFile,
 )
-from flows.subflows import as_subflow
 from tasks.ingest.dicomweb import check_dicomweb_url, is_dicomweb_url
 from tasks.ingest.labels import read_labels
 from tasks.packaging.dicom_overlay import write_study_overlays_task
@@ -103,7 +103,7 @@ def predict_flow(
     out.chmod(IDENTIFIER_DIR_MODE)  # the predictions name patients: not a folder to share
     dataset_dir = out / PREDICT_DATASET_DIR
     try:
-        with as_subflow():
+        with no_heartbeats():  # a subflow: the calling run has the heartbeat
             ingest_flow(src_dir=dicom_dir, out_dir=str(dataset_dir), labels=labels, size=checked["size"],
                         window=checked["window"], workers=0)  # ingest's own policy: a pool only for 32+ files
     finally:

@@ -49,7 +49,21 @@ def test_commands_that_run_no_flow_never_import_prefect(argv: list[str], tmp_pat
         assert result.stdout.startswith("ctcompare ")
 
 
-def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> None:
+def _temporary_servers_of(prefect_home: Path) -> list[str]:
+    """The command lines of live uvicorn processes (Prefect's temporary API server) whose PREFECT_HOME is this one."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if "uvicorn" in _cmdline(process) and process.environ().get("PREFECT_HOME") == str(prefect_home):
+                found.append(_cmdline(process))
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_refused_argument_is_one_line_and_leaves_no_server(tmp_path: Path) -> None:
+    # ingest checks its arguments once its flow is imported: by then the temporary server is starting (beside the
+    # imports); the refusal is still its one sentence, with no note about that server, which ends with the command.
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=tmp_path, env=_plain_env(tmp_path / "prefect"), timeout=120,
@@ -57,6 +71,7 @@ def test_a_refused_argument_is_one_line_and_starts_no_server(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"ctcompare ingest: source folder {tmp_path / 'missing'} does not exist or "
                                           "is not a folder."]
+    assert _temporary_servers_of(tmp_path / "prefect") == []
 
 
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:

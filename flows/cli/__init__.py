@@ -31,11 +31,13 @@ from flows.cli.errors import (
 )
 from flows.cli.prefect_api import (
     SERVER_FILE,
-    announce_temporary_server,
     choose_prefect_api,
     configure_local_state,
     make_local_state,
+    on_this_api,
     project_server_url,
+    start_temporary_server,
+    temporary_server_failure,
 )
 
 __all__ = [
@@ -55,6 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("flows.cli.demo", "synthetic demo cohort + the whole comparison (cpu profile)"),
     "serve": ("flows.cli.serve", "serve the reports under a folder read-only over HTTP on loopback"),
 }
+COMMANDS_WITHOUT_FLOWS = ("serve",)  # they never talk to a Prefect API
 # Commands whose --out is checked for writing before any work (ingest checks its own, with its other arguments).
 OUT_CHECKED_COMMANDS = ("train", "compare", "demo")
 
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_in(argv)
     # Before the command's module (and with it Prefect) is imported: Prefect reads its settings at import.
-    api_note = choose_prefect_api() if command in COMMANDS else None
+    api_note = choose_prefect_api() if command in COMMANDS and command not in COMMANDS_WITHOUT_FLOWS else None
     args = build_parser(command).parse_args(argv)  # --help and --version end here, having written nothing
     try:
         make_local_state()
@@ -133,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
             f"cannot make {printable_path(os.environ['PREFECT_HOME'])} for Prefect's state "
             f"({error.strerror or error}); "
             "run from a folder you can write, or set PREFECT_HOME."))
-    if api_note:
-        announce_temporary_server(api_note)
     if args.command in OUT_CHECKED_COMMANDS:
         from flows.cli.checks import check_output_writable
 
@@ -145,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     from flows.lifeline import start_lifeline
 
     start_lifeline()  # the temporary API server and the pool workers end with this command, even on kill -9
+    if api_note:  # no server answers: start the temporary one now, beside the command's imports and checks
+        start_temporary_server(api_note)
     quiet_unwritable_tracebacks()
     try:
-        return int(args.handler(args) or EXIT_OK)
+        with on_this_api():
+            return int(args.handler(args) or EXIT_OK)
     except UsageError as error:
         return _refused(args.command, error)
     except KeyboardInterrupt:
@@ -157,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         unwritable = unwritable_cause(error)
         if unwritable is not None:
             print(f"ctcompare {args.command}: {unwritable_sentence(unwritable)}", file=sys.stderr)
+            return EXIT_FAILED
+        server_failure = temporary_server_failure()
+        if server_failure is not None:
+            print(f"ctcompare {args.command}: {server_failure}", file=sys.stderr)
             return EXIT_FAILED
         if isinstance(error, ValueError) and str(error):  # refused input found during the work (e.g. labels vs headers)
             print(f"ctcompare {args.command}: {str(error).splitlines()[0]}", file=sys.stderr)

@@ -2,17 +2,23 @@
 
 PREFECT_API_URL when the user set it; else the project's own server when one answers (`make server` writes its
 address to PREFECT_HOME/SERVER_FILE), so that runs show up in its UI and no temporary server is started; else
-Prefect's temporary (ephemeral) API, which the command announces in one line on stderr.
+Prefect's temporary (ephemeral) API server, which the command starts at once (start_temporary_server) and announces
+in one line on stderr.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 # Written by `scripts/prefect_local.sh server` (`make server`) into PREFECT_HOME: {"api_url": ..., "pid": ...}.
@@ -29,8 +35,6 @@ def configure_local_state(base: Path | None = None, *, create: bool = True) -> N
     os.environ.setdefault("PREFECT_HOME", str(base / "prefect"))
     os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The ephemeral API can take longer than Prefect's 20 s default to start on a busy 2-core machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def make_local_state() -> None:
@@ -73,24 +77,104 @@ def choose_prefect_api() -> str | None:
     )
 
 
-class _TemporaryServerNote(logging.Filter):
-    """Prints the fallback note once, as Prefect logs that it starts its temporary server (not before: a refused
-    argument or a command with nothing to do starts no server and gets no note)."""
+# What Prefect 3 sets for the temporary server it starts itself (prefect.server.api.server.SubprocessASGIServer): no UI,
+# ephemeral mode.
+TEMPORARY_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+TEMPORARY_SERVER_STOP_S = 5.0  # Prefect's own wait for its temporary server to stop, before a kill
+
+_temporary_server: subprocess.Popen | None = None
+_temporary_note = ""
+
+
+def start_temporary_server(note: str) -> str:
+    """Start Prefect's temporary API server for this command now, point this process (and the processes it starts)
+    at it with PREFECT_API_URL, and return the API address; `note` is printed when a flow first runs (on_this_api).
+
+    It is the server Prefect itself would start (uvicorn serving prefect.server.api.server:create_app, the UI off,
+    ephemeral mode, the database in PREFECT_HOME), but Prefect starts it only when a flow first calls its API, after
+    importing that server module into the command (about 2 s) and then waiting 5-7 s for it. Started here, before
+    the command imports its flow and checks its arguments, its start runs beside that work. The listening socket
+    is bound here and handed to the server (uvicorn --fd): a request sent before the server is ready waits in the
+    socket's queue instead of failing. Call before Prefect is imported (it reads PREFECT_API_URL at import); the
+    server ends with the command (at exit, or through flows.lifeline after a kill -9).
+    """
+    global _temporary_server, _temporary_note
+    _temporary_note = note
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(socket.SOMAXCONN)
+        port = listening.getsockname()[1]
+        _temporary_server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--fd", str(listening.fileno()), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, **TEMPORARY_SERVER_ENV}, stdin=subprocess.DEVNULL, pass_fds=(listening.fileno(),))
+    finally:
+        listening.close()  # the server holds its own copy
+    atexit.register(stop_temporary_server)
+    api_url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url
+
+
+class _FirstFlowRunNote(logging.Filter):
+    """Prints the temporary-server note once, as the command's first flow run logs its first line (not before: a
+    refused argument or a command with nothing to do gets its one sentence and no note)."""
 
     def __init__(self, note: str) -> None:
         super().__init__()
         self.note: str | None = note
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.note and record.getMessage().startswith("Starting temporary server"):
+        if self.note:
             print(self.note, file=sys.stderr, flush=True)
             self.note = None
         return True
 
 
-def announce_temporary_server(note: str) -> None:
-    """Have `note` printed on stderr when Prefect starts its temporary API server (it logs that on "prefect")."""
-    logging.getLogger("prefect").addFilter(_TemporaryServerNote(note))
+@contextlib.contextmanager
+def on_this_api() -> Iterator[None]:
+    """The command's work inside the block. On its temporary server: the note printed at the first flow run's first
+    log line, and flow runs without heartbeats (flows.heartbeats.no_heartbeats), since that server ends with the
+    command and no server is left to notice one missing. Otherwise nothing changes. Enter once the API is chosen
+    (it imports Prefect)."""
+    if _temporary_server is None:
+        yield
+        return
+    from flows.heartbeats import no_heartbeats
+    from flows.run_logs import FLOW_RUN_LOGGER
+
+    note = _FirstFlowRunNote(_temporary_note)
+    logging.getLogger(FLOW_RUN_LOGGER).addFilter(note)
+    try:
+        with no_heartbeats():
+            yield
+    finally:
+        logging.getLogger(FLOW_RUN_LOGGER).removeFilter(note)
+
+
+def temporary_server_failure() -> str | None:
+    """One sentence when this command's temporary server has stopped on its own (the work then fails with whatever
+    Prefect's client met), else None."""
+    if _temporary_server is None or _temporary_server.poll() is None:
+        return None
+    return (f"Prefect's temporary API server stopped (exit code {_temporary_server.returncode}; its errors are "
+            "printed above); start a project server with `make server`, or run again.")
+
+
+def stop_temporary_server() -> None:
+    """Stop this command's temporary server as Prefect stops its own: SIGTERM, then SIGKILL after
+    TEMPORARY_SERVER_STOP_S."""
+    global _temporary_server
+    server, _temporary_server = _temporary_server, None
+    if server is None or server.poll() is not None:
+        return
+    server.terminate()
+    try:
+        server.wait(timeout=TEMPORARY_SERVER_STOP_S)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def check_train_deployment(name: str | None) -> None:
@@ -101,7 +185,7 @@ def check_train_deployment(name: str | None) -> None:
     if name.count("/") != 1 or not all(name.split("/")):
         raise ValueError(f"--train-deployment {name!r} is not a deployment name; give FLOW/DEPLOYMENT, e.g. train/arm.")
     api_url = os.environ.get("PREFECT_API_URL")
-    if not api_url:
+    if not api_url or _temporary_server is not None:
         raise ValueError(f"--train-deployment {name} needs the Prefect server it is registered on, and none answers; "
                          "start it (make server) or set PREFECT_API_URL.")
     from prefect.client.orchestration import get_client
