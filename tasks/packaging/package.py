@@ -12,6 +12,7 @@ import copy
 import hashlib
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -218,6 +219,17 @@ def _linear_probe_state(config: RunConfig, weights_path: Path | None, depth: str
             for key, value in wanted.items()}
 
 
+def _hashed_state(run_dir: Path, config: RunConfig, weights_path: Path | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors a run's package holds (a network's best epoch, or a linear probe's feature extractor) and their
+    tensors_sha256."""
+    if parse_arm(config.arm).mode == "imagenet-linear":
+        depth = read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth
+        state = _linear_probe_state(config, weights_path, depth)
+    else:
+        state = _network_state(run_dir)
+    return state, tensors_sha256(state)
+
+
 def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[str, str]:
     """Run/dataset file name -> SHA-256 of the files a package is built from (the dataset by its content hash)."""
     weights = LINEAR_MODEL_FILE if parse_arm(config.arm).mode == "imagenet-linear" else BEST_FILE
@@ -229,8 +241,9 @@ def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[st
 
 def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Mapping[str, Any],
                operating_point: OperatingPoint, metrics: PackageMetrics | None, sources: dict[str, str] | None = None,
-               inputs_sha256: str = "") -> ModelPackageMeta:
-    """The package metadata for one run folder (sources: source_files, computed here when not given)."""
+               inputs_sha256: str = "", weights_sha256: str | None = None) -> ModelPackageMeta:
+    """The package metadata for one run folder (sources: source_files, and weights_sha256: tensors_sha256 of
+    state, each computed here when not given)."""
     linear = parse_arm(config.arm).mode == "imagenet-linear"
     sources = sources if sources is not None else source_files(run_dir, card, config)
     return ModelPackageMeta(
@@ -238,7 +251,7 @@ def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Ma
         positive_label=config.positive_label, recipe=read_recipe(card, config), operating_point=operating_point,
         run_config=config, training_data=training_data_summary(card), metrics=metrics,
         linear_probe=read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel) if linear else None,
-        source_files=sources, weights_sha256=tensors_sha256(state), inputs_sha256=inputs_sha256,
+        source_files=sources, weights_sha256=weights_sha256 or tensors_sha256(state), inputs_sha256=inputs_sha256,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=torch.__version__,
     )
 
@@ -323,25 +336,26 @@ def write_package(
     card = read_model_json(dataset_dir / DATASET_CARD_FILE, DatasetCard)
     checked_metrics = PackageMetrics.model_validate(metrics) if metrics is not None else None
     operating_point = OperatingPoint(threshold=threshold, rule=threshold_rule, aggregation=aggregation)  # type: ignore[arg-type]
-    sources = source_files(run_dir, card, config)
-    key = inputs_key(
-        {
-            "format": PACKAGE_FORMAT_VERSION,
-            "sources": sources,
-            "operating_point": operating_point.model_dump(),
-            "metrics": checked_metrics.model_dump(mode="json") if checked_metrics is not None else None,
-        }
-    )
-    if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
-        return load_package(out_dir)
-    if parse_arm(config.arm).mode == "imagenet-linear":
-        state = _linear_probe_state(
-            config, weights_path, read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel).depth
+    # No package there yet, so none can be kept: read and hash the weights while the source files are hashed (both
+    # release the GIL, so each gets a core).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="package-weights") as pool:
+        weights = None if (out_dir / PACKAGE_FILE).is_file() else pool.submit(_hashed_state, run_dir, config,
+                                                                                weights_path)
+        sources = source_files(run_dir, card, config)
+        key = inputs_key(
+            {
+                "format": PACKAGE_FORMAT_VERSION,
+                "sources": sources,
+                "operating_point": operating_point.model_dump(),
+                "metrics": checked_metrics.model_dump(mode="json") if checked_metrics is not None else None,
+            }
         )
-    else:
-        state = _network_state(run_dir)
+        if reuse and recorded_package_inputs(out_dir / PACKAGE_FILE) == key:
+            return load_package(out_dir)
+        state, weights_sha256 = weights.result() if weights is not None else _hashed_state(run_dir, config,
+                                                                                          weights_path)
     meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
-                      metrics=checked_metrics, sources=sources, inputs_sha256=key)
+                      metrics=checked_metrics, sources=sources, inputs_sha256=key, weights_sha256=weights_sha256)
     return write_package_folder(out_dir, meta, state, writes)
 
 
