@@ -10,7 +10,8 @@ in a subprocess, twice: the first run ingests, calibrates, trains, evaluates, pa
 finds every input unchanged. Each run is timed from process start to exit.
 
 Two ways to run it, named in the output: by default no Prefect server runs, so each command starts Prefect's
-temporary API server (tens of seconds on a busy machine, in both runs); with --server a Prefect server runs
+temporary API server (5-7 s on a quiet machine, beside the command's own start-up; more on a busy one; in both
+runs); with --server a Prefect server runs
 beforehand as `make server` starts it (`prefect server start`, its address in PREFECT_HOME/ctcompare-server.json,
 where the commands look), the way the project is operated, and its start is not part of either run.
 
