@@ -1,7 +1,8 @@
 """Children die with their parent: a watchdog that ends what a `ctcompare` command started once the command is gone.
 
-A command killed with SIGKILL cannot clean up, and its children (Prefect's temporary API server, which Prefect 3
-starts as a `uvicorn` subprocess, and the decode pool's worker processes) would be re-parented and live on. The
+A command killed with SIGKILL cannot clean up, and its children (Prefect's temporary API server, a `uvicorn`
+subprocess the command starts when no project server runs, and the decode pool's worker processes) would be
+re-parented and live on. The
 command starts this module as a small separate process (standard library and psutil only, no Prefect, no torch).
 It notes the command's descendants every POLL_S seconds; once the command has exited, however it exited, it sends
 SIGTERM to each noted process that is still running, then SIGKILL after GRACE_S. Processes are matched by PID *and*
