@@ -74,6 +74,19 @@ def test_a_refused_argument_is_one_line_and_leaves_no_server(tmp_path: Path) -> 
     assert _temporary_servers_of(tmp_path / "prefect") == []
 
 
+def test_a_temporary_server_that_cannot_start_ends_the_command_in_one_sentence(tmp_path: Path) -> None:
+    # Its database folder does not exist: the server exits at start-up, and the command says so once its flow fails.
+    env = {**_plain_env(tmp_path / "prefect"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'prefect.db'}"}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "cohort"), "--patients", "2"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("ctcompare synth: Prefect's temporary API server stopped (exit code "), result.stderr
+    assert not (tmp_path / "cohort").exists()  # nothing was run
+    assert _temporary_servers_of(tmp_path / "prefect") == []
+
+
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
     from flows.cli import project_server_url
     from tests.processes import free_port

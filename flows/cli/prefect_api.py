@@ -158,8 +158,8 @@ def temporary_server_failure() -> str | None:
     Prefect's client met), else None."""
     if _temporary_server is None or _temporary_server.poll() is None:
         return None
-    return (f"Prefect's temporary API server stopped (exit code {_temporary_server.returncode}; its errors are "
-            "printed above); start a project server with `make server`, or run again.")
+    return (f"Prefect's temporary API server stopped (exit code {_temporary_server.returncode}; its own errors are "
+            "above), so nothing was run; fix what they name, or start a project server with `make server`.")
 
 
 def stop_temporary_server() -> None:
