@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -53,6 +54,9 @@ BUNDLE_DIR = "bundle"  # RUN_DIR/bundle, beside RUN_DIR/package
 BUNDLE_CSV = "probabilities.csv"
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
                 "docs/README.md", "LICENSE")
+# torch deprecates TorchScript in favour of torch.export, while a MONAI bundle's network is TorchScript
+# (models/model.ts, which configs/inference.json loads with torch.jit.load): the warnings would be printed on every run.
+TORCHSCRIPT_WARNINGS = r"`torch\.jit\.(trace|trace_method|save)` is deprecated"
 INPUTS_FIELD = "ctcompare_inputs_sha256"  # in configs/metadata.json: what the bundle was made from
 LICENSE_TEXT = "Apache-2.0"
 METADATA_SCHEMA = (
@@ -253,6 +257,9 @@ def traced_network(network: ProbabilityNetwork, meta: ModelPackageMeta,
     if traces is not None and key in traces:
         return TracedNetwork(traces[key], network.state_dict())
     size = meta.recipe.train_image_size
+    # a narrow filter, added once for the process (warnings.catch_warnings is not thread-safe, and model.ts files
+    # are saved by shipping's writing thread)
+    warnings.filterwarnings("ignore", message=TORCHSCRIPT_WARNINGS, category=FutureWarning)
     with torch.no_grad():
         traced = torch.jit.trace(network, torch.zeros(1, 1, size, size), check_trace=False)
     if traces is not None and key is not None:
