@@ -239,19 +239,18 @@ def source_files(run_dir: Path, card: DatasetCard, config: RunConfig) -> dict[st
     return sources
 
 
-def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, state: Mapping[str, Any],
-               operating_point: OperatingPoint, metrics: PackageMetrics | None, sources: dict[str, str] | None = None,
-               inputs_sha256: str = "", weights_sha256: str | None = None) -> ModelPackageMeta:
-    """The package metadata for one run folder (sources: source_files, and weights_sha256: tensors_sha256 of
-    state, each computed here when not given)."""
+def build_meta(*, run_dir: Path, card: DatasetCard, config: RunConfig, weights_sha256: str,
+               operating_point: OperatingPoint, metrics: PackageMetrics | None, sources: dict[str, str],
+               inputs_sha256: str) -> ModelPackageMeta:
+    """The package metadata for one run folder: weights_sha256 is tensors_sha256 of the tensors it holds, sources
+    is source_files, inputs_sha256 the package's inputs key."""
     linear = parse_arm(config.arm).mode == "imagenet-linear"
-    sources = sources if sources is not None else source_files(run_dir, card, config)
     return ModelPackageMeta(
         kind="linear-probe" if linear else "network", arm=config.arm, classes=config.classes,
         positive_label=config.positive_label, recipe=read_recipe(card, config), operating_point=operating_point,
         run_config=config, training_data=training_data_summary(card), metrics=metrics,
         linear_probe=read_model_json(run_dir / LINEAR_MODEL_FILE, LinearProbeModel) if linear else None,
-        source_files=sources, weights_sha256=weights_sha256 or tensors_sha256(state), inputs_sha256=inputs_sha256,
+        source_files=sources, weights_sha256=weights_sha256, inputs_sha256=inputs_sha256,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=torch.__version__,
     )
 
@@ -354,8 +353,8 @@ def write_package(
             return load_package(out_dir)
         state, weights_sha256 = weights.result() if weights is not None else _hashed_state(run_dir, config,
                                                                                           weights_path)
-    meta = build_meta(run_dir=run_dir, card=card, config=config, state=state, operating_point=operating_point,
-                      metrics=checked_metrics, sources=sources, inputs_sha256=key, weights_sha256=weights_sha256)
+    meta = build_meta(run_dir=run_dir, card=card, config=config, weights_sha256=weights_sha256,
+                      operating_point=operating_point, metrics=checked_metrics, sources=sources, inputs_sha256=key)
     return write_package_folder(out_dir, meta, state, writes)
 
 
