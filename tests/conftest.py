@@ -40,12 +40,12 @@ import pytest  # noqa: E402
 # The files whose tests take longest, longest first (measure with `pytest --durations=0`). They run first, so that
 # under `--dist loadfile` no worker starts a long file while the others have nothing left to do.
 SLOW_FILES_FIRST = (
-    "test_deployments.py", "test_compare.py", "test_train.py", "test_startup.py", "test_arch_train.py",
-    "test_ship_every_model.py", "test_deploy_cost.py", "test_reproducible.py", "test_dataset_store.py",
-    "test_ingest.py", "test_report_render.py", "test_reuse.py", "test_monai_bundle.py", "test_dicomweb_ingest.py",
-    "test_predict.py", "test_dask_ingest.py", "test_dicom_sr.py", "test_cost.py", "test_models.py",
-    "test_ingest_keys.py", "test_package.py", "test_params.py", "test_wall_time.py", "test_ingest_fuzz.py",
-    "test_late_failures.py", "test_gallery.py", "test_non_finite.py", "test_learning.py",
+    "test_deployments.py", "test_compare.py", "test_train.py", "test_startup.py", "test_ingest.py",
+    "test_ship_every_model.py", "test_arch_train.py", "test_dataset_store.py", "test_reproducible.py",
+    "test_deploy_cost.py", "test_dicomweb_ingest.py", "test_cost.py", "test_params.py", "test_dask_ingest.py",
+    "test_monai_bundle.py", "test_ingest_keys.py", "test_report_render.py", "test_models.py", "test_predict.py",
+    "test_dicom_sr.py", "test_package.py", "test_non_finite.py", "test_late_failures.py", "test_ingest_fuzz.py",
+    "test_reuse.py", "test_wall_time.py", "test_ingest_robust.py", "test_learning.py", "test_gallery.py",
 )
 
 

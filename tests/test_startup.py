@@ -77,7 +77,8 @@ def test_a_refused_argument_is_one_line_and_leaves_no_server(tmp_path: Path) -> 
 def test_a_temporary_server_that_cannot_start_ends_the_command_in_one_sentence(tmp_path: Path) -> None:
     # Its database folder does not exist: the server exits at start-up, and the command says so once its flow fails.
     env = {**_plain_env(tmp_path / "prefect"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'prefect.db'}"}
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'prefect.db'}",
+           "PREFECT_CLIENT_MAX_RETRIES": "0"}  # the client's retries only delay the same end
     result = subprocess.run([sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "cohort"), "--patients", "2"],
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
     assert result.returncode == 1, result.stderr
