@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if unwritable is not None:
             print(f"ctcompare {args.command}: {unwritable_sentence(unwritable)}", file=sys.stderr)
             return EXIT_FAILED
-        server_failure = temporary_server_failure()
+        server_failure = temporary_server_failure(error)
         if server_failure is not None:
             print(f"ctcompare {args.command}: {server_failure}", file=sys.stderr)
             return EXIT_FAILED

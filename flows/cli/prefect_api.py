@@ -153,12 +153,33 @@ def on_this_api() -> Iterator[None]:
         logging.getLogger(FLOW_RUN_LOGGER).removeFilter(note)
 
 
-def temporary_server_failure() -> str | None:
-    """One sentence when this command's temporary server has stopped on its own (the work then fails with whatever
-    Prefect's client met), else None."""
-    if _temporary_server is None or _temporary_server.poll() is None:
+def _api_unreachable(error: BaseException) -> bool:
+    """Whether `error`, or one it came from, is a failed connection to the API (httpx/httpcore, or the OS's)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError) or type(current).__module__.split(".")[0] in ("httpx", "httpcore"):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def temporary_server_failure(error: BaseException, wait_s: float = 10.0) -> str | None:
+    """One sentence when this command's temporary server has stopped on its own and `error` (what the work raised)
+    came from that, else None. A server that fails at start-up resets the connections waiting for it a moment before
+    it exits: after an unreachable API, wait up to wait_s for the exit."""
+    server = _temporary_server
+    if server is None:
         return None
-    return (f"Prefect's temporary API server stopped (exit code {_temporary_server.returncode}; its own errors are "
+    if server.poll() is None and _api_unreachable(error):
+        try:
+            server.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return None
+    if server.poll() is None:
+        return None
+    return (f"Prefect's temporary API server stopped (exit code {server.returncode}; its own errors are "
             "above), so nothing was run; fix what they name, or start a project server with `make server`.")
 
 
