@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import yaml
 
+from flows.cli import SERVER_FILE
 from tests.dicom_factory import ct_variant
 from tests.prefect_server import ROOT, PrefectStack
 
@@ -103,6 +106,20 @@ def test_make_deploy_ends_by_naming_make_worker_and_not_prefects_generic_worker(
         path, function = deployment["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
         assert f"'{flow.name}/{deployment['name']}'" in output, (flow.name, deployment["name"], output[-2000:])
+
+
+def test_a_command_records_its_run_on_the_running_project_server(stack: PrefectStack, tmp_path: Path) -> None:
+    """A user's shell (no PREFECT_API_URL) finds the server `make server` recorded in PREFECT_HOME and runs there."""
+    recorded = json.loads((stack.state_dir / "prefect" / SERVER_FILE).read_text())
+    assert recorded["api_url"] == stack.api_url
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "synth", str(tmp_path / "cohort"), "--patients", "2",
+                             "--slices-per-patient", "2"],
+                            cwd=tmp_path, env=stack.user_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "temporary" not in result.stderr, result.stderr
+    runs = [run for run in stack.post("/flow_runs/filter", {"flows": {"name": {"any_": ["synth"]}}})
+            if run["parameters"]["out_dir"] == str(tmp_path / "cohort")]
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED"], runs
 
 
 def test_deployments_registered_without_this_checkouts_path(stack: PrefectStack) -> None:

@@ -1,5 +1,5 @@
-"""Start-up and shut-down: no Prefect for commands without a flow; the project server is used; no orphans after kill
--9."""
+"""Start-up and shut-down: no Prefect for commands without a flow; a temporary server when no project server answers
+(tests/test_deployments.py: a running project server is used); no orphans after kill -9."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -16,7 +15,7 @@ import pytest
 
 from flows.cli import SERVER_FILE
 from tests.prefect_db import seed_database
-from tests.prefect_server import ROOT, PrefectStack
+from tests.prefect_server import ROOT
 
 PROBE = """
 import sys
@@ -96,46 +95,6 @@ def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
     assert project_server_url(tmp_path) is None
     (tmp_path / SERVER_FILE).write_text("not json")
     assert project_server_url(tmp_path) is None
-
-
-@pytest.fixture(scope="module")
-def project_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
-    """The project's own server, started the way `make server` starts it (it records its address)."""
-    stack = PrefectStack(tmp_path_factory.mktemp("project-server"))
-    try:
-        stack.start_server()
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.mark.timeout(300)
-def test_a_command_records_its_run_on_the_running_project_server(project_server: PrefectStack, tmp_path: Path) -> None:
-    recorded = json.loads((project_server.state_dir / "prefect" / SERVER_FILE).read_text())
-    assert recorded["api_url"] == project_server.api_url
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "synth",
-            str(tmp_path / "cohort"),
-            "--patients",
-            "2",
-            "--slices-per-patient",
-            "2",
-        ],
-        cwd=tmp_path,
-        env=project_server.user_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "temporary" not in result.stderr, result.stderr
-    runs = project_server.post("/flow_runs/filter", {"flows": {"name": {"any_": ["synth"]}}})
-    assert [run["state"]["type"] for run in runs] == ["COMPLETED"], runs
-    assert runs[0]["parameters"]["out_dir"] == str(tmp_path / "cohort")
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
