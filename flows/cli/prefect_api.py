@@ -78,13 +78,8 @@ def choose_prefect_api() -> str | None:
 
 
 # What Prefect 3 sets for the temporary server it starts itself (prefect.server.api.server.SubprocessASGIServer): no UI,
-# ephemeral mode. And no block-type registration at start: to decide whether the registry changed, Prefect imports every
-# installed Prefect collection (prefect-dask imports dask.distributed), 0.6-0.9 s of the server's 5 s start here. This
-# command's flows register no block types, a Secret block saved from Python registers its own, and the project server
-# (`make server`) registers them all when it starts.
-TEMPORARY_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                        "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0",
-                        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0"}
+# ephemeral mode.
+TEMPORARY_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 TEMPORARY_SERVER_STOP_S = 5.0  # Prefect's own wait for its temporary server to stop, before a kill
 
 _temporary_server: subprocess.Popen | None = None
