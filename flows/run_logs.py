@@ -66,13 +66,15 @@ def tidy_run_logs(*outcomes: type[BaseException]) -> None:
 
 def send_run_logs_now() -> None:
     """Send the lines logged so far to the API at once, not with the next batch: `prefect deployment run --watch`
-    stops at the run's final state, so a line meant to end its output must be there before that state."""
-    from prefect.logging.handlers import APILogHandler
+    stops at the run's final state, so a line meant to end its output must be there before that state.
 
-    for handler in logging.getLogger(FLOW_RUN_LOGGER).handlers:
-        if isinstance(handler, APILogHandler):
-            handler.flush()
-            return
+    Only the log worker is drained. APILogHandler.flush drains every one of Prefect's queue services of the process
+    (they share one registry), the events worker too, which then warned "EventsWorker - Still processing items: N
+    items remaining..." whenever events were still queued."""
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+
+    if any(isinstance(handler, APILogHandler) for handler in logging.getLogger(FLOW_RUN_LOGGER).handlers):
+        APILogWorker.instance().drain()  # a later line starts a new worker
 
 
 def refused(sentence: str) -> State:
