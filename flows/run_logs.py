@@ -14,11 +14,13 @@ those outcomes, and only for them.
 from __future__ import annotations
 
 import logging
+import threading
 
 from prefect.states import Failed, State
 
 TASK_RUN_LOGGER, FLOW_RUN_LOGGER = "prefect.task_runs", "prefect.flow_runs"
 ENGINE_EXIT_LINE = "Engine execution exited with unexpected exception"  # Prefect's, with a traceback
+SEND_LOGS_WAIT_S = 5.0  # what APILogHandler.flush waits for the log worker
 _CHOSEN_OUTCOMES: list[type[BaseException]] = []  # a flow's own outcome errors (flows.compare.ComparisonNotComplete)
 
 
@@ -74,7 +76,11 @@ def send_run_logs_now() -> None:
     from prefect.logging.handlers import APILogHandler, APILogWorker
 
     if any(isinstance(handler, APILogHandler) for handler in logging.getLogger(FLOW_RUN_LOGGER).handlers):
-        APILogWorker.instance().drain()  # a later line starts a new worker
+        # At most SEND_LOGS_WAIT_S, as the handler's flush waits (an API that stopped answering must not hold the run);
+        # a later line starts a new worker.
+        draining = threading.Thread(target=APILogWorker.instance().drain, name="send-run-logs", daemon=True)
+        draining.start()
+        draining.join(timeout=SEND_LOGS_WAIT_S)
 
 
 def refused(sentence: str) -> State:
