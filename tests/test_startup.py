@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from flows.cli import SERVER_FILE
-from tests.prefect_db import seed_database
+from tests.prefect_db import DEFAULT_DATABASE, seed_database
 from tests.prefect_server import ROOT
 
 PROBE = """
@@ -84,6 +85,39 @@ def test_a_temporary_server_that_cannot_start_ends_the_command_in_one_sentence(t
     last = result.stderr.splitlines()[-1]
     assert last.startswith("ctcompare synth: Prefect's temporary API server stopped (exit code "), result.stderr
     assert not (tmp_path / "cohort").exists()  # nothing was run
+    assert _temporary_servers_of(tmp_path / "prefect") == []
+
+
+SECRET_ON_A_TEMPORARY_SERVER = """
+import asyncio
+from flows.cli.prefect_api import start_temporary_server
+start_temporary_server("")
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+
+async def block_types():
+    async with get_client() as client:
+        return [block_type.slug for block_type in await client.read_block_types()]
+
+print("BLOCK TYPES AT START", len(asyncio.run(block_types())))
+Secret(value="archive-password").save("archive-login")
+print("READ BACK", Secret.load("archive-login").get())
+"""
+
+
+def test_a_secret_block_saved_on_a_temporary_server_reads_back(tmp_path: Path) -> None:
+    # The temporary server registers no block types at its start (the collections it would import for that cost a
+    # second): a block registers its own type when saved, so a DICOMweb login kept in a Secret block still works, in
+    # a database where no block type was ever registered.
+    env = _plain_env(tmp_path / "prefect")
+    with sqlite3.connect(tmp_path / "prefect" / DEFAULT_DATABASE) as database:
+        database.execute("DELETE FROM block_schema")
+        database.execute("DELETE FROM block_type")
+    result = subprocess.run([sys.executable, "-c", SECRET_ON_A_TEMPORARY_SERVER], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "BLOCK TYPES AT START 0" in result.stdout, result.stdout
+    assert "READ BACK archive-password" in result.stdout, result.stdout
     assert _temporary_servers_of(tmp_path / "prefect") == []
 
 
