@@ -121,6 +121,31 @@ def test_a_secret_block_saved_on_a_temporary_server_reads_back(tmp_path: Path) -
     assert _temporary_servers_of(tmp_path / "prefect") == []
 
 
+def test_block_registration_at_a_temporary_servers_start_follows_the_users_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.settings import Settings
+
+    from flows.cli.prefect_api import TEMPORARY_SERVER_DEFAULTS, temporary_server_environment
+
+    names = [name for aliases in TEMPORARY_SERVER_DEFAULTS for name in aliases]
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+
+    def what_the_server_reads(env: dict[str, str]) -> tuple[bool, bool]:
+        with monkeypatch.context() as server:
+            for name in names:
+                server.delenv(name, raising=False)
+                if name in env:
+                    server.setenv(name, env[name])
+            settings = Settings().server
+            return settings.register_blocks_on_start, settings.memoize_block_auto_registration
+
+    assert what_the_server_reads(temporary_server_environment()) == (False, False)
+    monkeypatch.setenv("PREFECT_API_BLOCKS_REGISTER_ON_START", "true")  # the user's own value, under its older name
+    assert what_the_server_reads(temporary_server_environment()) == (True, False)
+
+
 def test_a_stale_server_file_is_not_used(tmp_path: Path) -> None:
     from flows.cli import project_server_url
     from tests.processes import free_port

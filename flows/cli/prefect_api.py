@@ -80,17 +80,29 @@ def choose_prefect_api() -> str | None:
 # What Prefect 3 sets for the temporary server it starts itself (prefect.server.api.server.SubprocessASGIServer): no UI,
 # ephemeral mode.
 TEMPORARY_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-# Unless the user's environment says otherwise, the temporary server does not register block types at its start: to
-# decide whether any changed, Prefect imports every installed Prefect collection (prefect-dask, and with it
-# dask.distributed), 0.6-0.75 s of its 5-6 s start on a 2-core machine (docs/benchmarks-rerun.md). Nothing is lost: a
-# block registers its own type when it is saved (Block.save), and the project server (`make server`, with the UI's
-# block catalogue) still registers them all when it starts.
-TEMPORARY_SERVER_DEFAULTS = {"PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
-                             "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
+# The temporary server does not register block types at its start, unless the user's environment sets that under any
+# of the names Prefect reads it by: to decide whether any changed, Prefect imports every installed Prefect collection
+# (prefect-dask, and with it dask.distributed), 0.6-0.75 s of its 5-6 s start on a 2-core machine
+# (docs/benchmarks-rerun.md). Nothing is lost: a block registers its own type when it is saved (Block.save), and the
+# project server (`make server`, with the UI's block catalogue) still registers them all when it starts.
+TEMPORARY_SERVER_DEFAULTS = {
+    ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "PREFECT_API_BLOCKS_REGISTER_ON_START"): "false",
+    ("PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION", "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION"): "false",
+}
 TEMPORARY_SERVER_STOP_S = 5.0  # Prefect's own wait for its temporary server to stop, before a kill
 
 _temporary_server: subprocess.Popen | None = None
 _temporary_note = ""
+
+
+def temporary_server_environment() -> dict[str, str]:
+    """The temporary server's environment: this command's, TEMPORARY_SERVER_ENV, and each of TEMPORARY_SERVER_DEFAULTS
+    that the command's environment sets under none of its names."""
+    env = {**os.environ, **TEMPORARY_SERVER_ENV}
+    for names, value in TEMPORARY_SERVER_DEFAULTS.items():
+        if not any(name in os.environ for name in names):
+            env[names[0]] = value
+    return env
 
 
 def start_temporary_server(note: str) -> str:
@@ -99,12 +111,12 @@ def start_temporary_server(note: str) -> str:
 
     It is the server Prefect itself would start (uvicorn serving prefect.server.api.server:create_app, the UI off,
     ephemeral mode, the database in PREFECT_HOME; block types not registered at start: TEMPORARY_SERVER_DEFAULTS),
-    but Prefect starts it only when a flow first calls its API, after
-    importing that server module into the command (about 2 s) and then waiting 5-7 s for it. Started here, before
-    the command imports its flow and checks its arguments, its start runs beside that work. The listening socket
-    is bound here and handed to the server (uvicorn --fd): a request sent before the server is ready waits in the
-    socket's queue instead of failing. Call before Prefect is imported (it reads PREFECT_API_URL at import); the
-    server ends with the command (at exit, or through flows.lifeline after a kill -9).
+    but Prefect starts it only when a flow first calls its API, after importing that server module into the command
+    (about 2 s) and then waiting 5-7 s for it. Started here, before the command imports its flow and checks its
+    arguments, its start runs beside that work. The listening socket is bound here and handed to the server (uvicorn
+    --fd): a request sent before the server is ready waits in the socket's queue instead of failing. Call before
+    Prefect is imported (it reads PREFECT_API_URL at import); the server ends with the command (at exit, or through
+    flows.lifeline after a kill -9).
     """
     global _temporary_server, _temporary_note
     _temporary_note = note
@@ -116,8 +128,7 @@ def start_temporary_server(note: str) -> str:
         _temporary_server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
              "--fd", str(listening.fileno()), "--log-level", "error", "--lifespan", "on"],
-            env={**TEMPORARY_SERVER_DEFAULTS, **os.environ, **TEMPORARY_SERVER_ENV}, stdin=subprocess.DEVNULL,
-            pass_fds=(listening.fileno(),))
+            env=temporary_server_environment(), stdin=subprocess.DEVNULL, pass_fds=(listening.fileno(),))
     finally:
         listening.close()  # the server holds its own copy
     atexit.register(stop_temporary_server)
