@@ -113,6 +113,11 @@ class Calibration(StrictModel):
     image_size: int
     channels: int
     precision: Precision = Field(description="precision actually used: bf16 autocast where the CPU supports it")
+    channels_last: bool | None = Field(
+        default=None, description="memory format of the timed steps: the one training uses at this precision "
+                                  "(channels-last with bf16 autocast); None: measured before it was recorded, always "
+                                  "channels-last"
+    )
     matmul_flops_per_second: float = Field(gt=0, description="square matrix product rate, used as this machine's peak")
     train_batch_size: int
     train_steps: int

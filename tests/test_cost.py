@@ -435,6 +435,30 @@ def test_calibration_arithmetic_from_timed_steps(monkeypatch):
     assert calibration.warmup_seconds == 2.5
 
 
+def test_the_calibration_times_steps_in_the_memory_format_training_runs_at_its_precision(monkeypatch):
+    """fp32 training on a CPU runs contiguous and bf16 autocast channels-last (tasks.common.runtime.planned_runtime),
+    so the calibration's timed steps and the probe that checks it later use that format, and a calibration of one
+    format is never taken for the other's (the cache key holds it)."""
+    from types import SimpleNamespace
+
+    from tasks.common.runtime import planned_runtime
+
+    monkeypatch.setattr(cost_calibration, "_matmul_rate", lambda dtype: 400e9)
+    monkeypatch.setattr(cost_calibration, "this_machine_precision", lambda requested: requested)  # both, on any CPU
+    timed = []
+    monkeypatch.setattr(cost_calibration, "_time_training_steps",
+                        lambda *a, **k: timed.append(k["channels_last"]) or cost_calibration.StepTimes(3.0, 4, 2.0))
+    keys = set()
+    for precision in ("fp32", "bf16"):
+        training = planned_runtime(SimpleNamespace(device="cpu", precision=precision, channels_last="auto"))
+        calibration = cost_calibration.calibrate_this_machine(64, 1, precision, batch_size=16)
+        assert calibration.channels_last is training.channels_last == timed[-1]
+        cost_calibration.probe_images_per_second(calibration)
+        assert timed[-1] is training.channels_last
+        keys.add(calibration.key)
+    assert timed == [False, False, True, True] and len(keys) == 2
+
+
 def test_calibration_is_cached(tmp_path, monkeypatch):
     """The second call reads calibration.json instead of measuring."""
     monkeypatch.setenv("CTCOMPARE_CACHE_DIR", str(tmp_path))
@@ -713,22 +737,29 @@ def test_timed_training_steps_stop_after_three_or_at_the_deadline(monkeypatch):
 
     import torch
 
-    built = []
+    built, formats = [], set()
+
+    class Tiny(torch.nn.Sequential):
+        def forward(self, x):
+            formats.add(x.stride(1) == 1)  # channels-last: neighbouring channels are adjacent (one channel here)
+            return super().forward(x)
 
     def tiny(phase, channels, **_):
         built.append((phase, channels))
-        return torch.nn.Sequential(torch.nn.Conv2d(channels, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        return Tiny(torch.nn.Conv2d(channels, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
 
     monkeypatch.setattr(cost_calibration, "phase_model", tiny)
 
     enough = cost_calibration._time_training_steps(
-        32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() + 60, min_timed_s=0.0
+        32, 1, batch=2, autocast_on=False, channels_last=False, deadline=time.perf_counter() + 60, min_timed_s=0.0
     )
     assert enough.steps == 3 and enough.timed_seconds > 0 and enough.first_step_seconds > 0
+    assert formats == {False}  # the steps ran in the memory format asked for
     late = cost_calibration._time_training_steps(
-        32, 1, batch=2, autocast_on=False, deadline=time.perf_counter() - 1, min_timed_s=0.0
+        32, 1, batch=2, autocast_on=False, channels_last=True, deadline=time.perf_counter() - 1, min_timed_s=0.0
     )
     assert late.steps == 1 and late.timed_seconds > 0
+    assert formats == {False, True}
     assert built == [("full", 1), ("full", 1)]  # the full model is timed (every layer trains)
     rate = cost_calibration._matmul_rate(torch.float32, n=64, seconds=0.01)
     assert 0 < rate < float("inf")

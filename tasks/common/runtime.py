@@ -127,10 +127,13 @@ def planned_runtime(config: TrainConfig) -> RuntimeChoice:
             precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device == "cpu":
         raise ValueError("precision 'fp16' is for GPUs; use bf16 or fp32 on a CPU.")
-    channels_last = config.channels_last == "on" or (
-        config.channels_last == "auto" and (device == "cuda" or precision == "bf16")
-    )
-    return RuntimeChoice(device, precision, channels_last)
+    return RuntimeChoice(device, precision, uses_channels_last(config.channels_last, device, precision))
+
+
+def uses_channels_last(setting: str, device: str, precision: str) -> bool:
+    """Whether training runs channels-last: `setting` "on", or "auto" on a GPU or with bf16 autocast (where its
+    kernels gain; in fp32 on a CPU without fast bf16, the default contiguous format is the faster one here)."""
+    return setting == "on" or (setting == "auto" and (device == "cuda" or precision == "bf16"))
 
 
 @dataclass(frozen=True)

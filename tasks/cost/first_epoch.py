@@ -6,8 +6,9 @@ compared with what the calibration predicts for it. When they disagree by more t
 probe's rule, tasks.cost.calibration), the run's remaining epochs and the comparison's prediction are scaled by the
 measured ratio and logged, and the cached calibration is dropped, so the next cost stage measures this machine again.
 Not judged: a training part predicted shorter than MIN_JUDGED_EPOCH_S (mostly the first steps' kernel selection), a
-head-only epoch (a frozen backbone's steps are not the calibration's), a run on another device, precision or thread
-count than the calibration's, and a run sharing the machine with other training runs of its plan (parallel arms).
+head-only epoch (a frozen backbone's steps are not the calibration's), a run on another device, precision, memory
+format or thread count than the calibration's, and a run sharing the machine with other training runs of its plan
+(parallel arms).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ class FirstEpochCheck:
 def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics) -> FirstEpochCheck | None:
     """The training part of a run's first epoch (config.json's run; its metrics.csv row `first`) against what the
     calibration predicts for it; None when not judged (module doc): no calibration or prediction, an arm the report
-    did not price, a head-only epoch, another device, precision or thread count, or a part predicted under
-    MIN_JUDGED_EPOCH_S.
+    did not price, a head-only epoch, another device, precision, memory format or thread count, or a part predicted
+    under MIN_JUDGED_EPOCH_S.
 
         images      = steps x batch (train_one_epoch: n_train // batch full batches)
         measured    = images / the epoch's training images per second
@@ -118,7 +119,9 @@ def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics
     calibration, wall_time = report.calibration, report.wall_time
     if calibration is None or wall_time is None or config.device != "cpu" or first.phase != "full":
         return None
-    if (config.precision, config.num_threads) != (calibration.precision, calibration.threads):
+    # a calibration recorded before its memory format was (None) timed channels-last steps
+    measured_like = (calibration.precision, calibration.threads, calibration.channels_last is not False)
+    if (config.precision, config.num_threads, config.channels_last) != measured_like:
         return None
     if not first.images_per_second:
         return None
