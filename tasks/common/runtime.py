@@ -131,8 +131,8 @@ def planned_runtime(config: TrainConfig) -> RuntimeChoice:
 
 
 def uses_channels_last(setting: str, device: str, precision: str) -> bool:
-    """Whether training runs channels-last: `setting` "on", or "auto" on a GPU or with bf16 autocast (where its
-    kernels gain; in fp32 on a CPU without fast bf16, the default contiguous format is the faster one here)."""
+    """Whether training runs channels-last: `setting` "on", or "auto" on a GPU or with bf16 autocast (where
+    channels-last kernels were measured to gain); fp32 on a CPU keeps torch's default contiguous format."""
     return setting == "on" or (setting == "auto" and (device == "cuda" or precision == "bf16"))
 
 
