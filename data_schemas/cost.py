@@ -139,6 +139,11 @@ class Calibration(StrictModel):
         default=None, ge=0, description="(slowest - fastest) / mean of the timed steps: how steady the machine was"
     )
 
+    @property
+    def timed_channels_last(self) -> bool:
+        """Whether its steps were timed channels-last (a calibration recorded without the field always was)."""
+        return self.channels_last is not False
+
 
 class CalibrationCache(StrictModel):
     """calibration.json: calibrations by key."""

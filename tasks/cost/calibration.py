@@ -190,7 +190,7 @@ def probe_images_per_second(calibration: Calibration) -> float:
     then PROBE_TIMED_STEPS timed ones (a few seconds)."""
     times = _time_training_steps(
         calibration.image_size, calibration.channels, batch=calibration.train_batch_size,
-        autocast_on=calibration.precision == "bf16", channels_last=calibration.channels_last is not False,
+        autocast_on=calibration.precision == "bf16", channels_last=calibration.timed_channels_last,
         deadline=math.inf, min_timed_s=0.0, min_steps=PROBE_TIMED_STEPS,
     )
     return times.steps * calibration.train_batch_size / times.timed_seconds

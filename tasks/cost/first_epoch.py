@@ -119,8 +119,7 @@ def check_first_epoch(report: CostReport, config: RunConfig, first: EpochMetrics
     calibration, wall_time = report.calibration, report.wall_time
     if calibration is None or wall_time is None or config.device != "cpu" or first.phase != "full":
         return None
-    # a calibration recorded before its memory format was (None) timed channels-last steps
-    measured_like = (calibration.precision, calibration.threads, calibration.channels_last is not False)
+    measured_like = (calibration.precision, calibration.threads, calibration.timed_channels_last)
     if (config.precision, config.num_threads, config.channels_last) != measured_like:
         return None
     if not first.images_per_second:
